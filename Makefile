@@ -1,0 +1,34 @@
+# One .venv, created once and reused: torch for Python 3.12 is a large download.
+PY ?= python3.12
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# Pin the matching torch/torchaudio pair first so nothing pulls a newer torch.
+	$(BIN)/python -m pip install -q "torch==2.11.*" "torchaudio==2.11.*"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check captum_mllm tests benchmarks
+	$(BIN)/ruff format --check captum_mllm tests benchmarks
+	$(BIN)/mypy captum_mllm
+
+test: setup lint
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/captum-mllm demo
+
+bench: setup
+	$(BIN)/python benchmarks/text_vs_captum.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,26 @@
+"""captum-mllm: Shapley explanations of multimodal chat models, inside Captum."""
+
+from captum_mllm.attribution import CoalitionCache, MultimodalLLMAttribution
+from captum_mllm.chat import AudioPart, Chat, TextPart, Turn
+from captum_mllm.encoding import EncodedChat, MaskedChat
+from captum_mllm.inputs import ChatInput, FeatureInfo
+from captum_mllm.models import HFCausalLMAdapter, ModelAdapter
+from captum_mllm.result import MultimodalLLMAttributionResult
+from captum_mllm.targets import LogProbTarget
+
+__all__ = [
+    "AudioPart",
+    "Chat",
+    "ChatInput",
+    "CoalitionCache",
+    "EncodedChat",
+    "FeatureInfo",
+    "HFCausalLMAdapter",
+    "LogProbTarget",
+    "MaskedChat",
+    "ModelAdapter",
+    "MultimodalLLMAttribution",
+    "MultimodalLLMAttributionResult",
+    "TextPart",
+    "Turn",
+]

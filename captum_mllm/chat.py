@@ -1,0 +1,281 @@
+"""Model-agnostic chats: turns with a role, holding text and audio parts.
+
+A :class:`Chat` is what the user builds; adapters encode it for their model.
+Hugging Face message lists convert both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from captum_mllm.errors import (
+    EmptyChatError,
+    EmptyTextError,
+    InvalidContentError,
+    InvalidRoleError,
+)
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """A piece of text inside a turn.
+
+    Args:
+        text (str): the text; must contain a non-space character.
+    """
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise InvalidContentError(
+                f"text parts must be str, got {type(self.text).__name__}; "
+                "convert the value with str() first"
+            )
+        if not self.text.strip():
+            raise EmptyTextError("a text part is empty; drop the part or give it some text")
+
+
+@dataclass(frozen=True, eq=False)
+class AudioPart:
+    """A clip of audio inside a turn.
+
+    Holds a mono float waveform with its sample rate. Build it from a path,
+    bytes, a numpy array or a tensor with :meth:`from_any` (reading and
+    resampling live in :mod:`captum_mllm.audio`).
+
+    Args:
+        waveform (Tensor): mono samples, shape ``(n_samples,)``.
+        sample_rate (int): samples per second.
+        source (str, optional): where the clip came from, for labels.
+            Default: ``""``
+    """
+
+    waveform: torch.Tensor
+    sample_rate: int
+    source: str = ""
+
+    @property
+    def duration(self) -> float:
+        """Length of the clip in seconds."""
+        return self.waveform.shape[-1] / self.sample_rate
+
+    @classmethod
+    def from_any(cls, audio: Any, sample_rate: int | None = None) -> AudioPart:
+        """Build an audio part from a path, bytes, array, tensor or an AudioPart.
+
+        Args:
+            audio (str, Path, bytes, ndarray, Tensor or AudioPart): the audio.
+            sample_rate (int, optional): required for arrays and tensors.
+
+        Returns:
+            AudioPart: the mono clip at its own sample rate.
+        """
+        if isinstance(audio, AudioPart):
+            return audio
+        from captum_mllm.audio import load_audio
+
+        waveform, sr, source = load_audio(audio, sample_rate)
+        return cls(waveform, sr, source)
+
+
+Part = TextPart | AudioPart
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a chat: a role and its ordered parts.
+
+    Args:
+        role (str): ``"system"``, ``"user"`` or ``"assistant"``.
+        parts (tuple of TextPart / AudioPart): the content, in order.
+    """
+
+    role: str
+    parts: tuple[Part, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise InvalidRoleError(f"unknown role {self.role!r}; use one of {', '.join(ROLES)}")
+        if not self.parts:
+            raise EmptyChatError(f"the {self.role} turn has no content; give it text or audio")
+        for part in self.parts:
+            if not isinstance(part, TextPart | AudioPart):
+                raise InvalidContentError(
+                    f"turn parts must be TextPart or AudioPart, got {type(part).__name__}"
+                )
+
+    @property
+    def text(self) -> str:
+        """The turn's text parts joined (audio parts are left out)."""
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+class Chat(Sequence[Turn]):
+    """An immutable conversation of system, user and assistant turns.
+
+    Built fluently; each call returns a new chat.
+
+    Examples::
+
+        >>> chat = (Chat()
+        ...         .system("Respond briefly.")
+        ...         .user("What is the capital of France?"))
+        >>> chat.to_messages()[1]
+        {'role': 'user', 'content': [{'type': 'text', 'text': 'What is the capital of France?'}]}
+        >>> Chat.from_messages([{"role": "user", "content": "Hi"}])[0].text
+        'Hi'
+    """
+
+    def __init__(self, turns: Iterable[Turn] = ()) -> None:
+        self._turns: tuple[Turn, ...] = tuple(turns)
+        for turn in self._turns:
+            if not isinstance(turn, Turn):
+                raise InvalidContentError(f"a chat holds Turn objects, got {type(turn).__name__}")
+
+    def add(
+        self,
+        role: str,
+        text: str | Sequence[str] | None = None,
+        audio: Any = None,
+        sample_rate: int | None = None,
+    ) -> Chat:
+        """Return a new chat with one more turn.
+
+        Audio comes before text inside the turn, as LFM2-Audio's chat format has it.
+
+        Args:
+            role (str): ``"system"``, ``"user"`` or ``"assistant"``.
+            text (str or list of str, optional): text part(s).
+            audio (path, bytes, array, Tensor, AudioPart or list of them, optional):
+                audio part(s).
+            sample_rate (int, optional): sample rate for array / tensor audio.
+
+        Returns:
+            Chat: the extended chat.
+        """
+        parts: list[Part] = []
+        if audio is not None:
+            clips = audio if isinstance(audio, list | tuple) else [audio]
+            parts += [AudioPart.from_any(a, sample_rate) for a in clips]
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            parts += [TextPart(t) for t in texts]
+        return Chat((*self._turns, Turn(role, tuple(parts))))
+
+    def system(self, text: str | Sequence[str] | None = None, **kwargs: Any) -> Chat:
+        """Add a system turn. See :meth:`add`."""
+        return self.add("system", text, **kwargs)
+
+    def user(self, text: str | Sequence[str] | None = None, **kwargs: Any) -> Chat:
+        """Add a user turn. See :meth:`add`."""
+        return self.add("user", text, **kwargs)
+
+    def assistant(self, text: str | Sequence[str] | None = None, **kwargs: Any) -> Chat:
+        """Add an assistant turn. See :meth:`add`."""
+        return self.add("assistant", text, **kwargs)
+
+    def validate(self) -> Chat:
+        """Raise :class:`EmptyChatError` when the chat has no turns; return self."""
+        if not self._turns:
+            raise EmptyChatError("the chat has no turns; add one with .user(...)")
+        return self
+
+    @property
+    def has_audio(self) -> bool:
+        return any(isinstance(p, AudioPart) for t in self._turns for p in t.parts)
+
+    # Hugging Face message lists -------------------------------------------------
+
+    @classmethod
+    def from_messages(cls, messages: Iterable[Mapping[str, Any]]) -> Chat:
+        """Build a chat from a Hugging Face message list.
+
+        ``content`` may be a string or a list of ``{"type": "text", "text": ...}``
+        and ``{"type": "audio", "audio" | "path" | "url": ..., "sampling_rate": ...}``
+        items.
+
+        Args:
+            messages (list of dict): the messages.
+
+        Returns:
+            Chat: the chat.
+        """
+        turns = []
+        for message in messages:
+            if not isinstance(message, Mapping) or "role" not in message:
+                raise InvalidContentError("each message must be a dict with 'role' and 'content'")
+            content = message.get("content")
+            if isinstance(content, str):
+                turns.append(Turn(message["role"], (TextPart(content),)))
+                continue
+            if not isinstance(content, list):
+                raise InvalidContentError(
+                    f"message content must be a str or a list of parts, got {type(content).__name__}"
+                )
+            turns.append(Turn(message["role"], tuple(_part_from_dict(item) for item in content)))
+        return cls(turns)
+
+    def to_messages(self) -> list[dict[str, Any]]:
+        """Return the chat as a Hugging Face message list (audio as waveforms).
+
+        Returns:
+            list of dict: ``[{"role": ..., "content": [{"type": ...}, ...]}, ...]``.
+        """
+        out = []
+        for turn in self._turns:
+            content: list[dict[str, Any]] = []
+            for p in turn.parts:
+                if isinstance(p, TextPart):
+                    content.append({"type": "text", "text": p.text})
+                else:
+                    content.append(
+                        {"type": "audio", "audio": p.waveform.numpy(), "sampling_rate": p.sample_rate}
+                    )
+            out.append({"role": turn.role, "content": content})
+        return out
+
+    # Sequence protocol -----------------------------------------------------------
+
+    def __getitem__(self, index: int) -> Turn:  # type: ignore[override]
+        return self._turns[index]
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    def __iter__(self) -> Iterator[Turn]:
+        return iter(self._turns)
+
+    def __repr__(self) -> str:
+        return f"Chat({list(self._turns)!r})"
+
+
+def _part_from_dict(item: Any) -> Part:
+    if not isinstance(item, Mapping) or "type" not in item:
+        raise InvalidContentError("each content item must be a dict with a 'type'")
+    kind = item["type"]
+    if kind == "text":
+        return TextPart(item.get("text"))  # type: ignore[arg-type]
+    if kind in ("audio", "input_audio"):
+        audio = next((item[k] for k in ("audio", "path", "url", "data") if k in item), None)
+        if audio is None:
+            raise InvalidContentError("an audio item needs one of 'audio', 'path' or 'url'")
+        if isinstance(audio, list):
+            audio = np.asarray(audio, dtype=np.float32)
+        return AudioPart.from_any(audio, item.get("sampling_rate") or item.get("sample_rate"))
+    raise InvalidContentError(f"unknown content type {kind!r}; use 'text' or 'audio'")
+
+
+def as_chat(chat: Chat | Iterable[Mapping[str, Any]]) -> Chat:
+    """Accept a :class:`Chat` or a Hugging Face message list; return a validated Chat."""
+    if not isinstance(chat, Chat):
+        chat = Chat.from_messages(chat)
+    return chat.validate()

@@ -1,0 +1,364 @@
+"""Adapter for any Hugging Face causal LM with a chat template."""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import inspect
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_mllm.chat import Chat, as_chat
+from captum_mllm.encoding import TEXT, EncodedChat, MaskedChat
+from captum_mllm.errors import CaptumMLLMError, InvalidContentError
+from captum_mllm.models.base import ModelAdapter
+
+DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
+
+
+@dataclass
+class PrefixCache:
+    """Key/value cache of the positions no feature touches, computed once."""
+
+    length: int
+    cache: Any
+    last_logits: Tensor  # (V,) logits after the prefix
+
+    def expand(self, batch_size: int) -> Any:
+        # The model appends to the cache it is given: hand it a fresh copy.
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(batch_size)
+        return cache
+
+
+class HFCausalLMAdapter(ModelAdapter):
+    """Wraps a ``transformers`` causal LM (or any module with a HF-style
+    ``forward(input_ids, attention_mask) -> .logits``) and its tokenizer.
+
+    Args:
+        model (nn.Module): the language model.
+        tokenizer: its Hugging Face tokenizer (a fast one, for offsets).
+
+    Examples::
+
+        >>> from captum.attr import ShapleyValueSampling
+        >>> from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, MultimodalLLMAttribution
+        >>> model = HFCausalLMAdapter.from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")
+        >>> inp = ChatInput(Chat().user("Who wrote Hamlet?"), model)
+        >>> attr = MultimodalLLMAttribution(ShapleyValueSampling(model), model)
+        >>> res = attr.attribute(inp, n_samples=16, perturbations_per_eval=16)
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        forward = getattr(model, "forward", None)
+        params = inspect.signature(forward).parameters if forward else {}
+        self._logits_to_keep = "logits_to_keep" in params
+        # transformers >= 5.2x calls the key/value cache ``cache``; older ones ``past_key_values``.
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> HFCausalLMAdapter:
+        """Load a model and tokenizer from the Hugging Face hub or a local folder.
+
+        Args:
+            name_or_path (str): hub id or local path.
+            device (str or torch.device, optional): where to put the model.
+            dtype (torch.dtype or str, optional): e.g. ``torch.bfloat16``; default
+                the checkpoint's.
+            trust_remote_code (bool, optional): run code shipped with the
+                checkpoint. Default: False
+            **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+
+        Returns:
+            HFCausalLMAdapter: the adapter, in eval mode.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype or "auto", trust_remote_code=trust_remote_code, **kwargs
+        )
+        if device is not None:
+            model = model.to(device)
+        return cls(model.eval(), tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        device = getattr(self.model, "device", None)
+        return device if isinstance(device, torch.device) else next(self.parameters()).device
+
+    # Captum's BaseLLMAttribution calls the wrapped module's forward and generate.
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)  # type: ignore[operator]
+
+    # Encoding --------------------------------------------------------------------
+
+    def encode(self, chat: Chat | Sequence[Any]) -> EncodedChat:
+        """Render the chat with the tokenizer's chat template (generation prompt
+        appended) and record, for each token, its turn, part and character span.
+
+        Args:
+            chat (Chat or list of dict): the chat.
+
+        Returns:
+            EncodedChat: the position table.
+        """
+        chat = as_chat(chat)
+        if chat.has_audio:
+            raise InvalidContentError(
+                "HFCausalLMAdapter reads text only; use LFM2AudioAdapter for chats with audio"
+            )
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise CaptumMLLMError("HFCausalLMAdapter needs a fast tokenizer (for offsets)")
+        messages = [{"role": t.role, "content": "\n".join(p.text for p in t.parts)} for t in chat]  # type: ignore[union-attr]
+        rendered = self._render(messages, generation_prompt=True)
+
+        # Character range of each turn: the template of the first k turns is a
+        # prefix of the whole rendering for ordinary templates.
+        ends = [len(self._render(messages[: k + 1], generation_prompt=False)) for k in range(len(chat))]
+        if any(not rendered.startswith(self._render(messages[: k + 1], False)) for k in range(len(chat))):
+            ends = []
+
+        spans: list[tuple[int, int, int, int]] = []  # (turn, part, start, end)
+        part_texts: dict[tuple[int, int], str] = {}
+        cursor = 0
+        for ti, turn in enumerate(chat):
+            for pi, part in enumerate(turn.parts):
+                text = part.text  # type: ignore[union-attr]
+                start = rendered.find(text, cursor)
+                if start < 0:
+                    text = text.strip()
+                    start = rendered.find(text, cursor)
+                if start < 0:
+                    raise CaptumMLLMError(
+                        f"the chat template changed the text of turn {ti}; cannot locate {text[:40]!r}"
+                    )
+                spans.append((ti, pi, start, start + len(text)))
+                part_texts[(ti, pi)] = text
+                cursor = start + len(text)
+
+        enc = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        offsets = list(enc["offset_mapping"])
+        special_ids = set(self.tokenizer.all_special_ids)
+        n = len(ids)
+        turn_col = torch.full((n,), -1, dtype=torch.long)
+        part_col = torch.full((n,), -1, dtype=torch.long)
+        cstart = torch.full((n,), -1, dtype=torch.long)
+        cend = torch.full((n,), -1, dtype=torch.long)
+        for i, (s, e) in enumerate(offsets):
+            if ends:
+                k = bisect.bisect_right(ends, s)
+                turn_col[i] = k if k < len(ends) else -1
+            if ids[i] in special_ids:
+                continue
+            for ti, pi, ps, pe in spans:
+                if s < pe and e > ps:  # token overlaps the part
+                    turn_col[i], part_col[i] = ti, pi
+                    cstart[i], cend[i] = max(s, ps) - ps, min(e, pe) - ps
+                    break
+        return EncodedChat(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            modality=[TEXT] * n,
+            turn=turn_col,
+            part=part_col,
+            char_start=cstart,
+            char_end=cend,
+            special=torch.tensor([i in special_ids for i in ids]),
+            tokens=[rendered[s:e] for s, e in offsets],
+            roles=[t.role for t in chat],
+            part_texts=part_texts,
+        )
+
+    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def decode_tokens(self, ids: Tensor) -> list[str]:
+        return [_pretty(self.tokenizer.decode([int(i)])) for i in ids]
+
+    # Scoring ---------------------------------------------------------------------
+
+    def prefill(self, masked: MaskedChat) -> PrefixCache | None:
+        """Forward the untouched prefix once and keep its key/value cache."""
+        if not self._is_hf or masked.prefix_len == 0:
+            return None
+        ids = masked.encoded.input_ids[: masked.prefix_len].to(self.device)[None]
+        with torch.no_grad():
+            out = self.model(input_ids=ids, use_cache=True)
+        self.n_forward_calls += 1
+        cache = getattr(out, self._cache_kwarg, None)
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        return PrefixCache(masked.prefix_len, cache, out.logits[0, -1])
+
+    def score_masked(
+        self,
+        masked: MaskedChat,
+        target: Tensor,
+        prefix: PrefixCache | None = None,
+        per_step: bool = False,
+    ) -> Tensor:
+        start = prefix.length if prefix is not None else 0
+        return self.score(masked.rows(start), target, prefix, per_step)
+
+    def score(
+        self,
+        rows: list[Tensor],
+        target: Tensor,
+        prefix: PrefixCache | None = None,
+        per_step: bool = False,
+    ) -> Tensor:
+        """Teacher-forced log-probabilities of ``target`` after each row.
+
+        Rows are right-padded: under a causal mask padding after a sequence
+        cannot change it, so neither position ids nor the model's mask handling
+        matter for correctness.
+
+        Args:
+            rows (list of Tensor): B prompts (after the prefix, if any).
+            target (Tensor): ``(T,)`` target ids.
+            prefix (PrefixCache, optional): shared prefix state.
+            per_step (bool, optional): one forward per target token, as Captum's
+                ``forward_in_tokens=True``; gives the same values.
+
+        Returns:
+            Tensor: ``(B, T)`` float32 log-probabilities.
+        """
+        if per_step:
+            steps = [
+                self._score_next([torch.cat([r, target[:t].to(r.device)]) for r in rows], target[t], prefix)
+                for t in range(len(target))
+            ]
+            return torch.stack(steps, dim=1)
+        return self._forward_logprobs(rows, target, prefix)
+
+    def _score_next(self, rows: list[Tensor], token: Tensor, prefix: PrefixCache | None) -> Tensor:
+        return self._forward_logprobs(rows, token.reshape(1), prefix)[:, 0]
+
+    def _forward_logprobs(
+        self,
+        rows: list[Tensor],
+        target: Tensor,
+        prefix: PrefixCache | None,
+    ) -> Tensor:
+        device = self.device
+        target = target.to(device)
+        n_target = int(target.shape[0])
+        batch = len(rows)
+        lens = torch.tensor([len(r) for r in rows], device=device)
+        if prefix is None and bool((lens == 0).any()):
+            raise CaptumMLLMError("a coalition removed every input token; keep a fixed token")
+        width = int(lens.max()) + n_target
+        pad = _pad_id(self.tokenizer)
+        ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            n = len(row)
+            ids[b, :n] = row.to(device)
+            ids[b, n : n + n_target] = target
+            mask[b, : n + n_target] = 1
+
+        kwargs: dict[str, Any] = {}
+        if self._is_hf:
+            kwargs["use_cache"] = prefix is not None
+        if prefix is not None:
+            kwargs[self._cache_kwarg] = prefix.expand(batch)
+            mask = torch.cat([mask.new_ones(batch, prefix.length), mask], dim=1)
+        # Logit positions that predict target token j of row b: lens[b] - 1 + j.
+        first = int(lens.min().clamp(min=1)) - 1
+        offset = 0
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = torch.arange(first, width - 1, device=device)
+            offset = first
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
+        self.n_forward_calls += 1
+        if logits.dim() == 4:  # (B, 1, S, V) from some models
+            logits = logits[:, 0]
+        index = (lens - 1)[:, None] + torch.arange(n_target, device=device)[None] - offset
+        picked = logits.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1]))
+        if prefix is not None and bool((lens == 0).any()):
+            picked[lens == 0, 0] = prefix.last_logits.to(picked.dtype)
+        logp = picked.float().log_softmax(-1)
+        return logp.gather(2, target[None, :, None].expand(batch, -1, 1)).squeeze(-1)
+
+    # Generation ------------------------------------------------------------------
+
+    def generate_masked(self, masked: MaskedChat, **gen_args: Any) -> list[Tensor]:
+        return self.generate_rows(masked.rows(), **gen_args)
+
+    def generate_rows(self, rows: list[Tensor], **gen_args: Any) -> list[Tensor]:
+        """Continue each row with ``model.generate``, left-padded in one batch.
+
+        Args:
+            rows (list of Tensor): B prompts.
+            **gen_args: ``generate`` arguments; default greedy, 25 new tokens.
+
+        Returns:
+            list of Tensor: the new tokens of each row, up to and including EOS.
+        """
+        device = self.device
+        pad = _pad_id(self.tokenizer)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for b, row in enumerate(rows):
+            ids[b, width - len(row) :] = row.to(device)
+            mask[b, width - len(row) :] = 1
+        args = {**DEFAULT_GEN_ARGS, **gen_args}
+        if self._is_hf:
+            args.setdefault("pad_token_id", pad)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **args)  # type: ignore[operator]
+        self.n_forward_calls += 1
+        new = out[:, width:]
+        eos = _eos_ids(self.model, self.tokenizer)
+        result = []
+        for row in new:
+            stop = next((i + 1 for i, t in enumerate(row.tolist()) if t in eos), len(row))
+            result.append(row[:stop])
+        return result
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids
+
+
+def _pretty(token: str) -> str:
+    return re.sub(r"\n", "\\\\n", token).strip() or token
