@@ -22,7 +22,7 @@ lint: setup
 	$(BIN)/mypy captum_mllm
 
 test: setup lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 demo: setup
 	$(BIN)/captum-mllm demo

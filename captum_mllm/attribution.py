@@ -63,7 +63,7 @@ class CoalitionCache:
         if first_index:
             fresh = self.evaluate(rows[list(first_index.values())])
             self.n_evaluated += len(first_index)
-            self.values.update(zip(first_index, fresh))
+            self.values.update(zip(first_index, fresh, strict=True))
         return torch.stack([self.values[key] for key in keys])
 
 
@@ -131,7 +131,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         super().__init__(attr_method, adapter.tokenizer, attr_target)
         self.adapter = adapter
         self.value_fn = target if target is not None else LogProbTarget(attr_target)
-        self.include_per_token_attr = self.include_per_token_attr and getattr(
+        self.include_per_token_attr: bool = self.include_per_token_attr and getattr(
             self.value_fn, "per_token", False
         )
 
@@ -201,7 +201,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             seq_attr=attr[0],
             token_attr=attr[1:] if self.include_per_token_attr else None,
             input_tokens=list(inp.values),
-            output_tokens=self._pretty_tokens(target_ids),
+            output_tokens=self._pretty_tokens(inp, target_ids),
             inp=inp,
             features=getattr(inp, "features", None),
             target_ids=target_ids,
@@ -237,7 +237,9 @@ class MultimodalLLMAttribution(LLMAttribution):
             return self._stock_evaluator(inp, target_ids, per_step)
         adapter = self.adapter
         if not isinstance(adapter, HFCausalLMAdapter):
-            raise UnsupportedInputError("Captum's text inputs need a text model (HFCausalLMAdapter)")
+            raise UnsupportedInputError(
+                "Captum's text inputs need a text model (HFCausalLMAdapter)"
+            )
         value_fn = self.value_fn
 
         def evaluate_text(coalitions: Tensor) -> Tensor:
@@ -299,13 +301,14 @@ class MultimodalLLMAttribution(LLMAttribution):
         elif isinstance(target, Tensor):
             ids = target.reshape(-1)
         else:
-            raise TargetError(f"target must be a str, a Tensor or None, got {type(target).__name__}")
+            raise TargetError(
+                f"target must be a str, a Tensor or None, got {type(target).__name__}"
+            )
         if ids.numel() == 0:
             raise TargetError("the target response is empty; give a non-empty target")
         return ids.long().to(self.device)
 
-    def _pretty_tokens(self, ids: Tensor) -> list[str]:
-        try:
-            return _convert_ids_to_pretty_tokens(ids, self.tokenizer)
-        except Exception:  # tokenizers without offsets
+    def _pretty_tokens(self, inp: InterpretableInput, ids: Tensor) -> list[str]:
+        if isinstance(inp, ChatInput):
             return self.adapter.decode_tokens(ids)
+        return _convert_ids_to_pretty_tokens(ids, self.tokenizer)  # as stock Captum labels them

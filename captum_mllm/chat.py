@@ -219,7 +219,8 @@ class Chat(Sequence[Turn]):
                 continue
             if not isinstance(content, list):
                 raise InvalidContentError(
-                    f"message content must be a str or a list of parts, got {type(content).__name__}"
+                    "message content must be a str or a list of parts, "
+                    f"got {type(content).__name__}"
                 )
             turns.append(Turn(message["role"], tuple(_part_from_dict(item) for item in content)))
         return cls(turns)
@@ -238,7 +239,11 @@ class Chat(Sequence[Turn]):
                     content.append({"type": "text", "text": p.text})
                 else:
                     content.append(
-                        {"type": "audio", "audio": p.waveform.numpy(), "sampling_rate": p.sample_rate}
+                        {
+                            "type": "audio",
+                            "audio": p.waveform.numpy(),
+                            "sampling_rate": p.sample_rate,
+                        }
                     )
             out.append({"role": turn.role, "content": content})
         return out

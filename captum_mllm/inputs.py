@@ -112,7 +112,8 @@ class ChatInput(InterpretableInput):
         for f, positions in enumerate(feature_positions):
             self.feature_of_position[list(positions)] = f
         self.features = [
-            self._info(label, positions) for label, positions in zip(labels, feature_positions)
+            self._info(label, positions)
+            for label, positions in zip(labels, feature_positions, strict=True)
         ]
         self.values: list[str] = list(labels)
         self.n_itp_features = len(self.values)
@@ -160,9 +161,9 @@ class ChatInput(InterpretableInput):
             content = [p for p in in_turn if enc.part[p] >= 0 and enc.modality[p] == "text"]
             if self.text_unit == "turn":
                 bos = getattr(self.model.tokenizer, "bos_token_id", None)
-                members = tuple(p for p in in_turn if not (p == 0 and enc.input_ids[p] == bos))
-                if members:
-                    positions.append(members)
+                whole = tuple(p for p in in_turn if not (p == 0 and enc.input_ids[p] == bos))
+                if whole:
+                    positions.append(whole)
                     labels.append(f"[{enc.roles[turn]} {turn}]")
                 continue
             if self.text_unit == "token":
@@ -177,24 +178,31 @@ class ChatInput(InterpretableInput):
         return positions, labels
 
     def _words(self, content: list[int]) -> list[tuple[list[int], str]]:
-        """Group content tokens by the word their first non-space character falls in."""
+        """Group content tokens by the word their first non-space character falls in.
+
+        A whitespace-only token joins the word after it, so that dropping a word
+        drops its leading space too (as a template value ``" word"`` would).
+        """
         enc = self.encoded
         groups: dict[tuple[int, int, int], list[int]] = {}
         texts: dict[tuple[int, int, int], str] = {}
+        pending: list[int] = []
         for p in content:
             key_part = (int(enc.turn[p]), int(enc.part[p]))
             text = enc.part_texts[key_part]
             start, end = int(enc.char_start[p]), int(enc.char_end[p])
             while start < end and text[start].isspace():
                 start += 1
-            if start == end:  # whitespace-only token: stays fixed
+            if start == end:
+                pending.append(p)
                 continue
             for m in _WORD.finditer(text):
                 if m.start() <= start < m.end():
                     key = (*key_part, m.start())
-                    groups.setdefault(key, []).append(p)
+                    groups.setdefault(key, []).extend([*pending, p])
                     texts[key] = m.group()
                     break
+            pending = []
         return [(groups[k], texts[k]) for k in sorted(groups)]
 
     def _skipped(self, text: str) -> bool:
@@ -249,7 +257,7 @@ def _merge_groups(
     order: dict[Hashable, int] = {}
     merged_pos: list[list[int]] = []
     merged_lab: list[list[str]] = []
-    for g, pos, lab in zip(groups, positions, labels):
+    for g, pos, lab in zip(groups, positions, labels, strict=True):
         if g not in order:
             order[g] = len(order)
             merged_pos.append([])

@@ -26,7 +26,8 @@ class LogProbTarget:
 
     Examples::
 
-        >>> attr = MultimodalLLMAttribution(ShapleyValues(model), model, target=LogProbTarget("prob"))
+        >>> prob = LogProbTarget("prob")
+        >>> attr = MultimodalLLMAttribution(ShapleyValues(model), model, target=prob)
     """
 
     per_token = True

@@ -1,0 +1,44 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from captum_mllm import Chat
+from captum_mllm.testing import tiny_hf_adapter
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def model():
+    return tiny_hf_adapter()
+
+
+@pytest.fixture
+def chat():
+    return Chat().system("You are a helpful assistant.").user("Who are you, my friend?")
+
+
+def brute_force_shapley(value, n: int) -> torch.Tensor:
+    """Exact Shapley values over all 2^n coalitions.
+
+    ``value`` maps a (2^n, n) 0/1 tensor to (2^n, k) values; returns (k, n).
+    """
+    masks = torch.tensor(list(itertools.product([0, 1], repeat=n)), dtype=torch.float)
+    values = value(masks)
+    index = {tuple(m.int().tolist()): i for i, m in enumerate(masks)}
+    phi = torch.zeros(values.shape[1], n, dtype=torch.float64)
+    for i in range(n):
+        for m in masks:
+            if m[i] == 1:
+                continue
+            size = int(m.sum())
+            weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+            with_i = m.clone()
+            with_i[i] = 1
+            gain = (
+                values[index[tuple(with_i.int().tolist())]] - values[index[tuple(m.int().tolist())]]
+            )
+            phi[:, i] += weight * gain.double()
+    return phi.float()

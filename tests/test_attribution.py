@@ -1,0 +1,186 @@
+"""Oracles for MultimodalLLMAttribution on text chats: stock Captum, brute-force
+Shapley, efficiency, and invariance to batching, caching and prefix reuse."""
+
+import pytest
+import torch
+from captum.attr import (
+    FeatureAblation,
+    KernelShap,
+    Lime,
+    LLMAttribution,
+    ShapleyValues,
+    ShapleyValueSampling,
+    TextTemplateInput,
+)
+from conftest import brute_force_shapley
+
+from captum_mllm import Chat, ChatInput, LogProbTarget, MultimodalLLMAttribution
+from captum_mllm.errors import TargetError, UnsupportedInputError
+
+TARGET = "The capital of France is Paris."
+
+
+def template_input(model, chat: Chat, words: list[str]) -> TextTemplateInput:
+    """Captum's equivalent of word features: each word with its leading space."""
+    messages = [{"role": t.role, "content": t.text} for t in chat]
+    rendered = model.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    user = chat[-1].text
+    template = user
+    for w in words:
+        template = template.replace(w, "{}", 1)
+    values = [w if i == 0 else " " + w for i, w in enumerate(words)]
+    template = template.replace(" {}", "{}")
+    return TextTemplateInput(rendered.replace(user, template), values)
+
+
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [
+        (FeatureAblation, {}),
+        (ShapleyValues, {}),
+        (ShapleyValueSampling, {"n_samples": 5}),
+    ],
+)
+def test_matches_stock_captum(model, chat, method, kwargs):
+    words = ["Who", "are", "you", "my", "friend"]
+    captum_inp = template_input(model, chat, words)
+    torch.manual_seed(3)
+    stock = LLMAttribution(method(model.model), model.tokenizer).attribute(
+        captum_inp, target=TARGET, forward_in_tokens=False, **kwargs
+    )
+    torch.manual_seed(3)
+    ours = MultimodalLLMAttribution(method(model), model).attribute(
+        ChatInput(chat, model), target=TARGET, perturbations_per_eval=4, **kwargs
+    )
+    assert ours.input_tokens == words
+    assert ours.output_tokens == stock.output_tokens
+    torch.testing.assert_close(ours.seq_attr, stock.seq_attr, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.token_attr, stock.token_attr, atol=1e-4, rtol=0)
+    assert ours.seq_attr.abs().max() > 1e-2  # the comparison is not between zeros
+
+
+def _value(model, inp, target_ids):
+    def value(masks):
+        return LogProbTarget()(model, inp.to_model_input(masks), target_ids)
+
+    return value
+
+
+@pytest.mark.parametrize("text_unit, roles", [("word", ("user",)), ("turn", ("system", "user"))])
+def test_exact_shapley_equals_brute_force_and_is_efficient(model, chat, text_unit, roles):
+    inp = ChatInput(
+        chat.assistant("I am a model.").user("More."), model, roles=roles, text_unit=text_unit
+    )
+    assert inp.n_itp_features <= 6
+    res = MultimodalLLMAttribution(ShapleyValues(model), model).attribute(
+        inp, target=TARGET, perturbations_per_eval=16
+    )
+    values = _value(model, inp, res.target_ids)
+    expected = brute_force_shapley(values, inp.n_itp_features)
+    torch.testing.assert_close(res.seq_attr, expected[0], atol=2e-4, rtol=0)
+    torch.testing.assert_close(res.token_attr, expected[1:], atol=2e-4, rtol=0)
+    n = inp.n_itp_features
+    full, empty = values(torch.stack([torch.ones(n), torch.zeros(n)]))[:, 0]
+    assert res.seq_attr.sum().item() == pytest.approx((full - empty).item(), abs=2e-4)
+    # the value of a coalition is the teacher-forced log-prob of the target
+    assert res.n_unique_coalitions == 2**n
+
+
+def test_batching_caching_and_prefix_reuse_change_nothing(model, chat):
+    inp = ChatInput(chat, model)
+    attr = MultimodalLLMAttribution(ShapleyValueSampling(model), model)
+    results = []
+    for ppe, cache, prefix in [
+        (1, True, True),
+        (7, True, True),
+        (32, True, True),
+        (7, False, False),
+        (32, False, True),
+    ]:
+        torch.manual_seed(0)
+        results.append(
+            attr.attribute(
+                inp,
+                target=TARGET,
+                n_samples=4,
+                perturbations_per_eval=ppe,
+                cache_coalitions=cache,
+                reuse_prefix=prefix,
+            )
+        )
+    for res in results[1:]:
+        torch.testing.assert_close(res.token_attr, results[0].token_attr, atol=1e-5, rtol=0)
+    cached, uncached = results[1], results[3]
+    assert cached.n_coalitions == uncached.n_coalitions
+    assert cached.n_unique_coalitions < uncached.n_unique_coalitions == uncached.n_coalitions
+    assert results[2].n_model_calls < results[0].n_model_calls
+
+
+def test_forward_in_tokens_gives_the_same_values(model, chat):
+    inp = ChatInput(chat, model)
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    by_seq = attr.attribute(inp, target=TARGET)
+    for use_cached in (True, False):
+        by_tok = attr.attribute(
+            inp, target=TARGET, forward_in_tokens=True, use_cached_outputs=use_cached
+        )
+        torch.testing.assert_close(by_tok.token_attr, by_seq.token_attr, atol=1e-4, rtol=0)
+        assert by_tok.n_model_calls > by_seq.n_model_calls
+
+
+def test_generated_target_is_the_greedy_continuation(model, chat):
+    inp = ChatInput(chat, model)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(
+        inp, gen_args={"max_new_tokens": 6}
+    )
+    prompt = inp.encoded.input_ids[None]
+    greedy = model.model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False
+    )[0, prompt.shape[1] :]
+    assert torch.equal(res.target_ids, greedy)
+    assert res.token_attr.shape == (len(greedy), inp.n_itp_features)
+    assert torch.isfinite(res.token_attr).all()
+
+
+@pytest.mark.parametrize("method", [Lime, KernelShap])
+def test_lime_and_kernel_shap_give_sequence_attributions(model, chat, method):
+    inp = ChatInput(chat, model)
+    attr = MultimodalLLMAttribution(method(model), model)
+    torch.manual_seed(0)
+    one = attr.attribute(inp, target=TARGET, n_samples=20)
+    torch.manual_seed(0)
+    batched = attr.attribute(inp, target=TARGET, n_samples=20, perturbations_per_eval=8)
+    assert one.token_attr is None and one.seq_attr.shape == (5,)
+    torch.testing.assert_close(one.seq_attr, batched.seq_attr, atol=1e-4, rtol=0)
+
+
+def test_prob_target_and_result_table(model, chat):
+    inp = ChatInput(chat, model)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model, attr_target="prob").attribute(
+        inp, target=TARGET
+    )
+    frame = res.to_dataframe()
+    assert list(frame["feature"]) == inp.values
+    assert {"modality", "turn", "role", "seq_attr"} <= set(frame.columns)
+    assert frame.shape[1] == 5 + len(res.output_tokens)
+    fig, ax = res.plot_token_attr()
+    assert [t.get_text() for t in ax.get_xticklabels()] == inp.values
+    fig, ax = res.plot_seq_attr()
+    assert res.wall_time > 0
+
+
+def test_bad_arguments_raise(model, chat):
+    inp = ChatInput(chat, model)
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    with pytest.raises(TargetError):
+        attr.attribute(inp, target="")
+    with pytest.raises(TargetError):
+        attr.attribute(inp, target=3)  # type: ignore[arg-type]
+    with pytest.raises(TargetError):
+        attr.attribute(inp, target=TARGET, gen_args={"max_new_tokens": 2})
+    with pytest.raises(UnsupportedInputError):
+        attr.attribute("Who are you?", target=TARGET)  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedInputError):
+        MultimodalLLMAttribution(FeatureAblation(lambda x: x))

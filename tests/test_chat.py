@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from captum_mllm import AudioPart, Chat, TextPart, Turn
+from captum_mllm.chat import as_chat
+from captum_mllm.errors import EmptyChatError, EmptyTextError, InvalidContentError, InvalidRoleError
+
+
+def test_builder_is_immutable_and_ordered():
+    base = Chat().system("Be brief.")
+    chat = base.user("Hi there").assistant("Hello")
+    assert len(base) == 1
+    assert [t.role for t in chat] == ["system", "user", "assistant"]
+    assert chat[1].text == "Hi there"
+
+
+def test_messages_round_trip():
+    chat = Chat().system("Be brief.").user(["Who", " are you?"])
+    messages = chat.to_messages()
+    assert messages[1]["content"] == [
+        {"type": "text", "text": "Who"},
+        {"type": "text", "text": " are you?"},
+    ]
+    back = Chat.from_messages(messages)
+    assert [t.text for t in back] == [t.text for t in chat]
+    assert Chat.from_messages([{"role": "user", "content": "Hi"}])[0].parts == (TextPart("Hi"),)
+
+
+def test_audio_part_from_messages_keeps_rate_and_length():
+    wave = np.zeros(1600, dtype=np.float32)
+    chat = Chat.from_messages(
+        [{"role": "user", "content": [{"type": "audio", "audio": wave, "sampling_rate": 16000}]}]
+    )
+    part = chat[0].parts[0]
+    assert isinstance(part, AudioPart) and part.sample_rate == 16000
+    assert part.duration == pytest.approx(0.1)
+    assert chat.has_audio
+
+
+@pytest.mark.parametrize(
+    "build, error",
+    [
+        (lambda: Chat().add("robot", "hi"), InvalidRoleError),
+        (lambda: as_chat(Chat()), EmptyChatError),
+        (lambda: as_chat([]), EmptyChatError),
+        (lambda: Chat().user("   "), EmptyTextError),
+        (lambda: Chat().user(""), EmptyTextError),
+        (lambda: TextPart(3), InvalidContentError),  # type: ignore[arg-type]
+        (lambda: Turn("user", ()), EmptyChatError),
+        (lambda: Chat.from_messages([{"role": "user", "content": 5}]), InvalidContentError),
+        (
+            lambda: Chat.from_messages([{"role": "user", "content": [{"type": "video"}]}]),
+            InvalidContentError,
+        ),
+        (lambda: Chat.from_messages([{"content": "hi"}]), InvalidContentError),
+        (lambda: Chat().user(audio=torch.zeros(10)), Exception),  # no sample rate
+    ],
+)
+def test_invalid_chats_raise_named_errors(build, error):
+    with pytest.raises(error):
+        build()
