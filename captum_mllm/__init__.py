@@ -6,13 +6,14 @@ from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.inputs import ChatInput, FeatureInfo
 from captum_mllm.models import HFCausalLMAdapter, ModelAdapter
 from captum_mllm.result import MultimodalLLMAttributionResult
-from captum_mllm.targets import LogProbTarget
+from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget
 
 __all__ = [
     "AudioPart",
     "Chat",
     "ChatInput",
     "CoalitionCache",
+    "EmbeddingSimilarity",
     "EncodedChat",
     "FeatureInfo",
     "HFCausalLMAdapter",

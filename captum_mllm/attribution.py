@@ -47,6 +47,7 @@ class CoalitionCache:
         self.values: dict[bytes, Tensor] = {}
         self.n_requested = 0
         self.n_evaluated = 0
+        self.n_columns = 1
 
     def __call__(self, perturbed: Tensor) -> Tensor:
         # (B, n_features) -> (B, k)
@@ -131,9 +132,10 @@ class MultimodalLLMAttribution(LLMAttribution):
         super().__init__(attr_method, adapter.tokenizer, attr_target)
         self.adapter = adapter
         self.value_fn = target if target is not None else LogProbTarget(attr_target)
-        self.include_per_token_attr: bool = self.include_per_token_attr and getattr(
-            self.value_fn, "per_token", False
-        )
+        # Multi-output methods attribute every output column (each target token,
+        # or each sample of a sampled value function); the others the total only.
+        self.multi_output: bool = isinstance(attr_method, self.SUPPORTED_PER_TOKEN_ATTR_METHODS)
+        self.include_per_token_attr: bool = self.multi_output and self.value_fn.per_token
 
     def attribute(  # type: ignore[override]
         self,
@@ -183,11 +185,13 @@ class MultimodalLLMAttribution(LLMAttribution):
         start = time.perf_counter()
         calls_before = self.adapter.n_forward_calls
         target_ids = self._target_ids(inp, target, gen_args)
-        evaluate = self._evaluator(inp, target_ids, forward_in_tokens, reuse_prefix)
+        responses: dict[tuple[int, ...], Any] = {}
+        evaluate = self._evaluator(inp, target_ids, forward_in_tokens, reuse_prefix, responses)
         cache = CoalitionCache(evaluate, enabled=cache_coalitions)
+        n_extra = self.value_fn.n_extra_outputs(len(target_ids)) if self.multi_output else 0
+        cache.n_columns = 1 + n_extra
 
-        n_rows = 1 + len(target_ids) if self.include_per_token_attr else 1
-        attr = torch.zeros(n_rows, inp.n_itp_features, dtype=torch.float, device=self.device)
+        attr = torch.zeros(1 + n_extra, inp.n_itp_features, dtype=torch.float, device=self.device)
         for _ in range(num_trials):
             cur = self.attr_method.attribute(
                 inp.to_tensor().to(self.device),
@@ -197,9 +201,12 @@ class MultimodalLLMAttribution(LLMAttribution):
             attr += cur.reshape(attr.shape)
         attr = inp.format_attr(attr / num_trials)
 
+        per_sample = n_extra > 0 and not self.include_per_token_attr
         return MultimodalLLMAttributionResult(
             seq_attr=attr[0],
             token_attr=attr[1:] if self.include_per_token_attr else None,
+            seq_attr_std=attr[1:].std(dim=0) if per_sample else None,
+            responses=responses or None,
             input_tokens=list(inp.values),
             output_tokens=self._pretty_tokens(inp, target_ids),
             inp=inp,
@@ -212,9 +219,9 @@ class MultimodalLLMAttribution(LLMAttribution):
         )
 
     def _forward_func(self, perturbed_tensor: Tensor, cache: CoalitionCache) -> Tensor:  # type: ignore[override]
-        # (B, n_features) -> (B, 1 + T) per-token, else (B,)
+        # (B, n_features) -> (B, n_columns) for multi-output methods, else (B,)
         values = cache(perturbed_tensor)
-        return values if self.include_per_token_attr else values[:, 0]
+        return values[:, : cache.n_columns] if cache.n_columns > 1 else values[:, 0]
 
     def _evaluator(
         self,
@@ -222,13 +229,23 @@ class MultimodalLLMAttribution(LLMAttribution):
         target_ids: Tensor,
         per_step: bool,
         reuse_prefix: bool,
+        responses: dict[tuple[int, ...], Any],
     ) -> Callable[[Tensor], Tensor]:
         if isinstance(inp, ChatInput):
-            prefix = self.adapter.prefill(inp.to_model_input()) if reuse_prefix else None
+            needs_prefix = reuse_prefix and isinstance(self.value_fn, LogProbTarget)
+            prefix = self.adapter.prefill(inp.to_model_input()) if needs_prefix else None
+            decode = self.adapter.tokenizer.decode
 
             def evaluate_chat(coalitions: Tensor) -> Tensor:
                 masked = inp.to_model_input(coalitions)
-                return self.value_fn(self.adapter, masked, target_ids, prefix, per_step)
+                values = self.value_fn(self.adapter, masked, target_ids, prefix, per_step)
+                said = getattr(self.value_fn, "last_responses", None)
+                if said:  # regenerated answers, k per coalition when sampling
+                    k = len(said) // len(coalitions)
+                    for i, c in enumerate(coalitions):
+                        texts = [decode(r) for r in said[i * k : (i + 1) * k]]
+                        responses[tuple(int(v) for v in c.tolist())] = texts[0] if k == 1 else texts
+                return values
 
             return evaluate_chat
         if not isinstance(self.value_fn, LogProbTarget):
@@ -282,7 +299,10 @@ class MultimodalLLMAttribution(LLMAttribution):
         self, inp: InterpretableInput, target: str | Tensor | None, gen_args: dict[str, Any] | None
     ) -> Tensor:
         if target is None:
-            args = dict(gen_args or DEFAULT_GEN_ARGS)
+            default = getattr(self.value_fn, "gen_args", None) or DEFAULT_GEN_ARGS
+            args = {**default, **(gen_args or {})}
+            if isinstance(inp, ChatInput) and getattr(self.value_fn, "sampled", False):
+                args["do_sample"] = False  # the reference answer is the greedy one
             if isinstance(inp, ChatInput):
                 ids = self.adapter.generate_masked(inp.to_model_input(), **args)[0]
             else:

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy.typing as npt
 import pandas as pd
+import torch
 from captum.attr import InterpretableInput, LLMAttributionResult
 from torch import Tensor
 
+from captum_mllm.errors import CaptumMLLMError
 from captum_mllm.inputs import FeatureInfo
+
+
+def _safe_divide(x: Tensor, d: Tensor) -> Tensor:
+    return torch.where(d > 0, x / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(x))
+
+
+def _shifted(x: Tensor) -> Tensor:
+    return x - x.min(dim=-1, keepdim=True).values
+
+
+# Row-wise normalisers: (R, n) -> (R, n).
+_NORMALISERS: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "identity": lambda x, p: x.clone(),
+    "abs_sum": lambda x, p: _safe_divide(x, x.abs().sum(-1, keepdim=True)),
+    "min_max": lambda x, p: _safe_divide(_shifted(x), _shifted(x).max(-1, keepdim=True).values),
+    "power_shift": lambda x, p: _safe_divide(
+        _shifted(x) ** p, (_shifted(x) ** p).sum(-1, keepdim=True)
+    ),
+}
 
 
 class MultimodalLLMAttributionResult(LLMAttributionResult):
@@ -25,6 +47,11 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         features (list of FeatureInfo or None): modality, turn, role and
             positions of each feature (None for Captum's own inputs).
         target_ids (Tensor or None): ``(T,)`` ids of the explained response.
+        seq_attr_std (Tensor or None): with a sampled value function, the sample
+            standard deviation of each feature's attribution over the samples.
+        responses (dict or None): for regenerating value functions, the answer
+            (text, or list of sampled texts) under each evaluated coalition,
+            keyed by the coalition as a tuple of 0/1.
         n_model_calls (int): model forwards (and generate calls) made.
         n_coalitions (int): coalitions the Captum method asked for.
         n_unique_coalitions (int): coalitions actually evaluated (cache misses).
@@ -42,6 +69,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         inp: InterpretableInput | None = None,
         features: Sequence[FeatureInfo] | None = None,
         target_ids: Tensor | None = None,
+        seq_attr_std: Tensor | None = None,
+        responses: dict[tuple[int, ...], Any] | None = None,
         n_model_calls: int = 0,
         n_coalitions: int = 0,
         n_unique_coalitions: int = 0,
@@ -57,10 +86,49 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         )
         self.features = list(features) if features is not None else None
         self.target_ids = target_ids
+        self.seq_attr_std = seq_attr_std
+        self.responses = responses
         self.n_model_calls = n_model_calls
         self.n_coalitions = n_coalitions
         self.n_unique_coalitions = n_unique_coalitions
         self.wall_time = wall_time
+
+    def normalized(
+        self, kind: str = "abs_sum", power: float = 2.0
+    ) -> MultimodalLLMAttributionResult:
+        """A copy with normalised attributions; this result stays untouched.
+
+        Each vector (``seq_attr``, and each row of ``token_attr``) is normalised
+        on its own:
+
+        - ``"identity"``: unchanged;
+        - ``"abs_sum"``: ``x / sum(|x|)`` (signs kept, absolute values sum to 1);
+        - ``"min_max"``: ``(x - min) / (max - min)`` into [0, 1];
+        - ``"power_shift"``: ``(x - min) ** power / sum((x - min) ** power)``, a
+          distribution that sharpens the largest values as ``power`` grows.
+
+        A constant or all-zero vector becomes zeros (never NaN).
+
+        Args:
+            kind (str, optional): one of the above. Default: ``"abs_sum"``
+            power (float, optional): exponent of ``"power_shift"``. Default: 2.0
+
+        Returns:
+            MultimodalLLMAttributionResult: the normalised copy.
+
+        Examples::
+
+            >>> res.normalized("power_shift", power=2).seq_attr.sum()
+            tensor(1.)
+        """
+        if kind not in _NORMALISERS:
+            raise CaptumMLLMError(f"unknown normaliser {kind!r}; use one of {sorted(_NORMALISERS)}")
+        fn = _NORMALISERS[kind]
+        new = copy.copy(self)
+        new.seq_attr = fn(self.seq_attr[None], power)[0]
+        if self.token_attr is not None:
+            new.token_attr = fn(self.token_attr, power)
+        return new
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per feature: label, modality, turn, role, sequence attribution,

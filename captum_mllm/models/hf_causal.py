@@ -326,6 +326,46 @@ class HFCausalLMAdapter(ModelAdapter):
         logp = picked.float().log_softmax(-1)
         return logp.gather(2, target[None, :, None].expand(batch, -1, 1)).squeeze(-1)
 
+    # Response embeddings (for EmbeddingSimilarity) ---------------------------------
+
+    def strip_response(self, ids: Tensor) -> Tensor:
+        """The response without trailing end-of-sequence and padding tokens."""
+        stop = _eos_ids(self.model, self.tokenizer) | {_pad_id(self.tokenizer)}
+        n = len(ids)
+        while n > 0 and int(ids[n - 1]) in stop:
+            n -= 1
+        return ids[:n]
+
+    def token_embeddings(self, ids: Tensor) -> Tensor:
+        """``(n,) -> (n, d)`` rows of the model's input embedding table."""
+        with torch.inference_mode():
+            return self.model.get_input_embeddings()(ids.to(self.device)).float()  # type: ignore[operator]
+
+    def response_states(
+        self, responses: list[Tensor], context: Tensor | None = None
+    ) -> list[Tensor]:
+        """Last hidden states over each response, ``(n_i, d)``, read alone or
+        after ``context`` (the full chat), in one right-padded forward."""
+        lead = context.to(self.device) if context is not None else None
+        rows = [
+            r.to(self.device) if lead is None else torch.cat([lead, r.to(self.device)])
+            for r in responses
+        ]
+        width = max(len(r) for r in rows)
+        ids = torch.full(
+            (len(rows), width), _pad_id(self.tokenizer), dtype=torch.long, device=self.device
+        )
+        mask = torch.zeros_like(ids)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = row
+            mask[b, : len(row)] = 1
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        self.n_forward_calls += 1
+        start = 0 if lead is None else len(lead)
+        last = out.hidden_states[-1].float()
+        return [last[b, start : start + len(r)] for b, r in enumerate(responses)]
+
     # Generation ------------------------------------------------------------------
 
     def generate_masked(self, masked: MaskedChat, **gen_args: Any) -> list[Tensor]:

@@ -1,0 +1,170 @@
+"""EmbeddingSimilarity: the regenerate-and-compare value function."""
+
+import pytest
+import torch
+from captum.attr import FeatureAblation, ShapleyValues
+from conftest import brute_force_shapley
+
+from captum_mllm import ChatInput, EmbeddingSimilarity, LogProbTarget, MultimodalLLMAttribution
+from captum_mllm.errors import CaptumMLLMError
+
+GEN = {"max_new_tokens": 6}
+
+
+@pytest.mark.parametrize("embedding, context", [("static", "response"), ("contextual", "chat")])
+def test_exact_shapley_and_efficiency(model, chat, embedding, context):
+    inp = ChatInput(chat, model)
+    sim = EmbeddingSimilarity(embedding, context=context, gen_args=GEN)
+    res = MultimodalLLMAttribution(ShapleyValues(model), model, target=sim).attribute(
+        inp, perturbations_per_eval=32
+    )
+    assert res.token_attr is None
+    expected = brute_force_shapley(lambda m: sim(model, inp.to_model_input(m), res.target_ids), 5)
+    torch.testing.assert_close(res.seq_attr, expected[0], atol=1e-5, rtol=0)
+    # efficiency: sum = sim(full, full) - sim(full, answer without any feature)
+    full, empty = sim(
+        model, inp.to_model_input(torch.tensor([[1.0] * 5, [0.0] * 5])), res.target_ids
+    )
+    assert full.item() == pytest.approx(1.0, abs=1e-5)  # cosine of the answer with itself
+    assert res.seq_attr.sum().item() == pytest.approx((full - empty).item(), abs=1e-5)
+    assert len(res.responses) == 2**5
+    assert res.seq_attr.abs().max() > 1e-3
+
+
+def test_batched_regeneration_equals_one_at_a_time(model, chat):
+    inp = ChatInput(chat, model)
+    masks = torch.tensor([[int(b) for b in f"{i:05b}"] for i in range(32)], dtype=torch.float)
+    batched = model.generate_masked(inp.to_model_input(masks), **GEN)
+    for m, answer in zip(masks, batched, strict=True):
+        alone = model.generate_masked(inp.to_model_input(m[None]), **GEN)[0]
+        assert torch.equal(alone, answer)
+    # the full chat's answer is what the log-prob path would explain
+    sim_res = MultimodalLLMAttribution(
+        FeatureAblation(model), model, target=EmbeddingSimilarity(gen_args=GEN)
+    )
+    lp_res = MultimodalLLMAttribution(FeatureAblation(model), model, target=LogProbTarget())
+    assert torch.equal(
+        sim_res.attribute(inp).target_ids, lp_res.attribute(inp, gen_args=GEN).target_ids
+    )
+    assert torch.equal(batched[-1], lp_res.attribute(inp, gen_args=GEN).target_ids)
+
+
+A = torch.tensor([[1.0, 2.0, 2.0], [3.0, 0.0, -1.0]])  # two token vectors
+REF = torch.tensor([1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    "reducer, vector",
+    [
+        ("mean", [2.0, 1.0, 0.5]),
+        ("sum", [4.0, 2.0, 1.0]),
+        ("max", [3.0, 2.0, 2.0]),
+        ("min", [1.0, 0.0, -1.0]),
+        ("first", [1.0, 2.0, 2.0]),
+        ("last", [3.0, 0.0, -1.0]),
+    ],
+)
+def test_reducers(reducer, vector):
+    assert EmbeddingSimilarity(reducer=reducer).reducer(A).tolist() == vector
+
+
+@pytest.mark.parametrize(
+    "similarity, value",
+    [
+        ("cosine", 2.0 / 2.29128784747792),  # [2, 1, .5] . [1, 0, 0] / |[2, 1, .5]|
+        ("euclidean", 1.0 / (1.0 + 1.5)),  # |[1, 1, .5]| = 1.5
+        ("negative_euclidean", -1.5),
+        ("dot", 2.0),
+        ("manhattan", 1.0 / (1.0 + 2.5)),
+    ],
+)
+def test_similarities(similarity, value):
+    sim = EmbeddingSimilarity(similarity=similarity)
+    got = sim.similarity(sim.reducer(A)[None], REF)
+    assert got.item() == pytest.approx(value, abs=1e-6)
+
+
+def test_callables_empty_answers_and_zero_vectors(model):
+    def embed(texts):
+        return torch.tensor([[float(len(t)), float(t.count("a"))] for t in texts])
+
+    sim = EmbeddingSimilarity(
+        embed, similarity=lambda a, b: -(a - b).abs().sum(1), empty_value=-7.0
+    )
+    empty = torch.tensor([], dtype=torch.long)
+    tok = model.tokenizer
+    text = torch.tensor(tok.encode("a banana"))
+    zero_text = torch.tensor(tok.encode(" "))  # embeds to [1, 0]: not zero
+    ref = sim.vectors(model, [text])[0][0]
+    values = sim.values(model, [text, empty, zero_text], ref)
+    assert values.tolist() == [0.0, -7.0, -(abs(1 - 8) + abs(0 - 4))]
+    zero = EmbeddingSimilarity(lambda texts: torch.zeros(len(texts), 3), empty_value=0.5)
+    assert zero.values(model, [text], torch.ones(3)).tolist() == [0.5]  # zero norm
+    assert not torch.isnan(EmbeddingSimilarity().values(model, [empty, empty], None)).any()
+
+
+def test_sampled_mode_is_reproducible_and_reports_sample_std(model, chat):
+    inp = ChatInput(chat, model)
+
+    def embed(texts):
+        return torch.tensor([[len(t) + 1.0, sum(map(ord, t)) % 17 + 1.0] for t in texts])
+
+    def run():
+        sim = EmbeddingSimilarity(
+            embed, gen_args=GEN, samples_per_coalition=3, temperature=1.5, seed=5
+        )
+        attr = MultimodalLLMAttribution(FeatureAblation(model), model, target=sim)
+        return sim, attr.attribute(inp, perturbations_per_eval=8)
+
+    sim, first = run()
+    _, second = run()
+    torch.testing.assert_close(first.seq_attr, second.seq_attr)
+    assert first.responses == second.responses
+    # Recompute each sample's feature-ablation attribution from the recorded answers.
+    reference = embed([model.tokenizer.decode(first.target_ids)])[0]
+
+    def sample_values(coalition):
+        return sim.similarity(embed(first.responses[coalition]), reference)  # (k,)
+
+    full = sample_values((1, 1, 1, 1, 1))
+    per_sample = torch.stack(
+        [full - sample_values(tuple(0 if j == i else 1 for j in range(5))) for i in range(5)], dim=1
+    )  # (k, n)
+    torch.testing.assert_close(first.seq_attr, per_sample.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(first.seq_attr_std, per_sample.std(0), atol=1e-5, rtol=0)
+    assert len(first.responses[(1, 1, 1, 1, 1)]) == 3
+
+
+def test_normalisers_return_new_results(model, chat):
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(
+        ChatInput(chat, model), target="Paris."
+    )
+    raw = res.seq_attr.clone()
+    shifted = res.normalized("power_shift", power=2)
+    assert shifted.seq_attr.sum().item() == pytest.approx(1.0)
+    x = raw - raw.min()
+    torch.testing.assert_close(shifted.seq_attr, x**2 / (x**2).sum())
+    mm = res.normalized("min_max")
+    assert mm.seq_attr.min() == 0 and mm.seq_attr.max() == 1
+    assert res.normalized("abs_sum").seq_attr.abs().sum().item() == pytest.approx(1.0)
+    assert (
+        res.normalized("abs_sum")
+        .token_attr.abs()
+        .sum(1)
+        .allclose(torch.ones(len(res.output_tokens)))
+    )
+    torch.testing.assert_close(res.normalized("identity").seq_attr, raw)
+    torch.testing.assert_close(res.seq_attr, raw)  # untouched
+    with pytest.raises(CaptumMLLMError):
+        res.normalized("softmax")
+
+
+def test_bad_arguments():
+    with pytest.raises(CaptumMLLMError):
+        EmbeddingSimilarity("sparse")
+    with pytest.raises(CaptumMLLMError):
+        EmbeddingSimilarity(reducer="median")
+    with pytest.raises(CaptumMLLMError):
+        EmbeddingSimilarity(similarity="jaccard")
+    with pytest.raises(CaptumMLLMError):
+        EmbeddingSimilarity(samples_per_coalition=0)
