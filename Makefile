@@ -29,6 +29,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/text_vs_captum.py
+	$(BIN)/python benchmarks/similarity.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache
