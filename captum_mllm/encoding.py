@@ -61,11 +61,6 @@ class EncodedChat:
         """``(L,)`` bool: the position holds a turn's own content."""
         return self.part >= 0
 
-    def role_of(self, position: int) -> str | None:
-        """Role of the turn that holds ``position``, or None outside turns."""
-        t = int(self.turn[position])
-        return self.roles[t] if t >= 0 else None
-
 
 @dataclass
 class MaskedChat:

@@ -17,6 +17,7 @@ import torch
 from captum._utils.models.linear_model import SkLearnLasso
 from captum.attr import (
     FeatureAblation,
+    ImageMaskInput,
     KernelShap,
     Lime,
     LLMAttribution,
@@ -323,3 +324,34 @@ def test_futures_not_implemented():
     attr = MultimodalLLMAttribution(FeatureAblation(DummyLLM()), DummyTokenizer())
     with pytest.raises(NotImplementedError):
         attr.attribute_future()
+
+
+# Mirrors Captum's ImageMaskInput use with LLMAttribution: the processor output
+# is model-specific, so coalitions run through Captum's own forward one by one;
+# values equal stock Captum's and plot_image_heatmap keeps working.
+@pytest.mark.parametrize("in_tokens", [False, True])
+def test_image_mask_input(in_tokens):
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.arange(4 * 4 * 3).reshape(4, 4, 3) * 5 % 256).astype("uint8")
+    image = Image.fromarray(pixels)
+    mask = torch.tensor([[0, 0, 1, 1]] * 2 + [[2, 2, 3, 3]] * 2)
+
+    def processor(img):  # four "pixel tokens": the mean colour of each quadrant, as ids
+        arr = torch.tensor(np.array(img), dtype=torch.float).mean(-1)
+        quads = [arr[:2, :2], arr[:2, 2:], arr[2:, :2], arr[2:, 2:]]
+        return torch.tensor([[0] + [int(q.mean()) % 256 for q in quads]])
+
+    llm = DummyLLM(deterministic_weights=True).eval()
+    inp = ImageMaskInput(image, mask=mask, processor_fn=processor)
+    stock = LLMAttribution(FeatureAblation(llm), DummyTokenizer()).attribute(
+        inp, "m n o", forward_in_tokens=False
+    )
+    ours = MultimodalLLMAttribution(FeatureAblation(llm), DummyTokenizer()).attribute(
+        inp, "m n o", forward_in_tokens=in_tokens, perturbations_per_eval=8
+    )
+    torch.testing.assert_close(ours.token_attr, stock.token_attr, atol=1e-5, rtol=0)
+    assert ours.seq_attr.abs().max() > 0
+    fig, ax = ours.plot_image_heatmap(target_token_pos=(0, 2))
+    assert fig is not None

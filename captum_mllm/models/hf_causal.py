@@ -138,14 +138,8 @@ class HFCausalLMAdapter(ModelAdapter):
 
         # Character range of each turn: the template of the first k turns is a
         # prefix of the whole rendering for ordinary templates.
-        ends = [
-            len(self._render(messages[: k + 1], generation_prompt=False)) for k in range(len(chat))
-        ]
-        if any(
-            not rendered.startswith(self._render(messages[: k + 1], False))
-            for k in range(len(chat))
-        ):
-            ends = []
+        heads = [self._render(messages[: k + 1], generation_prompt=False) for k in range(len(chat))]
+        ends = [len(h) for h in heads] if all(map(rendered.startswith, heads)) else []
 
         spans: list[tuple[int, int, int, int]] = []  # (turn, part, start, end)
         part_texts: dict[tuple[int, int], str] = {}
