@@ -4,7 +4,7 @@ from captum_mllm.attribution import CoalitionCache, MultimodalLLMAttribution
 from captum_mllm.chat import AudioPart, Chat, TextPart, Turn
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.inputs import ChatInput, FeatureInfo
-from captum_mllm.models import HFCausalLMAdapter, ModelAdapter
+from captum_mllm.models import HFCausalLMAdapter, LFM2AudioAdapter, ModelAdapter
 from captum_mllm.result import MultimodalLLMAttributionResult
 from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget
 
@@ -17,6 +17,7 @@ __all__ = [
     "EncodedChat",
     "FeatureInfo",
     "HFCausalLMAdapter",
+    "LFM2AudioAdapter",
     "LogProbTarget",
     "MaskedChat",
     "ModelAdapter",

@@ -216,6 +216,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             n_coalitions=cache.n_requested,
             n_unique_coalitions=cache.n_evaluated,
             wall_time=time.perf_counter() - start,
+            output_audio=getattr(self.adapter, "output_audio", lambda _: None)(target_ids),
         )
 
     def _forward_func(self, perturbed_tensor: Tensor, cache: CoalitionCache) -> Tensor:  # type: ignore[override]
@@ -319,7 +320,8 @@ class MultimodalLLMAttribution(LLMAttribution):
         elif isinstance(target, str):
             ids = torch.tensor(self.tokenizer.encode(target, add_special_tokens=False))
         elif isinstance(target, Tensor):
-            ids = target.reshape(-1)
+            # (T,) token ids, or (N, 9) output items of audio-output adapters
+            ids = target if target.dim() == 2 else target.reshape(-1)
         else:
             raise TargetError(
                 f"target must be a str, a Tensor or None, got {type(target).__name__}"

@@ -48,7 +48,9 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
             raise AudioError("audio given as an array needs its sample_rate=")
         source = "<array>"
         waveform = torch.as_tensor(np.asarray(audio) if isinstance(audio, np.ndarray) else audio)
-        waveform = waveform.float().reshape(-1, waveform.shape[-1]) if waveform.dim() else waveform
+        if waveform.dim() == 1:  # (n,) -> (1, n)
+            waveform = waveform[None]
+        waveform = waveform.float()
     else:
         raise AudioError(f"cannot read audio of type {type(audio).__name__}")
     if sample_rate is None or int(sample_rate) <= 0:

@@ -10,6 +10,7 @@ table to decide features; adapters read it back to build perturbed batches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,6 +40,10 @@ class EncodedChat:
         part_texts (dict): ``(turn, part) -> text`` of each text part.
         audio_time (Tensor): ``(L, 2)`` start and end second of audio positions
             inside their clip, ``-1`` elsewhere.
+        clip (Tensor): ``(L,)`` index of the audio clip of audio positions
+            (in chat order), ``-1`` elsewhere.
+        state (dict): the adapter's own data, computed once per chat (e.g. the
+            audio encoder's outputs); nothing outside the adapter reads it.
     """
 
     input_ids: Tensor
@@ -52,6 +57,8 @@ class EncodedChat:
     roles: list[str]
     part_texts: dict[tuple[int, int], str] = field(default_factory=dict)
     audio_time: Tensor | None = None
+    clip: Tensor | None = None
+    state: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -77,6 +84,11 @@ class MaskedChat:
         replace_id (int, optional): token id used by ``"replace"``.
         prefix_len (int): leading positions no feature touches; adapters may
             compute them once and reuse their key/value cache.
+        audio_baseline (str): absent audio positions are ``"drop"``-ped, get
+            ``audio_fill`` as their ``"embedding"``, or their samples are zeroed
+            and the clip re-encoded (``"silence"``).
+        audio_fill (Tensor, optional): the ``"embedding"`` baseline vector;
+            zeros when None.
     """
 
     encoded: EncodedChat
@@ -84,6 +96,8 @@ class MaskedChat:
     baseline: str = "drop"
     replace_id: int | None = None
     prefix_len: int = 0
+    audio_baseline: str = "drop"
+    audio_fill: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.present.shape[0])

@@ -22,6 +22,9 @@ from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.errors import CaptumMLLMError, InvalidGroupsError, NoFeaturesError
 
 TEXT_UNITS = ("token", "word", "turn")
+AUDIO_BASELINES = ("drop", "embedding", "silence")
+# (positions, label, time span for audio features)
+_Found = tuple[tuple[int, ...], str, tuple[float, float] | None]
 _WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
 
 
@@ -35,6 +38,8 @@ class FeatureInfo:
         turn (int): chat turn index (the first one for merged groups).
         role (str): that turn's role.
         positions (tuple of int): model positions the feature covers.
+        clip (int): index of the audio clip (in chat order) for audio features, else -1.
+        time (tuple of float or None): start and end second inside the clip.
     """
 
     label: str
@@ -42,6 +47,8 @@ class FeatureInfo:
     turn: int
     role: str
     positions: tuple[int, ...]
+    clip: int = -1
+    time: tuple[float, float] | None = None
 
 
 class ChatInput(InterpretableInput):
@@ -65,6 +72,17 @@ class ChatInput(InterpretableInput):
             the sequence (Captum's empty-string baseline); ``"replace"`` puts the
             pad (or unk) token in their place; an int or token string replaces
             with that token. Default: ``"drop"``
+        audio_unit (str, float or list, optional): ``"frame"`` (one 80 ms model
+            position), a window in seconds (e.g. ``0.5``), ``"turn"`` (the whole
+            clip), or explicit spans ``[(start_s, end_s, label), ...]`` (a
+            position belongs to the span holding its midpoint; positions outside
+            every span stay fixed). Default: ``0.5``
+        audio_baseline (str, optional): ``"drop"`` removes absent audio
+            positions; ``"embedding"`` replaces their encoder outputs with
+            ``audio_fill`` (zeros by default), the clip encoded once;
+            ``"silence"`` zeroes their samples and re-encodes the clip (slower:
+            one encoder call per distinct silenced clip). Default: ``"drop"``
+        audio_fill (Tensor, optional): the ``"embedding"`` baseline vector.
 
     Examples::
 
@@ -85,6 +103,9 @@ class ChatInput(InterpretableInput):
         skip: Sequence[str] = ("punctuation", "special"),
         groups: Sequence[Hashable] | None = None,
         text_baseline: str | int = "drop",
+        audio_unit: str | float | Sequence[tuple[float, float, str]] = 0.5,
+        audio_baseline: str = "drop",
+        audio_fill: Tensor | None = None,
     ) -> None:
         self.chat = as_chat(chat)
         self.model = model
@@ -93,12 +114,20 @@ class ChatInput(InterpretableInput):
             raise CaptumMLLMError(f"unknown roles {unknown}; use some of {ROLES}")
         if text_unit not in TEXT_UNITS:
             raise CaptumMLLMError(f"text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
+        if audio_baseline not in AUDIO_BASELINES:
+            raise CaptumMLLMError(f"audio_baseline must be one of {AUDIO_BASELINES}")
         self.roles = tuple(roles)
         self.text_unit = text_unit
+        self.audio_unit = audio_unit
+        self.audio_baseline = audio_baseline
+        self.audio_fill = audio_fill
         self.skip = tuple(skip)
         self.encoded: EncodedChat = model.encode(self.chat)
 
-        feature_positions, labels = self._text_features()
+        found = sorted(self._text_features() + self._audio_features(), key=lambda f: min(f[0]))
+        feature_positions = [f[0] for f in found]
+        labels = [f[1] for f in found]
+        self._times = {f[0]: f[2] for f in found}
         if groups is not None:
             feature_positions, labels = _merge_groups(feature_positions, labels, groups)
         if not feature_positions:
@@ -144,14 +173,22 @@ class ChatInput(InterpretableInput):
         fixed = self.feature_of_position < 0
         # (B, n_features) -> (B, L): a position is present if fixed or its feature is
         present = fixed[None] | coalitions[:, self.feature_of_position.clamp(min=0)]
-        return MaskedChat(self.encoded, present, self.baseline, self.replace_id, self.prefix_len)
+        return MaskedChat(
+            self.encoded,
+            present,
+            self.baseline,
+            self.replace_id,
+            self.prefix_len,
+            self.audio_baseline,
+            self.audio_fill,
+        )
 
     def format_attr(self, itp_attr: Tensor) -> Tensor:
         return itp_attr
 
     # Feature construction -------------------------------------------------------------
 
-    def _text_features(self) -> tuple[list[tuple[int, ...]], list[str]]:
+    def _text_features(self) -> list[_Found]:
         enc = self.encoded
         chosen = [t for t, role in enumerate(enc.roles) if role in self.roles]
         positions: list[tuple[int, ...]] = []
@@ -161,7 +198,7 @@ class ChatInput(InterpretableInput):
             content = [p for p in in_turn if enc.part[p] >= 0 and enc.modality[p] == "text"]
             if self.text_unit == "turn":
                 bos = getattr(self.model.tokenizer, "bos_token_id", None)
-                whole = tuple(p for p in in_turn if not (p == 0 and enc.input_ids[p] == bos))
+                whole = tuple(p for p in in_turn if not (p == 0 and int(enc.input_ids[p]) == bos))
                 if whole:
                     positions.append(whole)
                     labels.append(f"[{enc.roles[turn]} {turn}]")
@@ -175,7 +212,38 @@ class ChatInput(InterpretableInput):
                     continue
                 positions.append(tuple(members))
                 labels.append(text.strip())
-        return positions, labels
+        return [(p, label, None) for p, label in zip(positions, labels, strict=True)]
+
+    def _audio_features(self) -> list[_Found]:
+        """Group each chosen clip's positions by ``audio_unit``."""
+        enc = self.encoded
+        if enc.clip is None or self.text_unit == "turn":
+            return []  # whole turns already hold their audio
+        assert enc.audio_time is not None
+        found: list[_Found] = []
+        for c in sorted(set(enc.clip.tolist()) - {-1}):
+            positions = (enc.clip == c).nonzero().flatten().tolist()
+            if enc.roles[int(enc.turn[positions[0]])] not in self.roles:
+                continue
+            times = enc.audio_time[positions]
+            end = float(times[-1, 1])
+            groups: dict[int, list[int]] = {}
+            spans: dict[int, tuple[float, float, str | None]] = {}
+            unit = self.audio_unit
+            for p, (t0, t1) in zip(
+                positions, times.double().round(decimals=4).tolist(), strict=True
+            ):
+                key = _audio_group(unit, t0, t1, p)
+                if key is None:
+                    continue
+                groups.setdefault(key, []).append(p)
+                spans[key] = _audio_span(unit, key, t0, t1, end, spans.get(key))
+            for key in sorted(groups):
+                start, stop, label = spans[key]
+                found.append(
+                    (tuple(groups[key]), label or f"audio[{start:.2f}-{stop:.2f}s]", (start, stop))
+                )
+        return found
 
     def _words(self, content: list[int]) -> list[tuple[list[int], str]]:
         """Group content tokens by the word their first non-space character falls in.
@@ -219,12 +287,15 @@ class ChatInput(InterpretableInput):
         enc = self.encoded
         modalities = {enc.modality[p] for p in positions}
         turn = int(enc.turn[positions[0]])
+        clips = {int(enc.clip[p]) for p in positions} - {-1} if enc.clip is not None else set()
         return FeatureInfo(
             label=label,
             modality=modalities.pop() if len(modalities) == 1 else "mixed",
             turn=turn,
             role=enc.roles[turn] if turn >= 0 else "",
             positions=positions,
+            clip=clips.pop() if len(clips) == 1 else -1,
+            time=self._times.get(positions),
         )
 
     def _baseline(self, text_baseline: str | int) -> tuple[str, int | None]:
@@ -244,6 +315,44 @@ class ChatInput(InterpretableInput):
         if token_id is None or token_id == getattr(tok, "unk_token_id", object()):
             raise CaptumMLLMError(f"baseline token {text_baseline!r} is not in the vocabulary")
         return "replace", int(token_id)
+
+
+def _audio_group(unit: Any, t0: float, t1: float, position: int) -> int | None:
+    """Feature key of an audio position under ``audio_unit`` (None: stays fixed)."""
+    if unit == "frame":
+        return position
+    if unit == "turn":
+        return 0
+    if isinstance(unit, int | float) and not isinstance(unit, bool):
+        if unit <= 0:
+            raise CaptumMLLMError("an audio window must be a positive number of seconds")
+        return int(((t0 + t1) / 2) // unit)  # by midpoint, as spans are
+    if isinstance(unit, Sequence) and not isinstance(unit, str):
+        middle = (t0 + t1) / 2
+        for i, span in enumerate(unit):
+            if span[0] <= middle < span[1]:
+                return i
+        return None
+    raise CaptumMLLMError(
+        f"audio_unit must be 'frame', 'turn', seconds or a list of spans, got {unit!r}"
+    )
+
+
+def _audio_span(
+    unit: Any,
+    key: int,
+    t0: float,
+    t1: float,
+    end: float,
+    seen: tuple[float, float, str | None] | None,
+) -> tuple[float, float, str | None]:
+    """(start, end, label) of an audio feature, growing as positions join it."""
+    if isinstance(unit, Sequence) and not isinstance(unit, str):
+        start, stop, *label = unit[key]
+        return float(start), float(min(stop, end)), (label[0] if label else None)
+    if seen is None:
+        return t0, t1, None
+    return seen[0], t1, None
 
 
 def _merge_groups(

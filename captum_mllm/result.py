@@ -56,6 +56,9 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         n_coalitions (int): coalitions the Captum method asked for.
         n_unique_coalitions (int): coalitions actually evaluated (cache misses).
         wall_time (float): seconds spent in ``attribute``.
+        output_audio (dict or None): for spoken responses, ``{"codes": (8, F)
+            Mimi codes, "waveform": 24 kHz samples or None (needs the model's
+            detokenizer weights), "sample_rate": 24000}``.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         n_coalitions: int = 0,
         n_unique_coalitions: int = 0,
         wall_time: float = 0.0,
+        output_audio: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             input_tokens=input_tokens,
@@ -92,6 +96,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         self.n_coalitions = n_coalitions
         self.n_unique_coalitions = n_unique_coalitions
         self.wall_time = wall_time
+        self.output_audio = output_audio
 
     def normalized(
         self, kind: str = "abs_sum", power: float = 2.0

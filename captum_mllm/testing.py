@@ -8,6 +8,7 @@ with fixed seeds, so every run sees the same weights.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -131,3 +132,127 @@ def tiny_hf_adapter(**kwargs: object) -> HFCausalLMAdapter:
         >>> model = tiny_hf_adapter()
     """
     return HFCausalLMAdapter(tiny_llama(**kwargs), tiny_tokenizer())  # type: ignore[arg-type]
+
+
+# LFM2-Audio -------------------------------------------------------------------------
+
+# Control-token ids of LFM2-Audio's tokenizer (DESIGN.md, "LFM2-Audio facts").
+LFM2_CONTROL_TOKENS = {
+    0: "<|pad|>",
+    1: "<|startoftext|>",
+    2: "<|endoftext|>",
+    6: "<|im_start|>",
+    7: "<|im_end|>",
+    128: "<|audio_start|>",
+    130: "<|text_end|>",
+}
+
+
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (as ByteLevel uses)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars), strict=True))
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_lfm2_tokenizer_dir() -> str:
+    """Save a byte-level tokenizer laid out like LFM2's: control tokens at ids
+    0..255 (the real ones at their ids), the 256 bytes at 256..511.
+
+    Returns:
+        str: a temporary folder that ``AutoTokenizer.from_pretrained`` reads.
+    """
+    import tempfile
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = [LFM2_CONTROL_TOKENS.get(i, f"<|reserved_{i}|>") for i in range(256)]
+    vocab = {name: i for i, name in enumerate(names)}
+    vocab.update({c: 256 + b for b, c in _byte_to_char().items()})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+    )
+    path = tempfile.mkdtemp(prefix="captum_mllm_lfm2_tok_")
+    fast.save_pretrained(path)
+    return path
+
+
+def tiny_lfm2_audio(seed: int = 0) -> tuple[Any, Any]:
+    """A randomly initialised ~3.4M-parameter LFM2-Audio and its processor.
+
+    Configuration from DESIGN.md: Lfm2 (vocab 512, hidden 64, 2 layers conv +
+    full attention), a one-layer conformer (d_model 32, 8x subsampling: one
+    position per 80 ms), a one-layer depthformer (dim 64), 8 codebooks.
+
+    Args:
+        seed (int, optional): weight seed. Default: 0
+
+    Returns:
+        tuple: ``(LFM2AudioModel in eval mode, LFM2AudioProcessor)`` on CPU, float32.
+    """
+    from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
+    from liquid_audio.model.conformer.encoder import ConformerEncoderConfig
+    from liquid_audio.model.lfm2_audio import DepthformerConfig, LFM2AudioConfig
+    from liquid_audio.processor import PreprocessorConfig
+    from transformers import Lfm2Config
+
+    pre = PreprocessorConfig(
+        sample_rate=16000, normalize="per_feature", window_size=0.025, window_stride=0.01,
+        window="hann", features=128, n_fft=512, log=True, frame_splicing=1, dither=0.0,
+        pad_to=0, pad_value=0.0,
+    )  # fmt: skip
+    encoder = ConformerEncoderConfig(
+        feat_in=128, feat_out=-1, n_layers=1, d_model=32, subsampling="dw_striding",
+        subsampling_factor=8, subsampling_conv_channels=16, causal_downsampling=False,
+        reduction=None, reduction_position=None, reduction_factor=1, ff_expansion_factor=2,
+        self_attention_model="rel_pos", n_heads=2, att_context_size=[[-1, -1]], xscaling=False,
+        untie_biases=True, pos_emb_max_len=5000, conv_kernel_size=9, conv_norm_type="batch_norm",
+        conv_context_size=None, dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0,
+        dropout_att=0.0,
+    )  # fmt: skip
+    lfm = Lfm2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        layer_types=["conv", "full_attention"], num_attention_heads=4, num_key_value_heads=2,
+        conv_L_cache=3, tie_word_embeddings=True, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=7, initializer_range=0.2,
+    )  # fmt: skip
+    conf = LFM2AudioConfig(
+        architectures=["LFM2AudioModel"], codebooks=8, tie_audio_embeddings=False,
+        semantic_codebook_factor=100.0, codebook_weight="log", interleaved_n_text=6,
+        interleaved_n_audio=12, preprocessor=pre, encoder=encoder, lfm=lfm,
+        depthformer=DepthformerConfig(layers=1, dim=64, tie=True),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LFM2AudioModel(conf).eval()
+    processor = LFM2AudioProcessor(tiny_lfm2_tokenizer_dir(), pre).eval()
+    return model, processor
+
+
+def speech_like(seconds: float = 1.5, sample_rate: int = 16000, seed: int = 0) -> torch.Tensor:
+    """Synthetic speech-like audio: voiced syllables (harmonics under an
+    envelope) separated by short pauses. Mono float32 ``(n_samples,)``."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * sample_rate)) / sample_rate
+    syllable = 0.25  # seconds, with a 0.05 s pause after each
+    phase = (t % (syllable + 0.05)) / syllable
+    envelope = torch.where(phase < 1, torch.sin(torch.pi * phase.clamp(max=1)) ** 2, 0.0)
+    pitch = 110 + 40 * torch.rand(int(seconds / syllable) + 2, generator=g)
+    f0 = pitch[(t // (syllable + 0.05)).long()]
+    voiced = sum(torch.sin(2 * torch.pi * k * f0 * t) / k for k in range(1, 6))
+    noise = 0.02 * torch.randn(t.shape, generator=g)
+    return (0.3 * envelope * voiced + noise).float()

@@ -2,5 +2,6 @@
 
 from captum_mllm.models.base import ModelAdapter
 from captum_mllm.models.hf_causal import HFCausalLMAdapter
+from captum_mllm.models.lfm2_audio import LFM2AudioAdapter
 
-__all__ = ["ModelAdapter", "HFCausalLMAdapter"]
+__all__ = ["HFCausalLMAdapter", "LFM2AudioAdapter", "ModelAdapter"]

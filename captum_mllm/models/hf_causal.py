@@ -208,7 +208,7 @@ class HFCausalLMAdapter(ModelAdapter):
         if not self._is_hf or masked.prefix_len == 0:
             return None
         ids = masked.encoded.input_ids[: masked.prefix_len].to(self.device)[None]
-        with torch.inference_mode():
+        with torch.no_grad():
             out = self.model(input_ids=ids, use_cache=True)
         self.n_forward_calls += 1
         cache = getattr(out, self._cache_kwarg, None)
@@ -308,7 +308,7 @@ class HFCausalLMAdapter(ModelAdapter):
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = torch.arange(first, width, device=device)
             offset = first
-        with torch.inference_mode():
+        with torch.no_grad():
             logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
         self.n_forward_calls += 1
         if logits.dim() == 4:  # (B, 1, S, V) from some models
@@ -332,7 +332,7 @@ class HFCausalLMAdapter(ModelAdapter):
 
     def token_embeddings(self, ids: Tensor) -> Tensor:
         """``(n,) -> (n, d)`` rows of the model's input embedding table."""
-        with torch.inference_mode():
+        with torch.no_grad():
             return self.model.get_input_embeddings()(ids.to(self.device)).float()  # type: ignore[operator]
 
     def response_states(
@@ -353,7 +353,7 @@ class HFCausalLMAdapter(ModelAdapter):
         for b, row in enumerate(rows):
             ids[b, : len(row)] = row
             mask[b, : len(row)] = 1
-        with torch.inference_mode():
+        with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         self.n_forward_calls += 1
         start = 0 if lead is None else len(lead)
@@ -386,7 +386,7 @@ class HFCausalLMAdapter(ModelAdapter):
         args = {**DEFAULT_GEN_ARGS, **gen_args}
         if self._is_hf:
             args.setdefault("pad_token_id", pad)
-        with torch.inference_mode():
+        with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, **args)  # type: ignore[operator]
         self.n_forward_calls += 1
         new = out[:, width:]

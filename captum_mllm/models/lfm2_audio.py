@@ -1,0 +1,622 @@
+"""Adapter for LiquidAI's LFM2-Audio (liquid-audio's LFM2AudioModel + processor).
+
+Everything model-specific lives here: the chat format, the conformer that turns
+16 kHz audio into one LFM position per 80 ms, the depthformer that scores audio
+frames of 8 Mimi codebooks, and a batched version of liquid-audio's
+``generate_sequential`` / ``generate_interleaved``.
+
+Outputs ("targets") are ``(N, 9)`` long tensors, one row per output item: column
+0 holds a text token id (or -1 for an audio frame), columns 1..8 the frame's
+codes (or -1 for a text token). Plain ``(T,)`` text ids are accepted too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_mllm.audio import resample
+from captum_mllm.chat import AudioPart, Chat, as_chat
+from captum_mllm.encoding import AUDIO_IN, TEXT, EncodedChat, MaskedChat
+from captum_mllm.errors import AudioError, CaptumMLLMError
+from captum_mllm.models.base import ModelAdapter
+from captum_mllm.models.hf_causal import _length_buckets
+
+SAMPLE_RATE = 16_000
+FRAME_SECONDS = 0.08  # one LFM position after the conformer's 8x subsampling of 10 ms frames
+IM_END, AUDIO_START, TEXT_END = 7, 128, 130
+END_OF_AUDIO = 2048
+MODES = ("text", "audio", "text+audio")
+
+
+@dataclass
+class _Clip:
+    """One audio part: its 16 kHz samples and where its positions are."""
+
+    waveform: Tensor
+    first: int  # first model position
+    n_positions: int
+
+
+def as_items(target: Tensor) -> Tensor:
+    """``(T,)`` text ids or ``(N, 9)`` items -> ``(N, 9)`` items."""
+    if target.dim() == 2:
+        return target
+    items = torch.full((len(target), 9), -1, dtype=torch.long, device=target.device)
+    items[:, 0] = target
+    return items
+
+
+class LFM2AudioAdapter(ModelAdapter):
+    """LFM2-Audio behind the adapter contract of :mod:`captum_mllm.models.base`.
+
+    Each audio clip is encoded by the conformer once per chat (in
+    :meth:`encode`); only the ``"silence"`` baseline re-encodes, once per
+    distinct silenced clip.
+
+    Args:
+        model (LFM2AudioModel): liquid-audio's model.
+        processor (LFM2AudioProcessor): its processor (tokenizer + mel features).
+
+    Examples::
+
+        >>> model = LFM2AudioAdapter.from_pretrained("LiquidAI/LFM2-Audio-1.5B", device="cuda")
+        >>> chat = Chat().system("Respond briefly.").user("What is asked?", audio="q.wav")
+        >>> inp = ChatInput(chat, model, audio_unit=0.5)
+    """
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        super().__init__()
+        self.model: Any = model  # liquid-audio's modules are untyped
+        self.processor = processor
+        self.tokenizer = processor.text
+        self.n_encoder_calls = 0
+        self.call_cost: int | None = None  # see HFCausalLMAdapter.call_cost
+        params = inspect.signature(model.lfm.forward).parameters  # type: ignore[union-attr]
+        # transformers >= 5.2x calls the cache ``cache``, older ones ``past_key_values``.
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._silenced: dict[bytes, Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_or_path: str,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> LFM2AudioAdapter:
+        """Load LFM2-Audio and its processor (Hugging Face hub id or local folder).
+
+        Args:
+            repo_or_path (str): e.g. ``"LiquidAI/LFM2-Audio-1.5B"``.
+            device (str or torch.device, optional): Default: ``"cuda"``
+            dtype (torch.dtype, optional): Default: ``torch.bfloat16``
+
+        Returns:
+            LFM2AudioAdapter: the adapter, in eval mode.
+        """
+        from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
+
+        model = LFM2AudioModel.from_pretrained(repo_or_path, device=device, dtype=dtype)
+        processor = LFM2AudioProcessor.from_pretrained(repo_or_path, device=device)
+        return cls(model.eval(), processor.eval())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def _lfm(self) -> Any:
+        return self.model.lfm
+
+    # Encoding --------------------------------------------------------------------
+
+    def encode(self, chat: Chat | Sequence[Any]) -> EncodedChat:
+        """Lay the chat out as LFM2-Audio reads it and encode each clip once.
+
+        ``<|startoftext|>``, then per turn ``<|im_start|>role\\n`` + parts (audio
+        positions, text tokens) + ``<|im_end|>\\n``, then ``<|im_start|>assistant\\n``.
+
+        Args:
+            chat (Chat or list of dict): the chat.
+
+        Returns:
+            EncodedChat: the position table; ``state`` holds the input
+            embeddings of every position and the clips.
+        """
+        chat = as_chat(chat)
+        table = _TableBuilder()
+        pieces: list[Tensor] = []  # (n, D) embeddings, in position order
+        clips: list[_Clip] = []
+        table.add_text(self._tokenize("<|startoftext|>"), -1, -1)
+        for ti, turn in enumerate(chat):
+            table.add_text(self._tokenize(f"<|im_start|>{turn.role}\n"), ti, -1)
+            for pi, part in enumerate(turn.parts):
+                if isinstance(part, AudioPart):
+                    wave = self._prepare(part)
+                    embeds = self.encode_audio(wave)
+                    clips.append(_Clip(wave, len(table), len(embeds)))
+                    table.add_audio(len(embeds), ti, pi, len(clips) - 1, len(wave) / SAMPLE_RATE)
+                    pieces.append(embeds)
+                else:
+                    table.add_text(self._tokenize(part.text, offsets=True), ti, pi, part.text)
+            table.add_text(self._tokenize("<|im_end|>\n"), ti, -1)
+        table.add_text(self._tokenize("<|im_start|>assistant\n"), -1, -1)
+
+        encoded = table.build([t.role for t in chat], self.tokenizer)
+        embeds = self._embed_text(encoded.input_ids.clamp(min=0))
+        assert encoded.clip is not None
+        is_audio = encoded.clip >= 0
+        if pieces:
+            embeds[is_audio] = torch.cat(pieces).to(embeds.dtype)
+        encoded.state = {"embeds": embeds, "clips": clips}
+        return encoded
+
+    def _tokenize(self, text: str, offsets: bool = False) -> Any:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+        return enc
+
+    def _prepare(self, part: AudioPart) -> Tensor:
+        wave = resample(part.waveform, part.sample_rate, SAMPLE_RATE)
+        if len(wave) < FRAME_SECONDS * SAMPLE_RATE:
+            raise AudioError(
+                f"audio clip of {part.duration:.3f} s is shorter than one 80 ms model position"
+            )
+        return wave
+
+    def encode_audio(self, wave: Tensor) -> Tensor:
+        """16 kHz samples -> ``(n_positions, D)`` LFM input embeddings (one
+        conformer call), as liquid-audio's ``ChatState.add_audio`` + ``_prefill``."""
+        device = self.device
+        with torch.no_grad():
+            wave = wave.to(device)[None]
+            mel, _ = self.processor.audio(wave, torch.tensor([wave.shape[1]], device=device))
+            mel_len = torch.tensor([mel.shape[-1]], device=device)  # as ChatState: all frames
+            enc, enc_len = self.model.conformer(mel.to(self.dtype), mel_len)
+            embeds = self.model.audio_adapter(enc.mT[0, : int(enc_len[0])])
+        self.n_encoder_calls += 1
+        return embeds
+
+    def _embed_text(self, ids: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._lfm.embed_tokens(ids.to(self.device)).clone()
+
+    def _embed_items(self, items: Tensor) -> Tensor:
+        """``(N, 9)`` output items -> ``(N, D)`` input embeddings."""
+        out = self._embed_text(items[:, 0].clamp(min=0))
+        audio = items[:, 0] < 0
+        if bool(audio.any()):
+            codes = items[audio, 1:].to(self.device) + self.model.codebook_offsets
+            with torch.no_grad():
+                out[audio] = self.model.audio_embedding(codes).sum(1).to(out.dtype)
+        return out
+
+    # Coalitions -> input embeddings ------------------------------------------------------
+
+    def masked_embeds(self, masked: MaskedChat) -> list[Tensor]:
+        """Input embeddings of each coalition: ``B`` tensors ``(L_b, D)``."""
+        enc = masked.encoded
+        base = enc.state["embeds"]
+        assert enc.clip is not None
+        is_audio = (enc.clip >= 0).to(base.device)
+        rows = []
+        for present in masked.present.to(base.device):
+            embeds = base
+            keep = present.clone()
+            absent_text = ~present & ~is_audio
+            absent_audio = ~present & is_audio
+            if masked.baseline == "replace" and bool(absent_text.any()):
+                embeds = embeds.clone()
+                embeds[absent_text] = self._embed_text(torch.tensor([masked.replace_id]))[0]
+                keep |= absent_text
+            if masked.audio_baseline != "drop" and bool(absent_audio.any()):
+                embeds = embeds.clone() if embeds is base else embeds
+                keep |= absent_audio
+                if masked.audio_baseline == "embedding":
+                    fill = masked.audio_fill
+                    embeds[absent_audio] = 0.0 if fill is None else fill.to(embeds)
+                else:
+                    self._silence(enc, absent_audio, embeds)
+            rows.append(embeds[keep])
+        return rows
+
+    def _silence(self, enc: EncodedChat, absent: Tensor, embeds: Tensor) -> None:
+        """Zero the samples under absent audio positions and re-encode the clip."""
+        assert enc.audio_time is not None
+        for ci, clip in enumerate(enc.state["clips"]):
+            span = slice(clip.first, clip.first + clip.n_positions)
+            off = absent[span].cpu()
+            if not bool(off.any()):
+                continue
+            key = bytes([ci]) + off.numpy().tobytes() + bytes(str(id(clip)), "ascii")
+            if key not in self._silenced:
+                wave = clip.waveform.clone()
+                for t0, t1 in enc.audio_time[span][off].tolist():
+                    wave[round(t0 * SAMPLE_RATE) : round(t1 * SAMPLE_RATE)] = 0.0
+                self._silenced[key] = self.encode_audio(wave)
+            embeds[span] = self._silenced[key].to(embeds)
+
+    # Scoring ---------------------------------------------------------------------
+
+    def score_masked(
+        self,
+        masked: MaskedChat,
+        target: Tensor,
+        prefix: Any = None,
+        per_step: bool = False,
+    ) -> Tensor:
+        """Teacher-forced log-probability of each output item after each coalition.
+
+        Text items are scored by the tied LM head; an audio frame by the
+        depthformer over its 8 codebooks (codebook 0 only at end-of-audio).
+        Rows are right-padded and grouped by length, one forward per group.
+
+        Returns:
+            Tensor: ``(B, N)`` float32.
+        """
+        rows = self.masked_embeds(masked)
+        items = as_items(target.to(self.device))
+        if per_step:
+            fed = self._embed_items(items)
+            steps = [
+                self._score([torch.cat([r, fed[:t]]) for r in rows], items[t : t + 1])
+                for t in range(len(items))
+            ]
+            return torch.cat(steps, dim=1)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        lens = [len(rows[i]) + len(items) for i in order]
+        call_cost = self.call_cost or (80 if self.device.type == "cpu" else 1 << 30)
+        out = torch.empty(len(rows), len(items), device=self.device)
+        begin = 0
+        for end in _length_buckets(lens, call_cost):
+            part = order[begin:end]
+            out[part] = self._score([rows[i] for i in part], items)
+            begin = end
+        return out
+
+    def _score(self, rows: list[Tensor], items: Tensor) -> Tensor:
+        device = self.device
+        fed = self._embed_items(items[:-1])  # the last item predicts nothing we need
+        lens = torch.tensor([len(r) for r in rows], device=device)
+        width = int(lens.max()) + len(fed)
+        dim = rows[0].shape[-1]
+        x = torch.zeros(len(rows), width, dim, dtype=rows[0].dtype, device=device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            n = len(row)
+            x[b, :n] = row
+            x[b, n : n + len(fed)] = fed
+            mask[b, : n + len(fed)] = 1
+        with torch.no_grad():
+            hidden = self._lfm(
+                inputs_embeds=x, attention_mask=mask, use_cache=False
+            ).last_hidden_state
+            self.n_forward_calls += 1
+            index = (lens - 1)[:, None] + torch.arange(len(items), device=device)[None]
+            h = hidden.gather(1, index[..., None].expand(-1, -1, dim))  # (B, N, D)
+            return self._item_log_probs(h, items)
+
+    def _item_log_probs(self, h: Tensor, items: Tensor) -> Tensor:
+        """Hidden states ``(B, N, D)`` that predict ``items`` -> ``(B, N)`` log-probs."""
+        batch, n_items, _ = h.shape
+        out = torch.zeros(batch, n_items, device=h.device)
+        text = items[:, 0] >= 0
+        if bool(text.any()):
+            logits = h[:, text] @ self._lfm.embed_tokens.weight.T
+            out[:, text] = (
+                logits.float()
+                .log_softmax(-1)
+                .gather(2, items[text, 0][None, :, None].expand(batch, -1, 1))[..., 0]
+            )
+        if bool((~text).any()):
+            codes = items[~text, 1:]  # (F, C)
+            frames = h[:, ~text].reshape(-1, h.shape[-1])  # (B * F, D)
+            codes_b = codes.repeat(batch, 1)
+            per_code = self._depth_log_probs(frames, codes_b)  # (B * F, C)
+            # At end-of-audio only codebook 0 is predicted (the rest are copies).
+            eoa = codes_b[:, 0] == END_OF_AUDIO
+            per_code[eoa, 1:] = 0.0
+            out[:, ~text] = per_code.sum(-1).reshape(batch, -1)
+        return out
+
+    def _depth_log_probs(self, frames: Tensor, codes: Tensor) -> Tensor:
+        """Teacher-forced depthformer, as liquid-audio's ``logits``: ``(M, C)``."""
+        m = self.model
+        n_cb, dim = m.codebooks, m.depthformer_dim
+        depth_in = m.depth_linear(frames).reshape(len(frames), n_cb, dim)
+        prev = torch.stack([m.depth_embeddings[i](codes[:, i]) for i in range(n_cb)], 1)
+        prev[:, -1] = 0
+        depth_in = depth_in + prev.roll(1, 1)
+        out = m.depthformer(depth_in)
+        logp = [
+            m.depth_embeddings[i].get_logits(out[:, i]).float().log_softmax(-1) for i in range(n_cb)
+        ]
+        return torch.stack(
+            [lp.gather(1, codes[:, i : i + 1])[:, 0] for i, lp in enumerate(logp)], 1
+        )
+
+    # Generation ------------------------------------------------------------------
+
+    def generate_masked(
+        self,
+        masked: MaskedChat,
+        max_new_tokens: int = 25,
+        output_modality: str = "text",
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        audio_temperature: float | None = None,
+        audio_top_k: int | None = None,
+        **_: Any,
+    ) -> list[Tensor]:
+        """Continue each coalition, batched with left padding.
+
+        ``"text"`` and ``"audio"`` follow liquid-audio's ``generate_sequential``
+        (``"text"`` stops before any audio frame), ``"text+audio"`` its
+        ``generate_interleaved``; greedy unless ``do_sample``.
+
+        Returns:
+            list of Tensor: ``(N_b, 9)`` output items per coalition (``(T_b,)``
+            text ids for ``"text"``).
+        """
+        if output_modality not in MODES:
+            raise CaptumMLLMError(f"output_modality must be one of {MODES}")
+        sampling = {
+            "text": (temperature if do_sample else None, top_k if do_sample else None),
+            "audio": (audio_temperature if do_sample else None, audio_top_k if do_sample else None),
+        }
+        rows = self.masked_embeds(masked)
+        items = _BatchedGeneration(self, rows, output_modality, sampling).run(max_new_tokens)
+        self.n_forward_calls += 1
+        if output_modality == "text":
+            return [r[:, 0] for r in items]
+        return items
+
+    def decode_tokens(self, ids: Tensor) -> list[str]:
+        items = as_items(ids)
+        labels, frame = [], 0
+        for row in items.tolist():
+            if row[0] >= 0:
+                labels.append(self.tokenizer.decode([row[0]]).replace("\n", "\\n").strip() or "␣")
+            else:
+                frame += 1
+                labels.append(f"♪{frame * FRAME_SECONDS:.2f}s")
+        return labels
+
+    def output_audio(self, target: Tensor) -> dict[str, Any] | None:
+        """The spoken part of a response: its codes, and its 24 kHz waveform
+        when the processor has detokenizer weights (the real model's do)."""
+        items = as_items(target)
+        codes = items[(items[:, 0] < 0) & (items[:, 1] < END_OF_AUDIO), 1:].T.contiguous()
+        if codes.numel() == 0:
+            return None
+        try:
+            waveform = self.processor.decode(codes[None].to(self.device))[0].cpu()
+        except (AttributeError, RuntimeError):  # no detokenizer weights (tiny test models)
+            waveform = None
+        return {"codes": codes.cpu(), "waveform": waveform, "sample_rate": 24_000}
+
+    def strip_response(self, ids: Tensor) -> Tensor:
+        """Drop a trailing ``<|im_end|>`` (and padding) from text ids."""
+        n = len(ids)
+        while n > 0 and ids.dim() == 1 and int(ids[n - 1]) in (IM_END, 0):
+            n -= 1
+        return ids[:n]
+
+    def token_embeddings(self, ids: Tensor) -> Tensor:
+        """Static embeddings of output items (text rows, summed audio frames)."""
+        return self._embed_items(as_items(ids.to(self.device))).float()
+
+
+class _BatchedGeneration:
+    """liquid-audio's two generators, run over a left-padded batch.
+
+    Per row it keeps the generator's state (current modality, items left in
+    the current interleaved run, text done, finished); finished rows keep
+    stepping with their outputs ignored.
+    """
+
+    def __init__(
+        self,
+        adapter: LFM2AudioAdapter,
+        rows: list[Tensor],
+        mode: str,
+        sampling: dict[str, tuple[float | None, int | None]],
+    ) -> None:
+        self.a = adapter
+        self.m: Any = adapter.model
+        self.mode = mode
+        self.sampling = sampling
+        width = max(len(r) for r in rows)
+        dim = rows[0].shape[-1]
+        device = adapter.device
+        self.x = torch.zeros(len(rows), width, dim, dtype=rows[0].dtype, device=device)
+        self.mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            self.x[b, width - len(row) :] = row
+            self.mask[b, width - len(row) :] = 1
+        self.n = len(rows)
+        conf = self.m.conf
+        self.n_text, self.n_audio = conf.interleaved_n_text, conf.interleaved_n_audio
+
+    def run(self, max_new_tokens: int) -> list[Tensor]:
+        lfm = self.a._lfm
+        audio = [False] * self.n  # current modality is audio
+        left = [self.n_text] * self.n
+        text_done = [False] * self.n
+        done = [False] * self.n
+        out: list[list[list[int]]] = [[] for _ in range(self.n)]
+        x, mask = self.x, self.mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                key = self.a._cache_kwarg
+                kwargs: dict[str, Any] = {key: cache} if cache is not None else {}
+                res = lfm(
+                    inputs_embeds=x, attention_mask=mask, position_ids=positions,
+                    use_cache=True, **kwargs,
+                )  # fmt: skip
+                cache = getattr(res, key)
+                h = res.last_hidden_state[:, -1]
+                text_next = self._text_tokens(h)
+                frames = self._audio_frames(h) if any(audio) else None
+                next_emb = []
+                for b in range(self.n):
+                    emb, item = self._step(b, audio, left, text_done, done, text_next, frames)
+                    if item is not None:
+                        out[b].append(item)
+                    next_emb.append(emb)
+                if all(done):
+                    break
+                x = torch.stack(next_emb)[:, None]
+                mask = torch.cat([mask, mask.new_ones(self.n, 1)], dim=1)
+                positions = positions[:, -1:] + 1
+        return [torch.tensor(r, dtype=torch.long).reshape(-1, 9) for r in out]
+
+    def _step(
+        self,
+        b: int,
+        audio: list[bool],
+        left: list[int],
+        text_done: list[bool],
+        done: list[bool],
+        text_next: Tensor,
+        frames: Tensor | None,
+    ) -> tuple[Tensor, list[int] | None]:
+        """One generator step of row ``b``: (next input embedding, emitted item)."""
+        m = self.m
+        if done[b]:
+            return self.x.new_zeros(self.x.shape[-1]), None
+        interleaved = self.mode == "text+audio"
+        if interleaved:
+            left[b] -= 1
+        if not audio[b]:
+            token = int(text_next[b])
+            if interleaved and token == IM_END:
+                done[b] = True
+                return self.x.new_zeros(self.x.shape[-1]), None
+            if self.mode == "text" and token == AUDIO_START:
+                done[b] = True  # text only: stop where audio would begin
+                return self.x.new_zeros(self.x.shape[-1]), None
+            if interleaved:
+                if token == TEXT_END:
+                    text_done[b] = True
+                if not left[b] or text_done[b]:
+                    audio[b], left[b] = True, self.n_audio
+            else:
+                if token == AUDIO_START:
+                    audio[b] = True
+                if token == IM_END:
+                    done[b] = True
+            emb = self.a._lfm.embed_tokens(text_next[b : b + 1])[0]
+            return emb, [token] + [-1] * 8
+        assert frames is not None
+        frame = frames[b].clone()
+        if interleaved and not left[b] and not text_done[b]:
+            audio[b], left[b] = False, self.n_text
+        if int(frame[0]) == END_OF_AUDIO:
+            frame[:] = END_OF_AUDIO
+            audio[b] = False
+        emb = m.audio_embedding(frame + m.codebook_offsets).sum(0)
+        return emb, [-1] + frame.tolist()
+
+    def _text_tokens(self, h: Tensor) -> Tensor:
+        logits = nn.functional.linear(h, self.a._lfm.embed_tokens.weight)
+        temperature, top_k = self.sampling["text"]
+        return _pick(logits, temperature, top_k)
+
+    def _audio_frames(self, h: Tensor) -> Tensor:
+        """Depthformer over the codebooks for every row at once: ``(B, C)``."""
+        m = self.m
+        depth_in = m.depth_linear(h).reshape(len(h), m.codebooks, m.depthformer_dim)
+        token = torch.zeros_like(depth_in[:, 0])
+        cache = None
+        codes = []
+        temperature, top_k = self.sampling["audio"]
+        for i in range(m.codebooks):
+            out, cache = m.depthformer.forward_cached((depth_in[:, i] + token)[:, None], cache)
+            logits = m.depth_embeddings[i].get_logits(out[:, 0])
+            nxt = _pick(logits, temperature, top_k)
+            codes.append(nxt)
+            token = m.depth_embeddings[i](nxt)
+        return torch.stack(codes, 1)
+
+
+def _pick(logits: Tensor, temperature: float | None, top_k: int | None) -> Tensor:
+    """Greedy or sampled choice per row, as liquid-audio's samplers."""
+    if temperature is None or temperature <= 0 or top_k == 1:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+class _TableBuilder:
+    """Accumulates the columns of an :class:`EncodedChat`."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.modality: list[str] = []
+        self.turn: list[int] = []
+        self.part: list[int] = []
+        self.span: list[tuple[int, int]] = []
+        self.time: list[tuple[float, float]] = []
+        self.clip: list[int] = []
+        self.part_texts: dict[tuple[int, int], str] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add_text(self, enc: Any, turn: int, part: int, text: str | None = None) -> None:
+        ids = list(enc["input_ids"])
+        offsets = enc.get("offset_mapping") or [(-1, -1)] * len(ids)
+        if text is not None:
+            self.part_texts[(turn, part)] = text
+        for i, (s, e) in zip(ids, offsets, strict=True):
+            self._row(i, TEXT, turn, part, (s, e) if part >= 0 else (-1, -1), (-1.0, -1.0), -1)
+
+    def add_audio(self, n: int, turn: int, part: int, clip: int, duration: float) -> None:
+        for k in range(n):
+            end = min((k + 1) * FRAME_SECONDS, duration)
+            self._row(-1, AUDIO_IN, turn, part, (-1, -1), (k * FRAME_SECONDS, end), clip)
+
+    def _row(self, i, modality, turn, part, span, time, clip) -> None:  # type: ignore[no-untyped-def]
+        self.ids.append(i)
+        self.modality.append(modality)
+        self.turn.append(turn)
+        self.part.append(part)
+        self.span.append(span)
+        self.time.append(time)
+        self.clip.append(clip)
+
+    def build(self, roles: list[str], tokenizer: Any) -> EncodedChat:
+        special = set(tokenizer.all_special_ids)
+        tokens = [
+            tokenizer.decode([i]) if i >= 0 else f"audio[{t0:.2f}-{t1:.2f}s]"
+            for i, (t0, t1) in zip(self.ids, self.time, strict=True)
+        ]
+        spans = torch.tensor(self.span, dtype=torch.long).reshape(-1, 2)
+        return EncodedChat(
+            input_ids=torch.tensor(self.ids, dtype=torch.long),
+            modality=self.modality,
+            turn=torch.tensor(self.turn, dtype=torch.long),
+            part=torch.tensor(self.part, dtype=torch.long),
+            char_start=spans[:, 0],
+            char_end=spans[:, 1],
+            special=torch.tensor([i in special for i in self.ids]),
+            tokens=tokens,
+            roles=roles,
+            part_texts=self.part_texts,
+            audio_time=torch.tensor(self.time, dtype=torch.float).reshape(-1, 2),
+            clip=torch.tensor(self.clip, dtype=torch.long),
+        )

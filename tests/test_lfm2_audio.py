@@ -1,0 +1,259 @@
+"""LFM2-Audio: mixed text + audio chats, audio baselines, batched generation
+against liquid-audio's own generators, packed scoring, bad audio."""
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from captum.attr import ShapleyValues, ShapleyValueSampling
+from conftest import brute_force_shapley
+
+from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, LogProbTarget, MultimodalLLMAttribution
+from captum_mllm.errors import AudioError, CaptumMLLMError
+from captum_mllm.testing import speech_like, tiny_lfm2_audio
+
+
+@pytest.fixture(scope="module")
+def lfm():
+    model, processor = tiny_lfm2_audio()
+    return LFM2AudioAdapter(model, processor)
+
+
+@pytest.fixture(scope="module")
+def wave():
+    return speech_like(1.0)
+
+
+def mixed_chat(wave, text="What is it?"):
+    return Chat().system("Be brief.").user(text, audio=wave, sample_rate=16000)
+
+
+def liquid_state(processor, wave, text="What is it?"):
+    from liquid_audio import ChatState
+
+    st = ChatState(processor, dtype=torch.float32)
+    st.new_turn("system")
+    st.add_text("Be brief.")
+    st.end_turn()
+    st.new_turn("user")
+    st.add_audio(wave[None], 16000)
+    st.add_text(text)
+    st.end_turn()
+    st.new_turn("assistant")
+    return st
+
+
+def as_rows(generator):
+    """liquid-audio yields (1,) text tokens and (8,) frames -> (N, 9) items."""
+    rows = [[int(t[0])] + [-1] * 8 if t.numel() == 1 else [-1, *t.tolist()] for t in generator]
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 9)
+
+
+def test_layout_matches_liquid_audio_chat_state(lfm, wave):
+    enc = lfm.encode(mixed_chat(wave))
+    st = liquid_state(lfm.processor, wave)
+    text_ids = enc.input_ids[enc.input_ids >= 0]
+    assert torch.equal(text_ids, st.text[0])
+    from liquid_audio import LFMModality
+
+    flags = torch.where(enc.clip >= 0, int(LFMModality.AUDIO_IN), int(LFMModality.TEXT))
+    assert torch.equal(flags, st.modality_flag[0].cpu())
+    with torch.no_grad():
+        expected = lfm.model._prefill(**st)[0]
+    torch.testing.assert_close(enc.state["embeds"], expected)
+
+
+@pytest.mark.parametrize("audio_baseline", ["drop", "embedding"])
+def test_exact_shapley_brute_force_and_efficiency(lfm, wave, audio_baseline):
+    inp = ChatInput(mixed_chat(wave), lfm, audio_unit=0.5, audio_baseline=audio_baseline)
+    assert [f.modality for f in inp.features] == ["audio_in"] * 2 + ["text"] * 3
+    res = MultimodalLLMAttribution(ShapleyValues(lfm), lfm).attribute(
+        inp, gen_args={"max_new_tokens": 4}, perturbations_per_eval=32
+    )
+    value = lambda m: LogProbTarget()(lfm, inp.to_model_input(m), res.target_ids)  # noqa: E731
+    expected = brute_force_shapley(value, inp.n_itp_features)
+    torch.testing.assert_close(res.token_attr, expected[1:], atol=2e-4, rtol=0)
+    torch.testing.assert_close(res.seq_attr, expected[0], atol=2e-4, rtol=0)
+    full, empty = value(torch.stack([torch.ones(5), torch.zeros(5)]))[:, 0]
+    assert res.seq_attr.sum().item() == pytest.approx((full - empty).item(), abs=2e-4)
+    assert res.seq_attr[:2].abs().max() > 1e-4  # the audio features matter
+
+
+def test_batched_equals_unbatched_and_packed_equals_single(lfm, wave):
+    inp = ChatInput(mixed_chat(wave), lfm, audio_unit="frame")
+    attr = MultimodalLLMAttribution(ShapleyValueSampling(lfm), lfm)
+    runs = []
+    for ppe in (1, 32):
+        torch.manual_seed(0)
+        runs.append(
+            attr.attribute(
+                inp, gen_args={"max_new_tokens": 3}, n_samples=2, perturbations_per_eval=ppe
+            )
+        )
+    torch.testing.assert_close(runs[0].token_attr, runs[1].token_attr, atol=1e-5, rtol=0)
+    masks = (
+        torch.rand(6, inp.n_itp_features, generator=torch.Generator().manual_seed(1)) > 0.5
+    ).float()
+    target = lfm.generate_masked(
+        inp.to_model_input(), max_new_tokens=8, output_modality="text+audio"
+    )[0]
+    assert (target[:, 0] < 0).any() and (target[:, 0] >= 0).any()  # text and audio frames
+    packed = lfm.score_masked(inp.to_model_input(masks), target)
+    single = torch.cat([lfm.score_masked(inp.to_model_input(m[None]), target) for m in masks])
+    torch.testing.assert_close(packed, single, atol=1e-4, rtol=0)
+    by_step = lfm.score_masked(inp.to_model_input(masks), target, per_step=True)
+    torch.testing.assert_close(packed, by_step, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["text+audio", "audio"])
+def test_batched_generation_equals_liquid_audio(mode):
+    model, processor = tiny_lfm2_audio()
+    lfm = LFM2AudioAdapter(model, processor)
+    waves = [speech_like(1.0, seed=s) for s in range(3)]
+    texts = ["What is it?", "Hi", "Tell me more"]
+    generate = model.generate_interleaved if mode == "text+audio" else model.generate_sequential
+    if mode == "audio":  # make the random model start speaking at once
+        with torch.no_grad():
+            h = model.lfm(
+                inputs_embeds=model._prefill(**liquid_state(processor, waves[0]))
+            ).last_hidden_state[0, -1]
+            model.lfm.embed_tokens.weight[128] = (
+                3 * h / h.norm() * model.lfm.embed_tokens.weight.norm(dim=1).mean()
+            )
+    for w, t in zip(waves, texts, strict=True):
+        ref = as_rows(generate(**liquid_state(processor, w, t), max_new_tokens=16))
+        ours = lfm.generate_masked(
+            ChatInput(mixed_chat(w, t), lfm).to_model_input(),
+            max_new_tokens=16,
+            output_modality=mode,
+        )[0]
+        assert torch.equal(ours, ref)
+        assert (ref[:, 0] < 0).any()  # the comparison covers audio frames
+    inp = ChatInput(mixed_chat(waves[0]), lfm, audio_unit=0.5)
+    masks = torch.tensor(
+        [[1, 1, 1, 1, 1], [0, 1, 1, 0, 1], [1, 0, 0, 1, 0], [0, 0, 0, 0, 0]]
+    ).float()
+    batched = lfm.generate_masked(
+        inp.to_model_input(masks), max_new_tokens=12, output_modality=mode
+    )
+    for m, row in zip(masks, batched, strict=True):
+        assert torch.equal(
+            row,
+            lfm.generate_masked(
+                inp.to_model_input(m[None]), max_new_tokens=12, output_modality=mode
+            )[0],
+        )
+    labels = lfm.decode_tokens(batched[0])
+    assert "♪0.08s" in labels
+
+
+def test_audio_output_is_attributed_per_frame(lfm, wave):
+    inp = ChatInput(mixed_chat(wave), lfm, audio_unit=0.5)
+    res = MultimodalLLMAttribution(ShapleyValues(lfm), lfm).attribute(
+        inp,
+        gen_args={"max_new_tokens": 9, "output_modality": "text+audio"},
+        perturbations_per_eval=32,
+    )
+    assert res.target_ids.shape == (9, 9)
+    assert res.token_attr.shape == (9, 5) and torch.isfinite(res.token_attr).all()
+    assert res.output_tokens[6:] == ["♪0.08s", "♪0.16s", "♪0.24s"]
+    assert res.output_audio["codes"].shape == (8, 3) and res.output_audio["waveform"] is None
+
+
+def test_drop_removes_exactly_the_feature_positions(lfm, wave):
+    inp = ChatInput(mixed_chat(wave), lfm, audio_unit=0.5)
+    base = inp.encoded.state["embeds"]
+    first_audio = inp.features[0]
+    row = lfm.masked_embeds(inp.to_model_input(torch.tensor([[0.0, 1, 1, 1, 1]])))[0]
+    keep = torch.ones(len(base), dtype=torch.bool)
+    keep[list(first_audio.positions)] = False
+    torch.testing.assert_close(row, base[keep])
+    assert len(first_audio.positions) == 6  # 0.00-0.48 s: positions whose midpoint < 0.5 s
+    assert first_audio.time == (0.0, 0.48)
+
+
+def test_embedding_baseline_never_reencodes_and_silence_does(lfm, wave):
+    chat = mixed_chat(wave)
+    calls = lfm.n_encoder_calls
+    inp = ChatInput(chat, lfm, audio_unit=0.25, audio_baseline="embedding")
+    assert lfm.n_encoder_calls == calls + 1  # the clip, once per explanation
+    MultimodalLLMAttribution(ShapleyValueSampling(lfm), lfm).attribute(
+        inp, target="ok", n_samples=3
+    )
+    assert lfm.n_encoder_calls == calls + 1
+    row = lfm.masked_embeds(inp.to_model_input(torch.tensor([[0.0] + [1.0] * 6])))[0]
+    assert row.shape == inp.encoded.state["embeds"].shape
+    assert row[list(inp.features[0].positions)].abs().sum() == 0
+
+    silent = ChatInput(chat, lfm, audio_unit=0.25, audio_baseline="silence")
+    calls = lfm.n_encoder_calls
+    coalition = torch.tensor([[0.0, 1, 1, 1, 1, 1, 1]])
+    row = lfm.masked_embeds(silent.to_model_input(coalition))[0]
+    assert lfm.n_encoder_calls == calls + 1
+    zeroed = wave.clone()
+    t0, t1 = silent.features[0].time
+    zeroed[round(t0 * 16000) : round(t1 * 16000)] = 0
+    expected = lfm.encode(
+        Chat().system("Be brief.").user("What is it?", audio=zeroed, sample_rate=16000)
+    )
+    torch.testing.assert_close(row, expected.state["embeds"])
+    lfm.masked_embeds(silent.to_model_input(coalition))  # same silenced clip: cached
+    assert lfm.n_encoder_calls == calls + 2  # (+1 for the expected chat above)
+
+
+def test_audio_units_and_labels(lfm, wave):
+    frames = ChatInput(mixed_chat(wave), lfm, audio_unit="frame", roles=("user",))
+    assert frames.values[:2] == ["audio[0.00-0.08s]", "audio[0.08-0.16s]"]
+    assert sum(f.modality == "audio_in" for f in frames.features) == 13  # ceil(101 / 8)
+    whole = ChatInput(mixed_chat(wave), lfm, audio_unit="turn")
+    assert whole.values[0] == "audio[0.00-1.00s]"
+    spans = ChatInput(mixed_chat(wave), lfm, audio_unit=[(0.0, 0.4, "what"), (0.4, 0.7, "is")])
+    assert spans.values[:2] == ["what", "is"] and spans.features[1].time == (0.4, 0.7)
+    turns = ChatInput(mixed_chat(wave), lfm, text_unit="turn", roles=("system", "user"))
+    assert [f.modality for f in turns.features] == ["text", "mixed"]
+    with pytest.raises(CaptumMLLMError):
+        ChatInput(mixed_chat(wave), lfm, audio_unit="syllable")
+    with pytest.raises(CaptumMLLMError):
+        ChatInput(mixed_chat(wave), lfm, audio_baseline="noise")
+
+
+def _wav_bytes(samples, rate=16000):
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV")
+    return buf.getvalue()
+
+
+def test_audio_inputs_are_read_mixed_and_resampled(lfm, tmp_path):
+    stereo = np.stack([speech_like(0.5).numpy(), np.zeros(8000, dtype=np.float32)], axis=1)
+    path = tmp_path / "clip.flac"
+    sf.write(path, stereo, 16000)
+    chat = Chat().user("Hi", audio=str(path))
+    part = chat[0].parts[0]
+    assert part.sample_rate == 16000 and part.waveform.shape == (8000,)
+    torch.testing.assert_close(part.waveform, torch.from_numpy(stereo.mean(1)), atol=1e-4, rtol=0)
+    at_8k = Chat().user("Hi", audio=_wav_bytes(speech_like(0.5, 8000).numpy(), 8000))
+    enc = lfm.encode(at_8k)
+    assert int((enc.clip >= 0).sum()) == 7  # 0.5 s at 16 kHz: ceil(51 / 8)
+
+
+@pytest.mark.parametrize(
+    "audio, rate",
+    [
+        (b"not a sound file", None),  # corrupt
+        ("/nonexistent/clip.wav", None),  # unreadable
+        (np.zeros(0, dtype=np.float32), 16000),  # empty
+        (np.full(1600, np.nan, dtype=np.float32), 16000),  # all NaN
+        (np.zeros(1600, dtype=np.float32), None),  # no sample rate
+        (_wav_bytes(np.zeros(0, dtype=np.float32)), None),  # empty file
+    ],
+)
+def test_bad_audio_raises(audio, rate):
+    with pytest.raises(AudioError):
+        Chat().user("Hi", audio=audio, sample_rate=rate)
+
+
+def test_clip_shorter_than_one_position_raises(lfm):
+    with pytest.raises(AudioError, match="80 ms"):
+        lfm.encode(Chat().user("Hi", audio=np.zeros(800, dtype=np.float32), sample_rate=16000))
