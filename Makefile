@@ -30,6 +30,7 @@ demo: setup
 bench: setup
 	$(BIN)/python benchmarks/text_vs_captum.py
 	$(BIN)/python benchmarks/similarity.py
+	$(BIN)/python benchmarks/lfm2_audio.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

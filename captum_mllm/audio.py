@@ -79,3 +79,124 @@ def resample(waveform: Tensor, orig_rate: int, new_rate: int) -> Tensor:
     import torchaudio.functional as F
 
     return F.resample(waveform, orig_rate, new_rate)
+
+
+def quietest_point(waveform: Tensor, sample_rate: int, start: float, end: float) -> float:
+    """The time in ``[start, end]`` seconds of the 10 ms frame with the least energy.
+
+    Args:
+        waveform (Tensor): ``(n_samples,)``.
+        sample_rate (int): its sample rate.
+        start (float): start of the search, seconds.
+        end (float): end of the search, seconds.
+
+    Returns:
+        float: the middle of the quietest frame (``start`` when the range is empty).
+    """
+    hop = max(1, sample_rate // 100)
+    first, last = round(start * sample_rate), round(end * sample_rate)
+    if last - first < hop:
+        return (start + end) / 2
+    frames = waveform[first:last].unfold(0, hop, hop)  # (n_frames, hop)
+    energy = frames.pow(2).mean(dim=1)
+    k = int(energy.argmin())
+    return (first + k * hop + hop / 2) / sample_rate
+
+
+class ForcedAligner:
+    """Word time spans of a transcript in a clip, by CTC forced alignment.
+
+    Any Hugging Face ``Wav2Vec2ForCTC`` gives character emissions;
+    ``torchaudio.functional.forced_align`` aligns the transcript's characters to
+    them; each boundary between two words is moved to the quietest 10 ms frame
+    between the last character of one and the first of the next.
+
+    Args:
+        model (str or Wav2Vec2ForCTC): hub id / local path, or a loaded model.
+        processor (optional): its ``Wav2Vec2Processor`` (feature extractor +
+            tokenizer); loaded with the model when ``model`` is a name.
+        device (str or torch.device, optional): Default: the model's.
+
+    Examples::
+
+        >>> aligner = ForcedAligner("facebook/wav2vec2-base-960h")
+        >>> aligner.align(wave, 16000, "what is the capital of france")
+        [(0.12, 0.31, 'what'), (0.31, 0.42, 'is'), ...]
+    """
+
+    sample_rate = 16_000
+
+    def __init__(self, model: Any, processor: Any = None, device: Any = None) -> None:
+        if isinstance(model, str):
+            from transformers import AutoProcessor, Wav2Vec2ForCTC
+
+            processor = processor or AutoProcessor.from_pretrained(model)
+            model = Wav2Vec2ForCTC.from_pretrained(model)
+        if processor is None:
+            raise AudioError(
+                "ForcedAligner needs the model's processor (feature extractor + tokenizer)"
+            )
+        self.model = model.eval() if device is None else model.to(device).eval()
+        self.processor = processor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def align(
+        self, waveform: Tensor, sample_rate: int, transcript: str
+    ) -> list[tuple[float, float, str]]:
+        """Align a transcript to a clip.
+
+        Args:
+            waveform (Tensor): ``(n_samples,)`` mono samples.
+            sample_rate (int): their rate.
+            transcript (str): the words spoken, in order.
+
+        Returns:
+            list of (start_s, end_s, word): one span per word of the transcript.
+        """
+        import torchaudio.functional as F
+
+        words = transcript.split()
+        if not words:
+            raise AudioError("the transcript is empty")
+        wave = resample(waveform, sample_rate, self.sample_rate)
+        tokenizer = self.processor.tokenizer
+        features = self.processor.feature_extractor(
+            wave.numpy(), sampling_rate=self.sample_rate, return_tensors="pt"
+        ).input_values.to(self.device)
+        with torch.no_grad():
+            emissions = self.model(features).logits.float().log_softmax(-1).cpu()  # (1, T, V)
+        word_ids = [self._char_ids(tokenizer, w) for w in words]
+        targets = torch.tensor([[i for ids in word_ids for i in ids]], dtype=torch.int32)
+        blank = tokenizer.pad_token_id or 0
+        if targets.shape[1] == 0 or emissions.shape[1] < targets.shape[1]:
+            raise AudioError("the clip is too short for its transcript, or no character is known")
+        aligned, scores = F.forced_align(emissions, targets, blank=blank)
+        spans = F.merge_tokens(aligned[0], scores[0].exp(), blank=blank)  # one span per character
+        seconds = len(wave) / self.sample_rate / emissions.shape[1]  # per emission frame
+        out: list[tuple[float, float, str]] = []
+        first = 0
+        for word, ids in zip(words, word_ids, strict=True):
+            chars = spans[first : first + len(ids)]
+            first += len(ids)
+            out.append((chars[0].start * seconds, chars[-1].end * seconds, word))
+        # Move each boundary between words to the quietest frame between them.
+        for i in range(len(out) - 1):
+            gap_start, gap_end = out[i][1], out[i + 1][0]
+            cut = quietest_point(wave, self.sample_rate, gap_start, gap_end)
+            out[i] = (out[i][0], cut, out[i][2])
+            out[i + 1] = (cut, out[i + 1][1], out[i + 1][2])
+        return [(round(s, 4), round(e, 4), w) for s, e, w in out]
+
+    @staticmethod
+    def _char_ids(tokenizer: Any, word: str) -> list[int]:
+        vocab = tokenizer.get_vocab()
+        ids = []
+        for c in word:
+            for candidate in (c, c.upper(), c.lower()):
+                if candidate in vocab:
+                    ids.append(vocab[candidate])
+                    break
+        return ids

@@ -17,7 +17,7 @@ import torch
 from captum.attr import InterpretableInput
 from torch import Tensor
 
-from captum_mllm.chat import ROLES, Chat, as_chat
+from captum_mllm.chat import ROLES, AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.errors import CaptumMLLMError, InvalidGroupsError, NoFeaturesError
 
@@ -76,13 +76,17 @@ class ChatInput(InterpretableInput):
             position), a window in seconds (e.g. ``0.5``), ``"turn"`` (the whole
             clip), or explicit spans ``[(start_s, end_s, label), ...]`` (a
             position belongs to the span holding its midpoint; positions outside
-            every span stay fixed). Default: ``0.5``
+            every span stay fixed), or ``"word"``: spans of the transcript's words
+            found by ``aligner`` (labels ``♪word``). Default: ``0.5``
         audio_baseline (str, optional): ``"drop"`` removes absent audio
             positions; ``"embedding"`` replaces their encoder outputs with
             ``audio_fill`` (zeros by default), the clip encoded once;
             ``"silence"`` zeroes their samples and re-encodes the clip (slower:
             one encoder call per distinct silenced clip). Default: ``"drop"``
         audio_fill (Tensor, optional): the ``"embedding"`` baseline vector.
+        aligner (ForcedAligner, optional): aligns transcripts for ``audio_unit="word"``.
+        transcripts (str or list of str, optional): what each clip says, in
+            chat order, for ``audio_unit="word"``.
 
     Examples::
 
@@ -106,6 +110,8 @@ class ChatInput(InterpretableInput):
         audio_unit: str | float | Sequence[tuple[float, float, str]] = 0.5,
         audio_baseline: str = "drop",
         audio_fill: Tensor | None = None,
+        aligner: Any = None,
+        transcripts: str | Sequence[str] | None = None,
     ) -> None:
         self.chat = as_chat(chat)
         self.model = model
@@ -121,6 +127,8 @@ class ChatInput(InterpretableInput):
         self.audio_unit = audio_unit
         self.audio_baseline = audio_baseline
         self.audio_fill = audio_fill
+        self.aligner = aligner
+        self.transcripts = [transcripts] if isinstance(transcripts, str) else transcripts
         self.skip = tuple(skip)
         self.encoded: EncodedChat = model.encode(self.chat)
 
@@ -229,7 +237,7 @@ class ChatInput(InterpretableInput):
             end = float(times[-1, 1])
             groups: dict[int, list[int]] = {}
             spans: dict[int, tuple[float, float, str | None]] = {}
-            unit = self.audio_unit
+            unit = self._word_spans(c) if self.audio_unit == "word" else self.audio_unit
             for p, (t0, t1) in zip(
                 positions, times.double().round(decimals=4).tolist(), strict=True
             ):
@@ -272,6 +280,17 @@ class ChatInput(InterpretableInput):
                     break
             pending = []
         return [(groups[k], texts[k]) for k in sorted(groups)]
+
+    def _word_spans(self, clip: int) -> list[tuple[float, float, str]]:
+        """Aligned word spans of one clip, labelled ``♪word``."""
+        if self.aligner is None or self.transcripts is None or clip >= len(self.transcripts):
+            raise CaptumMLLMError(
+                'audio_unit="word" needs aligner=ForcedAligner(...) and one transcript per clip'
+            )
+        parts = [p for turn in self.chat for p in turn.parts if isinstance(p, AudioPart)]
+        part = parts[clip]
+        spans = self.aligner.align(part.waveform, part.sample_rate, self.transcripts[clip])
+        return [(start, end, f"♪{word}") for start, end, word in spans]
 
     def _skipped(self, text: str) -> bool:
         stripped = text.strip()

@@ -256,3 +256,39 @@ def speech_like(seconds: float = 1.5, sample_rate: int = 16000, seed: int = 0) -
     voiced = sum(torch.sin(2 * torch.pi * k * f0 * t) / k for k in range(1, 6))
     noise = 0.02 * torch.randn(t.shape, generator=g)
     return (0.3 * envelope * voiced + noise).float()
+
+
+def tiny_wav2vec2_aligner(seed: int = 0) -> Any:
+    """A randomly initialised tiny ``Wav2Vec2ForCTC`` with a letter vocabulary,
+    wrapped in a :class:`~captum_mllm.audio.ForcedAligner` (for tests).
+
+    Returns:
+        ForcedAligner: alignment runs end to end; its spans are meaningless.
+    """
+    import json
+    import tempfile
+
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
+
+    from captum_mllm.audio import ForcedAligner
+
+    letters = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ'"]
+    folder = tempfile.mkdtemp(prefix="captum_mllm_w2v_")
+    with open(f"{folder}/vocab.json", "w") as f:
+        json.dump({c: i for i, c in enumerate(letters)}, f)
+    tokenizer = Wav2Vec2CTCTokenizer(f"{folder}/vocab.json", word_delimiter_token="|")
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True)
+    config = Wav2Vec2Config(
+        vocab_size=len(letters), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, pad_token_id=0,
+    )  # fmt: skip  # 1.25 ms emission frames (wav2vec2-base: 20 ms); fine for tests
+    torch.manual_seed(seed)
+    model = Wav2Vec2ForCTC(config)
+    return ForcedAligner(model, Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer))

@@ -257,3 +257,39 @@ def test_bad_audio_raises(audio, rate):
 def test_clip_shorter_than_one_position_raises(lfm):
     with pytest.raises(AudioError, match="80 ms"):
         lfm.encode(Chat().user("Hi", audio=np.zeros(800, dtype=np.float32), sample_rate=16000))
+
+
+def test_word_features_from_forced_alignment(lfm):
+    import soundfile as sf
+
+    from captum_mllm.testing import tiny_wav2vec2_aligner
+
+    path = "captum_mllm/data/question.wav"
+    samples, rate = sf.read(path, dtype="float32")
+    aligner = tiny_wav2vec2_aligner()
+    transcript = "what is the capital of france"
+    spans = aligner.align(torch.from_numpy(samples), rate, transcript)
+    assert [w for _, _, w in spans] == transcript.split()
+    starts = [s for s, _, _ in spans]
+    ends = [e for _, e, _ in spans]
+    assert starts == sorted(starts) and all(s <= e for s, e in zip(starts, ends, strict=True))
+    assert ends[:-1] == starts[1:] and 0 <= starts[0] and ends[-1] <= len(samples) / rate + 1e-3
+    chat = Chat().user("Answer.", audio=path)
+    inp = ChatInput(chat, lfm, audio_unit="word", aligner=aligner, transcripts=transcript)
+    audio_labels = [f.label for f in inp.features if f.modality == "audio_in"]
+    assert set(audio_labels) <= {f"♪{w}" for w in transcript.split()} and audio_labels
+    with pytest.raises(CaptumMLLMError):
+        ChatInput(chat, lfm, audio_unit="word")
+
+
+def test_boundaries_move_to_the_quietest_frame():
+    wave = torch.ones(16000)
+    wave[6000:6160] = 0.0  # 10 ms of silence at 0.375-0.385 s
+    assert quietest_point_(wave, 0.2, 0.8) == pytest.approx(0.38, abs=0.006)
+    assert quietest_point_(wave, 0.5, 0.501) == pytest.approx(0.5005)
+
+
+def quietest_point_(wave, start, end):
+    from captum_mllm.audio import quietest_point
+
+    return quietest_point(wave, 16000, start, end)
