@@ -42,3 +42,7 @@ class UnsupportedInputError(CaptumMLLMError):
 
 class TargetError(CaptumMLLMError):
     """The attribution target is empty or of the wrong type."""
+
+
+class PlotError(CaptumMLLMError):
+    """A plot was asked of a result that lacks what it draws (audio, a turn, a row)."""

@@ -241,7 +241,7 @@ class ChatInput(InterpretableInput):
             for p, (t0, t1) in zip(
                 positions, times.double().round(decimals=4).tolist(), strict=True
             ):
-                key = _audio_group(unit, t0, t1, p)
+                key = _audio_group(unit, t0, t1, p, end)
                 if key is None:
                     continue
                 groups.setdefault(key, []).append(p)
@@ -336,8 +336,13 @@ class ChatInput(InterpretableInput):
         return "replace", int(token_id)
 
 
-def _audio_group(unit: Any, t0: float, t1: float, position: int) -> int | None:
-    """Feature key of an audio position under ``audio_unit`` (None: stays fixed)."""
+def _audio_group(unit: Any, t0: float, t1: float, position: int, end: float) -> int | None:
+    """Feature key of an audio position under ``audio_unit`` (None: stays fixed).
+
+    A position belongs to the window or span holding its midpoint; the last
+    position may reach past the clip's end (the encoder pads), so its midpoint
+    is kept inside the clip.
+    """
     if unit == "frame":
         return position
     if unit == "turn":
@@ -345,7 +350,7 @@ def _audio_group(unit: Any, t0: float, t1: float, position: int) -> int | None:
     if isinstance(unit, int | float) and not isinstance(unit, bool):
         if unit <= 0:
             raise CaptumMLLMError("an audio window must be a positive number of seconds")
-        return int(((t0 + t1) / 2) // unit)  # by midpoint, as spans are
+        return int(min((t0 + t1) / 2, end - 1e-6) // unit)
     if isinstance(unit, Sequence) and not isinstance(unit, str):
         middle = (t0 + t1) / 2
         for i, span in enumerate(unit):

@@ -135,6 +135,59 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             new.token_attr = fn(self.token_attr, power)
         return new
 
+    def plot_audio_attr(
+        self,
+        turn: int | None = None,
+        clip: int = 0,
+        target_token_pos: int | tuple[int, int] | None = None,
+        show: bool = False,
+    ) -> tuple[Any, Any] | None:
+        """Draw a clip's waveform above its log-mel spectrogram, each audio
+        feature's span shaded with its attribution in Captum's red-white-green
+        scale centred on 0 (the colours of ``plot_token_attr``), labelled with its
+        aligned word or time span, with a colour bar.
+
+        Args:
+            turn (int, optional): the chat turn whose clip to draw; None counts
+                clips over the whole chat. Default: None
+            clip (int, optional): which clip (of the turn, or of the chat). Default: 0
+            target_token_pos (int or tuple[int, int], optional): None draws the
+                sequence attribution, an int that output token's row of
+                ``token_attr``, ``(m, n)`` rows m..n-1 summed. Default: None
+            show (bool, optional): show the figure instead of returning it. Default: False
+
+        Returns:
+            None or tuple[Figure, tuple[Axes, Axes]]: ``(fig, (waveform, spectrogram))``.
+
+        Examples::
+
+            >>> fig, (ax_wave, ax_mel) = res.plot_audio_attr(turn=1)
+            >>> res.plot_audio_attr(target_token_pos=(0, 3), show=True)
+        """
+        from captum_mllm.viz.audio import plot_audio_attr
+
+        return plot_audio_attr(self, turn, clip, target_token_pos, show)
+
+    def plot_token_attr(self, show: bool = False) -> Any:
+        """Captum's heatmap, with x labels kept apart for many or long feature labels."""
+        return self._fitted(super().plot_token_attr(show=False), show)
+
+    def plot_seq_attr(self, show: bool = False) -> Any:
+        """Captum's bar plot, with x labels kept apart for many or long feature labels."""
+        return self._fitted(super().plot_seq_attr(show=False), show)
+
+    def _fitted(self, fig_ax: Any, show: bool) -> Any:
+        from captum_mllm.viz.labels import fit_tick_labels
+
+        fig, ax = fig_ax
+        fit_tick_labels(fig, ax)
+        if show:
+            import matplotlib.pyplot as plt
+
+            plt.show()
+            return None
+        return fig, ax
+
     def to_dataframe(self) -> pd.DataFrame:
         """One row per feature: label, modality, turn, role, sequence attribution,
         then one column per output token (when token attributions exist).

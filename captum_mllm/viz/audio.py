@@ -1,0 +1,130 @@
+"""Attribution drawn on the sound: waveform and log-mel spectrogram with each
+audio feature's span shaded in Captum's red-white-green scale."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from captum_mllm.chat import AudioPart
+from captum_mllm.errors import PlotError
+
+if TYPE_CHECKING:
+    from captum_mllm.result import MultimodalLLMAttributionResult
+
+
+def plot_audio_attr(
+    result: MultimodalLLMAttributionResult,
+    turn: int | None = None,
+    clip: int = 0,
+    target_token_pos: int | tuple[int, int] | None = None,
+    show: bool = False,
+) -> tuple[Any, Any] | None:
+    """Draw one clip's waveform over its log-mel spectrogram, each audio feature's
+    span shaded with the colour of its attribution. See
+    :meth:`MultimodalLLMAttributionResult.plot_audio_attr`."""
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    part, index = _clip(result, turn, clip)
+    attr = _attribution(result, target_token_pos).detach().cpu().float()
+    features = [(i, f) for i, f in enumerate(result.features or []) if f.clip == index and f.time]
+    if not features:
+        raise PlotError(f"clip {index} has no audio features in this result")
+
+    wave = part.waveform.float()
+    seconds = np.arange(len(wave)) / part.sample_rate
+    values = attr[[i for i, _ in features]]
+    bound = float(values.abs().max()) or 1.0
+    norm = Normalize(vmin=-bound, vmax=bound)  # 0 stays white, as in plot_token_attr
+    cmap = result._get_plot_color_map()
+
+    fig, (ax_wave, ax_mel) = plt.subplots(
+        2, 1, sharex=True, figsize=(max(8.0, 3.0 * part.duration), 5.0),
+        gridspec_kw={"height_ratios": [1, 2]},
+    )  # fmt: skip
+    ax_wave.plot(seconds, wave.numpy(), color="black", linewidth=0.5)
+    ax_wave.set_ylabel("amplitude")
+    mel = _log_mel(wave, part.sample_rate)
+    ax_mel.imshow(
+        mel, origin="lower", aspect="auto", cmap="gray_r",
+        extent=(0.0, part.duration, 0.0, float(mel.shape[0])),
+    )  # fmt: skip
+    ax_mel.set_ylabel("mel bin")
+    ax_mel.set_xlabel("time (s)")
+    for (_, feature), value in zip(features, values.tolist(), strict=True):
+        start, end = feature.time  # type: ignore[misc]
+        colour = cmap(norm(value))
+        for ax in (ax_wave, ax_mel):
+            ax.axvspan(
+                start, end, facecolor=colour, alpha=0.6, edgecolor="none", label=feature.label
+            )
+        ax_wave.text(
+            (start + end) / 2, 1.02, feature.label, transform=ax_wave.get_xaxis_transform(),
+            rotation=90, ha="center", va="bottom", fontsize=8,
+        )  # fmt: skip
+    ax_wave.set_xlim(0.0, part.duration)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_wave, ax_mel])
+    bar.ax.set_ylabel("Attribution", rotation=-90, va="bottom")
+    fig.set_facecolor("white")
+    if show:
+        plt.show()
+        return None
+    return fig, (ax_wave, ax_mel)
+
+
+def _clip(
+    result: MultimodalLLMAttributionResult, turn: int | None, clip: int
+) -> tuple[AudioPart, int]:
+    """The audio part asked for and its index among all clips in chat order."""
+    chat = getattr(result.inp, "chat", None)
+    if chat is None or not result.features:
+        raise PlotError("this result has no audio: explain a ChatInput with audio parts")
+    clips = [(t, p) for t, tr in enumerate(chat) for p in tr.parts if isinstance(p, AudioPart)]
+    if not clips:
+        raise PlotError("this result has no audio: the chat holds no audio part")
+    candidates = [i for i, (t, _) in enumerate(clips) if turn is None or t == turn]
+    if turn is not None and not (0 <= turn < len(chat)):
+        raise PlotError(f"turn {turn} does not exist; the chat has {len(chat)} turns")
+    if not candidates:
+        raise PlotError(f"turn {turn} holds no audio")
+    if not 0 <= clip < len(candidates):
+        raise PlotError(f"clip {clip} does not exist; there are {len(candidates)} clips")
+    index = candidates[clip]
+    return clips[index][1], index
+
+
+def _attribution(
+    result: MultimodalLLMAttributionResult, target_token_pos: int | tuple[int, int] | None
+) -> torch.Tensor:
+    """Sequence attribution, one output token's row, or rows m..n-1 summed (as
+    Captum's ``plot_image_heatmap``)."""
+    if target_token_pos is None:
+        return result.seq_attr
+    if result.token_attr is None:
+        raise PlotError("this result has no token_attr; use target_token_pos=None")
+    n = result.token_attr.shape[0]
+    if isinstance(target_token_pos, int):
+        if not -n <= target_token_pos < n:
+            raise PlotError(f"target_token_pos {target_token_pos} is out of range for {n} tokens")
+        return result.token_attr[target_token_pos]
+    start, end = target_token_pos
+    if not 0 <= start < end <= n:
+        raise PlotError(f"target_token_pos {target_token_pos} is out of range for {n} tokens")
+    return result.token_attr[start:end].sum(dim=0)
+
+
+def _log_mel(wave: torch.Tensor, sample_rate: int) -> np.ndarray:
+    """``(n_mels, frames)`` log-mel spectrogram, 25 ms windows every 10 ms."""
+    import torchaudio
+
+    spec = torchaudio.transforms.MelSpectrogram(
+        sample_rate=sample_rate,
+        n_fft=int(0.025 * sample_rate),
+        hop_length=int(0.010 * sample_rate),
+        n_mels=64,
+    )(wave)
+    return (spec + 1e-10).log10().numpy()

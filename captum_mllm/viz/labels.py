@@ -1,0 +1,30 @@
+"""Keep Captum's feature tick labels readable when there are many of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def fit_tick_labels(fig: Any, ax: Any) -> None:
+    """Stand long or many x tick labels upright and shrink them so none overlap.
+
+    Captum rotates labels by -30 degrees, which overlaps for long labels such as
+    ``audio[1.20-1.60s]`` once there are a few dozen features.
+
+    Args:
+        fig (Figure): the figure.
+        ax (Axes): the axes whose x tick labels to fit.
+    """
+    labels = ax.get_xticklabels()
+    if not labels:
+        return
+    width_in = fig.get_size_inches()[0] * ax.get_position().width
+    spacing_pt = 72 * width_in / len(labels)  # room per label, in points
+    size = max(5.0, min(10.0, 0.8 * spacing_pt))  # an upright label is one line high
+    on_top = ax.xaxis.get_major_ticks()[0].label2.get_visible()  # Captum puts them on top
+    for label in labels:
+        label.set_rotation(90)
+        label.set_rotation_mode("default")
+        label.set_horizontalalignment("center")
+        label.set_verticalalignment("bottom" if on_top else "top")
+        label.set_fontsize(size)

@@ -1,0 +1,132 @@
+"""Plots: audio spans coloured by attribution, Captum's plots on mixed results."""
+
+import matplotlib
+import pytest
+import torch
+from captum.attr import FeatureAblation, ShapleyValueSampling
+from matplotlib.colors import Normalize
+from matplotlib.patches import Rectangle
+
+from captum_mllm import (
+    Chat,
+    ChatInput,
+    EmbeddingSimilarity,
+    LFM2AudioAdapter,
+    MultimodalLLMAttribution,
+    MultimodalLLMAttributionResult,
+)
+from captum_mllm.errors import PlotError
+from captum_mllm.testing import speech_like, tiny_lfm2_audio
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def lfm():
+    return LFM2AudioAdapter(*tiny_lfm2_audio())
+
+
+@pytest.fixture(scope="module")
+def result(lfm):
+    chat = (
+        Chat()
+        .system("Be brief.")
+        .user("What is it?", audio=speech_like(1.2), sample_rate=16000)
+        .assistant("A sound.")
+        .user("And this?", audio=speech_like(0.6, seed=1), sample_rate=16000)
+    )
+    inp = ChatInput(chat, lfm, audio_unit=0.3)
+    torch.manual_seed(0)
+    return MultimodalLLMAttribution(ShapleyValueSampling(lfm), lfm).attribute(
+        inp, gen_args={"max_new_tokens": 4}, n_samples=4, perturbations_per_eval=32
+    )
+
+
+def spans(ax):
+    """(label, x0, x1, rgb) of each shaded span."""
+    out = []
+    for patch in ax.patches:
+        if isinstance(patch, Rectangle):  # matplotlib >= 3.9
+            x0, x1 = patch.get_x(), patch.get_x() + patch.get_width()
+        else:
+            xs = patch.get_xy()[:, 0]
+            x0, x1 = float(xs.min()), float(xs.max())
+        out.append((patch.get_label(), x0, x1, tuple(patch.get_facecolor()[:3])))
+    return out
+
+
+@pytest.mark.parametrize("pos", [None, 2, (1, 3)])
+def test_audio_spans_have_the_colour_of_their_attribution(result, pos):
+    fig, (ax_wave, ax_mel) = result.plot_audio_attr(turn=3, target_token_pos=pos)
+    if pos is None:
+        attr = result.seq_attr
+    elif isinstance(pos, int):
+        attr = result.token_attr[pos]
+    else:
+        attr = result.token_attr[pos[0] : pos[1]].sum(0)
+    feats = [(i, f) for i, f in enumerate(result.features) if f.clip == 1]
+    assert len(feats) == 2  # 0.6 s in 0.3 s windows
+    bound = attr[[i for i, _ in feats]].abs().max().item()
+    cmap, norm = result._get_plot_color_map(), Normalize(-bound, bound)
+    drawn = spans(ax_wave)
+    assert len(drawn) == len(feats) and len(spans(ax_mel)) == len(feats)
+    for (i, f), (label, x0, x1, rgb) in zip(feats, drawn, strict=True):
+        assert label == f.label
+        assert (x0, x1) == pytest.approx(f.time)
+        assert rgb == pytest.approx(cmap(norm(attr[i].item()))[:3], abs=1e-6)
+    matplotlib.pyplot.close(fig)
+
+
+def test_clip_selection_and_errors(result, lfm):
+    fig, (ax, _) = result.plot_audio_attr()  # first clip of the chat
+    assert len(spans(ax)) == sum(f.clip == 0 for f in result.features) == 4
+    fig2, (ax2, _) = result.plot_audio_attr(clip=1)
+    assert [s[0] for s in spans(ax2)] == [f.label for f in result.features if f.clip == 1]
+    with pytest.raises(PlotError):
+        result.plot_audio_attr(turn=0)  # the system turn has no audio
+    with pytest.raises(PlotError):
+        result.plot_audio_attr(turn=9)
+    with pytest.raises(PlotError):
+        result.plot_audio_attr(clip=2)
+    with pytest.raises(PlotError):
+        result.plot_audio_attr(target_token_pos=4)
+    with pytest.raises(PlotError):
+        result.plot_audio_attr(target_token_pos=(2, 9))
+    text_only = MultimodalLLMAttribution(FeatureAblation(lfm), lfm).attribute(
+        ChatInput(Chat().user("Hi there"), lfm), target="ok"
+    )
+    with pytest.raises(PlotError):
+        text_only.plot_audio_attr()
+    chat = Chat().user("Hi", audio=speech_like(0.5), sample_rate=16000)
+    sim = MultimodalLLMAttribution(
+        FeatureAblation(lfm), lfm, target=EmbeddingSimilarity(gen_args={"max_new_tokens": 2})
+    ).attribute(ChatInput(chat, lfm))
+    sim.plot_audio_attr()
+    with pytest.raises(PlotError):
+        sim.plot_audio_attr(target_token_pos=0)  # no token_attr for similarity
+
+
+def test_captum_plots_label_mixed_features(result):
+    fig, ax = result.plot_token_attr()
+    assert [t.get_text() for t in ax.get_xticklabels()] == result.input_tokens
+    assert any(label.startswith("audio[") for label in result.input_tokens)
+    fig, ax = result.plot_seq_attr()
+    assert [t.get_text() for t in ax.get_xticklabels()] == result.input_tokens
+
+
+@pytest.mark.parametrize("plot", ["plot_seq_attr", "plot_token_attr"])
+def test_sixty_long_labels_do_not_overlap(plot):
+    labels = [f"audio[{i * 0.08:.2f}-{(i + 1) * 0.08:.2f}s]" for i in range(50)]
+    labels += [f"♪word{i}" for i in range(10)]
+    res = MultimodalLLMAttributionResult(
+        input_tokens=labels,
+        output_tokens=["a", "b"],
+        seq_attr=torch.randn(60),
+        token_attr=torch.randn(2, 60),
+    )
+    fig, ax = getattr(res, plot)()
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.get_xticklabels()]
+    assert len(boxes) == 60
+    for a, b in zip(boxes, boxes[1:], strict=False):
+        assert a.x1 <= b.x0 + 0.5  # left to right, no overlap
