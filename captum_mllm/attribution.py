@@ -235,7 +235,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         if isinstance(inp, ChatInput):
             needs_prefix = reuse_prefix and isinstance(self.value_fn, LogProbTarget)
             prefix = self.adapter.prefill(inp.to_model_input()) if needs_prefix else None
-            decode = self.adapter.tokenizer.decode
+            decode = self.adapter.decode_response
 
             def evaluate_chat(coalitions: Tensor) -> Tensor:
                 masked = inp.to_model_input(coalitions)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_mllm.encoding import MaskedChat
+from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.errors import CaptumMLLMError
 
 
@@ -179,7 +179,7 @@ class EmbeddingSimilarity:
         self.seed = seed
         self.empty_value = empty_value
         self.last_responses: list[Tensor] = []
-        self._reference: tuple[tuple[int, ...], Tensor | None] | None = None
+        self._reference: tuple[Any, Tensor | None] | None = None
         self._n_calls = 0
 
     def n_extra_outputs(self, n_target: int) -> int:
@@ -211,7 +211,7 @@ class EmbeddingSimilarity:
             responses = model.generate_masked(masked, **self.gen_args)
         responses = [model.strip_response(r) for r in responses]
         self.last_responses = responses
-        context = masked.encoded.input_ids if self.context == "chat" else None
+        context = masked.encoded if self.context == "chat" else None
         reference = self._reference_vector(model, model.strip_response(target_ids), context)
         values = self.values(model, responses, reference, context).reshape(-1, k)
         if k == 1:
@@ -223,7 +223,7 @@ class EmbeddingSimilarity:
         model: Any,
         responses: list[Tensor],
         reference: Tensor | None,
-        context: Tensor | None = None,
+        context: EncodedChat | None = None,
     ) -> Tensor:
         """Similarity of each response to the reference vector: ``(N,)``;
         ``empty_value`` for empty responses and zero-norm vectors."""
@@ -236,12 +236,12 @@ class EmbeddingSimilarity:
         return out
 
     def vectors(
-        self, model: Any, responses: list[Tensor], context: Tensor | None = None
+        self, model: Any, responses: list[Tensor], context: EncodedChat | None = None
     ) -> tuple[Tensor, Tensor]:
         """Reduced vectors ``(N, d)`` and a mask of the usable ones (non-empty, non-zero)."""
         nonempty = [i for i, r in enumerate(responses) if len(r) > 0]
         if callable(self.embedding):
-            texts = [model.tokenizer.decode(responses[i]) for i in nonempty]
+            texts = [model.decode_response(responses[i]) for i in nonempty]
             reduced = [v for v in torch.as_tensor(self.embedding(texts)).float()] if texts else []
         else:
             if self.embedding == "static":
@@ -260,13 +260,9 @@ class EmbeddingSimilarity:
         return vectors, ok
 
     def _reference_vector(
-        self, model: Any, target: Tensor, context: Tensor | None
+        self, model: Any, target: Tensor, context: EncodedChat | None
     ) -> Tensor | None:
-        key = (
-            tuple(target.tolist())
-            + (-1,)
-            + (tuple(context.tolist()) if context is not None else ())
-        )
+        key = (tuple(target.flatten().tolist()), id(context))
         if self._reference is None or self._reference[0] != key:
             vectors, ok = self.vectors(model, [target], context)
             self._reference = (key, vectors[0] if bool(ok[0]) else None)

@@ -168,3 +168,28 @@ def test_bad_arguments():
         EmbeddingSimilarity(similarity="jaccard")
     with pytest.raises(CaptumMLLMError):
         EmbeddingSimilarity(samples_per_coalition=0)
+
+
+@pytest.mark.parametrize("embedding, context", [("static", "response"), ("contextual", "chat")])
+def test_spoken_answers_on_lfm2_audio(embedding, context):
+    from captum_mllm import Chat, LFM2AudioAdapter
+    from captum_mllm.testing import speech_like, tiny_lfm2_audio
+
+    lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
+    chat = Chat().system("Be brief.").user("Say it.", audio=speech_like(0.8), sample_rate=16000)
+    inp = ChatInput(chat, lfm, audio_unit=0.4)
+    gen = {"max_new_tokens": 9, "output_modality": "text+audio"}
+    sim = EmbeddingSimilarity(embedding, context=context, gen_args=gen)
+    res = MultimodalLLMAttribution(ShapleyValues(lfm), lfm, target=sim).attribute(
+        inp, perturbations_per_eval=32
+    )
+    assert (res.target_ids[:, 0] < 0).any()  # the answer holds audio frames
+    n = inp.n_itp_features
+    expected = brute_force_shapley(lambda m: sim(lfm, inp.to_model_input(m), res.target_ids), n)
+    torch.testing.assert_close(res.seq_attr, expected[0], atol=1e-5, rtol=0)
+    full, empty = sim(
+        lfm, inp.to_model_input(torch.stack([torch.ones(n), torch.zeros(n)])), res.target_ids
+    )
+    assert res.seq_attr.sum().item() == pytest.approx((full - empty).item(), abs=1e-5)
+    assert full.item() == pytest.approx(1.0, abs=1e-5)
+    assert any("♪" in text for text in res.responses.values())

@@ -68,3 +68,7 @@ class ModelAdapter(nn.Module):
     @abstractmethod
     def decode_tokens(self, ids: Tensor) -> list[str]:
         """Readable label of each output token."""
+
+    @abstractmethod
+    def decode_response(self, ids: Tensor) -> str:
+        """A whole response as text."""

@@ -335,12 +335,16 @@ class HFCausalLMAdapter(ModelAdapter):
         with torch.no_grad():
             return self.model.get_input_embeddings()(ids.to(self.device)).float()  # type: ignore[operator]
 
+    def decode_response(self, ids: Tensor) -> str:
+        """A response as text."""
+        return self.tokenizer.decode(ids)
+
     def response_states(
-        self, responses: list[Tensor], context: Tensor | None = None
+        self, responses: list[Tensor], context: EncodedChat | None = None
     ) -> list[Tensor]:
         """Last hidden states over each response, ``(n_i, d)``, read alone or
         after ``context`` (the full chat), in one right-padded forward."""
-        lead = context.to(self.device) if context is not None else None
+        lead = context.input_ids.to(self.device) if context is not None else None
         rows = [
             r.to(self.device) if lead is None else torch.cat([lead, r.to(self.device)])
             for r in responses

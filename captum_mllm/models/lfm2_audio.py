@@ -404,11 +404,43 @@ class LFM2AudioAdapter(ModelAdapter):
         return {"codes": codes.cpu(), "waveform": waveform, "sample_rate": 24_000}
 
     def strip_response(self, ids: Tensor) -> Tensor:
-        """Drop a trailing ``<|im_end|>`` (and padding) from text ids."""
+        """Drop trailing ``<|im_end|>`` / padding text tokens (ids or items)."""
+        first = ids if ids.dim() == 1 else ids[:, 0]
         n = len(ids)
-        while n > 0 and ids.dim() == 1 and int(ids[n - 1]) in (IM_END, 0):
+        while n > 0 and int(first[n - 1]) in (IM_END, 0):
             n -= 1
         return ids[:n]
+
+    def decode_response(self, ids: Tensor) -> str:
+        """A response as text; audio frames as ``[♪ n frames]``."""
+        items = as_items(ids)
+        text = self.tokenizer.decode(items[items[:, 0] >= 0, 0])
+        frames = int((items[:, 0] < 0).sum())
+        return text + (f" [♪ {frames} frames]" if frames else "")
+
+    def response_states(
+        self, responses: list[Tensor], context: EncodedChat | None = None
+    ) -> list[Tensor]:
+        """Last LFM hidden states over each response (text tokens and audio
+        frames), read alone or after the full chat, in one right-padded forward."""
+        lead = context.state["embeds"] if context is not None else None
+        rows = []
+        for r in responses:
+            embeds = self._embed_items(as_items(r.to(self.device)))
+            rows.append(embeds if lead is None else torch.cat([lead, embeds]))
+        width, dim = max(len(r) for r in rows), rows[0].shape[-1]
+        x = torch.zeros(len(rows), width, dim, dtype=rows[0].dtype, device=self.device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for b, row in enumerate(rows):
+            x[b, : len(row)] = row
+            mask[b, : len(row)] = 1
+        with torch.no_grad():
+            hidden = self._lfm(
+                inputs_embeds=x, attention_mask=mask, use_cache=False
+            ).last_hidden_state
+        self.n_forward_calls += 1
+        start = 0 if lead is None else len(lead)
+        return [hidden[b, start : start + len(r)].float() for b, r in enumerate(responses)]
 
     def token_embeddings(self, ids: Tensor) -> Tensor:
         """Static embeddings of output items (text rows, summed audio frames)."""
