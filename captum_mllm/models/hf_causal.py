@@ -17,6 +17,7 @@ from captum_mllm.chat import Chat, as_chat
 from captum_mllm.encoding import TEXT, EncodedChat, MaskedChat
 from captum_mllm.errors import CaptumMLLMError, InvalidContentError
 from captum_mllm.models.base import ModelAdapter
+from captum_mllm.models.batching import by_length, default_call_cost, pad_rows
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
 
@@ -260,16 +261,10 @@ class HFCausalLMAdapter(ModelAdapter):
             ]
             return torch.cat(steps, dim=1)
         # (B, L_b) rows -> (B, T); rows of similar length share a forward.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        lens = [len(rows[i]) + len(target) for i in order]
-        out = torch.empty(len(rows), len(target), device=self.device)
-        begin = 0
-        call_cost = self.call_cost or (80 if self.device.type == "cpu" else 1 << 30)
-        for end in _length_buckets(lens, call_cost):
-            part = order[begin:end]
-            out[part] = self._forward_logprobs([rows[i] for i in part], target, prefix)
-            begin = end
-        return out
+        call_cost = self.call_cost or default_call_cost(self.device)
+        return by_length(
+            rows, len(target), call_cost, lambda part: self._forward_logprobs(part, target, prefix)
+        )
 
     def _forward_logprobs(
         self,
@@ -285,16 +280,11 @@ class HFCausalLMAdapter(ModelAdapter):
         if prefix is None and bool((lens == 0).any()):
             raise CaptumMLLMError("a coalition removed every input token; keep a fixed token")
         # The last target token predicts nothing we need: feed T - 1 of them.
-        fed = n_target - 1
-        width = int(lens.max()) + fed
-        pad = _pad_id(self.tokenizer)
-        ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((batch, width), dtype=torch.long, device=device)
-        for b, row in enumerate(rows):
-            n = len(row)
-            ids[b, :n] = row.to(device)
-            ids[b, n : n + fed] = target[:fed]
-            mask[b, : n + fed] = 1
+        fed = target[: n_target - 1]
+        ids, mask = pad_rows(
+            [torch.cat([r.to(device), fed]) for r in rows], _pad_id(self.tokenizer)
+        )
+        width = ids.shape[1]
 
         kwargs: dict[str, Any] = {}
         if self._is_hf:
@@ -349,14 +339,7 @@ class HFCausalLMAdapter(ModelAdapter):
             r.to(self.device) if lead is None else torch.cat([lead, r.to(self.device)])
             for r in responses
         ]
-        width = max(len(r) for r in rows)
-        ids = torch.full(
-            (len(rows), width), _pad_id(self.tokenizer), dtype=torch.long, device=self.device
-        )
-        mask = torch.zeros_like(ids)
-        for b, row in enumerate(rows):
-            ids[b, : len(row)] = row
-            mask[b, : len(row)] = 1
+        ids, mask = pad_rows(rows, _pad_id(self.tokenizer))
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         self.n_forward_calls += 1
@@ -379,14 +362,9 @@ class HFCausalLMAdapter(ModelAdapter):
         Returns:
             list of Tensor: the new tokens of each row, up to and including EOS.
         """
-        device = self.device
         pad = _pad_id(self.tokenizer)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for b, row in enumerate(rows):
-            ids[b, width - len(row) :] = row.to(device)
-            mask[b, width - len(row) :] = 1
+        ids, mask = pad_rows(rows, pad, left=True, device=self.device)
+        width = ids.shape[1]
         args = {**DEFAULT_GEN_ARGS, **gen_args}
         if self._is_hf:
             args.setdefault("pad_token_id", pad)
@@ -400,30 +378,6 @@ class HFCausalLMAdapter(ModelAdapter):
             stop = next((i + 1 for i, t in enumerate(row.tolist()) if t in eos), len(row))
             result.append(row[:stop])
         return result
-
-
-def _length_buckets(sorted_lens: list[int], call_cost: int) -> list[int]:
-    """Cut ascending row lengths into right-padded batches of least total cost.
-
-    A batch costs its padded token count plus ``call_cost`` tokens' worth of
-    per-call overhead; on a CPU the forward's time follows its token count.
-
-    Returns:
-        list of int: end index of each batch, the last one ``len(sorted_lens)``.
-    """
-    n = len(sorted_lens)
-    best = [0] + [0] * n
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        best[j], cut[j] = min(
-            (best[i] + (j - i) * sorted_lens[j - 1] + call_cost, i) for i in range(j)
-        )
-    ends = []
-    j = n
-    while j > 0:
-        ends.append(j)
-        j = cut[j]
-    return ends[::-1]
 
 
 def _pad_id(tokenizer: Any) -> int:

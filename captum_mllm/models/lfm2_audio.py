@@ -25,7 +25,7 @@ from captum_mllm.chat import AudioPart, Chat, as_chat
 from captum_mllm.encoding import AUDIO_IN, TEXT, EncodedChat, MaskedChat
 from captum_mllm.errors import AudioError, CaptumMLLMError
 from captum_mllm.models.base import ModelAdapter
-from captum_mllm.models.hf_causal import _length_buckets
+from captum_mllm.models.batching import by_length, default_call_cost, pad_rows
 
 SAMPLE_RATE = 16_000
 FRAME_SECONDS = 0.08  # one LFM position after the conformer's 8x subsampling of 10 ms frames
@@ -270,30 +270,15 @@ class LFM2AudioAdapter(ModelAdapter):
                 for t in range(len(items))
             ]
             return torch.cat(steps, dim=1)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        lens = [len(rows[i]) + len(items) for i in order]
-        call_cost = self.call_cost or (80 if self.device.type == "cpu" else 1 << 30)
-        out = torch.empty(len(rows), len(items), device=self.device)
-        begin = 0
-        for end in _length_buckets(lens, call_cost):
-            part = order[begin:end]
-            out[part] = self._score([rows[i] for i in part], items)
-            begin = end
-        return out
+        call_cost = self.call_cost or default_call_cost(self.device)
+        return by_length(rows, len(items), call_cost, lambda part: self._score(part, items))
 
     def _score(self, rows: list[Tensor], items: Tensor) -> Tensor:
         device = self.device
         fed = self._embed_items(items[:-1])  # the last item predicts nothing we need
         lens = torch.tensor([len(r) for r in rows], device=device)
-        width = int(lens.max()) + len(fed)
         dim = rows[0].shape[-1]
-        x = torch.zeros(len(rows), width, dim, dtype=rows[0].dtype, device=device)
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        for b, row in enumerate(rows):
-            n = len(row)
-            x[b, :n] = row
-            x[b, n : n + len(fed)] = fed
-            mask[b, : n + len(fed)] = 1
+        x, mask = pad_rows([torch.cat([r, fed.to(r.dtype)]) for r in rows])
         with torch.no_grad():
             hidden = self._lfm(
                 inputs_embeds=x, attention_mask=mask, use_cache=False
@@ -428,12 +413,7 @@ class LFM2AudioAdapter(ModelAdapter):
         for r in responses:
             embeds = self._embed_items(as_items(r.to(self.device)))
             rows.append(embeds if lead is None else torch.cat([lead, embeds]))
-        width, dim = max(len(r) for r in rows), rows[0].shape[-1]
-        x = torch.zeros(len(rows), width, dim, dtype=rows[0].dtype, device=self.device)
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-        for b, row in enumerate(rows):
-            x[b, : len(row)] = row
-            mask[b, : len(row)] = 1
+        x, mask = pad_rows(rows)
         with torch.no_grad():
             hidden = self._lfm(
                 inputs_embeds=x, attention_mask=mask, use_cache=False
@@ -466,14 +446,7 @@ class _BatchedGeneration:
         self.m: Any = adapter.model
         self.mode = mode
         self.sampling = sampling
-        width = max(len(r) for r in rows)
-        dim = rows[0].shape[-1]
-        device = adapter.device
-        self.x = torch.zeros(len(rows), width, dim, dtype=rows[0].dtype, device=device)
-        self.mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        for b, row in enumerate(rows):
-            self.x[b, width - len(row) :] = row
-            self.mask[b, width - len(row) :] = 1
+        self.x, self.mask = pad_rows(rows, left=True)
         self.n = len(rows)
         conf = self.m.conf
         self.n_text, self.n_audio = conf.interleaved_n_text, conf.interleaved_n_audio
