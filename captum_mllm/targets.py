@@ -134,6 +134,9 @@ class EmbeddingSimilarity:
             1 with ``temperature=None`` is greedy. Default: 1
         temperature (float, optional): text sampling temperature. Default: None
         top_k (int, optional): text top-k sampling. Default: None
+        audio_temperature (float, optional): audio-frame sampling temperature
+            (LFM2-Audio). Default: None
+        audio_top_k (int, optional): audio-frame top-k sampling. Default: None
         seed (int, optional): seed of sampled generation. Default: 0
         empty_value (float, optional): value of an empty regenerated response and
             of zero-norm vectors. Default: 0.0
@@ -158,6 +161,8 @@ class EmbeddingSimilarity:
         samples_per_coalition: int = 1,
         temperature: float | None = None,
         top_k: int | None = None,
+        audio_temperature: float | None = None,
+        audio_top_k: int | None = None,
         seed: int = 0,
         empty_value: float = 0.0,
     ) -> None:
@@ -173,9 +178,21 @@ class EmbeddingSimilarity:
         self.similarity = _similarity(similarity) if isinstance(similarity, str) else similarity
         self.gen_args = {"max_new_tokens": 25, "do_sample": False, **(gen_args or {})}
         self.samples = samples_per_coalition
-        self.sampled = samples_per_coalition > 1 or temperature is not None or top_k is not None
+        audio = {"audio_temperature": audio_temperature, "audio_top_k": audio_top_k}
+        self.sampled = samples_per_coalition > 1 or any(
+            v is not None for v in (temperature, top_k, audio_temperature, audio_top_k)
+        )
         if self.sampled:
-            self.gen_args.update(do_sample=True, temperature=temperature or 1.0, top_k=top_k)
+            # Text is sampled when asked, or by default when several samples are
+            # wanted and no modality was named; otherwise it stays greedy.
+            named = any(v is not None for v in (temperature, top_k, *audio.values()))
+            sample_text = temperature is not None or top_k is not None or not named
+            self.gen_args.update(
+                do_sample=True,
+                temperature=(temperature or 1.0) if sample_text else None,
+                top_k=top_k,
+                **{k: v for k, v in audio.items() if v is not None},  # audio-output adapters
+            )
         self.seed = seed
         self.empty_value = empty_value
         self.last_responses: list[Tensor] = []

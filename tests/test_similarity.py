@@ -193,3 +193,27 @@ def test_spoken_answers_on_lfm2_audio(embedding, context):
     assert res.seq_attr.sum().item() == pytest.approx((full - empty).item(), abs=1e-5)
     assert full.item() == pytest.approx(1.0, abs=1e-5)
     assert any("♪" in text for text in res.responses.values())
+
+
+def test_audio_sampling_settings_reach_lfm2_and_are_reproducible():
+    from captum_mllm import Chat, LFM2AudioAdapter
+    from captum_mllm.testing import speech_like, tiny_lfm2_audio
+
+    lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
+    inp = ChatInput(
+        Chat().user("Say it.", audio=speech_like(0.5), sample_rate=16000), lfm, audio_unit="turn"
+    )
+    gen = {"max_new_tokens": 9, "output_modality": "text+audio"}
+
+    def answers(seed, **kw):
+        sim = EmbeddingSimilarity(gen_args=gen, seed=seed, **kw)
+        sim(lfm, inp.to_model_input(torch.ones(3, inp.n_itp_features)), torch.tensor([5]))
+        return [r.tolist() for r in sim.last_responses]
+
+    greedy = answers(0)
+    assert greedy[0] == greedy[1] == greedy[2]
+    sampled = answers(0, audio_temperature=5.0)
+    assert sampled == answers(0, audio_temperature=5.0)  # same seed, same answers
+    text_part = [[row for row in r if row[0] >= 0] for r in sampled]
+    assert text_part == [[row for row in r if row[0] >= 0] for r in greedy]  # text stays greedy
+    assert sampled != greedy  # audio frames were sampled

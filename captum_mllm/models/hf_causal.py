@@ -366,6 +366,10 @@ class HFCausalLMAdapter(ModelAdapter):
         ids, mask = pad_rows(rows, pad, left=True, device=self.device)
         width = ids.shape[1]
         args = {**DEFAULT_GEN_ARGS, **gen_args}
+        for key in ("audio_temperature", "audio_top_k"):  # a text model has no audio to sample
+            args.pop(key, None)
+        if args.get("do_sample") and args.get("temperature") is None and args.get("top_k") is None:
+            args["do_sample"] = False  # only audio sampling was asked for
         if self._is_hf:
             args.setdefault("pad_token_id", pad)
         with torch.no_grad():
