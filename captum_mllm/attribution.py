@@ -216,7 +216,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             n_coalitions=cache.n_requested,
             n_unique_coalitions=cache.n_evaluated,
             wall_time=time.perf_counter() - start,
-            output_audio=getattr(self.adapter, "output_audio", lambda _: None)(target_ids),
+            output_audio=self.adapter.output_audio(target_ids),
         )
 
     def _forward_func(self, perturbed_tensor: Tensor, cache: CoalitionCache) -> Tensor:  # type: ignore[override]

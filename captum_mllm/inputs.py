@@ -133,26 +133,19 @@ class ChatInput(InterpretableInput):
         self.encoded: EncodedChat = model.encode(self.chat)
 
         found = sorted(self._text_features() + self._audio_features(), key=lambda f: min(f[0]))
-        feature_positions = [f[0] for f in found]
-        labels = [f[1] for f in found]
-        self._times = {f[0]: f[2] for f in found}
         if groups is not None:
-            feature_positions, labels = _merge_groups(feature_positions, labels, groups)
-        if not feature_positions:
+            found = _merge_groups(found, groups)
+        if not found:
             raise NoFeaturesError(
                 f"no features left in turns with roles {self.roles} after skipping {self.skip}; "
                 "widen roles=, or change text_unit= / skip="
             )
 
-        n_pos = len(self.encoded)
-        self.feature_of_position = torch.full((n_pos,), -1, dtype=torch.long)
-        for f, positions in enumerate(feature_positions):
+        self.feature_of_position = torch.full((len(self.encoded),), -1, dtype=torch.long)
+        for f, (positions, _, _) in enumerate(found):
             self.feature_of_position[list(positions)] = f
-        self.features = [
-            self._info(label, positions)
-            for label, positions in zip(labels, feature_positions, strict=True)
-        ]
-        self.values: list[str] = list(labels)
+        self.features = [self._info(*f) for f in found]
+        self.values: list[str] = [f.label for f in self.features]
         self.n_itp_features = len(self.values)
         self.baseline, self.replace_id = self._baseline(text_baseline)
         touched = (self.feature_of_position >= 0).nonzero()
@@ -199,8 +192,7 @@ class ChatInput(InterpretableInput):
     def _text_features(self) -> list[_Found]:
         enc = self.encoded
         chosen = [t for t, role in enumerate(enc.roles) if role in self.roles]
-        positions: list[tuple[int, ...]] = []
-        labels: list[str] = []
+        found: list[_Found] = []
         for turn in chosen:
             in_turn = (enc.turn == turn).nonzero().flatten().tolist()
             content = [p for p in in_turn if enc.part[p] >= 0 and enc.modality[p] == "text"]
@@ -208,19 +200,16 @@ class ChatInput(InterpretableInput):
                 bos = getattr(self.model.tokenizer, "bos_token_id", None)
                 whole = tuple(p for p in in_turn if not (p == 0 and int(enc.input_ids[p]) == bos))
                 if whole:
-                    positions.append(whole)
-                    labels.append(f"[{enc.roles[turn]} {turn}]")
+                    found.append((whole, f"[{enc.roles[turn]} {turn}]", None))
                 continue
             if self.text_unit == "token":
                 groups = [([p], enc.tokens[p]) for p in content]
             else:
                 groups = self._words(content)
             for members, text in groups:
-                if self._skipped(text):
-                    continue
-                positions.append(tuple(members))
-                labels.append(text.strip())
-        return [(p, label, None) for p, label in zip(positions, labels, strict=True)]
+                if not self._skipped(text):
+                    found.append((tuple(members), text.strip(), None))
+        return found
 
     def _audio_features(self) -> list[_Found]:
         """Group each chosen clip's positions by ``audio_unit``."""
@@ -260,11 +249,15 @@ class ChatInput(InterpretableInput):
         drops its leading space too (as a template value ``" word"`` would).
         """
         enc = self.encoded
+        words = {k: list(_WORD.finditer(text)) for k, text in enc.part_texts.items()}
         groups: dict[tuple[int, int, int], list[int]] = {}
         texts: dict[tuple[int, int, int], str] = {}
         pending: list[int] = []
+        part = None
         for p in content:
             key_part = (int(enc.turn[p]), int(enc.part[p]))
+            if key_part != part:  # leading space never crosses into another part
+                part, pending = key_part, []
             text = enc.part_texts[key_part]
             start, end = int(enc.char_start[p]), int(enc.char_end[p])
             while start < end and text[start].isspace():
@@ -272,12 +265,11 @@ class ChatInput(InterpretableInput):
             if start == end:
                 pending.append(p)
                 continue
-            for m in _WORD.finditer(text):
-                if m.start() <= start < m.end():
-                    key = (*key_part, m.start())
-                    groups.setdefault(key, []).extend([*pending, p])
-                    texts[key] = m.group()
-                    break
+            m = next((m for m in words[key_part] if m.start() <= start < m.end()), None)
+            if m is not None:
+                key = (*key_part, m.start())
+                groups.setdefault(key, []).extend([*pending, p])
+                texts[key] = m.group()
             pending = []
         return [(groups[k], texts[k]) for k in sorted(groups)]
 
@@ -302,7 +294,9 @@ class ChatInput(InterpretableInput):
             return True
         return stripped in self.skip or text in self.skip
 
-    def _info(self, label: str, positions: tuple[int, ...]) -> FeatureInfo:
+    def _info(
+        self, positions: tuple[int, ...], label: str, time: tuple[float, float] | None
+    ) -> FeatureInfo:
         enc = self.encoded
         modalities = {enc.modality[p] for p in positions}
         turn = int(enc.turn[positions[0]])
@@ -314,7 +308,7 @@ class ChatInput(InterpretableInput):
             role=enc.roles[turn] if turn >= 0 else "",
             positions=positions,
             clip=clips.pop() if len(clips) == 1 else -1,
-            time=self._times.get(positions),
+            time=time,
         )
 
     def _baseline(self, text_baseline: str | int) -> tuple[str, int | None]:
@@ -379,22 +373,20 @@ def _audio_span(
     return seen[0], t1, None
 
 
-def _merge_groups(
-    positions: list[tuple[int, ...]], labels: list[str], groups: Sequence[Hashable]
-) -> tuple[list[tuple[int, ...]], list[str]]:
-    if len(groups) != len(positions):
+def _merge_groups(found: list[_Found], groups: Sequence[Hashable]) -> list[_Found]:
+    """Merge features sharing a group id (Captum's ``mask``); merged ones lose
+    their single time span."""
+    if len(groups) != len(found):
         raise InvalidGroupsError(
-            f"groups has {len(groups)} ids but there are {len(positions)} features "
-            f"({labels}); give one group id per feature"
+            f"groups has {len(groups)} ids but there are {len(found)} features "
+            f"({[label for _, label, _ in found]}); give one group id per feature"
         )
-    order: dict[Hashable, int] = {}
-    merged_pos: list[list[int]] = []
-    merged_lab: list[list[str]] = []
-    for g, pos, lab in zip(groups, positions, labels, strict=True):
-        if g not in order:
-            order[g] = len(order)
-            merged_pos.append([])
-            merged_lab.append([])
-        merged_pos[order[g]] += pos
-        merged_lab[order[g]].append(lab)
-    return [tuple(sorted(p)) for p in merged_pos], [" ".join(lab) for lab in merged_lab]
+    merged: dict[Hashable, list[_Found]] = {}
+    for g, feature in zip(groups, found, strict=True):
+        merged.setdefault(g, []).append(feature)
+    out: list[_Found] = []
+    for members in merged.values():
+        positions = tuple(sorted(p for m in members for p in m[0]))
+        label = " ".join(m[1] for m in members)
+        out.append((positions, label, members[0][2] if len(members) == 1 else None))
+    return out

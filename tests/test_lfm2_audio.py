@@ -293,3 +293,27 @@ def quietest_point_(wave, start, end):
     from captum_mllm.audio import quietest_point
 
     return quietest_point(wave, 16000, start, end)
+
+
+def test_silence_cache_belongs_to_its_chat(lfm):
+    """Two chats never share silenced encodings (the cache lives in each chat's state)."""
+    first = ChatInput(
+        mixed_chat(speech_like(0.5, seed=3)), lfm, audio_unit="turn", audio_baseline="silence"
+    )
+    second = ChatInput(
+        mixed_chat(speech_like(0.5, seed=4)), lfm, audio_unit="turn", audio_baseline="silence"
+    )
+    coalition = torch.tensor([[0.0, 1, 1, 1]])
+    calls = lfm.n_encoder_calls
+    a = lfm.masked_embeds(first.to_model_input(coalition))[0]
+    b = lfm.masked_embeds(second.to_model_input(coalition))[0]
+    assert lfm.n_encoder_calls == calls + 2
+    torch.testing.assert_close(a, b)  # both clips fully silenced: same encoding, computed twice
+    assert "silenced" in first.encoded.state and "silenced" in second.encoded.state
+
+
+def test_a_space_ending_one_part_stays_out_of_the_next_parts_word(lfm):
+    inp = ChatInput(Chat().user(["Hi ", "there"]), lfm)
+    hi, there = inp.features
+    assert (hi.label, there.label) == ("Hi", "there")
+    assert {int(inp.encoded.part[p]) for p in there.positions} == {1}

@@ -72,3 +72,7 @@ class ModelAdapter(nn.Module):
     @abstractmethod
     def decode_response(self, ids: Tensor) -> str:
         """A whole response as text."""
+
+    def output_audio(self, target: Tensor) -> dict[str, Any] | None:
+        """The spoken part of a response (codes, waveform); None for text models."""
+        return None

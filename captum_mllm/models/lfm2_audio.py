@@ -79,7 +79,6 @@ class LFM2AudioAdapter(ModelAdapter):
         params = inspect.signature(model.lfm.forward).parameters  # type: ignore[union-attr]
         # transformers >= 5.2x calls the cache ``cache``, older ones ``past_key_values``.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._silenced: dict[bytes, Tensor] = {}
 
     @classmethod
     def from_pretrained(
@@ -227,20 +226,22 @@ class LFM2AudioAdapter(ModelAdapter):
         return rows
 
     def _silence(self, enc: EncodedChat, absent: Tensor, embeds: Tensor) -> None:
-        """Zero the samples under absent audio positions and re-encode the clip."""
+        """Zero the samples under absent audio positions and re-encode the clip,
+        once per distinct silenced clip of this chat (cached in its state)."""
         assert enc.audio_time is not None
+        silenced = enc.state.setdefault("silenced", {})
         for ci, clip in enumerate(enc.state["clips"]):
             span = slice(clip.first, clip.first + clip.n_positions)
             off = absent[span].cpu()
             if not bool(off.any()):
                 continue
-            key = bytes([ci]) + off.numpy().tobytes() + bytes(str(id(clip)), "ascii")
-            if key not in self._silenced:
+            key = (ci, off.numpy().tobytes())
+            if key not in silenced:
                 wave = clip.waveform.clone()
                 for t0, t1 in enc.audio_time[span][off].tolist():
                     wave[round(t0 * SAMPLE_RATE) : round(t1 * SAMPLE_RATE)] = 0.0
-                self._silenced[key] = self.encode_audio(wave)
-            embeds[span] = self._silenced[key].to(embeds)
+                silenced[key] = self.encode_audio(wave)
+            embeds[span] = silenced[key].to(embeds)
 
     # Scoring ---------------------------------------------------------------------
 
