@@ -34,14 +34,14 @@ class LogProbTarget:
 
     per_token = True
 
-    def n_extra_outputs(self, n_target: int) -> int:
-        """Columns after the total: one per target token."""
-        return n_target
-
     def __init__(self, kind: str = "log_prob") -> None:
         if kind not in ("log_prob", "prob"):
             raise CaptumMLLMError(f"kind must be 'log_prob' or 'prob', got {kind!r}")
         self.kind = kind
+
+    def n_extra_outputs(self, n_target: int) -> int:
+        """Columns after the total: one per target token."""
+        return n_target
 
     def __call__(
         self,
