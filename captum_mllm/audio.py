@@ -14,25 +14,41 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from captum_mllm.errors import AudioError
+from captum_mllm.errors import AlignmentError, AudioError
+
+_INT_SCALE = {torch.int8: 128.0, torch.int16: 32768.0, torch.int32: 2147483648.0}
 
 
 def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int, str]:
-    """Read audio from a path, bytes, a numpy array or a tensor, as mono.
+    """Read audio from a path, bytes, a numpy array or a tensor, as mono float.
+
+    Arrays and tensors may be ``(n_samples,)``, ``(channels, n_samples)`` or
+    soundfile's ``(n_samples, channels)``: the longer axis is time. Channels
+    are averaged to mono. Integer PCM is scaled to [-1, 1] as soundfile and
+    torchaudio do (int16 / 32768, int32 / 2^31, int8 / 128, uint8 centred
+    on 128). URLs are not downloaded.
 
     Args:
-        audio (str, PathLike, bytes, ndarray or Tensor): the audio. Arrays and
-            tensors are ``(n_samples,)`` or ``(channels, n_samples)``.
+        audio (str, PathLike, bytes, ndarray or Tensor): the audio.
         sample_rate (int, optional): required for arrays and tensors; ignored
             for files, whose header says it.
 
     Returns:
-        tuple: ``(waveform (n_samples,), sample_rate, source label)``.
+        tuple: ``(waveform (n_samples,) float32, sample_rate, source label)``.
+
+    Raises:
+        AudioError: unreadable, empty, or holding NaN or infinite samples.
 
     Examples::
 
         >>> wave, sr, _ = load_audio("question.wav")
+        >>> wave, sr, _ = load_audio(np.zeros((16000, 2), dtype=np.int16), 16000)  # stereo
     """
+    if isinstance(audio, str) and audio.split("://")[0].lower() in ("http", "https", "ftp", "s3"):
+        raise AudioError(
+            f"{audio!r} is a URL; captum-mllm does not download audio: download the file "
+            "and pass its path"
+        )
     if isinstance(audio, str | os.PathLike | bytes | bytearray):
         import soundfile as sf
 
@@ -47,20 +63,41 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
         if sample_rate is None:
             raise AudioError("audio given as an array needs its sample_rate=")
         source = "<array>"
-        waveform = torch.as_tensor(np.asarray(audio) if isinstance(audio, np.ndarray) else audio)
+        waveform = _as_float(torch.as_tensor(audio))
         if waveform.dim() == 1:  # (n,) -> (1, n)
             waveform = waveform[None]
-        waveform = waveform.float()
+        elif waveform.dim() == 2 and waveform.shape[0] > waveform.shape[1]:
+            waveform = waveform.T  # soundfile's (n, channels) -> (channels, n)
     else:
         raise AudioError(f"cannot read audio of type {type(audio).__name__}")
     if sample_rate is None or int(sample_rate) <= 0:
         raise AudioError(f"invalid sample rate {sample_rate!r}")
     if waveform.dim() != 2 or waveform.shape[-1] == 0:
-        raise AudioError(f"audio from {source!r} is empty")
-    if bool(torch.isnan(waveform).all()):
-        raise AudioError(f"audio from {source!r} holds only NaN")
-    mono = torch.nan_to_num(waveform.mean(dim=0))
-    return mono.contiguous(), int(sample_rate), source
+        raise AudioError(
+            f"audio from {source!r} is empty or not (n,), (channels, n) or (n, channels)"
+        )
+    bad = ~torch.isfinite(waveform)
+    if bool(bad.any()):
+        raise AudioError(
+            f"audio from {source!r} holds {int(bad.sum())} NaN or infinite samples of "
+            f"{bad.numel()}; clean the waveform first"
+        )
+    return waveform.mean(dim=0).contiguous(), int(sample_rate), source
+
+
+def _as_float(samples: Tensor) -> Tensor:
+    """Integer PCM -> float32 in [-1, 1]; floats stay as they are."""
+    if samples.dtype == torch.uint8:
+        return (samples.float() - 128.0) / 128.0
+    if samples.dtype in _INT_SCALE:
+        return samples.float() / _INT_SCALE[samples.dtype]
+    if samples.dtype == torch.int64:
+        raise AudioError(
+            "int64 samples have no PCM scale; pass float samples in [-1, 1] or int16/int32 PCM"
+        )
+    if samples.dtype == torch.bool or samples.is_complex():
+        raise AudioError(f"audio samples must be real numbers, got {samples.dtype}")
+    return samples.float()
 
 
 def resample(waveform: Tensor, orig_rate: int, new_rate: int) -> Tensor:
@@ -160,7 +197,7 @@ class ForcedAligner:
 
         words = transcript.split()
         if not words:
-            raise AudioError("the transcript is empty")
+            raise AlignmentError("the transcript is empty")
         wave = resample(waveform, sample_rate, self.sample_rate)
         tokenizer = self.processor.tokenizer
         features = self.processor.feature_extractor(
@@ -168,7 +205,14 @@ class ForcedAligner:
         ).input_values.to(self.device)
         with torch.no_grad():
             emissions = self.model(features).logits.float().log_softmax(-1).cpu()  # (1, T, V)
-        word_ids = [self._char_ids(tokenizer, w) for w in words]
+        vocab = tokenizer.get_vocab()
+        unknown = sorted({c for w in words for c in w if _char_id(vocab, c) is None})
+        if unknown:
+            raise AlignmentError(
+                f"the aligner's vocabulary lacks the characters {unknown} of the transcript "
+                f"{transcript!r}; write them as it spells words (e.g. digits as words)"
+            )
+        word_ids = [[i for c in w if (i := _char_id(vocab, c)) is not None] for w in words]
         targets = torch.tensor([[i for ids in word_ids for i in ids]], dtype=torch.int32)
         blank = tokenizer.pad_token_id or 0
         if targets.shape[1] == 0 or emissions.shape[1] < targets.shape[1]:
@@ -190,13 +234,7 @@ class ForcedAligner:
             out[i + 1] = (cut, out[i + 1][1], out[i + 1][2])
         return [(round(s, 4), round(e, 4), w) for s, e, w in out]
 
-    @staticmethod
-    def _char_ids(tokenizer: Any, word: str) -> list[int]:
-        vocab = tokenizer.get_vocab()
-        ids = []
-        for c in word:
-            for candidate in (c, c.upper(), c.lower()):
-                if candidate in vocab:
-                    ids.append(vocab[candidate])
-                    break
-        return ids
+
+def _char_id(vocab: dict[str, int], char: str) -> int | None:
+    """The aligner's id of a character, in whichever case its vocabulary has it."""
+    return next((vocab[c] for c in (char, char.upper(), char.lower()) if c in vocab), None)

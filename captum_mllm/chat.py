@@ -29,7 +29,8 @@ class TextPart:
     """A piece of text inside a turn.
 
     Args:
-        text (str): the text; must contain a non-space character.
+        text (str): the text; only a system turn may hold an empty one (chat
+            templates accept an empty system message).
     """
 
     text: str
@@ -40,8 +41,6 @@ class TextPart:
                 f"text parts must be str, got {type(self.text).__name__}; "
                 "convert the value with str() first"
             )
-        if not self.text.strip():
-            raise EmptyTextError("a text part is empty; drop the part or give it some text")
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,6 +111,10 @@ class Turn:
                 raise InvalidContentError(
                     f"turn parts must be TextPart or AudioPart, got {type(part).__name__}"
                 )
+            if isinstance(part, TextPart) and not part.text.strip() and self.role != "system":
+                raise EmptyTextError(
+                    f"a text part of the {self.role} turn is empty; drop the part or give it text"
+                )
 
     @property
     def text(self) -> str:
@@ -167,8 +170,15 @@ class Chat(Sequence[Turn]):
             clips = audio if isinstance(audio, list | tuple) else [audio]
             parts += [AudioPart.from_any(a, sample_rate) for a in clips]
         if text is not None:
+            if not isinstance(text, str | list | tuple):
+                raise InvalidContentError(
+                    f"text must be a str or a list of str, got {type(text).__name__}; "
+                    "convert the value with str() first"
+                )
             texts = [text] if isinstance(text, str) else list(text)
             parts += [TextPart(t) for t in texts]
+        if not parts:
+            raise EmptyChatError(f"the {role} turn has no content; give it text= or audio=")
         return Chat((*self._turns, Turn(role, tuple(parts))))
 
     def system(self, text: str | Sequence[str] | None = None, **kwargs: Any) -> Chat:
@@ -188,6 +198,32 @@ class Chat(Sequence[Turn]):
         if not self._turns:
             raise EmptyChatError("the chat has no turns; add one with .user(...)")
         return self
+
+    def split_response(self) -> tuple[Chat, str | None]:
+        """Split off a final assistant turn: the prompt, and the answer to explain.
+
+        A chat that ends with the assistant's text turn asks to explain that
+        answer; any other chat is a prompt whose answer is still to come.
+
+        Returns:
+            tuple: ``(prompt chat, answer text or None)``.
+
+        Raises:
+            EmptyChatError: the chat is only an assistant turn.
+            InvalidContentError: the final assistant turn holds audio.
+        """
+        self.validate()
+        last = self._turns[-1]
+        if last.role != "assistant":
+            return self, None
+        if any(isinstance(p, AudioPart) for p in last.parts):
+            raise InvalidContentError(
+                "the chat ends with a spoken assistant turn; remove it and pass the answer "
+                "as target= instead"
+            )
+        if len(self._turns) == 1:
+            raise EmptyChatError("the chat holds only the assistant's answer; add the prompt")
+        return Chat(self._turns[:-1]), "\n".join(p.text for p in last.parts)  # type: ignore[union-attr]
 
     @property
     def has_audio(self) -> bool:

@@ -46,3 +46,41 @@ class TargetError(CaptumMLLMError):
 
 class PlotError(CaptumMLLMError):
     """A plot was asked of a result that lacks what it draws (audio, a turn, a row)."""
+
+
+class ModelNotInstalledError(CaptumMLLMError):
+    """A model's package or file is not installed (the message gives the install command)."""
+
+
+class ChatTemplateError(CaptumMLLMError):
+    """The chat template renders the chat in a way its parts cannot be located in."""
+
+
+class InvalidOptionError(CaptumMLLMError):
+    """An argument is outside its documented choices or range.
+
+    Examples::
+
+        >>> ChatInput(chat, model, text_unit="sentence")
+        InvalidOptionError: text_unit must be one of ('token', 'word', 'turn'), got 'sentence'
+    """
+
+
+class InvalidBaselineError(CaptumMLLMError):
+    """A text or audio baseline is unknown, out of the vocabulary, or a special token."""
+
+
+class InvalidSpanError(CaptumMLLMError):
+    """An audio span is reversed, empty or outside its clip."""
+
+
+class AlignmentError(CaptumMLLMError):
+    """Forced alignment cannot run: no aligner, wrong transcripts, unknown characters."""
+
+
+class InvalidModelError(CaptumMLLMError):
+    """The model is not a captum-mllm adapter, or lacks what the adapter needs."""
+
+
+class EmptyCoalitionError(CaptumMLLMError):
+    """A coalition removed every input position, so the model has nothing to read."""

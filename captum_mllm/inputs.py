@@ -7,25 +7,89 @@ positions form which interpretable feature. Captum perturbs ``ones(1, n)``;
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import regex
 import torch
 from captum.attr import InterpretableInput
 from torch import Tensor
 
 from captum_mllm.chat import ROLES, AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat
-from captum_mllm.errors import CaptumMLLMError, InvalidGroupsError, NoFeaturesError
+from captum_mllm.errors import (
+    AlignmentError,
+    InvalidBaselineError,
+    InvalidGroupsError,
+    InvalidModelError,
+    InvalidOptionError,
+    InvalidRoleError,
+    InvalidSpanError,
+    NoFeaturesError,
+)
+from captum_mllm.models.base import ModelAdapter
 
 TEXT_UNITS = ("token", "word", "turn")
 AUDIO_BASELINES = ("drop", "embedding", "silence")
 # (positions, label, time span for audio features)
 _Found = tuple[tuple[int, ...], str, tuple[float, float] | None]
-_WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
+_GRAPHEME = regex.compile(r"\X")
+_APOSTROPHES = "'’"
+
+
+def is_separator(char: str) -> bool:
+    """Whitespace, or an invisible format / control character (e.g. a zero-width space)."""
+    return char.isspace() or unicodedata.category(char) in ("Cf", "Cc", "Zl", "Zp", "Zs")
+
+
+def _strip_separators(text: str) -> str:
+    start, end = 0, len(text)
+    while start < end and is_separator(text[start]):
+        start += 1
+    while end > start and is_separator(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the words and punctuation runs of a text.
+
+    Text is read in Unicode grapheme clusters (so a combining accent stays
+    with its letter and an emoji with its modifiers). A word is a run of
+    clusters that are neither punctuation nor separators (letters, digits,
+    marks, symbols, emoji), with apostrophes inside (``don't``); a punctuation
+    run is its own span; separators (:func:`is_separator`) split spans and
+    belong to none.
+
+    Args:
+        text (str): the text of one part.
+
+    Returns:
+        list of (start, end): spans in order.
+
+    Examples::
+
+        >>> [("I love 🍕!"[a:b]) for a, b in word_spans("I love 🍕!")]
+        ['I', 'love', '🍕', '!']
+    """
+    spans: list[tuple[int, int, str]] = []  # (start, end, kind)
+    for m in _GRAPHEME.finditer(text):
+        base = m.group()[0]
+        if all(is_separator(c) for c in m.group()):
+            continue
+        kind = "punct" if unicodedata.category(base).startswith("P") else "word"
+        if base in _APOSTROPHES and spans and spans[-1][2] == "word" and spans[-1][1] == m.start():
+            kind = "word"  # an apostrophe inside a word, if a word char follows
+            nxt = text[m.end() : m.end() + 1]
+            if not nxt or is_separator(nxt) or unicodedata.category(nxt).startswith("P"):
+                kind = "punct"
+        if spans and spans[-1][2] == kind and spans[-1][1] == m.start():
+            spans[-1] = (spans[-1][0], m.end(), kind)
+        else:
+            spans.append((m.start(), m.end(), kind))
+    return [(a, b) for a, b, _ in spans]
 
 
 @dataclass(frozen=True)
@@ -69,9 +133,10 @@ class ChatInput(InterpretableInput):
             Captum's ``mask``: features sharing an id are perturbed together.
             Default: None
         text_baseline (str, int, optional): ``"drop"`` removes absent tokens from
-            the sequence (Captum's empty-string baseline); ``"replace"`` puts the
-            pad (or unk) token in their place; an int or token string replaces
-            with that token. Default: ``"drop"``
+            the sequence (Captum's empty-string baseline); ``"replace"`` puts a
+            neutral token in their place (the single-space token, else the unk
+            token, never a special or control token); an int or token string
+            replaces with that token. Default: ``"drop"``
         audio_unit (str, float or list, optional): ``"frame"`` (one 80 ms model
             position), a window in seconds (e.g. ``0.5``), ``"turn"`` (the whole
             clip), or explicit spans ``[(start_s, end_s, label), ...]`` (a
@@ -86,7 +151,23 @@ class ChatInput(InterpretableInput):
         audio_fill (Tensor, optional): the ``"embedding"`` baseline vector.
         aligner (ForcedAligner, optional): aligns transcripts for ``audio_unit="word"``.
         transcripts (str or list of str, optional): what each clip says, in
-            chat order, for ``audio_unit="word"``.
+            chat order, for ``audio_unit="word"``: exactly one per clip.
+        allow_special_baseline (bool, optional): let ``text_baseline`` name a
+            special or control token (e.g. the end-of-turn token), which
+            templates give a meaning of its own. Default: False
+
+    A chat that ends with an assistant text turn is a prompt plus the answer to
+    explain: that turn is not encoded, its text is in ``response`` and is the
+    default target of :class:`MultimodalLLMAttribution`.
+
+    Words follow Unicode grapheme clusters: combining marks stay with their
+    letter, emoji and other symbols are words, and zero-width or format
+    characters separate words without ever forming a feature of their own.
+    The ``"punctuation"`` filter drops punctuation only.
+
+    Audio spans (``audio_unit`` spans or aligned words) too short to hold the
+    middle of an 80 ms position merge with the following span (or the
+    preceding one at the end of a clip); the feature's label names both.
 
     Examples::
 
@@ -112,17 +193,26 @@ class ChatInput(InterpretableInput):
         audio_fill: Tensor | None = None,
         aligner: Any = None,
         transcripts: str | Sequence[str] | None = None,
+        allow_special_baseline: bool = False,
     ) -> None:
         self.chat = as_chat(chat)
+        if not isinstance(model, ModelAdapter):
+            raise InvalidModelError(
+                f"ChatInput needs a captum-mllm model adapter, got {type(model).__name__}; wrap "
+                "a Hugging Face model as HFCausalLMAdapter(model, tokenizer)"
+            )
         self.model = model
+        roles = (roles,) if isinstance(roles, str) else tuple(roles)
         unknown = [r for r in roles if r not in ROLES]
         if unknown:
-            raise CaptumMLLMError(f"unknown roles {unknown}; use some of {ROLES}")
+            raise InvalidRoleError(f"unknown roles {unknown}; use some of {ROLES}")
         if text_unit not in TEXT_UNITS:
-            raise CaptumMLLMError(f"text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
+            raise InvalidOptionError(f"text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
         if audio_baseline not in AUDIO_BASELINES:
-            raise CaptumMLLMError(f"audio_baseline must be one of {AUDIO_BASELINES}")
-        self.roles = tuple(roles)
+            raise InvalidBaselineError(
+                f"audio_baseline must be one of {AUDIO_BASELINES}, got {audio_baseline!r}"
+            )
+        self.roles = roles
         self.text_unit = text_unit
         self.audio_unit = audio_unit
         self.audio_baseline = audio_baseline
@@ -130,7 +220,10 @@ class ChatInput(InterpretableInput):
         self.aligner = aligner
         self.transcripts = [transcripts] if isinstance(transcripts, str) else transcripts
         self.skip = tuple(skip)
-        self.encoded: EncodedChat = model.encode(self.chat)
+        # A final assistant turn is the answer to explain, not part of the prompt.
+        self.prompt, self.response = self.chat.split_response()
+        self._check_transcripts()
+        self.encoded: EncodedChat = model.encode(self.prompt)
 
         found = sorted(self._text_features() + self._audio_features(), key=lambda f: min(f[0]))
         if groups is not None:
@@ -147,7 +240,7 @@ class ChatInput(InterpretableInput):
         self.features = [self._info(*f) for f in found]
         self.values: list[str] = [f.label for f in self.features]
         self.n_itp_features = len(self.values)
-        self.baseline, self.replace_id = self._baseline(text_baseline)
+        self.baseline, self.replace_id = self._baseline(text_baseline, allow_special_baseline)
         touched = (self.feature_of_position >= 0).nonzero()
         # Leading positions no feature touches: adapters compute them once.
         self.prefix_len = int(touched[0])
@@ -196,11 +289,9 @@ class ChatInput(InterpretableInput):
         for turn in chosen:
             in_turn = (enc.turn == turn).nonzero().flatten().tolist()
             content = [p for p in in_turn if enc.part[p] >= 0 and enc.modality[p] == "text"]
-            if self.text_unit == "turn":
-                bos = getattr(self.model.tokenizer, "bos_token_id", None)
-                whole = tuple(p for p in in_turn if not (p == 0 and int(enc.input_ids[p]) == bos))
-                if whole:
-                    found.append((whole, f"[{enc.roles[turn]} {turn}]", None))
+            if self.text_unit == "turn":  # the turn's own header, content and end tokens
+                if in_turn:
+                    found.append((tuple(in_turn), f"[{enc.roles[turn]} {turn}]", None))
                 continue
             if self.text_unit == "token":
                 groups = [([p], enc.tokens[p]) for p in content]
@@ -208,7 +299,7 @@ class ChatInput(InterpretableInput):
                 groups = self._words(content)
             for members, text in groups:
                 if not self._skipped(text):
-                    found.append((tuple(members), text.strip(), None))
+                    found.append((tuple(members), _strip_separators(text), None))
         return found
 
     def _audio_features(self) -> list[_Found]:
@@ -222,24 +313,21 @@ class ChatInput(InterpretableInput):
             positions = (enc.clip == c).nonzero().flatten().tolist()
             if enc.roles[int(enc.turn[positions[0]])] not in self.roles:
                 continue
-            times = enc.audio_time[positions]
-            end = float(times[-1, 1])
+            times = enc.audio_time[positions].double().round(decimals=4).tolist()
+            end = float(times[-1][1])
+            if self.audio_unit == "word" or _is_span_list(self.audio_unit):
+                unit = self._word_spans(c) if self.audio_unit == "word" else self.audio_unit
+                found += _span_features(unit, positions, times, end)  # type: ignore[arg-type]
+                continue
             groups: dict[int, list[int]] = {}
-            spans: dict[int, tuple[float, float, str | None]] = {}
-            unit = self._word_spans(c) if self.audio_unit == "word" else self.audio_unit
-            for p, (t0, t1) in zip(
-                positions, times.double().round(decimals=4).tolist(), strict=True
-            ):
-                key = _audio_group(unit, t0, t1, p, end)
-                if key is None:
-                    continue
+            spans: dict[int, tuple[float, float]] = {}
+            for p, (t0, t1) in zip(positions, times, strict=True):
+                key = _audio_group(self.audio_unit, t0, t1, p, end)
                 groups.setdefault(key, []).append(p)
-                spans[key] = _audio_span(unit, key, t0, t1, end, spans.get(key))
+                spans[key] = (spans[key][0], t1) if key in spans else (t0, t1)
             for key in sorted(groups):
-                start, stop, label = spans[key]
-                found.append(
-                    (tuple(groups[key]), label or f"audio[{start:.2f}-{stop:.2f}s]", (start, stop))
-                )
+                start, stop = spans[key]
+                found.append((tuple(groups[key]), f"audio[{start:.2f}-{stop:.2f}s]", (start, stop)))
         return found
 
     def _words(self, content: list[int]) -> list[tuple[list[int], str]]:
@@ -249,7 +337,7 @@ class ChatInput(InterpretableInput):
         drops its leading space too (as a template value ``" word"`` would).
         """
         enc = self.encoded
-        words = {k: list(_WORD.finditer(text)) for k, text in enc.part_texts.items()}
+        words = {k: word_spans(text) for k, text in enc.part_texts.items()}
         groups: dict[tuple[int, int, int], list[int]] = {}
         texts: dict[tuple[int, int, int], str] = {}
         pending: list[int] = []
@@ -260,39 +348,51 @@ class ChatInput(InterpretableInput):
                 part, pending = key_part, []
             text = enc.part_texts[key_part]
             start, end = int(enc.char_start[p]), int(enc.char_end[p])
-            while start < end and text[start].isspace():
+            while start < end and is_separator(text[start]):
                 start += 1
             if start == end:
                 pending.append(p)
                 continue
-            m = next((m for m in words[key_part] if m.start() <= start < m.end()), None)
-            if m is not None:
-                key = (*key_part, m.start())
+            span = next(((a, b) for a, b in words[key_part] if a <= start < b), None)
+            if span is not None:
+                key = (*key_part, span[0])
                 groups.setdefault(key, []).extend([*pending, p])
-                texts[key] = m.group()
+                texts[key] = text[span[0] : span[1]]
             pending = []
         return [(groups[k], texts[k]) for k in sorted(groups)]
 
     def _word_spans(self, clip: int) -> list[tuple[float, float, str]]:
         """Aligned word spans of one clip, labelled ``♪word``."""
-        if self.aligner is None or self.transcripts is None or clip >= len(self.transcripts):
-            raise CaptumMLLMError(
-                'audio_unit="word" needs aligner=ForcedAligner(...) and one transcript per clip'
+        if self.aligner is None or self.transcripts is None:
+            raise AlignmentError(
+                'audio_unit="word" needs aligner=ForcedAligner(...) and transcripts= (one per clip)'
             )
-        parts = [p for turn in self.chat for p in turn.parts if isinstance(p, AudioPart)]
+        parts = [p for turn in self.prompt for p in turn.parts if isinstance(p, AudioPart)]
         part = parts[clip]
         spans = self.aligner.align(part.waveform, part.sample_rate, self.transcripts[clip])
         return [(start, end, f"♪{word}") for start, end, word in spans]
 
+    def _check_transcripts(self) -> None:
+        if self.transcripts is None:
+            return
+        if self.audio_unit != "word":
+            raise AlignmentError('transcripts= is only read with audio_unit="word"')
+        n_clips = sum(isinstance(p, AudioPart) for turn in self.prompt for p in turn.parts)
+        if len(self.transcripts) != n_clips:
+            raise AlignmentError(
+                f"{len(self.transcripts)} transcripts for {n_clips} audio clips; give exactly "
+                "one transcript per clip, in chat order"
+            )
+
     def _skipped(self, text: str) -> bool:
-        stripped = text.strip()
-        if not stripped:
+        visible = "".join(c for c in text if not is_separator(c))
+        if not visible:  # space, zero-width and format characters are never features
             return True
         if "punctuation" in self.skip and all(
-            unicodedata.category(c).startswith(("P", "S")) or c.isspace() for c in stripped
+            unicodedata.category(c).startswith("P") for c in visible
         ):
             return True
-        return stripped in self.skip or text in self.skip
+        return visible in self.skip or text.strip() in self.skip or text in self.skip
 
     def _info(
         self, positions: tuple[int, ...], label: str, time: tuple[float, float] | None
@@ -311,31 +411,60 @@ class ChatInput(InterpretableInput):
             time=time,
         )
 
-    def _baseline(self, text_baseline: str | int) -> tuple[str, int | None]:
+    def _baseline(self, text_baseline: str | int, allow_special: bool) -> tuple[str, int | None]:
         if text_baseline == "drop":
             return "drop", None
         tok = self.model.tokenizer
+        special = set(getattr(tok, "all_special_ids", ()))
         if text_baseline == "replace":
-            token_id = getattr(tok, "pad_token_id", None)
-            if token_id is None:
-                token_id = getattr(tok, "unk_token_id", None)
-            if token_id is None:
-                raise CaptumMLLMError("the tokenizer has no pad or unk token; pass a token id")
-            return "replace", int(token_id)
+            # A neutral token: one space, else unk; never a control token such as
+            # a pad that doubles as end-of-turn (SmolLM2's pad is <|im_end|>).
+            space = tok.encode(" ", add_special_tokens=False)
+            unk = getattr(tok, "unk_token_id", None)
+            for candidate in (space[0] if len(space) == 1 else None, unk):
+                if isinstance(candidate, int) and candidate not in special:
+                    return "replace", candidate
+            raise InvalidBaselineError(
+                "the tokenizer has no single-space or non-special unk token; pass "
+                "text_baseline=<a token id or token string>"
+            )
+        if isinstance(text_baseline, bool) or not isinstance(text_baseline, int | str):
+            raise InvalidBaselineError(
+                f"text_baseline must be 'drop', 'replace', a token id or a token string, "
+                f"got {text_baseline!r}"
+            )
         if isinstance(text_baseline, int):
-            return "replace", text_baseline
-        token_id = tok.convert_tokens_to_ids(text_baseline)
-        if token_id is None or token_id == getattr(tok, "unk_token_id", object()):
-            raise CaptumMLLMError(f"baseline token {text_baseline!r} is not in the vocabulary")
-        return "replace", int(token_id)
+            token_id: int | None = text_baseline
+            if not 0 <= text_baseline < len(tok):
+                raise InvalidBaselineError(
+                    f"baseline token id {text_baseline} is outside the vocabulary "
+                    f"(0..{len(tok) - 1})"
+                )
+        else:
+            token_id = tok.convert_tokens_to_ids(text_baseline)
+            if token_id is None or token_id == getattr(tok, "unk_token_id", object()):
+                raise InvalidBaselineError(
+                    f"baseline token {text_baseline!r} is not in the vocabulary"
+                )
+        if token_id in special and not allow_special:
+            raise InvalidBaselineError(
+                f"baseline token {text_baseline!r} is a special token, which the chat template "
+                "gives a meaning of its own; pass allow_special_baseline=True to use it anyway"
+            )
+        return "replace", int(token_id)  # type: ignore[arg-type]
 
 
-def _audio_group(unit: Any, t0: float, t1: float, position: int, end: float) -> int | None:
-    """Feature key of an audio position under ``audio_unit`` (None: stays fixed).
+def _is_span_list(unit: Any) -> bool:
+    return isinstance(unit, Sequence) and not isinstance(unit, str)
 
-    A position belongs to the window or span holding its midpoint; the last
-    position may reach past the clip's end (the encoder pads), so its midpoint
-    is kept inside the clip.
+
+def _audio_group(unit: Any, t0: float, t1: float, position: int, end: float) -> int:
+    """Feature key of an audio position under a ``"frame"``, ``"turn"`` or
+    seconds ``audio_unit``.
+
+    A position belongs to the window holding its midpoint; the last position
+    may reach past the clip's end (the encoder pads), so its midpoint is kept
+    inside the clip.
     """
     if unit == "frame":
         return position
@@ -343,34 +472,59 @@ def _audio_group(unit: Any, t0: float, t1: float, position: int, end: float) -> 
         return 0
     if isinstance(unit, int | float) and not isinstance(unit, bool):
         if unit <= 0:
-            raise CaptumMLLMError("an audio window must be a positive number of seconds")
+            raise InvalidOptionError("an audio window must be a positive number of seconds")
         return int(min((t0 + t1) / 2, end - 1e-6) // unit)
-    if isinstance(unit, Sequence) and not isinstance(unit, str):
-        middle = (t0 + t1) / 2
-        for i, span in enumerate(unit):
-            if span[0] <= middle < span[1]:
-                return i
-        return None
-    raise CaptumMLLMError(
-        f"audio_unit must be 'frame', 'turn', seconds or a list of spans, got {unit!r}"
+    raise InvalidOptionError(
+        f"audio_unit must be 'frame', 'turn', 'word', seconds or a list of spans, got {unit!r}"
     )
 
 
-def _audio_span(
-    unit: Any,
-    key: int,
-    t0: float,
-    t1: float,
+def _span_features(
+    spans: Sequence[Sequence[Any]],
+    positions: list[int],
+    times: list[list[float]],
     end: float,
-    seen: tuple[float, float, str | None] | None,
-) -> tuple[float, float, str | None]:
-    """(start, end, label) of an audio feature, growing as positions join it."""
-    if isinstance(unit, Sequence) and not isinstance(unit, str):
-        start, stop, *label = unit[key]
-        return float(start), float(min(stop, end)), (label[0] if label else None)
-    if seen is None:
-        return t0, t1, None
-    return seen[0], t1, None
+) -> list[_Found]:
+    """Features of explicit ``(start_s, end_s[, label])`` spans of one clip.
+
+    A position belongs to the span holding its midpoint; positions outside
+    every span stay fixed. A span holding no midpoint (shorter than a position)
+    merges with the following span, or the preceding one at the clip's end.
+    """
+    checked = []
+    for span in spans:
+        if len(span) not in (2, 3):
+            raise InvalidSpanError(f"an audio span is (start_s, end_s[, label]), got {span!r}")
+        start, stop = float(span[0]), float(span[1])
+        if not 0 <= start < stop or start >= end:
+            raise InvalidSpanError(
+                f"audio span {tuple(span)!r} is reversed, empty or outside its {end:.2f} s "
+                "clip; give 0 <= start < end inside the clip"
+            )
+        label = str(span[2]) if len(span) == 3 else f"audio[{start:.2f}-{min(stop, end):.2f}s]"
+        checked.append((start, min(stop, end), label))
+    checked.sort()
+    members: list[list[int]] = [[] for _ in checked]
+    for p, (t0, t1) in zip(positions, times, strict=True):
+        middle = min((t0 + t1) / 2, end - 1e-6)
+        i = next((i for i, (a, b, _) in enumerate(checked) if a <= middle < b), None)
+        if i is not None:
+            members[i].append(p)
+    held = [i for i, m in enumerate(members) if m]
+    if not held:
+        raise InvalidSpanError(
+            f"no audio span holds an 80 ms model position ({spans!r}); use longer spans"
+        )
+    owner = [
+        i if members[i] else next((j for j in held if j > i), held[-1]) for i in range(len(checked))
+    ]
+    found: list[_Found] = []
+    for j in held:
+        merged = [checked[i] for i in range(len(checked)) if owner[i] == j]
+        label = " ".join(lab for _, _, lab in merged)
+        time = (merged[0][0], max(b for _, b, _ in merged))
+        found.append((tuple(members[j]), label, time))
+    return found
 
 
 def _merge_groups(found: list[_Found], groups: Sequence[Hashable]) -> list[_Found]:
@@ -381,6 +535,13 @@ def _merge_groups(found: list[_Found], groups: Sequence[Hashable]) -> list[_Foun
             f"groups has {len(groups)} ids but there are {len(found)} features "
             f"({[label for _, label, _ in found]}); give one group id per feature"
         )
+    for g in groups:
+        try:
+            hash(g)
+        except TypeError:
+            raise InvalidGroupsError(
+                f"group ids must be hashable (int or str), got {g!r}; e.g. groups=[0, 0, 1]"
+            ) from None
     merged: dict[Hashable, list[_Found]] = {}
     for g, feature in zip(groups, found, strict=True):
         merged.setdefault(g, []).append(feature)

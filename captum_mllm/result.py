@@ -12,7 +12,7 @@ import torch
 from captum.attr import InterpretableInput, LLMAttributionResult
 from torch import Tensor
 
-from captum_mllm.errors import CaptumMLLMError
+from captum_mllm.errors import InvalidOptionError
 from captum_mllm.inputs import FeatureInfo
 
 
@@ -127,7 +127,9 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             tensor(1.)
         """
         if kind not in _NORMALISERS:
-            raise CaptumMLLMError(f"unknown normaliser {kind!r}; use one of {sorted(_NORMALISERS)}")
+            raise InvalidOptionError(
+                f"unknown normaliser {kind!r}; use one of {sorted(_NORMALISERS)}"
+            )
         fn = _NORMALISERS[kind]
         new = copy.copy(self)
         new.seq_attr = fn(self.seq_attr[None], power)[0]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
-from captum_mllm.errors import CaptumMLLMError
+from captum_mllm.errors import InvalidOptionError
 
 
 class LogProbTarget:
@@ -36,7 +36,7 @@ class LogProbTarget:
 
     def __init__(self, kind: str = "log_prob") -> None:
         if kind not in ("log_prob", "prob"):
-            raise CaptumMLLMError(f"kind must be 'log_prob' or 'prob', got {kind!r}")
+            raise InvalidOptionError(f"kind must be 'log_prob' or 'prob', got {kind!r}")
         self.kind = kind
 
     def n_extra_outputs(self, n_target: int) -> int:
@@ -84,7 +84,7 @@ def _reduce(name: str) -> Callable[[Tensor], Tensor]:
         "last": lambda x: x[-1],
     }
     if name not in reducers:
-        raise CaptumMLLMError(
+        raise InvalidOptionError(
             f"unknown reducer {name!r}; use one of {sorted(reducers)} or a callable"
         )
     return reducers[name]
@@ -100,7 +100,7 @@ def _similarity(name: str) -> Callable[[Tensor, Tensor], Tensor]:
         "manhattan": lambda a, b: 1.0 / (1.0 + (a - b).abs().sum(dim=1)),
     }
     if name not in sims:
-        raise CaptumMLLMError(
+        raise InvalidOptionError(
             f"unknown similarity {name!r}; use one of {sorted(sims)} or a callable"
         )
     return sims[name]
@@ -167,11 +167,11 @@ class EmbeddingSimilarity:
         empty_value: float = 0.0,
     ) -> None:
         if isinstance(embedding, str) and embedding not in ("static", "contextual"):
-            raise CaptumMLLMError("embedding must be 'static', 'contextual' or a callable")
+            raise InvalidOptionError("embedding must be 'static', 'contextual' or a callable")
         if context not in ("response", "chat"):
-            raise CaptumMLLMError("context must be 'response' or 'chat'")
+            raise InvalidOptionError("context must be 'response' or 'chat'")
         if samples_per_coalition < 1:
-            raise CaptumMLLMError("samples_per_coalition must be at least 1")
+            raise InvalidOptionError("samples_per_coalition must be at least 1")
         self.embedding = embedding
         self.context = context
         self.reducer = _reduce(reducer) if isinstance(reducer, str) else reducer

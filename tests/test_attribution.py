@@ -15,7 +15,12 @@ from captum.attr import (
 from conftest import brute_force_shapley
 
 from captum_mllm import Chat, ChatInput, LogProbTarget, MultimodalLLMAttribution
-from captum_mllm.errors import TargetError, UnsupportedInputError
+from captum_mllm.errors import (
+    InvalidModelError,
+    InvalidOptionError,
+    TargetError,
+    UnsupportedInputError,
+)
 
 TARGET = "The capital of France is Paris."
 
@@ -182,5 +187,40 @@ def test_bad_arguments_raise(model, chat):
         attr.attribute(inp, target=TARGET, gen_args={"max_new_tokens": 2})
     with pytest.raises(UnsupportedInputError):
         attr.attribute("Who are you?", target=TARGET)  # type: ignore[arg-type]
-    with pytest.raises(UnsupportedInputError):
+    with pytest.raises(InvalidModelError):
         MultimodalLLMAttribution(FeatureAblation(lambda x: x))
+
+
+# Part 9a regressions ------------------------------------------------------------------
+
+
+def test_target_ids_as_the_tokenizer_returns_them(model, chat):
+    inp = ChatInput(chat, model)
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    as_text = attr.attribute(inp, target=TARGET)
+    ids = model.tokenizer(TARGET, add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids.shape[0] == 1
+    as_batch = attr.attribute(inp, target=ids)  # (1, T)
+    torch.testing.assert_close(as_batch.seq_attr, as_text.seq_attr)
+    torch.testing.assert_close(as_batch.token_attr, as_text.token_attr)
+    for bad in (ids.float(), torch.tensor([5, 10**6]), torch.tensor([-3, 5]), ids[None]):
+        with pytest.raises(TargetError):
+            attr.attribute(inp, target=bad)
+
+
+def test_num_trials_and_attr_target_are_checked(model, chat):
+    inp = ChatInput(chat, model)
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    for trials in (0, -1):
+        with pytest.raises(InvalidOptionError):
+            attr.attribute(inp, target=TARGET, num_trials=trials)
+    with pytest.raises(InvalidOptionError):
+        MultimodalLLMAttribution(FeatureAblation(model), model, attr_target="logit")
+
+
+def test_a_final_assistant_turn_is_the_default_target(model, chat):
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    given = attr.attribute(ChatInput(chat.assistant(TARGET), model))
+    explicit = attr.attribute(ChatInput(chat, model), target=TARGET)
+    assert given.output_tokens == explicit.output_tokens
+    torch.testing.assert_close(given.token_attr, explicit.token_attr)

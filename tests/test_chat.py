@@ -60,3 +60,27 @@ def test_audio_part_from_messages_keeps_rate_and_length():
 def test_invalid_chats_raise_named_errors(build, error):
     with pytest.raises(error):
         build()
+
+
+def test_text_of_the_wrong_type_names_the_problem():
+    with pytest.raises(InvalidContentError, match="int"):
+        Chat().user(123)  # type: ignore[arg-type]
+    with pytest.raises(EmptyChatError):
+        Chat().user()
+
+
+def test_an_empty_system_message_is_accepted_as_templates_accept_it():
+    chat = Chat().system("").user("Hi")
+    assert chat[0].text == ""
+    assert Chat.from_messages([{"role": "system", "content": ""}])[0].text == ""
+    with pytest.raises(EmptyTextError):
+        Chat().user("")
+
+
+def test_split_response_takes_a_final_assistant_text_turn():
+    chat = Chat().system("Be brief.").user("Hi")
+    assert chat.split_response() == (chat, None)
+    prompt, answer = chat.assistant("Hello!").split_response()
+    assert answer == "Hello!" and len(prompt) == 2
+    with pytest.raises(EmptyChatError):
+        Chat().assistant("Hello!").split_response()

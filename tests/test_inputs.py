@@ -3,9 +3,12 @@ import torch
 
 from captum_mllm import Chat, ChatInput
 from captum_mllm.errors import (
-    CaptumMLLMError,
+    InvalidBaselineError,
     InvalidContentError,
     InvalidGroupsError,
+    InvalidModelError,
+    InvalidOptionError,
+    InvalidRoleError,
     NoFeaturesError,
 )
 
@@ -54,12 +57,16 @@ def test_drop_removes_exactly_the_feature_positions(model, chat):
 
 def test_replace_baseline_keeps_length(model, chat):
     inp = ChatInput(chat, model, text_baseline="replace")
-    masked = inp.to_model_input(torch.tensor([[0, 1, 1, 1, 1]]))
-    row = masked.rows()[0]
+    space = model.tokenizer.encode(" ", add_special_tokens=False)
+    assert [inp.replace_id] == space and inp.replace_id not in model.tokenizer.all_special_ids
+    full = inp.to_model_input().rows()[0]
+    row = inp.to_model_input(torch.tensor([[0, 1, 1, 1, 1]])).rows()[0]
     assert len(row) == len(inp.encoded)
-    assert (row == model.tokenizer.pad_token_id).sum() == len(inp.features[0].positions)
-    by_token = ChatInput(chat, model, text_baseline="<|im_start|>")
-    assert by_token.replace_id == model.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    added = (row == inp.replace_id).sum() - (full == inp.replace_id).sum()
+    assert added == len(inp.features[0].positions)
+    start = "<|im_start|>"
+    by_token = ChatInput(chat, model, text_baseline=start, allow_special_baseline=True)
+    assert by_token.replace_id == model.tokenizer.convert_tokens_to_ids(start)
 
 
 def test_groups_merge_features(model, chat):
@@ -79,9 +86,77 @@ def test_messages_accepted_and_errors(model):
         ChatInput(Chat().user("?!"), model)
     with pytest.raises(NoFeaturesError):
         ChatInput(Chat().system("Be brief."), model)  # no user turn
-    with pytest.raises(CaptumMLLMError):
+    with pytest.raises(InvalidOptionError):
         ChatInput(Chat().user("hi"), model, text_unit="sentence")
-    with pytest.raises(CaptumMLLMError):
+    with pytest.raises(InvalidRoleError):
         ChatInput(Chat().user("hi"), model, roles=("robot",))
     with pytest.raises(InvalidContentError):
         ChatInput(Chat().user("hi", audio=torch.zeros(1600), sample_rate=16000), model)
+
+
+# Part 9a regressions ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("I love 🍕 and 👍🏽", ["I", "love", "🍕", "and", "👍🏽"]),  # emoji are words
+        ("We 👨\u200d👩\u200d👧 here", ["We", "👨\u200d👩\u200d👧", "here"]),
+        ("Cafe\u0301 time", ["Cafe\u0301", "time"]),  # the accent stays with its letter
+        ("hello\u200bworld", ["hello", "world"]),  # no invisible feature
+        ("don't stop, ok?!", ["don't", "stop", "ok"]),
+        ("C++ costs $5", ["C++", "costs", "$5"]),  # symbols are not punctuation
+    ],
+)
+def test_words_follow_graphemes_and_keep_symbols(model, text, words):
+    inp = ChatInput(Chat().user(text), model)
+    assert inp.values == words
+    # Each word's tokens span exactly that word (plus a leading separator).
+    enc = inp.encoded
+    part = enc.part_texts[(0, 0)]
+    for f in inp.features:
+        start = min(int(enc.char_start[p]) for p in f.positions)
+        end = max(int(enc.char_end[p]) for p in f.positions)
+        assert part[start:end].lstrip(" \u200b") == f.label
+
+
+def test_format_characters_never_form_a_token_feature(model):
+    inp = ChatInput(Chat().user("hello\u200b\u200bworld"), model, text_unit="token")
+    assert all(v.strip("\u200b") for v in inp.values)
+
+
+def test_roles_accept_one_string_and_unknown_roles_name_the_error(model, chat):
+    assert ChatInput(chat, model, roles="user").values == ChatInput(chat, model).values
+    with pytest.raises(InvalidRoleError):
+        ChatInput(chat, model, roles=("robot",))
+
+
+def test_bad_groups_and_baselines_raise_named_errors(model, chat):
+    with pytest.raises(InvalidGroupsError):
+        ChatInput(chat, model, groups=[[0]] * 5)
+    with pytest.raises(InvalidBaselineError):
+        ChatInput(chat, model, text_baseline=10**6)
+    with pytest.raises(InvalidBaselineError):
+        ChatInput(chat, model, text_baseline=-1)
+    with pytest.raises(InvalidBaselineError):
+        ChatInput(chat, model, text_baseline="<|im_end|>")  # special: refused unless asked
+    with pytest.raises(InvalidBaselineError):
+        ChatInput(chat, model, text_baseline=1.5)  # type: ignore[arg-type]
+
+
+def test_a_plain_callable_is_not_a_model(chat):
+    with pytest.raises(InvalidModelError):
+        ChatInput(chat, lambda x: x)
+
+
+def test_final_assistant_turn_is_the_response_not_the_prompt(model, chat):
+    inp = ChatInput(chat.assistant("I am a small model."), model)
+    assert inp.response == "I am a small model."
+    assert inp.values == ChatInput(chat, model).values
+    # No generation prompt after the answer: the encoding is the prompt's.
+    assert inp.encoded.input_ids.tolist() == model.encode(chat).input_ids.tolist()
+
+
+def test_empty_system_turn_is_accepted(model):
+    inp = ChatInput(Chat().system("").user("Who are you?"), model)
+    assert inp.values == ["Who", "are", "you"]

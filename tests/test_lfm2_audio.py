@@ -11,7 +11,13 @@ from captum.attr import ShapleyValues, ShapleyValueSampling
 from conftest import brute_force_shapley
 
 from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, LogProbTarget, MultimodalLLMAttribution
-from captum_mllm.errors import AudioError, CaptumMLLMError
+from captum_mllm.errors import (
+    AlignmentError,
+    AudioError,
+    InvalidBaselineError,
+    InvalidOptionError,
+    InvalidSpanError,
+)
 from captum_mllm.testing import speech_like, tiny_lfm2_audio
 
 
@@ -213,9 +219,9 @@ def test_audio_units_and_labels(lfm, wave):
     assert spans.values[:2] == ["what", "is"] and spans.features[1].time == (0.4, 0.7)
     turns = ChatInput(mixed_chat(wave), lfm, text_unit="turn", roles=("system", "user"))
     assert [f.modality for f in turns.features] == ["text", "mixed"]
-    with pytest.raises(CaptumMLLMError):
+    with pytest.raises(InvalidOptionError):
         ChatInput(mixed_chat(wave), lfm, audio_unit="syllable")
-    with pytest.raises(CaptumMLLMError):
+    with pytest.raises(InvalidBaselineError):
         ChatInput(mixed_chat(wave), lfm, audio_baseline="noise")
 
 
@@ -277,8 +283,9 @@ def test_word_features_from_forced_alignment(lfm):
     chat = Chat().user("Answer.", audio=path)
     inp = ChatInput(chat, lfm, audio_unit="word", aligner=aligner, transcripts=transcript)
     audio_labels = [f.label for f in inp.features if f.modality == "audio_in"]
-    assert set(audio_labels) <= {f"♪{w}" for w in transcript.split()} and audio_labels
-    with pytest.raises(CaptumMLLMError):
+    # Every word is in exactly one feature, in order (too-short words merged).
+    assert " ".join(audio_labels).split() == [f"♪{w}" for w in transcript.split()]
+    with pytest.raises(AlignmentError):
         ChatInput(chat, lfm, audio_unit="word")
 
 
@@ -317,3 +324,40 @@ def test_a_space_ending_one_part_stays_out_of_the_next_parts_word(lfm):
     hi, there = inp.features
     assert (hi.label, there.label) == ("Hi", "there")
     assert {int(inp.encoded.part[p]) for p in there.positions} == {1}
+
+
+def test_a_span_too_short_for_a_position_merges_with_its_neighbour(lfm, wave):
+    spans = [(0.0, 0.4, "what"), (0.4, 0.43, "of"), (0.43, 0.9, "is"), (0.9, 0.92, "it")]
+    inp = ChatInput(mixed_chat(wave), lfm, audio_unit=spans)
+    audio = [f for f in inp.features if f.modality == "audio_in"]
+    # "of" (30 ms) holds no 80 ms position's middle: it joins "is".
+    assert [f.label for f in audio] == ["what", "of is", "it"]
+    assert audio[1].time == pytest.approx((0.4, 0.9))
+    # At the clip's end a too-short span joins the one before it.
+    tail = [(0.0, 0.5, "a"), (0.5, 0.96, "b"), (0.96, 0.97, "c")]
+    ends = ChatInput(mixed_chat(wave), lfm, audio_unit=tail).features
+    assert [f.label for f in ends if f.modality == "audio_in"] == ["a", "b c"]
+
+
+@pytest.mark.parametrize(
+    "spans",
+    [
+        [(0.5, 0.2, "reversed")],
+        [(0.3, 0.3, "empty")],
+        [(2.0, 3.0, "after the clip")],
+        [(-0.2, 0.3)],
+    ],
+)
+def test_bad_spans_raise(lfm, wave, spans):
+    with pytest.raises(InvalidSpanError):
+        ChatInput(mixed_chat(wave), lfm, audio_unit=spans)
+
+
+def test_transcripts_must_match_the_clips(lfm, wave):
+    from captum_mllm.testing import tiny_wav2vec2_aligner
+
+    aligner = tiny_wav2vec2_aligner()
+    with pytest.raises(AlignmentError, match="2 transcripts for 1"):
+        ChatInput(
+            mixed_chat(wave), lfm, audio_unit="word", aligner=aligner, transcripts=["a b", "c"]
+        )

@@ -6,7 +6,7 @@ from captum.attr import FeatureAblation, ShapleyValues
 from conftest import brute_force_shapley
 
 from captum_mllm import ChatInput, EmbeddingSimilarity, LogProbTarget, MultimodalLLMAttribution
-from captum_mllm.errors import CaptumMLLMError
+from captum_mllm.errors import InvalidOptionError
 
 GEN = {"max_new_tokens": 6}
 
@@ -155,18 +155,18 @@ def test_normalisers_return_new_results(model, chat):
     )
     torch.testing.assert_close(res.normalized("identity").seq_attr, raw)
     torch.testing.assert_close(res.seq_attr, raw)  # untouched
-    with pytest.raises(CaptumMLLMError):
+    with pytest.raises(InvalidOptionError):
         res.normalized("softmax")
 
 
 def test_bad_arguments():
-    with pytest.raises(CaptumMLLMError):
+    with pytest.raises(InvalidOptionError):
         EmbeddingSimilarity("sparse")
-    with pytest.raises(CaptumMLLMError):
+    with pytest.raises(InvalidOptionError):
         EmbeddingSimilarity(reducer="median")
-    with pytest.raises(CaptumMLLMError):
+    with pytest.raises(InvalidOptionError):
         EmbeddingSimilarity(similarity="jaccard")
-    with pytest.raises(CaptumMLLMError):
+    with pytest.raises(InvalidOptionError):
         EmbeddingSimilarity(samples_per_coalition=0)
 
 

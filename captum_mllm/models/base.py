@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
+from captum_mllm.errors import TargetError
 
 
 class ModelAdapter(nn.Module):
@@ -72,6 +73,46 @@ class ModelAdapter(nn.Module):
     @abstractmethod
     def decode_response(self, ids: Tensor) -> str:
         """A whole response as text."""
+
+    @abstractmethod
+    def strip_response(self, ids: Tensor) -> Tensor:
+        """A response without its trailing end-of-turn, end-of-sequence and padding tokens."""
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Number of token ids the model reads (None when unknown)."""
+        size = getattr(self.tokenizer, "vocab_size", None)
+        return len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else size
+
+    def check_target(self, target: Tensor) -> Tensor:
+        """A user-given target as ``(T,)`` token ids.
+
+        Args:
+            target (Tensor): integer ids of shape ``(T,)`` or ``(1, T)`` (the shape
+                of ``tokenizer(..., return_tensors="pt").input_ids``).
+
+        Returns:
+            Tensor: ``(T,)`` long ids.
+
+        Raises:
+            TargetError: another shape, non-integer values or ids outside the vocabulary.
+        """
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TargetError(
+                f"target ids must be integers, got {target.dtype}; pass token ids or a str"
+            )
+        if target.dim() == 2 and target.shape[0] == 1:
+            target = target[0]
+        if target.dim() != 1:
+            raise TargetError(f"target ids must be (T,) or (1, T), got {tuple(target.shape)}")
+        size = self.vocab_size
+        bad = (target < 0) | (target >= size) if size is not None else target < 0
+        if bool(bad.any()):
+            raise TargetError(
+                f"target ids {target[bad].tolist()[:5]} are outside the vocabulary "
+                f"(0..{size - 1 if size else '?'})"
+            )
+        return target.long()
 
     def output_audio(self, target: Tensor) -> dict[str, Any] | None:
         """The spoken part of a response (codes, waveform); None for text models."""

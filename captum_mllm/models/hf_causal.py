@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import bisect
 import copy
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,12 @@ from torch import Tensor, nn
 
 from captum_mllm.chat import Chat, as_chat
 from captum_mllm.encoding import TEXT, EncodedChat, MaskedChat
-from captum_mllm.errors import CaptumMLLMError, InvalidContentError
+from captum_mllm.errors import (
+    ChatTemplateError,
+    EmptyCoalitionError,
+    InvalidContentError,
+    InvalidModelError,
+)
 from captum_mllm.models.base import ModelAdapter
 from captum_mllm.models.batching import by_length, default_call_cost, pad_rows
 
@@ -77,6 +81,7 @@ class HFCausalLMAdapter(ModelAdapter):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
+        gguf_file: str | None = None,
         **kwargs: Any,
     ) -> HFCausalLMAdapter:
         """Load a model and tokenizer from the Hugging Face hub or a local folder.
@@ -88,16 +93,27 @@ class HFCausalLMAdapter(ModelAdapter):
                 the checkpoint's.
             trust_remote_code (bool, optional): run code shipped with the
                 checkpoint. Default: False
+            gguf_file (str, optional): name of a GGUF file inside ``name_or_path``;
+                transformers dequantises it (needs the ``gguf`` package). Default: None
             **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
 
         Returns:
             HFCausalLMAdapter: the adapter, in eval mode.
+
+        Examples::
+
+            >>> model = HFCausalLMAdapter.from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")
+            >>> model = HFCausalLMAdapter.from_pretrained(
+            ...     "path/to/folder", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if gguf_file is not None:
+            common["gguf_file"] = gguf_file
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype or "auto", trust_remote_code=trust_remote_code, **kwargs
+            name_or_path, dtype=dtype or "auto", **common, **kwargs
         )
         if device is not None:
             model.to(device)  # type: ignore[arg-type]
@@ -133,33 +149,32 @@ class HFCausalLMAdapter(ModelAdapter):
                 "HFCausalLMAdapter reads text only; use LFM2AudioAdapter for chats with audio"
             )
         if not getattr(self.tokenizer, "is_fast", False):
-            raise CaptumMLLMError("HFCausalLMAdapter needs a fast tokenizer (for offsets)")
-        messages = [{"role": t.role, "content": "\n".join(p.text for p in t.parts)} for t in chat]  # type: ignore[union-attr]
+            raise InvalidModelError(
+                "HFCausalLMAdapter needs a fast tokenizer (for character offsets); load it "
+                "with AutoTokenizer.from_pretrained(..., use_fast=True)"
+            )
+        # Parts of a turn are joined by newlines into the message content.
+        contents = ["\n".join(p.text for p in t.parts) for t in chat]  # type: ignore[union-attr]
+        messages = [{"role": t.role, "content": c} for t, c in zip(chat, contents, strict=True)]
         rendered = self._render(messages, generation_prompt=True)
+        located = _locate_contents(self._render, messages, rendered)
+        turn_spans = self._turn_spans(messages, rendered, located)
 
-        # Character range of each turn: the template of the first k turns is a
-        # prefix of the whole rendering for ordinary templates.
-        heads = [self._render(messages[: k + 1], generation_prompt=False) for k in range(len(chat))]
-        ends = [len(h) for h in heads] if all(map(rendered.startswith, heads)) else []
-
-        spans: list[tuple[int, int, int, int]] = []  # (turn, part, start, end)
+        spans: list[tuple[int, int, int, int]] = []  # (turn, part, start, end) in `rendered`
         part_texts: dict[tuple[int, int], str] = {}
-        cursor = 0
         for ti, turn in enumerate(chat):
+            c_start, c_end, trimmed = located[ti]
+            offset = c_start - trimmed  # where the untrimmed content would start
+            cursor = 0
             for pi, part in enumerate(turn.parts):
                 text = part.text  # type: ignore[union-attr]
-                start = rendered.find(text, cursor)
-                if start < 0:
-                    text = text.strip()
-                    start = rendered.find(text, cursor)
-                if start < 0:
-                    raise CaptumMLLMError(
-                        f"the chat template changed the text of turn {ti}; "
-                        f"cannot locate {text[:40]!r}"
-                    )
-                spans.append((ti, pi, start, start + len(text)))
-                part_texts[(ti, pi)] = text
-                cursor = start + len(text)
+                p_start, p_end = offset + cursor, offset + cursor + len(text)
+                cursor += len(text) + 1  # the joining newline
+                # A template that trims the content cuts the outer parts' edges.
+                p_start, p_end = max(p_start, c_start), min(p_end, c_end)
+                part_texts[(ti, pi)] = rendered[p_start:p_end] if p_end > p_start else ""
+                if p_end > p_start:
+                    spans.append((ti, pi, p_start, p_end))
 
         enc = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -171,9 +186,9 @@ class HFCausalLMAdapter(ModelAdapter):
         cstart = torch.full((n,), -1, dtype=torch.long)
         cend = torch.full((n,), -1, dtype=torch.long)
         for i, (s, e) in enumerate(offsets):
-            if ends:
-                k = bisect.bisect_right(ends, s)
-                turn_col[i] = k if k < len(ends) else -1
+            # A token belongs to the turn whose own span (header, content, end
+            # tokens) holds its first character; inserted template text to none.
+            turn_col[i] = next((k for k, (a, b) in enumerate(turn_spans) if a <= s < b), -1)
             if ids[i] in special_ids:
                 continue
             for ti, pi, ps, pe in spans:
@@ -194,10 +209,41 @@ class HFCausalLMAdapter(ModelAdapter):
             part_texts=part_texts,
         )
 
-    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
+
+    def _turn_spans(
+        self,
+        messages: list[dict[str, Any]],
+        rendered: str,
+        located: list[tuple[int, int, int]],
+    ) -> list[tuple[int, int]]:
+        """Character span of each turn's own text: its header, content and end tokens.
+
+        Turn k ends where the rendering of the first k + 1 messages ends. Turn 0
+        starts where its own block starts when it follows another turn, so text
+        the template inserts before it (a default system prompt, a BOS token)
+        belongs to no turn. A template that does not render prefixes as
+        prefixes gets content-only turns.
+        """
+        ends = []
+        for k in range(len(messages)):
+            head = self._render(messages[: k + 1])
+            if not rendered.startswith(head) or len(head) < located[k][1]:
+                return [(a, b) for a, b, _ in located]
+            ends.append(len(head))
+        first = located[0][0]
+        dummy = {"role": "user" if messages[0]["role"] == "system" else "system", "content": "x"}
+        try:
+            lead = self._render([dummy])
+            block = self._render([dummy, messages[0]])[len(lead) :]
+        except Exception:  # a template that refuses this order: content-only start
+            block = ""
+        if block and rendered[: ends[0]].endswith(block):
+            first = ends[0] - len(block)
+        return [(first if k == 0 else ends[k - 1], ends[k]) for k in range(len(messages))]
 
     def decode_tokens(self, ids: Tensor) -> list[str]:
         return [_pretty(self.tokenizer.decode([int(i)])) for i in ids]
@@ -278,7 +324,9 @@ class HFCausalLMAdapter(ModelAdapter):
         batch = len(rows)
         lens = torch.tensor([len(r) for r in rows], device=device)
         if prefix is None and bool((lens == 0).any()):
-            raise CaptumMLLMError("a coalition removed every input token; keep a fixed token")
+            raise EmptyCoalitionError(
+                "a coalition removed every input token; keep some template text fixed"
+            )
         # The last target token predicts nothing we need: feed T - 1 of them.
         fed = target[: n_target - 1]
         ids, mask = pad_rows(
@@ -309,6 +357,14 @@ class HFCausalLMAdapter(ModelAdapter):
             picked[lens == 0, 0] = prefix.last_logits.to(picked.dtype)
         logp = picked.float().log_softmax(-1)
         return logp.gather(2, target[None, :, None].expand(batch, -1, 1)).squeeze(-1)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the model's input embedding table (else the tokenizer's size)."""
+        embeddings = getattr(self.model, "get_input_embeddings", None)
+        table = embeddings() if callable(embeddings) else None
+        rows = getattr(table, "num_embeddings", None)
+        return int(rows) if isinstance(rows, int) else super().vocab_size
 
     # Response embeddings (for EmbeddingSimilarity) ---------------------------------
 
@@ -382,6 +438,59 @@ class HFCausalLMAdapter(ModelAdapter):
             stop = next((i + 1 for i, t in enumerate(row.tolist()) if t in eos), len(row))
             result.append(row[:stop])
         return result
+
+
+_SENTINEL = "\ue000{}\ue001"  # private-use characters: never in a template
+
+
+def _locate_contents(
+    render: Callable[[list[dict[str, Any]], bool], str],
+    messages: list[dict[str, Any]],
+    rendered: str,
+) -> list[tuple[int, int, int]]:
+    """Where each message's content lies in the rendering of the chat.
+
+    The chat is rendered once more with each content replaced by a sentinel;
+    the template text between sentinels is then matched piece by piece against
+    the real rendering, so a content is only ever found in its own turn, never
+    in template text (a default system prompt, a role header).
+
+    Returns:
+        list of (start, end, trimmed): character span of each content, and how
+        many leading characters the template trimmed from it.
+    """
+    skeleton = render([{**m, "content": _SENTINEL.format(k)} for k, m in enumerate(messages)], True)
+    pieces = re.split("\ue000\\d+\ue001", skeleton)
+    if len(pieces) != len(messages) + 1:
+        raise ChatTemplateError(
+            "the chat template repeats or drops message contents; it cannot be explained "
+            "by position (render it yourself and use Captum's TextTemplateInput)"
+        )
+    out: list[tuple[int, int, int]] = []
+    cursor = 0
+    for k, message in enumerate(messages):
+        if not rendered.startswith(pieces[k], cursor):
+            raise ChatTemplateError(f"the chat template renders turn {k} differently per content")
+        cursor += len(pieces[k])
+        content = message["content"]
+        lead = len(content) - len(content.lstrip())
+        # As given, or trimmed by the template (e.g. Jinja's ``| trim``).
+        for text, trimmed in (
+            (content, 0),
+            (content.strip(), lead),
+            (content.lstrip(), lead),
+            (content.rstrip(), 0),
+        ):
+            after = cursor + len(text)
+            if rendered.startswith(text, cursor) and rendered.startswith(pieces[k + 1], after):
+                out.append((cursor, after, trimmed))
+                cursor = after
+                break
+        else:
+            raise ChatTemplateError(
+                f"the chat template changed the text of turn {k}; cannot locate {content[:40]!r}"
+            )
+    return out
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from captum_mllm.audio import resample
 from captum_mllm.chat import AudioPart, Chat, as_chat
 from captum_mllm.encoding import AUDIO_IN, TEXT, EncodedChat, MaskedChat
-from captum_mllm.errors import AudioError, CaptumMLLMError
+from captum_mllm.errors import AudioError, InvalidOptionError, TargetError
 from captum_mllm.models.base import ModelAdapter
 from captum_mllm.models.batching import by_length, default_call_cost, pad_rows
 from captum_mllm.models.lfm2_audio_generation import END_OF_AUDIO, IM_END, BatchedGeneration
@@ -352,7 +352,9 @@ class LFM2AudioAdapter(ModelAdapter):
             text ids for ``"text"``).
         """
         if output_modality not in MODES:
-            raise CaptumMLLMError(f"output_modality must be one of {MODES}")
+            raise InvalidOptionError(
+                f"output_modality must be one of {MODES}, got {output_modality!r}"
+            )
         sampling = {
             "text": (temperature if do_sample else None, top_k if do_sample else None),
             "audio": (audio_temperature if do_sample else None, audio_top_k if do_sample else None),
@@ -387,6 +389,33 @@ class LFM2AudioAdapter(ModelAdapter):
         except (AttributeError, RuntimeError):  # no detokenizer weights (tiny test models)
             waveform = None
         return {"codes": codes.cpu(), "waveform": waveform, "sample_rate": 24_000}
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._lfm.embed_tokens.num_embeddings)
+
+    def check_target(self, target: Tensor) -> Tensor:
+        """A user-given target: ``(T,)`` / ``(1, T)`` text ids, or ``(N, 9)`` output
+        items (text rows ``[id, -1 x 8]``, audio frames ``[-1, 8 codes]``).
+
+        Raises:
+            TargetError: another shape or dtype, or ids or codes out of range.
+        """
+        is_items = target.dim() == 2 and target.shape[1] == 9 and bool((target == -1).any())
+        if not is_items:
+            return super().check_target(target)
+        if target.is_floating_point():
+            raise TargetError(f"target items must be integers, got {target.dtype}")
+        text, codes = target[:, 0], target[:, 1:]
+        audio = text < 0
+        ok_text = ((text >= 0) & (text < self.vocab_size) & (codes == -1).all(1)) | audio
+        ok_audio = (text == -1) & (codes >= 0).all(1) & (codes <= END_OF_AUDIO).all(1)
+        if not bool((ok_text & (~audio | ok_audio)).all()):
+            raise TargetError(
+                "target items must be text rows [id, -1 x 8] with ids in the vocabulary or "
+                f"audio frames [-1, 8 codes in 0..{END_OF_AUDIO}]"
+            )
+        return target.long()
 
     def strip_response(self, ids: Tensor) -> Tensor:
         """Drop trailing ``<|im_end|>`` / padding text tokens (ids or items)."""

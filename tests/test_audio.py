@@ -1,0 +1,68 @@
+"""Audio reading (soundfile's conventions) and forced alignment: Part 9a regressions."""
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from captum_mllm.audio import load_audio
+from captum_mllm.errors import AlignmentError, AudioError
+from captum_mllm.testing import speech_like, tiny_wav2vec2_aligner
+
+
+def _soundfile_reads(samples: np.ndarray, subtype: str) -> np.ndarray:
+    """What soundfile gives back for the same PCM written to a WAV file (the oracle)."""
+    buf = io.BytesIO()
+    sf.write(buf, samples, 16000, format="WAV", subtype=subtype)
+    buf.seek(0)
+    return sf.read(buf, dtype="float32")[0]
+
+
+@pytest.mark.parametrize(
+    "dtype, subtype, peak",
+    [(np.int16, "PCM_16", 32767), (np.int32, "PCM_32", 2**31 - 1)],
+)
+def test_integer_pcm_is_scaled_as_soundfile_scales_it(dtype, subtype, peak):
+    samples = np.random.default_rng(0).integers(-peak, peak, size=1600, endpoint=True)
+    wave, _, _ = load_audio(samples.astype(dtype), 16000)
+    assert float(wave.abs().max()) <= 1.0
+    expected = _soundfile_reads(samples.astype(dtype), subtype)
+    np.testing.assert_allclose(wave.numpy(), expected, atol=1e-6)
+
+
+def test_unsigned_8_bit_pcm_is_centred():
+    samples = np.array([0, 128, 255], dtype=np.uint8)
+    wave, _, _ = load_audio(samples, 8000)
+    np.testing.assert_allclose(wave.numpy(), [-1.0, 0.0, 127 / 128])
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_samples_are_refused(bad):
+    samples = speech_like(0.2).numpy()
+    samples[100] = bad  # one bad sample is enough
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        load_audio(samples, 16000)
+
+
+def test_stereo_in_either_layout_is_mixed_to_mono():
+    left, right = speech_like(0.5, seed=1).numpy(), speech_like(0.5, seed=2).numpy()
+    mono = (left + right) / 2
+    for layout in (np.stack([left, right], axis=1), np.stack([left, right])):  # (n, 2), (2, n)
+        wave, _, _ = load_audio(layout, 16000)
+        assert wave.shape == (8000,)
+        np.testing.assert_allclose(wave.numpy(), mono, atol=1e-6)
+    tensor, _, _ = load_audio(torch.from_numpy(np.stack([left, right], axis=1)), 16000)
+    assert tensor.shape == (8000,)
+
+
+def test_urls_are_not_downloaded():
+    with pytest.raises(AudioError, match="URL"):
+        load_audio("https://example.org/clip.wav")
+
+
+def test_aligner_names_characters_it_cannot_spell():
+    aligner = tiny_wav2vec2_aligner()
+    with pytest.raises(AlignmentError, match=r"\['2'\]"):
+        aligner.align(speech_like(1.0), 16000, "what is 2 plus 2")

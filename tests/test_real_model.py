@@ -1,0 +1,120 @@
+"""Features and targets on a real chat model (SmolLM2-135M-Instruct, its real
+tokenizer and chat template, which inserts a default system prompt)."""
+
+import pytest
+import torch
+from captum.attr import FeatureAblation
+
+from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution
+from captum_mllm.testing import tiny_hf_adapter, tiny_tokenizer
+
+QUESTION = "What is the capital of France?"
+
+
+def _decode(inp, positions):
+    return inp.model.tokenizer.decode(inp.encoded.input_ids[list(positions)])
+
+
+def test_user_words_are_the_features_not_the_inserted_system_prompt(smol):
+    inp = ChatInput(Chat().user("Hugging Face"), smol)
+    assert inp.values == ["Hugging", "Face"]
+    assert all(int(inp.encoded.turn[p]) == 0 for f in inp.features for p in f.positions)
+    assert _decode(inp, [p for f in inp.features for p in f.positions]) == "Hugging Face"
+    # The inserted default prompt ("... trained by Hugging Face") belongs to no turn.
+    rendered = "".join(inp.encoded.tokens)
+    assert "trained by Hugging Face" in rendered
+    inserted = [p for p, t in enumerate(inp.encoded.turn.tolist()) if t < 0]
+    assert "trained by Hugging Face" in _decode(inp, inserted)
+
+
+def test_a_word_equal_to_the_role_header_is_the_users_word(smol):
+    inp = ChatInput(Chat().system("Be brief.").user("user"), smol)
+    assert inp.values == ["user"]
+    (position,) = inp.features[0].positions
+    assert int(inp.encoded.part[position]) == 0 and int(inp.encoded.turn[position]) == 1
+    # The header token "user" comes before it and stays fixed.
+    assert inp.encoded.tokens[position - 2 : position] == ["user", "\n"]
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_turn_feature_is_exactly_the_users_turn(smol, system):
+    chat = (Chat().system(system) if system else Chat()).user(QUESTION)
+    inp = ChatInput(chat, smol, text_unit="turn")
+    assert len(inp.features) == 1
+    assert _decode(inp, inp.features[0].positions) == f"<|im_start|>user\n{QUESTION}<|im_end|>\n"
+    words = ChatInput(chat, smol)
+    assert words.values == ["What", "is", "the", "capital", "of", "France"]
+
+
+def test_replace_baseline_is_never_the_end_of_turn_token(smol):
+    assert smol.tokenizer.pad_token == "<|im_end|>"  # why the old default was wrong
+    inp = ChatInput(Chat().user(QUESTION), smol, text_baseline="replace")
+    assert inp.replace_id not in smol.tokenizer.all_special_ids
+    assert smol.tokenizer.decode([inp.replace_id]) == " "
+
+
+def test_generated_target_drops_the_end_of_turn_token(smol):
+    inp = ChatInput(Chat().user(QUESTION), smol)
+    attr = MultimodalLLMAttribution(FeatureAblation(smol), smol)
+    gen = {"max_new_tokens": 12}
+    clean = attr.attribute(inp, gen_args=gen)
+    kept = attr.attribute(inp, gen_args=gen, keep_eos=True)
+    assert "Paris" in smol.tokenizer.decode(clean.target_ids)
+    assert kept.output_tokens[-1] == "<|im_end|>" and "<|im_end|>" not in clean.output_tokens
+    assert kept.target_ids[:-1].tolist() == clean.target_ids.tolist()
+
+
+QWEN_LIKE = (  # Qwen2.5's template: a default system prompt when there is none
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' or not loop.first %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3_LIKE = (  # Llama 3's layout: BOS, headers, content trimmed
+    "{{- '<|endoftext|>' }}{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '<|im_end|>\\n\\n' + message['content'] | trim "
+    "+ '<|im_end|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant<|im_end|>\\n\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [QWEN_LIKE, LLAMA3_LIKE])
+def test_other_templates_keep_features_in_their_turn(template):
+    model = tiny_hf_adapter()
+    model.tokenizer = _with_template(template)
+    for chat in (Chat().user("  You are a fox "), Chat().system("Be brief.").user("system")):
+        inp = ChatInput(chat, model)
+        user_turn = len(chat) - 1
+        assert inp.values == chat[-1].text.split()
+        assert all(
+            int(inp.encoded.turn[p]) == user_turn and int(inp.encoded.part[p]) == 0
+            for f in inp.features
+            for p in f.positions
+        )
+        turn = ChatInput(chat, model, text_unit="turn", roles=("user",))
+        text = _decode(turn, turn.features[0].positions)
+        assert chat[-1].text.strip() in text and "Qwen" not in text and "Be brief" not in text
+
+
+def _with_template(template):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = template
+    return tok
+
+
+def test_a_chat_ending_with_the_answer_explains_that_answer(smol):
+    chat = Chat().user(QUESTION).assistant("The capital of France is Paris.")
+    inp = ChatInput(chat, smol)
+    prompt = "".join(inp.encoded.tokens)
+    assert "Paris" not in prompt and prompt.count("<|im_start|>assistant") == 1
+    assert prompt.endswith("<|im_start|>assistant\n")
+    attr = MultimodalLLMAttribution(FeatureAblation(smol), smol)
+    res = attr.attribute(inp)
+    assert smol.tokenizer.decode(res.target_ids) == "The capital of France is Paris."
+    assert torch.isfinite(res.seq_attr).all()
