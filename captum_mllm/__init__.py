@@ -1,18 +1,27 @@
 """captum-mllm: Shapley explanations of multimodal chat models, inside Captum."""
 
-from captum_mllm.attribution import CoalitionCache, MultimodalLLMAttribution
+from captum_mllm.attribution import MultimodalLLMAttribution
 from captum_mllm.chat import AudioPart, Chat, TextPart, Turn
+from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore, MemoryStore, SQLiteStore
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.inputs import ChatInput, FeatureInfo
-from captum_mllm.models import HFCausalLMAdapter, LFM2AudioAdapter, ModelAdapter
-from captum_mllm.result import MultimodalLLMAttributionResult
-from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget
+from captum_mllm.models import (
+    HFCausalLMAdapter,
+    LFM2AudioAdapter,
+    ModelAdapter,
+    Response,
+    load_default_model,
+)
+from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
+from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget, Target, TargetValues
 
 __all__ = [
     "AudioPart",
     "Chat",
     "ChatInput",
-    "CoalitionCache",
+    "ClipRef",
+    "CoalitionEvaluator",
+    "CoalitionStore",
     "EmbeddingSimilarity",
     "EncodedChat",
     "FeatureInfo",
@@ -20,9 +29,15 @@ __all__ = [
     "LFM2AudioAdapter",
     "LogProbTarget",
     "MaskedChat",
+    "MemoryStore",
     "ModelAdapter",
     "MultimodalLLMAttribution",
     "MultimodalLLMAttributionResult",
+    "Response",
+    "SQLiteStore",
+    "Target",
+    "TargetValues",
     "TextPart",
     "Turn",
+    "load_default_model",
 ]

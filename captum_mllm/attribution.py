@@ -1,15 +1,19 @@
-"""MultimodalLLMAttribution: Captum's LLMAttribution, batched and cached.
+"""MultimodalLLMAttribution: Captum's LLMAttribution, batched, cached and resumable.
 
-Captum's perturbation method proposes coalitions; this class evaluates them:
-identical coalitions once per call (the coalition cache), up to
-``perturbations_per_eval`` of them in one model forward, with the prefix no
-feature touches computed once and its key/value cache reused.
+Captum's perturbation method proposes coalitions; a
+:class:`~captum_mllm.coalitions.CoalitionEvaluator` answers them, each
+distinct coalition once, up to ``perturbations_per_eval`` of them in one
+model forward, through a store that can outlive the process. The values come
+from the target (a pure value function) applied to the adapter.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,56 +25,42 @@ from captum.attr import (
     TextTemplateInput,
     TextTokenInput,
 )
-from captum.attr._core.llm_attr import DEFAULT_GEN_ARGS, _convert_ids_to_pretty_tokens
 from torch import Tensor
 
+from captum_mllm import captum_compat
+from captum_mllm.chat import AudioPart
+from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore, SQLiteStore
 from captum_mllm.errors import (
     InvalidModelError,
     InvalidOptionError,
     TargetError,
     UnsupportedInputError,
 )
+from captum_mllm.fingerprint import chat_digest, digest, model_digest
 from captum_mllm.inputs import ChatInput
-from captum_mllm.models.base import ModelAdapter
+from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.models.hf_causal import HFCausalLMAdapter
-from captum_mllm.result import MultimodalLLMAttributionResult
-from captum_mllm.targets import LogProbTarget
+from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
+from captum_mllm.targets import LogProbTarget, Target, TargetValues
 
 
-class CoalitionCache:
-    """Evaluates batches of coalitions, each distinct coalition once.
+@dataclass(frozen=True)
+class _Game:
+    """The value function of one explanation: ``(U, n) -> TargetValues`` with
+    ``n_columns`` columns of kind ``columns``."""
 
-    Args:
-        evaluate (callable): ``(U, n_features) -> (U, k)`` for unique coalitions.
-        enabled (bool, optional): when False, every coalition is evaluated.
-            Default: True
-    """
+    evaluate: Callable[[Tensor], TargetValues]
+    n_columns: int
+    columns: str
+    stock_calls: list[int] | None = None  # model calls made by Captum's own forward
 
-    def __init__(self, evaluate: Callable[[Tensor], Tensor], enabled: bool = True) -> None:
-        self.evaluate = evaluate
-        self.enabled = enabled
-        self.values: dict[bytes, Tensor] = {}
-        self.n_requested = 0
-        self.n_evaluated = 0
-        self.n_columns = 1
 
-    def __call__(self, perturbed: Tensor) -> Tensor:
-        # (B, n_features) -> (B, k)
-        rows = perturbed.reshape(perturbed.shape[0], -1)
-        self.n_requested += len(rows)
-        if not self.enabled:
-            self.n_evaluated += len(rows)
-            return self.evaluate(rows)
-        keys = [row.detach().cpu().numpy().tobytes() for row in rows]
-        first_index: dict[bytes, int] = {}
-        for i, key in enumerate(keys):
-            if key not in self.values:
-                first_index.setdefault(key, i)
-        if first_index:
-            fresh = self.evaluate(rows[list(first_index.values())])
-            self.n_evaluated += len(first_index)
-            self.values.update(zip(first_index, fresh, strict=True))
-        return torch.stack([self.values[key] for key in keys])
+@dataclass(frozen=True)
+class _Call:
+    """What Captum hands the forward function: not a tensor, so never repeated."""
+
+    evaluator: CoalitionEvaluator
+    n_columns: int
 
 
 class MultimodalLLMAttribution(LLMAttribution):
@@ -80,21 +70,20 @@ class MultimodalLLMAttribution(LLMAttribution):
     models, tokenizers and inputs (``TextTemplateInput``, ``TextTokenInput``,
     ``ImageMaskInput``) and gives the same values, plus :class:`ChatInput`.
     Unlike stock Captum it evaluates ``perturbations_per_eval`` coalitions in
-    one forward, evaluates each distinct coalition once, and reuses the key/value
-    cache of the untouched prefix. Every combination of Captum's
-    ``forward_in_tokens`` / ``use_cached_outputs`` gives the values of the
-    uncached sequence-level computation.
+    one forward, evaluates each distinct coalition once, reuses the key/value
+    cache of the untouched prefix, and can keep every evaluated coalition in a
+    SQLite store to resume an interrupted run.
 
     Args:
         attr_method (PerturbationAttribution): FeatureAblation, ShapleyValues,
             ShapleyValueSampling, Lime or KernelShap, built on the model
-            (an adapter, or a Hugging Face-style causal LM).
+            (an adapter, or a torch module such as a Hugging Face causal LM).
         tokenizer_or_adapter (ModelAdapter or tokenizer, optional): the adapter,
             or the tokenizer of a plain model (as in Captum). Default: the
             method's model when it is an adapter.
         attr_target (str, optional): ``"log_prob"`` or ``"prob"``. Default: ``"log_prob"``
-        target (callable, optional): a value function such as
-            :class:`LogProbTarget`; overrides ``attr_target``.
+        target (Target, optional): a value function such as
+            :class:`~captum_mllm.targets.EmbeddingSimilarity`; overrides ``attr_target``.
 
     Examples::
 
@@ -116,12 +105,17 @@ class MultimodalLLMAttribution(LLMAttribution):
         attr_method: PerturbationAttribution,
         tokenizer_or_adapter: Any = None,
         attr_target: str = "log_prob",
-        target: Any = None,
+        target: Target | None = None,
     ) -> None:
         if attr_target not in ("log_prob", "prob"):
             raise InvalidOptionError(
                 f"attr_target must be 'log_prob' or 'prob', got {attr_target!r}; pass other "
                 "value functions as target="
+            )
+        if target is not None and not isinstance(target, Target):
+            raise TargetError(
+                f"target= takes a Target (LogProbTarget, EmbeddingSimilarity, ...), "
+                f"got {type(target).__name__}"
             )
         model = attr_method.forward_func
         if isinstance(tokenizer_or_adapter, ModelAdapter):
@@ -143,8 +137,8 @@ class MultimodalLLMAttribution(LLMAttribution):
             )
         super().__init__(attr_method, adapter.tokenizer, attr_target)
         self.adapter = adapter
-        self.value_fn = target if target is not None else LogProbTarget(attr_target)
-        # Multi-output methods attribute every output column (each target token,
+        self.value_fn: Target = target if target is not None else LogProbTarget(attr_target)
+        # Multi-output methods attribute every value column (each output token,
         # or each sample of a sampled value function); the others the total only.
         self.multi_output: bool = isinstance(attr_method, self.SUPPORTED_PER_TOKEN_ATTR_METHODS)
         self.include_per_token_attr: bool = self.multi_output and self.value_fn.per_token
@@ -157,10 +151,11 @@ class MultimodalLLMAttribution(LLMAttribution):
         gen_args: dict[str, Any] | None = None,
         use_cached_outputs: bool = True,
         _inspect_forward: Callable[..., None] | None = None,
-        forward_in_tokens: bool = False,
+        forward_in_tokens: bool | None = None,
         cache_coalitions: bool = True,
         reuse_prefix: bool = True,
         keep_eos: bool = False,
+        store: str | PathLike[str] | CoalitionStore | None = None,
         **kwargs: Any,
     ) -> MultimodalLLMAttributionResult:
         """Attribute the response to the input's features.
@@ -179,8 +174,9 @@ class MultimodalLLMAttribution(LLMAttribution):
             use_cached_outputs (bool, optional): accepted for Captum
                 compatibility; values never depend on it. Default: True
             forward_in_tokens (bool, optional): score one response token per
-                forward, as Captum's default does. Same values, slower.
-                Default: False
+                forward, as Captum does by default. None: token by token unless
+                the model is known to be causal (our adapters, Hugging Face
+                decoders), where one forward gives the same values. Default: None
             cache_coalitions (bool, optional): evaluate each distinct coalition
                 once per call. Default: True
             reuse_prefix (bool, optional): compute the prefix no feature
@@ -189,12 +185,20 @@ class MultimodalLLMAttribution(LLMAttribution):
                 tokens that end a generated answer as output tokens to explain
                 (a :class:`ChatInput`'s generated target drops them by default;
                 Captum's own inputs keep them, as stock Captum does). Default: False
+            store (str, PathLike or CoalitionStore, optional): a SQLite file
+                keeping every evaluated coalition; a rerun with the same file and
+                explanation evaluates only what is missing (resume). Default: None
             **kwargs: passed to the method's ``attribute`` (``n_samples``,
                 ``perturbations_per_eval``, ``show_progress``, ...).
 
         Returns:
             MultimodalLLMAttributionResult: ``token_attr`` is None for Lime and
             KernelShap.
+
+        Examples::
+
+            >>> res = attr.attribute(inp, n_samples=64, perturbations_per_eval=32,
+            ...                      store="explanation.sqlite")
         """
         if not isinstance(inp, self.SUPPORTED_INPUTS):
             raise UnsupportedInputError(
@@ -205,125 +209,113 @@ class MultimodalLLMAttribution(LLMAttribution):
             raise InvalidOptionError(f"num_trials must be an int of at least 1, got {num_trials!r}")
         start = time.perf_counter()
         calls_before = self.adapter.n_forward_calls
-        target_ids = self._target_ids(inp, target, gen_args, keep_eos)
-        responses: dict[tuple[int, ...], Any] = {}
-        evaluate = self._evaluator(inp, target_ids, forward_in_tokens, reuse_prefix, responses)
-        cache = CoalitionCache(evaluate, enabled=cache_coalitions)
-        n_extra = self.value_fn.n_extra_outputs(len(target_ids)) if self.multi_output else 0
-        cache.n_columns = 1 + n_extra
+        per_step = not self.adapter.is_causal if forward_in_tokens is None else forward_in_tokens
+        response, extra_calls = self._response(inp, target, gen_args, keep_eos)
+        game = self._game(inp, response, per_step, reuse_prefix)
+        opened = self._open_store(store, inp, response) if store is not None else None
+        evaluator = CoalitionEvaluator(game.evaluate, opened, enabled=cache_coalitions)
+        n_columns = game.n_columns if self.multi_output else 1
+        call = _Call(evaluator, n_columns)
 
-        attr = torch.zeros(1 + n_extra, inp.n_itp_features, dtype=torch.float, device=self.device)
-        for _ in range(num_trials):
-            cur = self.attr_method.attribute(
-                inp.to_tensor().to(self.device),
-                additional_forward_args=(cache,),  # not a tensor: Captum passes it as is
-                **kwargs,
-            )
-            attr += cur.reshape(attr.shape)
+        attr = torch.zeros(n_columns, inp.n_itp_features, dtype=torch.float, device=self.device)
+        try:
+            for _ in range(num_trials):
+                cur = self.attr_method.attribute(
+                    inp.to_tensor().to(self.device), additional_forward_args=(call,), **kwargs
+                )
+                attr += cur.reshape(attr.shape)
+        finally:
+            if opened is not None and not isinstance(store, CoalitionStore):
+                opened.close()
         attr = inp.format_attr(attr / num_trials)
 
-        per_sample = n_extra > 0 and not self.include_per_token_attr
+        per_token = game.columns == "tokens" and self.include_per_token_attr
+        per_sample = game.columns == "samples" and n_columns > 1
+        chat_input = inp if isinstance(inp, ChatInput) else None
         return MultimodalLLMAttributionResult(
             seq_attr=attr[0],
-            token_attr=attr[1:] if self.include_per_token_attr else None,
+            token_attr=attr[1:] if per_token else None,
             seq_attr_std=attr[1:].std(dim=0) if per_sample else None,
-            responses=responses or None,
+            responses=evaluator.responses or None,
             input_tokens=list(inp.values),
-            output_tokens=self._pretty_tokens(inp, target_ids),
-            inp=inp,
-            features=getattr(inp, "features", None),
-            target_ids=target_ids,
-            n_model_calls=self.adapter.n_forward_calls - calls_before,
-            n_coalitions=cache.n_requested,
-            n_unique_coalitions=cache.n_evaluated,
+            output_tokens=self._labels(inp, response),
+            inp=inp if isinstance(inp, ImageMaskInput) else None,
+            features=chat_input.features if chat_input else None,
+            target_ids=response.ids,
+            response_text=response.text,
+            roles=[t.role for t in chat_input.prompt] if chat_input else None,
+            clips=_clips(chat_input) if chat_input else None,
+            output_audio=response.audio,
+            provenance=self._provenance(inp, per_step, kwargs, store),
+            n_model_calls=self.adapter.n_forward_calls
+            - calls_before
+            + extra_calls
+            + sum(game.stock_calls or []),
+            n_coalitions=evaluator.n_requested,
+            n_unique_coalitions=evaluator.n_evaluated,
+            n_stored_coalitions=evaluator.n_stored,
             wall_time=time.perf_counter() - start,
-            output_audio=self.adapter.output_audio(target_ids),
         )
 
-    def _forward_func(self, perturbed_tensor: Tensor, cache: CoalitionCache) -> Tensor:  # type: ignore[override]
+    def _forward_func(self, perturbed_tensor: Tensor, call: _Call) -> Tensor:  # type: ignore[override]
         # (B, n_features) -> (B, n_columns) for multi-output methods, else (B,)
-        values = cache(perturbed_tensor)
-        return values[:, : cache.n_columns] if cache.n_columns > 1 else values[:, 0]
+        values = call.evaluator(perturbed_tensor)
+        return values[:, : call.n_columns] if call.n_columns > 1 else values[:, 0]
 
-    def _evaluator(
-        self,
-        inp: InterpretableInput,
-        target_ids: Tensor,
-        per_step: bool,
-        reuse_prefix: bool,
-        responses: dict[tuple[int, ...], Any],
-    ) -> Callable[[Tensor], Tensor]:
+    # The value function of one explanation ----------------------------------------------
+
+    def _game(
+        self, inp: InterpretableInput, response: Response, per_step: bool, reuse_prefix: bool
+    ) -> _Game:
+        value_fn, adapter = self.value_fn, self.adapter
         if isinstance(inp, ChatInput):
-            needs_prefix = reuse_prefix and isinstance(self.value_fn, LogProbTarget)
-            prefix = self.adapter.prefill(inp.to_model_input()) if needs_prefix else None
-            decode = self.adapter.decode_response
+            state = value_fn.prepare(
+                adapter, inp.to_model_input(), response, per_step, reuse_prefix
+            )
 
-            def evaluate_chat(coalitions: Tensor) -> Tensor:
-                masked = inp.to_model_input(coalitions)
-                values = self.value_fn(self.adapter, masked, target_ids, prefix, per_step)
-                said = getattr(self.value_fn, "last_responses", None)
-                if said:  # regenerated answers, k per coalition when sampling
-                    k = len(said) // len(coalitions)
-                    for i, c in enumerate(coalitions):
-                        texts = [decode(r) for r in said[i * k : (i + 1) * k]]
-                        responses[tuple(int(v) for v in c.tolist())] = texts[0] if k == 1 else texts
-                return values
+            def evaluate_chat(coalitions: Tensor) -> TargetValues:
+                return value_fn.evaluate(adapter, inp.to_model_input(coalitions), response, state)
 
-            return evaluate_chat
-        if not isinstance(self.value_fn, LogProbTarget):
+            n_columns = value_fn.n_columns(response)
+            kind = "tokens" if value_fn.per_token else "samples" if n_columns > 1 else "total"
+            return _Game(evaluate_chat, n_columns, kind)
+        if not isinstance(value_fn, LogProbTarget):
             raise UnsupportedInputError("Captum's inputs support the log-prob target only")
+        n_columns = value_fn.n_columns(response)
         if isinstance(inp, ImageMaskInput):
-            return self._stock_evaluator(inp, target_ids, per_step)
-        adapter = self.adapter
+            forward = captum_compat.stock_image_forward(self, inp, per_step)
+            calls = [0]
+
+            def evaluate_image(coalitions: Tensor) -> TargetValues:
+                # Processor inputs are model-specific: one coalition at a time.
+                rows = [forward(c[None], response.ids) for c in coalitions]
+                calls[0] += len(coalitions) * (len(response) if per_step else 1)
+                return TargetValues(torch.stack(rows), "tokens")
+
+            return _Game(evaluate_image, n_columns, "tokens", calls)
         if not isinstance(adapter, HFCausalLMAdapter):
             raise UnsupportedInputError(
                 "Captum's text inputs need a text model (HFCausalLMAdapter)"
             )
-        value_fn = self.value_fn
 
-        def evaluate_text(coalitions: Tensor) -> Tensor:
-            rows = [self._input_ids(inp, c[None]) for c in coalitions]
-            return value_fn.from_log_probs(adapter.score(rows, target_ids, None, per_step))
+        def evaluate_text(coalitions: Tensor) -> TargetValues:
+            rows = [captum_compat.coalition_ids(self, inp, c[None]) for c in coalitions]
+            log_probs = adapter.score_rows(rows, response, None, per_step)
+            return TargetValues(value_fn.from_log_probs(log_probs), "tokens")
 
-        return evaluate_text
+        return _Game(evaluate_text, n_columns, "tokens")
 
-    def _stock_evaluator(
-        self, inp: InterpretableInput, target_ids: Tensor, per_step: bool
-    ) -> Callable[[Tensor], Tensor]:
-        """Model inputs from a processor (images) are model-specific: run Captum's
-        own single-coalition forward, uncached, one coalition at a time."""
-        include = self.include_per_token_attr
+    # The response explained --------------------------------------------------------------
 
-        def evaluate_stock(coalitions: Tensor) -> Tensor:
-            self.include_per_token_attr = True
-            try:
-                outs = []
-                for c in coalitions:
-                    if per_step:
-                        out = self._forward_func_by_tokens(c[None], inp, target_ids, False)
-                    else:
-                        out = self._forward_func_by_seq(c[None], inp, target_ids)
-                    self.adapter.n_forward_calls += len(target_ids) if per_step else 1
-                    outs.append(out.reshape(-1))
-                return torch.stack(outs)
-            finally:
-                self.include_per_token_attr = include
-
-        return evaluate_stock
-
-    def _input_ids(self, inp: InterpretableInput, coalition: Tensor | None = None) -> Tensor:
-        model_input = inp.to_model_input(coalition)
-        if isinstance(model_input, str):
-            return torch.as_tensor(self.tokenizer.encode(model_input)).reshape(-1)
-        return torch.as_tensor(model_input).reshape(-1)
-
-    def _target_ids(
+    def _response(
         self,
         inp: InterpretableInput,
         target: str | Tensor | None,
         gen_args: dict[str, Any] | None,
         keep_eos: bool,
-    ) -> Tensor:
+    ) -> tuple[Response, int]:
+        """The response, and the model calls made outside the adapter to get it."""
+        calls = 0
         if target is None and isinstance(inp, ChatInput) and inp.response is not None:
             if gen_args is not None:
                 raise TargetError(
@@ -331,41 +323,106 @@ class MultimodalLLMAttribution(LLMAttribution):
                 )
             target = inp.response
         if target is None:
-            ids = self._generate_target(inp, gen_args)
-            if isinstance(inp, ChatInput) and not keep_eos:
-                ids = self.adapter.strip_response(ids)
+            args = {
+                **(self.value_fn.gen_args or captum_compat.DEFAULT_GEN_ARGS),
+                **(gen_args or {}),
+            }
+            if isinstance(inp, ChatInput):
+                args["do_sample"] = False  # the explained answer is the greedy one
+                response = self.adapter.generate_masked(inp.to_model_input(), **args)[0]
+                if not keep_eos:
+                    response = self.adapter.strip_response(response)
+            else:
+                response = self.adapter.response(captum_compat.generate(self, inp, **args))
+                calls = 1
         elif gen_args is not None:
             raise TargetError("gen_args is only used when target is None")
         elif isinstance(target, str):
-            ids = torch.tensor(self.tokenizer.encode(target, add_special_tokens=False))
+            if not target:
+                raise TargetError("the target response is empty; give a non-empty target")
+            response = self.adapter.text_response(target)
         elif isinstance(target, Tensor):
-            ids = self.adapter.check_target(target)
+            response = self.adapter.check_target(target)
         else:
             raise TargetError(
                 f"target must be a str, a Tensor or None, got {type(target).__name__}"
             )
-        if ids.numel() == 0:
+        if len(response) == 0:
             raise TargetError("the target response is empty; give a non-empty target")
-        return ids.long().to(self.device)
+        return response, calls
 
-    def _generate_target(self, inp: InterpretableInput, gen_args: dict[str, Any] | None) -> Tensor:
-        default = getattr(self.value_fn, "gen_args", None) or DEFAULT_GEN_ARGS
-        args = {**default, **(gen_args or {})}
+    def _labels(self, inp: InterpretableInput, response: Response) -> list[str]:
         if isinstance(inp, ChatInput):
-            if getattr(self.value_fn, "sampled", False):
-                args["do_sample"] = False  # the reference answer is the greedy one
-            return self.adapter.generate_masked(inp.to_model_input(), **args)[0]
-        model_inp = self._format_model_input(inp.to_model_input())
-        prompt = model_inp["input_ids"]
-        model_inp.setdefault("attention_mask", torch.ones_like(prompt))
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        if pad is not None:
-            args.setdefault("pad_token_id", pad)
-        ids = self.model.generate(**model_inp, **args)[0, prompt.shape[1] :]  # type: ignore[operator]
-        self.adapter.n_forward_calls += 1
-        return ids
+            return list(response.labels)
+        return captum_compat.pretty_tokens(response.ids, self.tokenizer)  # stock Captum's labels
 
-    def _pretty_tokens(self, inp: InterpretableInput, ids: Tensor) -> list[str]:
+    # Store and provenance ---------------------------------------------------------------
+
+    def _open_store(
+        self,
+        store: str | PathLike[str] | CoalitionStore,
+        inp: InterpretableInput,
+        response: Response,
+    ) -> CoalitionStore:
+        if isinstance(store, CoalitionStore):
+            return store
+        return SQLiteStore(Path(store), self._fingerprint(inp, response))
+
+    def _fingerprint(self, inp: InterpretableInput, response: Response) -> dict[str, str]:
+        """Digests of what a coalition's value depends on (see :mod:`captum_mllm.fingerprint`)."""
+        module = getattr(self.adapter, "model", self.adapter)
         if isinstance(inp, ChatInput):
-            return self.adapter.decode_tokens(ids)
-        return _convert_ids_to_pretty_tokens(ids, self.tokenizer)  # as stock Captum labels them
+            chat = chat_digest(inp.prompt)
+            fill = inp.audio_fill if inp.audio_fill is not None else "zeros"
+            features = digest(
+                [(f.label, f.positions) for f in inp.features],
+                [inp.baseline, inp.replace_id, inp.audio_baseline],
+                fill,
+            )
+        else:
+            chat = digest(str(inp.to_model_input()))
+            features = digest(list(inp.values))
+        settings = self.value_fn.settings()
+        return {
+            "model": model_digest(module),
+            "chat": chat,
+            "features": features,
+            "target": digest(type(self.value_fn).__name__, settings, response.ids),
+            "seed": digest(settings.get("seed")),
+        }
+
+    def _provenance(
+        self,
+        inp: InterpretableInput,
+        per_step: bool,
+        method_args: dict[str, Any],
+        store: Any,
+    ) -> dict[str, Any]:
+        module = getattr(self.adapter, "model", self.adapter)
+        config = getattr(module, "config", None)
+        return {
+            "adapter": type(self.adapter).__name__,
+            "model": type(module).__name__,
+            "model_name": getattr(config, "_name_or_path", None) or None,
+            "method": type(self.attr_method).__name__,
+            "method_args": {k: v for k, v in method_args.items() if _plain(v)},
+            "target": {"class": type(self.value_fn).__name__, **self.value_fn.settings()},
+            "input": type(inp).__name__,
+            "forward_in_tokens": per_step,
+            "store": str(store) if isinstance(store, str | PathLike) else None,
+        }
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _clips(inp: ChatInput) -> list[ClipRef]:
+    """The prompt's audio clips, with the file each came from when it has one."""
+    out = []
+    for t, turn in enumerate(inp.prompt):
+        for part in turn.parts:
+            if isinstance(part, AudioPart):
+                path = part.source if part.source and Path(part.source).is_file() else None
+                out.append(ClipRef(t, part.sample_rate, part.waveform, path))
+    return out

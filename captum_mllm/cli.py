@@ -22,7 +22,7 @@ def _explain(model, chat, target, n_samples: int, out: Path, max_new_tokens: int
     res = attr.attribute(
         inp, target=target, gen_args=gen_args, n_samples=n_samples, perturbations_per_eval=32
     )
-    print(f"response: {model.tokenizer.decode(res.target_ids)!r}")
+    print(f"response: {res.response_text!r}")
     print(res.to_dataframe()[["feature", "turn", "role", "seq_attr"]].to_string(index=False))
     print(res)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -115,3 +116,15 @@ class MaskedChat:
             filled = torch.where(present, ids, torch.full_like(ids, self.replace_id))
             return list(filled)
         return [ids[row] for row in present]
+
+
+def coalition_key(present: Tensor) -> bytes:
+    """A compact key of one coalition: its 0/1 row, bit-packed.
+
+    Args:
+        present (Tensor): ``(n,)`` presence of each feature (or position).
+
+    Returns:
+        bytes: the same for equal rows, different otherwise (for one ``n``).
+    """
+    return np.packbits(present.detach().cpu().numpy() != 0).tobytes()

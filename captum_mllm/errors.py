@@ -84,3 +84,20 @@ class InvalidModelError(CaptumMLLMError):
 
 class EmptyCoalitionError(CaptumMLLMError):
     """A coalition removed every input position, so the model has nothing to read."""
+
+
+class StoreMismatchError(CaptumMLLMError):
+    """A coalition store file holds another explanation (model, chat, features,
+    target or seed differ); the message names what differs."""
+
+
+class ResultFormatError(CaptumMLLMError):
+    """A saved result cannot be read: missing files, another schema, or bad data."""
+
+
+class AdapterCheckError(CaptumMLLMError):
+    """A model adapter breaks the adapter contract (``check_adapter`` says how)."""
+
+
+class InconsistentVersionWarning(UserWarning):
+    """A saved result is read by another version of captum-mllm than wrote it."""

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import torch
 from captum.attr import InterpretableInput, LLMAttributionResult
 from torch import Tensor
 
-from captum_mllm.errors import InvalidOptionError
+from captum_mllm.errors import InconsistentVersionWarning, InvalidOptionError, ResultFormatError
 from captum_mllm.inputs import FeatureInfo
 
 
@@ -35,30 +41,77 @@ _NORMALISERS: dict[str, Callable[[Tensor, float], Tensor]] = {
 }
 
 
+SCHEMA_VERSION = 1
+_ARRAYS = ("seq_attr", "token_attr", "output_probs", "seq_attr_std", "target_ids")
+
+
+@dataclass(frozen=True, eq=False)
+class ClipRef:
+    """One audio clip of the explained chat, for plots and reports.
+
+    Holds the samples, or only the file they came from (``waveform`` None),
+    read back with soundfile when drawn.
+
+    Attributes:
+        turn (int): the chat turn holding the clip.
+        sample_rate (int): samples per second.
+        waveform (Tensor or None): mono samples ``(n,)``.
+        path (str or None): the audio file the clip was read from.
+    """
+
+    turn: int
+    sample_rate: int
+    waveform: Tensor | None = None
+    path: str | None = None
+
+    def samples(self) -> Tensor:
+        """The clip's samples (read from ``path`` when not embedded)."""
+        if self.waveform is not None:
+            return self.waveform
+        from captum_mllm.audio import load_audio, resample
+
+        wave, rate, _ = load_audio(str(self.path))
+        return resample(wave, rate, self.sample_rate)
+
+    @property
+    def duration(self) -> float:
+        return float(len(self.samples())) / self.sample_rate
+
+
 class MultimodalLLMAttributionResult(LLMAttributionResult):
-    """Attributions of a chat's features to a response.
+    """Attributions of a chat's features to a response: plain data.
 
     Everything Captum's ``LLMAttributionResult`` has (``seq_attr``,
     ``token_attr``, ``input_tokens``, ``output_tokens``, ``plot_token_attr``,
-    ``plot_seq_attr``, ``plot_image_heatmap``) plus what each feature is and
-    what the explanation cost.
+    ``plot_seq_attr``, ``plot_image_heatmap``) plus what each feature is, what
+    was said, and how it was computed. It holds no model or input object
+    (except Captum's own ``ImageMaskInput``, which ``plot_image_heatmap``
+    reads), so it can be saved, reopened and sent to another process.
 
     Attributes:
-        features (list of FeatureInfo or None): modality, turn, role and
-            positions of each feature (None for Captum's own inputs).
-        target_ids (Tensor or None): ``(T,)`` ids of the explained response.
+        features (list of FeatureInfo or None): label, modality, turn, role,
+            positions, clip and time span of each feature (None for Captum's
+            own inputs).
+        target_ids (Tensor or None): the explained response in the adapter's
+            layout (``(T,)`` token ids; ``(N, 9)`` items for LFM2-Audio).
+        response_text (str or None): the explained response as text.
         seq_attr_std (Tensor or None): with a sampled value function, the sample
             standard deviation of each feature's attribution over the samples.
         responses (dict or None): for regenerating value functions, the answer
             (text, or list of sampled texts) under each evaluated coalition,
             keyed by the coalition as a tuple of 0/1.
-        n_model_calls (int): model forwards (and generate calls) made.
-        n_coalitions (int): coalitions the Captum method asked for.
-        n_unique_coalitions (int): coalitions actually evaluated (cache misses).
-        wall_time (float): seconds spent in ``attribute``.
+        roles (list of str or None): the role of each turn of the chat.
+        clips (list of ClipRef or None): the chat's audio clips, in chat order.
         output_audio (dict or None): for spoken responses, ``{"codes": (8, F)
             Mimi codes, "waveform": 24 kHz samples or None (needs the model's
             detokenizer weights), "sample_rate": 24000}``.
+        provenance (dict): model, method and its arguments, target settings,
+            seed, package versions.
+        n_model_calls (int): model forwards (and generate calls) made.
+        n_coalitions (int): coalitions the Captum method asked for.
+        n_unique_coalitions (int): coalitions evaluated in this call.
+        n_stored_coalitions (int): coalitions read from the store of an earlier run.
+        wall_time (float): seconds spent in ``attribute``.
     """
 
     def __init__(
@@ -72,13 +125,18 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         inp: InterpretableInput | None = None,
         features: Sequence[FeatureInfo] | None = None,
         target_ids: Tensor | None = None,
+        response_text: str | None = None,
         seq_attr_std: Tensor | None = None,
         responses: dict[tuple[int, ...], Any] | None = None,
+        roles: list[str] | None = None,
+        clips: list[ClipRef] | None = None,
+        output_audio: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
         n_model_calls: int = 0,
         n_coalitions: int = 0,
         n_unique_coalitions: int = 0,
+        n_stored_coalitions: int = 0,
         wall_time: float = 0.0,
-        output_audio: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             input_tokens=input_tokens,
@@ -90,13 +148,160 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         )
         self.features = list(features) if features is not None else None
         self.target_ids = target_ids
+        self.response_text = response_text
         self.seq_attr_std = seq_attr_std
         self.responses = responses
+        self.roles = roles
+        self.clips = clips
+        self.output_audio = output_audio
+        self.provenance = dict(provenance or {})
         self.n_model_calls = n_model_calls
         self.n_coalitions = n_coalitions
         self.n_unique_coalitions = n_unique_coalitions
+        self.n_stored_coalitions = n_stored_coalitions
         self.wall_time = wall_time
-        self.output_audio = output_audio
+
+    # Saving and loading ---------------------------------------------------------------
+
+    def to_dict(self, embed_audio: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The result as JSON-able data plus named arrays.
+
+        Args:
+            embed_audio (bool, optional): keep clip samples in the arrays; when
+                False a clip read from a file keeps only its path. Default: True
+
+        Returns:
+            tuple: ``(data, arrays)``: what :meth:`save` writes as JSON and ``.npz``.
+        """
+        arrays: dict[str, np.ndarray] = {}
+        for name in _ARRAYS:
+            value = getattr(self, name)
+            if value is not None:
+                arrays[name] = torch.as_tensor(value).detach().cpu().numpy()
+        clips = []
+        for i, clip in enumerate(self.clips or []):
+            keep = embed_audio or clip.path is None or not Path(clip.path).is_file()
+            if keep:
+                arrays[f"clip_{i}"] = clip.samples().detach().cpu().numpy()
+            clips.append({"turn": clip.turn, "sample_rate": clip.sample_rate,
+                          "path": clip.path, "embedded": keep})  # fmt: skip
+        audio = None
+        if self.output_audio is not None:
+            audio = {"sample_rate": self.output_audio.get("sample_rate")}
+            for key in ("codes", "waveform"):
+                if self.output_audio.get(key) is not None:
+                    arrays[f"output_audio_{key}"] = self.output_audio[key].detach().cpu().numpy()
+        data = {
+            "schema_version": SCHEMA_VERSION,
+            "versions": _versions(),
+            "input_tokens": list(self.input_tokens),
+            "output_tokens": list(self.output_tokens),
+            "features": [asdict(f) for f in self.features] if self.features is not None else None,
+            "response_text": self.response_text,
+            "responses": [[list(k), v] for k, v in self.responses.items()]
+            if self.responses is not None
+            else None,
+            "roles": self.roles,
+            "clips": clips,
+            "output_audio": audio,
+            "provenance": self.provenance,
+            "counts": {
+                "n_model_calls": self.n_model_calls,
+                "n_coalitions": self.n_coalitions,
+                "n_unique_coalitions": self.n_unique_coalitions,
+                "n_stored_coalitions": self.n_stored_coalitions,
+                "wall_time": self.wall_time,
+            },
+        }
+        return data, arrays
+
+    def save(self, path: str | PathLike[str], embed_audio: bool = True) -> Path:
+        """Write the result as ``path`` (JSON) and the arrays beside it
+        (``path`` with suffix ``.npz``); no pickle.
+
+        Args:
+            path (str or PathLike): e.g. ``"explanation.json"``.
+            embed_audio (bool, optional): see :meth:`to_dict`. Default: True
+
+        Returns:
+            Path: the JSON file.
+
+        Examples::
+
+            >>> res.save("explanation.json")
+            >>> again = MultimodalLLMAttributionResult.load("explanation.json")
+        """
+        path = Path(path)
+        data, arrays = self.to_dict(embed_audio)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path.with_suffix(".npz"), **arrays)  # type: ignore[arg-type]
+        path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+        return path
+
+    @classmethod
+    def load(cls, path: str | PathLike[str]) -> MultimodalLLMAttributionResult:
+        """Read a result written by :meth:`save`.
+
+        Warns (:class:`~captum_mllm.errors.InconsistentVersionWarning`) when it
+        was saved by another version of captum-mllm.
+
+        Raises:
+            ResultFormatError: a file is missing or of another schema.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            with np.load(path.with_suffix(".npz"), allow_pickle=False) as npz:
+                arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ResultFormatError(f"cannot read a saved result from {path}: {exc}") from exc
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ResultFormatError(
+                f"{path} has schema version {data.get('schema_version')}; this captum-mllm "
+                f"reads version {SCHEMA_VERSION}"
+            )
+        saved = data.get("versions", {}).get("captum-mllm")
+        if saved != _versions()["captum-mllm"]:
+            warnings.warn(
+                f"{path} was saved by captum-mllm {saved}, read by {_versions()['captum-mllm']}",
+                InconsistentVersionWarning,
+                stacklevel=2,
+            )
+        features = None
+        if data["features"] is not None:
+            features = [
+                FeatureInfo(**{**f, "positions": tuple(f["positions"]),
+                               "time": tuple(f["time"]) if f["time"] is not None else None})
+                for f in data["features"]
+            ]  # fmt: skip
+        clips = [
+            ClipRef(c["turn"], c["sample_rate"], arrays.get(f"clip_{i}"), c["path"])
+            for i, c in enumerate(data["clips"])
+        ]
+        audio = None
+        if data["output_audio"] is not None:
+            audio = {"sample_rate": data["output_audio"]["sample_rate"]}
+            audio.update({k: arrays.get(f"output_audio_{k}") for k in ("codes", "waveform")})
+        responses = None
+        if data["responses"] is not None:
+            responses = {tuple(k): v for k, v in data["responses"]}
+        return cls(
+            input_tokens=data["input_tokens"],
+            output_tokens=data["output_tokens"],
+            seq_attr=arrays["seq_attr"],
+            token_attr=arrays.get("token_attr"),
+            output_probs=arrays.get("output_probs"),
+            features=features,
+            target_ids=arrays.get("target_ids"),
+            response_text=data["response_text"],
+            seq_attr_std=arrays.get("seq_attr_std"),
+            responses=responses,
+            roles=data["roles"],
+            clips=clips,
+            output_audio=audio,
+            provenance=data["provenance"],
+            **data["counts"],
+        )
 
     def normalized(
         self, kind: str = "abs_sum", power: float = 2.0
@@ -220,3 +425,16 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             f"output_tokens={len(self.output_tokens)}, model_calls={self.n_model_calls}, "
             f"unique_coalitions={self.n_unique_coalitions}/{self.n_coalitions})"
         )
+
+
+def _versions() -> dict[str, str]:
+    """Versions of the packages that made a result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("captum-mllm", "captum", "torch", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out

@@ -1,23 +1,113 @@
 """Value functions: what a coalition of features is worth.
 
-A target is called with a batch of B coalitions and returns ``(B, 1 + T)``
-(the total, then one value per output token) or ``(B, 1)``.
+A :class:`Target` is pure: the value of a coalition depends on (chat,
+coalition, the target's settings, its seed) only, never on the batch it is
+evaluated in, on the order, or on earlier calls. Whatever an explanation
+computes once (the prefix cache, the reference answer's vector) is made by
+:meth:`Target.prepare` and handed back to :meth:`Target.evaluate`; the target
+object itself keeps nothing between calls.
 """
 
 from __future__ import annotations
 
+import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from captum_mllm.encoding import EncodedChat, MaskedChat
+from captum_mllm.encoding import EncodedChat, MaskedChat, coalition_key
 from captum_mllm.errors import InvalidOptionError
+from captum_mllm.models.base import ModelAdapter, Response
 
 
-class LogProbTarget:
+@dataclass(frozen=True)
+class TargetValues:
+    """The values of a batch of B coalitions.
+
+    Attributes:
+        values (Tensor): ``(B, k)``; column 0 is the value attributed at
+            sequence level, the others its parts.
+        columns (str): what columns 1.. are: ``"tokens"`` (one per output
+            token, column 0 their sum), ``"samples"`` (one per sampled answer,
+            column 0 their mean) or ``"total"`` (no further column).
+        responses (list, optional): for regenerating targets, what the model
+            said under each coalition: a text, or a list of texts when sampling.
+    """
+
+    values: Tensor
+    columns: str
+    responses: list[Any] | None = None
+
+
+class Target(ABC):
+    """Base class of value functions (abstract methods are enforced).
+
+    Subclasses say how many value columns an explanation has, evaluate a
+    batch of coalitions, and describe their settings (for the coalition store's
+    fingerprint and the result's provenance).
+    """
+
+    #: Whether columns 1.. are per output token (Captum's ``token_attr``).
+    per_token: bool = False
+    #: Generation arguments for the answer to explain when no target is given.
+    gen_args: dict[str, Any] | None = None
+
+    def prepare(
+        self,
+        model: ModelAdapter,
+        full: MaskedChat,
+        response: Response,
+        per_step: bool = False,
+        reuse_prefix: bool = True,
+    ) -> Any:
+        """What one explanation computes once, before any coalition (default: nothing).
+
+        Args:
+            model (ModelAdapter): the adapter.
+            full (MaskedChat): the chat with every feature present.
+            response (Response): the answer being explained.
+            per_step (bool, optional): score one output token per forward.
+            reuse_prefix (bool, optional): compute the untouched prefix once.
+        """
+        return None
+
+    @abstractmethod
+    def n_columns(self, response: Response) -> int:
+        """``k``: the columns :meth:`evaluate` returns for this response."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: ModelAdapter, masked: MaskedChat, response: Response, state: Any
+    ) -> TargetValues:
+        """Values of the B coalitions of ``masked``; ``state`` is :meth:`prepare`'s."""
+
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """Every setting the values depend on, as plain JSON-able data."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({args})"
+
+
+def coalition_seed(seed: int, key: bytes, sample: int = 0) -> int:
+    """A 63-bit seed for one coalition's ``sample``-th sampled answer, from
+    (seed, the coalition's key): the same in any batch, order or call."""
+    digest = hashlib.blake2b(key, digest_size=8, key=f"{seed}:{sample}".encode()).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class _LogProbState:
+    prefix: Any
+    per_step: bool
+
+
+class LogProbTarget(Target):
     """Teacher-forced log-probability (or probability) of the response.
 
     One batched forward scores every coalition of a batch; the first column is
@@ -39,39 +129,36 @@ class LogProbTarget:
             raise InvalidOptionError(f"kind must be 'log_prob' or 'prob', got {kind!r}")
         self.kind = kind
 
-    def n_extra_outputs(self, n_target: int) -> int:
-        """Columns after the total: one per target token."""
-        return n_target
+    def n_columns(self, response: Response) -> int:
+        """The total, then one column per output token."""
+        return 1 + len(response)
 
-    def __call__(
+    def prepare(
         self,
-        model: Any,
-        masked: MaskedChat,
-        target_ids: Tensor,
-        prefix: Any = None,
+        model: ModelAdapter,
+        full: MaskedChat,
+        response: Response,
         per_step: bool = False,
-    ) -> Tensor:
-        """Score B coalitions.
+        reuse_prefix: bool = True,
+    ) -> _LogProbState:
+        """Run the prefix no feature touches once (when ``reuse_prefix``)."""
+        return _LogProbState(model.prefill(full) if reuse_prefix else None, per_step)
 
-        Args:
-            model (ModelAdapter): the adapter.
-            masked (MaskedChat): the coalitions applied to the chat.
-            target_ids (Tensor): ``(T,)`` response token ids.
-            prefix (Any, optional): the adapter's prefill state.
-            per_step (bool, optional): one forward per response token.
-
-        Returns:
-            Tensor: ``(B, 1 + T)``.
-        """
-        return self.from_log_probs(model.score_masked(masked, target_ids, prefix, per_step))
+    def evaluate(
+        self, model: ModelAdapter, masked: MaskedChat, response: Response, state: Any
+    ) -> TargetValues:
+        """Score B coalitions: ``(B, 1 + T)``, total then tokens."""
+        state = state or _LogProbState(None, False)
+        log_probs = model.score_masked(masked, response, state.prefix, state.per_step)
+        return TargetValues(self.from_log_probs(log_probs), "tokens")
 
     def from_log_probs(self, log_probs: Tensor) -> Tensor:
         """``(B, T)`` token log-probs -> ``(B, 1 + T)`` total then tokens."""
         out = torch.cat([log_probs.sum(dim=1, keepdim=True), log_probs], dim=1)
         return out.exp() if self.kind == "prob" else out
 
-    def __repr__(self) -> str:
-        return f"LogProbTarget({self.kind!r})"
+    def settings(self) -> dict[str, Any]:
+        return {"kind": self.kind}
 
 
 def _reduce(name: str) -> Callable[[Tensor], Tensor]:
@@ -106,7 +193,7 @@ def _similarity(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     return sims[name]
 
 
-class EmbeddingSimilarity:
+class EmbeddingSimilarity(Target):
     """Regenerate the response under each coalition and compare it with the
     response to the full chat (the value function of MLLM-SHAP).
 
@@ -195,50 +282,71 @@ class EmbeddingSimilarity:
             )
         self.seed = seed
         self.empty_value = empty_value
-        self.last_responses: list[Tensor] = []
-        self._reference: tuple[Any, Tensor | None] | None = None
-        self._n_calls = 0
+        self._settings = {
+            "embedding": embedding if isinstance(embedding, str) else _name(embedding),
+            "context": context,
+            "reducer": reducer if isinstance(reducer, str) else _name(reducer),
+            "similarity": similarity if isinstance(similarity, str) else _name(similarity),
+            "gen_args": {k: v for k, v in sorted(self.gen_args.items())},
+            "samples_per_coalition": samples_per_coalition,
+            "seed": seed,
+            "empty_value": empty_value,
+        }
 
-    def n_extra_outputs(self, n_target: int) -> int:
-        """Columns after the total: one per sample when sampling several."""
-        return self.samples if self.samples > 1 else 0
+    def n_columns(self, response: Response) -> int:
+        """The mean similarity, then one column per sample when sampling several."""
+        return 1 + self.samples if self.samples > 1 else 1
 
-    def __call__(
+    def settings(self) -> dict[str, Any]:
+        return dict(self._settings)
+
+    def prepare(
         self,
-        model: Any,
-        masked: MaskedChat,
-        target_ids: Tensor,
-        prefix: Any = None,
+        model: ModelAdapter,
+        full: MaskedChat,
+        response: Response,
         per_step: bool = False,
-    ) -> Tensor:
+        reuse_prefix: bool = True,
+    ) -> _SimilarityState:
+        """The reference: the vector of the explained answer, computed once."""
+        context = full.encoded if self.context == "chat" else None
+        vectors, ok = self.vectors(model, [model.strip_response(response)], context)
+        return _SimilarityState(vectors[0] if bool(ok[0]) else None, context)
+
+    def evaluate(
+        self, model: ModelAdapter, masked: MaskedChat, response: Response, state: Any
+    ) -> TargetValues:
         """Regenerate, embed and compare B coalitions.
 
+        Sampled answers of a coalition are seeded from (seed, the coalition):
+        the same in any batch, order or call.
+
         Returns:
-            Tensor: ``(B, 1)`` greedy, or ``(B, 1 + k)`` (mean, then each sample).
+            TargetValues: ``(B, 1)`` greedy, or ``(B, 1 + k)`` (mean, then each sample).
         """
+        if state is None:
+            state = self.prepare(model, replace(masked, present=masked.present[:1]), response)
         k = self.samples
+        seeds = None
+        if self.sampled:
+            keys = [coalition_key(row) for row in masked.present]
+            seeds = [coalition_seed(self.seed, key, j) for key in keys for j in range(k)]
         if k > 1:
             masked = replace(masked, present=masked.present.repeat_interleave(k, dim=0))
-        if self.sampled:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed + self._n_calls)
-                self._n_calls += 1
-                responses = model.generate_masked(masked, **self.gen_args)
-        else:
-            responses = model.generate_masked(masked, **self.gen_args)
-        responses = [model.strip_response(r) for r in responses]
-        self.last_responses = responses
-        context = masked.encoded if self.context == "chat" else None
-        reference = self._reference_vector(model, model.strip_response(target_ids), context)
-        values = self.values(model, responses, reference, context).reshape(-1, k)
+        said = model.generate_masked(masked, seeds=seeds, **(self.gen_args or {}))
+        said = [model.strip_response(r) for r in said]
+        values = self.values(model, said, state.reference, state.context).reshape(-1, k)
+        texts = [r.text for r in said]
+        per_coalition = texts if k == 1 else [texts[i : i + k] for i in range(0, len(texts), k)]
         if k == 1:
-            return values
-        return torch.cat([values.mean(dim=1, keepdim=True), values], dim=1)
+            return TargetValues(values, "total", per_coalition)
+        mean = values.mean(dim=1, keepdim=True)
+        return TargetValues(torch.cat([mean, values], dim=1), "samples", per_coalition)
 
     def values(
         self,
-        model: Any,
-        responses: list[Tensor],
+        model: ModelAdapter,
+        responses: list[Response],
         reference: Tensor | None,
         context: EncodedChat | None = None,
     ) -> Tensor:
@@ -253,12 +361,12 @@ class EmbeddingSimilarity:
         return out
 
     def vectors(
-        self, model: Any, responses: list[Tensor], context: EncodedChat | None = None
+        self, model: ModelAdapter, responses: list[Response], context: EncodedChat | None = None
     ) -> tuple[Tensor, Tensor]:
         """Reduced vectors ``(N, d)`` and a mask of the usable ones (non-empty, non-zero)."""
         nonempty = [i for i, r in enumerate(responses) if len(r) > 0]
         if callable(self.embedding):
-            texts = [model.decode_response(responses[i]) for i in nonempty]
+            texts = [responses[i].text for i in nonempty]
             reduced = [v for v in torch.as_tensor(self.embedding(texts)).float()] if texts else []
         else:
             if self.embedding == "static":
@@ -276,14 +384,13 @@ class EmbeddingSimilarity:
             ok[i] = bool(v.norm() > 0)
         return vectors, ok
 
-    def _reference_vector(
-        self, model: Any, target: Tensor, context: EncodedChat | None
-    ) -> Tensor | None:
-        key = (tuple(target.flatten().tolist()), id(context))
-        if self._reference is None or self._reference[0] != key:
-            vectors, ok = self.vectors(model, [target], context)
-            self._reference = (key, vectors[0] if bool(ok[0]) else None)
-        return self._reference[1]
 
-    def __repr__(self) -> str:
-        return f"EmbeddingSimilarity(embedding={self.embedding!r}, samples={self.samples})"
+@dataclass(frozen=True)
+class _SimilarityState:
+    reference: Tensor | None
+    context: EncodedChat | None
+
+
+def _name(fn: Any) -> str:
+    """A callable's stable name, for settings (its module and qualified name)."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"

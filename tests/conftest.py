@@ -50,3 +50,15 @@ def smol():
     from captum_mllm.models.default_model import load_default_model
 
     return load_default_model()
+
+
+def game(target, model, inp, target_ids):
+    """The value function of an explanation as a plain ``(m, n) masks -> (m, k)``
+    callable, computed afresh (no prefix reuse, no cache): the brute-force oracle's input."""
+    response = model.check_target(target_ids)
+    state = target.prepare(model, inp.to_model_input(), response, reuse_prefix=False)
+
+    def value(masks):
+        return target.evaluate(model, inp.to_model_input(masks), response, state).values
+
+    return value

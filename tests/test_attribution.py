@@ -12,7 +12,7 @@ from captum.attr import (
     ShapleyValueSampling,
     TextTemplateInput,
 )
-from conftest import brute_force_shapley
+from conftest import brute_force_shapley, game
 
 from captum_mllm import Chat, ChatInput, LogProbTarget, MultimodalLLMAttribution
 from captum_mllm.errors import (
@@ -66,13 +66,6 @@ def test_matches_stock_captum(model, chat, method, kwargs):
     assert ours.seq_attr.abs().max() > 1e-2  # the comparison is not between zeros
 
 
-def _value(model, inp, target_ids):
-    def value(masks):
-        return LogProbTarget()(model, inp.to_model_input(masks), target_ids)
-
-    return value
-
-
 @pytest.mark.parametrize("text_unit, roles", [("word", ("user",)), ("turn", ("system", "user"))])
 def test_exact_shapley_equals_brute_force_and_is_efficient(model, chat, text_unit, roles):
     inp = ChatInput(
@@ -82,7 +75,7 @@ def test_exact_shapley_equals_brute_force_and_is_efficient(model, chat, text_uni
     res = MultimodalLLMAttribution(ShapleyValues(model), model).attribute(
         inp, target=TARGET, perturbations_per_eval=16
     )
-    values = _value(model, inp, res.target_ids)
+    values = game(LogProbTarget(), model, inp, res.target_ids)
     expected = brute_force_shapley(values, inp.n_itp_features)
     torch.testing.assert_close(res.seq_attr, expected[0], atol=2e-4, rtol=0)
     torch.testing.assert_close(res.token_attr, expected[1:], atol=2e-4, rtol=0)

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 from captum.attr import ShapleyValues, ShapleyValueSampling
-from conftest import brute_force_shapley
+from conftest import brute_force_shapley, game
 
 from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, LogProbTarget, MultimodalLLMAttribution
 from captum_mllm.errors import (
@@ -78,7 +78,7 @@ def test_exact_shapley_brute_force_and_efficiency(lfm, wave, audio_baseline):
     res = MultimodalLLMAttribution(ShapleyValues(lfm), lfm).attribute(
         inp, gen_args={"max_new_tokens": 4}, perturbations_per_eval=32
     )
-    value = lambda m: LogProbTarget()(lfm, inp.to_model_input(m), res.target_ids)  # noqa: E731
+    value = game(LogProbTarget(), lfm, inp, res.target_ids)
     expected = brute_force_shapley(value, inp.n_itp_features)
     torch.testing.assert_close(res.token_attr, expected[1:], atol=2e-4, rtol=0)
     torch.testing.assert_close(res.seq_attr, expected[0], atol=2e-4, rtol=0)
@@ -105,7 +105,7 @@ def test_batched_equals_unbatched_and_packed_equals_single(lfm, wave):
     target = lfm.generate_masked(
         inp.to_model_input(), max_new_tokens=8, output_modality="text+audio"
     )[0]
-    assert (target[:, 0] < 0).any() and (target[:, 0] >= 0).any()  # text and audio frames
+    assert (target.ids[:, 0] < 0).any() and (target.ids[:, 0] >= 0).any()  # text and audio
     packed = lfm.score_masked(inp.to_model_input(masks), target)
     single = torch.cat([lfm.score_masked(inp.to_model_input(m[None]), target) for m in masks])
     torch.testing.assert_close(packed, single, atol=1e-4, rtol=0)
@@ -135,7 +135,7 @@ def test_batched_generation_equals_liquid_audio(mode):
             max_new_tokens=16,
             output_modality=mode,
         )[0]
-        assert torch.equal(ours, ref)
+        assert torch.equal(ours.ids, ref)
         assert (ref[:, 0] < 0).any()  # the comparison covers audio frames
     inp = ChatInput(mixed_chat(waves[0]), lfm, audio_unit=0.5)
     masks = torch.tensor(
@@ -146,12 +146,12 @@ def test_batched_generation_equals_liquid_audio(mode):
     )
     for m, row in zip(masks, batched, strict=True):
         assert torch.equal(
-            row,
+            row.ids,
             lfm.generate_masked(
                 inp.to_model_input(m[None]), max_new_tokens=12, output_modality=mode
-            )[0],
+            )[0].ids,
         )
-    labels = lfm.decode_tokens(batched[0])
+    labels = batched[0].labels
     assert "♪0.08s" in labels
 
 

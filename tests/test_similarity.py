@@ -3,7 +3,7 @@
 import pytest
 import torch
 from captum.attr import FeatureAblation, ShapleyValues
-from conftest import brute_force_shapley
+from conftest import brute_force_shapley, game
 
 from captum_mllm import ChatInput, EmbeddingSimilarity, LogProbTarget, MultimodalLLMAttribution
 from captum_mllm.errors import InvalidOptionError
@@ -19,12 +19,11 @@ def test_exact_shapley_and_efficiency(model, chat, embedding, context):
         inp, perturbations_per_eval=32
     )
     assert res.token_attr is None
-    expected = brute_force_shapley(lambda m: sim(model, inp.to_model_input(m), res.target_ids), 5)
+    value = game(sim, model, inp, res.target_ids)
+    expected = brute_force_shapley(value, 5)
     torch.testing.assert_close(res.seq_attr, expected[0], atol=1e-5, rtol=0)
     # efficiency: sum = sim(full, full) - sim(full, answer without any feature)
-    full, empty = sim(
-        model, inp.to_model_input(torch.tensor([[1.0] * 5, [0.0] * 5])), res.target_ids
-    )
+    full, empty = value(torch.tensor([[1.0] * 5, [0.0] * 5]))
     assert full.item() == pytest.approx(1.0, abs=1e-5)  # cosine of the answer with itself
     assert res.seq_attr.sum().item() == pytest.approx((full - empty).item(), abs=1e-5)
     assert len(res.responses) == 2**5
@@ -37,7 +36,7 @@ def test_batched_regeneration_equals_one_at_a_time(model, chat):
     batched = model.generate_masked(inp.to_model_input(masks), **GEN)
     for m, answer in zip(masks, batched, strict=True):
         alone = model.generate_masked(inp.to_model_input(m[None]), **GEN)[0]
-        assert torch.equal(alone, answer)
+        assert torch.equal(alone.ids, answer.ids)
     # the full chat's answer is what the log-prob path would explain
     sim_res = MultimodalLLMAttribution(
         FeatureAblation(model), model, target=EmbeddingSimilarity(gen_args=GEN)
@@ -46,7 +45,8 @@ def test_batched_regeneration_equals_one_at_a_time(model, chat):
     assert torch.equal(
         sim_res.attribute(inp).target_ids, lp_res.attribute(inp, gen_args=GEN).target_ids
     )
-    assert torch.equal(batched[-1], lp_res.attribute(inp, gen_args=GEN).target_ids)
+    greedy = lp_res.attribute(inp, gen_args=GEN, keep_eos=True).target_ids
+    assert torch.equal(batched[-1].ids, greedy)
 
 
 A = torch.tensor([[1.0, 2.0, 2.0], [3.0, 0.0, -1.0]])  # two token vectors
@@ -91,10 +91,9 @@ def test_callables_empty_answers_and_zero_vectors(model):
     sim = EmbeddingSimilarity(
         embed, similarity=lambda a, b: -(a - b).abs().sum(1), empty_value=-7.0
     )
-    empty = torch.tensor([], dtype=torch.long)
-    tok = model.tokenizer
-    text = torch.tensor(tok.encode("a banana"))
-    zero_text = torch.tensor(tok.encode(" "))  # embeds to [1, 0]: not zero
+    empty = model.response(torch.tensor([], dtype=torch.long))
+    text = model.text_response("a banana")
+    zero_text = model.text_response(" ")  # embeds to [1, 0]: not zero
     ref = sim.vectors(model, [text])[0][0]
     values = sim.values(model, [text, empty, zero_text], ref)
     assert values.tolist() == [0.0, -7.0, -(abs(1 - 8) + abs(0 - 4))]
@@ -121,7 +120,7 @@ def test_sampled_mode_is_reproducible_and_reports_sample_std(model, chat):
     torch.testing.assert_close(first.seq_attr, second.seq_attr)
     assert first.responses == second.responses
     # Recompute each sample's feature-ablation attribution from the recorded answers.
-    reference = embed([model.tokenizer.decode(first.target_ids)])[0]
+    reference = embed([first.response_text])[0]
 
     def sample_values(coalition):
         return sim.similarity(embed(first.responses[coalition]), reference)  # (k,)
@@ -185,11 +184,10 @@ def test_spoken_answers_on_lfm2_audio(embedding, context):
     )
     assert (res.target_ids[:, 0] < 0).any()  # the answer holds audio frames
     n = inp.n_itp_features
-    expected = brute_force_shapley(lambda m: sim(lfm, inp.to_model_input(m), res.target_ids), n)
+    value = game(sim, lfm, inp, res.target_ids)
+    expected = brute_force_shapley(value, n)
     torch.testing.assert_close(res.seq_attr, expected[0], atol=1e-5, rtol=0)
-    full, empty = sim(
-        lfm, inp.to_model_input(torch.stack([torch.ones(n), torch.zeros(n)])), res.target_ids
-    )
+    full, empty = value(torch.stack([torch.ones(n), torch.zeros(n)]))
     assert res.seq_attr.sum().item() == pytest.approx((full - empty).item(), abs=1e-5)
     assert full.item() == pytest.approx(1.0, abs=1e-5)
     assert any("♪" in text for text in res.responses.values())
@@ -207,13 +205,15 @@ def test_audio_sampling_settings_reach_lfm2_and_are_reproducible():
 
     def answers(seed, **kw):
         sim = EmbeddingSimilarity(gen_args=gen, seed=seed, **kw)
-        sim(lfm, inp.to_model_input(torch.ones(3, inp.n_itp_features)), torch.tensor([5]))
-        return [r.tolist() for r in sim.last_responses]
+        masked = inp.to_model_input(torch.ones(3, inp.n_itp_features))
+        seeds = [0, 1, 2] if sim.sampled else None
+        return [r.ids.tolist() for r in lfm.generate_masked(masked, seeds=seeds, **sim.gen_args)]
 
     greedy = answers(0)
     assert greedy[0] == greedy[1] == greedy[2]
     sampled = answers(0, audio_temperature=5.0)
-    assert sampled == answers(0, audio_temperature=5.0)  # same seed, same answers
+    assert sampled == answers(0, audio_temperature=5.0)  # same seeds, same answers
     text_part = [[row for row in r if row[0] >= 0] for r in sampled]
     assert text_part == [[row for row in r if row[0] >= 0] for r in greedy]  # text stays greedy
     assert sampled != greedy  # audio frames were sampled
+    assert sampled[0] != sampled[1]  # each row its own seed

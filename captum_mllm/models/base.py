@@ -1,19 +1,19 @@
-"""The contract every model adapter follows.
+"""The contract every model adapter follows, and the response type adapters own.
 
 An adapter is an ``nn.Module`` (so Captum's methods and ``BaseLLMAttribution``
-accept it) with ``.device`` and ``.tokenizer``, that can
+accept it) with ``.device`` and ``.tokenizer``. Inputs, targets and attribution
+call only the methods listed on :class:`ModelAdapter`; they are abstract, so a
+subclass that lacks one cannot be instantiated. ``check_adapter`` in
+:mod:`captum_mllm.testing` checks that an adapter also behaves as the contract says.
 
-- ``encode`` a chat into an :class:`~captum_mllm.encoding.EncodedChat`,
-- ``prefill`` a prefix no feature touches, once per explanation,
-- ``score`` a batch of coalitions against a target in one teacher-forced forward,
-- ``generate_batch`` greedy continuations of a batch of coalitions.
-
-It counts its model forwards in ``n_forward_calls``.
+Model knowledge (chat layout, how a response is laid out, frame lengths) stays
+in the adapter: everyone else sees a :class:`Response`.
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,8 +23,34 @@ from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.errors import TargetError
 
 
-class ModelAdapter(nn.Module):
-    """Base class of model adapters. See the module docstring for the contract."""
+@dataclass(frozen=True, eq=False)
+class Response:
+    """What a model said (or is asked to have said), in the adapter's own layout.
+
+    Attributes:
+        ids (Tensor): the adapter's encoding of the response; only the adapter
+            that made it reads it (text models: ``(T,)`` token ids).
+        labels (tuple of str): one readable label per output token (an 80 ms
+            audio frame counts as one token); ``len(response)`` is their number.
+        text (str): the response as text (audio frames noted, not transcribed).
+        audio (dict, optional): the spoken part: ``{"codes": (8, F) tensor,
+            "waveform": tensor or None, "sample_rate": int}``.
+    """
+
+    ids: Tensor
+    labels: tuple[str, ...]
+    text: str
+    audio: dict[str, Any] | None = field(default=None)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class ModelAdapter(nn.Module, ABC):
+    """Base class of model adapters: every method others call is listed here.
+
+    It counts its model forwards (and generation calls) in ``n_forward_calls``.
+    """
 
     tokenizer: Any
 
@@ -36,47 +62,27 @@ class ModelAdapter(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def is_causal(self) -> bool:
+        """Whether a position never sees later ones (then padding after a row, a
+        shared prefix cache and scoring a whole response in one forward are exact)."""
+        return True
+
+    # Encoding ------------------------------------------------------------------------
+
     @abstractmethod
     def encode(self, chat: Any) -> EncodedChat:
         """Encode a chat (a :class:`Chat` or a message list) with generation prompt."""
 
-    @abstractmethod
-    def score_masked(
-        self, masked: MaskedChat, target: Tensor, prefix: Any = None, per_step: bool = False
-    ) -> Tensor:
-        """Log-probabilities of ``target`` after each coalition.
-
-        Args:
-            masked (MaskedChat): B coalitions of one chat.
-            target (Tensor): ``(T,)`` target token ids.
-            prefix (Any, optional): state from :meth:`prefill` of the first
-                ``masked.prefix_len`` positions.
-            per_step (bool, optional): score one target token per forward
-                (Captum's ``forward_in_tokens=True``); same values, slower.
-
-        Returns:
-            Tensor: ``(B, T)`` log-probabilities.
-        """
-
-    def prefill(self, masked: MaskedChat) -> Any:
-        """Run the untouched prefix once; None when the adapter cannot reuse it."""
-        return None
+    # Responses -----------------------------------------------------------------------
 
     @abstractmethod
-    def generate_masked(self, masked: MaskedChat, **gen_args: Any) -> list[Tensor]:
-        """Greedy (or sampled) continuation of each coalition: B id tensors."""
+    def response(self, ids: Tensor) -> Response:
+        """Wrap the adapter's own response ids (as ``generate_masked`` makes them)."""
 
     @abstractmethod
-    def decode_tokens(self, ids: Tensor) -> list[str]:
-        """Readable label of each output token."""
-
-    @abstractmethod
-    def decode_response(self, ids: Tensor) -> str:
-        """A whole response as text."""
-
-    @abstractmethod
-    def strip_response(self, ids: Tensor) -> Tensor:
-        """A response without its trailing end-of-turn, end-of-sequence and padding tokens."""
+    def strip_response(self, response: Response) -> Response:
+        """The response without its trailing end-of-turn, end-of-sequence and padding."""
 
     @property
     def vocab_size(self) -> int | None:
@@ -84,15 +90,15 @@ class ModelAdapter(nn.Module):
         size = getattr(self.tokenizer, "vocab_size", None)
         return len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else size
 
-    def check_target(self, target: Tensor) -> Tensor:
-        """A user-given target as ``(T,)`` token ids.
+    def check_target(self, target: Tensor) -> Response:
+        """A user-given target as a response.
 
         Args:
             target (Tensor): integer ids of shape ``(T,)`` or ``(1, T)`` (the shape
                 of ``tokenizer(..., return_tensors="pt").input_ids``).
 
         Returns:
-            Tensor: ``(T,)`` long ids.
+            Response: the target.
 
         Raises:
             TargetError: another shape, non-integer values or ids outside the vocabulary.
@@ -112,8 +118,66 @@ class ModelAdapter(nn.Module):
                 f"target ids {target[bad].tolist()[:5]} are outside the vocabulary "
                 f"(0..{size - 1 if size else '?'})"
             )
-        return target.long()
+        return self.response(target.long())
 
-    def output_audio(self, target: Tensor) -> dict[str, Any] | None:
-        """The spoken part of a response (codes, waveform); None for text models."""
+    def text_response(self, text: str) -> Response:
+        """A response given as text, tokenized without special tokens."""
+        return self.response(torch.tensor(self.tokenizer.encode(text, add_special_tokens=False)))
+
+    # Scoring and generation ----------------------------------------------------------
+
+    def prefill(self, masked: MaskedChat) -> Any:
+        """Run the untouched prefix once; None when the adapter cannot reuse it."""
         return None
+
+    @abstractmethod
+    def score_masked(
+        self,
+        masked: MaskedChat,
+        response: Response,
+        prefix: Any = None,
+        per_step: bool = False,
+    ) -> Tensor:
+        """Teacher-forced log-probability of each response token after each coalition.
+
+        Args:
+            masked (MaskedChat): B coalitions of one chat.
+            response (Response): the response to score.
+            prefix (Any, optional): state from :meth:`prefill` of the first
+                ``masked.prefix_len`` positions.
+            per_step (bool, optional): score one response token per forward
+                (Captum's ``forward_in_tokens=True``); same values, slower.
+
+        Returns:
+            Tensor: ``(B, len(response))`` float32 log-probabilities.
+        """
+
+    @abstractmethod
+    def generate_masked(
+        self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
+    ) -> list[Response]:
+        """Continue each coalition (greedy, or sampled with ``do_sample``).
+
+        Args:
+            masked (MaskedChat): B coalitions.
+            seeds (list of int, optional): one seed per coalition; sampled tokens
+                of row b depend on ``seeds[b]`` only, never on the other rows.
+            **gen_args: generation settings (``max_new_tokens``, ``do_sample``,
+                ``temperature``, ``top_k``, and the adapter's own).
+
+        Returns:
+            list of Response: B responses, each up to and including its end token.
+        """
+
+    # Embeddings of responses (for similarity value functions) ------------------------
+
+    @abstractmethod
+    def token_embeddings(self, response: Response) -> Tensor:
+        """``(len(response), d)`` rows of the model's input embedding table."""
+
+    @abstractmethod
+    def response_states(
+        self, responses: list[Response], context: EncodedChat | None = None
+    ) -> list[Tensor]:
+        """Last hidden states over each response, ``(n_i, d)``, read alone or
+        after ``context`` (the full chat)."""

@@ -70,6 +70,7 @@ def by_length(
     extra: int,
     call_cost: int,
     score: Callable[[list[Tensor]], Tensor],
+    pad: bool = True,
 ) -> Tensor:
     """Score rows in groups of similar length, one ``score`` call per group.
 
@@ -78,12 +79,19 @@ def by_length(
         extra (int): tokens every row gets appended (the target).
         call_cost (int): see :func:`length_buckets`.
         score (callable): ``list of rows -> (b, k)``.
+        pad (bool, optional): allow rows of different lengths in one group
+            (right padding, exact for causal models only); else each group
+            holds rows of one length. Default: True
 
     Returns:
         Tensor: ``(B, k)`` in the rows' order.
     """
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    ends = length_buckets([len(rows[i]) + extra for i in order], call_cost)
+    lens = [len(rows[i]) for i in order]
+    if pad:
+        ends = length_buckets([n + extra for n in lens], call_cost)
+    else:
+        ends = [i + 1 for i in range(len(lens)) if i + 1 == len(lens) or lens[i + 1] != lens[i]]
     parts, begin = [], 0
     for end in ends:
         parts.append(score([rows[i] for i in order[begin:end]]))

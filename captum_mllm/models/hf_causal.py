@@ -20,8 +20,15 @@ from captum_mllm.errors import (
     InvalidContentError,
     InvalidModelError,
 )
-from captum_mllm.models.base import ModelAdapter
-from captum_mllm.models.batching import by_length, default_call_cost, pad_rows
+from captum_mllm.models.base import Response
+from captum_mllm.models.batching import pad_rows
+from captum_mllm.models.decoder import (
+    DecoderLMAdapter,
+    cache_kwarg,
+    pick_tokens,
+    resolve_device,
+    row_generators,
+)
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
 
@@ -41,7 +48,7 @@ class PrefixCache:
         return cache
 
 
-class HFCausalLMAdapter(ModelAdapter):
+class HFCausalLMAdapter(DecoderLMAdapter):
     """Wraps a ``transformers`` causal LM (or any module with a HF-style
     ``forward(input_ids, attention_mask) -> .logits``) and its tokenizer.
 
@@ -66,13 +73,8 @@ class HFCausalLMAdapter(ModelAdapter):
         forward = getattr(model, "forward", None)
         params = inspect.signature(forward).parameters if forward else {}
         self._logits_to_keep = "logits_to_keep" in params
-        # transformers >= 5.2x calls the key/value cache ``cache``; older ones ``past_key_values``.
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_kwarg(forward)
         self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
-        # Per-forward overhead in tokens, for grouping rows by length (see score);
-        # None: 80 on CPU (a forward reads every weight once: ~80 tokens of compute
-        # for a 10M model on 2 cores, measured); one batch on accelerators.
-        self.call_cost: int | None = None
 
     @classmethod
     def from_pretrained(
@@ -89,6 +91,7 @@ class HFCausalLMAdapter(ModelAdapter):
         Args:
             name_or_path (str): hub id or local path.
             device (str or torch.device, optional): where to put the model.
+                Default: the first GPU when there is one, else the CPU
             dtype (torch.dtype or str, optional): e.g. ``torch.bfloat16``; default
                 the checkpoint's.
             trust_remote_code (bool, optional): run code shipped with the
@@ -115,14 +118,20 @@ class HFCausalLMAdapter(ModelAdapter):
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype or "auto", **common, **kwargs
         )
-        if device is not None:
-            model.to(device)  # type: ignore[arg-type]
+        model.to(resolve_device(device))  # type: ignore[arg-type]
         return cls(model.eval(), tokenizer)
 
     @property
     def device(self) -> torch.device:
         device = getattr(self.model, "device", None)
         return device if isinstance(device, torch.device) else next(self.parameters()).device
+
+    @property
+    def is_causal(self) -> bool:
+        """A transformers decoder (not encoder-decoder); other modules are not
+        assumed causal (Captum's toy models are bidirectional)."""
+        config = getattr(self.model, "config", None)
+        return self._is_hf and not getattr(config, "is_encoder_decoder", False)
 
     # Captum's BaseLLMAttribution calls the wrapped module's forward and generate.
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -245,14 +254,36 @@ class HFCausalLMAdapter(ModelAdapter):
             first = ends[0] - len(block)
         return [(first if k == 0 else ends[k - 1], ends[k]) for k in range(len(messages))]
 
-    def decode_tokens(self, ids: Tensor) -> list[str]:
-        return [_pretty(self.tokenizer.decode([int(i)])) for i in ids]
+    # Responses --------------------------------------------------------------------
+
+    def response(self, ids: Tensor) -> Response:
+        """Token ids ``(T,)`` as a response, labelled token by token."""
+        ids = ids.reshape(-1).long()
+        labels = tuple(_pretty(self.tokenizer.decode(ids[i : i + 1])) for i in range(len(ids)))
+        return Response(ids=ids, labels=labels, text=self.tokenizer.decode(ids))
+
+    def strip_response(self, response: Response) -> Response:
+        """The response without trailing end-of-sequence and padding tokens."""
+        stop = _eos_ids(self.model, self.tokenizer) | {_pad_id(self.tokenizer)}
+        ids = response.ids
+        n = len(ids)
+        while n > 0 and int(ids[n - 1]) in stop:
+            n -= 1
+        return response if n == len(ids) else self.response(ids[:n])
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the model's input embedding table (else the tokenizer's size)."""
+        embeddings = getattr(self.model, "get_input_embeddings", None)
+        table = embeddings() if callable(embeddings) else None
+        rows = getattr(table, "num_embeddings", None)
+        return int(rows) if isinstance(rows, int) else super().vocab_size
 
     # Scoring ---------------------------------------------------------------------
 
     def prefill(self, masked: MaskedChat) -> PrefixCache | None:
         """Forward the untouched prefix once and keep its key/value cache."""
-        if not self._is_hf or masked.prefix_len == 0:
+        if not self.is_causal or masked.prefix_len == 0:
             return None
         ids = masked.encoded.input_ids[: masked.prefix_len].to(self.device)[None]
         with torch.no_grad():
@@ -263,63 +294,19 @@ class HFCausalLMAdapter(ModelAdapter):
             return None
         return PrefixCache(masked.prefix_len, cache, out.logits[0, -1])
 
-    def score_masked(
-        self,
-        masked: MaskedChat,
-        target: Tensor,
-        prefix: PrefixCache | None = None,
-        per_step: bool = False,
-    ) -> Tensor:
+    def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
         start = prefix.length if prefix is not None else 0
-        return self.score(masked.rows(start), target, prefix, per_step)
+        return [r.to(self.device) for r in masked.rows(start)]
 
-    def score(
-        self,
-        rows: list[Tensor],
-        target: Tensor,
-        prefix: PrefixCache | None = None,
-        per_step: bool = False,
+    def _fed(self, response: Response) -> Tensor:
+        return response.ids.to(self.device)
+
+    def _score_rows(
+        self, rows: list[Tensor], response: Response, first: int, last: int, prefix: Any
     ) -> Tensor:
-        """Teacher-forced log-probabilities of ``target`` after each row.
-
-        Rows are right-padded: under a causal mask padding after a sequence
-        cannot change it, so neither position ids nor the model's mask handling
-        matter for correctness.
-
-        Args:
-            rows (list of Tensor): B prompts (after the prefix, if any).
-            target (Tensor): ``(T,)`` target ids.
-            prefix (PrefixCache, optional): shared prefix state.
-            per_step (bool, optional): one forward per target token, as Captum's
-                ``forward_in_tokens=True``; gives the same values.
-
-        Returns:
-            Tensor: ``(B, T)`` float32 log-probabilities.
-        """
-        if per_step:
-            steps = [
-                self._forward_logprobs(
-                    [torch.cat([r, target[:t].to(r.device)]) for r in rows],
-                    target[t : t + 1],
-                    prefix,
-                )
-                for t in range(len(target))
-            ]
-            return torch.cat(steps, dim=1)
-        # (B, L_b) rows -> (B, T); rows of similar length share a forward.
-        call_cost = self.call_cost or default_call_cost(self.device)
-        return by_length(
-            rows, len(target), call_cost, lambda part: self._forward_logprobs(part, target, prefix)
-        )
-
-    def _forward_logprobs(
-        self,
-        rows: list[Tensor],
-        target: Tensor,
-        prefix: PrefixCache | None,
-    ) -> Tensor:
+        """One right-padded forward; rows already hold the first ``first`` target tokens."""
         device = self.device
-        target = target.to(device)
+        target = response.ids[first:last].to(device)
         n_target = int(target.shape[0])
         batch = len(rows)
         lens = torch.tensor([len(r) for r in rows], device=device)
@@ -328,12 +315,8 @@ class HFCausalLMAdapter(ModelAdapter):
                 "a coalition removed every input token; keep some template text fixed"
             )
         # The last target token predicts nothing we need: feed T - 1 of them.
-        fed = target[: n_target - 1]
-        ids, mask = pad_rows(
-            [torch.cat([r.to(device), fed]) for r in rows], _pad_id(self.tokenizer)
-        )
+        ids, mask = pad_rows([torch.cat([r, target[:-1]]) for r in rows], _pad_id(self.tokenizer))
         width = ids.shape[1]
-
         kwargs: dict[str, Any] = {}
         if self._is_hf:
             kwargs["use_cache"] = prefix is not None
@@ -341,11 +324,11 @@ class HFCausalLMAdapter(ModelAdapter):
             kwargs[self._cache_kwarg] = prefix.expand(batch)
             mask = torch.cat([mask.new_ones(batch, prefix.length), mask], dim=1)
         # Logit positions that predict target token j of row b: lens[b] - 1 + j.
-        first = int(lens.min().clamp(min=1)) - 1
+        lowest = int(lens.min().clamp(min=1)) - 1
         offset = 0
         if self._logits_to_keep:
-            kwargs["logits_to_keep"] = torch.arange(first, width, device=device)
-            offset = first
+            kwargs["logits_to_keep"] = torch.arange(lowest, width, device=device)
+            offset = lowest
         with torch.no_grad():
             logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
         self.n_forward_calls += 1
@@ -358,86 +341,75 @@ class HFCausalLMAdapter(ModelAdapter):
         logp = picked.float().log_softmax(-1)
         return logp.gather(2, target[None, :, None].expand(batch, -1, 1)).squeeze(-1)
 
-    @property
-    def vocab_size(self) -> int | None:
-        """Rows of the model's input embedding table (else the tokenizer's size)."""
-        embeddings = getattr(self.model, "get_input_embeddings", None)
-        table = embeddings() if callable(embeddings) else None
-        rows = getattr(table, "num_embeddings", None)
-        return int(rows) if isinstance(rows, int) else super().vocab_size
-
     # Response embeddings (for EmbeddingSimilarity) ---------------------------------
 
-    def strip_response(self, ids: Tensor) -> Tensor:
-        """The response without trailing end-of-sequence and padding tokens."""
-        stop = _eos_ids(self.model, self.tokenizer) | {_pad_id(self.tokenizer)}
-        n = len(ids)
-        while n > 0 and int(ids[n - 1]) in stop:
-            n -= 1
-        return ids[:n]
-
-    def token_embeddings(self, ids: Tensor) -> Tensor:
-        """``(n,) -> (n, d)`` rows of the model's input embedding table."""
+    def token_embeddings(self, response: Response) -> Tensor:
+        """``(n, d)`` rows of the model's input embedding table."""
         with torch.no_grad():
-            return self.model.get_input_embeddings()(ids.to(self.device)).float()  # type: ignore[operator]
+            table = self.model.get_input_embeddings()  # type: ignore[operator]
+            return table(response.ids.to(self.device)).float()
 
-    def decode_response(self, ids: Tensor) -> str:
-        """A response as text."""
-        return self.tokenizer.decode(ids)
+    def _context_rows(self, context: EncodedChat) -> Tensor:
+        return context.input_ids.to(self.device)
 
-    def response_states(
-        self, responses: list[Tensor], context: EncodedChat | None = None
-    ) -> list[Tensor]:
-        """Last hidden states over each response, ``(n_i, d)``, read alone or
-        after ``context`` (the full chat), in one right-padded forward."""
-        lead = context.input_ids.to(self.device) if context is not None else None
-        rows = [
-            r.to(self.device) if lead is None else torch.cat([lead, r.to(self.device)])
-            for r in responses
-        ]
+    def _last_hidden(self, rows: list[Tensor]) -> Tensor:
         ids, mask = pad_rows(rows, _pad_id(self.tokenizer))
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        self.n_forward_calls += 1
-        start = 0 if lead is None else len(lead)
-        last = out.hidden_states[-1].float()
-        return [last[b, start : start + len(r)] for b, r in enumerate(responses)]
+        return out.hidden_states[-1]
 
     # Generation ------------------------------------------------------------------
 
-    def generate_masked(self, masked: MaskedChat, **gen_args: Any) -> list[Tensor]:
-        return self.generate_rows(masked.rows(), **gen_args)
+    def generate_masked(
+        self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
+    ) -> list[Response]:
+        """Continue each coalition with ``model.generate``, left-padded in one batch.
 
-    def generate_rows(self, rows: list[Tensor], **gen_args: Any) -> list[Tensor]:
-        """Continue each row with ``model.generate``, left-padded in one batch.
-
-        Args:
-            rows (list of Tensor): B prompts.
-            **gen_args: ``generate`` arguments; default greedy, 25 new tokens.
+        Sampling (``do_sample`` with ``temperature`` / ``top_k``) draws each
+        row's tokens from its own generator seeded by ``seeds[b]``, so a row's
+        answer does not depend on the rows beside it.
 
         Returns:
-            list of Tensor: the new tokens of each row, up to and including EOS.
+            list of Response: the new tokens of each row, up to and including EOS.
         """
         pad = _pad_id(self.tokenizer)
-        ids, mask = pad_rows(rows, pad, left=True, device=self.device)
+        ids, mask = pad_rows(masked.rows(), pad, left=True, device=self.device)
         width = ids.shape[1]
         args = {**DEFAULT_GEN_ARGS, **gen_args}
         for key in ("audio_temperature", "audio_top_k"):  # a text model has no audio to sample
             args.pop(key, None)
-        if args.get("do_sample") and args.get("temperature") is None and args.get("top_k") is None:
-            args["do_sample"] = False  # only audio sampling was asked for
+        temperature, top_k = args.pop("temperature", None), args.pop("top_k", None)
+        if args.pop("do_sample", False) and (temperature is not None or top_k is not None):
+            generators = row_generators(seeds, self.device)
+            args["logits_processor"] = [_SeededSampling(temperature or 1.0, top_k, generators)]
+        args["do_sample"] = False  # sampled tokens come from the processor above
         if self._is_hf:
             args.setdefault("pad_token_id", pad)
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, **args)  # type: ignore[operator]
         self.n_forward_calls += 1
-        new = out[:, width:]
         eos = _eos_ids(self.model, self.tokenizer)
         result = []
-        for row in new:
+        for row in out[:, width:]:
             stop = next((i + 1 for i, t in enumerate(row.tolist()) if t in eos), len(row))
-            result.append(row[:stop])
+            result.append(self.response(row[:stop].cpu()))
         return result
+
+
+class _SeededSampling:
+    """A transformers logits processor that samples each row with its own
+    generator and leaves only the drawn token, so greedy decoding returns it."""
+
+    def __init__(
+        self, temperature: float, top_k: int | None, generators: list[torch.Generator] | None
+    ) -> None:
+        self.temperature, self.top_k, self.generators = temperature, top_k, generators
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        chosen = pick_tokens(scores, self.temperature, self.top_k, self.generators)
+        out = torch.full_like(scores, -float("inf"))
+        out[torch.arange(len(scores)), chosen] = 0.0
+        return out
 
 
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: never in a template

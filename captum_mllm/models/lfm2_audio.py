@@ -5,14 +5,14 @@ Everything model-specific lives here: the chat format, the conformer that turns
 frames of 8 Mimi codebooks, and a batched version of liquid-audio's
 ``generate_sequential`` / ``generate_interleaved``.
 
-Outputs ("targets") are ``(N, 9)`` long tensors, one row per output item: column
-0 holds a text token id (or -1 for an audio frame), columns 1..8 the frame's
-codes (or -1 for a text token). Plain ``(T,)`` text ids are accepted too.
+A :class:`~captum_mllm.models.base.Response` of this adapter holds ``(N, 9)``
+long ids, one row per output item: column 0 a text token id (or -1 for an audio
+frame), columns 1..8 the frame's codes (or -1 for a text token). No other
+module reads that layout. Plain ``(T,)`` text ids are accepted as targets too.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +24,14 @@ from captum_mllm.audio import resample
 from captum_mllm.chat import AudioPart, Chat, as_chat
 from captum_mllm.encoding import AUDIO_IN, TEXT, EncodedChat, MaskedChat
 from captum_mllm.errors import AudioError, InvalidOptionError, TargetError
-from captum_mllm.models.base import ModelAdapter
-from captum_mllm.models.batching import by_length, default_call_cost, pad_rows
+from captum_mllm.models.base import Response
+from captum_mllm.models.batching import pad_rows
+from captum_mllm.models.decoder import (
+    DecoderLMAdapter,
+    cache_kwarg,
+    resolve_device,
+    row_generators,
+)
 from captum_mllm.models.lfm2_audio_generation import END_OF_AUDIO, IM_END, BatchedGeneration
 
 SAMPLE_RATE = 16_000
@@ -51,7 +57,7 @@ def as_items(target: Tensor) -> Tensor:
     return items
 
 
-class LFM2AudioAdapter(ModelAdapter):
+class LFM2AudioAdapter(DecoderLMAdapter):
     """LFM2-Audio behind the adapter contract of :mod:`captum_mllm.models.base`.
 
     Each audio clip is encoded by the conformer once per chat (in
@@ -75,29 +81,31 @@ class LFM2AudioAdapter(ModelAdapter):
         self.processor = processor
         self.tokenizer = processor.text
         self.n_encoder_calls = 0
-        self.call_cost: int | None = None  # see HFCausalLMAdapter.call_cost
-        params = inspect.signature(model.lfm.forward).parameters  # type: ignore[union-attr]
-        # transformers >= 5.2x calls the cache ``cache``, older ones ``past_key_values``.
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model.lfm.forward)  # type: ignore[union-attr]
 
     @classmethod
     def from_pretrained(
         cls,
         repo_or_path: str,
-        device: str | torch.device = "cuda",
-        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> LFM2AudioAdapter:
         """Load LFM2-Audio and its processor (Hugging Face hub id or local folder).
 
         Args:
             repo_or_path (str): e.g. ``"LiquidAI/LFM2-Audio-1.5B"``.
-            device (str or torch.device, optional): Default: ``"cuda"``
-            dtype (torch.dtype, optional): Default: ``torch.bfloat16``
+            device (str or torch.device, optional): Default: the first GPU when
+                there is one, else the CPU
+            dtype (torch.dtype, optional): Default: bfloat16 on a GPU, float32 on the CPU
 
         Returns:
             LFM2AudioAdapter: the adapter, in eval mode.
         """
         from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
+
+        device = resolve_device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
         model = LFM2AudioModel.from_pretrained(repo_or_path, device=device, dtype=dtype)
         processor = LFM2AudioProcessor.from_pretrained(repo_or_path, device=device)
@@ -245,36 +253,19 @@ class LFM2AudioAdapter(ModelAdapter):
 
     # Scoring ---------------------------------------------------------------------
 
-    def score_masked(
-        self,
-        masked: MaskedChat,
-        target: Tensor,
-        prefix: Any = None,
-        per_step: bool = False,
+    def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
+        return self.masked_embeds(masked)
+
+    def _fed(self, response: Response) -> Tensor:
+        return self._embed_items(response.ids.to(self.device))
+
+    def _score_rows(
+        self, rows: list[Tensor], response: Response, first: int, last: int, prefix: Any
     ) -> Tensor:
-        """Teacher-forced log-probability of each output item after each coalition.
-
-        Text items are scored by the tied LM head; an audio frame by the
-        depthformer over its 8 codebooks (codebook 0 only at end-of-audio).
-        Rows are right-padded and grouped by length, one forward per group.
-
-        Returns:
-            Tensor: ``(B, N)`` float32.
-        """
-        rows = self.masked_embeds(masked)
-        items = as_items(target.to(self.device))
-        if per_step:
-            fed = self._embed_items(items)
-            steps = [
-                self._score([torch.cat([r, fed[:t]]) for r in rows], items[t : t + 1])
-                for t in range(len(items))
-            ]
-            return torch.cat(steps, dim=1)
-        call_cost = self.call_cost or default_call_cost(self.device)
-        return by_length(rows, len(items), call_cost, lambda part: self._score(part, items))
-
-    def _score(self, rows: list[Tensor], items: Tensor) -> Tensor:
+        """Text items are scored by the tied LM head; an audio frame by the
+        depthformer over its 8 codebooks (codebook 0 only at end-of-audio)."""
         device = self.device
+        items = response.ids[first:last].to(device)
         fed = self._embed_items(items[:-1])  # the last item predicts nothing we need
         lens = torch.tensor([len(r) for r in rows], device=device)
         dim = rows[0].shape[-1]
@@ -332,6 +323,7 @@ class LFM2AudioAdapter(ModelAdapter):
     def generate_masked(
         self,
         masked: MaskedChat,
+        seeds: list[int] | None = None,
         max_new_tokens: int = 25,
         output_modality: str = "text",
         do_sample: bool = False,
@@ -340,16 +332,16 @@ class LFM2AudioAdapter(ModelAdapter):
         audio_temperature: float | None = None,
         audio_top_k: int | None = None,
         **_: Any,
-    ) -> list[Tensor]:
+    ) -> list[Response]:
         """Continue each coalition, batched with left padding.
 
         ``"text"`` and ``"audio"`` follow liquid-audio's ``generate_sequential``
         (``"text"`` stops before any audio frame), ``"text+audio"`` its
-        ``generate_interleaved``; greedy unless ``do_sample``.
+        ``generate_interleaved``; greedy unless ``do_sample``, each row then
+        sampled from its own generator seeded by ``seeds[b]``.
 
         Returns:
-            list of Tensor: ``(N_b, 9)`` output items per coalition (``(T_b,)``
-            text ids for ``"text"``).
+            list of Response: one per coalition.
         """
         if output_modality not in MODES:
             raise InvalidOptionError(
@@ -360,14 +352,19 @@ class LFM2AudioAdapter(ModelAdapter):
             "audio": (audio_temperature if do_sample else None, audio_top_k if do_sample else None),
         }
         rows = self.masked_embeds(masked)
-        items = BatchedGeneration(self, rows, output_modality, sampling).run(max_new_tokens)
+        generators = row_generators(seeds, self.device) if do_sample else None
+        run = BatchedGeneration(self, rows, output_modality, sampling, generators)
+        items = run.run(max_new_tokens)
         self.n_forward_calls += 1
-        if output_modality == "text":
-            return [r[:, 0] for r in items]
-        return items
+        return [self.response(r) for r in items]
 
-    def decode_tokens(self, ids: Tensor) -> list[str]:
-        items = as_items(ids)
+    # Responses -----------------------------------------------------------------------
+
+    def response(self, ids: Tensor) -> Response:
+        """Output items ``(N, 9)`` (or text ids ``(T,)``) as a response: text
+        tokens and 80 ms audio frames (``♪0.08s`` ...), and the spoken part's
+        codes and waveform (when the processor has detokenizer weights)."""
+        items = as_items(ids.long())
         labels, frame = [], 0
         for row in items.tolist():
             if row[0] >= 0:
@@ -375,12 +372,12 @@ class LFM2AudioAdapter(ModelAdapter):
             else:
                 frame += 1
                 labels.append(f"♪{frame * FRAME_SECONDS:.2f}s")
-        return labels
+        text = self.tokenizer.decode(items[items[:, 0] >= 0, 0])
+        frames = int((items[:, 0] < 0).sum())
+        text += f" [♪ {frames} frames]" if frames else ""
+        return Response(ids=items, labels=tuple(labels), text=text, audio=self._audio(items))
 
-    def output_audio(self, target: Tensor) -> dict[str, Any] | None:
-        """The spoken part of a response: its codes, and its 24 kHz waveform
-        when the processor has detokenizer weights (the real model's do)."""
-        items = as_items(target)
+    def _audio(self, items: Tensor) -> dict[str, Any] | None:
         codes = items[(items[:, 0] < 0) & (items[:, 1] < END_OF_AUDIO), 1:].T.contiguous()
         if codes.numel() == 0:
             return None
@@ -394,7 +391,7 @@ class LFM2AudioAdapter(ModelAdapter):
     def vocab_size(self) -> int:
         return int(self._lfm.embed_tokens.num_embeddings)
 
-    def check_target(self, target: Tensor) -> Tensor:
+    def check_target(self, target: Tensor) -> Response:
         """A user-given target: ``(T,)`` / ``(1, T)`` text ids, or ``(N, 9)`` output
         items (text rows ``[id, -1 x 8]``, audio frames ``[-1, 8 codes]``).
 
@@ -415,45 +412,31 @@ class LFM2AudioAdapter(ModelAdapter):
                 "target items must be text rows [id, -1 x 8] with ids in the vocabulary or "
                 f"audio frames [-1, 8 codes in 0..{END_OF_AUDIO}]"
             )
-        return target.long()
+        return self.response(target)
 
-    def strip_response(self, ids: Tensor) -> Tensor:
-        """Drop trailing ``<|im_end|>`` / padding text tokens (ids or items)."""
-        first = ids if ids.dim() == 1 else ids[:, 0]
-        n = len(ids)
+    def strip_response(self, response: Response) -> Response:
+        """Drop trailing ``<|im_end|>`` / padding text items."""
+        first = response.ids[:, 0]
+        n = len(first)
         while n > 0 and int(first[n - 1]) in (IM_END, 0):
             n -= 1
-        return ids[:n]
+        return response if n == len(first) else self.response(response.ids[:n])
 
-    def decode_response(self, ids: Tensor) -> str:
-        """A response as text; audio frames as ``[♪ n frames]``."""
-        items = as_items(ids)
-        text = self.tokenizer.decode(items[items[:, 0] >= 0, 0])
-        frames = int((items[:, 0] < 0).sum())
-        return text + (f" [♪ {frames} frames]" if frames else "")
+    # Embeddings of responses -----------------------------------------------------------
 
-    def response_states(
-        self, responses: list[Tensor], context: EncodedChat | None = None
-    ) -> list[Tensor]:
-        """Last LFM hidden states over each response (text tokens and audio
-        frames), read alone or after the full chat, in one right-padded forward."""
-        lead = context.state["embeds"] if context is not None else None
-        rows = []
-        for r in responses:
-            embeds = self._embed_items(as_items(r.to(self.device)))
-            rows.append(embeds if lead is None else torch.cat([lead, embeds]))
+    def _context_rows(self, context: EncodedChat) -> Tensor:
+        return context.state["embeds"]
+
+    def _last_hidden(self, rows: list[Tensor]) -> Tensor:
         x, mask = pad_rows(rows)
         with torch.no_grad():
-            hidden = self._lfm(
+            return self._lfm(
                 inputs_embeds=x, attention_mask=mask, use_cache=False
             ).last_hidden_state
-        self.n_forward_calls += 1
-        start = 0 if lead is None else len(lead)
-        return [hidden[b, start : start + len(r)].float() for b, r in enumerate(responses)]
 
-    def token_embeddings(self, ids: Tensor) -> Tensor:
+    def token_embeddings(self, response: Response) -> Tensor:
         """Static embeddings of output items (text rows, summed audio frames)."""
-        return self._embed_items(as_items(ids.to(self.device))).float()
+        return self._embed_items(response.ids.to(self.device)).float()
 
 
 class _TableBuilder:

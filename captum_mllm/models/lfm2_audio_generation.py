@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_mllm.models.batching import pad_rows
+from captum_mllm.models.decoder import pick_tokens
 
 if TYPE_CHECKING:
     from captum_mllm.models.lfm2_audio import LFM2AudioAdapter
@@ -36,11 +37,13 @@ class BatchedGeneration:
         rows: list[Tensor],
         mode: str,
         sampling: dict[str, tuple[float | None, int | None]],
+        generators: list[torch.Generator] | None = None,
     ) -> None:
         self.a = adapter
         self.m: Any = adapter.model
         self.mode = mode
         self.sampling = sampling
+        self.generators = generators  # one per row: a row's samples never depend on others
         self.x, self.mask = pad_rows(rows, left=True)
         self.n = len(rows)
         conf = self.m.conf
@@ -131,7 +134,7 @@ class BatchedGeneration:
     def _text_tokens(self, h: Tensor) -> Tensor:
         logits = nn.functional.linear(h, self.a._lfm.embed_tokens.weight)
         temperature, top_k = self.sampling["text"]
-        return _pick(logits, temperature, top_k)
+        return pick_tokens(logits, temperature, top_k, self.generators)
 
     def _audio_frames(self, h: Tensor) -> Tensor:
         """Depthformer over the codebooks for every row at once: ``(B, C)``."""
@@ -144,18 +147,7 @@ class BatchedGeneration:
         for i in range(m.codebooks):
             out, cache = m.depthformer.forward_cached((depth_in[:, i] + token)[:, None], cache)
             logits = m.depth_embeddings[i].get_logits(out[:, 0])
-            nxt = _pick(logits, temperature, top_k)
+            nxt = pick_tokens(logits, temperature, top_k, self.generators)
             codes.append(nxt)
             token = m.depth_embeddings[i](nxt)
         return torch.stack(codes, 1)
-
-
-def _pick(logits: Tensor, temperature: float | None, top_k: int | None) -> Tensor:
-    """Greedy or sampled choice per row, as liquid-audio's samplers."""
-    if temperature is None or temperature <= 0 or top_k == 1:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    return torch.multinomial(logits.softmax(-1), 1)[:, 0]

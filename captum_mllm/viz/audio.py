@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from captum_mllm.chat import AudioPart
 from captum_mllm.errors import PlotError
 
 if TYPE_CHECKING:
-    from captum_mllm.result import MultimodalLLMAttributionResult
+    from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
 
 
 def plot_audio_attr(
@@ -35,7 +34,7 @@ def plot_audio_attr(
     if not features:
         raise PlotError(f"clip {index} has no audio features in this result")
 
-    wave = part.waveform.float()
+    wave = part.samples().float()
     seconds = np.arange(len(wave)) / part.sample_rate
     values = attr[[i for i, _ in features]]
     bound = float(values.abs().max()) or 1.0
@@ -78,23 +77,21 @@ def plot_audio_attr(
 
 def _clip(
     result: MultimodalLLMAttributionResult, turn: int | None, clip: int
-) -> tuple[AudioPart, int]:
-    """The audio part asked for and its index among all clips in chat order."""
-    chat = getattr(result.inp, "chat", None)
-    if chat is None or not result.features:
+) -> tuple[ClipRef, int]:
+    """The clip asked for and its index among all clips in chat order."""
+    clips = result.clips or []
+    if not clips or not result.features:
         raise PlotError("this result has no audio: explain a ChatInput with audio parts")
-    clips = [(t, p) for t, tr in enumerate(chat) for p in tr.parts if isinstance(p, AudioPart)]
-    if not clips:
-        raise PlotError("this result has no audio: the chat holds no audio part")
-    candidates = [i for i, (t, _) in enumerate(clips) if turn is None or t == turn]
-    if turn is not None and not (0 <= turn < len(chat)):
-        raise PlotError(f"turn {turn} does not exist; the chat has {len(chat)} turns")
+    n_turns = len(result.roles or [])
+    if turn is not None and not (0 <= turn < n_turns):
+        raise PlotError(f"turn {turn} does not exist; the chat has {n_turns} turns")
+    candidates = [i for i, c in enumerate(clips) if turn is None or c.turn == turn]
     if not candidates:
         raise PlotError(f"turn {turn} holds no audio")
     if not 0 <= clip < len(candidates):
         raise PlotError(f"clip {clip} does not exist; there are {len(candidates)} clips")
     index = candidates[clip]
-    return clips[index][1], index
+    return clips[index], index
 
 
 def _attribution(

@@ -1,0 +1,84 @@
+"""Everything that touches Captum's private API, in one place.
+
+Captum 0.9 keeps the pieces a drop-in ``LLMAttribution`` needs in
+``captum.attr._core.llm_attr`` (the default generation arguments, its token
+labels, how it turns an input into model kwargs, its single-coalition forward
+for image inputs). They are private and may move between releases, so no
+other module imports them: when Captum changes, this file changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from captum.attr import FeatureAblation, ImageMaskInput, InterpretableInput, LLMAttribution
+from captum.attr._core.llm_attr import DEFAULT_GEN_ARGS as _DEFAULT_GEN_ARGS
+from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
+from torch import Tensor
+
+from captum_mllm.errors import UnsupportedInputError
+
+#: Captum's generation defaults (greedy, 25 new tokens).
+DEFAULT_GEN_ARGS: dict[str, Any] = dict(_DEFAULT_GEN_ARGS)
+
+
+def pretty_tokens(ids: Tensor, tokenizer: Any) -> list[str]:
+    """Output-token labels exactly as stock Captum writes them."""
+    return _convert_ids_to_pretty_tokens(ids, tokenizer)
+
+
+def model_kwargs(attribution: LLMAttribution, model_input: Any) -> dict[str, Any]:
+    """Captum's own conversion of an input's model input (str, ids or a
+    processor's batch) into keyword arguments of the model."""
+    return attribution._format_model_input(model_input)
+
+
+def coalition_ids(
+    attribution: LLMAttribution, inp: InterpretableInput, coalition: Tensor | None
+) -> Tensor:
+    """Token ids ``(L,)`` of one coalition of a Captum text input, as Captum
+    tokenizes it (templates are rendered, then encoded with special tokens)."""
+    return model_kwargs(attribution, inp.to_model_input(coalition))["input_ids"].reshape(-1)
+
+
+def generate(attribution: LLMAttribution, inp: InterpretableInput, **gen_args: Any) -> Tensor:
+    """The model's answer to a Captum input, as stock Captum generates it."""
+    kwargs = model_kwargs(attribution, inp.to_model_input())
+    prompt = kwargs["input_ids"]
+    kwargs.setdefault("attention_mask", torch.ones_like(prompt))
+    pad = getattr(attribution.tokenizer, "pad_token_id", None)
+    if pad is not None:
+        gen_args.setdefault("pad_token_id", pad)
+    with torch.no_grad():
+        out = attribution.model.generate(**kwargs, **gen_args)  # type: ignore[operator]
+    return out[0, prompt.shape[1] :]
+
+
+def stock_image_forward(
+    attribution: LLMAttribution, inp: InterpretableInput, per_step: bool
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Captum's own single-coalition forward for inputs whose model input comes
+    from a processor (images): model-specific, so run as Captum runs it.
+
+    A private stock ``LLMAttribution`` built on ``FeatureAblation`` (which
+    attributes per token) computes total and per-token log-probabilities.
+
+    Returns:
+        callable: ``(coalition (1, n), target ids (T,)) -> (1 + T,)``.
+    """
+    if not isinstance(inp, ImageMaskInput):
+        raise UnsupportedInputError(f"{type(inp).__name__} is not an image input")
+    stock = LLMAttribution(
+        FeatureAblation(attribution.model), attribution.tokenizer, attribution.attr_target
+    )
+
+    def forward(coalition: Tensor, target_ids: Tensor) -> Tensor:
+        if per_step:
+            out = stock._forward_func_by_tokens(coalition, inp, target_ids, False)
+        else:
+            out = stock._forward_func_by_seq(coalition, inp, target_ids)
+        return out.reshape(-1)
+
+    return forward

@@ -1,0 +1,224 @@
+"""Evaluating coalitions: each distinct coalition once, in batches, kept in a store.
+
+Captum's method asks for the values of batches of coalitions
+(``perturbations_per_eval`` at a time). :class:`CoalitionEvaluator` answers
+from its store what it has already evaluated and sends only the others to
+the value function. The store is in memory by default, or a SQLite file
+(:class:`SQLiteStore`) that outlives the process: a rerun after an
+interruption evaluates only what is missing. A file belongs to one
+explanation, named by its fingerprint (model, chat, features, target,
+seed); another explanation is refused with :class:`~captum_mllm.errors.StoreMismatchError`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from os import PathLike
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from captum_mllm.encoding import coalition_key
+from captum_mllm.errors import StoreMismatchError
+from captum_mllm.targets import TargetValues
+
+# A stored evaluation: the coalition's value row and what the model said, if anything.
+Entry = tuple[np.ndarray, Any]
+
+
+class CoalitionStore(ABC):
+    """Where evaluated coalitions are kept, keyed by :func:`coalition_key`."""
+
+    @abstractmethod
+    def get_many(self, keys: Iterable[bytes]) -> dict[bytes, Entry]:
+        """The stored entries among ``keys``."""
+
+    @abstractmethod
+    def put_many(self, entries: dict[bytes, Entry]) -> None:
+        """Keep a batch of entries (all or none)."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of stored coalitions."""
+
+    def close(self) -> None:  # noqa: B027 (most stores hold nothing open)
+        """Release what the store holds open."""
+
+
+class MemoryStore(CoalitionStore):
+    """Entries in a dict, for one explanation in one process."""
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, Entry] = {}
+
+    def get_many(self, keys: Iterable[bytes]) -> dict[bytes, Entry]:
+        return {k: self.entries[k] for k in keys if k in self.entries}
+
+    def put_many(self, entries: dict[bytes, Entry]) -> None:
+        self.entries.update(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class SQLiteStore(CoalitionStore):
+    """Entries in a SQLite file (WAL mode, one transaction per evaluated batch).
+
+    Killing the process loses at most the batch being evaluated. The file
+    holds one explanation: its fingerprint is written on first use and
+    checked on every later one.
+
+    Args:
+        path (str or PathLike): the file; created when missing.
+        fingerprint (dict): ``{part: digest}`` naming the explanation.
+
+    Raises:
+        StoreMismatchError: the file holds another explanation.
+
+    Examples::
+
+        >>> res = attr.attribute(inp, store="run.sqlite", n_samples=64)  # interrupted
+        >>> res = attr.attribute(inp, store="run.sqlite", n_samples=64)  # resumes
+    """
+
+    def __init__(self, path: str | PathLike[str], fingerprint: dict[str, str]) -> None:
+        self.path = str(path)
+        self.db = sqlite3.connect(self.path)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        with self.db:
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS coalitions "
+                "(key BLOB PRIMARY KEY, value BLOB NOT NULL, response TEXT)"
+            )
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+        if row is None:
+            with self.db:
+                self.db.execute(
+                    "INSERT INTO meta VALUES ('fingerprint', ?)", (json.dumps(fingerprint),)
+                )
+        else:
+            stored = json.loads(row[0])
+            differs = sorted(
+                k for k in stored.keys() | fingerprint.keys() if stored.get(k) != fingerprint.get(k)
+            )
+            if differs:
+                self.db.close()
+                raise StoreMismatchError(
+                    f"{self.path} holds another explanation: its {', '.join(differs)} "
+                    "differ from this one's; use another store file"
+                )
+
+    def get_many(self, keys: Iterable[bytes]) -> dict[bytes, Entry]:
+        out: dict[bytes, Entry] = {}
+        keys = list(keys)
+        for start in range(0, len(keys), 500):  # SQLite's parameter limit
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, value, response in self.db.execute(
+                f"SELECT key, value, response FROM coalitions WHERE key IN ({marks})", chunk
+            ):
+                said = json.loads(response) if response is not None else None
+                out[bytes(key)] = (np.frombuffer(value, dtype=np.float32), said)
+        return out
+
+    def put_many(self, entries: dict[bytes, Entry]) -> None:
+        rows = [
+            (key, np.asarray(value, dtype=np.float32).tobytes(), _json_or_none(said))
+            for key, (value, said) in entries.items()
+        ]
+        with self.db:  # one transaction: a batch is stored whole or not at all
+            self.db.executemany("INSERT OR REPLACE INTO coalitions VALUES (?, ?, ?)", rows)
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM coalitions").fetchone()[0])
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _json_or_none(said: Any) -> str | None:
+    return None if said is None else json.dumps(said)
+
+
+class CoalitionEvaluator:
+    """Evaluates batches of coalitions through a store, each distinct one once.
+
+    Args:
+        evaluate (callable): ``(U, n_features) -> TargetValues`` for U coalitions.
+        store (CoalitionStore, optional): Default: a new :class:`MemoryStore`
+        enabled (bool, optional): when False every coalition is evaluated and
+            nothing is stored. Default: True
+
+    Attributes:
+        n_requested (int): coalitions the method asked for.
+        n_evaluated (int): coalitions evaluated now (store misses).
+        n_stored (int): coalitions found in the store from an earlier run.
+        responses (dict): coalition (tuple of 0/1) -> what the model said, for
+            regenerating targets.
+    """
+
+    def __init__(
+        self,
+        evaluate: Callable[[Tensor], TargetValues],
+        store: CoalitionStore | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.evaluate = evaluate
+        self.store = store if store is not None else MemoryStore()
+        self.enabled = enabled
+        self.n_requested = 0
+        self.n_evaluated = 0
+        self.n_stored = 0
+        self.responses: dict[tuple[int, ...], Any] = {}
+        self._seen: set[bytes] = set()
+
+    def __call__(self, perturbed: Tensor) -> Tensor:
+        """Values of B coalitions: ``(B, n_features) -> (B, k)`` on their device."""
+        rows = perturbed.reshape(perturbed.shape[0], -1)
+        self.n_requested += len(rows)
+        if not self.enabled:
+            self.n_evaluated += len(rows)
+            result = self.evaluate(rows)
+            self._log(rows, result.responses)
+            return result.values.to(perturbed.device)
+        keys = [coalition_key(row) for row in rows]
+        found = self.store.get_many(dict.fromkeys(keys))
+        first_of: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in found:
+                first_of.setdefault(key, i)
+        fresh_from_store = [k for k in found if k not in self._seen]
+        self.n_stored += len(fresh_from_store)
+        self._seen.update(found)
+        if first_of:
+            missing = rows[list(first_of.values())]
+            result = self.evaluate(missing)
+            self.n_evaluated += len(first_of)
+            said = result.responses or [None] * len(first_of)
+            new = {
+                key: (row.detach().float().cpu().numpy(), s)
+                for key, row, s in zip(first_of, result.values, said, strict=True)
+            }
+            self.store.put_many(new)
+            self._seen.update(new)
+            found.update(new)
+        for row, key in zip(rows, keys, strict=True):
+            if found[key][1] is not None:
+                self.responses[_as_tuple(row)] = found[key][1]
+        values = torch.stack([torch.from_numpy(np.array(found[k][0])) for k in keys])
+        return values.to(perturbed.device)
+
+    def _log(self, rows: Tensor, said: list[Any] | None) -> None:
+        for row, s in zip(rows, said or [], strict=False):
+            self.responses[_as_tuple(row)] = s
+
+
+def _as_tuple(row: Tensor) -> tuple[int, ...]:
+    return tuple(int(v != 0) for v in row.tolist())

@@ -1,0 +1,156 @@
+"""What both decoder-LM adapters share: teacher-forced scoring in one forward or
+token by token, hidden states over responses, per-row seeded sampling, and
+the keyword transformers uses for the key/value cache.
+
+An adapter built on :class:`DecoderLMAdapter` says how a coalition becomes
+model inputs (token ids or embeddings) and how one batch is scored; the loop,
+the length buckets and the per-step mode live here once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from captum_mllm.encoding import EncodedChat, MaskedChat
+from captum_mllm.models.base import ModelAdapter, Response
+from captum_mllm.models.batching import by_length, default_call_cost
+
+
+def cache_kwarg(forward: Callable[..., Any] | None) -> str:
+    """The key/value cache keyword of a model's forward: transformers >= 5.2x
+    calls it ``cache``, older versions ``past_key_values``."""
+    params = inspect.signature(forward).parameters if forward is not None else {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> the first GPU when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def row_generators(seeds: list[int] | None, device: torch.device) -> list[torch.Generator] | None:
+    """One random generator per batch row, so that a row's samples depend on
+    its own seed only, never on the batch it was run in."""
+    if seeds is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def pick_tokens(
+    logits: Tensor,
+    temperature: float | None,
+    top_k: int | None,
+    generators: list[torch.Generator] | None = None,
+) -> Tensor:
+    """Greedy (no temperature) or sampled choice per row of ``(B, V)`` logits,
+    as liquid-audio's and transformers' samplers: temperature, then top-k."""
+    if temperature is None or temperature <= 0 or top_k == 1:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = logits.softmax(-1)
+    if generators is None:
+        return torch.multinomial(probs, 1)[:, 0]
+    return torch.stack(
+        [torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators, strict=True)]
+    )
+
+
+class DecoderLMAdapter(ModelAdapter):
+    """Shared behaviour of decoder-only LM adapters (see the module docstring)."""
+
+    #: Per-forward overhead in tokens for grouping rows by length; None: the
+    #: device's default (:func:`~captum_mllm.models.batching.default_call_cost`).
+    call_cost: int | None = None
+
+    @abstractmethod
+    def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
+        """Model inputs of each coalition after the prefix: ids ``(L_b,)`` or
+        embeddings ``(L_b, D)``."""
+
+    @abstractmethod
+    def _fed(self, response: Response) -> Tensor:
+        """Model inputs of the response's tokens, in the layout of the rows."""
+
+    @abstractmethod
+    def _score_rows(
+        self, rows: list[Tensor], response: Response, first: int, last: int, prefix: Any
+    ) -> Tensor:
+        """Log-probabilities ``(B, last - first)`` of response tokens
+        ``first..last-1``; each row already ends with the first ``first`` of them."""
+
+    @abstractmethod
+    def _context_rows(self, context: EncodedChat) -> Tensor:
+        """Model inputs of a whole encoded chat."""
+
+    @abstractmethod
+    def _last_hidden(self, rows: list[Tensor]) -> Tensor:
+        """Right-padded forward of rows: last hidden states ``(B, W, d)``."""
+
+    def score_masked(
+        self,
+        masked: MaskedChat,
+        response: Response,
+        prefix: Any = None,
+        per_step: bool = False,
+    ) -> Tensor:
+        """Teacher-forced log-probability of each response token after each coalition.
+
+        Causal models take rows right-padded and grouped by length, the whole
+        response in one forward (or one token per forward with ``per_step``).
+        Models not known to be causal see only rows of equal length together,
+        so padding never reaches their outputs.
+
+        Returns:
+            Tensor: ``(B, len(response))`` float32.
+        """
+        return self.score_rows(self._coalition_rows(masked, prefix), response, prefix, per_step)
+
+    def score_rows(
+        self,
+        rows: list[Tensor],
+        response: Response,
+        prefix: Any = None,
+        per_step: bool = False,
+    ) -> Tensor:
+        """:meth:`score_masked` for rows of model inputs built elsewhere (e.g.
+        token ids from Captum's own inputs). Returns ``(B, len(response))``."""
+        fed = self._fed(response)
+        n = len(response)
+        call_cost = self.call_cost or default_call_cost(self.device)
+        steps = [(t, t + 1) for t in range(n)] if per_step else [(0, n)]
+        out = []
+        for first, last in steps:
+            # (B, L_b) rows + the first `first` response tokens -> (B, last - first)
+            grown = [torch.cat([r, fed[:first].to(r.device, r.dtype)]) for r in rows]
+            score = functools.partial(
+                self._score_rows, response=response, first=first, last=last, prefix=prefix
+            )
+            out.append(by_length(grown, last - first, call_cost, score, pad=self.is_causal))
+        return torch.cat(out, dim=1)
+
+    def response_states(
+        self, responses: list[Response], context: EncodedChat | None = None
+    ) -> list[Tensor]:
+        """Last hidden states over each response, ``(n_i, d)``, read alone or
+        after ``context`` (the full chat), in one right-padded forward."""
+        lead = self._context_rows(context) if context is not None else None
+        rows = []
+        for r in responses:
+            fed = self._fed(r)
+            rows.append(fed if lead is None else torch.cat([lead, fed.to(lead.dtype)]))
+        hidden = self._last_hidden(rows).float()
+        self.n_forward_calls += 1
+        start = 0 if lead is None else len(lead)
+        return [hidden[b, start : start + len(r)] for b, r in enumerate(responses)]
