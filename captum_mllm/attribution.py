@@ -39,7 +39,6 @@ from captum_mllm.errors import (
 from captum_mllm.fingerprint import chat_digest, digest, model_digest
 from captum_mllm.inputs import ChatInput
 from captum_mllm.models.base import ModelAdapter, Response
-from captum_mllm.models.hf_causal import HFCausalLMAdapter
 from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
 from captum_mllm.targets import LogProbTarget, Target, TargetValues
 
@@ -123,7 +122,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         elif isinstance(model, ModelAdapter):
             adapter = model
         elif tokenizer_or_adapter is not None and isinstance(model, torch.nn.Module):
-            adapter = HFCausalLMAdapter(model, tokenizer_or_adapter)
+            adapter = captum_compat.adapter_for(model, tokenizer_or_adapter)
         else:
             raise InvalidModelError(
                 f"the method is built on a {type(model).__name__}; build it on a model adapter "
@@ -293,14 +292,11 @@ class MultimodalLLMAttribution(LLMAttribution):
                 return TargetValues(torch.stack(rows), "tokens")
 
             return _Game(evaluate_image, n_columns, "tokens", calls)
-        if not isinstance(adapter, HFCausalLMAdapter):
-            raise UnsupportedInputError(
-                "Captum's text inputs need a text model (HFCausalLMAdapter)"
-            )
+        score_rows = captum_compat.text_scorer(adapter)
 
         def evaluate_text(coalitions: Tensor) -> TargetValues:
             rows = [captum_compat.coalition_ids(self, inp, c[None]) for c in coalitions]
-            log_probs = adapter.score_rows(rows, response, None, per_step)
+            log_probs = score_rows(rows, response, None, per_step)
             return TargetValues(value_fn.from_log_probs(log_probs), "tokens")
 
         return _Game(evaluate_text, n_columns, "tokens")

@@ -19,9 +19,26 @@ from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
 from torch import Tensor
 
 from captum_mllm.errors import UnsupportedInputError
+from captum_mllm.models.base import ModelAdapter
+from captum_mllm.models.hf_causal import HFCausalLMAdapter
 
 #: Captum's generation defaults (greedy, 25 new tokens).
 DEFAULT_GEN_ARGS: dict[str, Any] = dict(_DEFAULT_GEN_ARGS)
+
+
+def adapter_for(model: torch.nn.Module, tokenizer: Any) -> HFCausalLMAdapter:
+    """A plain model and its tokenizer, as stock Captum takes them, as an adapter."""
+    return HFCausalLMAdapter(model, tokenizer)
+
+
+def text_scorer(adapter: ModelAdapter) -> Callable[..., Tensor]:
+    """The scorer of token-id rows that Captum's text inputs need."""
+    if not isinstance(adapter, HFCausalLMAdapter):
+        raise UnsupportedInputError(
+            "Captum's text inputs need a text model (HFCausalLMAdapter); use ChatInput with "
+            f"{type(adapter).__name__}"
+        )
+    return adapter.score_rows
 
 
 def pretty_tokens(ids: Tensor, tokenizer: Any) -> list[str]:

@@ -12,7 +12,16 @@ from typing import Any
 
 import torch
 
+from captum_mllm.conformance import check_adapter
 from captum_mllm.models.hf_causal import HFCausalLMAdapter
+
+__all__ = [
+    "check_adapter",
+    "speech_like",
+    "tiny_hf_adapter",
+    "tiny_lfm2_audio",
+    "tiny_wav2vec2_aligner",
+]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

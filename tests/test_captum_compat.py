@@ -91,8 +91,9 @@ class DummyLLM(nn.Module):
     """Embedding, one causal transformer layer, linear head; deterministic weights
     from Captum's ``rand_like`` (an LCG), as in Captum's test."""
 
-    def __init__(self, deterministic_weights: bool = False) -> None:
+    def __init__(self, deterministic_weights: bool = False, causal: bool = True) -> None:
         super().__init__()
+        self.causal = causal  # Captum's own DummyLLM is bidirectional (causal=False)
         self.tokenizer = DummyTokenizer()
         self.emb = nn.Embedding(256, 10)
         self.linear = nn.Linear(10, 256)
@@ -115,6 +116,8 @@ class DummyLLM(nn.Module):
         emb = self.emb(input_ids)
         if "past_key_values" in kwargs:
             emb = torch.cat((kwargs["past_key_values"], emb), dim=1)
+        if not self.causal:
+            return Result(logits=self.linear(self.trans(emb)), past_key_values=emb)
         mask = nn.Transformer.generate_square_subsequent_mask(emb.size(1), device=emb.device)
         encoding = self.trans(emb, src_mask=mask, is_causal=True)
         return Result(logits=self.linear(encoding), past_key_values=emb)
@@ -355,3 +358,29 @@ def test_image_mask_input(in_tokens):
     assert ours.seq_attr.abs().max() > 0
     fig, ax = ours.plot_image_heatmap(target_token_pos=(0, 2))
     assert fig is not None
+
+
+# Captum's real DummyLLM is bidirectional: scoring the whole response in one
+# forward differs from token by token, so defaults must keep Captum's meaning.
+@pytest.mark.parametrize(
+    "method, n_samples",
+    [(FeatureAblation, None), (ShapleyValues, None), (ShapleyValueSampling, 50)],
+)
+def test_a_bidirectional_model_gets_captums_values_with_default_flags(method, n_samples):
+    kwargs = {"n_samples": n_samples} if n_samples else {}
+
+    def run(attribution_class, **flags):
+        llm = DummyLLM(deterministic_weights=True, causal=False).eval()
+        torch.manual_seed(42)
+        attr = attribution_class(method(llm), DummyTokenizer())
+        return attr.attribute(_inp(), "m n o p q", **flags, **kwargs)
+
+    stock = run(LLMAttribution, use_cached_outputs=False)  # Captum's exact token-by-token path
+    stock_seq = run(LLMAttribution, use_cached_outputs=False, forward_in_tokens=False)
+    assert (stock.token_attr - stock_seq.token_attr).abs().max() > 1e-3  # the paths differ
+    for flags in ({}, {"use_cached_outputs": False}):
+        ours = run(MultimodalLLMAttribution, perturbations_per_eval=8, **flags)
+        torch.testing.assert_close(ours.token_attr, stock.token_attr, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.seq_attr, stock.seq_attr, atol=1e-5, rtol=0)
+    ours_seq = run(MultimodalLLMAttribution, perturbations_per_eval=8, forward_in_tokens=False)
+    torch.testing.assert_close(ours_seq.token_attr, stock_seq.token_attr, atol=1e-5, rtol=0)

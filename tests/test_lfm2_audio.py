@@ -172,7 +172,7 @@ def test_drop_removes_exactly_the_feature_positions(lfm, wave):
     inp = ChatInput(mixed_chat(wave), lfm, audio_unit=0.5)
     base = inp.encoded.state["embeds"]
     first_audio = inp.features[0]
-    row = lfm.masked_embeds(inp.to_model_input(torch.tensor([[0.0, 1, 1, 1, 1]])))[0]
+    row = lfm.masked_inputs(inp.to_model_input(torch.tensor([[0.0, 1, 1, 1, 1]])))[0]
     keep = torch.ones(len(base), dtype=torch.bool)
     keep[list(first_audio.positions)] = False
     torch.testing.assert_close(row, base[keep])
@@ -189,14 +189,14 @@ def test_embedding_baseline_never_reencodes_and_silence_does(lfm, wave):
         inp, target="ok", n_samples=3
     )
     assert lfm.n_encoder_calls == calls + 1
-    row = lfm.masked_embeds(inp.to_model_input(torch.tensor([[0.0] + [1.0] * 6])))[0]
+    row = lfm.masked_inputs(inp.to_model_input(torch.tensor([[0.0] + [1.0] * 6])))[0]
     assert row.shape == inp.encoded.state["embeds"].shape
     assert row[list(inp.features[0].positions)].abs().sum() == 0
 
     silent = ChatInput(chat, lfm, audio_unit=0.25, audio_baseline="silence")
     calls = lfm.n_encoder_calls
     coalition = torch.tensor([[0.0, 1, 1, 1, 1, 1, 1]])
-    row = lfm.masked_embeds(silent.to_model_input(coalition))[0]
+    row = lfm.masked_inputs(silent.to_model_input(coalition))[0]
     assert lfm.n_encoder_calls == calls + 1
     zeroed = wave.clone()
     t0, t1 = silent.features[0].time
@@ -205,7 +205,7 @@ def test_embedding_baseline_never_reencodes_and_silence_does(lfm, wave):
         Chat().system("Be brief.").user("What is it?", audio=zeroed, sample_rate=16000)
     )
     torch.testing.assert_close(row, expected.state["embeds"])
-    lfm.masked_embeds(silent.to_model_input(coalition))  # same silenced clip: cached
+    lfm.masked_inputs(silent.to_model_input(coalition))  # same silenced clip: cached
     assert lfm.n_encoder_calls == calls + 2  # (+1 for the expected chat above)
 
 
@@ -312,8 +312,8 @@ def test_silence_cache_belongs_to_its_chat(lfm):
     )
     coalition = torch.tensor([[0.0, 1, 1, 1]])
     calls = lfm.n_encoder_calls
-    a = lfm.masked_embeds(first.to_model_input(coalition))[0]
-    b = lfm.masked_embeds(second.to_model_input(coalition))[0]
+    a = lfm.masked_inputs(first.to_model_input(coalition))[0]
+    b = lfm.masked_inputs(second.to_model_input(coalition))[0]
     assert lfm.n_encoder_calls == calls + 2
     torch.testing.assert_close(a, b)  # both clips fully silenced: same encoding, computed twice
     assert "silenced" in first.encoded.state and "silenced" in second.encoded.state

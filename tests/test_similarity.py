@@ -217,3 +217,27 @@ def test_audio_sampling_settings_reach_lfm2_and_are_reproducible():
     assert text_part == [[row for row in r if row[0] >= 0] for r in greedy]  # text stays greedy
     assert sampled != greedy  # audio frames were sampled
     assert sampled[0] != sampled[1]  # each row its own seed
+
+
+def test_sampled_values_do_not_depend_on_batches_order_or_earlier_calls(model, chat):
+    from captum.attr import ShapleyValueSampling
+
+    inp = ChatInput(chat, model)
+    sim = EmbeddingSimilarity(gen_args=GEN, samples_per_coalition=2, temperature=1.5, seed=3)
+    attr = MultimodalLLMAttribution(ShapleyValueSampling(model), model, target=sim)
+
+    def run(ppe):
+        torch.manual_seed(0)  # Captum's permutations; our sampling never reads this RNG
+        return attr.attribute(inp, n_samples=3, perturbations_per_eval=ppe)
+
+    first = run(1)
+    for again in (run(7), run(64), run(1)):  # other batch sizes, then the same object again
+        assert torch.equal(again.seq_attr, first.seq_attr)
+        assert torch.equal(again.seq_attr_std, first.seq_attr_std)
+        assert again.responses == first.responses
+    samples = first.responses[(1, 1, 1, 1, 1)]
+    assert len(samples) == 2 and first.seq_attr.abs().max() > 0
+    other_seed = EmbeddingSimilarity(gen_args=GEN, samples_per_coalition=2, temperature=1.5, seed=4)
+    torch.manual_seed(0)
+    changed = MultimodalLLMAttribution(ShapleyValueSampling(model), model, target=other_seed)
+    assert changed.attribute(inp, n_samples=3).responses != first.responses

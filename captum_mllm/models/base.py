@@ -131,6 +131,12 @@ class ModelAdapter(nn.Module, ABC):
         return None
 
     @abstractmethod
+    def masked_inputs(self, masked: MaskedChat) -> list[Tensor]:
+        """What the model reads for each coalition: ``(L_b,)`` token ids or
+        ``(L_b, D)`` input embeddings; absent positions are gone under the
+        ``"drop"`` baselines and replaced under the others."""
+
+    @abstractmethod
     def score_masked(
         self,
         masked: MaskedChat,

@@ -85,10 +85,18 @@ class DecoderLMAdapter(ModelAdapter):
 
     @abstractmethod
     def _score_rows(
-        self, rows: list[Tensor], response: Response, first: int, last: int, prefix: Any
+        self,
+        rows: list[Tensor],
+        response: Response,
+        first: int,
+        last: int,
+        prefix: Any,
+        feed_all: bool = False,
     ) -> Tensor:
         """Log-probabilities ``(B, last - first)`` of response tokens
-        ``first..last-1``; each row already ends with the first ``first`` of them."""
+        ``first..last-1``; each row already ends with the first ``first`` of them.
+        The tokens scored are fed but the last; all of them with ``feed_all``
+        (Captum's one-forward path on a model that is not causal)."""
 
     @abstractmethod
     def _context_rows(self, context: EncodedChat) -> Tensor:
@@ -97,6 +105,10 @@ class DecoderLMAdapter(ModelAdapter):
     @abstractmethod
     def _last_hidden(self, rows: list[Tensor]) -> Tensor:
         """Right-padded forward of rows: last hidden states ``(B, W, d)``."""
+
+    def masked_inputs(self, masked: MaskedChat) -> list[Tensor]:
+        """What the model reads for each coalition (no prefix reuse)."""
+        return self._coalition_rows(masked, None)
 
     def score_masked(
         self,
@@ -135,7 +147,12 @@ class DecoderLMAdapter(ModelAdapter):
             # (B, L_b) rows + the first `first` response tokens -> (B, last - first)
             grown = [torch.cat([r, fed[:first].to(r.device, r.dtype)]) for r in rows]
             score = functools.partial(
-                self._score_rows, response=response, first=first, last=last, prefix=prefix
+                self._score_rows,
+                response=response,
+                first=first,
+                last=last,
+                prefix=prefix,
+                feed_all=not per_step and not self.is_causal,
             )
             out.append(by_length(grown, last - first, call_cost, score, pad=self.is_causal))
         return torch.cat(out, dim=1)

@@ -302,7 +302,13 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         return response.ids.to(self.device)
 
     def _score_rows(
-        self, rows: list[Tensor], response: Response, first: int, last: int, prefix: Any
+        self,
+        rows: list[Tensor],
+        response: Response,
+        first: int,
+        last: int,
+        prefix: Any,
+        feed_all: bool = False,
     ) -> Tensor:
         """One right-padded forward; rows already hold the first ``first`` target tokens."""
         device = self.device
@@ -314,8 +320,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             raise EmptyCoalitionError(
                 "a coalition removed every input token; keep some template text fixed"
             )
-        # The last target token predicts nothing we need: feed T - 1 of them.
-        ids, mask = pad_rows([torch.cat([r, target[:-1]]) for r in rows], _pad_id(self.tokenizer))
+        # The last target token predicts nothing we need: feed T - 1 of them, unless
+        # the model is bidirectional and Captum's forward feeds them all.
+        fed = target if feed_all else target[:-1]
+        ids, mask = pad_rows([torch.cat([r, fed]) for r in rows], _pad_id(self.tokenizer))
         width = ids.shape[1]
         kwargs: dict[str, Any] = {}
         if self._is_hf:

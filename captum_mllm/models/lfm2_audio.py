@@ -206,7 +206,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
 
     # Coalitions -> input embeddings ------------------------------------------------------
 
-    def masked_embeds(self, masked: MaskedChat) -> list[Tensor]:
+    def _masked_embeds(self, masked: MaskedChat) -> list[Tensor]:
         """Input embeddings of each coalition: ``B`` tensors ``(L_b, D)``."""
         enc = masked.encoded
         base = enc.state["embeds"]
@@ -254,13 +254,19 @@ class LFM2AudioAdapter(DecoderLMAdapter):
     # Scoring ---------------------------------------------------------------------
 
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
-        return self.masked_embeds(masked)
+        return self._masked_embeds(masked)
 
     def _fed(self, response: Response) -> Tensor:
         return self._embed_items(response.ids.to(self.device))
 
     def _score_rows(
-        self, rows: list[Tensor], response: Response, first: int, last: int, prefix: Any
+        self,
+        rows: list[Tensor],
+        response: Response,
+        first: int,
+        last: int,
+        prefix: Any,
+        feed_all: bool = False,
     ) -> Tensor:
         """Text items are scored by the tied LM head; an audio frame by the
         depthformer over its 8 codebooks (codebook 0 only at end-of-audio)."""
@@ -351,7 +357,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             "text": (temperature if do_sample else None, top_k if do_sample else None),
             "audio": (audio_temperature if do_sample else None, audio_top_k if do_sample else None),
         }
-        rows = self.masked_embeds(masked)
+        rows = self._masked_embeds(masked)
         generators = row_generators(seeds, self.device) if do_sample else None
         run = BatchedGeneration(self, rows, output_modality, sampling, generators)
         items = run.run(max_new_tokens)

@@ -1,0 +1,134 @@
+"""The coalition evaluator and its stores: each coalition once, resumable runs."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from captum.attr import ShapleyValues
+
+from captum_mllm import (
+    ChatInput,
+    CoalitionEvaluator,
+    MemoryStore,
+    MultimodalLLMAttribution,
+    SQLiteStore,
+    TargetValues,
+)
+from captum_mllm.errors import StoreMismatchError
+
+TARGET = "The capital of France is Paris."
+
+# The child explains with exact Shapley values (32 coalitions for 5 words), two
+# coalitions per batch, each batch slowed down so the parent can kill it midway.
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from captum.attr import ShapleyValues
+    from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, MultimodalLLMAttribution
+    from captum_mllm.testing import tiny_llama, tiny_tokenizer
+
+    class Slow(HFCausalLMAdapter):
+        def _score_rows(self, rows, *args, **kwargs):
+            time.sleep(0.3)
+            return super()._score_rows(rows, *args, **kwargs)
+
+    torch.set_num_threads(1)
+    model = Slow(tiny_llama(), tiny_tokenizer())
+    chat = Chat().system("You are a helpful assistant.").user("Who are you, my friend?")
+    attr = MultimodalLLMAttribution(ShapleyValues(model), model)
+    print("started", flush=True)
+    attr.attribute(ChatInput(chat, model), target=sys.argv[2], store=sys.argv[1],
+                   perturbations_per_eval=2)
+    """
+)
+
+
+def _rows(path):
+    try:
+        with sqlite3.connect(path) as db:
+            return db.execute("SELECT COUNT(*) FROM coalitions").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def test_a_killed_run_resumes_with_only_the_missing_coalitions(model, chat, tmp_path):
+    store = tmp_path / "run.sqlite"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(store), TARGET],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        deadline = time.time() + 120
+        while _rows(store) < 6:
+            assert child.poll() is None, "the child ended before it could be killed"
+            assert time.time() < deadline, "the child stored nothing in two minutes"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    done = _rows(store)
+    assert 6 <= done < 32  # killed part way, every finished batch kept
+
+    attr = MultimodalLLMAttribution(ShapleyValues(model), model)
+    inp = ChatInput(chat, model)
+    resumed = attr.attribute(inp, target=TARGET, store=store, perturbations_per_eval=4)
+    assert resumed.n_stored_coalitions == done
+    assert resumed.n_unique_coalitions == 32 - done  # only the missing ones
+    whole = attr.attribute(inp, target=TARGET, perturbations_per_eval=4)
+    assert whole.n_unique_coalitions == 32
+    torch.testing.assert_close(resumed.seq_attr, whole.seq_attr, atol=1e-5, rtol=0)
+    torch.testing.assert_close(resumed.token_attr, whole.token_attr, atol=1e-5, rtol=0)
+    # A third run finds everything stored and calls the model for nothing.
+    again = attr.attribute(inp, target=TARGET, store=store, perturbations_per_eval=4)
+    assert again.n_unique_coalitions == 0 and again.n_model_calls <= 1  # the prefix only
+    torch.testing.assert_close(again.token_attr, resumed.token_attr, atol=0, rtol=0)
+
+
+def test_a_store_refuses_another_explanation(model, chat, tmp_path):
+    store = tmp_path / "run.sqlite"
+    attr = MultimodalLLMAttribution(ShapleyValues(model), model)
+    attr.attribute(ChatInput(chat, model), target=TARGET, store=store)
+    with pytest.raises(StoreMismatchError, match="target"):
+        attr.attribute(ChatInput(chat, model), target="Something else.", store=store)
+    with pytest.raises(StoreMismatchError, match="chat"):
+        attr.attribute(ChatInput(chat.user("More."), model), target=TARGET, store=store)
+    other = type(model)(type(model.model)(model.model.config), model.tokenizer)  # new weights
+    with pytest.raises(StoreMismatchError, match="model"):
+        attr2 = MultimodalLLMAttribution(ShapleyValues(other), other)
+        attr2.attribute(ChatInput(chat, other), target=TARGET, store=store)
+
+
+def test_each_distinct_coalition_is_evaluated_once_and_stores_agree(tmp_path):
+    calls = []
+
+    def evaluate(coalitions):
+        calls.append(len(coalitions))
+        total = coalitions.sum(1, keepdim=True)
+        return TargetValues(torch.cat([total, 2 * total], 1), "tokens", ["x"] * len(coalitions))
+
+    batch = torch.tensor([[1, 0, 1], [1, 0, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.float)
+    for store in (MemoryStore(), SQLiteStore(tmp_path / "s.sqlite", {"model": "m"})):
+        calls.clear()
+        evaluator = CoalitionEvaluator(evaluate, store)
+        first = evaluator(batch)
+        second = evaluator(batch[[3, 2]])
+        assert calls == [3]  # three distinct coalitions, once each
+        assert first.tolist() == [[2, 4], [2, 4], [0, 0], [3, 6]]
+        assert second.tolist() == [[3, 6], [0, 0]]
+        assert evaluator.n_requested == 6 and evaluator.n_evaluated == 3
+        assert evaluator.responses[(1, 0, 1)] == "x" and len(store) == 3
+        store.close()
+    uncached = CoalitionEvaluator(evaluate, enabled=False)
+    calls.clear()
+    uncached(batch)
+    assert calls == [4]

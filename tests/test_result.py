@@ -1,0 +1,120 @@
+"""Results are plain data: saved and reopened exactly, drawn the same."""
+
+import warnings
+
+import matplotlib
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from captum.attr import FeatureAblation
+
+from captum_mllm import (
+    Chat,
+    ChatInput,
+    EmbeddingSimilarity,
+    LFM2AudioAdapter,
+    MultimodalLLMAttribution,
+    MultimodalLLMAttributionResult,
+)
+from captum_mllm.errors import InconsistentVersionWarning, ResultFormatError
+from captum_mllm.testing import speech_like, tiny_lfm2_audio
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def spoken(tmp_path_factory):
+    """A spoken chat (one clip from a file, one from an array) explained on
+    LFM2-Audio with a spoken answer."""
+    path = tmp_path_factory.mktemp("audio") / "question.wav"
+    sf.write(path, speech_like(1.0).numpy(), 16000)
+    lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
+    chat = (
+        Chat()
+        .system("Be brief.")
+        .user("What is it?", audio=str(path))
+        .user("And this?", audio=speech_like(0.5, seed=1), sample_rate=16000)
+    )
+    inp = ChatInput(chat, lfm, audio_unit=0.5)
+    attr = MultimodalLLMAttribution(FeatureAblation(lfm), lfm)
+    gen = {"max_new_tokens": 8, "output_modality": "text+audio"}
+    return attr.attribute(inp, gen_args=gen, perturbations_per_eval=32), path
+
+
+def _same(a, b):
+    for name in ("seq_attr", "token_attr", "seq_attr_std", "target_ids", "output_probs"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert torch.equal(torch.as_tensor(x), torch.as_tensor(y)), name
+    for name in ("input_tokens", "output_tokens", "features", "responses", "roles", "provenance",
+                 "response_text", "n_model_calls", "n_coalitions", "n_unique_coalitions",
+                 "n_stored_coalitions", "wall_time"):  # fmt: skip
+        assert getattr(a, name) == getattr(b, name), name
+    assert len(a.clips) == len(b.clips)
+    for c, d in zip(a.clips, b.clips, strict=True):
+        assert (c.turn, c.sample_rate) == (d.turn, d.sample_rate)
+        assert torch.equal(c.samples(), d.samples())
+    if a.output_audio is not None:
+        assert torch.equal(a.output_audio["codes"], b.output_audio["codes"])
+
+
+def _pixels(fig_ax):
+    fig = fig_ax[0]
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba()).copy()
+    matplotlib.pyplot.close(fig)
+    return pixels
+
+
+@pytest.mark.parametrize("embed_audio", [True, False])
+def test_a_spoken_result_round_trips_and_draws_the_same(spoken, tmp_path, embed_audio):
+    res, path = spoken
+    assert res.inp is None  # no input, adapter or weights inside
+    saved = res.save(tmp_path / "res.json", embed_audio=embed_audio)
+    back = MultimodalLLMAttributionResult.load(saved)
+    _same(res, back)
+    assert back.clips[0].path == str(path)
+    assert (back.clips[0].waveform is None) == (not embed_audio)  # read back from its file
+    assert back.output_audio["codes"].shape[0] == 8
+    for draw in (
+        lambda r: r.plot_token_attr(),
+        lambda r: r.plot_seq_attr(),
+        lambda r: r.plot_audio_attr(turn=1),
+        lambda r: r.plot_audio_attr(turn=2, target_token_pos=(0, 3)),
+    ):
+        assert np.array_equal(_pixels(draw(res)), _pixels(draw(back)))
+
+
+def test_a_sampled_similarity_result_round_trips(model, chat, tmp_path):
+    sim = EmbeddingSimilarity(
+        gen_args={"max_new_tokens": 5}, samples_per_coalition=2, temperature=1.2
+    )
+    res = MultimodalLLMAttribution(FeatureAblation(model), model, target=sim).attribute(
+        ChatInput(chat, model)
+    )
+    assert res.seq_attr_std is not None and isinstance(res.responses[(1, 1, 1, 1, 1)], list)
+    back = MultimodalLLMAttributionResult.load(res.save(tmp_path / "sim.json"))
+    _same(res, back)
+    assert back.to_dataframe().equals(res.to_dataframe())
+    assert back.provenance["target"]["samples_per_coalition"] == 2
+    assert back.provenance["method"] == "FeatureAblation"
+
+
+def test_unreadable_or_foreign_results_raise(tmp_path, model, chat):
+    with pytest.raises(ResultFormatError):
+        MultimodalLLMAttributionResult.load(tmp_path / "missing.json")
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(
+        ChatInput(chat, model), target="Paris."
+    )
+    saved = res.save(tmp_path / "r.json")
+    text = saved.read_text()
+    saved.write_text(text.replace('"schema_version": 1', '"schema_version": 99'))
+    with pytest.raises(ResultFormatError, match="schema version 99"):
+        MultimodalLLMAttributionResult.load(saved)
+    saved.write_text(text.replace('"captum-mllm": "', '"captum-mllm": "0.0.0-'))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MultimodalLLMAttributionResult.load(saved)
+    assert any(issubclass(w.category, InconsistentVersionWarning) for w in caught)
