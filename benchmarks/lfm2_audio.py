@@ -39,7 +39,7 @@ def main() -> None:
     chat = Chat().system("Respond briefly.").user(TEXT, audio=wave, sample_rate=rate)
     inp = ChatInput(chat, adapter, audio_unit=len(wave) / rate / 10)
     n_audio = sum(f.modality == "audio_in" for f in inp.features)
-    target = adapter.generate_masked(inp.to_model_input(), max_new_tokens=8)[0]
+    target = adapter.generate_masked(inp.to_model_input(), max_new_tokens=8)[0].ids[:, 0]
     print(
         f"{n_audio} audio + {inp.n_itp_features - n_audio} text features, "
         f"{len(target)} target tokens, ShapleyValueSampling n_samples=10, {args.threads} threads"

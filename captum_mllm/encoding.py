@@ -128,3 +128,104 @@ def coalition_key(present: Tensor) -> bytes:
         bytes: the same for equal rows, different otherwise (for one ``n``).
     """
     return np.packbits(present.detach().cpu().numpy() != 0).tobytes()
+
+
+class PositionTableBuilder:
+    """Builds an :class:`EncodedChat` row by row, in position order (adapters use it).
+
+    Examples::
+
+        >>> table = PositionTableBuilder()
+        >>> table.add_token(6, turn=0, part=-1)                  # a template token
+        >>> table.add_audio(13, turn=0, part=0, clip=0, duration=1.0, frame_seconds=0.08)
+        >>> encoded = table.build(["user"], tokenizer)
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.modality: list[str] = []
+        self.turn: list[int] = []
+        self.part: list[int] = []
+        self.span: list[tuple[int, int]] = []
+        self.time: list[tuple[float, float]] = []
+        self.clip: list[int] = []
+        self.labels: list[str | None] = []
+        self.part_texts: dict[tuple[int, int], str] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add_token(
+        self,
+        token_id: int,
+        turn: int,
+        part: int,
+        span: tuple[int, int] = (-1, -1),
+        label: str | None = None,
+    ) -> None:
+        """One text position: ``span`` is its character range inside its part."""
+        self._row(token_id, TEXT, turn, part, span if part >= 0 else (-1, -1), (-1.0, -1.0), -1)
+        self.labels[-1] = label
+
+    def add_text(self, encoding: Any, turn: int, part: int, text: str | None = None) -> None:
+        """The tokens of one tokenizer call (with offsets when ``part >= 0``)."""
+        ids = list(encoding["input_ids"])
+        offsets = encoding.get("offset_mapping") or [(-1, -1)] * len(ids)
+        if text is not None:
+            self.part_texts[(turn, part)] = text
+        for i, span in zip(ids, offsets, strict=True):
+            self.add_token(i, turn, part, tuple(span))
+
+    def add_audio(
+        self, n: int, turn: int, part: int, clip: int, duration: float, frame_seconds: float
+    ) -> None:
+        """``n`` audio positions of ``frame_seconds`` each (the last ends with the clip)."""
+        for k in range(n):
+            end = min((k + 1) * frame_seconds, duration)
+            self._row(-1, AUDIO_IN, turn, part, (-1, -1), (k * frame_seconds, end), clip)
+
+    def _row(
+        self,
+        token_id: int,
+        modality: str,
+        turn: int,
+        part: int,
+        span: tuple[int, int],
+        time: tuple[float, float],
+        clip: int,
+    ) -> None:
+        self.ids.append(token_id)
+        self.modality.append(modality)
+        self.turn.append(turn)
+        self.part.append(part)
+        self.span.append(span)
+        self.time.append(time)
+        self.clip.append(clip)
+        self.labels.append(None)
+
+    def build(self, roles: list[str], tokenizer: Any) -> EncodedChat:
+        """The table; token labels default to the tokenizer's decoding."""
+        special = set(tokenizer.all_special_ids)
+        tokens = [
+            label
+            if label is not None
+            else tokenizer.decode([i])
+            if i >= 0
+            else f"audio[{t0:.2f}-{t1:.2f}s]"
+            for i, (t0, t1), label in zip(self.ids, self.time, self.labels, strict=True)
+        ]
+        spans = torch.tensor(self.span, dtype=torch.long).reshape(-1, 2)
+        return EncodedChat(
+            input_ids=torch.tensor(self.ids, dtype=torch.long),
+            modality=self.modality,
+            turn=torch.tensor(self.turn, dtype=torch.long),
+            part=torch.tensor(self.part, dtype=torch.long),
+            char_start=spans[:, 0],
+            char_end=spans[:, 1],
+            special=torch.tensor([i in special for i in self.ids], dtype=torch.bool),
+            tokens=tokens,
+            roles=roles,
+            part_texts=self.part_texts,
+            audio_time=torch.tensor(self.time, dtype=torch.float).reshape(-1, 2),
+            clip=torch.tensor(self.clip, dtype=torch.long),
+        )

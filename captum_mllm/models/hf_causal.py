@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_mllm.chat import Chat, as_chat
-from captum_mllm.encoding import TEXT, EncodedChat, MaskedChat
+from captum_mllm.encoding import EncodedChat, MaskedChat, PositionTableBuilder
 from captum_mllm.errors import (
     ChatTemplateError,
     EmptyCoalitionError,
@@ -189,34 +189,20 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         ids = list(enc["input_ids"])
         offsets = list(enc["offset_mapping"])
         special_ids = set(self.tokenizer.all_special_ids)
-        n = len(ids)
-        turn_col = torch.full((n,), -1, dtype=torch.long)
-        part_col = torch.full((n,), -1, dtype=torch.long)
-        cstart = torch.full((n,), -1, dtype=torch.long)
-        cend = torch.full((n,), -1, dtype=torch.long)
+        table = PositionTableBuilder()
+        table.part_texts = part_texts
         for i, (s, e) in enumerate(offsets):
             # A token belongs to the turn whose own span (header, content, end
             # tokens) holds its first character; inserted template text to none.
-            turn_col[i] = next((k for k, (a, b) in enumerate(turn_spans) if a <= s < b), -1)
-            if ids[i] in special_ids:
-                continue
-            for ti, pi, ps, pe in spans:
-                if s < pe and e > ps:  # token overlaps the part
-                    turn_col[i], part_col[i] = ti, pi
-                    cstart[i], cend[i] = max(s, ps) - ps, min(e, pe) - ps
-                    break
-        return EncodedChat(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            modality=[TEXT] * n,
-            turn=turn_col,
-            part=part_col,
-            char_start=cstart,
-            char_end=cend,
-            special=torch.tensor([i in special_ids for i in ids]),
-            tokens=[rendered[s:e] for s, e in offsets],
-            roles=[t.role for t in chat],
-            part_texts=part_texts,
-        )
+            t_at = next((k for k, (a, b) in enumerate(turn_spans) if a <= s < b), -1)
+            p_at, span = -1, (-1, -1)
+            if ids[i] not in special_ids:
+                for ti, pi, ps, pe in spans:
+                    if s < pe and e > ps:  # token overlaps the part
+                        t_at, p_at, span = ti, pi, (max(s, ps) - ps, min(e, pe) - ps)
+                        break
+            table.add_token(ids[i], t_at, p_at, span, label=rendered[s:e])
+        return table.build([t.role for t in chat], self.tokenizer)
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from captum_mllm.audio import resample
 from captum_mllm.chat import AudioPart, Chat, as_chat
-from captum_mllm.encoding import AUDIO_IN, TEXT, EncodedChat, MaskedChat
+from captum_mllm.encoding import EncodedChat, MaskedChat, PositionTableBuilder
 from captum_mllm.errors import AudioError, InvalidOptionError, TargetError
 from captum_mllm.models.base import Response
 from captum_mllm.models.batching import pad_rows
@@ -138,7 +138,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             embeddings of every position and the clips.
         """
         chat = as_chat(chat)
-        table = _TableBuilder()
+        table = PositionTableBuilder()
         pieces: list[Tensor] = []  # (n, D) embeddings, in position order
         clips: list[_Clip] = []
         table.add_text(self._tokenize("<|startoftext|>"), -1, -1)
@@ -149,7 +149,9 @@ class LFM2AudioAdapter(DecoderLMAdapter):
                     wave = self._prepare(part)
                     embeds = self.encode_audio(wave)
                     clips.append(_Clip(wave, len(table), len(embeds)))
-                    table.add_audio(len(embeds), ti, pi, len(clips) - 1, len(wave) / SAMPLE_RATE)
+                    table.add_audio(
+                        len(embeds), ti, pi, len(clips) - 1, len(wave) / SAMPLE_RATE, FRAME_SECONDS
+                    )
                     pieces.append(embeds)
                 else:
                     table.add_text(self._tokenize(part.text, offsets=True), ti, pi, part.text)
@@ -443,64 +445,3 @@ class LFM2AudioAdapter(DecoderLMAdapter):
     def token_embeddings(self, response: Response) -> Tensor:
         """Static embeddings of output items (text rows, summed audio frames)."""
         return self._embed_items(response.ids.to(self.device)).float()
-
-
-class _TableBuilder:
-    """Accumulates the columns of an :class:`EncodedChat`."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.modality: list[str] = []
-        self.turn: list[int] = []
-        self.part: list[int] = []
-        self.span: list[tuple[int, int]] = []
-        self.time: list[tuple[float, float]] = []
-        self.clip: list[int] = []
-        self.part_texts: dict[tuple[int, int], str] = {}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def add_text(self, enc: Any, turn: int, part: int, text: str | None = None) -> None:
-        ids = list(enc["input_ids"])
-        offsets = enc.get("offset_mapping") or [(-1, -1)] * len(ids)
-        if text is not None:
-            self.part_texts[(turn, part)] = text
-        for i, (s, e) in zip(ids, offsets, strict=True):
-            self._row(i, TEXT, turn, part, (s, e) if part >= 0 else (-1, -1), (-1.0, -1.0), -1)
-
-    def add_audio(self, n: int, turn: int, part: int, clip: int, duration: float) -> None:
-        for k in range(n):
-            end = min((k + 1) * FRAME_SECONDS, duration)
-            self._row(-1, AUDIO_IN, turn, part, (-1, -1), (k * FRAME_SECONDS, end), clip)
-
-    def _row(self, i, modality, turn, part, span, time, clip) -> None:  # type: ignore[no-untyped-def]
-        self.ids.append(i)
-        self.modality.append(modality)
-        self.turn.append(turn)
-        self.part.append(part)
-        self.span.append(span)
-        self.time.append(time)
-        self.clip.append(clip)
-
-    def build(self, roles: list[str], tokenizer: Any) -> EncodedChat:
-        special = set(tokenizer.all_special_ids)
-        tokens = [
-            tokenizer.decode([i]) if i >= 0 else f"audio[{t0:.2f}-{t1:.2f}s]"
-            for i, (t0, t1) in zip(self.ids, self.time, strict=True)
-        ]
-        spans = torch.tensor(self.span, dtype=torch.long).reshape(-1, 2)
-        return EncodedChat(
-            input_ids=torch.tensor(self.ids, dtype=torch.long),
-            modality=self.modality,
-            turn=torch.tensor(self.turn, dtype=torch.long),
-            part=torch.tensor(self.part, dtype=torch.long),
-            char_start=spans[:, 0],
-            char_end=spans[:, 1],
-            special=torch.tensor([i in special for i in self.ids]),
-            tokens=tokens,
-            roles=roles,
-            part_texts=self.part_texts,
-            audio_time=torch.tensor(self.time, dtype=torch.float).reshape(-1, 2),
-            clip=torch.tensor(self.clip, dtype=torch.long),
-        )

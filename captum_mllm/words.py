@@ -1,0 +1,68 @@
+"""Words of a text part, in Unicode grapheme clusters.
+
+Combining marks stay with their letter, emoji with their modifiers, and
+zero-width or format characters separate words without being part of one.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+import regex
+
+_GRAPHEME = regex.compile(r"\X")
+_APOSTROPHES = "'’"
+
+
+def is_separator(char: str) -> bool:
+    """Whitespace, or an invisible format / control character (e.g. a zero-width space)."""
+    return char.isspace() or unicodedata.category(char) in ("Cf", "Cc", "Zl", "Zp", "Zs")
+
+
+def strip_separators(text: str) -> str:
+    """The text without leading and trailing separators (see :func:`is_separator`)."""
+    start, end = 0, len(text)
+    while start < end and is_separator(text[start]):
+        start += 1
+    while end > start and is_separator(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the words and punctuation runs of a text.
+
+    Text is read in Unicode grapheme clusters (so a combining accent stays
+    with its letter and an emoji with its modifiers). A word is a run of
+    clusters that are neither punctuation nor separators (letters, digits,
+    marks, symbols, emoji), with apostrophes inside (``don't``); a punctuation
+    run is its own span; separators (:func:`is_separator`) split spans and
+    belong to none.
+
+    Args:
+        text (str): the text of one part.
+
+    Returns:
+        list of (start, end): spans in order.
+
+    Examples::
+
+        >>> [("I love 🍕!"[a:b]) for a, b in word_spans("I love 🍕!")]
+        ['I', 'love', '🍕', '!']
+    """
+    spans: list[tuple[int, int, str]] = []  # (start, end, kind)
+    for m in _GRAPHEME.finditer(text):
+        base = m.group()[0]
+        if all(is_separator(c) for c in m.group()):
+            continue
+        kind = "punct" if unicodedata.category(base).startswith("P") else "word"
+        if base in _APOSTROPHES and spans and spans[-1][2] == "word" and spans[-1][1] == m.start():
+            kind = "word"  # an apostrophe inside a word, if a word char follows
+            nxt = text[m.end() : m.end() + 1]
+            if not nxt or is_separator(nxt) or unicodedata.category(nxt).startswith("P"):
+                kind = "punct"
+        if spans and spans[-1][2] == kind and spans[-1][1] == m.start():
+            spans[-1] = (spans[-1][0], m.end(), kind)
+        else:
+            spans.append((m.start(), m.end(), kind))
+    return [(a, b) for a, b, _ in spans]
