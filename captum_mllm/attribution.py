@@ -135,6 +135,9 @@ class MultimodalLLMAttribution(LLMAttribution):
                 f"{', '.join(m.__name__ for m in self.SUPPORTED_METHODS)}"
             )
         super().__init__(attr_method, adapter.tokenizer, attr_target)
+        # The method calls our evaluator, not the model (Captum's LLMAttribution
+        # does the same with its private ``_forward_func``).
+        self.attr_method.forward_func = self._evaluate_call
         self.adapter = adapter
         self.value_fn: Target = target if target is not None else LogProbTarget(attr_target)
         # Multi-output methods attribute every value column (each output token,
@@ -256,7 +259,8 @@ class MultimodalLLMAttribution(LLMAttribution):
             wall_time=time.perf_counter() - start,
         )
 
-    def _forward_func(self, perturbed_tensor: Tensor, call: _Call) -> Tensor:  # type: ignore[override]
+    @staticmethod
+    def _evaluate_call(perturbed_tensor: Tensor, call: _Call) -> Tensor:
         # (B, n_features) -> (B, n_columns) for multi-output methods, else (B,)
         values = call.evaluator(perturbed_tensor)
         return values[:, : call.n_columns] if call.n_columns > 1 else values[:, 0]

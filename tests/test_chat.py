@@ -4,7 +4,13 @@ import torch
 
 from captum_mllm import AudioPart, Chat, TextPart, Turn
 from captum_mllm.chat import as_chat
-from captum_mllm.errors import EmptyChatError, EmptyTextError, InvalidContentError, InvalidRoleError
+from captum_mllm.errors import (
+    AudioError,
+    EmptyChatError,
+    EmptyTextError,
+    InvalidContentError,
+    InvalidRoleError,
+)
 
 
 def test_builder_is_immutable_and_ordered():
@@ -54,7 +60,7 @@ def test_audio_part_from_messages_keeps_rate_and_length():
             InvalidContentError,
         ),
         (lambda: Chat.from_messages([{"content": "hi"}]), InvalidContentError),
-        (lambda: Chat().user(audio=torch.zeros(10)), Exception),  # no sample rate
+        (lambda: Chat().user(audio=torch.zeros(10)), AudioError),  # no sample rate
     ],
 )
 def test_invalid_chats_raise_named_errors(build, error):
