@@ -38,6 +38,7 @@ from captum_mllm.errors import (
 )
 from captum_mllm.fingerprint import chat_digest, digest, model_digest
 from captum_mllm.inputs import ChatInput
+from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
 from captum_mllm.targets import LogProbTarget, Target, TargetValues
@@ -98,6 +99,11 @@ class MultimodalLLMAttribution(LLMAttribution):
     """
 
     SUPPORTED_INPUTS = (ChatInput, TextTemplateInput, TextTokenInput, ImageMaskInput)
+    SUPPORTED_METHODS = (*LLMAttribution.SUPPORTED_METHODS, ShapleyEstimator)
+    SUPPORTED_PER_TOKEN_ATTR_METHODS = (
+        *LLMAttribution.SUPPORTED_PER_TOKEN_ATTR_METHODS,
+        ShapleyEstimator,
+    )
 
     def __init__(
         self,
@@ -220,16 +226,26 @@ class MultimodalLLMAttribution(LLMAttribution):
         call = _Call(evaluator, n_columns)
 
         attr = torch.zeros(n_columns, inp.n_itp_features, dtype=torch.float, device=self.device)
+        ours = isinstance(self.attr_method, ShapleyEstimator)
+        if ours:  # our estimators report standard errors (and read the feature tree)
+            kwargs["return_stderr"] = True
+            if isinstance(self.attr_method, HierarchicalShapley) and isinstance(inp, ChatInput):
+                kwargs.setdefault("tree", inp.feature_tree())
+        variance = torch.zeros_like(attr)
         try:
             for _ in range(num_trials):
                 cur = self.attr_method.attribute(
                     inp.to_tensor().to(self.device), additional_forward_args=(call,), **kwargs
                 )
+                if ours:
+                    cur, stderr = cur
+                    variance += stderr.reshape(attr.shape).to(attr) ** 2
                 attr += cur.reshape(attr.shape)
         finally:
             if opened is not None and not isinstance(store, CoalitionStore):
                 opened.close()
         attr = inp.format_attr(attr / num_trials)
+        stderr = variance.sqrt() / num_trials if ours else None  # of the mean over trials
 
         per_token = game.columns == "tokens" and self.include_per_token_attr
         per_sample = game.columns == "samples" and n_columns > 1
@@ -238,6 +254,8 @@ class MultimodalLLMAttribution(LLMAttribution):
             seq_attr=attr[0],
             token_attr=attr[1:] if per_token else None,
             seq_attr_std=attr[1:].std(dim=0) if per_sample else None,
+            seq_attr_stderr=stderr[0] if stderr is not None else None,
+            token_attr_stderr=stderr[1:] if stderr is not None and per_token else None,
             responses=evaluator.responses or None,
             input_tokens=list(inp.values),
             output_tokens=self._labels(inp, response),

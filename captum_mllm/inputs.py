@@ -225,6 +225,31 @@ class ChatInput(InterpretableInput):
     def format_attr(self, itp_attr: Tensor) -> Tensor:
         return itp_attr
 
+    def feature_tree(self) -> list[Any]:
+        """Features grouped turn -> part -> feature, as nested lists of feature
+        indices (levels with one member collapse): the tree of
+        :class:`~captum_mllm.methods.HierarchicalShapley`.
+
+        Examples::
+
+            >>> inp.feature_tree()   # system words, then the user's clip and text
+            [[0, 1], [[2, 3, 4], [5, 6]]]
+        """
+        turns: dict[int, dict[int, list[int]]] = {}
+        for f, feature in enumerate(self.features):
+            part = int(self.encoded.part[feature.positions[0]])
+            turns.setdefault(feature.turn, {}).setdefault(part, []).append(f)
+
+        def collapse(node: list[Any]) -> Any:
+            return collapse(node[0]) if len(node) == 1 and isinstance(node[0], list) else node
+
+        tree = [
+            collapse([p if len(p) > 1 else p[0] for p in parts.values()])
+            for _, parts in sorted(turns.items())
+        ]
+        tree = [t if not (isinstance(t, list) and len(t) == 1) else t[0] for t in tree]
+        return tree[0] if len(tree) == 1 and isinstance(tree[0], list) else tree
+
     # Feature construction -------------------------------------------------------------
 
     def _text_features(self) -> list[_Found]:

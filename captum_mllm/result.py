@@ -42,7 +42,15 @@ _NORMALISERS: dict[str, Callable[[Tensor, float], Tensor]] = {
 
 
 SCHEMA_VERSION = 1
-_ARRAYS = ("seq_attr", "token_attr", "output_probs", "seq_attr_std", "target_ids")
+_ARRAYS = (
+    "seq_attr",
+    "token_attr",
+    "output_probs",
+    "seq_attr_std",
+    "seq_attr_stderr",
+    "token_attr_stderr",
+    "target_ids",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +105,10 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         response_text (str or None): the explained response as text.
         seq_attr_std (Tensor or None): with a sampled value function, the sample
             standard deviation of each feature's attribution over the samples.
+        seq_attr_stderr (Tensor or None): with captum-mllm's estimators
+            (:mod:`captum_mllm.methods`), the standard error of each feature's
+            estimate (zeros for exact methods).
+        token_attr_stderr (Tensor or None): the same per output token.
         responses (dict or None): for regenerating value functions, the answer
             (text, or list of sampled texts) under each evaluated coalition,
             keyed by the coalition as a tuple of 0/1.
@@ -127,6 +139,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         target_ids: Tensor | None = None,
         response_text: str | None = None,
         seq_attr_std: Tensor | None = None,
+        seq_attr_stderr: Tensor | None = None,
+        token_attr_stderr: Tensor | None = None,
         responses: dict[tuple[int, ...], Any] | None = None,
         roles: list[str] | None = None,
         clips: list[ClipRef] | None = None,
@@ -150,6 +164,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         self.target_ids = target_ids
         self.response_text = response_text
         self.seq_attr_std = seq_attr_std
+        self.seq_attr_stderr = seq_attr_stderr
+        self.token_attr_stderr = token_attr_stderr
         self.responses = responses
         self.roles = roles
         self.clips = clips
@@ -295,6 +311,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             target_ids=arrays.get("target_ids"),
             response_text=data["response_text"],
             seq_attr_std=arrays.get("seq_attr_std"),
+            seq_attr_stderr=arrays.get("seq_attr_stderr"),
+            token_attr_stderr=arrays.get("token_attr_stderr"),
             responses=responses,
             roles=data["roles"],
             clips=clips,

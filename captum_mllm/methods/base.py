@@ -1,0 +1,301 @@
+"""What every captum-mllm Shapley estimator shares.
+
+An estimator is a Captum ``PerturbationAttribution``: it perturbs an input
+tensor by groups of features (``feature_mask``) towards ``baselines``, calls
+the forward function in batches of ``perturbations_per_eval``, and returns
+attributions shaped like the input. Internally it sees a *game*: a function
+from coalitions (``(m, n)`` bool masks over n features) to values ``(m, k)``
+(k > 1 when the forward returns several outputs, e.g. one per output token:
+every column is solved at once).
+
+Budget: ``budget`` always counts coalition evaluations asked of the game,
+before any cache, the empty and the full coalition included.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from captum.attr import PerturbationAttribution
+from torch import Tensor
+
+from captum_mllm.errors import InvalidOptionError, UnsupportedInputError
+
+
+class Game:
+    """Coalitions -> values of one example, memoised (each mask evaluated once).
+
+    Args:
+        evaluate (callable): ``(m, n) bool -> (m, k)`` values.
+        n (int): number of players (features).
+    """
+
+    def __init__(self, evaluate: Callable[[Tensor], Tensor], n: int) -> None:
+        self.evaluate = evaluate
+        self.n = n
+        self.n_requested = 0
+        self.memo: dict[bytes, np.ndarray] = {}
+
+    def __call__(self, masks: np.ndarray) -> np.ndarray:
+        """``(m, n)`` bool masks -> ``(m, k)`` float64 values."""
+        masks = np.asarray(masks, dtype=bool).reshape(-1, self.n)
+        self.n_requested += len(masks)
+        keys = [np.packbits(m).tobytes() for m in masks]
+        missing = {k: i for i, k in enumerate(keys) if k not in self.memo}
+        if missing:
+            rows = torch.from_numpy(masks[list(missing.values())])
+            values = self.evaluate(rows).detach().cpu().double().numpy().reshape(len(rows), -1)
+            self.memo.update(zip(missing, values, strict=True))
+        return np.stack([self.memo[k] for k in keys])
+
+    def lookup(self, masks: np.ndarray) -> np.ndarray:
+        """Values of coalitions already evaluated, without counting a request."""
+        masks = np.asarray(masks, dtype=bool).reshape(-1, self.n)
+        return np.stack([self.memo[np.packbits(m).tobytes()] for m in masks])
+
+    def ends(self) -> tuple[np.ndarray, np.ndarray]:
+        """Values of the empty and of the full coalition: ``(k,)`` each."""
+        both = self(np.stack([np.zeros(self.n, bool), np.ones(self.n, bool)]))
+        return both[0], both[1]
+
+
+class ShapleyEstimator(PerturbationAttribution):
+    """Base class of captum-mllm's Shapley estimators (see the module docstring).
+
+    Subclasses implement :meth:`estimate` on a :class:`Game`.
+
+    Args:
+        forward_func (callable): the model or function to explain.
+    """
+
+    #: Whether estimates always sum to ``f(all) - f(none)`` exactly.
+    efficient: bool = True
+
+    def __init__(self, forward_func: Callable[..., Any]) -> None:
+        super().__init__(forward_func)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    @abstractmethod
+    def estimate(
+        self,
+        game: Game,
+        budget: int,
+        target_stderr: float | None,
+        rng: np.random.Generator,
+        progress: Any,
+        **kwargs: Any,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Shapley values ``(k, n)`` and their standard errors ``(k, n)``."""
+
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: Tensor | tuple[Tensor],
+        baselines: float | Tensor | None = None,
+        target: int | None = None,
+        additional_forward_args: Any = None,
+        feature_mask: Tensor | tuple[Tensor] | None = None,
+        budget: int | None = None,
+        perturbations_per_eval: int = 1,
+        target_stderr: float | None = None,
+        seed: int | None = None,
+        show_progress: bool = False,
+        return_stderr: bool = False,
+        **kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Estimate Shapley values of the features of ``inputs``.
+
+        Args:
+            inputs (Tensor): one input tensor ``(B, ...)``; each example is
+                explained on its own.
+            baselines (float or Tensor, optional): values of absent features
+                (broadcast to the input). Default: 0
+            target (int, optional): output column to explain when the forward
+                returns ``(B, C)`` scores; None explains every column at once.
+                Default: None
+            additional_forward_args (Any, optional): passed after the perturbed
+                input; tensors whose first dimension is the batch are repeated
+                for each coalition, as Captum does. Default: None
+            feature_mask (Tensor, optional): same shape as one example (or the
+                input); equal ids form one feature. Default: every element its own
+            budget (int, optional): coalition evaluations, before any cache (the
+                empty and full coalitions included); exact methods ignore it.
+                Default: 10 per feature
+            perturbations_per_eval (int, optional): coalitions per forward call.
+                Default: 1
+            target_stderr (float, optional): stop sampling once every feature's
+                standard error is below this (``budget`` stays the cap). Default: None
+            seed (int, optional): seed of the sampler's own generator (None:
+                drawn from torch's global generator). Default: None
+            show_progress (bool, optional): a progress bar over the budget,
+                showing the largest standard error. Default: False
+            return_stderr (bool, optional): also return the standard errors.
+                Default: False
+
+        Returns:
+            Tensor or (Tensor, Tensor): attributions shaped like ``inputs`` (or
+            ``(k, ...)`` for one example when the forward returns k > 1 outputs
+            per coalition), and the standard errors in the same shape.
+
+        Examples::
+
+            >>> est = LeverageKernelShap(model)
+            >>> attr, stderr = est.attribute(x, budget=200, return_stderr=True)
+        """
+        if isinstance(inputs, tuple):
+            if len(inputs) != 1:
+                raise UnsupportedInputError(
+                    "captum-mllm's estimators take one input tensor; concatenate the inputs "
+                    "and group them with feature_mask"
+                )
+            inputs = inputs[0]
+        if isinstance(feature_mask, tuple):
+            feature_mask = feature_mask[0]
+        if perturbations_per_eval < 1:
+            raise InvalidOptionError("perturbations_per_eval must be at least 1")
+        if budget is not None and budget < 1:
+            raise InvalidOptionError(
+                f"budget must be a positive number of coalitions, got {budget}"
+            )
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        rng = np.random.default_rng(seed)
+        outs, errs = [], []
+        for b in range(inputs.shape[0]):
+            example = _Example(
+                self.forward_func,
+                inputs[b : b + 1],
+                baselines,
+                feature_mask,
+                additional_forward_args,
+                target,
+                perturbations_per_eval,
+            )
+            game = Game(example.evaluate, example.n)
+            cap = budget if budget is not None else 10 * example.n
+            with _progress(show_progress, cap, type(self).__name__) as progress:
+                phi, stderr = self.estimate(game, cap, target_stderr, rng, progress, **kwargs)
+            self.last_n_requested = game.n_requested
+            outs.append(example.shape_like_input(phi))
+            errs.append(example.shape_like_input(stderr))
+        if len(outs) > 1 and outs[0].shape[0] > 1:
+            raise UnsupportedInputError("several examples with several outputs each are ambiguous")
+        attributions = torch.cat(outs).to(inputs.device)
+        stderrs = torch.cat(errs).to(inputs.device)
+        return (attributions, stderrs) if return_stderr else attributions
+
+
+class _Example:
+    """One example's game: masks over features -> perturbed inputs -> forward."""
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Any],
+        example: Tensor,
+        baselines: float | Tensor | None,
+        feature_mask: Tensor | None,
+        additional_forward_args: Any,
+        target: int | None,
+        perturbations_per_eval: int,
+    ) -> None:
+        self.forward_func = forward_func
+        self.example = example
+        shape = example.shape[1:]
+        base = torch.zeros_like(example) if baselines is None else torch.as_tensor(baselines)
+        self.baseline = base.to(example.device, example.dtype).expand_as(example)
+        if feature_mask is None:
+            ids = torch.arange(example[0].numel(), device=example.device).reshape(shape)
+        else:
+            ids = feature_mask.reshape(-1, *shape)[0].to(example.device)
+        unique, index = torch.unique(ids, return_inverse=True)
+        self.index = index  # element -> feature 0..n-1
+        self.n = len(unique)
+        self.args = additional_forward_args
+        self.target = target
+        self.ppe = perturbations_per_eval
+
+    def evaluate(self, masks: Tensor) -> Tensor:
+        """``(m, n)`` bool -> ``(m, k)``: forwards in chunks of ``perturbations_per_eval``."""
+        out = []
+        for start in range(0, len(masks), self.ppe):
+            chunk = masks[start : start + self.ppe].to(self.example.device)
+            keep = chunk[:, self.index]  # (c, *shape)
+            perturbed = torch.where(keep, self.example, self.baseline)
+            args = _expand(self.args, len(chunk))
+            values = self.forward_func(perturbed, *args)
+            values = torch.as_tensor(values).reshape(len(chunk), -1)
+            if self.target is not None:
+                values = values[:, self.target : self.target + 1]
+            out.append(values.detach())
+        return torch.cat(out)
+
+    def shape_like_input(self, phi: np.ndarray) -> Tensor:
+        """``(k, n)`` feature values -> ``(k, *input shape)`` (each element its feature's)."""
+        dtype = self.example.dtype if self.example.is_floating_point() else torch.float32
+        values = torch.from_numpy(np.asarray(phi, dtype=np.float64)).to(dtype)
+        return values[:, self.index.reshape(-1).cpu()].reshape(len(values), *self.example.shape[1:])
+
+
+def _expand(args: Any, size: int) -> tuple[Any, ...]:
+    """Repeat tensor arguments with a batch of one along dim 0, as Captum does."""
+    if args is None:
+        return ()
+    args = args if isinstance(args, tuple) else (args,)
+    return tuple(
+        a.repeat_interleave(size, dim=0)
+        if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == 1
+        else a
+        for a in args
+    )
+
+
+class _progress:
+    """A tqdm bar over the budget (or nothing), updated with the largest stderr."""
+
+    def __init__(self, show: bool, total: int, name: str) -> None:
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{name} coalitions")
+
+    def __enter__(self) -> _progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, game: Game, stderr: np.ndarray | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = min(game.n_requested, self.bar.total or game.n_requested)
+        if stderr is not None and np.isfinite(stderr).all():
+            self.bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}")
+        self.bar.refresh()
+
+
+def shapley_weight(n: int, size: int) -> float:
+    """``|S|! (n - |S| - 1)! / n!``: the Shapley weight of a coalition S of
+    ``size`` players not holding the player being valued."""
+    return math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+
+
+def mean_and_stderr(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over independent units ``(u, k, n)`` and its standard error (inf for one unit)."""
+    mean = units.mean(axis=0)
+    if len(units) < 2:
+        return mean, np.full_like(mean, np.inf)
+    return mean, units.std(axis=0, ddof=1) / math.sqrt(len(units))
+
+
+def should_stop(stderr: np.ndarray, target_stderr: float | None, rounds: int) -> bool:
+    """Stop once every standard error is below the target (after two rounds)."""
+    return target_stderr is not None and rounds >= 2 and bool(np.all(stderr <= target_stderr))

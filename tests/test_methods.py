@@ -1,0 +1,219 @@
+"""captum-mllm's estimators: exact at 2^n, unbiased samplers with honest errors."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import ShapleyValues, ShapleyValueSampling
+from conftest import brute_force_shapley
+
+from captum_mllm import ChatInput, MemoryStore, MultimodalLLMAttribution
+from captum_mllm.encoding import coalition_key
+from captum_mllm.errors import InvalidOptionError
+from captum_mllm.methods import (
+    ExactShapleyValues,
+    HierarchicalShapley,
+    LeverageKernelShap,
+    PairedPermutationSampling,
+    RegressionAdjustedShapley,
+)
+
+SAMPLERS = [PairedPermutationSampling, LeverageKernelShap, RegressionAdjustedShapley]
+N = 10
+_g = torch.Generator().manual_seed(0)
+A = torch.randn(N, generator=_g, dtype=torch.float64)
+B = torch.triu(torch.randn(N, N, generator=_g, dtype=torch.float64), 1) * 0.8
+
+
+def synthetic(x):
+    """A game with interactions of order 2, 3 and N (a sine of the size): ``(m, N) -> (m,)``."""
+    x = x.double()
+    return x @ A + ((x @ B) * x).sum(1) + 2.0 * x[:, :3].prod(1) + 0.5 * torch.sin(3 * x.sum(1))
+
+
+def known_values():
+    """The synthetic game's Shapley values in closed form (the sine term by brute force)."""
+    phi = A + (B + B.T).sum(1) / 2
+    phi[:3] += 2.0 / 3
+    size_only = brute_force_shapley(
+        lambda m: (0.5 * torch.sin(3 * m.sum(1, keepdim=True))).float(), N
+    )[0].double()
+    return (phi + size_only).numpy()
+
+
+ONES = torch.ones(1, N, dtype=torch.float64)
+
+
+def test_exact_equals_captums_shapley_values_on_tensors():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, dtype=torch.float64)
+
+    def f(x):
+        return torch.tanh(x @ w).sum(1) * x[:, 0]
+
+    x = torch.randn(2, 6, dtype=torch.float64)
+    mask = torch.tensor([[0, 0, 1, 2, 3, 4]])
+    ours = ExactShapleyValues(f).attribute(x, feature_mask=mask, perturbations_per_eval=7)
+    theirs = ShapleyValues(f).attribute(x, feature_mask=mask)
+    # to 1e-6, absolute or relative: Captum sums in float32
+    torch.testing.assert_close(ours.float(), theirs, atol=1e-6, rtol=1e-6)
+    with pytest.raises(InvalidOptionError, match="LeverageKernelShap"):
+        ExactShapleyValues(f, max_features=3).attribute(x)
+
+
+@pytest.mark.parametrize("text_unit, captum_atol", [("word", 1e-6), ("token", 5e-5)])
+def test_exact_equals_captums_shapley_values_on_chats(model, chat, text_unit, captum_atol):
+    inp = ChatInput(chat, model, text_unit=text_unit)
+    n = min(7, inp.n_itp_features)
+    inp = ChatInput(
+        chat, model, text_unit=text_unit, groups=[min(i, n - 1) for i in range(len(inp.values))]
+    )
+    assert inp.n_itp_features == n
+    target = "I am a small model."
+    shared = MemoryStore()  # both read the same coalition values: only the estimators differ
+    ours = MultimodalLLMAttribution(ExactShapleyValues(model), model).attribute(
+        inp, target=target, perturbations_per_eval=16, store=shared
+    )
+    theirs = MultimodalLLMAttribution(ShapleyValues(model), model).attribute(
+        inp, target=target, perturbations_per_eval=16, store=shared
+    )
+    assert ours.n_unique_coalitions == 2**n and theirs.n_unique_coalitions == 0
+    values = brute_force_shapley(lambda m: _stored(shared, m), n)
+    torch.testing.assert_close(ours.seq_attr, values[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours.token_attr, values[1:], atol=1e-6, rtol=1e-6)
+    # Captum walks n! orders summing in float32: at n = 7 that alone costs ~2e-5
+    torch.testing.assert_close(ours.token_attr, theirs.token_attr, atol=captum_atol, rtol=1e-6)
+    torch.testing.assert_close(ours.seq_attr, theirs.seq_attr, atol=captum_atol, rtol=1e-6)
+    assert torch.equal(ours.seq_attr_stderr, torch.zeros(n))
+
+
+def _stored(store, masks):
+    return torch.stack([torch.from_numpy(store.entries[coalition_key(m)][0].copy()) for m in masks])
+
+
+@pytest.mark.parametrize("method", SAMPLERS)
+def test_samplers_are_unbiased_efficient_and_report_honest_errors(method):
+    true = known_values()
+    runs = [method(synthetic).attribute(ONES, budget=10 * N, seed=s, return_stderr=True)
+            for s in range(150)]  # fmt: skip
+    estimates = np.stack([e[0].numpy() for e, _ in runs])
+    reported = np.stack([s[0].numpy() for _, s in runs])
+    spread = estimates.std(axis=0, ddof=1)
+    # unbiased: the mean over seeds is within 3 standard errors of the truth
+    assert np.all(np.abs(estimates.mean(0) - true) <= 3 * spread / math.sqrt(len(runs)))
+    # efficient: every estimate sums to f(all) - f(none)
+    total = float(synthetic(ONES) - synthetic(torch.zeros_like(ONES)))
+    assert np.allclose(estimates.sum(1), total, atol=1e-9)
+    # honest: the reported standard error matches the spread over seeds within 30%
+    assert 0.7 <= reported.mean() / spread.mean() <= 1.3
+    assert np.all(spread > 0)  # the check is not between zeros
+
+
+def test_a_kernel_budget_of_2n_is_exact():
+    exact = ExactShapleyValues(synthetic).attribute(ONES)
+    kernel, stderr = LeverageKernelShap(synthetic).attribute(ONES, budget=2**N, return_stderr=True)
+    torch.testing.assert_close(kernel, exact, atol=1e-9, rtol=0)
+    assert torch.equal(stderr, torch.zeros_like(stderr))
+
+
+@pytest.mark.parametrize("method", SAMPLERS)
+def test_target_stderr_stops_early_on_an_easy_game_and_not_on_a_hard_one(method):
+    calls = []
+
+    def additive(x):
+        calls.append(len(x))
+        return x.double() @ A
+
+    est = method(additive)
+    est.attribute(ONES, budget=2000, target_stderr=1e-4, seed=0, perturbations_per_eval=64)
+    easy = est.last_n_requested
+    assert easy < 500  # an additive game is estimated without error: stop at once
+    est = method(synthetic)
+    est.attribute(ONES, budget=600, target_stderr=1e-6, seed=0, perturbations_per_eval=64)
+    assert est.last_n_requested >= 560  # never precise enough: the budget is the cap
+
+
+def _owen_by_orders(value, tree, n):
+    """Owen values by brute force: the mean marginal contribution over every
+    order that keeps each subtree together."""
+
+    def orders(node):
+        if isinstance(node, int):
+            return [[node]]
+        out = []
+        for perm in itertools.permutations(node):
+            for parts in itertools.product(*(orders(c) for c in perm)):
+                out.append([leaf for part in parts for leaf in part])
+        return out
+
+    all_orders = orders(tree)
+    phi = np.zeros(n)
+    for order in all_orders:
+        mask = np.zeros(n, bool)
+        before = value(mask)
+        for leaf in order:
+            mask[leaf] = True
+            after = value(mask)
+            phi[leaf] += after - before
+            before = after
+    return phi / len(all_orders)
+
+
+def test_hierarchical_equals_brute_force_owen_values():
+    tree = [[0, 1, [2, 3]], [4, 5], 6]
+    n = 7
+
+    def value(mask):
+        x = torch.zeros(1, N, dtype=torch.float64)
+        x[0, :n] = torch.from_numpy(mask.astype(float))
+        return float(synthetic(x))
+
+    def f(x):
+        padded = torch.zeros(len(x), N, dtype=torch.float64)
+        padded[:, :n] = x
+        return synthetic(padded)
+
+    ones = torch.ones(1, n, dtype=torch.float64)
+    ours = HierarchicalShapley(f).attribute(ones, tree=tree)[0].numpy()
+    np.testing.assert_allclose(ours, _owen_by_orders(value, tree, n), atol=1e-10)
+    flat = HierarchicalShapley(f).attribute(ones, tree=list(range(n)))
+    torch.testing.assert_close(flat, ExactShapleyValues(f).attribute(ones), atol=1e-10, rtol=0)
+    with pytest.raises(InvalidOptionError):
+        HierarchicalShapley(f).attribute(ones, tree=[[0, 1], [2, 3]])  # misses features
+
+
+def test_hierarchical_on_a_chat_uses_its_turn_tree(model, chat):
+    inp = ChatInput(chat, model, roles=("system", "user"))
+    tree = inp.feature_tree()
+    assert [len(t) for t in tree] == [5, 5]  # system words, then user words
+    res = MultimodalLLMAttribution(HierarchicalShapley(model), model).attribute(
+        inp, target="I am a small model.", perturbations_per_eval=64
+    )
+    # far fewer coalitions than the 2^10 of exact Shapley over all words
+    assert res.n_unique_coalitions < 2**10 / 4
+    total = res.seq_attr.sum()
+    full_minus_empty = MultimodalLLMAttribution(ExactShapleyValues(model), model).attribute(
+        ChatInput(chat, model, roles=("system", "user"), groups=[0] * 10),
+        target="I am a small model.",
+    )
+    torch.testing.assert_close(total, full_minus_empty.seq_attr.sum(), atol=1e-4, rtol=0)
+
+
+def test_at_ten_n_coalitions_the_best_sampler_beats_captum_sampling():
+    """A fast guard of the estimators benchmark: at least 2x lower error."""
+    true = known_values()
+
+    def error(attr):
+        return np.linalg.norm(attr[0].numpy() - true) / np.linalg.norm(true)
+
+    budget = 10 * N
+    ours, captum = [], []
+    for seed in range(8):
+        ours.append(error(LeverageKernelShap(synthetic).attribute(ONES, budget=budget, seed=seed)))
+        torch.manual_seed(seed)
+        captum.append(
+            error(ShapleyValueSampling(synthetic).attribute(ONES, n_samples=budget // (N + 1)))
+        )
+    assert np.mean(captum) / np.mean(ours) >= 2.0
