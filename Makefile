@@ -31,9 +31,12 @@ demo: setup
 	$(BIN)/captum-mllm demo
 
 bench: setup
+	# shapiq is the peer the estimators are measured against (benchmarks only).
+	$(BIN)/python -m pip install -q shapiq
 	$(BIN)/python benchmarks/text_vs_captum.py
 	$(BIN)/python benchmarks/similarity.py
 	$(BIN)/python benchmarks/lfm2_audio.py
+	$(BIN)/python benchmarks/estimators.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

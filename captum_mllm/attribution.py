@@ -227,15 +227,18 @@ class MultimodalLLMAttribution(LLMAttribution):
 
         attr = torch.zeros(n_columns, inp.n_itp_features, dtype=torch.float, device=self.device)
         ours = isinstance(self.attr_method, ShapleyEstimator)
+        method_kwargs = dict(kwargs)
         if ours:  # our estimators report standard errors (and read the feature tree)
-            kwargs["return_stderr"] = True
+            method_kwargs["return_stderr"] = True
             if isinstance(self.attr_method, HierarchicalShapley) and isinstance(inp, ChatInput):
-                kwargs.setdefault("tree", inp.feature_tree())
+                method_kwargs.setdefault("tree", inp.feature_tree())
         variance = torch.zeros_like(attr)
         try:
             for _ in range(num_trials):
                 cur = self.attr_method.attribute(
-                    inp.to_tensor().to(self.device), additional_forward_args=(call,), **kwargs
+                    inp.to_tensor().to(self.device),
+                    additional_forward_args=(call,),
+                    **method_kwargs,
                 )
                 if ours:
                     cur, stderr = cur

@@ -13,7 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from captum.attr import FeatureAblation, ImageMaskInput, InterpretableInput, LLMAttribution
+from captum.attr import (
+    FeatureAblation,
+    ImageMaskInput,
+    InterpretableInput,
+    LLMAttribution,
+    TextTemplateInput,
+)
 from captum.attr._core.llm_attr import DEFAULT_GEN_ARGS as _DEFAULT_GEN_ARGS
 from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
 from torch import Tensor
@@ -39,6 +45,35 @@ def text_scorer(adapter: ModelAdapter) -> Callable[..., Tensor]:
             f"{type(adapter).__name__}"
         )
     return adapter.score_rows
+
+
+def text_template_input(inp: Any) -> TextTemplateInput:
+    """Captum's ``TextTemplateInput`` for a text-only :class:`~captum_mllm.ChatInput`:
+    the rendered prompt with each feature's tokens as a ``{}`` slot, so that
+    stock Captum explains the same game (dropping a slot drops its tokens).
+
+    Examples::
+
+        >>> stock = LLMAttribution(ShapleyValueSampling(model.model), model.tokenizer)
+        >>> stock.attribute(text_template_input(inp), target=answer_ids)
+    """
+    enc = inp.encoded
+    if any(m != "text" for m in enc.modality):
+        raise UnsupportedInputError("only text chats have a Captum text template")
+    owner = inp.feature_of_position.tolist()
+    template = ""
+    values: list[str] = []
+    for p, token in enumerate(enc.tokens):
+        if owner[p] < 0:
+            template += token.replace("{", "{{").replace("}", "}}")
+        elif p > 0 and owner[p - 1] == owner[p]:
+            values[-1] += token
+        else:
+            template += "{}"
+            values.append(token)
+    if len(values) != inp.n_itp_features:
+        raise UnsupportedInputError("a feature's tokens are not contiguous; no template fits")
+    return TextTemplateInput(template, values)
 
 
 def pretty_tokens(ids: Tensor, tokenizer: Any) -> list[str]:

@@ -217,3 +217,20 @@ def test_at_ten_n_coalitions_the_best_sampler_beats_captum_sampling():
             error(ShapleyValueSampling(synthetic).attribute(ONES, n_samples=budget // (N + 1)))
         )
     assert np.mean(captum) / np.mean(ours) >= 2.0
+
+
+def test_prune_leaves_a_negligible_group_unexpanded():
+    def f(x):  # features 5 and 6 do nothing
+        padded = torch.zeros(len(x), N, dtype=torch.float64)
+        padded[:, :5] = x[:, :5]
+        return synthetic(padded)
+
+    ones = torch.ones(1, 7, dtype=torch.float64)
+    tree = [[0, 1, 2], [3, 4], [5, [6]]]
+    full = HierarchicalShapley(f)
+    exact = full.attribute(ones, tree=tree)
+    pruned = HierarchicalShapley(f, prune=0.01)
+    cheap = pruned.attribute(ones, tree=tree)
+    torch.testing.assert_close(cheap, exact, atol=1e-10, rtol=0)  # the group was worth 0
+    assert torch.equal(cheap[0, 5:], torch.zeros(2, dtype=torch.float64))
+    assert pruned.last_n_evaluated < full.last_n_evaluated

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,33 @@ class Game:
         return both[0], both[1]
 
 
+@dataclass
+class Plan:
+    """How an estimation may proceed.
+
+    Attributes:
+        budget (int): coalition evaluations to ask for at most.
+        target_stderr (float or None): stop once every standard error is below it.
+        rng (numpy Generator): the sampler's own random numbers.
+        progress: the progress bar (``update(game, stderr)``).
+        options (dict): method-specific ``attribute`` arguments (e.g. ``tree``).
+    """
+
+    budget: int
+    target_stderr: float | None
+    rng: np.random.Generator
+    progress: Any
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def stop(self, stderr: np.ndarray, rounds: int) -> bool:
+        """Stop once every standard error is below the target (after two rounds)."""
+        return (
+            self.target_stderr is not None
+            and rounds >= 2
+            and bool(np.all(stderr <= self.target_stderr))
+        )
+
+
 class ShapleyEstimator(PerturbationAttribution):
     """Base class of captum-mllm's Shapley estimators (see the module docstring).
 
@@ -84,15 +112,7 @@ class ShapleyEstimator(PerturbationAttribution):
         return False
 
     @abstractmethod
-    def estimate(
-        self,
-        game: Game,
-        budget: int,
-        target_stderr: float | None,
-        rng: np.random.Generator,
-        progress: Any,
-        **kwargs: Any,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         """Shapley values ``(k, n)`` and their standard errors ``(k, n)``."""
 
     def attribute(  # type: ignore[override]
@@ -181,8 +201,10 @@ class ShapleyEstimator(PerturbationAttribution):
             game = Game(example.evaluate, example.n)
             cap = budget if budget is not None else 10 * example.n
             with _progress(show_progress, cap, type(self).__name__) as progress:
-                phi, stderr = self.estimate(game, cap, target_stderr, rng, progress, **kwargs)
-            self.last_n_requested = game.n_requested
+                plan = Plan(cap, target_stderr, rng, progress, kwargs)
+                phi, stderr = self.estimate(game, plan)
+            # what the last example cost: coalitions asked for, and distinct ones evaluated
+            self.last_n_requested, self.last_n_evaluated = game.n_requested, len(game.memo)
             outs.append(example.shape_like_input(phi))
             errs.append(example.shape_like_input(stderr))
         if len(outs) > 1 and outs[0].shape[0] > 1:
@@ -294,8 +316,3 @@ def mean_and_stderr(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(units) < 2:
         return mean, np.full_like(mean, np.inf)
     return mean, units.std(axis=0, ddof=1) / math.sqrt(len(units))
-
-
-def should_stop(stderr: np.ndarray, target_stderr: float | None, rounds: int) -> bool:
-    """Stop once every standard error is below the target (after two rounds)."""
-    return target_stderr is not None and rounds >= 2 and bool(np.all(stderr <= target_stderr))

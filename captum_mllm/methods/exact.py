@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from captum_mllm.errors import InvalidOptionError
-from captum_mllm.methods.base import Game, ShapleyEstimator, shapley_weight
+from captum_mllm.methods.base import Game, Plan, ShapleyEstimator, shapley_weight
 
 
 class ExactShapleyValues(ShapleyEstimator):
@@ -32,15 +32,7 @@ class ExactShapleyValues(ShapleyEstimator):
         super().__init__(forward_func)
         self.max_features = max_features
 
-    def estimate(
-        self,
-        game: Game,
-        budget: int,
-        target_stderr: float | None,
-        rng: np.random.Generator,
-        progress: Any,
-        **kwargs: Any,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
         if n > self.max_features:
             raise InvalidOptionError(
@@ -53,7 +45,7 @@ class ExactShapleyValues(ShapleyEstimator):
         values = np.concatenate(
             [game(bits[s : s + 65536].astype(bool)) for s in range(0, 2**n, 65536)]
         )  # (2^n, k)
-        progress.update(game)
+        plan.progress.update(game)
         size = bits.sum(1)
         weights = np.array([shapley_weight(n, s) for s in range(n)] + [0.0])
         phi = np.zeros((values.shape[1], n))

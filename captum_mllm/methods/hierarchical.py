@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from captum_mllm.errors import InvalidOptionError
-from captum_mllm.methods.base import Game, ShapleyEstimator, shapley_weight
+from captum_mllm.methods.base import Game, Plan, ShapleyEstimator, shapley_weight
 
 Tree = Sequence[Any]  # nested lists whose leaves are feature indices
 
@@ -47,17 +47,9 @@ class HierarchicalShapley(ShapleyEstimator):
         self.max_children = max_children
         self.prune = prune
 
-    def estimate(
-        self,
-        game: Game,
-        budget: int,
-        target_stderr: float | None,
-        rng: np.random.Generator,
-        progress: Any,
-        tree: Tree | None = None,
-        **kwargs: Any,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
+        tree = plan.options.get("tree")
         root = _check_tree(list(range(n)) if tree is None else tree, n, self.max_children)
         expand = [True] * len(root)
         if self.prune > 0 and len(root) > 1:
@@ -67,7 +59,7 @@ class HierarchicalShapley(ShapleyEstimator):
             expand = list(size >= self.prune * size.max())
         terms = list(_terms(root, 0, 1.0, expand=expand))
         phi = _evaluate(game, terms, n, n)
-        progress.update(game)
+        plan.progress.update(game)
         return phi.T, np.zeros_like(phi.T)  # (k, n); exact, no sampling error
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
-from captum_mllm.methods.base import Game, ShapleyEstimator, should_stop
+from captum_mllm.methods.base import Game, Plan, ShapleyEstimator
 
 _BOOTSTRAPS = 40
 
@@ -34,21 +33,13 @@ class LeverageKernelShap(ShapleyEstimator):
         >>> attr = LeverageKernelShap(model).attribute(x, budget=20 * n_features)
     """
 
-    def estimate(
-        self,
-        game: Game,
-        budget: int,
-        target_stderr: float | None,
-        rng: np.random.Generator,
-        progress: Any,
-        **kwargs: Any,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
         empty, full = game.ends()
         if n == 1:
             return (full - empty)[:, None], np.zeros((len(full), 1))
-        strata = _Strata(n, rng)
-        interior = max(2, budget - 2)
+        strata = _Strata(n, plan.rng)
+        interior = max(2, plan.budget - 2)
         rounds = 0
         phi = stderr = np.zeros((len(full), n))
         # Grow the sample in rounds (doubling) until the budget or the target stderr.
@@ -58,8 +49,8 @@ class LeverageKernelShap(ShapleyEstimator):
                 game(masks)
             rounds += 1
             phi, stderr = strata.solve(game, empty, full)
-            progress.update(game, stderr)
-            if should_stop(stderr, target_stderr, rounds) or strata.count >= strata.total:
+            plan.progress.update(game, stderr)
+            if plan.stop(stderr, rounds) or strata.count >= strata.total:
                 break
         return phi, stderr
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from captum_mllm.methods.base import Game, ShapleyEstimator, mean_and_stderr, should_stop
+from captum_mllm.methods.base import Game, Plan, ShapleyEstimator, mean_and_stderr
 
 
 class PairedPermutationSampling(ShapleyEstimator):
@@ -27,32 +25,24 @@ class PairedPermutationSampling(ShapleyEstimator):
         ...     x, budget=400, target_stderr=0.01, return_stderr=True)
     """
 
-    def estimate(
-        self,
-        game: Game,
-        budget: int,
-        target_stderr: float | None,
-        rng: np.random.Generator,
-        progress: Any,
-        **kwargs: Any,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
         empty, full = game.ends()
         cost = max(1, 2 * (n - 1))
-        pairs = max(1, (budget - 2) // cost)
+        pairs = max(1, (plan.budget - 2) // cost)
         per_round = max(1, min(pairs, 8))
         units: list[np.ndarray] = []
         rounds = 0
         while len(units) < pairs:
             take = min(per_round, pairs - len(units))
-            orders = np.stack([rng.permutation(n) for _ in range(take)])
+            orders = np.stack([plan.rng.permutation(n) for _ in range(take)])
             orders = np.concatenate([orders, orders[:, ::-1]])  # each with its reverse
             phi = _marginals(game, orders, empty, full)  # (2 * take, k, n)
             units += list((phi[:take] + phi[take:]) / 2)
             rounds += 1
             mean, stderr = mean_and_stderr(np.stack(units))
-            progress.update(game, stderr)
-            if should_stop(stderr, target_stderr, rounds):
+            plan.progress.update(game, stderr)
+            if plan.stop(stderr, rounds):
                 break
         return mean_and_stderr(np.stack(units))
 

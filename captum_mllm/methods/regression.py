@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from captum_mllm.errors import InvalidOptionError
-from captum_mllm.methods.base import Game, ShapleyEstimator, should_stop
+from captum_mllm.methods.base import Game, Plan, ShapleyEstimator
 
 SURROGATES = ("auto", "linear", "quadratic")
 
@@ -46,32 +46,24 @@ class RegressionAdjustedShapley(ShapleyEstimator):
         self.surrogate = surrogate
         self.alpha = alpha
 
-    def estimate(
-        self,
-        game: Game,
-        budget: int,
-        target_stderr: float | None,
-        rng: np.random.Generator,
-        progress: Any,
-        **kwargs: Any,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
         empty, full = game.ends()
-        total_pairs = max(4, (budget - 2) // 2)
+        total_pairs = max(4, (plan.budget - 2) // 2)
         per_round = max(4, min(total_pairs, 4 * n))
         masks = np.zeros((0, 2, n), dtype=bool)
         values = np.zeros((0, 2, len(full)))
         rounds = 0
         while len(masks) < total_pairs:
             take = min(per_round, total_pairs - len(masks))
-            drawn = _draw(n, take, rng)
+            drawn = _draw(n, take, plan.rng)
             masks = np.concatenate([masks, np.stack([drawn, ~drawn], 1)])
             new_values = game(np.stack([drawn, ~drawn], 1).reshape(-1, n))
             values = np.concatenate([values, new_values.reshape(take, 2, -1)])
             rounds += 1
             phi, stderr = self._combine(masks, values, empty, full)
-            progress.update(game, stderr)
-            if should_stop(stderr, target_stderr, rounds):
+            plan.progress.update(game, stderr)
+            if plan.stop(stderr, rounds):
                 break
         return self._combine(masks, values, empty, full)
 
