@@ -1,5 +1,6 @@
 """The coalition evaluator and its stores: each coalition once, resumable runs."""
 
+import copy
 import os
 import signal
 import sqlite3
@@ -102,7 +103,9 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
         attr.attribute(ChatInput(chat, model), target="Something else.", store=store)
     with pytest.raises(StoreMismatchError, match="chat"):
         attr.attribute(ChatInput(chat.user("More."), model), target=TARGET, store=store)
-    other = type(model)(type(model.model)(model.model.config), model.tokenizer)  # new weights
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)  # one weight tensor changed
     with pytest.raises(StoreMismatchError, match="model"):
         attr2 = MultimodalLLMAttribution(ShapleyValues(other), other)
         attr2.attribute(ChatInput(chat, other), target=TARGET, store=store)

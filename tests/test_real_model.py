@@ -3,9 +3,11 @@ tokenizer and chat template, which inserts a default system prompt)."""
 
 import pytest
 import torch
-from captum.attr import FeatureAblation
+from captum.attr import FeatureAblation, LLMAttribution, ShapleyValueSampling
 
 from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution
+from captum_mllm.captum_compat import text_template_input
+from captum_mllm.methods import ExactShapleyValues
 from captum_mllm.testing import tiny_hf_adapter, tiny_tokenizer
 
 QUESTION = "What is the capital of France?"
@@ -118,3 +120,45 @@ def test_a_chat_ending_with_the_answer_explains_that_answer(smol):
     res = attr.attribute(inp)
     assert res.response_text == "The capital of France is Paris."
     assert torch.isfinite(res.seq_attr).all()
+
+
+@pytest.mark.parametrize(
+    "method, kwargs", [(FeatureAblation, {}), (ShapleyValueSampling, {"n_samples": 2})]
+)
+def test_word_values_equal_stock_captums_on_smollm2(smol, method, kwargs):
+    """Stock Captum on the same chat (its template rendered by SmolLM2's chat
+    template, default system prompt included) gives our values."""
+    inp = ChatInput(Chat().user(QUESTION), smol)
+    target = smol.tokenizer("The capital of France is Paris.", add_special_tokens=False,
+                            return_tensors="pt").input_ids  # fmt: skip
+    torch.manual_seed(0)
+    stock = LLMAttribution(method(smol.model), smol.tokenizer).attribute(
+        text_template_input(inp), target=target[0], forward_in_tokens=False, **kwargs
+    )
+    torch.manual_seed(0)
+    ours = MultimodalLLMAttribution(method(smol), smol).attribute(
+        inp, target=target, perturbations_per_eval=8, **kwargs
+    )
+    assert ours.input_tokens == [v.strip() for v in stock.input_tokens]
+    assert ours.output_tokens == stock.output_tokens
+    torch.testing.assert_close(ours.token_attr, stock.token_attr, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.seq_attr, stock.seq_attr, atol=1e-4, rtol=0)
+    assert ours.seq_attr.abs().max() > 0.5
+
+
+@pytest.mark.parametrize(
+    "question, answer, decisive",
+    [
+        ("What is the capital of France?", "Paris", "France"),
+        ("What is the capital of Germany?", "Berlin", "Germany"),
+        ("What is the capital of Spain?", "Madrid", "Spain"),
+    ],
+)
+def test_the_decisive_word_carries_the_answer(smol, question, answer, decisive):
+    inp = ChatInput(Chat().user(question), smol)
+    res = MultimodalLLMAttribution(ExactShapleyValues(smol), smol).attribute(
+        inp, target=answer, perturbations_per_eval=64
+    )
+    first = res.token_attr[0]  # the answer's first token: it carries the fact
+    assert inp.values[int(first.argmax())] == decisive
+    assert inp.values[int(res.seq_attr.argmax())] == decisive

@@ -1,0 +1,108 @@
+"""The captum-mllm command: chats from files, reports, one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+from importlib.resources import files
+
+import pytest
+
+from captum_mllm import MultimodalLLMAttributionResult
+from captum_mllm.cli import main
+
+QUESTION_WAV = str(files("captum_mllm") / "data" / "question.wav")
+
+
+def run(argv, capsys):
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_json_chat_with_an_audio_file(tmp_path, capsys):
+    (tmp_path / "clips").mkdir()
+    clip = tmp_path / "clips" / "question.wav"
+    clip.write_bytes(open(QUESTION_WAV, "rb").read())
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "path": "clips/question.wav"},  # relative to the JSON file
+                {"type": "text", "text": "Answer it."},
+            ],
+        },
+    ]
+    (tmp_path / "chat.json").write_text(json.dumps(chat))
+    out = tmp_path / "out"
+    code, printed, err = run(
+        ["explain", "--chat", tmp_path / "chat.json", "--model", "tiny-lfm2-audio",
+         "--method", "exact", "--audio-unit", "1.0", "--max-new-tokens", "4", "--out", out],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "answer:" in printed
+    for name in ("seq_attr.png", "token_attr.png", "attributions.csv", "result.json"):
+        assert (out / name).is_file()
+    res = MultimodalLLMAttributionResult.load(out / "result.json")
+    audio = [f for f in res.features if f.modality == "audio_in"]
+    assert len(audio) == 3 and res.clips[0].path == str(clip)  # 2.2 s in 1 s windows
+    assert res.provenance["method"] == "ExactShapleyValues"
+
+
+def test_a_yaml_chat_and_a_report(tmp_path, capsys):
+    (tmp_path / "chat.yaml").write_text(
+        "- role: system\n  content: You are a helpful assistant.\n"
+        "- role: user\n  content: Who are you, my friend?\n"
+    )
+    out = tmp_path / "out"
+    code, printed, err = run(
+        ["explain", "--chat", tmp_path / "chat.yaml", "--model", "tiny-llama", "--budget", "40",
+         "--answer", "I am a small model.", "--out", out],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "friend" in printed
+    saved = MultimodalLLMAttributionResult.load(out / "result.json")
+    assert saved.input_tokens == ["Who", "are", "you", "my", "friend"]
+    assert saved.seq_attr_stderr is not None
+    (out / "seq_attr.png").unlink()
+    code, printed, err = run(["report", out / "result.json"], capsys)
+    assert code == 0, err
+    assert (out / "seq_attr.png").is_file() and "friend" in printed
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["explain", "--model", "tiny-llama"], "no chat"),
+        (["explain", "--chat", "/nonexistent/chat.json"], "cannot read"),
+        (["explain", "--chat", "{bad}", "--model", "tiny-llama"], "not valid JSON"),
+        (["explain", "--user", "Hi", "--model", "/nonexistent/model"], "cannot load model"),
+        (
+            ["explain", "--user", "Hi", "--audio-unit", "syllable", "--model", "tiny-llama"],
+            "audio-unit",
+        ),
+        (["explain", "--user", "Hi", "--model", "tiny-llama", "--roles", "robot"], "unknown roles"),
+        (["report", "/nonexistent/result.json"], "no saved result"),
+    ],
+)
+def test_mistakes_exit_with_2_and_one_line(argv, says, tmp_path, capsys):
+    argv = [str(tmp_path / "bad.json") if a == "{bad}" else a for a in argv]
+    (tmp_path / "bad.json").write_text("{not json")
+    code, _, err = run([*argv, "--out", tmp_path] if argv[0] == "explain" else argv, capsys)
+    assert code == 2
+    assert says in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_m_and_bad_flags_exit_with_2():
+    done = subprocess.run(
+        [sys.executable, "-m", "captum_mllm", "explain", "--no-such-flag"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "--no-such-flag" in done.stderr
