@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/similarity.py
 	$(BIN)/python benchmarks/lfm2_audio.py
 	$(BIN)/python benchmarks/estimators.py
+	$(BIN)/python benchmarks/faithfulness.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,9 +1,11 @@
 """Text chat: MultimodalLLMAttribution against stock Captum LLMAttribution.
 
-A ~9M-parameter tiny Llama, a ~60-token system prompt, a 12-word user message,
-a 12-token target, ShapleyValueSampling with n_samples=10. Times stock Captum
-(forward_in_tokens=True and False) and ours (perturbations_per_eval=16) in one
-process, checks the attributions agree, and prints ratios and model-call counts.
+A ~9M-parameter tiny Llama (a ~60-token system prompt, a 12-word user
+message, a 12-token target), then the real SmolLM2-135M-Instruct (12 words),
+ShapleyValueSampling with n_samples=10. Times stock Captum
+(forward_in_tokens=True and False, on the same chat through
+``text_template_input``) and ours (perturbations_per_eval=16) in one process,
+checks the attributions agree, and prints ratios and model-call counts.
 
 Run: ``make bench`` or ``python benchmarks/text_vs_captum.py [--threads N]``.
 """
@@ -14,9 +16,10 @@ import argparse
 import time
 
 import torch
-from captum.attr import LLMAttribution, ShapleyValueSampling, TextTemplateInput
+from captum.attr import LLMAttribution, ShapleyValueSampling
 
-from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution
+from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution, load_default_model
+from captum_mllm.captum_compat import text_template_input
 from captum_mllm.testing import tiny_hf_adapter
 
 SYSTEM = (
@@ -26,6 +29,8 @@ SYSTEM = (
 )
 USER = "Tell me a story about a cat who lived by the sea please"
 TARGET = "A spider has eight legs and the sky is blue!"  # 12 tokens
+REAL_USER = "Tell me in one sentence what the capital city of France is."  # 12 words
+REAL_TARGET = "The capital city of France is Paris."
 N_SAMPLES = 10
 
 
@@ -51,36 +56,18 @@ def timed(fn, repeats: int = 1):
     return out, best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model = tiny_hf_adapter(hidden_size=384, num_layers=7).to(args.device)
+def compare(model, chat, target_text: str, label: str) -> None:
+    """Stock Captum (both paths) against ours on one chat; prints the table."""
     tok = model.tokenizer
     n_params = sum(p.numel() for p in model.parameters())
-    chat = Chat().system(SYSTEM).user(USER)
     inp = ChatInput(chat, model)
-    target_ids = torch.tensor(tok.encode(TARGET, add_special_tokens=False))
-    words = USER.split(" ")
-    rendered = tok.apply_chat_template(
-        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    template = rendered.replace(USER, "{}" * len(words))
-    captum_inp = TextTemplateInput(
-        template, [w if i == 0 else " " + w for i, w in enumerate(words)]
-    )
+    target_ids = torch.tensor(tok.encode(target_text, add_special_tokens=False))
+    captum_inp = text_template_input(inp)  # the same game for stock Captum
     print(
-        f"model: {n_params / 1e6:.1f}M parameters on {args.device}, {args.threads} threads; "
-        f"prompt {len(inp.encoded)} tokens (prefix {inp.prefix_len}), {inp.n_itp_features} "
-        f"word features, {len(target_ids)} target tokens, "
-        f"ShapleyValueSampling n_samples={N_SAMPLES}"
+        f"\n{label}: {n_params / 1e6:.1f}M parameters on {model.device}; prompt "
+        f"{len(inp.encoded)} tokens (prefix {inp.prefix_len}), {inp.n_itp_features} word "
+        f"features, {len(target_ids)} target tokens, ShapleyValueSampling n_samples={N_SAMPLES}"
     )
-
     # Captum calls ``model.forward`` directly, past module hooks: count the decoder's calls.
     counter = CallCounter(model.model.get_decoder())
     rows = []
@@ -90,7 +77,7 @@ def main() -> None:
     ]:
         stock = LLMAttribution(ShapleyValueSampling(model.model), tok)
         counter.calls = 0
-        repeats = 1 if in_tokens else 3  # token-by-token stock Captum takes ~30 s
+        repeats = 1 if in_tokens else 3  # token-by-token stock Captum is slow
         res, secs = timed(
             lambda s=stock, f=in_tokens: s.attribute(
                 captum_inp, target=target_ids, forward_in_tokens=f, n_samples=N_SAMPLES
@@ -124,6 +111,21 @@ def main() -> None:
         f"captum-mllm evaluated {res.n_unique_coalitions} unique of {res.n_coalitions} "
         "requested coalitions"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-real", action="store_true", help="no SmolLM2 row")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tiny = tiny_hf_adapter(hidden_size=384, num_layers=7).to(args.device)
+    compare(tiny, Chat().system(SYSTEM).user(USER), TARGET, "tiny Llama")
+    if not args.skip_real:
+        smol = load_default_model(device=args.device)
+        chat = Chat().system("You are a helpful assistant.").user(REAL_USER)
+        compare(smol, chat, REAL_TARGET, "SmolLM2-135M-Instruct")
 
 
 if __name__ == "__main__":
