@@ -234,3 +234,20 @@ def test_prune_leaves_a_negligible_group_unexpanded():
     torch.testing.assert_close(cheap, exact, atol=1e-10, rtol=0)  # the group was worth 0
     assert torch.equal(cheap[0, 5:], torch.zeros(2, dtype=torch.float64))
     assert pruned.last_n_evaluated < full.last_n_evaluated
+
+
+def test_a_small_budget_samples_owen_values_without_bias():
+    tree = [[0, 1, 2], [[3, 4], [5, 6, 7]], [8, 9]]
+    exact = HierarchicalShapley(synthetic).attribute(ONES, tree=tree)[0].numpy()
+    est = HierarchicalShapley(synthetic)
+    runs = [
+        est.attribute(ONES, tree=tree, budget=60, seed=s, return_stderr=True) for s in range(150)
+    ]
+    assert est.last_n_evaluated <= 60  # sampled, within the budget
+    estimates = np.stack([e[0].numpy() for e, _ in runs])
+    spread = estimates.std(axis=0, ddof=1)
+    assert np.all(np.abs(estimates.mean(0) - exact) <= 3 * spread / math.sqrt(len(runs)))
+    total = float(synthetic(ONES) - synthetic(torch.zeros_like(ONES)))
+    assert np.allclose(estimates.sum(1), total, atol=1e-9)  # efficient, like the exact values
+    reported = np.stack([s[0].numpy() for _, s in runs])
+    assert 0.7 <= reported.mean() / spread.mean() <= 1.3

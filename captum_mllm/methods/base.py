@@ -71,6 +71,7 @@ class Plan:
 
     Attributes:
         budget (int): coalition evaluations to ask for at most.
+        budget_given (bool): the user set it (else it is the default).
         target_stderr (float or None): stop once every standard error is below it.
         rng (numpy Generator): the sampler's own random numbers.
         progress: the progress bar (``update(game, stderr)``).
@@ -82,6 +83,7 @@ class Plan:
     rng: np.random.Generator
     progress: Any
     options: dict[str, Any] = field(default_factory=dict)
+    budget_given: bool = True
 
     def stop(self, stderr: np.ndarray, rounds: int) -> bool:
         """Stop once every standard error is below the target (after two rounds)."""
@@ -201,7 +203,7 @@ class ShapleyEstimator(PerturbationAttribution):
             game = Game(example.evaluate, example.n)
             cap = budget if budget is not None else 10 * example.n
             with _progress(show_progress, cap, type(self).__name__) as progress:
-                plan = Plan(cap, target_stderr, rng, progress, kwargs)
+                plan = Plan(cap, target_stderr, rng, progress, kwargs, budget is not None)
                 phi, stderr = self.estimate(game, plan)
             # what the last example cost: coalitions asked for, and distinct ones evaluated
             self.last_n_requested, self.last_n_evaluated = game.n_requested, len(game.memo)

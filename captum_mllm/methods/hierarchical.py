@@ -10,6 +10,7 @@ import numpy as np
 
 from captum_mllm.errors import InvalidOptionError
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator, shapley_weight
+from captum_mllm.methods.permutation import paired_order_sampling
 
 Tree = Sequence[Any]  # nested lists whose leaves are feature indices
 
@@ -25,6 +26,10 @@ class HierarchicalShapley(ShapleyEstimator):
     present. The cost grows with the branching at each level, not with the
     number of leaves: a leaf needs ``prod 2^(siblings at each level)``
     coalitions, where exact Shapley over all leaves needs ``2^n``.
+
+    When ``budget`` is given and the exact computation needs more coalitions,
+    orders that keep every subtree together are sampled instead (each with
+    its reverse): an unbiased, exactly efficient estimate with standard errors.
 
     With ``prune > 0``, a top-level group whose value is below ``prune`` times
     the largest top-level group's is not expanded: its features share its
@@ -58,9 +63,24 @@ class HierarchicalShapley(ShapleyEstimator):
             size = np.abs(group_values).max(axis=1)  # (n_groups,): largest over outputs
             expand = list(size >= self.prune * size.max())
         terms = list(_terms(root, 0, 1.0, expand=expand))
+        needed = len({c for _, c, _, _ in terms} | {c | a for _, c, a, _ in terms})
+        if plan.budget_given and needed > plan.budget:
+            # Too many for the budget: sample orders that keep every subtree together.
+            return paired_order_sampling(game, plan, lambda rng: _consistent_order(root, rng))
         phi = _evaluate(game, terms, n, n)
         plan.progress.update(game)
         return phi.T, np.zeros_like(phi.T)  # (k, n); exact, no sampling error
+
+
+def _consistent_order(node: Any, rng: np.random.Generator) -> np.ndarray:
+    """A random order of the leaves keeping every subtree together (children
+    shuffled at each level); its reverse keeps them together too."""
+    if not (isinstance(node, Sequence) and not isinstance(node, str)):
+        return np.array([int(node)])
+    children = list(node)
+    return np.concatenate(
+        [_consistent_order(children[i], rng) for i in rng.permutation(len(children))]
+    )
 
 
 def _check_tree(tree: Tree, n: int, max_children: int) -> list[Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator, mean_and_stderr
@@ -26,25 +28,33 @@ class PairedPermutationSampling(ShapleyEstimator):
     """
 
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-        n = game.n
-        empty, full = game.ends()
-        cost = max(1, 2 * (n - 1))
-        pairs = max(1, (plan.budget - 2) // cost)
-        per_round = max(1, min(pairs, 8))
-        units: list[np.ndarray] = []
-        rounds = 0
-        while len(units) < pairs:
-            take = min(per_round, pairs - len(units))
-            orders = np.stack([plan.rng.permutation(n) for _ in range(take)])
-            orders = np.concatenate([orders, orders[:, ::-1]])  # each with its reverse
-            phi = _marginals(game, orders, empty, full)  # (2 * take, k, n)
-            units += list((phi[:take] + phi[take:]) / 2)
-            rounds += 1
-            mean, stderr = mean_and_stderr(np.stack(units))
-            plan.progress.update(game, stderr)
-            if plan.stop(stderr, rounds):
-                break
-        return mean_and_stderr(np.stack(units))
+        return paired_order_sampling(game, plan, lambda rng: rng.permutation(game.n))
+
+
+def paired_order_sampling(
+    game: Game, plan: Plan, draw: Callable[[np.random.Generator], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean marginal contributions over random orders (``draw``), each paired
+    with its reverse, in rounds until the budget or the target standard error."""
+    n = game.n
+    empty, full = game.ends()
+    cost = max(1, 2 * (n - 1))
+    pairs = max(1, (plan.budget - 2) // cost)
+    per_round = max(1, min(pairs, 8))
+    units: list[np.ndarray] = []
+    rounds = 0
+    while len(units) < pairs:
+        take = min(per_round, pairs - len(units))
+        orders = np.stack([draw(plan.rng) for _ in range(take)])
+        orders = np.concatenate([orders, orders[:, ::-1]])  # each with its reverse
+        phi = _marginals(game, orders, empty, full)  # (2 * take, k, n)
+        units += list((phi[:take] + phi[take:]) / 2)
+        rounds += 1
+        _, stderr = mean_and_stderr(np.stack(units))
+        plan.progress.update(game, stderr)
+        if plan.stop(stderr, rounds):
+            break
+    return mean_and_stderr(np.stack(units))
 
 
 def _marginals(game: Game, orders: np.ndarray, empty: np.ndarray, full: np.ndarray) -> np.ndarray:
