@@ -269,7 +269,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             roles=[t.role for t in chat_input.prompt] if chat_input else None,
             clips=_clips(chat_input) if chat_input else None,
             output_audio=response.audio,
-            provenance=self._provenance(inp, per_step, kwargs, store),
+            provenance=self._provenance(inp, per_step, kwargs, store, gen_args),
             n_model_calls=self.adapter.n_forward_calls
             - calls_before
             + extra_calls
@@ -418,6 +418,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         per_step: bool,
         method_args: dict[str, Any],
         store: Any,
+        gen_args: dict[str, Any] | None,
     ) -> dict[str, Any]:
         module = getattr(self.adapter, "model", self.adapter)
         config = getattr(module, "config", None)
@@ -430,6 +431,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             "target": {"class": type(self.value_fn).__name__, **self.value_fn.settings()},
             "input": type(inp).__name__,
             "forward_in_tokens": per_step,
+            "gen_args": {k: v for k, v in (gen_args or {}).items() if _plain(v)},
             "store": str(store) if isinstance(store, str | PathLike) else None,
         }
 
