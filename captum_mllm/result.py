@@ -113,6 +113,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             (text, or list of sampled texts) under each evaluated coalition,
             keyed by the coalition as a tuple of 0/1.
         roles (list of str or None): the role of each turn of the chat.
+        segments (list of dict or None): the chat's text, turn by turn, split
+            into runs of one feature or of fixed text (see ``ChatInput.segments``).
         clips (list of ClipRef or None): the chat's audio clips, in chat order.
         output_audio (dict or None): for spoken responses, ``{"codes": (8, F)
             Mimi codes, "waveform": 24 kHz samples or None (needs the model's
@@ -143,6 +145,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         token_attr_stderr: Tensor | None = None,
         responses: dict[tuple[int, ...], Any] | None = None,
         roles: list[str] | None = None,
+        segments: list[dict[str, Any]] | None = None,
         clips: list[ClipRef] | None = None,
         output_audio: dict[str, Any] | None = None,
         provenance: dict[str, Any] | None = None,
@@ -168,6 +171,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         self.token_attr_stderr = token_attr_stderr
         self.responses = responses
         self.roles = roles
+        self.segments = segments
         self.clips = clips
         self.output_audio = output_audio
         self.provenance = dict(provenance or {})
@@ -218,6 +222,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             if self.responses is not None
             else None,
             "roles": self.roles,
+            "segments": self.segments,
             "clips": clips,
             "output_audio": audio,
             "provenance": self.provenance,
@@ -315,6 +320,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             token_attr_stderr=arrays.get("token_attr_stderr"),
             responses=responses,
             roles=data["roles"],
+            segments=data.get("segments"),
             clips=clips,
             output_audio=audio,
             provenance=data["provenance"],
@@ -429,13 +435,86 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             table["modality"] = [f.modality for f in self.features]
             table["turn"] = [f.turn for f in self.features]
             table["role"] = [f.role for f in self.features]
+            table["start_s"] = [f.time[0] if f.time else None for f in self.features]
+            table["end_s"] = [f.time[1] if f.time else None for f in self.features]
         table["seq_attr"] = self.seq_attr.detach().cpu().float().numpy()
+        if self.seq_attr_stderr is not None:
+            table["seq_attr_stderr"] = torch.as_tensor(self.seq_attr_stderr).cpu().float().numpy()
         frame = pd.DataFrame(table)
         if self.token_attr is not None:
             per_token = self.token_attr.detach().cpu().float().numpy().T
             columns = [f"{i}:{t}" for i, t in enumerate(self.output_tokens)]
             frame = pd.concat([frame, pd.DataFrame(per_token, columns=columns)], axis=1)
         return frame
+
+    # Summaries ----------------------------------------------------------------------
+
+    def modality_share(self, target_token_pos: int | None = None) -> dict[str, float]:
+        """Share of the total absolute attribution held by each modality (text,
+        audio_in, mixed), as MM-SHAP reports it; the shares sum to 1.
+
+        Args:
+            target_token_pos (int, optional): one output token's row of
+                ``token_attr`` instead of the sequence attribution. Default: None
+        """
+        values = self._row(target_token_pos).abs()
+        kinds = [f.modality for f in self.features] if self.features else ["text"] * len(values)
+        total = float(values.sum())
+        shares: dict[str, float] = {}
+        for kind, value in zip(kinds, values.tolist(), strict=True):
+            shares[kind] = shares.get(kind, 0.0) + value
+        if total == 0:
+            return {k: 1.0 / len(shares) for k in shares}
+        return {k: v / total for k, v in shares.items()}
+
+    def by_turn(self) -> pd.DataFrame:
+        """Sequence attribution summed per turn (with its role)."""
+        frame = self.to_dataframe()
+        if "turn" not in frame:
+            raise InvalidOptionError("this result has no turns (a Captum input): use to_dataframe")
+        return pd.DataFrame(frame.groupby(["turn", "role"], as_index=False)["seq_attr"].sum())
+
+    def by_role(self) -> pd.DataFrame:
+        """Sequence attribution summed per role."""
+        return pd.DataFrame(self.by_turn().groupby("role", as_index=False)["seq_attr"].sum())
+
+    def top_features(self, k: int = 5, by_abs: bool = True) -> pd.DataFrame:
+        """The ``k`` features with the largest (absolute) sequence attributions."""
+        frame = self.to_dataframe()
+        key = frame["seq_attr"].abs() if by_abs else frame["seq_attr"]
+        return frame.loc[key.sort_values(ascending=False).index[:k]]
+
+    def _row(self, target_token_pos: int | None) -> Tensor:
+        if target_token_pos is None:
+            return torch.as_tensor(self.seq_attr).detach().cpu().float()
+        if self.token_attr is None:
+            raise InvalidOptionError("this result has no token_attr; use target_token_pos=None")
+        return torch.as_tensor(self.token_attr)[target_token_pos].detach().cpu().float()
+
+    # Reports ------------------------------------------------------------------------
+
+    def to_html(self) -> str:
+        """The explanation as one self-contained HTML page (no network): the
+        chat with its features coloured, audio clips playable segment by segment,
+        a selector over output tokens, the response and the provenance.
+
+        Examples::
+
+            >>> res.save_html("explanation.html")
+        """
+        from captum_mllm.viz.report import render_report
+
+        return render_report(self)
+
+    def save_html(self, path: str | PathLike[str]) -> Path:
+        """Write :meth:`to_html` to ``path``; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_html(), encoding="utf-8")
+        return path
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
 
     def __repr__(self) -> str:
         return (

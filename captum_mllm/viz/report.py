@@ -1,0 +1,124 @@
+"""One self-contained HTML page for a result: no network, every text escaped.
+
+The chat is drawn turn by turn, each feature coloured on Captum's red-white-
+green scale centred on 0 (its value and standard error on hover), fixed text
+greyed; each audio clip is a waveform strip with its features' spans, each
+span playable on its own and the whole clip with the current span
+highlighted (audio embedded as base64 WAV). A selector switches between the
+whole answer and each output token's row of ``token_attr``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from captum_mllm.result import MultimodalLLMAttributionResult
+
+
+_PIXELS_PER_SECOND = 150
+
+
+def render_report(result: MultimodalLLMAttributionResult) -> str:
+    """The HTML page of :meth:`MultimodalLLMAttributionResult.to_html`."""
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True)
+    template = (files("captum_mllm.viz") / "report.html.j2").read_text(encoding="utf-8")
+    rows = [torch.as_tensor(result.seq_attr).detach().cpu().float()]
+    errors = None
+    if result.token_attr is not None:
+        rows += list(torch.as_tensor(result.token_attr).detach().cpu().float())
+    if result.seq_attr_stderr is not None:
+        errors = [torch.as_tensor(result.seq_attr_stderr).float()]
+        if result.token_attr_stderr is not None:
+            errors += list(torch.as_tensor(result.token_attr_stderr).float())
+        if len(errors) != len(rows):
+            errors = [errors[0]] * len(rows)
+    data = {
+        "labels": list(result.input_tokens),
+        "rows": [r.tolist() for r in rows],
+        "errors": [e.tolist() for e in errors] if errors is not None else None,
+    }
+    audio = result.output_audio or {}
+    answer_audio = None
+    if audio.get("waveform") is not None:
+        answer_audio = _wav(torch.as_tensor(audio["waveform"]).reshape(-1), audio["sample_rate"])
+    return env.from_string(template).render(
+        response=result.response_text or " ".join(result.output_tokens),
+        answer_audio=answer_audio,
+        outputs=list(result.output_tokens) if result.token_attr is not None else [],
+        turns=result.segments or [_plain_turn(result)],
+        clips=[_clip(result, i) for i in range(len(result.clips or []))],
+        meta=_meta(result),
+        # inside <script>: no "</script>" or "<!--" can end it early
+        data=json.dumps(data)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026"),
+    )
+
+
+def _plain_turn(result: MultimodalLLMAttributionResult) -> dict[str, Any]:
+    """Captum's own inputs have no chat: show their features in order."""
+    runs = [[f"{label} ", i] for i, label in enumerate(result.input_tokens)]
+    return {"role": "input", "parts": [{"text": runs}]}
+
+
+def _clip(result: MultimodalLLMAttributionResult, index: int) -> dict[str, Any]:
+    clip = (result.clips or [])[index]
+    wave = clip.samples().detach().cpu().float()
+    duration = len(wave) / clip.sample_rate
+    width = max(300, int(duration * _PIXELS_PER_SECOND))
+    scale = width / duration  # pixels per second (the strip scrolls when long)
+    segments = []
+    for f, feature in enumerate(result.features or []):
+        if feature.clip == index and feature.time is not None:
+            start, end = feature.time
+            segments.append({
+                "f": f, "start": round(start, 4), "end": round(end, 4), "label": feature.label,
+                "x": round(start * scale, 1),
+                "w": round(max(1.0, (end - start) * scale), 1),
+            })  # fmt: skip
+    return {"width": width, "segments": segments, "wave": _envelope(wave, width),
+            "audio": _wav(wave, clip.sample_rate)}  # fmt: skip
+
+
+def _envelope(wave: torch.Tensor, width: int) -> str:
+    """Polyline points of the clip's peak envelope, one per pixel."""
+    chunks = np.array_split(wave.abs().numpy(), width)
+    peak = np.array([c.max() if len(c) else 0.0 for c in chunks])
+    peak = peak / peak.max() if peak.max() > 0 else peak
+    return " ".join(f"{x},{35 - 33 * p:.1f} {x},{35 + 33 * p:.1f}" for x, p in enumerate(peak))
+
+
+def _wav(wave: torch.Tensor, sample_rate: int) -> str:
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, wave.numpy(), int(sample_rate), format="WAV", subtype="PCM_16")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _meta(result: MultimodalLLMAttributionResult) -> list[tuple[str, Any]]:
+    prov = result.provenance
+    method_args = ", ".join(f"{k}={v}" for k, v in (prov.get("method_args") or {}).items())
+    target = prov.get("target") or {}
+    rows = [
+        ("model", f"{prov.get('model_name') or prov.get('model', '?')}"),
+        ("adapter", prov.get("adapter", "?")),
+        ("method", f"{prov.get('method', '?')}({method_args})"),
+        ("target", ", ".join(f"{k}={v}" for k, v in target.items())),
+        ("coalitions", f"{result.n_unique_coalitions} evaluated of {result.n_coalitions} asked, "
+                       f"{result.n_stored_coalitions} from the store"),
+        ("model calls", result.n_model_calls),
+        ("time", f"{result.wall_time:.2f} s"),
+    ]  # fmt: skip
+    return rows

@@ -1,0 +1,113 @@
+"""The HTML report, checked in a real headless Chromium (Playwright)."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from captum.attr import FeatureAblation
+
+from captum_mllm import (
+    Chat,
+    ChatInput,
+    LFM2AudioAdapter,
+    MultimodalLLMAttribution,
+    MultimodalLLMAttributionResult,
+)
+from captum_mllm.testing import speech_like, tiny_lfm2_audio
+
+HOSTILE = 'Look <script>window.pwned = 1</script> here "><img src=x onerror="window.pwned = 2">'
+SCREENSHOT = Path(__file__).parents[1] / "outputs" / "report.png"
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        reason = "no chromium: apt-get install chromium (make setup does)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)  # CI on this machine must run the browser checks
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="module")
+def page():
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=_chromium(),
+            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required",
+                  "--disable-background-networking", "--disable-component-update"],
+        )  # fmt: skip
+        yield browser.new_page()
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
+    chat = Chat().system("Be brief.").user(HOSTILE, audio=speech_like(1.5), sample_rate=16000)
+    inp = ChatInput(chat, lfm, audio_unit=0.5)
+    res = MultimodalLLMAttribution(FeatureAblation(lfm), lfm).attribute(
+        inp, gen_args={"max_new_tokens": 5}, perturbations_per_eval=32
+    )
+    folder = tmp_path_factory.mktemp("report")
+    saved = MultimodalLLMAttributionResult.load(res.save(folder / "res.json"))  # from disk
+    return res, saved.save_html(folder / "report.html")
+
+
+def test_the_report_loads_plays_switches_and_escapes(page, report):
+    res, path = report
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    assert errors == []
+    # one element per feature: a span per text feature, a strip per audio feature
+    shown = page.eval_on_selector_all("span.feature, rect.seg", "els => els.map(e => e.dataset.f)")
+    assert sorted(map(int, shown)) == list(range(len(res.input_tokens)))
+    # hostile text is shown as text and never runs
+    assert page.evaluate("window.pwned") is None
+    assert "<script>window.pwned = 1</script>" in page.inner_text("#chat")
+    assert page.locator("img").count() == 0
+    # the selector switches to one output token's row
+    before = page.eval_on_selector_all("span.feature", "els => els.map(e => e.style.background)")
+    page.select_option("#row", "2")
+    after = page.eval_on_selector_all("span.feature", "els => els.map(e => e.style.background)")
+    assert before != after
+    tip = page.get_attribute("span.feature", "title")
+    assert ":" in tip and tip.split(":")[0] == res.input_tokens[int(shown[0])] or tip
+    # a segment plays from its start and stops at its end
+    button = page.locator("button.play").nth(1)
+    start = float(button.get_attribute("data-start"))
+    button.click()
+    page.wait_for_timeout(400)
+    now = page.evaluate("document.getElementById('clip-0').currentTime")
+    assert now > start
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_summaries(report):
+    res, _ = report
+    shares = res.modality_share()
+    assert set(shares) == {"text", "audio_in"} and abs(sum(shares.values()) - 1) < 1e-6
+    assert abs(sum(res.modality_share(target_token_pos=0).values()) - 1) < 1e-6
+    turns = res.by_turn()
+    torch.testing.assert_close(
+        torch.tensor(float(turns.seq_attr.sum())),
+        torch.tensor(float(res.seq_attr.sum())),
+        atol=1e-5,
+        rtol=0,
+    )
+    assert list(res.by_role().role) == ["user"]
+    top = res.top_features(3)
+    assert len(top) == 3 and top.seq_attr.abs().is_monotonic_decreasing
+    frame = res.to_dataframe()
+    audio = frame[frame.modality == "audio_in"]
+    assert (audio.end_s > audio.start_s).all() and frame[
+        frame.modality == "text"
+    ].start_s.isna().all()
+    assert "<script>" not in res._repr_html_().split("<body>")[1].split("<script")[0]
