@@ -161,8 +161,8 @@ def test_prob_target_and_result_table(model, chat):
     )
     frame = res.to_dataframe()
     assert list(frame["feature"]) == inp.values
-    assert {"modality", "turn", "role", "seq_attr"} <= set(frame.columns)
-    assert frame.shape[1] == 5 + len(res.output_tokens)
+    assert {"modality", "turn", "role", "start_s", "end_s", "seq_attr"} <= set(frame.columns)
+    assert frame.shape[1] == 7 + len(res.output_tokens)
     fig, ax = res.plot_token_attr()
     assert [t.get_text() for t in ax.get_xticklabels()] == inp.values
     fig, ax = res.plot_seq_attr()
