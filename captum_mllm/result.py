@@ -372,6 +372,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         clip: int = 0,
         target_token_pos: int | tuple[int, int] | None = None,
         show: bool = False,
+        figsize: tuple[float, float] | None = None,
     ) -> tuple[Any, Any] | None:
         """Draw a clip's waveform above its log-mel spectrogram, each audio
         feature's span shaded with its attribution in Captum's red-white-green
@@ -386,6 +387,9 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
                 sequence attribution, an int that output token's row of
                 ``token_attr``, ``(m, n)`` rows m..n-1 summed. Default: None
             show (bool, optional): show the figure instead of returning it. Default: False
+            figsize (tuple, optional): Default: 3 inches a second, between 8 and
+                16 inches wide; a long clip labels only the spans with the largest
+                attributions that fit.
 
         Returns:
             None or tuple[Figure, tuple[Axes, Axes]]: ``(fig, (waveform, spectrogram))``.
@@ -397,7 +401,36 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         """
         from captum_mllm.viz.audio import plot_audio_attr
 
-        return plot_audio_attr(self, turn, clip, target_token_pos, show)
+        return plot_audio_attr(self, turn, clip, target_token_pos, show, figsize)
+
+    def plot_chat_attr(
+        self,
+        target_token_pos: int | tuple[int, int] | None = None,
+        width: int = 80,
+        figsize: tuple[float, float] | None = None,
+        show: bool = False,
+    ) -> tuple[Any, Any] | None:
+        """The whole conversation, turn by turn: text features as coloured boxes
+        behind their words, audio features as coloured strips on their clip's
+        time axis, fixed text grey (Captum's red-white-green scale centred on 0).
+
+        Args:
+            target_token_pos (int or tuple[int, int], optional): as in
+                :meth:`plot_audio_attr`. Default: None (sequence attribution)
+            width (int, optional): characters per line. Default: 80
+            figsize (tuple, optional): Default: from the width and the chat's length
+            show (bool, optional): show instead of returning. Default: False
+
+        Returns:
+            None or tuple[Figure, Axes]
+
+        Examples::
+
+            >>> fig, ax = res.plot_chat_attr(target_token_pos=0)
+        """
+        from captum_mllm.viz.chat import plot_chat_attr
+
+        return plot_chat_attr(self, target_token_pos, width, figsize, show)
 
     def plot_token_attr(self, show: bool = False) -> Any:
         """Captum's heatmap, with x labels kept apart for many or long feature labels."""

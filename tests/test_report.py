@@ -111,3 +111,22 @@ def test_summaries(report):
         frame.modality == "text"
     ].start_s.isna().all()
     assert "<script>" not in res._repr_html_().split("<body>")[1].split("<script")[0]
+
+
+def test_plot_chat_attr_draws_one_patch_per_feature_in_its_colour(report):
+    import matplotlib
+    from matplotlib.colors import Normalize
+
+    matplotlib.use("Agg")
+    res, _ = report
+    for row in (None, 1):
+        fig, ax = res.plot_chat_attr(target_token_pos=row)
+        patches = {p.get_gid(): p for p in ax.patches if p.get_gid()}
+        values = res.seq_attr if row is None else res.token_attr[row]
+        assert sorted(patches) == sorted(f"feature-{i}" for i in range(len(values)))
+        bound = float(values.abs().max())
+        cmap = res._get_plot_color_map()
+        for i, value in enumerate(values.tolist()):
+            expected = cmap(Normalize(-bound, bound)(value))
+            assert patches[f"feature-{i}"].get_facecolor() == pytest.approx(expected)
+        matplotlib.pyplot.close(fig)

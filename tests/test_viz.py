@@ -130,3 +130,27 @@ def test_sixty_long_labels_do_not_overlap(plot):
     assert len(boxes) == 60
     for a, b in zip(boxes, boxes[1:], strict=False):
         assert a.x1 <= b.x0 + 0.5  # left to right, no overlap
+
+
+def test_a_long_clip_keeps_a_sane_figure_and_labels_what_fits():
+    from captum_mllm import ClipRef
+    from captum_mllm.inputs import FeatureInfo
+
+    n = 120  # a minute in 0.5 s features
+    features = [
+        FeatureInfo(f"w{i}", "audio_in", 0, "user", (i,), clip=0, time=(i * 0.5, i * 0.5 + 0.5))
+        for i in range(n)
+    ]
+    values = torch.sin(torch.arange(n, dtype=torch.float))
+    res = MultimodalLLMAttributionResult(
+        input_tokens=[f.label for f in features], output_tokens=["x"], seq_attr=values,
+        features=features, roles=["user"], clips=[ClipRef(0, 8000, torch.zeros(8000 * 60))],
+    )  # fmt: skip
+    fig, (ax_wave, _) = res.plot_audio_attr()
+    assert fig.get_size_inches()[0] <= 16.0
+    labels = [t.get_text() for t in ax_wave.texts]
+    assert 0 < len(labels) <= 16 * 5
+    top = {features[i].label for i in values.abs().argsort(descending=True)[: len(labels)].tolist()}
+    assert set(labels) == top
+    wide, _ = res.plot_audio_attr(figsize=(30.0, 4.0))
+    assert tuple(wide.get_size_inches()) == (30.0, 4.0)

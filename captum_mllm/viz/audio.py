@@ -20,6 +20,7 @@ def plot_audio_attr(
     clip: int = 0,
     target_token_pos: int | tuple[int, int] | None = None,
     show: bool = False,
+    figsize: tuple[float, float] | None = None,
 ) -> tuple[Any, Any] | None:
     """Draw one clip's waveform over its log-mel spectrogram, each audio feature's
     span shaded with the colour of its attribution. See
@@ -41,10 +42,13 @@ def plot_audio_attr(
     norm = Normalize(vmin=-bound, vmax=bound)  # 0 stays white, as in plot_token_attr
     cmap = result._get_plot_color_map()
 
+    # A sane size whatever the clip's length (long clips: labels only where they fit).
+    figsize = figsize or (min(16.0, max(8.0, 3.0 * part.duration)), 5.0)
     fig, (ax_wave, ax_mel) = plt.subplots(
-        2, 1, sharex=True, figsize=(max(8.0, 3.0 * part.duration), 5.0),
-        gridspec_kw={"height_ratios": [1, 2]},
-    )  # fmt: skip
+        2, 1, sharex=True, figsize=figsize, gridspec_kw={"height_ratios": [1, 2]}
+    )
+    room = max(1, int(figsize[0] * 5))  # labels that fit side by side, at 8 pt
+    labelled = set(values.abs().argsort(descending=True)[:room].tolist())
     ax_wave.plot(seconds, wave.numpy(), color="black", linewidth=0.5)
     ax_wave.set_ylabel("amplitude")
     mel = _log_mel(wave, part.sample_rate)
@@ -54,17 +58,18 @@ def plot_audio_attr(
     )  # fmt: skip
     ax_mel.set_ylabel("mel bin")
     ax_mel.set_xlabel("time (s)")
-    for (_, feature), value in zip(features, values.tolist(), strict=True):
+    for k, ((_, feature), value) in enumerate(zip(features, values.tolist(), strict=True)):
         start, end = feature.time  # type: ignore[misc]
         colour = cmap(norm(value))
         for ax in (ax_wave, ax_mel):
             ax.axvspan(
                 start, end, facecolor=colour, alpha=0.6, edgecolor="none", label=feature.label
             )
-        ax_wave.text(
-            (start + end) / 2, 1.02, feature.label, transform=ax_wave.get_xaxis_transform(),
-            rotation=90, ha="center", va="bottom", fontsize=8,
-        )  # fmt: skip
+        if k in labelled:  # the largest |attributions| when not all fit
+            ax_wave.text(
+                (start + end) / 2, 1.02, feature.label, transform=ax_wave.get_xaxis_transform(),
+                rotation=90, ha="center", va="bottom", fontsize=8,
+            )  # fmt: skip
     ax_wave.set_xlim(0.0, part.duration)
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_wave, ax_mel])
     bar.ax.set_ylabel("Attribution", rotation=-90, va="bottom")
