@@ -432,18 +432,23 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
 
         return plot_chat_attr(self, target_token_pos, width, figsize, show)
 
-    def plot_token_attr(self, show: bool = False) -> Any:
-        """Captum's heatmap, with x labels kept apart for many or long feature labels."""
-        return self._fitted(super().plot_token_attr(show=False), show)
+    def plot_token_attr(
+        self, show: bool = False, figsize: tuple[float, float] | None = None
+    ) -> Any:
+        """Captum's heatmap at a sane size (at most 20 x 12 inches unless
+        ``figsize`` says otherwise), x labels upright, every k-th when not all fit."""
+        return self._fitted(super().plot_token_attr(show=False), show, figsize)
 
-    def plot_seq_attr(self, show: bool = False) -> Any:
-        """Captum's bar plot, with x labels kept apart for many or long feature labels."""
-        return self._fitted(super().plot_seq_attr(show=False), show)
+    def plot_seq_attr(self, show: bool = False, figsize: tuple[float, float] | None = None) -> Any:
+        """Captum's bar plot, sized and labelled as :meth:`plot_token_attr`."""
+        return self._fitted(super().plot_seq_attr(show=False), show, figsize)
 
-    def _fitted(self, fig_ax: Any, show: bool) -> Any:
+    def _fitted(self, fig_ax: Any, show: bool, figsize: tuple[float, float] | None) -> Any:
         from captum_mllm.viz.labels import fit_tick_labels
 
         fig, ax = fig_ax
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(*(figsize or (min(width, 20.0), min(height, 12.0))))
         fit_tick_labels(fig, ax)
         if show:
             import matplotlib.pyplot as plt

@@ -154,3 +154,22 @@ def test_a_long_clip_keeps_a_sane_figure_and_labels_what_fits():
     assert set(labels) == top
     wide, _ = res.plot_audio_attr(figsize=(30.0, 4.0))
     assert tuple(wide.get_size_inches()) == (30.0, 4.0)
+
+
+def test_many_features_keep_captums_plots_readable():
+    n, t = 300, 6  # two and a half minutes of audio in 0.5 s features
+    res = MultimodalLLMAttributionResult(
+        input_tokens=[f"audio[{i / 2:.2f}-{i / 2 + 0.5:.2f}s]" for i in range(n)],
+        output_tokens=[f"o{j}" for j in range(t)],
+        seq_attr=torch.randn(n),
+        token_attr=torch.randn(t, n),
+    )
+    for fig, ax in (res.plot_token_attr(), res.plot_seq_attr()):
+        assert fig.get_size_inches()[0] <= 20.0  # Captum alone: 1.3 inches a feature
+        shown = [label for label in ax.get_xticklabels() if label.get_visible()]
+        assert 0 < len(shown) < n
+        fig.canvas.draw()
+        boxes = [label.get_window_extent() for label in shown]
+        assert all(a.x1 <= b.x0 + 1 for a, b in zip(boxes, boxes[1:], strict=False))  # no overlap
+    fig, _ = res.plot_token_attr(figsize=(40.0, 6.0))
+    assert tuple(fig.get_size_inches()) == (40.0, 6.0)

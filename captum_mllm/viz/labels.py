@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -21,8 +22,10 @@ def fit_tick_labels(fig: Any, ax: Any) -> None:
     width_in = fig.get_size_inches()[0] * ax.get_position().width
     spacing_pt = 72 * width_in / len(labels)  # room per label, in points
     size = max(5.0, min(10.0, 0.8 * spacing_pt))  # an upright label is one line high
+    every = max(1, math.ceil(size / max(spacing_pt, 1e-9)))  # too many: label every k-th
     on_top = ax.xaxis.get_major_ticks()[0].label2.get_visible()  # Captum puts them on top
-    for label in labels:
+    for i, label in enumerate(labels):
+        label.set_visible(i % every == 0)
         label.set_rotation(90)
         label.set_rotation_mode("default")
         label.set_horizontalalignment("center")
