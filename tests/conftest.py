@@ -62,3 +62,12 @@ def game(target, model, inp, target_ids):
         return target.evaluate(model, inp.to_model_input(masks), response, state).values
 
     return value
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Tests draw many figures: close them after each test."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

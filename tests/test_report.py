@@ -130,3 +130,14 @@ def test_plot_chat_attr_draws_one_patch_per_feature_in_its_colour(report):
             expected = cmap(Normalize(-bound, bound)(value))
             assert patches[f"feature-{i}"].get_facecolor() == pytest.approx(expected)
         matplotlib.pyplot.close(fig)
+
+
+def test_the_report_carries_standard_errors_and_needs_no_chat():
+    res = MultimodalLLMAttributionResult(
+        input_tokens=["a", "b"], output_tokens=["x"], seq_attr=torch.tensor([0.5, -0.25]),
+        seq_attr_stderr=torch.tensor([0.125, 0.0625]),
+    )  # fmt: skip
+    html = res.to_html()
+    data = html.split('id="data">')[1].split("</script>")[0]
+    assert '"errors": [[0.125, 0.0625]]' in data
+    assert html.count('class="feature"') == 2  # a Captum input: its features in order
