@@ -213,6 +213,8 @@ def _write(res: Any, out: Path, save: bool) -> None:
         res.plot_token_attr()[0].savefig(out / "token_attr.png", bbox_inches="tight")
         written.append("token_attr.png")
     res.to_dataframe().to_csv(out / "attributions.csv", index=False)
+    res.save_html(out / "report.html")
+    written.append("report.html")
     if save:
         res.save(out / "result.json")
         written.append("result.json")

@@ -46,7 +46,13 @@ def test_a_json_chat_with_an_audio_file(tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err
     assert "answer:" in printed
-    for name in ("seq_attr.png", "token_attr.png", "attributions.csv", "result.json"):
+    for name in (
+        "seq_attr.png",
+        "token_attr.png",
+        "attributions.csv",
+        "result.json",
+        "report.html",
+    ):
         assert (out / name).is_file()
     res = MultimodalLLMAttributionResult.load(out / "result.json")
     audio = [f for f in res.features if f.modality == "audio_in"]
@@ -71,9 +77,11 @@ def test_a_yaml_chat_and_a_report(tmp_path, capsys):
     assert saved.input_tokens == ["Who", "are", "you", "my", "friend"]
     assert saved.seq_attr_stderr is not None
     (out / "seq_attr.png").unlink()
+    (out / "report.html").unlink()
     code, printed, err = run(["report", out / "result.json"], capsys)
     assert code == 0, err
     assert (out / "seq_attr.png").is_file() and "friend" in printed
+    assert "friend" in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize(
