@@ -233,6 +233,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             if isinstance(self.attr_method, HierarchicalShapley) and isinstance(inp, ChatInput):
                 method_kwargs.setdefault("tree", inp.feature_tree())
         variance = torch.zeros_like(attr)
+        requested = 0  # our estimators' coalitions asked for, before their own memo
         try:
             for _ in range(num_trials):
                 cur = self.attr_method.attribute(
@@ -243,6 +244,7 @@ class MultimodalLLMAttribution(LLMAttribution):
                 if ours:
                     cur, stderr = cur
                     variance += stderr.reshape(attr.shape).to(attr) ** 2
+                    requested += self.attr_method.last_n_requested
                 attr += cur.reshape(attr.shape)
         finally:
             if opened is not None and not isinstance(store, CoalitionStore):
@@ -275,7 +277,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             - calls_before
             + extra_calls
             + sum(game.stock_calls or []),
-            n_coalitions=evaluator.n_requested,
+            n_coalitions=requested if ours else evaluator.n_requested,
             n_unique_coalitions=evaluator.n_evaluated,
             n_stored_coalitions=evaluator.n_stored,
             wall_time=time.perf_counter() - start,

@@ -83,7 +83,12 @@ class ClipRef:
 
     @property
     def duration(self) -> float:
-        return float(len(self.samples())) / self.sample_rate
+        """Length in seconds (read from the file's header when not embedded)."""
+        if self.waveform is not None:
+            return len(self.waveform) / self.sample_rate
+        import soundfile as sf
+
+        return float(sf.info(str(self.path)).duration)
 
 
 class MultimodalLLMAttributionResult(LLMAttributionResult):

@@ -325,7 +325,7 @@ class EmbeddingSimilarity(Target):
             TargetValues: ``(B, 1)`` greedy, or ``(B, 1 + k)`` (mean, then each sample).
         """
         if state is None:
-            state = self.prepare(model, replace(masked, present=masked.present[:1]), response)
+            state = self.prepare(model, masked, response)  # reads only the encoded chat
         k = self.samples
         seeds = None
         if self.sampled:

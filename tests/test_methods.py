@@ -120,10 +120,7 @@ def test_a_kernel_budget_of_2n_is_exact():
 
 @pytest.mark.parametrize("method", SAMPLERS)
 def test_target_stderr_stops_early_on_an_easy_game_and_not_on_a_hard_one(method):
-    calls = []
-
     def additive(x):
-        calls.append(len(x))
         return x.double() @ A
 
     est = method(additive)
@@ -251,3 +248,16 @@ def test_a_small_budget_samples_owen_values_without_bias():
     assert np.allclose(estimates.sum(1), total, atol=1e-9)  # efficient, like the exact values
     reported = np.stack([s[0].numpy() for _, s in runs])
     assert 0.7 <= reported.mean() / spread.mean() <= 1.3
+
+
+@pytest.mark.parametrize("method", SAMPLERS)
+def test_a_chat_budget_is_reported_honestly(model, chat, method):
+    inp = ChatInput(chat, model, roles=("system", "user"))
+    budget = 4 * inp.n_itp_features
+    res = MultimodalLLMAttribution(method(model), model).attribute(
+        inp, target="I am a small model.", budget=budget, seed=0, perturbations_per_eval=32
+    )
+    assert budget - 2 * inp.n_itp_features <= res.n_coalitions <= budget  # asked, before caches
+    assert 0 < res.n_unique_coalitions <= res.n_coalitions
+    assert res.seq_attr_stderr is not None and torch.isfinite(res.seq_attr_stderr).all()
+    assert res.token_attr_stderr.shape == res.token_attr.shape

@@ -77,8 +77,11 @@ def test_the_report_loads_plays_switches_and_escapes(page, report):
     page.select_option("#row", "2")
     after = page.eval_on_selector_all("span.feature", "els => els.map(e => e.style.background)")
     assert before != after
-    tip = page.get_attribute("span.feature", "title")
-    assert ":" in tip and tip.split(":")[0] == res.input_tokens[int(shown[0])] or tip
+    first = page.locator("span.feature").first
+    label, value = first.get_attribute("title").rsplit(": ", 1)
+    feature = int(first.get_attribute("data-f"))
+    assert label == res.input_tokens[feature]
+    assert float(value) == pytest.approx(float(res.token_attr[1, feature]), abs=1e-3)
     # a segment plays from its start and stops at its end
     button = page.locator("button.play").nth(1)
     start = float(button.get_attribute("data-start"))

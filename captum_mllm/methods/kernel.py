@@ -92,7 +92,7 @@ class _Strata:
             else:
                 candidates = _random_of_size(self.n, s, 3 * (want - len(held)) + 8, self.rng)
             for mask in candidates:
-                if len(held) >= want:
+                if len(held) >= want or self.count + 2 > goal:  # a pair never passes the budget
                     break
                 if np.packbits(mask).tobytes() in held:
                     continue

@@ -84,7 +84,7 @@ class RegressionAdjustedShapley(ShapleyEstimator):
             # spreading the efficiency gap evenly is a projection: apply it per unit
             units = units - units.mean(axis=2, keepdims=True)
             estimates.append(base - base.mean(axis=1, keepdims=True) + units.mean(0))
-            spread = units.var(axis=0, ddof=1) if len(units) > 1 else np.inf + 0 * units[0]
+            spread = units.var(axis=0, ddof=1) if len(units) > 1 else np.full_like(units[0], np.inf)
             variances.append(spread / len(units))
         phi = (estimates[0] + estimates[1]) / 2 + ((full - empty) / n)[:, None]
         return phi, np.sqrt((variances[0] + variances[1]) / 4)

@@ -36,6 +36,7 @@ def plot_audio_attr(
         raise PlotError(f"clip {index} has no audio features in this result")
 
     wave = part.samples().float()
+    duration = len(wave) / part.sample_rate
     seconds = np.arange(len(wave)) / part.sample_rate
     values = attr[[i for i, _ in features]]
     bound = float(values.abs().max()) or 1.0
@@ -43,7 +44,7 @@ def plot_audio_attr(
     cmap = result._get_plot_color_map()
 
     # A sane size whatever the clip's length (long clips: labels only where they fit).
-    figsize = figsize or (min(16.0, max(8.0, 3.0 * part.duration)), 5.0)
+    figsize = figsize or (min(16.0, max(8.0, 3.0 * duration)), 5.0)
     fig, (ax_wave, ax_mel) = plt.subplots(
         2, 1, sharex=True, figsize=figsize, gridspec_kw={"height_ratios": [1, 2]}
     )
@@ -54,7 +55,7 @@ def plot_audio_attr(
     mel = _log_mel(wave, part.sample_rate)
     ax_mel.imshow(
         mel, origin="lower", aspect="auto", cmap="gray_r",
-        extent=(0.0, part.duration, 0.0, float(mel.shape[0])),
+        extent=(0.0, duration, 0.0, float(mel.shape[0])),
     )  # fmt: skip
     ax_mel.set_ylabel("mel bin")
     ax_mel.set_xlabel("time (s)")
@@ -70,7 +71,7 @@ def plot_audio_attr(
                 (start + end) / 2, 1.02, feature.label, transform=ax_wave.get_xaxis_transform(),
                 rotation=90, ha="center", va="bottom", fontsize=8,
             )  # fmt: skip
-    ax_wave.set_xlim(0.0, part.duration)
+    ax_wave.set_xlim(0.0, duration)
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_wave, ax_mel])
     bar.ax.set_ylabel("Attribution", rotation=-90, va="bottom")
     fig.set_facecolor("white")
