@@ -43,14 +43,15 @@ def spoken(tmp_path_factory):
 
 
 def _same(a, b):
-    for name in ("seq_attr", "token_attr", "seq_attr_std", "target_ids", "output_probs"):
+    for name in ("seq_attr", "token_attr", "seq_attr_std", "seq_attr_stderr", "token_attr_stderr",
+                 "target_ids", "output_probs"):  # fmt: skip
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None) == (y is None), name
         if x is not None:
             assert torch.equal(torch.as_tensor(x), torch.as_tensor(y)), name
     for name in ("input_tokens", "output_tokens", "features", "responses", "roles", "provenance",
-                 "response_text", "n_model_calls", "n_coalitions", "n_unique_coalitions",
-                 "n_stored_coalitions", "wall_time"):  # fmt: skip
+                 "response_text", "segments", "n_model_calls", "n_coalitions",
+                 "n_unique_coalitions", "n_stored_coalitions", "wall_time"):  # fmt: skip
         assert getattr(a, name) == getattr(b, name), name
     assert len(a.clips) == len(b.clips)
     for c, d in zip(a.clips, b.clips, strict=True):
