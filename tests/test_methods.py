@@ -261,3 +261,37 @@ def test_a_chat_budget_is_reported_honestly(model, chat, method):
     assert 0 < res.n_unique_coalitions <= res.n_coalitions
     assert res.seq_attr_stderr is not None and torch.isfinite(res.seq_attr_stderr).all()
     assert res.token_attr_stderr.shape == res.token_attr.shape
+
+
+@pytest.mark.parametrize("level", [PairedPermutationSampling, LeverageKernelShap])
+def test_any_estimator_at_each_level_of_the_tree(level):
+    tree = [[0, 1, 2, 3, 4, 5, 6], [7, 8], 9]  # exact: 520 coalitions
+    exact = HierarchicalShapley(synthetic).attribute(ONES, tree=tree)[0].numpy()
+    est = HierarchicalShapley(synthetic, level_estimator=level)
+    calls = []
+    by_level = est._by_level
+    est._by_level = lambda *a: calls.append(1) or by_level(*a)  # type: ignore[method-assign]
+    runs = [
+        est.attribute(ONES, tree=tree, budget=200, seed=s, return_stderr=True) for s in range(120)
+    ]
+    assert calls and est.last_n_requested <= 200  # level by level, within the budget
+    estimates = np.stack([e[0].numpy() for e, _ in runs])
+    total = float(synthetic(ONES) - synthetic(torch.zeros_like(ONES)))
+    assert np.allclose(estimates.sum(1), total, atol=1e-9)  # efficient at the top
+    # each top-level group's leaves add up to the group's (here exactly computed) value
+    for leaves in ([0, 1, 2, 3, 4, 5, 6], [7, 8]):
+        group_value = exact[leaves].sum()
+        assert np.allclose(estimates[:, leaves].sum(1), group_value, atol=1e-9)
+    spread = estimates.std(axis=0, ddof=1)
+    bias = np.abs(estimates.mean(0) - exact)
+    if level is PairedPermutationSampling:  # an unbiased level estimator: unbiased values
+        assert np.all(bias <= 3 * spread / math.sqrt(len(runs)) + 1e-12)
+    else:  # Kernel SHAP is consistent, not unbiased: small against the values
+        assert np.linalg.norm(bias) < 0.1 * np.linalg.norm(exact)
+    reported = np.stack([s[0].numpy() for _, s in runs])
+    assert np.isfinite(reported).all() and reported.max() > 0
+    with pytest.raises(InvalidOptionError):
+        HierarchicalShapley(synthetic, level_estimator=level, contexts=3)
+    calls.clear()
+    est.attribute(ONES, tree=tree, budget=40, seed=0)  # too few for one estimate per level
+    assert not calls and est.last_n_requested <= 40

@@ -7,6 +7,7 @@ from itertools import combinations
 from typing import Any
 
 import numpy as np
+import torch
 
 from captum_mllm.errors import InvalidOptionError
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator, shapley_weight
@@ -30,6 +31,16 @@ class HierarchicalShapley(ShapleyEstimator):
     When ``budget`` is given and the exact computation needs more coalitions,
     orders that keep every subtree together are sampled instead (each with
     its reverse): an unbiased, exactly efficient estimate with standard errors.
+    With ``level_estimator`` (any captum-mllm estimator class, e.g.
+    ``LeverageKernelShap``) the estimate is made level by level instead: at
+    each node the children's values come from that estimator on the game of
+    the children (exactly when ``2^children`` fits the node's share of the
+    budget); a child group's value is split among its own children by the
+    same procedure in random contexts of its siblings (paired: the siblings
+    before it in a random order, and those after it), averaged, and shifted
+    so that they add up to the group's value. Unbiased when the level
+    estimator is, exactly efficient at every level. A budget below what one
+    estimate per level needs falls back to the sampled orders.
 
     With ``prune > 0``, a top-level group whose value is below ``prune`` times
     the largest top-level group's is not expanded: its features share its
@@ -40,6 +51,10 @@ class HierarchicalShapley(ShapleyEstimator):
         max_children (int, optional): refuse a node with more children; split
             it into sub-groups instead. Default: 16
         prune (float, optional): see above. Default: 0.0
+        level_estimator (type, optional): the estimator used at each level when
+            the budget is short (see above). Default: None (sampled orders)
+        contexts (int, optional): sibling contexts (an even number: pairs)
+            each child group is split in, with ``level_estimator``. Default: 4
 
     Examples::
 
@@ -47,10 +62,21 @@ class HierarchicalShapley(ShapleyEstimator):
         >>> attr = HierarchicalShapley(model).attribute(x, tree=tree)
     """
 
-    def __init__(self, forward_func: Any, max_children: int = 16, prune: float = 0.0) -> None:
+    def __init__(
+        self,
+        forward_func: Any,
+        max_children: int = 16,
+        prune: float = 0.0,
+        level_estimator: type[ShapleyEstimator] | None = None,
+        contexts: int = 4,
+    ) -> None:
         super().__init__(forward_func)
+        if contexts < 2 or contexts % 2:
+            raise InvalidOptionError(f"contexts must be an even number >= 2, got {contexts}")
         self.max_children = max_children
         self.prune = prune
+        self.level_estimator = level_estimator
+        self.contexts = contexts
 
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
@@ -65,11 +91,92 @@ class HierarchicalShapley(ShapleyEstimator):
         terms = list(_terms(root, 0, 1.0, expand=expand))
         needed = len({c for _, c, _, _ in terms} | {c | a for _, c, a, _ in terms})
         if plan.budget_given and needed > plan.budget:
+            if self.level_estimator is not None and plan.budget - 2 >= self._min_cost(root):
+                phi, var = self._by_level(game, root, 0, plan.budget - 2, plan)
+                plan.progress.update(game)
+                return phi, np.sqrt(var)
             # Too many for the budget: sample orders that keep every subtree together.
             return paired_order_sampling(game, plan, lambda rng: _consistent_order(root, rng))
         phi = _evaluate(game, terms, n, n)
         plan.progress.update(game)
         return phi.T, np.zeros_like(phi.T)  # (k, n); exact, no sampling error
+
+    def _by_level(
+        self, game: Game, node: list[Any], outside: int, budget: int, plan: Plan
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Values ``(k, n)`` (zero off this node's leaves) and their variances,
+        with the features in ``outside`` present throughout."""
+        n, m = game.n, len(node)
+        bits = [sum(1 << leaf for leaf in _leaves(c)) for c in node]
+        groups = [j for j, c in enumerate(node) if _is_group(c)]
+        floors = {j: self._min_cost(list(node[j])) for j in groups}  # per context
+        needed = self.contexts * sum(floors.values())
+        own = min(2**m, max(min(2**m, 2 * m + 2), budget // (1 + len(groups))), budget - needed)
+        spare = budget - own  # split over the groups' contexts in proportion to their floors
+        inner = {j: spare * floors[j] // max(1, needed) for j in groups}
+
+        def children_game(rows: torch.Tensor) -> torch.Tensor:
+            chosen = rows.numpy().astype(bool)
+            full = np.array(
+                [outside | sum(b for b, c in zip(bits, r, strict=True) if c) for r in chosen],
+                dtype=object,
+            )
+            masks = ((full[:, None] >> np.arange(n)) & 1).astype(bool)
+            return torch.from_numpy(game(masks))
+
+        sub = Game(children_game, m)
+        if 2**m <= own:
+            psi = _evaluate(sub, _terms(list(range(m)), 0, 1.0), m, m).T  # (k, m) exact
+            psi_var = np.zeros_like(psi)
+        else:
+            sub_plan = Plan(own, None, plan.rng, _Quiet(), {}, True)
+            psi, psi_se = self.level_estimator(self.forward_func).estimate(sub, sub_plan)  # type: ignore[misc]
+            psi_var = psi_se**2
+        k = psi.shape[0]
+        phi, var = np.zeros((k, n)), np.zeros((k, n))
+        for j, child in enumerate(node):
+            if not _is_group(child):
+                phi[:, int(child)], var[:, int(child)] = psi[:, j], psi_var[:, j]
+                continue
+            leaves = _leaves(child)
+            if self.prune > 0 and np.abs(psi[:, j]).max() < self.prune * np.abs(psi).max():
+                phi[:, leaves] = psi[:, j : j + 1] / len(leaves)  # not expanded: equal shares
+                var[:, leaves] = psi_var[:, j : j + 1] / len(leaves) ** 2
+                continue
+            draws = []
+            for _ in range(self.contexts // 2):
+                order = [i for i in plan.rng.permutation(m) if i != j]
+                cut = int(plan.rng.integers(0, m))  # j's place in the order
+                for side in (order[:cut], order[cut:]):  # before j, and after it (paired)
+                    context = outside | sum(bits[i] for i in side)
+                    draws.append(self._by_level(game, list(child), context, inner[j], plan)[0])
+            draws_arr = np.stack(draws)  # (contexts, k, n)
+            mean = draws_arr.mean(0)
+            pairs = draws_arr.reshape(-1, 2, k, n).mean(1)  # independent units
+            unit_var = (
+                pairs.var(0, ddof=1) / len(pairs) if len(pairs) > 1 else np.full((k, n), np.inf)
+            )
+            shift = (psi[:, j] - mean[:, leaves].sum(1)) / len(leaves)  # efficiency in the group
+            phi[:, leaves] = mean[:, leaves] + shift[:, None]
+            var[:, leaves] = unit_var[:, leaves] + psi_var[:, j : j + 1] / len(leaves) ** 2
+        return phi, var
+
+    def _min_cost(self, node: list[Any]) -> int:
+        """The fewest coalitions :meth:`_by_level` needs below ``node``."""
+        m = len(node)
+        own = min(2**m, 2 * m + 2)
+        return own + sum(self.contexts * self._min_cost(list(c)) for c in node if _is_group(c))
+
+
+class _Quiet:
+    """No progress bar (an inner level's estimate)."""
+
+    def update(self, game: Game, stderr: np.ndarray | None = None) -> None:
+        return None
+
+
+def _is_group(node: Any) -> bool:
+    return isinstance(node, Sequence) and not isinstance(node, str)
 
 
 def _consistent_order(node: Any, rng: np.random.Generator) -> np.ndarray:
