@@ -9,6 +9,7 @@ from the target (a pure value function) applied to the adapter.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         reuse_prefix: bool = True,
         keep_eos: bool = False,
         store: str | PathLike[str] | CoalitionStore | None = None,
+        shard: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> MultimodalLLMAttributionResult:
         """Attribute the response to the input's features.
@@ -196,6 +198,14 @@ class MultimodalLLMAttribution(LLMAttribution):
             store (str, PathLike or CoalitionStore, optional): a SQLite file
                 keeping every evaluated coalition; a rerun with the same file and
                 explanation evaluates only what is missing (resume). Default: None
+            shard (tuple of int, optional): ``(index, count)``: evaluate only this
+                shard's coalitions (a stable hash splits them) into ``store``;
+                the others count as 0, so the returned attributions are not the
+                explanation. Once every shard has run, a call with the same
+                store and no ``shard`` evaluates nothing and returns it exactly
+                (see :func:`captum_mllm.distributed.explain_sharded`). The
+                method must choose its coalitions without looking at values
+                (no ``target_stderr``). Default: None
             **kwargs: passed to the method's ``attribute`` (``n_samples``,
                 ``perturbations_per_eval``, ``show_progress``, ...).
 
@@ -220,8 +230,19 @@ class MultimodalLLMAttribution(LLMAttribution):
         per_step = not self.adapter.is_causal if forward_in_tokens is None else forward_in_tokens
         response, extra_calls = self._response(inp, target, gen_args, keep_eos)
         game = self._game(inp, response, per_step, reuse_prefix)
+        if shard is not None and (store is None or kwargs.get("target_stderr") is not None):
+            raise InvalidOptionError(
+                "shard= needs a store= to fill and a method that does not stop on values "
+                "(no target_stderr)"
+            )
         opened = self._open_store(store, inp, response) if store is not None else None
-        evaluator = CoalitionEvaluator(game.evaluate, opened, enabled=cache_coalitions)
+        evaluator = CoalitionEvaluator(
+            game.evaluate,
+            opened,
+            enabled=cache_coalitions,
+            shard=shard,
+            placeholder_columns=game.n_columns,
+        )
         n_columns = game.n_columns if self.multi_output else 1
         call = _Call(evaluator, n_columns)
 
@@ -256,6 +277,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         per_sample = game.columns == "samples" and n_columns > 1
         chat_input = inp if isinstance(inp, ChatInput) else None
         return MultimodalLLMAttributionResult(
+            **(chat_fields(chat_input) if chat_input else {}),
             seq_attr=attr[0],
             token_attr=attr[1:] if per_token else None,
             seq_attr_std=attr[1:].std(dim=0) if per_sample else None,
@@ -265,12 +287,8 @@ class MultimodalLLMAttribution(LLMAttribution):
             input_tokens=list(inp.values),
             output_tokens=self._labels(inp, response),
             inp=inp if isinstance(inp, ImageMaskInput) else None,
-            features=chat_input.features if chat_input else None,
             target_ids=response.ids,
             response_text=response.text,
-            roles=[t.role for t in chat_input.prompt] if chat_input else None,
-            segments=chat_input.segments() if chat_input else None,
-            clips=_clips(chat_input) if chat_input else None,
             output_audio=response.audio,
             provenance=self._provenance(inp, per_step, kwargs, store, gen_args),
             n_model_calls=self.adapter.n_forward_calls
@@ -339,41 +357,11 @@ class MultimodalLLMAttribution(LLMAttribution):
         keep_eos: bool,
     ) -> tuple[Response, int]:
         """The response, and the model calls made outside the adapter to get it."""
-        calls = 0
-        if target is None and isinstance(inp, ChatInput) and inp.response is not None:
-            if gen_args is not None:
-                raise TargetError(
-                    "gen_args is unused: the chat's final assistant turn is the target"
-                )
-            target = inp.response
-        if target is None:
-            args = {
-                **(self.value_fn.gen_args or captum_compat.DEFAULT_GEN_ARGS),
-                **(gen_args or {}),
-            }
-            if isinstance(inp, ChatInput):
-                args["do_sample"] = False  # the explained answer is the greedy one
-                response = self.adapter.generate_masked(inp.to_model_input(), **args)[0]
-                if not keep_eos:
-                    response = self.adapter.strip_response(response)
-            else:
-                response = self.adapter.response(captum_compat.generate(self, inp, **args))
-                calls = 1
-        elif gen_args is not None:
-            raise TargetError("gen_args is only used when target is None")
-        elif isinstance(target, str):
-            if not target:
-                raise TargetError("the target response is empty; give a non-empty target")
-            response = self.adapter.text_response(target)
-        elif isinstance(target, Tensor):
-            response = self.adapter.check_target(target)
-        else:
-            raise TargetError(
-                f"target must be a str, a Tensor or None, got {type(target).__name__}"
-            )
-        if len(response) == 0:
-            raise TargetError("the target response is empty; give a non-empty target")
-        return response, calls
+        default = self.value_fn.gen_args or captum_compat.DEFAULT_GEN_ARGS
+        stock = (
+            None if isinstance(inp, ChatInput) else functools.partial(captum_compat.generate, self)
+        )
+        return resolve_response(self.adapter, inp, target, gen_args, keep_eos, default, stock)
 
     def _labels(self, inp: InterpretableInput, response: Response) -> list[str]:
         if isinstance(inp, ChatInput):
@@ -439,8 +427,63 @@ class MultimodalLLMAttribution(LLMAttribution):
         }
 
 
+def resolve_response(
+    adapter: ModelAdapter,
+    inp: InterpretableInput,
+    target: str | Tensor | None,
+    gen_args: dict[str, Any] | None,
+    keep_eos: bool,
+    default_gen_args: dict[str, Any],
+    stock_generate: Callable[..., Tensor] | None = None,
+) -> tuple[Response, int]:
+    """The response to explain, and the model calls made outside the adapter to get it.
+
+    ``target`` None: a :class:`ChatInput`'s final assistant turn, else the greedy
+    answer (a Captum input is generated by ``stock_generate``, as stock Captum does).
+    """
+    calls = 0
+    if target is None and isinstance(inp, ChatInput) and inp.response is not None:
+        if gen_args is not None:
+            raise TargetError("gen_args is unused: the chat's final assistant turn is the target")
+        target = inp.response
+    if target is None:
+        args = {**default_gen_args, **(gen_args or {})}
+        if isinstance(inp, ChatInput):
+            args["do_sample"] = False  # the explained answer is the greedy one
+            response = adapter.generate_masked(inp.to_model_input(), **args)[0]
+            if not keep_eos:
+                response = adapter.strip_response(response)
+        else:
+            assert stock_generate is not None
+            response = adapter.response(stock_generate(inp, **args))
+            calls = 1
+    elif gen_args is not None:
+        raise TargetError("gen_args is only used when target is None")
+    elif isinstance(target, str):
+        if not target:
+            raise TargetError("the target response is empty; give a non-empty target")
+        response = adapter.text_response(target)
+    elif isinstance(target, Tensor):
+        response = adapter.check_target(target)
+    else:
+        raise TargetError(f"target must be a str, a Tensor or None, got {type(target).__name__}")
+    if len(response) == 0:
+        raise TargetError("the target response is empty; give a non-empty target")
+    return response, calls
+
+
 def _plain(value: Any) -> bool:
     return value is None or isinstance(value, bool | int | float | str)
+
+
+def chat_fields(inp: ChatInput) -> dict[str, Any]:
+    """What a result keeps of a chat input: features, roles, segments, clips."""
+    return {
+        "features": inp.features,
+        "roles": [t.role for t in inp.prompt],
+        "segments": inp.segments(),
+        "clips": _clips(inp),
+    }
 
 
 def _clips(inp: ChatInput) -> list[ClipRef]:

@@ -175,6 +175,32 @@ class ModelAdapter(nn.Module, ABC):
             list of Response: B responses, each up to and including its end token.
         """
 
+    # Gradients (for gradient and attention methods; optional) -------------------------
+
+    def input_embeddings(self, encoded: EncodedChat) -> Tensor:
+        """``(L, D)`` input embeddings of every position of an encoded chat
+        (text token embeddings; for speech models the audio encoder's output).
+
+        Raises:
+            NotImplementedError: the adapter has no gradient path.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not expose its input embeddings; gradient "
+            "attribution needs input_embeddings and next_token_log_probs"
+        )
+
+    def next_token_log_probs(self, embeds: Tensor, response: Response, token: int) -> Tensor:
+        """Log-probability ``(B,)`` of response token ``token`` after the prompt
+        embeddings ``(B, L, D)`` and the response's earlier tokens, with
+        gradients flowing to ``embeds``.
+
+        Raises:
+            NotImplementedError: the adapter has no gradient path.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no differentiable scoring (next_token_log_probs)"
+        )
+
     # Embeddings of responses (for similarity value functions) ------------------------
 
     @abstractmethod

@@ -343,6 +343,22 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             table = self.model.get_input_embeddings()  # type: ignore[operator]
             return table(response.ids.to(self.device)).float()
 
+    def input_embeddings(self, encoded: EncodedChat) -> Tensor:
+        """``(L, D)`` rows of the input embedding table for the chat's tokens."""
+        with torch.no_grad():
+            table = self.model.get_input_embeddings()  # type: ignore[operator]
+            return table(encoded.input_ids.to(self.device)).detach()
+
+    def next_token_log_probs(self, embeds: Tensor, response: Response, token: int) -> Tensor:
+        """``(B,)``: one forward from ``inputs_embeds``, differentiable in ``embeds``."""
+        with torch.no_grad():
+            table = self.model.get_input_embeddings()  # type: ignore[operator]
+            fed = table(response.ids[:token].to(self.device))
+        x = torch.cat([embeds, fed[None].expand(len(embeds), -1, -1).to(embeds.dtype)], 1)
+        logits = self.model(inputs_embeds=x).logits[:, -1].float()
+        self.n_forward_calls += 1
+        return logits.log_softmax(-1)[:, int(response.ids[token])]
+
     def _context_rows(self, context: EncodedChat) -> Tensor:
         return context.input_ids.to(self.device)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,8 +108,10 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-        model = LFM2AudioModel.from_pretrained(repo_or_path, device=device, dtype=dtype)
-        processor = LFM2AudioProcessor.from_pretrained(repo_or_path, device=device)
+        # liquid-audio reads a Path as a local folder and a str as a hub id.
+        source: str | Path = Path(repo_or_path) if Path(repo_or_path).is_dir() else repo_or_path
+        model = LFM2AudioModel.from_pretrained(source, device=device, dtype=dtype)
+        processor = LFM2AudioProcessor.from_pretrained(source, device=device)
         return cls(model.eval(), processor.eval())
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -260,6 +263,20 @@ class LFM2AudioAdapter(DecoderLMAdapter):
 
     def _fed(self, response: Response) -> Tensor:
         return self._embed_items(response.ids.to(self.device))
+
+    def input_embeddings(self, encoded: EncodedChat) -> Tensor:
+        """``(L, D)``: text token embeddings and, at audio positions, the audio
+        adapter's output (what the LFM backbone reads)."""
+        return encoded.state["embeds"].detach()
+
+    def next_token_log_probs(self, embeds: Tensor, response: Response, token: int) -> Tensor:
+        """``(B,)``: one backbone forward from ``inputs_embeds``, differentiable in ``embeds``."""
+        items = response.ids.to(self.device)
+        fed = self._embed_items(items[:token])
+        x = torch.cat([embeds, fed[None].expand(len(embeds), -1, -1).to(embeds.dtype)], 1)
+        hidden = self._lfm(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1:]
+        self.n_forward_calls += 1
+        return self._item_log_probs(hidden, items[token : token + 1])[:, 0]
 
     def _score_rows(
         self,

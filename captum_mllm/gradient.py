@@ -1,0 +1,427 @@
+"""Gradient and attention attributions on the same multimodal features.
+
+Shapley values need many model calls; gradients need one or two passes per
+output token, attention one forward. Both give a
+:class:`~captum_mllm.result.MultimodalLLMAttributionResult` over the same
+features (words, tokens, audio spans, turns) as the perturbation methods, so
+plots, reports, save/load and :func:`captum_mllm.compare` work unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from copy import copy
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from captum.attr import (
+    GradientShap,
+    InputXGradient,
+    IntegratedGradients,
+    LayerGradientShap,
+    LayerGradientXActivation,
+    LayerIntegratedGradients,
+    LLMGradientAttribution,
+    Saliency,
+)
+from captum.attr._utils.interpretable_input import InterpretableInput
+from scipy.stats import spearmanr
+from torch import Tensor, nn
+
+from captum_mllm.attribution import chat_fields, resolve_response
+from captum_mllm.captum_compat import DEFAULT_GEN_ARGS
+from captum_mllm.errors import InvalidModelError, InvalidOptionError, UnsupportedInputError
+from captum_mllm.inputs import ChatInput
+from captum_mllm.models.base import ModelAdapter, Response
+from captum_mllm.result import MultimodalLLMAttributionResult
+
+REDUCTIONS = ("sum", "norm")
+AGGREGATIONS = ("mean", "max", "rollout")
+
+
+class _Embeddings(nn.Identity):
+    """The layer a Layer method attributes to: the prompt's input embeddings."""
+
+
+class MultimodalLLMGradientAttribution(LLMGradientAttribution):
+    """Gradient attributions of a chat model's answer, on :class:`ChatInput` features.
+
+    A subclass of Captum's ``LLMGradientAttribution``. With a ``ChatInput`` the
+    gradient method runs on the prompt's input embeddings (text token
+    embeddings and, for LFM2-Audio, the audio adapter's output), per output
+    token, against the log-probability of that token; each position's
+    attribution is reduced over the embedding dimension (``reduce="sum"``, or
+    ``"norm"``: its L2 norm) and summed over each feature's positions.
+    Positions outside every feature keep their embeddings on the whole path
+    and get no attribution. Captum's own ``TextTokenInput`` works as in Captum.
+
+    Args:
+        attr_method (GradientAttribution): ``LayerIntegratedGradients``,
+            ``LayerGradientXActivation``, ``LayerGradientShap`` (built on the
+            adapter and any layer: the layer is replaced by the embeddings),
+            or ``IntegratedGradients``, ``Saliency``, ``InputXGradient``,
+            ``GradientShap`` built on the adapter.
+        adapter (ModelAdapter): the model.
+        reduce (str, optional): ``"sum"`` or ``"norm"`` over the embedding
+            dimension. Default: ``"sum"``
+
+    Examples::
+
+        >>> from captum.attr import LayerIntegratedGradients
+        >>> lig = LayerIntegratedGradients(model, model.model.get_input_embeddings())
+        >>> attr = MultimodalLLMGradientAttribution(lig, model)
+        >>> res = attr.attribute(inp, n_steps=64, internal_batch_size=32)
+        >>> res.provenance["completeness_gap"]  # |sum - (f(x) - f(b))| / |f(x) - f(b)|
+    """
+
+    SUPPORTED_METHODS = (
+        LayerIntegratedGradients,
+        LayerGradientXActivation,
+        LayerGradientShap,
+        IntegratedGradients,
+        Saliency,
+        InputXGradient,
+        GradientShap,
+    )
+    SUPPORTED_INPUTS = (ChatInput, *LLMGradientAttribution.SUPPORTED_INPUTS)
+
+    def __init__(self, attr_method: Any, adapter: ModelAdapter, reduce: str = "sum") -> None:
+        if not isinstance(adapter, ModelAdapter):
+            raise InvalidModelError(
+                "MultimodalLLMGradientAttribution takes a model adapter, got "
+                f"{type(adapter).__name__}"
+            )
+        if not isinstance(attr_method, self.SUPPORTED_METHODS):
+            raise UnsupportedInputError(
+                f"{type(attr_method).__name__} is not supported; use one of "
+                f"{', '.join(m.__name__ for m in self.SUPPORTED_METHODS)}"
+            )
+        if reduce not in REDUCTIONS:
+            raise InvalidOptionError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        self.chat_method = copy(attr_method)  # ours: forward from embeddings
+        self.embeddings = _Embeddings()
+        self.chat_method.forward_func = self._forward
+        if hasattr(self.chat_method, "layer"):
+            self.chat_method.layer = self.embeddings
+        # Captum's own path (TextTokenInput) needs the Hugging Face model and its layer.
+        stock = copy(attr_method)
+        stock.forward_func = getattr(adapter, "model", adapter)
+        super().__init__(stock, adapter.tokenizer)
+        self.adapter = adapter
+        self.reduce = reduce
+
+    def _forward(self, embeds: Tensor, response: Response, token: int) -> Tensor:
+        return self.adapter.next_token_log_probs(self.embeddings(embeds), response, token)
+
+    def attribute(  # type: ignore[override]
+        self,
+        inp: InterpretableInput,
+        target: str | Tensor | None = None,
+        gen_args: dict[str, Any] | None = None,
+        baselines: int | Tensor | None = None,
+        keep_eos: bool = False,
+        **kwargs: Any,
+    ) -> MultimodalLLMAttributionResult:
+        """Attribute each answer token's log-probability to the input's features.
+
+        Args:
+            inp (ChatInput or TextTokenInput): the input.
+            target (str or Tensor, optional): the response; None generates the
+                greedy answer (or takes the chat's final assistant turn). Default: None
+            gen_args (dict, optional): generation arguments when ``target`` is None.
+            baselines (int or Tensor, optional): what feature positions move
+                from: None zeros, an int the embedding of that token id at text
+                positions (zeros at audio ones), a ``(D,)`` tensor that vector.
+                Default: None
+            keep_eos (bool, optional): keep a generated answer's end token. Default: False
+            **kwargs: passed to the method's ``attribute`` (``n_steps``,
+                ``internal_batch_size``, ``n_samples``, ``stdevs``, ...).
+
+        Returns:
+            MultimodalLLMAttributionResult: ``token_attr`` ``(T, n_features)``,
+            ``seq_attr`` their sum; for integrated gradients
+            ``provenance["completeness_gap"]`` (the largest relative gap over
+            tokens) and ``provenance["convergence_delta"]`` (per token).
+        """
+        if not isinstance(inp, ChatInput):
+            return self._stock(inp, target, gen_args, **kwargs)
+        start = time.perf_counter()
+        calls_before = self.adapter.n_forward_calls
+        response, _ = resolve_response(
+            self.adapter, inp, target, gen_args, keep_eos, DEFAULT_GEN_ARGS
+        )
+        embeds = self.adapter.input_embeddings(inp.encoded)[None]  # (1, L, D)
+        owner = inp.feature_of_position.to(embeds.device)
+        base = self._baseline(inp, embeds, owner, baselines)
+        integrated = isinstance(self.chat_method, IntegratedGradients | LayerIntegratedGradients)
+        takes_baselines = "baselines" in inspect.signature(self.chat_method.attribute).parameters
+        rows, deltas, gaps = [], [], []
+        for t in range(len(response)):
+            args: dict[str, Any] = {"additional_forward_args": (response, t), **kwargs}
+            if takes_baselines:
+                args["baselines"] = base
+            if integrated:
+                args["return_convergence_delta"] = True
+            with torch.enable_grad():
+                out = self.chat_method.attribute(embeds, **args)
+            if integrated:
+                out, delta = out
+                deltas.append(float(delta.sum()))
+                with torch.no_grad():
+                    span = float(
+                        self._forward(embeds, response, t) - self._forward(base, response, t)
+                    )
+                gaps.append(abs(float(delta.sum())) / max(abs(span), 1e-12))
+            rows.append(self._per_feature(out.detach()[0], owner, inp.n_itp_features))
+        token_attr = torch.stack(rows).float()
+        res = MultimodalLLMAttributionResult(
+            **chat_fields(inp),
+            seq_attr=token_attr.sum(0),
+            token_attr=token_attr,
+            input_tokens=list(inp.values),
+            output_tokens=list(response.labels),
+            target_ids=response.ids,
+            response_text=response.text,
+            output_audio=response.audio,
+            provenance={
+                "adapter": type(self.adapter).__name__,
+                "method": type(self.chat_method).__name__,
+                "method_args": {k: v for k, v in kwargs.items() if _plain(v)},
+                "reduce": self.reduce,
+                "baselines": baselines if isinstance(baselines, int) else None,
+                "input": "ChatInput",
+            },
+            n_model_calls=self.adapter.n_forward_calls - calls_before,
+            wall_time=time.perf_counter() - start,
+        )
+        if integrated:  # kept with the result (saved with it)
+            res.provenance["convergence_delta"] = deltas
+            res.provenance["completeness_gap"] = max(gaps)
+        return res
+
+    def _stock(
+        self, inp: InterpretableInput, target: Any, gen_args: Any, **kwargs: Any
+    ) -> MultimodalLLMAttributionResult:
+        """Captum's own path, its result carried over."""
+        stock = super().attribute(inp, target=target, gen_args=gen_args, **kwargs)
+        return MultimodalLLMAttributionResult(
+            seq_attr=stock.seq_attr,
+            token_attr=stock.token_attr,
+            input_tokens=list(stock.input_tokens),
+            output_tokens=list(stock.output_tokens),
+        )
+
+    def _baseline(
+        self, inp: ChatInput, embeds: Tensor, owner: Tensor, baselines: int | Tensor | None
+    ) -> Tensor:
+        base = embeds.clone()
+        moving = owner >= 0
+        if baselines is None:
+            base[0, moving] = 0.0
+        elif isinstance(baselines, int) and not isinstance(baselines, bool):
+            fill = self.adapter.input_embeddings(_one_token(inp, baselines))[0]
+            assert inp.encoded.clip is not None
+            text = moving & (inp.encoded.clip.to(owner.device) < 0)
+            base[0, text] = fill.to(base)
+            base[0, moving & ~text] = 0.0
+        elif isinstance(baselines, Tensor) and baselines.shape == embeds.shape[-1:]:
+            base[0, moving] = baselines.to(base)
+        else:
+            raise InvalidOptionError(
+                f"baselines must be None, a token id or a ({embeds.shape[-1]},) tensor"
+            )
+        return base
+
+    def _per_feature(self, attr: Tensor, owner: Tensor, n_features: int) -> Tensor:
+        """``(L, D)`` -> ``(n_features,)``: reduce over D, sum each feature's positions."""
+        per_position = attr.sum(-1) if self.reduce == "sum" else attr.norm(dim=-1)
+        keep = owner >= 0
+        out = torch.zeros(n_features, dtype=per_position.dtype, device=per_position.device)
+        return out.index_add_(0, owner[keep], per_position[keep]).cpu()
+
+
+def _one_token(inp: ChatInput, token_id: int) -> Any:
+    """An encoded chat of one token (to read that token's input embedding)."""
+    enc = copy(inp.encoded)
+    enc.input_ids = torch.tensor([token_id])
+    return enc
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+class AttentionAttribution:
+    """Attention from each answer token to each feature, in one forward.
+
+    The model reads the prompt and the answer with its attention weights
+    returned (eager attention is switched on for the call), and the weights
+    from the position that predicts each answer token to each input position
+    are aggregated over the chosen layers and heads: ``"mean"`` or ``"max"``
+    over them, or ``"rollout"`` (Abnar & Zuidema 2020: heads averaged, the
+    residual added as ``0.5 A + 0.5 I``, rows renormalised, layers multiplied
+    in order). A feature gets the sum over its positions.
+
+    Args:
+        adapter (ModelAdapter): a Hugging Face causal LM adapter (the model must
+            support ``output_attentions``).
+        aggregate (str, optional): ``"mean"``, ``"max"`` or ``"rollout"``. Default: ``"mean"``
+        layers (list of int, optional): the layers to use. Default: all
+        heads (list of int, optional): the heads to use. Default: all
+
+    Examples::
+
+        >>> res = AttentionAttribution(model, aggregate="rollout").attribute(inp)
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        aggregate: str = "mean",
+        layers: list[int] | None = None,
+        heads: list[int] | None = None,
+    ) -> None:
+        if aggregate not in AGGREGATIONS:
+            raise InvalidOptionError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
+        self.adapter = adapter
+        self.aggregate = aggregate
+        self.layers = layers
+        self.heads = heads
+
+    def attentions(self, inp: ChatInput, response: Response) -> Tensor:
+        """``(layers, heads, W, W)`` attention weights over prompt + answer."""
+        model = getattr(self.adapter, "model", None)
+        if model is None or not hasattr(model, "set_attn_implementation"):
+            raise InvalidModelError(
+                f"{type(self.adapter).__name__} does not return attention weights"
+            )
+        ids = torch.cat([inp.encoded.input_ids, response.ids[:-1].cpu()]).to(self.adapter.device)
+        before = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                out = model(input_ids=ids[None], output_attentions=True)
+        finally:
+            model.set_attn_implementation(before)
+        self.adapter.n_forward_calls += 1
+        return torch.stack([a[0] for a in out.attentions]).float()
+
+    def attribute(
+        self,
+        inp: ChatInput,
+        target: str | Tensor | None = None,
+        gen_args: dict[str, Any] | None = None,
+        keep_eos: bool = False,
+    ) -> MultimodalLLMAttributionResult:
+        """Attention attributions ``(T, n_features)`` of each answer token.
+
+        Args:
+            inp (ChatInput): the input.
+            target, gen_args, keep_eos: as :meth:`MultimodalLLMAttribution.attribute`.
+        """
+        if not isinstance(inp, ChatInput):
+            raise UnsupportedInputError("AttentionAttribution takes a ChatInput")
+        start = time.perf_counter()
+        response, _ = resolve_response(
+            self.adapter, inp, target, gen_args, keep_eos, DEFAULT_GEN_ARGS
+        )
+        att = self.attentions(inp, response)  # (layers, heads, W, W)
+        if self.layers is not None:
+            att = att[self.layers]
+        if self.heads is not None:
+            att = att[:, self.heads]
+        n_prompt = len(inp.encoded)
+        per_position = aggregate_attention(att, self.aggregate)  # (W, W)
+        queries = per_position[n_prompt - 1 : n_prompt - 1 + len(response), :n_prompt]
+        owner = inp.feature_of_position
+        keep = owner >= 0
+        token_attr = torch.zeros(len(response), inp.n_itp_features)
+        token_attr.index_add_(1, owner[keep], queries[:, keep].cpu())
+        return MultimodalLLMAttributionResult(
+            **chat_fields(inp),
+            seq_attr=token_attr.sum(0),
+            token_attr=token_attr,
+            input_tokens=list(inp.values),
+            output_tokens=list(response.labels),
+            target_ids=response.ids,
+            response_text=response.text,
+            provenance={
+                "adapter": type(self.adapter).__name__,
+                "method": f"AttentionAttribution({self.aggregate})",
+                "layers": self.layers,
+                "heads": self.heads,
+            },
+            n_model_calls=1,
+            wall_time=time.perf_counter() - start,
+        )
+
+
+def aggregate_attention(att: Tensor, how: str) -> Tensor:
+    """``(layers, heads, W, W)`` -> ``(W, W)`` by ``"mean"``, ``"max"`` or ``"rollout"``."""
+    if how == "mean":
+        return att.mean(dim=(0, 1))
+    if how == "max":
+        return att.amax(dim=(0, 1))
+    eye = torch.eye(att.shape[-1], device=att.device)
+    rollout = eye
+    for layer in att:
+        a = 0.5 * layer.mean(0) + 0.5 * eye
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a @ rollout
+    return rollout
+
+
+def compare(
+    *results: MultimodalLLMAttributionResult,
+    names: list[str] | None = None,
+    target_token_pos: int | None = None,
+    show: bool = False,
+) -> tuple[pd.DataFrame, Any]:
+    """Rank agreement between explanations of the same features.
+
+    Args:
+        *results: two or more results over the same features.
+        names (list of str, optional): a name per result. Default: each result's method
+        target_token_pos (int, optional): compare that output token's row; None
+            the sequence attributions. Default: None
+        show (bool, optional): show the plot instead of returning it. Default: False
+
+    Returns:
+        tuple: ``(Spearman rank correlation matrix as a DataFrame, (fig, ax) or None)``.
+
+    Examples::
+
+        >>> table, (fig, ax) = compare(shapley_res, ig_res, attention_res)
+    """
+    import matplotlib.pyplot as plt
+
+    if len(results) < 2:
+        raise InvalidOptionError("compare needs at least two results")
+    n = len(results[0].input_tokens)
+    if any(len(r.input_tokens) != n for r in results):
+        raise InvalidOptionError("the results explain different features")
+    names = names or [str(r.provenance.get("method", f"result {i}")) for i, r in enumerate(results)]
+    rows = np.stack([r._row(target_token_pos).numpy() for r in results])
+    k = len(results)
+    matrix = np.ones((k, k))
+    for i in range(k):
+        for j in range(i + 1, k):
+            rho = spearmanr(rows[i], rows[j]).statistic
+            matrix[i, j] = matrix[j, i] = rho
+    table = pd.DataFrame(matrix, index=names, columns=names)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.2 * k + 1))
+    image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdYlGn")
+    ax.set_xticks(range(k), names, rotation=45, ha="right")
+    ax.set_yticks(range(k), names)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="Spearman rank correlation")
+    ax.set_title("Agreement between explanations")
+    if show:
+        plt.show()
+        return table, None
+    return table, (fig, ax)

@@ -1,0 +1,149 @@
+"""Gradient and attention attributions on ChatInput features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import (
+    IntegratedGradients,
+    LayerGradientXActivation,
+    LayerIntegratedGradients,
+    LLMGradientAttribution,
+    Saliency,
+    TextTokenInput,
+)
+
+from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, MultimodalLLMAttributionResult
+from captum_mllm.errors import InvalidOptionError
+from captum_mllm.gradient import (
+    AttentionAttribution,
+    MultimodalLLMGradientAttribution,
+    aggregate_attention,
+    compare,
+)
+from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
+
+TARGET = "I am a cat."
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_hf_adapter()
+
+
+@pytest.fixture(scope="module")
+def words(llama):
+    chat = Chat().system("Be brief.").user("Who are you, my friend?")
+    return ChatInput(chat, llama, text_unit="word")
+
+
+def _stock_on_same_tokens(model, inp, target_ids, **kwargs):
+    """Captum's LLMGradientAttribution on a TextTokenInput of the chat's own
+    token ids, with exactly the feature positions interpretable."""
+    ids = inp.encoded.input_ids[None]
+    mask = (inp.feature_of_position >= 0)[None]
+    captum_inp = TextTokenInput("x", model.tokenizer)
+    captum_inp.inp_tensor, captum_inp.itp_mask = ids, mask
+    captum_inp.itp_tensor = ids[mask][None]
+    captum_inp.values = [str(i) for i in captum_inp.itp_tensor[0].tolist()]
+    captum_inp.n_itp_features = len(captum_inp.values)
+    layer = model.model.get_input_embeddings()
+    stock = LLMGradientAttribution(LayerIntegratedGradients(model.model, layer), model.tokenizer)
+    res = stock.attribute(captum_inp, target=target_ids, **kwargs)
+    owner = inp.feature_of_position[inp.feature_of_position >= 0]
+    summed = torch.zeros(len(res.token_attr), inp.n_itp_features)
+    return summed.index_add_(1, owner, res.token_attr.float())
+
+
+def test_equals_captum_summed_over_each_words_tokens(llama, words):
+    lig = LayerIntegratedGradients(llama, llama.model.get_input_embeddings())
+    res = MultimodalLLMGradientAttribution(lig, llama).attribute(
+        words, target=TARGET, n_steps=32, baselines=0
+    )
+    assert res.token_attr.shape == (len(res.output_tokens), words.n_itp_features)
+    stock = _stock_on_same_tokens(llama, words, res.target_ids, n_steps=32)
+    torch.testing.assert_close(res.token_attr, stock, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.seq_attr, stock.sum(0), atol=1e-4, rtol=1e-4)
+    assert res.features == words.features and res.input_tokens == list(words.values)
+
+
+def test_integrated_gradients_is_complete(llama, words):
+    ig = IntegratedGradients(llama)
+    res = MultimodalLLMGradientAttribution(ig, llama).attribute(
+        words, target=TARGET, n_steps=500, internal_batch_size=100
+    )
+    assert res.provenance["completeness_gap"] < 0.01
+    # by hand for the first token: the feature sum is f(x) - f(zero features)
+    embeds = llama.input_embeddings(words.encoded)[None]
+    base = embeds.clone()
+    base[0, words.feature_of_position >= 0] = 0
+    response = llama.text_response(TARGET)
+    with torch.no_grad():
+        span = llama.next_token_log_probs(embeds, response, 0) - llama.next_token_log_probs(
+            base, response, 0
+        )
+    assert abs(float(res.token_attr[0].sum() - span)) < 0.01 * abs(float(span)) + 1e-4
+
+
+def test_saliency_norm_and_layer_methods(llama, words, tmp_path):
+    sal = MultimodalLLMGradientAttribution(Saliency(llama), llama, reduce="norm")
+    res = sal.attribute(words, target=TARGET)
+    assert (res.token_attr >= 0).all() and res.token_attr.abs().sum() > 0
+    gxa = LayerGradientXActivation(llama, llama.model.get_input_embeddings())
+    res2 = MultimodalLLMGradientAttribution(gxa, llama).attribute(words, target=TARGET)
+    res2.save(tmp_path / "r.json")
+    back = MultimodalLLMAttributionResult.load(tmp_path / "r.json")
+    torch.testing.assert_close(torch.as_tensor(back.token_attr), res2.token_attr)
+    with pytest.raises(InvalidOptionError):
+        MultimodalLLMGradientAttribution(Saliency(llama), llama, reduce="mean")
+
+
+def test_audio_features_get_gradients_that_follow_the_audio():
+    lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
+    ig = IntegratedGradients(lfm)
+    attr = MultimodalLLMGradientAttribution(ig, lfm)
+
+    def run(audio, roles=("user",)):
+        chat = Chat().system("Be brief.").user("What is it?", audio=audio, sample_rate=16000)
+        inp = ChatInput(chat, lfm, audio_unit=0.5, roles=roles)
+        return inp, attr.attribute(inp, target="yes", n_steps=16)
+
+    inp, res = run(speech_like(1.5, seed=0))
+    audio = [i for i, f in enumerate(inp.features) if f.modality == "audio_in"]
+    assert audio and res.seq_attr[audio].abs().sum() > 0
+    _, other = run(speech_like(1.5, seed=1))
+    assert not torch.allclose(res.seq_attr[audio], other.seq_attr[audio])
+    inp_sys, res_sys = run(speech_like(1.5, seed=0), roles=("system",))
+    assert all(f.modality == "text" and f.role == "system" for f in inp_sys.features)
+    assert res_sys.token_attr.shape[1] == inp_sys.n_itp_features
+
+
+def test_rollout_on_one_layer_by_hand():
+    model = tiny_hf_adapter(num_layers=1)
+    inp = ChatInput(Chat().user("Who are you, my friend?"), model, text_unit="token")
+    method = AttentionAttribution(model, aggregate="rollout")
+    res = method.attribute(inp, target=TARGET)
+    response = model.text_response(TARGET)
+    att = method.attentions(inp, response)  # (1, heads, W, W)
+    a = 0.5 * att[0].mean(0) + 0.5 * torch.eye(att.shape[-1])
+    a = a / a.sum(-1, keepdim=True)  # one layer: the rollout is this matrix
+    n = len(inp.encoded)
+    owner = inp.feature_of_position
+    for t in range(len(response)):
+        for f in range(inp.n_itp_features):
+            expected = a[n - 1 + t, :n][owner == f].sum()
+            assert abs(float(res.token_attr[t, f] - expected)) < 1e-5
+    # rows of attention sum to one, so "mean" gives each token at most 1 in total
+    mean = AttentionAttribution(model).attribute(inp, target=TARGET)
+    assert (mean.token_attr.sum(1) <= 1 + 1e-5).all()
+    assert torch.allclose(aggregate_attention(att, "max"), att.amax(dim=(0, 1)))
+
+
+def test_compare_rank_correlations(llama, words):
+    sal = MultimodalLLMGradientAttribution(Saliency(llama), llama).attribute(words, target=TARGET)
+    att = AttentionAttribution(llama).attribute(words, target=TARGET)
+    table, (fig, ax) = compare(sal, att, sal, names=["saliency", "attention", "again"])
+    assert table.loc["saliency", "again"] == pytest.approx(1.0)
+    assert -1 <= table.loc["saliency", "attention"] <= 1 and fig is not None
+    with pytest.raises(InvalidOptionError):
+        compare(sal)
