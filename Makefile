@@ -36,11 +36,14 @@ demo: setup
 bench: setup
 	# shapiq is the peer the estimators are measured against (benchmarks only).
 	$(BIN)/python -m pip install -q shapiq
+	# The speech faithfulness section synthesises fresh requests with espeak-ng.
+	command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
 	$(BIN)/python benchmarks/text_vs_captum.py
 	$(BIN)/python benchmarks/similarity.py
 	$(BIN)/python benchmarks/lfm2_audio.py
 	$(BIN)/python benchmarks/estimators.py
-	$(BIN)/python benchmarks/faithfulness.py
+	$(BIN)/python benchmarks/faithfulness.py --speech
+	$(BIN)/python benchmarks/scale_out.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

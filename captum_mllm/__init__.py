@@ -3,7 +3,9 @@
 from captum_mllm.attribution import MultimodalLLMAttribution
 from captum_mllm.chat import AudioPart, Chat, TextPart, Turn
 from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore, MemoryStore, SQLiteStore
+from captum_mllm.distributed import explain_dataset, explain_sharded
 from captum_mllm.encoding import EncodedChat, MaskedChat
+from captum_mllm.gradient import AttentionAttribution, MultimodalLLMGradientAttribution, compare
 from captum_mllm.inputs import ChatInput, FeatureInfo
 from captum_mllm.models import (
     HFCausalLMAdapter,
@@ -16,6 +18,7 @@ from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
 from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget, Target, TargetValues
 
 __all__ = [
+    "AttentionAttribution",
     "AudioPart",
     "Chat",
     "ChatInput",
@@ -33,11 +36,15 @@ __all__ = [
     "ModelAdapter",
     "MultimodalLLMAttribution",
     "MultimodalLLMAttributionResult",
+    "MultimodalLLMGradientAttribution",
     "Response",
     "SQLiteStore",
     "Target",
     "TargetValues",
     "TextPart",
     "Turn",
+    "compare",
+    "explain_dataset",
+    "explain_sharded",
     "load_default_model",
 ]

@@ -143,15 +143,17 @@ def quietest_point(waveform: Tensor, sample_rate: int, start: float, end: float)
 class ForcedAligner:
     """Word time spans of a transcript in a clip, by CTC forced alignment.
 
-    Any Hugging Face ``Wav2Vec2ForCTC`` gives character emissions;
+    Any Hugging Face character-CTC model (``Wav2Vec2ForCTC``, ``ParakeetForCTC``,
+    ... anything ``AutoModelForCTC`` loads) gives character emissions;
     ``torchaudio.functional.forced_align`` aligns the transcript's characters to
     them; each boundary between two words is moved to the quietest 10 ms frame
     between the last character of one and the first of the next.
 
     Args:
-        model (str or Wav2Vec2ForCTC): hub id / local path, or a loaded model.
-        processor (optional): its ``Wav2Vec2Processor`` (feature extractor +
-            tokenizer); loaded with the model when ``model`` is a name.
+        model (str or CTC model): hub id / local path, or a loaded model.
+        processor (optional): its processor (feature extractor + character
+            tokenizer, e.g. ``Wav2Vec2Processor``); loaded with the model when
+            ``model`` is a name.
         device (str or torch.device, optional): Default: the model's.
 
     Examples::
@@ -165,10 +167,10 @@ class ForcedAligner:
 
     def __init__(self, model: Any, processor: Any = None, device: Any = None) -> None:
         if isinstance(model, str):
-            from transformers import AutoProcessor, Wav2Vec2ForCTC
+            from transformers import AutoModelForCTC, AutoProcessor
 
             processor = processor or AutoProcessor.from_pretrained(model)
-            model = Wav2Vec2ForCTC.from_pretrained(model)
+            model = AutoModelForCTC.from_pretrained(model)
         if processor is None:
             raise AudioError(
                 "ForcedAligner needs the model's processor (feature extractor + tokenizer)"
@@ -202,9 +204,10 @@ class ForcedAligner:
         tokenizer = self.processor.tokenizer
         features = self.processor.feature_extractor(
             wave.numpy(), sampling_rate=self.sample_rate, return_tensors="pt"
-        ).input_values.to(self.device)
+        )  # input_values (raw-audio models) or input_features (log-mel models)
         with torch.no_grad():
-            emissions = self.model(features).logits.float().log_softmax(-1).cpu()  # (1, T, V)
+            logits = self.model(**{k: v.to(self.device) for k, v in features.items()}).logits
+            emissions = logits.float().log_softmax(-1).cpu()  # (1, T, V)
         vocab = tokenizer.get_vocab()
         unknown = sorted({c for w in words for c in w if _char_id(vocab, c) is None})
         if unknown:

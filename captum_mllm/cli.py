@@ -1,7 +1,10 @@
 """The ``captum-mllm`` command (also ``python -m captum_mllm``).
 
-- ``demo``: explain a factual question on the embedded SmolLM2 (offline).
+- ``demo``: explain a factual question on the embedded SmolLM2 (offline);
+  ``demo --speech``: a spoken request on the project's trained speech model.
 - ``explain``: explain a chat from a JSON / YAML message list or from flags.
+- ``explain-dataset``: explain every chat of a data set, over Ray workers
+  when Ray is installed (resumable: rerun with the same ``--out``).
 - ``report``: redraw a saved result.
 
 Bad arguments, unreadable files or an unknown model exit with code 2 and one
@@ -21,7 +24,7 @@ from captum_mllm.errors import CaptumMLLMError
 DEMO_SYSTEM = "You are a geography expert."
 DEMO_QUESTION = "What is the capital city of Japan?"
 METHODS = ("exact", "kernel", "permutation", "regression", "hierarchical", "captum-svs")
-TINY_MODELS = ("tiny-llama", "tiny-lfm2-audio")
+TINY_MODELS = ("tiny-llama", "tiny-lfm2-audio", "demo-speech")
 
 
 class UsageError(Exception):
@@ -45,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="explain a factual question on the embedded SmolLM2")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"))
+    demo.add_argument(
+        "--speech",
+        action="store_true",
+        help="explain a bundled spoken request on the trained demo speech model instead",
+    )
     demo.set_defaults(run=_demo)
 
     explain = sub.add_parser("explain", help="explain a chat with a model")
@@ -52,29 +60,31 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--system", help="system prompt (without --chat)")
     explain.add_argument("--user", action="append", default=[], help="a user turn (repeatable)")
     explain.add_argument("--user-audio", action="append", default=[], help="audio of a user turn")
-    explain.add_argument(
-        "--model",
-        default="default",
-        help="hub id, local folder, .gguf file, 'default' (SmolLM2) or a tiny test model",
-    )
-    explain.add_argument("--adapter", choices=("hf", "lfm2-audio"), help="default: guessed")
-    explain.add_argument("--text-unit", default="word", choices=("token", "word", "turn"))
-    explain.add_argument("--audio-unit", default="0.5", help="frame, turn, word, or seconds")
-    explain.add_argument("--roles", default="user", help="comma-separated roles holding features")
-    explain.add_argument("--method", default="kernel", choices=METHODS)
-    explain.add_argument(
-        "--budget", type=int, help="coalition evaluations (default: 10 per feature)"
-    )
-    explain.add_argument("--target", default="log-prob", choices=("log-prob", "similarity"))
+    _model_flags(explain)
     explain.add_argument("--answer", help="the answer to explain (default: generate it)")
-    explain.add_argument("--max-new-tokens", type=int, default=24)
-    explain.add_argument("--device", default=None)
-    explain.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--store", type=Path, help="SQLite coalition store (resumable runs)")
-    explain.add_argument("--batch", type=int, default=32, help="coalitions per forward")
     explain.add_argument("--out", type=Path, default=Path("outputs/explain"))
     explain.set_defaults(run=_explain_command)
+
+    dataset = sub.add_parser(
+        "explain-dataset", help="explain every chat of a data set (on Ray when installed)"
+    )
+    dataset.add_argument(
+        "data",
+        type=Path,
+        help="a JSONL of chats (message lists or {id, messages}), a Hugging Face datasets "
+        "folder (a messages column), or a folder of audio files with transcripts.csv "
+        "(columns file, transcript[, text])",
+    )
+    _model_flags(dataset)
+    dataset.add_argument("--aligner", help="CTC model for --audio-unit word ('demo': the demo's)")
+    dataset.add_argument("--workers", type=int, default=None, help="Ray actors")
+    dataset.add_argument("--gpus-per-worker", type=float, default=None)
+    dataset.add_argument("--cpus-per-worker", type=float, default=None)
+    dataset.add_argument("--address", help="an existing Ray cluster ('auto', 'ray://host:10001')")
+    dataset.add_argument("--no-ray", action="store_true", help="run in this process")
+    dataset.add_argument("--out", type=Path, default=Path("outputs/dataset"))
+    dataset.set_defaults(run=_dataset_command)
 
     report = sub.add_parser("report", help="redraw a saved result")
     report.add_argument("result", type=Path, help="the .json written by explain or demo")
@@ -83,17 +93,62 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model, feature, method and target flags ``explain`` and ``explain-dataset`` share."""
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="hub id, local folder, .gguf file, 'default' (SmolLM2), 'demo-speech' (the "
+        "trained demo speech model) or a tiny test model",
+    )
+    parser.add_argument("--adapter", choices=("hf", "lfm2-audio"), help="default: guessed")
+    parser.add_argument("--text-unit", default="word", choices=("token", "word", "turn"))
+    parser.add_argument("--audio-unit", default="0.5", help="frame, turn, word, or seconds")
+    parser.add_argument("--roles", default="user", help="comma-separated roles holding features")
+    parser.add_argument("--method", default="kernel", choices=METHODS)
+    parser.add_argument(
+        "--budget", type=int, help="coalition evaluations (default: 10 per feature)"
+    )
+    parser.add_argument("--target", default="log-prob", choices=("log-prob", "similarity"))
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=32, help="coalitions per forward")
+
+
 # Commands -----------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> None:
     from captum_mllm import Chat, load_default_model
 
+    if args.speech:
+        _speech_demo(args.out)
+        return
     print("loading SmolLM2-135M-Instruct (converted once into the cache)...", flush=True)
     model = load_default_model()
     chat = Chat().system(DEMO_SYSTEM).user(DEMO_QUESTION)
     settings = {"method": "exact", "budget": None, "target": "log-prob", "seed": 0}
     _run(model, chat, settings, args.out, max_new_tokens=16)
+
+
+def _speech_demo(out: Path) -> None:
+    from captum_mllm import MultimodalLLMAttribution, demo
+    from captum_mllm.methods import ExactShapleyValues
+
+    model, aligner = demo.load()
+    example = demo.examples()[0]
+    print(f"spoken request: {example.transcript!r} (the right answer: {example.answer!r})")
+    inp = demo.request_input(model, aligner, example.waveform, example.transcript)
+    print(f"{inp.n_itp_features} features: {', '.join(inp.values)}", flush=True)
+    attr = MultimodalLLMAttribution(ExactShapleyValues(model), model)
+    res = attr.attribute(inp, gen_args={"max_new_tokens": 6}, show_progress=True)
+    _print(res)
+    _write(res, out, save=True)
+    tops = zip(res.output_tokens, demo.top_words(res), example.deciding, strict=False)
+    for label, top, word in tops:  # a wrong answer may be longer or shorter
+        print(f"  answer token {label!r}: top feature {' '.join(top)!r} (deciding word: {word!r})")
 
 
 def _explain_command(args: argparse.Namespace) -> None:
@@ -129,6 +184,116 @@ def _explain_command(args: argparse.Namespace) -> None:
     _run(model, chat, settings, args.out, args.max_new_tokens, input_kwargs)
 
 
+def _dataset_command(args: argparse.Namespace) -> None:
+    from functools import partial
+
+    from captum_mllm.distributed import explain_dataset
+
+    audio_unit = _audio_unit(args.audio_unit)
+    chats = _read_dataset(args.data, transcripts=audio_unit == "word")
+    input_kwargs = {
+        "text_unit": args.text_unit,
+        "audio_unit": audio_unit,
+        "roles": tuple(r.strip() for r in args.roles.split(",")),
+    }
+    if args.aligner:
+        input_kwargs["aligner"] = _aligner(args.aligner)
+    gen = {"max_new_tokens": args.max_new_tokens}
+    settings = {"method": args.method, "budget": args.budget, "seed": args.seed}
+    resources: dict[str, float] = {}
+    if args.gpus_per_worker is not None:
+        resources["num_gpus"] = args.gpus_per_worker
+    if args.cpus_per_worker is not None:
+        resources["num_cpus"] = args.cpus_per_worker
+    print(f"{len(chats)} chats from {args.data}", flush=True)
+    table = explain_dataset(
+        chats,
+        partial(_load_model, args.model, args.adapter, args.device, args.dtype),
+        partial(_method, args.method),
+        input_kwargs,
+        {**_method_kwargs(settings, None), "gen_args": gen, "perturbations_per_eval": args.batch},
+        store_dir=args.out,
+        num_workers=args.workers,
+        resources_per_worker=resources or None,
+        target_factory=partial(_similarity, gen) if args.target == "similarity" else None,
+        address=args.address,
+        use_ray=False if args.no_ray else None,
+    )
+    print(table.to_string(index=False))
+    table.to_csv(args.out / "summary.csv", index=False)
+    print(f"wrote {args.out / 'summary.csv'} and one folder per chat under {args.out}")
+
+
+def _similarity(gen: dict[str, Any]) -> Any:
+    from captum_mllm import EmbeddingSimilarity
+
+    return EmbeddingSimilarity(gen_args=gen)
+
+
+def _aligner(name: str) -> Any:
+    if name == "demo":
+        from captum_mllm import demo
+
+        return demo.load()[1]
+    from captum_mllm.audio import ForcedAligner
+
+    return ForcedAligner(name)
+
+
+def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
+    """Named chats from a JSONL file, a ``datasets`` folder, or an audio folder
+    (whose transcripts go to each chat's ``ChatInput`` when ``transcripts``)."""
+    if path.is_file():
+        chats: dict[str, Any] = {}
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path} line {i + 1} is not JSON: {exc}") from None
+            name = str(row.get("id", f"chat_{i:05d}")) if isinstance(row, dict) else f"chat_{i:05d}"
+            chats[name] = row
+        return chats
+    if (path / "transcripts.csv").is_file():
+        import pandas as pd
+
+        table = pd.read_csv(path / "transcripts.csv")
+        if not {"file", "transcript"} <= set(table.columns):
+            raise UsageError(f"{path / 'transcripts.csv'} needs the columns file and transcript")
+        out = {}
+        for row in table.to_dict("records"):
+            file = str(row["file"])
+            content: list[dict[str, Any]] = [{"type": "audio", "path": str(path / file)}]
+            text = row.get("text")
+            if isinstance(text, str) and text:
+                content.append({"type": "text", "text": text})
+            own = {"transcripts": str(row["transcript"])} if transcripts else {}
+            out[str(row.get("id", Path(file).stem))] = {
+                "messages": [{"role": "user", "content": content}],
+                "input_kwargs": own,
+            }
+        return out
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        try:
+            import datasets
+        except ImportError:
+            raise UsageError(
+                "reading a Hugging Face datasets folder needs: pip install datasets"
+            ) from None
+        data = datasets.load_from_disk(str(path))
+        if "messages" not in data.column_names:
+            raise UsageError(f"{path} has no messages column (it has {data.column_names})")
+        return {
+            str(r.get("id", f"chat_{i:05d}")): {"messages": r["messages"]}
+            for i, r in enumerate(data)
+        }
+    raise UsageError(
+        f"{path} is not a JSONL file, a Hugging Face datasets folder or an audio folder "
+        "with transcripts.csv"
+    )
+
+
 def _report(args: argparse.Namespace) -> None:
     from captum_mllm import MultimodalLLMAttributionResult
 
@@ -162,13 +327,7 @@ def _run(
     method = _method(settings["method"], model)
     attr = MultimodalLLMAttribution(method, model, target=target)
     kwargs: dict[str, Any] = {"perturbations_per_eval": settings.get("batch", 32)}
-    if settings["method"] == "captum-svs":
-        kwargs["n_samples"] = max(
-            1, (settings["budget"] or 10 * inp.n_itp_features) // inp.n_itp_features
-        )
-    elif settings["method"] in ("kernel", "permutation", "regression"):
-        kwargs.update(budget=settings["budget"], seed=settings["seed"])
-    kwargs["show_progress"] = True
+    kwargs.update(_method_kwargs(settings, inp.n_itp_features), show_progress=True)
     answer = settings.get("answer")
     if answer is None and inp.response is None and settings["target"] == "log-prob":
         kwargs["gen_args"] = gen
@@ -176,6 +335,16 @@ def _run(
     res = attr.attribute(inp, target=answer, store=settings.get("store"), **kwargs)
     _print(res)
     _write(res, out, save=True)
+
+
+def _method_kwargs(settings: dict[str, Any], n_features: int | None) -> dict[str, Any]:
+    """The method's budget arguments (Captum's sampler counts permutations)."""
+    if settings["method"] == "captum-svs":
+        per_feature = (settings["budget"] // n_features) if settings["budget"] and n_features else 0
+        return {"n_samples": max(1, per_feature or 10)}
+    if settings["method"] in ("kernel", "permutation", "regression"):
+        return {"budget": settings["budget"], "seed": settings["seed"]}
+    return {}
 
 
 def _method(name: str, model: Any) -> Any:
@@ -212,6 +381,11 @@ def _write(res: Any, out: Path, save: bool) -> None:
     if res.token_attr is not None:
         res.plot_token_attr()[0].savefig(out / "token_attr.png", bbox_inches="tight")
         written.append("token_attr.png")
+    if res.clips:
+        drawn = res.plot_audio_attr()
+        assert drawn is not None
+        drawn[0].savefig(out / "audio_attr.png", bbox_inches="tight")
+        written.append("audio_attr.png")
     res.to_dataframe().to_csv(out / "attributions.csv", index=False)
     res.save_html(out / "report.html")
     written.append("report.html")
@@ -274,6 +448,10 @@ def _load_model(name: str, adapter: str | None, device: str | None, dtype: str |
 
         if name == "tiny-llama":
             return testing.tiny_hf_adapter()
+        if name == "demo-speech":
+            from captum_mllm import demo
+
+            return demo.load(device or "cpu")[0]
         return LFM2AudioAdapter(*testing.tiny_lfm2_audio())
     path = Path(name)
     kind = adapter or _guess_adapter(name)

@@ -12,6 +12,7 @@ seed); another explanation is refused with :class:`~captum_mllm.errors.StoreMism
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from abc import ABC, abstractmethod
@@ -88,7 +89,7 @@ class SQLiteStore(CoalitionStore):
 
     def __init__(self, path: str | PathLike[str], fingerprint: dict[str, str]) -> None:
         self.path = str(path)
-        self.db = sqlite3.connect(self.path)
+        self.db = sqlite3.connect(self.path, timeout=120)  # shards may write at once
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         with self.db:
@@ -97,23 +98,21 @@ class SQLiteStore(CoalitionStore):
                 "CREATE TABLE IF NOT EXISTS coalitions "
                 "(key BLOB PRIMARY KEY, value BLOB NOT NULL, response TEXT)"
             )
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
-        if row is None:
-            with self.db:
-                self.db.execute(
-                    "INSERT INTO meta VALUES ('fingerprint', ?)", (json.dumps(fingerprint),)
-                )
-        else:
-            stored = json.loads(row[0])
-            differs = sorted(
-                k for k in stored.keys() | fingerprint.keys() if stored.get(k) != fingerprint.get(k)
+        with self.db:  # the first writer names the file; later ones are checked
+            self.db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('fingerprint', ?)", (json.dumps(fingerprint),)
             )
-            if differs:
-                self.db.close()
-                raise StoreMismatchError(
-                    f"{self.path} holds another explanation: its {', '.join(differs)} "
-                    "differ from this one's; use another store file"
-                )
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+        stored = json.loads(row[0])
+        differs = sorted(
+            k for k in stored.keys() | fingerprint.keys() if stored.get(k) != fingerprint.get(k)
+        )
+        if differs:
+            self.db.close()
+            raise StoreMismatchError(
+                f"{self.path} holds another explanation: its {', '.join(differs)} "
+                "differ from this one's; use another store file"
+            )
 
     def get_many(self, keys: Iterable[bytes]) -> dict[bytes, Entry]:
         out: dict[bytes, Entry] = {}
@@ -155,6 +154,11 @@ class CoalitionEvaluator:
         store (CoalitionStore, optional): Default: a new :class:`MemoryStore`
         enabled (bool, optional): when False every coalition is evaluated and
             nothing is stored. Default: True
+        shard (tuple of int, optional): ``(index, count)``: evaluate and store
+            only the coalitions of this shard (split by a hash of the
+            coalition); the others get ``placeholder`` values unless the store
+            has them. Default: None (all)
+        placeholder_columns (int, optional): columns of a placeholder value. Default: 1
 
     Attributes:
         n_requested (int): coalitions the method asked for.
@@ -169,8 +173,12 @@ class CoalitionEvaluator:
         evaluate: Callable[[Tensor], TargetValues],
         store: CoalitionStore | None = None,
         enabled: bool = True,
+        shard: tuple[int, int] | None = None,
+        placeholder_columns: int = 1,
     ) -> None:
         self.evaluate = evaluate
+        self.shard = shard
+        self.placeholder_columns = placeholder_columns
         self.store = store if store is not None else MemoryStore()
         self.enabled = enabled
         self.n_requested = 0
@@ -193,6 +201,9 @@ class CoalitionEvaluator:
         first_of: dict[bytes, int] = {}
         for i, key in enumerate(keys):
             if key not in found:
+                if self.shard is not None and shard_of(key, self.shard[1]) != self.shard[0]:
+                    found[key] = (np.zeros(self.placeholder_columns, np.float32), None)
+                    continue  # another shard's coalition
                 first_of.setdefault(key, i)
         fresh_from_store = [k for k in found if k not in self._seen]
         self.n_stored += len(fresh_from_store)
@@ -218,6 +229,11 @@ class CoalitionEvaluator:
     def _log(self, rows: Tensor, said: list[Any] | None) -> None:
         for row, s in zip(rows, said or [], strict=False):
             self.responses[_as_tuple(row)] = s
+
+
+def shard_of(key: bytes, count: int) -> int:
+    """The shard (0..count-1) a coalition key belongs to: a stable hash, not Python's."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % count
 
 
 def _as_tuple(row: Tensor) -> tuple[int, ...]:

@@ -99,5 +99,9 @@ class AdapterCheckError(CaptumMLLMError):
     """A model adapter breaks the adapter contract (``check_adapter`` says how)."""
 
 
+class SynthesisError(CaptumMLLMError):
+    """espeak-ng (used to make the demo's training speech) is missing or failed."""
+
+
 class InconsistentVersionWarning(UserWarning):
     """A saved result is read by another version of captum-mllm than wrote it."""

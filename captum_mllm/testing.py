@@ -8,6 +8,7 @@ with fixed seeds, so every run sees the same weights.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -171,12 +172,17 @@ def _byte_to_char() -> dict[int, str]:
 
 
 @functools.lru_cache(maxsize=1)
-def tiny_lfm2_tokenizer_dir() -> str:
+def tiny_lfm2_tokenizer_dir(words: Sequence[str] = (), path: str | None = None) -> str:
     """Save a byte-level tokenizer laid out like LFM2's: control tokens at ids
-    0..255 (the real ones at their ids), the 256 bytes at 256..511.
+    0..255 (the real ones at their ids), the 256 bytes at 256..511, then one
+    token for each of ``words`` (alone and after a space).
+
+    Args:
+        words (sequence of str, optional): whole-word tokens to add. Default: none
+        path (str, optional): the folder to write. Default: a new temporary one
 
     Returns:
-        str: a temporary folder that ``AutoTokenizer.from_pretrained`` reads.
+        str: the folder, which ``AutoTokenizer.from_pretrained`` reads.
     """
     import tempfile
 
@@ -185,8 +191,12 @@ def tiny_lfm2_tokenizer_dir() -> str:
 
     names = [LFM2_CONTROL_TOKENS.get(i, f"<|reserved_{i}|>") for i in range(256)]
     vocab = {name: i for i, name in enumerate(names)}
-    vocab.update({c: 256 + b for b, c in _byte_to_char().items()})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    to_char = _byte_to_char()
+    vocab.update({c: 256 + b for b, c in to_char.items()})
+    for word in words:  # a pre-token found whole in the vocabulary is one token
+        for spelled in (word, " " + word):
+            vocab.setdefault("".join(to_char[b] for b in spelled.encode()), len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
@@ -196,7 +206,7 @@ def tiny_lfm2_tokenizer_dir() -> str:
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
     )
-    path = tempfile.mkdtemp(prefix="captum_mllm_lfm2_tok_")
+    path = path or tempfile.mkdtemp(prefix="captum_mllm_lfm2_tok_")
     fast.save_pretrained(path)
     return path
 

@@ -114,3 +114,38 @@ def test_python_m_and_bad_flags_exit_with_2():
         text=True,
     )
     assert done.returncode == 2 and "--no-such-flag" in done.stderr
+
+
+def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
+    lines = [
+        json.dumps([{"role": "user", "content": "Who are you?"}]),
+        json.dumps({"id": "sky", "messages": [{"role": "user", "content": "Why is it blue?"}]}),
+    ]
+    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "runs"
+    argv = ["explain-dataset", tmp_path / "chats.jsonl", "--model", "tiny-llama", "--no-ray",
+            "--max-new-tokens", "3", "--budget", "20", "--out", out]  # fmt: skip
+    code, text, err = run(argv, capsys)
+    assert code == 0, err
+    assert (out / "chat_00000" / "result.json").is_file() and (
+        out / "sky" / "result.json"
+    ).is_file()
+    assert "summary.csv" in text
+    code, text, _ = run(argv, capsys)  # a rerun skips both
+    assert code == 0 and text.count("True") >= 2
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    (folder / "q.wav").write_bytes(open(QUESTION_WAV, "rb").read())
+    (folder / "transcripts.csv").write_text(
+        "file,transcript\nq.wav,what is the capital of france\n"
+    )
+    argv = ["explain-dataset", folder, "--model", "tiny-lfm2-audio", "--no-ray",
+            "--method", "permutation", "--budget", "20", "--max-new-tokens", "2",
+            "--out", tmp_path / "a"]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    res = MultimodalLLMAttributionResult.load(tmp_path / "a" / "q" / "result.json")
+    assert any(f.modality == "audio_in" for f in res.features)
+    code, _, err = run(["explain-dataset", tmp_path / "nothing", "--no-ray"], capsys)
+    assert code == 2 and "JSONL" in err

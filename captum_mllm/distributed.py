@@ -1,0 +1,369 @@
+"""Explaining many chats, or one very large explanation, over many workers (Ray).
+
+Each worker is a Ray actor holding one model replica (a GPU each by default);
+each task explains one chat and saves its result and its coalition store under
+``store_dir`` as it finishes, so a rerun skips finished chats and resumes
+unfinished ones, and a chat whose worker died is retried on a fresh one
+without losing what was evaluated. Without Ray the same calls run in-process.
+``store_dir`` must be reachable by every worker (a shared filesystem on a
+cluster).
+
+Examples::
+
+    >>> from captum_mllm.distributed import explain_dataset
+    >>> table = explain_dataset(
+    ...     chats, lambda: LFM2AudioAdapter.from_pretrained("LiquidAI/LFM2-Audio-1.5B"),
+    ...     LeverageKernelShap, {"audio_unit": 0.5}, {"budget": 500},
+    ...     store_dir="runs/study", num_workers=8)
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from captum_mllm.chat import Chat
+from captum_mllm.errors import InvalidOptionError
+
+ModelFactory = Callable[[], Any]
+MethodFactory = Callable[[Any], Any]
+RESULT = "result.json"
+STORE = "coalitions.sqlite"
+
+__all__ = ["explain_dataset", "explain_sharded", "ChatExplainer"]
+
+
+class ChatExplainer:
+    """One model replica explaining chats (the body of a Ray actor, or in-process).
+
+    Args:
+        model_factory (callable): ``() -> ModelAdapter``, called once here.
+        method_factory (callable): ``adapter -> attribution method`` (e.g. a
+            class such as ``LeverageKernelShap``).
+        input_kwargs (dict, optional): ``ChatInput`` arguments.
+        attribute_kwargs (dict, optional): ``MultimodalLLMAttribution.attribute``
+            arguments.
+        target_factory (callable, optional): ``() -> Target``. Default: log-probability
+    """
+
+    def __init__(
+        self,
+        model_factory: ModelFactory,
+        method_factory: MethodFactory,
+        input_kwargs: dict[str, Any] | None = None,
+        attribute_kwargs: dict[str, Any] | None = None,
+        target_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.model = model_factory()
+        self.method_factory = method_factory
+        self.input_kwargs = dict(input_kwargs or {})
+        self.attribute_kwargs = dict(attribute_kwargs or {})
+        self.target_factory = target_factory
+
+    def _attribution(self) -> Any:
+        from captum_mllm.attribution import MultimodalLLMAttribution
+
+        target = self.target_factory() if self.target_factory is not None else None
+        method = self.method_factory(self.model)
+        return MultimodalLLMAttribution(method, self.model, target=target)
+
+    def explain(self, name: str, chat: Any, folder: str) -> dict[str, Any]:
+        """Explain one chat into ``folder`` (result + store); returns its summary row."""
+        from captum_mllm.inputs import ChatInput
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
+        res = self._attribution().attribute(inp, store=out / STORE, **self.attribute_kwargs)
+        res.save(out / RESULT)
+        top = res.top_features(1)
+        return {
+            "chat": name,
+            "response": res.response_text,
+            "n_features": inp.n_itp_features,
+            "top_feature": top["feature"].iloc[0] if len(top) else None,
+            "n_unique_coalitions": res.n_unique_coalitions,
+            "n_stored_coalitions": res.n_stored_coalitions,
+            "seconds": round(res.wall_time, 3),
+        }
+
+    def _input_kwargs(self, chat: Any) -> dict[str, Any]:
+        """The shared ``ChatInput`` arguments, plus a chat's own (``{"input_kwargs": ...}``)."""
+        own = chat.get("input_kwargs") if isinstance(chat, Mapping) else None
+        return {**self.input_kwargs, **(own or {})}
+
+    def evaluate_shard(self, chat: Any, store: str, shard: tuple[int, int]) -> int:
+        """Evaluate one shard of a chat's coalitions into ``store``; returns how many."""
+        from captum_mllm.inputs import ChatInput
+
+        inp = ChatInput(_as_chat(chat), self.model, **self.input_kwargs)
+        res = self._attribution().attribute(inp, store=store, shard=shard, **self.attribute_kwargs)
+        return int(res.n_unique_coalitions)
+
+    def combine(self, chat: Any, store: str) -> Any:
+        """The explanation read from a filled store (evaluates what is missing)."""
+        from captum_mllm.inputs import ChatInput
+
+        inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
+        return self._attribution().attribute(inp, store=store, **self.attribute_kwargs)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def _as_chat(chat: Any) -> Chat:
+    if isinstance(chat, Chat):
+        return chat
+    if isinstance(chat, Mapping) and "messages" in chat:
+        return Chat.from_messages(chat["messages"])
+    return Chat.from_messages(chat)
+
+
+def _named(chats: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
+    if isinstance(chats, Mapping):
+        items = [(str(k), v) for k, v in chats.items()]
+    else:
+        items = [(f"chat_{i:05d}", c) for i, c in enumerate(chats)]
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise InvalidOptionError("chat names must be unique")
+    return items
+
+
+def _ray(address: str | None, num_workers: int | None) -> Any:
+    """Ray, started (or joined at ``address``) once; None when it is not installed."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"address": address} if address else {}
+        if not address and num_workers:
+            kwargs["num_cpus"] = max(num_workers, 1)
+        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+    return ray
+
+
+def explain_dataset(
+    chats: Sequence[Any] | Mapping[str, Any],
+    model_factory: ModelFactory,
+    method_factory: MethodFactory,
+    input_kwargs: dict[str, Any] | None = None,
+    attribute_kwargs: dict[str, Any] | None = None,
+    *,
+    store_dir: str | Path,
+    num_workers: int | None = None,
+    resources_per_worker: dict[str, float] | None = None,
+    target_factory: Callable[[], Any] | None = None,
+    address: str | None = None,
+    max_retries: int = 3,
+    use_ray: bool | None = None,
+    show_progress: bool = True,
+    on_worker_start: Callable[[list[Any]], None] | None = None,
+) -> pd.DataFrame:
+    """Explain every chat of a data set, one chat per task, over Ray actors.
+
+    Each chat's result (``result.json``, see
+    :meth:`MultimodalLLMAttributionResult.save`) and coalition store
+    (``coalitions.sqlite``) go to ``store_dir/<chat name>/`` as soon as it is
+    done. A chat whose result exists is skipped; one whose store exists
+    resumes from it. When a worker dies (killed, out of memory) its chat is
+    retried on a fresh worker, up to ``max_retries`` times.
+
+    Args:
+        chats (sequence or mapping): ``Chat`` objects or Hugging Face message
+            lists, or ``{"messages": [...], "input_kwargs": {...}}`` with a
+            chat's own ``ChatInput`` arguments (e.g. its ``transcripts``); a
+            mapping names them, else they are ``chat_00000``, ``chat_00001``, ...
+        model_factory (callable): ``() -> ModelAdapter``: builds one replica per
+            worker (it is sent to the workers, so it must be picklable by
+            cloudpickle: a function or lambda, not a loaded model).
+        method_factory (callable): ``adapter -> method``, e.g. ``LeverageKernelShap``.
+        input_kwargs (dict, optional): ``ChatInput`` arguments.
+        attribute_kwargs (dict, optional): ``attribute`` arguments (``budget``, ...).
+        store_dir (str or Path): where results and stores go.
+        num_workers (int, optional): actors. Default: one per GPU Ray sees, else 1
+        resources_per_worker (dict, optional): Ray resources of an actor, e.g.
+            ``{"num_gpus": 0.5}`` or ``{"num_cpus": 2}``. Default: one GPU when
+            Ray sees GPUs, else one CPU
+        target_factory (callable, optional): ``() -> Target``. Default: log-probability
+        address (str, optional): an existing Ray cluster (``"auto"`` or
+            ``"ray://host:10001"``). Default: a local one
+        max_retries (int, optional): retries of a chat whose worker died. Default: 3
+        use_ray (bool, optional): False runs in-process; None uses Ray when
+            installed. Default: None
+        show_progress (bool, optional): a progress bar over finished chats. Default: True
+        on_worker_start (callable, optional): called with the actor handles once
+            they exist (tests use it to kill one). Default: None
+
+    Returns:
+        pandas.DataFrame: one row per chat (name, response, number of features,
+        top feature, coalitions evaluated now and read from the store, seconds,
+        ``"skipped"`` for chats already done).
+    """
+    root = Path(store_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    items = _named(chats)
+    rows: list[dict[str, Any]] = []
+    todo = []
+    for name, chat in items:
+        if (root / name / RESULT).is_file():
+            rows.append(_done_row(name, root / name / RESULT))
+        else:
+            todo.append((name, chat))
+    args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
+    ray = None if use_ray is False else _ray(address, num_workers)
+    if use_ray and ray is None:
+        raise InvalidOptionError("use_ray=True needs Ray: pip install 'captum-mllm[ray]'")
+    bar = tqdm(total=len(items), initial=len(rows), disable=not show_progress, desc="chats")
+    if ray is None:
+        if todo and use_ray is None:
+            warnings.warn(
+                "Ray is not installed: chats are explained one after another in this "
+                "process; pip install 'captum-mllm[ray]' spreads them over workers",
+                stacklevel=2,
+            )
+        worker = ChatExplainer(*args) if todo else None
+        for name, chat in todo:
+            assert worker is not None
+            rows.append(worker.explain(name, chat, str(root / name)))
+            bar.update()
+    else:
+        for row in _run_on_ray(
+            ray, args, todo, root, num_workers, resources_per_worker, max_retries, on_worker_start
+        ):
+            rows.append(row)
+            bar.update()
+    bar.close()
+    order = {name: i for i, (name, _) in enumerate(items)}
+    rows.sort(key=lambda row: order[str(row["chat"])])
+    return pd.DataFrame(rows)
+
+
+def _done_row(name: str, result: Path) -> dict[str, Any]:
+    data = json.loads(result.read_text())
+    return {"chat": name, "response": data.get("response_text"), "skipped": True}
+
+
+def _actor_class(ray: Any, resources: dict[str, float]) -> Any:
+    return ray.remote(**resources)(ChatExplainer)
+
+
+def _default_resources(ray: Any) -> dict[str, float]:
+    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
+
+
+def _run_on_ray(
+    ray: Any,
+    args: tuple[Any, ...],
+    todo: list[tuple[str, Any]],
+    root: Path,
+    num_workers: int | None,
+    resources: dict[str, float] | None,
+    max_retries: int,
+    on_worker_start: Callable[[list[Any]], None] | None,
+) -> Iterator[dict[str, Any]]:
+    """Schedule chats on a pool of actors; replace dead actors and retry their chat."""
+    if not todo:
+        return
+    resources = resources or _default_resources(ray)
+    if num_workers is None:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        num_workers = max(1, gpus) if "num_gpus" in resources else 1
+    actor_cls = _actor_class(ray, resources)
+    actors = [actor_cls.remote(*args) for _ in range(min(num_workers, len(todo)))]
+    if on_worker_start is not None:
+        on_worker_start(actors)
+    pending = list(reversed(todo))  # pop() takes them in order
+    tries: dict[str, int] = {}
+    running: dict[Any, tuple[int, str, Any]] = {}  # future -> (actor slot, name, chat)
+
+    def submit(slot: int) -> None:
+        name, chat = pending.pop()
+        running[actors[slot].explain.remote(name, chat, str(root / name))] = (slot, name, chat)
+
+    try:
+        for slot in range(len(actors)):
+            if pending:
+                submit(slot)
+        while running:
+            (future,), _ = ray.wait(list(running), num_returns=1)
+            slot, name, chat = running.pop(future)
+            try:
+                row = ray.get(future)
+            except ray.exceptions.RayActorError:
+                tries[name] = tries.get(name, 0) + 1
+                if tries[name] > max_retries:
+                    raise
+                actors[slot] = actor_cls.remote(*args)  # a fresh replica; the store kept the work
+                pending.append((name, chat))
+            else:
+                yield {**row, "retries": tries.get(name, 0)}
+            if pending:
+                submit(slot)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def explain_sharded(
+    chat: Any,
+    model_factory: ModelFactory,
+    method_factory: MethodFactory,
+    input_kwargs: dict[str, Any] | None = None,
+    attribute_kwargs: dict[str, Any] | None = None,
+    *,
+    store: str | Path,
+    num_shards: int = 2,
+    resources_per_worker: dict[str, float] | None = None,
+    target_factory: Callable[[], Any] | None = None,
+    address: str | None = None,
+    use_ray: bool | None = None,
+) -> Any:
+    """One explanation whose coalitions are evaluated by several workers.
+
+    The method's coalitions are split into ``num_shards`` shards by a stable
+    hash; each worker evaluates its shard into the shared SQLite ``store``
+    (the store is the unit of work); then one worker runs the explanation
+    again over the filled store, which evaluates nothing more, so the result
+    equals one process's exactly. The method must choose its coalitions
+    without looking at their values (exact Shapley, the samplers with a
+    ``budget`` and a ``seed``, Captum's samplers after ``torch.manual_seed``;
+    not ``target_stderr``).
+
+    Args:
+        chat: a ``Chat`` or a Hugging Face message list.
+        model_factory, method_factory, input_kwargs, attribute_kwargs,
+        target_factory, address, resources_per_worker: as :func:`explain_dataset`.
+        store (str or Path): the shared SQLite file.
+        num_shards (int, optional): workers (one shard each). Default: 2
+        use_ray (bool, optional): False evaluates the shards in turn in-process. Default: None
+
+    Returns:
+        MultimodalLLMAttributionResult: the explanation.
+    """
+    args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
+    ray = None if use_ray is False else _ray(address, num_shards)
+    shards = [(i, num_shards) for i in range(num_shards)]
+    if ray is None:
+        worker = ChatExplainer(*args)
+        for shard in shards:
+            worker.evaluate_shard(chat, str(store), shard)
+        return worker.combine(chat, str(store))
+    actor_cls = _actor_class(ray, resources_per_worker or _default_resources(ray))
+    actors = [actor_cls.remote(*args) for _ in shards]
+    ray.get(
+        [a.evaluate_shard.remote(chat, str(store), s) for a, s in zip(actors, shards, strict=True)]
+    )
+    result = ray.get(actors[0].combine.remote(chat, str(store)))
+    for actor in actors:
+        ray.kill(actor)
+    return result

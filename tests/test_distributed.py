@@ -1,0 +1,150 @@
+"""Explaining a data set over Ray actors (local Ray, CPU actors, tiny model)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution, MultimodalLLMAttributionResult
+from captum_mllm.distributed import RESULT, STORE, explain_dataset, explain_sharded
+from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap
+from captum_mllm.testing import tiny_hf_adapter
+
+QUESTIONS = [
+    "Who are you?",
+    "What is the sky made of today?",
+    "Tell me a story about a cat",
+    "Where is the nearest train station?",
+    "Why do birds sing in the morning?",
+    "How far away is the moon?",
+]
+CHATS = [Chat().system("Be brief.").user(q) for q in QUESTIONS]
+SETTINGS = {"budget": 60, "seed": 0, "gen_args": {"max_new_tokens": 4}}
+
+
+factory = tiny_hf_adapter  # importable by the workers (a test module is not)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("in_process")
+    explain_dataset(
+        CHATS, factory, LeverageKernelShap, {}, SETTINGS, store_dir=root, use_ray=False,
+        show_progress=False,
+    )  # fmt: skip
+    return root
+
+
+def _same_results(a, b, names):
+    for name in names:
+        x = MultimodalLLMAttributionResult.load(a / name / RESULT)
+        y = MultimodalLLMAttributionResult.load(b / name / RESULT)
+        assert x.response_text == y.response_text
+        torch.testing.assert_close(torch.as_tensor(x.seq_attr), torch.as_tensor(y.seq_attr))
+        torch.testing.assert_close(torch.as_tensor(x.token_attr), torch.as_tensor(y.token_attr))
+
+
+def test_two_actors_give_the_in_process_results(tmp_path, local_ray, in_process):
+    table = explain_dataset(
+        CHATS, factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path, num_workers=2,
+        resources_per_worker={"num_cpus": 1}, show_progress=False,
+    )  # fmt: skip
+    assert list(table["chat"]) == [f"chat_{i:05d}" for i in range(6)]
+    assert (table["n_unique_coalitions"] > 0).all()
+    _same_results(tmp_path, in_process, table["chat"])
+
+
+def test_a_killed_actor_loses_nothing_and_a_rerun_evaluates_nothing(
+    tmp_path, local_ray, in_process
+):
+    killed: list[int] = []
+
+    def kill_one_mid_run(actors):
+        def watch():
+            end = time.time() + 60
+            while time.time() < end and not any(tmp_path.glob(f"*/{STORE}")):
+                time.sleep(0.01)  # until a chat is being evaluated
+            ray.kill(actors[0])
+            killed.append(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    table = explain_dataset(
+        CHATS, factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path, num_workers=2,
+        resources_per_worker={"num_cpus": 1}, show_progress=False,
+        on_worker_start=kill_one_mid_run,
+    )  # fmt: skip
+    assert killed and table["retries"].sum() >= 1
+    assert len(table) == 6
+    _same_results(tmp_path, in_process, table["chat"])
+
+    again = explain_dataset(
+        CHATS, factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path, num_workers=2,
+        show_progress=False,
+    )  # fmt: skip
+    assert again["skipped"].all() and len(again) == 6
+
+
+def test_sharding_one_explanation_over_two_actors(tmp_path, local_ray):
+    chat = Chat().system("Be brief.").user("Please explain why the sky is blue to me")
+    res = explain_sharded(
+        chat, factory, ExactShapleyValues, {}, {"gen_args": {"max_new_tokens": 4}},
+        store=tmp_path / "shared.sqlite", num_shards=2, resources_per_worker={"num_cpus": 1},
+    )  # fmt: skip
+    assert res.n_unique_coalitions == 0  # every coalition came from the shards' store
+    model = factory()
+    inp = ChatInput(chat, model)
+    alone = MultimodalLLMAttribution(ExactShapleyValues(model), model).attribute(
+        inp, gen_args={"max_new_tokens": 4}
+    )
+    assert res.n_stored_coalitions == 2**inp.n_itp_features
+    torch.testing.assert_close(res.seq_attr, alone.seq_attr)
+    torch.testing.assert_close(res.token_attr, alone.token_attr)
+
+
+def test_without_ray_it_runs_in_process_with_a_note(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("no ray here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.warns(UserWarning, match=r"captum-mllm\[ray\]"):
+        table = explain_dataset(
+            CHATS[:2], factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path,
+            show_progress=False,
+        )  # fmt: skip
+    assert len(table) == 2 and (tmp_path / "chat_00001" / RESULT).is_file()
+
+
+def test_sharding_in_process_and_its_refusals(tmp_path):
+    chat = Chat().user("Who are you, my friend?")
+    res = explain_sharded(
+        chat, factory, LeverageKernelShap, {}, {"budget": 20, "seed": 1},
+        store=tmp_path / "s.sqlite", num_shards=3, use_ray=False,
+    )  # fmt: skip
+    model = factory()
+    alone = MultimodalLLMAttribution(LeverageKernelShap(model), model).attribute(
+        ChatInput(chat, model), budget=20, seed=1
+    )
+    torch.testing.assert_close(res.seq_attr, alone.seq_attr)
+    from captum_mllm.errors import InvalidOptionError
+
+    attr = MultimodalLLMAttribution(LeverageKernelShap(model), model)
+    with pytest.raises(InvalidOptionError, match="store"):
+        attr.attribute(ChatInput(chat, model), shard=(0, 2))
