@@ -1,0 +1,465 @@
+"""Train the demo speech model and its word aligner (needs espeak-ng).
+
+Run: ``python -m captum_mllm.demo.train [--out captum_mllm/demo/weights] [--seed 0]``.
+The defaults reproduce the committed weights in about 16 minutes on 2 CPU
+cores; ``--steps 5 --clips 40`` runs the whole recipe in seconds (the test).
+
+The model is LFM2-Audio's architecture (liquid-audio's conformer encoder,
+LFM2 backbone and depthformer) at a few million parameters, trained to answer
+a spoken request with its room, device and action (:mod:`.task`); only the
+text head is trained (the audio-output layers stay at their seeded
+initialisation). The aligner is a small ``ParakeetForCTC`` (its convolutional
+front end on log-mel features) trained with character CTC on the same speech.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from safetensors.torch import save_file
+
+from captum_mllm.chat import Chat
+from captum_mllm.demo.task import (
+    ACTIONS,
+    DEVICES,
+    ROOMS,
+    SAMPLE_RATE,
+    SYSTEM_PROMPT,
+    Request,
+    Utterance,
+    all_requests,
+    synthesise,
+)
+from captum_mllm.inputs import ChatInput
+from captum_mllm.models.batching import pad_rows
+from captum_mllm.models.lfm2_audio import LFM2AudioAdapter
+from captum_mllm.testing import tiny_lfm2_tokenizer_dir
+
+LETTERS = ("<pad>", "<s>", "</s>", "<unk>", "|", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ'")
+PREPROCESSOR: dict[str, Any] = dict(
+    sample_rate=SAMPLE_RATE, normalize="per_feature", window_size=0.025, window_stride=0.01,
+    window="hann", features=64, n_fft=512, log=True, frame_splicing=1, dither=0.0,
+    pad_to=0, pad_value=0.0,
+)  # fmt: skip
+ENCODER: dict[str, Any] = dict(
+    feat_in=64, feat_out=-1, n_layers=2, d_model=64, subsampling="dw_striding",
+    subsampling_factor=8, subsampling_conv_channels=32, causal_downsampling=False,
+    reduction=None, reduction_position=None, reduction_factor=1, ff_expansion_factor=2,
+    self_attention_model="rel_pos", n_heads=4, att_context_size=[[-1, -1]], xscaling=False,
+    untie_biases=True, pos_emb_max_len=5000, conv_kernel_size=9, conv_norm_type="batch_norm",
+    conv_context_size=None, dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0,
+    dropout_att=0.0,
+)  # fmt: skip
+LFM: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    layer_types=["conv", "full_attention", "conv", "full_attention"], num_attention_heads=4,
+    num_key_value_heads=2, conv_L_cache=3, tie_word_embeddings=True, max_position_embeddings=4096,
+    pad_token_id=0, bos_token_id=1, eos_token_id=7, initializer_range=0.02,
+)  # fmt: skip
+
+
+def config(vocab_size: int) -> dict[str, Any]:
+    """The demo model's ``config.json`` (liquid-audio's layout)."""
+    return dict(
+        architectures=["LFM2AudioModel"], codebooks=8, tie_audio_embeddings=False,
+        semantic_codebook_factor=100.0, codebook_weight="log", interleaved_n_text=6,
+        interleaved_n_audio=12, preprocessor=PREPROCESSOR, encoder=ENCODER,
+        lfm={**LFM, "vocab_size": vocab_size}, depthformer=dict(layers=1, dim=32, tie=True),
+    )  # fmt: skip
+
+
+def new_model(folder: Path, seed: int) -> tuple[Any, Any]:
+    """A freshly initialised demo model and its processor, tokenizer in ``folder``."""
+    from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
+    from liquid_audio.model.conformer.encoder import ConformerEncoderConfig
+    from liquid_audio.model.lfm2_audio import DepthformerConfig, LFM2AudioConfig
+    from liquid_audio.processor import PreprocessorConfig
+    from transformers import AutoTokenizer, Lfm2Config
+
+    tiny_lfm2_tokenizer_dir(ROOMS + DEVICES + ACTIONS, path=str(folder))
+    conf = config(len(AutoTokenizer.from_pretrained(folder)))
+    (folder / "config.json").write_text(json.dumps(conf, indent=1))
+    torch.manual_seed(seed)
+    model = LFM2AudioModel(
+        LFM2AudioConfig(
+            **{
+                **conf,
+                "preprocessor": PreprocessorConfig(**PREPROCESSOR),
+                "encoder": ConformerEncoderConfig(**ENCODER),
+                "lfm": Lfm2Config(**conf["lfm"]),
+                "depthformer": DepthformerConfig(**conf["depthformer"]),
+            }
+        )
+    )
+    processor = LFM2AudioProcessor(str(folder), PreprocessorConfig(**PREPROCESSOR)).eval()
+    return model, processor
+
+
+# Data -------------------------------------------------------------------------------
+
+
+def _synthesise_chunk(args: tuple[list[Request], int]) -> list[Utterance]:
+    requests, seed = args
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    return [synthesise(r, rng) for r in requests]
+
+
+def make_data(n: int, seed: int, workers: int = 2, cache: Path | None = None) -> list[Utterance]:
+    """``n`` spoken requests (all requests in turn, random voices), in parallel;
+    kept in ``cache`` (a folder) when given, to try recipes without re-synthesis."""
+    file = None if cache is None else cache / f"speech_{n}_{seed}.pt"
+    if file is not None and file.exists():
+        rows = torch.load(file)
+        return [
+            Utterance(Request(*r["request"]), r["waveform"], [tuple(s) for s in r["spans"]])
+            for r in rows
+        ]
+    pool_of = all_requests()
+    rng = np.random.default_rng(seed)
+    requests = [pool_of[i] for i in rng.permutation(n) % len(pool_of)]
+    chunks = [(requests[i::workers], seed * 1000 + i) for i in range(workers)]
+    if workers == 1:
+        parts = [_synthesise_chunk(chunks[0])]
+    else:
+        with Pool(workers) as pool:
+            parts = pool.map(_synthesise_chunk, chunks)
+    out = [u for part in parts for u in part]
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([{"request": [u.request.room, u.request.device, u.request.action,
+                                 u.request.template], "waveform": u.waveform,
+                     "spans": [[float(a), float(b), w] for a, b, w in u.spans]}
+                    for u in out], file)  # fmt: skip
+    return out
+
+
+def words_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utterance]:
+    """Copies of the joined-word utterances with one or two words that decide
+    nothing cut out (the word and the pause after it) or zeroed, at random.
+
+    Trained on these too, the model answers from the deciding words alone and
+    is not thrown by a missing filler word, so what an explanation removes is
+    what the answer depends on (the perturbations every Shapley method makes).
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for u in utterances:
+        fillers = [i for i, (_, _, w) in enumerate(u.spans) if w not in u.request.deciding]
+        if not fillers:
+            continue
+        chosen = rng.choice(
+            fillers, size=int(rng.integers(1, min(2, len(fillers)) + 1)), replace=False
+        )
+        wave = u.waveform.clone()
+        keep = torch.ones(len(wave), dtype=torch.bool)
+        cut = bool(rng.random() < 0.5)
+        for i in sorted(int(c) for c in chosen):
+            start = round(u.spans[i][0] * SAMPLE_RATE)
+            stop = round(
+                (u.spans[i + 1][0] if i + 1 < len(u.spans) else u.spans[i][1]) * SAMPLE_RATE
+            )
+            if cut:
+                keep[start:stop] = False
+            else:  # as the "silence" audio baseline does: samples set to zero
+                wave[start:stop] = 0.0
+        out.append(Utterance(u.request, wave[keep]))
+    return out
+
+
+# The speech model -----------------------------------------------------------------------
+
+
+class Examples:
+    """Training rows of the model: mel features and the text around them."""
+
+    def __init__(self, adapter: LFM2AudioAdapter, utterances: Sequence[Utterance]) -> None:
+        self.utterances = list(utterances)
+        layout = adapter.encode(_chat(utterances[0].waveform))
+        ids, clip = layout.input_ids, layout.clip
+        assert clip is not None
+        audio = torch.nonzero(clip >= 0)[:, 0]
+        self.prefix, self.suffix = ids[: int(audio[0])], ids[int(audio[-1]) + 1 :]
+        self.answers = [
+            torch.tensor(
+                adapter.tokenizer(u.request.answer + "<|im_end|>", add_special_tokens=False)[
+                    "input_ids"
+                ]
+            )
+            for u in utterances
+        ]
+        with torch.no_grad():
+            self.mels = [
+                adapter.processor.audio(u.waveform[None], torch.tensor([len(u.waveform)]))[0][0]
+                for u in utterances
+            ]  # (features, frames) each
+
+    def loss(self, model: Any, index: Sequence[int]) -> torch.Tensor:
+        """Cross-entropy of the answers (teacher forced) of rows ``index``."""
+        mels = [self.mels[i] for i in index]
+        lens = torch.tensor([m.shape[1] for m in mels])
+        width = int(lens.max())
+        batch = torch.stack([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in mels])
+        enc, enc_len = model.conformer(batch, lens)
+        audio = model.audio_adapter(enc.mT)
+        embed = model.lfm.embed_tokens
+        rows, labels = [], []
+        for b, i in enumerate(index):
+            answer = self.answers[i]
+            text_after = torch.cat([self.suffix, answer])
+            rows.append(
+                torch.cat([embed(self.prefix), audio[b, : int(enc_len[b])], embed(text_after[:-1])])
+            )
+            label = torch.full((len(rows[-1]),), -100)
+            label[-len(answer) :] = answer
+            labels.append(label)
+        x, mask = pad_rows(rows)
+        y, _ = pad_rows(labels, fill=-100)
+        hidden = model.lfm(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        logits = hidden @ embed.weight.T
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def _chat(wave: torch.Tensor) -> Chat:
+    return Chat().system(SYSTEM_PROMPT).user(audio=wave, sample_rate=SAMPLE_RATE)
+
+
+def train_loop(
+    parameters: Any,
+    loss_of: Callable[[Sequence[int]], torch.Tensor],
+    n: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    name: str,
+) -> None:
+    """AdamW with warm-up and cosine decay over random batches of ``n`` rows."""
+    opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    rng = np.random.default_rng(seed)
+    start, running = time.time(), 0.0
+    for step in range(steps):
+        loss = loss_of(rng.choice(n, size=min(batch_size, n), replace=False).tolist())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        running = 0.95 * running + 0.05 * value if step else value
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  {name} step {step:5d}  loss {running:.4f}  {time.time() - start:.0f} s")
+
+
+def answer_of(adapter: LFM2AudioAdapter, wave: torch.Tensor) -> str:
+    """The model's greedy text answer to a spoken request."""
+    inp = ChatInput(_chat(wave), adapter)
+    said = adapter.generate_masked(inp.to_model_input(), max_new_tokens=6)[0]
+    return adapter.strip_response(said).text.strip()
+
+
+def accuracy(adapter: LFM2AudioAdapter, utterances: Sequence[Utterance]) -> float:
+    """Share of requests answered exactly right."""
+    right = [answer_of(adapter, u.waveform) == u.request.answer for u in utterances]
+    return float(np.mean(right))
+
+
+# The aligner ---------------------------------------------------------------------------------
+
+
+def new_aligner(folder: Path, seed: int) -> Any:
+    """A fresh character-CTC ``ParakeetForCTC`` wrapped in a ForcedAligner: its
+    convolutional front end only (log-mel features, 40 ms frames, about 150 ms
+    of context), no attention layers. Attention would let the model emit a
+    character far from where it is spoken (CTC does not care where); a local
+    model cannot, which is what an aligner needs."""
+    from transformers import (
+        ParakeetCTCConfig,
+        ParakeetFeatureExtractor,
+        ParakeetForCTC,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2Processor,
+    )
+
+    from captum_mllm.audio import ForcedAligner
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(LETTERS)}))
+    tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"), word_delimiter_token="|")
+    extractor = ParakeetFeatureExtractor(feature_size=64, sampling_rate=SAMPLE_RATE)
+    encoder = dict(
+        hidden_size=96, intermediate_size=192, num_hidden_layers=0, num_attention_heads=4,
+        num_key_value_heads=4, num_mel_bins=64, subsampling_factor=4,
+        subsampling_conv_channels=128, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, layerdrop=0.0, dropout_positions=0.0,
+    )  # fmt: skip
+    conf = ParakeetCTCConfig(encoder_config=encoder, vocab_size=len(LETTERS), pad_token_id=0)
+    torch.manual_seed(seed)
+    return ForcedAligner(
+        ParakeetForCTC(conf), Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
+    )
+
+
+def ctc_loss(aligner: Any, utterances: Sequence[Utterance], index: Sequence[int]) -> torch.Tensor:
+    """Character CTC of the transcripts (no word delimiters: pauses are blanks)."""
+    vocab = aligner.processor.tokenizer.get_vocab()
+    waves = [utterances[i].waveform.numpy() for i in index]
+    features = aligner.processor.feature_extractor(
+        waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True
+    )
+    labels = [
+        torch.tensor([vocab[c] for c in utterances[i].request.transcript.upper() if c != " "])
+        for i in index
+    ]
+    y, _ = pad_rows(labels, fill=-100)
+    return aligner.model(**features, labels=y).loss
+
+
+def boundary_errors(aligner: Any, utterances: Sequence[Utterance]) -> np.ndarray:
+    """Seconds between each aligned word boundary and the true pause (0 inside it),
+    on utterances of words spoken alone and joined (their spans are known)."""
+    errors = []
+    for u in utterances:
+        got = aligner.align(u.waveform, SAMPLE_RATE, u.request.transcript)
+        true = u.spans
+        errors.append(abs(got[0][0] - true[0][0]))
+        errors.append(abs(got[-1][1] - true[-1][1]))
+        for i in range(len(true) - 1):  # a cut anywhere in the pause is right
+            cut, lo, hi = got[i][1], true[i][1], true[i + 1][0]
+            errors.append(max(lo - cut, cut - hi, 0.0))
+    return np.array(errors)
+
+
+# Saving -------------------------------------------------------------------------------------
+
+
+def save_model(model: Any, folder: Path) -> None:
+    """float16 safetensors (the model is loaded back in float32)."""
+    state = {
+        k: v.detach().half().contiguous() if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_clips(utterances: Sequence[Utterance], folder: Path) -> None:
+    """Example clips (16-bit WAV) and what each says (``examples.json``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, u in enumerate(utterances):
+        name = f"request_{i}.wav"
+        sf.write(folder / name, u.waveform.clamp(-1, 1).numpy(), SAMPLE_RATE, subtype="PCM_16")
+        rows.append(
+            {
+                "file": name,
+                "transcript": u.request.transcript,
+                "answer": u.request.answer,
+                "deciding": list(u.request.deciding),
+                "spans": [[round(float(s), 4), round(float(e), 4), w] for s, e, w in u.spans],
+            }
+        )
+    (folder / "examples.json").write_text(json.dumps(rows, indent=1))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "weights"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clips", type=int, default=3000, help="training requests")
+    parser.add_argument("--held-out", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--aligner-steps", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, help="keep the synthesised speech here")
+    parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "model").mkdir(parents=True)
+
+    start = time.time()
+    train = make_data(args.clips, args.seed, args.workers, args.cache)
+    held_out = make_data(args.held_out, args.seed + 1, args.workers, args.cache)
+    print(f"synthesised {len(train)} + {len(held_out)} requests in {time.time() - start:.0f} s")
+
+    model, processor = new_model(out / "model", args.seed)
+    adapter = LFM2AudioAdapter(model.eval(), processor)
+    data = Examples(adapter, train + words_left_out(train, args.seed))
+    model.train()
+    trained = [p for n, p in model.named_parameters() if n.split(".")[0] in TRAINED]
+    train_loop(
+        trained,
+        lambda idx: data.loss(model, idx),
+        len(data.utterances),
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        "model",
+    )
+    model.eval()
+    save_model(model, out / "model")
+    reloaded = LFM2AudioAdapter.from_pretrained(str(out / "model"), device="cpu")
+    acc = accuracy(reloaded, held_out)
+    print(f"held-out accuracy (saved weights): {acc:.3f}")
+
+    aligner = new_aligner(out / "aligner", args.seed)
+    aligner.model.train()
+    train_loop(
+        aligner.model.parameters(),
+        lambda idx: ctc_loss(aligner, train, idx),
+        len(train),
+        args.aligner_steps,
+        args.batch_size,
+        2e-3,
+        args.seed,
+        "aligner",
+    )
+    aligner.model.eval()
+    aligner.model.save_pretrained(out / "aligner")
+    aligner.processor.save_pretrained(out / "aligner")
+    joined = [u for u in held_out if u.spans]
+    errors = boundary_errors(aligner, joined)
+    print(
+        f"aligner word-boundary error on {len(joined)} held-out clips: mean "
+        f"{errors.mean() * 1000:.0f} ms, median {np.median(errors) * 1000:.0f} ms, "
+        f"95th percentile {np.quantile(errors, 0.95) * 1000:.0f} ms"
+    )
+    save_clips(joined[:12], out / "clips")
+    figures = {
+        "held_out_accuracy": acc,
+        "n_held_out": len(held_out),
+        "boundary_error_mean_ms": float(errors.mean() * 1000),
+        "boundary_error_median_ms": float(np.median(errors) * 1000),
+        "boundary_error_p95_ms": float(np.quantile(errors, 0.95) * 1000),
+        "seconds": time.time() - start,
+    }
+    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "cache")}
+    (out / "training.json").write_text(json.dumps({**recipe, **figures}, indent=1))
+    print(f"done in {figures['seconds']:.0f} s: {out}")
+    return figures
+
+
+TRAINED = ("conformer", "audio_adapter", "lfm")  # the text path; audio output stays as seeded
+
+
+if __name__ == "__main__":
+    main()
