@@ -154,6 +154,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             self.adapter, inp, target, gen_args, keep_eos, DEFAULT_GEN_ARGS
         )
         embeds = self.adapter.input_embeddings(inp.encoded)[None]  # (1, L, D)
+        embeds.requires_grad_()  # what the method differentiates (Captum would warn)
         owner = inp.feature_of_position.to(embeds.device)
         base = self._baseline(inp, embeds, owner, baselines)
         integrated = isinstance(self.chat_method, IntegratedGradients | LayerIntegratedGradients)
@@ -217,7 +218,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
     def _baseline(
         self, inp: ChatInput, embeds: Tensor, owner: Tensor, baselines: int | Tensor | None
     ) -> Tensor:
-        base = embeds.clone()
+        base = embeds.detach().clone()
         moving = owner >= 0
         if baselines is None:
             base[0, moving] = 0.0
