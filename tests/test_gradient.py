@@ -6,6 +6,7 @@ import pytest
 import torch
 from captum.attr import (
     IntegratedGradients,
+    LayerGradientShap,
     LayerGradientXActivation,
     LayerIntegratedGradients,
     LLMGradientAttribution,
@@ -147,3 +148,11 @@ def test_compare_rank_correlations(llama, words):
     assert -1 <= table.loc["saliency", "attention"] <= 1 and fig is not None
     with pytest.raises(InvalidOptionError):
         compare(sal)
+
+
+def test_layer_gradient_shap_runs_on_the_embeddings(llama, words):
+    torch.manual_seed(0)
+    gs = LayerGradientShap(llama, llama.model.get_input_embeddings())
+    res = MultimodalLLMGradientAttribution(gs, llama).attribute(words, target=TARGET, n_samples=4)
+    assert res.token_attr.shape == (len(res.output_tokens), words.n_itp_features)
+    assert torch.isfinite(res.token_attr).all() and res.token_attr.abs().sum() > 0
