@@ -177,16 +177,10 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                     )
                 gaps.append(abs(float(delta.sum())) / max(abs(span), 1e-12))
             rows.append(self._per_feature(out.detach()[0], owner, inp.n_itp_features))
-        token_attr = torch.stack(rows).float()
-        res = MultimodalLLMAttributionResult(
-            **chat_fields(inp),
-            seq_attr=token_attr.sum(0),
-            token_attr=token_attr,
-            input_tokens=list(inp.values),
-            output_tokens=list(response.labels),
-            target_ids=response.ids,
-            response_text=response.text,
-            output_audio=response.audio,
+        res = token_result(
+            inp,
+            response,
+            torch.stack(rows).float(),
             provenance={
                 "adapter": type(self.adapter).__name__,
                 "method": type(self.chat_method).__name__,
@@ -196,7 +190,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 "input": "ChatInput",
             },
             n_model_calls=self.adapter.n_forward_calls - calls_before,
-            wall_time=time.perf_counter() - start,
+            start=start,
         )
         if integrated:  # kept with the result (saved with it)
             res.provenance["convergence_delta"] = deltas
@@ -223,7 +217,9 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         if baselines is None:
             base[0, moving] = 0.0
         elif isinstance(baselines, int) and not isinstance(baselines, bool):
-            fill = self.adapter.input_embeddings(_one_token(inp, baselines))[0]
+            fill = self.adapter.token_embeddings(self.adapter.response(torch.tensor([baselines])))[
+                0
+            ]
             assert inp.encoded.clip is not None
             text = moving & (inp.encoded.clip.to(owner.device) < 0)
             base[0, text] = fill.to(base)
@@ -242,13 +238,6 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         keep = owner >= 0
         out = torch.zeros(n_features, dtype=per_position.dtype, device=per_position.device)
         return out.index_add_(0, owner[keep], per_position[keep]).cpu()
-
-
-def _one_token(inp: ChatInput, token_id: int) -> Any:
-    """An encoded chat of one token (to read that token's input embedding)."""
-    enc = copy(inp.encoded)
-    enc.input_ids = torch.tensor([token_id])
-    return enc
 
 
 def _plain(value: Any) -> bool:
@@ -341,14 +330,10 @@ class AttentionAttribution:
         keep = owner >= 0
         token_attr = torch.zeros(len(response), inp.n_itp_features)
         token_attr.index_add_(1, owner[keep], queries[:, keep].cpu())
-        return MultimodalLLMAttributionResult(
-            **chat_fields(inp),
-            seq_attr=token_attr.sum(0),
-            token_attr=token_attr,
-            input_tokens=list(inp.values),
-            output_tokens=list(response.labels),
-            target_ids=response.ids,
-            response_text=response.text,
+        return token_result(
+            inp,
+            response,
+            token_attr,
             provenance={
                 "adapter": type(self.adapter).__name__,
                 "method": f"AttentionAttribution({self.aggregate})",
@@ -356,8 +341,32 @@ class AttentionAttribution:
                 "heads": self.heads,
             },
             n_model_calls=1,
-            wall_time=time.perf_counter() - start,
+            start=start,
         )
+
+
+def token_result(
+    inp: ChatInput,
+    response: Response,
+    token_attr: Tensor,
+    provenance: dict[str, Any],
+    n_model_calls: int,
+    start: float,
+) -> MultimodalLLMAttributionResult:
+    """A result of per-output-token attributions ``(T, n_features)`` on a chat."""
+    return MultimodalLLMAttributionResult(
+        **chat_fields(inp),
+        seq_attr=token_attr.sum(0),
+        token_attr=token_attr,
+        input_tokens=list(inp.values),
+        output_tokens=list(response.labels),
+        target_ids=response.ids,
+        response_text=response.text,
+        output_audio=response.audio,
+        provenance=provenance,
+        n_model_calls=n_model_calls,
+        wall_time=time.perf_counter() - start,
+    )
 
 
 def aggregate_attention(att: Tensor, how: str) -> Tensor:
