@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from captum_mllm.encoding import coalition_key
+from captum_mllm.encoding import coalition_keys
 from captum_mllm.errors import StoreMismatchError
 from captum_mllm.targets import TargetValues
 
@@ -196,7 +196,7 @@ class CoalitionEvaluator:
             result = self.evaluate(rows)
             self._log(rows, result.responses)
             return result.values.to(perturbed.device)
-        keys = [coalition_key(row) for row in rows]
+        keys = coalition_keys(rows)
         found = self.store.get_many(dict.fromkeys(keys))
         first_of: dict[bytes, int] = {}
         for i, key in enumerate(keys):
@@ -213,18 +213,15 @@ class CoalitionEvaluator:
             result = self.evaluate(missing)
             self.n_evaluated += len(first_of)
             said = result.responses or [None] * len(first_of)
-            new = {
-                key: (row.detach().float().cpu().numpy(), s)
-                for key, row, s in zip(first_of, result.values, said, strict=True)
-            }
+            fresh = result.values.detach().float().cpu().numpy()  # one copy per batch
+            new = {key: (row, s) for key, row, s in zip(first_of, fresh, said, strict=True)}
             self.store.put_many(new)
             self._seen.update(new)
             found.update(new)
         for row, key in zip(rows, keys, strict=True):
             if found[key][1] is not None:
                 self.responses[_as_tuple(row)] = found[key][1]
-        values = torch.stack([torch.from_numpy(np.array(found[k][0])) for k in keys])
-        return values.to(perturbed.device)
+        return torch.from_numpy(np.stack([found[k][0] for k in keys])).to(perturbed.device)
 
     def _log(self, rows: Tensor, said: list[Any] | None) -> None:
         for row, s in zip(rows, said or [], strict=False):

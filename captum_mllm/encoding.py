@@ -130,6 +130,12 @@ def coalition_key(present: Tensor) -> bytes:
     return np.packbits(present.detach().cpu().numpy() != 0).tobytes()
 
 
+def coalition_keys(rows: Tensor) -> list[bytes]:
+    """:func:`coalition_key` of each row of ``(B, n)``, with one copy off the device."""
+    packed = np.packbits(rows.detach().cpu().numpy() != 0, axis=1)
+    return [row.tobytes() for row in packed]
+
+
 class PositionTableBuilder:
     """Builds an :class:`EncodedChat` row by row, in position order (adapters use it).
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_mllm.encoding import EncodedChat, MaskedChat, coalition_key
+from captum_mllm.encoding import EncodedChat, MaskedChat, coalition_keys
 from captum_mllm.errors import InvalidOptionError
 from captum_mllm.models.base import ModelAdapter, Response
 
@@ -329,7 +329,7 @@ class EmbeddingSimilarity(Target):
         k = self.samples
         seeds = None
         if self.sampled:
-            keys = [coalition_key(row) for row in masked.present]
+            keys = coalition_keys(masked.present)
             seeds = [coalition_seed(self.seed, key, j) for key in keys for j in range(k)]
         if k > 1:
             masked = replace(masked, present=masked.present.repeat_interleave(k, dim=0))

@@ -211,15 +211,25 @@ def tiny_lfm2_tokenizer_dir(words: Sequence[str] = (), path: str | None = None) 
     return path
 
 
-def tiny_lfm2_audio(seed: int = 0) -> tuple[Any, Any]:
+def tiny_lfm2_audio(
+    seed: int = 0,
+    lfm: dict[str, Any] | None = None,
+    encoder: dict[str, Any] | None = None,
+    depthformer: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
     """A randomly initialised ~3.4M-parameter LFM2-Audio and its processor.
 
     Configuration from DESIGN.md: Lfm2 (vocab 512, hidden 64, 2 layers conv +
     full attention), a one-layer conformer (d_model 32, 8x subsampling: one
-    position per 80 ms), a one-layer depthformer (dim 64), 8 codebooks.
+    position per 80 ms), a one-layer depthformer (dim 64), 8 codebooks. The
+    overrides build other shapes of the same architecture (``benchmarks/gpu.py``
+    builds one of LFM2-Audio-1.5B's shape).
 
     Args:
         seed (int, optional): weight seed. Default: 0
+        lfm (dict, optional): ``Lfm2Config`` fields to override. Default: None
+        encoder (dict, optional): ``ConformerEncoderConfig`` fields to override. Default: None
+        depthformer (dict, optional): ``DepthformerConfig`` fields to override. Default: None
 
     Returns:
         tuple: ``(LFM2AudioModel in eval mode, LFM2AudioProcessor)`` on CPU, float32.
@@ -235,7 +245,7 @@ def tiny_lfm2_audio(seed: int = 0) -> tuple[Any, Any]:
         window="hann", features=128, n_fft=512, log=True, frame_splicing=1, dither=0.0,
         pad_to=0, pad_value=0.0,
     )  # fmt: skip
-    encoder = ConformerEncoderConfig(
+    enc: dict[str, Any] = dict(
         feat_in=128, feat_out=-1, n_layers=1, d_model=32, subsampling="dw_striding",
         subsampling_factor=8, subsampling_conv_channels=16, causal_downsampling=False,
         reduction=None, reduction_position=None, reduction_factor=1, ff_expansion_factor=2,
@@ -244,17 +254,20 @@ def tiny_lfm2_audio(seed: int = 0) -> tuple[Any, Any]:
         conv_context_size=None, dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0,
         dropout_att=0.0,
     )  # fmt: skip
-    lfm = Lfm2Config(
+    lm: dict[str, Any] = dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         layer_types=["conv", "full_attention"], num_attention_heads=4, num_key_value_heads=2,
         conv_L_cache=3, tie_word_embeddings=True, max_position_embeddings=4096,
         pad_token_id=0, bos_token_id=1, eos_token_id=7, initializer_range=0.2,
     )  # fmt: skip
+    depth: dict[str, Any] = dict(layers=1, dim=64, tie=True)
     conf = LFM2AudioConfig(
         architectures=["LFM2AudioModel"], codebooks=8, tie_audio_embeddings=False,
         semantic_codebook_factor=100.0, codebook_weight="log", interleaved_n_text=6,
-        interleaved_n_audio=12, preprocessor=pre, encoder=encoder, lfm=lfm,
-        depthformer=DepthformerConfig(layers=1, dim=64, tie=True),
+        interleaved_n_audio=12, preprocessor=pre,
+        encoder=ConformerEncoderConfig(**{**enc, **(encoder or {})}),
+        lfm=Lfm2Config(**{**lm, **(lfm or {})}),
+        depthformer=DepthformerConfig(**{**depth, **(depthformer or {})}),
     )  # fmt: skip
     torch.manual_seed(seed)
     model = LFM2AudioModel(conf).eval()

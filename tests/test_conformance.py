@@ -29,6 +29,7 @@ def test_the_lfm2_audio_adapter_passes():
     chat = Chat().system("Be brief.").user("What is it?", audio=speech_like(1.0), sample_rate=16000)
     ran = check_adapter(lfm, chat, gen_args={"output_modality": "text+audio", "max_new_tokens": 8})
     assert "batched generation" in ran and "seeded sampling" in ran
+    assert "prefix reuse" in ran  # the hybrid conv + key/value cache, expanded by hand
     check_adapter(lfm, chat, audio_baseline="embedding", audio_unit=0.5)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 
 def pad_rows(
@@ -13,32 +15,43 @@ def pad_rows(
     fill: float | int = 0,
     left: bool = False,
     device: torch.device | None = None,
+    suffix: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Stack rows of different lengths: ids ``(n,)`` or embeddings ``(n, D)``.
 
     Right padding (the default) cannot change a causal model's outputs at the
     real positions; generation pads on the left so that every row ends together.
+    The batch is built where the rows are and moved to ``device`` once (no
+    copy per row).
 
     Args:
         rows (list of Tensor): B rows.
         fill (float or int, optional): padding value. Default: 0
         left (bool, optional): pad on the left. Default: False
         device (torch.device, optional): Default: the first row's.
+        suffix (Tensor, optional): ``(S, ...)`` appended to every row before
+            right padding (the response tokens fed after each coalition). Default: None
 
     Returns:
         tuple: ``(padded (B, W, ...), attention mask (B, W) long)``.
     """
-    device = device or rows[0].device
-    width = max(len(r) for r in rows)
-    padded = torch.full(
-        (len(rows), width, *rows[0].shape[1:]), fill, dtype=rows[0].dtype, device=device
+    home = rows[0].device
+    device = device or home
+    lens = torch.tensor([len(r) for r in rows], device=home)
+    padded = pad_sequence(
+        rows, batch_first=True, padding_value=fill, padding_side="left" if left else "right"
     )
-    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for b, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        padded[b, span] = row.to(device)
-        mask[b, span] = 1
-    return padded, mask
+    if suffix is not None and len(suffix):
+        if left:
+            raise ValueError("a suffix needs right padding")
+        n = len(suffix)
+        padded = torch.cat([padded, padded.new_full((len(rows), n, *padded.shape[2:]), fill)], 1)
+        at = lens[:, None] + torch.arange(n, device=home)[None]
+        padded[torch.arange(len(rows), device=home)[:, None], at] = suffix.to(home, padded.dtype)
+        lens = lens + n
+    width = torch.arange(padded.shape[1], device=home)[None]
+    mask = (width >= padded.shape[1] - lens[:, None]) if left else (width < lens[:, None])
+    return padded.to(device), mask.long().to(device)
 
 
 def length_buckets(sorted_lens: list[int], call_cost: int) -> list[int]:
@@ -51,17 +64,20 @@ def length_buckets(sorted_lens: list[int], call_cost: int) -> list[int]:
         list of int: end index of each batch, the last one ``len(sorted_lens)``.
     """
     n = len(sorted_lens)
-    best = [0] * (n + 1)
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        best[j], cut[j] = min(
-            (best[i] + (j - i) * sorted_lens[j - 1] + call_cost, i) for i in range(j)
-        )
+    if n == 0 or call_cost >= n * sorted_lens[-1]:
+        return [n] if n else []  # one call costs less than any padding it saves
+    best = np.zeros(n + 1, dtype=np.int64)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    starts = np.arange(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):  # the last batch is rows i..j-1, padded to row j-1's length
+        cost = best[:j] + (j - starts[:j]) * sorted_lens[j - 1] + call_cost
+        cut[j] = int(np.argmin(cost))  # the first minimum, as min() over (cost, i)
+        best[j] = cost[cut[j]]
     ends = []
     j = n
     while j > 0:
         ends.append(j)
-        j = cut[j]
+        j = int(cut[j])
     return ends[::-1]
 
 

@@ -9,10 +9,12 @@ the length buckets and the per-step mode live here once.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +30,55 @@ def cache_kwarg(forward: Callable[..., Any] | None) -> str:
     calls it ``cache``, older versions ``past_key_values``."""
     params = inspect.signature(forward).parameters if forward is not None else {}
     return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class PrefixCache:
+    """The model's cache of the positions no feature touches, computed once per
+    explanation and expanded over each batch of coalitions.
+
+    Attributes:
+        length (int): prefix positions.
+        cache: the model's cache after them (key/value and, for LFM2's hybrid
+            layers, convolution states).
+        last (Tensor): what the last prefix position predicts the first response
+            token from (logits or a hidden state), for coalitions that keep
+            nothing after the prefix.
+    """
+
+    length: int
+    cache: Any
+    last: Tensor
+
+    @staticmethod
+    def expandable(cache: Any) -> bool:
+        """Whether :meth:`expand` knows how to repeat this cache over a batch."""
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            return hasattr(cache, "batch_repeat_interleave")
+        return all(
+            hasattr(layer, "batch_repeat_interleave") or hasattr(layer, "conv_states")
+            for layer in layers
+        )
+
+    def expand(self, batch_size: int) -> Any:
+        """A fresh copy for ``batch_size`` rows (the model appends to the cache it
+        is given). transformers' ``batch_repeat_interleave`` does not know the
+        convolution-state layers of hybrid models: those are repeated here."""
+        cache = copy.deepcopy(self.cache)
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            cache.batch_repeat_interleave(batch_size)
+            return cache
+        for layer in layers:
+            if hasattr(layer, "batch_repeat_interleave"):
+                layer.batch_repeat_interleave(batch_size)
+                continue
+            for states in (layer.conv_states, getattr(layer, "recurrent_states", {})):
+                for i, state in states.items():
+                    if state is not None:
+                        states[i] = state.repeat_interleave(batch_size, dim=0)
+        return cache
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -145,7 +196,9 @@ class DecoderLMAdapter(ModelAdapter):
         out = []
         for first, last in steps:
             # (B, L_b) rows + the first `first` response tokens -> (B, last - first)
-            grown = [torch.cat([r, fed[:first].to(r.device, r.dtype)]) for r in rows]
+            grown = rows
+            if first:
+                grown = [torch.cat([r, fed[:first].to(r.device, r.dtype)]) for r in rows]
             score = functools.partial(
                 self._score_rows,
                 response=response,

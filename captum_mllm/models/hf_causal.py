@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +22,7 @@ from captum_mllm.models.base import Response
 from captum_mllm.models.batching import pad_rows
 from captum_mllm.models.decoder import (
     DecoderLMAdapter,
+    PrefixCache,
     cache_kwarg,
     pick_tokens,
     resolve_device,
@@ -31,21 +30,6 @@ from captum_mllm.models.decoder import (
 )
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
-
-
-@dataclass
-class PrefixCache:
-    """Key/value cache of the positions no feature touches, computed once."""
-
-    length: int
-    cache: Any
-    last_logits: Tensor  # (V,) logits after the prefix
-
-    def expand(self, batch_size: int) -> Any:
-        # The model appends to the cache it is given: hand it a fresh copy.
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(batch_size)
-        return cache
 
 
 class HFCausalLMAdapter(DecoderLMAdapter):
@@ -272,17 +256,18 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         if not self.is_causal or masked.prefix_len == 0:
             return None
         ids = masked.encoded.input_ids[: masked.prefix_len].to(self.device)[None]
-        with torch.no_grad():
+        with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=True)
         self.n_forward_calls += 1
         cache = getattr(out, self._cache_kwarg, None)
-        if not hasattr(cache, "batch_repeat_interleave"):
+        if not PrefixCache.expandable(cache):
             return None
         return PrefixCache(masked.prefix_len, cache, out.logits[0, -1])
 
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
+        # Built on the CPU; each batch moves to the model once (pad_rows).
         start = prefix.length if prefix is not None else 0
-        return [r.to(self.device) for r in masked.rows(start)]
+        return masked.rows(start)
 
     def _fed(self, response: Response) -> Tensor:
         return response.ids.to(self.device)
@@ -301,15 +286,16 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         target = response.ids[first:last].to(device)
         n_target = int(target.shape[0])
         batch = len(rows)
-        lens = torch.tensor([len(r) for r in rows], device=device)
-        if prefix is None and bool((lens == 0).any()):
+        sizes = [len(r) for r in rows]
+        lens = torch.tensor(sizes, device=device)
+        if prefix is None and 0 in sizes:
             raise EmptyCoalitionError(
                 "a coalition removed every input token; keep some template text fixed"
             )
         # The last target token predicts nothing we need: feed T - 1 of them, unless
         # the model is bidirectional and Captum's forward feeds them all.
         fed = target if feed_all else target[:-1]
-        ids, mask = pad_rows([torch.cat([r, fed]) for r in rows], _pad_id(self.tokenizer))
+        ids, mask = pad_rows(rows, _pad_id(self.tokenizer), device=device, suffix=fed)
         width = ids.shape[1]
         kwargs: dict[str, Any] = {}
         if self._is_hf:
@@ -318,20 +304,20 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             kwargs[self._cache_kwarg] = prefix.expand(batch)
             mask = torch.cat([mask.new_ones(batch, prefix.length), mask], dim=1)
         # Logit positions that predict target token j of row b: lens[b] - 1 + j.
-        lowest = int(lens.min().clamp(min=1)) - 1
+        lowest = max(min(sizes), 1) - 1
         offset = 0
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = torch.arange(lowest, width, device=device)
             offset = lowest
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
         self.n_forward_calls += 1
         if logits.dim() == 4:  # (B, 1, S, V) from some models
             logits = logits[:, 0]
         index = (lens - 1)[:, None] + torch.arange(n_target, device=device)[None] - offset
         picked = logits.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1]))
-        if prefix is not None and bool((lens == 0).any()):
-            picked[lens == 0, 0] = prefix.last_logits.to(picked.dtype)
+        if prefix is not None and 0 in sizes:
+            picked[lens == 0, 0] = prefix.last.to(picked.dtype)
         logp = picked.float().log_softmax(-1)
         return logp.gather(2, target[None, :, None].expand(batch, -1, 1)).squeeze(-1)
 

@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from captum_mllm.audio import resample
 from captum_mllm.chat import AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat, PositionTableBuilder
-from captum_mllm.errors import AudioError, InvalidOptionError, TargetError
+from captum_mllm.errors import AudioError, EmptyCoalitionError, InvalidOptionError, TargetError
 from captum_mllm.models.base import Response
 from captum_mllm.models.batching import pad_rows
 from captum_mllm.models.decoder import (
     DecoderLMAdapter,
+    PrefixCache,
     cache_kwarg,
     resolve_device,
     row_generators,
@@ -258,8 +259,24 @@ class LFM2AudioAdapter(DecoderLMAdapter):
 
     # Scoring ---------------------------------------------------------------------
 
+    def prefill(self, masked: MaskedChat) -> PrefixCache | None:
+        """Run the positions no feature touches (system turn, template) once and
+        keep the backbone's hybrid cache: key/value of its attention layers and
+        the convolution states of the others, expanded over each batch."""
+        if masked.prefix_len == 0:
+            return None
+        embeds = masked.encoded.state["embeds"][: masked.prefix_len]
+        with torch.inference_mode():
+            out = self._lfm(inputs_embeds=embeds[None], use_cache=True)
+        self.n_forward_calls += 1
+        cache = getattr(out, self._cache_kwarg, None)
+        if not PrefixCache.expandable(cache):
+            return None
+        return PrefixCache(masked.prefix_len, cache, out.last_hidden_state[0, -1])
+
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
-        return self._masked_embeds(masked)
+        rows = self._masked_embeds(masked)
+        return rows if prefix is None else [r[prefix.length :] for r in rows]
 
     def _fed(self, response: Response) -> Tensor:
         return self._embed_items(response.ids.to(self.device))
@@ -292,16 +309,25 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         device = self.device
         items = response.ids[first:last].to(device)
         fed = self._embed_items(items[:-1])  # the last item predicts nothing we need
-        lens = torch.tensor([len(r) for r in rows], device=device)
+        sizes = [len(r) for r in rows]
+        if prefix is None and 0 in sizes:
+            raise EmptyCoalitionError(
+                "a coalition removed every input position; keep some template text fixed"
+            )
+        lens = torch.tensor(sizes, device=device)
         dim = rows[0].shape[-1]
-        x, mask = pad_rows([torch.cat([r, fed.to(r.dtype)]) for r in rows])
-        with torch.no_grad():
-            hidden = self._lfm(
-                inputs_embeds=x, attention_mask=mask, use_cache=False
-            ).last_hidden_state
+        x, mask = pad_rows(rows, device=device, suffix=fed)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if prefix is not None:
+            kwargs = {"use_cache": True, self._cache_kwarg: prefix.expand(len(rows))}
+            mask = torch.cat([mask.new_ones(len(rows), prefix.length), mask], dim=1)
+        with torch.inference_mode():
+            hidden = self._lfm(inputs_embeds=x, attention_mask=mask, **kwargs).last_hidden_state
             self.n_forward_calls += 1
             index = (lens - 1)[:, None] + torch.arange(len(items), device=device)[None]
-            h = hidden.gather(1, index[..., None].expand(-1, -1, dim))  # (B, N, D)
+            h = hidden.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, dim))  # (B, N, D)
+            if prefix is not None and 0 in sizes:  # nothing after the prefix
+                h[lens == 0, 0] = prefix.last.to(h.dtype)
             return self._item_log_probs(h, items)
 
     def _item_log_probs(self, h: Tensor, items: Tensor) -> Tensor:

@@ -1,0 +1,40 @@
+"""The GPU benchmark runs end to end on tiny shapes on the CPU, so it cannot rot
+before a GPU is lent, and its rows agree with the stock paths they time."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+
+def _load(name: str):
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_on_tiny_shapes(capsys: pytest.CaptureFixture[str]) -> None:
+    _load("gpu").main(["--tiny", "--device", "cpu"])
+    out = capsys.readouterr().out
+    # Ours at the stock budget gives the stock sequence path's values (float32 here).
+    same = re.search(r"same budget: max \|token_attr - stock sequence path\| (\S+)", out)
+    assert same is not None and float(same.group(1)) < 1e-4
+    loop = re.search(r"the same 8 coalitions: max \|log-prob difference\| (\S+)", out)
+    assert loop is not None and float(loop.group(1)) < 1e-4
+    for row in [
+        "stock Captum sequence path",
+        "stock Captum default path",
+        "captum-mllm, exact 2^n, batched",
+        "plain forward",
+        "stock liquid-audio, one at a time",
+        "captum-mllm, paired permutations",
+    ]:
+        line = next(ln for ln in out.splitlines() if ln.startswith(row))
+        ms = float(line[40:].split()[1])
+        assert ms > 0, line
