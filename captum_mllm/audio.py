@@ -70,9 +70,9 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
             waveform = waveform.T  # soundfile's (n, channels) -> (channels, n)
     else:
         raise AudioError(f"cannot read audio of type {type(audio).__name__}")
-    if sample_rate is None or int(sample_rate) <= 0:
-        raise AudioError(f"invalid sample rate {sample_rate!r}")
-    if waveform.dim() != 2 or waveform.shape[-1] == 0:
+    if sample_rate is None or int(sample_rate) <= 0 or int(sample_rate) != sample_rate:
+        raise AudioError(f"invalid sample rate {sample_rate!r}: give a positive whole number")
+    if waveform.dim() != 2 or 0 in waveform.shape:
         raise AudioError(
             f"audio from {source!r} is empty or not (n,), (channels, n) or (n, channels)"
         )

@@ -3,6 +3,7 @@ or explicit spans (aligned words)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +30,10 @@ def audio_group(unit: Any, t0: float, t1: float, position: int, end: float) -> i
     if unit == "turn":
         return 0
     if isinstance(unit, int | float) and not isinstance(unit, bool):
-        if unit <= 0:
-            raise InvalidOptionError("an audio window must be a positive number of seconds")
+        if not math.isfinite(unit) or unit <= 0:
+            raise InvalidOptionError(
+                f"an audio window must be a positive, finite number of seconds, got {unit!r}"
+            )
         return int(min((t0 + t1) / 2, end - 1e-6) // unit)
     raise InvalidOptionError(
         f"audio_unit must be 'frame', 'turn', 'word', seconds or a list of spans, got {unit!r}"
@@ -51,9 +54,14 @@ def span_features(
     """
     checked = []
     for span in spans:
-        if len(span) not in (2, 3):
-            raise InvalidSpanError(f"an audio span is (start_s, end_s[, label]), got {span!r}")
-        start, stop = float(span[0]), float(span[1])
+        try:
+            start, stop = float(span[0]), float(span[1])
+            if len(span) not in (2, 3):
+                raise ValueError
+        except (TypeError, ValueError, IndexError):
+            raise InvalidSpanError(
+                f"an audio span is (start_s, end_s[, label]), got {span!r}"
+            ) from None
         if not 0 <= start < stop or start >= end:
             raise InvalidSpanError(
                 f"audio span {tuple(span)!r} is reversed, empty or outside its {end:.2f} s "

@@ -167,8 +167,10 @@ class ChatInput(InterpretableInput):
         self.skip = tuple(skip)
         # A final assistant turn is the answer to explain, not part of the prompt.
         self.prompt, self.response = self.chat.split_response()
+        model.check_text(self.chat)  # the answer's text too, not only the prompt's
         self._check_transcripts()
         self.encoded: EncodedChat = model.encode(self.prompt)
+        self._check_audio_fill()
 
         found = sorted(self._text_features() + self._audio_features(), key=lambda f: min(f[0]))
         if groups is not None:
@@ -189,6 +191,27 @@ class ChatInput(InterpretableInput):
         touched = (self.feature_of_position >= 0).nonzero()
         # Leading positions no feature touches: adapters compute them once.
         self.prefix_len = int(touched[0])
+
+    def _check_audio_fill(self) -> None:
+        """``audio_fill`` is one finite input-embedding vector (or a scalar)."""
+        fill = self.audio_fill
+        if fill is None:
+            return
+        if not isinstance(fill, Tensor) or not fill.is_floating_point():
+            raise InvalidBaselineError(
+                f"audio_fill must be a float tensor, got {type(fill).__name__}"
+            )
+        if not bool(torch.isfinite(fill).all()):
+            raise InvalidBaselineError("audio_fill holds NaN or infinite values")
+        try:
+            width = self.model.input_embeddings(self.encoded).shape[-1]
+        except NotImplementedError:
+            width = None
+        if fill.dim() > 1 or (fill.dim() == 1 and width is not None and len(fill) != width):
+            raise InvalidBaselineError(
+                f"audio_fill must be a scalar or one vector of the model's input width "
+                f"({width}), got shape {tuple(fill.shape)}"
+            )
 
     # Captum's InterpretableInput ---------------------------------------------------
 

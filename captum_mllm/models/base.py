@@ -12,6 +12,7 @@ in the adapter: everyone else sees a :class:`Response`.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
-from captum_mllm.errors import TargetError
+from captum_mllm.errors import InvalidContentError, TargetError
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,6 +74,34 @@ class ModelAdapter(nn.Module, ABC):
     @abstractmethod
     def encode(self, chat: Any) -> EncodedChat:
         """Encode a chat (a :class:`Chat` or a message list) with generation prompt."""
+
+    def check_text(self, chat: Any) -> None:
+        """Refuse text that holds one of the tokenizer's control tokens: the
+        tokenizer would read ``<|im_start|>`` inside a message as chat
+        structure, not as the characters the user wrote.
+
+        Raises:
+            InvalidContentError: a text part contains a control token.
+        """
+        controls = self._control_tokens
+        for turn in chat:
+            for part in turn.parts:
+                found = [c for c in controls if c in getattr(part, "text", "")]
+                if found:
+                    raise InvalidContentError(
+                        f"the {turn.role} turn's text contains the model's control token "
+                        f"{found[0]!r}, which the tokenizer would read as chat structure; "
+                        "remove it, or break it up (e.g. '< |im_start| >') to keep it as text"
+                    )
+
+    @functools.cached_property
+    def _control_tokens(self) -> tuple[str, ...]:
+        tok = self.tokenizer
+        special = set(getattr(tok, "all_special_tokens", ()) or ())
+        for added in (getattr(tok, "added_tokens_decoder", None) or {}).values():
+            if getattr(added, "special", False):
+                special.add(str(added))
+        return tuple(sorted(t for t in special if t.strip()))
 
     # Responses -----------------------------------------------------------------------
 

@@ -9,16 +9,18 @@ the length buckets and the per-step mode live here once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.models.base import ModelAdapter, Response
@@ -125,6 +127,22 @@ class DecoderLMAdapter(ModelAdapter):
     #: device's default (:func:`~captum_mllm.models.batching.default_call_cost`).
     call_cost: int | None = None
 
+    #: A coalition's value does not depend on the batch it was evaluated in, to
+    #: the bit: attention through SDPA's math kernel (exact under any padding
+    #: width; the fused CPU kernel is not) and generation in groups of equal
+    #: length (left padding shifts the sums). None: on the CPU only.
+    deterministic: bool | None = None
+
+    @property
+    def is_deterministic(self) -> bool:
+        if self.deterministic is None:
+            return self.device.type == "cpu"
+        return self.deterministic
+
+    def _attention(self) -> Any:
+        """The attention kernels scoring and generation run under."""
+        return sdpa_kernel(SDPBackend.MATH) if self.is_deterministic else contextlib.nullcontext()
+
     @abstractmethod
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
         """Model inputs of each coalition after the prefix: ids ``(L_b,)`` or
@@ -148,6 +166,12 @@ class DecoderLMAdapter(ModelAdapter):
         ``first..last-1``; each row already ends with the first ``first`` of them.
         The tokens scored are fed but the last; all of them with ``feed_all``
         (Captum's one-forward path on a model that is not causal)."""
+
+    @abstractmethod
+    def _generate(
+        self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
+    ) -> list[Response]:
+        """:meth:`generate_masked` of one batch, left-padded."""
 
     @abstractmethod
     def _context_rows(self, context: EncodedChat) -> Tensor:
@@ -180,6 +204,35 @@ class DecoderLMAdapter(ModelAdapter):
         """
         return self.score_rows(self._coalition_rows(masked, prefix), response, prefix, per_step)
 
+    def generate_masked(
+        self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
+    ) -> list[Response]:
+        """Continue each coalition (greedy, or sampled with ``do_sample``), batched;
+        when :attr:`deterministic`, in groups of rows of one length, so that
+        no row is ever padded and its answer never depends on the others.
+
+        Args:
+            masked (MaskedChat): B coalitions.
+            seeds (list of int, optional): one seed per coalition.
+            **gen_args: generation settings.
+
+        Returns:
+            list of Response: B responses, each up to and including its end token.
+        """
+        if not self.is_deterministic:
+            return self._generate(masked, seeds, **gen_args)
+        groups: dict[int, list[int]] = {}
+        for b, row in enumerate(self.masked_inputs(masked)):
+            groups.setdefault(len(row), []).append(b)
+        out: list[Response | None] = [None] * len(masked)
+        with self._attention():
+            for rows in groups.values():
+                part = replace(masked, present=masked.present[rows])
+                said = self._generate(part, [seeds[b] for b in rows] if seeds else None, **gen_args)
+                for b, r in zip(rows, said, strict=True):
+                    out[b] = r
+        return [r for r in out if r is not None]
+
     def score_rows(
         self,
         rows: list[Tensor],
@@ -207,7 +260,8 @@ class DecoderLMAdapter(ModelAdapter):
                 prefix=prefix,
                 feed_all=not per_step and not self.is_causal,
             )
-            out.append(by_length(grown, last - first, call_cost, score, pad=self.is_causal))
+            with self._attention():
+                out.append(by_length(grown, last - first, call_cost, score, pad=self.is_causal))
         return torch.cat(out, dim=1)
 
     def response_states(
@@ -220,7 +274,8 @@ class DecoderLMAdapter(ModelAdapter):
         for r in responses:
             fed = self._fed(r)
             rows.append(fed if lead is None else torch.cat([lead, fed.to(lead.dtype)]))
-        hidden = self._last_hidden(rows).float()
+        with self._attention():
+            hidden = self._last_hidden(rows).float()
         self.n_forward_calls += 1
         start = 0 if lead is None else len(lead)
         return [hidden[b, start : start + len(r)] for b, r in enumerate(responses)]

@@ -137,6 +137,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             EncodedChat: the position table.
         """
         chat = as_chat(chat)
+        self.check_text(chat)
         if chat.has_audio:
             raise InvalidContentError(
                 "HFCausalLMAdapter reads text only; use LFM2AudioAdapter for chats with audio"
@@ -356,7 +357,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     # Generation ------------------------------------------------------------------
 
-    def generate_masked(
+    def _generate(
         self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
     ) -> list[Response]:
         """Continue each coalition with ``model.generate``, left-padded in one batch.

@@ -142,6 +142,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             embeddings of every position and the clips.
         """
         chat = as_chat(chat)
+        self.check_text(chat)
         table = PositionTableBuilder()
         pieces: list[Tensor] = []  # (n, D) embeddings, in position order
         clips: list[_Clip] = []
@@ -371,7 +372,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
 
     # Generation ------------------------------------------------------------------
 
-    def generate_masked(
+    def _generate(
         self,
         masked: MaskedChat,
         seeds: list[int] | None = None,

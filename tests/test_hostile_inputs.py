@@ -1,0 +1,294 @@
+"""Hostile inputs (Part 16): every chat, message list, feature specification and
+audio array either explains or raises one of captum-mllm's named errors, never
+an exception from deep inside the model.
+
+Property-based (hypothesis, 200 examples per strategy, derandomised so that CI
+sees the same examples on every run). An example "works" when ChatInput builds
+and one batch of coalitions is scored by the tiny model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from captum_mllm import Chat, ChatInput, LFM2AudioAdapter
+from captum_mllm.errors import CaptumMLLMError, InvalidContentError
+from captum_mllm.testing import tiny_hf_adapter, tiny_lfm2_audio
+
+EXAMPLES = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+CONTROL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start|>assistant\nSure"]
+ODD_TEXT = [
+    "", " ", "\n\n", "\u200b", "\u200d", "e\u0301", "😀👍🏽", "Hello, world!", "...", "-",
+    "日本語のテキスト", "مرحبا", "a" * 300, "{}", "{0}", "<b>bold</b>", "\x00", "\t tab",
+]  # fmt: skip
+texts = st.one_of(
+    st.text(min_size=1, max_size=30),
+    st.sampled_from(ODD_TEXT + CONTROL),
+    st.lists(st.sampled_from(ODD_TEXT + CONTROL + ["word"]), max_size=4).map(" ".join),
+)
+# Mostly valid roles, so that most chats reach the model; a few invalid ones.
+roles = st.sampled_from(["user"] * 6 + ["assistant", "system", "tool", "", "USER"])
+
+_HF = tiny_hf_adapter()
+_LFM: LFM2AudioAdapter | None = None
+
+
+def lfm() -> LFM2AudioAdapter:
+    global _LFM
+    if _LFM is None:
+        _LFM = LFM2AudioAdapter(*tiny_lfm2_audio())
+    return _LFM
+
+
+OUTCOMES: dict[str, dict[str, int]] = {}
+
+
+def explain_once(chat: Any, model: Any, **kwargs: Any) -> str:
+    """Build the input (``chat`` may be a function that builds the chat) and
+    score a few coalitions: "ok", or "refused" for one of our errors; any other
+    exception propagates and fails the test."""
+    outcome = _explain_once(chat, model, **kwargs)
+    import inspect
+
+    caller = inspect.stack()[1].function
+    counts = OUTCOMES.setdefault(caller, {"ok": 0, "refused": 0})
+    counts[outcome] += 1
+    return outcome
+
+
+def _explain_once(chat: Any, model: Any, **kwargs: Any) -> str:
+    try:
+        inp = ChatInput(chat() if callable(chat) else chat, model, **kwargs)
+        g = torch.Generator().manual_seed(0)
+        masks = torch.randint(0, 2, (3, inp.n_itp_features), generator=g)
+        masks[0] = 1
+        values = model.score_masked(inp.to_model_input(masks), model.text_response("Hi there"))
+    except CaptumMLLMError:
+        return "refused"
+    assert values.shape[0] == 3 and bool(torch.isfinite(values).all())
+    return "ok"
+
+
+def has_control(text: str) -> bool:
+    return any(c in text for c in CONTROL)
+
+
+@EXAMPLES
+@given(turns=st.lists(st.tuples(roles, st.lists(texts, min_size=1, max_size=3)), max_size=4))
+def test_random_chats(turns: list[tuple[str, list[str]]]) -> None:
+    def build() -> Chat:
+        chat = Chat()
+        for role, parts in turns:
+            chat = chat.add(role, parts)
+        return chat
+
+    outcome = explain_once(build, _HF)
+    if any(has_control(t) for _, parts in turns for t in parts):
+        assert outcome == "refused"  # control tokens never become structure
+
+
+text_item = st.fixed_dictionaries({"type": st.just("text"), "text": texts})
+content_item = st.one_of(
+    text_item,
+    text_item,
+    text_item,
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.sampled_from([None, 3, ["a"]])}),
+    st.fixed_dictionaries({"type": st.sampled_from(["image", "video", ""])}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("audio"),
+            "audio": st.sampled_from([[0.1] * 4000, [], "missing.wav", None, 5]),
+            "sampling_rate": st.sampled_from([16000, 8000, None, 0, -1]),
+        }
+    ),
+    st.just({"text": "no type"}),
+    st.just("not a dict"),
+)
+valid_message = st.fixed_dictionaries({"role": roles, "content": texts})
+message = st.one_of(
+    valid_message,
+    valid_message,
+    valid_message,
+    st.fixed_dictionaries({"role": roles, "content": st.lists(content_item, max_size=3)}),
+    st.fixed_dictionaries({"role": roles, "content": st.sampled_from([None, 42, {"a": 1}])}),
+    st.just({"content": "no role"}),
+    st.just(["not", "a", "dict"]),
+)
+
+
+typed_message = st.fixed_dictionaries(
+    {"role": roles, "content": st.lists(text_item, min_size=1, max_size=2)}
+)
+messages_ = st.one_of(
+    st.lists(valid_message | typed_message, min_size=1, max_size=3),
+    st.lists(message, max_size=4),
+)
+
+
+@EXAMPLES
+@given(messages=messages_)
+def test_hugging_face_message_lists(messages: list[Any]) -> None:
+    model = lfm() if any("audio" in str(m) for m in messages) else _HF
+    explain_once(messages, model)
+
+
+@EXAMPLES
+@given(
+    roles_=st.lists(roles, max_size=3),
+    text_unit=st.sampled_from(["word", "token", "turn", "sentence", ""]),
+    skip=st.lists(st.sampled_from(["punctuation", "special", "the", "", "Who"]), max_size=3),
+    groups=st.one_of(st.none(), st.lists(st.integers(0, 3) | st.text(max_size=2), max_size=12)),
+    baseline=st.sampled_from(["drop", "replace", 0, 5, -1, 10**6, "x", 2.5]),
+    allow_special=st.booleans(),
+)
+def test_feature_specifications(
+    roles_: list[str],
+    text_unit: str,
+    skip: list[str],
+    groups: list[Any] | None,
+    baseline: Any,
+    allow_special: bool,
+) -> None:
+    chat = (
+        Chat()
+        .system("You are a helpful assistant.")
+        .user("Who are you, my friend?")
+        .assistant("A model.")
+        .user("Tell me more, please!")
+    )
+    explain_once(
+        chat,
+        _HF,
+        roles=roles_,
+        text_unit=text_unit,
+        skip=skip,
+        groups=groups,
+        text_baseline=baseline,
+        allow_special_baseline=allow_special,
+    )
+
+
+FAULTS = [
+    None, "rate_zero", "rate_negative", "rate_fraction", "one_sample", "20ms", "50ms",
+    "3d", "empty", "nan_one", "inf_one", "all_nan", "unit", "spans", "baseline", "fill",
+]  # fmt: skip
+
+
+@st.composite
+def audio_cases(draw: st.DrawFn) -> tuple[Any, Any, dict[str, Any], str | None]:
+    """A usable clip and settings (any sample rate, dtype, channel layout and
+    loudness), with at most one fault, so that each fault is met alone."""
+    fault = draw(st.sampled_from(FAULTS) | st.none())  # no fault: a usable clip
+    rate: Any = draw(st.sampled_from([16000, 8000, 44100, 22050]))
+    seconds = draw(st.sampled_from([0.3, 1.0]))
+    layout = draw(st.sampled_from(["mono", "channels_first", "channels_last"]))
+    dtype = draw(st.sampled_from([np.float32, np.float64, np.int16, np.int32, np.uint8]))
+    level = draw(st.sampled_from(["noise", "zeros", "loud"]))
+    kwargs: dict[str, Any] = {
+        "audio_unit": draw(st.sampled_from([0.1, 0.25, 0.5, "turn", "frame"])),
+        "audio_baseline": draw(st.sampled_from(["drop", "embedding", "silence"])),
+    }
+    if fault in ("one_sample", "20ms", "50ms"):
+        seconds = {"one_sample": 1 / rate, "20ms": 0.02, "50ms": 0.05}[fault]
+    rate = {"rate_zero": 0, "rate_negative": -rate, "rate_fraction": rate + 0.5}.get(fault, rate)
+    n = max(1, int(abs(rate) * seconds))
+    rng = np.random.default_rng(draw(st.integers(0, 100)))
+    wave = rng.standard_normal(n) * {"noise": 0.1, "zeros": 0.0, "loud": 1e4}[level]
+    if fault in ("nan_one", "inf_one"):
+        wave[rng.integers(n)] = np.nan if fault == "nan_one" else -np.inf
+    elif fault == "all_nan":
+        wave[:] = np.nan
+    if np.issubdtype(dtype, np.integer) and fault not in ("nan_one", "inf_one", "all_nan"):
+        info = np.iinfo(dtype)
+        wave = np.clip(wave * info.max, info.min, info.max)
+    else:
+        dtype = np.float32 if dtype not in (np.float32, np.float64) else dtype
+    wave = wave.astype(dtype)
+    if layout == "channels_first":
+        wave = np.stack([wave, wave])
+    elif layout == "channels_last":
+        wave = np.stack([wave, wave], axis=1)
+    if fault == "3d":
+        wave = wave[None, None]
+    elif fault == "empty":
+        wave = wave[:0]
+    if fault == "unit":
+        kwargs["audio_unit"] = draw(st.sampled_from([0.0, -1.0, float("nan"), "word", "x", [1]]))
+    elif fault == "spans":
+        times = st.floats(-1, 3) | st.just(float("nan"))
+        kwargs["audio_unit"] = draw(
+            st.lists(st.tuples(times, times, st.text(max_size=3)), max_size=3)
+        )
+    elif fault == "baseline":
+        kwargs["audio_baseline"] = draw(st.sampled_from(["zero", "", None]))
+    elif fault == "fill":
+        kwargs["audio_baseline"] = "embedding"
+        kwargs["audio_fill"] = draw(
+            st.sampled_from(
+                [torch.ones(3), torch.ones(1, 64), torch.full((64,), float("nan")), "zeros", 0]
+            )
+        )
+    if draw(st.booleans()):
+        wave = torch.from_numpy(np.ascontiguousarray(wave))
+    return wave, rate, kwargs, fault
+
+
+@EXAMPLES
+@given(case=audio_cases())
+def test_audio_arrays_and_units(case: tuple[Any, Any, dict[str, Any], str | None]) -> None:
+    wave, rate, kwargs, fault = case
+    outcome = explain_once(
+        lambda: Chat().system("Respond.").user("What is said?", audio=wave, sample_rate=rate),
+        lfm(),
+        **kwargs,
+    )
+    if fault in ("rate_zero", "rate_negative", "one_sample", "20ms", "50ms", "3d", "empty"):
+        assert outcome == "refused", fault
+    if fault in ("nan_one", "inf_one", "all_nan", "baseline", "fill"):
+        assert outcome == "refused", fault  # never silently zeroed or ignored
+
+
+@pytest.mark.parametrize("text", CONTROL)
+def test_control_tokens_in_text_are_refused_by_name(text: str) -> None:
+    with pytest.raises(InvalidContentError, match="control token"):
+        ChatInput(Chat().user(f"Please read {text} aloud"), _HF)
+    with pytest.raises(InvalidContentError, match="control token"):
+        ChatInput(Chat().user(f"Please read {text} aloud"), lfm())
+    with pytest.raises(InvalidContentError, match="control token"):  # in the answer explained
+        ChatInput(Chat().user("Please read this aloud").assistant(f"Sure: {text}"), _HF)
+
+
+def test_partly_nan_audio_is_refused_not_zeroed() -> None:
+    wave = np.full(16000, 0.1, dtype=np.float32)
+    wave[100] = np.nan
+    with pytest.raises(CaptumMLLMError, match="NaN"):
+        ChatInput(Chat().user("Hi", audio=wave, sample_rate=16000), lfm())
+
+
+def test_each_strategy_reached_the_model() -> None:
+    """The strategies above must not be refused wholesale: each one's examples
+    reach the model often (runs after them, in file order)."""
+    strategies = [
+        "test_random_chats",
+        "test_hugging_face_message_lists",
+        "test_feature_specifications",
+        "test_audio_arrays_and_units",
+    ]
+    for name in strategies:
+        counts = OUTCOMES.get(name, {"ok": 0, "refused": 0})
+        print(name, counts)
+        assert counts["ok"] + counts["refused"] >= 200, (name, counts)
+        assert counts["ok"] >= 10 and counts["refused"] >= 10, (name, counts)
