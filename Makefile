@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/estimators.py
 	$(BIN)/python benchmarks/faithfulness.py --speech
 	$(BIN)/python benchmarks/scale_out.py
+	$(BIN)/python benchmarks/long_inputs.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

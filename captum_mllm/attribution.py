@@ -290,7 +290,10 @@ class MultimodalLLMAttribution(LLMAttribution):
             target_ids=response.ids,
             response_text=response.text,
             output_audio=response.audio,
-            provenance=self._provenance(inp, per_step, kwargs, store, gen_args),
+            provenance={
+                **self._provenance(inp, per_step, kwargs, store, gen_args),
+                "memory_halvings": evaluator.n_halvings,
+            },
             n_model_calls=self.adapter.n_forward_calls
             - calls_before
             + extra_calls

@@ -115,6 +115,11 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=32, help="coalitions per forward")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped with a hub checkpoint (off unless given)",
+    )
 
 
 # Commands -----------------------------------------------------------------------------
@@ -166,7 +171,7 @@ def _explain_command(args: argparse.Namespace) -> None:
         for i in range(max(len(texts), len(clips))):
             chat = chat.user(texts[i] if i < len(texts) else None,
                              audio=clips[i] if i < len(clips) else None)  # fmt: skip
-    model = _load_model(args.model, args.adapter, args.device, args.dtype)
+    model = _load_model(args.model, args.adapter, args.device, args.dtype, args.trust_remote_code)
     settings = {
         "method": args.method,
         "budget": args.budget,
@@ -208,7 +213,14 @@ def _dataset_command(args: argparse.Namespace) -> None:
     print(f"{len(chats)} chats from {args.data}", flush=True)
     table = explain_dataset(
         chats,
-        partial(_load_model, args.model, args.adapter, args.device, args.dtype),
+        partial(
+            _load_model,
+            args.model,
+            args.adapter,
+            args.device,
+            args.dtype,
+            args.trust_remote_code,
+        ),
         partial(_method, args.method),
         input_kwargs,
         {**_method_kwargs(settings, None), "gen_args": gen, "perturbations_per_eval": args.batch},
@@ -435,7 +447,13 @@ def _audio_unit(text: str) -> Any:
         ) from None
 
 
-def _load_model(name: str, adapter: str | None, device: str | None, dtype: str | None) -> Any:
+def _load_model(
+    name: str,
+    adapter: str | None,
+    device: str | None,
+    dtype: str | None,
+    trust_remote_code: bool = False,
+) -> Any:
     import torch
 
     from captum_mllm import HFCausalLMAdapter, LFM2AudioAdapter, load_default_model
@@ -460,11 +478,14 @@ def _load_model(name: str, adapter: str | None, device: str | None, dtype: str |
             if not path.is_file():
                 raise UsageError(f"no GGUF file at {path}")
             return HFCausalLMAdapter.from_pretrained(
-                str(path.parent), gguf_file=path.name, device=device, dtype=torch_dtype
-            )
+                str(path.parent), gguf_file=path.name, device=device, dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+            )  # fmt: skip
         if kind == "lfm2-audio":
             return LFM2AudioAdapter.from_pretrained(name, device=device, dtype=torch_dtype)
-        return HFCausalLMAdapter.from_pretrained(name, device=device, dtype=torch_dtype)
+        return HFCausalLMAdapter.from_pretrained(
+            name, device=device, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
     except UsageError:
         raise
     except Exception as exc:  # hub and loading errors come in many types

@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor
 
 from captum_mllm.encoding import coalition_keys
-from captum_mllm.errors import StoreMismatchError
+from captum_mllm.errors import OutOfMemoryError, StoreMismatchError
 from captum_mllm.targets import TargetValues
 
 # A stored evaluation: the coalition's value row and what the model said, if anything.
@@ -89,6 +91,7 @@ class SQLiteStore(CoalitionStore):
 
     def __init__(self, path: str | PathLike[str], fingerprint: dict[str, str]) -> None:
         self.path = str(path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=120)  # shards may write at once
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -186,6 +189,8 @@ class CoalitionEvaluator:
         self.n_stored = 0
         self.responses: dict[tuple[int, ...], Any] = {}
         self._seen: set[bytes] = set()
+        self.max_rows: int | None = None  # lowered when a batch runs out of memory
+        self.n_halvings = 0
 
     def __call__(self, perturbed: Tensor) -> Tensor:
         """Values of B coalitions: ``(B, n_features) -> (B, k)`` on their device."""
@@ -193,7 +198,7 @@ class CoalitionEvaluator:
         self.n_requested += len(rows)
         if not self.enabled:
             self.n_evaluated += len(rows)
-            result = self.evaluate(rows)
+            result = self._evaluate(rows)
             self._log(rows, result.responses)
             return result.values.to(perturbed.device)
         keys = coalition_keys(rows)
@@ -210,7 +215,7 @@ class CoalitionEvaluator:
         self._seen.update(found)
         if first_of:
             missing = rows[list(first_of.values())]
-            result = self.evaluate(missing)
+            result = self._evaluate(missing)
             self.n_evaluated += len(first_of)
             said = result.responses or [None] * len(first_of)
             fresh = result.values.detach().float().cpu().numpy()  # one copy per batch
@@ -223,9 +228,64 @@ class CoalitionEvaluator:
                 self.responses[_as_tuple(row)] = found[key][1]
         return torch.from_numpy(np.stack([found[k][0] for k in keys])).to(perturbed.device)
 
+    def _evaluate(self, rows: Tensor) -> TargetValues:
+        """``evaluate`` in chunks; out of memory halves the chunk and retries
+        (values are per coalition, so the result is the same), down to one
+        coalition, then raises :class:`~captum_mllm.errors.OutOfMemoryError`."""
+        parts: list[TargetValues] = []
+        start, tried = 0, []
+        while start < len(rows):
+            size = min(len(rows) - start, self.max_rows or len(rows))
+            try:
+                parts.append(self.evaluate(rows[start : start + size]))
+            except (MemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                release_memory()
+                tried.append(size)
+                if size == 1:
+                    raise OutOfMemoryError(
+                        f"out of memory evaluating one coalition of {rows.shape[1]} features "
+                        f"(batches of {', '.join(map(str, tried))} coalitions tried): the "
+                        "chat is too long for this device; shorten it, load the model in a "
+                        "smaller dtype, or use a larger device"
+                    ) from exc
+                self.max_rows = size // 2
+                self.n_halvings += 1
+                warnings.warn(
+                    f"out of memory with {size} coalitions in a batch; going on with "
+                    f"{self.max_rows} (the values do not change)",
+                    ResourceWarning,
+                    stacklevel=2,
+                )
+                continue
+            start += size
+        if len(parts) == 1:
+            return parts[0]
+        said = [r for p in parts for r in (p.responses or [None] * len(p.values))]
+        return TargetValues(
+            torch.cat([p.values for p in parts]),
+            parts[0].columns,
+            said if any(p.responses for p in parts) else None,
+        )
+
     def _log(self, rows: Tensor, said: list[Any] | None) -> None:
         for row, s in zip(rows, said or [], strict=False):
             self.responses[_as_tuple(row)] = s
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception is an allocator's out-of-memory (CUDA, MPS or CPU)."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def release_memory() -> None:
+    """Give cached accelerator memory back before a smaller retry."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def shard_of(key: bytes, count: int) -> int:

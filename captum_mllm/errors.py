@@ -103,5 +103,10 @@ class SynthesisError(CaptumMLLMError):
     """espeak-ng (used to make the demo's training speech) is missing or failed."""
 
 
+class OutOfMemoryError(CaptumMLLMError, MemoryError):
+    """Even one coalition does not fit in memory (after halving the batch down to
+    one); the message gives the sizes involved."""
+
+
 class InconsistentVersionWarning(UserWarning):
     """A saved result is read by another version of captum-mllm than wrote it."""

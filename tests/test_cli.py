@@ -149,3 +149,40 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     assert any(f.modality == "audio_in" for f in res.features)
     code, _, err = run(["explain-dataset", tmp_path / "nothing", "--no-ray"], capsys)
     assert code == 2 and "JSONL" in err
+
+
+def test_remote_code_stays_off_unless_asked(monkeypatch, capsys, tmp_path):
+    from captum_mllm import HFCausalLMAdapter
+
+    seen = []
+
+    def fake(name, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        raise OSError("offline")
+
+    monkeypatch.setattr(HFCausalLMAdapter, "from_pretrained", fake)
+    for extra in ([], ["--trust-remote-code"]):
+        argv = ["explain", "--user", "Hi", "--model", "org/model", "--out", tmp_path, *extra]
+        code, _, err = run(argv, capsys)
+        assert code == 2 and "cannot load model" in err
+    assert seen == [False, True]
+
+
+def test_writes_only_under_the_given_paths_and_keeps_other_runs_stores(
+    tmp_path, capsys, monkeypatch
+):
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    home.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(home))
+    out, store = tmp_path / "given" / "out", tmp_path / "given" / "run.sqlite"
+    base = ["explain", "--model", "tiny-llama", "--budget", "20", "--out", out, "--store", store]
+    code, _, err = run([*base, "--user", "Who are you, my friend?"], capsys)
+    assert code == 0, err
+    written = {p for p in tmp_path.rglob("*") if p.is_file()}
+    assert written and all(p.is_relative_to(tmp_path / "given") for p in written), written
+    before = store.read_bytes()
+    code, _, err = run([*base, "--user", "Another question entirely?"], capsys)
+    assert code == 2 and "holds another explanation" in err
+    assert store.read_bytes() == before  # the other run's store is left as it was

@@ -121,7 +121,7 @@ def make_data(n: int, seed: int, workers: int = 2, cache: Path | None = None) ->
     kept in ``cache`` (a folder) when given, to try recipes without re-synthesis."""
     file = None if cache is None else cache / f"speech_{n}_{seed}.pt"
     if file is not None and file.exists():
-        rows = torch.load(file)
+        rows = torch.load(file, weights_only=True)  # our own cache: tensors, lists, str
         return [
             Utterance(Request(*r["request"]), r["waveform"], [tuple(s) for s in r["spans"]])
             for r in rows

@@ -24,7 +24,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.models.base import ModelAdapter, Response
-from captum_mllm.models.batching import by_length, default_call_cost
+from captum_mllm.models.batching import (
+    by_length,
+    default_call_cost,
+    default_token_budget,
+    rows_within,
+)
 
 
 def cache_kwarg(forward: Callable[..., Any] | None) -> str:
@@ -120,6 +125,10 @@ def pick_tokens(
     )
 
 
+#: Rows longer than this many tokens are scored one at a time when deterministic.
+LONG_ROW = 1024
+
+
 class DecoderLMAdapter(ModelAdapter):
     """Shared behaviour of decoder-only LM adapters (see the module docstring)."""
 
@@ -132,6 +141,23 @@ class DecoderLMAdapter(ModelAdapter):
     #: width; the fused CPU kernel is not) and generation in groups of equal
     #: length (left padding shifts the sums). None: on the CPU only.
     deterministic: bool | None = None
+
+    #: Most padded tokens (rows x width) in one forward; None: the device's
+    #: default (:func:`~captum_mllm.models.batching.default_token_budget`).
+    max_batch_tokens: int | None = None
+
+    @property
+    def token_budget(self) -> int:
+        if self.max_batch_tokens is not None:
+            return self.max_batch_tokens
+        weight = next(self.parameters())
+        return default_token_budget(self.device, self.hidden_size, weight.element_size())
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the model's hidden states (sizes the GPU token budget)."""
+        config = getattr(getattr(self, "model", None), "config", None)
+        return int(getattr(config, "hidden_size", None) or 4096)
 
     @property
     def is_deterministic(self) -> bool:
@@ -219,17 +245,21 @@ class DecoderLMAdapter(ModelAdapter):
         Returns:
             list of Response: B responses, each up to and including its end token.
         """
-        if not self.is_deterministic:
-            return self._generate(masked, seeds, **gen_args)
+        lens = [len(row) for row in self.masked_inputs(masked)]
         groups: dict[int, list[int]] = {}
-        for b, row in enumerate(self.masked_inputs(masked)):
-            groups.setdefault(len(row), []).append(b)
+        for b, n in enumerate(lens):
+            groups.setdefault(n if self.is_deterministic else 0, []).append(b)
+        new = int(gen_args.get("max_new_tokens", 25))
         out: list[Response | None] = [None] * len(masked)
-        with self._attention():
-            for rows in groups.values():
-                part = replace(masked, present=masked.present[rows])
-                said = self._generate(part, [seeds[b] for b in rows] if seeds else None, **gen_args)
-                for b, r in zip(rows, said, strict=True):
+        # Deterministic groups hold rows of one length: never padded, so any
+        # attention kernel gives each row the same sums in any batch.
+        for rows in groups.values():
+            step = rows_within(self.token_budget, max(lens[b] for b in rows) + new, len(rows))
+            for start in range(0, len(rows), step):
+                chunk = rows[start : start + step]
+                part = replace(masked, present=masked.present[chunk])
+                picked = [seeds[b] for b in chunk] if seeds else None
+                for b, r in zip(chunk, self._generate(part, picked, **gen_args), strict=True):
                     out[b] = r
         return [r for r in out if r is not None]
 
@@ -244,7 +274,6 @@ class DecoderLMAdapter(ModelAdapter):
         token ids from Captum's own inputs). Returns ``(B, len(response))``."""
         fed = self._fed(response)
         n = len(response)
-        call_cost = self.call_cost or default_call_cost(self.device)
         steps = [(t, t + 1) for t in range(n)] if per_step else [(0, n)]
         out = []
         for first, last in steps:
@@ -260,8 +289,7 @@ class DecoderLMAdapter(ModelAdapter):
                 prefix=prefix,
                 feed_all=not per_step and not self.is_causal,
             )
-            with self._attention():
-                out.append(by_length(grown, last - first, call_cost, score, pad=self.is_causal))
+            out.append(self._padded_batches(grown, last - first, score))
         return torch.cat(out, dim=1)
 
     def response_states(
@@ -274,8 +302,37 @@ class DecoderLMAdapter(ModelAdapter):
         for r in responses:
             fed = self._fed(r)
             rows.append(fed if lead is None else torch.cat([lead, fed.to(lead.dtype)]))
-        with self._attention():
-            hidden = self._last_hidden(rows).float()
-        self.n_forward_calls += 1
         start = 0 if lead is None else len(lead)
-        return [hidden[b, start : start + len(r)] for b, r in enumerate(responses)]
+        if self.is_deterministic and max(len(r) for r in rows) > LONG_ROW:
+            states = [self._last_hidden([r])[0].float() for r in rows]  # see _padded_batches
+        else:
+            with self._attention():
+                states = list(self._last_hidden(rows).float())
+        self.n_forward_calls += 1
+        return [h[start : start + len(r)] for h, r in zip(states, responses, strict=True)]
+
+    def _padded_batches(
+        self, rows: list[Tensor], extra: int, score: Callable[[list[Tensor]], Tensor]
+    ) -> Tensor:
+        """Rows scored in length buckets under the token budget. When
+        :attr:`deterministic`, padded batches run SDPA's math kernel, whose sums
+        no padding changes; rows longer than :data:`LONG_ROW` tokens go one at a
+        time through the fused kernel instead (its memory grows linearly with
+        length, the math kernel's quadratically; on a CPU a row that long
+        gains nothing from batching)."""
+        call_cost = self.call_cost or default_call_cost(self.device)
+        budget = self.token_budget
+        pad = self.is_causal
+        if not self.is_deterministic:
+            return by_length(rows, extra, call_cost, score, pad, budget)
+        long = {i for i, r in enumerate(rows) if len(r) + extra > LONG_ROW}
+        short = [i for i in range(len(rows)) if i not in long]
+        out: list[Tensor | None] = [None] * len(rows)
+        if short:
+            with self._attention():
+                values = by_length([rows[i] for i in short], extra, call_cost, score, pad, budget)
+            for i, v in zip(short, values, strict=True):
+                out[i] = v
+        for i in sorted(long):
+            out[i] = score([rows[i]])[0]
+        return torch.stack([v for v in out if v is not None])

@@ -443,6 +443,10 @@ class LFM2AudioAdapter(DecoderLMAdapter):
     def vocab_size(self) -> int:
         return int(self._lfm.embed_tokens.num_embeddings)
 
+    @property
+    def hidden_size(self) -> int:
+        return int(self._lfm.config.hidden_size)
+
     def check_target(self, target: Tensor) -> Response:
         """A user-given target: ``(T,)`` / ``(1, T)`` text ids, or ``(N, 9)`` output
         items (text rows ``[id, -1 x 8]``, audio frames ``[-1, 8 codes]``).

@@ -1,0 +1,138 @@
+"""Determinism (Part 16): on the CPU the same seed gives bit-identical
+attributions across runs, across perturbations_per_eval values and across a
+save/load, for every method and every kind of target."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from captum.attr import FeatureAblation, KernelShap, Lime, ShapleyValues, ShapleyValueSampling
+
+from captum_mllm import (
+    Chat,
+    ChatInput,
+    EmbeddingSimilarity,
+    LFM2AudioAdapter,
+    MultimodalLLMAttribution,
+    MultimodalLLMAttributionResult,
+)
+from captum_mllm.methods import (
+    ExactShapleyValues,
+    HierarchicalShapley,
+    LeverageKernelShap,
+    PairedPermutationSampling,
+    RegressionAdjustedShapley,
+)
+from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
+
+# Long enough that padded batches cross the widths where fused attention kernels
+# change their sums; 32 words in 5 groups keep exact methods cheap.
+CHAT = (
+    Chat()
+    .system("You are a helpful assistant.")
+    .user(
+        "Tell me a story about a cat who lived by the sea in a lighthouse, and about the "
+        "quick brown fox who jumps over the lazy dog near the river bank today"
+    )
+)
+GROUPS = [i // 7 for i in range(32)]
+METHODS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "ShapleyValueSampling": (ShapleyValueSampling, {"n_samples": 3}),
+    "KernelShap": (KernelShap, {"n_samples": 30}),
+    "Lime": (Lime, {"n_samples": 30}),
+    "FeatureAblation": (FeatureAblation, {}),
+    "ShapleyValues": (ShapleyValues, {}),
+    "ExactShapleyValues": (ExactShapleyValues, {}),
+    "PairedPermutationSampling": (PairedPermutationSampling, {"budget": 40, "seed": 1}),
+    "LeverageKernelShap": (LeverageKernelShap, {"budget": 40, "seed": 1}),
+    "RegressionAdjustedShapley": (RegressionAdjustedShapley, {"budget": 40, "seed": 1}),
+    "HierarchicalShapley": (HierarchicalShapley, {"budget": 40, "seed": 1}),
+}
+GEN = {"max_new_tokens": 4}
+TARGETS: dict[str, Any] = {
+    "log-prob of a given answer": lambda: None,
+    "similarity, greedy regeneration": lambda: EmbeddingSimilarity(gen_args=GEN),
+    "similarity, sampled regeneration": lambda: EmbeddingSimilarity(
+        gen_args=GEN, samples_per_coalition=2, temperature=1.3, seed=7
+    ),
+}
+
+
+def run(model: Any, inp: ChatInput, method: str, target: str, ppe: int):
+    cls, kwargs = METHODS[method]
+    attr = MultimodalLLMAttribution(cls(model), model, target=TARGETS[target]())
+    answer = "I am a model" if target.startswith("log-prob") else None
+    torch.manual_seed(0)  # Captum's samplers draw from torch's generator
+    return attr.attribute(inp, target=answer, perturbations_per_eval=ppe, **kwargs)
+
+
+def arrays(res: MultimodalLLMAttributionResult) -> list[torch.Tensor]:
+    out = [res.seq_attr]
+    out += [t for t in (res.token_attr, res.seq_attr_stderr) if t is not None]
+    return out
+
+
+def assert_identical(a: MultimodalLLMAttributionResult, b: MultimodalLLMAttributionResult) -> None:
+    for x, y in zip(arrays(a), arrays(b), strict=True):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_hf_adapter()
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_bit_identical_across_runs_batches_and_save_load(model, tmp_path, method, target):
+    inp = ChatInput(CHAT, model, groups=GROUPS)
+    first = run(model, inp, method, target, ppe=1)
+    again = run(model, inp, method, target, ppe=1)
+    assert_identical(first, again)
+    for ppe in (5, 32):
+        assert_identical(first, run(model, inp, method, target, ppe=ppe))
+    back = MultimodalLLMAttributionResult.load(first.save(tmp_path / "res.json"))
+    assert_identical(first, back)
+    assert bool(first.seq_attr.abs().sum() > 0)  # a game that says something
+
+
+def test_speech_model_is_bit_identical_across_batches():
+    model = LFM2AudioAdapter(*tiny_lfm2_audio())
+    chat = (
+        Chat().system("Respond.").user("Please answer", audio=speech_like(1.5), sample_rate=16000)
+    )
+    for baseline in ("drop", "silence"):
+        inp = ChatInput(chat, model, audio_unit=0.3, audio_baseline=baseline)
+        results = []
+        for ppe in (1, 6, 64):
+            attr = MultimodalLLMAttribution(ShapleyValueSampling(model), model)
+            torch.manual_seed(0)
+            results.append(
+                attr.attribute(
+                    inp, target=torch.arange(300, 306), n_samples=3, perturbations_per_eval=ppe
+                )
+            )
+        assert_identical(results[0], results[1])
+        assert_identical(results[0], results[2])
+
+
+def test_long_rows_are_scored_alone_and_stay_bit_identical(model, monkeypatch):
+    from captum_mllm.models import decoder
+
+    inp = ChatInput(CHAT, model, groups=GROUPS)
+    batched = run(model, inp, "ShapleyValueSampling", "log-prob of a given answer", ppe=32)
+    monkeypatch.setattr(decoder, "LONG_ROW", 16)  # every row is "long" now
+    calls: list[int] = []
+    score = model._score_rows
+    monkeypatch.setattr(
+        model, "_score_rows", lambda rows, *a, **k: calls.append(len(rows)) or score(rows, *a, **k)
+    )
+    alone = [
+        run(model, inp, "ShapleyValueSampling", "log-prob of a given answer", ppe=p)
+        for p in (1, 32)
+    ]
+    assert set(calls) == {1}
+    assert_identical(alone[0], alone[1])
+    assert torch.allclose(alone[0].token_attr, batched.token_attr, atol=1e-4)
