@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from captum.attr import LLMAttribution, ShapleyValueSampling
+from text_vs_captum import SYSTEM, TARGET, USER  # the same text chat as the CPU benchmark
 
 from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, LFM2AudioAdapter
 from captum_mllm import MultimodalLLMAttribution as Ours
@@ -42,13 +43,6 @@ from captum_mllm.captum_compat import text_template_input
 from captum_mllm.methods import ExactShapleyValues, PairedPermutationSampling
 from captum_mllm.testing import speech_like, tiny_lfm2_audio, tiny_tokenizer
 
-SYSTEM = (
-    "You are a helpful assistant. Answer briefly and politely. The weather today is sunny "
-    "with a light breeze from the west. Music, art and science help people understand the "
-    "world around them."
-)
-USER = "Tell me a story about a cat who lived by the sea please"
-TARGET = "A spider has eight legs and the sky is blue!"  # 12 tokens
 SPOKEN_TEXT = "Please answer this question very briefly"
 
 LLAMA_1B = dict(

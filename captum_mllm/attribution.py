@@ -73,7 +73,9 @@ class MultimodalLLMAttribution(LLMAttribution):
     Unlike stock Captum it evaluates ``perturbations_per_eval`` coalitions in
     one forward, evaluates each distinct coalition once, reuses the key/value
     cache of the untouched prefix, and can keep every evaluated coalition in a
-    SQLite store to resume an interrupted run.
+    SQLite store to resume an interrupted run. ``ShapleyValueSampling`` asks for
+    one order's coalitions at a time; they are drawn ahead (as Captum will draw
+    them) and evaluated in full batches, so its values are unchanged.
 
     Args:
         attr_method (PerturbationAttribution): FeatureAblation, ShapleyValues,
@@ -257,6 +259,11 @@ class MultimodalLLMAttribution(LLMAttribution):
         requested = 0  # our estimators' coalitions asked for, before their own memo
         try:
             for _ in range(num_trials):
+                upcoming = captum_compat.sampled_coalitions(
+                    self.attr_method, inp.n_itp_features, int(kwargs.get("n_samples", 25))
+                )
+                if upcoming is not None:
+                    evaluator.prefetch(upcoming, int(kwargs.get("perturbations_per_eval", 1)))
                 cur = self.attr_method.attribute(
                     inp.to_tensor().to(self.device),
                     additional_forward_args=(call,),

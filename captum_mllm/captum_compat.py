@@ -18,10 +18,12 @@ from captum.attr import (
     ImageMaskInput,
     InterpretableInput,
     LLMAttribution,
+    ShapleyValueSampling,
     TextTemplateInput,
 )
 from captum.attr._core.llm_attr import DEFAULT_GEN_ARGS as _DEFAULT_GEN_ARGS
 from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
+from captum.attr._core.shapley_value import _perm_generator
 from torch import Tensor
 
 from captum_mllm.errors import UnsupportedInputError
@@ -134,3 +136,35 @@ def stock_image_forward(
         return out.reshape(-1)
 
     return forward
+
+
+def sampled_coalitions(method: Any, n_features: int, n_samples: int) -> Tensor | None:
+    """The coalitions Captum's ``ShapleyValueSampling`` is about to ask for:
+    the empty one, then every head of each random order, drawn by the same
+    ``torch.randperm`` calls it will make (torch's generator state is put back).
+
+    Captum evaluates one order at a time (at most ``n + 1`` coalitions a
+    forward, however large ``perturbations_per_eval``); evaluating these first,
+    in full batches, leaves it nothing but cache hits. Values are unchanged:
+    each coalition's value is its own.
+
+    Returns:
+        Tensor: ``(M, n_features)`` distinct 0/1 rows, or None for another method.
+    """
+    if type(method) is not ShapleyValueSampling or method.permutation_generator is not (
+        _perm_generator
+    ):
+        return None
+    state = torch.get_rng_state()
+    try:
+        orders = [torch.randperm(n_features) for _ in range(n_samples)]
+    finally:
+        torch.set_rng_state(state)
+    rows = [torch.zeros(n_features)]
+    for order in orders:
+        row = torch.zeros(n_features)
+        for f in order.tolist():
+            row = row.clone()
+            row[f] = 1.0
+            rows.append(row)
+    return torch.unique(torch.stack(rows), dim=0)

@@ -217,3 +217,25 @@ def test_a_final_assistant_turn_is_the_default_target(model, chat):
     explicit = attr.attribute(ChatInput(chat, model), target=TARGET)
     assert given.output_tokens == explicit.output_tokens
     torch.testing.assert_close(given.token_attr, explicit.token_attr)
+
+
+def test_captum_sampling_is_prefetched_in_full_batches(model, chat):
+    """Captum's ShapleyValueSampling asks one order at a time; its coalitions are
+    drawn ahead (torch's generator put back) and evaluated in full batches, so
+    it meets only cache hits, with stock Captum's values."""
+    words = ["Who", "are", "you", "my", "friend"]
+    torch.manual_seed(5)
+    stock = LLMAttribution(ShapleyValueSampling(model.model), model.tokenizer).attribute(
+        template_input(model, chat, words), target=TARGET, forward_in_tokens=False, n_samples=8
+    )
+    torch.manual_seed(5)
+    ours = MultimodalLLMAttribution(ShapleyValueSampling(model), model).attribute(
+        ChatInput(chat, model), target=TARGET, perturbations_per_eval=64, n_samples=8
+    )
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    _ = [torch.randperm(5) for _ in range(8)]  # Captum's own draws, and nothing more
+    assert torch.equal(after, torch.rand(1))  # the generator ends where Captum leaves it
+    torch.testing.assert_close(ours.token_attr, stock.token_attr, atol=1e-4, rtol=0)
+    assert ours.n_coalitions == 8 * 5 + 1  # what Captum asked for
+    assert ours.n_model_calls <= 3  # prefix, then all unique coalitions in one batch

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 
 def _load(name: str):
-    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    folder = Path(__file__).parent.parent / "benchmarks"
+    if str(folder) not in sys.path:  # benchmarks import each other, as scripts do
+        sys.path.insert(0, str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -123,7 +123,7 @@ def test_long_rows_are_scored_alone_and_stay_bit_identical(model, monkeypatch):
 
     inp = ChatInput(CHAT, model, groups=GROUPS)
     batched = run(model, inp, "ShapleyValueSampling", "log-prob of a given answer", ppe=32)
-    monkeypatch.setattr(decoder, "LONG_ROW", 16)  # every row is "long" now
+    monkeypatch.setattr(decoder, "LONG_ROW", 0)  # every row is "long" now
     calls: list[int] = []
     score = model._score_rows
     monkeypatch.setattr(
