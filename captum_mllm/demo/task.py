@@ -24,6 +24,8 @@ from captum_mllm.errors import SynthesisError
 ROOMS = ("kitchen", "bedroom", "garage", "office", "bathroom", "hallway")
 DEVICES = ("light", "fan", "heater", "radio")
 ACTIONS = ("on", "off")
+#: The answer word for a deciding word that was not heard (silenced in training).
+UNKNOWN = "unknown"
 TEMPLATES = (
     "please turn {action} the {room} {device}",
     "turn the {room} {device} {action}",
@@ -75,6 +77,12 @@ class Utterance:
     request: Request
     waveform: torch.Tensor
     spans: list[tuple[float, float, str]] = field(default_factory=list)  # known only if joined
+    answer: str | None = None  # the trained answer when it is not the request's own
+
+    @property
+    def expected(self) -> str:
+        """The answer the model is trained to give for this clip."""
+        return self.answer if self.answer is not None else self.request.answer
 
 
 def all_requests() -> list[Request]:

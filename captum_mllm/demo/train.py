@@ -36,6 +36,7 @@ from captum_mllm.demo.task import (
     ROOMS,
     SAMPLE_RATE,
     SYSTEM_PROMPT,
+    UNKNOWN,
     Request,
     Utterance,
     all_requests,
@@ -87,7 +88,7 @@ def new_model(folder: Path, seed: int) -> tuple[Any, Any]:
     from liquid_audio.processor import PreprocessorConfig
     from transformers import AutoTokenizer, Lfm2Config
 
-    tiny_lfm2_tokenizer_dir(ROOMS + DEVICES + ACTIONS, path=str(folder))
+    tiny_lfm2_tokenizer_dir(ROOMS + DEVICES + ACTIONS + (UNKNOWN,), path=str(folder))
     conf = config(len(AutoTokenizer.from_pretrained(folder)))
     (folder / "config.json").write_text(json.dumps(conf, indent=1))
     torch.manual_seed(seed)
@@ -146,8 +147,9 @@ def make_data(n: int, seed: int, workers: int = 2, cache: Path | None = None) ->
 
 
 def words_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utterance]:
-    """Copies of the joined-word utterances with one or two words that decide
-    nothing cut out (the word and the pause after it) or zeroed, at random.
+    """Copies of the utterances with word spans (:func:`with_spans`) with one or
+    two words that decide nothing cut out (the word and the pause after it) or
+    zeroed, at random.
 
     Trained on these too, the model answers from the deciding words alone and
     is not thrown by a missing filler word, so what an explanation removes is
@@ -178,6 +180,43 @@ def words_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utterance
     return out
 
 
+def with_spans(utterances: Sequence[Utterance], aligner: Any) -> list[Utterance]:
+    """The utterances with word spans: known for joined-word clips, found by the
+    aligner for whole sentences."""
+    out = []
+    for u in utterances:
+        spans = u.spans or aligner.align(u.waveform, SAMPLE_RATE, u.request.transcript)
+        out.append(Utterance(u.request, u.waveform, spans))
+    return out
+
+
+def deciding_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utterance]:
+    """Copies of the joined-word utterances (spans known exactly, so nothing of
+    the word is left) with one deciding word zeroed (as
+    the ``"silence"`` baseline does), answered with ``unknown`` in its place.
+
+    Trained on these too, the model ties each answer word to the sound of its
+    own deciding word: silence that word and the answer word goes, silence any
+    other and it stays. Without them a model may answer "fan" whenever no
+    device is heard, and an explanation of "fan" then finds nothing to credit.
+    """
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for u in utterances:
+        if not u.spans:
+            continue
+        slot = int(rng.integers(3))
+        word = u.request.deciding[slot]
+        i = next(i for i, (_, _, w) in enumerate(u.spans) if w == word)
+        wave = u.waveform.clone()
+        stop = u.spans[i + 1][0] if i + 1 < len(u.spans) else u.spans[i][1]
+        wave[round(u.spans[i][0] * SAMPLE_RATE) : round(stop * SAMPLE_RATE)] = 0.0
+        answer = list(u.request.deciding)
+        answer[slot] = UNKNOWN
+        out.append(Utterance(u.request, wave, u.spans, answer=" ".join(answer)))
+    return out
+
+
 # The speech model -----------------------------------------------------------------------
 
 
@@ -193,9 +232,7 @@ class Examples:
         self.prefix, self.suffix = ids[: int(audio[0])], ids[int(audio[-1]) + 1 :]
         self.answers = [
             torch.tensor(
-                adapter.tokenizer(u.request.answer + "<|im_end|>", add_special_tokens=False)[
-                    "input_ids"
-                ]
+                adapter.tokenizer(u.expected + "<|im_end|>", add_special_tokens=False)["input_ids"]
             )
             for u in utterances
         ]
@@ -400,9 +437,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     held_out = make_data(args.held_out, args.seed + 1, args.workers, args.cache)
     print(f"synthesised {len(train)} + {len(held_out)} requests in {time.time() - start:.0f} s")
 
+    # The aligner first: its word spans let the model's training silence words
+    # in whole sentences too, as the "silence" baseline does on aligned words.
+    aligner = new_aligner(out / "aligner", args.seed)
+    aligner.model.train()
+    train_loop(
+        aligner.model.parameters(),
+        lambda idx: ctc_loss(aligner, train, idx),
+        len(train),
+        args.aligner_steps,
+        args.batch_size,
+        2e-3,
+        args.seed,
+        "aligner",
+    )
+    aligner.model.eval()
+    aligner.model.save_pretrained(out / "aligner")
+    aligner.processor.save_pretrained(out / "aligner")
+    spanned = with_spans(train, aligner)
+
     model, processor = new_model(out / "model", args.seed)
     adapter = LFM2AudioAdapter(model.eval(), processor)
-    data = Examples(adapter, train + words_left_out(train, args.seed))
+    data = Examples(
+        adapter,
+        train
+        + words_left_out(spanned, args.seed)
+        + deciding_left_out([u for u in train if u.spans], args.seed),
+    )
     model.train()
     trained = [p for n, p in model.named_parameters() if n.split(".")[0] in TRAINED]
     train_loop(
@@ -421,21 +482,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     acc = accuracy(reloaded, held_out)
     print(f"held-out accuracy (saved weights): {acc:.3f}")
 
-    aligner = new_aligner(out / "aligner", args.seed)
-    aligner.model.train()
-    train_loop(
-        aligner.model.parameters(),
-        lambda idx: ctc_loss(aligner, train, idx),
-        len(train),
-        args.aligner_steps,
-        args.batch_size,
-        2e-3,
-        args.seed,
-        "aligner",
-    )
-    aligner.model.eval()
-    aligner.model.save_pretrained(out / "aligner")
-    aligner.processor.save_pretrained(out / "aligner")
     joined = [u for u in held_out if u.spans]
     errors = boundary_errors(aligner, joined)
     print(
