@@ -129,11 +129,15 @@ def rows_within(max_tokens: int | None, width: int, rows: int) -> int:
     return max(1, min(rows, max_tokens // max(width, 1)))
 
 
-def default_call_cost(device: torch.device) -> int:
-    """Per-forward overhead in tokens: on CPU a forward reads every weight once
-    (~80 tokens of compute for a 10M model on 2 cores, measured); on a GPU a
-    forward of a 1B model costs ~10 ms of launches, ~2,000 tokens' worth."""
-    return 80 if device.type == "cpu" else 2048
+def default_call_cost(device: torch.device, n_params: int = 10_000_000) -> int:
+    """Per-forward overhead in tokens. On a CPU a call's fixed cost (Python,
+    kernel launches) is ~80 tokens of compute for a 10M-parameter model on 2
+    cores (measured), and a token's cost grows with the parameters: the
+    overhead counts for more tokens in a smaller model. On a GPU a forward of a
+    1B model costs ~10 ms of launches, ~2,000 tokens' worth."""
+    if device.type != "cpu":
+        return 2048
+    return max(4, round(80 * 10_000_000 / max(n_params, 1)))
 
 
 #: Padded tokens in one forward on the CPU: a 2,000-token row goes 4 at a time.

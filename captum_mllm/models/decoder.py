@@ -146,6 +146,10 @@ class DecoderLMAdapter(ModelAdapter):
     #: default (:func:`~captum_mllm.models.batching.default_token_budget`).
     max_batch_tokens: int | None = None
 
+    @functools.cached_property
+    def _n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
     @property
     def token_budget(self) -> int:
         if self.max_batch_tokens is not None:
@@ -320,7 +324,7 @@ class DecoderLMAdapter(ModelAdapter):
         time through the fused kernel instead (its memory grows linearly with
         length, the math kernel's quadratically; on a CPU a row that long
         gains nothing from batching)."""
-        call_cost = self.call_cost or default_call_cost(self.device)
+        call_cost = self.call_cost or default_call_cost(self.device, self._n_params)
         budget = self.token_budget
         pad = self.is_causal
         if not self.is_deterministic:
