@@ -170,7 +170,7 @@ class DecoderLMAdapter(ModelAdapter):
         return self.deterministic
 
     def _attention(self) -> Any:
-        """The attention kernels scoring and generation run under."""
+        """The attention kernel padded batches run under (see :attr:`deterministic`)."""
         return sdpa_kernel(SDPBackend.MATH) if self.is_deterministic else contextlib.nullcontext()
 
     @abstractmethod
