@@ -231,23 +231,11 @@ class CoalitionEvaluator:
     def prefetch(self, rows: Tensor, batch: int) -> None:
         """Evaluate and keep coalitions a method is about to ask for, ``batch``
         at a time (not counted as requested: the method's own asks are)."""
-        if not self.enabled or self.shard is not None:
+        if not self.enabled:
             return
-        keys = coalition_keys(rows)
-        known = self.store.get_many(keys)
-        fresh = [i for i, k in enumerate(keys) if k not in known and k not in self._seen]
-        for start in range(0, len(fresh), max(batch, 1)):
-            chunk = rows[fresh[start : start + batch]]
-            result = self._evaluate(chunk)
-            self.n_evaluated += len(chunk)
-            values = result.values.detach().float().cpu().numpy()
-            said = result.responses or [None] * len(chunk)
-            new = {k: (v, r) for k, v, r in zip(coalition_keys(chunk), values, said, strict=True)}
-            self.store.put_many(new)
-            self._seen.update(new)
-            for row, r in zip(chunk, said, strict=True):
-                if r is not None:
-                    self.responses[_as_tuple(row)] = r
+        for start in range(0, len(rows), max(batch, 1)):
+            self(rows[start : start + batch])
+        self.n_requested -= len(rows)
 
     def _evaluate(self, rows: Tensor) -> TargetValues:
         """``evaluate`` in chunks; out of memory halves the chunk and retries

@@ -167,7 +167,8 @@ class ChatInput(InterpretableInput):
         self.skip = tuple(skip)
         # A final assistant turn is the answer to explain, not part of the prompt.
         self.prompt, self.response = self.chat.split_response()
-        model.check_text(self.chat)  # the answer's text too, not only the prompt's
+        if self.response is not None:  # encode checks the prompt's text
+            model.check_text(list(self.chat)[-1:])
         self._check_transcripts()
         self.encoded: EncodedChat = model.encode(self.prompt)
         self._check_audio_fill()

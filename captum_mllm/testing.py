@@ -211,6 +211,68 @@ def tiny_lfm2_tokenizer_dir(words: Sequence[str] = (), path: str | None = None) 
     return path
 
 
+#: The tiny LFM2-Audio of DESIGN.md, in liquid-audio's ``config.json`` layout.
+TINY_LFM2_AUDIO: dict[str, Any] = dict(
+    architectures=["LFM2AudioModel"], codebooks=8, tie_audio_embeddings=False,
+    semantic_codebook_factor=100.0, codebook_weight="log", interleaved_n_text=6,
+    interleaved_n_audio=12,
+    preprocessor=dict(
+        sample_rate=16000, normalize="per_feature", window_size=0.025, window_stride=0.01,
+        window="hann", features=128, n_fft=512, log=True, frame_splicing=1, dither=0.0,
+        pad_to=0, pad_value=0.0,
+    ),
+    encoder=dict(
+        feat_in=128, feat_out=-1, n_layers=1, d_model=32, subsampling="dw_striding",
+        subsampling_factor=8, subsampling_conv_channels=16, causal_downsampling=False,
+        reduction=None, reduction_position=None, reduction_factor=1, ff_expansion_factor=2,
+        self_attention_model="rel_pos", n_heads=2, att_context_size=[[-1, -1]], xscaling=False,
+        untie_biases=True, pos_emb_max_len=5000, conv_kernel_size=9, conv_norm_type="batch_norm",
+        conv_context_size=None, dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0,
+        dropout_att=0.0,
+    ),
+    lfm=dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        layer_types=["conv", "full_attention"], num_attention_heads=4, num_key_value_heads=2,
+        conv_L_cache=3, tie_word_embeddings=True, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=7, initializer_range=0.2,
+    ),
+    depthformer=dict(layers=1, dim=64, tie=True),
+)  # fmt: skip
+
+
+def lfm2_audio_config(**overrides: dict[str, Any]) -> dict[str, Any]:
+    """:data:`TINY_LFM2_AUDIO` with some fields of its parts replaced, e.g.
+    ``lfm2_audio_config(lfm={"hidden_size": 128})``."""
+    return {k: {**v, **overrides.get(k, {})} if isinstance(v, dict) else v
+            for k, v in TINY_LFM2_AUDIO.items()}  # fmt: skip
+
+
+def lfm2_audio_from_config(
+    config: dict[str, Any], tokenizer_dir: str, seed: int = 0
+) -> tuple[Any, Any]:
+    """A randomly initialised LFM2AudioModel of ``config`` (liquid-audio's
+    ``config.json`` layout) and its processor with the tokenizer in ``tokenizer_dir``."""
+    from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
+    from liquid_audio.model.conformer.encoder import ConformerEncoderConfig
+    from liquid_audio.model.lfm2_audio import DepthformerConfig, LFM2AudioConfig
+    from liquid_audio.processor import PreprocessorConfig
+    from transformers import Lfm2Config
+
+    pre = PreprocessorConfig(**config["preprocessor"])
+    conf = LFM2AudioConfig(
+        **{
+            **config,
+            "preprocessor": pre,
+            "encoder": ConformerEncoderConfig(**config["encoder"]),
+            "lfm": Lfm2Config(**config["lfm"]),
+            "depthformer": DepthformerConfig(**config["depthformer"]),
+        }
+    )
+    torch.manual_seed(seed)
+    model = LFM2AudioModel(conf).eval()
+    return model, LFM2AudioProcessor(tokenizer_dir, pre).eval()
+
+
 def tiny_lfm2_audio(
     seed: int = 0,
     lfm: dict[str, Any] | None = None,
@@ -219,11 +281,11 @@ def tiny_lfm2_audio(
 ) -> tuple[Any, Any]:
     """A randomly initialised ~3.4M-parameter LFM2-Audio and its processor.
 
-    Configuration from DESIGN.md: Lfm2 (vocab 512, hidden 64, 2 layers conv +
-    full attention), a one-layer conformer (d_model 32, 8x subsampling: one
-    position per 80 ms), a one-layer depthformer (dim 64), 8 codebooks. The
-    overrides build other shapes of the same architecture (``benchmarks/gpu.py``
-    builds one of LFM2-Audio-1.5B's shape).
+    Configuration from DESIGN.md (:data:`TINY_LFM2_AUDIO`): Lfm2 (vocab 512,
+    hidden 64, 2 layers conv + full attention), a one-layer conformer (d_model
+    32, 8x subsampling: one position per 80 ms), a one-layer depthformer (dim
+    64), 8 codebooks. The overrides build other shapes of the same architecture
+    (``benchmarks/gpu.py`` builds one of LFM2-Audio-1.5B's shape).
 
     Args:
         seed (int, optional): weight seed. Default: 0
@@ -234,45 +296,8 @@ def tiny_lfm2_audio(
     Returns:
         tuple: ``(LFM2AudioModel in eval mode, LFM2AudioProcessor)`` on CPU, float32.
     """
-    from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
-    from liquid_audio.model.conformer.encoder import ConformerEncoderConfig
-    from liquid_audio.model.lfm2_audio import DepthformerConfig, LFM2AudioConfig
-    from liquid_audio.processor import PreprocessorConfig
-    from transformers import Lfm2Config
-
-    pre = PreprocessorConfig(
-        sample_rate=16000, normalize="per_feature", window_size=0.025, window_stride=0.01,
-        window="hann", features=128, n_fft=512, log=True, frame_splicing=1, dither=0.0,
-        pad_to=0, pad_value=0.0,
-    )  # fmt: skip
-    enc: dict[str, Any] = dict(
-        feat_in=128, feat_out=-1, n_layers=1, d_model=32, subsampling="dw_striding",
-        subsampling_factor=8, subsampling_conv_channels=16, causal_downsampling=False,
-        reduction=None, reduction_position=None, reduction_factor=1, ff_expansion_factor=2,
-        self_attention_model="rel_pos", n_heads=2, att_context_size=[[-1, -1]], xscaling=False,
-        untie_biases=True, pos_emb_max_len=5000, conv_kernel_size=9, conv_norm_type="batch_norm",
-        conv_context_size=None, dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0,
-        dropout_att=0.0,
-    )  # fmt: skip
-    lm: dict[str, Any] = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        layer_types=["conv", "full_attention"], num_attention_heads=4, num_key_value_heads=2,
-        conv_L_cache=3, tie_word_embeddings=True, max_position_embeddings=4096,
-        pad_token_id=0, bos_token_id=1, eos_token_id=7, initializer_range=0.2,
-    )  # fmt: skip
-    depth: dict[str, Any] = dict(layers=1, dim=64, tie=True)
-    conf = LFM2AudioConfig(
-        architectures=["LFM2AudioModel"], codebooks=8, tie_audio_embeddings=False,
-        semantic_codebook_factor=100.0, codebook_weight="log", interleaved_n_text=6,
-        interleaved_n_audio=12, preprocessor=pre,
-        encoder=ConformerEncoderConfig(**{**enc, **(encoder or {})}),
-        lfm=Lfm2Config(**{**lm, **(lfm or {})}),
-        depthformer=DepthformerConfig(**{**depth, **(depthformer or {})}),
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = LFM2AudioModel(conf).eval()
-    processor = LFM2AudioProcessor(tiny_lfm2_tokenizer_dir(), pre).eval()
-    return model, processor
+    config = lfm2_audio_config(lfm=lfm or {}, encoder=encoder or {}, depthformer=depthformer or {})
+    return lfm2_audio_from_config(config, tiny_lfm2_tokenizer_dir(), seed)
 
 
 def speech_like(seconds: float = 1.5, sample_rate: int = 16000, seed: int = 0) -> torch.Tensor:

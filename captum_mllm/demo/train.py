@@ -45,66 +45,34 @@ from captum_mllm.demo.task import (
 from captum_mllm.inputs import ChatInput
 from captum_mllm.models.batching import pad_rows
 from captum_mllm.models.lfm2_audio import LFM2AudioAdapter
-from captum_mllm.testing import tiny_lfm2_tokenizer_dir
+from captum_mllm.testing import lfm2_audio_config, lfm2_audio_from_config, tiny_lfm2_tokenizer_dir
 
 LETTERS = ("<pad>", "<s>", "</s>", "<unk>", "|", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ'")
-PREPROCESSOR: dict[str, Any] = dict(
-    sample_rate=SAMPLE_RATE, normalize="per_feature", window_size=0.025, window_stride=0.01,
-    window="hann", features=64, n_fft=512, log=True, frame_splicing=1, dither=0.0,
-    pad_to=0, pad_value=0.0,
-)  # fmt: skip
-ENCODER: dict[str, Any] = dict(
-    feat_in=64, feat_out=-1, n_layers=2, d_model=64, subsampling="dw_striding",
-    subsampling_factor=8, subsampling_conv_channels=32, causal_downsampling=False,
-    reduction=None, reduction_position=None, reduction_factor=1, ff_expansion_factor=2,
-    self_attention_model="rel_pos", n_heads=4, att_context_size=[[-1, -1]], xscaling=False,
-    untie_biases=True, pos_emb_max_len=5000, conv_kernel_size=9, conv_norm_type="batch_norm",
-    conv_context_size=None, dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0,
-    dropout_att=0.0,
-)  # fmt: skip
-LFM: dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    layer_types=["conv", "full_attention", "conv", "full_attention"], num_attention_heads=4,
-    num_key_value_heads=2, conv_L_cache=3, tie_word_embeddings=True, max_position_embeddings=4096,
-    pad_token_id=0, bos_token_id=1, eos_token_id=7, initializer_range=0.02,
+# The tiny test model's architecture, grown where the task needs it.
+SHAPE: dict[str, dict[str, Any]] = dict(
+    preprocessor=dict(features=64),
+    encoder=dict(feat_in=64, n_layers=2, d_model=64, subsampling_conv_channels=32, n_heads=4),
+    lfm=dict(
+        num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
+        initializer_range=0.02,
+    ),
+    depthformer=dict(dim=32),
 )  # fmt: skip
 
 
 def config(vocab_size: int) -> dict[str, Any]:
     """The demo model's ``config.json`` (liquid-audio's layout)."""
-    return dict(
-        architectures=["LFM2AudioModel"], codebooks=8, tie_audio_embeddings=False,
-        semantic_codebook_factor=100.0, codebook_weight="log", interleaved_n_text=6,
-        interleaved_n_audio=12, preprocessor=PREPROCESSOR, encoder=ENCODER,
-        lfm={**LFM, "vocab_size": vocab_size}, depthformer=dict(layers=1, dim=32, tie=True),
-    )  # fmt: skip
+    return lfm2_audio_config(**{**SHAPE, "lfm": {**SHAPE["lfm"], "vocab_size": vocab_size}})
 
 
 def new_model(folder: Path, seed: int) -> tuple[Any, Any]:
     """A freshly initialised demo model and its processor, tokenizer in ``folder``."""
-    from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
-    from liquid_audio.model.conformer.encoder import ConformerEncoderConfig
-    from liquid_audio.model.lfm2_audio import DepthformerConfig, LFM2AudioConfig
-    from liquid_audio.processor import PreprocessorConfig
-    from transformers import AutoTokenizer, Lfm2Config
+    from transformers import AutoTokenizer
 
     tiny_lfm2_tokenizer_dir(ROOMS + DEVICES + ACTIONS + (UNKNOWN,), path=str(folder))
     conf = config(len(AutoTokenizer.from_pretrained(folder)))
     (folder / "config.json").write_text(json.dumps(conf, indent=1))
-    torch.manual_seed(seed)
-    model = LFM2AudioModel(
-        LFM2AudioConfig(
-            **{
-                **conf,
-                "preprocessor": PreprocessorConfig(**PREPROCESSOR),
-                "encoder": ConformerEncoderConfig(**ENCODER),
-                "lfm": Lfm2Config(**conf["lfm"]),
-                "depthformer": DepthformerConfig(**conf["depthformer"]),
-            }
-        )
-    )
-    processor = LFM2AudioProcessor(str(folder), PreprocessorConfig(**PREPROCESSOR)).eval()
-    return model, processor
+    return lfm2_audio_from_config(conf, str(folder), seed)
 
 
 # Data -------------------------------------------------------------------------------

@@ -75,16 +75,19 @@ class ModelAdapter(nn.Module, ABC):
     def encode(self, chat: Any) -> EncodedChat:
         """Encode a chat (a :class:`Chat` or a message list) with generation prompt."""
 
-    def check_text(self, chat: Any) -> None:
+    def check_text(self, turns: Any) -> None:
         """Refuse text that holds one of the tokenizer's control tokens: the
         tokenizer would read ``<|im_start|>`` inside a message as chat
         structure, not as the characters the user wrote.
+
+        Args:
+            turns (Chat or list of Turn): the turns to check.
 
         Raises:
             InvalidContentError: a text part contains a control token.
         """
         controls = self._control_tokens
-        for turn in chat:
+        for turn in turns:
             for part in turn.parts:
                 found = [c for c in controls if c in getattr(part, "text", "")]
                 if found:
