@@ -20,9 +20,14 @@ class LeverageKernelShap(ShapleyEstimator):
     leverage score sampling", ICLR 2025), so coalitions are drawn stratified by
     size, the same number from every size, each with its complement, without
     replacement; each stratum is reweighted to its full size (Horvitz-Thompson).
-    The weighted least squares is solved on the subspace where the values sum
-    to ``f(all) - f(none)``, so estimates are exactly efficient. With a budget
-    of ``2^n`` every coalition is used and the result is exact. The estimator
+    A pair enters the regression as one row, the half-difference of its two
+    values (only that odd part of a game has Shapley values), beside a free
+    function of the coalition's size: that term takes up what depends on the
+    size alone (a prompt's log-probability falls as words go), which has equal
+    Shapley values for all features and would otherwise leak into the estimate
+    from a finite sample. The fit is then put on ``sum = f(all) - f(none)``,
+    so estimates are exactly efficient. With a budget of ``2^n`` every
+    coalition is used and the result is exact. The estimator
     is consistent (not unbiased); the standard error is a bootstrap over pairs.
 
     Args:
@@ -105,19 +110,21 @@ class _Strata:
     def solve(
         self, game: Game, empty: np.ndarray, full: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The constrained weighted least squares, and its bootstrap spread over pairs."""
-        masks = np.array([m for pair in self.pairs for m in pair], dtype=bool)
+        """The weighted least squares on pair differences, and its bootstrap spread."""
+        masks = np.array([mask for mask, _ in self.pairs], dtype=bool)  # |mask| <= n / 2
         sizes = masks.sum(1)
-        # Kernel SHAP weight of a size class times its size over the number drawn from it.
+        half = (game.lookup(masks) - game.lookup(~masks)) / 2  # (p, k)
+        # A pair stands for its size class (sizes s and n - s): the classes' Kernel
+        # SHAP weights 1 / (s (n - s)) each, shared by the pairs drawn from it.
         drawn = np.array([len(self.held[int(s)]) for s in sizes])
         weights = 1.0 / (sizes * (self.n - sizes) * drawn)
-        z, y = masks.astype(float), game.lookup(masks)
-        phi = _constrained_lstsq(z, y, weights, empty, full)
+        phi = _pair_lstsq(masks, half, weights, empty, full)
         strata: dict[int, list[int]] = {}
-        for p, (mask, _) in enumerate(self.pairs):
-            s = int(mask.sum())
-            if len(self.held[s]) < self.size_of[s]:  # a class drawn whole has no sampling error
-                strata.setdefault(min(s, self.n - s), []).append(p)
+        for p, s in enumerate(sizes):
+            if (
+                len(self.held[int(s)]) < self.size_of[int(s)]
+            ):  # a class drawn whole has no sampling error
+                strata.setdefault(int(s), []).append(p)
         if not strata:
             return phi, np.zeros_like(phi)
         boots = []
@@ -125,27 +132,36 @@ class _Strata:
             pick = np.arange(len(self.pairs))
             for members in strata.values():
                 pick[members] = self.rng.choice(members, size=len(members), replace=True)
-            rows = np.stack([2 * pick, 2 * pick + 1], axis=1).reshape(-1)
-            boots.append(_constrained_lstsq(z[rows], y[rows], weights[rows], empty, full))
+            boots.append(_pair_lstsq(masks[pick], half[pick], weights[pick], empty, full))
         return phi, np.std(np.stack(boots), axis=0, ddof=1)
 
 
-def _constrained_lstsq(
-    z: np.ndarray, y: np.ndarray, w: np.ndarray, empty: np.ndarray, full: np.ndarray
+def _pair_lstsq(
+    masks: np.ndarray, half: np.ndarray, w: np.ndarray, empty: np.ndarray, full: np.ndarray
 ) -> np.ndarray:
-    """argmin sum_r w_r (z_r . phi - (v_r - v(empty)))^2  s.t.  sum(phi) = v(full) - v(empty).
+    """Kernel SHAP's weighted least squares on the odd part of the game, made efficient.
 
-    Writing phi = P x + delta / n with P the projection onto sum-zero vectors
-    makes the constraint hold exactly; x solves an ordinary least squares.
+    With ``x = 2 z - 1`` (+1 present, -1 absent), a coalition and its complement
+    differ only in the game's odd part, and only that part has Shapley values
+    (a game with ``v(S) = v(N \\ S)`` has none). So each pair gives one row,
+    ``(v(S) - v(N \\ S)) / 2 ~ h(|S|) + sum_i b_i x_i``, where ``h``, a free
+    function of the size, takes up the symmetric part of the game (such as the
+    prompt getting shorter), whose Shapley values are all equal. With too few
+    pairs to spare one unknown a size class, ``h`` is only linear in the size,
+    which the ``x_i`` already span. The Shapley values of the fit, ``2 b``, are
+    then moved onto ``sum(phi) = f(all) - f(none)``: exactly efficient, and,
+    over every coalition, exactly Shapley's (the fit's off-sum part is).
     """
-    n = z.shape[1]
-    delta = full - empty  # (k,)
-    target = (y - empty) - np.outer(z.sum(1) / n, delta)  # remove the constrained part
-    project = np.eye(n) - 1.0 / n
-    a = (z @ project) * np.sqrt(w)[:, None]
-    b = target * np.sqrt(w)[:, None]
-    x, *_ = np.linalg.lstsq(a, b, rcond=None)
-    return (project @ x + delta[None, :] / n).T  # (k, n)
+    n = masks.shape[1]
+    x = 2.0 * masks - 1.0
+    sizes = masks.sum(1)
+    classes = np.unique(sizes[2 * sizes < n])
+    if len(masks) >= n + 2 * len(classes):
+        x = np.concatenate([(sizes[:, None] == classes).astype(float), x], axis=1)
+    root = np.sqrt(w)[:, None]
+    coef, *_ = np.linalg.lstsq(x * root, half * root, rcond=None)
+    phi = 2 * coef[-n:].T  # (k, n)
+    return phi - phi.mean(axis=1, keepdims=True) + ((full - empty) / n)[:, None]
 
 
 def _allocate(capacity: list[int], goal: int) -> list[int]:
