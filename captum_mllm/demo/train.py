@@ -185,6 +185,38 @@ def deciding_left_out(utterances: Sequence[Utterance], seed: int) -> list[Uttera
     return out
 
 
+def subsets_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utterance]:
+    """Copies of the utterances with word spans with a random subset of their
+    words zeroed (each word with the same chance, itself uniform in 0..1, so
+    every number of words is as likely), every silenced deciding word answered
+    ``unknown``.
+
+    These are the clips an explanation makes: Shapley values weigh coalitions
+    of every size, and the model must answer each of them from the words it
+    hears, one answer word from one spoken word. Trained on a single silenced
+    word only, it falls back on a default ("on" when no "off" is heard) as
+    soon as more is silent, and that default takes the credit away from the
+    word that decides.
+    """
+    rng = np.random.default_rng(seed + 2)
+    out = []
+    for u in utterances:
+        if not u.spans:
+            continue
+        silent = rng.random(len(u.spans)) < rng.random()
+        if not silent.any():
+            continue
+        wave = u.waveform.clone()
+        answer = list(u.request.deciding)
+        for i in np.flatnonzero(silent):
+            stop = u.spans[i + 1][0] if i + 1 < len(u.spans) else u.spans[i][1]
+            wave[round(u.spans[i][0] * SAMPLE_RATE) : round(stop * SAMPLE_RATE)] = 0.0
+            if u.spans[i][2] in answer:
+                answer[answer.index(u.spans[i][2])] = UNKNOWN
+        out.append(Utterance(u.request, wave, u.spans, answer=" ".join(answer)))
+    return out
+
+
 # The speech model -----------------------------------------------------------------------
 
 
@@ -430,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         adapter,
         train
         + words_left_out(spanned, args.seed)
-        + deciding_left_out([u for u in train if u.spans], args.seed),
+        + deciding_left_out([u for u in train if u.spans], args.seed)
+        + subsets_left_out([u for u in train if u.spans], args.seed),
     )
     model.train()
     trained = [p for n, p in model.named_parameters() if n.split(".")[0] in TRAINED]

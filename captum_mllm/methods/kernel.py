@@ -120,10 +120,8 @@ class _Strata:
         weights = 1.0 / (sizes * (self.n - sizes) * drawn)
         phi = _pair_lstsq(masks, half, weights, empty, full)
         strata: dict[int, list[int]] = {}
-        for p, s in enumerate(sizes):
-            if (
-                len(self.held[int(s)]) < self.size_of[int(s)]
-            ):  # a class drawn whole has no sampling error
+        for p, s in enumerate(sizes):  # a class drawn whole has no sampling error
+            if len(self.held[int(s)]) < self.size_of[int(s)]:
                 strata.setdefault(int(s), []).append(p)
         if not strata:
             return phi, np.zeros_like(phi)
