@@ -23,7 +23,7 @@ the demo aligner), and we count how often the deciding word ("kitchen",
 "light", "on") gets the largest attribution for the answer token it decides,
 per method and budget, per audio baseline, with the deletion area.
 
-Run: ``python benchmarks/faithfulness.py [--speech | --speech-only]``.
+Run: ``python benchmarks/faithfulness.py [--speech | --speech-only] [--speech-seed 2026]``.
 """
 
 from __future__ import annotations
@@ -125,13 +125,13 @@ def curves(value, order: np.ndarray, n: int) -> tuple[float, float]:
     return float(np.mean((full - v_del[1:]) / span)), float(np.mean((v_ins[1:] - empty) / span))
 
 
-def speech(n_requests: int) -> None:
+def speech(n_requests: int, seed: int = 2026) -> None:
     """Ground truth on the demo speech model: does the deciding word rank first?"""
     from captum_mllm import demo
     from captum_mllm.demo.task import all_requests, synthesise
 
     model, aligner = demo.load()
-    rng = np.random.default_rng(2026)  # voices and noise the training never drew
+    rng = np.random.default_rng(seed)  # voices and noise the training never drew
     pool = all_requests()
     requests = [pool[i] for i in rng.choice(len(pool), n_requests, replace=False)]
     rows: dict[str, list[tuple[float, float]]] = {}
@@ -190,7 +190,9 @@ def speech(n_requests: int) -> None:
     )
     print(f"{'method [audio baseline]':44s} {'deciding word first':>20s} {'deletion':>9s}")
     for name, values in rows.items():
-        first, deletion = np.nanmean(np.array(values, dtype=float), axis=0)
+        table = np.array(values, dtype=float)
+        first = np.nan if np.isnan(table[:, 0]).all() else np.nanmean(table[:, 0])
+        deletion = table[:, 1].mean()
         first_text = "n/a (no token_attr)" if np.isnan(first) else f"{first:.2f}"
         print(f"{name:44s} {first_text:>20s} {deletion:9.3f}")
 
@@ -201,10 +203,11 @@ def main() -> None:
     parser.add_argument("--speech", action="store_true", help="add the speech section")
     parser.add_argument("--speech-only", action="store_true")
     parser.add_argument("--speech-requests", type=int, default=20)
+    parser.add_argument("--speech-seed", type=int, default=2026, help="draws requests and voices")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.speech or args.speech_only:
-        speech(args.speech_requests)
+        speech(args.speech_requests, args.speech_seed)
     if args.speech_only:
         return
     model = load_default_model()

@@ -78,11 +78,18 @@ class Utterance:
     waveform: torch.Tensor
     spans: list[tuple[float, float, str]] = field(default_factory=list)  # known only if joined
     answer: str | None = None  # the trained answer when it is not the request's own
+    given: str | None = None  # the answer fed back while training, if not ``expected``
 
     @property
     def expected(self) -> str:
         """The answer the model is trained to give for this clip."""
         return self.answer if self.answer is not None else self.request.answer
+
+    @property
+    def fed_back(self) -> str:
+        """The answer whose earlier words the model reads while it is trained on
+        each next one (teacher forcing): ``expected`` unless ``given``."""
+        return self.given if self.given is not None else self.expected
 
 
 def all_requests() -> list[Request]:

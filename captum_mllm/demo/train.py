@@ -189,14 +189,18 @@ def subsets_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utteran
     """Copies of the utterances with word spans with a random subset of their
     words zeroed (each word with the same chance, itself uniform in 0..1, so
     every number of words is as likely), every silenced deciding word answered
-    ``unknown``.
+    ``unknown``; in half of them the words fed back before each answer word
+    are the request's own answer.
 
     These are the clips an explanation makes: Shapley values weigh coalitions
     of every size, and the model must answer each of them from the words it
     hears, one answer word from one spoken word. Trained on a single silenced
     word only, it falls back on a default ("on" when no "off" is heard) as
     soon as more is silent, and that default takes the credit away from the
-    word that decides.
+    word that decides. An explanation of an answer word also reads the full
+    answer before it (``kitchen light`` before ``on``) whatever was silenced:
+    trained on that, the model answers "on" from the sound of "on" alone, not
+    from whether the room it was told was heard.
     """
     rng = np.random.default_rng(seed + 2)
     out = []
@@ -213,7 +217,8 @@ def subsets_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utteran
             wave[round(u.spans[i][0] * SAMPLE_RATE) : round(stop * SAMPLE_RATE)] = 0.0
             if u.spans[i][2] in answer:
                 answer[answer.index(u.spans[i][2])] = UNKNOWN
-        out.append(Utterance(u.request, wave, u.spans, answer=" ".join(answer)))
+        given = u.request.answer if rng.random() < 0.5 else None
+        out.append(Utterance(u.request, wave, u.spans, answer=" ".join(answer), given=given))
     return out
 
 
@@ -230,12 +235,15 @@ class Examples:
         assert clip is not None
         audio = torch.nonzero(clip >= 0)[:, 0]
         self.prefix, self.suffix = ids[: int(audio[0])], ids[int(audio[-1]) + 1 :]
-        self.answers = [
-            torch.tensor(
-                adapter.tokenizer(u.expected + "<|im_end|>", add_special_tokens=False)["input_ids"]
+
+        def ids(text: str) -> torch.Tensor:
+            return torch.tensor(
+                adapter.tokenizer(text + "<|im_end|>", add_special_tokens=False)["input_ids"]
             )
-            for u in utterances
-        ]
+
+        self.answers = [ids(u.expected) for u in utterances]
+        self.fed_back = [ids(u.fed_back) for u in utterances]  # one token a word, as answers
+        assert all(len(a) == len(f) for a, f in zip(self.answers, self.fed_back, strict=True))
         with torch.no_grad():
             self.mels = [
                 adapter.processor.audio(u.waveform[None], torch.tensor([len(u.waveform)]))[0][0]
@@ -254,7 +262,7 @@ class Examples:
         rows, labels = [], []
         for b, i in enumerate(index):
             answer = self.answers[i]
-            text_after = torch.cat([self.suffix, answer])
+            text_after = torch.cat([self.suffix, self.fed_back[i]])
             rows.append(
                 torch.cat([embed(self.prefix), audio[b, : int(enc_len[b])], embed(text_after[:-1])])
             )
