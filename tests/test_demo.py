@@ -45,6 +45,30 @@ def test_training_recipe_runs_end_to_end(tmp_path, monkeypatch):
     assert saved["steps"] == 3 and (tmp_path / "clips" / "examples.json").is_file()
 
 
+def test_random_subsets_answer_unknown_for_exactly_the_silenced_deciding_words():
+    request = task.Request("kitchen", "fan", "off", template=1)  # turn the kitchen fan off
+    words = request.transcript.split()
+    spans = [(0.1 + 0.3 * i, 0.3 + 0.3 * i, w) for i, w in enumerate(words)]
+    wave = torch.ones(int(0.1 * 16000 + 0.3 * len(words) * 16000) + 1600)
+    clip = task.Utterance(request, wave, spans)
+    copies = train.subsets_left_out([clip] * 200, seed=0)
+    assert 100 < len(copies) < 200  # a copy with nothing silent is left out
+    fed = 0
+    for copy in copies:
+        silent = {w for a, _, w in spans if copy.waveform[round(a * 16000) + 10] == 0}
+        assert silent  # the word and the pause after it are zeroed, the rest kept
+        assert copy.waveform.sum() < wave.sum()
+        heard = [w if w not in silent else task.UNKNOWN for w in request.deciding]
+        assert copy.expected == " ".join(heard)
+        assert copy.fed_back in (copy.expected, request.answer)
+        fed += copy.fed_back == request.answer and copy.expected != request.answer
+    sizes = [
+        sum(int(copy.waveform[round(a * 16000) + 10] == 0) for a, _, _ in spans) for copy in copies
+    ]
+    assert set(sizes) == set(range(1, len(words) + 1))  # every number of silent words
+    assert 0.3 < fed / len(copies) < 0.7  # the request's own answer fed back in about half
+
+
 def test_committed_weights_answer_the_bundled_requests(speech_model):
     model, _ = speech_model
     card = json.loads((demo.WEIGHTS / "training.json").read_text())
