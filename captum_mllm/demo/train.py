@@ -236,13 +236,13 @@ class Examples:
         audio = torch.nonzero(clip >= 0)[:, 0]
         self.prefix, self.suffix = ids[: int(audio[0])], ids[int(audio[-1]) + 1 :]
 
-        def ids(text: str) -> torch.Tensor:
+        def answer_ids(text: str) -> torch.Tensor:
             return torch.tensor(
                 adapter.tokenizer(text + "<|im_end|>", add_special_tokens=False)["input_ids"]
             )
 
-        self.answers = [ids(u.expected) for u in utterances]
-        self.fed_back = [ids(u.fed_back) for u in utterances]  # one token a word, as answers
+        self.answers = [answer_ids(u.expected) for u in utterances]
+        self.fed_back = [answer_ids(u.fed_back) for u in utterances]  # one token a word
         assert all(len(a) == len(f) for a, f in zip(self.answers, self.fed_back, strict=True))
         with torch.no_grad():
             self.mels = [

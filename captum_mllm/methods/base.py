@@ -106,6 +106,10 @@ class ShapleyEstimator(PerturbationAttribution):
     #: Whether estimates always sum to ``f(all) - f(none)`` exactly.
     efficient: bool = True
 
+    #: Whether the mean over seeds is the Shapley value at any budget (else the
+    #: estimator is consistent: its small-sample bias vanishes as the budget grows).
+    unbiased: bool = True
+
     def __init__(self, forward_func: Callable[..., Any]) -> None:
         super().__init__(forward_func)
 

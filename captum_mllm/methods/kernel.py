@@ -38,6 +38,8 @@ class LeverageKernelShap(ShapleyEstimator):
         >>> attr = LeverageKernelShap(model).attribute(x, budget=20 * n_features)
     """
 
+    unbiased = False  # a least-squares fit on a random sample: biased by O(1 / budget)
+
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
         empty, full = game.ends()
@@ -47,8 +49,9 @@ class LeverageKernelShap(ShapleyEstimator):
         interior = max(2, plan.budget - 2)
         rounds = 0
         phi = stderr = np.zeros((len(full), n))
-        # Grow the sample in rounds (doubling) until the budget or the target stderr.
-        for goal in _schedule(interior, strata.total):
+        # Grow the sample in rounds (doubling) until the budget or the target
+        # stderr; with no target, in one round (one batch plan, fewer forwards).
+        for goal in _schedule(interior, strata.total, plan.target_stderr is not None):
             masks = strata.grow(goal)
             if len(masks):
                 game(masks)
@@ -60,9 +63,12 @@ class LeverageKernelShap(ShapleyEstimator):
         return phi, stderr
 
 
-def _schedule(interior: int, total: int) -> list[int]:
-    """Sample sizes of successive rounds: doubling up to the budget (or every coalition)."""
+def _schedule(interior: int, total: int, stepwise: bool = True) -> list[int]:
+    """Sample sizes of successive rounds: doubling up to the budget (or every
+    coalition), or the whole budget at once unless ``stepwise``."""
     cap = min(interior, total)
+    if not stepwise:
+        return [cap]
     goals, goal = [], min(cap, max(4, cap // 8))
     while goal < cap:
         goals.append(goal)

@@ -133,11 +133,14 @@ def default_call_cost(device: torch.device, n_params: int = 10_000_000) -> int:
     """Per-forward overhead in tokens. On a CPU a call's fixed cost (Python,
     kernel launches) is ~80 tokens of compute for a 10M-parameter model on 2
     cores (measured), and a token's cost grows with the parameters: the
-    overhead counts for more tokens in a smaller model. On a GPU a forward of a
-    1B model costs ~10 ms of launches, ~2,000 tokens' worth."""
+    overhead counts for more tokens in a smaller model. It is never taken
+    below 64 tokens: a CPU matrix product of fewer than a few hundred rows runs
+    well below full speed (132 against 220 GFLOPS at 100 and 800 rows, SmolLM2's
+    shapes, 2 cores), which a large model pays on every small batch. On a GPU a
+    forward of a 1B model costs ~10 ms of launches, ~2,000 tokens' worth."""
     if device.type != "cpu":
         return 2048
-    return max(4, round(80 * 10_000_000 / max(n_params, 1)))
+    return max(64, round(80 * 10_000_000 / max(n_params, 1)))
 
 
 #: Padded tokens in one forward on the CPU: a 2,000-token row goes 4 at a time.
