@@ -114,6 +114,12 @@ def make_data(n: int, seed: int, workers: int = 2, cache: Path | None = None) ->
     return out
 
 
+def _word_and_pause(spans: Sequence[tuple[float, float, str]], i: int) -> tuple[int, int]:
+    """Samples of word ``i`` and of the pause after it (to the next word's start)."""
+    stop = spans[i + 1][0] if i + 1 < len(spans) else spans[i][1]
+    return round(spans[i][0] * SAMPLE_RATE), round(stop * SAMPLE_RATE)
+
+
 def words_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utterance]:
     """Copies of the utterances with word spans (:func:`with_spans`) with one or
     two words that decide nothing cut out (the word and the pause after it) or
@@ -136,10 +142,7 @@ def words_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utterance
         keep = torch.ones(len(wave), dtype=torch.bool)
         cut = bool(rng.random() < 0.5)
         for i in sorted(int(c) for c in chosen):
-            start = round(u.spans[i][0] * SAMPLE_RATE)
-            stop = round(
-                (u.spans[i + 1][0] if i + 1 < len(u.spans) else u.spans[i][1]) * SAMPLE_RATE
-            )
+            start, stop = _word_and_pause(u.spans, i)
             if cut:
                 keep[start:stop] = False
             else:  # as the "silence" audio baseline does: samples set to zero
@@ -177,8 +180,8 @@ def deciding_left_out(utterances: Sequence[Utterance], seed: int) -> list[Uttera
         word = u.request.deciding[slot]
         i = next(i for i, (_, _, w) in enumerate(u.spans) if w == word)
         wave = u.waveform.clone()
-        stop = u.spans[i + 1][0] if i + 1 < len(u.spans) else u.spans[i][1]
-        wave[round(u.spans[i][0] * SAMPLE_RATE) : round(stop * SAMPLE_RATE)] = 0.0
+        start, stop = _word_and_pause(u.spans, i)
+        wave[start:stop] = 0.0
         answer = list(u.request.deciding)
         answer[slot] = UNKNOWN
         out.append(Utterance(u.request, wave, u.spans, answer=" ".join(answer)))
@@ -213,8 +216,8 @@ def subsets_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utteran
         wave = u.waveform.clone()
         answer = list(u.request.deciding)
         for i in np.flatnonzero(silent):
-            stop = u.spans[i + 1][0] if i + 1 < len(u.spans) else u.spans[i][1]
-            wave[round(u.spans[i][0] * SAMPLE_RATE) : round(stop * SAMPLE_RATE)] = 0.0
+            start, stop = _word_and_pause(u.spans, int(i))
+            wave[start:stop] = 0.0
             if u.spans[i][2] in answer:
                 answer[answer.index(u.spans[i][2])] = UNKNOWN
         given = u.request.answer if rng.random() < 0.5 else None
