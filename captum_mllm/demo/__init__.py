@@ -55,7 +55,8 @@ class Example:
         answer (str): the right answer ("kitchen light on").
         deciding (tuple of str): the spoken word deciding each answer token.
         spans (list): each word's true ``(start_s, end_s, word)`` (words were
-            spoken alone and joined, so their spans are known).
+            spoken alone and joined, so their spans are known); empty for a
+            request spoken as one sentence.
         file (Path): the WAV file.
     """
 
@@ -90,9 +91,16 @@ def load(device: str | torch.device | None = "cpu") -> tuple[LFM2AudioAdapter, F
     return model, ForcedAligner(str(WEIGHTS / "aligner"), device=device)
 
 
-def examples() -> list[Example]:
-    """The bundled spoken requests (held out from training)."""
-    rows = json.loads((WEIGHTS / "clips" / "examples.json").read_text())
+def examples(sentences: bool = False) -> list[Example]:
+    """The bundled spoken requests (held out from training).
+
+    Args:
+        sentences (bool, optional): the 8 requests spoken as whole sentences
+            (word spans unknown: :func:`request_input` aligns them) instead of
+            the 12 spoken a word at a time. Default: False
+    """
+    index = "sentences.json" if sentences else "examples.json"
+    rows = json.loads((WEIGHTS / "clips" / index).read_text())
     out = []
     for row in rows:
         file = WEIGHTS / "clips" / row["file"]

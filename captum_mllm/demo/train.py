@@ -405,12 +405,17 @@ def save_model(model: Any, folder: Path) -> None:
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def save_clips(utterances: Sequence[Utterance], folder: Path) -> None:
-    """Example clips (16-bit WAV) and what each says (``examples.json``)."""
+def save_clips(
+    utterances: Sequence[Utterance],
+    folder: Path,
+    index: str = "examples.json",
+    stem: str = "request",
+) -> None:
+    """Example clips (16-bit WAV) and what each says (``index``)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, u in enumerate(utterances):
-        name = f"request_{i}.wav"
+        name = f"{stem}_{i}.wav"
         sf.write(folder / name, u.waveform.clamp(-1, 1).numpy(), SAMPLE_RATE, subtype="PCM_16")
         rows.append(
             {
@@ -421,7 +426,7 @@ def save_clips(utterances: Sequence[Utterance], folder: Path) -> None:
                 "spans": [[round(float(s), 4), round(float(e), 4), w] for s, e, w in u.spans],
             }
         )
-    (folder / "examples.json").write_text(json.dumps(rows, indent=1))
+    (folder / index).write_text(json.dumps(rows, indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -502,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         f"95th percentile {np.quantile(errors, 0.95) * 1000:.0f} ms"
     )
     save_clips(joined[:12], out / "clips")
+    sentences = [u for u in held_out if not u.spans]  # spans unknown: the aligner finds them
+    save_clips(sentences[:8], out / "clips", index="sentences.json", stem="sentence")
     figures = {
         "held_out_accuracy": acc,
         "n_held_out": len(held_out),
