@@ -253,12 +253,14 @@ def test_on_a_chat_the_best_sampler_beats_captum_sampling():
     def error(estimate):
         return np.linalg.norm(estimate - exact) / np.linalg.norm(exact)
 
-    ours, captum = [], []
-    for seed in range(6):
-        ours.append(error(attribute(LeverageKernelShap(model), budget=10 * n, seed=seed)))
-        torch.manual_seed(seed)
-        captum.append(error(attribute(ShapleyValueSampling(model), n_samples=10)))
-    assert np.mean(captum) / np.mean(ours) >= 3.0
+    # at 2n, fewer pairs than words: shrunk, the fit is about as good as Captum (half, unshrunk)
+    for k, ratio in ((10, 3.0), (2, 0.9)):
+        ours, captum = [], []
+        for seed in range(6):
+            ours.append(error(attribute(LeverageKernelShap(model), budget=k * n, seed=seed)))
+            torch.manual_seed(seed)
+            captum.append(error(attribute(ShapleyValueSampling(model), n_samples=k)))
+        assert np.mean(captum) / np.mean(ours) >= ratio, (k, np.mean(captum) / np.mean(ours))
 
 
 def test_prune_leaves_a_negligible_group_unexpanded():

@@ -9,6 +9,8 @@ import numpy as np
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator
 
 _BOOTSTRAPS = 40
+#: Ridge penalty (times the mean diagonal) with no pairs, fading to 0 at 2n pairs (4n coalitions).
+_SHRINK = 0.1
 
 
 class LeverageKernelShap(ShapleyEstimator):
@@ -26,8 +28,11 @@ class LeverageKernelShap(ShapleyEstimator):
     size alone (a prompt's log-probability falls as words go), which has equal
     Shapley values for all features and would otherwise leak into the estimate
     from a finite sample. The fit is then put on ``sum = f(all) - f(none)``,
-    so estimates are exactly efficient. With a budget of ``2^n`` every
-    coalition is used and the result is exact. The estimator
+    so estimates are exactly efficient. Below a budget of ``4 n`` the fit is
+    shrunk towards the equal split (a ridge penalty that fades to zero at
+    ``4 n``), where the plain fit, with fewer pairs than features, would
+    interpolate noise. With a budget of ``2^n`` every coalition is used and
+    the result is exact. The estimator
     is consistent (not unbiased); the standard error is a bootstrap over pairs.
 
     Args:
@@ -124,11 +129,12 @@ class _Strata:
         # SHAP weights 1 / (s (n - s)) each, shared by the pairs drawn from it.
         drawn = np.array([len(self.held[int(s)]) for s in sizes])
         weights = 1.0 / (sizes * (self.n - sizes) * drawn)
-        phi = _pair_lstsq(masks, half, weights, empty, full)
         strata: dict[int, list[int]] = {}
         for p, s in enumerate(sizes):  # a class drawn whole has no sampling error
             if len(self.held[int(s)]) < self.size_of[int(s)]:
                 strata.setdefault(int(s), []).append(p)
+        shrink = _SHRINK * max(0.0, 1 - len(masks) / (2 * self.n)) if strata else 0.0
+        phi = _pair_lstsq(masks, half, weights, empty, full, shrink)
         if not strata:
             return phi, np.zeros_like(phi)
         boots = []
@@ -136,12 +142,17 @@ class _Strata:
             pick = np.arange(len(self.pairs))
             for members in strata.values():
                 pick[members] = self.rng.choice(members, size=len(members), replace=True)
-            boots.append(_pair_lstsq(masks[pick], half[pick], weights[pick], empty, full))
+            boots.append(_pair_lstsq(masks[pick], half[pick], weights[pick], empty, full, shrink))
         return phi, np.std(np.stack(boots), axis=0, ddof=1)
 
 
 def _pair_lstsq(
-    masks: np.ndarray, half: np.ndarray, w: np.ndarray, empty: np.ndarray, full: np.ndarray
+    masks: np.ndarray,
+    half: np.ndarray,
+    w: np.ndarray,
+    empty: np.ndarray,
+    full: np.ndarray,
+    shrink: float = 0.0,
 ) -> np.ndarray:
     """Kernel SHAP's weighted least squares on the odd part of the game, made efficient.
 
@@ -155,6 +166,11 @@ def _pair_lstsq(
     which the ``x_i`` already span. The Shapley values of the fit, ``2 b``, are
     then moved onto ``sum(phi) = f(all) - f(none)``: exactly efficient, and,
     over every coalition, exactly Shapley's (the fit's off-sum part is).
+
+    ``shrink`` > 0 adds a ridge penalty on the ``b_i`` of ``shrink`` times the
+    mean diagonal of the normal equations, pulling the estimate towards the
+    equal split: with fewer pairs than features the plain fit interpolates
+    the game's noise.
     """
     n = masks.shape[1]
     x = 2.0 * masks - 1.0
@@ -163,7 +179,14 @@ def _pair_lstsq(
     if len(masks) >= n + 2 * len(classes):
         x = np.concatenate([(sizes[:, None] == classes).astype(float), x], axis=1)
     root = np.sqrt(w)[:, None]
-    coef, *_ = np.linalg.lstsq(x * root, half * root, rcond=None)
+    a, b = x * root, half * root
+    if shrink > 0:
+        gram = a.T @ a
+        penalty = np.zeros(len(gram))
+        penalty[-n:] = shrink * np.trace(gram) / len(gram)
+        coef = np.linalg.lstsq(gram + np.diag(penalty), a.T @ b, rcond=None)[0]
+    else:
+        coef, *_ = np.linalg.lstsq(a, b, rcond=None)
     phi = 2 * coef[-n:].T  # (k, n)
     return phi - phi.mean(axis=1, keepdims=True) + ((full - empty) / n)[:, None]
 
