@@ -32,8 +32,8 @@ class LeverageKernelShap(ShapleyEstimator):
     shrunk towards the equal split (a ridge penalty that fades to zero at
     ``4 n``), where the plain fit, with fewer pairs than features, would
     interpolate noise. With a budget of ``2^n`` every coalition is used and
-    the result is exact. The estimator
-    is consistent (not unbiased); the standard error is a bootstrap over pairs.
+    the result is exact. The estimator is consistent (not unbiased); the
+    standard error is a bootstrap over pairs.
 
     Args:
         forward_func (callable): the model or function to explain.
