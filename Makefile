@@ -45,6 +45,7 @@ bench: setup
 	$(BIN)/python benchmarks/faithfulness.py --speech
 	$(BIN)/python benchmarks/scale_out.py
 	$(BIN)/python benchmarks/long_inputs.py
+	$(BIN)/python benchmarks/cpu_kernels.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -42,3 +42,15 @@ def test_gpu_benchmark_on_tiny_shapes(capsys: pytest.CaptureFixture[str]) -> Non
         line = next(ln for ln in out.splitlines() if ln.startswith(row))
         ms = float(line[40:].split()[1])
         assert ms > 0, line
+
+
+def test_cpu_kernels_benchmark_packs_without_changing_logits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _load("cpu_kernels").main(["--skip-real", "--repeats", "1"])
+    out = capsys.readouterr().out
+    row = re.search(r"tiny Llama +padded (\d+) tokens .* packed (\d+) tokens .* diff\| (\S+)", out)
+    assert row is not None, out
+    assert int(row.group(2)) < int(row.group(1))  # no padding pushed
+    assert float(row.group(3)) < 1e-3  # the same logits
+    assert re.search(r"^ +1600 +\d+ +\d+$", out, re.M)  # the matrix product table is complete

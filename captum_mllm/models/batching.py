@@ -135,8 +135,9 @@ def default_call_cost(device: torch.device, n_params: int = 10_000_000) -> int:
     cores (measured), and a token's cost grows with the parameters: the
     overhead counts for more tokens in a smaller model. It is never taken
     below 64 tokens: a CPU matrix product of fewer than a few hundred rows runs
-    well below full speed (132 against 220 GFLOPS at 100 and 800 rows, SmolLM2's
-    shapes, 2 cores), which a large model pays on every small batch. On a GPU a
+    below full speed (SmolLM2's shapes on 2 cores: 20 rows at about 55% of the
+    speed of 800, 100 rows at about 80%; ``benchmarks/cpu_kernels.py``), which
+    a large model pays on every small batch. On a GPU a
     forward of a 1B model costs ~10 ms of launches, ~2,000 tokens' worth."""
     if device.type != "cpu":
         return 2048
