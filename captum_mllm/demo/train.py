@@ -176,15 +176,8 @@ def deciding_left_out(utterances: Sequence[Utterance], seed: int) -> list[Uttera
     for u in utterances:
         if not u.spans:
             continue
-        slot = int(rng.integers(3))
-        word = u.request.deciding[slot]
-        i = next(i for i, (_, _, w) in enumerate(u.spans) if w == word)
-        wave = u.waveform.clone()
-        start, stop = _word_and_pause(u.spans, i)
-        wave[start:stop] = 0.0
-        answer = list(u.request.deciding)
-        answer[slot] = UNKNOWN
-        out.append(Utterance(u.request, wave, u.spans, answer=" ".join(answer)))
+        word = u.request.deciding[int(rng.integers(3))]
+        out.append(_silenced(u, [next(i for i, s in enumerate(u.spans) if s[2] == word)]))
     return out
 
 
@@ -213,16 +206,22 @@ def subsets_left_out(utterances: Sequence[Utterance], seed: int) -> list[Utteran
         silent = rng.random(len(u.spans)) < rng.random()
         if not silent.any():
             continue
-        wave = u.waveform.clone()
-        answer = list(u.request.deciding)
-        for i in np.flatnonzero(silent):
-            start, stop = _word_and_pause(u.spans, int(i))
-            wave[start:stop] = 0.0
-            if u.spans[i][2] in answer:
-                answer[answer.index(u.spans[i][2])] = UNKNOWN
         given = u.request.answer if rng.random() < 0.5 else None
-        out.append(Utterance(u.request, wave, u.spans, answer=" ".join(answer), given=given))
+        out.append(_silenced(u, np.flatnonzero(silent).tolist(), given))
     return out
+
+
+def _silenced(u: Utterance, words: Sequence[int], given: str | None = None) -> Utterance:
+    """``u`` with words ``words`` zeroed (each with the pause after it), every
+    silenced deciding word answered ``unknown``."""
+    wave = u.waveform.clone()
+    answer = list(u.request.deciding)
+    for i in words:
+        start, stop = _word_and_pause(u.spans, i)
+        wave[start:stop] = 0.0
+        if u.spans[i][2] in answer:
+            answer[answer.index(u.spans[i][2])] = UNKNOWN
+    return Utterance(u.request, wave, u.spans, answer=" ".join(answer), given=given)
 
 
 # The speech model -----------------------------------------------------------------------
