@@ -23,7 +23,7 @@ from captum_mllm.errors import CaptumMLLMError
 
 DEMO_SYSTEM = "You are a geography expert."
 DEMO_QUESTION = "What is the capital city of Japan?"
-METHODS = ("exact", "kernel", "permutation", "regression", "hierarchical", "captum-svs")
+METHODS = ("exact", "bayes", "kernel", "permutation", "regression", "hierarchical", "captum-svs")
 TINY_MODELS = ("tiny-llama", "tiny-lfm2-audio", "demo-speech")
 
 
@@ -354,7 +354,7 @@ def _method_kwargs(settings: dict[str, Any], n_features: int | None) -> dict[str
     if settings["method"] == "captum-svs":
         per_feature = (settings["budget"] // n_features) if settings["budget"] and n_features else 0
         return {"n_samples": max(1, per_feature or 10)}
-    if settings["method"] in ("kernel", "permutation", "regression"):
+    if settings["method"] in ("bayes", "kernel", "permutation", "regression"):
         return {"budget": settings["budget"], "seed": settings["seed"]}
     return {}
 
@@ -365,6 +365,7 @@ def _method(name: str, model: Any) -> Any:
     from captum_mllm import methods
 
     return {
+        "bayes": methods.BayesianShapley,
         "exact": methods.ExactShapleyValues,
         "kernel": methods.LeverageKernelShap,
         "permutation": methods.PairedPermutationSampling,

@@ -7,6 +7,7 @@ them on the result).
 """
 
 from captum_mllm.methods.base import Game, ShapleyEstimator
+from captum_mllm.methods.bayes import BayesianShapley
 from captum_mllm.methods.exact import ExactShapleyValues
 from captum_mllm.methods.hierarchical import HierarchicalShapley
 from captum_mllm.methods.kernel import LeverageKernelShap
@@ -14,6 +15,7 @@ from captum_mllm.methods.permutation import PairedPermutationSampling
 from captum_mllm.methods.regression import RegressionAdjustedShapley
 
 __all__ = [
+    "BayesianShapley",
     "ExactShapleyValues",
     "Game",
     "HierarchicalShapley",

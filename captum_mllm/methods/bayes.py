@@ -1,0 +1,236 @@
+"""Shapley values as a Gaussian-process posterior, on coalitions chosen to pin them down."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from captum_mllm.methods.base import Game, Plan, ShapleyEstimator
+from captum_mllm.methods.kernel import LeverageKernelShap
+
+#: Highest odd Walsh order the prior models (weights fall as ``theta ** ((k - 1) / 2)``;
+#: theta = 0 is an additive game).
+_MAX_ORDER = 15
+#: Above this many coalition pairs, hand over to LeverageKernelShap (the fit is cubic in pairs).
+_MAX_PAIRS = 1024
+#: The prior the design is chosen under (it is fixed so the design never depends on values).
+_DESIGN_THETA = 0.3
+_THETAS = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+_TAUS = (0.0, 0.01, 0.1, 1.0, 10.0, 1e3)
+
+
+class BayesianShapley(ShapleyEstimator):
+    """Shapley values as the posterior mean of a Gaussian process on the game,
+    with the coalitions chosen to make that posterior as tight as possible.
+
+    In ``x = 2 z - 1`` coding (+1 present, -1 absent) a game is a sum of Walsh
+    terms ``c_T prod(x_i, i in T)``; only terms of odd order have Shapley
+    values (``2 c_T / |T|`` to each member). The prior gives every odd term a
+    Gaussian coefficient whose variance falls with its order (order ``k`` in
+    all holds ``theta ** ((k - 1) / 2)`` of order 1's, orders up to 15), plus
+    a free function of the coalition's size (what depends on the size alone,
+    such as a prompt's log-probability falling as words go; its Shapley
+    values are equal). ``theta`` and the size term's weight are fitted by
+    marginal likelihood, so a game that is nearly additive is treated as one.
+    A coalition and its complement enter as one observation, the half
+    difference of their values (the odd part of the game).
+
+    The pairs are chosen greedily, each the one that most lowers the summed
+    posterior variance of the Shapley values (an A-optimal design), from a
+    random pool: every leave-one-out pair first, then mostly near-half
+    coalitions. The design uses a fixed prior, so it depends on ``(n,
+    budget, seed)`` only, never on the values. Estimates are put on
+    ``sum = f(all) - f(none)`` exactly; the standard error is the posterior
+    standard deviation (a model's, not a spread over seeds: the design varies
+    little with the seed). With a budget of ``2^n`` or more than
+    ``2 * 1024`` coalitions the estimate is :class:`LeverageKernelShap`'s
+    (exact at ``2^n``).
+
+    The estimator is Bayesian, not unbiased: for one fixed game it shrinks the
+    higher-order part towards the prior, which is what makes it several times
+    more accurate than unbiased sampling at small budgets.
+
+    Args:
+        forward_func (callable): the model or function to explain.
+        pool (int, optional): random candidate pairs the design picks from
+            (at least four per pair drawn). Default: 2000
+
+    Examples::
+
+        >>> attr, stderr = BayesianShapley(model).attribute(
+        ...     x, budget=10 * n_features, return_stderr=True
+        ... )
+    """
+
+    unbiased = False  # a posterior mean: shrinks the game's higher orders towards the prior
+
+    def __init__(self, forward_func, pool: int = 2000) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(forward_func)
+        self.pool = pool
+
+    def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        n = game.n
+        pairs = (plan.budget - 2) // 2
+        if n == 1 or plan.budget >= 2**n or pairs > _MAX_PAIRS:
+            return LeverageKernelShap(self.forward_func).estimate(game, plan)
+        empty, full = game.ends()
+        design = _greedy_design(n, max(pairs, 1), self.pool, plan.rng)
+        rounds, held = 0, 0
+        phi = stderr = np.zeros((len(full), n))
+        goals = _doubling(n, len(design)) if plan.target_stderr is not None else [len(design)]
+        for goal in goals:
+            new = design[held:goal]
+            game(np.concatenate([new, ~new]))
+            held, rounds = goal, rounds + 1
+            masks = np.concatenate([np.zeros((1, n), bool), design[:held]])
+            half = (game.lookup(masks) - game.lookup(~masks)) / 2
+            phi, stderr = _posterior(masks, half)
+            phi = phi + ((full - empty) / n)[:, None]
+            plan.progress.update(game, stderr)
+            if plan.stop(stderr, rounds):
+                break
+        return phi, stderr
+
+
+def _doubling(n: int, cap: int) -> list[int]:
+    goals, goal = [], min(n, cap)
+    while goal < cap:
+        goals.append(goal)
+        goal *= 2
+    return [*goals, cap]
+
+
+class _Prior:
+    """Covariances of the odd part of a game under the order-decaying prior.
+
+    Everything depends on coalitions only through counts, so it is tabulated
+    by Hamming distance (between two pair representatives) and by the number
+    of present players (for the Shapley values' covariance with a value).
+    """
+
+    def __init__(self, n: int, theta: float) -> None:
+        orders = range(1, min(n, _MAX_ORDER) + 1, 2)
+        w = {k: theta ** ((k - 1) / 2) / math.comb(n, k) for k in orders}
+        # e_k of a +-1 vector with p pluses and m minuses (a Krawtchouk polynomial)
+        e = _elementary(n)
+        self.by_distance = np.array(
+            [sum(w[k] * e[k][n - d][d] for k in orders) for d in range(n + 1)]
+        )
+        # Cov(phi_i, f(x)): sum over odd T containing i of w (2 / |T|) chi_T(x),
+        # for x_i = +1 (present) and x_i = -1 (absent), by the number present.
+        self.present = np.array(
+            [sum(w[k] * 2 / k * e[k - 1][p - 1][n - p] for k in orders) if p else 0.0
+             for p in range(n + 1)]
+        )  # fmt: skip
+        self.absent = np.array(
+            [-sum(w[k] * 2 / k * e[k - 1][p][n - p - 1] for k in orders) if p < n else 0.0
+             for p in range(n + 1)]
+        )  # fmt: skip
+        # Var(phi_i - mean phi), the prior's, for the posterior's standard deviation
+        self.phi_var = sum(w[k] * 4 / k**2 * math.comb(n - 2, k - 1) for k in orders) * (1 - 1 / n)
+
+    def gram(self, masks: np.ndarray) -> np.ndarray:
+        x = 2.0 * masks - 1.0
+        n = masks.shape[1]
+        return self.by_distance[np.rint((n - x @ x.T) / 2).astype(int)]
+
+    def cross(self, masks: np.ndarray) -> np.ndarray:
+        """``(p, n)``: covariance of each centred Shapley value with each pair's value."""
+        plus = masks.sum(1)
+        c = np.where(masks, self.present[plus][:, None], self.absent[plus][:, None])
+        return c - c.mean(1, keepdims=True)
+
+
+def _elementary(n: int) -> list[list[list[float]]]:
+    """``e[k][p][m]``: the k-th elementary symmetric polynomial of p ones and m
+    minus ones (exact integers, then floats: the alternating sum cancels)."""
+    top = min(n, _MAX_ORDER)
+    return [
+        [
+            [
+                float(sum((-1) ** j * math.comb(m, j) * math.comb(p, k - j) for j in range(k + 1)))
+                for m in range(n + 1)
+            ]
+            for p in range(n + 1)
+        ]
+        for k in range(top + 1)
+    ]
+
+
+def _greedy_design(n: int, pairs: int, pool: int, rng: np.random.Generator) -> np.ndarray:
+    """``(pairs, n)`` pair representatives (size <= n / 2), in the order chosen."""
+    cand = _candidates(n, max(pool, 4 * pairs), rng)
+    prior = _Prior(n, _DESIGN_THETA)
+    x = 2.0 * cand - 1.0
+    r = prior.cross(cand)  # residual covariance of phi with each candidate's value
+    var = np.full(len(cand), prior.by_distance[0])
+    v = np.zeros((len(cand), pairs + 1))  # columns of the Cholesky factor so far
+    alive = np.ones(len(cand), bool)
+    chosen = []
+    first = int(np.flatnonzero(~cand.any(1))[0])  # (empty, full) is always evaluated
+    for step in range(min(pairs, len(cand) - 1) + 1):
+        if step == 0:
+            j = first
+        else:
+            gain = np.where(alive, (r**2).sum(1) / np.maximum(var, 1e-300), -np.inf)
+            j = int(np.argmax(gain))
+            chosen.append(j)
+        alive[j] = False
+        distance = np.rint((n - x @ x[j]) / 2).astype(int)
+        k = prior.by_distance[distance] - v[:, :step] @ v[j, :step]
+        vj = max(var[j], 1e-300)
+        r -= np.outer(k / vj, r[j])
+        var -= k**2 / vj
+        v[:, step] = k / math.sqrt(vj)
+    return cand[chosen]
+
+
+def _candidates(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Distinct pair representatives: the empty set, every singleton, and
+    random coalitions of sizes 1..n/2 (all of them when there are few)."""
+    half = n // 2
+    if 2 ** (n - 1) <= count + n + 1:  # few enough: every pair
+        codes = np.arange(2**n)
+        masks = ((codes[:, None] >> np.arange(n)) & 1).astype(bool)
+    else:
+        sizes = rng.integers(1, half + 1, size=count)
+        ranks = np.argsort(rng.random((count, n)), axis=1).argsort(axis=1)
+        masks = np.concatenate(
+            [np.zeros((1, n), bool), np.eye(n, dtype=bool), ranks < sizes[:, None]]
+        )
+    sizes = masks.sum(1)
+    masks = masks[2 * sizes <= n]
+    # a pair is represented by its smaller side; at n / 2, by the side holding player 0
+    flip = (2 * masks.sum(1) == n) & ~masks[:, 0]
+    masks[flip] = ~masks[flip]
+    return np.unique(masks, axis=0)
+
+
+def _posterior(masks: np.ndarray, half: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mean (centred) and standard deviation ``(k, n)`` of the Shapley
+    values given the pairs' half differences ``(p, k)``; hyperparameters by
+    maximum marginal likelihood over a grid, shared by the k output columns."""
+    p, n = masks.shape
+    sizes = masks.sum(1)
+    classes = (sizes[:, None] == np.unique(sizes[2 * sizes < n])).astype(float)
+    same_size = classes @ classes.T  # the free size function's covariance
+    best = None
+    for theta in _THETAS:
+        prior = _Prior(n, theta)
+        base = prior.gram(masks)
+        for tau in _TAUS:
+            gram = base + tau * same_size * np.trace(base) / max(np.trace(same_size), 1.0)
+            gram += 1e-9 * np.trace(gram) / p * np.eye(p)
+            chol = np.linalg.cholesky(gram)
+            white = np.linalg.solve(chol, half)
+            scale = (white**2).sum(0) / p  # per column, at its maximum likelihood
+            loglik = -0.5 * p * np.log(np.maximum(scale, 1e-300)).sum()
+            loglik -= half.shape[1] * np.log(np.diag(chol)).sum()
+            if best is None or loglik > best[0]:
+                best = (loglik, prior, chol, white, scale)
+    _, prior, chol, white, scale = best  # type: ignore[misc]
+    cross = np.linalg.solve(chol, prior.cross(masks))  # (p, n)
+    phi = (cross.T @ white).T
+    var = np.maximum(prior.phi_var - (cross**2).sum(0), 0.0)
+    return phi, np.sqrt(scale[:, None] * var[None, :])
