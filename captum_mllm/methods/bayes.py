@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator
-from captum_mllm.methods.kernel import LeverageKernelShap
+from captum_mllm.methods.kernel import LeverageKernelShap, _schedule
 
 #: Highest odd Walsh order the prior models (weights fall as ``theta ** ((k - 1) / 2)``;
 #: theta = 0 is an additive game).
@@ -65,21 +68,20 @@ class BayesianShapley(ShapleyEstimator):
 
     unbiased = False  # a posterior mean: shrinks the game's higher orders towards the prior
 
-    def __init__(self, forward_func, pool: int = 2000) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, forward_func: Callable[..., Any], pool: int = 2000) -> None:
         super().__init__(forward_func)
         self.pool = pool
 
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
         pairs = (plan.budget - 2) // 2
-        if n == 1 or plan.budget >= 2**n or pairs > _MAX_PAIRS:
+        if n == 1 or pairs < 1 or plan.budget >= 2**n or pairs > _MAX_PAIRS:
             return LeverageKernelShap(self.forward_func).estimate(game, plan)
         empty, full = game.ends()
-        design = _greedy_design(n, max(pairs, 1), self.pool, plan.rng)
+        design = _greedy_design(n, pairs, self.pool, plan.rng)
         rounds, held = 0, 0
         phi = stderr = np.zeros((len(full), n))
-        goals = _doubling(n, len(design)) if plan.target_stderr is not None else [len(design)]
-        for goal in goals:
+        for goal in _schedule(len(design), len(design), plan.target_stderr is not None):
             new = design[held:goal]
             game(np.concatenate([new, ~new]))
             held, rounds = goal, rounds + 1
@@ -93,14 +95,6 @@ class BayesianShapley(ShapleyEstimator):
         return phi, stderr
 
 
-def _doubling(n: int, cap: int) -> list[int]:
-    goals, goal = [], min(n, cap)
-    while goal < cap:
-        goals.append(goal)
-        goal *= 2
-    return [*goals, cap]
-
-
 class _Prior:
     """Covariances of the odd part of a game under the order-decaying prior.
 
@@ -110,30 +104,21 @@ class _Prior:
     """
 
     def __init__(self, n: int, theta: float) -> None:
-        orders = range(1, min(n, _MAX_ORDER) + 1, 2)
-        w = {k: theta ** ((k - 1) / 2) / math.comb(n, k) for k in orders}
-        # e_k of a +-1 vector with p pluses and m minuses (a Krawtchouk polynomial)
-        e = _elementary(n)
-        self.by_distance = np.array(
-            [sum(w[k] * e[k][n - d][d] for k in orders) for d in range(n + 1)]
-        )
-        # Cov(phi_i, f(x)): sum over odd T containing i of w (2 / |T|) chi_T(x),
-        # for x_i = +1 (present) and x_i = -1 (absent), by the number present.
-        self.present = np.array(
-            [sum(w[k] * 2 / k * e[k - 1][p - 1][n - p] for k in orders) if p else 0.0
-             for p in range(n + 1)]
-        )  # fmt: skip
-        self.absent = np.array(
-            [-sum(w[k] * 2 / k * e[k - 1][p][n - p - 1] for k in orders) if p < n else 0.0
-             for p in range(n + 1)]
-        )  # fmt: skip
-        # Var(phi_i - mean phi), the prior's, for the posterior's standard deviation
-        self.phi_var = sum(w[k] * 4 / k**2 * math.comb(n - 2, k - 1) for k in orders) * (1 - 1 / n)
+        orders = np.arange(1, min(n, _MAX_ORDER) + 1, 2)
+        weight = theta ** ((orders - 1) / 2)  # order k's share of the variance
+        # sum over |T| = k of chi_T(x) chi_T(x') / C(n, k), x and x' d apart
+        self.by_distance = weight @ _krawtchouk(n)[orders]
+        # Cov(phi_i, f(x)) = sum over odd T holding i of (2 / |T|) Var(c_T) chi_T(x):
+        # x_i times e_{k-1} of the other n - 1, for x_i = +1 and -1, by how many are present
+        others = weight @ _krawtchouk(n - 1)[orders - 1] * 2 / n  # by the others' minus count
+        present = np.arange(n + 1)
+        self.present = np.where(present > 0, others[np.clip(n - present, 0, n - 1)], 0.0)
+        self.absent = np.where(present < n, -others[np.clip(n - present - 1, 0, n - 1)], 0.0)
+        # Var(phi_i - mean phi), the prior's: sum of (2 / k)^2 Var(c_T) over pairs' differences
+        self.phi_var = float(weight @ (4 * (n - orders) / (orders * n**2)))
 
-    def gram(self, masks: np.ndarray) -> np.ndarray:
-        x = 2.0 * masks - 1.0
-        n = masks.shape[1]
-        return self.by_distance[np.rint((n - x @ x.T) / 2).astype(int)]
+    def gram(self, distance: np.ndarray) -> np.ndarray:
+        return self.by_distance[distance]
 
     def cross(self, masks: np.ndarray) -> np.ndarray:
         """``(p, n)``: covariance of each centred Shapley value with each pair's value."""
@@ -142,27 +127,34 @@ class _Prior:
         return c - c.mean(1, keepdims=True)
 
 
-def _elementary(n: int) -> list[list[list[float]]]:
-    """``e[k][p][m]``: the k-th elementary symmetric polynomial of p ones and m
-    minus ones (exact integers, then floats: the alternating sum cancels)."""
-    top = min(n, _MAX_ORDER)
-    return [
-        [
-            [
-                float(sum((-1) ** j * math.comb(m, j) * math.comb(p, k - j) for j in range(k + 1)))
-                for m in range(n + 1)
-            ]
-            for p in range(n + 1)
-        ]
-        for k in range(top + 1)
-    ]
+@functools.lru_cache(maxsize=16)
+def _krawtchouk(total: int) -> np.ndarray:
+    """``(K + 1, total + 1)``: the k-th elementary symmetric polynomial of
+    ``total - m`` ones and ``m`` minus ones, over ``C(total, k)``, for k up to
+    the prior's top order. Exact integers (the alternating sums cancel), the
+    coefficients of ``(1 + t)^(total - m) (1 - t)^m``, stepped in m."""
+    top = min(total, _MAX_ORDER)
+    coef = [math.comb(total, k) for k in range(top + 1)]
+    out = np.zeros((top + 1, total + 1))
+    for m in range(total + 1):
+        out[:, m] = [c / math.comb(total, k) for k, c in enumerate(coef)]
+        divided: list[int] = []  # over (1 + t), then times (1 - t): one more minus one
+        for k, c in enumerate(coef):
+            divided.append(c - (divided[k - 1] if k else 0))
+        coef = [d - (divided[k - 1] if k else 0) for k, d in enumerate(divided)]
+    return out
+
+
+def _distance(masks_a: np.ndarray, masks_b: np.ndarray) -> np.ndarray:
+    """Hamming distances between pair representatives."""
+    a, b = masks_a.astype(np.int64), masks_b.astype(np.int64)
+    return a @ (1 - b).T + (1 - a) @ b.T
 
 
 def _greedy_design(n: int, pairs: int, pool: int, rng: np.random.Generator) -> np.ndarray:
     """``(pairs, n)`` pair representatives (size <= n / 2), in the order chosen."""
     cand = _candidates(n, max(pool, 4 * pairs), rng)
     prior = _Prior(n, _DESIGN_THETA)
-    x = 2.0 * cand - 1.0
     r = prior.cross(cand)  # residual covariance of phi with each candidate's value
     var = np.full(len(cand), prior.by_distance[0])
     v = np.zeros((len(cand), pairs + 1))  # columns of the Cholesky factor so far
@@ -177,8 +169,7 @@ def _greedy_design(n: int, pairs: int, pool: int, rng: np.random.Generator) -> n
             j = int(np.argmax(gain))
             chosen.append(j)
         alive[j] = False
-        distance = np.rint((n - x @ x[j]) / 2).astype(int)
-        k = prior.by_distance[distance] - v[:, :step] @ v[j, :step]
+        k = prior.by_distance[_distance(cand, cand[j : j + 1])[:, 0]] - v[:, :step] @ v[j, :step]
         vj = max(var[j], 1e-300)
         r -= np.outer(k / vj, r[j])
         var -= k**2 / vj
@@ -216,9 +207,12 @@ def _posterior(masks: np.ndarray, half: np.ndarray) -> tuple[np.ndarray, np.ndar
     classes = (sizes[:, None] == np.unique(sizes[2 * sizes < n])).astype(float)
     same_size = classes @ classes.T  # the free size function's covariance
     best = None
-    for theta in _THETAS:
+    distance = _distance(masks, masks)
+    # with no more pairs than features an additive game (theta = 0) fits any data
+    # exactly, with zero error bars: it needs more pairs to be told apart
+    for theta in _THETAS if p > n + 1 else _THETAS[1:]:
         prior = _Prior(n, theta)
-        base = prior.gram(masks)
+        base = prior.gram(distance)
         for tau in _TAUS:
             gram = base + tau * same_size * np.trace(base) / max(np.trace(same_size), 1.0)
             gram += 1e-9 * np.trace(gram) / p * np.eye(p)
