@@ -4,8 +4,9 @@ A ~9M-parameter tiny Llama (a ~60-token system prompt, a 12-word user
 message, a 12-token target), then the real SmolLM2-135M-Instruct (12 words),
 ShapleyValueSampling with n_samples=10. Times stock Captum
 (forward_in_tokens=True and False, on the same chat through
-``text_template_input``) and ours (perturbations_per_eval=16) in one process,
-checks the attributions agree, and prints ratios and model-call counts.
+``text_template_input``) and ours (perturbations_per_eval=64, as the README
+suggests) in one process, checks the attributions agree, and prints ratios and
+model-call counts.
 
 Run: ``make bench`` or ``python benchmarks/text_vs_captum.py [--threads N]``.
 """
@@ -89,11 +90,11 @@ def compare(model, chat, target_text: str, label: str) -> None:
     ours = MultimodalLLMAttribution(ShapleyValueSampling(model), model)
     res, secs = timed(
         lambda: ours.attribute(
-            inp, target=target_ids, n_samples=N_SAMPLES, perturbations_per_eval=16
+            inp, target=target_ids, n_samples=N_SAMPLES, perturbations_per_eval=64
         ),
         3,
     )
-    rows.append(("captum-mllm ppe=16", secs, res.n_model_calls, res))
+    rows.append(("captum-mllm ppe=64", secs, res.n_model_calls, res))
 
     exact = rows[1][3].token_attr
     default, seq = rows[0][1], rows[1][1]
