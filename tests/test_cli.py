@@ -140,13 +140,16 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     (folder / "transcripts.csv").write_text(
         "file,transcript\nq.wav,what is the capital of france\n"
     )
-    argv = ["explain-dataset", folder, "--model", "tiny-lfm2-audio", "--no-ray",
-            "--method", "permutation", "--budget", "20", "--max-new-tokens", "2",
-            "--out", tmp_path / "a"]  # fmt: skip
-    code, _, err = run(argv, capsys)
-    assert code == 0, err
-    res = MultimodalLLMAttributionResult.load(tmp_path / "a" / "q" / "result.json")
-    assert any(f.modality == "audio_in" for f in res.features)
+    methods = (("permutation", "PairedPermutationSampling"), ("bayes", "BayesianShapley"))
+    for method, name in methods:
+        argv = ["explain-dataset", folder, "--model", "tiny-lfm2-audio", "--no-ray",
+                "--method", method, "--budget", "20", "--max-new-tokens", "2",
+                "--out", tmp_path / method]  # fmt: skip
+        code, _, err = run(argv, capsys)
+        assert code == 0, err
+        res = MultimodalLLMAttributionResult.load(tmp_path / method / "q" / "result.json")
+        assert any(f.modality == "audio_in" for f in res.features)
+        assert res.provenance["method"] == name and res.n_coalitions <= 20
     code, _, err = run(["explain-dataset", tmp_path / "nothing", "--no-ray"], capsys)
     assert code == 2 and "JSONL" in err
 
