@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from scipy.linalg import solve_triangular
 
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator
 from captum_mllm.methods.kernel import LeverageKernelShap, _schedule
@@ -216,15 +217,18 @@ def _posterior(masks: np.ndarray, half: np.ndarray) -> tuple[np.ndarray, np.ndar
         for tau in _TAUS:
             gram = base + tau * same_size * np.trace(base) / max(np.trace(same_size), 1.0)
             gram += 1e-9 * np.trace(gram) / p * np.eye(p)
-            chol = np.linalg.cholesky(gram)
-            white = np.linalg.solve(chol, half)
+            try:
+                chol = np.linalg.cholesky(gram)
+            except np.linalg.LinAlgError:  # numerically singular: not a candidate
+                continue
+            white = solve_triangular(chol, half, lower=True)
             scale = (white**2).sum(0) / p  # per column, at its maximum likelihood
             loglik = -0.5 * p * np.log(np.maximum(scale, 1e-300)).sum()
             loglik -= half.shape[1] * np.log(np.diag(chol)).sum()
             if best is None or loglik > best[0]:
                 best = (loglik, prior, chol, white, scale)
     _, prior, chol, white, scale = best  # type: ignore[misc]
-    cross = np.linalg.solve(chol, prior.cross(masks))  # (p, n)
+    cross = solve_triangular(chol, prior.cross(masks), lower=True)  # (p, n)
     phi = (cross.T @ white).T
     var = np.maximum(prior.phi_var - (cross**2).sum(0), 0.0)
     return phi, np.sqrt(scale[:, None] * var[None, :])
