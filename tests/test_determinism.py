@@ -19,6 +19,7 @@ from captum_mllm import (
     MultimodalLLMAttributionResult,
 )
 from captum_mllm.methods import (
+    BayesianShapley,
     ExactShapleyValues,
     HierarchicalShapley,
     LeverageKernelShap,
@@ -49,6 +50,7 @@ METHODS: dict[str, tuple[Any, dict[str, Any]]] = {
     "LeverageKernelShap": (LeverageKernelShap, {"budget": 40, "seed": 1}),
     "RegressionAdjustedShapley": (RegressionAdjustedShapley, {"budget": 40, "seed": 1}),
     "HierarchicalShapley": (HierarchicalShapley, {"budget": 40, "seed": 1}),
+    "BayesianShapley": (BayesianShapley, {"budget": 20, "seed": 1}),  # below 2^5: its own path
 }
 GEN = {"max_new_tokens": 4}
 TARGETS: dict[str, Any] = {
