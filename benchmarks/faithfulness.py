@@ -54,6 +54,7 @@ from captum_mllm import (
 )
 from captum_mllm.gradient import AttentionAttribution, MultimodalLLMGradientAttribution
 from captum_mllm.methods import (
+    BayesianShapley,
     ExactShapleyValues,
     LeverageKernelShap,
     PairedPermutationSampling,
@@ -75,6 +76,7 @@ def methods(n: int) -> dict[str, tuple[object, dict]]:
     return {
         "exact Shapley": (ExactShapleyValues, {}),
         "ours LeverageKernelShap 10n": (LeverageKernelShap, {"budget": budget, "seed": 0}),
+        "ours BayesianShapley 10n": (BayesianShapley, {"budget": budget, "seed": 0}),
         "ours PairedPermutation 10n": (PairedPermutationSampling, {"budget": budget, "seed": 0}),
         "ours RegressionAdjusted 10n": (RegressionAdjustedShapley, {"budget": budget, "seed": 0}),
         "captum ShapleyValueSampling 10n": (ShapleyValueSampling, {"n_samples": budget // n}),
@@ -160,6 +162,7 @@ def speech(n_requests: int, seed: int = 2026) -> None:
                 for k in (2, 5):
                     for name, cls in (
                         ("ours LeverageKernelShap", LeverageKernelShap),
+                        ("ours BayesianShapley", BayesianShapley),
                         ("ours PairedPermutation", PairedPermutationSampling),
                     ):
                         chosen[f"{name} {k}n"] = (cls, {"budget": k * n, "seed": 0})
