@@ -356,7 +356,7 @@ def test_a_chat_budget_is_reported_honestly(model, chat, method):
     assert res.token_attr_stderr.shape == res.token_attr.shape
 
 
-@pytest.mark.parametrize("level", [PairedPermutationSampling, LeverageKernelShap])
+@pytest.mark.parametrize("level", [PairedPermutationSampling, LeverageKernelShap, BayesianShapley])
 def test_any_estimator_at_each_level_of_the_tree(level):
     tree = [[0, 1, 2, 3, 4, 5, 6], [7, 8], 9]  # exact: 520 coalitions
     exact = HierarchicalShapley(synthetic).attribute(ONES, tree=tree)[0].numpy()
@@ -379,7 +379,7 @@ def test_any_estimator_at_each_level_of_the_tree(level):
     bias = np.abs(estimates.mean(0) - exact)
     if level is PairedPermutationSampling:  # an unbiased level estimator: unbiased values
         assert np.all(bias <= 3 * spread / math.sqrt(len(runs)) + 1e-12)
-    else:  # Kernel SHAP is consistent, not unbiased: small against the values
+    else:  # Kernel SHAP is consistent and the Bayesian posterior shrinks: small bias
         assert np.linalg.norm(bias) < 0.1 * np.linalg.norm(exact)
     reported = np.stack([s[0].numpy() for _, s in runs])
     assert np.isfinite(reported).all() and reported.max() > 0
