@@ -18,8 +18,8 @@ from captum_mllm.methods.kernel import LeverageKernelShap, _schedule
 _MAX_ORDER = 15
 #: Above this many coalition pairs, hand over to LeverageKernelShap (the fit is cubic in pairs).
 _MAX_PAIRS = 1024
-#: The prior the design is chosen under (it is fixed so the design never depends on values).
-_DESIGN_THETA = 0.3
+#: The priors the design is chosen under (fixed, so the design never depends on values).
+_DESIGN_THETAS = (0.3, 1.0)
 _THETAS = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 _TAUS = (0.0, 0.01, 0.1, 1.0, 10.0, 1e3)
 
@@ -41,10 +41,11 @@ class BayesianShapley(ShapleyEstimator):
     difference of their values (the odd part of the game).
 
     The pairs are chosen greedily, each the one that most lowers the summed
-    posterior variance of the Shapley values (an A-optimal design), from a
-    random pool: every leave-one-out pair first, then mostly near-half
-    coalitions. The design uses a fixed prior, so it depends on ``(n,
-    budget, seed)`` only, never on the values. Estimates are put on
+    posterior variance of the Shapley values (an A-optimal design) under two
+    fixed priors (``theta`` 0.3 and 1, each relative to its best candidate),
+    from a random pool: every leave-one-out pair first, then coalitions of
+    two and near-half ones. The priors are fixed, so the design depends on
+    ``(n, budget, seed)`` only, never on the values. Estimates are put on
     ``sum = f(all) - f(none)`` exactly; the standard error is the posterior
     standard deviation (a model's, not a spread over seeds: the design varies
     little with the seed). With a budget of ``2^n`` or more than
@@ -153,12 +154,15 @@ def _distance(masks_a: np.ndarray, masks_b: np.ndarray) -> np.ndarray:
 
 
 def _greedy_design(n: int, pairs: int, pool: int, rng: np.random.Generator) -> np.ndarray:
-    """``(pairs, n)`` pair representatives (size <= n / 2), in the order chosen."""
+    """``(pairs, n)`` pair representatives (size <= n / 2), in the order chosen.
+
+    Each step takes the candidate that most lowers the posterior variance of
+    the Shapley values under each design prior, relative to the best
+    candidate's reduction under that prior, summed over the priors: one prior
+    alone (a near-additive game) leaves small coalitions out, which a game
+    with strong interactions among few words punishes."""
     cand = _candidates(n, max(pool, 4 * pairs), rng)
-    prior = _Prior(n, _DESIGN_THETA)
-    r = prior.cross(cand)  # residual covariance of phi with each candidate's value
-    var = np.full(len(cand), prior.by_distance[0])
-    v = np.zeros((len(cand), pairs + 1))  # columns of the Cholesky factor so far
+    designs = [_Design(_Prior(n, theta), cand, pairs) for theta in _DESIGN_THETAS]
     alive = np.ones(len(cand), bool)
     chosen = []
     first = int(np.flatnonzero(~cand.any(1))[0])  # (empty, full) is always evaluated
@@ -166,16 +170,39 @@ def _greedy_design(n: int, pairs: int, pool: int, rng: np.random.Generator) -> n
         if step == 0:
             j = first
         else:
-            gain = np.where(alive, (r**2).sum(1) / np.maximum(var, 1e-300), -np.inf)
-            j = int(np.argmax(gain))
+            score = np.zeros(len(cand))
+            for design in designs:
+                gain = design.gain()
+                score += gain / max(gain[alive].max(), 1e-300)
+            j = int(np.argmax(np.where(alive, score, -np.inf)))
             chosen.append(j)
         alive[j] = False
-        k = prior.by_distance[_distance(cand, cand[j : j + 1])[:, 0]] - v[:, :step] @ v[j, :step]
-        vj = max(var[j], 1e-300)
-        r -= np.outer(k / vj, r[j])
-        var -= k**2 / vj
-        v[:, step] = k / math.sqrt(vj)
+        distance = _distance(cand, cand[j : j + 1])[:, 0]
+        for design in designs:
+            design.condition(j, distance, step)
     return cand[chosen]
+
+
+class _Design:
+    """The posterior over the candidates under one prior, conditioned step by
+    step (rank-one updates of a Cholesky factor)."""
+
+    def __init__(self, prior: _Prior, candidates: np.ndarray, pairs: int) -> None:
+        self.prior = prior
+        self.r = prior.cross(candidates)  # residual covariance of phi with each candidate
+        self.var = np.full(len(candidates), prior.by_distance[0])
+        self.v = np.zeros((len(candidates), pairs + 1))  # columns of the Cholesky factor so far
+
+    def gain(self) -> np.ndarray:
+        """Summed posterior variance of phi that evaluating each candidate would remove."""
+        return (self.r**2).sum(1) / np.maximum(self.var, 1e-300)
+
+    def condition(self, j: int, distance: np.ndarray, step: int) -> None:
+        k = self.prior.by_distance[distance] - self.v[:, :step] @ self.v[j, :step]
+        vj = max(self.var[j], 1e-300)
+        self.r -= np.outer(k / vj, self.r[j])
+        self.var -= k**2 / vj
+        self.v[:, step] = k / math.sqrt(vj)
 
 
 def _candidates(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
