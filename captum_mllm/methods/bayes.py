@@ -11,7 +11,7 @@ import numpy as np
 from scipy.linalg import solve_triangular
 
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator
-from captum_mllm.methods.kernel import LeverageKernelShap, _schedule
+from captum_mllm.methods.kernel import LeverageKernelShap, _schedule, size_classes
 
 #: Highest odd Walsh order the prior models (weights fall as ``theta ** ((k - 1) / 2)``;
 #: theta = 0 is an additive game).
@@ -231,8 +231,7 @@ def _posterior(masks: np.ndarray, half: np.ndarray) -> tuple[np.ndarray, np.ndar
     values given the pairs' half differences ``(p, k)``; hyperparameters by
     maximum marginal likelihood over a grid, shared by the k output columns."""
     p, n = masks.shape
-    sizes = masks.sum(1)
-    classes = (sizes[:, None] == np.unique(sizes[2 * sizes < n])).astype(float)
+    classes = size_classes(masks)
     same_size = classes @ classes.T  # the free size function's covariance
     best = None
     distance = _distance(masks, masks)

@@ -174,10 +174,9 @@ def _pair_lstsq(
     """
     n = masks.shape[1]
     x = 2.0 * masks - 1.0
-    sizes = masks.sum(1)
-    classes = np.unique(sizes[2 * sizes < n])
-    if len(masks) >= n + 2 * len(classes):
-        x = np.concatenate([(sizes[:, None] == classes).astype(float), x], axis=1)
+    classes = size_classes(masks)
+    if len(masks) >= n + 2 * classes.shape[1]:
+        x = np.concatenate([classes, x], axis=1)
     root = np.sqrt(w)[:, None]
     a, b = x * root, half * root
     if shrink > 0:
@@ -189,6 +188,13 @@ def _pair_lstsq(
         coef, *_ = np.linalg.lstsq(a, b, rcond=None)
     phi = 2 * coef[-n:].T  # (k, n)
     return phi - phi.mean(axis=1, keepdims=True) + ((full - empty) / n)[:, None]
+
+
+def size_classes(masks: np.ndarray) -> np.ndarray:
+    """``(p, c)`` one-hot size classes of pair representatives: a free function of
+    the size in the odd part of a game (at size n / 2 that part is zero)."""
+    sizes = masks.sum(1)
+    return (sizes[:, None] == np.unique(sizes[2 * sizes < masks.shape[1]])).astype(float)
 
 
 def _allocate(capacity: list[int], goal: int) -> list[int]:

@@ -137,8 +137,8 @@ def default_call_cost(device: torch.device, n_params: int = 10_000_000) -> int:
     below 64 tokens: a CPU matrix product of fewer than a few hundred rows runs
     below full speed (SmolLM2's shapes on 2 cores: 20 rows at about 55% of the
     speed of 800, 100 rows at about 80%; ``benchmarks/cpu_kernels.py``), which
-    a large model pays on every small batch. On a GPU a
-    forward of a 1B model costs ~10 ms of launches, ~2,000 tokens' worth."""
+    a large model pays on every small batch. On a GPU a forward of a 1B model
+    costs ~10 ms of launches, ~2,000 tokens' worth."""
     if device.type != "cpu":
         return 2048
     return max(64, round(80 * 10_000_000 / max(n_params, 1)))
