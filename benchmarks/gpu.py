@@ -80,13 +80,28 @@ PROFILE = False  # --profile: print where the time of captum-mllm's batched runs
 
 
 def profiled(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` under cProfile and print its 25 costliest functions (own time)."""
+    """Run ``fn`` under cProfile and print its 25 costliest functions (own
+    time); on a GPU, also under torch.profiler: the 25 costliest kernels and
+    the share of the wall time the GPU was busy."""
     import cProfile
     import pstats
 
     prof = cProfile.Profile()
     out = prof.runcall(fn)
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    if torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        events = trace.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        print(events.table(sort_by="self_device_time_total", row_limit=25))
+        print(f"GPU kernels {busy:.3f} s of {wall:.3f} s wall ({100 * busy / wall:.0f}% busy)")
     return out
 
 
@@ -294,6 +309,9 @@ def llama_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: d
     flops.flops /= 3  # timed ran it 3 times and keeps the best time
     flops.add_logits(len(batch) * len(target))
     rows.append((f"plain forward, {len(batch)} whole prompts", secs, len(batch), flops.flops))
+    if PROFILE:
+        with torch.inference_mode():
+            profiled(lambda: model(input_ids=batch, logits_to_keep=len(target)))
     report(rows, peaks)
 
 

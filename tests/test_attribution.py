@@ -116,6 +116,39 @@ def test_batching_caching_and_prefix_reuse_change_nothing(model, chat):
     assert results[2].n_model_calls < results[0].n_model_calls
 
 
+def test_logits_at_target_positions_only_change_nothing(model, chat):
+    """The head applied to each row's target positions (the default for a plain
+    decoder + head) gives the values of the model's own logits; a model that
+    caps its logits fails the probe and keeps its own."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from captum_mllm import HFCausalLMAdapter
+
+    inp = ChatInput(chat, model)
+    response = model.response(torch.tensor(model.tokenizer.encode(TARGET)))
+    coalitions = (
+        torch.rand(12, inp.n_itp_features, generator=torch.Generator().manual_seed(0)) > 0.5
+    ).long()
+    masked = inp.to_model_input(coalitions)
+    assert model._split_head() is not None
+    split = model.score_masked(masked, response)
+    model._head_split = None  # the model's own logits
+    try:
+        whole = model.score_masked(masked, response)
+    finally:
+        model._head_split = False
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
+    assert split.std() > 1e-2
+
+    capped = Gemma2Config(
+        vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=1.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    gemma = HFCausalLMAdapter(Gemma2ForCausalLM(capped).eval(), model.tokenizer)
+    assert gemma._split_head() is None
+
+
 def test_forward_in_tokens_gives_the_same_values(model, chat):
     inp = ChatInput(chat, model)
     attr = MultimodalLLMAttribution(FeatureAblation(model), model)

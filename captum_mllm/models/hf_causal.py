@@ -59,6 +59,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self._logits_to_keep = "logits_to_keep" in params
         self._cache_kwarg = cache_kwarg(forward)
         self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
+        self._head_split: tuple[nn.Module, nn.Module] | None | bool = False  # False: not probed
 
     @classmethod
     def from_pretrained(
@@ -265,6 +266,29 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             return None
         return PrefixCache(masked.prefix_len, cache, out.logits[0, -1])
 
+    def _split_head(self) -> tuple[nn.Module, nn.Module] | None:
+        """The model as (decoder, output embeddings) when the two give exactly the
+        model's own logits (probed once on three tokens; a model that rescales
+        or caps its logits fails the probe), else None. Scoring then applies the
+        head to the target positions of each row alone: padding and the
+        positions of other rows get no logits."""
+        if self._head_split is False:
+            self._head_split = None
+            decoder = getattr(self.model, "get_decoder", None)
+            head = getattr(self.model, "get_output_embeddings", None)
+            if self._is_hf and callable(decoder) and callable(head):
+                parts = (decoder(), head())
+                probe = torch.tensor([[1, 2, 3]], device=self.device)
+                try:
+                    with torch.inference_mode():
+                        whole = self.model(input_ids=probe, use_cache=False).logits
+                        split = parts[1](parts[0](input_ids=probe, use_cache=False)[0])
+                    if torch.equal(whole, split):
+                        self._head_split = parts
+                except (TypeError, ValueError, RuntimeError, AttributeError):
+                    pass  # not a plain decoder + head: the model's own logits it is
+        return self._head_split or None
+
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
         # Built on the CPU; each batch moves to the model once (pad_rows).
         start = prefix.length if prefix is not None else 0
@@ -305,18 +329,24 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             kwargs[self._cache_kwarg] = prefix.expand(batch)
             mask = torch.cat([mask.new_ones(batch, prefix.length), mask], dim=1)
         # Logit positions that predict target token j of row b: lens[b] - 1 + j.
-        lowest = max(min(sizes), 1) - 1
-        offset = 0
-        if self._logits_to_keep:
-            kwargs["logits_to_keep"] = torch.arange(lowest, width, device=device)
-            offset = lowest
+        index = (lens - 1)[:, None] + torch.arange(n_target, device=device)[None]
+        split = self._split_head()
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
+            if split is not None:
+                hidden = split[0](input_ids=ids, attention_mask=mask, **kwargs)[0]
+                at = index.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1])
+                picked = split[1](hidden.gather(1, at))
+            else:
+                lowest = max(min(sizes), 1) - 1
+                if self._logits_to_keep:
+                    kwargs["logits_to_keep"] = torch.arange(lowest, width, device=device)
+                    index = index - lowest
+                logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
+                if logits.dim() == 4:  # (B, 1, S, V) from some models
+                    logits = logits[:, 0]
+                at = index.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1])
+                picked = logits.gather(1, at)
         self.n_forward_calls += 1
-        if logits.dim() == 4:  # (B, 1, S, V) from some models
-            logits = logits[:, 0]
-        index = (lens - 1)[:, None] + torch.arange(n_target, device=device)[None] - offset
-        picked = logits.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1]))
         if prefix is not None and 0 in sizes:
             picked[lens == 0, 0] = prefix.last.to(picked.dtype)
         logp = picked.float().log_softmax(-1)
