@@ -72,10 +72,13 @@ def main() -> None:
         calls["conformer"] += 1
         return torch.cat([per_token.sum(0, keepdim=True), per_token])[None]
 
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    loop = ShapleyValueSampling(naive).attribute(inp.to_tensor(), n_samples=10)
-    t_loop = time.perf_counter() - start
+    t_loop = float("inf")
+    for _ in range(3):  # best of 3, as ours (the machine is shared)
+        calls.update(forward=0, conformer=0)
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        loop = ShapleyValueSampling(naive).attribute(inp.to_tensor(), n_samples=10)
+        t_loop = min(t_loop, time.perf_counter() - start)
 
     attr = MultimodalLLMAttribution(ShapleyValueSampling(adapter), adapter)
     best = float("inf")
@@ -86,7 +89,7 @@ def main() -> None:
         best = min(best, time.perf_counter() - start)
     diff = (res.token_attr - loop[0, 1:]).abs().max().item()
     print(f"{'run':34s} {'seconds':>8s} {'LFM forwards':>13s} {'conformer calls':>16s}")
-    name = "liquid-audio loop (batch 1)"
+    name = "liquid-audio loop (best of 3)"
     print(f"{name:34s} {t_loop:8.2f} {calls['forward']:13d} {calls['conformer']:16d}")
     conformer = adapter.n_encoder_calls  # all of them, building the input included
     name = "captum-mllm ppe=32 (best of 3)"

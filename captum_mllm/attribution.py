@@ -54,6 +54,7 @@ class _Game:
     n_columns: int
     columns: str
     stock_calls: list[int] | None = None  # model calls made by Captum's own forward
+    row_length: Callable[[Tensor], Tensor] | None = None  # (U, n) -> model input lengths
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,12 @@ class _Call:
 
     evaluator: CoalitionEvaluator
     n_columns: int
+
+    def row_length(self, coalitions: Tensor) -> Tensor | None:
+        """Model input length of each coalition, when known: our estimators
+        batch coalitions of similar length together."""
+        length = self.evaluator.row_length
+        return length(coalitions) if length is not None else None
 
 
 class MultimodalLLMAttribution(LLMAttribution):
@@ -244,6 +251,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             enabled=cache_coalitions,
             shard=shard,
             placeholder_columns=game.n_columns,
+            row_length=game.row_length,
         )
         n_columns = game.n_columns if self.multi_output else 1
         call = _Call(evaluator, n_columns)
@@ -333,7 +341,11 @@ class MultimodalLLMAttribution(LLMAttribution):
 
             n_columns = value_fn.n_columns(response)
             kind = "tokens" if value_fn.per_token else "samples" if n_columns > 1 else "total"
-            return _Game(evaluate_chat, n_columns, kind)
+
+            def row_length(coalitions: Tensor) -> Tensor:
+                return inp.to_model_input(coalitions).present.sum(1)
+
+            return _Game(evaluate_chat, n_columns, kind, row_length=row_length)
         if not isinstance(value_fn, LogProbTarget):
             raise UnsupportedInputError("Captum's inputs support the log-prob target only")
         n_columns = value_fn.n_columns(response)

@@ -162,6 +162,11 @@ class CoalitionEvaluator:
             coalition); the others get ``placeholder`` values unless the store
             has them. Default: None (all)
         placeholder_columns (int, optional): columns of a placeholder value. Default: 1
+        row_length (callable, optional): ``(B, n_features) -> (B,)``, the model
+            input length of each coalition: :meth:`prefetch` then batches
+            coalitions of similar length together (less padding, fewer
+            forwards; values are per coalition, so they do not change).
+            Default: None (the order given)
 
     Attributes:
         n_requested (int): coalitions the method asked for.
@@ -178,8 +183,10 @@ class CoalitionEvaluator:
         enabled: bool = True,
         shard: tuple[int, int] | None = None,
         placeholder_columns: int = 1,
+        row_length: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.evaluate = evaluate
+        self.row_length = row_length
         self.shard = shard
         self.placeholder_columns = placeholder_columns
         self.store = store if store is not None else MemoryStore()
@@ -230,9 +237,13 @@ class CoalitionEvaluator:
 
     def prefetch(self, rows: Tensor, batch: int) -> None:
         """Evaluate and keep coalitions a method is about to ask for, ``batch``
-        at a time (not counted as requested: the method's own asks are)."""
+        at a time, each distinct one once, shortest first when ``row_length``
+        is known (not counted as requested: the method's own asks are)."""
         if not self.enabled:
             return
+        rows = torch.unique(rows.reshape(len(rows), -1), dim=0)
+        if self.row_length is not None:
+            rows = rows[torch.argsort(self.row_length(rows), stable=True)]
         for start in range(0, len(rows), max(batch, 1)):
             self(rows[start : start + batch])
         self.n_requested -= len(rows)

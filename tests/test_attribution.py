@@ -15,6 +15,7 @@ from captum.attr import (
 from conftest import brute_force_shapley, game
 
 from captum_mllm import Chat, ChatInput, LogProbTarget, MultimodalLLMAttribution
+from captum_mllm.coalitions import CoalitionEvaluator
 from captum_mllm.errors import (
     InvalidModelError,
     InvalidOptionError,
@@ -132,11 +133,11 @@ def test_logits_at_target_positions_only_change_nothing(model, chat):
     masked = inp.to_model_input(coalitions)
     assert model._split_head() is not None
     split = model.score_masked(masked, response)
-    model._head_split = None  # the model's own logits
+    parts, model._head_split = model._head_split, None  # the model's own logits
     try:
         whole = model.score_masked(masked, response)
     finally:
-        model._head_split = False
+        model._head_split = parts
     torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
     assert split.std() > 1e-2
 
@@ -147,6 +148,43 @@ def test_logits_at_target_positions_only_change_nothing(model, chat):
     torch.manual_seed(0)
     gemma = HFCausalLMAdapter(Gemma2ForCausalLM(capped).eval(), model.tokenizer)
     assert gemma._split_head() is None
+
+
+class _InOrderGiven(CoalitionEvaluator):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "row_length": None})
+
+
+@pytest.mark.parametrize("method", ["exact", "stock sampler"])
+def test_coalitions_of_similar_length_share_a_forward(model, chat, monkeypatch, method):
+    """Our estimators and the prefetch of Captum's samplers hand the model
+    coalitions shortest first: less padding than in the order drawn, same values."""
+    from captum_mllm import attribution
+    from captum_mllm.methods import ExactShapleyValues
+
+    inp = ChatInput(chat.user("Tell me a story about the sea, please."), model)
+    algorithm = ExactShapleyValues if method == "exact" else ShapleyValueSampling
+    padding = []
+
+    def count(_, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            padding[-1] += int((mask == 0).sum())
+
+    model.model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+    results = []
+    for by_length in (True, False):
+        if not by_length:
+            monkeypatch.setattr(attribution, "CoalitionEvaluator", _InOrderGiven)
+        padding.append(0)
+        torch.manual_seed(0)
+        results.append(
+            MultimodalLLMAttribution(algorithm(model), model).attribute(
+                inp, target=TARGET, n_samples=4, perturbations_per_eval=8
+            )
+        )
+    assert padding[0] < 0.5 * padding[1]
+    assert torch.equal(results[0].token_attr, results[1].token_attr)
 
 
 def test_forward_in_tokens_gives_the_same_values(model, chat):

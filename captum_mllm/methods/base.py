@@ -250,7 +250,13 @@ class _Example:
         self.ppe = perturbations_per_eval
 
     def evaluate(self, masks: Tensor) -> Tensor:
-        """``(m, n)`` bool -> ``(m, k)``: forwards in chunks of ``perturbations_per_eval``."""
+        """``(m, n)`` bool -> ``(m, k)``: forwards in chunks of ``perturbations_per_eval``,
+        shortest model inputs first when the forward function's argument can
+        tell their lengths (``MultimodalLLMAttribution``'s does): each forward
+        then holds rows of similar length."""
+        order = self._by_length(masks)
+        if order is not None:
+            masks = masks[order]
         out = []
         for start in range(0, len(masks), self.ppe):
             chunk = masks[start : start + self.ppe].to(self.example.device)
@@ -262,7 +268,20 @@ class _Example:
             if self.target is not None:
                 values = values[:, self.target : self.target + 1]
             out.append(values.detach())
-        return torch.cat(out)
+        values = torch.cat(out)
+        if order is None:
+            return values
+        return values[torch.argsort(order.to(values.device))]
+
+    def _by_length(self, masks: Tensor) -> Tensor | None:
+        """An ascending order of the masks' model input lengths, if the first
+        additional forward argument has ``row_length(masks)``."""
+        first = self.args[0] if isinstance(self.args, tuple) and self.args else self.args
+        length = getattr(first, "row_length", None)
+        lengths = length(masks.long()) if callable(length) else None
+        if lengths is None:
+            return None
+        return torch.argsort(lengths.cpu(), stable=True)
 
     def shape_like_input(self, phi: np.ndarray) -> Tensor:
         """``(k, n)`` feature values -> ``(k, *input shape)`` (each element its feature's)."""

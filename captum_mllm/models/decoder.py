@@ -72,11 +72,15 @@ class PrefixCache:
         """A fresh copy for ``batch_size`` rows (the model appends to the cache it
         is given). transformers' ``batch_repeat_interleave`` does not know the
         convolution-state layers of hybrid models: those are repeated here."""
-        cache = copy.deepcopy(self.cache)
-        layers = getattr(cache, "layers", None)
-        if layers is None:
+        if getattr(self.cache, "layers", None) is None:
+            cache = copy.deepcopy(self.cache)
             cache.batch_repeat_interleave(batch_size)
             return cache
+        # New cache and layer objects over the same tensors: repeating replaces
+        # every state tensor, so the prefix's own are never written (a deep copy
+        # would copy them only to drop the copies).
+        cache = copy.copy(self.cache)
+        cache.layers = layers = [_fresh_containers(layer) for layer in self.cache.layers]
         for layer in layers:
             if hasattr(layer, "batch_repeat_interleave"):
                 layer.batch_repeat_interleave(batch_size)
@@ -86,6 +90,15 @@ class PrefixCache:
                     if state is not None:
                         states[i] = state.repeat_interleave(batch_size, dim=0)
         return cache
+
+
+def _fresh_containers(obj: Any) -> Any:
+    """A shallow copy of ``obj`` whose dict and list attributes are new containers."""
+    new = copy.copy(obj)
+    for name, value in vars(obj).items():
+        if isinstance(value, dict | list):
+            setattr(new, name, copy.copy(value))
+    return new
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -59,7 +59,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self._logits_to_keep = "logits_to_keep" in params
         self._cache_kwarg = cache_kwarg(forward)
         self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
-        self._head_split: tuple[nn.Module, nn.Module] | None | bool = False  # False: not probed
+        self._head_split: tuple[nn.Module, nn.Module] | None = None
+        self._head_probed = False
 
     @classmethod
     def from_pretrained(
@@ -272,8 +273,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         or caps its logits fails the probe), else None. Scoring then applies the
         head to the target positions of each row alone: padding and the
         positions of other rows get no logits."""
-        if self._head_split is False:
-            self._head_split = None
+        if not self._head_probed:
+            self._head_probed = True
             decoder = getattr(self.model, "get_decoder", None)
             head = getattr(self.model, "get_output_embeddings", None)
             if self._is_hf and callable(decoder) and callable(head):
@@ -287,7 +288,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                         self._head_split = parts
                 except (TypeError, ValueError, RuntimeError, AttributeError):
                     pass  # not a plain decoder + head: the model's own logits it is
-        return self._head_split or None
+        return self._head_split
 
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
         # Built on the CPU; each batch moves to the model once (pad_rows).
