@@ -64,11 +64,14 @@ class _Call:
     evaluator: CoalitionEvaluator
     n_columns: int
 
-    def row_length(self, coalitions: Tensor) -> Tensor | None:
-        """Model input length of each coalition, when known: our estimators
-        batch coalitions of similar length together."""
-        length = self.evaluator.row_length
-        return length(coalitions) if length is not None else None
+    def evaluate_batches(self, perturbed: Tensor, batch: int) -> Tensor:
+        """All of an estimator's coalitions at once, ``batch`` a forward (see
+        :meth:`CoalitionEvaluator.evaluate_batches`)."""
+        return self.columns(self.evaluator.evaluate_batches(perturbed, batch))
+
+    def columns(self, values: Tensor) -> Tensor:
+        # (B, n_columns) for multi-output methods, else (B,)
+        return values[:, : self.n_columns] if self.n_columns > 1 else values[:, 0]
 
 
 class MultimodalLLMAttribution(LLMAttribution):
@@ -321,9 +324,7 @@ class MultimodalLLMAttribution(LLMAttribution):
 
     @staticmethod
     def _evaluate_call(perturbed_tensor: Tensor, call: _Call) -> Tensor:
-        # (B, n_features) -> (B, n_columns) for multi-output methods, else (B,)
-        values = call.evaluator(perturbed_tensor)
-        return values[:, : call.n_columns] if call.n_columns > 1 else values[:, 0]
+        return call.columns(call.evaluator(perturbed_tensor))
 
     # The value function of one explanation ----------------------------------------------
 

@@ -201,13 +201,23 @@ class CoalitionEvaluator:
 
     def __call__(self, perturbed: Tensor) -> Tensor:
         """Values of B coalitions: ``(B, n_features) -> (B, k)`` on their device."""
+        return self.evaluate_batches(perturbed, len(perturbed))
+
+    def evaluate_batches(self, perturbed: Tensor, batch: int) -> Tensor:
+        """Values of B coalitions, those not in the store ``batch`` at a time
+        (shortest model inputs first when ``row_length`` is known):
+        ``(B, n_features) -> (B, k)`` on their device. A batch's values come
+        back to the host while the next one is prepared and launched, so an
+        accelerator does not wait for the host between batches."""
         rows = perturbed.reshape(perturbed.shape[0], -1)
         self.n_requested += len(rows)
+        step = max(batch, 1)
         if not self.enabled:
             self.n_evaluated += len(rows)
-            result = self._evaluate(rows)
-            self._log(rows, result.responses)
-            return result.values.to(perturbed.device)
+            parts = [self._evaluate(rows[i : i + step]) for i in range(0, len(rows), step)]
+            for i, part in zip(range(0, len(rows), step), parts, strict=True):
+                self._log(rows[i : i + step], part.responses)
+            return torch.cat([p.values for p in parts]).to(perturbed.device)
         keys = coalition_keys(rows)
         found = self.store.get_many(dict.fromkeys(keys))
         first_of: dict[bytes, int] = {}
@@ -220,32 +230,48 @@ class CoalitionEvaluator:
         fresh_from_store = [k for k in found if k not in self._seen]
         self.n_stored += len(fresh_from_store)
         self._seen.update(found)
-        if first_of:
-            missing = rows[list(first_of.values())]
-            result = self._evaluate(missing)
-            self.n_evaluated += len(first_of)
-            said = result.responses or [None] * len(first_of)
-            fresh = result.values.detach().float().cpu().numpy()  # one copy per batch
-            new = {key: (row, s) for key, row, s in zip(first_of, fresh, said, strict=True)}
-            self.store.put_many(new)
-            self._seen.update(new)
-            found.update(new)
+        todo = list(first_of.values())
+        if self.row_length is not None and len(todo) > step:
+            order = torch.argsort(self.row_length(rows[todo]), stable=True).tolist()
+            todo = [todo[i] for i in order]
+        pending: tuple[_HostCopy, list[bytes], list[Any] | None] | None = None
+        for start in range(0, len(todo), step):
+            chosen = todo[start : start + step]
+            result = self._evaluate(rows[chosen])
+            launched = (_HostCopy(result.values), [keys[i] for i in chosen], result.responses)
+            if pending is not None:
+                self._keep(found, *pending)
+            pending = launched
+        if pending is not None:
+            self._keep(found, *pending)
         for row, key in zip(rows, keys, strict=True):
             if found[key][1] is not None:
                 self.responses[_as_tuple(row)] = found[key][1]
         return torch.from_numpy(np.stack([found[k][0] for k in keys])).to(perturbed.device)
 
+    def _keep(
+        self,
+        found: dict[bytes, Entry],
+        values: _HostCopy,
+        keys: list[bytes],
+        said: list[Any] | None,
+    ) -> None:
+        """Store one evaluated batch (waiting for its copy to the host)."""
+        said = said or [None] * len(keys)
+        new = {key: (row, s) for key, row, s in zip(keys, values.numpy(), said, strict=True)}
+        self.n_evaluated += len(new)
+        self.store.put_many(new)
+        self._seen.update(new)
+        found.update(new)
+
     def prefetch(self, rows: Tensor, batch: int) -> None:
         """Evaluate and keep coalitions a method is about to ask for, ``batch``
-        at a time, each distinct one once, shortest first when ``row_length``
-        is known (not counted as requested: the method's own asks are)."""
+        at a time, each distinct one once (not counted as requested: the
+        method's own asks are)."""
         if not self.enabled:
             return
         rows = torch.unique(rows.reshape(len(rows), -1), dim=0)
-        if self.row_length is not None:
-            rows = rows[torch.argsort(self.row_length(rows), stable=True)]
-        for start in range(0, len(rows), max(batch, 1)):
-            self(rows[start : start + batch])
+        self.evaluate_batches(rows, batch)
         self.n_requested -= len(rows)
 
     def _evaluate(self, rows: Tensor) -> TargetValues:
@@ -292,6 +318,28 @@ class CoalitionEvaluator:
     def _log(self, rows: Tensor, said: list[Any] | None) -> None:
         for row, s in zip(rows, said or [], strict=False):
             self.responses[_as_tuple(row)] = s
+
+
+class _HostCopy:
+    """A batch of values on its way to the host: from an accelerator the copy
+    goes into pinned memory without waiting, and :meth:`numpy` waits for it
+    alone (not for work launched after it)."""
+
+    def __init__(self, values: Tensor) -> None:
+        values = values.detach().float()
+        self.event: torch.cuda.Event | None = None
+        if values.device.type == "cuda":
+            self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = values.cpu()
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.values.numpy()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -250,13 +250,16 @@ class _Example:
         self.ppe = perturbations_per_eval
 
     def evaluate(self, masks: Tensor) -> Tensor:
-        """``(m, n)`` bool -> ``(m, k)``: forwards in chunks of ``perturbations_per_eval``,
-        shortest model inputs first when the forward function's argument can
-        tell their lengths (``MultimodalLLMAttribution``'s does): each forward
-        then holds rows of similar length."""
-        order = self._by_length(masks)
-        if order is not None:
-            masks = masks[order]
+        """``(m, n)`` bool -> ``(m, k)``: forwards in chunks of
+        ``perturbations_per_eval``. When the first additional forward argument
+        has ``evaluate_batches(perturbed, batch)`` (``MultimodalLLMAttribution``'s
+        does), it gets all the coalitions at once and batches them itself."""
+        first = self.args[0] if isinstance(self.args, tuple) and self.args else self.args
+        batches = getattr(first, "evaluate_batches", None)
+        if callable(batches):
+            masks = masks.to(self.example.device)
+            perturbed = torch.where(masks[:, self.index], self.example, self.baseline)
+            return self._target(batches(perturbed, self.ppe).reshape(len(masks), -1).detach())
         out = []
         for start in range(0, len(masks), self.ppe):
             chunk = masks[start : start + self.ppe].to(self.example.device)
@@ -265,23 +268,11 @@ class _Example:
             args = _expand(self.args, len(chunk))
             values = self.forward_func(perturbed, *args)
             values = torch.as_tensor(values).reshape(len(chunk), -1)
-            if self.target is not None:
-                values = values[:, self.target : self.target + 1]
-            out.append(values.detach())
-        values = torch.cat(out)
-        if order is None:
-            return values
-        return values[torch.argsort(order.to(values.device))]
+            out.append(self._target(values.detach()))
+        return torch.cat(out)
 
-    def _by_length(self, masks: Tensor) -> Tensor | None:
-        """An ascending order of the masks' model input lengths, if the first
-        additional forward argument has ``row_length(masks)``."""
-        first = self.args[0] if isinstance(self.args, tuple) and self.args else self.args
-        length = getattr(first, "row_length", None)
-        lengths = length(masks.long()) if callable(length) else None
-        if lengths is None:
-            return None
-        return torch.argsort(lengths.cpu(), stable=True)
+    def _target(self, values: Tensor) -> Tensor:
+        return values if self.target is None else values[:, self.target : self.target + 1]
 
     def shape_like_input(self, phi: np.ndarray) -> Tensor:
         """``(k, n)`` feature values -> ``(k, *input shape)`` (each element its feature's)."""
