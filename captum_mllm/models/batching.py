@@ -37,7 +37,7 @@ def pad_rows(
     """
     home = rows[0].device
     device = device or home
-    lens = torch.tensor([len(r) for r in rows], device=home)
+    lens = to_device(torch.tensor([len(r) for r in rows]), home)
     padded = pad_sequence(
         rows, batch_first=True, padding_value=fill, padding_side="left" if left else "right"
     )
@@ -51,7 +51,7 @@ def pad_rows(
         lens = lens + n
     width = torch.arange(padded.shape[1], device=home)[None]
     mask = (width >= padded.shape[1] - lens[:, None]) if left else (width < lens[:, None])
-    return padded.to(device), mask.long().to(device)
+    return to_device(padded, device), to_device(mask.long(), device)
 
 
 def length_buckets(sorted_lens: list[int], call_cost: int) -> list[int]:
@@ -119,7 +119,16 @@ def by_length(
             parts.append(score([rows[i] for i in order[start : min(start + step, end)]]))
         begin = end
     out = torch.cat(parts)
-    return out[torch.argsort(torch.tensor(order, device=out.device))]
+    return out[to_device(torch.argsort(torch.tensor(order)), out.device)]
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host -> ``device`` without waiting for the work queued there: through
+    pinned memory on a GPU (a copy from pageable memory waits for the stream,
+    so the host could not prepare the next batch while this one runs)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def rows_within(max_tokens: int | None, width: int, rows: int) -> int:

@@ -19,7 +19,7 @@ from captum_mllm.errors import (
     InvalidModelError,
 )
 from captum_mllm.models.base import Response
-from captum_mllm.models.batching import pad_rows
+from captum_mllm.models.batching import pad_rows, to_device
 from captum_mllm.models.decoder import (
     DecoderLMAdapter,
     PrefixCache,
@@ -296,7 +296,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         return masked.rows(start)
 
     def _fed(self, response: Response) -> Tensor:
-        return response.ids.to(self.device)
+        return to_device(response.ids, self.device)
 
     def _score_rows(
         self,
@@ -309,18 +309,19 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     ) -> Tensor:
         """One right-padded forward; rows already hold the first ``first`` target tokens."""
         device = self.device
-        target = response.ids[first:last].to(device)
+        host = response.ids[first:last]
+        target = to_device(host, device)
         n_target = int(target.shape[0])
         batch = len(rows)
         sizes = [len(r) for r in rows]
-        lens = torch.tensor(sizes, device=device)
+        lens = to_device(torch.tensor(sizes), device)
         if prefix is None and 0 in sizes:
             raise EmptyCoalitionError(
                 "a coalition removed every input token; keep some template text fixed"
             )
         # The last target token predicts nothing we need: feed T - 1 of them, unless
         # the model is bidirectional and Captum's forward feeds them all.
-        fed = target if feed_all else target[:-1]
+        fed = host if feed_all else host[:-1]
         ids, mask = pad_rows(rows, _pad_id(self.tokenizer), device=device, suffix=fed)
         width = ids.shape[1]
         kwargs: dict[str, Any] = {}

@@ -26,7 +26,7 @@ from captum_mllm.chat import AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat, PositionTableBuilder
 from captum_mllm.errors import AudioError, EmptyCoalitionError, InvalidOptionError, TargetError
 from captum_mllm.models.base import Response
-from captum_mllm.models.batching import pad_rows
+from captum_mllm.models.batching import pad_rows, to_device
 from captum_mllm.models.decoder import (
     DecoderLMAdapter,
     PrefixCache,
@@ -202,13 +202,16 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             return self._lfm.embed_tokens(ids.to(self.device)).clone()
 
     def _embed_items(self, items: Tensor) -> Tensor:
-        """``(N, 9)`` output items -> ``(N, D)`` input embeddings."""
-        out = self._embed_text(items[:, 0].clamp(min=0))
-        audio = items[:, 0] < 0
+        """``(N, 9)`` output items (best given on the host: which are audio is
+        read there) -> ``(N, D)`` input embeddings."""
+        host = items.cpu()
+        out = self._embed_text(to_device(host[:, 0].clamp(min=0), self.device))
+        audio = host[:, 0] < 0
         if bool(audio.any()):
-            codes = items[audio, 1:].to(self.device) + self.model.codebook_offsets
+            at = to_device(torch.nonzero(audio)[:, 0], self.device)
+            codes = to_device(host[audio, 1:], self.device) + self.model.codebook_offsets
             with torch.no_grad():
-                out[audio] = self.model.audio_embedding(codes).sum(1).to(out.dtype)
+                out[at] = self.model.audio_embedding(codes).sum(1).to(out.dtype)
         return out
 
     # Coalitions -> input embeddings ------------------------------------------------------
@@ -280,7 +283,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         return rows if prefix is None else [r[prefix.length :] for r in rows]
 
     def _fed(self, response: Response) -> Tensor:
-        return self._embed_items(response.ids.to(self.device))
+        return self._embed_items(response.ids)
 
     def input_embeddings(self, encoded: EncodedChat) -> Tensor:
         """``(L, D)``: text token embeddings and, at audio positions, the audio
@@ -308,14 +311,14 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         """Text items are scored by the tied LM head; an audio frame by the
         depthformer over its 8 codebooks (codebook 0 only at end-of-audio)."""
         device = self.device
-        items = response.ids[first:last].to(device)
+        items = response.ids[first:last]
         fed = self._embed_items(items[:-1])  # the last item predicts nothing we need
         sizes = [len(r) for r in rows]
         if prefix is None and 0 in sizes:
             raise EmptyCoalitionError(
                 "a coalition removed every input position; keep some template text fixed"
             )
-        lens = torch.tensor(sizes, device=device)
+        lens = to_device(torch.tensor(sizes), device)
         dim = rows[0].shape[-1]
         x, mask = pad_rows(rows, device=device, suffix=fed)
         kwargs: dict[str, Any] = {"use_cache": False}
@@ -332,26 +335,32 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             return self._item_log_probs(h, items)
 
     def _item_log_probs(self, h: Tensor, items: Tensor) -> Tensor:
-        """Hidden states ``(B, N, D)`` that predict ``items`` -> ``(B, N)`` log-probs."""
+        """Hidden states ``(B, N, D)`` that predict ``items`` -> ``(B, N)`` log-probs.
+        Which items are text is read on the host (``items`` are best given
+        there): nothing here waits for the accelerator."""
         batch, n_items, _ = h.shape
         out = torch.zeros(batch, n_items, device=h.device)
-        text = items[:, 0] >= 0
+        host = items.cpu()
+        on_device = to_device(host, h.device)
+        text = host[:, 0] >= 0
         if bool(text.any()):
-            logits = h[:, text] @ self._lfm.embed_tokens.weight.T
-            out[:, text] = (
+            at = to_device(torch.nonzero(text)[:, 0], h.device)
+            logits = h.index_select(1, at) @ self._lfm.embed_tokens.weight.T
+            out[:, at] = (
                 logits.float()
                 .log_softmax(-1)
-                .gather(2, items[text, 0][None, :, None].expand(batch, -1, 1))[..., 0]
+                .gather(2, on_device[at, 0][None, :, None].expand(batch, -1, 1))[..., 0]
             )
-        if bool((~text).any()):
-            codes = items[~text, 1:]  # (F, C)
-            frames = h[:, ~text].reshape(-1, h.shape[-1])  # (B * F, D)
+        if not bool(text.all()):
+            at = to_device(torch.nonzero(~text)[:, 0], h.device)
+            codes = on_device[at, 1:]  # (F, C)
+            frames = h.index_select(1, at).reshape(-1, h.shape[-1])  # (B * F, D)
             codes_b = codes.repeat(batch, 1)
             per_code = self._depth_log_probs(frames, codes_b)  # (B * F, C)
             # At end-of-audio only codebook 0 is predicted (the rest are copies).
-            eoa = codes_b[:, 0] == END_OF_AUDIO
-            per_code[eoa, 1:] = 0.0
-            out[:, ~text] = per_code.sum(-1).reshape(batch, -1)
+            eoa = codes_b[:, :1] == END_OF_AUDIO
+            per_code = torch.cat([per_code[:, :1], per_code[:, 1:].masked_fill(eoa, 0.0)], 1)
+            out[:, at] = per_code.sum(-1).reshape(batch, -1)
         return out
 
     def _depth_log_probs(self, frames: Tensor, codes: Tensor) -> Tensor:
