@@ -163,8 +163,8 @@ class CoalitionEvaluator:
             has them. Default: None (all)
         placeholder_columns (int, optional): columns of a placeholder value. Default: 1
         row_length (callable, optional): ``(B, n_features) -> (B,)``, the model
-            input length of each coalition: :meth:`prefetch` then batches
-            coalitions of similar length together (less padding, fewer
+            input length of each coalition: :meth:`evaluate_batches` and
+            :meth:`prefetch` then batch coalitions of similar length together (less padding, fewer
             forwards; values are per coalition, so they do not change).
             Default: None (the order given)
 

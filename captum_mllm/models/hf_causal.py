@@ -278,9 +278,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             decoder = getattr(self.model, "get_decoder", None)
             head = getattr(self.model, "get_output_embeddings", None)
             if self._is_hf and callable(decoder) and callable(head):
-                parts = (decoder(), head())
                 probe = torch.tensor([[1, 2, 3]], device=self.device)
                 try:
+                    parts = (decoder(), head())
                     with torch.inference_mode():
                         whole = self.model(input_ids=probe, use_cache=False).logits
                         split = parts[1](parts[0](input_ids=probe, use_cache=False)[0])
