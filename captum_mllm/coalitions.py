@@ -214,9 +214,10 @@ class CoalitionEvaluator:
         step = max(batch, 1)
         if not self.enabled:
             self.n_evaluated += len(rows)
-            parts = [self._evaluate(rows[i : i + step]) for i in range(0, len(rows), step)]
-            for i, part in zip(range(0, len(rows), step), parts, strict=True):
-                self._log(rows[i : i + step], part.responses)
+            parts = []
+            for start in range(0, len(rows), step):
+                parts.append(self._evaluate(rows[start : start + step]))
+                self._log(rows[start : start + step], parts[-1].responses)
             return torch.cat([p.values for p in parts]).to(perturbed.device)
         keys = coalition_keys(rows)
         found = self.store.get_many(dict.fromkeys(keys))
@@ -270,7 +271,6 @@ class CoalitionEvaluator:
         method's own asks are)."""
         if not self.enabled:
             return
-        rows = torch.unique(rows.reshape(len(rows), -1), dim=0)
         self.evaluate_batches(rows, batch)
         self.n_requested -= len(rows)
 

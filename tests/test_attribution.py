@@ -171,18 +171,21 @@ def test_coalitions_of_similar_length_share_a_forward(model, chat, monkeypatch, 
         if mask is not None:
             padding[-1] += int((mask == 0).sum())
 
-    model.model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+    hook = model.model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
     results = []
-    for by_length in (True, False):
-        if not by_length:
-            monkeypatch.setattr(attribution, "CoalitionEvaluator", _InOrderGiven)
-        padding.append(0)
-        torch.manual_seed(0)
-        results.append(
-            MultimodalLLMAttribution(algorithm(model), model).attribute(
-                inp, target=TARGET, n_samples=4, perturbations_per_eval=8
+    try:
+        for by_length in (True, False):
+            if not by_length:
+                monkeypatch.setattr(attribution, "CoalitionEvaluator", _InOrderGiven)
+            padding.append(0)
+            torch.manual_seed(0)
+            results.append(
+                MultimodalLLMAttribution(algorithm(model), model).attribute(
+                    inp, target=TARGET, n_samples=4, perturbations_per_eval=8
+                )
             )
-        )
+    finally:
+        hook.remove()  # the model is shared by the session's tests
     assert padding[0] < 0.5 * padding[1]
     assert torch.equal(results[0].token_attr, results[1].token_attr)
 

@@ -131,6 +131,12 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def indices_on(mask: Tensor, device: torch.device) -> Tensor:
+    """The positions a host boolean mask holds, as an index tensor on ``device``
+    (indexing with it does not wait for the device, as a device mask would)."""
+    return to_device(torch.nonzero(mask)[:, 0], device)
+
+
 def rows_within(max_tokens: int | None, width: int, rows: int) -> int:
     """How many rows of ``width`` tokens one call takes under ``max_tokens`` (at least one)."""
     if max_tokens is None:

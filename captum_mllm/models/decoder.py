@@ -289,14 +289,14 @@ class DecoderLMAdapter(ModelAdapter):
     ) -> Tensor:
         """:meth:`score_masked` for rows of model inputs built elsewhere (e.g.
         token ids from Captum's own inputs). Returns ``(B, len(response))``."""
-        fed = self._fed(response)
+        fed = self._fed(response) if per_step else None  # grows the rows step by step
         n = len(response)
         steps = [(t, t + 1) for t in range(n)] if per_step else [(0, n)]
         out = []
         for first, last in steps:
             # (B, L_b) rows + the first `first` response tokens -> (B, last - first)
             grown = rows
-            if first:
+            if fed is not None and first:
                 grown = [torch.cat([r, fed[:first].to(r.device, r.dtype)]) for r in rows]
             score = functools.partial(
                 self._score_rows,

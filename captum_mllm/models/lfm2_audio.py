@@ -26,7 +26,7 @@ from captum_mllm.chat import AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat, PositionTableBuilder
 from captum_mllm.errors import AudioError, EmptyCoalitionError, InvalidOptionError, TargetError
 from captum_mllm.models.base import Response
-from captum_mllm.models.batching import pad_rows, to_device
+from captum_mllm.models.batching import indices_on, pad_rows, to_device
 from captum_mllm.models.decoder import (
     DecoderLMAdapter,
     PrefixCache,
@@ -208,7 +208,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         out = self._embed_text(to_device(host[:, 0].clamp(min=0), self.device))
         audio = host[:, 0] < 0
         if bool(audio.any()):
-            at = to_device(torch.nonzero(audio)[:, 0], self.device)
+            at = indices_on(audio, self.device)
             codes = to_device(host[audio, 1:], self.device) + self.model.codebook_offsets
             with torch.no_grad():
                 out[at] = self.model.audio_embedding(codes).sum(1).to(out.dtype)
@@ -344,7 +344,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         on_device = to_device(host, h.device)
         text = host[:, 0] >= 0
         if bool(text.any()):
-            at = to_device(torch.nonzero(text)[:, 0], h.device)
+            at = indices_on(text, h.device)
             logits = h.index_select(1, at) @ self._lfm.embed_tokens.weight.T
             out[:, at] = (
                 logits.float()
@@ -352,7 +352,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
                 .gather(2, on_device[at, 0][None, :, None].expand(batch, -1, 1))[..., 0]
             )
         if not bool(text.all()):
-            at = to_device(torch.nonzero(~text)[:, 0], h.device)
+            at = indices_on(~text, h.device)
             codes = on_device[at, 1:]  # (F, C)
             frames = h.index_select(1, at).reshape(-1, h.shape[-1])  # (B * F, D)
             codes_b = codes.repeat(batch, 1)
