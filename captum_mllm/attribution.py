@@ -343,8 +343,10 @@ class MultimodalLLMAttribution(LLMAttribution):
             n_columns = value_fn.n_columns(response)
             kind = "tokens" if value_fn.per_token else "samples" if n_columns > 1 else "total"
 
+            prefix = getattr(state, "prefix", None)
+
             def row_length(coalitions: Tensor) -> Tensor:
-                return inp.to_model_input(coalitions).present.sum(1)
+                return adapter.pushed_lengths(inp.to_model_input(coalitions), prefix)
 
             return _Game(evaluate_chat, n_columns, kind, row_length=row_length)
         if not isinstance(value_fn, LogProbTarget):

@@ -22,6 +22,7 @@ from captum_mllm.errors import (
     TargetError,
     UnsupportedInputError,
 )
+from captum_mllm.testing import tiny_hf_adapter
 
 TARGET = "The capital of France is Paris."
 
@@ -117,6 +118,70 @@ def test_batching_caching_and_prefix_reuse_change_nothing(model, chat):
     assert results[2].n_model_calls < results[0].n_model_calls
 
 
+def _pushed_tokens(model, run):
+    """Tokens (not padding) pushed through the decoder by scoring while ``run()`` runs."""
+    pushed = [0]
+
+    def count(_, args, kwargs):  # scoring forwards (with a mask): their real tokens
+        if kwargs.get("attention_mask") is not None:
+            pushed[0] += int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1] :].sum())
+
+    hook = model.model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        return run(), pushed[0]
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("blind_to", [None, "position_ids", "attention_mask"])
+def test_rows_that_begin_as_the_full_chat_read_those_positions_from_the_cache(
+    chat, monkeypatch, blind_to
+):
+    """A coalition keeping the first words reads them from the full chat's cache
+    (exact values of all 2^n coalitions, so every leading run occurs): fewer
+    tokens pushed, the values of no reuse, the same in any batch. A model that
+    would read the shared positions wrongly (here: one that ignores position
+    ids or the mask's holes) fails the probe and pushes every token."""
+    from captum_mllm.methods import ExactShapleyValues
+
+    model = tiny_hf_adapter()
+    if blind_to is not None:
+        forward = model.model.forward
+
+        def blind(*args, **kwargs):
+            if blind_to == "attention_mask" and kwargs.get("attention_mask") is not None:
+                kwargs["attention_mask"] = torch.ones_like(kwargs["attention_mask"])
+            else:
+                kwargs.pop(blind_to, None)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(model.model, "forward", blind)
+    inp = ChatInput(chat.user("Tell me a story about the sea, please."), model)
+    attr = MultimodalLLMAttribution(ExactShapleyValues(model), model)
+    prefix = model.prefill(inp.to_model_input())  # probes the model once
+
+    def run(**kwargs):
+        kwargs = {"perturbations_per_eval": 16, **kwargs}
+        return _pushed_tokens(model, lambda: attr.attribute(inp, target=TARGET, **kwargs))
+
+    shared, pushed = run()
+    plain, pushed_plain = run(reuse_prefix=False)
+    torch.testing.assert_close(shared.token_attr, plain.token_attr, atol=1e-5, rtol=0)
+    assert model._shares_leads is (blind_to is None)
+    assert len(prefix.shared) == (16 if blind_to is None else 0)
+    if blind_to is None:
+        other, _ = run(perturbations_per_eval=5)
+        assert torch.equal(other.token_attr, shared.token_attr)  # pure per coalition
+        model._shares_leads = False  # the untouched prefix alone
+        prefix_only, pushed_prefix_only = run()
+        torch.testing.assert_close(prefix_only.token_attr, plain.token_attr, atol=1e-5, rtol=0)
+        n = inp.n_itp_features
+        every = (torch.arange(2**n)[:, None] >> torch.arange(n)) & 1
+        leads = prefix.leads(inp.to_model_input(every).rows(prefix.length))
+        assert pushed_prefix_only - pushed == sum(leads) > 2**n // 2
+        assert pushed_plain - pushed_prefix_only == 2**n * prefix.length
+
+
 def test_logits_at_target_positions_only_change_nothing(model, chat):
     """The head applied to each row's target positions (the default for a plain
     decoder + head) gives the values of the model's own logits; a model that
@@ -167,9 +232,9 @@ def test_coalitions_of_similar_length_share_a_forward(model, chat, monkeypatch, 
     padding = []
 
     def count(_, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            padding[-1] += int((mask == 0).sum())
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+        if mask is not None:  # the pushed positions' (the cache's holes are not padding)
+            padding[-1] += int((mask[:, -ids.shape[1] :] == 0).sum())
 
     hook = model.model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
     results = []

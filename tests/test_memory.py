@@ -84,12 +84,13 @@ def test_batches_respect_the_token_budget() -> None:
     score = model._score_rows
 
     def spy(rows, *args, **kwargs):
-        widths.append((len(rows), max(len(r) for r in rows)))
+        leads = kwargs["prefix"].leads(rows)  # positions read from the cache are not pushed
+        widths.append((len(rows), max(len(r) - n for r, n in zip(rows, leads, strict=True))))
         return score(rows, *args, **kwargs)
 
     model._score_rows = spy
     res = explain(model, ppe=64)
-    # Rows after the reused prefix plus the fed target: every call under 60 tokens.
+    # Rows after the cached positions plus the fed target: every call under 60 tokens.
     fed = len(model.tokenizer.encode(TARGET)) - 1
     assert all(n * (w + fed) <= 60 for n, w in widths), widths
     assert len(widths) > 3

@@ -162,6 +162,11 @@ class ModelAdapter(nn.Module, ABC):
         """Run the untouched prefix once; None when the adapter cannot reuse it."""
         return None
 
+    def pushed_lengths(self, masked: MaskedChat, prefix: Any = None) -> Tensor:
+        """``(B,)``: about how many positions each coalition makes the model
+        push (to batch coalitions of similar cost together)."""
+        return masked.present.sum(1)
+
     @abstractmethod
     def masked_inputs(self, masked: MaskedChat) -> list[Tensor]:
         """What the model reads for each coalition: ``(L_b,)`` token ids or

@@ -88,6 +88,7 @@ def by_length(
     score: Callable[[list[Tensor]], Tensor],
     pad: bool = True,
     max_tokens: int | None = None,
+    widths: list[int] | None = None,
 ) -> Tensor:
     """Score rows in groups of similar length, one ``score`` call per group
     (a group wider than ``max_tokens`` padded tokens is cut into several).
@@ -102,12 +103,15 @@ def by_length(
             holds rows of one length. Default: True
         max_tokens (int, optional): most padded tokens (rows x width) in one
             call. Default: None (no limit)
+        widths (list of int, optional): the tokens each row will push, when
+            ``score`` does not push whole rows. Default: the rows' lengths
 
     Returns:
         Tensor: ``(B, k)`` in the rows' order.
     """
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    lens = [len(rows[i]) for i in order]
+    widths = widths or [len(r) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: widths[i])
+    lens = [widths[i] for i in order]
     if pad:
         ends = length_buckets([n + extra for n in lens], call_cost)
     else:

@@ -15,7 +15,7 @@ import functools
 import inspect
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,11 +51,28 @@ class PrefixCache:
         last (Tensor): what the last prefix position predicts the first response
             token from (logits or a hidden state), for coalitions that keep
             nothing after the prefix.
+        shared (Tensor): ids (on the host) of the full chat's positions the
+            cache also holds after the prefix. A coalition's row that begins
+            with some of them reads those from the cache instead of pushing
+            them again; what a position holds depends only on the positions
+            before it, so the values are the same (empty: nothing shared).
     """
 
     length: int
     cache: Any
     last: Tensor
+    shared: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def leads(self, rows: list[Tensor]) -> list[int]:
+        """How many of each row's first tokens are :attr:`shared`'s, never the
+        row's last (so every row pushes at least one token). A pure function of
+        the row, so a coalition's value never depends on its batch."""
+        out = []
+        for row in rows:
+            k = min(len(row) - 1, len(self.shared))
+            same = (row[:k] == self.shared[:k]).cumprod(0).sum() if k > 0 else 0
+            out.append(int(same))
+        return out
 
     @staticmethod
     def expandable(cache: Any) -> bool:
@@ -224,6 +241,14 @@ class DecoderLMAdapter(ModelAdapter):
     def _last_hidden(self, rows: list[Tensor]) -> Tensor:
         """Right-padded forward of rows: last hidden states ``(B, W, d)``."""
 
+    def pushed_lengths(self, masked: MaskedChat, prefix: Any = None) -> Tensor:
+        """As the base adapter's, less the positions each row reads from the
+        prefix cache's shared ones."""
+        if prefix is None or not len(getattr(prefix, "shared", ())):
+            return super().pushed_lengths(masked, prefix)
+        rows = self._coalition_rows(masked, prefix)
+        return torch.tensor([len(r) - n for r, n in zip(rows, prefix.leads(rows), strict=True)])
+
     def masked_inputs(self, masked: MaskedChat) -> list[Tensor]:
         """What the model reads for each coalition (no prefix reuse)."""
         return self._coalition_rows(masked, None)
@@ -306,7 +331,10 @@ class DecoderLMAdapter(ModelAdapter):
                 prefix=prefix,
                 feed_all=not per_step and not self.is_causal,
             )
-            out.append(self._padded_batches(grown, last - first, score))
+            widths = None
+            if prefix is not None and len(getattr(prefix, "shared", ())):
+                widths = [len(r) - n for r, n in zip(grown, prefix.leads(grown), strict=True)]
+            out.append(self._padded_batches(grown, last - first, score, widths))
         return torch.cat(out, dim=1)
 
     def response_states(
@@ -329,25 +357,39 @@ class DecoderLMAdapter(ModelAdapter):
         return [h[start : start + len(r)] for h, r in zip(states, responses, strict=True)]
 
     def _padded_batches(
-        self, rows: list[Tensor], extra: int, score: Callable[[list[Tensor]], Tensor]
+        self,
+        rows: list[Tensor],
+        extra: int,
+        score: Callable[[list[Tensor]], Tensor],
+        widths: list[int] | None = None,
     ) -> Tensor:
-        """Rows scored in length buckets under the token budget. When
-        :attr:`deterministic`, padded batches run SDPA's math kernel, whose sums
-        no padding changes; rows longer than :data:`LONG_ROW` tokens go one at a
-        time through the fused kernel instead (its memory grows linearly with
-        length, the math kernel's quadratically; on a CPU a row that long
-        gains nothing from batching)."""
+        """Rows scored in length buckets under the token budget (bucketed by
+        ``widths``, the tokens each row will push, when they are not the rows'
+        lengths). When :attr:`deterministic`, padded batches run SDPA's math
+        kernel, whose sums no padding changes; rows longer than
+        :data:`LONG_ROW` tokens go one at a time through the fused kernel
+        instead (its memory grows linearly with length, the math kernel's
+        quadratically; on a CPU a row that long gains nothing from batching)."""
         call_cost = self.call_cost or default_call_cost(self.device, self._n_params)
         budget = self.token_budget
         pad = self.is_causal
+        widths = widths or [len(r) for r in rows]
         if not self.is_deterministic:
-            return by_length(rows, extra, call_cost, score, pad, budget)
-        long = {i for i, r in enumerate(rows) if len(r) + extra > LONG_ROW}
+            return by_length(rows, extra, call_cost, score, pad, budget, widths)
+        long = {i for i, w in enumerate(widths) if w + extra > LONG_ROW}
         short = [i for i in range(len(rows)) if i not in long]
         out: list[Tensor | None] = [None] * len(rows)
         if short:
             with self._attention():
-                values = by_length([rows[i] for i in short], extra, call_cost, score, pad, budget)
+                values = by_length(
+                    [rows[i] for i in short],
+                    extra,
+                    call_cost,
+                    score,
+                    pad,
+                    budget,
+                    [widths[i] for i in short],
+                )
             for i, v in zip(short, values, strict=True):
                 out[i] = v
         for i in sorted(long):

@@ -61,6 +61,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
         self._head_split: tuple[nn.Module, nn.Module] | None = None
         self._head_probed = False
+        self._shares_leads: bool | None = None  # see _probe_sharing
 
     @classmethod
     def from_pretrained(
@@ -255,17 +256,57 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     # Scoring ---------------------------------------------------------------------
 
     def prefill(self, masked: MaskedChat) -> PrefixCache | None:
-        """Forward the untouched prefix once and keep its key/value cache."""
-        if not self.is_causal or masked.prefix_len == 0:
+        """Forward the untouched prefix once and keep its key/value cache, with
+        the full chat's next positions (up to a quarter of the hidden size, the
+        last prompt token never): a coalition's row that begins as the full
+        chat's does reads those positions from the cache (see
+        :attr:`PrefixCache.shared`)."""
+        start = masked.prefix_len
+        if not self.is_causal or start == 0:
             return None
-        ids = masked.encoded.input_ids[: masked.prefix_len].to(self.device)[None]
+        ids = masked.encoded.input_ids
+        span = min(len(ids) - 1 - start, self.hidden_size // 4)
+        if span < 2 or self._shares_leads is False or not self._is_hf:
+            span = 0
+        end = start + span
         with torch.inference_mode():
-            out = self.model(input_ids=ids, use_cache=True)
+            out = self.model(input_ids=ids[:end].to(self.device)[None], use_cache=True)
         self.n_forward_calls += 1
         cache = getattr(out, self._cache_kwarg, None)
         if not PrefixCache.expandable(cache):
             return None
-        return PrefixCache(masked.prefix_len, cache, out.logits[0, -1])
+        prefix = PrefixCache(start, cache, out.logits[0, start - 1], ids[start:end].cpu())
+        if span and self._shares_leads is None:
+            self._shares_leads = self._probe_sharing(prefix, ids, out.logits[0])
+            if not self._shares_leads:
+                return self.prefill(masked)
+        return prefix
+
+    def _probe_sharing(self, prefix: PrefixCache, ids: Tensor, logits: Tensor) -> bool:
+        """Whether this model reads shared positions as :meth:`_score_rows`
+        asks (explicit position ids, a mask with holes in the cache): the rest
+        of the prompt pushed after half the shared positions must give the
+        logits of the full chat's forward. Probed once per adapter."""
+        start, span = prefix.length, len(prefix.shared)
+        lead = span // 2
+        row = ids[start + lead :].to(self.device)[None]
+        held = torch.arange(start + span) < start + lead
+        mask = torch.cat([held, torch.ones(row.shape[1], dtype=torch.bool)]).long()
+        positions = torch.arange(start + lead, start + lead + row.shape[1])
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=row,
+                    attention_mask=mask.to(self.device)[None],
+                    position_ids=positions.to(self.device)[None],
+                    use_cache=True,
+                    **{self._cache_kwarg: prefix.expand(1)},
+                )
+        except (TypeError, ValueError, RuntimeError):
+            return False
+        got, want = out.logits[0, : span - lead].float(), logits[start + lead :].float()
+        tolerance = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 3e-2
+        return bool((got - want).abs().max() <= tolerance * want.abs().max())
 
     def _split_head(self) -> tuple[nn.Module, nn.Module] | None:
         """The model as (decoder, output embeddings) when the two give exactly the
@@ -313,6 +354,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         target = to_device(host, device)
         n_target = int(target.shape[0])
         batch = len(rows)
+        leads = prefix.leads(rows) if prefix is not None and len(prefix.shared) else None
+        if leads is not None:  # positions the cache holds are not pushed again
+            rows = [r[n:] for r, n in zip(rows, leads, strict=True)]
         sizes = [len(r) for r in rows]
         lens = to_device(torch.tensor(sizes), device)
         if prefix is None and 0 in sizes:
@@ -329,7 +373,14 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             kwargs["use_cache"] = prefix is not None
         if prefix is not None:
             kwargs[self._cache_kwarg] = prefix.expand(batch)
-            mask = torch.cat([mask.new_ones(batch, prefix.length), mask], dim=1)
+            held = mask.new_ones(batch, prefix.length)
+            if leads is not None:  # each row sees the shared positions it begins with
+                lead = torch.tensor(leads)
+                shared = torch.arange(len(prefix.shared))[None] < lead[:, None]
+                held = torch.cat([held, to_device(shared.long(), device)], dim=1)
+                start = to_device(prefix.length + lead, device)
+                kwargs["position_ids"] = start[:, None] + torch.arange(width, device=device)
+            mask = torch.cat([held, mask], dim=1)
         # Logit positions that predict target token j of row b: lens[b] - 1 + j.
         index = (lens - 1)[:, None] + torch.arange(n_target, device=device)[None]
         split = self._split_head()
