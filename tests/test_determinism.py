@@ -138,3 +138,18 @@ def test_long_rows_are_scored_alone_and_stay_bit_identical(model, monkeypatch):
     assert set(calls) == {1}
     assert_identical(alone[0], alone[1])
     assert torch.allclose(alone[0].token_attr, batched.token_attr, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_target", [1, 2, 3, 5, 7, 10])
+def test_a_coalition_scored_alone_gives_its_value_in_a_batch(model, n_target):
+    """A forward of one short row, or a head over a few target positions, is a
+    matrix product of a few rows, which the CPU's BLAS rounds another way:
+    such products are padded, so a coalition's value never depends on its batch."""
+    inp = ChatInput(CHAT, model, groups=GROUPS)
+    response = model.response(torch.arange(300, 300 + n_target))
+    coalitions = torch.tensor([[1, 0, 1, 0, 1], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]])
+    for prefix in (None, model.prefill(inp.to_model_input())):
+        together = model.score_masked(inp.to_model_input(coalitions), response, prefix)
+        for c, expected in zip(coalitions, together, strict=True):
+            alone = model.score_masked(inp.to_model_input(c[None]), response, prefix)[0]
+            assert torch.equal(alone, expected), (alone - expected).abs().max()
