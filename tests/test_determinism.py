@@ -153,3 +153,25 @@ def test_a_coalition_scored_alone_gives_its_value_in_a_batch(model, n_target):
         for c, expected in zip(coalitions, together, strict=True):
             alone = model.score_masked(inp.to_model_input(c[None]), response, prefix)[0]
             assert torch.equal(alone, expected), (alone - expected).abs().max()
+
+
+def test_speech_model_scores_a_coalition_alone_as_in_a_batch():
+    """As above for LFM2-Audio, text and audio items (the depthformer's products)."""
+    model = LFM2AudioAdapter(*tiny_lfm2_audio())
+    chat = (
+        Chat().system("Respond.").user("Please answer", audio=speech_like(1.5), sample_rate=16000)
+    )
+    inp = ChatInput(chat, model, audio_unit=0.3)
+    full = inp.to_model_input()
+    items = torch.full((5, 9), -1)  # two text tokens, then three audio frames of 8 codes
+    items[:2, 0] = torch.tensor([300, 301])
+    items[2:, 1:] = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(1))
+    response = model.response(items)
+    coalitions = torch.randint(
+        0, 2, (5, inp.n_itp_features), generator=torch.Generator().manual_seed(0)
+    )
+    for prefix in (None, model.prefill(full)):
+        together = model.score_masked(inp.to_model_input(coalitions), response, prefix)
+        for c, expected in zip(coalitions, together, strict=True):
+            alone = model.score_masked(inp.to_model_input(c[None]), response, prefix)[0]
+            assert torch.equal(alone, expected), (alone - expected).abs().max()

@@ -54,6 +54,32 @@ def pad_rows(
     return to_device(padded, device), to_device(mask.long(), device)
 
 
+#: Fewest rows a scoring matrix product is given (padded when fewer): the CPU
+#: BLAS takes another path for a product of a few rows (1-3, 5-7, 9 or 10
+#: measured), which rounds otherwise, so a coalition's value would depend on
+#: whether it was scored alone.
+MIN_PRODUCT_ROWS = 16
+
+
+def with_rows(x: Tensor, rows: int = MIN_PRODUCT_ROWS) -> Tensor:
+    """``x`` with zero rows appended along its first dimension up to ``rows``
+    (see :data:`MIN_PRODUCT_ROWS`); callers keep the first ``len(x)`` outputs."""
+    if len(x) >= rows:
+        return x
+    return torch.cat([x, x.new_zeros(rows - len(x), *x.shape[1:])])
+
+
+def widened(padded: Tensor, mask: Tensor, fill: float | int = 0) -> tuple[Tensor, Tensor]:
+    """Right-padded rows ``(B, W, ...)`` and their mask made wide enough that
+    ``B x W`` reaches :data:`MIN_PRODUCT_ROWS` (more right padding: for a
+    causal model no value changes)."""
+    short = -(-MIN_PRODUCT_ROWS // len(padded)) - padded.shape[1]
+    if short <= 0:
+        return padded, mask
+    extra = padded.new_full((len(padded), short, *padded.shape[2:]), fill)
+    return torch.cat([padded, extra], 1), torch.cat([mask, mask.new_zeros(len(mask), short)], 1)
+
+
 def length_buckets(sorted_lens: list[int], call_cost: int) -> list[int]:
     """Cut ascending row lengths into right-padded batches of least total cost.
 

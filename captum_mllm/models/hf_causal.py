@@ -19,7 +19,7 @@ from captum_mllm.errors import (
     InvalidModelError,
 )
 from captum_mllm.models.base import Response
-from captum_mllm.models.batching import pad_rows, to_device
+from captum_mllm.models.batching import pad_rows, to_device, widened, with_rows
 from captum_mllm.models.decoder import (
     DecoderLMAdapter,
     PrefixCache,
@@ -367,10 +367,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         # the model is bidirectional and Captum's forward feeds them all.
         fed = host if feed_all else host[:-1]
         ids, mask = pad_rows(rows, _pad_id(self.tokenizer), device=device, suffix=fed)
-        short = -(-MIN_PRODUCT_ROWS // batch) - ids.shape[1]
-        if short > 0 and self.is_causal:  # right padding changes no value: enough rows
-            ids = nn.functional.pad(ids, (0, short), value=_pad_id(self.tokenizer))
-            mask = nn.functional.pad(mask, (0, short))
+        if self.is_causal:  # products of enough rows (MIN_PRODUCT_ROWS)
+            ids, mask = widened(ids, mask, _pad_id(self.tokenizer))
         width = ids.shape[1]
         kwargs: dict[str, Any] = {}
         if self._is_hf:
@@ -393,10 +391,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 hidden = split[0](input_ids=ids, attention_mask=mask, **kwargs)[0]
                 at = index.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1])
                 states = hidden.gather(1, at).reshape(batch * n_target, -1)
-                rows_in = len(states)
-                if rows_in < MIN_PRODUCT_ROWS:  # see MIN_PRODUCT_ROWS
-                    states = nn.functional.pad(states, (0, 0, 0, MIN_PRODUCT_ROWS - rows_in))
-                picked = split[1](states)[:rows_in].reshape(batch, n_target, -1)
+                picked = split[1](with_rows(states))[: len(states)].reshape(batch, n_target, -1)
             else:
                 lowest = max(min(sizes), 1) - 1
                 if self._logits_to_keep:
@@ -499,12 +494,6 @@ class _SeededSampling:
         out[torch.arange(len(scores)), chosen] = 0.0
         return out
 
-
-#: Fewest rows a scoring matrix product is given (padded when fewer): the CPU
-#: BLAS takes another path for a product of a few rows (1-3, 5-7, 9 or 10
-#: measured), which rounds otherwise, so a coalition's value would depend on
-#: whether it was scored alone.
-MIN_PRODUCT_ROWS = 16
 
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: never in a template
 

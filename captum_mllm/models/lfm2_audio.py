@@ -26,7 +26,7 @@ from captum_mllm.chat import AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat, PositionTableBuilder
 from captum_mllm.errors import AudioError, EmptyCoalitionError, InvalidOptionError, TargetError
 from captum_mllm.models.base import Response
-from captum_mllm.models.batching import indices_on, pad_rows, to_device
+from captum_mllm.models.batching import indices_on, pad_rows, to_device, widened, with_rows
 from captum_mllm.models.decoder import (
     DecoderLMAdapter,
     PrefixCache,
@@ -320,7 +320,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             )
         lens = to_device(torch.tensor(sizes), device)
         dim = rows[0].shape[-1]
-        x, mask = pad_rows(rows, device=device, suffix=fed)
+        x, mask = widened(*pad_rows(rows, device=device, suffix=fed))
         kwargs: dict[str, Any] = {"use_cache": False}
         if prefix is not None:
             kwargs = {"use_cache": True, self._cache_kwarg: prefix.expand(len(rows))}
@@ -345,7 +345,9 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         text = host[:, 0] >= 0
         if bool(text.any()):
             at = indices_on(text, h.device)
-            logits = h.index_select(1, at) @ self._lfm.embed_tokens.weight.T
+            states = h.index_select(1, at).reshape(batch * len(at), -1)
+            logits = with_rows(states) @ self._lfm.embed_tokens.weight.T
+            logits = logits[: len(states)].reshape(batch, len(at), -1)
             out[:, at] = (
                 logits.float()
                 .log_softmax(-1)
@@ -367,6 +369,8 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         """Teacher-forced depthformer, as liquid-audio's ``logits``: ``(M, C)``."""
         m = self.model
         n_cb, dim = m.codebooks, m.depthformer_dim
+        n_frames = len(frames)  # padded to enough rows for every product (MIN_PRODUCT_ROWS)
+        frames, codes = with_rows(frames), with_rows(codes)
         depth_in = m.depth_linear(frames).reshape(len(frames), n_cb, dim)
         prev = torch.stack([m.depth_embeddings[i](codes[:, i]) for i in range(n_cb)], 1)
         prev[:, -1] = 0
@@ -377,7 +381,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         ]
         return torch.stack(
             [lp.gather(1, codes[:, i : i + 1])[:, 0] for i, lp in enumerate(logp)], 1
-        )
+        )[:n_frames]
 
     # Generation ------------------------------------------------------------------
 
