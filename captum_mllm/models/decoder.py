@@ -118,6 +118,18 @@ def _fresh_containers(obj: Any) -> Any:
     return new
 
 
+def _shares(prefix: Any) -> bool:
+    """Whether a prefix (an adapter's own kind) holds shared positions."""
+    return isinstance(prefix, PrefixCache) and len(prefix.shared) > 0
+
+
+def _widths(rows: list[Tensor], prefix: Any) -> list[int]:
+    """Tokens each row pushes: its length, less what it reads from ``prefix``."""
+    if not _shares(prefix):
+        return [len(r) for r in rows]
+    return [len(r) - n for r, n in zip(rows, prefix.leads(rows), strict=True)]
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None`` -> the first GPU when there is one, else the CPU."""
     if device is None:
@@ -244,10 +256,9 @@ class DecoderLMAdapter(ModelAdapter):
     def pushed_lengths(self, masked: MaskedChat, prefix: Any = None) -> Tensor:
         """As the base adapter's, less the positions each row reads from the
         prefix cache's shared ones."""
-        if prefix is None or not len(getattr(prefix, "shared", ())):
+        if not _shares(prefix):
             return super().pushed_lengths(masked, prefix)
-        rows = self._coalition_rows(masked, prefix)
-        return torch.tensor([len(r) - n for r, n in zip(rows, prefix.leads(rows), strict=True)])
+        return torch.tensor(_widths(self._coalition_rows(masked, prefix), prefix))
 
     def masked_inputs(self, masked: MaskedChat) -> list[Tensor]:
         """What the model reads for each coalition (no prefix reuse)."""
@@ -331,10 +342,7 @@ class DecoderLMAdapter(ModelAdapter):
                 prefix=prefix,
                 feed_all=not per_step and not self.is_causal,
             )
-            widths = None
-            if prefix is not None and len(getattr(prefix, "shared", ())):
-                widths = [len(r) - n for r, n in zip(grown, prefix.leads(grown), strict=True)]
-            out.append(self._padded_batches(grown, last - first, score, widths))
+            out.append(self._padded_batches(grown, last - first, score, _widths(grown, prefix)))
         return torch.cat(out, dim=1)
 
     def response_states(
@@ -361,11 +369,10 @@ class DecoderLMAdapter(ModelAdapter):
         rows: list[Tensor],
         extra: int,
         score: Callable[[list[Tensor]], Tensor],
-        widths: list[int] | None = None,
+        widths: list[int],
     ) -> Tensor:
-        """Rows scored in length buckets under the token budget (bucketed by
-        ``widths``, the tokens each row will push, when they are not the rows'
-        lengths). When :attr:`deterministic`, padded batches run SDPA's math
+        """Rows scored in length buckets (by ``widths``, the tokens each row
+        pushes) under the token budget. When :attr:`deterministic`, padded batches run SDPA's math
         kernel, whose sums no padding changes; rows longer than
         :data:`LONG_ROW` tokens go one at a time through the fused kernel
         instead (its memory grows linearly with length, the math kernel's
@@ -373,7 +380,6 @@ class DecoderLMAdapter(ModelAdapter):
         call_cost = self.call_cost or default_call_cost(self.device, self._n_params)
         budget = self.token_budget
         pad = self.is_causal
-        widths = widths or [len(r) for r in rows]
         if not self.is_deterministic:
             return by_length(rows, extra, call_cost, score, pad, budget, widths)
         long = {i for i, w in enumerate(widths) if w + extra > LONG_ROW}
