@@ -196,8 +196,9 @@ def report(rows: list[tuple[str, float, int, float]], peaks: dict[str, float]) -
 
 def token_counts(inp: ChatInput, masks: torch.Tensor, n_target: int) -> tuple[float, float]:
     """Mean tokens a coalition needs pushed after the untouched prefix, and the
-    limit: those from its first absent position on (a cache of the full chat
-    could skip the rest)."""
+    limit: those from its first absent position on (the rest is in the full
+    chat's cache; the Hugging Face adapter reads it from there, LFM2-Audio's
+    hybrid cache does not)."""
     present = inp.to_model_input(masks).present
     pushed = present[:, inp.prefix_len :].sum(1) + n_target - 1
     absent = ~present
