@@ -175,3 +175,14 @@ def test_speech_model_scores_a_coalition_alone_as_in_a_batch():
         for c, expected in zip(coalitions, together, strict=True):
             alone = model.score_masked(inp.to_model_input(c[None]), response, prefix)[0]
             assert torch.equal(alone, expected), (alone - expected).abs().max()
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_a_response_read_alone_gives_its_states_in_a_batch(model, speech):
+    """The hidden states over a short response (what EmbeddingSimilarity
+    compares) do not depend on the responses read beside it."""
+    adapter = LFM2AudioAdapter(*tiny_lfm2_audio()) if speech else model
+    responses = [adapter.response(torch.arange(300, 300 + n)) for n in (3, 5, 2, 7)]
+    together = adapter.response_states(responses)
+    for r, expected in zip(responses, together, strict=True):
+        assert torch.equal(adapter.response_states([r])[0], expected)

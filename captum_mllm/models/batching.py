@@ -54,10 +54,11 @@ def pad_rows(
     return to_device(padded, device), to_device(mask.long(), device)
 
 
-#: Fewest rows a scoring matrix product is given (padded when fewer): the CPU
-#: BLAS takes another path for a product of a few rows (1-3, 5-7, 9 or 10
+#: Fewest rows a matrix product of scoring is given (padded when fewer): the
+#: CPU BLAS takes another path for a product of a few rows (1-3, 5-7, 9 or 10
 #: measured), which rounds otherwise, so a coalition's value would depend on
-#: whether it was scored alone.
+#: whether it was scored alone. Attention's products have as many rows as the
+#: batch is wide, hence a width of at least this many positions too.
 MIN_PRODUCT_ROWS = 16
 
 
@@ -70,10 +71,10 @@ def with_rows(x: Tensor, rows: int = MIN_PRODUCT_ROWS) -> Tensor:
 
 
 def widened(padded: Tensor, mask: Tensor, fill: float | int = 0) -> tuple[Tensor, Tensor]:
-    """Right-padded rows ``(B, W, ...)`` and their mask made wide enough that
-    ``B x W`` reaches :data:`MIN_PRODUCT_ROWS` (more right padding: for a
-    causal model no value changes)."""
-    short = -(-MIN_PRODUCT_ROWS // len(padded)) - padded.shape[1]
+    """Right-padded rows ``(B, W, ...)`` and their mask made at least
+    :data:`MIN_PRODUCT_ROWS` positions wide (more right padding: for a causal
+    model no value changes)."""
+    short = MIN_PRODUCT_ROWS - padded.shape[1]
     if short <= 0:
         return padded, mask
     extra = padded.new_full((len(padded), short, *padded.shape[2:]), fill)

@@ -437,6 +437,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     def _last_hidden(self, rows: list[Tensor]) -> Tensor:
         ids, mask = pad_rows(rows, _pad_id(self.tokenizer))
+        if self.is_causal:  # products of enough rows (MIN_PRODUCT_ROWS)
+            ids, mask = widened(ids, mask, _pad_id(self.tokenizer))
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         return out.hidden_states[-1]

@@ -497,7 +497,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         return context.state["embeds"]
 
     def _last_hidden(self, rows: list[Tensor]) -> Tensor:
-        x, mask = pad_rows(rows)
+        x, mask = widened(*pad_rows(rows))  # products of enough rows (MIN_PRODUCT_ROWS)
         with torch.no_grad():
             return self._lfm(
                 inputs_embeds=x, attention_mask=mask, use_cache=False
