@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils.rnn import pad_sequence
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.models.base import ModelAdapter, Response
@@ -67,12 +68,14 @@ class PrefixCache:
         """How many of each row's first tokens are :attr:`shared`'s, never the
         row's last (so every row pushes at least one token). A pure function of
         the row, so a coalition's value never depends on its batch."""
-        out = []
-        for row in rows:
-            k = min(len(row) - 1, len(self.shared))
-            same = (row[:k] == self.shared[:k]).cumprod(0).sum() if k > 0 else 0
-            out.append(int(same))
-        return out
+        k = len(self.shared)
+        if k == 0 or not rows:
+            return [0] * len(rows)
+        # the first k ids of every row at once (-1 past a short row's end: no id)
+        head = pad_sequence([r[:k] for r in rows], batch_first=True, padding_value=-1)
+        same = (head == self.shared[: head.shape[1]]).cumprod(1).sum(1)
+        lens = torch.tensor([len(r) for r in rows])
+        return torch.minimum(same, (lens - 1).clamp(min=0)).tolist()
 
     @staticmethod
     def expandable(cache: Any) -> bool:
