@@ -30,6 +30,7 @@ from captum_mllm.models.batching import (
     default_call_cost,
     default_token_budget,
     rows_within,
+    to_device,
 )
 
 
@@ -64,16 +65,28 @@ class PrefixCache:
     last: Tensor
     shared: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
+    def reading(self, leads: list[int], width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """For rows that begin with ``leads`` shared positions and are pushed
+        ``width`` wide: the cache part of their attention mask ``(B, length +
+        len(shared))`` (each row sees the prefix and the shared positions it
+        begins with) and their position ids ``(B, width)``."""
+        lead = torch.tensor(leads)
+        seen = torch.arange(self.length + len(self.shared))[None] < (self.length + lead)[:, None]
+        start = to_device(self.length + lead, device)
+        return to_device(seen.long(), device), start[:, None] + torch.arange(width, device=device)
+
     def leads(self, rows: list[Tensor]) -> list[int]:
-        """How many of each row's first tokens are :attr:`shared`'s, never the
-        row's last (so every row pushes at least one token). A pure function of
+        """How many of each row's first positions are :attr:`shared`'s, never
+        the row's last (so every row pushes at least one). A pure function of
         the row, so a coalition's value never depends on its batch."""
         k = len(self.shared)
         if k == 0 or not rows:
             return [0] * len(rows)
-        # the first k ids of every row at once (-1 past a short row's end: no id)
+        # the first k positions of every row at once (ids or embeddings; what
+        # pads a short row is never counted: a lead stops before a row's end)
         head = pad_sequence([r[:k] for r in rows], batch_first=True, padding_value=-1)
-        same = (head == self.shared[: head.shape[1]]).cumprod(1).sum(1)
+        same = head == self.shared[: head.shape[1]].to(head.device)
+        same = (same.flatten(2).all(2) if same.dim() > 2 else same).long().cumprod(1).sum(1)
         lens = torch.tensor([len(r) for r in rows])
         return torch.minimum(same, (lens - 1).clamp(min=0)).tolist()
 
@@ -119,6 +132,13 @@ def _fresh_containers(obj: Any) -> Any:
         if isinstance(value, dict | list):
             setattr(new, name, copy.copy(value))
     return new
+
+
+def same_outputs(got: Tensor, want: Tensor) -> bool:
+    """Whether two computations of the same outputs agree to their dtype's
+    rounding (relative to the largest), as a probe of a model's behaviour."""
+    tolerance = 1e-4 if want.dtype in (torch.float32, torch.float64) else 3e-2
+    return bool((got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max())
 
 
 def _shares(prefix: Any) -> bool:
@@ -186,6 +206,10 @@ class DecoderLMAdapter(ModelAdapter):
     #: width; the fused CPU kernel is not) and generation in groups of equal
     #: length (left padding shifts the sums). None: on the CPU only.
     deterministic: bool | None = None
+
+    #: Whether the model reads shared prefix positions right (probed on the
+    #: first prefill; see :attr:`PrefixCache.shared`). None: not probed yet.
+    _shares_leads: bool | None = None
 
     #: Most padded tokens (rows x width) in one forward; None: the device's
     #: default (:func:`~captum_mllm.models.batching.default_token_budget`).
@@ -258,10 +282,13 @@ class DecoderLMAdapter(ModelAdapter):
 
     def pushed_lengths(self, masked: MaskedChat, prefix: Any = None) -> Tensor:
         """As the base adapter's, less the positions each row reads from the
-        prefix cache's shared ones."""
+        prefix cache's shared ones (its leading run of present positions)."""
+        lengths = super().pushed_lengths(masked, prefix)
         if not _shares(prefix):
-            return super().pushed_lengths(masked, prefix)
-        return torch.tensor(_widths(self._coalition_rows(masked, prefix), prefix))
+            return lengths
+        after = masked.present[:, prefix.length :]
+        run = after[:, : len(prefix.shared)].long().cumprod(1).sum(1)
+        return lengths - torch.minimum(run, (after.sum(1) - 1).clamp(min=0))
 
     def masked_inputs(self, masked: MaskedChat) -> list[Tensor]:
         """What the model reads for each coalition (no prefix reuse)."""

@@ -27,6 +27,7 @@ from captum_mllm.models.decoder import (
     pick_tokens,
     resolve_device,
     row_generators,
+    same_outputs,
 )
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
@@ -61,7 +62,6 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
         self._head_split: tuple[nn.Module, nn.Module] | None = None
         self._head_probed = False
-        self._shares_leads: bool | None = None  # see _probe_sharing
 
     @classmethod
     def from_pretrained(
@@ -290,23 +290,19 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         start, span = prefix.length, len(prefix.shared)
         lead = span // 2
         row = ids[start + lead :].to(self.device)[None]
-        held = torch.arange(start + span) < start + lead
-        mask = torch.cat([held, torch.ones(row.shape[1], dtype=torch.bool)]).long()
-        positions = torch.arange(start + lead, start + lead + row.shape[1])
+        seen, positions = prefix.reading([lead], row.shape[1], self.device)
         try:
             with torch.inference_mode():
                 out = self.model(
                     input_ids=row,
-                    attention_mask=mask.to(self.device)[None],
-                    position_ids=positions.to(self.device)[None],
+                    attention_mask=torch.cat([seen, torch.ones_like(row)], 1),
+                    position_ids=positions,
                     use_cache=True,
                     **{self._cache_kwarg: prefix.expand(1)},
                 )
         except (TypeError, ValueError, RuntimeError):
             return False
-        got, want = out.logits[0, : span - lead].float(), logits[start + lead :].float()
-        tolerance = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 3e-2
-        return bool((got - want).abs().max() <= tolerance * want.abs().max())
+        return same_outputs(out.logits[0, : span - lead], logits[start + lead :])
 
     def _split_head(self) -> tuple[nn.Module, nn.Module] | None:
         """The model as (decoder, output embeddings) when the two give exactly the
@@ -375,14 +371,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             kwargs["use_cache"] = prefix is not None
         if prefix is not None:
             kwargs[self._cache_kwarg] = prefix.expand(batch)
-            held = mask.new_ones(batch, prefix.length)
-            if leads is not None:  # each row sees the shared positions it begins with
-                lead = torch.tensor(leads)
-                shared = torch.arange(len(prefix.shared))[None] < lead[:, None]
-                held = torch.cat([held, to_device(shared.long(), device)], dim=1)
-                start = to_device(prefix.length + lead, device)
-                kwargs["position_ids"] = start[:, None] + torch.arange(width, device=device)
-            mask = torch.cat([held, mask], dim=1)
+            if leads is None:
+                seen = mask.new_ones(batch, prefix.length)
+            else:  # each row sees the shared positions it begins with
+                seen, kwargs["position_ids"] = prefix.reading(leads, width, device)
+            mask = torch.cat([seen, mask], dim=1)
         # Logit positions that predict target token j of row b: lens[b] - 1 + j.
         index = (lens - 1)[:, None] + torch.arange(n_target, device=device)[None]
         split = self._split_head()
