@@ -82,11 +82,9 @@ class PrefixCache:
         k = len(self.shared)
         if k == 0 or not rows:
             return [0] * len(rows)
-        # the first k positions of every row at once (ids or embeddings; what
-        # pads a short row is never counted: a lead stops before a row's end)
+        # the first k ids of every row at once (-1 pads a short row: never an id)
         head = pad_sequence([r[:k] for r in rows], batch_first=True, padding_value=-1)
-        same = head == self.shared[: head.shape[1]].to(head.device)
-        same = (same.flatten(2).all(2) if same.dim() > 2 else same).long().cumprod(1).sum(1)
+        same = (head == self.shared[: head.shape[1]]).long().cumprod(1).sum(1)
         lens = torch.tensor([len(r) for r in rows])
         return torch.minimum(same, (lens - 1).clamp(min=0)).tolist()
 
