@@ -36,14 +36,20 @@ N_SAMPLES = 10
 
 
 class CallCounter:
-    """Counts forward calls of a module (stock Captum does not report them)."""
+    """Counts forward calls of a module (stock Captum does not report them) and
+    the token positions they push: all, and those that are not padding."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.calls = 0
-        module.register_forward_pre_hook(self._hook)
+        self.calls = self.pushed = self.real = 0
+        module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, *_: object) -> None:
+    def _hook(self, _: object, args: tuple, kwargs: dict) -> None:
         self.calls += 1
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if ids is not None:
+            self.pushed += ids.numel()
+            self.real += int(mask[:, -ids.shape[1] :].sum()) if mask is not None else ids.numel()
 
 
 def timed(fn, repeats: int = 1):
@@ -88,13 +94,16 @@ def compare(model, chat, target_text: str, label: str) -> None:
         rows.append((name, secs, counter.calls // repeats, res))
 
     ours = MultimodalLLMAttribution(ShapleyValueSampling(model), model)
-    res, secs = timed(
-        lambda: ours.attribute(
+
+    def explain():
+        return ours.attribute(
             inp, target=target_ids, n_samples=N_SAMPLES, perturbations_per_eval=64
-        ),
-        3,
-    )
+        )
+
+    res, secs = timed(explain, 3)
     rows.append(("captum-mllm ppe=64", secs, res.n_model_calls, res))
+    counter.pushed = counter.real = 0
+    timed(explain)  # once more, to count the positions one run pushes
 
     exact = rows[1][3].token_attr
     default, seq = rows[0][1], rows[1][1]
@@ -110,7 +119,8 @@ def compare(model, chat, target_text: str, label: str) -> None:
         )
     print(
         f"captum-mllm evaluated {res.n_unique_coalitions} unique of {res.n_coalitions} "
-        "requested coalitions"
+        f"requested coalitions, pushing {counter.pushed} token positions "
+        f"({counter.real} of them not padding)"
     )
 
 

@@ -140,11 +140,17 @@ def test_long_rows_are_scored_alone_and_stay_bit_identical(model, monkeypatch):
     assert torch.allclose(alone[0].token_attr, batched.token_attr, atol=1e-4)
 
 
+@pytest.mark.parametrize("own_logits", [False, True])
 @pytest.mark.parametrize("n_target", [1, 2, 3, 5, 7, 10])
-def test_a_coalition_scored_alone_gives_its_value_in_a_batch(model, n_target):
+def test_a_coalition_scored_alone_gives_its_value_in_a_batch(model, n_target, own_logits):
     """A forward of one short row, or a head over a few target positions, is a
     matrix product of a few rows, which the CPU's BLAS rounds another way:
-    such products are padded, so a coalition's value never depends on its batch."""
+    such products are padded, so a coalition's value never depends on its batch
+    (also through the model's own logits, as for a model whose head cannot be
+    split off)."""
+    if own_logits:
+        model = tiny_hf_adapter()
+        model._head_probed = True  # as if the head-split probe had failed
     inp = ChatInput(CHAT, model, groups=GROUPS)
     response = model.response(torch.arange(300, 300 + n_target))
     coalitions = torch.tensor([[1, 0, 1, 0, 1], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]])

@@ -139,14 +139,14 @@ def same_outputs(got: Tensor, want: Tensor) -> bool:
     return bool((got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max())
 
 
-def _shares(prefix: Any) -> bool:
+def shares(prefix: Any) -> bool:
     """Whether a prefix (an adapter's own kind) holds shared positions."""
     return isinstance(prefix, PrefixCache) and len(prefix.shared) > 0
 
 
 def _widths(rows: list[Tensor], prefix: Any) -> list[int]:
     """Tokens each row pushes: its length, less what it reads from ``prefix``."""
-    if not _shares(prefix):
+    if not shares(prefix):
         return [len(r) for r in rows]
     return [len(r) - n for r, n in zip(rows, prefix.leads(rows), strict=True)]
 
@@ -282,7 +282,7 @@ class DecoderLMAdapter(ModelAdapter):
         """As the base adapter's, less the positions each row reads from the
         prefix cache's shared ones (its leading run of present positions)."""
         lengths = super().pushed_lengths(masked, prefix)
-        if not _shares(prefix):
+        if not shares(prefix):
             return lengths
         after = masked.present[:, prefix.length :]
         run = after[:, : len(prefix.shared)].long().cumprod(1).sum(1)
@@ -400,11 +400,12 @@ class DecoderLMAdapter(ModelAdapter):
         widths: list[int],
     ) -> Tensor:
         """Rows scored in length buckets (by ``widths``, the tokens each row
-        pushes) under the token budget. When :attr:`deterministic`, padded batches run SDPA's math
-        kernel, whose sums no padding changes; rows longer than
-        :data:`LONG_ROW` tokens go one at a time through the fused kernel
-        instead (its memory grows linearly with length, the math kernel's
-        quadratically; on a CPU a row that long gains nothing from batching)."""
+        pushes) under the token budget. When :attr:`deterministic`, padded
+        batches run SDPA's math kernel, whose sums no padding changes; rows
+        longer than :data:`LONG_ROW` tokens go one at a time through the fused
+        kernel instead (its memory grows linearly with length, the math
+        kernel's quadratically; on a CPU a row that long gains nothing from
+        batching)."""
         call_cost = self.call_cost or default_call_cost(self.device, self._n_params)
         budget = self.token_budget
         pad = self.is_causal

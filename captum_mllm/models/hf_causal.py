@@ -19,7 +19,13 @@ from captum_mllm.errors import (
     InvalidModelError,
 )
 from captum_mllm.models.base import Response
-from captum_mllm.models.batching import pad_rows, to_device, widened, with_rows
+from captum_mllm.models.batching import (
+    MIN_PRODUCT_ROWS,
+    pad_rows,
+    to_device,
+    widened,
+    with_rows,
+)
 from captum_mllm.models.decoder import (
     DecoderLMAdapter,
     PrefixCache,
@@ -28,6 +34,7 @@ from captum_mllm.models.decoder import (
     resolve_device,
     row_generators,
     same_outputs,
+    shares,
 )
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
@@ -350,7 +357,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         target = to_device(host, device)
         n_target = int(target.shape[0])
         batch = len(rows)
-        leads = prefix.leads(rows) if prefix is not None and len(prefix.shared) else None
+        leads = prefix.leads(rows) if shares(prefix) else None
         if leads is not None:  # positions the cache holds are not pushed again
             rows = [r[n:] for r, n in zip(rows, leads, strict=True)]
         sizes = [len(r) for r in rows]
@@ -386,7 +393,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 states = hidden.gather(1, at).reshape(batch * n_target, -1)
                 picked = split[1](with_rows(states))[: len(states)].reshape(batch, n_target, -1)
             else:
-                lowest = max(min(sizes), 1) - 1
+                # logits kept for at least MIN_PRODUCT_ROWS positions a row (the head's product)
+                lowest = max(0, min(max(min(sizes), 1) - 1, width - MIN_PRODUCT_ROWS))
                 if self._logits_to_keep:
                     kwargs["logits_to_keep"] = torch.arange(lowest, width, device=device)
                     index = index - lowest
