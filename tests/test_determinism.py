@@ -192,3 +192,38 @@ def test_a_response_read_alone_gives_its_states_in_a_batch(model, speech):
     together = adapter.response_states(responses)
     for r, expected in zip(responses, together, strict=True):
         assert torch.equal(adapter.response_states([r])[0], expected)
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_a_coalition_generated_alone_gets_the_logits_it_gets_in_a_group(model, monkeypatch, speech):
+    """Generation multiplies as many rows as it continues prompts together, and
+    the fused attention kernel's decode steps round by that number too: the
+    logits a coalition's answer is drawn from do not depend on the coalitions
+    generated beside it (greedy answers could flip on a near tie otherwise)."""
+    from captum_mllm.models import lfm2_audio_generation
+
+    seen: list[torch.Tensor] = []
+    if speech:
+        model = LFM2AudioAdapter(*tiny_lfm2_audio())
+        chat = Chat().user("Please answer", audio=speech_like(1.5), sample_rate=16000)
+        inp = ChatInput(chat, model, audio_unit=0.3)
+        gen: dict[str, Any] = {"output_modality": "text+audio"}
+        pick = lfm2_audio_generation.pick_tokens
+        monkeypatch.setattr(
+            lfm2_audio_generation,
+            "pick_tokens",
+            lambda logits, *a: seen.append(logits[0].clone()) or pick(logits, *a),
+        )
+    else:
+        inp = ChatInput(CHAT, model, groups=GROUPS)
+        gen = {"logits_processor": [lambda ids, scores: seen.append(scores[0].clone()) or scores]}
+    coalition = (torch.arange(inp.n_itp_features) % 3 != 1).long()[None]
+    runs = []
+    for group in (1, 2, 3, 5, 17):  # copies of one coalition: one group of rows of one length
+        seen.clear()
+        model.generate_masked(
+            inp.to_model_input(coalition.repeat(group, 1)), max_new_tokens=6, **gen
+        )
+        runs.append(torch.stack(seen))
+    for logits in runs[1:]:
+        assert torch.equal(logits, runs[0]), (logits - runs[0]).abs().max()

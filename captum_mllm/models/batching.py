@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 
@@ -68,6 +70,40 @@ def with_rows(x: Tensor, rows: int = MIN_PRODUCT_ROWS) -> Tensor:
     if len(x) >= rows:
         return x
     return torch.cat([x, x.new_zeros(rows - len(x), *x.shape[1:])])
+
+
+@contextlib.contextmanager
+def enough_rows(module: nn.Module) -> Iterator[None]:
+    """Within: every ``nn.Linear`` in ``module`` multiplies at least
+    :data:`MIN_PRODUCT_ROWS` rows (zero rows appended, their outputs dropped).
+    Generation multiplies as many rows as prompts it continues together (the
+    head of its first step and every decode step), so a row's answer would
+    otherwise depend on how many were generated beside it."""
+
+    shapes: dict[nn.Module, torch.Size] = {}
+
+    def pad(layer: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0]
+        if x.numel() >= MIN_PRODUCT_ROWS * x.shape[-1]:
+            return None
+        shapes[layer] = x.shape
+        return (with_rows(x.reshape(-1, x.shape[-1])), *args[1:])
+
+    def drop(layer: nn.Module, _: tuple[Any, ...], out: Tensor) -> Tensor | None:
+        shape = shapes.pop(layer, None)
+        if shape is None:
+            return None
+        return out[: shape[:-1].numel()].reshape(*shape[:-1], out.shape[-1])
+
+    handles = []
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            handles += [layer.register_forward_pre_hook(pad), layer.register_forward_hook(drop)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def widened(padded: Tensor, mask: Tensor, fill: float | int = 0) -> tuple[Tensor, Tensor]:

@@ -29,6 +29,7 @@ from captum_mllm.models.batching import (
     by_length,
     default_call_cost,
     default_token_budget,
+    enough_rows,
     rows_within,
     to_device,
 )
@@ -201,8 +202,10 @@ class DecoderLMAdapter(ModelAdapter):
 
     #: A coalition's value does not depend on the batch it was evaluated in, to
     #: the bit: attention through SDPA's math kernel (exact under any padding
-    #: width; the fused CPU kernel is not) and generation in groups of equal
-    #: length (left padding shifts the sums). None: on the CPU only.
+    #: width; the fused CPU kernel is not), matrix products of enough rows
+    #: (:data:`~captum_mllm.models.batching.MIN_PRODUCT_ROWS`) and generation
+    #: in groups of equal length (left padding shifts the sums). None: on the
+    #: CPU only.
     deterministic: bool | None = None
 
     #: Whether the model reads shared prefix positions right (probed on the
@@ -332,17 +335,34 @@ class DecoderLMAdapter(ModelAdapter):
             groups.setdefault(n if self.is_deterministic else 0, []).append(b)
         new = int(gen_args.get("max_new_tokens", 25))
         out: list[Response | None] = [None] * len(masked)
-        # Deterministic groups hold rows of one length: never padded, so any
-        # attention kernel gives each row the same sums in any batch.
+        # Deterministic groups hold rows of one length, never padded; their
+        # products and attention are made independent of the group's size too.
         for rows in groups.values():
-            step = rows_within(self.token_budget, max(lens[b] for b in rows) + new, len(rows))
+            width = max(lens[b] for b in rows)
+            step = rows_within(self.token_budget, width + new, len(rows))
+            if self.is_deterministic and width > LONG_ROW:
+                step = 1  # the fused kernel, one row at a time (see _padded_batches)
             for start in range(0, len(rows), step):
                 chunk = rows[start : start + step]
                 part = replace(masked, present=masked.present[chunk])
                 picked = [seeds[b] for b in chunk] if seeds else None
-                for b, r in zip(chunk, self._generate(part, picked, **gen_args), strict=True):
+                with self._generation_kernels(width):
+                    answers = self._generate(part, picked, **gen_args)
+                for b, r in zip(chunk, answers, strict=True):
                     out[b] = r
         return [r for r in out if r is not None]
+
+    def _generation_kernels(self, width: int) -> contextlib.AbstractContextManager[Any]:
+        """When :attr:`deterministic`: matrix products of enough rows
+        (:func:`~captum_mllm.models.batching.enough_rows`) and, for rows up to
+        :data:`LONG_ROW` tokens, SDPA's math kernel (the fused CPU kernel's
+        decode steps round by the number of rows)."""
+        stack = contextlib.ExitStack()
+        if self.is_deterministic:
+            stack.enter_context(enough_rows(self))
+            if width <= LONG_ROW:
+                stack.enter_context(self._attention())
+        return stack
 
     def score_rows(
         self,

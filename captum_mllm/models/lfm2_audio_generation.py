@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from captum_mllm.models.batching import pad_rows
+from captum_mllm.models.batching import pad_rows, with_rows
 from captum_mllm.models.decoder import pick_tokens
 
 if TYPE_CHECKING:
@@ -132,7 +132,8 @@ class BatchedGeneration:
         return emb, [-1] + frame.tolist()
 
     def _text_tokens(self, h: Tensor) -> Tensor:
-        logits = nn.functional.linear(h, self.a._lfm.embed_tokens.weight)
+        # enough rows for the head's product, as for the nn.Linear layers (enough_rows)
+        logits = nn.functional.linear(with_rows(h), self.a._lfm.embed_tokens.weight)[: len(h)]
         temperature, top_k = self.sampling["text"]
         return pick_tokens(logits, temperature, top_k, self.generators)
 
