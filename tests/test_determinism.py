@@ -202,7 +202,7 @@ def test_a_coalition_generated_alone_gets_the_logits_it_gets_in_a_group(model, m
     generated beside it (greedy answers could flip on a near tie otherwise)."""
     from captum_mllm.models import lfm2_audio_generation
 
-    seen: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []  # row 0's logits at each draw
     if speech:
         model = LFM2AudioAdapter(*tiny_lfm2_audio())
         chat = Chat().user("Please answer", audio=speech_like(1.5), sample_rate=16000)
@@ -222,8 +222,9 @@ def test_a_coalition_generated_alone_gets_the_logits_it_gets_in_a_group(model, m
     for group in (1, 2, 3, 5, 17):  # copies of one coalition: one group of rows of one length
         seen.clear()
         model.generate_masked(
-            inp.to_model_input(coalition.repeat(group, 1)), max_new_tokens=6, **gen
-        )
-        runs.append(torch.stack(seen))
-    for logits in runs[1:]:
-        assert torch.equal(logits, runs[0]), (logits - runs[0]).abs().max()
+            inp.to_model_input(coalition.repeat(group, 1)), max_new_tokens=9, **gen
+        )  # the speech model's 6 text tokens, then audio frames (the depthformer's products)
+        runs.append(list(seen))
+    for run_ in runs[1:]:
+        for got, want in zip(run_, runs[0], strict=True):
+            assert torch.equal(got, want), (got - want).abs().max()
