@@ -228,3 +228,24 @@ def test_a_coalition_generated_alone_gets_the_logits_it_gets_in_a_group(model, m
     for run_ in runs[1:]:
         for got, want in zip(run_, runs[0], strict=True):
             assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_long_rows_are_generated_alone(model, monkeypatch):
+    """Rows over LONG_ROW tokens regenerate one at a time (the fused kernel's
+    memory grows linearly with length, the math kernel's quadratically): the
+    same answers as the batched path, one row per call."""
+    from captum_mllm.models import decoder
+
+    inp = ChatInput(CHAT, model, groups=GROUPS)
+    coalitions = torch.tensor([[1, 0, 1, 1, 0], [1, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
+    batched = model.generate_masked(inp.to_model_input(coalitions), max_new_tokens=5)
+    monkeypatch.setattr(decoder, "LONG_ROW", 0)  # every row is "long" now
+    calls: list[int] = []
+    generate = model._generate
+    monkeypatch.setattr(
+        model, "_generate", lambda part, *a, **k: calls.append(len(part)) or generate(part, *a, **k)
+    )
+    alone = model.generate_masked(inp.to_model_input(coalitions), max_new_tokens=5)
+    assert calls == [1, 1, 1]
+    for a, b in zip(alone, batched, strict=True):
+        assert torch.equal(a.ids, b.ids)
