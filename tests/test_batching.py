@@ -1,4 +1,5 @@
-"""Batch building: padding with a suffix, and the least-cost cut into length buckets."""
+"""Batch building: padding with a suffix, the least-cost cut into length buckets,
+and matrix products of enough rows."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from captum_mllm.models.batching import length_buckets, pad_rows
+from captum_mllm.models.batching import MIN_PRODUCT_ROWS, enough_rows, length_buckets, pad_rows
 
 
 def test_pad_rows_appends_the_suffix_after_each_row() -> None:
@@ -42,3 +43,23 @@ def test_length_buckets_is_the_cheapest_cut(call_cost: int) -> None:
             for cuts in itertools.combinations(range(1, len(lens)), k)
         )
         assert _cost(lens, ends, call_cost) == brute
+
+
+@pytest.mark.parametrize("shape", [(5,), (1, 3, 5), (2, 5), (4, 4, 5)])
+def test_enough_rows_pads_a_linear_product_and_keeps_its_outputs(shape: tuple[int, ...]) -> None:
+    """Inside ``enough_rows`` a Linear of fewer than MIN_PRODUCT_ROWS rows
+    multiplies that many (its outputs equal those rows of a larger product,
+    bit for bit) and returns its own shape; the hooks are gone after."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(5, 7))
+    x = torch.randn(shape)
+    rows = x.reshape(-1, 5)
+    big = layer(torch.cat([rows, torch.randn(MIN_PRODUCT_ROWS, 5)]))[: len(rows)]
+    seen: list[int] = []  # rows the product was given (after the padding hook)
+    layer[0].register_forward_hook(lambda _, a, out: seen.append(a[0].numel() // 5))
+    with enough_rows(layer):
+        out = layer(x)
+    assert out.shape == (*shape[:-1], 7)
+    assert torch.equal(out.reshape(-1, 7), big)
+    assert seen == [max(len(rows), MIN_PRODUCT_ROWS)]
+    assert len(layer[0]._forward_hooks) == 1 and not layer[0]._forward_pre_hooks  # removed

@@ -83,8 +83,8 @@ def enough_rows(module: nn.Module) -> Iterator[None]:
     shapes: dict[nn.Module, torch.Size] = {}
 
     def pad(layer: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        x = args[0]
-        if x.numel() >= MIN_PRODUCT_ROWS * x.shape[-1]:
+        x = args[0] if args else None  # (an input passed by keyword is left alone)
+        if x is None or x.numel() >= MIN_PRODUCT_ROWS * x.shape[-1]:
             return None
         shapes[layer] = x.shape
         return (with_rows(x.reshape(-1, x.shape[-1])), *args[1:])
