@@ -26,6 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.models.batching import (
+    MIN_PRODUCT_ROWS,
     by_length,
     default_call_cost,
     default_token_budget,
@@ -346,20 +347,22 @@ class DecoderLMAdapter(ModelAdapter):
                 chunk = rows[start : start + step]
                 part = replace(masked, present=masked.present[chunk])
                 picked = [seeds[b] for b in chunk] if seeds else None
-                with self._generation_kernels(width):
+                with self._generation_kernels(width, len(chunk)):
                     answers = self._generate(part, picked, **gen_args)
                 for b, r in zip(chunk, answers, strict=True):
                     out[b] = r
         return [r for r in out if r is not None]
 
-    def _generation_kernels(self, width: int) -> contextlib.AbstractContextManager[Any]:
+    def _generation_kernels(self, width: int, rows: int) -> contextlib.AbstractContextManager[Any]:
         """When :attr:`deterministic`: matrix products of enough rows
-        (:func:`~captum_mllm.models.batching.enough_rows`) and, for rows up to
-        :data:`LONG_ROW` tokens, SDPA's math kernel (the fused CPU kernel's
+        (:func:`~captum_mllm.models.batching.enough_rows`; ``rows`` prompts
+        continued together are that many rows in every step) and, for rows up
+        to :data:`LONG_ROW` tokens, SDPA's math kernel (the fused CPU kernel's
         decode steps round by the number of rows)."""
         stack = contextlib.ExitStack()
         if self.is_deterministic:
-            stack.enter_context(enough_rows(self))
+            if rows < MIN_PRODUCT_ROWS:
+                stack.enter_context(enough_rows(self))
             if width <= LONG_ROW:
                 stack.enter_context(self._attention())
         return stack
