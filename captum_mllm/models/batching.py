@@ -56,11 +56,11 @@ def pad_rows(
     return to_device(padded, device), to_device(mask.long(), device)
 
 
-#: Fewest rows a matrix product of scoring is given (padded when fewer): the
-#: CPU BLAS takes another path for a product of a few rows (1-3, 5-7, 9 or 10
-#: measured), which rounds otherwise, so a coalition's value would depend on
-#: whether it was scored alone. Attention's products have as many rows as the
-#: batch is wide, hence a width of at least this many positions too.
+#: Fewest rows a matrix product of scoring or regeneration is given (padded
+#: when fewer): the CPU BLAS takes another path for a product of a few rows
+#: (1-3, 5-7 or 9-11 measured), which rounds otherwise, so a coalition's value
+#: would depend on whether it was scored alone. Attention's products have as
+#: many rows as the batch is wide, hence a width of at least this many positions too.
 MIN_PRODUCT_ROWS = 16
 
 
