@@ -63,3 +63,46 @@ def test_enough_rows_pads_a_linear_product_and_keeps_its_outputs(shape: tuple[in
     assert torch.equal(out.reshape(-1, 7), big)
     assert seen == [max(len(rows), MIN_PRODUCT_ROWS)]
     assert len(layer[0]._forward_hooks) == 1 and not layer[0]._forward_pre_hooks  # removed
+
+
+@pytest.mark.parametrize("speech", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_no_forward_lets_attention_reach_cudnn(
+    speech: bool, deterministic: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch sends masked attention on recent GPUs to cuDNN first, which builds
+    a plan for every new batch shape: prefill, scoring, generation and hidden
+    states all run with cuDNN's kernel off (the flag SDPA reads is False at
+    every call)."""
+    from captum_mllm import Chat, ChatInput, LFM2AudioAdapter
+    from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
+
+    chat = Chat().system("Be brief.").user("Tell me about the quick brown fox", **(
+        {"audio": speech_like(1.0), "sample_rate": 16000} if speech else {}
+    ))  # fmt: skip
+    model = LFM2AudioAdapter(*tiny_lfm2_audio()) if speech else tiny_hf_adapter()
+    model.deterministic = deterministic
+    inp = ChatInput(chat, model)
+    masked = inp.to_model_input((torch.arange(inp.n_itp_features) % 2).long()[None].repeat(3, 1))
+    masked.present[0] = True
+    response = model.check_target(torch.arange(5, 9))
+    flags: list[bool] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        flags.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    prefix = model.prefill(masked)
+    answers = model.generate_masked(masked, max_new_tokens=3)
+    for call in (
+        lambda: model.prefill(masked),
+        lambda: model.score_masked(masked, response, prefix),
+        lambda: model.generate_masked(masked, max_new_tokens=3),
+        lambda: model.response_states(answers, context=inp.encoded),
+    ):
+        flags.clear()
+        call()
+        assert flags and not any(flags)
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after

@@ -193,6 +193,27 @@ def pick_tokens(
 #: Rows longer than this many tokens are scored one at a time when deterministic.
 LONG_ROW = 1024
 
+#: The SDPA kernels the adapters' forwards may use: the fused ones and the math
+#: kernel, never cuDNN's. torch 2.11 sends masked attention on Hopper and later
+#: GPUs to cuDNN first, and cuDNN builds an execution plan for every (rows,
+#: width) it has not seen, tens of milliseconds each, while an explanation's
+#: batches come in ever new widths (on an H100, ``benchmarks/gpu.py
+#: --profile`` found 1.8 s of 5 s in those plans, the GPU idle). On a CPU this
+#: is the default choice.
+ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def without_cudnn_attention(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` with SDPA limited to :data:`ATTENTION_KERNELS` (a
+    deterministic adapter's math kernel still applies inside)."""
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with sdpa_kernel(ATTENTION_KERNELS):
+            return method(*args, **kwargs)
+
+    return run
+
 
 class DecoderLMAdapter(ModelAdapter):
     """Shared behaviour of decoder-only LM adapters (see the module docstring)."""
@@ -315,6 +336,7 @@ class DecoderLMAdapter(ModelAdapter):
         """
         return self.score_rows(self._coalition_rows(masked, prefix), response, prefix, per_step)
 
+    @without_cudnn_attention
     def generate_masked(
         self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
     ) -> list[Response]:
@@ -367,6 +389,7 @@ class DecoderLMAdapter(ModelAdapter):
                 stack.enter_context(self._attention())
         return stack
 
+    @without_cudnn_attention
     def score_rows(
         self,
         rows: list[Tensor],
@@ -396,6 +419,7 @@ class DecoderLMAdapter(ModelAdapter):
             out.append(self._padded_batches(grown, last - first, score, _widths(grown, prefix)))
         return torch.cat(out, dim=1)
 
+    @without_cudnn_attention
     def response_states(
         self, responses: list[Response], context: EncodedChat | None = None
     ) -> list[Tensor]:

@@ -35,6 +35,7 @@ from captum_mllm.models.decoder import (
     row_generators,
     same_outputs,
     shares,
+    without_cudnn_attention,
 )
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
@@ -262,6 +263,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     # Scoring ---------------------------------------------------------------------
 
+    @without_cudnn_attention
     def prefill(self, masked: MaskedChat) -> PrefixCache | None:
         """Forward the untouched prefix once and keep its key/value cache, with
         the full chat's next positions (up to a quarter of the hidden size, the

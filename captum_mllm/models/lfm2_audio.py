@@ -33,6 +33,7 @@ from captum_mllm.models.decoder import (
     cache_kwarg,
     resolve_device,
     row_generators,
+    without_cudnn_attention,
 )
 from captum_mllm.models.lfm2_audio_generation import END_OF_AUDIO, IM_END, BatchedGeneration
 
@@ -263,6 +264,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
 
     # Scoring ---------------------------------------------------------------------
 
+    @without_cudnn_attention
     def prefill(self, masked: MaskedChat) -> PrefixCache | None:
         """Run the positions no feature touches (system turn, template) once and
         keep the backbone's hybrid cache: key/value of its attention layers and
