@@ -14,6 +14,11 @@ Two models with random weights, built from configs (nothing is downloaded):
    (``ChatState`` + ``_prefill`` + one LFM forward, as the CPU benchmark
    ``lfm2_audio.py``) and ours batched.
 
+Both sections also time paired permutations on fresh seeds ("new shapes": no
+batch shape seen before, as in a user's first explanation of a chat), as
+shipped and with cuDNN's attention allowed first, as torch's default order
+does on Hopper and later (it builds a plan for every new shape).
+
 For each row: ms per coalition scored, the speed-up against the stock rows,
 and the fraction of the bf16 FLOP limit reached (model FLOPs: 2 x parameters
 x tokens pushed, plus attention and the logits computed), against both the
@@ -36,11 +41,13 @@ from typing import Any
 import torch
 from captum.attr import LLMAttribution, ShapleyValueSampling
 from text_vs_captum import SYSTEM, TARGET, USER  # the same text chat as the CPU benchmark
+from torch.nn.attention import SDPBackend
 
 from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, LFM2AudioAdapter
 from captum_mllm import MultimodalLLMAttribution as Ours
 from captum_mllm.captum_compat import text_template_input
 from captum_mllm.methods import ExactShapleyValues, PairedPermutationSampling
+from captum_mllm.models import decoder
 from captum_mllm.testing import speech_like, tiny_lfm2_audio, tiny_tokenizer
 
 SPOKEN_TEXT = "Please answer this question very briefly"
@@ -218,6 +225,34 @@ def print_tokens(flops: FlopCounter, scored: int, inp: ChatInput, masks: torch.T
     )
 
 
+def fresh_shape_rows(
+    adapter: Any, inp: ChatInput, target: torch.Tensor, budget: int, flops: FlopCounter
+) -> list[tuple[str, float, int, float]]:
+    """Paired permutations on seeds no earlier run drew, so that every batch
+    has a shape not seen before (as in a user's first explanation of a chat):
+    as shipped, and with cuDNN's attention allowed, as torch's default order
+    does (it builds a plan for every new shape)."""
+    shipped = decoder.ATTENTION_KERNELS
+    with_cudnn = [SDPBackend.CUDNN_ATTENTION, *shipped]
+    rows = []
+    runs = [("new shapes", shipped), ("new shapes, cuDNN", with_cudnn)]
+    for seed, (label, kernels) in enumerate(runs, start=1000):
+        decoder.ATTENTION_KERNELS = kernels
+        try:
+            call = functools.partial(
+                Ours(PairedPermutationSampling(adapter), adapter).attribute,
+                inp, target=target, budget=budget, perturbations_per_eval=PPE, seed=seed,
+            )  # fmt: skip
+            flops.reset()
+            res, secs = timed(call, adapter.device)
+        finally:
+            decoder.ATTENTION_KERNELS = shipped
+        flops.add_logits(res.n_unique_coalitions * len(target))
+        name = f"captum-mllm, paired, {label}"
+        rows.append((name, secs, res.n_unique_coalitions, flops.flops))
+    return rows
+
+
 def llama_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: dict) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -306,6 +341,8 @@ def llama_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: d
             print(
                 f"same budget: max |token_attr - stock sequence path| {diff:.2e} (of {scale:.2e})"
             )
+
+    rows += fresh_shape_rows(adapter, inp, target, 256 if tiny else 4096, flops)
 
     # The batching limit: one forward of PPE whole prompts (+ the target), no reuse.
     ids = torch.cat([inp.encoded.input_ids, target[:-1]]).to(device)
@@ -402,6 +439,7 @@ def lfm2_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: di
     print_tokens(flops, res.n_unique_coalitions, inp, heads.long(), len(target))
     if PROFILE:
         profiled(call)
+    rows += fresh_shape_rows(adapter, inp, target, 128 if tiny else 2048, flops)
     report(rows, peaks)
 
 

@@ -38,6 +38,8 @@ def test_gpu_benchmark_on_tiny_shapes(capsys: pytest.CaptureFixture[str]) -> Non
         "plain forward",
         "stock liquid-audio, one at a time",
         "captum-mllm, paired permutations",
+        "captum-mllm, paired, new shapes",
+        "captum-mllm, paired, new shapes, cuDNN",
     ]:
         line = next(ln for ln in out.splitlines() if ln.startswith(row))
         ms = float(line[40:].split()[1])
