@@ -70,10 +70,10 @@ def test_enough_rows_pads_a_linear_product_and_keeps_its_outputs(shape: tuple[in
 def test_no_forward_lets_attention_reach_cudnn(
     speech: bool, deterministic: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torch sends masked attention on recent GPUs to cuDNN first, which builds
-    a plan for every new batch shape: prefill, scoring, generation and hidden
-    states all run with cuDNN's kernel off (the flag SDPA reads is False at
-    every call)."""
+    """torch sends attention on recent GPUs to cuDNN first, which builds a plan
+    for every new batch shape: prefill, scoring, generation, hidden states and
+    the gradient path all run with cuDNN's kernel off (the flag SDPA reads is
+    False at every call)."""
     from captum_mllm import Chat, ChatInput, LFM2AudioAdapter
     from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
 
@@ -101,6 +101,7 @@ def test_no_forward_lets_attention_reach_cudnn(
         lambda: model.score_masked(masked, response, prefix),
         lambda: model.generate_masked(masked, max_new_tokens=3),
         lambda: model.response_states(answers, context=inp.encoded),
+        lambda: model.next_token_log_probs(model.input_embeddings(inp.encoded)[None], response, 2),
     ):
         flags.clear()
         call()

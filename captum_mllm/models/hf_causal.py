@@ -425,6 +425,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             table = self.model.get_input_embeddings()  # type: ignore[operator]
             return table(encoded.input_ids.to(self.device)).detach()
 
+    @without_cudnn_attention
     def next_token_log_probs(self, embeds: Tensor, response: Response, token: int) -> Tensor:
         """``(B,)``: one forward from ``inputs_embeds``, differentiable in ``embeds``."""
         with torch.no_grad():

@@ -292,6 +292,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         adapter's output (what the LFM backbone reads)."""
         return encoded.state["embeds"].detach()
 
+    @without_cudnn_attention
     def next_token_log_probs(self, embeds: Tensor, response: Response, token: int) -> Tensor:
         """``(B,)``: one backbone forward from ``inputs_embeds``, differentiable in ``embeds``."""
         items = response.ids.to(self.device)
