@@ -1,5 +1,6 @@
-"""The GPU benchmark runs end to end on tiny shapes on the CPU, so it cannot rot
-before a GPU is lent, and its rows agree with the stock paths they time."""
+"""The GPU scripts run end to end on the CPU (the benchmark on tiny shapes), so
+they cannot rot before a GPU is lent, and the benchmark's rows agree with the
+stock paths they time."""
 
 from __future__ import annotations
 
@@ -56,3 +57,17 @@ def test_cpu_kernels_benchmark_packs_without_changing_logits(
     assert int(row.group(2)) < int(row.group(1))  # no padding pushed
     assert float(row.group(3)) < 1e-3  # the same logits
     assert re.search(r"^ +1600 +\d+ +\d+$", out, re.M)  # the matrix product table is complete
+
+
+def test_gpu_parity_runs_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU parity script, pointed at the CPU: every path runs, no NaN, and
+    float32 repeats the reference bit for bit (two fresh adapters)."""
+    _load("gpu_parity").main(["--device", "cpu"])
+    rows = [
+        ln.split()
+        for ln in capsys.readouterr().out.splitlines()
+        if ln.startswith(("llama", "lfm2"))
+    ]
+    assert len(rows) == 2 * 2 * 3
+    assert all(row[-3] == "False" for row in rows)
+    assert all(float(row[-2]) == 0 for row in rows if row[1] == "float32")
