@@ -1,5 +1,5 @@
 """Batch building: padding with a suffix, the least-cost cut into length buckets,
-and matrix products of enough rows."""
+matrix products of enough rows, and attention kept off cuDNN's kernel."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import itertools
 import pytest
 import torch
 
+from captum_mllm import Chat, ChatInput, LFM2AudioAdapter
 from captum_mllm.models.batching import MIN_PRODUCT_ROWS, enough_rows, length_buckets, pad_rows
+from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
 
 
 def test_pad_rows_appends_the_suffix_after_each_row() -> None:
@@ -74,9 +76,6 @@ def test_no_forward_lets_attention_reach_cudnn(
     for every new batch shape: prefill, scoring, generation, hidden states and
     the gradient path all run with cuDNN's kernel off (the flag SDPA reads is
     False at every call)."""
-    from captum_mllm import Chat, ChatInput, LFM2AudioAdapter
-    from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
-
     chat = Chat().system("Be brief.").user("Tell me about the quick brown fox", **(
         {"audio": speech_like(1.0), "sample_rate": 16000} if speech else {}
     ))  # fmt: skip
