@@ -73,9 +73,9 @@ def test_no_forward_lets_attention_reach_cudnn(
     speech: bool, deterministic: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """torch sends attention on recent GPUs to cuDNN first, which builds a plan
-    for every new batch shape: prefill, scoring, generation, hidden states and
-    the gradient path all run with cuDNN's kernel off (the flag SDPA reads is
-    False at every call)."""
+    for every new batch shape: prefill, scoring, generation, hidden states,
+    the gradient path and the module's own forward and generate all run with
+    cuDNN's kernel off (the flag SDPA reads is False at every call)."""
     chat = Chat().system("Be brief.").user("Tell me about the quick brown fox", **(
         {"audio": speech_like(1.0), "sample_rate": 16000} if speech else {}
     ))  # fmt: skip
@@ -101,6 +101,14 @@ def test_no_forward_lets_attention_reach_cudnn(
         lambda: model.generate_masked(masked, max_new_tokens=3),
         lambda: model.response_states(answers, context=inp.encoded),
         lambda: model.next_token_log_probs(model.input_embeddings(inp.encoded)[None], response, 2),
+        *(  # what Captum's own LLMAttribution calls on the wrapped module
+            []
+            if speech
+            else [
+                lambda: model(input_ids=inp.encoded.input_ids[None]),
+                lambda: model.generate(input_ids=inp.encoded.input_ids[None], max_new_tokens=2),
+            ]
+        ),
     ):
         flags.clear()
         call()

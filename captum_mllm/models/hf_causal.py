@@ -129,9 +129,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         return self._is_hf and not getattr(config, "is_encoder_decoder", False)
 
     # Captum's BaseLLMAttribution calls the wrapped module's forward and generate.
+    @without_cudnn_attention
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    @without_cudnn_attention
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.generate(*args, **kwargs)  # type: ignore[operator]
 

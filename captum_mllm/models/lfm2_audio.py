@@ -116,6 +116,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         processor = LFM2AudioProcessor.from_pretrained(source, device=device)
         return cls(model.eval(), processor.eval())
 
+    @without_cudnn_attention
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
