@@ -1,8 +1,10 @@
 """Text chat: MultimodalLLMAttribution against stock Captum LLMAttribution.
 
 A ~9M-parameter tiny Llama (a ~60-token system prompt, a 12-word user
-message, a 12-token target), then the real SmolLM2-135M-Instruct (12 words),
-ShapleyValueSampling with n_samples=10. Times stock Captum
+message, a 12-token target), then the real SmolLM2-135M-Instruct (12 words,
+after a one-sentence system prompt, then after the tiny chat's; the second
+against stock Captum's sequence path only), ShapleyValueSampling with
+n_samples=10. Times stock Captum
 (forward_in_tokens=True and False, on the same chat through
 ``text_template_input``) and ours (perturbations_per_eval=64, as the README
 suggests) in one process, checks the attributions agree, and prints ratios and
@@ -63,8 +65,9 @@ def timed(fn, repeats: int = 1):
     return out, best
 
 
-def compare(model, chat, target_text: str, label: str) -> None:
-    """Stock Captum (both paths) against ours on one chat; prints the table."""
+def compare(model, chat, target_text: str, label: str, default_path: bool = True) -> None:
+    """Stock Captum (both paths, or the sequence path only) against ours on one
+    chat; prints the table."""
     tok = model.tokenizer
     n_params = sum(p.numel() for p in model.parameters())
     inp = ChatInput(chat, model)
@@ -78,10 +81,10 @@ def compare(model, chat, target_text: str, label: str) -> None:
     # Captum calls ``model.forward`` directly, past module hooks: count the decoder's calls.
     counter = CallCounter(model.model.get_decoder())
     rows = []
-    for name, in_tokens in [
-        ("captum forward_in_tokens=True", True),
-        ("captum forward_in_tokens=False", False),
-    ]:
+    stock_paths = [("captum forward_in_tokens=False", False)]
+    if default_path:
+        stock_paths.insert(0, ("captum forward_in_tokens=True", True))
+    for name, in_tokens in stock_paths:
         stock = LLMAttribution(ShapleyValueSampling(model.model), tok)
         counter.calls = 0
         repeats = 1 if in_tokens else 3  # token-by-token stock Captum is slow
@@ -105,18 +108,17 @@ def compare(model, chat, target_text: str, label: str) -> None:
     counter.pushed = counter.real = 0
     timed(explain)  # once more, to count the positions one run pushes
 
-    exact = rows[1][3].token_attr
-    default, seq = rows[0][1], rows[1][1]
+    seq_row = rows[len(stock_paths) - 1]
+    exact, seq = seq_row[3].token_attr, seq_row[1]
+    default = rows[0][1] if default_path else None
     print("best of 3 runs (1 for forward_in_tokens=True); diff = max |token_attr - exact|")
     print(
         f"{'run':34s} {'seconds':>8s} {'calls':>6s} {'vs default':>11s} {'vs seq':>7s} {'diff':>9s}"
     )
     for name, secs, calls, r in rows:
         diff = (r.token_attr - exact).abs().max().item()
-        print(
-            f"{name:34s} {secs:8.2f} {calls:6d} {default / secs:10.1f}x {seq / secs:6.1f}x "
-            f"{diff:9.2e}"
-        )
+        vs_default = f"{default / secs:10.1f}x" if default else f"{'-':>11s}"
+        print(f"{name:34s} {secs:8.2f} {calls:6d} {vs_default} {seq / secs:6.1f}x {diff:9.2e}")
     print(
         f"captum-mllm evaluated {res.n_unique_coalitions} unique of {res.n_coalitions} "
         f"requested coalitions, pushing {counter.pushed} token positions "
@@ -137,6 +139,11 @@ def main() -> None:
         smol = load_default_model(device=args.device)
         chat = Chat().system("You are a helpful assistant.").user(REAL_USER)
         compare(smol, chat, REAL_TARGET, "SmolLM2-135M-Instruct")
+        # The untouched prefix is what stock Captum pushes again for every
+        # coalition: the same question after the tiny chat's system prompt.
+        chat = Chat().system(SYSTEM).user(REAL_USER)
+        label = "SmolLM2-135M-Instruct, the tiny chat's system prompt"
+        compare(smol, chat, REAL_TARGET, label, default_path=False)
 
 
 if __name__ == "__main__":
