@@ -43,7 +43,7 @@ class CallCounter:
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.calls = self.pushed = self.real = 0
-        module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, _: object, args: tuple, kwargs: dict) -> None:
         self.calls += 1
@@ -117,13 +117,14 @@ def compare(model, chat, target_text: str, label: str, default_path: bool = True
     )
     for name, secs, calls, r in rows:
         diff = (r.token_attr - exact).abs().max().item()
-        vs_default = f"{default / secs:10.1f}x" if default else f"{'-':>11s}"
+        vs_default = f"{default / secs:10.1f}x" if default is not None else f"{'-':>11s}"
         print(f"{name:34s} {secs:8.2f} {calls:6d} {vs_default} {seq / secs:6.1f}x {diff:9.2e}")
     print(
         f"captum-mllm evaluated {res.n_unique_coalitions} unique of {res.n_coalitions} "
         f"requested coalitions, pushing {counter.pushed} token positions "
         f"({counter.real} of them not padding)"
     )
+    counter.handle.remove()  # the model is compared again on another chat
 
 
 def main() -> None:
