@@ -4,11 +4,13 @@ matrix products of enough rows, and attention kept off cuDNN's kernel."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 import torch
 
 from captum_mllm import Chat, ChatInput, LFM2AudioAdapter
+from captum_mllm.models import math_attention
 from captum_mllm.models.batching import MIN_PRODUCT_ROWS, enough_rows, length_buckets, pad_rows
 from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
 
@@ -93,6 +95,13 @@ def test_no_forward_lets_attention_reach_cudnn(
         return sdpa(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ours = math_attention.math_attention_forward  # no SDPA kernel at all (prompts)
+
+    def ours_spy(*args: Any, **kwargs: Any) -> Any:
+        flags.append(False)
+        return ours(*args, **kwargs)
+
+    monkeypatch.setattr(math_attention, "math_attention_forward", ours_spy)
     prefix = model.prefill(masked)
     answers = model.generate_masked(masked, max_new_tokens=3)
     for call in (

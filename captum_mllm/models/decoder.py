@@ -34,6 +34,7 @@ from captum_mllm.models.batching import (
     rows_within,
     to_device,
 )
+from captum_mllm.models.math_attention import math_attention
 
 
 def cache_kwarg(forward: Callable[..., Any] | None) -> str:
@@ -263,7 +264,7 @@ class DecoderLMAdapter(ModelAdapter):
 
     def _attention(self) -> Any:
         """The attention kernel padded batches run under (see :attr:`deterministic`)."""
-        return sdpa_kernel(SDPBackend.MATH) if self.is_deterministic else contextlib.nullcontext()
+        return math_attention() if self.is_deterministic else contextlib.nullcontext()
 
     @abstractmethod
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:

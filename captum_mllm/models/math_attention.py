@@ -1,0 +1,114 @@
+"""SDPA's math kernel for transformers' ``"sdpa"`` attention, bit for bit, in
+fewer passes over the scores.
+
+Deterministic adapters score padded batches under SDPA's math kernel (its sums
+do not change with the padding; see
+:attr:`~captum_mllm.models.decoder.DecoderLMAdapter.deterministic`). Since
+torch 2.5 that kernel ends with ``_safe_softmax``, which reads the whole
+``(B, H, L, S)`` score tensor three more times (``isneginf``, ``all``,
+``where``) to give rows that mask every key zeros instead of NaN. On a CPU
+with short rows that guard costs about as much as the softmax; on the tiny
+LFM2-Audio benchmark it is 8% of an explanation's time.
+
+:func:`math_attention` computes the same products, in the same order, with
+the same softmax; masked scores get the dtype's lowest finite value rather
+than ``-inf``, so a fully masked row (only ever padding) comes out finite
+without the guard, and every other row is the math kernel's to the bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+
+def math_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers' ``sdpa_attention_forward`` under SDPA's math kernel, for
+    prompts of more than one position (anything else goes to it unchanged).
+
+    Args:
+        module (nn.Module): the attention layer (its ``num_key_value_groups``
+            and ``is_causal`` are read, as transformers does).
+        query, key, value (Tensor): ``(B, H, L, D)``, ``(B, H_kv, S, D)``.
+        attention_mask (Tensor or None): boolean (True: attend) or additive,
+            broadcastable to ``(B, H, L, S)``; None: causal (or none).
+        dropout (float, optional): as transformers'. Default: 0.0
+        scaling (float, optional): the score scale. Default: ``D ** -0.5``
+        is_causal (bool, optional): as transformers'. Default: the module's
+
+    Returns:
+        tuple: ``(B, L, H, D)`` attention output, None (no weights).
+    """
+    length = query.shape[2]
+    if (
+        length == 1
+        or dropout
+        or any(kwargs.get(k) is not None for k in ("position_bias", "softcap"))
+    ):
+        # Decode steps (transformers packs grouped heads there), dropout, position
+        # biases and soft-capping (which transformers refuses): the kernel itself.
+        with sdpa_kernel(SDPBackend.MATH):
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+            )
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = attention_mask
+    if mask is None and causal:  # transformers drops keys past the query (empty static cache)
+        key, value = key[:, :, :length], value[:, :, :length]
+        mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    # The math kernel scales query and key by the square root each, before the product.
+    root = math.sqrt(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scores = torch.matmul(query * root, key.transpose(-2, -1) * root)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            lowest = torch.finfo(scores.dtype).min
+            mask = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(
+                ~mask, lowest
+            )
+        scores.add_(mask)
+    out = torch.matmul(scores.softmax(-1), value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """SDPA's math kernel, with transformers' ``"sdpa"`` attention computed by
+    :func:`math_attention_forward` meanwhile.
+
+    The registry entry is process-wide: a model run in another thread meanwhile
+    gets the same function, which changes no value (it is the math kernel's
+    arithmetic) and is undone on exit. Models that keep their own ``"sdpa"``
+    entry run the math kernel itself.
+
+    Examples::
+
+        >>> with math_attention():
+        ...     logits = model(input_ids, attention_mask=mask).logits
+    """
+    previous = cast(Callable[..., Any], AttentionInterface._global_mapping["sdpa"])
+    AttentionInterface.register("sdpa", math_attention_forward)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        AttentionInterface.register("sdpa", previous)

@@ -1,0 +1,120 @@
+"""SDPA's math kernel without its fully-masked-row pass: the same values to the
+bit, used wherever a deterministic adapter asks for the math kernel, and the
+transformers registry left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from captum_mllm import Chat, ChatInput, LFM2AudioAdapter
+from captum_mllm.models import math_attention as ma
+from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def padded_causal_mask(batch: int, length: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, 1, L, S): queries are the last L of S positions; rows right-padded."""
+    lens = torch.randint(width - length + 1, width + 1, (batch,), generator=gen)
+    keys = torch.arange(width)[None] < lens[:, None]
+    causal = torch.arange(length)[:, None] + (width - length) >= torch.arange(width)[None]
+    return (keys[:, None, :] & causal[None])[:, None]
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "length", "width", "dim"),
+    [(32, 4, 2, 78, 111, 16), (16, 9, 3, 30, 50, 64), (4, 9, 3, 33, 33, 64), (3, 2, 2, 7, 9, 8)],
+)
+@pytest.mark.parametrize("mask_kind", ["padded", "none", "additive", "one query"])
+def test_the_same_values_as_the_math_kernel_to_the_bit(
+    batch, heads, kv_heads, length, width, dim, mask_kind
+):
+    gen = torch.Generator().manual_seed(batch + width)
+    if mask_kind == "one query":
+        length = 1
+    q = torch.randn(batch, heads, length, dim, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, width, dim, generator=gen) for _ in range(2))
+    mask = None if mask_kind == "none" else padded_causal_mask(batch, length, width, gen)
+    if mask_kind == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    layer = Layer(heads // kv_heads)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected, _ = sdpa_attention_forward(layer, q, k, v, mask, scaling=dim**-0.5)
+    got, weights = ma.math_attention_forward(layer, q, k, v, mask, scaling=dim**-0.5)
+    assert weights is None
+    assert got.shape == expected.shape == (batch, length, heads, dim)
+    assert torch.equal(got, expected), (got - expected).abs().max()
+
+
+def test_a_row_that_masks_every_key_comes_out_finite():
+    """Only padding masks every key; the math kernel gives it zeros, ours a
+    finite average: the other rows are the same to the bit."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=gen) for _ in range(3))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[1, :, 3] = False  # one query of the second row sees nothing
+    with sdpa_kernel(SDPBackend.MATH):
+        expected, _ = sdpa_attention_forward(Layer(1), q, k, v, mask)
+    got, _ = ma.math_attention_forward(Layer(1), q, k, v, mask)
+    assert torch.isfinite(got).all()
+    seen = torch.ones(2, 5, dtype=torch.bool)
+    seen[1, 3] = False
+    assert torch.equal(got[seen], expected[seen])
+
+
+def test_the_registry_is_restored_even_after_an_error():
+    before = AttentionInterface._global_mapping["sdpa"]
+    with pytest.raises(RuntimeError), ma.math_attention():
+        assert AttentionInterface._global_mapping["sdpa"] is ma.math_attention_forward
+        with ma.math_attention():  # nested: the outer one still holds after
+            pass
+        assert AttentionInterface._global_mapping["sdpa"] is ma.math_attention_forward
+        raise RuntimeError
+    assert AttentionInterface._global_mapping["sdpa"] is before
+
+
+@pytest.mark.parametrize("speech", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_adapters_score_and_generate_through_it(speech, deterministic, monkeypatch):
+    """The padded forwards of scoring, generation and hidden states go through
+    it when deterministic (and never otherwise); the values are the math
+    kernel's to the bit."""
+    chat = Chat().system("Be brief.").user("Tell me about the quick brown fox", **(
+        {"audio": speech_like(1.0), "sample_rate": 16000} if speech else {}
+    ))  # fmt: skip
+    model = LFM2AudioAdapter(*tiny_lfm2_audio()) if speech else tiny_hf_adapter()
+    model.deterministic = deterministic
+    inp = ChatInput(chat, model)
+    masked = inp.to_model_input(torch.randint(0, 2, (4, inp.n_itp_features)))
+    response = model.check_target(torch.arange(5, 9))
+    prefix = model.prefill(masked)
+    calls: list[int] = []
+    ours = ma.math_attention_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return ours(*args, **kwargs)
+
+    def run():
+        scores = model.score_masked(masked, response, prefix)
+        answers = model.generate_masked(masked, max_new_tokens=3)
+        return scores, [a.ids for a in answers], model.response_states(answers, inp.encoded)
+
+    monkeypatch.setattr(ma, "math_attention_forward", spy)
+    got = run()
+    assert bool(calls) == deterministic
+    if deterministic:
+        monkeypatch.setattr(ma, "math_attention_forward", sdpa_attention_forward)
+        expected = run()  # the math kernel itself
+        assert torch.equal(got[0], expected[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[1], expected[1], strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(got[2], expected[2], strict=True))
