@@ -361,3 +361,42 @@ def test_transcripts_must_match_the_clips(lfm, wave):
         ChatInput(
             mixed_chat(wave), lfm, audio_unit="word", aligner=aligner, transcripts=["a b", "c"]
         )
+
+
+@pytest.mark.parametrize("text_baseline", ["drop", "replace"])
+@pytest.mark.parametrize("audio_baseline", ["drop", "embedding", "silence"])
+def test_a_batch_of_coalitions_gets_the_rows_each_gets_alone(
+    lfm, wave, text_baseline, audio_baseline
+):
+    """The batch's input embeddings are built at once: each row is the one its
+    coalition gets alone, absent text holds the replacement token's embedding
+    and absent audio the fill (or is dropped)."""
+    inp = ChatInput(
+        mixed_chat(wave), lfm, audio_unit=0.25, text_baseline=text_baseline,
+        audio_baseline=audio_baseline,
+    )  # fmt: skip
+    n = inp.n_itp_features
+    coalitions = torch.randint(0, 2, (6, n), generator=torch.Generator().manual_seed(2))
+    coalitions[0] = 1
+    coalitions[1] = 0
+    rows = lfm.masked_inputs(inp.to_model_input(coalitions))
+    base = inp.encoded.state["embeds"]
+    for c, row in zip(coalitions, rows, strict=True):
+        assert torch.equal(row, lfm.masked_inputs(inp.to_model_input(c[None]))[0])
+        present = inp.to_model_input(c[None]).present[0]
+        is_audio = inp.encoded.clip >= 0
+        kept = present | (~is_audio if text_baseline == "replace" else False)
+        kept |= is_audio if audio_baseline != "drop" else False
+        assert len(row) == int(kept.sum())
+        full = torch.zeros_like(base)
+        full[kept] = row
+        # silence re-encodes the whole clip: only present text is the chat's own
+        same = present & ~is_audio if audio_baseline == "silence" else present
+        assert torch.equal(full[same], base[same])
+        if text_baseline == "replace":
+            fill = lfm._embed_text(torch.tensor([inp.replace_id]))[0]
+            assert (full[~present & ~is_audio] == fill).all()
+        if audio_baseline == "embedding":
+            assert (full[~present & is_audio] == 0).all()
+        elif audio_baseline == "silence" and bool((~present & is_audio).any()):
+            assert not torch.equal(full[is_audio], base[is_audio])  # re-encoded

@@ -219,31 +219,32 @@ class LFM2AudioAdapter(DecoderLMAdapter):
     # Coalitions -> input embeddings ------------------------------------------------------
 
     def _masked_embeds(self, masked: MaskedChat) -> list[Tensor]:
-        """Input embeddings of each coalition: ``B`` tensors ``(L_b, D)``."""
+        """Input embeddings of each coalition: ``B`` tensors ``(L_b, D)``, built
+        for the whole batch at once (views of one tensor)."""
         enc = masked.encoded
         base = enc.state["embeds"]
         assert enc.clip is not None
         is_audio = (enc.clip >= 0).to(base.device)
-        rows = []
-        for present in masked.present.to(base.device):
-            embeds = base
-            keep = present.clone()
-            absent_text = ~present & ~is_audio
-            absent_audio = ~present & is_audio
-            if masked.baseline == "replace" and bool(absent_text.any()):
-                embeds = embeds.clone()
-                embeds[absent_text] = self._embed_text(torch.tensor([masked.replace_id]))[0]
-                keep |= absent_text
-            if masked.audio_baseline != "drop" and bool(absent_audio.any()):
-                embeds = embeds.clone() if embeds is base else embeds
-                keep |= absent_audio
-                if masked.audio_baseline == "embedding":
-                    fill = masked.audio_fill
-                    embeds[absent_audio] = 0.0 if fill is None else fill.to(embeds)
-                else:
-                    self._silence(enc, absent_audio, embeds)
-            rows.append(embeds[keep])
-        return rows
+        present = masked.present.to(base.device)
+        absent_text = ~present & ~is_audio
+        absent_audio = ~present & is_audio
+        keep = present.clone()
+        embeds = base.expand(len(present), -1, -1)
+        if masked.baseline == "replace":
+            keep |= absent_text
+            fill = self._embed_text(torch.tensor([masked.replace_id]))[0]
+            embeds = torch.where(absent_text[..., None], fill, embeds)
+        if masked.audio_baseline != "drop":
+            keep |= absent_audio
+            if masked.audio_baseline == "embedding":
+                fill = base.new_zeros(()) if masked.audio_fill is None else masked.audio_fill
+                embeds = torch.where(absent_audio[..., None], fill.to(base), embeds)
+            else:
+                # written row by row below (a copy: a batch of one expands to `base` itself)
+                embeds = embeds.clone(memory_format=torch.contiguous_format)
+                for b in absent_audio.any(1).nonzero()[:, 0].tolist():
+                    self._silence(enc, absent_audio[b], embeds[b])
+        return list(embeds[keep].split(keep.sum(1).tolist()))
 
     def _silence(self, enc: EncodedChat, absent: Tensor, embeds: Tensor) -> None:
         """Zero the samples under absent audio positions and re-encode the clip,
