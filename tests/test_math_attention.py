@@ -32,9 +32,16 @@ def padded_causal_mask(batch: int, length: int, width: int, gen: torch.Generator
 
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "length", "width", "dim"),
-    [(32, 4, 2, 78, 111, 16), (16, 9, 3, 30, 50, 64), (4, 9, 3, 33, 33, 64), (3, 2, 2, 7, 9, 8)],
+    [
+        (32, 4, 2, 78, 111, 16),  # grouped query heads: one product per key/value head
+        (16, 9, 3, 30, 50, 64),
+        (4, 9, 3, 33, 33, 64),
+        (6, 4, 2, 12, 20, 16),  # under 16 queries: keys and values copied per head
+        (5, 4, 2, 3, 9, 16),  # (grouped, 3 queries would round another way)
+        (3, 2, 2, 7, 9, 8),
+    ],
 )
-@pytest.mark.parametrize("mask_kind", ["padded", "none", "additive", "one query"])
+@pytest.mark.parametrize("mask_kind", ["padded", "none", "additive", "per head", "one query"])
 def test_the_same_values_as_the_math_kernel_to_the_bit(
     batch, heads, kv_heads, length, width, dim, mask_kind
 ):
@@ -46,6 +53,9 @@ def test_the_same_values_as_the_math_kernel_to_the_bit(
     mask = None if mask_kind == "none" else padded_causal_mask(batch, length, width, gen)
     if mask_kind == "additive":
         mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    if mask_kind == "per head":  # a bias per head: no grouping
+        bias = torch.randn(batch, heads, length, width, generator=gen)
+        mask = bias.masked_fill(~mask, float("-inf"))
     layer = Layer(heads // kv_heads)
     with sdpa_kernel(SDPBackend.MATH):
         expected, _ = sdpa_attention_forward(layer, q, k, v, mask, scaling=dim**-0.5)
