@@ -65,6 +65,18 @@ def test_the_same_values_as_the_math_kernel_to_the_bit(
     assert torch.equal(got, expected), (got - expected).abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes_get_the_math_kernels_values(dtype):
+    """On a CPU the kernel computes half precision in float32: those go to it."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 4, 20, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(4, 2, 30, 16, generator=gen).to(dtype) for _ in range(2))
+    mask = padded_causal_mask(4, 20, 30, gen)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected, _ = sdpa_attention_forward(Layer(2), q, k, v, mask)
+    assert torch.equal(ma.math_attention_forward(Layer(2), q, k, v, mask)[0], expected)
+
+
 def test_a_row_that_masks_every_key_comes_out_finite():
     """Only padding masks every key; the math kernel gives it zeros, ours a
     finite average: the other rows are the same to the bit."""

@@ -66,10 +66,12 @@ def math_attention_forward(
     length = query.shape[2]
     if (
         length == 1
+        or query.dtype not in (torch.float32, torch.float64)
         or dropout
         or any(kwargs.get(k) is not None for k in ("position_bias", "softcap"))
     ):
-        # Decode steps (transformers packs grouped heads there), dropout, position
+        # Decode steps (transformers packs grouped heads there), half precision
+        # (which the kernel computes in float32 on a CPU), dropout, position
         # biases and soft-capping (which transformers refuses): the kernel itself.
         with sdpa_kernel(SDPBackend.MATH):
             return sdpa_attention_forward(
