@@ -117,10 +117,9 @@ def math_attention() -> Iterator[None]:
     """SDPA's math kernel, with transformers' ``"sdpa"`` attention computed by
     :func:`math_attention_forward` meanwhile.
 
-    The registry entry is process-wide: a model run in another thread meanwhile
-    gets the same function, which changes no value (it is the math kernel's
-    arithmetic) and is undone on exit. Models that keep their own ``"sdpa"``
-    entry run the math kernel itself.
+    Like ``sdpa_kernel``, this is process-wide until exit: a model run in another
+    thread meanwhile gets the math kernel's arithmetic too. Models that keep
+    their own ``"sdpa"`` entry run the math kernel itself.
 
     Examples::
 
