@@ -140,3 +140,51 @@ def test_deterministic_adapters_score_and_generate_through_it(speech, determinis
         assert torch.equal(got[0], expected[0])
         assert all(torch.equal(a, b) for a, b in zip(got[1], expected[1], strict=True))
         assert all(torch.equal(a, b) for a, b in zip(got[2], expected[2], strict=True))
+
+
+ARCHITECTURES = {  # tiny random models from configs: no download
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3 (query/key norms)": ("Qwen3Config", {"head_dim": 16}),
+    "mistral (sliding window)": ("MistralConfig", {"sliding_window": 8}),
+    "gemma3 (sliding, own scaling)": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8}),
+    "gpt-neox (no grouped heads)": ("GPTNeoXConfig", {"num_key_value_heads": 4}),
+}
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_hugging_face_architectures_get_the_math_kernels_logits(arch, padded):
+    """Through transformers' own attention modules and masks (sliding windows,
+    query/key norms, grouped heads or not), padded or causal without a mask."""
+    import transformers
+
+    name, extra = ARCHITECTURES[arch]
+    sizes = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    config = getattr(transformers, name)(**{**sizes, **extra})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    ids = torch.randint(3, 128, (3, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 24, dtype=torch.long)
+    if padded:
+        mask[1, 17:] = 0
+        mask[2, 5:] = 0
+    kwargs = {"attention_mask": mask} if padded else {}
+    calls: list[int] = []
+    ours = ma.math_attention_forward
+    with torch.no_grad():
+        with sdpa_kernel(SDPBackend.MATH):
+            expected = model(input_ids=ids, **kwargs).logits
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(
+                ma, "math_attention_forward", lambda *a, **k: calls.append(1) or ours(*a, **k)
+            )
+            with ma.math_attention():
+                got = model(input_ids=ids, **kwargs).logits
+    assert len(calls) == config.num_hidden_layers
+    real = mask.bool()
+    assert torch.equal(got[real], expected[real]), (got[real] - expected[real]).abs().max()
