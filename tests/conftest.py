@@ -15,6 +15,19 @@ def model():
     return tiny_hf_adapter()
 
 
+def adapter_and_input(speech: bool, deterministic: bool | None = None):
+    """A tiny adapter (LFM2-Audio with a spoken clip, or the Llama) and a short
+    chat's input, for tests that run both adapters' model calls."""
+    from captum_mllm import ChatInput, LFM2AudioAdapter
+    from captum_mllm.testing import speech_like, tiny_lfm2_audio
+
+    audio = {"audio": speech_like(1.0), "sample_rate": 16000} if speech else {}
+    chat = Chat().system("Be brief.").user("Tell me about the quick brown fox", **audio)
+    adapter = LFM2AudioAdapter(*tiny_lfm2_audio()) if speech else tiny_hf_adapter()
+    adapter.deterministic = deterministic
+    return adapter, ChatInput(chat, adapter)
+
+
 @pytest.fixture
 def chat():
     return Chat().system("You are a helpful assistant.").user("Who are you, my friend?")

@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import adapter_and_input
 
-from captum_mllm import Chat, ChatInput, LFM2AudioAdapter
 from captum_mllm.models import math_attention
 from captum_mllm.models.batching import MIN_PRODUCT_ROWS, enough_rows, length_buckets, pad_rows
-from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
 
 
 def test_pad_rows_appends_the_suffix_after_each_row() -> None:
@@ -78,12 +77,7 @@ def test_no_forward_lets_attention_reach_cudnn(
     for every new batch shape: prefill, scoring, generation, hidden states,
     the gradient path and the module's own forward and generate all run with
     cuDNN's kernel off (the flag SDPA reads is False at every call)."""
-    chat = Chat().system("Be brief.").user("Tell me about the quick brown fox", **(
-        {"audio": speech_like(1.0), "sample_rate": 16000} if speech else {}
-    ))  # fmt: skip
-    model = LFM2AudioAdapter(*tiny_lfm2_audio()) if speech else tiny_hf_adapter()
-    model.deterministic = deterministic
-    inp = ChatInput(chat, model)
+    model, inp = adapter_and_input(speech, deterministic)
     masked = inp.to_model_input((torch.arange(inp.n_itp_features) % 2).long()[None].repeat(3, 1))
     masked.present[0] = True
     response = model.check_target(torch.arange(5, 9))

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import adapter_and_input
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from captum_mllm import Chat, ChatInput, LFM2AudioAdapter
 from captum_mllm.models import math_attention as ma
-from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
 
 
 class Layer(torch.nn.Module):
@@ -110,12 +109,7 @@ def test_deterministic_adapters_score_and_generate_through_it(speech, determinis
     """The padded forwards of scoring, generation and hidden states go through
     it when deterministic (and never otherwise); the values are the math
     kernel's to the bit."""
-    chat = Chat().system("Be brief.").user("Tell me about the quick brown fox", **(
-        {"audio": speech_like(1.0), "sample_rate": 16000} if speech else {}
-    ))  # fmt: skip
-    model = LFM2AudioAdapter(*tiny_lfm2_audio()) if speech else tiny_hf_adapter()
-    model.deterministic = deterministic
-    inp = ChatInput(chat, model)
+    model, inp = adapter_and_input(speech, deterministic)
     masked = inp.to_model_input(torch.randint(0, 2, (4, inp.n_itp_features)))
     response = model.check_target(torch.arange(5, 9))
     prefix = model.prefill(masked)
