@@ -6,6 +6,7 @@ from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore, MemorySto
 from captum_mllm.distributed import explain_dataset, explain_sharded
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.gradient import AttentionAttribution, MultimodalLLMGradientAttribution, compare
+from captum_mllm.heap import release_heap, retained_heap
 from captum_mllm.inputs import ChatInput, FeatureInfo
 from captum_mllm.models import (
     HFCausalLMAdapter,
@@ -47,4 +48,6 @@ __all__ = [
     "explain_dataset",
     "explain_sharded",
     "load_default_model",
+    "release_heap",
+    "retained_heap",
 ]

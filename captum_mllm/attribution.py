@@ -38,6 +38,7 @@ from captum_mllm.errors import (
     UnsupportedInputError,
 )
 from captum_mllm.fingerprint import chat_digest, digest, model_digest
+from captum_mllm.heap import retained_heap
 from captum_mllm.inputs import ChatInput
 from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
 from captum_mllm.models.base import ModelAdapter, Response
@@ -164,6 +165,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         self.multi_output: bool = isinstance(attr_method, self.SUPPORTED_PER_TOKEN_ATTR_METHODS)
         self.include_per_token_attr: bool = self.multi_output and self.value_fn.per_token
 
+    @retained_heap()  # each batch reuses the last one's freed memory (see heap.py)
     def attribute(  # type: ignore[override]
         self,
         inp: InterpretableInput,

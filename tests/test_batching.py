@@ -11,7 +11,13 @@ import torch
 from conftest import adapter_and_input
 
 from captum_mllm.models import math_attention
-from captum_mllm.models.batching import MIN_PRODUCT_ROWS, enough_rows, length_buckets, pad_rows
+from captum_mllm.models.batching import (
+    MIN_PRODUCT_ROWS,
+    by_length,
+    enough_rows,
+    length_buckets,
+    pad_rows,
+)
 
 
 def test_pad_rows_appends_the_suffix_after_each_row() -> None:
@@ -46,6 +52,21 @@ def test_length_buckets_is_the_cheapest_cut(call_cost: int) -> None:
             for cuts in itertools.combinations(range(1, len(lens)), k)
         )
         assert _cost(lens, ends, call_cost) == brute
+
+
+def test_by_length_scores_the_largest_call_first_and_keeps_the_rows_order() -> None:
+    # The later, smaller calls reuse the memory the largest one freed (captum_mllm.heap).
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.arange(int(n)) for n in torch.randint(1, 40, (30,), generator=g)]
+    calls = []
+
+    def score(batch: list[torch.Tensor]) -> torch.Tensor:
+        calls.append(len(batch) * (max(len(r) for r in batch) + 2))
+        return torch.tensor([[float(len(r))] for r in batch])
+
+    out = by_length(rows, 2, call_cost=20, score=score, max_tokens=200)
+    assert len(calls) > 2 and calls[0] == max(calls)
+    assert out[:, 0].tolist() == [float(len(r)) for r in rows]
 
 
 @pytest.mark.parametrize("shape", [(5,), (1, 3, 5), (2, 5), (4, 4, 5)])

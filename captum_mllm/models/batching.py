@@ -179,13 +179,19 @@ def by_length(
         ends = length_buckets([n + extra for n in lens], call_cost)
     else:
         ends = [i + 1 for i in range(len(lens)) if i + 1 == len(lens) or lens[i + 1] != lens[i]]
-    parts, begin = [], 0
+    chunks, begin = [], 0  # (first, stop, padded tokens), by ascending length
     for end in ends:
         step = rows_within(max_tokens, lens[end - 1] + extra, end - begin)
         for start in range(begin, end, step):
-            parts.append(score([rows[i] for i in order[start : min(start + step, end)]]))
+            stop = min(start + step, end)
+            chunks.append((start, stop, (stop - start) * (lens[stop - 1] + extra)))
         begin = end
-    out = torch.cat(parts)
+    # The largest call first: the smaller ones after it reuse the memory it freed
+    # (see captum_mllm.heap) rather than each growing the process's memory in turn.
+    scored = {
+        c: score([rows[i] for i in order[c[0] : c[1]]]) for c in sorted(chunks, key=lambda c: -c[2])
+    }
+    out = torch.cat([scored[c] for c in chunks])
     return out[to_device(torch.argsort(torch.tensor(order)), out.device)]
 
 
