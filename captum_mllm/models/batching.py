@@ -154,7 +154,8 @@ def by_length(
     widths: list[int] | None = None,
 ) -> Tensor:
     """Score rows in groups of similar length, one ``score`` call per group
-    (a group wider than ``max_tokens`` padded tokens is cut into several).
+    (a group wider than ``max_tokens`` padded tokens is cut into several),
+    the call of most padded tokens first.
 
     Args:
         rows (list of Tensor): B rows.
