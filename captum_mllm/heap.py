@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import os
 import platform
 import threading
@@ -46,14 +46,19 @@ _depth = 0
 
 def _glibc() -> ctypes.CDLL | None:
     """glibc, unless it is not the C library or the user tuned its allocator."""
-    if os.environ.get(ENV_SWITCH, "1") == "0" or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     if any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ) or (
         "malloc" in os.environ.get("GLIBC_TUNABLES", "")
     ):
         return None  # the user's own settings win
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
+    return _libc()
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # once: platform.libc_ver reads the interpreter's binary
+    return ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
 
 
 def heap_retained() -> bool:
