@@ -4,8 +4,9 @@ Each batched forward allocates its activations afresh, and glibc's ``free``
 hands large blocks back to the kernel at once: blocks above its mmap
 threshold are unmapped, and the top of the heap is trimmed past its trim
 threshold. The next forward then touches the same amount of new memory, one
-page fault per 4 KiB page. On the tiny LFM2-Audio benchmark that was 7,700
-faults and 10 ms of kernel time in an explanation of about 45 ms.
+page fault per 4 KiB page. On the tiny LFM2-Audio benchmark that was about
+10,000 faults and 10-13 ms of kernel time in an explanation of about 45 ms
+(``benchmarks/lfm2_audio.py`` prints both).
 :func:`retained_heap` raises both thresholds while it is entered, so freed
 blocks are reused, and lowers them when it exits. Memory freed meanwhile stays
 with the process for the next explanation, as PyTorch's CUDA caching
