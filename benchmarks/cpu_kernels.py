@@ -16,25 +16,14 @@ Run: ``python benchmarks/cpu_kernels.py [--threads N] [--skip-real]``.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from host import best_ms, describe, product_gflops
 
 from captum_mllm import load_default_model
 from captum_mllm.testing import tiny_hf_adapter
 
 ROWS = (20, 50, 100, 200, 400, 800, 1600)
-
-
-def best_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return 1000 * best
 
 
 def matmul_table(repeats: int) -> None:
@@ -43,9 +32,7 @@ def matmul_table(repeats: int) -> None:
     for m in ROWS:
         cells = []
         for dtype in (torch.float32, torch.bfloat16):
-            a, w = torch.randn(m, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-            ms = best_ms(lambda a=a, w=w: torch.nn.functional.linear(a, w), repeats)
-            cells.append(2 * m * 576 * 1536 / ms / 1e6)
+            cells.append(product_gflops(m, dtype, repeats))
         print(f"{m:6d} {cells[0]:9.0f} {cells[1]:9.0f}")
 
 
@@ -96,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:  # setting it at all changes float rounding in later work of the process
         torch.set_num_threads(args.threads)
+    print(describe())
     matmul_table(args.repeats)
     lens = torch.randint(12, 36, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     models = {"tiny Llama": lambda: tiny_hf_adapter(hidden_size=384, num_layers=7).model}

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from captum.attr import KernelShap, Lime, LLMAttribution, ShapleyValueSampling
+from host import describe
 from scipy.stats import spearmanr
 
 from captum_mllm import (
@@ -321,6 +322,7 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe())
     all_games = games(args.skip_real)
     runs = methods()
     print(f"\nrelative L2 error vs exact (mean ± sd over {args.seeds} seeds), Spearman, ms a run")

@@ -21,6 +21,7 @@ from importlib.resources import files
 import soundfile as sf
 import torch
 from captum.attr import ShapleyValueSampling
+from host import describe
 
 from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, MultimodalLLMAttribution
 from captum_mllm.heap import retained_heap
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="each side's best of")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe())
     from liquid_audio import ChatState
 
     model, processor = tiny_lfm2_audio()

@@ -19,6 +19,7 @@ import time
 
 import torch
 from captum.attr import ShapleyValueSampling
+from host import describe
 
 from captum_mllm import Chat, ChatInput, EmbeddingSimilarity, MultimodalLLMAttribution
 from captum_mllm.testing import tiny_hf_adapter
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe())
     model = tiny_hf_adapter(hidden_size=256, num_layers=4).to(args.device)
     inp = ChatInput(Chat().system("You are a helpful assistant.").user(USER), model)
     sim = EmbeddingSimilarity("static", gen_args=GEN)

@@ -8,7 +8,9 @@ n_samples=10. Times stock Captum
 (forward_in_tokens=True and False, on the same chat through
 ``text_template_input``) and ours (perturbations_per_eval=64, as the README
 suggests) in one process, checks the attributions agree, and prints ratios and
-model-call counts.
+model-call counts; then the floor ours cannot beat on this host, its matrix
+products' FLOPs (counted by torch's FlopCounterMode) at the host's float32
+product rate (printed first, with the CPU: ratios move with the host).
 
 Run: ``make bench`` or ``python benchmarks/text_vs_captum.py [--threads N]``.
 """
@@ -20,6 +22,8 @@ import time
 
 import torch
 from captum.attr import LLMAttribution, ShapleyValueSampling
+from host import describe, product_gflops
+from torch.utils.flop_counter import FlopCounterMode
 
 from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution, load_default_model
 from captum_mllm.captum_compat import text_template_input
@@ -109,7 +113,8 @@ def compare(model, chat, target_text: str, label: str, default_path: bool = True
     res, secs = timed(explain, 3)
     rows.append(("captum-mllm ppe=64", secs, res.n_model_calls, res))
     counter.pushed = counter.real = 0
-    timed(explain)  # once more, to count the positions one run pushes
+    with FlopCounterMode(display=False) as flops:  # once more, to count what one run pushes
+        timed(explain)
 
     seq_row = rows[len(stock_paths) - 1]
     exact, seq = seq_row[3].token_attr, seq_row[1]
@@ -127,6 +132,13 @@ def compare(model, chat, target_text: str, label: str, default_path: bool = True
         f"requested coalitions, pushing {counter.pushed} token positions "
         f"({counter.real} of them not padding)"
     )
+    if model.device.type == "cpu":  # no run beats its matrix products at the host's rate
+        floor = flops.get_total_flops() / (product_gflops(800, repeats=50) * 1e9)
+        print(
+            f"its matrix products: {flops.get_total_flops() / 1e9:.0f} GFLOP, at least "
+            f"{floor:.2f} s at this host's float32 rate: stock's sequence path / that floor "
+            f"= {seq / floor:.1f}x"
+        )
     counter.handle.remove()  # the model is compared again on another chat
 
 
@@ -137,6 +149,7 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true", help="no SmolLM2 row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe())
     tiny = tiny_hf_adapter(hidden_size=384, num_layers=7).to(args.device)
     compare(tiny, Chat().system(SYSTEM).user(USER), TARGET, "tiny Llama")
     if not args.skip_real:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def _load(name: str):
@@ -57,6 +58,10 @@ def test_cpu_kernels_benchmark_packs_without_changing_logits(
     assert int(row.group(2)) < int(row.group(1))  # no padding pushed
     assert float(row.group(3)) < 1e-3  # the same logits
     assert re.search(r"^ +1600 +\d+ +\d+$", out, re.M)  # the matrix product table is complete
+    # the host line comes first, with this process's threads and a product rate
+    host = re.match(r"host: (.+), (\d+) CPUs, (\d+) torch threads, .* (\d+) GFLOPS\n", out)
+    assert host is not None, out
+    assert int(host.group(3)) == torch.get_num_threads() and int(host.group(4)) > 0
 
 
 def test_gpu_parity_runs_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
