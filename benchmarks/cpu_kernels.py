@@ -4,11 +4,10 @@
    float32 and bfloat16: a product of a few hundred rows or fewer runs well
    below full speed, which is why ``default_call_cost`` never counts a CPU
    call as less than 64 tokens.
-2. Coalitions packed into one row (a block-diagonal 4D mask, per-segment
-   position ids) against the same rows right-padded, one forward each, on the
-   tiny Llama and SmolLM2: tokens pushed, milliseconds, and the largest logit
-   difference. Packing is not used on the CPU: a segment's attention sums
-   shift with its offset, so values would depend on the batch.
+2. 16 coalitions of different lengths scored in one forward, right-padded and
+   packed into one row (``captum_mllm.models.packing``: attention alone
+   unpacks them), on the tiny Llama and SmolLM2: tokens pushed, milliseconds,
+   and whether the scores are the same to the bit.
 
 Run: ``python benchmarks/cpu_kernels.py [--threads N] [--skip-real]``.
 """
@@ -20,7 +19,8 @@ import argparse
 import torch
 from host import best_ms, describe, product_gflops
 
-from captum_mllm import load_default_model
+from captum_mllm import HFCausalLMAdapter, load_default_model
+from captum_mllm.models.batching import MIN_PRODUCT_ROWS
 from captum_mllm.testing import tiny_hf_adapter
 
 ROWS = (20, 50, 100, 200, 400, 800, 1600)
@@ -36,43 +36,28 @@ def matmul_table(repeats: int) -> None:
         print(f"{m:6d} {cells[0]:9.0f} {cells[1]:9.0f}")
 
 
-def packed_vs_padded(model: torch.nn.Module, lens: list[int], repeats: int) -> dict[str, float]:
-    """One forward of rows of ``lens`` tokens, right-padded and packed."""
+def packed_vs_padded(model: HFCausalLMAdapter, lens: list[int], repeats: int) -> dict[str, float]:
+    """Rows of ``lens`` tokens and a 4-token answer scored in one forward,
+    right-padded and packed, as the adapter scores a batch."""
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(10, 500, (n,), generator=g) for n in lens]
-    width = max(lens)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)], mask[b, : len(r)] = r, 1
-    packed = torch.cat(rows)[None]
-    positions = torch.cat([torch.arange(n) for n in lens])[None]
-    segment = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
-    causal = torch.arange(len(segment))[:, None] >= torch.arange(len(segment))[None, :]
-    allowed = (segment[:, None] == segment[None, :]) & causal
-    block = torch.zeros(1, 1, len(segment), len(segment))
-    block.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    response = model.response(torch.arange(20, 24))
+    fed = len(response) - 1
 
-    def padded() -> torch.Tensor:
-        return model(input_ids=ids, attention_mask=mask).logits
+    def score(packing: bool) -> torch.Tensor:
+        model.packing = packing
+        with model._attention():  # as the adapter's batches run (the math kernel on a CPU)
+            return model._score_rows(rows, response, 0, len(response), None)
 
-    def packed_forward() -> torch.Tensor:
-        return model(input_ids=packed, attention_mask=block, position_ids=positions).logits
-
-    with torch.inference_mode():
-        a, p = padded(), packed_forward()
-        starts = torch.tensor([0, *lens]).cumsum(0)
-        diff = max(
-            (a[b, :n] - p[0, starts[b] : starts[b] + n]).abs().max().item()
-            for b, n in enumerate(lens)
-        )
-        return {
-            "padded_tokens": len(rows) * width,
-            "packed_tokens": len(segment),
-            "padded_ms": best_ms(padded, repeats),
-            "packed_ms": best_ms(packed_forward, repeats),
-            "max_logit_diff": diff,
-        }
+    assert model.packs(), "this model does not pass the packing probe"
+    padded, packed = score(False), score(True)
+    return {
+        "padded_tokens": len(rows) * max(max(lens) + fed, MIN_PRODUCT_ROWS),
+        "packed_tokens": sum(lens) + len(lens) * fed,
+        "padded_ms": best_ms(lambda: score(False), repeats),
+        "packed_ms": best_ms(lambda: score(True), repeats),
+        "bit_identical": float(torch.equal(padded, packed)),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,17 +71,20 @@ def main(argv: list[str] | None = None) -> None:
     print(describe())
     matmul_table(args.repeats)
     lens = torch.randint(12, 36, (16,), generator=torch.Generator().manual_seed(0)).tolist()
-    models = {"tiny Llama": lambda: tiny_hf_adapter(hidden_size=384, num_layers=7).model}
+    models = {"tiny Llama": lambda: tiny_hf_adapter(hidden_size=384, num_layers=7)}
     if not args.skip_real:
-        models["SmolLM2-135M"] = lambda: load_default_model().model
+        models["SmolLM2-135M"] = load_default_model
     threads = torch.get_num_threads()
-    print(f"\n16 coalitions of 12-35 tokens, one forward, padded and packed ({threads} threads)")
+    print(
+        "\n16 coalitions of 12-35 tokens and a 4-token answer, one forward, padded and "
+        f"packed ({threads} threads)"
+    )
     for name, build in models.items():
-        r = packed_vs_padded(build().eval(), lens, args.repeats)
+        r = packed_vs_padded(build(), lens, args.repeats)
+        same = "the same to the bit" if r["bit_identical"] else "NOT the same"
         print(
             f"{name:14s} padded {r['padded_tokens']:.0f} tokens {r['padded_ms']:7.1f} ms, packed "
-            f"{r['packed_tokens']:.0f} tokens {r['packed_ms']:7.1f} ms; max |logit diff| "
-            f"{r['max_logit_diff']:.1e}"
+            f"{r['packed_tokens']:.0f} tokens {r['packed_ms']:7.1f} ms; scores {same}"
         )
 
 

@@ -53,10 +53,15 @@ class CallCounter:
     def _hook(self, _: object, args: tuple, kwargs: dict) -> None:
         self.calls += 1
         ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
+        mask, packed = kwargs.get("attention_mask"), kwargs.get("packed_rows")
         if ids is not None:
             self.pushed += ids.numel()
-            self.real += int(mask[:, -ids.shape[1] :].sum()) if mask is not None else ids.numel()
+            if packed is not None:  # rows end to end (captum_mllm.models.packing)
+                self.real += packed.real
+            else:
+                self.real += (
+                    int(mask[:, -ids.shape[1] :].sum()) if mask is not None else ids.numel()
+                )
 
 
 def timed(fn, repeats: int = 1):

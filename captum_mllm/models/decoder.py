@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import sys
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -239,6 +240,17 @@ class DecoderLMAdapter(ModelAdapter):
     #: default (:func:`~captum_mllm.models.batching.default_token_budget`).
     max_batch_tokens: int | None = None
 
+    #: Score each batch's rows packed end to end in one row, so that no matrix
+    #: product multiplies padding (:mod:`~captum_mllm.models.packing`), where
+    #: the adapter can and the model passes its probe; the values stay those of
+    #: right-padded batches. False: right-padded batches always.
+    packing: bool = True
+
+    def packs(self) -> bool:
+        """Whether batches are scored packed (see :attr:`packing`); an adapter
+        that can pack says so."""
+        return False
+
     @functools.cached_property
     def _n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -455,6 +467,8 @@ class DecoderLMAdapter(ModelAdapter):
         kernel's quadratically; on a CPU a row that long gains nothing from
         batching)."""
         call_cost = self.call_cost or default_call_cost(self.device, self._n_params)
+        if self.packs():  # padding costs only attention's places: one call per budget
+            call_cost = sys.maxsize
         budget = self.token_budget
         pad = self.is_causal
         if not self.is_deterministic:

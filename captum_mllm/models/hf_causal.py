@@ -37,6 +37,7 @@ from captum_mllm.models.decoder import (
     shares,
     without_cudnn_attention,
 )
+from captum_mllm.models.packing import PackedRows, packed_attention
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
 
@@ -70,6 +71,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
         self._head_split: tuple[nn.Module, nn.Module] | None = None
         self._head_probed = False
+        self._packs: bool | None = None
 
     @classmethod
     def from_pretrained(
@@ -338,6 +340,35 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                     pass  # not a plain decoder + head: the model's own logits it is
         return self._head_split
 
+    def packs(self) -> bool:
+        """Whether batches are scored packed: :attr:`packing` is on, the
+        model is causal, its head splits off (:meth:`_split_head`) and it
+        passes a probe, run once: rows of 3, 9 and 20 tokens score packed
+        as they do right-padded (to the bit when :attr:`deterministic`). A
+        model whose forward does not pass ``packed_rows`` to its attention, or
+        that reads across positions elsewhere (convolutions, sliding windows),
+        fails it."""
+        split = self._split_head()
+        if not (self.packing and self.is_causal and split is not None):
+            return False
+        if self._packs is None:
+            vocab = self.vocab_size or 2
+            rows = [torch.arange(1, n + 1) % vocab for n in (3, 9, 20)]
+            fed = torch.arange(2, 4) % vocab
+            index = torch.tensor([[n - 1 + j for j in range(3)] for n in (3, 9, 20)])
+            index = to_device(index, self.device)
+            try:
+                with torch.inference_mode(), self._attention():
+                    padded = self._padded_logits(rows, fed, None, None, index, split)
+                    states = self._packed_states(split[0], rows, fed, None, None, index)
+                    packed = self._head(split[1], states, len(rows))
+            except (TypeError, ValueError, RuntimeError):
+                self._packs = False
+            else:
+                same = torch.equal if self.is_deterministic else same_outputs
+                self._packs = bool(same(packed, padded))
+        return self._packs
+
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
         # Built on the CPU; each batch moves to the model once (pad_rows).
         start = prefix.length if prefix is not None else 0
@@ -373,6 +404,33 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         # The last target token predicts nothing we need: feed T - 1 of them, unless
         # the model is bidirectional and Captum's forward feeds them all.
         fed = host if feed_all else host[:-1]
+        # Positions in each row that predict target token j of row b: lens[b] - 1 + j.
+        index = (lens - 1)[:, None] + torch.arange(n_target, device=device)[None]
+        split = self._split_head()
+        if split is not None and self.packs():
+            with torch.inference_mode():
+                states = self._packed_states(split[0], rows, fed, prefix, leads, index)
+                picked = self._head(split[1], states, batch)
+        else:
+            picked = self._padded_logits(rows, fed, prefix, leads, index, split)
+        self.n_forward_calls += 1
+        if prefix is not None and 0 in sizes:
+            picked[lens == 0, 0] = prefix.last.to(picked.dtype)
+        logp = picked.float().log_softmax(-1)
+        return logp.gather(2, target[None, :, None].expand(batch, -1, 1)).squeeze(-1)
+
+    def _padded_logits(
+        self,
+        rows: list[Tensor],
+        fed: Tensor,
+        prefix: Any,
+        leads: list[int] | None,
+        index: Tensor,
+        split: tuple[nn.Module, nn.Module] | None,
+    ) -> Tensor:
+        """Logits ``(B, T, V)`` at ``index`` of one right-padded forward."""
+        device, batch = self.device, len(rows)
+        sizes = [len(r) for r in rows]
         ids, mask = pad_rows(rows, _pad_id(self.tokenizer), device=device, suffix=fed)
         if self.is_causal:  # products of enough rows (MIN_PRODUCT_ROWS)
             ids, mask = widened(ids, mask, _pad_id(self.tokenizer))
@@ -387,31 +445,61 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             else:  # each row sees the shared positions it begins with
                 seen, kwargs["position_ids"] = prefix.reading(leads, width, device)
             mask = torch.cat([seen, mask], dim=1)
-        # Logit positions that predict target token j of row b: lens[b] - 1 + j.
-        index = (lens - 1)[:, None] + torch.arange(n_target, device=device)[None]
-        split = self._split_head()
         with torch.inference_mode():
             if split is not None:
                 hidden = split[0](input_ids=ids, attention_mask=mask, **kwargs)[0]
                 at = index.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1])
-                states = hidden.gather(1, at).reshape(batch * n_target, -1)
-                picked = split[1](with_rows(states))[: len(states)].reshape(batch, n_target, -1)
-            else:
-                # logits kept for at least MIN_PRODUCT_ROWS positions a row (the head's product)
-                lowest = max(0, min(max(min(sizes), 1) - 1, width - MIN_PRODUCT_ROWS))
-                if self._logits_to_keep:
-                    kwargs["logits_to_keep"] = torch.arange(lowest, width, device=device)
-                    index = index - lowest
-                logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
-                if logits.dim() == 4:  # (B, 1, S, V) from some models
-                    logits = logits[:, 0]
-                at = index.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1])
-                picked = logits.gather(1, at)
-        self.n_forward_calls += 1
-        if prefix is not None and 0 in sizes:
-            picked[lens == 0, 0] = prefix.last.to(picked.dtype)
-        logp = picked.float().log_softmax(-1)
-        return logp.gather(2, target[None, :, None].expand(batch, -1, 1)).squeeze(-1)
+                return self._head(split[1], hidden.gather(1, at).flatten(0, 1), batch)
+            # logits kept for at least MIN_PRODUCT_ROWS positions a row (the head's product)
+            lowest = max(0, min(max(min(sizes), 1) - 1, width - MIN_PRODUCT_ROWS))
+            if self._logits_to_keep:
+                kwargs["logits_to_keep"] = torch.arange(lowest, width, device=device)
+                index = index - lowest
+            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
+            if logits.dim() == 4:  # (B, 1, S, V) from some models
+                logits = logits[:, 0]
+            at = index.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1])
+            return logits.gather(1, at)
+
+    def _packed_states(
+        self,
+        decoder: nn.Module,
+        rows: list[Tensor],
+        fed: Tensor,
+        prefix: Any,
+        leads: list[int] | None,
+        index: Tensor,
+    ) -> Tensor:
+        """Last hidden states ``(B * T, d)`` at ``index`` of the rows (each
+        followed by ``fed``) packed into one forward
+        (:mod:`~captum_mllm.models.packing`)."""
+        segments = [torch.cat([r, fed.to(r.dtype)]) for r in rows]
+        cached = 0 if prefix is None else prefix.length + len(prefix.shared)
+        start = 0 if prefix is None else prefix.length
+        first = [start + n for n in (leads or [0] * len(rows))]
+        layout = PackedRows.build([len(s) for s in segments], cached, first, first, self.device)
+        ids = torch.cat(segments)
+        ids = torch.cat(
+            [ids, ids.new_full((layout.positions.shape[1] - len(ids),), _pad_id(self.tokenizer))]
+        )
+        kwargs: dict[str, Any] = {"use_cache": prefix is not None}
+        if prefix is not None:
+            kwargs[self._cache_kwarg] = prefix.expand(1)
+        with packed_attention():
+            hidden = decoder(
+                input_ids=to_device(ids, self.device)[None],
+                attention_mask=layout.mask,
+                position_ids=layout.positions,
+                packed_rows=layout,
+                **kwargs,
+            )[0]
+        at = to_device(layout.starts, index.device)[:, None] + index
+        return hidden[0].index_select(0, at.clamp(min=0).flatten())
+
+    @staticmethod
+    def _head(head: nn.Module, states: Tensor, batch: int) -> Tensor:
+        """Logits ``(B, T, V)`` of ``(B * T, d)`` states (a product of enough rows)."""
+        return head(with_rows(states))[: len(states)].reshape(batch, len(states) // batch, -1)
 
     # Response embeddings (for EmbeddingSimilarity) ---------------------------------
 

@@ -1,0 +1,181 @@
+"""Packed rows: a batch of coalitions laid end to end in one row, so that no
+matrix product of the model multiplies padding.
+
+Only attention reads across positions in a plain decoder (Llama, SmolLM2,
+Qwen and the like); every other layer works position by position. So the
+packed row goes through the model as one sequence, and each attention layer
+alone spreads its queries, keys and values back out into the right-padded
+layout the padded path would have built (:meth:`PackedRows.spread`), runs the
+attention kernel it would have run there, and gathers the outputs back. A
+coalition's value is then what the padded path gives it, to the bit where the
+padded path is batch-invariant (the math kernel's sums do not change with
+padding; products of enough rows round alike), while the products, nearly all
+of a forward's work, see only real positions.
+
+Models with other layers that read across positions (LFM2's short
+convolutions, sliding-window attention) cannot be packed this way; adapters
+probe a model before packing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+
+from captum_mllm.models.batching import MIN_PRODUCT_ROWS, to_device
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Where each of B rows lies in a packed row of N positions, and the
+    right-padded layout attention reads them in: B rows of W places after C
+    cached positions (a prefix every row shares).
+
+    Attributes:
+        starts (Tensor): ``(B,)`` first packed position of each row (host).
+        positions (Tensor): ``(1, N)`` position ids.
+        queries (Tensor): ``(B * W,)`` packed position at each place (0 at padding).
+        keys (Tensor): ``(B * (C + W),)`` key at each place: the cache's C, then
+            the packed positions shifted by C (0 at padding).
+        unpack (Tensor): ``(N,)`` place of each packed position (0 for the
+            positions appended to reach :data:`MIN_PRODUCT_ROWS`).
+        mask (Tensor): ``(B, 1, W, C + W)`` boolean, True: attend.
+        real (int): positions of the rows (the packed row's others only make
+            it :data:`MIN_PRODUCT_ROWS` long).
+    """
+
+    starts: Tensor
+    positions: Tensor
+    queries: Tensor
+    keys: Tensor
+    unpack: Tensor
+    mask: Tensor
+    real: int
+
+    @classmethod
+    def build(
+        cls,
+        lens: list[int],
+        cached: int = 0,
+        seen: list[int] | None = None,
+        first_positions: list[int] | None = None,
+        device: torch.device | None = None,
+    ) -> PackedRows:
+        """The layout of rows of ``lens`` positions.
+
+        Args:
+            lens (list of int): B row lengths.
+            cached (int, optional): C, positions already in the model's cache. Default: 0
+            seen (list of int, optional): how many of the cached positions each
+                row attends to. Default: all C
+            first_positions (list of int, optional): position id of each row's
+                first position. Default: C
+            device (torch.device, optional): where the indices go. Default: the CPU
+
+        Returns:
+            PackedRows: the layout (a row of at least :data:`MIN_PRODUCT_ROWS`
+            positions, as the padded path's width).
+        """
+        device = device or torch.device("cpu")
+        n_rows = len(lens)
+        sizes = torch.tensor(lens)
+        width = max(max(lens, default=0), MIN_PRODUCT_ROWS)
+        starts = torch.cumsum(sizes, 0) - sizes
+        place = torch.arange(width)[None]
+        real = place < sizes[:, None]  # (B, W)
+        queries = torch.where(real, starts[:, None] + place, 0)
+        keys = torch.cat([torch.arange(cached).expand(n_rows, -1), cached + queries], 1)
+        unpack = (torch.arange(n_rows)[:, None] * width + place)[real]
+        first = torch.tensor(first_positions if first_positions is not None else [cached] * n_rows)
+        positions = (first[:, None] + place)[real]
+        short = MIN_PRODUCT_ROWS - len(unpack)
+        if short > 0:  # positions only the products see; nothing reads them
+            unpack = torch.cat([unpack, unpack.new_zeros(short)])
+            positions = torch.cat([positions, positions.new_zeros(short)])
+        reads = torch.tensor(seen if seen is not None else [cached] * n_rows)
+        from_cache = (torch.arange(cached)[None] < reads[:, None])[:, None].expand(-1, width, -1)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()[None] & real[:, None, :]
+        mask = torch.cat([from_cache, causal], 2)[:, None]
+        return cls(
+            starts=starts,
+            positions=to_device(positions[None], device),
+            queries=to_device(queries.reshape(-1), device),
+            keys=to_device(keys.reshape(-1), device),
+            unpack=to_device(unpack, device),
+            mask=to_device(mask, device),
+            real=int(sizes.sum()),
+        )
+
+    @property
+    def width(self) -> int:
+        """W, the places of each row in the padded layout."""
+        return int(self.mask.shape[2])
+
+    def spread(self, x: Tensor, index: Tensor) -> Tensor:
+        """``(1, H, M, D)`` packed queries, keys or values -> ``(B, H, W', D)``,
+        the places of ``index`` (:attr:`queries` or :attr:`keys`)."""
+        return x[0].index_select(1, index).unflatten(1, (len(self.starts), -1)).transpose(0, 1)
+
+
+def packed_attention_forward(inner: Callable[..., Any]) -> Callable[..., Any]:
+    """An attention function that runs ``inner`` on the padded layout of
+    the ``packed_rows`` it is given (see the module docstring); without
+    ``packed_rows`` it is ``inner``."""
+
+    def forward(
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        *args: Any,
+        packed_rows: PackedRows | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Any]:
+        if packed_rows is None:
+            return cast(
+                tuple[Tensor, Any],
+                inner(module, query, key, value, attention_mask, *args, **kwargs),
+            )
+        if kwargs.get("sliding_window") is not None:
+            raise ValueError("packed rows cannot take sliding-window attention")
+        rows = packed_rows
+        out, weights = inner(
+            module,
+            rows.spread(query, rows.queries),
+            rows.spread(key, rows.keys),
+            rows.spread(value, rows.keys),
+            rows.mask,
+            *args,
+            **kwargs,
+        )  # (B, W, H, D)
+        return out.reshape(-1, *out.shape[2:]).index_select(0, rows.unpack)[None], weights
+
+    return forward
+
+
+@contextlib.contextmanager
+def packed_attention() -> Iterator[None]:
+    """Within: transformers' ``"sdpa"`` attention (whatever is registered
+    under that name, e.g. :func:`~captum_mllm.models.math_attention.math_attention`'s)
+    understands a ``packed_rows=`` keyword passed through the model's forward.
+
+    Examples::
+
+        >>> rows = PackedRows.build([3, 5])
+        >>> with packed_attention():
+        ...     hidden = decoder(input_ids=ids, attention_mask=rows.mask,
+        ...                      position_ids=rows.positions, packed_rows=rows)[0]
+    """
+    previous = cast(Callable[..., Any], AttentionInterface._global_mapping["sdpa"])
+    AttentionInterface.register("sdpa", packed_attention_forward(previous))
+    try:
+        yield
+    finally:
+        AttentionInterface.register("sdpa", previous)

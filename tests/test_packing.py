@@ -1,0 +1,199 @@
+"""Packed rows (Part 17): a batch's coalitions end to end in one row, attention
+unpacking them; every value as the right-padded path gives it, to the bit on
+the CPU, and models that read across positions outside attention left padded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import adapter_and_input
+
+from captum_mllm.models.math_attention import math_attention_forward
+from captum_mllm.models.packing import PackedRows, packed_attention_forward
+from captum_mllm.testing import tiny_hf_adapter, tiny_tokenizer
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+@pytest.mark.parametrize("cached", [0, 5])
+def test_each_packed_row_attends_to_its_own_positions_only(cached):
+    """Against each row's attention computed alone: its queries over the
+    cached positions it sees, then its own positions up to the query's."""
+    gen = torch.Generator().manual_seed(cached)
+    lens, heads, kv_heads, dim = [4, 1, 19, 7], 4, 2, 8
+    seen = [cached, 2, 0, cached][: len(lens)] if cached else None
+    rows = PackedRows.build(lens, cached, seen, [cached + 3 * i for i in range(len(lens))])
+    n = sum(lens)
+    # queries as projections give them: a (1, H, N, D) view of (1, N, H, D)
+    q = torch.randn(1, n, heads, dim, generator=gen).transpose(1, 2)
+    k, v = (torch.randn(1, kv_heads, cached + n, dim, generator=gen) for _ in range(2))
+    layer = Layer(heads // kv_heads)
+    out, _ = packed_attention_forward(math_attention_forward)(
+        layer, q, k, v, None, scaling=dim**-0.5, packed_rows=rows
+    )
+    assert out.shape == (1, n, heads, dim)
+    for b, (start, length) in enumerate(zip(rows.starts.tolist(), lens, strict=True)):
+        reads = cached if seen is None else seen[b]
+        keys = torch.cat([torch.arange(reads), cached + start + torch.arange(length)])
+        mask = torch.cat(
+            [torch.ones(length, reads, dtype=torch.bool), torch.ones(length, length).tril() > 0], 1
+        )
+        alone, _ = math_attention_forward(
+            layer,
+            q[:, :, start : start + length],
+            k[:, :, keys],
+            v[:, :, keys],
+            mask[None, None],
+            scaling=dim**-0.5,
+        )
+        torch.testing.assert_close(out[:, start : start + length], alone, atol=1e-6, rtol=1e-6)
+
+
+def test_layout_positions_and_padding_to_enough_rows():
+    rows = PackedRows.build([2, 3], cached=4, seen=[4, 6], first_positions=[4, 6])
+    assert rows.positions.tolist() == [[4, 5, 6, 7, 8] + [0] * 11]  # 16 positions at least
+    assert rows.real == 5 and rows.width == 16
+    assert rows.mask.shape == (2, 1, 16, 4 + 16)
+    assert rows.mask[1, 0, 2].tolist() == [True] * 4 + [True] * 3 + [False] * 13
+
+
+def _packed_calls(model):
+    """Forward calls of the model's decoder that were given packed rows."""
+    calls: list[int] = []
+
+    def hook(_, args, kwargs):
+        if kwargs.get("packed_rows") is not None:
+            calls.append(kwargs["input_ids"].shape[1])
+
+    return calls, model.model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("deterministic", [None, False])
+@pytest.mark.parametrize("per_step", [False, True])
+def test_packed_scores_are_the_padded_scores(deterministic, per_step):
+    """Every coalition's score as right-padded batches give it: to the bit when
+    deterministic (the CPU default), within float32 rounding otherwise; with
+    and without the prefix cache (whose shared positions rows read)."""
+    model, inp = adapter_and_input(speech=False, deterministic=deterministic)
+    n = inp.n_itp_features
+    coalitions = torch.randint(0, 2, (24, n), generator=torch.Generator().manual_seed(3))
+    coalitions[0] = 1  # the full chat: it reads the most shared positions
+    masked = inp.to_model_input(coalitions)
+    response = model.response(torch.arange(300, 306))
+    calls, handle = _packed_calls(model)
+    for prefix in (None, model.prefill(inp.to_model_input())):
+        model.packing = False
+        padded = model.score_masked(masked, response, prefix, per_step=per_step)
+        model.packing = True
+        before = len(calls)
+        packed = model.score_masked(masked, response, prefix, per_step=per_step)
+        assert len(calls) > before  # the packed path ran
+        if deterministic is None:
+            assert torch.equal(packed, padded), (packed - padded).abs().max()
+        else:
+            torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    handle.remove()
+
+
+def test_packed_scores_are_the_padded_scores_on_smollm2(smol):
+    """The real model (grouped-query attention, 30 layers): to the bit."""
+    from captum_mllm import Chat, ChatInput
+
+    chat = Chat().system("You are a helpful assistant.").user("What is the capital of France?")
+    inp = ChatInput(chat, smol)
+    coalitions = torch.randint(0, 2, (12, inp.n_itp_features), generator=torch.Generator())
+    masked = inp.to_model_input(coalitions)
+    response = smol.response(torch.tensor(smol.tokenizer.encode("Paris is the capital.")))
+    prefix = smol.prefill(inp.to_model_input())
+    scores = {}
+    for packing in (False, True):
+        smol.packing = packing
+        scores[packing] = smol.score_masked(masked, response, prefix)
+    assert smol.packs()
+    assert torch.equal(scores[True], scores[False])
+
+
+def test_packed_rows_push_no_padding():
+    """The point of packing: the forward pushes the rows' positions and the
+    fed target, nothing more, in fewer calls than length buckets."""
+    model, inp = adapter_and_input(speech=False)
+    coalitions = torch.randint(0, 2, (40, inp.n_itp_features), generator=torch.Generator())
+    masked = inp.to_model_input(coalitions)
+    response = model.response(torch.arange(300, 304))
+    prefix = model.prefill(inp.to_model_input())
+    assert model.packs()  # (the probe's own forwards before counting)
+    calls, handle = _packed_calls(model)
+    model.score_masked(masked, response, prefix)
+    handle.remove()
+    rows = model._coalition_rows(masked, prefix)
+    pushed = [len(r) - n for r, n in zip(rows, prefix.leads(rows), strict=True)]
+    assert sum(calls) == sum(pushed) + len(rows) * (len(response) - 1)
+    assert len(calls) == 1
+
+
+def _lfm2_text_model():
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    config = Lfm2Config(
+        vocab_size=len(tiny_tokenizer()),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["conv", "full_attention"],
+    )
+    torch.manual_seed(0)
+    return Lfm2ForCausalLM(config).eval()
+
+
+def _sliding_window_model():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=len(tiny_tokenizer()),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=6,
+    )
+    torch.manual_seed(0)
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("build", [_lfm2_text_model, _sliding_window_model])
+def test_models_that_read_across_positions_elsewhere_stay_padded(build):
+    """LFM2's short convolutions read the positions before a row's first
+    (the previous row's, packed); a sliding window is not attention's padded
+    layout: the probe turns packing off and scores are the padded ones."""
+    from captum_mllm import HFCausalLMAdapter
+
+    model = HFCausalLMAdapter(build(), tiny_tokenizer())
+    assert not model.packs()
+    llama = tiny_hf_adapter()
+    assert llama.packs()  # the same probe passes a plain decoder
+
+
+def test_packing_off_for_a_decoder_that_drops_the_keyword():
+    """A decoder that does not pass ``packed_rows`` on to its attention fails the probe."""
+
+    class Dropping(torch.nn.Module):
+        def __init__(self, decoder: torch.nn.Module) -> None:
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, packed_rows=None, **kwargs):
+            return self.decoder(**kwargs)
+
+    model = tiny_hf_adapter()
+    inner = model.model
+    model._head_split = (Dropping(inner.get_decoder()), inner.get_output_embeddings())
+    model._head_probed = True  # as if the split probe had passed
+    assert not model.packs()
