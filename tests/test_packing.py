@@ -21,45 +21,52 @@ class Layer(torch.nn.Module):
 
 
 @pytest.mark.parametrize("cached", [0, 5])
-def test_each_packed_row_attends_to_its_own_positions_only(cached):
+@pytest.mark.parametrize("share", [False, True])
+def test_each_packed_row_attends_to_its_own_positions_only(cached, share):
     """Against each row's attention computed alone: its queries over the
-    cached positions it sees, then its own positions up to the query's."""
+    cached positions it sees, then its own positions up to the query's. Rows
+    that begin alike (the same ids, first position and cached positions seen)
+    share those positions."""
     gen = torch.Generator().manual_seed(cached)
-    lens, heads, kv_heads, dim = [4, 1, 19, 7], 4, 2, 8
-    seen = [cached, 2, 0, cached][: len(lens)] if cached else None
-    rows = PackedRows.build(lens, cached, seen, [cached + 3 * i for i in range(len(lens))])
-    n = sum(lens)
+    starts = [[1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7], [9], [1, 2, 8], list(range(30, 49))]
+    rows = [torch.tensor(r if share else [100 * b + t for t in r]) for b, r in enumerate(starts)]
+    lens = [len(r) for r in rows]
+    seen = [cached, cached, cached, 2, 0] if cached else None
+    layout, ids = PackedRows.of(rows, cached, seen, [cached] * len(rows))
+    n = layout.real
+    # [1, 2, 3, 4] pushed once, and [1, 2] unless [1, 2, 8] sees other cached positions
+    assert n == (sum(lens) if not share else 30 if cached else 28)
+    heads, kv_heads, dim = 4, 2, 8
     # queries as projections give them: a (1, H, N, D) view of (1, N, H, D)
-    q = torch.randn(1, n, heads, dim, generator=gen).transpose(1, 2)
-    k, v = (torch.randn(1, kv_heads, cached + n, dim, generator=gen) for _ in range(2))
+    q = torch.randn(1, max(n, 16), heads, dim, generator=gen).transpose(1, 2)
+    k, v = (torch.randn(1, kv_heads, cached + max(n, 16), dim, generator=gen) for _ in range(2))
     layer = Layer(heads // kv_heads)
     out, _ = packed_attention_forward(math_attention_forward)(
-        layer, q, k, v, None, scaling=dim**-0.5, packed_rows=rows
+        layer, q, k, v, None, scaling=dim**-0.5, packed_rows=layout
     )
-    assert out.shape == (1, n, heads, dim)
-    for b, (start, length) in enumerate(zip(rows.starts.tolist(), lens, strict=True)):
+    assert out.shape == (1, max(n, 16), heads, dim)
+    for b, length in enumerate(lens):
+        at = layout.places[b, :length]
+        assert torch.equal(ids[0, at], rows[b])
         reads = cached if seen is None else seen[b]
-        keys = torch.cat([torch.arange(reads), cached + start + torch.arange(length)])
+        keys = torch.cat([torch.arange(reads), cached + at])
         mask = torch.cat(
             [torch.ones(length, reads, dtype=torch.bool), torch.ones(length, length).tril() > 0], 1
         )
         alone, _ = math_attention_forward(
-            layer,
-            q[:, :, start : start + length],
-            k[:, :, keys],
-            v[:, :, keys],
-            mask[None, None],
-            scaling=dim**-0.5,
+            layer, q[:, :, at], k[:, :, keys], v[:, :, keys], mask[None, None], scaling=dim**-0.5
         )
-        torch.testing.assert_close(out[:, start : start + length], alone, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out[:, at], alone, atol=1e-6, rtol=1e-6)
 
 
 def test_layout_positions_and_padding_to_enough_rows():
-    rows = PackedRows.build([2, 3], cached=4, seen=[4, 6], first_positions=[4, 6])
-    assert rows.positions.tolist() == [[4, 5, 6, 7, 8] + [0] * 11]  # 16 positions at least
-    assert rows.real == 5 and rows.width == 16
-    assert rows.mask.shape == (2, 1, 16, 4 + 16)
-    assert rows.mask[1, 0, 2].tolist() == [True] * 4 + [True] * 3 + [False] * 13
+    rows = [torch.tensor([5, 6]), torch.tensor([7, 8, 9])]
+    layout, ids = PackedRows.of(rows, cached=4, seen=[4, 6], first_positions=[4, 6], fill=3)
+    assert ids.tolist() == [[5, 6, 7, 8, 9] + [3] * 11]  # 16 positions at least
+    assert layout.positions.tolist() == [[4, 5, 6, 7, 8] + [0] * 11]
+    assert layout.real == 5 and layout.width == 16
+    assert layout.mask.shape == (2, 1, 16, 4 + 16)
+    assert layout.mask[1, 0, 2].tolist() == [True] * 4 + [True] * 3 + [False] * 13
 
 
 def _packed_calls(model):
@@ -119,8 +126,9 @@ def test_packed_scores_are_the_padded_scores_on_smollm2(smol):
 
 
 def test_packed_rows_push_no_padding():
-    """The point of packing: the forward pushes the rows' positions and the
-    fed target, nothing more, in fewer calls than length buckets."""
+    """The point of packing: one forward pushes each distinct start of a row
+    (with the fed target) once, no padding: rows that begin alike share
+    positions, and fewer positions are pushed than the rows hold."""
     model, inp = adapter_and_input(speech=False)
     coalitions = torch.randint(0, 2, (40, inp.n_itp_features), generator=torch.Generator())
     masked = inp.to_model_input(coalitions)
@@ -131,8 +139,14 @@ def test_packed_rows_push_no_padding():
     model.score_masked(masked, response, prefix)
     handle.remove()
     rows = model._coalition_rows(masked, prefix)
-    pushed = [len(r) - n for r, n in zip(rows, prefix.leads(rows), strict=True)]
-    assert sum(calls) == sum(pushed) + len(rows) * (len(response) - 1)
+    fed = response.ids[:-1].tolist()
+    leads = prefix.leads(rows)
+    starts = set()  # every distinct start of a row (after what it reads from the cache)
+    for r, n in zip(rows, leads, strict=True):
+        ids = r.tolist()[n:] + fed
+        starts.update((n, tuple(ids[: k + 1])) for k in range(len(ids)))
+    held = sum(len(r) - n + len(fed) for r, n in zip(rows, leads, strict=True))
+    assert sum(calls) == len(starts) < held
     assert len(calls) == 1
 
 

@@ -355,12 +355,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             vocab = self.vocab_size or 2
             rows = [torch.arange(1, n + 1) % vocab for n in (3, 9, 20)]
             fed = torch.arange(2, 4) % vocab
-            index = torch.tensor([[n - 1 + j for j in range(3)] for n in (3, 9, 20)])
-            index = to_device(index, self.device)
             try:
                 with torch.inference_mode(), self._attention():
-                    padded = self._padded_logits(rows, fed, None, None, index, split)
-                    states = self._packed_states(split[0], rows, fed, None, None, index)
+                    padded = self._padded_logits(rows, fed, None, None, 3, split)
+                    states = self._packed_states(split[0], rows, fed, None, None, 3)
                     packed = self._head(split[1], states, len(rows))
             except (TypeError, ValueError, RuntimeError):
                 self._packs = False
@@ -404,15 +402,13 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         # The last target token predicts nothing we need: feed T - 1 of them, unless
         # the model is bidirectional and Captum's forward feeds them all.
         fed = host if feed_all else host[:-1]
-        # Positions in each row that predict target token j of row b: lens[b] - 1 + j.
-        index = (lens - 1)[:, None] + torch.arange(n_target, device=device)[None]
         split = self._split_head()
         if split is not None and self.packs():
             with torch.inference_mode():
-                states = self._packed_states(split[0], rows, fed, prefix, leads, index)
+                states = self._packed_states(split[0], rows, fed, prefix, leads, n_target)
                 picked = self._head(split[1], states, batch)
         else:
-            picked = self._padded_logits(rows, fed, prefix, leads, index, split)
+            picked = self._padded_logits(rows, fed, prefix, leads, n_target, split)
         self.n_forward_calls += 1
         if prefix is not None and 0 in sizes:
             picked[lens == 0, 0] = prefix.last.to(picked.dtype)
@@ -425,12 +421,15 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         fed: Tensor,
         prefix: Any,
         leads: list[int] | None,
-        index: Tensor,
+        n_target: int,
         split: tuple[nn.Module, nn.Module] | None,
     ) -> Tensor:
-        """Logits ``(B, T, V)`` at ``index`` of one right-padded forward."""
+        """Logits ``(B, T, V)`` that predict the ``T = n_target`` target tokens,
+        of one right-padded forward of the rows (each followed by ``fed``)."""
         device, batch = self.device, len(rows)
         sizes = [len(r) for r in rows]
+        # Positions in each row that predict target token j of row b: lens[b] - 1 + j.
+        index = to_device(torch.tensor(sizes)[:, None] - 1 + torch.arange(n_target)[None], device)
         ids, mask = pad_rows(rows, _pad_id(self.tokenizer), device=device, suffix=fed)
         if self.is_causal:  # products of enough rows (MIN_PRODUCT_ROWS)
             ids, mask = widened(ids, mask, _pad_id(self.tokenizer))
@@ -468,33 +467,31 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         fed: Tensor,
         prefix: Any,
         leads: list[int] | None,
-        index: Tensor,
+        n_target: int,
     ) -> Tensor:
-        """Last hidden states ``(B * T, d)`` at ``index`` of the rows (each
-        followed by ``fed``) packed into one forward
-        (:mod:`~captum_mllm.models.packing`)."""
+        """Last hidden states ``(B * T, d)`` that predict the ``T = n_target``
+        target tokens, of the rows (each followed by ``fed``) packed into one
+        forward (:mod:`~captum_mllm.models.packing`)."""
         segments = [torch.cat([r, fed.to(r.dtype)]) for r in rows]
         cached = 0 if prefix is None else prefix.length + len(prefix.shared)
         start = 0 if prefix is None else prefix.length
         first = [start + n for n in (leads or [0] * len(rows))]
-        layout = PackedRows.build([len(s) for s in segments], cached, first, first, self.device)
-        ids = torch.cat(segments)
-        ids = torch.cat(
-            [ids, ids.new_full((layout.positions.shape[1] - len(ids),), _pad_id(self.tokenizer))]
-        )
+        pad = _pad_id(self.tokenizer)
+        layout, ids = PackedRows.of(segments, cached, first, first, pad, self.device)
         kwargs: dict[str, Any] = {"use_cache": prefix is not None}
         if prefix is not None:
             kwargs[self._cache_kwarg] = prefix.expand(1)
         with packed_attention():
             hidden = decoder(
-                input_ids=to_device(ids, self.device)[None],
+                input_ids=ids,
                 attention_mask=layout.mask,
                 position_ids=layout.positions,
                 packed_rows=layout,
                 **kwargs,
             )[0]
-        at = to_device(layout.starts, index.device)[:, None] + index
-        return hidden[0].index_select(0, at.clamp(min=0).flatten())
+        index = torch.tensor([len(r) - 1 for r in rows])[:, None] + torch.arange(n_target)[None]
+        at = layout.places.gather(1, index.clamp(min=0))
+        return hidden[0].index_select(0, to_device(at.flatten(), hidden.device))
 
     @staticmethod
     def _head(head: nn.Module, states: Tensor, batch: int) -> Tensor:

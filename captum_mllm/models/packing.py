@@ -24,8 +24,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
 
 from captum_mllm.models.batching import MIN_PRODUCT_ROWS, to_device
@@ -38,19 +40,20 @@ class PackedRows:
     cached positions (a prefix every row shares).
 
     Attributes:
-        starts (Tensor): ``(B,)`` first packed position of each row (host).
+        places (Tensor): ``(B, W)`` packed position of each place (0 at
+            padding), on the host.
         positions (Tensor): ``(1, N)`` position ids.
-        queries (Tensor): ``(B * W,)`` packed position at each place (0 at padding).
+        queries (Tensor): ``(B * W,)`` :attr:`places` on the model's device.
         keys (Tensor): ``(B * (C + W),)`` key at each place: the cache's C, then
             the packed positions shifted by C (0 at padding).
-        unpack (Tensor): ``(N,)`` place of each packed position (0 for the
+        unpack (Tensor): ``(N,)`` a place of each packed position (0 for the
             positions appended to reach :data:`MIN_PRODUCT_ROWS`).
         mask (Tensor): ``(B, 1, W, C + W)`` boolean, True: attend.
-        real (int): positions of the rows (the packed row's others only make
-            it :data:`MIN_PRODUCT_ROWS` long).
+        real (int): packed positions the rows hold (the others only make the
+            packed row :data:`MIN_PRODUCT_ROWS` long).
     """
 
-    starts: Tensor
+    places: Tensor
     positions: Tensor
     queries: Tensor
     keys: Tensor
@@ -59,58 +62,88 @@ class PackedRows:
     real: int
 
     @classmethod
-    def build(
+    def of(
         cls,
-        lens: list[int],
+        rows: list[Tensor],
         cached: int = 0,
         seen: list[int] | None = None,
         first_positions: list[int] | None = None,
+        fill: int = 0,
         device: torch.device | None = None,
-    ) -> PackedRows:
-        """The layout of rows of ``lens`` positions.
+    ) -> tuple[PackedRows, Tensor]:
+        """Rows of token ids laid end to end. A row that begins as another row
+        (the same first ids, the same first position and the same cached
+        positions seen) shares those positions with it instead of pushing them
+        again: what a position holds depends only on the positions before it
+        (a prefix trie over the batch, without its cost: attention reads each
+        row's keys through :attr:`keys` anyway).
 
         Args:
-            lens (list of int): B row lengths.
+            rows (list of Tensor): B rows of ids ``(L_b,)``.
             cached (int, optional): C, positions already in the model's cache. Default: 0
             seen (list of int, optional): how many of the cached positions each
                 row attends to. Default: all C
             first_positions (list of int, optional): position id of each row's
                 first position. Default: C
-            device (torch.device, optional): where the indices go. Default: the CPU
+            fill (int, optional): the id appended to reach
+                :data:`MIN_PRODUCT_ROWS` positions. Default: 0
+            device (torch.device, optional): where the layout and the ids go.
+                Default: the CPU
 
         Returns:
-            PackedRows: the layout (a row of at least :data:`MIN_PRODUCT_ROWS`
-            positions, as the padded path's width).
+            tuple: the layout, and the packed ids ``(1, N)``.
         """
         device = device or torch.device("cpu")
-        n_rows = len(lens)
-        sizes = torch.tensor(lens)
-        width = max(max(lens, default=0), MIN_PRODUCT_ROWS)
-        starts = torch.cumsum(sizes, 0) - sizes
-        place = torch.arange(width)[None]
-        real = place < sizes[:, None]  # (B, W)
-        queries = torch.where(real, starts[:, None] + place, 0)
-        keys = torch.cat([torch.arange(cached).expand(n_rows, -1), cached + queries], 1)
-        unpack = (torch.arange(n_rows)[:, None] * width + place)[real]
+        n_rows = len(rows)
+        lens = torch.tensor([len(r) for r in rows])
+        width = max(int(lens.max()) if n_rows else 0, MIN_PRODUCT_ROWS)
+        reads = torch.tensor(seen if seen is not None else [cached] * n_rows)
         first = torch.tensor(first_positions if first_positions is not None else [cached] * n_rows)
-        positions = (first[:, None] + place)[real]
-        short = MIN_PRODUCT_ROWS - len(unpack)
+        grid = pad_sequence([r.cpu().long() for r in rows], batch_first=True, padding_value=-1)
+        grid = torch.nn.functional.pad(grid, (0, width - grid.shape[1]), value=-1)  # -1: no id
+        # Sorted by (first position, cached positions seen, ids), a row's longest
+        # shared start is with the row before it.
+        order = torch.from_numpy(
+            np.lexsort(np.vstack([grid.numpy()[:, ::-1].T, reads.numpy(), first.numpy()]))
+        )
+        ids = grid[order]
+        alike = (first[order][1:] == first[order][:-1]) & (reads[order][1:] == reads[order][:-1])
+        same = (ids[1:] == ids[:-1]) & (ids[1:] >= 0)
+        shared = torch.cat(
+            [torch.zeros(1, dtype=torch.long), same.long().cumprod(1).sum(1) * alike]
+        )
+        place = torch.arange(width)[None]
+        new = (ids >= 0) & (place >= shared[:, None])  # the places that push a position
+        pushed = new.flatten().cumsum(0).reshape(new.shape) - 1
+        owner = torch.where(new, torch.arange(n_rows)[:, None], -1).cummax(0).values
+        places = torch.zeros(n_rows, width, dtype=torch.long)
+        places[order] = torch.where(ids >= 0, pushed[owner.clamp(min=0), place], 0)
+        n = int(new.sum())
+        ids = ids[new]
+        real = place < lens[:, None]  # (B, W)
+        unpack = torch.zeros(n, dtype=torch.long)  # any place of a position holds its state
+        unpack[places[real]] = (torch.arange(n_rows)[:, None] * width + place)[real]
+        positions = torch.zeros(n, dtype=torch.long)
+        positions[places[real]] = (first[:, None] + place)[real]
+        short = MIN_PRODUCT_ROWS - n
         if short > 0:  # positions only the products see; nothing reads them
             unpack = torch.cat([unpack, unpack.new_zeros(short)])
             positions = torch.cat([positions, positions.new_zeros(short)])
-        reads = torch.tensor(seen if seen is not None else [cached] * n_rows)
-        from_cache = (torch.arange(cached)[None] < reads[:, None])[:, None].expand(-1, width, -1)
+            ids = torch.cat([ids, ids.new_full((short,), fill)])
+        keys = torch.cat([torch.arange(cached).expand(n_rows, -1), cached + places], 1)
+        from_cache = torch.arange(cached)[None] < reads[:, None]
         causal = torch.ones(width, width, dtype=torch.bool).tril()[None] & real[:, None, :]
-        mask = torch.cat([from_cache, causal], 2)[:, None]
-        return cls(
-            starts=starts,
+        mask = torch.cat([from_cache[:, None].expand(-1, width, -1), causal], 2)[:, None]
+        layout = cls(
+            places=places,
             positions=to_device(positions[None], device),
-            queries=to_device(queries.reshape(-1), device),
+            queries=to_device(places.reshape(-1), device),
             keys=to_device(keys.reshape(-1), device),
             unpack=to_device(unpack, device),
             mask=to_device(mask, device),
-            real=int(sizes.sum()),
+            real=n,
         )
+        return layout, to_device(ids[None], device)
 
     @property
     def width(self) -> int:
@@ -120,7 +153,7 @@ class PackedRows:
     def spread(self, x: Tensor, index: Tensor) -> Tensor:
         """``(1, H, M, D)`` packed queries, keys or values -> ``(B, H, W', D)``,
         the places of ``index`` (:attr:`queries` or :attr:`keys`)."""
-        return x[0].index_select(1, index).unflatten(1, (len(self.starts), -1)).transpose(0, 1)
+        return x[0].index_select(1, index).unflatten(1, (len(self.places), -1)).transpose(0, 1)
 
 
 def packed_attention_forward(inner: Callable[..., Any]) -> Callable[..., Any]:
@@ -168,7 +201,7 @@ def packed_attention() -> Iterator[None]:
 
     Examples::
 
-        >>> rows = PackedRows.build([3, 5])
+        >>> rows, ids = PackedRows.of([torch.tensor([5, 6, 7]), torch.tensor([5, 6, 9, 4])])
         >>> with packed_attention():
         ...     hidden = decoder(input_ids=ids, attention_mask=rows.mask,
         ...                      position_ids=rows.positions, packed_rows=rows)[0]
