@@ -148,7 +148,11 @@ class FlopCounter:
         self.calls += 1
         self.tokens += batch * width
         self.flops += 2.0 * self.body * batch * width
-        self.flops += 4.0 * self.n_attn * self.attn_width * batch * width * (past + width / 2)
+        packed = kwargs.get("packed_rows")
+        if packed is not None:  # rows end to end: attention reads each row's keys only
+            self.flops += 4.0 * self.n_attn * self.attn_width * float(packed.mask.sum())
+        else:
+            self.flops += 4.0 * self.n_attn * self.attn_width * batch * width * (past + width / 2)
 
     def add_logits(self, rows: int) -> None:
         self.flops += 2.0 * self.width * self.vocab * rows

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import adapter_and_input
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from captum_mllm.models.math_attention import math_attention_forward
 from captum_mllm.models.packing import PackedRows, packed_attention_forward
@@ -211,3 +213,34 @@ def test_packing_off_for_a_decoder_that_drops_the_keyword():
     model._head_split = (Dropping(inner.get_decoder()), inner.get_output_embeddings())
     model._head_probed = True  # as if the split probe had passed
     assert not model.packs()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.lists(st.integers(0, 2), max_size=6), st.integers(0, 1)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_the_layout_pushes_each_distinct_start_once(rows):
+    """Random rows over three ids (so that many begin alike), each reading
+    all or none of 3 cached positions, against brute force: every place
+    holds its row's id at its position, a start is pushed once per distinct
+    (cached positions seen, ids so far), and every packed position unpacks
+    to a place that holds it."""
+    ids_rows = [torch.tensor(r, dtype=torch.long) for r, _ in rows]
+    seen = [3 * s for _, s in rows]
+    layout, ids = PackedRows.of(ids_rows, cached=3, seen=seen, first_positions=seen, fill=7)
+    starts = {(3 * s, tuple(r[: k + 1])) for r, s in rows for k in range(len(r))}
+    assert layout.real == len(starts)
+    assert ids.shape[1] == max(len(starts), 16)
+    positions = layout.positions[0]
+    for b, (r, _) in enumerate(rows):
+        at = layout.places[b, : len(r)]
+        assert ids[0, at].tolist() == r
+        assert positions[at].tolist() == [seen[b] + w for w in range(len(r))]
+    width = layout.width
+    owner = layout.unpack[: layout.real]
+    held = layout.places[owner // width, owner % width]
+    assert torch.equal(held, torch.arange(layout.real))

@@ -384,7 +384,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         prefix: Any,
         feed_all: bool = False,
     ) -> Tensor:
-        """One right-padded forward; rows already hold the first ``first`` target tokens."""
+        """One forward, packed (:meth:`packs`) or right-padded; rows already
+        hold the first ``first`` target tokens."""
         device = self.device
         host = response.ids[first:last]
         target = to_device(host, device)

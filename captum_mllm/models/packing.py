@@ -10,7 +10,9 @@ attention kernel it would have run there, and gathers the outputs back. A
 coalition's value is then what the padded path gives it, to the bit where the
 padded path is batch-invariant (the math kernel's sums do not change with
 padding; products of enough rows round alike), while the products, nearly all
-of a forward's work, see only real positions.
+of a forward's work, see only real positions. Rows that begin alike share
+those positions (:meth:`PackedRows.of`), as rows that begin as the full chat
+read them from the prefix cache.
 
 Models with other layers that read across positions (LFM2's short
 convolutions, sliding-window attention) cannot be packed this way; adapters
@@ -108,7 +110,7 @@ class PackedRows:
         )
         ids = grid[order]
         alike = (first[order][1:] == first[order][:-1]) & (reads[order][1:] == reads[order][:-1])
-        same = (ids[1:] == ids[:-1]) & (ids[1:] >= 0)
+        same = ids[1:] == ids[:-1]
         shared = torch.cat(
             [torch.zeros(1, dtype=torch.long), same.long().cumprod(1).sum(1) * alike]
         )
