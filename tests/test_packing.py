@@ -188,7 +188,7 @@ def _sliding_window_model():
 def test_models_that_read_across_positions_elsewhere_stay_padded(build):
     """LFM2's short convolutions read the positions before a row's first
     (the previous row's, packed); a sliding window is not attention's padded
-    layout: the probe turns packing off and scores are the padded ones."""
+    layout: the probe turns packing off (their scores stay right-padded)."""
     from captum_mllm import HFCausalLMAdapter
 
     model = HFCausalLMAdapter(build(), tiny_tokenizer())
