@@ -10,6 +10,7 @@ from conftest import adapter_and_input
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, LFM2AudioAdapter
 from captum_mllm.models.math_attention import math_attention_forward
 from captum_mllm.models.packing import PackedRows, packed_attention_forward
 from captum_mllm.testing import tiny_hf_adapter, tiny_tokenizer
@@ -72,28 +73,47 @@ def test_layout_positions_and_padding_to_enough_rows():
 
 
 def _packed_calls(model):
-    """Forward calls of the model's decoder that were given packed rows."""
+    """Positions pushed by each forward of the model's backbone that was given packed rows."""
     calls: list[int] = []
 
     def hook(_, args, kwargs):
         if kwargs.get("packed_rows") is not None:
-            calls.append(kwargs["input_ids"].shape[1])
+            calls.append(kwargs["packed_rows"].real)
 
-    return calls, model.model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    backbone = model._lfm if isinstance(model, LFM2AudioAdapter) else model.model.get_decoder()
+    return calls, backbone.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _model_input_response(kind, deterministic):
+    """An adapter, a chat's input and a response to score, for each kind of
+    model the adapters pack."""
+    model, inp = adapter_and_input(speech=kind == "lfm2-audio", deterministic=deterministic)
+    if kind == "lfm2-audio":  # two text items, then three audio frames of 8 codes
+        items = torch.full((5, 9), -1)
+        items[:2, 0] = torch.tensor([300, 301])
+        items[2:, 1:] = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(1))
+        return model, inp, model.response(items)
+    if kind == "lfm2 text":  # transformers' LFM2 (convolutions and attention), as a chat LLM
+        model = HFCausalLMAdapter(_lfm2_text_model(), tiny_tokenizer())
+        model.deterministic = deterministic
+        inp = ChatInput(inp.chat, model)
+    return model, inp, model.response(torch.arange(300, 306))
+
+
+@pytest.mark.parametrize("kind", ["llama", "lfm2-audio", "lfm2 text"])
 @pytest.mark.parametrize("deterministic", [None, False])
 @pytest.mark.parametrize("per_step", [False, True])
-def test_packed_scores_are_the_padded_scores(deterministic, per_step):
+def test_packed_scores_are_the_padded_scores(kind, deterministic, per_step):
     """Every coalition's score as right-padded batches give it: to the bit when
     deterministic (the CPU default), within float32 rounding otherwise; with
-    and without the prefix cache (whose shared positions rows read)."""
-    model, inp = adapter_and_input(speech=False, deterministic=deterministic)
+    and without the prefix cache (whose shared positions the Llama's rows
+    read; LFM2's convolution states), on both adapters."""
+    model, inp, response = _model_input_response(kind, deterministic)
     n = inp.n_itp_features
     coalitions = torch.randint(0, 2, (24, n), generator=torch.Generator().manual_seed(3))
     coalitions[0] = 1  # the full chat: it reads the most shared positions
     masked = inp.to_model_input(coalitions)
-    response = model.response(torch.arange(300, 306))
+    assert model.packs()
     calls, handle = _packed_calls(model)
     for prefix in (None, model.prefill(inp.to_model_input())):
         model.packing = False
@@ -111,8 +131,6 @@ def test_packed_scores_are_the_padded_scores(deterministic, per_step):
 
 def test_packed_scores_are_the_padded_scores_on_smollm2(smol):
     """The real model (grouped-query attention, 30 layers): to the bit."""
-    from captum_mllm import Chat, ChatInput
-
     chat = Chat().system("You are a helpful assistant.").user("What is the capital of France?")
     inp = ChatInput(chat, smol)
     coalitions = torch.randint(0, 2, (12, inp.n_itp_features), generator=torch.Generator())
@@ -184,21 +202,16 @@ def _sliding_window_model():
     return MistralForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("build", [_lfm2_text_model, _sliding_window_model])
-def test_models_that_read_across_positions_elsewhere_stay_padded(build):
-    """LFM2's short convolutions read the positions before a row's first
-    (the previous row's, packed); a sliding window is not attention's padded
-    layout: the probe turns packing off (their scores stay right-padded)."""
-    from captum_mllm import HFCausalLMAdapter
-
-    model = HFCausalLMAdapter(build(), tiny_tokenizer())
+def test_a_sliding_window_model_stays_padded():
+    """A sliding window is not attention's padded layout: the probe turns
+    packing off (its scores stay right-padded)."""
+    model = HFCausalLMAdapter(_sliding_window_model(), tiny_tokenizer())
     assert not model.packs()
-    llama = tiny_hf_adapter()
-    assert llama.packs()  # the same probe passes a plain decoder
+    assert tiny_hf_adapter().packs()  # the same probe passes a plain decoder
 
 
 def test_packing_off_for_a_decoder_that_drops_the_keyword():
-    """A decoder that does not pass ``packed_rows`` on to its attention fails the probe."""
+    """A decoder that does not pass ``packed_rows`` on to its layers fails the probe."""
 
     class Dropping(torch.nn.Module):
         def __init__(self, decoder: torch.nn.Module) -> None:

@@ -246,10 +246,32 @@ class DecoderLMAdapter(ModelAdapter):
     #: right-padded batches. False: right-padded batches always.
     packing: bool = True
 
+    #: Whether this model passed the packing probe; None: not probed yet.
+    _packs: bool | None = None
+
     def packs(self) -> bool:
-        """Whether batches are scored packed (see :attr:`packing`); an adapter
-        that can pack says so."""
-        return False
+        """Whether batches are scored packed: :attr:`packing` is on, and the
+        adapter packs this model's rows as it pads them on a probe run once
+        (to the bit when :attr:`deterministic`). A model whose forward does
+        not pass ``packed_rows`` on to its layers, or that reads across
+        positions where the packing does not know (sliding windows, other
+        recurrences), fails it."""
+        if not self.packing:
+            return False
+        if self._packs is None:
+            try:
+                with torch.inference_mode(), self._attention():
+                    pair = self._packing_probe()
+            except (TypeError, ValueError, RuntimeError):
+                pair = None
+            same = torch.equal if self.is_deterministic else same_outputs
+            self._packs = pair is not None and bool(same(*pair))
+        return self._packs
+
+    def _packing_probe(self) -> tuple[Tensor, Tensor] | None:
+        """Packed and right-padded scores of a few probe rows (of 3, 9 and 20
+        positions, sharing their starts); None: the adapter cannot pack this model."""
+        return None
 
     @functools.cached_property
     def _n_params(self) -> int:

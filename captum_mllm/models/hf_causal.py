@@ -37,7 +37,7 @@ from captum_mllm.models.decoder import (
     shares,
     without_cudnn_attention,
 )
-from captum_mllm.models.packing import PackedRows, packed_attention
+from captum_mllm.models.packing import PackedRows, packed_layers
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
 
@@ -71,7 +71,6 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
         self._head_split: tuple[nn.Module, nn.Module] | None = None
         self._head_probed = False
-        self._packs: bool | None = None
 
     @classmethod
     def from_pretrained(
@@ -340,32 +339,17 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                     pass  # not a plain decoder + head: the model's own logits it is
         return self._head_split
 
-    def packs(self) -> bool:
-        """Whether batches are scored packed: :attr:`packing` is on, the
-        model is causal, its head splits off (:meth:`_split_head`) and it
-        passes a probe, run once: rows of 3, 9 and 20 tokens score packed
-        as they do right-padded (to the bit when :attr:`deterministic`). A
-        model whose forward does not pass ``packed_rows`` to its attention, or
-        that reads across positions elsewhere (convolutions, sliding windows),
-        fails it."""
+    def _packing_probe(self) -> tuple[Tensor, Tensor] | None:
+        """Needs a causal model whose head splits off (:meth:`_split_head`)."""
         split = self._split_head()
-        if not (self.packing and self.is_causal and split is not None):
-            return False
-        if self._packs is None:
-            vocab = self.vocab_size or 2
-            rows = [torch.arange(1, n + 1) % vocab for n in (3, 9, 20)]
-            fed = torch.arange(2, 4) % vocab
-            try:
-                with torch.inference_mode(), self._attention():
-                    padded = self._padded_logits(rows, fed, None, None, 3, split)
-                    states = self._packed_states(split[0], rows, fed, None, None, 3)
-                    packed = self._head(split[1], states, len(rows))
-            except (TypeError, ValueError, RuntimeError):
-                self._packs = False
-            else:
-                same = torch.equal if self.is_deterministic else same_outputs
-                self._packs = bool(same(packed, padded))
-        return self._packs
+        if not self.is_causal or split is None:
+            return None
+        vocab = self.vocab_size or 2
+        rows = [torch.arange(1, n + 1) % vocab for n in (3, 9, 20)]
+        fed = torch.arange(2, 4) % vocab
+        padded = self._padded_logits(rows, fed, None, None, 3, split)
+        states = self._packed_states(split[0], rows, fed, None, None, 3)
+        return self._head(split[1], states, len(rows)), padded
 
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
         # Built on the CPU; each batch moves to the model once (pad_rows).
@@ -482,7 +466,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         kwargs: dict[str, Any] = {"use_cache": prefix is not None}
         if prefix is not None:
             kwargs[self._cache_kwarg] = prefix.expand(1)
-        with packed_attention():
+        with packed_layers():
             hidden = decoder(
                 input_ids=ids,
                 attention_mask=layout.mask,

@@ -36,6 +36,7 @@ from captum_mllm.models.decoder import (
     without_cudnn_attention,
 )
 from captum_mllm.models.lfm2_audio_generation import END_OF_AUDIO, IM_END, BatchedGeneration
+from captum_mllm.models.packing import PackedRows, distinct_ids, packed_layers
 
 SAMPLE_RATE = 16_000
 FRAME_SECONDS = 0.08  # one LFM position after the conformer's 8x subsampling of 10 ms frames
@@ -315,7 +316,6 @@ class LFM2AudioAdapter(DecoderLMAdapter):
     ) -> Tensor:
         """Text items are scored by the tied LM head; an audio frame by the
         depthformer over its 8 codebooks (codebook 0 only at end-of-audio)."""
-        device = self.device
         items = response.ids[first:last]
         fed = self._embed_items(items[:-1])  # the last item predicts nothing we need
         sizes = [len(r) for r in rows]
@@ -323,21 +323,61 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             raise EmptyCoalitionError(
                 "a coalition removed every input position; keep some template text fixed"
             )
-        lens = to_device(torch.tensor(sizes), device)
+        with torch.inference_mode():
+            if self.packs():
+                h = self._packed_hidden(rows, fed, prefix, len(items))
+            else:
+                h = self._padded_hidden(rows, fed, prefix, len(items))
+            self.n_forward_calls += 1
+            if prefix is not None and 0 in sizes:  # nothing after the prefix
+                h[to_device(torch.tensor(sizes) == 0, h.device), 0] = prefix.last.to(h.dtype)
+            return self._item_log_probs(h, items)
+
+    def _packing_probe(self) -> tuple[Tensor, Tensor] | None:
+        """Rows of text token embeddings, as the backbone reads them."""
+        table = self._lfm.embed_tokens
+        rows = [table(torch.arange(1, n + 1, device=self.device)) for n in (3, 9, 20)]
+        fed = rows[0][:2]
+        return self._packed_hidden(rows, fed, None, 3), self._padded_hidden(rows, fed, None, 3)
+
+    def _padded_hidden(self, rows: list[Tensor], fed: Tensor, prefix: Any, n_items: int) -> Tensor:
+        """Backbone states ``(B, N, D)`` that predict the ``N = n_items`` items,
+        of one right-padded forward of the rows (each followed by ``fed``)."""
+        device = self.device
+        lens = to_device(torch.tensor([len(r) for r in rows]), device)
         dim = rows[0].shape[-1]
         x, mask = widened(*pad_rows(rows, device=device, suffix=fed))
         kwargs: dict[str, Any] = {"use_cache": False}
         if prefix is not None:
             kwargs = {"use_cache": True, self._cache_kwarg: prefix.expand(len(rows))}
             mask = torch.cat([mask.new_ones(len(rows), prefix.length), mask], dim=1)
-        with torch.inference_mode():
-            hidden = self._lfm(inputs_embeds=x, attention_mask=mask, **kwargs).last_hidden_state
-            self.n_forward_calls += 1
-            index = (lens - 1)[:, None] + torch.arange(len(items), device=device)[None]
-            h = hidden.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, dim))  # (B, N, D)
-            if prefix is not None and 0 in sizes:  # nothing after the prefix
-                h[lens == 0, 0] = prefix.last.to(h.dtype)
-            return self._item_log_probs(h, items)
+        hidden = self._lfm(inputs_embeds=x, attention_mask=mask, **kwargs).last_hidden_state
+        index = (lens - 1)[:, None] + torch.arange(n_items, device=device)[None]
+        return hidden.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, dim))
+
+    def _packed_hidden(self, rows: list[Tensor], fed: Tensor, prefix: Any, n_items: int) -> Tensor:
+        """As :meth:`_padded_hidden`, the rows packed into one forward
+        (:mod:`~captum_mllm.models.packing`; rows that begin with the same
+        vectors share those positions)."""
+        segments = [torch.cat([r, fed.to(r.dtype)]) for r in rows]
+        ids, table = distinct_ids(segments)
+        layout, packed = PackedRows.of(
+            ids, 0 if prefix is None else prefix.length, device=self.device
+        )
+        kwargs: dict[str, Any] = {"use_cache": prefix is not None}
+        if prefix is not None:
+            kwargs[self._cache_kwarg] = prefix.expand(1)
+        with packed_layers():
+            hidden = self._lfm(
+                inputs_embeds=table[packed],
+                attention_mask=layout.mask,
+                position_ids=layout.positions,
+                packed_rows=layout,
+                **kwargs,
+            ).last_hidden_state
+        index = torch.tensor([len(r) - 1 for r in rows])[:, None] + torch.arange(n_items)[None]
+        at = layout.places.gather(1, index.clamp(min=0))
+        return hidden[0][to_device(at, hidden.device)]
 
     def _item_log_probs(self, h: Tensor, items: Tensor) -> Tensor:
         """Hidden states ``(B, N, D)`` that predict ``items`` -> ``(B, N)`` log-probs.

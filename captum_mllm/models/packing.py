@@ -14,9 +14,11 @@ of a forward's work, see only real positions. Rows that begin alike share
 those positions (:meth:`PackedRows.of`), as rows that begin as the full chat
 read them from the prefix cache.
 
-Models with other layers that read across positions (LFM2's short
-convolutions, sliding-window attention) cannot be packed this way; adapters
-probe a model before packing it.
+LFM2's short convolutions read the two positions before each one: within
+:func:`packed_layers` they are spread into the padded layout too, after the
+prefix's convolution state, as the padded path runs them. Models with other
+layers that read across positions (sliding-window attention, other
+recurrences) cannot be packed this way; adapters probe a model before packing it.
 """
 
 from __future__ import annotations
@@ -158,6 +160,17 @@ class PackedRows:
         return x[0].index_select(1, index).unflatten(1, (len(self.places), -1)).transpose(0, 1)
 
 
+def distinct_ids(rows: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """Rows of input vectors ``(L_b, D)`` as rows of ids into a table of their
+    distinct vectors, so that :meth:`PackedRows.of` finds the rows that begin alike.
+
+    Returns:
+        tuple: the id rows, and the table ``(U, D)`` (``table[ids]`` gives the vectors back).
+    """
+    table, inverse = torch.unique(torch.cat(rows), dim=0, return_inverse=True)
+    return list(inverse.cpu().split([len(r) for r in rows])), table
+
+
 def packed_attention_forward(inner: Callable[..., Any]) -> Callable[..., Any]:
     """An attention function that runs ``inner`` on the padded layout of
     the ``packed_rows`` it is given (see the module docstring); without
@@ -195,22 +208,57 @@ def packed_attention_forward(inner: Callable[..., Any]) -> Callable[..., Any]:
     return forward
 
 
+def packed_convolution(inner: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers' causal convolution of LFM2's short-convolution layers,
+    run on the padded layout of the ``packed_rows`` it is given (each row after
+    the convolution state the cache holds, as the padded path runs it);
+    without ``packed_rows`` it is ``inner``."""
+
+    def forward(
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        activation: str | None = None,
+        packed_rows: PackedRows | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        if packed_rows is None:
+            return cast(Tensor, inner(x, weight, bias, activation, **kwargs))
+        rows, n_rows = packed_rows, len(packed_rows.places)
+        state = x.shape[-1] - len(rows.unpack)  # the cache's columns before the packed row
+        spread = x[0, :, state:].index_select(1, rows.queries).unflatten(1, (n_rows, -1))
+        padded = torch.cat([x[:, :, :state].expand(n_rows, -1, -1), spread.transpose(0, 1)], 2)
+        out = inner(padded, weight, bias, activation)[:, :, state:]  # (B, D, W)
+        packed = out.transpose(0, 1).flatten(1).index_select(1, rows.unpack)
+        return torch.cat([x.new_zeros(1, x.shape[1], state), packed[None]], 2)
+
+    return forward
+
+
 @contextlib.contextmanager
-def packed_attention() -> Iterator[None]:
+def packed_layers() -> Iterator[None]:
     """Within: transformers' ``"sdpa"`` attention (whatever is registered
     under that name, e.g. :func:`~captum_mllm.models.math_attention.math_attention`'s)
-    understands a ``packed_rows=`` keyword passed through the model's forward.
+    and LFM2's causal convolution understand a ``packed_rows=`` keyword passed
+    through the model's forward.
+
+    Like ``sdpa_kernel``, this is process-wide until exit.
 
     Examples::
 
         >>> rows, ids = PackedRows.of([torch.tensor([5, 6, 7]), torch.tensor([5, 6, 9, 4])])
-        >>> with packed_attention():
+        >>> with packed_layers():
         ...     hidden = decoder(input_ids=ids, attention_mask=rows.mask,
         ...                      position_ids=rows.positions, packed_rows=rows)[0]
     """
-    previous = cast(Callable[..., Any], AttentionInterface._global_mapping["sdpa"])
-    AttentionInterface.register("sdpa", packed_attention_forward(previous))
+    from transformers.models.lfm2 import modeling_lfm2
+
+    attention = cast(Callable[..., Any], AttentionInterface._global_mapping["sdpa"])
+    convolution = modeling_lfm2.causal_conv1d_fn
+    AttentionInterface.register("sdpa", packed_attention_forward(attention))
+    modeling_lfm2.causal_conv1d_fn = packed_convolution(convolution)  # type: ignore[assignment]
     try:
         yield
     finally:
-        AttentionInterface.register("sdpa", previous)
+        AttentionInterface.register("sdpa", attention)
+        modeling_lfm2.causal_conv1d_fn = convolution  # type: ignore[assignment]
