@@ -257,3 +257,23 @@ def test_the_layout_pushes_each_distinct_start_once(rows):
     owner = layout.unpack[: layout.real]
     held = layout.places[owner // width, owner % width]
     assert torch.equal(held, torch.arange(layout.real))
+
+
+@pytest.mark.parametrize("collide", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_rows_get_one_id_per_distinct_vector(monkeypatch, collide, dtype):
+    """Vectors equal to the bit share an id, others do not (0.0 and -0.0
+    included); when hashes collide (here: all of them), the ids still hold."""
+    from captum_mllm.models import packing
+
+    if collide:
+        monkeypatch.setattr(packing, "hash_bits", lambda bits: bits.new_zeros(len(bits)).long())
+    pool = torch.randn(5, 6, generator=torch.Generator().manual_seed(0)).to(dtype)
+    pool[4] = 0.0
+    pool[3] = -pool[4]  # -0.0: equal in value, not in bits
+    picks = [[0, 1, 2, 1], [1, 1], [3, 4, 0], [2]]
+    ids, table = packing.distinct_ids([pool[p] for p in picks])
+    for got, p in zip(ids, picks, strict=True):
+        assert torch.equal(table[got], pool[p])
+    assert [g.tolist() for g in ids][1] == [ids[0][1].item()] * 2
+    assert len(table) == 5 and len({int(i) for g in ids for i in g}) == 5
