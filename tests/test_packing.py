@@ -277,3 +277,19 @@ def test_embedding_rows_get_one_id_per_distinct_vector(monkeypatch, collide, dty
         assert torch.equal(table[got], pool[p])
     assert [g.tolist() for g in ids][1] == [ids[0][1].item()] * 2
     assert len(table) == 5 and len({int(i) for g in ids for i in g}) == 5
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_the_probe_reads_a_prefix_cache_too(monkeypatch, speech):
+    """Packing that is right alone but wrong after cached positions (here:
+    attention that sees none of them) fails the probe too."""
+    from captum_mllm.models import packing
+
+    of = packing.PackedRows.of.__func__
+
+    def blind(cls, rows, cached=0, seen=None, *args, **kwargs):
+        return of(cls, rows, cached, [0] * len(rows), *args, **kwargs)
+
+    monkeypatch.setattr(packing.PackedRows, "of", classmethod(blind))
+    model, _ = adapter_and_input(speech=speech)
+    assert not model.packs()

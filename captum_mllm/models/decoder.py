@@ -270,7 +270,8 @@ class DecoderLMAdapter(ModelAdapter):
 
     def _packing_probe(self) -> tuple[Tensor, Tensor] | None:
         """Packed and right-padded scores of a few probe rows (of 3, 9 and 20
-        positions, sharing their starts); None: the adapter cannot pack this model."""
+        positions, sharing their starts), alone and after a prefix read from the
+        model's cache; None: the adapter cannot pack this model."""
         return None
 
     @functools.cached_property

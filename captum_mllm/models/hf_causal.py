@@ -347,9 +347,19 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         vocab = self.vocab_size or 2
         rows = [torch.arange(1, n + 1) % vocab for n in (3, 9, 20)]
         fed = torch.arange(2, 4) % vocab
-        padded = self._padded_logits(rows, fed, None, None, 3, split)
-        states = self._packed_states(split[0], rows, fed, None, None, 3)
-        return self._head(split[1], states, len(rows)), padded
+        out = self.model(
+            input_ids=torch.arange(5, 9, device=self.device)[None] % vocab, use_cache=True
+        )
+        cache = getattr(out, self._cache_kwarg, None)
+        prefixes: list[PrefixCache | None] = [None]
+        if PrefixCache.expandable(cache):
+            prefixes.append(PrefixCache(4, cache, out.logits[0, -1]))
+        packed = [
+            self._head(split[1], self._packed_states(split[0], rows, fed, p, None, 3), len(rows))
+            for p in prefixes
+        ]
+        padded = [self._padded_logits(rows, fed, p, None, 3, split) for p in prefixes]
+        return torch.cat(packed), torch.cat(padded)
 
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
         # Built on the CPU; each batch moves to the model once (pad_rows).

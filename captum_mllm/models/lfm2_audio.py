@@ -338,7 +338,16 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         table = self._lfm.embed_tokens
         rows = [table(torch.arange(1, n + 1, device=self.device)) for n in (3, 9, 20)]
         fed = rows[0][:2]
-        return self._packed_hidden(rows, fed, None, 3), self._padded_hidden(rows, fed, None, 3)
+        out = self._lfm(
+            inputs_embeds=table(torch.arange(5, 9, device=self.device))[None], use_cache=True
+        )
+        cache = getattr(out, self._cache_kwarg, None)
+        prefixes: list[PrefixCache | None] = [None]
+        if PrefixCache.expandable(cache):
+            prefixes.append(PrefixCache(4, cache, out.last_hidden_state[0, -1]))
+        packed = [self._packed_hidden(rows, fed, p, 3) for p in prefixes]
+        padded = [self._padded_hidden(rows, fed, p, 3) for p in prefixes]
+        return torch.cat(packed), torch.cat(padded)
 
     def _padded_hidden(self, rows: list[Tensor], fed: Tensor, prefix: Any, n_items: int) -> Tensor:
         """Backbone states ``(B, N, D)`` that predict the ``N = n_items`` items,
