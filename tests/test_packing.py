@@ -170,36 +170,31 @@ def test_packed_rows_push_no_padding():
     assert len(calls) == 1
 
 
-def _lfm2_text_model():
-    from transformers import Lfm2Config, Lfm2ForCausalLM
-
-    config = Lfm2Config(
+def _tiny_model(config_class, model_class, **extra):
+    """A tiny seeded model of a transformers architecture for the tiny tokenizer."""
+    config = config_class(
         vocab_size=len(tiny_tokenizer()),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        layer_types=["conv", "full_attention"],
+        **extra,
     )
     torch.manual_seed(0)
-    return Lfm2ForCausalLM(config).eval()
+    return model_class(config).eval()
+
+
+def _lfm2_text_model():
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    return _tiny_model(Lfm2Config, Lfm2ForCausalLM, layer_types=["conv", "full_attention"])
 
 
 def _sliding_window_model():
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(
-        vocab_size=len(tiny_tokenizer()),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=6,
-    )
-    torch.manual_seed(0)
-    return MistralForCausalLM(config).eval()
+    return _tiny_model(MistralConfig, MistralForCausalLM, sliding_window=6)
 
 
 def test_a_sliding_window_model_stays_padded():

@@ -389,7 +389,6 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         if leads is not None:  # positions the cache holds are not pushed again
             rows = [r[n:] for r, n in zip(rows, leads, strict=True)]
         sizes = [len(r) for r in rows]
-        lens = to_device(torch.tensor(sizes), device)
         if prefix is None and 0 in sizes:
             raise EmptyCoalitionError(
                 "a coalition removed every input token; keep some template text fixed"
@@ -406,7 +405,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             picked = self._padded_logits(rows, fed, prefix, leads, n_target, split)
         self.n_forward_calls += 1
         if prefix is not None and 0 in sizes:
-            picked[lens == 0, 0] = prefix.last.to(picked.dtype)
+            empty = to_device(torch.tensor(sizes) == 0, picked.device)
+            picked[empty, 0] = prefix.last.to(picked.dtype)
         logp = picked.float().log_softmax(-1)
         return logp.gather(2, target[None, :, None].expand(batch, -1, 1)).squeeze(-1)
 
