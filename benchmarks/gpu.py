@@ -26,6 +26,12 @@ datasheet's dense bf16 figure and an 8192^3 bf16 matrix product measured in
 the same run. ``--tiny`` runs the same code with tiny shapes on the CPU in
 seconds (the test suite does, so the script cannot rot).
 
+``--compile`` adds our Llama rows with the decoder compiled
+(``model.get_decoder().compile(dynamic=True)``, as a user would; the adapters
+run the decoder they are given) and the compile time; ``--profile`` prints
+where our batched runs spend their time (host functions, kernels, operators by
+input shape, and the share of the wall time the GPU was busy).
+
 Run on a GPU: ``python benchmarks/gpu.py``; check anywhere: ``python benchmarks/gpu.py --tiny``.
 """
 
@@ -99,15 +105,21 @@ def profiled(fn: Callable[[], Any]) -> Any:
     if torch.cuda.is_available():
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=activities, record_shapes=True) as trace:
             torch.cuda.synchronize()
             start = time.perf_counter()
             fn()
             torch.cuda.synchronize()
             wall = time.perf_counter() - start
         events = trace.key_averages()
-        busy = sum(e.self_device_time_total for e in events) / 1e6
+        # kernels only: an operator's own device time is its kernels' again
+        busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
         print(events.table(sort_by="self_device_time_total", row_limit=25))
+        by_shape = trace.key_averages(group_by_input_shape=True)
+        print(
+            by_shape.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=40)
+        )
         print(f"GPU kernels {busy:.3f} s of {wall:.3f} s wall ({100 * busy / wall:.0f}% busy)")
     return out
 
@@ -136,7 +148,9 @@ class FlopCounter:
         self.width = next(decoder.parameters()).shape[-1]
         self.calls = self.tokens = 0
         self.flops = 0.0
-        decoder.register_forward_pre_hook(self._count, with_kwargs=True)
+        # kept out of a compiled decoder's graph (its guards would read the counts)
+        count = torch.compiler.disable(self._count)
+        decoder.register_forward_pre_hook(count, with_kwargs=True)
 
     def _count(self, _: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = kwargs.get("input_ids", args[0] if args else None)
@@ -257,6 +271,39 @@ def fresh_shape_rows(
     return rows
 
 
+COMPILE = False  # --compile: also time our runs with the decoder compiled
+
+
+def compiled_rows(
+    adapter: Any, inp: ChatInput, target: torch.Tensor, eager: Any, flops: FlopCounter
+) -> list[tuple[str, float, int, float]]:
+    """Exact Shapley and paired permutations on fresh seeds with the decoder
+    compiled as a user would (``model.get_decoder().compile(dynamic=True)``:
+    the adapters run the decoder they are given): the compile time, the
+    values against eager and ms per coalition."""
+    adapter.model.get_decoder().compile(dynamic=True)
+    rows = []
+    for label, method, kwargs in [
+        ("exact 2^n, batched", ExactShapleyValues, {}),
+        ("paired, new shapes", PairedPermutationSampling, {"budget": 4096, "seed": 2000}),
+    ]:
+        call = functools.partial(
+            Ours(method(adapter), adapter).attribute,
+            inp, target=target, perturbations_per_eval=PPE, **kwargs,
+        )  # fmt: skip
+        if method is ExactShapleyValues:
+            _, first = timed(call, adapter.device)
+            print(f"compiled: first explanation {first:.1f} s (compiling)")
+        flops.reset()
+        res, secs = timed(call, adapter.device)
+        flops.add_logits(res.n_unique_coalitions * len(target))
+        rows.append((f"captum-mllm, {label}, compiled", secs, res.n_unique_coalitions, flops.flops))
+        if method is ExactShapleyValues:
+            diff = (res.token_attr - eager.token_attr).abs().max().item()
+            print(f"compiled against eager: max |token_attr difference| {diff:.2e}")
+    return rows
+
+
 def llama_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: dict) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -277,7 +324,7 @@ def llama_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: d
     print(
         f"\nLlama, {n_params / 1e9:.2f}B parameters ({dtype}), prompt {len(inp.encoded)} tokens "
         f"(untouched prefix {inp.prefix_len}), {inp.n_itp_features} word features, "
-        f"{len(target)} target tokens"
+        f"{len(target)} target tokens, packed rows {'on' if adapter.packs() else 'off'}"
     )
     heads = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
     flops = FlopCounter(model.model, heads, config.num_hidden_layers, config.vocab_size)
@@ -347,6 +394,8 @@ def llama_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: d
             )
 
     rows += fresh_shape_rows(adapter, inp, target, 256 if tiny else 4096, flops)
+    if COMPILE:
+        rows += compiled_rows(adapter, inp, target, done["captum-mllm, exact 2^n, batched"], flops)
 
     # The batching limit: one forward of PPE whole prompts (+ the target), no reuse.
     ids = torch.cat([inp.encoded.input_ids, target[:-1]]).to(device)
@@ -357,7 +406,9 @@ def llama_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: d
         _, secs = timed(lambda: model(input_ids=batch, logits_to_keep=len(target)), device, 3)
     flops.flops /= 3  # timed ran it 3 times and keeps the best time
     flops.add_logits(len(batch) * len(target))
-    rows.append((f"plain forward, {len(batch)} whole prompts", secs, len(batch), flops.flops))
+    compiled = " (decoder compiled)" if COMPILE else ""
+    name = f"plain forward, {len(batch)} whole prompts{compiled}"
+    rows.append((name, secs, len(batch), flops.flops))
     if PROFILE:
         with torch.inference_mode():
             profiled(lambda: model(input_ids=batch, logits_to_keep=len(target)))
@@ -387,7 +438,7 @@ def lfm2_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: di
     print(
         f"\nLFM2-Audio shape, {n_params / 1e9:.2f}B parameters ({dtype}), {len(inp.encoded)} "
         f"positions, {inp.n_itp_features} features (10 audio of {seconds / 10:.1f} s), "
-        f"{len(target)} target tokens"
+        f"{len(target)} target tokens, packed rows {'on' if adapter.packs() else 'off'}"
     )
     lfm = model.lfm
     cfg = lfm.config
@@ -453,9 +504,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", choices=["llama", "lfm2"], action="append", default=[])
     parser.add_argument("--profile", action="store_true", help="profile our batched runs")
+    parser.add_argument("--compile", action="store_true", help="also with the decoder compiled")
     args = parser.parse_args(argv)
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, COMPILE
+    PROFILE, COMPILE = args.profile, args.compile
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
