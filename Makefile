@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/similarity.py
 	$(BIN)/python benchmarks/lfm2_audio.py
 	$(BIN)/python benchmarks/estimators.py
+	$(BIN)/python benchmarks/oracle_bound.py
 	$(BIN)/python benchmarks/faithfulness.py --speech
 	$(BIN)/python benchmarks/scale_out.py
 	$(BIN)/python benchmarks/long_inputs.py

@@ -1,6 +1,8 @@
-"""The GPU scripts run end to end on the CPU (the benchmark on tiny shapes), so
-they cannot rot before a GPU is lent, and the benchmark's rows agree with the
-stock paths they time."""
+"""Benchmark scripts under test: the GPU scripts run end to end on the CPU
+(the benchmark on tiny shapes), so they cannot rot before a GPU is lent, and
+the benchmark's rows agree with the stock paths they time; the CPU kernels
+benchmark packs without changing scores; the oracle bound's pieces agree with
+brute force."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,3 +81,33 @@ def test_gpu_parity_runs_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(rows) == 2 * 2 * 3
     assert all(row[-3] == "False" for row in rows)
     assert all(float(row[-2]) == 0 for row in rows if row[1] == "float32")
+
+
+def test_oracle_bound_reads_a_game_s_spectrum_right() -> None:
+    """The oracle's pieces against brute force on a random 5-player game: the
+    Walsh coefficients give every value back, their odd part what a coalition
+    and its complement observe, their Shapley values the exact ones; with every
+    pair observed the oracle's posterior is exact, and its design is distinct
+    coalitions after the empty one."""
+    bound = _load("oracle_bound")
+    n = 5
+    values = np.random.default_rng(0).normal(size=2**n)
+    c = bound.walsh(values)
+    masks = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(bool)
+    x = np.where(masks, 1.0, -1.0)
+    terms = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(bool)
+    chi = np.array([[np.prod(row[t]) for t in terms] for row in x])  # prod over the empty T: 1
+    np.testing.assert_allclose(chi @ c, values, atol=1e-12)
+    odd = bound.OddTerms(n)
+    np.testing.assert_allclose(
+        odd.chi(masks) @ c[odd.codes], bound.odd_part(values, masks), atol=1e-12
+    )
+    exact = bound.Table(values, n).exact
+    np.testing.assert_allclose(odd.shapley.T @ c[odd.codes], exact, atol=1e-12)
+    half = masks.sum(1) <= n // 2  # n odd: one side of every pair
+    prior = np.linspace(0.5, 2.0, len(odd.codes))  # any prior, when every pair is seen
+    phi = odd.posterior_phi(prior, masks[half], bound.odd_part(values, masks[half]))
+    np.testing.assert_allclose(phi, exact, atol=1e-6)
+    design = bound.oracle_design(odd, c[odd.codes] ** 2, n, 6, np.random.default_rng(1))
+    assert len(design) == 7 and not design[0].any()
+    assert len(np.unique(design, axis=0)) == 7
