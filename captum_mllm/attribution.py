@@ -42,6 +42,7 @@ from captum_mllm.heap import retained_heap
 from captum_mllm.inputs import ChatInput
 from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
 from captum_mllm.models.base import ModelAdapter, Response
+from captum_mllm.models.batching import default_perturbations_per_eval
 from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
 from captum_mllm.targets import LogProbTarget, Target, TargetValues
 
@@ -221,7 +222,11 @@ class MultimodalLLMAttribution(LLMAttribution):
                 method must choose its coalitions without looking at values
                 (no ``target_stderr``). Default: None
             **kwargs: passed to the method's ``attribute`` (``n_samples``,
-                ``perturbations_per_eval``, ``show_progress``, ...).
+                ``perturbations_per_eval``, ``show_progress``, ...). Unlike
+                Captum's 1, ``perturbations_per_eval`` defaults to 64 coalitions
+                a call on a CPU and 256 on an accelerator
+                (:func:`~captum_mllm.models.batching.default_perturbations_per_eval`);
+                values never depend on it.
 
         Returns:
             MultimodalLLMAttributionResult: ``token_attr`` is None for Lime and
@@ -241,6 +246,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             raise InvalidOptionError(f"num_trials must be an int of at least 1, got {num_trials!r}")
         start = time.perf_counter()
         calls_before = self.adapter.n_forward_calls
+        kwargs.setdefault("perturbations_per_eval", default_perturbations_per_eval(self.device))
         per_step = not self.adapter.is_causal if forward_in_tokens is None else forward_in_tokens
         response, extra_calls = self._response(inp, target, gen_args, keep_eos)
         game = self._game(inp, response, per_step, reuse_prefix)

@@ -88,6 +88,19 @@ def test_exact_shapley_equals_brute_force_and_is_efficient(model, chat, text_uni
     assert res.n_unique_coalitions == 2**n
 
 
+def test_batches_when_no_perturbations_per_eval_is_given(model, chat):
+    """Captum's default scores one coalition a forward; ours hands the adapter
+    64 coalitions a call on a CPU, with the same values."""
+    inp = ChatInput(chat, model)
+    attr = MultimodalLLMAttribution(ShapleyValueSampling(model), model)
+    torch.manual_seed(0)
+    one = attr.attribute(inp, target=TARGET, n_samples=4, perturbations_per_eval=1)
+    torch.manual_seed(0)
+    default = attr.attribute(inp, target=TARGET, n_samples=4)
+    torch.testing.assert_close(default.token_attr, one.token_attr, atol=1e-5, rtol=0)
+    assert default.n_model_calls <= 3 < one.n_model_calls  # prefix, then the coalitions
+
+
 def test_batching_caching_and_prefix_reuse_change_nothing(model, chat):
     inp = ChatInput(chat, model)
     attr = MultimodalLLMAttribution(ShapleyValueSampling(model), model)

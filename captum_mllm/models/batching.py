@@ -218,6 +218,17 @@ def rows_within(max_tokens: int | None, width: int, rows: int) -> int:
     return max(1, min(rows, max_tokens // max(width, 1)))
 
 
+def default_perturbations_per_eval(device: torch.device) -> int:
+    """Coalitions handed to an adapter per call when the caller names no
+    ``perturbations_per_eval`` (Captum's default, 1, scores one coalition a
+    forward). Values never depend on it, the adapter cuts a call to its token
+    budget and an out-of-memory halves it; it bounds what a call holds besides
+    (every coalition's logits over the vocabulary). 64 on a CPU and 256 on an
+    accelerator: past those, ``benchmarks/text_vs_captum.py`` and ``gpu.py``
+    gain little."""
+    return 64 if device.type == "cpu" else 256
+
+
 def default_call_cost(device: torch.device, n_params: int = 10_000_000) -> int:
     """Per-forward overhead in tokens. On a CPU a call's fixed cost (Python,
     kernel launches) is ~80 tokens of compute for a 10M-parameter model on 2
