@@ -114,7 +114,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=32, help="coalitions per forward")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="coalitions per call (default: 64 on a CPU, 256 on a GPU)",
+    )
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -223,7 +228,7 @@ def _dataset_command(args: argparse.Namespace) -> None:
         ),
         partial(_method, args.method),
         input_kwargs,
-        {**_method_kwargs(settings, None), "gen_args": gen, "perturbations_per_eval": args.batch},
+        {**_method_kwargs(settings, None), "gen_args": gen, **_batch(settings)},
         store_dir=args.out,
         num_workers=args.workers,
         resources_per_worker=resources or None,
@@ -338,7 +343,7 @@ def _run(
     target = EmbeddingSimilarity(gen_args=gen) if settings["target"] == "similarity" else None
     method = _method(settings["method"], model)
     attr = MultimodalLLMAttribution(method, model, target=target)
-    kwargs: dict[str, Any] = {"perturbations_per_eval": settings.get("batch", 32)}
+    kwargs: dict[str, Any] = _batch(settings)
     kwargs.update(_method_kwargs(settings, inp.n_itp_features), show_progress=True)
     answer = settings.get("answer")
     if answer is None and inp.response is None and settings["target"] == "log-prob":
@@ -347,6 +352,13 @@ def _run(
     res = attr.attribute(inp, target=answer, store=settings.get("store"), **kwargs)
     _print(res)
     _write(res, out, save=True)
+
+
+def _batch(settings: dict[str, Any]) -> dict[str, Any]:
+    """``perturbations_per_eval`` when ``--batch`` was given, else nothing (the
+    library's default for the device)."""
+    batch = settings.get("batch")
+    return {} if batch is None else {"perturbations_per_eval": batch}
 
 
 def _method_kwargs(settings: dict[str, Any], n_features: int | None) -> dict[str, Any]:

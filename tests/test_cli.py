@@ -84,6 +84,23 @@ def test_a_yaml_chat_and_a_report(tmp_path, capsys):
     assert "friend" in (out / "report.html").read_text()
 
 
+def test_batch_sets_coalitions_a_call_and_changes_no_value(tmp_path, capsys):
+    saved = []
+    for batch in (["--batch", "1"], []):
+        out = tmp_path / f"out{len(saved)}"
+        code, _, err = run(
+            ["explain", "--user", "Who are you, my friend?", "--model", "tiny-llama",
+             "--method", "exact", "--answer", "I am a small model.", "--out", out, *batch],
+            capsys,
+        )  # fmt: skip
+        assert code == 0, err
+        saved.append(MultimodalLLMAttributionResult.load(out / "result.json"))
+    one, default = saved
+    assert one.n_model_calls > 2**5  # every coalition alone
+    assert default.n_model_calls <= 3  # prefix, then all 32 (the default batches)
+    assert one.seq_attr.tolist() == pytest.approx(default.seq_attr.tolist(), abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [
