@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import pad_sequence
 
@@ -36,6 +36,7 @@ from captum_mllm.models.batching import (
     to_device,
 )
 from captum_mllm.models.math_attention import math_attention
+from captum_mllm.models.packing import PackedRows, packed_layers
 
 
 def cache_kwarg(forward: Callable[..., Any] | None) -> str:
@@ -249,6 +250,10 @@ class DecoderLMAdapter(ModelAdapter):
     #: Whether this model passed the packing probe; None: not probed yet.
     _packs: bool | None = None
 
+    #: The keyword of the decoder's forward that takes the key/value cache
+    #: (:func:`cache_kwarg`), set by each adapter.
+    _cache_kwarg: str
+
     def packs(self) -> bool:
         """Whether batches are scored packed: :attr:`packing` is on, and the
         adapter packs this model's rows as it pads them on a probe run once
@@ -267,6 +272,23 @@ class DecoderLMAdapter(ModelAdapter):
             same = torch.equal if self.is_deterministic else same_outputs
             self._packs = pair is not None and bool(same(*pair))
         return self._packs
+
+    def _packed_forward(
+        self, decoder: nn.Module, layout: PackedRows, prefix: Any, **inputs: Any
+    ) -> Any:
+        """``decoder``'s output for rows packed as ``layout`` (``input_ids`` or
+        ``inputs_embeds`` in ``inputs``), after the prefix's cache if any."""
+        kwargs: dict[str, Any] = {"use_cache": prefix is not None}
+        if prefix is not None:
+            kwargs[self._cache_kwarg] = prefix.expand(1)
+        with packed_layers():
+            return decoder(
+                attention_mask=layout.mask,
+                position_ids=layout.positions,
+                packed_rows=layout,
+                **inputs,
+                **kwargs,
+            )
 
     def _packing_probe(self) -> tuple[Tensor, Tensor] | None:
         """Packed and right-padded scores of a few probe rows (of 3, 9 and 20

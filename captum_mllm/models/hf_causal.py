@@ -37,7 +37,7 @@ from captum_mllm.models.decoder import (
     shares,
     without_cudnn_attention,
 )
-from captum_mllm.models.packing import PackedRows, packed_layers
+from captum_mllm.models.packing import PackedRows
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
 
@@ -473,19 +473,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         first = [start + n for n in (leads or [0] * len(rows))]
         pad = _pad_id(self.tokenizer)
         layout, ids = PackedRows.of(segments, cached, first, first, pad, self.device)
-        kwargs: dict[str, Any] = {"use_cache": prefix is not None}
-        if prefix is not None:
-            kwargs[self._cache_kwarg] = prefix.expand(1)
-        with packed_layers():
-            hidden = decoder(
-                input_ids=ids,
-                attention_mask=layout.mask,
-                position_ids=layout.positions,
-                packed_rows=layout,
-                **kwargs,
-            )[0]
-        index = torch.tensor([len(r) - 1 for r in rows])[:, None] + torch.arange(n_target)[None]
-        at = layout.places.gather(1, index.clamp(min=0))
+        hidden = self._packed_forward(decoder, layout, prefix, input_ids=ids)[0]
+        at = layout.predicting([len(r) for r in rows], n_target)
         return hidden[0].index_select(0, to_device(at.flatten(), hidden.device))
 
     @staticmethod

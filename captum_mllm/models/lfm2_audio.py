@@ -36,7 +36,7 @@ from captum_mllm.models.decoder import (
     without_cudnn_attention,
 )
 from captum_mllm.models.lfm2_audio_generation import END_OF_AUDIO, IM_END, BatchedGeneration
-from captum_mllm.models.packing import PackedRows, distinct_ids, packed_layers
+from captum_mllm.models.packing import PackedRows, distinct_ids
 
 SAMPLE_RATE = 16_000
 FRAME_SECONDS = 0.08  # one LFM position after the conformer's 8x subsampling of 10 ms frames
@@ -373,19 +373,9 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         layout, packed = PackedRows.of(
             ids, 0 if prefix is None else prefix.length, device=self.device
         )
-        kwargs: dict[str, Any] = {"use_cache": prefix is not None}
-        if prefix is not None:
-            kwargs[self._cache_kwarg] = prefix.expand(1)
-        with packed_layers():
-            hidden = self._lfm(
-                inputs_embeds=table[packed],
-                attention_mask=layout.mask,
-                position_ids=layout.positions,
-                packed_rows=layout,
-                **kwargs,
-            ).last_hidden_state
-        index = torch.tensor([len(r) - 1 for r in rows])[:, None] + torch.arange(n_items)[None]
-        at = layout.places.gather(1, index.clamp(min=0))
+        hidden = self._packed_forward(self._lfm, layout, prefix, inputs_embeds=table[packed])
+        hidden = hidden.last_hidden_state
+        at = layout.predicting([len(r) for r in rows], n_items)
         return hidden[0][to_device(at, hidden.device)]
 
     def _item_log_probs(self, h: Tensor, items: Tensor) -> Tensor:

@@ -154,6 +154,13 @@ class PackedRows:
         """W, the places of each row in the padded layout."""
         return int(self.mask.shape[2])
 
+    def predicting(self, sizes: list[int], n: int) -> Tensor:
+        """``(B, n)`` host index of the packed positions that predict ``n``
+        items after each row's first ``sizes[b]`` places (its last input place
+        and the ``n - 1`` items fed after it; place 0 for a row of no input)."""
+        index = torch.tensor(sizes)[:, None] - 1 + torch.arange(n)[None]
+        return self.places.gather(1, index.clamp(min=0))
+
     def spread(self, x: Tensor, index: Tensor) -> Tensor:
         """``(1, H, M, D)`` packed queries, keys or values -> ``(B, H, W', D)``,
         the places of ``index`` (:attr:`queries` or :attr:`keys`)."""
