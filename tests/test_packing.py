@@ -9,6 +9,7 @@ import torch
 from conftest import adapter_and_input
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, LFM2AudioAdapter
 from captum_mllm.models.math_attention import math_attention_forward
@@ -25,11 +26,14 @@ class Layer(torch.nn.Module):
 
 @pytest.mark.parametrize("cached", [0, 5])
 @pytest.mark.parametrize("share", [False, True])
-def test_each_packed_row_attends_to_its_own_positions_only(cached, share):
+@pytest.mark.parametrize("inner", [math_attention_forward, sdpa_attention_forward])
+def test_each_packed_row_attends_to_its_own_positions_only(cached, share, inner):
     """Against each row's attention computed alone: its queries over the
     cached positions it sees, then its own positions up to the query's. Rows
     that begin alike (the same ids, first position and cached positions seen)
-    share those positions."""
+    share those positions. Under transformers' own ``"sdpa"`` attention the
+    packed rows fold each key/value head's query heads into its rows
+    (:func:`grouped_attention`) instead of copying keys and values per head."""
     gen = torch.Generator().manual_seed(cached)
     starts = [[1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7], [9], [1, 2, 8], list(range(30, 49))]
     rows = [torch.tensor(r if share else [100 * b + t for t in r]) for b, r in enumerate(starts)]
@@ -44,7 +48,7 @@ def test_each_packed_row_attends_to_its_own_positions_only(cached, share):
     q = torch.randn(1, max(n, 16), heads, dim, generator=gen).transpose(1, 2)
     k, v = (torch.randn(1, kv_heads, cached + max(n, 16), dim, generator=gen) for _ in range(2))
     layer = Layer(heads // kv_heads)
-    out, _ = packed_attention_forward(math_attention_forward)(
+    out, _ = packed_attention_forward(inner)(
         layer, q, k, v, None, scaling=dim**-0.5, packed_rows=layout
     )
     assert out.shape == (1, max(n, 16), heads, dim)

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from captum_mllm.models.batching import MIN_PRODUCT_ROWS, to_device
 
@@ -64,6 +66,8 @@ class PackedRows:
     unpack: Tensor
     mask: Tensor
     real: int
+    #: Built once per forward and read by every layer (:meth:`grouped_mask`).
+    _built: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(
@@ -166,6 +170,68 @@ class PackedRows:
         the places of ``index`` (:attr:`queries` or :attr:`keys`)."""
         return x[0].index_select(1, index).unflatten(1, (len(self.places), -1)).transpose(0, 1)
 
+    def grouped_mask(self, groups: int, dtype: torch.dtype) -> Tensor:
+        """:attr:`mask` as an additive ``(B, 1, W * groups, C + W)`` mask of
+        ``dtype`` whose row ``w * groups + g`` is row ``w``'s (0: attend), for
+        :func:`grouped_attention`. Its rows are laid 16 values apart, as SDPA's
+        memory-efficient kernel reads them (it would pad a copy in every layer)."""
+        key = ("mask", groups, dtype)
+        if key not in self._built:
+            rows, _, width, n_keys = self.mask.shape
+            wide = torch.zeros(rows, 1, width * groups, -(-n_keys // 16) * 16, dtype=dtype,
+                               device=self.mask.device)[..., :n_keys]  # fmt: skip
+            masked = ~self.mask.repeat_interleave(groups, dim=2)
+            self._built[key] = wide.masked_fill_(masked, float("-inf"))
+        return cast(Tensor, self._built[key])
+
+    def unpacking(self) -> tuple[Tensor, Tensor]:
+        """The row and the place of :attr:`unpack`, on its device."""
+        if "unpack" not in self._built:
+            self._built["unpack"] = (self.unpack // self.width, self.unpack % self.width)
+        return cast(tuple[Tensor, Tensor], self._built["unpack"])
+
+
+def grouped_attention(
+    rows: PackedRows,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+) -> Tensor:
+    """SDPA over the padded layout of packed queries, keys and values, with the
+    G query heads of each key/value head as G times as many query rows of that
+    head, instead of a copy of the keys and values for each query head (what
+    transformers' ``"sdpa"`` attention does whenever a mask is given on CUDA).
+
+    Args:
+        rows (PackedRows): the layout.
+        query (Tensor): ``(1, H, M, D)`` packed queries, ``H = H_kv * G``.
+        key, value (Tensor): ``(1, H_kv, C + M, D)`` the cache's, then the packed positions'.
+        dropout (float, optional): SDPA's dropout. Default: 0.0
+        scaling (float, optional): the score scale. Default: ``D ** -0.5``
+
+    Returns:
+        Tensor: ``(1, M', H, D)``, the output at each packed position.
+    """
+    kv_heads, dim = key.shape[1], query.shape[-1]
+    groups = query.shape[1] // kv_heads
+    n_rows, width = rows.places.shape
+    # (H_kv, M, G, D) gathered at the places: row w * G + g of a head is query head g at place w
+    grouped = query[0].unflatten(0, (kv_heads, groups)).transpose(1, 2)
+    grouped = grouped.index_select(1, rows.queries).view(kv_heads, n_rows, width * groups, dim)
+    out = F.scaled_dot_product_attention(
+        grouped.transpose(0, 1),
+        rows.spread(key, rows.keys),
+        rows.spread(value, rows.keys),
+        attn_mask=rows.grouped_mask(groups, query.dtype),
+        dropout_p=dropout,
+        scale=scaling,
+    )  # (B, H_kv, W * G, D)
+    row, place = rows.unpacking()
+    picked = out.unflatten(2, (width, groups))[row, :, place]  # (M', H_kv, G, D)
+    return picked.reshape(1, len(row), kv_heads * groups, -1)
+
 
 def distinct_ids(rows: list[Tensor]) -> tuple[list[Tensor], Tensor]:
     """Rows of input vectors ``(L_b, D)`` as rows of ids into a table of their
@@ -227,6 +293,9 @@ def packed_attention_forward(inner: Callable[..., Any]) -> Callable[..., Any]:
         if kwargs.get("sliding_window") is not None:
             raise ValueError("packed rows cannot take sliding-window attention")
         rows = packed_rows
+        if inner is sdpa_attention_forward and not args and _plain(kwargs):
+            dropout, scaling = kwargs.get("dropout", 0.0), kwargs.get("scaling")
+            return grouped_attention(rows, query, key, value, dropout, scaling), None
         out, weights = inner(
             module,
             rows.spread(query, rows.queries),
@@ -239,6 +308,13 @@ def packed_attention_forward(inner: Callable[..., Any]) -> Callable[..., Any]:
         return out.reshape(-1, *out.shape[2:]).index_select(0, rows.unpack)[None], weights
 
     return forward
+
+
+def _plain(kwargs: dict[str, Any]) -> bool:
+    """Whether transformers' ``"sdpa"`` attention would run plain SDPA on these
+    keywords (no position bias, soft-capping or attention weights asked for)."""
+    bias = ("position_bias", "softcap", "s_aux")
+    return all(kwargs.get(k) is None for k in bias) and not kwargs.get("output_attentions")
 
 
 def packed_convolution(inner: Callable[..., Any]) -> Callable[..., Any]:
