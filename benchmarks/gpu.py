@@ -28,7 +28,10 @@ seconds (the test suite does, so the script cannot rot).
 
 ``--compile`` adds our Llama rows with the decoder compiled
 (``model.get_decoder().compile(dynamic=True)``, as a user would; the adapters
-run the decoder they are given) and the compile time; ``--profile`` prints
+run the decoder they are given) and the compile time; ``--ungrouped`` runs
+packed attention as transformers would (a copy of the keys and values per
+query head, where ours puts each key/value head's query heads in its rows), to
+compare on the same machine; ``--profile`` prints
 where our batched runs spend their time (host functions, kernels, operators by
 input shape, and the share of the wall time the GPU was busy).
 
@@ -43,6 +46,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 from captum.attr import LLMAttribution, ShapleyValueSampling
@@ -53,7 +57,7 @@ from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, LFM2AudioAdapter
 from captum_mllm import MultimodalLLMAttribution as Ours
 from captum_mllm.captum_compat import text_template_input
 from captum_mllm.methods import ExactShapleyValues, PairedPermutationSampling
-from captum_mllm.models import decoder
+from captum_mllm.models import decoder, packing
 from captum_mllm.testing import speech_like, tiny_lfm2_audio, tiny_tokenizer
 
 SPOKEN_TEXT = "Please answer this question very briefly"
@@ -505,6 +509,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", choices=["llama", "lfm2"], action="append", default=[])
     parser.add_argument("--profile", action="store_true", help="profile our batched runs")
     parser.add_argument("--compile", action="store_true", help="also with the decoder compiled")
+    parser.add_argument(
+        "--ungrouped",
+        action="store_true",
+        help="packed attention as transformers runs it: keys and values copied per query head",
+    )
     args = parser.parse_args(argv)
     global PROFILE, COMPILE
     PROFILE, COMPILE = args.profile, args.compile
@@ -518,10 +527,17 @@ def main(argv: list[str] | None = None) -> None:
     else:
         peaks = {"measured": matmul_tflops(device, 256 if args.tiny else 2048)}
     print("bf16 peaks (TFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
-    if "llama" not in args.skip:
-        llama_section(device, dtype, args.tiny, peaks)
-    if "lfm2" not in args.skip:
-        lfm2_section(device, dtype, args.tiny, peaks)
+    # grouped_attention is taken for transformers' own function only
+    ungrouped = functools.partial(packing.sdpa_attention_forward)
+    with (
+        mock.patch.object(packing, "sdpa_attention_forward", ungrouped)
+        if args.ungrouped
+        else contextlib.nullcontext()
+    ):
+        if "llama" not in args.skip:
+            llama_section(device, dtype, args.tiny, peaks)
+        if "lfm2" not in args.skip:
+            lfm2_section(device, dtype, args.tiny, peaks)
 
 
 if __name__ == "__main__":
