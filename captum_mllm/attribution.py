@@ -224,7 +224,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             **kwargs: passed to the method's ``attribute`` (``n_samples``,
                 ``perturbations_per_eval``, ``show_progress``, ...). Unlike
                 Captum's 1, ``perturbations_per_eval`` defaults to 64 coalitions
-                a call on a CPU and 256 on an accelerator
+                a call on a CPU and 1,024 on an accelerator
                 (:func:`~captum_mllm.models.batching.default_perturbations_per_eval`);
                 values never depend on it.
 

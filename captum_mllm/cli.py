@@ -118,7 +118,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--batch",
         type=int,
         default=None,
-        help="coalitions per call (default: 64 on a CPU, 256 on a GPU)",
+        help="coalitions per call (default: 64 on a CPU, 1024 on a GPU)",
     )
     parser.add_argument(
         "--trust-remote-code",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import adapter_and_input
 
-from captum_mllm.models import math_attention
+from captum_mllm.models import batching, math_attention
 from captum_mllm.models.batching import (
     MIN_PRODUCT_ROWS,
     by_length,
@@ -138,3 +138,37 @@ def test_no_forward_lets_attention_reach_cudnn(
         call()
         assert flags and not any(flags)
         assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after
+
+
+def test_target_log_probs_is_the_whole_log_softmax_in_any_chunk(monkeypatch) -> None:
+    logits = torch.randn(7, 3, 50, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([4, 0, 49])
+    whole = logits.log_softmax(-1).gather(2, target[None, :, None].expand(7, -1, 1))[..., 0]
+    for at_once in (1, 150, 300, 10_000):  # a row at a time, 1 and 2 rows, all of them
+        monkeypatch.setattr(batching, "LOGITS_AT_ONCE", at_once)
+        assert torch.equal(batching.target_log_probs(logits, target), whole)
+    assert batching.target_log_probs(logits[:0], target).shape == (0, 3)
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_scores_do_not_depend_on_the_log_softmax_chunk(monkeypatch, speech: bool) -> None:
+    """Both adapters' scoring, with the log-softmax over the vocabulary taken a
+    row at a time: the same scores to the bit."""
+    model, inp = adapter_and_input(speech=speech)
+    coalitions = torch.randint(0, 2, (20, inp.n_itp_features), generator=torch.Generator())
+    masked = inp.to_model_input(coalitions)
+    response = model.response(torch.arange(300, 305))
+    prefix = model.prefill(inp.to_model_input())
+    whole = model.score_masked(masked, response, prefix)
+    calls: list[int] = []
+    chunked = batching.target_log_probs
+
+    def counted(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(len(logits))
+        return chunked(logits, target)
+
+    monkeypatch.setattr(batching, "LOGITS_AT_ONCE", 1)
+    module = "lfm2_audio" if speech else "hf_causal"
+    monkeypatch.setattr(f"captum_mllm.models.{module}.target_log_probs", counted)
+    assert torch.equal(model.score_masked(masked, response, prefix), whole)
+    assert calls  # the chunked path ran

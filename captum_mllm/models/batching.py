@@ -64,6 +64,28 @@ def pad_rows(
 MIN_PRODUCT_ROWS = 16
 
 
+#: Logits one float32 log-softmax holds at a time (512 MiB): scoring takes a
+#: batch's log-softmax over the vocabulary a chunk of rows at a time, so a
+#: call's float32 copies never grow with the batch (1,024 coalitions with an
+#: 11-token answer over a 128k vocabulary would need two of 5.8 GB).
+LOGITS_AT_ONCE = 2**27
+
+
+def target_log_probs(logits: Tensor, target: Tensor) -> Tensor:
+    """``(B, T, V)`` logits and ``(T,)`` target ids (on the logits' device) ->
+    ``(B, T)`` float32 log-probabilities of the targets, in chunks of rows of at
+    most :data:`LOGITS_AT_ONCE` logits (each row's softmax alone: the same
+    values at any chunk size)."""
+    batch, n_target, vocab = logits.shape
+    rows = max(1, LOGITS_AT_ONCE // max(n_target * vocab, 1))
+    index = target[None, :, None]
+    parts = [
+        part.float().log_softmax(-1).gather(2, index.expand(len(part), -1, 1))[..., 0]
+        for part in logits.split(rows)
+    ]
+    return torch.cat(parts) if parts else logits.new_zeros(0, n_target, dtype=torch.float32)
+
+
 def with_rows(x: Tensor, rows: int = MIN_PRODUCT_ROWS) -> Tensor:
     """``x`` with zero rows appended along its first dimension up to ``rows``
     (see :data:`MIN_PRODUCT_ROWS`); callers keep the first ``len(x)`` outputs."""
@@ -224,9 +246,13 @@ def default_perturbations_per_eval(device: torch.device) -> int:
     forward). Values never depend on it, the adapter cuts a call to its token
     budget and an out-of-memory halves it; it bounds what a call holds besides
     (every coalition's logits over the vocabulary). 64 on a CPU and 256 on an
-    accelerator: past those, ``benchmarks/text_vs_captum.py`` and ``gpu.py``
-    gain little."""
-    return 64 if device.type == "cpu" else 256
+    accelerator. On a CPU, ``benchmarks/text_vs_captum.py`` gains little past
+    64. On a GPU the model's Python costs a few milliseconds a forward, which
+    fewer, larger forwards spread thinner (``benchmarks/gpu.py``, H100, 1B
+    Llama: exact Shapley 0.226-0.229 ms a coalition at 256, 0.179-0.193 at
+    1,024); the log-softmax over the vocabulary is taken in chunks
+    (:data:`LOGITS_AT_ONCE`), so its float32 copies do not grow with it."""
+    return 64 if device.type == "cpu" else 1024
 
 
 def default_call_cost(device: torch.device, n_params: int = 10_000_000) -> int:

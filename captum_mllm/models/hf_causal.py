@@ -22,6 +22,7 @@ from captum_mllm.models.base import Response
 from captum_mllm.models.batching import (
     MIN_PRODUCT_ROWS,
     pad_rows,
+    target_log_probs,
     to_device,
     widened,
     with_rows,
@@ -407,8 +408,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         if prefix is not None and 0 in sizes:
             empty = to_device(torch.tensor(sizes) == 0, picked.device)
             picked[empty, 0] = prefix.last.to(picked.dtype)
-        logp = picked.float().log_softmax(-1)
-        return logp.gather(2, target[None, :, None].expand(batch, -1, 1)).squeeze(-1)
+        return target_log_probs(picked, target)
 
     def _padded_logits(
         self,

@@ -26,7 +26,14 @@ from captum_mllm.chat import AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat, PositionTableBuilder
 from captum_mllm.errors import AudioError, EmptyCoalitionError, InvalidOptionError, TargetError
 from captum_mllm.models.base import Response
-from captum_mllm.models.batching import indices_on, pad_rows, to_device, widened, with_rows
+from captum_mllm.models.batching import (
+    indices_on,
+    pad_rows,
+    target_log_probs,
+    to_device,
+    widened,
+    with_rows,
+)
 from captum_mllm.models.decoder import (
     DecoderLMAdapter,
     PrefixCache,
@@ -392,11 +399,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             states = h.index_select(1, at).reshape(batch * len(at), -1)
             logits = with_rows(states) @ self._lfm.embed_tokens.weight.T
             logits = logits[: len(states)].reshape(batch, len(at), -1)
-            out[:, at] = (
-                logits.float()
-                .log_softmax(-1)
-                .gather(2, on_device[at, 0][None, :, None].expand(batch, -1, 1))[..., 0]
-            )
+            out[:, at] = target_log_probs(logits, on_device[at, 0])
         if not bool(text.all()):
             at = indices_on(~text, h.device)
             codes = on_device[at, 1:]  # (F, C)
