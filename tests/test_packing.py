@@ -292,3 +292,14 @@ def test_the_probe_reads_a_prefix_cache_too(monkeypatch, speech):
     monkeypatch.setattr(packing.PackedRows, "of", classmethod(blind))
     model, _ = adapter_and_input(speech=speech)
     assert not model.packs()
+
+
+def test_a_suffix_is_each_row_followed_by_it():
+    rows = [torch.tensor([1, 2, 3]), torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)]
+    suffix = torch.tensor([7, 8])
+    with_suffix, ids = PackedRows.of(rows, 3, [3, 3, 2], [3, 4, 3], 0, suffix=suffix)
+    joined, want = PackedRows.of([torch.cat([r, suffix]) for r in rows], 3, [3, 3, 2], [3, 4, 3])
+    assert torch.equal(ids, want)
+    for name in ("places", "positions", "queries", "keys", "unpack", "mask"):
+        assert torch.equal(getattr(with_suffix, name), getattr(joined, name)), name
+    assert with_suffix.real == joined.real

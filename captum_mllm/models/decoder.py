@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.utils.rnn import pad_sequence
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.models.base import ModelAdapter, Response
@@ -87,10 +86,13 @@ class PrefixCache:
         k = len(self.shared)
         if k == 0 or not rows:
             return [0] * len(rows)
-        # the first k ids of every row at once (-1 pads a short row: never an id)
-        head = pad_sequence([r[:k] for r in rows], batch_first=True, padding_value=-1)
-        same = (head == self.shared[: head.shape[1]]).long().cumprod(1).sum(1)
+        # The first k ids of every row at once, read from the rows laid end to end.
         lens = torch.tensor([len(r) for r in rows])
+        flat = torch.cat([*rows, self.shared.new_full((k,), -1)])
+        starts = torch.cumsum(lens, 0) - lens
+        head = flat[starts[:, None] + torch.arange(k)[None]]  # past a row's end: not its ids,
+        head = head.masked_fill(torch.arange(k)[None] >= lens[:, None], -1)  # so masked (-1)
+        same = (head == self.shared).long().cumprod(1).sum(1)
         return torch.minimum(same, (lens - 1).clamp(min=0)).tolist()
 
     @staticmethod

@@ -467,12 +467,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         """Last hidden states ``(B * T, d)`` that predict the ``T = n_target``
         target tokens, of the rows (each followed by ``fed``) packed into one
         forward (:mod:`~captum_mllm.models.packing`)."""
-        segments = [torch.cat([r, fed.to(r.dtype)]) for r in rows]
         cached = 0 if prefix is None else prefix.length + len(prefix.shared)
         start = 0 if prefix is None else prefix.length
         first = [start + n for n in (leads or [0] * len(rows))]
         pad = _pad_id(self.tokenizer)
-        layout, ids = PackedRows.of(segments, cached, first, first, pad, self.device)
+        layout, ids = PackedRows.of(rows, cached, first, first, pad, self.device, suffix=fed)
         hidden = self._packed_forward(decoder, layout, prefix, input_ids=ids)[0]
         at = layout.predicting([len(r) for r in rows], n_target)
         return hidden[0].index_select(0, to_device(at.flatten(), hidden.device))

@@ -375,11 +375,9 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         """As :meth:`_padded_hidden`, the rows packed into one forward
         (:mod:`~captum_mllm.models.packing`; rows that begin with the same
         vectors share those positions)."""
-        segments = [torch.cat([r, fed.to(r.dtype)]) for r in rows]
-        ids, table = distinct_ids(segments)
-        layout, packed = PackedRows.of(
-            ids, 0 if prefix is None else prefix.length, device=self.device
-        )
+        ids, table = distinct_ids([*rows, fed.to(rows[0].dtype)])  # the answer's vectors once
+        cached = 0 if prefix is None else prefix.length
+        layout, packed = PackedRows.of(ids[:-1], cached, device=self.device, suffix=ids[-1])
         hidden = self._packed_forward(self._lfm, layout, prefix, inputs_embeds=table[packed])
         hidden = hidden.last_hidden_state
         at = layout.predicting([len(r) for r in rows], n_items)

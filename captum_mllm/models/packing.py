@@ -78,6 +78,7 @@ class PackedRows:
         first_positions: list[int] | None = None,
         fill: int = 0,
         device: torch.device | None = None,
+        suffix: Tensor | None = None,
     ) -> tuple[PackedRows, Tensor]:
         """Rows of token ids laid end to end. A row that begins as another row
         (the same first ids, the same first position and the same cached
@@ -97,6 +98,8 @@ class PackedRows:
                 :data:`MIN_PRODUCT_ROWS` positions. Default: 0
             device (torch.device, optional): where the layout and the ids go.
                 Default: the CPU
+            suffix (Tensor, optional): ``(S,)`` ids that follow every row (the
+                answer fed after each coalition). Default: None
 
         Returns:
             tuple: the layout, and the packed ids ``(1, N)``.
@@ -104,10 +107,15 @@ class PackedRows:
         device = device or torch.device("cpu")
         n_rows = len(rows)
         lens = torch.tensor([len(r) for r in rows])
+        grid = pad_sequence([r.cpu() for r in rows], batch_first=True, padding_value=-1).long()
+        if suffix is not None and len(suffix):  # written after each row, as one index
+            grid = torch.nn.functional.pad(grid, (0, len(suffix)), value=-1)
+            at = lens[:, None] + torch.arange(len(suffix))[None]
+            grid.scatter_(1, at, suffix.cpu().long()[None].expand(n_rows, -1))
+            lens = lens + len(suffix)
         width = max(int(lens.max()) if n_rows else 0, MIN_PRODUCT_ROWS)
         reads = torch.tensor(seen if seen is not None else [cached] * n_rows)
         first = torch.tensor(first_positions if first_positions is not None else [cached] * n_rows)
-        grid = pad_sequence([r.cpu().long() for r in rows], batch_first=True, padding_value=-1)
         grid = torch.nn.functional.pad(grid, (0, width - grid.shape[1]), value=-1)  # -1: no id
         # Sorted by (first position, cached positions seen, ids), a row's longest
         # shared start is with the row before it.
