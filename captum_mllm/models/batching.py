@@ -245,13 +245,13 @@ def default_perturbations_per_eval(device: torch.device) -> int:
     ``perturbations_per_eval`` (Captum's default, 1, scores one coalition a
     forward). Values never depend on it, the adapter cuts a call to its token
     budget and an out-of-memory halves it; it bounds what a call holds besides
-    (every coalition's logits over the vocabulary). 64 on a CPU and 256 on an
-    accelerator. On a CPU, ``benchmarks/text_vs_captum.py`` gains little past
-    64. On a GPU the model's Python costs a few milliseconds a forward, which
+    (every coalition's logits over the vocabulary). 64 on a CPU and 1,024 on
+    an accelerator. On a CPU, ``benchmarks/text_vs_captum.py`` gains little
+    past 64. On a GPU the model's Python costs milliseconds a forward, which
     fewer, larger forwards spread thinner (``benchmarks/gpu.py``, H100, 1B
-    Llama: exact Shapley 0.226-0.229 ms a coalition at 256, 0.179-0.193 at
-    1,024); the log-softmax over the vocabulary is taken in chunks
-    (:data:`LOGITS_AT_ONCE`), so its float32 copies do not grow with it."""
+    Llama, four runs: exact Shapley 0.226-0.286 ms a coalition at 256,
+    0.179-0.200 at 1,024); the log-softmax over the vocabulary is taken in
+    chunks (:data:`LOGITS_AT_ONCE`), so its float32 copies do not grow with it."""
     return 64 if device.type == "cpu" else 1024
 
 

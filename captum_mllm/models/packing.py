@@ -14,6 +14,12 @@ of a forward's work, see only real positions. Rows that begin alike share
 those positions (:meth:`PackedRows.of`), as rows that begin as the full chat
 read them from the prefix cache.
 
+Where transformers' own ``"sdpa"`` attention would run (a GPU, or an adapter
+that is not deterministic), the spread-out attention puts each key/value
+head's query heads in that head's rows (:func:`grouped_attention`) instead of
+copying the keys and values once per query head, as transformers does whenever
+a mask is given on CUDA.
+
 LFM2's short convolutions read the two positions before each one: within
 :func:`packed_layers` they are spread into the padded layout too, after the
 prefix's convolution state, as the padded path runs them. Models with other
@@ -186,8 +192,8 @@ class PackedRows:
         key = ("mask", groups, dtype)
         if key not in self._built:
             rows, _, width, n_keys = self.mask.shape
-            wide = torch.zeros(rows, 1, width * groups, -(-n_keys // 16) * 16, dtype=dtype,
-                               device=self.mask.device)[..., :n_keys]  # fmt: skip
+            shape = (rows, 1, width * groups, -(-n_keys // 16) * 16)
+            wide = torch.zeros(shape, dtype=dtype, device=self.mask.device)[..., :n_keys]
             masked = ~self.mask.repeat_interleave(groups, dim=2)
             self._built[key] = wide.masked_fill_(masked, float("-inf"))
         return cast(Tensor, self._built[key])
