@@ -31,6 +31,7 @@ from captum_mllm.models.batching import (
     default_call_cost,
     default_token_budget,
     enough_rows,
+    lengths,
     rows_within,
     to_device,
 )
@@ -87,7 +88,7 @@ class PrefixCache:
         if k == 0 or not rows:
             return [0] * len(rows)
         # The first k ids of every row at once, read from the rows laid end to end.
-        lens = torch.tensor([len(r) for r in rows])
+        lens = torch.tensor(lengths(rows))
         flat = torch.cat([*rows, self.shared.new_full((k,), -1)])
         starts = torch.cumsum(lens, 0) - lens
         head = flat[starts[:, None] + torch.arange(k)[None]]  # past a row's end: not its ids,
@@ -154,8 +155,8 @@ def shares(prefix: Any) -> bool:
 def _widths(rows: list[Tensor], prefix: Any) -> list[int]:
     """Tokens each row pushes: its length, less what it reads from ``prefix``."""
     if not shares(prefix):
-        return [len(r) for r in rows]
-    return [len(r) - n for r, n in zip(rows, prefix.leads(rows), strict=True)]
+        return lengths(rows)
+    return [w - n for w, n in zip(lengths(rows), prefix.leads(rows), strict=True)]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

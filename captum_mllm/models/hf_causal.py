@@ -21,6 +21,7 @@ from captum_mllm.errors import (
 from captum_mllm.models.base import Response
 from captum_mllm.models.batching import (
     MIN_PRODUCT_ROWS,
+    lengths,
     pad_rows,
     target_log_probs,
     to_device,
@@ -389,7 +390,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         leads = prefix.leads(rows) if shares(prefix) else None
         if leads is not None:  # positions the cache holds are not pushed again
             rows = [r[n:] for r, n in zip(rows, leads, strict=True)]
-        sizes = [len(r) for r in rows]
+        sizes = lengths(rows)
         if prefix is None and 0 in sizes:
             raise EmptyCoalitionError(
                 "a coalition removed every input token; keep some template text fixed"
@@ -422,7 +423,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         """Logits ``(B, T, V)`` that predict the ``T = n_target`` target tokens,
         of one right-padded forward of the rows (each followed by ``fed``)."""
         device, batch = self.device, len(rows)
-        sizes = [len(r) for r in rows]
+        sizes = lengths(rows)
         # Positions in each row that predict target token j of row b: lens[b] - 1 + j.
         index = to_device(torch.tensor(sizes)[:, None] - 1 + torch.arange(n_target)[None], device)
         ids, mask = pad_rows(rows, _pad_id(self.tokenizer), device=device, suffix=fed)
@@ -473,7 +474,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         pad = _pad_id(self.tokenizer)
         layout, ids = PackedRows.of(rows, cached, first, first, pad, self.device, suffix=fed)
         hidden = self._packed_forward(decoder, layout, prefix, input_ids=ids)[0]
-        at = layout.predicting([len(r) for r in rows], n_target)
+        at = layout.predicting(lengths(rows), n_target)
         return hidden[0].index_select(0, to_device(at.flatten(), hidden.device))
 
     @staticmethod

@@ -28,6 +28,7 @@ from captum_mllm.errors import AudioError, EmptyCoalitionError, InvalidOptionErr
 from captum_mllm.models.base import Response
 from captum_mllm.models.batching import (
     indices_on,
+    lengths,
     pad_rows,
     target_log_probs,
     to_device,
@@ -325,7 +326,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         depthformer over its 8 codebooks (codebook 0 only at end-of-audio)."""
         items = response.ids[first:last]
         fed = self._embed_items(items[:-1])  # the last item predicts nothing we need
-        sizes = [len(r) for r in rows]
+        sizes = lengths(rows)
         if prefix is None and 0 in sizes:
             raise EmptyCoalitionError(
                 "a coalition removed every input position; keep some template text fixed"
@@ -360,7 +361,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         """Backbone states ``(B, N, D)`` that predict the ``N = n_items`` items,
         of one right-padded forward of the rows (each followed by ``fed``)."""
         device = self.device
-        lens = to_device(torch.tensor([len(r) for r in rows]), device)
+        lens = to_device(torch.tensor(lengths(rows)), device)
         dim = rows[0].shape[-1]
         x, mask = widened(*pad_rows(rows, device=device, suffix=fed))
         kwargs: dict[str, Any] = {"use_cache": False}
@@ -380,7 +381,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         layout, packed = PackedRows.of(ids[:-1], cached, device=self.device, suffix=ids[-1])
         hidden = self._packed_forward(self._lfm, layout, prefix, inputs_embeds=table[packed])
         hidden = hidden.last_hidden_state
-        at = layout.predicting([len(r) for r in rows], n_items)
+        at = layout.predicting(lengths(rows), n_items)
         return hidden[0][to_device(at, hidden.device)]
 
     def _item_log_probs(self, h: Tensor, items: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from captum_mllm.models.batching import MIN_PRODUCT_ROWS, to_device
+from captum_mllm.models.batching import MIN_PRODUCT_ROWS, lengths, to_device
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class PackedRows:
         """
         device = device or torch.device("cpu")
         n_rows = len(rows)
-        lens = torch.tensor([len(r) for r in rows])
+        lens = torch.tensor(lengths(rows))
         grid = pad_sequence([r.cpu() for r in rows], batch_first=True, padding_value=-1).long()
         if suffix is not None and len(suffix):  # written after each row, as one index
             grid = torch.nn.functional.pad(grid, (0, len(suffix)), value=-1)
@@ -269,7 +269,7 @@ def distinct_ids(rows: list[Tensor]) -> tuple[list[Tensor], Tensor]:
     if not torch.equal(bits[first][inverse], bits):  # a collision: sort the vectors themselves
         _, inverse = torch.unique(bits, dim=0, return_inverse=True)
         first = _first_of(inverse)
-    return list(inverse.cpu().split([len(r) for r in rows])), flat[first]
+    return list(inverse.cpu().split(lengths(rows))), flat[first]
 
 
 def hash_bits(bits: Tensor) -> Tensor:
