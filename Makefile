@@ -39,6 +39,7 @@ bench: setup
 	# The speech faithfulness section synthesises fresh requests with espeak-ng.
 	command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
 	$(BIN)/python benchmarks/text_vs_captum.py
+	$(BIN)/python benchmarks/host_overhead.py
 	$(BIN)/python benchmarks/similarity.py
 	$(BIN)/python benchmarks/lfm2_audio.py
 	$(BIN)/python benchmarks/estimators.py

@@ -1,6 +1,7 @@
 """Benchmark scripts under test: the GPU scripts run end to end on the CPU
 (the benchmark on tiny shapes), so they cannot rot before a GPU is lent, and
-the benchmark's rows agree with the stock paths they time; the CPU kernels
+the benchmark's rows agree with the stock paths they time; the host benchmark
+counts what it divides by; the CPU kernels
 benchmark packs without changing scores; the oracle bound's pieces agree with
 brute force."""
 
@@ -67,6 +68,24 @@ def test_cpu_kernels_benchmark_packs_without_changing_scores(
     host = re.match(r"host: (.+), (\d+) CPUs, (\d+) torch threads, .* (\d+) GFLOPS\n", out)
     assert host is not None, out
     assert int(host.group(3)) == torch.get_num_threads() and int(host.group(4)) > 0
+
+
+def test_host_overhead_counts_every_coalition(capsys: pytest.CaptureFixture[str]) -> None:
+    """The host benchmark's rows: stock Captum's forwards counted (one for the
+    baseline, then n for each of its 4 orders over 13 words) and ours' 2^13."""
+    threads = str(torch.get_num_threads())  # the script sets them for the whole process
+    _load("host_overhead").main(["--repeats", "1", "--threads", threads])
+    out = capsys.readouterr().out
+    counts = {}
+    for row in ("stock Captum sequence path", "captum-mllm, exact 2^n, 1024 a call"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(row))
+        count, us = line[40:].split()[:2]
+        counts[row] = int(count)
+        assert float(us) > 0, line
+    assert counts == {
+        "stock Captum sequence path": 1 + 4 * 13,
+        "captum-mllm, exact 2^n, 1024 a call": 2**13,
+    }
 
 
 def test_gpu_parity_runs_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:

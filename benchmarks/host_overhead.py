@@ -1,0 +1,111 @@
+"""Host work per coalition: what an explanation costs when the model costs nothing.
+
+On a GPU our batched scoring is paced by the host (``gpu.py --profile``: the
+kernels of an exact run on a 1B Llama take 1.14 s of its 1.9 s, and the host
+barely waits for them), so the Python spent per coalition matters there more
+than the FLOPs. This measures it on any machine: the same chat as ``gpu.py``
+(13 words, 11-token target) on a Llama of one layer, 32 wide, scored through
+the accelerator's code path (``deterministic=False``: packed rows, grouped
+attention, no length buckets), so that nearly all of the time is the host's.
+
+Rows, ms per coalition, best of 3: stock Captum's
+``LLMAttribution(ShapleyValueSampling)`` sequence path; ours, exact Shapley
+(2^13 coalitions) at 1,024 coalitions a call (the accelerator default) and at
+256. ``--profile`` prints where ours spends it (cProfile, own time).
+
+Run: ``python benchmarks/host_overhead.py [--profile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import pstats
+import time
+
+import torch
+from captum.attr import LLMAttribution, ShapleyValueSampling
+from host import describe
+from text_vs_captum import SYSTEM, TARGET, USER  # the chat of gpu.py, too
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from captum_mllm import Chat, ChatInput, HFCausalLMAdapter
+from captum_mllm import MultimodalLLMAttribution as Ours
+from captum_mllm.captum_compat import text_template_input
+from captum_mllm.methods import ExactShapleyValues
+from captum_mllm.testing import tiny_tokenizer
+
+NEARLY_FREE = dict(
+    hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=600,
+)  # fmt: skip
+
+
+def best_seconds(fn: functools.partial, repeats: int) -> tuple[object, float]:
+    """The last output and the best wall time of ``repeats`` runs after a warm-up."""
+    out, best = fn(), float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="where ours spends its time")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(describe())
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        **NEARLY_FREE, max_position_embeddings=4096, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    adapter = HFCausalLMAdapter(model, tok)
+    adapter.deterministic = False  # the accelerator's code path
+    inp = ChatInput(Chat().system(SYSTEM).user(USER), adapter)
+    target = torch.tensor(tok.encode(TARGET, add_special_tokens=False))
+    n = inp.n_itp_features
+
+    stock = LLMAttribution(ShapleyValueSampling(model), tok)
+    call = functools.partial(
+        stock.attribute,
+        text_template_input(inp),
+        target=target,
+        forward_in_tokens=False,
+        n_samples=4,
+    )
+    calls: list[int] = []
+    hook = model.model.register_forward_pre_hook(
+        lambda *_: calls.append(1)
+    )  # Captum calls .forward
+    _, secs = best_seconds(call, args.repeats)
+    hook.remove()
+    rows = [("stock Captum sequence path", secs, len(calls) // (args.repeats + 1))]
+    ours = Ours(ExactShapleyValues(adapter), adapter)
+    for per_call in (1024, 256):
+        call = functools.partial(
+            ours.attribute, inp, target=target, perturbations_per_eval=per_call
+        )
+        res, secs = best_seconds(call, args.repeats)
+        rows.append((f"captum-mllm, exact 2^n, {per_call} a call", secs, res.n_unique_coalitions))
+        if args.profile and per_call == 1024:
+            prof = cProfile.Profile()
+            prof.runcall(call)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    print(f"\nLlama of {sum(p.numel() for p in model.parameters())} parameters, {n} words")
+    print(f"{'run':40s} {'coalitions':>10s} {'us/coalition':>13s} {'vs stock':>9s}")
+    stock_us = 1e6 * rows[0][1] / rows[0][2]
+    for name, secs, count in rows:
+        us = 1e6 * secs / count
+        print(f"{name:40s} {count:10d} {us:13.1f} {stock_us / us:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()
