@@ -8,7 +8,7 @@ than the FLOPs. This measures it on any machine: the same chat as ``gpu.py``
 the accelerator's code path (``deterministic=False``: packed rows, grouped
 attention, no length buckets), so that nearly all of the time is the host's.
 
-Rows, ms per coalition, best of 3: stock Captum's
+Rows, microseconds per coalition, best of 3: stock Captum's
 ``LLMAttribution(ShapleyValueSampling)`` sequence path; ours, exact Shapley
 (2^13 coalitions) at 1,024 coalitions a call (the accelerator default) and at
 256. ``--profile`` prints where ours spends it (cProfile, own time).
@@ -22,11 +22,10 @@ import argparse
 import cProfile
 import functools
 import pstats
-import time
 
 import torch
 from captum.attr import LLMAttribution, ShapleyValueSampling
-from host import describe
+from host import best_ms, describe
 from text_vs_captum import SYSTEM, TARGET, USER  # the chat of gpu.py, too
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -40,16 +39,6 @@ NEARLY_FREE = dict(
     hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
     num_key_value_heads=2, vocab_size=600,
 )  # fmt: skip
-
-
-def best_seconds(fn: functools.partial, repeats: int) -> tuple[object, float]:
-    """The last output and the best wall time of ``repeats`` runs after a warm-up."""
-    out, best = fn(), float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return out, best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,29 +70,28 @@ def main(argv: list[str] | None = None) -> None:
         forward_in_tokens=False,
         n_samples=4,
     )
-    calls: list[int] = []
-    hook = model.model.register_forward_pre_hook(
-        lambda *_: calls.append(1)
-    )  # Captum calls .forward
-    _, secs = best_seconds(call, args.repeats)
+    calls: list[int] = []  # forwards of the decoder: Captum calls the model's .forward
+    hook = model.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    call()
     hook.remove()
-    rows = [("stock Captum sequence path", secs, len(calls) // (args.repeats + 1))]
+    rows = [("stock Captum sequence path", best_ms(call, args.repeats), len(calls))]
     ours = Ours(ExactShapleyValues(adapter), adapter)
     for per_call in (1024, 256):
         call = functools.partial(
             ours.attribute, inp, target=target, perturbations_per_eval=per_call
         )
-        res, secs = best_seconds(call, args.repeats)
-        rows.append((f"captum-mllm, exact 2^n, {per_call} a call", secs, res.n_unique_coalitions))
+        count = call().n_unique_coalitions
+        name = f"captum-mllm, exact 2^n, {per_call} a call"
+        rows.append((name, best_ms(call, args.repeats), count))
         if args.profile and per_call == 1024:
             prof = cProfile.Profile()
             prof.runcall(call)
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     print(f"\nLlama of {sum(p.numel() for p in model.parameters())} parameters, {n} words")
     print(f"{'run':40s} {'coalitions':>10s} {'us/coalition':>13s} {'vs stock':>9s}")
-    stock_us = 1e6 * rows[0][1] / rows[0][2]
-    for name, secs, count in rows:
-        us = 1e6 * secs / count
+    stock_us = 1e3 * rows[0][1] / rows[0][2]
+    for name, ms, count in rows:
+        us = 1e3 * ms / count
         print(f"{name:40s} {count:10d} {us:13.1f} {stock_us / us:8.1f}x")
 
 
