@@ -359,21 +359,23 @@ def llama_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: d
 
     # Captum's sampler batches within one permutation (at most n + 1 coalitions a
     # forward); our estimators hand over all of a round's coalitions at once.
+    # The last row names no perturbations_per_eval: the library's default for the device.
     runs = [
-        ("captum-mllm, Captum SVS, same budget", ShapleyValueSampling, {"n_samples": n_same}),
-        ("captum-mllm, exact 2^n, batched", ExactShapleyValues, {}),
+        (
+            "captum-mllm, Captum SVS, same budget",
+            ShapleyValueSampling,
+            {"n_samples": n_same, "perturbations_per_eval": PPE},
+        ),
+        ("captum-mllm, exact 2^n, batched", ExactShapleyValues, {"perturbations_per_eval": PPE}),
         (
             f"captum-mllm, exact 2^n, {default_perturbations_per_eval(device)} a forward",
             ExactShapleyValues,
-            {"perturbations_per_eval": None},  # the library's default for the device
+            {},
         ),
     ]
     done: dict[str, Any] = {}
     for label, method, kwargs in runs:
         ours = Ours(method(adapter), adapter)
-        kwargs = {"perturbations_per_eval": PPE, **kwargs}
-        if kwargs["perturbations_per_eval"] is None:
-            del kwargs["perturbations_per_eval"]
         call = functools.partial(ours.attribute, inp, target=target, **kwargs)
         call()  # warm-up
         flops.reset()
