@@ -72,20 +72,30 @@ def test_cpu_kernels_benchmark_packs_without_changing_scores(
 
 def test_host_overhead_counts_every_coalition(capsys: pytest.CaptureFixture[str]) -> None:
     """The host benchmark's rows: stock Captum's forwards counted (one for the
-    baseline, then n for each of its 4 orders over 13 words) and ours' 2^13."""
+    baseline, then n for each of its 4 orders over 13 words) and ours' 2^13,
+    1,024 or 256 coalitions a forward (as on a GPU, not cut by the CPU's token
+    budget), and the time outside the model a part of the whole."""
     threads = str(torch.get_num_threads())  # the script sets them for the whole process
     _load("host_overhead").main(["--repeats", "1", "--threads", threads])
     out = capsys.readouterr().out
-    counts = {}
-    for row in ("stock Captum sequence path", "captum-mllm, exact 2^n, 1024 a call"):
+    counts, forwards = {}, {}
+    for row in ("stock Captum sequence path", "captum-mllm, exact 2^n, 1024 a call",
+                "captum-mllm, exact 2^n, 256 a call"):  # fmt: skip
         line = next(ln for ln in out.splitlines() if ln.startswith(row))
-        count, us = line[40:].split()[:2]
+        count, forwards[row], us, *rest = line[40:].split()
         counts[row] = int(count)
         assert float(us) > 0, line
+        if rest[1:]:  # ours: the time outside the model's forwards
+            assert 0 < float(rest[1]) < float(us), line
     assert counts == {
         "stock Captum sequence path": 1 + 4 * 13,
         "captum-mllm, exact 2^n, 1024 a call": 2**13,
+        "captum-mllm, exact 2^n, 256 a call": 2**13,
     }
+    assert forwards["stock Captum sequence path"] == "53"
+    # one forward for the chat's prefix, then one a call
+    assert forwards["captum-mllm, exact 2^n, 1024 a call"] == str(1 + 2**13 // 1024)
+    assert forwards["captum-mllm, exact 2^n, 256 a call"] == str(1 + 2**13 // 256)
 
 
 def test_gpu_parity_runs_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,6 +19,12 @@ def lengths(rows: Sequence[Tensor]) -> list[int]:
     return [r.shape[0] for r in rows]
 
 
+def ints(values: Sequence[int]) -> Tensor:
+    """A host int64 tensor of Python ints: through numpy, which reads a list
+    of a thousand several times faster than ``torch.tensor`` does."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
+
+
 def pad_rows(
     rows: list[Tensor],
     fill: float | int = 0,
@@ -46,7 +52,7 @@ def pad_rows(
     """
     home = rows[0].device
     device = device or home
-    lens = to_device(torch.tensor(lengths(rows)), home)
+    lens = to_device(ints(lengths(rows)), home)
     padded = pad_sequence(
         rows, batch_first=True, padding_value=fill, padding_side="left" if left else "right"
     )
@@ -222,7 +228,7 @@ def by_length(
         c: score([rows[i] for i in order[c[0] : c[1]]]) for c in sorted(chunks, key=lambda c: -c[2])
     }
     out = torch.cat([scored[c] for c in chunks])
-    return out[to_device(torch.argsort(torch.tensor(order)), out.device)]
+    return out[to_device(torch.argsort(ints(order)), out.device)]
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:

@@ -31,6 +31,7 @@ from captum_mllm.models.batching import (
     default_call_cost,
     default_token_budget,
     enough_rows,
+    ints,
     lengths,
     rows_within,
     to_device,
@@ -75,7 +76,7 @@ class PrefixCache:
         ``width`` wide: the cache part of their attention mask ``(B, length +
         len(shared))`` (each row sees the prefix and the shared positions it
         begins with) and their position ids ``(B, width)``."""
-        lead = torch.tensor(leads)
+        lead = ints(leads)
         seen = torch.arange(self.length + len(self.shared))[None] < (self.length + lead)[:, None]
         start = to_device(self.length + lead, device)
         return to_device(seen.long(), device), start[:, None] + torch.arange(width, device=device)
@@ -88,7 +89,7 @@ class PrefixCache:
         if k == 0 or not rows:
             return [0] * len(rows)
         # The first k ids of every row at once, read from the rows laid end to end.
-        lens = torch.tensor(lengths(rows))
+        lens = ints(lengths(rows))
         flat = torch.cat([*rows, self.shared.new_full((k,), -1)])
         starts = torch.cumsum(lens, 0) - lens
         head = flat[starts[:, None] + torch.arange(k)[None]]  # past a row's end: not its ids,

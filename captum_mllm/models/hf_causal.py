@@ -21,6 +21,7 @@ from captum_mllm.errors import (
 from captum_mllm.models.base import Response
 from captum_mllm.models.batching import (
     MIN_PRODUCT_ROWS,
+    ints,
     lengths,
     pad_rows,
     target_log_probs,
@@ -407,7 +408,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             picked = self._padded_logits(rows, fed, prefix, leads, n_target, split)
         self.n_forward_calls += 1
         if prefix is not None and 0 in sizes:
-            empty = to_device(torch.tensor(sizes) == 0, picked.device)
+            empty = to_device(ints(sizes) == 0, picked.device)
             picked[empty, 0] = prefix.last.to(picked.dtype)
         return target_log_probs(picked, target)
 
@@ -425,7 +426,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         device, batch = self.device, len(rows)
         sizes = lengths(rows)
         # Positions in each row that predict target token j of row b: lens[b] - 1 + j.
-        index = to_device(torch.tensor(sizes)[:, None] - 1 + torch.arange(n_target)[None], device)
+        index = to_device(ints(sizes)[:, None] - 1 + torch.arange(n_target)[None], device)
         ids, mask = pad_rows(rows, _pad_id(self.tokenizer), device=device, suffix=fed)
         if self.is_causal:  # products of enough rows (MIN_PRODUCT_ROWS)
             ids, mask = widened(ids, mask, _pad_id(self.tokenizer))

@@ -28,6 +28,7 @@ from captum_mllm.errors import AudioError, EmptyCoalitionError, InvalidOptionErr
 from captum_mllm.models.base import Response
 from captum_mllm.models.batching import (
     indices_on,
+    ints,
     lengths,
     pad_rows,
     target_log_probs,
@@ -338,7 +339,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
                 h = self._padded_hidden(rows, fed, prefix, len(items))
             self.n_forward_calls += 1
             if prefix is not None and 0 in sizes:  # nothing after the prefix
-                h[to_device(torch.tensor(sizes) == 0, h.device), 0] = prefix.last.to(h.dtype)
+                h[to_device(ints(sizes) == 0, h.device), 0] = prefix.last.to(h.dtype)
             return self._item_log_probs(h, items)
 
     def _packing_probe(self) -> tuple[Tensor, Tensor] | None:
@@ -361,7 +362,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         """Backbone states ``(B, N, D)`` that predict the ``N = n_items`` items,
         of one right-padded forward of the rows (each followed by ``fed``)."""
         device = self.device
-        lens = to_device(torch.tensor(lengths(rows)), device)
+        lens = to_device(ints(lengths(rows)), device)
         dim = rows[0].shape[-1]
         x, mask = widened(*pad_rows(rows, device=device, suffix=fed))
         kwargs: dict[str, Any] = {"use_cache": False}

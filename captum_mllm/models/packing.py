@@ -38,11 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from captum_mllm.models.batching import MIN_PRODUCT_ROWS, lengths, to_device
+from captum_mllm.models.batching import MIN_PRODUCT_ROWS, ints, lengths, to_device
 
 
 @dataclass(frozen=True)
@@ -112,17 +111,21 @@ class PackedRows:
         """
         device = device or torch.device("cpu")
         n_rows = len(rows)
-        lens = torch.tensor(lengths(rows))
-        grid = pad_sequence([r.cpu() for r in rows], batch_first=True, padding_value=-1).long()
-        if suffix is not None and len(suffix):  # written after each row, as one index
-            grid = torch.nn.functional.pad(grid, (0, len(suffix)), value=-1)
-            at = lens[:, None] + torch.arange(len(suffix))[None]
+        lens = ints(lengths(rows))
+        extra = 0 if suffix is None else len(suffix)
+        width = max(int(lens.max()) + extra if n_rows else 0, MIN_PRODUCT_ROWS)
+        place = torch.arange(width)[None]
+        # The rows laid into a (B, W) grid in one write (-1: no id); pad_sequence
+        # copies row by row, several times slower for a thousand short rows.
+        grid = torch.full((n_rows, width), -1, dtype=torch.long)
+        if n_rows:
+            grid.masked_scatter_(place < lens[:, None], torch.cat(rows).cpu().long())
+        if suffix is not None and extra:  # the suffix after each row, as one index
+            at = lens[:, None] + torch.arange(extra)[None]
             grid.scatter_(1, at, suffix.cpu().long()[None].expand(n_rows, -1))
-            lens = lens + len(suffix)
-        width = max(int(lens.max()) if n_rows else 0, MIN_PRODUCT_ROWS)
-        reads = torch.tensor(seen if seen is not None else [cached] * n_rows)
-        first = torch.tensor(first_positions if first_positions is not None else [cached] * n_rows)
-        grid = torch.nn.functional.pad(grid, (0, width - grid.shape[1]), value=-1)  # -1: no id
+            lens = lens + extra
+        reads = ints(seen if seen is not None else [cached] * n_rows)
+        first = ints(first_positions if first_positions is not None else [cached] * n_rows)
         # Sorted by (first position, cached positions seen, ids), a row's longest
         # shared start is with the row before it.
         order = torch.from_numpy(
@@ -134,7 +137,6 @@ class PackedRows:
         shared = torch.cat(
             [torch.zeros(1, dtype=torch.long), same.long().cumprod(1).sum(1) * alike]
         )
-        place = torch.arange(width)[None]
         new = (ids >= 0) & (place >= shared[:, None])  # the places that push a position
         pushed = new.flatten().cumsum(0).reshape(new.shape) - 1
         owner = torch.where(new, torch.arange(n_rows)[:, None], -1).cummax(0).values
@@ -143,19 +145,24 @@ class PackedRows:
         n = int(new.sum())
         ids = ids[new]
         real = place < lens[:, None]  # (B, W)
+        held = real.flatten().nonzero()[:, 0]  # flat index (row * W + place) of each real place
+        at = places.flatten()[held]
         unpack = torch.zeros(n, dtype=torch.long)  # any place of a position holds its state
-        unpack[places[real]] = (torch.arange(n_rows)[:, None] * width + place)[real]
+        unpack[at] = held
         positions = torch.zeros(n, dtype=torch.long)
-        positions[places[real]] = (first[:, None] + place)[real]
+        positions[at] = (first[:, None] + place).flatten()[held]
         short = MIN_PRODUCT_ROWS - n
         if short > 0:  # positions only the products see; nothing reads them
             unpack = torch.cat([unpack, unpack.new_zeros(short)])
             positions = torch.cat([positions, positions.new_zeros(short)])
             ids = torch.cat([ids, ids.new_full((short,), fill)])
         keys = torch.cat([torch.arange(cached).expand(n_rows, -1), cached + places], 1)
-        from_cache = torch.arange(cached)[None] < reads[:, None]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()[None] & real[:, None, :]
-        mask = torch.cat([from_cache[:, None].expand(-1, width, -1), causal], 2)[:, None]
+        # Key k is the cache's for k < C (seen by a row up to its reads), else
+        # place k - C, seen by the row's own real places up to the query's.
+        key = torch.arange(cached + width)[None]
+        mine = torch.where(key < cached, key < reads[:, None], key - cached < lens[:, None])
+        causal = key - cached <= torch.arange(width)[:, None]  # (W, C + W)
+        mask = (mine[:, None] & causal[None])[:, None]
         layout = cls(
             places=places,
             positions=to_device(positions[None], device),
@@ -176,7 +183,7 @@ class PackedRows:
         """``(B, n)`` host index of the packed positions that predict ``n``
         items after each row's first ``sizes[b]`` places (its last input place
         and the ``n - 1`` items fed after it; place 0 for a row of no input)."""
-        index = torch.tensor(sizes)[:, None] - 1 + torch.arange(n)[None]
+        index = ints(sizes)[:, None] - 1 + torch.arange(n)[None]
         return self.places.gather(1, index.clamp(min=0))
 
     def spread(self, x: Tensor, index: Tensor) -> Tensor:
