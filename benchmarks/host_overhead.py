@@ -1,12 +1,13 @@
 """Host work per coalition: what an explanation costs when the model costs nothing.
 
-On a GPU our batched scoring is paced by the host (``gpu.py --profile``: the
-kernels of an exact run on a 1B Llama take 1.14 s of its 1.9 s, and the host
-barely waits for them), so the Python spent per coalition matters there more
-than the FLOPs. This measures it on any machine: the same chat as ``gpu.py``
+On a GPU, at 256 coalitions a forward, our batched scoring was paced by the
+host (``gpu.py --profile``: the kernels of an exact run on a 1B Llama took
+1.14 s of its 1.9 s, and the host barely waited for them). The host's share is
+the model's own Python, once a forward, and our work per coalition around it.
+This measures both on any machine: the same chat as ``gpu.py``
 (13 words, 11-token target) on a Llama of one layer, 32 wide, scored through
 the accelerator's code path (``deterministic=False``: packed rows, grouped
-attention, no length buckets), so that nearly all of the time is the host's.
+attention, no length buckets), whose matrix products cost next to nothing.
 
 Rows, microseconds per coalition, best of 3: stock Captum's
 ``LLMAttribution(ShapleyValueSampling)`` sequence path; ours, exact Shapley
