@@ -121,8 +121,8 @@ class PackedRows:
         if n_rows:
             grid.masked_scatter_(place < lens[:, None], torch.cat(rows).cpu().long())
         if suffix is not None and extra:  # the suffix after each row, as one index
-            at = lens[:, None] + torch.arange(extra)[None]
-            grid.scatter_(1, at, suffix.cpu().long()[None].expand(n_rows, -1))
+            after = lens[:, None] + torch.arange(extra)[None]
+            grid.scatter_(1, after, suffix.cpu().long()[None].expand(n_rows, -1))
             lens = lens + extra
         reads = ints(seen if seen is not None else [cached] * n_rows)
         first = ints(first_positions if first_positions is not None else [cached] * n_rows)
