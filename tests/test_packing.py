@@ -303,3 +303,43 @@ def test_a_suffix_is_each_row_followed_by_it():
     for name in ("places", "positions", "queries", "keys", "unpack", "mask"):
         assert torch.equal(getattr(with_suffix, name), getattr(joined, name)), name
     assert with_suffix.real == joined.real
+
+
+@pytest.mark.parametrize(
+    ("text_baseline", "audio_baseline"),
+    [("drop", "drop"), ("replace", "embedding"), ("drop", "silence")],
+)
+def test_lfm2_rows_of_ids_score_and_share_as_their_vectors_do(text_baseline, audio_baseline):
+    """LFM2-Audio lays its coalitions out as ids built on the host: they score
+    as the rows of their vectors do (whose ids the device finds by hashing
+    the vectors), to the bit, and push as few positions: equal tokens read
+    one id (the tiny tokenizer's bytes repeat), a baseline's fill and a
+    silenced clip one id per vector."""
+    model, inp = adapter_and_input(speech=True)
+    inp = ChatInput(
+        inp.chat, model, audio_unit=0.25, text_unit="token", text_baseline=text_baseline,
+        audio_baseline=audio_baseline,
+    )  # fmt: skip
+    n = inp.n_itp_features
+    coalitions = torch.randint(0, 2, (40, n), generator=torch.Generator().manual_seed(5))
+    coalitions[:8] = coalitions[0]  # alike
+    coalitions[:8, torch.arange(8) + n - 8] = 0  # then one feature near the end each
+    masked = inp.to_model_input(coalitions)
+    response = model.response(torch.tensor([300, 301, 302]))
+    calls, handle = _packed_calls(model)
+    for prefix in (None, model.prefill(inp.to_model_input())):
+        by_ids = model.score_masked(masked, response, prefix)
+        pushed = calls[-1]
+        rows = model._coalition_rows(masked, prefix)  # the vectors, as generation reads them
+        by_vectors = model.score_rows(rows, response, prefix)
+        assert torch.equal(by_ids, by_vectors) and calls[-1] == pushed
+    # the table: the chat's vectors, then each fill once and each silenced clip once
+    audio = inp.encoded.clip >= 0
+    silenced = {tuple(p[audio].tolist()) for p in masked.present if not p[audio].all()}
+    extra = {"drop": 0, "replace": 1}[text_baseline]
+    extra += {"drop": 0, "embedding": 1, "silence": len(silenced) * int(audio.sum())}[
+        audio_baseline
+    ]
+    _, table = model._masked_ids(masked)
+    assert len(table) == len(inp.encoded.state["embeds"]) + extra
+    handle.remove()

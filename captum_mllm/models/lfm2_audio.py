@@ -13,11 +13,13 @@ module reads that layout. Plain ``(T,)`` text ids are accepted as targets too.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -59,6 +61,24 @@ class _Clip:
     waveform: Tensor
     first: int  # first model position
     n_positions: int
+
+
+def _first_of_token(input_ids: Tensor, is_audio: Tensor) -> Tensor:
+    """``(L,)``: each position's id into the chat's vectors, the first
+    position holding its text token (equal tokens, equal vectors); an audio
+    position its own."""
+    ids = torch.arange(len(input_ids))
+    text = ids[~is_audio]
+    _, first, inverse = np.unique(input_ids[text].numpy(), return_index=True, return_inverse=True)
+    ids[text] = text[torch.from_numpy(first[inverse])]
+    return ids
+
+
+def _gather(rows: list[Tensor], table: Tensor) -> list[Tensor]:
+    """Rows of ids into ``table`` -> rows of its vectors (views of one gather)."""
+    if not rows:
+        return []
+    return list(table[to_device(torch.cat(rows), table.device)].split(lengths(rows)))
 
 
 def as_items(target: Tensor) -> Tensor:
@@ -228,42 +248,66 @@ class LFM2AudioAdapter(DecoderLMAdapter):
 
     # Coalitions -> input embeddings ------------------------------------------------------
 
-    def _masked_embeds(self, masked: MaskedChat) -> list[Tensor]:
-        """Input embeddings of each coalition: ``B`` tensors ``(L_b, D)``, built
-        for the whole batch at once (views of one tensor)."""
+    def _masked_ids(self, masked: MaskedChat) -> tuple[list[Tensor], Tensor]:
+        """Each coalition as a host row of ids ``(L_b,)`` into one table of the
+        vectors the batch reads ``(U, D)``: the chat's positions, then the
+        baselines' fills and silenced clips. Equal ids are equal vectors (a text
+        position reads the first position of its token), so the packed forward
+        finds the rows that begin alike from the ids alone: the coalitions are
+        laid out on the host, and nothing is read back from the accelerator.
+
+        Returns:
+            tuple: B id rows, and the table (on the model's device).
+        """
         enc = masked.encoded
         base = enc.state["embeds"]
         assert enc.clip is not None
-        is_audio = (enc.clip >= 0).to(base.device)
-        present = masked.present.to(base.device)
+        is_audio = enc.clip.cpu() >= 0
+        present = masked.present.cpu()
+        ids = _first_of_token(enc.input_ids.cpu(), is_audio).expand(len(present), -1).clone()
+        keep = present.clone()
+        extra: list[Tensor] = []  # (n, D) vectors after the chat's positions, in order
+
+        def add(vectors: Tensor) -> int:
+            extra.append(vectors.to(base))
+            return len(base) + sum(len(e) for e in extra[:-1])
+
         absent_text = ~present & ~is_audio
         absent_audio = ~present & is_audio
-        keep = present.clone()
-        embeds = base.expand(len(present), -1, -1)
-        if masked.baseline == "replace":
+        if masked.baseline == "replace" and bool(absent_text.any()):
             keep |= absent_text
-            fill = self._embed_text(torch.tensor([masked.replace_id]))[0]
-            embeds = torch.where(absent_text[..., None], fill, embeds)
-        if masked.audio_baseline != "drop":
+            ids[absent_text] = add(self._embed_text(torch.tensor([masked.replace_id])))
+        if masked.audio_baseline != "drop" and bool(absent_audio.any()):
             keep |= absent_audio
             if masked.audio_baseline == "embedding":
                 fill = base.new_zeros(()) if masked.audio_fill is None else masked.audio_fill
-                embeds = torch.where(absent_audio[..., None], fill.to(base), embeds)
+                ids[absent_audio] = add(fill.to(base).expand(base.shape[-1])[None])
             else:
-                # written row by row below (a copy: a batch of one expands to `base` itself)
-                embeds = embeds.clone(memory_format=torch.contiguous_format)
+                placed: dict[tuple[int, bytes], int] = {}  # silenced clip -> its first id
                 for b in absent_audio.any(1).nonzero()[:, 0].tolist():
-                    self._silence(enc, absent_audio[b], embeds[b])
-        return list(embeds[keep].split(keep.sum(1).tolist()))
+                    for span, key in self._silenced(enc, absent_audio[b]):
+                        if key not in placed:
+                            placed[key] = add(enc.state["silenced"][key])
+                        ids[b, span] = placed[key] + torch.arange(span.stop - span.start)
+        rows = list(ids[keep].split(keep.sum(1).tolist()))
+        return rows, torch.cat([base, *extra]) if extra else base
 
-    def _silence(self, enc: EncodedChat, absent: Tensor, embeds: Tensor) -> None:
-        """Zero the samples under absent audio positions and re-encode the clip,
-        once per distinct silenced clip of this chat (cached in its state)."""
+    def _masked_embeds(self, masked: MaskedChat) -> list[Tensor]:
+        """Input embeddings of each coalition: ``B`` tensors ``(L_b, D)``."""
+        rows, table = self._masked_ids(masked)
+        return _gather(rows, table)
+
+    def _silenced(self, enc: EncodedChat, absent: Tensor) -> list[tuple[slice, tuple[int, bytes]]]:
+        """The clips of one coalition with absent positions: each clip's
+        positions and key into ``enc.state["silenced"]``, where its
+        samples under the absent positions are zeroed and re-encoded, once
+        per distinct silenced clip of this chat."""
         assert enc.audio_time is not None
         silenced = enc.state.setdefault("silenced", {})
+        out = []
         for ci, clip in enumerate(enc.state["clips"]):
             span = slice(clip.first, clip.first + clip.n_positions)
-            off = absent[span].cpu()
+            off = absent[span]
             if not bool(off.any()):
                 continue
             key = (ci, off.numpy().tobytes())
@@ -272,7 +316,8 @@ class LFM2AudioAdapter(DecoderLMAdapter):
                 for t0, t1 in enc.audio_time[span][off].tolist():
                     wave[round(t0 * SAMPLE_RATE) : round(t1 * SAMPLE_RATE)] = 0.0
                 silenced[key] = self.encode_audio(wave)
-            embeds[span] = silenced[key].to(embeds)
+            out.append((span, key))
+        return out
 
     # Scoring ---------------------------------------------------------------------
 
@@ -291,6 +336,28 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         if not PrefixCache.expandable(cache):
             return None
         return PrefixCache(masked.prefix_len, cache, out.last_hidden_state[0, -1])
+
+    @without_cudnn_attention
+    def score_masked(
+        self,
+        masked: MaskedChat,
+        response: Response,
+        prefix: Any = None,
+        per_step: bool = False,
+    ) -> Tensor:
+        """As the base adapter's; the rows are ids into the batch's vectors
+        (:meth:`_masked_ids`), built on the host, unless ``per_step`` grows
+        them with the answer's."""
+        if per_step:
+            return super().score_masked(masked, response, prefix, per_step)
+        rows, table = self._masked_ids(masked)
+        if prefix is not None:
+            rows = [r[prefix.length :] for r in rows]
+        n = len(response)
+        score = functools.partial(
+            self._score_rows, response=response, first=0, last=n, prefix=prefix, table=table
+        )
+        return self._padded_batches(rows, n, score, lengths(rows))
 
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
         rows = self._masked_embeds(masked)
@@ -322,9 +389,11 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         last: int,
         prefix: Any,
         feed_all: bool = False,
+        table: Tensor | None = None,
     ) -> Tensor:
         """Text items are scored by the tied LM head; an audio frame by the
-        depthformer over its 8 codebooks (codebook 0 only at end-of-audio)."""
+        depthformer over its 8 codebooks (codebook 0 only at end-of-audio).
+        The rows are vectors, or ids into ``table`` when it is given."""
         items = response.ids[first:last]
         fed = self._embed_items(items[:-1])  # the last item predicts nothing we need
         sizes = lengths(rows)
@@ -334,9 +403,10 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             )
         with torch.inference_mode():
             if self.packs():
-                h = self._packed_hidden(rows, fed, prefix, len(items))
+                h = self._packed_hidden(rows, fed, prefix, len(items), table)
             else:
-                h = self._padded_hidden(rows, fed, prefix, len(items))
+                vectors = rows if table is None else _gather(rows, table)
+                h = self._padded_hidden(vectors, fed, prefix, len(items))
             self.n_forward_calls += 1
             if prefix is not None and 0 in sizes:  # nothing after the prefix
                 h[to_device(ints(sizes) == 0, h.device), 0] = prefix.last.to(h.dtype)
@@ -373,13 +443,23 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         index = (lens - 1)[:, None] + torch.arange(n_items, device=device)[None]
         return hidden.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, dim))
 
-    def _packed_hidden(self, rows: list[Tensor], fed: Tensor, prefix: Any, n_items: int) -> Tensor:
-        """As :meth:`_padded_hidden`, the rows packed into one forward
-        (:mod:`~captum_mllm.models.packing`; rows that begin with the same
-        vectors share those positions)."""
-        ids, table = distinct_ids([*rows, fed.to(rows[0].dtype)])  # the answer's vectors once
+    def _packed_hidden(
+        self,
+        rows: list[Tensor],
+        fed: Tensor,
+        prefix: Any,
+        n_items: int,
+        table: Tensor | None = None,
+    ) -> Tensor:
+        """As :meth:`_padded_hidden`, the rows (vectors, or ids into ``table``)
+        packed into one forward (:mod:`~captum_mllm.models.packing`; rows that
+        begin with the same vectors share those positions)."""
+        if table is None:  # rows of vectors: ids of the distinct ones, found on the device
+            rows, table = distinct_ids(rows)
+        suffix = torch.arange(len(table), len(table) + len(fed))  # the answer's vectors once
+        table = torch.cat([table, fed.to(table.dtype)])
         cached = 0 if prefix is None else prefix.length
-        layout, packed = PackedRows.of(ids[:-1], cached, device=self.device, suffix=ids[-1])
+        layout, packed = PackedRows.of(rows, cached, device=self.device, suffix=suffix)
         hidden = self._packed_forward(self._lfm, layout, prefix, inputs_embeds=table[packed])
         hidden = hidden.last_hidden_state
         at = layout.predicting(lengths(rows), n_items)
