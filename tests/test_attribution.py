@@ -248,6 +248,7 @@ def test_coalitions_of_similar_length_share_a_forward(model, chat, monkeypatch, 
 
     inp = ChatInput(chat.user("Tell me a story about the sea, please."), model)
     algorithm = ExactShapleyValues if method == "exact" else ShapleyValueSampling
+    budget = {} if method == "exact" else {"n_samples": 4}
     padding = []
 
     def count(_, args, kwargs):
@@ -265,7 +266,7 @@ def test_coalitions_of_similar_length_share_a_forward(model, chat, monkeypatch, 
             torch.manual_seed(0)
             results.append(
                 MultimodalLLMAttribution(algorithm(model), model).attribute(
-                    inp, target=TARGET, n_samples=4, perturbations_per_eval=8
+                    inp, target=TARGET, perturbations_per_eval=8, **budget
                 )
             )
     finally:

@@ -391,3 +391,18 @@ def test_any_estimator_at_each_level_of_the_tree(level):
     calls.clear()
     est.attribute(ONES, tree=tree, budget=40, seed=0)  # too few for one estimate per level
     assert not calls and est.last_n_requested <= 40
+
+
+@pytest.mark.parametrize("method", [ExactShapleyValues, *SAMPLERS, BayesianShapley])
+def test_an_unknown_argument_raises_rather_than_being_ignored(model, chat, method):
+    """Captum's ``n_samples`` (ours count ``budget=``) or a misspelt name raises,
+    as Python would, also through MultimodalLLMAttribution; ``tree`` is
+    HierarchicalShapley's alone (its own tests pass it)."""
+    x = torch.ones(1, 4)
+    with pytest.raises(TypeError, match=r"\['n_samples'\] \(the coalitions to evaluate are"):
+        method(lambda z: z.sum(1)).attribute(x, n_samples=40)
+    attr = MultimodalLLMAttribution(method(model), model)
+    with pytest.raises(TypeError, match=r"\['seeds'\]"):
+        attr.attribute(ChatInput(chat, model), target="I am", seeds=3)
+    with pytest.raises(TypeError, match="tree"):
+        method(lambda z: z.sum(1)).attribute(x, tree=[[0, 1], [2, 3]])

@@ -110,6 +110,9 @@ class ShapleyEstimator(PerturbationAttribution):
     #: estimator is consistent: its small-sample bias vanishes as the budget grows).
     unbiased: bool = True
 
+    #: The estimator's own ``attribute`` arguments, beyond the common ones (e.g. ``tree``).
+    options: tuple[str, ...] = ()
+
     def __init__(self, forward_func: Callable[..., Any]) -> None:
         super().__init__(forward_func)
 
@@ -164,6 +167,8 @@ class ShapleyEstimator(PerturbationAttribution):
                 showing the largest standard error. Default: False
             return_stderr (bool, optional): also return the standard errors.
                 Default: False
+            **kwargs: the estimator's own arguments (:attr:`options`, e.g.
+                :class:`HierarchicalShapley`'s ``tree``); others raise ``TypeError``.
 
         Returns:
             Tensor or (Tensor, Tensor): attributions shaped like ``inputs`` (or
@@ -175,6 +180,13 @@ class ShapleyEstimator(PerturbationAttribution):
             >>> est = LeverageKernelShap(model)
             >>> attr, stderr = est.attribute(x, budget=200, return_stderr=True)
         """
+        unknown = sorted(set(kwargs) - set(self.options))
+        if unknown:  # as Python would, rather than run on defaults the caller did not mean
+            hint = " (the coalitions to evaluate are budget=)" if "n_samples" in unknown else ""
+            raise TypeError(
+                f"{type(self).__name__}.attribute() got unexpected keyword arguments "
+                f"{unknown}{hint}"
+            )
         if isinstance(inputs, tuple):
             if len(inputs) != 1:
                 raise UnsupportedInputError(

@@ -62,6 +62,8 @@ class HierarchicalShapley(ShapleyEstimator):
         >>> attr = HierarchicalShapley(model).attribute(x, tree=tree)
     """
 
+    options = ("tree",)
+
     def __init__(
         self,
         forward_func: Any,
