@@ -285,9 +285,9 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             else:
                 placed: dict[tuple[int, bytes], int] = {}  # silenced clip -> its first id
                 for b in absent_audio.any(1).nonzero()[:, 0].tolist():
-                    for span, key in self._silenced(enc, absent_audio[b]):
+                    for span, key, vectors in self._silenced(enc, absent_audio[b]):
                         if key not in placed:
-                            placed[key] = add(enc.state["silenced"][key])
+                            placed[key] = add(vectors)
                         ids[b, span] = placed[key] + torch.arange(span.stop - span.start)
         rows = list(ids[keep].split(keep.sum(1).tolist()))
         return rows, torch.cat([base, *extra]) if extra else base
@@ -297,11 +297,13 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         rows, table = self._masked_ids(masked)
         return _gather(rows, table)
 
-    def _silenced(self, enc: EncodedChat, absent: Tensor) -> list[tuple[slice, tuple[int, bytes]]]:
-        """The clips of one coalition with absent positions: each clip's
-        positions and key into ``enc.state["silenced"]``, where its
-        samples under the absent positions are zeroed and re-encoded, once
-        per distinct silenced clip of this chat."""
+    def _silenced(
+        self, enc: EncodedChat, absent: Tensor
+    ) -> list[tuple[slice, tuple[int, bytes], Tensor]]:
+        """The clips of one coalition with absent positions, each with its
+        samples under them zeroed and re-encoded: its positions, a key and
+        its embeddings, encoded once per distinct silenced clip of this chat
+        (cached in its state)."""
         assert enc.audio_time is not None
         silenced = enc.state.setdefault("silenced", {})
         out = []
@@ -316,7 +318,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
                 for t0, t1 in enc.audio_time[span][off].tolist():
                     wave[round(t0 * SAMPLE_RATE) : round(t1 * SAMPLE_RATE)] = 0.0
                 silenced[key] = self.encode_audio(wave)
-            out.append((span, key))
+            out.append((span, key, silenced[key]))
         return out
 
     # Scoring ---------------------------------------------------------------------
