@@ -193,6 +193,20 @@ def _similarity(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     return sims[name]
 
 
+def _sampling_setting(key: str, value: Any, gen_args: dict[str, Any], do_sample: Any) -> Any:
+    """A sampling setting given as an argument or, the transformers way, in
+    ``gen_args`` (taken out of it: sampled generation is seeded per
+    coalition, so that a value never depends on the batch it was drawn in)."""
+    if key not in gen_args:
+        return value
+    given = gen_args.pop(key)
+    if do_sample is False:
+        raise InvalidOptionError(f"gen_args sets {key} with do_sample=False")
+    if value is not None and value != given:
+        raise InvalidOptionError(f"{key} is given twice: {value!r} and {given!r} in gen_args")
+    return given
+
+
 class EmbeddingSimilarity(Target):
     """Regenerate the response under each coalition and compare it with the
     response to the full chat (the value function of MLLM-SHAP).
@@ -216,7 +230,10 @@ class EmbeddingSimilarity(Target):
             (1 / (1 + d)), ``"negative_euclidean"``, ``"dot"``, ``"manhattan"``
             (1 / (1 + d)); a callable takes ``(N, d)`` and ``(d,)``. Default: ``"cosine"``
         gen_args (dict, optional): generation arguments, also used to generate the
-            full response when ``target`` is None. Default: ``{"max_new_tokens": 25}``
+            full response when ``target`` is None (greedy). Sampling settings
+            (``do_sample``, ``temperature``, ``top_k``, ...) may be given here
+            too, as to ``generate``: they mean what the arguments below mean.
+            Default: ``{"max_new_tokens": 25}``
         samples_per_coalition (int, optional): sampled responses per coalition;
             1 with ``temperature=None`` is greedy. Default: 1
         temperature (float, optional): text sampling temperature. Default: None
@@ -263,11 +280,24 @@ class EmbeddingSimilarity(Target):
         self.context = context
         self.reducer = _reduce(reducer) if isinstance(reducer, str) else reducer
         self.similarity = _similarity(similarity) if isinstance(similarity, str) else similarity
-        self.gen_args = {"max_new_tokens": 25, "do_sample": False, **(gen_args or {})}
+        gen_args = dict(gen_args or {})
+        do_sample = gen_args.pop("do_sample", None)
+        temperature, top_k, audio_temperature, audio_top_k = (
+            _sampling_setting(key, value, gen_args, do_sample)
+            for key, value in (
+                ("temperature", temperature),
+                ("top_k", top_k),
+                ("audio_temperature", audio_temperature),
+                ("audio_top_k", audio_top_k),
+            )
+        )
+        self.gen_args = {"max_new_tokens": 25, "do_sample": False, **gen_args}
         self.samples = samples_per_coalition
         audio = {"audio_temperature": audio_temperature, "audio_top_k": audio_top_k}
-        self.sampled = samples_per_coalition > 1 or any(
-            v is not None for v in (temperature, top_k, audio_temperature, audio_top_k)
+        self.sampled = (
+            samples_per_coalition > 1
+            or bool(do_sample)
+            or any(v is not None for v in (temperature, top_k, audio_temperature, audio_top_k))
         )
         if self.sampled:
             # Text is sampled when asked, or by default when several samples are

@@ -400,3 +400,15 @@ def test_a_batch_of_coalitions_gets_the_rows_each_gets_alone(
             assert (full[~present & is_audio] == 0).all()
         elif audio_baseline == "silence" and bool((~present & is_audio).any()):
             assert not torch.equal(full[is_audio], base[is_audio])  # re-encoded
+
+
+def test_a_misspelt_generation_argument_raises(lfm, wave):
+    """liquid-audio's generators take a few settings; any other name raises
+    rather than generating 25 tokens of text as if it were not there."""
+    inp = ChatInput(mixed_chat(wave), lfm, audio_unit=0.5)
+    attr = MultimodalLLMAttribution(ShapleyValueSampling(lfm), lfm)
+    for typo in ({"max_new_token": 3}, {"output_modalty": "audio"}):
+        with pytest.raises(InvalidOptionError, match=rf"\['{next(iter(typo))}'\]"):
+            attr.attribute(inp, gen_args=typo, n_samples=1)
+    res = attr.attribute(inp, gen_args={"max_new_tokens": 3}, n_samples=1)
+    assert len(res.output_tokens) == 3

@@ -241,3 +241,35 @@ def test_sampled_values_do_not_depend_on_batches_order_or_earlier_calls(model, c
     torch.manual_seed(0)
     changed = MultimodalLLMAttribution(ShapleyValueSampling(model), model, target=other_seed)
     assert changed.attribute(inp, n_samples=3).responses != first.responses
+
+
+def test_sampling_settings_in_gen_args_mean_what_the_arguments_do(model, chat):
+    """``do_sample`` / ``temperature`` given the transformers way, in gen_args,
+    are seeded per coalition as the arguments are (they were drawn from the
+    global generator, so a value depended on its batch); ``do_sample`` alone
+    samples at temperature 1; contradictions and other samplers raise."""
+    from captum.attr import ShapleyValueSampling
+
+    inp = ChatInput(chat, model)
+
+    def run(sim, ppe):
+        torch.manual_seed(0)
+        attr = MultimodalLLMAttribution(ShapleyValueSampling(model), model, target=sim)
+        return attr.attribute(inp, n_samples=2, perturbations_per_eval=ppe)
+
+    by_argument = run(EmbeddingSimilarity(gen_args=GEN, temperature=1.0, seed=3), 1)
+    for gen_args in ({"do_sample": True, "temperature": 1.0}, {"do_sample": True}):
+        sim = EmbeddingSimilarity(gen_args={**GEN, **gen_args}, seed=3)
+        for ppe in (1, 8):
+            res = run(sim, ppe)
+            assert torch.equal(res.seq_attr, by_argument.seq_attr)
+            assert res.responses == by_argument.responses
+    greedy = run(EmbeddingSimilarity(gen_args=GEN), 8)
+    assert greedy.responses != by_argument.responses  # it did sample
+    with pytest.raises(InvalidOptionError, match="do_sample=False"):
+        EmbeddingSimilarity(gen_args={"do_sample": False, "top_k": 5})
+    with pytest.raises(InvalidOptionError, match="given twice"):
+        EmbeddingSimilarity(gen_args={"temperature": 0.5}, temperature=0.7)
+    top_p = EmbeddingSimilarity(gen_args={**GEN, "do_sample": True, "top_p": 0.9})
+    with pytest.raises(InvalidOptionError, match=r"\['top_p'\]"):
+        run(top_p, 8)

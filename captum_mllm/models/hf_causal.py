@@ -17,6 +17,7 @@ from captum_mllm.errors import (
     EmptyCoalitionError,
     InvalidContentError,
     InvalidModelError,
+    InvalidOptionError,
 )
 from captum_mllm.models.base import Response
 from captum_mllm.models.batching import (
@@ -526,9 +527,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     ) -> list[Response]:
         """Continue each coalition with ``model.generate``, left-padded in one batch.
 
-        Sampling (``do_sample`` with ``temperature`` / ``top_k``) draws each
-        row's tokens from its own generator seeded by ``seeds[b]``, so a row's
-        answer does not depend on the rows beside it.
+        Sampling (``do_sample`` with ``temperature`` / ``top_k``; greedy
+        without either) draws each row's tokens from its own generator seeded
+        by ``seeds[b]``, so a row's answer does not depend on the rows beside
+        it. transformers' other samplers (``top_p``, ...) raise.
 
         Returns:
             list of Response: the new tokens of each row, up to and including EOS.
@@ -539,6 +541,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         args = {**DEFAULT_GEN_ARGS, **gen_args}
         for key in ("audio_temperature", "audio_top_k"):  # a text model has no audio to sample
             args.pop(key, None)
+        unsupported = sorted(k for k in _OTHER_SAMPLERS if args.pop(k, None) is not None)
+        if unsupported:  # transformers would ignore them: do_sample is ours, below
+            raise InvalidOptionError(
+                f"sampled generation here takes temperature and top_k; not {unsupported}"
+            )
         temperature, top_k = args.pop("temperature", None), args.pop("top_k", None)
         if args.pop("do_sample", False) and (temperature is not None or top_k is not None):
             generators = row_generators(seeds, self.device)
@@ -555,6 +562,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             stop = next((i + 1 for i, t in enumerate(row.tolist()) if t in eos), len(row))
             result.append(self.response(row[:stop].cpu()))
         return result
+
+
+#: transformers' sampling settings other than temperature and top-k.
+_OTHER_SAMPLERS = {"top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 
 
 class _SeededSampling:

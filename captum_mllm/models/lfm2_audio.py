@@ -525,18 +525,28 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         top_k: int | None = None,
         audio_temperature: float | None = None,
         audio_top_k: int | None = None,
-        **_: Any,
+        **unknown: Any,
     ) -> list[Response]:
         """Continue each coalition, batched with left padding.
 
         ``"text"`` and ``"audio"`` follow liquid-audio's ``generate_sequential``
         (``"text"`` stops before any audio frame), ``"text+audio"`` its
         ``generate_interleaved``; greedy unless ``do_sample``, each row then
-        sampled from its own generator seeded by ``seeds[b]``.
+        sampled from its own generator seeded by ``seeds[b]``: text tokens
+        with a ``temperature``, audio frames with an ``audio_temperature``
+        (each greedy without one, as liquid-audio's samplers).
 
         Returns:
             list of Response: one per coalition.
         """
+        unknown = {
+            k: v for k, v in unknown.items() if v is not None
+        }  # None: unset (Captum's top_p)
+        if unknown:  # rather than generate on defaults the caller did not mean
+            raise InvalidOptionError(
+                f"LFM2-Audio's generation takes max_new_tokens, output_modality, do_sample, "
+                f"temperature, top_k, audio_temperature and audio_top_k; not {sorted(unknown)}"
+            )
         if output_modality not in MODES:
             raise InvalidOptionError(
                 f"output_modality must be one of {MODES}, got {output_modality!r}"
