@@ -247,7 +247,8 @@ def test_sampling_settings_in_gen_args_mean_what_the_arguments_do(model, chat):
     """``do_sample`` / ``temperature`` given the transformers way, in gen_args,
     are seeded per coalition as the arguments are (they were drawn from the
     global generator, so a value depended on its batch); ``do_sample`` alone
-    samples at temperature 1; contradictions and other samplers raise."""
+    samples at temperature 1; contradictions, other samplers and several
+    answers a coalition raise."""
     from captum.attr import ShapleyValueSampling
 
     inp = ChatInput(chat, model)
@@ -273,3 +274,6 @@ def test_sampling_settings_in_gen_args_mean_what_the_arguments_do(model, chat):
     top_p = EmbeddingSimilarity(gen_args={**GEN, "do_sample": True, "top_p": 0.9})
     with pytest.raises(InvalidOptionError, match=r"\['top_p'\]"):
         run(top_p, 8)
+    beams = EmbeddingSimilarity(gen_args={**GEN, "num_beams": 2, "num_return_sequences": 2})
+    with pytest.raises(InvalidOptionError, match="samples_per_coalition"):
+        run(beams, 8)

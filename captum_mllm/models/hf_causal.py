@@ -546,6 +546,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             raise InvalidOptionError(
                 f"sampled generation here takes temperature and top_k; not {unsupported}"
             )
+        if args.get("num_return_sequences") not in (None, 1):
+            raise InvalidOptionError(
+                "one answer per coalition: num_return_sequences must be 1 "
+                "(EmbeddingSimilarity's samples_per_coalition draws several, seeded)"
+            )
         temperature, top_k = args.pop("temperature", None), args.pop("top_k", None)
         if args.pop("do_sample", False) and (temperature is not None or top_k is not None):
             generators = row_generators(seeds, self.device)
