@@ -197,9 +197,9 @@ def _sampling_setting(key: str, value: Any, gen_args: dict[str, Any], do_sample:
     """A sampling setting given as an argument or, the transformers way, in
     ``gen_args`` (taken out of it: sampled generation is seeded per
     coalition, so that a value never depends on the batch it was drawn in)."""
-    if key not in gen_args:
+    given = gen_args.pop(key, None)
+    if given is None:  # unset (as in Captum's default generation arguments)
         return value
-    given = gen_args.pop(key)
     if do_sample is False:
         raise InvalidOptionError(f"gen_args sets {key} with do_sample=False")
     if value is not None and value != given:

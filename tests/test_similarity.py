@@ -5,7 +5,13 @@ import torch
 from captum.attr import FeatureAblation, ShapleyValues
 from conftest import brute_force_shapley, game
 
-from captum_mllm import ChatInput, EmbeddingSimilarity, LogProbTarget, MultimodalLLMAttribution
+from captum_mllm import (
+    ChatInput,
+    EmbeddingSimilarity,
+    LogProbTarget,
+    MultimodalLLMAttribution,
+    captum_compat,
+)
 from captum_mllm.errors import InvalidOptionError
 
 GEN = {"max_new_tokens": 6}
@@ -269,6 +275,8 @@ def test_sampling_settings_in_gen_args_mean_what_the_arguments_do(model, chat):
     assert greedy.responses != by_argument.responses  # it did sample
     with pytest.raises(InvalidOptionError, match="do_sample=False"):
         EmbeddingSimilarity(gen_args={"do_sample": False, "top_k": 5})
+    captums = EmbeddingSimilarity(gen_args=captum_compat.DEFAULT_GEN_ARGS)  # None: unset
+    assert not captums.sampled
     with pytest.raises(InvalidOptionError, match="given twice"):
         EmbeddingSimilarity(gen_args={"temperature": 0.5}, temperature=0.7)
     top_p = EmbeddingSimilarity(gen_args={**GEN, "do_sample": True, "top_p": 0.9})
