@@ -458,9 +458,12 @@ class DecoderLMAdapter(ModelAdapter):
         response: Response,
         prefix: Any = None,
         per_step: bool = False,
+        **inputs: Any,
     ) -> Tensor:
         """:meth:`score_masked` for rows of model inputs built elsewhere (e.g.
-        token ids from Captum's own inputs). Returns ``(B, len(response))``."""
+        token ids from Captum's own inputs). ``inputs`` go to every batch's
+        :meth:`_score_rows` (an adapter's own, such as the table of vectors
+        LFM2-Audio's rows of ids index). Returns ``(B, len(response))``."""
         fed = self._fed(response) if per_step else None  # grows the rows step by step
         n = len(response)
         steps = [(t, t + 1) for t in range(n)] if per_step else [(0, n)]
@@ -477,6 +480,7 @@ class DecoderLMAdapter(ModelAdapter):
                 last=last,
                 prefix=prefix,
                 feed_all=not per_step and not self.is_causal,
+                **inputs,
             )
             out.append(self._padded_batches(grown, last - first, score, _widths(grown, prefix)))
         return torch.cat(out, dim=1)

@@ -13,7 +13,6 @@ module reads that layout. Plain ``(T,)`` text ids are accepted as targets too.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,7 +338,6 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             return None
         return PrefixCache(masked.prefix_len, cache, out.last_hidden_state[0, -1])
 
-    @without_cudnn_attention
     def score_masked(
         self,
         masked: MaskedChat,
@@ -355,11 +353,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         rows, table = self._masked_ids(masked)
         if prefix is not None:
             rows = [r[prefix.length :] for r in rows]
-        n = len(response)
-        score = functools.partial(
-            self._score_rows, response=response, first=0, last=n, prefix=prefix, table=table
-        )
-        return self._padded_batches(rows, n, score, lengths(rows))
+        return self.score_rows(rows, response, prefix, table=table)
 
     def _coalition_rows(self, masked: MaskedChat, prefix: Any) -> list[Tensor]:
         rows = self._masked_embeds(masked)
