@@ -17,6 +17,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from captum.attr import (
     ImageMaskInput,
@@ -193,7 +194,9 @@ class MultimodalLLMAttribution(LLMAttribution):
                 final assistant turn when it has one, else generates the answer
                 greedily from the full input. Default: None
             num_trials (int, optional): attributions are averaged over this many
-                runs of the method. Default: 1
+                runs of the method, each drawing its own coalitions (with our
+                estimators' ``seed=``, the first trial uses that seed and each
+                later one a seed derived from it). Default: 1
             gen_args (dict, optional): generation arguments when ``target`` is
                 None. Default: ``{"max_new_tokens": 25, "do_sample": False}``
             use_cached_outputs (bool, optional): accepted for Captum
@@ -274,10 +277,12 @@ class MultimodalLLMAttribution(LLMAttribution):
             method_kwargs["return_stderr"] = True
             if isinstance(self.attr_method, HierarchicalShapley) and isinstance(inp, ChatInput):
                 method_kwargs.setdefault("tree", inp.feature_tree())
-        variance = torch.zeros_like(attr)
+        errors: list[Tensor] = []  # our estimators' standard errors, one per trial
         requested = 0  # our estimators' coalitions asked for, before their own memo
         try:
-            for _ in range(num_trials):
+            for trial in range(num_trials):
+                if ours:
+                    method_kwargs["seed"] = _trial_seed(kwargs.get("seed"), trial)
                 upcoming = captum_compat.sampled_coalitions(
                     self.attr_method, inp.n_itp_features, int(kwargs.get("n_samples", 25))
                 )
@@ -290,14 +295,14 @@ class MultimodalLLMAttribution(LLMAttribution):
                 )
                 if ours:
                     cur, stderr = cur
-                    variance += stderr.reshape(attr.shape).to(attr) ** 2
+                    errors.append(stderr.reshape(attr.shape).to(attr))
                     requested += self.attr_method.last_n_requested
                 attr += cur.reshape(attr.shape)
         finally:
             if opened is not None and not isinstance(store, CoalitionStore):
                 opened.close()
         attr = inp.format_attr(attr / num_trials)
-        stderr = variance.sqrt() / num_trials if ours else None  # of the mean over trials
+        stderr = self._mean_stderr(errors) if ours else None
 
         per_token = game.columns == "tokens" and self.include_per_token_attr
         per_sample = game.columns == "samples" and n_columns > 1
@@ -329,6 +334,15 @@ class MultimodalLLMAttribution(LLMAttribution):
             n_stored_coalitions=evaluator.n_stored,
             wall_time=time.perf_counter() - start,
         )
+
+    def _mean_stderr(self, errors: list[Tensor]) -> Tensor:
+        """The standard error of the mean over trials: independent trials' errors
+        add in quadrature; a posterior's (trials on nearly the same coalitions)
+        are averaged, a bound whatever the trials' correlation."""
+        stack = torch.stack(errors)
+        if getattr(self.attr_method, "stderr_over_seeds", True):
+            return stack.pow(2).sum(0).sqrt() / len(errors)
+        return stack.mean(0)
 
     @staticmethod
     def _evaluate_call(perturbed_tensor: Tensor, call: _Call) -> Tensor:
@@ -503,6 +517,17 @@ def resolve_response(
     if len(response) == 0:
         raise TargetError("the target response is empty; give a non-empty target")
     return response, calls
+
+
+def _trial_seed(seed: int | None, trial: int) -> int | None:
+    """The seed of one trial: the given seed for the first, and for later ones
+    a seed drawn from (seed, trial), so that averaged trials are independent
+    draws (the same seed again would repeat the first trial's coalitions, and
+    its standard error would shrink by the square root of ``num_trials`` for
+    nothing). None stays None: each trial draws from torch's global generator."""
+    if seed is None or trial == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, trial]).generate_state(1)[0] >> 1)
 
 
 def _plain(value: Any) -> bool:

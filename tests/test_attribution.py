@@ -15,6 +15,7 @@ from captum.attr import (
 from conftest import brute_force_shapley, game
 
 from captum_mllm import Chat, ChatInput, LogProbTarget, MultimodalLLMAttribution
+from captum_mllm.attribution import _trial_seed
 from captum_mllm.coalitions import CoalitionEvaluator
 from captum_mllm.errors import (
     InvalidModelError,
@@ -22,6 +23,7 @@ from captum_mllm.errors import (
     TargetError,
     UnsupportedInputError,
 )
+from captum_mllm.methods import BayesianShapley, PairedPermutationSampling
 from captum_mllm.testing import tiny_hf_adapter
 
 TARGET = "The capital of France is Paris."
@@ -368,6 +370,24 @@ def test_num_trials_and_attr_target_are_checked(model, chat):
             attr.attribute(inp, target=TARGET, num_trials=trials)
     with pytest.raises(InvalidOptionError):
         MultimodalLLMAttribution(FeatureAblation(model), model, attr_target="logit")
+
+
+@pytest.mark.parametrize("method", [PairedPermutationSampling, BayesianShapley])
+def test_trials_draw_their_own_coalitions_and_report_the_means_stderr(model, chat, method):
+    """With a seed, trial t runs on its own seed (the first on the given one):
+    the result is the mean of those runs, and its standard error that of the
+    mean: independent draws' in quadrature, a posterior's (the same design on
+    every seed, near enough) averaged, not shrunk by the square root of 3."""
+    attr = MultimodalLLMAttribution(method(model), model)
+    inp = ChatInput(chat, model)
+    runs = [attr.attribute(inp, target=TARGET, budget=20, seed=_trial_seed(7, t)) for t in range(3)]
+    mean = attr.attribute(inp, target=TARGET, budget=20, seed=7, num_trials=3)
+    assert len({tuple(r.seq_attr.tolist()) for r in runs}) == 3 or method is BayesianShapley
+    torch.testing.assert_close(mean.seq_attr, sum(r.seq_attr for r in runs) / 3)
+    errs = torch.stack([r.seq_attr_stderr for r in runs])
+    spread = errs.pow(2).sum(0).sqrt() / 3 if method.stderr_over_seeds else errs.mean(0)
+    torch.testing.assert_close(mean.seq_attr_stderr, spread)
+    assert mean.n_unique_coalitions >= max(r.n_unique_coalitions for r in runs)
 
 
 def test_a_final_assistant_turn_is_the_default_target(model, chat):

@@ -110,6 +110,11 @@ class ShapleyEstimator(PerturbationAttribution):
     #: estimator is consistent: its small-sample bias vanishes as the budget grows).
     unbiased: bool = True
 
+    #: Whether the standard error is the estimate's spread over seeds (so the
+    #: mean of independent trials has it shrink with their number); else it is a
+    #: model's, such as a posterior standard deviation.
+    stderr_over_seeds: bool = True
+
     #: The estimator's own ``attribute`` arguments, beyond the common ones (e.g. ``tree``).
     options: tuple[str, ...] = ()
 

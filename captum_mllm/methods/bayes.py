@@ -69,6 +69,7 @@ class BayesianShapley(ShapleyEstimator):
     """
 
     unbiased = False  # a posterior mean: shrinks the game's higher orders towards the prior
+    stderr_over_seeds = False  # a posterior's; the design varies little with the seed
 
     def __init__(self, forward_func: Callable[..., Any], pool: int = 2000) -> None:
         super().__init__(forward_func)
