@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import numbers
 import sys
 from abc import abstractmethod
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
+from captum_mllm.errors import InvalidOptionError
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.models.batching import (
     MIN_PRODUCT_ROWS,
@@ -418,7 +420,10 @@ class DecoderLMAdapter(ModelAdapter):
         groups: dict[int, list[int]] = {}
         for b, n in enumerate(lens):
             groups.setdefault(n if self.is_deterministic else 0, []).append(b)
-        new = int(gen_args.get("max_new_tokens", 25))
+        new = gen_args.get("max_new_tokens", 25)
+        if isinstance(new, bool) or not isinstance(new, numbers.Integral) or new < 1:
+            raise InvalidOptionError(f"max_new_tokens must be a positive int, got {new!r}")
+        new = int(new)
         out: list[Response | None] = [None] * len(masked)
         # Deterministic groups hold rows of one length, never padded; their
         # products and attention are made independent of the group's size too.
