@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--user", action="append", default=[], help="a user turn (repeatable)")
     explain.add_argument("--user-audio", action="append", default=[], help="audio of a user turn")
     _model_flags(explain)
+    explain.add_argument(
+        "--transcript",
+        action="append",
+        default=[],
+        help="what an audio clip says, for --audio-unit word (repeatable: one per clip, "
+        "in the chat's order)",
+    )
     explain.add_argument("--answer", help="the answer to explain (default: generate it)")
     explain.add_argument("--store", type=Path, help="SQLite coalition store (resumable runs)")
     explain.add_argument("--out", type=Path, default=Path("outputs/explain"))
@@ -77,7 +84,6 @@ def _parser() -> argparse.ArgumentParser:
         "(columns file, transcript[, text])",
     )
     _model_flags(dataset)
-    dataset.add_argument("--aligner", help="CTC model for --audio-unit word ('demo': the demo's)")
     dataset.add_argument("--workers", type=int, default=None, help="Ray actors")
     dataset.add_argument("--gpus-per-worker", type=float, default=None)
     dataset.add_argument("--cpus-per-worker", type=float, default=None)
@@ -104,6 +110,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", choices=("hf", "lfm2-audio"), help="default: guessed")
     parser.add_argument("--text-unit", default="word", choices=("token", "word", "turn"))
     parser.add_argument("--audio-unit", default="0.5", help="frame, turn, word, or seconds")
+    parser.add_argument(
+        "--aligner",
+        help="CTC model (hub id or folder) for --audio-unit word; 'demo': the demo's",
+    )
     parser.add_argument("--roles", default="user", help="comma-separated roles holding features")
     parser.add_argument("--method", default="kernel", choices=METHODS)
     parser.add_argument(
@@ -176,6 +186,11 @@ def _explain_command(args: argparse.Namespace) -> None:
         for i in range(max(len(texts), len(clips))):
             chat = chat.user(texts[i] if i < len(texts) else None,
                              audio=clips[i] if i < len(clips) else None)  # fmt: skip
+    if _audio_unit(args.audio_unit) == "word" and not args.transcript:
+        raise UsageError("--audio-unit word needs a --transcript for each clip, and --aligner")
+    input_kwargs = _input_kwargs(args)
+    if args.transcript:
+        input_kwargs["transcripts"] = list(args.transcript)
     model = _load_model(args.model, args.adapter, args.device, args.dtype, args.trust_remote_code)
     settings = {
         "method": args.method,
@@ -186,11 +201,6 @@ def _explain_command(args: argparse.Namespace) -> None:
         "store": args.store,
         "batch": args.batch,
     }
-    input_kwargs = {
-        "text_unit": args.text_unit,
-        "audio_unit": _audio_unit(args.audio_unit),
-        "roles": tuple(r.strip() for r in args.roles.split(",")),
-    }
     _run(model, chat, settings, args.out, args.max_new_tokens, input_kwargs)
 
 
@@ -199,15 +209,8 @@ def _dataset_command(args: argparse.Namespace) -> None:
 
     from captum_mllm.distributed import explain_dataset
 
-    audio_unit = _audio_unit(args.audio_unit)
-    chats = _read_dataset(args.data, transcripts=audio_unit == "word")
-    input_kwargs = {
-        "text_unit": args.text_unit,
-        "audio_unit": audio_unit,
-        "roles": tuple(r.strip() for r in args.roles.split(",")),
-    }
-    if args.aligner:
-        input_kwargs["aligner"] = _aligner(args.aligner)
+    input_kwargs = _input_kwargs(args)
+    chats = _read_dataset(args.data, transcripts=input_kwargs["audio_unit"] == "word")
     gen = {"max_new_tokens": args.max_new_tokens}
     settings = {"method": args.method, "budget": args.budget, "seed": args.seed}
     resources: dict[str, float] = {}
@@ -241,6 +244,20 @@ def _dataset_command(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'summary.csv'} and one folder per chat under {args.out}")
 
 
+def _input_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """ChatInput's arguments from the feature flags ``explain`` and ``explain-dataset`` share."""
+    kwargs = {
+        "text_unit": args.text_unit,
+        "audio_unit": _audio_unit(args.audio_unit),
+        "roles": tuple(r.strip() for r in args.roles.split(",")),
+    }
+    if kwargs["audio_unit"] == "word" and not args.aligner:
+        raise UsageError("--audio-unit word needs --aligner (a CTC model, or 'demo')")
+    if args.aligner:
+        kwargs["aligner"] = _aligner(args.aligner)
+    return kwargs
+
+
 def _similarity(gen: dict[str, Any]) -> Any:
     from captum_mllm import EmbeddingSimilarity
 
@@ -248,12 +265,12 @@ def _similarity(gen: dict[str, Any]) -> Any:
 
 
 def _aligner(name: str) -> Any:
+    from captum_mllm.audio import ForcedAligner
+
     if name == "demo":
         from captum_mllm import demo
 
-        return demo.load()[1]
-    from captum_mllm.audio import ForcedAligner
-
+        return ForcedAligner(str(demo.WEIGHTS / "aligner"))
     return ForcedAligner(name)
 
 

@@ -11,6 +11,7 @@ from captum_mllm import MultimodalLLMAttributionResult
 from captum_mllm.cli import main
 
 QUESTION_WAV = str(files("captum_mllm") / "data" / "question.wav")
+TRANSCRIPT = "what is the capital of france"  # what question.wav says
 
 
 def run(argv, capsys):
@@ -114,6 +115,22 @@ def test_batch_sets_coalitions_a_call_and_changes_no_value(tmp_path, capsys):
         ),
         (["explain", "--user", "Hi", "--model", "tiny-llama", "--roles", "robot"], "unknown roles"),
         (["report", "/nonexistent/result.json"], "no saved result"),
+        (
+            [
+                "explain",
+                "--user-audio",
+                QUESTION_WAV,
+                "--audio-unit",
+                "word",
+                "--model",
+                "tiny-llama",
+            ],
+            "--transcript",
+        ),
+        (
+            ["explain", "--user-audio", QUESTION_WAV, "--audio-unit", "word", "--transcript", "hi"],
+            "--aligner",
+        ),
     ],
 )
 def test_mistakes_exit_with_2_and_one_line(argv, says, tmp_path, capsys):
@@ -122,6 +139,18 @@ def test_mistakes_exit_with_2_and_one_line(argv, says, tmp_path, capsys):
     code, _, err = run([*argv, "--out", tmp_path] if argv[0] == "explain" else argv, capsys)
     assert code == 2
     assert says in err and len(err.strip().splitlines()) == 1
+
+
+def test_spoken_words_as_features_with_an_aligner_and_transcript(tmp_path, capsys):
+    code, _, err = run(
+        ["explain", "--user-audio", QUESTION_WAV, "--model", "tiny-lfm2-audio",
+         "--audio-unit", "word", "--aligner", "demo", "--transcript", TRANSCRIPT,
+         "--method", "exact", "--max-new-tokens", "2", "--out", tmp_path],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    res = MultimodalLLMAttributionResult.load(tmp_path / "result.json")
+    assert [f.label for f in res.features] == [f"\u266a{w}" for w in TRANSCRIPT.split()]
 
 
 def test_python_m_and_bad_flags_exit_with_2():
