@@ -410,10 +410,21 @@ def compare(
 
     if len(results) < 2:
         raise InvalidOptionError("compare needs at least two results")
-    n = len(results[0].input_tokens)
-    if any(len(r.input_tokens) != n for r in results):
-        raise InvalidOptionError("the results explain different features")
+    first = results[0]
+    for r in results[1:]:  # equal counts are not enough: rows must pair up feature by feature
+        if list(r.input_tokens) != list(first.input_tokens):
+            raise InvalidOptionError(
+                f"the results explain different features ({first.input_tokens} and "
+                f"{r.input_tokens}); compare explanations of the same ChatInput"
+            )
+        if target_token_pos is not None and list(r.output_tokens) != list(first.output_tokens):
+            raise InvalidOptionError(
+                "the results explain different responses; compare their sequence "
+                "attributions (target_token_pos=None) or explain the same target"
+            )
     names = names or [str(r.provenance.get("method", f"result {i}")) for i, r in enumerate(results)]
+    if len(names) != len(results):
+        raise InvalidOptionError(f"{len(names)} names for {len(results)} results")
     rows = np.stack([r._row(target_token_pos).numpy() for r in results])
     k = len(results)
     matrix = np.ones((k, k))

@@ -148,6 +148,18 @@ def test_compare_rank_correlations(llama, words):
     assert -1 <= table.loc["saliency", "attention"] <= 1 and fig is not None
     with pytest.raises(InvalidOptionError):
         compare(sal)
+    with pytest.raises(InvalidOptionError, match="2 names for 3 results"):
+        compare(sal, att, sal, names=["saliency", "attention"])
+    # as many features, but other ones: rows would pair words that differ
+    other = ChatInput(Chat().user("Why is sky so blue?"), llama)
+    assert other.n_itp_features == words.n_itp_features
+    elsewhere = AttentionAttribution(llama).attribute(other, target=TARGET)
+    with pytest.raises(InvalidOptionError, match="different features"):
+        compare(sal, elsewhere)
+    answer = AttentionAttribution(llama).attribute(words, target="I am a small model.")
+    compare(sal, answer)  # the sequence rows pair up
+    with pytest.raises(InvalidOptionError, match="different responses"):
+        compare(sal, answer, target_token_pos=0)
 
 
 def test_layer_gradient_shap_runs_on_the_embeddings(llama, words):
