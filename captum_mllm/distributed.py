@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from captum_mllm.chat import Chat
 from captum_mllm.errors import InvalidOptionError
+from captum_mllm.fingerprint import chat_digest, digest, plain
 
 ModelFactory = Callable[[], Any]
 MethodFactory = Callable[[Any], Any]
@@ -73,14 +74,18 @@ class ChatExplainer:
         method = self.method_factory(self.model)
         return MultimodalLLMAttribution(method, self.model, target=target)
 
-    def explain(self, name: str, chat: Any, folder: str) -> dict[str, Any]:
-        """Explain one chat into ``folder`` (result + store); returns its summary row."""
+    def explain(
+        self, name: str, chat: Any, folder: str, request: str | None = None
+    ) -> dict[str, Any]:
+        """Explain one chat into ``folder`` (result + store); returns its summary row.
+        ``request`` (the digest a rerun compares) goes into the result's provenance."""
         from captum_mllm.inputs import ChatInput
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
         res = self._attribution().attribute(inp, store=out / STORE, **self.attribute_kwargs)
+        res.provenance["request"] = request
         res.save(out / RESULT)
         top = res.top_features(1)
         return {
@@ -91,6 +96,7 @@ class ChatExplainer:
             "n_unique_coalitions": res.n_unique_coalitions,
             "n_stored_coalitions": res.n_stored_coalitions,
             "seconds": round(res.wall_time, 3),
+            "skipped": False,
         }
 
     def _input_kwargs(self, chat: Any) -> dict[str, Any]:
@@ -174,7 +180,13 @@ def explain_dataset(
     Each chat's result (``result.json``, see
     :meth:`MultimodalLLMAttributionResult.save`) and coalition store
     (``coalitions.sqlite``) go to ``store_dir/<chat name>/`` as soon as it is
-    done. A chat whose result exists is skipped; one whose store exists
+    done. A rerun skips a chat whose result answers the same request: the
+    same chat, ``input_kwargs`` and ``attribute_kwargs``, and factories of
+    the same names, constants and closure values (a lambda's checkpoint
+    name). A changed request explains the chat again, reading what its store
+    holds when the values still apply (another budget or method); a store of
+    another chat, model or target raises
+    :class:`~captum_mllm.errors.StoreMismatchError`. A chat whose store exists
     resumes from it. When a worker dies (killed, out of memory) its chat is
     retried on a fresh worker, up to ``max_retries`` times.
 
@@ -214,12 +226,14 @@ def explain_dataset(
     items = _named(chats)
     rows: list[dict[str, Any]] = []
     todo = []
-    for name, chat in items:
-        if (root / name / RESULT).is_file():
-            rows.append(_done_row(name, root / name / RESULT))
-        else:
-            todo.append((name, chat))
     args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
+    for name, chat in items:
+        request = _request_digest(chat, args)
+        row = _done_row(name, root / name / RESULT, request)
+        if row is not None:
+            rows.append(row)
+        else:
+            todo.append((name, chat, request))
     ray = None if use_ray is False else _ray(address, num_workers)
     if use_ray and ray is None:
         raise InvalidOptionError("use_ray=True needs Ray: pip install 'captum-mllm[ray]'")
@@ -232,9 +246,9 @@ def explain_dataset(
                 stacklevel=2,
             )
         worker = ChatExplainer(*args) if todo else None
-        for name, chat in todo:
+        for name, chat, request in todo:
             assert worker is not None
-            rows.append(worker.explain(name, chat, str(root / name)))
+            rows.append(worker.explain(name, chat, str(root / name), request))
             bar.update()
     else:
         for row in _run_on_ray(
@@ -248,8 +262,20 @@ def explain_dataset(
     return pd.DataFrame(rows)
 
 
-def _done_row(name: str, result: Path) -> dict[str, Any]:
+def _request_digest(chat: Any, args: tuple[Any, ...]) -> str:
+    """What a chat's saved result must have answered to be skipped: the chat,
+    the ChatInput and attribute arguments, and the factories (see :func:`plain`)."""
+    own = chat.get("input_kwargs") if isinstance(chat, Mapping) else None
+    return digest(chat_digest(_as_chat(chat)), plain(own), *(plain(a) for a in args))
+
+
+def _done_row(name: str, result: Path, request: str) -> dict[str, Any] | None:
+    """The summary row of a chat already explained for this request, else None."""
+    if not result.is_file():
+        return None
     data = json.loads(result.read_text())
+    if data.get("provenance", {}).get("request") != request:
+        return None
     return {"chat": name, "response": data.get("response_text"), "skipped": True}
 
 
@@ -264,7 +290,7 @@ def _default_resources(ray: Any) -> dict[str, float]:
 def _run_on_ray(
     ray: Any,
     args: tuple[Any, ...],
-    todo: list[tuple[str, Any]],
+    todo: list[tuple[str, Any, str]],
     root: Path,
     num_workers: int | None,
     resources: dict[str, float] | None,
@@ -284,11 +310,12 @@ def _run_on_ray(
         on_worker_start(actors)
     pending = list(reversed(todo))  # pop() takes them in order
     tries: dict[str, int] = {}
-    running: dict[Any, tuple[int, str, Any]] = {}  # future -> (actor slot, name, chat)
+    running: dict[Any, tuple[int, str, Any, str]] = {}  # future -> (slot, name, chat, request)
 
     def submit(slot: int) -> None:
-        name, chat = pending.pop()
-        running[actors[slot].explain.remote(name, chat, str(root / name))] = (slot, name, chat)
+        name, chat, request = pending.pop()
+        future = actors[slot].explain.remote(name, chat, str(root / name), request)
+        running[future] = (slot, name, chat, request)
 
     try:
         for slot in range(len(actors)):
@@ -296,7 +323,7 @@ def _run_on_ray(
                 submit(slot)
         while running:
             (future,), _ = ray.wait(list(running), num_returns=1)
-            slot, name, chat = running.pop(future)
+            slot, name, chat, request = running.pop(future)
             try:
                 row = ray.get(future)
             except ray.exceptions.RayActorError:
@@ -304,7 +331,7 @@ def _run_on_ray(
                 if tries[name] > max_retries:
                     raise
                 actors[slot] = actor_cls.remote(*args)  # a fresh replica; the store kept the work
-                pending.append((name, chat))
+                pending.append((name, chat, request))
             else:
                 yield {**row, "retries": tries.get(name, 0)}
             if pending:

@@ -8,10 +8,13 @@ explained) and the seed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,3 +57,38 @@ def chat_digest(chat: Chat) -> str:
             else:
                 parts.append(part.text)
     return digest(*parts)
+
+
+def plain(value: Any, depth: int = 4) -> Any:
+    """``value`` as plain data for :func:`digest`, the same in every process:
+    JSON-able values as they are (containers item by item), tensors and arrays
+    by their digest, functions, classes and ``functools.partial`` by their
+    names, the constants and closure values they hold (so a lambda loading
+    another checkpoint differs), other objects by their type's name (a repr
+    may hold a memory address)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if depth == 0:
+        return _qualname(type(value))
+    if isinstance(value, list | tuple):
+        return [plain(v, depth - 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v, depth - 1) for k, v in value.items()}
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return digest(torch.as_tensor(value))
+    if isinstance(value, functools.partial):
+        return ["partial", *(plain(v, depth - 1) for v in (value.func, value.args, value.keywords))]
+    if inspect.ismethod(value):
+        return ["method", plain(value.__self__, depth - 1), value.__func__.__qualname__]
+    if isinstance(value, type) or inspect.isbuiltin(value):
+        return _qualname(value)
+    code = getattr(value, "__code__", None)
+    if code is not None:
+        consts = [c for c in code.co_consts if c is None or isinstance(c, bool | int | float | str)]
+        cells = [plain(c.cell_contents, depth - 1) for c in value.__closure__ or ()]
+        return ["function", _qualname(value), consts, list(code.co_names), cells]
+    return _qualname(type(value))
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -11,6 +12,7 @@ import torch
 
 from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution, MultimodalLLMAttributionResult
 from captum_mllm.distributed import RESULT, STORE, explain_dataset, explain_sharded
+from captum_mllm.errors import StoreMismatchError
 from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap
 from captum_mllm.testing import tiny_hf_adapter
 
@@ -130,6 +132,31 @@ def test_without_ray_it_runs_in_process_with_a_note(tmp_path, monkeypatch):
             show_progress=False,
         )  # fmt: skip
     assert len(table) == 2 and (tmp_path / "chat_00001" / RESULT).is_file()
+
+
+def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
+    """A saved result is skipped only for the same chat, arguments and
+    factories; otherwise the chat is explained again, from its store where the
+    values still apply, or refused where the store holds another explanation."""
+    chats = {"who": CHATS[0], "sky": CHATS[1]}
+
+    def run(chats=chats, model=factory, **changes):
+        return explain_dataset(
+            chats, model, LeverageKernelShap, {}, {**SETTINGS, **changes}, store_dir=tmp_path,
+            use_ray=False, show_progress=False,
+        ).set_index("chat")  # fmt: skip
+
+    run()
+    assert run()["skipped"].all()
+    more = run(budget=40)  # another budget: explained again, from what is stored
+    assert not more["skipped"].any() and (more["n_stored_coalitions"] > 0).all()
+    assert MultimodalLLMAttributionResult.load(tmp_path / "sky" / RESULT).n_coalitions == 40
+    assert run(budget=40)["skipped"].all()
+    edited = {**chats, "sky": Chat().system("Be brief.").user("What is the sea made of?")}
+    with pytest.raises(StoreMismatchError, match="chat"):
+        run(edited, budget=40)
+    with pytest.raises(StoreMismatchError, match="model"):
+        run(model=functools.partial(factory, num_layers=1), budget=40)
 
 
 def test_sharding_in_process_and_its_refusals(tmp_path):
