@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,30 @@ from captum_mllm.errors import AlignmentError, AudioError
 _INT_SCALE = {torch.int8: 128.0, torch.int16: 32768.0, torch.int32: 2147483648.0}
 
 
+def _load_audio_value(audio: Mapping[str, Any], sample_rate: int | None) -> tuple[Tensor, int, str]:
+    """A Hugging Face ``datasets`` Audio value: ``{"array", "sampling_rate"}``
+    decoded, or ``{"bytes"}`` / ``{"path"}`` undecoded."""
+    if audio.get("array") is not None:
+        rate = audio.get("sampling_rate")
+        if rate is not None and sample_rate is not None and rate != sample_rate:
+            raise AudioError(
+                f"the audio says sampling_rate={rate} and sample_rate={sample_rate} was given"
+            )
+        waveform, rate, _ = load_audio(audio["array"], rate if rate is not None else sample_rate)
+        return waveform, rate, "<array>"  # its "path" names the dataset's file, maybe not here
+    if audio.get("bytes") is not None:
+        return load_audio(audio["bytes"])
+    if audio.get("path") is not None:
+        return load_audio(audio["path"])
+    raise AudioError(
+        "audio given as a mapping needs 'array' and 'sampling_rate' (a Hugging Face datasets "
+        f"Audio value), 'bytes' or 'path'; got the keys {sorted(audio)}"
+    )
+
+
 def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int, str]:
-    """Read audio from a path, bytes, a numpy array or a tensor, as mono float.
+    """Read audio from a path, bytes, a numpy array, a tensor or a Hugging Face
+    ``datasets`` Audio value (``{"array", "sampling_rate"}``), as mono float.
 
     Arrays and tensors may be ``(n_samples,)``, ``(channels, n_samples)`` or
     soundfile's ``(n_samples, channels)``: the longer axis is time. Channels
@@ -29,7 +52,7 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
     on 128). URLs are not downloaded.
 
     Args:
-        audio (str, PathLike, bytes, ndarray or Tensor): the audio.
+        audio (str, PathLike, bytes, ndarray, Tensor or dict): the audio.
         sample_rate (int, optional): required for arrays and tensors; ignored
             for files, whose header says it.
 
@@ -49,6 +72,8 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
             f"{audio!r} is a URL; captum-mllm does not download audio: download the file "
             "and pass its path"
         )
+    if isinstance(audio, Mapping):
+        return _load_audio_value(audio, sample_rate)
     if isinstance(audio, str | os.PathLike | bytes | bytearray):
         import soundfile as sf
 

@@ -69,10 +69,11 @@ class AudioPart:
 
     @classmethod
     def from_any(cls, audio: Any, sample_rate: int | None = None) -> AudioPart:
-        """Build an audio part from a path, bytes, array, tensor or an AudioPart.
+        """Build an audio part from a path, bytes, array, tensor, a Hugging Face
+        ``datasets`` Audio value or an AudioPart.
 
         Args:
-            audio (str, Path, bytes, ndarray, Tensor or AudioPart): the audio.
+            audio (str, Path, bytes, ndarray, Tensor, dict or AudioPart): the audio.
             sample_rate (int, optional): required for arrays and tensors.
 
         Returns:

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from captum_mllm import Chat
 from captum_mllm.audio import load_audio
 from captum_mllm.errors import AlignmentError, AudioError
 from captum_mllm.testing import speech_like, tiny_wav2vec2_aligner
@@ -55,6 +56,26 @@ def test_stereo_in_either_layout_is_mixed_to_mono():
         np.testing.assert_allclose(wave.numpy(), mono, atol=1e-6)
     tensor, _, _ = load_audio(torch.from_numpy(np.stack([left, right], axis=1)), 16000)
     assert tensor.shape == (8000,)
+
+
+def test_hugging_face_datasets_audio_values_are_read():
+    """``datasets``' Audio column gives ``{"array", "sampling_rate", "path"}``
+    decoded and ``{"bytes", "path"}`` undecoded; a chat message may hold either."""
+    samples = speech_like(0.5).numpy()
+    buf = io.BytesIO()
+    sf.write(buf, samples, 8000, format="WAV", subtype="FLOAT")
+    decoded = {"array": samples, "sampling_rate": 8000, "path": "train/0001.wav"}
+    for value in (decoded, {"bytes": buf.getvalue(), "path": None}):
+        chat = Chat.from_messages(
+            [{"role": "user", "content": [{"type": "audio", "audio": value}]}]
+        )
+        part = chat[0].parts[0]
+        assert part.sample_rate == 8000 and part.source in ("<array>", "<bytes>")
+        np.testing.assert_allclose(part.waveform.numpy(), samples, atol=1e-6)
+    with pytest.raises(AudioError, match="sampling_rate=8000 and sample_rate=16000"):
+        load_audio(decoded, 16000)
+    with pytest.raises(AudioError, match="'array' and 'sampling_rate'"):
+        load_audio({"audio": samples})
 
 
 def test_urls_are_not_downloaded():
