@@ -29,7 +29,10 @@ def _load_audio_value(audio: Mapping[str, Any], sample_rate: int | None) -> tupl
             raise AudioError(
                 f"the audio says sampling_rate={rate} and sample_rate={sample_rate} was given"
             )
-        waveform, rate, _ = load_audio(audio["array"], rate if rate is not None else sample_rate)
+        array = audio["array"]
+        if isinstance(array, list | tuple):  # a datasets folder's nested column holds lists
+            array = np.asarray(array, dtype=np.float32)
+        waveform, rate, _ = load_audio(array, rate if rate is not None else sample_rate)
         return waveform, rate, "<array>"  # its "path" names the dataset's file, maybe not here
     if audio.get("bytes") is not None:
         return load_audio(audio["bytes"])

@@ -65,7 +65,8 @@ def test_hugging_face_datasets_audio_values_are_read():
     buf = io.BytesIO()
     sf.write(buf, samples, 8000, format="WAV", subtype="FLOAT")
     decoded = {"array": samples, "sampling_rate": 8000, "path": "train/0001.wav"}
-    for value in (decoded, {"bytes": buf.getvalue(), "path": None}):
+    listed = {"array": samples.tolist(), "sampling_rate": 8000}  # nested in a datasets folder
+    for value in (decoded, listed, {"bytes": buf.getvalue(), "path": None}):
         chat = Chat.from_messages(
             [{"role": "user", "content": [{"type": "audio", "audio": value}]}]
         )

@@ -200,6 +200,31 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     assert code == 2 and "JSONL" in err
 
 
+def test_explain_dataset_from_a_hugging_face_datasets_folder(tmp_path, capsys):
+    """``save_to_disk`` of a messages column: Arrow gives every part every key
+    (None where unused) and a nested clip's samples as a list."""
+    import datasets
+    import soundfile as sf
+
+    samples, rate = sf.read(QUESTION_WAV, dtype="float32")
+    clip = {"type": "audio", "audio": {"array": samples.tolist(), "sampling_rate": rate}}
+    rows = [
+        {"id": "spoken", "messages": [{"role": "user", "content": [clip]}]},
+        {"id": "typed", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Who are you?"}]}
+        ]},
+    ]  # fmt: skip
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "data"))
+    argv = ["explain-dataset", tmp_path / "data", "--model", "tiny-lfm2-audio", "--no-ray",
+            "--budget", "20", "--max-new-tokens", "2", "--out", tmp_path / "runs"]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    spoken = MultimodalLLMAttributionResult.load(tmp_path / "runs" / "spoken" / "result.json")
+    assert {f.modality for f in spoken.features} == {"audio_in"}
+    typed = MultimodalLLMAttributionResult.load(tmp_path / "runs" / "typed" / "result.json")
+    assert typed.input_tokens == ["Who", "are", "you"]
+
+
 def test_remote_code_stays_off_unless_asked(monkeypatch, capsys, tmp_path):
     from captum_mllm import HFCausalLMAdapter
 
