@@ -49,8 +49,9 @@ def span_features(
     """Features of explicit ``(start_s, end_s[, label])`` spans of one clip.
 
     A position belongs to the span holding its midpoint; positions outside
-    every span stay fixed. A span holding no midpoint (shorter than a position)
-    merges with the following span, or the preceding one at the clip's end.
+    every span stay fixed; overlapping spans raise. A span holding no
+    midpoint (shorter than a position) merges with the following span, or the
+    preceding one at the clip's end.
     """
     checked = []
     for span in spans:
@@ -70,6 +71,12 @@ def span_features(
         label = str(span[2]) if len(span) == 3 else f"audio[{start:.2f}-{min(stop, end):.2f}s]"
         checked.append((start, min(stop, end), label))
     checked.sort()
+    for (a0, b0, first), (a1, _, second) in zip(checked, checked[1:], strict=False):
+        if a1 < b0:  # a position would have to belong to two features
+            raise InvalidSpanError(
+                f"audio spans {first!r} ({a0:g}-{b0:g} s) and {second!r} (from {a1:g} s) "
+                "overlap; give spans that do not (a span may end where the next begins)"
+            )
     members: list[list[int]] = [[] for _ in checked]
     for p, (t0, t1) in zip(positions, times, strict=True):
         middle = min((t0 + t1) / 2, end - 1e-6)

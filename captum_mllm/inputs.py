@@ -84,9 +84,9 @@ class ChatInput(InterpretableInput):
             replaces with that token. Default: ``"drop"``
         audio_unit (str, float or list, optional): ``"frame"`` (one 80 ms model
             position), a window in seconds (e.g. ``0.5``), ``"turn"`` (the whole
-            clip), or explicit spans ``[(start_s, end_s, label), ...]`` (a
-            position belongs to the span holding its midpoint; positions outside
-            every span stay fixed), or ``"word"``: spans of the transcript's words
+            clip), or explicit spans ``[(start_s, end_s, label), ...]``, not
+            overlapping (a position belongs to the span holding its midpoint;
+            positions outside every span stay fixed), or ``"word"``: spans of the transcript's words
             found by ``aligner`` (labels ``♪word``). Default: ``0.5``
         audio_baseline (str, optional): ``"drop"`` removes absent audio
             positions; ``"embedding"`` replaces their encoder outputs with

@@ -346,6 +346,8 @@ def test_a_span_too_short_for_a_position_merges_with_its_neighbour(lfm, wave):
         [(0.3, 0.3, "empty")],
         [(2.0, 3.0, "after the clip")],
         [(-0.2, 0.3)],
+        [(0.0, 0.5, "a"), (0.3, 0.9, "b")],  # overlapping: positions went to the first silently
+        [(0.3, 0.9, "b"), (0.0, 0.31, "a")],
     ],
 )
 def test_bad_spans_raise(lfm, wave, spans):
