@@ -135,6 +135,8 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             baselines (int or Tensor, optional): what feature positions move
                 from: None zeros, an int the embedding of that token id at text
                 positions (zeros at audio ones), a ``(D,)`` tensor that vector.
+                The ``ChatInput``'s ``text_baseline`` and ``audio_baseline`` are
+                not read: they say what absence means to perturbation methods.
                 Default: None
             keep_eos (bool, optional): keep a generated answer's end token. Default: False
             **kwargs: passed to the method's ``attribute`` (``n_steps``,
