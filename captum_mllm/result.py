@@ -18,7 +18,13 @@ import torch
 from captum.attr import InterpretableInput, LLMAttributionResult
 from torch import Tensor
 
-from captum_mllm.errors import InconsistentVersionWarning, InvalidOptionError, ResultFormatError
+from captum_mllm.errors import (
+    AudioError,
+    InconsistentVersionWarning,
+    InvalidOptionError,
+    ResultFormatError,
+)
+from captum_mllm.fingerprint import digest
 from captum_mllm.inputs import FeatureInfo
 
 
@@ -65,21 +71,36 @@ class ClipRef:
         sample_rate (int): samples per second.
         waveform (Tensor or None): mono samples ``(n,)``.
         path (str or None): the audio file the clip was read from.
+        sha256 (str or None): digest of the explained samples, checked when
+            they are read back from ``path``.
     """
 
     turn: int
     sample_rate: int
     waveform: Tensor | None = None
     path: str | None = None
+    sha256: str | None = None
 
     def samples(self) -> Tensor:
-        """The clip's samples (read from ``path`` when not embedded)."""
+        """The clip's samples (read from ``path`` when not embedded).
+
+        Raises:
+            AudioError: the file is unreadable, or no longer holds the samples
+                that were explained.
+        """
         if self.waveform is not None:
             return self.waveform
         from captum_mllm.audio import load_audio, resample
 
         wave, rate, _ = load_audio(str(self.path))
-        return resample(wave, rate, self.sample_rate)
+        wave = resample(wave, rate, self.sample_rate)
+        if self.sha256 is not None and digest(wave) != self.sha256:
+            raise AudioError(
+                f"{self.path} has changed since it was explained: its samples are not the "
+                "ones the attributions are about; restore it, or save results with "
+                "embed_audio=True"
+            )
+        return wave
 
     @property
     def duration(self) -> float:
@@ -206,10 +227,12 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         clips = []
         for i, clip in enumerate(self.clips or []):
             keep = embed_audio or clip.path is None or not Path(clip.path).is_file()
+            samples = clip.samples().detach().cpu()
             if keep:
-                arrays[f"clip_{i}"] = clip.samples().detach().cpu().numpy()
+                arrays[f"clip_{i}"] = samples.numpy()
             clips.append({"turn": clip.turn, "sample_rate": clip.sample_rate,
-                          "path": clip.path, "embedded": keep})  # fmt: skip
+                          "path": clip.path, "embedded": keep,
+                          "sha256": None if keep else digest(samples)})  # fmt: skip
         audio = None
         if self.output_audio is not None:
             audio = {"sample_rate": self.output_audio.get("sample_rate")}
@@ -301,7 +324,9 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
                 for f in data["features"]
             ]  # fmt: skip
         clips = [
-            ClipRef(c["turn"], c["sample_rate"], arrays.get(f"clip_{i}"), c["path"])
+            ClipRef(
+                c["turn"], c["sample_rate"], arrays.get(f"clip_{i}"), c["path"], c.get("sha256")
+            )
             for i, c in enumerate(data["clips"])
         ]
         audio = None

@@ -1,5 +1,6 @@
 """Results are plain data: saved and reopened exactly, drawn the same."""
 
+import dataclasses
 import warnings
 
 import matplotlib
@@ -17,7 +18,7 @@ from captum_mllm import (
     MultimodalLLMAttribution,
     MultimodalLLMAttributionResult,
 )
-from captum_mllm.errors import InconsistentVersionWarning, ResultFormatError
+from captum_mllm.errors import AudioError, InconsistentVersionWarning, ResultFormatError
 from captum_mllm.testing import speech_like, tiny_lfm2_audio
 
 matplotlib.use("Agg")
@@ -86,6 +87,22 @@ def test_a_spoken_result_round_trips_and_draws_the_same(spoken, tmp_path, embed_
         lambda r: r.plot_audio_attr(turn=2, target_token_pos=(0, 3)),
     ):
         assert np.array_equal(_pixels(draw(res)), _pixels(draw(back)))
+
+
+def test_a_clip_that_changed_after_the_explanation_is_refused(spoken, tmp_path):
+    """A result saved without its audio draws the clip from its file: the
+    file must still hold the samples that were explained."""
+    res, path = spoken
+    back = MultimodalLLMAttributionResult.load(res.save(tmp_path / "r.json", embed_audio=False))
+    copy = tmp_path / "clip.wav"
+    copy.write_bytes(path.read_bytes())
+    clip = dataclasses.replace(back.clips[0], path=str(copy))  # the file, moved
+    assert torch.equal(clip.samples(), res.clips[0].samples())
+    wave, rate = sf.read(copy, dtype="float32")
+    wave[len(wave) // 2] += 0.25
+    sf.write(copy, wave, rate, subtype="FLOAT")
+    with pytest.raises(AudioError, match="has changed since it was explained"):
+        clip.samples()
 
 
 def test_a_sampled_similarity_result_round_trips(model, chat, tmp_path):
