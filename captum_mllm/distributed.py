@@ -19,6 +19,7 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from captum_mllm.chat import Chat
@@ -104,25 +106,40 @@ class ChatExplainer:
         own = chat.get("input_kwargs") if isinstance(chat, Mapping) else None
         return {**self.input_kwargs, **(own or {})}
 
-    def evaluate_shard(self, chat: Any, store: str, shard: tuple[int, int]) -> int:
-        """Evaluate one shard of a chat's coalitions into ``store``; returns how many."""
-        from captum_mllm.inputs import ChatInput
-
-        inp = ChatInput(_as_chat(chat), self.model, **self.input_kwargs)
-        res = self._attribution().attribute(inp, store=store, shard=shard, **self.attribute_kwargs)
-        return int(res.n_unique_coalitions)
-
-    def combine(self, chat: Any, store: str) -> Any:
-        """The explanation read from a filled store (evaluates what is missing)."""
+    def evaluate_shard(self, chat: Any, store: str, shard: tuple[int, int], seed: int = 0) -> int:
+        """Evaluate one shard of a chat's coalitions into ``store``; returns how
+        many. ``seed`` seeds torch's generator for the call (see :meth:`combine`)."""
         from captum_mllm.inputs import ChatInput
 
         inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
-        return self._attribution().attribute(inp, store=store, **self.attribute_kwargs)
+        with _seeded(seed):
+            res = self._attribution().attribute(
+                inp, store=store, shard=shard, **self.attribute_kwargs
+            )
+        return int(res.n_unique_coalitions)
+
+    def combine(self, chat: Any, store: str, seed: int = 0) -> Any:
+        """The explanation read from a filled store (evaluates what is missing),
+        torch's generator seeded with ``seed`` for the call, as for each shard, so
+        that samplers drawing from it choose the coalitions the shards evaluated."""
+        from captum_mllm.inputs import ChatInput
+
+        inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
+        with _seeded(seed):
+            return self._attribution().attribute(inp, store=store, **self.attribute_kwargs)
 
     def pid(self) -> int:
         import os
 
         return os.getpid()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """torch's CPU generator seeded for a block, and restored after it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _as_chat(chat: Any) -> Chat:
@@ -354,6 +371,7 @@ def explain_sharded(
     target_factory: Callable[[], Any] | None = None,
     address: str | None = None,
     use_ray: bool | None = None,
+    seed: int = 0,
 ) -> Any:
     """One explanation whose coalitions are evaluated by several workers.
 
@@ -362,9 +380,9 @@ def explain_sharded(
     (the store is the unit of work); then one worker runs the explanation
     again over the filled store, which evaluates nothing more, so the result
     equals one process's exactly. The method must choose its coalitions
-    without looking at their values (exact Shapley, the samplers with a
-    ``budget`` and a ``seed``, Captum's samplers after ``torch.manual_seed``;
-    not ``target_stderr``).
+    without looking at their values (not ``target_stderr``); every worker
+    seeds torch's generator with ``seed`` first, so that samplers drawing from
+    it (Captum's, ours without ``seed=``) choose the same coalitions in each.
 
     Args:
         chat: a ``Chat`` or a Hugging Face message list.
@@ -373,6 +391,7 @@ def explain_sharded(
         store (str or Path): the shared SQLite file.
         num_shards (int, optional): workers (one shard each). Default: 2
         use_ray (bool, optional): False evaluates the shards in turn in-process. Default: None
+        seed (int, optional): torch's seed in every worker. Default: 0
 
     Returns:
         MultimodalLLMAttributionResult: the explanation.
@@ -383,14 +402,17 @@ def explain_sharded(
     if ray is None:
         worker = ChatExplainer(*args)
         for shard in shards:
-            worker.evaluate_shard(chat, str(store), shard)
-        return worker.combine(chat, str(store))
+            worker.evaluate_shard(chat, str(store), shard, seed)
+        return worker.combine(chat, str(store), seed)
     actor_cls = _actor_class(ray, resources_per_worker or _default_resources(ray))
     actors = [actor_cls.remote(*args) for _ in shards]
     ray.get(
-        [a.evaluate_shard.remote(chat, str(store), s) for a, s in zip(actors, shards, strict=True)]
+        [
+            a.evaluate_shard.remote(chat, str(store), s, seed)
+            for a, s in zip(actors, shards, strict=True)
+        ]
     )
-    result = ray.get(actors[0].combine.remote(chat, str(store)))
+    result = ray.get(actors[0].combine.remote(chat, str(store), seed))
     for actor in actors:
         ray.kill(actor)
     return result

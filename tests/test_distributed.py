@@ -9,11 +9,12 @@ import time
 import pytest
 import ray
 import torch
+from captum.attr import ShapleyValueSampling
 
 from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution, MultimodalLLMAttributionResult
 from captum_mllm.distributed import RESULT, STORE, explain_dataset, explain_sharded
 from captum_mllm.errors import StoreMismatchError
-from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap
+from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap, PairedPermutationSampling
 from captum_mllm.testing import tiny_hf_adapter
 
 QUESTIONS = [
@@ -170,6 +171,22 @@ def test_sharding_in_process_and_its_refusals(tmp_path):
         ChatInput(chat, model), budget=20, seed=1
     )
     torch.testing.assert_close(res.seq_attr, alone.seq_attr)
+    # Without seed=, samplers draw from torch's generator, seeded alike in every
+    # worker: the shards evaluate the explanation's coalitions, the combining
+    # run none (each shard drew its own before, and the combining run redid it).
+    for method, kwargs in ((PairedPermutationSampling, {"budget": 30}),
+                           (ShapleyValueSampling, {"n_samples": 3})):  # fmt: skip
+        store = tmp_path / f"{method.__name__}.sqlite"
+        res = explain_sharded(
+            chat, factory, method, {}, kwargs, store=store, num_shards=3, use_ray=False, seed=5
+        )
+        assert res.n_unique_coalitions == 0 and res.n_stored_coalitions > 0
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            alone = MultimodalLLMAttribution(method(model), model).attribute(
+                ChatInput(chat, model), **kwargs
+            )
+        torch.testing.assert_close(res.seq_attr, alone.seq_attr)
     from captum_mllm.errors import InvalidOptionError
 
     attr = MultimodalLLMAttribution(LeverageKernelShap(model), model)
