@@ -22,8 +22,10 @@ import torch
 from captum.attr import (
     ImageMaskInput,
     InterpretableInput,
+    Lime,
     LLMAttribution,
     PerturbationAttribution,
+    ShapleyValueSampling,
     TextTemplateInput,
     TextTokenInput,
 )
@@ -215,7 +217,10 @@ class MultimodalLLMAttribution(LLMAttribution):
                 Captum's own inputs keep them, as stock Captum does). Default: False
             store (str, PathLike or CoalitionStore, optional): a SQLite file
                 keeping every evaluated coalition; a rerun with the same file and
-                explanation evaluates only what is missing (resume). Default: None
+                explanation evaluates only what is missing (resume): its
+                samplers draw what the first run drew (ours without ``seed=``
+                take that run's seed; Captum's samplers start from torch's
+                generator as it was when that run began). Default: None
             shard (tuple of int, optional): ``(index, count)``: evaluate only this
                 shard's coalitions (a stable hash splits them) into ``store``;
                 the others count as 0, so the returned attributions are not the
@@ -259,6 +264,8 @@ class MultimodalLLMAttribution(LLMAttribution):
                 "(no target_stderr)"
             )
         opened = self._open_store(store, inp, response) if store is not None else None
+        if opened is not None:
+            kwargs = self._replay_draws(opened, kwargs)
         evaluator = CoalitionEvaluator(
             game.evaluate,
             opened,
@@ -334,6 +341,23 @@ class MultimodalLLMAttribution(LLMAttribution):
             n_stored_coalitions=evaluator.n_stored,
             wall_time=time.perf_counter() - start,
         )
+
+    def _replay_draws(self, store: CoalitionStore, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Make a rerun on a store draw the coalitions its first run drew, so that
+        it resumes rather than starts over: our estimators without ``seed=`` get
+        the first run's seed; for Captum's samplers torch's generator is set to
+        its state when the first run began."""
+        if isinstance(self.attr_method, ShapleyEstimator):
+            if kwargs.get("seed") is None:
+                drawn = str(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+                return {**kwargs, "seed": int(store.first("seed", drawn))}
+            return kwargs
+        if not isinstance(self.attr_method, ShapleyValueSampling | Lime):  # they draw nothing
+            return kwargs
+        state = torch.get_rng_state()
+        first = store.first("torch_rng_state", state.numpy().tobytes().hex())
+        torch.set_rng_state(torch.from_numpy(np.frombuffer(bytes.fromhex(first), np.uint8).copy()))
+        return kwargs
 
     def _mean_stderr(self, errors: list[Tensor]) -> Tensor:
         """The standard error of the mean over trials: independent trials' errors

@@ -52,6 +52,12 @@ class CoalitionStore(ABC):
     def close(self) -> None:  # noqa: B027 (most stores hold nothing open)
         """Release what the store holds open."""
 
+    def first(self, key: str, value: str) -> str:
+        """The value first kept under ``key`` (``value``, when nothing was): how
+        a rerun reads what the first run chose, such as its sampler's seed."""
+        meta: dict[str, str] = self.__dict__.setdefault("_meta", {})
+        return meta.setdefault(key, value)
+
 
 class MemoryStore(CoalitionStore):
     """Entries in a dict, for one explanation in one process."""
@@ -140,6 +146,12 @@ class SQLiteStore(CoalitionStore):
 
     def __len__(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM coalitions").fetchone()[0])
+
+    def first(self, key: str, value: str) -> str:
+        with self.db:  # atomic: of shards starting at once, one writes and all read it
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (f"first:{key}", value))
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"first:{key}",)).fetchone()
+        return str(row[0])
 
     def close(self) -> None:
         self.db.close()

@@ -11,9 +11,10 @@ import time
 
 import pytest
 import torch
-from captum.attr import ShapleyValues
+from captum.attr import ShapleyValues, ShapleyValueSampling
 
 from captum_mllm import (
+    Chat,
     ChatInput,
     CoalitionEvaluator,
     MemoryStore,
@@ -22,6 +23,7 @@ from captum_mllm import (
     TargetValues,
 )
 from captum_mllm.errors import StoreMismatchError
+from captum_mllm.methods import PairedPermutationSampling
 
 TARGET = "The capital of France is Paris."
 
@@ -31,7 +33,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     import torch
-    from captum.attr import ShapleyValues
+    from captum.attr import ShapleyValues, ShapleyValueSampling
     from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, MultimodalLLMAttribution
     from captum_mllm.testing import tiny_llama, tiny_tokenizer
 
@@ -93,6 +95,47 @@ def test_a_killed_run_resumes_with_only_the_missing_coalitions(model, chat, tmp_
     again = attr.attribute(inp, target=TARGET, store=store, perturbations_per_eval=4)
     assert again.n_unique_coalitions == 0 and again.n_model_calls <= 1  # the prefix only
     torch.testing.assert_close(again.token_attr, resumed.token_attr, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [(PairedPermutationSampling, {"budget": 40}), (ShapleyValueSampling, {"n_samples": 4})],
+)
+def test_a_sampler_rerun_on_its_store_resumes_the_same_draws(
+    model, tmp_path, monkeypatch, method, kwargs
+):
+    """Without seed=, a rerun on the store of an interrupted run draws what
+    that run drew (ours: its seed; Captum's: torch's generator as it began), so
+    it evaluates only what is missing and gives that run's answer."""
+    inp = ChatInput(Chat().user("Who are you, my friend? Tell me now please"), model)
+    attr = MultimodalLLMAttribution(method(model), model)
+    store = tmp_path / "run.sqlite"
+    torch.manual_seed(1)
+    began = torch.get_rng_state()
+    score, calls = model.score_masked, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # the first batch is kept, the second is in flight
+            raise KeyboardInterrupt
+        return score(*args, **kw)
+
+    monkeypatch.setattr(model, "score_masked", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        attr.attribute(inp, target=TARGET, store=store, perturbations_per_eval=4, **kwargs)
+    monkeypatch.undo()
+    kept = _rows(store)
+    assert kept > 0
+    torch.manual_seed(2)  # what a new process would draw differs
+    resumed = attr.attribute(inp, target=TARGET, store=store, perturbations_per_eval=4, **kwargs)
+    assert resumed.n_stored_coalitions == kept
+    torch.set_rng_state(began)
+    seed = resumed.provenance["method_args"].get("seed")  # ours: the first run's
+    whole = attr.attribute(
+        inp, target=TARGET, perturbations_per_eval=4, **kwargs, **({"seed": seed} if seed else {})
+    )
+    assert resumed.n_unique_coalitions == whole.n_unique_coalitions - kept
+    torch.testing.assert_close(resumed.seq_attr, whole.seq_attr, atol=1e-5, rtol=0)
 
 
 def test_a_store_refuses_another_explanation(model, chat, tmp_path):
