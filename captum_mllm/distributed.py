@@ -108,7 +108,7 @@ class ChatExplainer:
 
     def evaluate_shard(self, chat: Any, store: str, shard: tuple[int, int], seed: int = 0) -> int:
         """Evaluate one shard of a chat's coalitions into ``store``; returns how
-        many. ``seed`` seeds torch's generator for the call (see :meth:`combine`)."""
+        many. ``seed`` seeds torch's generator for the call."""
         from captum_mllm.inputs import ChatInput
 
         inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
@@ -119,9 +119,8 @@ class ChatExplainer:
         return int(res.n_unique_coalitions)
 
     def combine(self, chat: Any, store: str, seed: int = 0) -> Any:
-        """The explanation read from a filled store (evaluates what is missing),
-        torch's generator seeded with ``seed`` for the call, as for each shard, so
-        that samplers drawing from it choose the coalitions the shards evaluated."""
+        """The explanation read from a filled store (evaluates what is missing);
+        ``seed`` seeds torch's generator for the call."""
         from captum_mllm.inputs import ChatInput
 
         inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
@@ -380,9 +379,10 @@ def explain_sharded(
     (the store is the unit of work); then one worker runs the explanation
     again over the filled store, which evaluates nothing more, so the result
     equals one process's exactly. The method must choose its coalitions
-    without looking at their values (not ``target_stderr``); every worker
-    seeds torch's generator with ``seed`` first, so that samplers drawing from
-    it (Captum's, ours without ``seed=``) choose the same coalitions in each.
+    without looking at their values (not ``target_stderr``). Samplers draw
+    alike in every worker: the store keeps the first draw (ours without
+    ``seed=``: its seed; Captum's: torch's generator state), and every worker
+    seeds torch's generator with ``seed``, so the draw is the same on a rerun.
 
     Args:
         chat: a ``Chat`` or a Hugging Face message list.
