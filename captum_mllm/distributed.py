@@ -157,6 +157,12 @@ def _named(chats: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
     names = [n for n, _ in items]
     if len(set(names)) != len(names):
         raise InvalidOptionError("chat names must be unique")
+    for name in names:  # each names a folder under store_dir, and nothing outside it
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise InvalidOptionError(
+                f"chat name {name!r} cannot name a folder under store_dir: give names "
+                "without '/', '\\' or NUL, other than '', '.' and '..'"
+            )
     return items
 
 

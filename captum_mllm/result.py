@@ -281,6 +281,10 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             >>> again = MultimodalLLMAttributionResult.load("explanation.json")
         """
         path = Path(path)
+        if path.suffix == ".npz":  # the JSON would overwrite the arrays
+            raise InvalidOptionError(
+                f"save the result as a .json path (its arrays go beside it as .npz), got {path}"
+            )
         data, arrays = self.to_dict(embed_audio)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path.with_suffix(".npz"), **arrays)  # type: ignore[arg-type]

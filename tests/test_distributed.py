@@ -13,7 +13,7 @@ from captum.attr import ShapleyValueSampling
 
 from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution, MultimodalLLMAttributionResult
 from captum_mllm.distributed import RESULT, STORE, explain_dataset, explain_sharded
-from captum_mllm.errors import StoreMismatchError
+from captum_mllm.errors import InvalidOptionError, StoreMismatchError
 from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap, PairedPermutationSampling
 from captum_mllm.testing import tiny_hf_adapter
 
@@ -158,6 +158,10 @@ def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
         run(edited, budget=40)
     with pytest.raises(StoreMismatchError, match="model"):
         run(model=functools.partial(factory, num_layers=1), budget=40)
+    for name in ("../outside", "/tmp/outside", "a/b", "..", ""):  # e.g. a JSONL row's id
+        with pytest.raises(InvalidOptionError, match="cannot name a folder"):
+            run({name: CHATS[0]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sky", "who"]
 
 
 def test_sharding_in_process_and_its_refusals(tmp_path):
@@ -187,8 +191,6 @@ def test_sharding_in_process_and_its_refusals(tmp_path):
                 ChatInput(chat, model), **kwargs
             )
         torch.testing.assert_close(res.seq_attr, alone.seq_attr)
-    from captum_mllm.errors import InvalidOptionError
-
     attr = MultimodalLLMAttribution(LeverageKernelShap(model), model)
     with pytest.raises(InvalidOptionError, match="store"):
         attr.attribute(ChatInput(chat, model), shard=(0, 2))

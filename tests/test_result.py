@@ -18,7 +18,12 @@ from captum_mllm import (
     MultimodalLLMAttribution,
     MultimodalLLMAttributionResult,
 )
-from captum_mllm.errors import AudioError, InconsistentVersionWarning, ResultFormatError
+from captum_mllm.errors import (
+    AudioError,
+    InconsistentVersionWarning,
+    InvalidOptionError,
+    ResultFormatError,
+)
 from captum_mllm.testing import speech_like, tiny_lfm2_audio
 
 matplotlib.use("Agg")
@@ -118,6 +123,8 @@ def test_a_sampled_similarity_result_round_trips(model, chat, tmp_path):
     assert back.to_dataframe().equals(res.to_dataframe())
     assert back.provenance["target"]["samples_per_coalition"] == 2
     assert back.provenance["method"] == "FeatureAblation"
+    with pytest.raises(InvalidOptionError, match=r"\.json"):  # JSON and arrays in one file
+        res.save(tmp_path / "sim.npz")
 
 
 def test_unreadable_or_foreign_results_raise(tmp_path, model, chat):
