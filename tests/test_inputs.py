@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 
 from captum_mllm import Chat, ChatInput
 from captum_mllm.errors import (
+    ChatTemplateError,
     InvalidBaselineError,
     InvalidContentError,
     InvalidGroupsError,
@@ -147,6 +150,16 @@ def test_bad_groups_and_baselines_raise_named_errors(model, chat):
 def test_a_plain_callable_is_not_a_model(chat):
     with pytest.raises(InvalidModelError):
         ChatInput(chat, lambda x: x)
+
+
+def test_a_tokenizer_without_a_chat_template_is_named(chat):
+    from captum_mllm import HFCausalLMAdapter
+    from captum_mllm.testing import tiny_llama, tiny_tokenizer
+
+    tokenizer = copy.deepcopy(tiny_tokenizer())  # shared: the other tests keep its template
+    tokenizer.chat_template = None  # a base model's (transformers raised its own ValueError)
+    with pytest.raises(ChatTemplateError, match="TextTemplateInput"):
+        ChatInput(chat, HFCausalLMAdapter(tiny_llama(), tokenizer))
 
 
 def test_final_assistant_turn_is_the_response_not_the_prompt(model, chat):

@@ -208,6 +208,12 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         return table.build([t.role for t in chat], self.tokenizer)
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ChatTemplateError(
+                f"{type(self.tokenizer).__name__} has no chat template (a base model, not a "
+                "chat model?): set tokenizer.chat_template, or explain a plain prompt with "
+                "Captum's TextTemplateInput"
+            )
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
