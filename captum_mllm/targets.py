@@ -22,6 +22,7 @@ from torch import Tensor
 from captum_mllm.encoding import EncodedChat, MaskedChat, coalition_keys
 from captum_mllm.errors import InvalidOptionError
 from captum_mllm.models.base import ModelAdapter, Response
+from captum_mllm.models.decoder import check_sampling
 
 
 @dataclass(frozen=True)
@@ -236,8 +237,10 @@ class EmbeddingSimilarity(Target):
             Default: ``{"max_new_tokens": 25}``
         samples_per_coalition (int, optional): sampled responses per coalition;
             1 with ``temperature=None`` is greedy. Default: 1
-        temperature (float, optional): text sampling temperature. Default: None
-        top_k (int, optional): text top-k sampling. Default: None
+        temperature (float, optional): text sampling temperature (0: greedy, as
+            in liquid-audio's sampler). Default: None
+        top_k (int, optional): text top-k sampling (0: every token, as in
+            transformers). Default: None
         audio_temperature (float, optional): audio-frame sampling temperature
             (LFM2-Audio). Default: None
         audio_top_k (int, optional): audio-frame top-k sampling. Default: None
@@ -291,6 +294,10 @@ class EmbeddingSimilarity(Target):
                 ("audio_top_k", audio_top_k),
             )
         )
+        check_sampling(
+            {"temperature": temperature, "top_k": top_k,
+             "audio_temperature": audio_temperature, "audio_top_k": audio_top_k}
+        )  # fmt: skip
         self.gen_args = {"max_new_tokens": 25, "do_sample": False, **gen_args}
         self.samples = samples_per_coalition
         audio = {"audio_temperature": audio_temperature, "audio_top_k": audio_top_k}
@@ -306,7 +313,7 @@ class EmbeddingSimilarity(Target):
             sample_text = temperature is not None or top_k is not None or not named
             self.gen_args.update(
                 do_sample=True,
-                temperature=(temperature or 1.0) if sample_text else None,
+                temperature=(1.0 if temperature is None else temperature) if sample_text else None,
                 top_k=top_k,
                 **{k: v for k, v in audio.items() if v is not None},  # audio-output adapters
             )

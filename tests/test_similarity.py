@@ -285,3 +285,26 @@ def test_sampling_settings_in_gen_args_mean_what_the_arguments_do(model, chat):
     beams = EmbeddingSimilarity(gen_args={**GEN, "num_beams": 2, "num_return_sequences": 2})
     with pytest.raises(InvalidOptionError, match="samples_per_coalition"):
         run(beams, 8)
+
+
+def test_temperature_zero_is_greedy_and_impossible_settings_raise(model, chat):
+    """Temperature 0 is greedy (as in liquid-audio's sampler; it sampled at 1),
+    top-k 0 keeps every token (as in transformers; it crashed); a negative or
+    infinite temperature and a negative top-k raise (a negative one ran)."""
+    from captum.attr import FeatureAblation
+
+    inp = ChatInput(chat, model)
+
+    def run(**kwargs):
+        sim = EmbeddingSimilarity(gen_args=GEN, seed=3, **kwargs)
+        return MultimodalLLMAttribution(FeatureAblation(model), model, target=sim).attribute(inp)
+
+    greedy = run()
+    assert run(temperature=0.0).responses == greedy.responses
+    assert run(top_k=0).responses == run(temperature=1.0).responses != greedy.responses
+    for bad in ({"temperature": -1.0}, {"temperature": float("inf")}, {"top_k": -2},
+                {"audio_temperature": float("nan")}, {"top_k": 2.5}):  # fmt: skip
+        with pytest.raises(InvalidOptionError, match="must be"):
+            EmbeddingSimilarity(**bad)
+    with pytest.raises(InvalidOptionError, match="temperature must be"):
+        model.generate_masked(inp.to_model_input(), do_sample=True, temperature=-0.5)

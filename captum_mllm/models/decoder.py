@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import math
 import numbers
 import sys
 from abc import abstractmethod
@@ -177,6 +178,29 @@ def row_generators(seeds: list[int] | None, device: torch.device) -> list[torch.
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
+def check_sampling(settings: dict[str, Any]) -> None:
+    """Refuse sampling settings no sampler can mean: temperatures are finite
+    and at least 0 (0 is greedy, as in liquid-audio's sampler), top-k's are
+    ints of at least 0 (0 keeps every token, as in transformers)."""
+    for key in ("temperature", "audio_temperature"):
+        value = settings.get(key)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise InvalidOptionError(
+                f"{key} must be a finite number >= 0 (0: greedy), got {value!r}"
+            )
+    for key in ("top_k", "audio_top_k"):
+        value = settings.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0
+        ):
+            raise InvalidOptionError(f"{key} must be an int >= 0 (0: no top-k), got {value!r}")
+
+
 def pick_tokens(
     logits: Tensor,
     temperature: float | None,
@@ -188,7 +212,7 @@ def pick_tokens(
     if temperature is None or temperature <= 0 or top_k == 1:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None:
+    if top_k:  # 0 or None: every token
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     probs = logits.softmax(-1)
@@ -423,6 +447,7 @@ class DecoderLMAdapter(ModelAdapter):
         new = gen_args.get("max_new_tokens", 25)
         if isinstance(new, bool) or not isinstance(new, numbers.Integral) or new < 1:
             raise InvalidOptionError(f"max_new_tokens must be a positive int, got {new!r}")
+        check_sampling(gen_args)
         new = int(new)
         out: list[Response | None] = [None] * len(masked)
         # Deterministic groups hold rows of one length, never padded; their

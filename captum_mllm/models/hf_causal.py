@@ -560,7 +560,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         temperature, top_k = args.pop("temperature", None), args.pop("top_k", None)
         if args.pop("do_sample", False) and (temperature is not None or top_k is not None):
             generators = row_generators(seeds, self.device)
-            args["logits_processor"] = [_SeededSampling(temperature or 1.0, top_k, generators)]
+            args["logits_processor"] = [
+                _SeededSampling(1.0 if temperature is None else temperature, top_k, generators)
+            ]
         args["do_sample"] = False  # sampled tokens come from the processor above
         if self._is_hf:
             args.setdefault("pad_token_id", pad)
