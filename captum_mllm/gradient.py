@@ -33,7 +33,12 @@ from torch import Tensor, nn
 
 from captum_mllm.attribution import chat_fields, resolve_response
 from captum_mllm.captum_compat import DEFAULT_GEN_ARGS
-from captum_mllm.errors import InvalidModelError, InvalidOptionError, UnsupportedInputError
+from captum_mllm.errors import (
+    InvalidBaselineError,
+    InvalidModelError,
+    InvalidOptionError,
+    UnsupportedInputError,
+)
 from captum_mllm.inputs import ChatInput
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.result import MultimodalLLMAttributionResult
@@ -219,9 +224,15 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         if baselines is None:
             base[0, moving] = 0.0
         elif isinstance(baselines, int) and not isinstance(baselines, bool):
-            fill = self.adapter.token_embeddings(self.adapter.response(torch.tensor([baselines])))[
-                0
-            ]
+            try:
+                if baselines < 0:
+                    raise IndexError
+                token = self.adapter.response(torch.tensor([baselines]))
+                fill = self.adapter.token_embeddings(token)[0]
+            except IndexError:
+                raise InvalidBaselineError(
+                    f"baselines={baselines} is not a token id of this model's vocabulary"
+                ) from None
             assert inp.encoded.clip is not None
             text = moving & (inp.encoded.clip.to(owner.device) < 0)
             base[0, text] = fill.to(base)

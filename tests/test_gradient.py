@@ -15,7 +15,7 @@ from captum.attr import (
 )
 
 from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, MultimodalLLMAttributionResult
-from captum_mllm.errors import InvalidOptionError
+from captum_mllm.errors import InvalidBaselineError, InvalidOptionError
 from captum_mllm.gradient import (
     AttentionAttribution,
     MultimodalLLMGradientAttribution,
@@ -66,6 +66,9 @@ def test_equals_captum_summed_over_each_words_tokens(llama, words):
     torch.testing.assert_close(res.token_attr, stock, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(res.seq_attr, stock.sum(0), atol=1e-4, rtol=1e-4)
     assert res.features == words.features and res.input_tokens == list(words.values)
+    for token in (-1, 10**9):  # an IndexError and an OverflowError came through
+        with pytest.raises(InvalidBaselineError, match="not a token id"):
+            MultimodalLLMGradientAttribution(lig, llama).attribute(words, baselines=token)
 
 
 def test_integrated_gradients_is_complete(llama, words):
