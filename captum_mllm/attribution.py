@@ -39,6 +39,7 @@ from captum_mllm.errors import (
     InvalidOptionError,
     TargetError,
     UnsupportedInputError,
+    require_int,
 )
 from captum_mllm.fingerprint import chat_digest, digest, model_digest
 from captum_mllm.heap import retained_heap
@@ -250,8 +251,7 @@ class MultimodalLLMAttribution(LLMAttribution):
                 f"{type(inp).__name__} is not supported; use ChatInput or one of Captum's "
                 "TextTemplateInput, TextTokenInput, ImageMaskInput"
             )
-        if isinstance(num_trials, bool) or not isinstance(num_trials, int) or num_trials < 1:
-            raise InvalidOptionError(f"num_trials must be an int of at least 1, got {num_trials!r}")
+        require_int("num_trials", num_trials, 1)
         start = time.perf_counter()
         calls_before = self.adapter.n_forward_calls
         kwargs.setdefault("perturbations_per_eval", default_perturbations_per_eval(self.device))

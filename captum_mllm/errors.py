@@ -3,6 +3,8 @@
 Every message says what was wrong and what to do about it.
 """
 
+import numbers
+
 
 class CaptumMLLMError(ValueError):
     """Base class of every error raised by captum-mllm for bad input."""
@@ -64,6 +66,17 @@ class InvalidOptionError(CaptumMLLMError):
         >>> ChatInput(chat, model, text_unit="sentence")
         InvalidOptionError: text_unit must be one of ('token', 'word', 'turn'), got 'sentence'
     """
+
+
+def require_int(name: str, value: object, low: int) -> int:
+    """``value`` as an int of at least ``low`` (numpy ints too; not bools or floats).
+
+    Raises:
+        InvalidOptionError: it is not one.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise InvalidOptionError(f"{name} must be an int of at least {low}, got {value!r}")
+    return int(value)
 
 
 class InvalidBaselineError(CaptumMLLMError):

@@ -407,6 +407,6 @@ def test_an_unknown_argument_raises_rather_than_being_ignored(model, chat, metho
     with pytest.raises(TypeError, match="tree"):
         method(lambda z: z.sum(1)).attribute(x, tree=[[0, 1], [2, 3]])
     for seed in (-1, 1.5, True):  # numpy's generator refuses them with a bare ValueError
-        with pytest.raises(InvalidOptionError, match="seed must be a non-negative int"):
+        with pytest.raises(InvalidOptionError, match="seed must be an int of at least 0"):
             method(lambda z: z.sum(1)).attribute(x, seed=seed)
     method(lambda z: z.sum(1)).attribute(x, seed=np.int64(3))

@@ -15,7 +15,6 @@ before any cache, the empty and the full coalition included.
 from __future__ import annotations
 
 import math
-import numbers
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from captum.attr import PerturbationAttribution
 from torch import Tensor
 
-from captum_mllm.errors import InvalidOptionError, UnsupportedInputError
+from captum_mllm.errors import InvalidOptionError, UnsupportedInputError, require_int
 
 
 class Game:
@@ -210,8 +209,8 @@ class ShapleyEstimator(PerturbationAttribution):
             )
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise InvalidOptionError(f"seed must be a non-negative int, got {seed!r}")
+        else:
+            seed = require_int("seed", seed, 0)
         rng = np.random.default_rng(seed)
         outs, errs = [], []
         for b in range(inputs.shape[0]):

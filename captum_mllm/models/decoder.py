@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
-from captum_mllm.errors import InvalidOptionError
+from captum_mllm.errors import InvalidOptionError, require_int
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.models.batching import (
     MIN_PRODUCT_ROWS,
@@ -194,11 +194,8 @@ def check_sampling(settings: dict[str, Any]) -> None:
                 f"{key} must be a finite number >= 0 (0: greedy), got {value!r}"
             )
     for key in ("top_k", "audio_top_k"):
-        value = settings.get(key)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0
-        ):
-            raise InvalidOptionError(f"{key} must be an int >= 0 (0: no top-k), got {value!r}")
+        if settings.get(key) is not None:
+            require_int(key, settings[key], 0)
 
 
 def pick_tokens(
@@ -444,11 +441,8 @@ class DecoderLMAdapter(ModelAdapter):
         groups: dict[int, list[int]] = {}
         for b, n in enumerate(lens):
             groups.setdefault(n if self.is_deterministic else 0, []).append(b)
-        new = gen_args.get("max_new_tokens", 25)
-        if isinstance(new, bool) or not isinstance(new, numbers.Integral) or new < 1:
-            raise InvalidOptionError(f"max_new_tokens must be a positive int, got {new!r}")
+        new = require_int("max_new_tokens", gen_args.get("max_new_tokens", 25), 1)
         check_sampling(gen_args)
-        new = int(new)
         out: list[Response | None] = [None] * len(masked)
         # Deterministic groups hold rows of one length, never padded; their
         # products and attention are made independent of the group's size too.
