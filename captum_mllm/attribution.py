@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from os import PathLike
@@ -540,6 +541,18 @@ def resolve_response(
         raise TargetError(f"target must be a str, a Tensor or None, got {type(target).__name__}")
     if len(response) == 0:
         raise TargetError("the target response is empty; give a non-empty target")
+    limit = adapter.max_positions
+    if (
+        isinstance(inp, ChatInput)
+        and limit is not None
+        and len(inp.encoded) + len(response) > limit
+    ):
+        warnings.warn(
+            f"the chat and its answer take {len(inp.encoded) + len(response)} positions, more "
+            f"than the {limit} the model was trained on (max_position_embeddings): its outputs "
+            "there, and the attributions of them, may mean little",
+            stacklevel=3,
+        )
     return response, calls
 
 

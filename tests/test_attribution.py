@@ -1,6 +1,8 @@
 """Oracles for MultimodalLLMAttribution on text chats: stock Captum, brute-force
 Shapley, efficiency, and invariance to batching, caching and prefix reuse."""
 
+import warnings
+
 import pytest
 import torch
 from captum.attr import (
@@ -391,6 +393,21 @@ def test_trials_draw_their_own_coalitions_and_report_the_means_stderr(model, cha
     spread = errs.pow(2).sum(0).sqrt() / 3 if method.stderr_over_seeds else errs.mean(0)
     torch.testing.assert_close(mean.seq_attr_stderr, spread)
     assert mean.n_unique_coalitions >= max(r.n_unique_coalitions for r in runs)
+
+
+def test_a_chat_longer_than_the_models_positions_warns(model, chat):
+    """Llama computes rotary positions past its trained 1,024 without a word:
+    the explanation of such a chat would silently rest on untrained positions."""
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    assert model.max_positions == 1024
+    long = ChatInput(Chat().user("word " * 336), model, text_unit="turn")
+    assert len(long.encoded) + len(model.text_response("I")) <= 1024
+    assert len(long.encoded) + len(model.text_response("I am a cat")) > 1024
+    with pytest.warns(UserWarning, match="more than the 1024 the model was trained on"):
+        attr.attribute(long, target="I am a cat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attr.attribute(long, target="I")  # within them, no warning
 
 
 def test_a_final_assistant_turn_is_the_default_target(model, chat):

@@ -122,6 +122,16 @@ class ModelAdapter(nn.Module, ABC):
         size = getattr(self.tokenizer, "vocab_size", None)
         return len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else size
 
+    @property
+    def max_positions(self) -> int | None:
+        """Positions the model was trained on (its ``max_position_embeddings``;
+        None when unknown)."""
+        config = getattr(getattr(self, "model", None), "config", None)
+        text_config = getattr(config, "get_text_config", None)
+        config = text_config() if callable(text_config) else config
+        limit = getattr(config, "max_position_embeddings", None)
+        return int(limit) if isinstance(limit, int) else None
+
     def check_target(self, target: Tensor) -> Response:
         """A user-given target as a response.
 

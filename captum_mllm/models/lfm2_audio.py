@@ -593,6 +593,10 @@ class LFM2AudioAdapter(DecoderLMAdapter):
     def hidden_size(self) -> int:
         return int(self._lfm.config.hidden_size)
 
+    @property
+    def max_positions(self) -> int | None:
+        return int(self._lfm.config.max_position_embeddings)
+
     def check_target(self, target: Tensor) -> Response:
         """A user-given target: ``(T,)`` / ``(1, T)`` text ids, or ``(N, 9)`` output
         items (text rows ``[id, -1 x 8]``, audio frames ``[-1, 8 codes]``).
