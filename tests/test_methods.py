@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -410,3 +411,36 @@ def test_an_unknown_argument_raises_rather_than_being_ignored(model, chat, metho
         with pytest.raises(InvalidOptionError, match="seed must be an int of at least 0"):
             method(lambda z: z.sum(1)).attribute(x, seed=seed)
     method(lambda z: z.sum(1)).attribute(x, seed=np.int64(3))
+
+
+@pytest.mark.parametrize("method", [*SAMPLERS, BayesianShapley, HierarchicalShapley])
+def test_a_budget_below_the_smallest_estimate_warns(method):
+    """Every sampler has a smallest estimate (a pair of orders, a pair of
+    coalitions, ...); a budget below it is exceeded, but not silently."""
+    game = lambda z: (z * torch.arange(1.0, 6.0)).sum(1, keepdim=True)  # noqa: E731
+    est = method(game)
+    with pytest.warns(UserWarning, match="its smallest estimate, beyond budget=1"):
+        est.attribute(torch.ones(1, 5), budget=1, seed=0)
+    assert est.last_n_requested > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.attribute(torch.ones(1, 5), budget=40, seed=0)
+        ExactShapleyValues(game).attribute(torch.ones(1, 5), budget=1)  # exact: no budget
+
+
+def test_kernel_shap_never_reports_a_zero_error_it_cannot_know():
+    """The bootstrap resamples pairs within their size class; a class holding
+    one sampled pair never varies (it reported 0 beside a wrong estimate): it
+    joins its neighbour, and one pair in all gives an infinite error."""
+
+    def game(z):
+        return (z * torch.arange(1.0, 6.0)).sum(1, keepdim=True) + z[:, 2:3] * z[:, 3:4] * z[:, 4:5]
+
+    exact = ExactShapleyValues(game).attribute(torch.ones(1, 5))
+    for budget in (4, 6):
+        phi, stderr = LeverageKernelShap(game).attribute(
+            torch.ones(1, 5), budget=budget, seed=0, return_stderr=True
+        )
+        assert not torch.allclose(phi, exact, atol=0.1)
+        assert (stderr > 0).all()
+        assert torch.isinf(stderr).all() == (budget == 4)  # 4: the two ends and one pair

@@ -15,6 +15,7 @@ before any cache, the empty and the full coalition included.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,6 +115,9 @@ class ShapleyEstimator(PerturbationAttribution):
     #: mean of independent trials has it shrink with their number); else it is a
     #: model's, such as a posterior standard deviation.
     stderr_over_seeds: bool = True
+
+    #: Whether the estimator evaluates every coalition (and ignores ``budget``).
+    exact: bool = False
 
     #: The estimator's own ``attribute`` arguments, beyond the common ones (e.g. ``tree``).
     options: tuple[str, ...] = ()
@@ -230,6 +234,12 @@ class ShapleyEstimator(PerturbationAttribution):
                 phi, stderr = self.estimate(game, plan)
             # what the last example cost: coalitions asked for, and distinct ones evaluated
             self.last_n_requested, self.last_n_evaluated = game.n_requested, len(game.memo)
+            if budget is not None and game.n_requested > budget and not self.exact:
+                warnings.warn(  # a sampler's smallest estimate costs more than was allowed
+                    f"{type(self).__name__} asked for {game.n_requested} coalitions of "
+                    f"{example.n} features, its smallest estimate, beyond budget={budget}",
+                    stacklevel=2,
+                )
             outs.append(example.shape_like_input(phi))
             errs.append(example.shape_like_input(stderr))
         if len(outs) > 1 and outs[0].shape[0] > 1:

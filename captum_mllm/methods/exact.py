@@ -28,6 +28,8 @@ class ExactShapleyValues(ShapleyEstimator):
         ...                                            perturbations_per_eval=256)
     """
 
+    exact = True
+
     def __init__(self, forward_func: Any, max_features: int = 20) -> None:
         super().__init__(forward_func)
         self.max_features = max_features

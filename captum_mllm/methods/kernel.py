@@ -137,13 +137,33 @@ class _Strata:
         phi = _pair_lstsq(masks, half, weights, empty, full, shrink)
         if not strata:
             return phi, np.zeros_like(phi)
+        groups = _collapsed(strata)
+        if groups is None:  # one sampled pair: no spread to resample
+            return phi, np.full_like(phi, np.inf)
         boots = []
         for _ in range(_BOOTSTRAPS):
             pick = np.arange(len(self.pairs))
-            for members in strata.values():
+            for members in groups:
                 pick[members] = self.rng.choice(members, size=len(members), replace=True)
             boots.append(_pair_lstsq(masks[pick], half[pick], weights[pick], empty, full, shrink))
         return phi, np.std(np.stack(boots), axis=0, ddof=1)
+
+
+def _collapsed(strata: dict[int, list[int]]) -> list[list[int]] | None:
+    """The strata the bootstrap resamples within, each of two pairs or more: a
+    stratum of one pair (resampled, it never varies: a standard error of 0)
+    joins its neighbour by size, as in the collapsed-strata variance
+    estimator. None when only one pair was sampled."""
+    groups: list[list[int]] = []
+    for size in sorted(strata):
+        if groups and len(groups[-1]) < 2:
+            groups[-1] += strata[size]
+        else:
+            groups.append(list(strata[size]))
+    if len(groups[-1]) < 2 and len(groups) > 1:
+        last = groups.pop()
+        groups[-1] += last
+    return groups if len(groups[0]) >= 2 else None
 
 
 def _pair_lstsq(
