@@ -144,3 +144,23 @@ def test_the_report_carries_standard_errors_and_needs_no_chat():
     data = html.split('id="data">')[1].split("</script>")[0]
     assert '"errors": [[0.125, 0.0625]]' in data
     assert html.count('class="feature"') == 2  # a Captum input: its features in order
+
+
+def test_infinite_errors_and_nan_values_keep_the_report_working(page, tmp_path):
+    """JSON has no infinities: json.dumps wrote Infinity, and the page's
+    JSON.parse threw, leaving every feature uncoloured (an estimate from one
+    pair of orders has an infinite standard error; a model may give NaN)."""
+    res = MultimodalLLMAttributionResult(
+        input_tokens=["a", "b", "c"], output_tokens=["x"],
+        seq_attr=torch.tensor([0.5, float("nan"), -0.25]),
+        seq_attr_stderr=torch.tensor([float("inf"), 0.0625, 0.125]),
+    )  # fmt: skip
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(res.save_html(tmp_path / "r.html").as_uri())
+    page.wait_for_load_state("load")
+    assert errors == []
+    titles = page.eval_on_selector_all("span.feature", "els => els.map(e => e.title)")
+    assert titles == ["a: 0.500 \u00b1 inf", "b: nan \u00b1 0.063", "c: -0.250 \u00b1 0.125"]
+    colours = page.eval_on_selector_all("span.feature", "els => els.map(e => e.style.background)")
+    assert colours[0] != colours[2] and colours[1] == "rgb(255, 255, 255)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +45,8 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
             errors = [errors[0]] * len(rows)
     data = {
         "labels": list(result.input_tokens),
-        "rows": [r.tolist() for r in rows],
-        "errors": [e.tolist() for e in errors] if errors is not None else None,
+        "rows": [_json_numbers(r) for r in rows],
+        "errors": [_json_numbers(e) for e in errors] if errors is not None else None,
     }
     audio = result.output_audio or {}
     answer_audio = None
@@ -64,6 +65,12 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
         .replace(">", "\\u003e")
         .replace("&", "\\u0026"),
     )
+
+
+def _json_numbers(values: torch.Tensor) -> list[float | str]:
+    """Values for JSON, which has no infinities or NaN (``json.dumps`` writes
+    ``Infinity``, which the page's ``JSON.parse`` refuses): those as text."""
+    return [v if math.isfinite(v) else str(v) for v in values.tolist()]
 
 
 def _plain_turn(result: MultimodalLLMAttributionResult) -> dict[str, Any]:
