@@ -310,6 +310,13 @@ class MultimodalLLMAttribution(LLMAttribution):
             if opened is not None and not isinstance(store, CoalitionStore):
                 opened.close()
         attr = inp.format_attr(attr / num_trials)
+        if not bool(torch.isfinite(attr).all()):
+            warnings.warn(
+                f"{int((~torch.isfinite(attr)).sum())} attributions are NaN or infinite: the "
+                "value function gave non-finite values for some coalitions (a float16 "
+                "overflow? load the model in bfloat16 or float32)",
+                stacklevel=3,  # the caller's line, past retained_heap's wrapper
+            )
         stderr = self._mean_stderr(errors) if ours else None
 
         per_token = game.columns == "tokens" and self.include_per_token_attr

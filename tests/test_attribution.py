@@ -410,6 +410,23 @@ def test_a_chat_longer_than_the_models_positions_warns(model, chat):
         attr.attribute(long, target="I")  # within them, no warning
 
 
+def test_non_finite_values_warn(model, chat, monkeypatch):
+    """A float16 model can overflow to NaN: its attributions come back NaN,
+    with a warning naming the likely cause rather than without a word."""
+    score = model.score_masked
+
+    def overflowing(*args, **kwargs):
+        values = score(*args, **kwargs)
+        values[0, 0] = float("nan")
+        return values
+
+    monkeypatch.setattr(model, "score_masked", overflowing)
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    with pytest.warns(UserWarning, match="NaN or infinite.*float16") as caught:
+        attr.attribute(ChatInput(chat, model), target=TARGET)
+    assert caught[0].filename == __file__  # pointing at the caller
+
+
 def test_a_final_assistant_turn_is_the_default_target(model, chat):
     attr = MultimodalLLMAttribution(FeatureAblation(model), model)
     given = attr.attribute(ChatInput(chat.assistant(TARGET), model))
