@@ -375,7 +375,9 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         - ``"power_shift"``: ``(x - min) ** power / sum((x - min) ** power)``, a
           distribution that sharpens the largest values as ``power`` grows.
 
-        A constant or all-zero vector becomes zeros (never NaN).
+        A constant or all-zero vector becomes zeros (never NaN). Standard errors
+        and deviations are dropped (None) unless ``kind`` is ``"identity"``:
+        they are in the units of the values before.
 
         Args:
             kind (str, optional): one of the above. Default: ``"abs_sum"``
@@ -398,6 +400,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         new.seq_attr = fn(self.seq_attr[None], power)[0]
         if self.token_attr is not None:
             new.token_attr = fn(self.token_attr, power)
+        if kind != "identity":  # the old units' errors beside new values would mislead
+            new.seq_attr_std = new.seq_attr_stderr = new.token_attr_stderr = None
         return new
 
     def plot_audio_attr(

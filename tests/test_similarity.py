@@ -13,6 +13,7 @@ from captum_mllm import (
     captum_compat,
 )
 from captum_mllm.errors import InvalidOptionError
+from captum_mllm.methods import BayesianShapley
 
 GEN = {"max_new_tokens": 6}
 
@@ -162,6 +163,15 @@ def test_normalisers_return_new_results(model, chat):
     torch.testing.assert_close(res.seq_attr, raw)  # untouched
     with pytest.raises(InvalidOptionError):
         res.normalized("softmax")
+    # standard errors are in the old units: a rescaled copy drops them (it kept them)
+    sampled = MultimodalLLMAttribution(BayesianShapley(model), model).attribute(
+        ChatInput(chat, model), target="Paris.", budget=20, seed=0
+    )
+    assert sampled.seq_attr_stderr is not None and sampled.token_attr_stderr is not None
+    for kind in ("abs_sum", "min_max", "power_shift"):
+        scaled = sampled.normalized(kind)
+        assert scaled.seq_attr_stderr is None and scaled.token_attr_stderr is None
+    assert sampled.normalized("identity").seq_attr_stderr is sampled.seq_attr_stderr
 
 
 def test_bad_arguments():
