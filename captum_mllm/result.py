@@ -23,6 +23,7 @@ from captum_mllm.errors import (
     InconsistentVersionWarning,
     InvalidOptionError,
     ResultFormatError,
+    require_int,
 )
 from captum_mllm.fingerprint import digest
 from captum_mllm.inputs import FeatureInfo
@@ -556,6 +557,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
 
     def top_features(self, k: int = 5, by_abs: bool = True) -> pd.DataFrame:
         """The ``k`` features with the largest (absolute) sequence attributions."""
+        require_int("k", k, 0)
         frame = self.to_dataframe()
         key = frame["seq_attr"].abs() if by_abs else frame["seq_attr"]
         return frame.loc[key.sort_values(ascending=False).index[:k]]
@@ -565,6 +567,11 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             return torch.as_tensor(self.seq_attr).detach().cpu().float()
         if self.token_attr is None:
             raise InvalidOptionError("this result has no token_attr; use target_token_pos=None")
+        rows = len(self.token_attr)
+        if not -rows <= target_token_pos < rows:
+            raise InvalidOptionError(
+                f"target_token_pos {target_token_pos} is out of range for {rows} output tokens"
+            )
         return torch.as_tensor(self.token_attr)[target_token_pos].detach().cpu().float()
 
     # Reports ------------------------------------------------------------------------

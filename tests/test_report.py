@@ -15,6 +15,7 @@ from captum_mllm import (
     MultimodalLLMAttribution,
     MultimodalLLMAttributionResult,
 )
+from captum_mllm.errors import InvalidOptionError
 from captum_mllm.testing import speech_like, tiny_lfm2_audio
 
 HOSTILE = 'Look <script>window.pwned = 1</script> here "><img src=x onerror="window.pwned = 2">'
@@ -108,6 +109,10 @@ def test_summaries(report):
     assert list(res.by_role().role) == ["user"]
     top = res.top_features(3)
     assert len(top) == 3 and top.seq_attr.abs().is_monotonic_decreasing
+    with pytest.raises(InvalidOptionError):  # pandas read -1 as "all but the last"
+        res.top_features(-1)
+    with pytest.raises(InvalidOptionError, match="out of range"):  # an IndexError came through
+        res.modality_share(target_token_pos=len(res.output_tokens))
     frame = res.to_dataframe()
     audio = frame[frame.modality == "audio_in"]
     assert (audio.end_s > audio.start_s).all() and frame[
