@@ -12,6 +12,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,8 @@ def plain(value: Any, depth: int = 4) -> Any:
     may hold a memory address)."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if depth == 0:
         return _qualname(type(value))
     if isinstance(value, list | tuple):

@@ -164,6 +164,26 @@ def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sky", "who"]
 
 
+def test_a_request_names_factories_by_what_they_load():
+    """What a rerun compares: a lambda's checkpoint name, a partial's
+    arguments, paths by their text; never a repr's memory address."""
+    from pathlib import Path
+
+    from captum_mllm.fingerprint import plain
+
+    def loader(name):
+        return lambda: Path(name)  # a closure value
+
+    assert plain(lambda: factory("a")) != plain(lambda: factory("b"))
+    assert plain(loader("a")) != plain(loader("b"))
+    assert plain(loader("a")) == plain(loader("a"))
+    assert plain(functools.partial(factory, num_layers=1)) != plain(factory)
+    assert plain({"store": Path("/x/y"), "aligner": object()}) == {
+        "store": "/x/y",
+        "aligner": "builtins.object",
+    }
+
+
 def test_sharding_in_process_and_its_refusals(tmp_path):
     chat = Chat().user("Who are you, my friend?")
     res = explain_sharded(
