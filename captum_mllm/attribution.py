@@ -13,7 +13,7 @@ import functools
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,10 @@ class MultimodalLLMAttribution(LLMAttribution):
                 None. Default: ``{"max_new_tokens": 25, "do_sample": False}``
             use_cached_outputs (bool, optional): accepted for Captum
                 compatibility; values never depend on it. Default: True
+            _inspect_forward (callable, optional): Captum's debugging hook,
+                called with (prompt text, response text, probabilities: the
+                total, then each token's when attributed per token) for each
+                distinct coalition evaluated. Default: None
             forward_in_tokens (bool, optional): score one response token per
                 forward, as Captum does by default. None: token by token unless
                 the model is known to be causal (our adapters, Hugging Face
@@ -259,6 +263,8 @@ class MultimodalLLMAttribution(LLMAttribution):
         per_step = not self.adapter.is_causal if forward_in_tokens is None else forward_in_tokens
         response, extra_calls = self._response(inp, target, gen_args, keep_eos)
         game = self._game(inp, response, per_step, reuse_prefix)
+        if _inspect_forward is not None:
+            game = replace(game, evaluate=self._inspected(game, inp, response, _inspect_forward))
         if shard is not None and (store is None or kwargs.get("target_stderr") is not None):
             raise InvalidOptionError(
                 "shard= needs a store= to fill and a method that does not stop on values "
@@ -425,6 +431,38 @@ class MultimodalLLMAttribution(LLMAttribution):
             return TargetValues(value_fn.from_log_probs(log_probs), "tokens")
 
         return _Game(evaluate_text, n_columns, "tokens")
+
+    def _inspected(
+        self,
+        game: _Game,
+        inp: InterpretableInput,
+        response: Response,
+        inspect: Callable[..., None],
+    ) -> Callable[[Tensor], TargetValues]:
+        """Captum's ``_inspect_forward`` hook around the game: called with (the
+        coalition's prompt text, the response text, its probabilities as Captum
+        gives them: the total, then each token's when attributed per token) for
+        each coalition evaluated, each distinct one once."""
+        as_probs = isinstance(self.value_fn, LogProbTarget) and self.attr_target == "log_prob"
+
+        def prompt(coalition: Tensor) -> str:
+            if isinstance(inp, ChatInput):
+                ids = inp.to_model_input(coalition[None]).rows()[0]
+                return str(self.tokenizer.decode(ids[ids >= 0]))  # the text positions
+            return str(
+                self.tokenizer.decode(captum_compat.coalition_ids(self, inp, coalition[None]))
+            )
+
+        def evaluate(coalitions: Tensor) -> TargetValues:
+            out = game.evaluate(coalitions)
+            values = out.values.detach().float().cpu()
+            values = values.exp() if as_probs else values
+            for coalition, row in zip(coalitions, values, strict=True):
+                shown = row.tolist() if self.include_per_token_attr else float(row[0])
+                inspect(prompt(coalition), response.text, shown)
+            return out
+
+        return evaluate
 
     # The response explained --------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Oracles for MultimodalLLMAttribution on text chats: stock Captum, brute-force
 Shapley, efficiency, and invariance to batching, caching and prefix reuse."""
 
+import math
 import warnings
 
 import pytest
@@ -425,6 +426,32 @@ def test_non_finite_values_warn(model, chat, monkeypatch):
     with pytest.warns(UserWarning, match="NaN or infinite.*float16") as caught:
         attr.attribute(ChatInput(chat, model), target=TARGET)
     assert caught[0].filename == __file__  # pointing at the caller
+
+
+def test_inspect_forward_sees_what_stock_captum_shows_it(model, chat):
+    """Captum's ``_inspect_forward(prompt, response, probabilities)`` hook (it
+    was accepted and never called): the same prompts as stock Captum's, each
+    distinct coalition once, with the total then each token's probability."""
+    captum_inp = template_input(model, chat, ["Who", "are", "you", "my", "friend"])
+    seen: dict[str, dict[str, tuple[str, list[float]]]] = {"stock": {}, "ours": {}, "chat": {}}
+
+    def hook(name):
+        return lambda prompt, said, probs: seen[name].setdefault(prompt, (said, probs))
+
+    LLMAttribution(FeatureAblation(model.model), model.tokenizer).attribute(
+        captum_inp,
+        target=TARGET,
+        _inspect_forward=hook("stock"),  # its token-by-token path
+    )
+    ours = MultimodalLLMAttribution(FeatureAblation(model), model)
+    ours.attribute(captum_inp, target=TARGET, _inspect_forward=hook("ours"))
+    res = ours.attribute(ChatInput(chat, model), target=TARGET, _inspect_forward=hook("chat"))
+    assert len(seen["stock"]) == 1 + 5 and seen["stock"].keys() == seen["ours"].keys()
+    assert seen["chat"].keys() == seen["ours"].keys()  # the chat's prompts, as text
+    for prompt, (said, probs) in seen["chat"].items():
+        assert said == TARGET and len(probs) == 1 + len(res.output_tokens)
+        assert probs[0] == pytest.approx(math.prod(probs[1:]), rel=1e-4)
+        assert probs == pytest.approx(seen["ours"][prompt][1], abs=1e-5)
 
 
 def test_a_final_assistant_turn_is_the_default_target(model, chat):
