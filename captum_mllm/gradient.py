@@ -332,10 +332,17 @@ class AttentionAttribution:
             self.adapter, inp, target, gen_args, keep_eos, DEFAULT_GEN_ARGS
         )
         att = self.attentions(inp, response)  # (layers, heads, W, W)
-        if self.layers is not None:
-            att = att[self.layers]
-        if self.heads is not None:
-            att = att[:, self.heads]
+        for name, chosen, count, dim in (
+            ("layers", self.layers, att.shape[0], 0),
+            ("heads", self.heads, att.shape[1], 1),
+        ):
+            if chosen is None:
+                continue
+            if not chosen or any(not -count <= i < count for i in chosen):
+                raise InvalidOptionError(  # none chosen gave NaN, one too many an IndexError
+                    f"{name} must be a non-empty list of indices below {count}, got {chosen!r}"
+                )
+            att = att.index_select(dim, torch.tensor(chosen, device=att.device) % count)
         n_prompt = len(inp.encoded)
         per_position = aggregate_attention(att, self.aggregate)  # (W, W)
         queries = per_position[n_prompt - 1 : n_prompt - 1 + len(response), :n_prompt]

@@ -141,6 +141,12 @@ def test_rollout_on_one_layer_by_hand():
     mean = AttentionAttribution(model).attribute(inp, target=TARGET)
     assert (mean.token_attr.sum(1) <= 1 + 1e-5).all()
     assert torch.allclose(aggregate_attention(att, "max"), att.amax(dim=(0, 1)))
+    last = AttentionAttribution(model, layers=[-1], heads=[0, -1]).attribute(inp, target=TARGET)
+    same = AttentionAttribution(model, layers=[0], heads=[0, 3]).attribute(inp, target=TARGET)
+    torch.testing.assert_close(last.token_attr, same.token_attr)  # one layer: -1 is 0
+    for bad in ({"layers": []}, {"layers": [1]}, {"heads": [4]}):  # NaN, then IndexErrors
+        with pytest.raises(InvalidOptionError, match="non-empty list of indices"):
+            AttentionAttribution(model, **bad).attribute(inp, target=TARGET)
 
 
 def test_compare_rank_correlations(llama, words):
