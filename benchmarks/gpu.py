@@ -386,7 +386,8 @@ def llama_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: d
             n = inp.n_itp_features
             every = torch.tensor([[(c >> i) & 1 for i in range(n)] for c in range(2**n)])
             print_tokens(flops, res.n_unique_coalitions, inp, every, len(target))
-        if PROFILE and label.endswith("batched"):
+        if PROFILE and label.startswith("captum-mllm, exact"):  # at PPE and the default
+            print(f"\nprofile: {label}")
             profiled(call)
         if label.endswith("a forward"):  # the same values, batched otherwise
             before = done["captum-mllm, exact 2^n, batched"].token_attr
