@@ -70,7 +70,7 @@ class ChatInput(InterpretableInput):
             Default: ``("user",)``
         text_unit (str, optional): ``"token"``, ``"word"`` or ``"turn"``.
             Default: ``"word"``
-        skip (tuple of str, optional): what is never a feature: ``"punctuation"``
+        skip (str or tuple of str, optional): what is never a feature: ``"punctuation"``
             (tokens/words of punctuation and space only) and ``"special"``
             (special and template tokens; always left out except by ``"turn"``),
             plus any literal token or word strings. Default: ``("punctuation", "special")``
@@ -130,7 +130,7 @@ class ChatInput(InterpretableInput):
         model: Any,
         roles: Sequence[str] = ("user",),
         text_unit: str = "word",
-        skip: Sequence[str] = ("punctuation", "special"),
+        skip: str | Sequence[str] = ("punctuation", "special"),
         groups: Sequence[Hashable] | None = None,
         text_baseline: str | int = "drop",
         audio_unit: str | float | Sequence[tuple[float, float, str]] = 0.5,
@@ -164,7 +164,7 @@ class ChatInput(InterpretableInput):
         self.audio_fill = audio_fill
         self.aligner = aligner
         self.transcripts = [transcripts] if isinstance(transcripts, str) else transcripts
-        self.skip = tuple(skip)
+        self.skip = (skip,) if isinstance(skip, str) else tuple(skip)  # as roles: not letters
         # A final assistant turn is the answer to explain, not part of the prompt.
         self.prompt, self.response = self.chat.split_response()
         if self.response is not None:  # encode checks the prompt's text

@@ -35,6 +35,9 @@ def test_token_and_turn_units(model, chat):
     assert "," not in tokens.values and "?" not in tokens.values
     keep_punct = ChatInput(chat, model, text_unit="token", skip=("special",))
     assert "," in keep_punct.values
+    # One name alone is one entry, as roles= takes it, not its letters.
+    one = ChatInput(Chat().user("I saw a cat , p u n !"), model, skip="punctuation")
+    assert one.values == ["I", "saw", "a", "cat", "p", "u", "n"]
     turns = ChatInput(chat, model, roles=("system", "user"), text_unit="turn")
     assert turns.values == ["[system 0]", "[user 1]"]
     # A turn feature covers its template tokens too: dropping it removes the message.
