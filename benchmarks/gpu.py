@@ -31,7 +31,8 @@ seconds (the test suite does, so the script cannot rot).
 run the decoder they are given) and the compile time; ``--ungrouped`` runs
 packed attention as transformers would (a copy of the keys and values per
 query head, where ours puts each key/value head's query heads in its rows), to
-compare on the same machine; ``--profile`` prints
+compare on the same machine; ``--sweep`` times only our batched run at
+several coalitions a forward (what the library's default should be); ``--profile`` prints
 where our batched runs spend their time (host functions, kernels, operators by
 input shape, and the share of the wall time the GPU was busy).
 
@@ -277,6 +278,39 @@ def fresh_shape_rows(
 
 
 COMPILE = False  # --compile: also time our runs with the decoder compiled
+SWEEP = False  # --sweep: only our batched run, at several coalitions a forward
+
+
+def sweep_rows(
+    adapter: Any,
+    inp: ChatInput,
+    target: torch.Tensor,
+    flops: FlopCounter,
+    method: Callable[[Any], Any],
+    sizes: list[int],
+    **kwargs: Any,
+) -> list[tuple[str, float, int, float]]:
+    """One explanation at each number of coalitions a forward (best of 2 after
+    a warm-up), and the most memory it held."""
+    rows = []
+    for size in sizes:
+        call = functools.partial(
+            Ours(method(adapter), adapter).attribute,
+            inp, target=target, perturbations_per_eval=size, **kwargs,
+        )  # fmt: skip
+        call()
+        if adapter.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(adapter.device)
+        flops.reset()
+        res, secs = timed(call, adapter.device, repeats=2)
+        flops.flops /= 2
+        flops.add_logits(res.n_unique_coalitions * len(target))
+        peak = ""
+        if adapter.device.type == "cuda":
+            peak = f", {torch.cuda.max_memory_allocated(adapter.device) / 2**30:.1f} GiB"
+        name = f"{method.__name__}, {size} a forward{peak}"
+        rows.append((name, secs, res.n_unique_coalitions, flops.flops))
+    return rows
 
 
 def compiled_rows(
@@ -333,6 +367,10 @@ def llama_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: d
     )
     heads = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
     flops = FlopCounter(model.model, heads, config.num_hidden_layers, config.vocab_size)
+    if SWEEP:
+        sizes = [256, 512, 1024] if tiny else [1024, 2048, 4096, 8192]
+        report(sweep_rows(adapter, inp, target, flops, ExactShapleyValues, sizes), peaks)
+        return
     captum_inp = text_template_input(inp)
     stock = LLMAttribution(ShapleyValueSampling(model), tok)
     n_same = 2 if tiny else 4
@@ -475,6 +513,11 @@ def lfm2_section(device: torch.device, dtype: torch.dtype, tiny: bool, peaks: di
             logits = h[n - 1 : n - 1 + len(target)] @ lfm.embed_tokens.weight.T
             return logits.float().log_softmax(-1).gather(1, target[:, None].to(device))[:, 0]
 
+    if SWEEP:
+        method, budget = PairedPermutationSampling, 128 if tiny else 2048
+        sizes = [64, 128] if tiny else [256, 1024, 2048]
+        report(sweep_rows(adapter, inp, target, flops, method, sizes, budget=budget, seed=0), peaks)
+        return
     g = torch.Generator().manual_seed(0)
     coalitions = (torch.rand(8, inp.n_itp_features, generator=g) > 0.5).long()
     loop_one(coalitions[0])  # warm-up
@@ -515,14 +558,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", choices=["llama", "lfm2"], action="append", default=[])
     parser.add_argument("--profile", action="store_true", help="profile our batched runs")
     parser.add_argument("--compile", action="store_true", help="also with the decoder compiled")
+    parser.add_argument("--sweep", action="store_true", help="only ours, at several batch sizes")
     parser.add_argument(
         "--ungrouped",
         action="store_true",
         help="packed attention as transformers runs it: keys and values copied per query head",
     )
     args = parser.parse_args(argv)
-    global PROFILE, COMPILE
-    PROFILE, COMPILE = args.profile, args.compile
+    global PROFILE, COMPILE, SWEEP
+    PROFILE, COMPILE, SWEEP = args.profile, args.compile, args.sweep
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":

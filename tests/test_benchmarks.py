@@ -31,6 +31,7 @@ def _load(name: str):
 
 def test_gpu_benchmark_on_tiny_shapes(capsys: pytest.CaptureFixture[str]) -> None:
     _load("gpu").main(["--tiny", "--device", "cpu"])
+    _load("gpu").main(["--tiny", "--device", "cpu", "--sweep", "--skip", "lfm2"])
     out = capsys.readouterr().out
     # Ours at the stock budget gives the stock sequence path's values (float32 here).
     same = re.search(r"same budget: max \|token_attr - stock sequence path\| (\S+)", out)
@@ -46,6 +47,8 @@ def test_gpu_benchmark_on_tiny_shapes(capsys: pytest.CaptureFixture[str]) -> Non
         "captum-mllm, paired permutations",
         "captum-mllm, paired, new shapes",
         "captum-mllm, paired, new shapes, cuDNN",
+        "ExactShapleyValues, 256 a forward",  # --sweep
+        "ExactShapleyValues, 1024 a forward",
     ]:
         line = next(ln for ln in out.splitlines() if ln.startswith(row))
         ms = float(line[40:].split()[1])
