@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from os import PathLike
@@ -41,12 +40,13 @@ from captum_mllm.errors import (
     TargetError,
     UnsupportedInputError,
     require_int,
+    warn_caller,
 )
 from captum_mllm.fingerprint import chat_digest, digest, model_digest
 from captum_mllm.heap import retained_heap
 from captum_mllm.inputs import ChatInput
 from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
-from captum_mllm.models.base import ModelAdapter, Response
+from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
 from captum_mllm.models.batching import default_perturbations_per_eval
 from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
 from captum_mllm.targets import LogProbTarget, Target, TargetValues
@@ -172,6 +172,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         self.include_per_token_attr: bool = self.multi_output and self.value_fn.per_token
 
     @retained_heap()  # each batch reuses the last one's freed memory (see heap.py)
+    @in_eval_mode
     def attribute(  # type: ignore[override]
         self,
         inp: InterpretableInput,
@@ -317,11 +318,10 @@ class MultimodalLLMAttribution(LLMAttribution):
                 opened.close()
         attr = inp.format_attr(attr / num_trials)
         if not bool(torch.isfinite(attr).all()):
-            warnings.warn(
+            warn_caller(
                 f"{int((~torch.isfinite(attr)).sum())} attributions are NaN or infinite: the "
                 "value function gave non-finite values for some coalitions (a float16 "
-                "overflow? load the model in bfloat16 or float32)",
-                stacklevel=3,  # the caller's line, past retained_heap's wrapper
+                "overflow? load the model in bfloat16 or float32)"
             )
         stderr = self._mean_stderr(errors) if ours else None
 
@@ -592,11 +592,10 @@ def resolve_response(
         and limit is not None
         and len(inp.encoded) + len(response) > limit
     ):
-        warnings.warn(
+        warn_caller(
             f"the chat and its answer take {len(inp.encoded) + len(response)} positions, more "
             f"than the {limit} the model was trained on (max_position_embeddings): its outputs "
-            "there, and the attributions of them, may mean little",
-            stacklevel=3,
+            "there, and the attributions of them, may mean little"
         )
     return response, calls
 

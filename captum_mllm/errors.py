@@ -3,7 +3,16 @@
 Every message says what was wrong and what to do about it.
 """
 
+import contextlib
 import numbers
+import os
+import sys
+import warnings
+from types import FrameType
+
+#: Frames a warning of :func:`warn_caller` never points at: this package's, and
+#: contextlib's (decorators such as ``retained_heap`` run the call from there).
+_LIBRARY_FILES = (os.path.dirname(__file__) + os.sep, contextlib.__file__)
 
 
 class CaptumMLLMError(ValueError):
@@ -123,3 +132,14 @@ class OutOfMemoryError(CaptumMLLMError, MemoryError):
 
 class InconsistentVersionWarning(UserWarning):
     """A saved result is read by another version of captum-mllm than wrote it."""
+
+
+def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn at the user's line that called into the library, however deep the call.
+    (``warnings.warn``'s own ``skip_file_prefixes`` does not skip contextlib's
+    frames on Python 3.12.1.)"""
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_FILES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

@@ -40,7 +40,7 @@ from captum_mllm.errors import (
     UnsupportedInputError,
 )
 from captum_mllm.inputs import ChatInput
-from captum_mllm.models.base import ModelAdapter, Response
+from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
 from captum_mllm.result import MultimodalLLMAttributionResult
 
 REDUCTIONS = ("sum", "norm")
@@ -121,6 +121,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
     def _forward(self, embeds: Tensor, response: Response, token: int) -> Tensor:
         return self.adapter.next_token_log_probs(self.embeddings(embeds), response, token)
 
+    @in_eval_mode
     def attribute(  # type: ignore[override]
         self,
         inp: InterpretableInput,
@@ -312,6 +313,7 @@ class AttentionAttribution:
         self.adapter.n_forward_calls += 1
         return torch.stack([a[0] for a in out.attentions]).float()
 
+    @in_eval_mode
     def attribute(
         self,
         inp: ChatInput,

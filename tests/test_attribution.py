@@ -8,6 +8,7 @@ import pytest
 import torch
 from captum.attr import (
     FeatureAblation,
+    IntegratedGradients,
     KernelShap,
     Lime,
     LLMAttribution,
@@ -17,7 +18,14 @@ from captum.attr import (
 )
 from conftest import brute_force_shapley, game
 
-from captum_mllm import Chat, ChatInput, LogProbTarget, MultimodalLLMAttribution
+from captum_mllm import (
+    Chat,
+    ChatInput,
+    HFCausalLMAdapter,
+    LogProbTarget,
+    MultimodalLLMAttribution,
+    MultimodalLLMGradientAttribution,
+)
 from captum_mllm.attribution import _trial_seed
 from captum_mllm.coalitions import CoalitionEvaluator
 from captum_mllm.errors import (
@@ -404,11 +412,41 @@ def test_a_chat_longer_than_the_models_positions_warns(model, chat):
     long = ChatInput(Chat().user("word " * 336), model, text_unit="turn")
     assert len(long.encoded) + len(model.text_response("I")) <= 1024
     assert len(long.encoded) + len(model.text_response("I am a cat")) > 1024
-    with pytest.warns(UserWarning, match="more than the 1024 the model was trained on"):
+    with pytest.warns(UserWarning, match="more than the 1024 the model was trained on") as caught:
         attr.attribute(long, target="I am a cat")
+    assert caught[0].filename == __file__  # the caller's line, not the library's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attr.attribute(long, target="I")  # within them, no warning
+
+
+def test_a_model_in_training_mode_is_explained_in_eval_mode(chat):
+    """A model built from a config, or in the middle of fine-tuning, is in
+    training mode: dropout made every value random, so two identical calls
+    gave other attributions. Explanations run in eval mode, and each module's
+    mode is put back after."""
+    from transformers import LlamaForCausalLM
+
+    evaluated = tiny_hf_adapter()
+    config = evaluated.model.config
+    config.attention_dropout = 0.5
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(evaluated.model.state_dict())
+    model.train()
+    model.lm_head.eval()  # a mixed model: this one stays in eval mode after
+    adapter = HFCausalLMAdapter(model, evaluated.tokenizer)
+    inp = ChatInput(chat, adapter)
+    runs = [
+        MultimodalLLMAttribution(FeatureAblation(a), a).attribute(inp, target=TARGET)
+        for a in (adapter, adapter, evaluated)
+    ]
+    torch.testing.assert_close(runs[0].token_attr, runs[1].token_attr, rtol=0, atol=0)
+    torch.testing.assert_close(runs[0].token_attr, runs[2].token_attr)
+    grad = MultimodalLLMGradientAttribution(IntegratedGradients(adapter), adapter)
+    first, again = (grad.attribute(inp, target=TARGET, n_steps=4) for _ in range(2))
+    torch.testing.assert_close(first.token_attr, again.token_attr, rtol=0, atol=0)
+    assert model.training and model.model.layers[0].self_attn.training
+    assert not model.lm_head.training
 
 
 def test_non_finite_values_warn(model, chat, monkeypatch):

@@ -12,8 +12,10 @@ in the adapter: everyone else sees a :class:`Response`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,18 @@ from torch import Tensor, nn
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.errors import InvalidContentError, TargetError
+
+
+def in_eval_mode[Method: Callable[..., Any]](method: Method) -> Method:
+    """Run an attribution method's ``attribute`` with ``self.adapter`` in eval
+    mode (:meth:`ModelAdapter.evaluating`)."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.adapter.evaluating():
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +76,21 @@ class ModelAdapter(nn.Module, ABC):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Within: the adapter and every module it holds in eval mode, and after,
+        each module back in the mode it was in. A model left in training mode
+        (built from a config, or in the middle of fine-tuning) would drop
+        activations at random, or update batch statistics, on every forward:
+        then no value is a function of its coalition."""
+        training = [m for m in self.modules() if m.training]
+        self.eval()
+        try:
+            yield
+        finally:
+            for module in training:  # the flag alone: train(True) would recurse
+                module.training = True
 
     @property
     def is_causal(self) -> bool:
