@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--chat", type=Path, help="a JSON or YAML Hugging Face message list")
     explain.add_argument("--system", help="system prompt (without --chat)")
     explain.add_argument("--user", action="append", default=[], help="a user turn (repeatable)")
-    explain.add_argument("--user-audio", action="append", default=[], help="audio of a user turn")
+    explain.add_argument(
+        "--user-audio", action="append", default=[],
+        help="audio of a user turn (repeatable: the i-th goes with the i-th --user)",
+    )  # fmt: skip
     _model_flags(explain)
     explain.add_argument(
         "--transcript",
