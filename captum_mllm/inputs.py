@@ -7,6 +7,7 @@ positions form which interpretable feature. Captum perturbs ``ones(1, n)``;
 
 from __future__ import annotations
 
+import bisect
 import unicodedata
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,9 @@ class ChatInput(InterpretableInput):
     Words follow Unicode grapheme clusters: combining marks stay with their
     letter, emoji and other symbols are words, and zero-width or format
     characters separate words without ever forming a feature of their own.
+    A Chinese character is a word of its own. A feature holds whole tokens:
+    where one token spells several words (``"北京"``, or ``"you?"`` in some
+    vocabularies) they are one feature, labelled with all of them.
     The ``"punctuation"`` filter drops punctuation only.
 
     Audio spans (``audio_unit`` spans or aligned words) too short to hold the
@@ -361,35 +365,50 @@ class ChatInput(InterpretableInput):
         return found
 
     def _words(self, content: list[int]) -> list[tuple[list[int], str]]:
-        """Group content tokens by the word their first non-space character falls in.
+        """Group content tokens into the words they spell, in whole tokens.
 
-        A whitespace-only token joins the word after it, so that dropping a word
-        drops its leading space too (as a template value ``" word"`` would).
+        A token belongs to the word its first non-space character falls in;
+        a token that reaches into the next words (Chinese characters a token
+        joins, a word and its punctuation in one token) joins those words
+        into one feature, labelled with all of them: a feature never drops
+        part of a token, nor a token part of a word. A whitespace-only token
+        joins the word after it, so that dropping a word drops its leading
+        space too (as a template value ``" word"`` would).
         """
         enc = self.encoded
         words = {k: word_spans(text) for k, text in enc.part_texts.items()}
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        texts: dict[tuple[int, int, int], str] = {}
+        starts = {k: [a for a, _ in spans] for k, spans in words.items()}
+        groups: list[tuple[tuple[int, int], int, int, list[int]]] = []  # part, spans, tokens
         pending: list[int] = []
         part = None
         for p in content:
             key_part = (int(enc.turn[p]), int(enc.part[p]))
             if key_part != part:  # leading space never crosses into another part
                 part, pending = key_part, []
-            text = enc.part_texts[key_part]
+            text, spans = enc.part_texts[key_part], words[key_part]
             start, end = int(enc.char_start[p]), int(enc.char_end[p])
             while start < end and is_separator(text[start]):
                 start += 1
+            while end > start and is_separator(text[end - 1]):
+                end -= 1
             if start == end:
                 pending.append(p)
                 continue
-            span = next(((a, b) for a, b in words[key_part] if a <= start < b), None)
-            if span is not None:
-                key = (*key_part, span[0])
-                groups.setdefault(key, []).extend([*pending, p])
-                texts[key] = text[span[0] : span[1]]
+            first = bisect.bisect_right(starts[key_part], start) - 1
+            if first < 0 or spans[first][1] <= start:  # not in a word: no feature's
+                pending = []
+                continue
+            last = bisect.bisect_left(starts[key_part], end) - 1  # the last word it reaches
+            if groups and groups[-1][0] == key_part and first <= groups[-1][2]:
+                _, begin, reach, tokens = groups[-1]  # the token goes on the word before
+                groups[-1] = (key_part, begin, max(reach, last), [*tokens, *pending, p])
+            else:
+                groups.append((key_part, first, last, [*pending, p]))
             pending = []
-        return [(groups[k], texts[k]) for k in sorted(groups)]
+        return [
+            (tokens, enc.part_texts[k][words[k][begin][0] : words[k][reach][1]])
+            for k, begin, reach, tokens in groups
+        ]
 
     def _word_spans(self, clip: int) -> list[tuple[float, float, str]]:
         """Aligned word spans of one clip, labelled ``♪word``."""

@@ -2,6 +2,8 @@
 
 Combining marks stay with their letter, emoji with their modifiers, and
 zero-width or format characters separate words without being part of one.
+Chinese characters (the Han script), written without spaces, are a word
+each, as Hugging Face's BERT tokenizers split them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import unicodedata
 import regex
 
 _GRAPHEME = regex.compile(r"\X")
+_HAN = regex.compile(r"\p{Han}")
 _APOSTROPHES = "'’"
 
 
@@ -35,9 +38,9 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     Text is read in Unicode grapheme clusters (so a combining accent stays
     with its letter and an emoji with its modifiers). A word is a run of
     clusters that are neither punctuation nor separators (letters, digits,
-    marks, symbols, emoji), with apostrophes inside (``don't``); a punctuation
-    run is its own span; separators (:func:`is_separator`) split spans and
-    belong to none.
+    marks, symbols, emoji), with apostrophes inside (``don't``); a Chinese
+    character is a word alone; a punctuation run is its own span; separators
+    (:func:`is_separator`) split spans and belong to none.
 
     Args:
         text (str): the text of one part.
@@ -49,6 +52,8 @@ def word_spans(text: str) -> list[tuple[int, int]]:
 
         >>> [("I love 🍕!"[a:b]) for a, b in word_spans("I love 🍕!")]
         ['I', 'love', '🍕', '!']
+        >>> [("我爱猫"[a:b]) for a, b in word_spans("我爱猫")]
+        ['我', '爱', '猫']
     """
     spans: list[tuple[int, int, str]] = []  # (start, end, kind)
     for m in _GRAPHEME.finditer(text):
@@ -61,7 +66,9 @@ def word_spans(text: str) -> list[tuple[int, int]]:
             nxt = text[m.end() : m.end() + 1]
             if not nxt or is_separator(nxt) or unicodedata.category(nxt).startswith("P"):
                 kind = "punct"
-        if spans and spans[-1][2] == kind and spans[-1][1] == m.start():
+        if _HAN.match(base):  # a word alone, never joined to its neighbours
+            spans.append((m.start(), m.end(), "han"))
+        elif spans and spans[-1][2] == kind and spans[-1][1] == m.start():
             spans[-1] = (spans[-1][0], m.end(), kind)
         else:
             spans.append((m.start(), m.end(), kind))

@@ -112,6 +112,8 @@ def test_messages_accepted_and_errors(model):
         ("hello\u200bworld", ["hello", "world"]),  # no invisible feature
         ("don't stop, ok?!", ["don't", "stop", "ok"]),
         ("C++ costs $5", ["C++", "costs", "$5"]),  # symbols are not punctuation
+        ("我爱北京", ["我", "爱", "北", "京"]),  # Chinese characters: a word each
+        ("我的iPhone坏了, ok", ["我", "的", "iPhone", "坏", "了", "ok"]),
     ],
 )
 def test_words_follow_graphemes_and_keep_symbols(model, text, words):
@@ -124,6 +126,20 @@ def test_words_follow_graphemes_and_keep_symbols(model, text, words):
         start = min(int(enc.char_start[p]) for p in f.positions)
         end = max(int(enc.char_end[p]) for p in f.positions)
         assert part[start:end].lstrip(" \u200b") == f.label
+
+
+def test_a_token_across_words_joins_them_into_one_feature(model):
+    """A token that spells more than its first word ("北京", one token for
+    two characters; "you?" with its question mark) made a feature labelled
+    with the first word alone, and the second word vanished. The words it
+    reaches are one feature now, labelled with all of them."""
+    model = copy.copy(model)
+    model.tokenizer = copy.deepcopy(model.tokenizer)
+    model.tokenizer.add_tokens(["北京", "you?"])
+    inp = ChatInput(Chat().user("我爱北京, are you? 天"), model)
+    assert inp.values == ["我", "爱", "北京", "are", "you?", "天"]
+    for f in inp.features:
+        assert model.tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
 
 
 def test_format_characters_never_form_a_token_feature(model):

@@ -29,6 +29,19 @@ def test_user_words_are_the_features_not_the_inserted_system_prompt(smol):
     assert "trained by Hugging Face" in _decode(inp, inserted)
 
 
+def test_chinese_characters_are_words_and_keep_their_bytes_whole(smol):
+    """SmolLM2 spells a Chinese character in two or three byte tokens: each
+    character is a feature of whole characters' bytes, so dropping one leaves
+    the others readable (the whole sentence was one feature)."""
+    inp = ChatInput(Chat().user("我爱北京"), smol)
+    assert inp.values == ["我", "爱", "北", "京"]
+    content = [p for f in inp.features for p in f.positions]
+    for f in inp.features:
+        assert _decode(inp, f.positions) == f.label
+        kept = [p for p in content if p not in f.positions]
+        assert _decode(inp, kept) == "我爱北京".replace(f.label, "")
+
+
 def test_a_word_equal_to_the_role_header_is_the_users_word(smol):
     inp = ChatInput(Chat().system("Be brief.").user("user"), smol)
     assert inp.values == ["user"]
