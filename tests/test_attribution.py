@@ -34,7 +34,7 @@ from captum_mllm.errors import (
     TargetError,
     UnsupportedInputError,
 )
-from captum_mllm.methods import BayesianShapley, PairedPermutationSampling
+from captum_mllm.methods import BayesianShapley, ExactShapleyValues, PairedPermutationSampling
 from captum_mllm.testing import tiny_hf_adapter
 
 TARGET = "The capital of France is Paris."
@@ -447,6 +447,23 @@ def test_a_model_in_training_mode_is_explained_in_eval_mode(chat):
     torch.testing.assert_close(first.token_attr, again.token_attr, rtol=0, atol=0)
     assert model.training and model.model.layers[0].self_attn.training
     assert not model.lm_head.training
+
+
+def test_captums_all_orders_shapley_names_the_exact_method(model):
+    """Captum's ShapleyValues walks n! orders in Python (10 features: half an
+    hour) for the 2^n coalitions the cache evaluates: from 7 features on, a
+    warning names ExactShapleyValues, which gives the same values."""
+    attr = MultimodalLLMAttribution(ShapleyValues(model), model)
+    seven = ChatInput(Chat().user("one two three four five six seven"), model)
+    with pytest.warns(UserWarning, match="5,040 orders.*ExactShapleyValues") as caught:
+        res = attr.attribute(seven, target=TARGET)
+    assert caught[0].filename == __file__
+    exact = MultimodalLLMAttribution(ExactShapleyValues(model), model)
+    same = exact.attribute(seven, target=TARGET).seq_attr
+    torch.testing.assert_close(res.seq_attr, same, atol=1e-4, rtol=1e-4)  # float32 sums
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attr.attribute(ChatInput(Chat().user("one two three four five six"), model), target=TARGET)
 
 
 def test_non_finite_values_warn(model, chat, monkeypatch):
