@@ -26,7 +26,7 @@ from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
 from captum.attr._core.shapley_value import _perm_generator
 from torch import Tensor
 
-from captum_mllm.errors import UnsupportedInputError
+from captum_mllm.errors import UnsupportedInputError, require_int
 from captum_mllm.models.base import ModelAdapter
 from captum_mllm.models.hf_causal import HFCausalLMAdapter
 
@@ -99,6 +99,8 @@ def coalition_ids(
 
 def generate(attribution: LLMAttribution, inp: InterpretableInput, **gen_args: Any) -> Tensor:
     """The model's answer to a Captum input, as stock Captum generates it."""
+    if gen_args.get("max_new_tokens") is not None:  # as our own inputs check it
+        require_int("max_new_tokens", gen_args["max_new_tokens"], 1)
     kwargs = model_kwargs(attribution, inp.to_model_input())
     prompt = kwargs["input_ids"]
     kwargs.setdefault("attention_mask", torch.ones_like(prompt))

@@ -350,9 +350,11 @@ def test_bad_arguments_raise(model, chat):
         attr.attribute(inp, target=3)  # type: ignore[arg-type]
     with pytest.raises(TargetError):
         attr.attribute(inp, target=TARGET, gen_args={"max_new_tokens": 2})
+    captum_inp = TextTemplateInput("{} are you?", values=["Who"])  # stock Captum's path too
     for count in (0, -3, 2.0):  # transformers raised its own ValueError on the first two
-        with pytest.raises(InvalidOptionError, match="max_new_tokens must be an int of at least 1"):
-            attr.attribute(inp, gen_args={"max_new_tokens": count})
+        for given in (inp, captum_inp):
+            with pytest.raises(InvalidOptionError, match="max_new_tokens must be an int of at"):
+                attr.attribute(given, gen_args={"max_new_tokens": count})
     with pytest.raises(UnsupportedInputError):
         attr.attribute("Who are you?", target=TARGET)  # type: ignore[arg-type]
     with pytest.raises(InvalidModelError):
