@@ -197,6 +197,12 @@ def test_hierarchical_equals_brute_force_owen_values():
     torch.testing.assert_close(flat, ExactShapleyValues(f).attribute(ones), atol=1e-10, rtol=0)
     with pytest.raises(InvalidOptionError):
         HierarchicalShapley(f).attribute(ones, tree=[[0, 1], [2, 3]])  # misses features
+    # A leaf that is not an index was read as one (1.5 and True as feature 1).
+    for leaf in (1.5, True, "1"):
+        with pytest.raises(InvalidOptionError, match="tree leaves must be feature indices"):
+            HierarchicalShapley(f).attribute(ones, tree=[0, leaf, *range(2, n)])
+    same = HierarchicalShapley(f).attribute(ones, tree=[np.int64(0), *range(1, n)])
+    torch.testing.assert_close(same, flat)
 
 
 def test_hierarchical_on_a_chat_uses_its_turn_tree(model, chat):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from itertools import combinations
 from typing import Any
@@ -216,7 +217,14 @@ def _check_tree(tree: Tree, n: int, max_children: int) -> list[Any]:
 def _leaves(node: Any) -> list[int]:
     if isinstance(node, Sequence) and not isinstance(node, str):
         return [leaf for child in node for leaf in _leaves(child)]
-    return [int(node)]
+    try:  # ints (numpy's too), never 1.5, "1" or True read as feature 1
+        if isinstance(node, bool):
+            raise TypeError
+        return [operator.index(node)]
+    except TypeError:
+        raise InvalidOptionError(
+            f"tree leaves must be feature indices (ints), got {node!r}"
+        ) from None
 
 
 def _terms(
