@@ -1,12 +1,21 @@
 """Features and targets on a real chat model (SmolLM2-135M-Instruct, its real
 tokenizer and chat template, which inserts a default system prompt)."""
 
+import copy
+
 import pytest
 import torch
-from captum.attr import FeatureAblation, LLMAttribution, ShapleyValueSampling
+from captum.attr import FeatureAblation, LLMAttribution, Saliency, ShapleyValueSampling
 
-from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution
+from captum_mllm import (
+    Chat,
+    ChatInput,
+    HFCausalLMAdapter,
+    MultimodalLLMAttribution,
+    MultimodalLLMGradientAttribution,
+)
 from captum_mllm.captum_compat import text_template_input
+from captum_mllm.errors import InvalidModelError
 from captum_mllm.methods import ExactShapleyValues
 from captum_mllm.testing import tiny_hf_adapter, tiny_tokenizer
 
@@ -40,6 +49,23 @@ def test_chinese_characters_are_words_and_keep_their_bytes_whole(smol):
         assert _decode(inp, f.positions) == f.label
         kept = [p for p in content if p not in f.positions]
         assert _decode(inp, kept) == "我爱北京".replace(f.label, "")
+
+
+def test_an_input_built_for_another_model_is_refused(smol):
+    """A ChatInput holds its model's tokens: explained with another model's
+    adapter, the tiny tokenizer's ids were read as SmolLM2's, without a word.
+    Another adapter around an equal tokenizer takes the same input."""
+    tiny = tiny_hf_adapter()
+    inp = ChatInput(Chat().user("Who are you"), tiny)
+    with pytest.raises(InvalidModelError, match="built for another model"):
+        MultimodalLLMAttribution(FeatureAblation(smol), smol).attribute(inp, target="I am")
+    saliency = MultimodalLLMGradientAttribution(Saliency(tiny), tiny)
+    with pytest.raises(InvalidModelError, match="built for another model"):
+        saliency.attribute(ChatInput(Chat().user("Who are you"), smol), target="I am")
+    other = HFCausalLMAdapter(tiny_hf_adapter(seed=1).model, copy.deepcopy(tiny.tokenizer))
+    assert tiny.encodes_as(other) and not tiny.encodes_as(smol)
+    res = MultimodalLLMAttribution(FeatureAblation(other), other).attribute(inp, target="I am")
+    assert res.seq_attr.shape == (3,)
 
 
 def test_a_word_equal_to_the_role_header_is_the_users_word(smol):

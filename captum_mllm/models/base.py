@@ -77,6 +77,12 @@ class ModelAdapter(nn.Module, ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def encodes_as(self, other: ModelAdapter) -> bool:
+        """Whether a chat this adapter encoded (a :class:`~captum_mllm.ChatInput`
+        built with it) means the same to ``other``. By default only for this
+        adapter itself; adapters whose encoding depends on less say so."""
+        return self is other
+
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
         """Within: the adapter and every module it holds in eval mode, and after,

@@ -19,7 +19,7 @@ from captum_mllm.errors import (
     InvalidModelError,
     InvalidOptionError,
 )
-from captum_mllm.models.base import Response
+from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.models.batching import (
     MIN_PRODUCT_ROWS,
     ints,
@@ -273,6 +273,18 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         table = embeddings() if callable(embeddings) else None
         rows = getattr(table, "num_embeddings", None)
         return int(rows) if isinstance(rows, int) else super().vocab_size
+
+    def encodes_as(self, other: ModelAdapter) -> bool:
+        """A chat's encoding is its tokenizer's alone: another model read by an
+        equal tokenizer (another checkpoint of the family) takes the same input."""
+        if self is other or not isinstance(other, HFCausalLMAdapter):
+            return self is other
+        mine, theirs = self.tokenizer, other.tokenizer
+        return mine is theirs or (
+            type(mine) is type(theirs)
+            and getattr(mine, "chat_template", None) == getattr(theirs, "chat_template", None)
+            and mine.get_vocab() == theirs.get_vocab()
+        )
 
     # Scoring ---------------------------------------------------------------------
 
