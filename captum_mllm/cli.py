@@ -125,7 +125,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="log-prob", choices=("log-prob", "similarity"))
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+        help="default: float32 on a CPU, the checkpoint's (LFM2-Audio: bfloat16) on a GPU",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--batch",

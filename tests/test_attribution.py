@@ -468,6 +468,18 @@ def test_captums_all_orders_shapley_names_the_exact_method(model):
         attr.attribute(ChatInput(Chat().user("one two three four five six"), model), target=TARGET)
 
 
+def test_from_pretrained_reads_a_bfloat16_checkpoint_in_float32_on_the_cpu(tmp_path, chat):
+    """A bfloat16 checkpoint (most chat models') loaded as it was stored ran
+    in bfloat16 on the CPU, where log-probabilities keep about 3 digits."""
+    tiny = tiny_hf_adapter()
+    tiny.model.to(torch.bfloat16).save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    loaded = HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu")
+    assert loaded.model.dtype == torch.float32
+    kept = HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu", dtype=torch.bfloat16)
+    assert kept.model.dtype == torch.bfloat16
+
+
 def test_non_finite_values_warn(model, chat, monkeypatch):
     """A float16 model can overflow to NaN: its attributions come back NaN,
     with a warning naming the likely cause rather than without a word."""

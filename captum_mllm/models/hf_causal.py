@@ -92,8 +92,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             name_or_path (str): hub id or local path.
             device (str or torch.device, optional): where to put the model.
                 Default: the first GPU when there is one, else the CPU
-            dtype (torch.dtype or str, optional): e.g. ``torch.bfloat16``; default
-                the checkpoint's.
+            dtype (torch.dtype or str, optional): e.g. ``torch.bfloat16``.
+                Default: the checkpoint's on an accelerator, float32 on the CPU
+                (as LFM2-Audio's: a bfloat16 checkpoint run in bfloat16 there is
+                slow on most CPUs, and its log-probabilities keep 3 digits)
             trust_remote_code (bool, optional): run code shipped with the
                 checkpoint. Default: False
             gguf_file (str, optional): name of a GGUF file inside ``name_or_path``;
@@ -115,10 +117,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         if gguf_file is not None:
             common["gguf_file"] = gguf_file
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype or "auto", **common, **kwargs
-        )
-        model.to(resolve_device(device))  # type: ignore[arg-type]
+        where = resolve_device(device)
+        if dtype is None:
+            dtype = torch.float32 if where.type == "cpu" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **common, **kwargs)
+        model.to(where)  # type: ignore[arg-type]
         return cls(model.eval(), tokenizer)
 
     @property
