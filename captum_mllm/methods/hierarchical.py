@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Sequence
 from itertools import combinations
@@ -217,14 +218,10 @@ def _check_tree(tree: Tree, n: int, max_children: int) -> list[Any]:
 def _leaves(node: Any) -> list[int]:
     if isinstance(node, Sequence) and not isinstance(node, str):
         return [leaf for child in node for leaf in _leaves(child)]
-    try:  # ints (numpy's too), never 1.5, "1" or True read as feature 1
-        if isinstance(node, bool):
-            raise TypeError
-        return [operator.index(node)]
-    except TypeError:
-        raise InvalidOptionError(
-            f"tree leaves must be feature indices (ints), got {node!r}"
-        ) from None
+    if not isinstance(node, bool):  # True is no index, though Python reads it as 1
+        with contextlib.suppress(TypeError):  # ints, numpy's too; not 1.5 or "1"
+            return [operator.index(node)]
+    raise InvalidOptionError(f"tree leaves must be feature indices (ints), got {node!r}")
 
 
 def _terms(
