@@ -67,6 +67,7 @@ def test_exact_equals_captums_shapley_values_on_tensors():
 
 
 @pytest.mark.parametrize("text_unit, captum_atol", [("word", 1e-6), ("token", 5e-5)])
+@pytest.mark.filterwarnings("ignore:Captum's ShapleyValues walks all")  # 7 features: it does
 def test_exact_equals_captums_shapley_values_on_chats(model, chat, text_unit, captum_atol):
     inp = ChatInput(chat, model, text_unit=text_unit)
     n = min(7, inp.n_itp_features)
