@@ -174,7 +174,8 @@ class ChatInput(InterpretableInput):
         if self.response is not None:  # encode checks the prompt's text
             model.check_text(list(self.chat)[-1:])
         self._check_transcripts()
-        self.encoded: EncodedChat = model.encode(self.prompt)
+        with model.evaluating():  # an audio encoder in training mode: batch statistics
+            self.encoded: EncodedChat = model.encode(self.prompt)
         self._check_audio_fill()
 
         found = sorted(self._text_features() + self._audio_features(), key=lambda f: min(f[0]))

@@ -414,3 +414,35 @@ def test_a_misspelt_generation_argument_raises(lfm, wave):
             attr.attribute(inp, gen_args=typo, n_samples=1)
     res = attr.attribute(inp, gen_args={"max_new_tokens": 3}, n_samples=1)
     assert len(res.output_tokens) == 3
+
+
+def test_a_model_in_training_mode_encodes_and_scores_as_in_eval_mode(wave):
+    """The conformer's batch norms in training mode normalised a clip by its own
+    statistics (and moved the running ones), and the mel front end dithers in
+    training mode: a ChatInput's audio embeddings differed by 0.5 from eval
+    mode's. Encoding and explaining run in eval mode, and the modes come back."""
+    model, processor = tiny_lfm2_audio()
+    adapter = LFM2AudioAdapter(model, processor)
+    chat = mixed_chat(wave)
+    target = torch.tensor([300, 301])
+
+    def explain() -> tuple[torch.Tensor, torch.Tensor]:
+        inp = ChatInput(chat, adapter, audio_unit=0.5)
+        res = MultimodalLLMAttribution(ShapleyValues(adapter), adapter).attribute(
+            inp, target=target
+        )
+        return adapter.input_embeddings(inp.encoded), res.token_attr
+
+    (front,) = [m for m in processor.audio.modules() if hasattr(m, "dither")]
+    front.dither = 1e-3  # liquid-audio's default is 1e-5; the tiny processor's 0
+    embeds, attr = explain()
+    model.train()
+    processor.train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms
+    before = [m.running_mean.clone() for m in norms]
+    again, attr_again = explain()
+    torch.testing.assert_close(again, embeds, rtol=0, atol=0)
+    torch.testing.assert_close(attr_again, attr, rtol=0, atol=0)
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True))
+    assert model.training and processor.audio.training

@@ -83,15 +83,22 @@ class ModelAdapter(nn.Module, ABC):
         adapter itself; adapters whose encoding depends on less say so."""
         return self is other
 
+    def held_modules(self) -> list[nn.Module]:
+        """The modules whose mode the adapter's outputs depend on: itself (and
+        so every submodule), plus any it uses without holding as one."""
+        return [self]
+
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
-        """Within: the adapter and every module it holds in eval mode, and after,
-        each module back in the mode it was in. A model left in training mode
-        (built from a config, or in the middle of fine-tuning) would drop
-        activations at random, or update batch statistics, on every forward:
-        then no value is a function of its coalition."""
-        training = [m for m in self.modules() if m.training]
-        self.eval()
+        """Within: every module of :meth:`held_modules` in eval mode, and after,
+        each back in the mode it was in. A model left in training mode (built
+        from a config, or in the middle of fine-tuning) would drop activations
+        at random, dither its audio, or use and update batch statistics on
+        every forward: then no value is a function of its coalition."""
+        roots = self.held_modules()
+        training = [m for root in roots for m in root.modules() if m.training]
+        for root in roots:
+            root.eval()
         try:
             yield
         finally:

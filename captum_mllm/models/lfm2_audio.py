@@ -149,6 +149,12 @@ class LFM2AudioAdapter(DecoderLMAdapter):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def held_modules(self) -> list[nn.Module]:
+        """The adapter, and the processor's mel front end (not a module of the
+        adapter): in training mode it dithers every clip with random noise."""
+        audio = getattr(self.processor, "audio", None)
+        return [self, audio] if isinstance(audio, nn.Module) else [self]
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
