@@ -9,8 +9,10 @@ plots, reports, save/load and :func:`captum_mllm.compare` work unchanged.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
+from collections.abc import Callable
 from copy import copy
 from typing import Any
 
@@ -49,6 +51,18 @@ AGGREGATIONS = ("mean", "max", "rollout")
 
 class _Embeddings(nn.Identity):
     """The layer a Layer method attributes to: the prompt's input embeddings."""
+
+
+def _differentiable[Method: Callable[..., Any]](method: Method) -> Method:
+    """Run ``method`` with gradients on, also inside the caller's
+    ``torch.no_grad()`` or ``torch.inference_mode()`` (a notebook cell's, say)."""
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return method(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 class MultimodalLLMGradientAttribution(LLMGradientAttribution):
@@ -122,6 +136,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         return self.adapter.next_token_log_probs(self.embeddings(embeds), response, token)
 
     @in_eval_mode
+    @_differentiable
     def attribute(  # type: ignore[override]
         self,
         inp: InterpretableInput,

@@ -89,6 +89,18 @@ def test_integrated_gradients_is_complete(llama, words):
     assert abs(float(res.token_attr[0].sum() - span)) < 0.01 * abs(float(span)) + 1e-4
 
 
+def test_gradients_run_inside_the_callers_inference_mode(llama, words):
+    """Inside ``torch.inference_mode()`` (a notebook cell's, with an input
+    built there too), integrated gradients raised autograd's "element 0 of
+    tensors does not require grad"; under ``no_grad`` it already ran."""
+    ig = MultimodalLLMGradientAttribution(IntegratedGradients(llama), llama)
+    expected = ig.attribute(words, target=TARGET, n_steps=8).token_attr
+    with torch.inference_mode():
+        inp = ChatInput(words.chat, llama)
+        got = ig.attribute(inp, target=TARGET, n_steps=8).token_attr
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_saliency_norm_and_layer_methods(llama, words, tmp_path):
     sal = MultimodalLLMGradientAttribution(Saliency(llama), llama, reduce="norm")
     res = sal.attribute(words, target=TARGET)
