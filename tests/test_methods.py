@@ -66,6 +66,13 @@ def test_exact_equals_captums_shapley_values_on_tensors():
         ExactShapleyValues(f, max_features=3).attribute(x)
 
 
+def test_exact_progress_counts_every_coalition(capsys):
+    """The bar's total was the samplers' default budget, 10n (70 of 7
+    features), while exact Shapley evaluates 2^n (128): it showed 70/70."""
+    ExactShapleyValues(lambda x: x.sum(1)).attribute(torch.ones(1, 7), show_progress=True)
+    assert "128/128" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text_unit, captum_atol", [("word", 1e-6), ("token", 5e-5)])
 @pytest.mark.filterwarnings("ignore:Captum's ShapleyValues walks all")  # 7 features: it does
 def test_exact_equals_captums_shapley_values_on_chats(model, chat, text_unit, captum_atol):

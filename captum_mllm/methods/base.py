@@ -228,7 +228,7 @@ class ShapleyEstimator(PerturbationAttribution):
                 perturbations_per_eval,
             )
             game = Game(example.evaluate, example.n)
-            cap = budget if budget is not None else 10 * example.n
+            cap = 2**example.n if self.exact else 10 * example.n if budget is None else budget
             with _progress(show_progress, cap, type(self).__name__) as progress:
                 plan = Plan(cap, target_stderr, rng, progress, kwargs, budget is not None)
                 phi, stderr = self.estimate(game, plan)
