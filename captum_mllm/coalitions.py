@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from os import PathLike
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from captum_mllm.encoding import coalition_keys
-from captum_mllm.errors import OutOfMemoryError, StoreMismatchError
+from captum_mllm.errors import OutOfMemoryError, StoreMismatchError, warn_caller
 from captum_mllm.targets import TargetValues
 
 # A stored evaluation: the coalition's value row and what the model said, if anything.
@@ -310,11 +309,10 @@ class CoalitionEvaluator:
                     ) from exc
                 self.max_rows = size // 2
                 self.n_halvings += 1
-                warnings.warn(
+                warn_caller(
                     f"out of memory with {size} coalitions in a batch; going on with "
                     f"{self.max_rows} (the values do not change)",
                     ResourceWarning,
-                    stacklevel=2,
                 )
                 continue
             start += size

@@ -39,6 +39,7 @@ from captum_mllm.errors import (
     InvalidBaselineError,
     InvalidModelError,
     InvalidOptionError,
+    TargetError,
     UnsupportedInputError,
 )
 from captum_mllm.inputs import ChatInput
@@ -240,15 +241,13 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         if baselines is None:
             base[0, moving] = 0.0
         elif isinstance(baselines, int) and not isinstance(baselines, bool):
-            try:
-                if baselines < 0:
-                    raise IndexError
-                token = self.adapter.response(torch.tensor([baselines]))
-                fill = self.adapter.token_embeddings(token)[0]
-            except IndexError:
+            try:  # the adapter's own check of token ids against its vocabulary
+                token = self.adapter.check_target(torch.tensor([baselines]))
+            except TargetError:
                 raise InvalidBaselineError(
                     f"baselines={baselines} is not a token id of this model's vocabulary"
                 ) from None
+            fill = self.adapter.token_embeddings(token)[0]
             assert inp.encoded.clip is not None
             text = moving & (inp.encoded.clip.to(owner.device) < 0)
             base[0, text] = fill.to(base)

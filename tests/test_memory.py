@@ -50,8 +50,9 @@ def test_out_of_memory_halves_the_batch_and_changes_nothing(error: Exception) ->
     plain = explain(tiny_hf_adapter())
     model = tiny_hf_adapter()
     sizes = failing_above(model, 3, error)
-    with pytest.warns(ResourceWarning, match="out of memory with 16 coalitions"):
+    with pytest.warns(ResourceWarning, match="out of memory with 16 coalitions") as caught:
         res = explain(model)
+    assert caught[0].filename == __file__  # the caller's line, not the library's
     # Batches of 16 failed, then 8 and 4, then 2 at a time from there on.
     assert max(sizes) == 16 and max(sizes[sizes.index(2) :]) <= 2
     assert res.provenance["memory_halvings"] == 3

@@ -15,7 +15,6 @@ before any cache, the empty and the full coalition included.
 from __future__ import annotations
 
 import math
-import warnings
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,12 @@ import torch
 from captum.attr import PerturbationAttribution
 from torch import Tensor
 
-from captum_mllm.errors import InvalidOptionError, UnsupportedInputError, require_int
+from captum_mllm.errors import (
+    InvalidOptionError,
+    UnsupportedInputError,
+    require_int,
+    warn_caller,
+)
 
 
 class Game:
@@ -235,10 +239,9 @@ class ShapleyEstimator(PerturbationAttribution):
             # what the last example cost: coalitions asked for, and distinct ones evaluated
             self.last_n_requested, self.last_n_evaluated = game.n_requested, len(game.memo)
             if budget is not None and game.n_requested > budget and not self.exact:
-                warnings.warn(  # a sampler's smallest estimate costs more than was allowed
+                warn_caller(  # a sampler's smallest estimate costs more than was allowed
                     f"{type(self).__name__} asked for {game.n_requested} coalitions of "
-                    f"{example.n} features, its smallest estimate, beyond budget={budget}",
-                    stacklevel=2,
+                    f"{example.n} features, its smallest estimate, beyond budget={budget}"
                 )
             outs.append(example.shape_like_input(phi))
             errs.append(example.shape_like_input(stderr))
