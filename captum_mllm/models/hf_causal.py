@@ -280,8 +280,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     def encodes_as(self, other: ModelAdapter) -> bool:
         """A chat's encoding is its tokenizer's alone: another model read by an
         equal tokenizer (another checkpoint of the family) takes the same input."""
-        if self is other or not isinstance(other, HFCausalLMAdapter):
-            return self is other
+        if not isinstance(other, HFCausalLMAdapter):
+            return False
         mine, theirs = self.tokenizer, other.tokenizer
         return mine is theirs or (
             type(mine) is type(theirs)
