@@ -44,7 +44,7 @@ from captum_mllm.errors import (
     require_int,
     warn_caller,
 )
-from captum_mllm.fingerprint import chat_digest, digest, model_digest
+from captum_mllm.fingerprint import chat_digest, digest, model_digest, plain
 from captum_mllm.heap import retained_heap
 from captum_mllm.inputs import ChatInput
 from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
@@ -522,9 +522,10 @@ class MultimodalLLMAttribution(LLMAttribution):
                 [inp.baseline, inp.replace_id, inp.audio_baseline],
                 fill,
             )
-        else:
-            chat = digest(str(inp.to_model_input()))
-            features = digest(list(inp.values))
+        else:  # Captum's inputs: their values, baselines, mask and skipped tokens
+            prompt = inp.to_model_input()
+            chat = digest(prompt if isinstance(prompt, Tensor) else str(prompt))
+            features = digest(plain(vars(inp)))
         settings = self.value_fn.settings()
         return {
             "model": model_digest(module),

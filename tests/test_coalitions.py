@@ -11,7 +11,13 @@ import time
 
 import pytest
 import torch
-from captum.attr import ShapleyValues, ShapleyValueSampling
+from captum.attr import (
+    FeatureAblation,
+    ShapleyValues,
+    ShapleyValueSampling,
+    TextTemplateInput,
+    TextTokenInput,
+)
 
 from captum_mllm import (
     Chat,
@@ -152,6 +158,27 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
     with pytest.raises(StoreMismatchError, match="model"):
         attr2 = MultimodalLLMAttribution(ShapleyValues(other), other)
         attr2.attribute(ChatInput(chat, other), target=TARGET, store=store)
+
+
+def test_a_store_refuses_captums_inputs_with_other_baselines_or_mask(model, tmp_path):
+    # The store once kept only Captum's input values: a rerun with other
+    # baselines read the first run's values back.
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    store = tmp_path / "run.sqlite"
+    words = ["the", "cat", "sat"]
+    attr.attribute(TextTemplateInput("{} {} {}", values=words), target=TARGET, store=store)
+    for other in (
+        TextTemplateInput("{} {} {}", values=words, baselines=["a", "dog", "ran"]),
+        TextTemplateInput("{} {} {}", values=words, mask=[0, 0, 1]),
+    ):
+        with pytest.raises(StoreMismatchError, match="features"):
+            attr.attribute(other, target=TARGET, store=store)
+    tokens = tmp_path / "tokens.sqlite"
+    attr.attribute(TextTokenInput("the cat sat", model.tokenizer), target=TARGET, store=tokens)
+    with pytest.raises(StoreMismatchError, match="features"):
+        attr.attribute(
+            TextTokenInput("the cat sat", model.tokenizer, baselines=3), target=TARGET, store=tokens
+        )
 
 
 def test_each_distinct_coalition_is_evaluated_once_and_stores_agree(tmp_path):
