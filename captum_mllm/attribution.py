@@ -515,7 +515,8 @@ class MultimodalLLMAttribution(LLMAttribution):
         """Digests of what a coalition's value depends on (see :mod:`captum_mllm.fingerprint`)."""
         module = getattr(self.adapter, "model", self.adapter)
         if isinstance(inp, ChatInput):
-            chat = chat_digest(inp.prompt)
+            # The ids as well: the tokenizer's chat template is not in the model's digest.
+            chat = digest(chat_digest(inp.prompt), inp.encoded.input_ids)
             fill = inp.audio_fill if inp.audio_fill is not None else "zeros"
             features = digest(
                 [(f.label, f.positions) for f in inp.features],

@@ -1,9 +1,9 @@
 """Fingerprints: digests naming one explanation, for the coalition store.
 
 Two runs share stored values only when every part matches: the model
-(class, configuration and weights), the chat (text and audio samples), the
-features (positions and baselines), the target (its settings and the answer
-explained) and the seed.
+(class, configuration and weights), the chat (text and audio samples, and
+the token ids its template gives), the features (positions and baselines),
+the target (its settings and the answer explained) and the seed.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from captum_mllm import (
     Chat,
     ChatInput,
     CoalitionEvaluator,
+    HFCausalLMAdapter,
     MemoryStore,
     MultimodalLLMAttribution,
     SQLiteStore,
@@ -152,6 +153,15 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
         attr.attribute(ChatInput(chat, model), target="Something else.", store=store)
     with pytest.raises(StoreMismatchError, match="chat"):
         attr.attribute(ChatInput(chat.user("More."), model), target=TARGET, store=store)
+    # Another chat template in the tokenizer, with the same number of tokens.
+    retemplated = copy.deepcopy(model.tokenizer)
+    retemplated.chat_template = retemplated.chat_template.replace(
+        "<|im_start|>assistant", "<|im_start|>user"
+    )
+    same_weights = HFCausalLMAdapter(model.model, retemplated)
+    with pytest.raises(StoreMismatchError, match="chat"):
+        attr3 = MultimodalLLMAttribution(ShapleyValues(same_weights), same_weights)
+        attr3.attribute(ChatInput(chat, same_weights), target=TARGET, store=store)
     other = copy.deepcopy(model)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)  # one weight tensor changed
