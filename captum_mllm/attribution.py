@@ -532,7 +532,9 @@ class MultimodalLLMAttribution(LLMAttribution):
             "model": model_digest(module),
             "chat": chat,
             "features": features,
-            "target": digest(type(self.value_fn).__name__, settings, response.ids),
+            "target": digest(
+                type(self.value_fn).__name__, self.value_fn.fingerprint(), response.ids
+            ),
             "seed": digest(settings.get("seed")),
         }
 

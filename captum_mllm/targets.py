@@ -21,6 +21,7 @@ from torch import Tensor
 
 from captum_mllm.encoding import EncodedChat, MaskedChat, coalition_keys
 from captum_mllm.errors import InvalidOptionError
+from captum_mllm.fingerprint import plain
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.models.decoder import check_sampling
 
@@ -89,6 +90,12 @@ class Target(ABC):
     @abstractmethod
     def settings(self) -> dict[str, Any]:
         """Every setting the values depend on, as plain JSON-able data."""
+
+    def fingerprint(self) -> Any:
+        """Plain data naming what the values depend on, for the coalition store
+        (default: :meth:`settings`; a target holding callables adds what
+        :func:`~captum_mllm.fingerprint.plain` reads of them)."""
+        return self.settings()
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
@@ -336,6 +343,10 @@ class EmbeddingSimilarity(Target):
 
     def settings(self) -> dict[str, Any]:
         return dict(self._settings)
+
+    def fingerprint(self) -> Any:
+        # Two lambdas share a name: their constants and closures tell them apart.
+        return [self._settings, plain([self.embedding, self.reducer, self.similarity])]
 
     def prepare(
         self,

@@ -1,6 +1,7 @@
 """The coalition evaluator and its stores: each coalition once, resumable runs."""
 
 import copy
+import functools
 import os
 import signal
 import sqlite3
@@ -23,6 +24,7 @@ from captum_mllm import (
     Chat,
     ChatInput,
     CoalitionEvaluator,
+    EmbeddingSimilarity,
     HFCausalLMAdapter,
     MemoryStore,
     MultimodalLLMAttribution,
@@ -189,6 +191,23 @@ def test_a_store_refuses_captums_inputs_with_other_baselines_or_mask(model, tmp_
         attr.attribute(
             TextTokenInput("the cat sat", model.tokenizer, baselines=3), target=TARGET, store=tokens
         )
+
+
+def test_a_store_tells_apart_two_embedding_lambdas_of_one_name(model, chat, tmp_path):
+    # Both lambdas are named make_embedding.<locals>.<lambda>; their closures differ.
+    def make_embedding(scale):
+        return lambda texts: torch.tensor([[len(t), scale * t.count("a") + 1.0] for t in texts])
+
+    store = tmp_path / "run.sqlite"
+    for i, scale in enumerate((1.0, -5.0)):
+        sim = EmbeddingSimilarity(make_embedding(scale), gen_args={"max_new_tokens": 4})
+        attr = MultimodalLLMAttribution(FeatureAblation(model), model, target=sim)
+        run = functools.partial(attr.attribute, ChatInput(chat, model), store=store)
+        if i == 0:
+            run()
+        else:
+            with pytest.raises(StoreMismatchError, match="target"):
+                run()
 
 
 def test_each_distinct_coalition_is_evaluated_once_and_stores_agree(tmp_path):
