@@ -10,6 +10,7 @@ from the target (a pure value function) applied to the adapter.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from captum.attr import (
+    FeatureAblation,
     ImageMaskInput,
     InterpretableInput,
     Lime,
@@ -37,6 +39,7 @@ from captum_mllm import captum_compat
 from captum_mllm.chat import AudioPart
 from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore, SQLiteStore
 from captum_mllm.errors import (
+    InvalidBaselineError,
     InvalidModelError,
     InvalidOptionError,
     TargetError,
@@ -266,6 +269,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             )
         require_int("num_trials", num_trials, 1)
         n = inp.n_itp_features
+        _check_method_kwargs(self.attr_method, n, kwargs)
         if type(self.attr_method) is ShapleyValues and n >= ALL_ORDERS_WARNING:
             warn_caller(
                 f"Captum's ShapleyValues walks all {n}! = {math.factorial(n):,} orders of the "
@@ -634,6 +638,39 @@ def _trial_seed(seed: int | None, trial: int) -> int | None:
     if seed is None or trial == 0:
         return seed
     return int(np.random.SeedSequence([seed, trial]).generate_state(1)[0] >> 1)
+
+
+def _check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[str, Any]) -> None:
+    """Refuse the arguments Captum's methods take here without a word but whose
+    values would come out wrong (all zero, NaN) or be ignored."""
+    if "additional_forward_args" in kwargs:
+        raise InvalidOptionError(
+            "additional_forward_args is MultimodalLLMAttribution's own (it passes the "
+            "coalition evaluator); extra model inputs belong to the adapter"
+        )
+    baselines = kwargs.get("baselines")
+    if baselines is not None and not bool(torch.as_tensor(baselines).eq(0).all()):
+        # Present is nonzero: any other baseline leaves every feature present.
+        raise InvalidBaselineError(
+            "baselines= is the interpretable tensor's value of an absent feature and must "
+            "be 0 here; what an absent feature becomes is the input's: ChatInput's "
+            "text_baseline= and audio_baseline=, or Captum's input's baselines="
+        )
+    if "n_samples" in kwargs and not isinstance(method, ShapleyEstimator):
+        n_samples = require_int("n_samples", kwargs["n_samples"], 1)
+        if isinstance(method, Lime) and n_samples <= n:
+            warn_caller(
+                f"{type(method).__name__} fits {n + 1} coefficients to n_samples={n_samples} "
+                "coalitions: the regression is underdetermined (attributions may be all "
+                f"zero); give n_samples > {n}"
+            )
+    if type(method) is FeatureAblation:  # its **kwargs are for subclasses: typos vanish
+        known = inspect.signature(FeatureAblation.attribute).parameters
+        unknown = sorted(k for k in kwargs if k not in known)
+        if unknown:
+            raise TypeError(
+                f"FeatureAblation.attribute() got unexpected keyword arguments {unknown}"
+            )
 
 
 def _plain(value: Any) -> bool:

@@ -29,6 +29,7 @@ from captum_mllm import (
 from captum_mllm.attribution import _trial_seed
 from captum_mllm.coalitions import CoalitionEvaluator
 from captum_mllm.errors import (
+    InvalidBaselineError,
     InvalidModelError,
     InvalidOptionError,
     TargetError,
@@ -386,6 +387,30 @@ def test_num_trials_and_attr_target_are_checked(model, chat):
             attr.attribute(inp, target=TARGET, num_trials=trials)
     with pytest.raises(InvalidOptionError):
         MultimodalLLMAttribution(FeatureAblation(model), model, attr_target="logit")
+
+
+def test_method_arguments_that_captum_takes_silently_are_refused(model, chat):
+    # Each of these ran without a word: all-zero attributions (a nonzero
+    # baseline leaves every feature present), NaN (no samples), or ignored.
+    inp = ChatInput(chat, model)
+    ablation = MultimodalLLMAttribution(FeatureAblation(model), model)
+    sampling = MultimodalLLMAttribution(ShapleyValueSampling(model), model)
+    kernel = MultimodalLLMAttribution(KernelShap(model), model)
+    for attr in (ablation, sampling, kernel):
+        with pytest.raises(InvalidBaselineError):
+            attr.attribute(inp, target=TARGET, baselines=0.5)
+        with pytest.raises(InvalidOptionError, match="additional_forward_args"):
+            attr.attribute(inp, target=TARGET, additional_forward_args=(1,))
+    for attr in (sampling, kernel):
+        with pytest.raises(InvalidOptionError, match="n_samples"):
+            attr.attribute(inp, target=TARGET, n_samples=0)
+    with pytest.raises(TypeError, match="n_sample"):
+        ablation.attribute(inp, target=TARGET, n_sample=5)  # a typo
+    with pytest.warns(UserWarning, match="underdetermined"):
+        kernel.attribute(inp, target=TARGET, n_samples=inp.n_itp_features)
+    zero = ablation.attribute(inp, target=TARGET, baselines=0)  # the default, said aloud
+    torch.testing.assert_close(zero.seq_attr, ablation.attribute(inp, target=TARGET).seq_attr)
+    assert bool(zero.seq_attr.ne(0).any())
 
 
 @pytest.mark.parametrize("method", [PairedPermutationSampling, BayesianShapley])
