@@ -120,7 +120,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roles", default="user", help="comma-separated roles holding features")
     parser.add_argument("--method", default="kernel", choices=METHODS)
     parser.add_argument(
-        "--budget", type=int, help="coalition evaluations (default: 10 per feature)"
+        "--budget",
+        type=int,
+        help="coalition evaluations (default: 10 per feature; hierarchical: exact Owen "
+        "values; exact always evaluates all 2^n)",
     )
     parser.add_argument("--target", default="log-prob", choices=("log-prob", "similarity"))
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -386,12 +389,20 @@ def _batch(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _method_kwargs(settings: dict[str, Any], n_features: int | None) -> dict[str, Any]:
     """The method's budget arguments (Captum's sampler counts permutations)."""
-    if settings["method"] == "captum-svs":
-        per_feature = (settings["budget"] // n_features) if settings["budget"] and n_features else 0
-        return {"n_samples": max(1, per_feature or 10)}
-    if settings["method"] in ("bayes", "kernel", "permutation", "regression"):
-        return {"budget": settings["budget"], "seed": settings["seed"]}
-    return {}
+    method, budget = settings["method"], settings["budget"]
+    if method == "exact":
+        return {}
+    if method == "captum-svs":
+        if budget is None:
+            return {"n_samples": 10}
+        if n_features is None:  # explain-dataset: one setting for chats of any length
+            raise UsageError(
+                "--method captum-svs counts permutations of each chat's features, so "
+                "explain-dataset cannot turn --budget into them: leave --budget out (10 "
+                "permutations) or use --method permutation"
+            )
+        return {"n_samples": max(1, budget // n_features)}
+    return {"budget": budget, "seed": settings["seed"]}
 
 
 def _method(name: str, model: Any) -> Any:

@@ -102,6 +102,30 @@ def test_batch_sets_coalitions_a_call_and_changes_no_value(tmp_path, capsys):
     assert one.seq_attr.tolist() == pytest.approx(default.seq_attr.tolist(), abs=1e-5)
 
 
+def test_budget_reaches_every_method_that_reads_one(tmp_path, capsys):
+    # --budget once reached hierarchical as nothing (exact Owen values), and
+    # captum-svs as 10 permutations when it was below the feature count.
+    chat = ["--user", "Who are you, my friend?", "--model", "tiny-llama",
+            "--answer", "I am a small model."]  # fmt: skip
+    runs = {}
+    for name, method, budget in [("owen", "hierarchical", []), ("capped", "hierarchical", ["12"]),
+                                 ("svs", "captum-svs", ["4"])]:  # fmt: skip
+        out = tmp_path / name
+        code, _, err = run(["explain", *chat, "--method", method, "--out", out,
+                            *(["--budget", *budget] if budget else [])], capsys)  # fmt: skip
+        assert code == 0, err
+        runs[name] = MultimodalLLMAttributionResult.load(out / "result.json")
+    assert runs["owen"].provenance["method_args"].get("budget") is None
+    assert runs["capped"].provenance["method_args"]["budget"] == 12
+    assert runs["capped"].n_coalitions < runs["owen"].n_coalitions
+    assert runs["svs"].provenance["method_args"]["n_samples"] == 1  # 4 // 5 features, at least 1
+    (tmp_path / "chats.jsonl").write_text(json.dumps([{"role": "user", "content": "Hi"}]) + "\n")
+    code, _, err = run(["explain-dataset", tmp_path / "chats.jsonl", "--model", "tiny-llama",
+                        "--no-ray", "--method", "captum-svs", "--budget", "20",
+                        "--out", tmp_path / "runs"], capsys)  # fmt: skip
+    assert code == 2 and "--method permutation" in err
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [
