@@ -183,6 +183,11 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         base = self._baseline(inp, embeds, owner, baselines)
         integrated = isinstance(self.chat_method, IntegratedGradients | LayerIntegratedGradients)
         takes_baselines = "baselines" in inspect.signature(self.chat_method.attribute).parameters
+        if baselines is not None and not takes_baselines:  # it would go unread
+            raise InvalidBaselineError(
+                f"{type(self.chat_method).__name__} takes no baselines; leave baselines= out "
+                "or use a method that integrates from them (e.g. IntegratedGradients)"
+            )
         rows, deltas, gaps = [], [], []
         for t in range(len(response)):
             args: dict[str, Any] = {"additional_forward_args": (response, t), **kwargs}

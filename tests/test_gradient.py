@@ -105,6 +105,8 @@ def test_saliency_norm_and_layer_methods(llama, words, tmp_path):
     sal = MultimodalLLMGradientAttribution(Saliency(llama), llama, reduce="norm")
     res = sal.attribute(words, target=TARGET)
     assert (res.token_attr >= 0).all() and res.token_attr.abs().sum() > 0
+    with pytest.raises(InvalidBaselineError, match="takes no baselines"):  # it went unread
+        sal.attribute(words, target=TARGET, baselines=5)
     gxa = LayerGradientXActivation(llama, llama.model.get_input_embeddings())
     res2 = MultimodalLLMGradientAttribution(gxa, llama).attribute(words, target=TARGET)
     res2.save(tmp_path / "r.json")
