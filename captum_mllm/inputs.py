@@ -161,6 +161,15 @@ class ChatInput(InterpretableInput):
             raise InvalidBaselineError(
                 f"audio_baseline must be one of {AUDIO_BASELINES}, got {audio_baseline!r}"
             )
+        # Settings another one leaves unread, as transcripts= without word units.
+        if audio_fill is not None and audio_baseline != "embedding":
+            raise InvalidBaselineError(
+                f'audio_fill= is only read with audio_baseline="embedding", not {audio_baseline!r}'
+            )
+        if aligner is not None and audio_unit != "word":
+            raise AlignmentError(
+                f'aligner= is only read with audio_unit="word", not {audio_unit!r}'
+            )
         self.roles = roles
         self.text_unit = text_unit
         self.audio_unit = audio_unit

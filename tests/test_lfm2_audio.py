@@ -363,6 +363,12 @@ def test_transcripts_must_match_the_clips(lfm, wave):
         ChatInput(
             mixed_chat(wave), lfm, audio_unit="word", aligner=aligner, transcripts=["a b", "c"]
         )
+    # Settings that another one leaves unread raise, as transcripts= alone does:
+    # an aligner with 0.5 s windows went unused, and so did a fill for dropped audio.
+    with pytest.raises(AlignmentError, match="aligner= is only read"):
+        ChatInput(mixed_chat(wave), lfm, aligner=aligner)
+    with pytest.raises(InvalidBaselineError, match="audio_fill= is only read"):
+        ChatInput(mixed_chat(wave), lfm, audio_fill=torch.ones(()))
 
 
 @pytest.mark.parametrize("text_baseline", ["drop", "replace"])
