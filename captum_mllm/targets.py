@@ -284,6 +284,13 @@ class EmbeddingSimilarity(Target):
             raise InvalidOptionError("embedding must be 'static', 'contextual' or a callable")
         if context not in ("response", "chat"):
             raise InvalidOptionError("context must be 'response' or 'chat'")
+        if context == "chat" and embedding != "contextual":  # it would go unread
+            raise InvalidOptionError('context="chat" is only read with embedding="contextual"')
+        if callable(embedding) and reducer != "mean":  # the callable gives whole vectors
+            raise InvalidOptionError(
+                "reducer= is not read with a callable embedding: it returns one vector per "
+                "response; reduce inside it"
+            )
         if samples_per_coalition < 1:
             raise InvalidOptionError("samples_per_coalition must be at least 1")
         self.embedding = embedding

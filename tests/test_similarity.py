@@ -183,6 +183,12 @@ def test_bad_arguments():
         EmbeddingSimilarity(similarity="jaccard")
     with pytest.raises(InvalidOptionError):
         EmbeddingSimilarity(samples_per_coalition=0)
+    # Settings that would go unread (only contextual states read the chat; a
+    # callable returns whole vectors).
+    with pytest.raises(InvalidOptionError, match="only read with"):
+        EmbeddingSimilarity("static", context="chat")
+    with pytest.raises(InvalidOptionError, match="reducer= is not read"):
+        EmbeddingSimilarity(lambda texts: torch.ones(len(texts), 2), reducer="max")
 
 
 @pytest.mark.parametrize("embedding, context", [("static", "response"), ("contextual", "chat")])
