@@ -233,7 +233,8 @@ class EmbeddingSimilarity(Target):
         context (str, optional): for ``"contextual"``: ``"response"`` encodes the
             response alone, ``"chat"`` after the full original chat. Default: ``"response"``
         reducer (str or callable, optional): tokens -> vector: ``"mean"``,
-            ``"sum"``, ``"max"``, ``"min"``, ``"first"``, ``"last"``. Default: ``"mean"``
+            ``"sum"``, ``"max"``, ``"min"``, ``"first"``, ``"last"`` (a callable
+            ``embedding`` reduces on its own). Default: ``"mean"``
         similarity (str or callable, optional): ``"cosine"``, ``"euclidean"``
             (1 / (1 + d)), ``"negative_euclidean"``, ``"dot"``, ``"manhattan"``
             (1 / (1 + d)); a callable takes ``(N, d)`` and ``(d,)``. Default: ``"cosine"``
