@@ -45,8 +45,9 @@ class FeatureInfo:
     Attributes:
         label (str): readable label (also in ``ChatInput.values``).
         modality (str): ``"text"``, ``"audio_in"`` or ``"mixed"``.
-        turn (int): chat turn index (the first one for merged groups).
-        role (str): that turn's role.
+        turn (int): chat turn index; -1 for a group across several turns.
+        role (str): that turn's role; for a group across turns their shared
+            role, or ``"mixed"``.
         positions (tuple of int): model positions the feature covers.
         clip (int): index of the audio clip (in chat order) for audio features, else -1.
         time (tuple of float or None): start and end second inside the clip.
@@ -273,9 +274,14 @@ class ChatInput(InterpretableInput):
             >>> inp.feature_tree()   # system words, then the user's clip and text
             [[0, 1], [[2, 3, 4], [5, 6]]]
         """
-        turns: dict[int, dict[int, list[int]]] = {}
+        turns: dict[int, dict[Any, list[int]]] = {}
+        across = []  # a group across turns (or parts) belongs to none: a node of its own
         for f, feature in enumerate(self.features):
-            part = int(self.encoded.part[feature.positions[0]])
+            if feature.turn < 0:
+                across.append(f)
+                continue
+            parts = {int(self.encoded.part[p]) for p in feature.positions} - {-1}
+            part = parts.pop() if len(parts) == 1 else ("across", f)
             turns.setdefault(feature.turn, {}).setdefault(part, []).append(f)
 
         def collapse(node: list[Any]) -> Any:
@@ -284,7 +290,7 @@ class ChatInput(InterpretableInput):
         tree = [
             collapse([p if len(p) > 1 else p[0] for p in parts.values()])
             for _, parts in sorted(turns.items())
-        ]
+        ] + across
         tree = [t if not (isinstance(t, list) and len(t) == 1) else t[0] for t in tree]
         return tree[0] if len(tree) == 1 and isinstance(tree[0], list) else tree
 
@@ -458,13 +464,14 @@ class ChatInput(InterpretableInput):
     ) -> FeatureInfo:
         enc = self.encoded
         modalities = {enc.modality[p] for p in positions}
-        turn = int(enc.turn[positions[0]])
+        turns = {int(enc.turn[p]) for p in positions} - {-1}
+        roles = {enc.roles[t] for t in turns}
         clips = {int(enc.clip[p]) for p in positions} - {-1} if enc.clip is not None else set()
         return FeatureInfo(
             label=label,
             modality=modalities.pop() if len(modalities) == 1 else "mixed",
-            turn=turn,
-            role=enc.roles[turn] if turn >= 0 else "",
+            turn=turns.pop() if len(turns) == 1 else -1,
+            role=roles.pop() if len(roles) == 1 else "mixed" if roles else "",
             positions=positions,
             clip=clips.pop() if len(clips) == 1 else -1,
             time=time,

@@ -545,7 +545,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         return {k: v / total for k, v in shares.items()}
 
     def by_turn(self) -> pd.DataFrame:
-        """Sequence attribution summed per turn (with its role)."""
+        """Sequence attribution summed per turn (with its role); ``groups=`` across
+        turns are a row of their own, turn -1 (role ``"mixed"`` unless shared)."""
         frame = self.to_dataframe()
         if "turn" not in frame:
             raise InvalidOptionError("this result has no turns (a Captum input): use to_dataframe")

@@ -85,6 +85,25 @@ def test_groups_merge_features(model, chat):
         ChatInput(chat, model, groups=[0, 1])
 
 
+def test_a_group_across_turns_belongs_to_none_of_them(model, chat):
+    # It was the first turn's: by_role gave the system a user word's share, and
+    # the Owen tree put that word inside the system turn's node.
+    two = chat.user("Who is that?")
+    inp = ChatInput(two, model, roles=("system", "user"), groups=[0, 1, 2, 3, 4, 0, *range(5, 12)])
+    assert inp.values[0] == "You Who"
+    first = inp.features[0]
+    assert (first.turn, first.role) == (-1, "mixed")
+    assert {(f.turn, f.role) for f in inp.features[1:]} == {(0, "system"), (1, "user"), (2, "user")}
+    tree = inp.feature_tree()
+    assert tree[-1] == 0 and all(0 not in _leaves(node) for node in tree[:-1])
+    users = ChatInput(two, model, groups=[0, 1, 2, 3, 4, 0, 5, 6])  # two user turns
+    assert (users.features[0].turn, users.features[0].role) == (-1, "user")
+
+
+def _leaves(node):
+    return [node] if isinstance(node, int) else [x for child in node for x in _leaves(child)]
+
+
 def test_messages_accepted_and_errors(model):
     inp = ChatInput([{"role": "user", "content": "Who are you?"}], model)
     assert inp.values == ["Who", "are", "you"]
