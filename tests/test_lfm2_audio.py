@@ -355,6 +355,21 @@ def test_bad_spans_raise(lfm, wave, spans):
         ChatInput(mixed_chat(wave), lfm, audio_unit=spans)
 
 
+def test_a_group_across_audio_and_text_parts_is_a_node_of_its_own(lfm, wave):
+    inp = ChatInput(mixed_chat(wave), lfm)
+    n = inp.n_itp_features
+    spans = [f for f in range(n) if inp.features[f].modality == "audio_in"]
+    assert inp.feature_tree() == [spans, list(range(len(spans), n))]  # clip, then words
+    grouped = ChatInput(mixed_chat(wave), lfm, groups=[*range(n - 1), 0])  # a span and "it"
+    assert grouped.features[0].modality == "mixed"
+    tree = grouped.feature_tree()  # it was inside the clip's node
+
+    def leaves(node):
+        return [node] if isinstance(node, int) else [x for child in node for x in leaves(child)]
+
+    assert tree[0] == 0 and sorted(leaves(tree[1:])) == list(range(1, n - 1))
+
+
 def test_transcripts_must_match_the_clips(lfm, wave):
     from captum_mllm.testing import tiny_wav2vec2_aligner
 
