@@ -292,8 +292,9 @@ class AttentionAttribution:
         adapter (ModelAdapter): a Hugging Face causal LM adapter (the model must
             support ``output_attentions``).
         aggregate (str, optional): ``"mean"``, ``"max"`` or ``"rollout"``. Default: ``"mean"``
-        layers (list of int, optional): the layers to use. Default: all
-        heads (list of int, optional): the heads to use. Default: all
+        layers (list of int, optional): the layers to use, each once; rollout
+            takes them bottom up, in whatever order they are given. Default: all
+        heads (list of int, optional): the heads to use, each once. Default: all
 
     Examples::
 
@@ -363,7 +364,10 @@ class AttentionAttribution:
                 raise InvalidOptionError(  # none chosen gave NaN, one too many an IndexError
                     f"{name} must be a non-empty list of indices below {count}, got {chosen!r}"
                 )
-            att = att.index_select(dim, torch.tensor(chosen, device=att.device) % count)
+            # Sorted and once each: rollout multiplies layers bottom up, and a
+            # repeated index would weigh twice in a mean.
+            index = sorted({i % count for i in chosen})
+            att = att.index_select(dim, torch.tensor(index, device=att.device))
         n_prompt = len(inp.encoded)
         per_position = aggregate_attention(att, self.aggregate)  # (W, W)
         queries = per_position[n_prompt - 1 : n_prompt - 1 + len(response), :n_prompt]

@@ -158,6 +158,18 @@ def test_rollout_on_one_layer_by_hand():
     last = AttentionAttribution(model, layers=[-1], heads=[0, -1]).attribute(inp, target=TARGET)
     same = AttentionAttribution(model, layers=[0], heads=[0, 3]).attribute(inp, target=TARGET)
     torch.testing.assert_close(last.token_attr, same.token_attr)  # one layer: -1 is 0
+    # Layers given top down roll out bottom up, as given in order (it multiplied
+    # them top down); a repeated head counts once.
+    deep = tiny_hf_adapter(num_layers=3)
+    deep_inp = ChatInput(Chat().user("Who are you, my friend?"), deep)
+    up = AttentionAttribution(deep, "rollout", layers=[0, 2]).attribute(deep_inp, target=TARGET)
+    down = AttentionAttribution(deep, "rollout", layers=[2, 0, -1]).attribute(
+        deep_inp, target=TARGET
+    )
+    torch.testing.assert_close(down.token_attr, up.token_attr)
+    twice = AttentionAttribution(model, heads=[0, 0, 1]).attribute(inp, target=TARGET)
+    once = AttentionAttribution(model, heads=[0, 1]).attribute(inp, target=TARGET)
+    torch.testing.assert_close(twice.token_attr, once.token_attr)
     for bad in ({"layers": []}, {"layers": [1]}, {"heads": [4]}):  # NaN, then IndexErrors
         with pytest.raises(InvalidOptionError, match="non-empty list of indices"):
             AttentionAttribution(model, **bad).attribute(inp, target=TARGET)
