@@ -213,7 +213,9 @@ class MultimodalLLMAttribution(LLMAttribution):
                 estimators' ``seed=``, the first trial uses that seed and each
                 later one a seed derived from it). Default: 1
             gen_args (dict, optional): generation arguments when ``target`` is
-                None. Default: ``{"max_new_tokens": 25, "do_sample": False}``
+                None. A ``ChatInput``'s answer is the greedy one: sampling
+                settings (``do_sample``, ``temperature``, ``top_k``) raise.
+                Default: ``{"max_new_tokens": 25, "do_sample": False}``
             use_cached_outputs (bool, optional): accepted for Captum
                 compatibility; values never depend on it. Default: True
             _inspect_forward (callable, optional): Captum's debugging hook,
@@ -595,6 +597,15 @@ def resolve_response(
     if target is None:
         args = {**default_gen_args, **(gen_args or {})}
         if isinstance(inp, ChatInput):
+            sampling = sorted(
+                k for k, v in (gen_args or {}).items() if k in _SAMPLING and v not in (None, False)
+            )
+            if sampling:  # they went unread: the answer came out greedy
+                raise InvalidOptionError(
+                    f"the explained answer is the greedy one, so gen_args {sampling} would go "
+                    "unread; pass a sampled answer as target=, or sample inside the value "
+                    "function (EmbeddingSimilarity(temperature=...))"
+                )
             args["do_sample"] = False  # the explained answer is the greedy one
             response = adapter.generate_masked(inp.to_model_input(), **args)[0]
             if not keep_eos:
@@ -627,6 +638,10 @@ def resolve_response(
             "there, and the attributions of them, may mean little"
         )
     return response, calls
+
+
+#: Generation settings that sample (the explained answer of a chat is greedy).
+_SAMPLING = ("do_sample", "temperature", "top_k", "audio_temperature", "audio_top_k")
 
 
 def _trial_seed(seed: int | None, trial: int) -> int | None:

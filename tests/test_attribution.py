@@ -356,6 +356,9 @@ def test_bad_arguments_raise(model, chat):
         for given in (inp, captum_inp):
             with pytest.raises(InvalidOptionError, match="max_new_tokens must be an int of at"):
                 attr.attribute(given, gen_args={"max_new_tokens": count})
+    for sampled in ({"do_sample": True, "temperature": 1.5}, {"top_k": 5}):  # came out greedy
+        with pytest.raises(InvalidOptionError, match="greedy"):
+            attr.attribute(inp, gen_args={"max_new_tokens": 3, **sampled})
     with pytest.raises(UnsupportedInputError):
         attr.attribute("Who are you?", target=TARGET)  # type: ignore[arg-type]
     with pytest.raises(InvalidModelError):
