@@ -27,6 +27,7 @@ from captum_mllm import (
     MultimodalLLMGradientAttribution,
 )
 from captum_mllm.attribution import _trial_seed
+from captum_mllm.captum_compat import text_template_input
 from captum_mllm.coalitions import CoalitionEvaluator
 from captum_mllm.errors import (
     InvalidBaselineError,
@@ -36,7 +37,7 @@ from captum_mllm.errors import (
     UnsupportedInputError,
 )
 from captum_mllm.methods import BayesianShapley, ExactShapleyValues, PairedPermutationSampling
-from captum_mllm.testing import tiny_hf_adapter
+from captum_mllm.testing import tiny_hf_adapter, tiny_tokenizer
 
 TARGET = "The capital of France is Paris."
 
@@ -80,6 +81,46 @@ def test_matches_stock_captum(model, chat, method, kwargs):
     torch.testing.assert_close(ours.seq_attr, stock.seq_attr, atol=1e-4, rtol=0)
     torch.testing.assert_close(ours.token_attr, stock.token_attr, atol=1e-4, rtol=0)
     assert ours.seq_attr.abs().max() > 1e-2  # the comparison is not between zeros
+
+
+#: Position schemes other than the Llama's rotary ones, packed (GPT-2, OPT)
+#: or padded (BLOOM's ALiBi and Falcon fail the packing probe): stock
+#: Captum's sequence path is the oracle. (Its token-by-token path fails on OPT
+#: and BLOOM and differs from its own sequence path by 0.1 on GPT-2.)
+OTHER_ARCHITECTURES = {
+    "gpt2 (learned positions)": ("GPT2Config", {"n_embd": 32, "n_head": 4, "n_layer": 2}),
+    "opt (positions from the mask)": (
+        "OPTConfig",
+        {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2, "ffn_dim": 64,
+         "word_embed_proj_dim": 32},
+    ),
+    "bloom (alibi)": ("BloomConfig", {"hidden_size": 32, "n_head": 4, "n_layer": 2}),
+    "falcon": ("FalconConfig", {"hidden_size": 32, "num_attention_heads": 4,
+                                "num_hidden_layers": 2}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", OTHER_ARCHITECTURES)
+def test_other_architectures_match_stock_captums_sequence_path(chat, arch):
+    import transformers
+
+    tokenizer = tiny_tokenizer()
+    name, sizes = OTHER_ARCHITECTURES[arch]
+    # Weights larger than the default init's, so that words matter.
+    config = getattr(transformers, name)(vocab_size=len(tokenizer), initializer_range=0.2, **sizes)
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    adapter = HFCausalLMAdapter(model, tokenizer)
+    inp = ChatInput(chat, adapter, roles=("system", "user"))
+    ours = MultimodalLLMAttribution(FeatureAblation(adapter), adapter).attribute(inp, target=TARGET)
+    stock = LLMAttribution(FeatureAblation(model), tokenizer).attribute(
+        text_template_input(inp), target=TARGET, forward_in_tokens=False
+    )
+    torch.testing.assert_close(ours.token_attr, stock.token_attr, atol=1e-5, rtol=0)
+    assert ours.token_attr.abs().max() > 1e-2
+    # the probe keeps packing where it holds (a wrong position id fails it)
+    assert adapter.packs() == (name in ("GPT2Config", "OPTConfig"))
 
 
 @pytest.mark.parametrize("text_unit, roles", [("word", ("user",)), ("turn", ("system", "user"))])
