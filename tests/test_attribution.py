@@ -491,6 +491,7 @@ def test_a_chat_longer_than_the_models_positions_warns(model, chat):
         attr.attribute(long, target="I")  # within them, no warning
 
 
+@pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # 4 steps
 def test_a_model_in_training_mode_is_explained_in_eval_mode(chat):
     """A model built from a config, or in the middle of fine-tuning, is in
     training mode: dropout made every value random, so two identical calls

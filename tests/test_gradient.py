@@ -56,6 +56,7 @@ def _stock_on_same_tokens(model, inp, target_ids, **kwargs):
     return summed.index_add_(1, owner, res.token_attr.float())
 
 
+@pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # few steps: parity
 def test_equals_captum_summed_over_each_words_tokens(llama, words):
     lig = LayerIntegratedGradients(llama, llama.model.get_input_embeddings())
     res = MultimodalLLMGradientAttribution(lig, llama).attribute(
@@ -87,8 +88,13 @@ def test_integrated_gradients_is_complete(llama, words):
             base, response, 0
         )
     assert abs(float(res.token_attr[0].sum() - span)) < 0.01 * abs(float(span)) + 1e-4
+    # Too few steps for the path: the sums miss the change, and a warning says so.
+    with pytest.warns(UserWarning, match="raise n_steps") as said:
+        few = MultimodalLLMGradientAttribution(ig, llama).attribute(words, target=TARGET, n_steps=8)
+    assert few.provenance["completeness_gap"] > 0.05 and said[0].filename == __file__
 
 
+@pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # few steps: parity
 def test_gradients_run_inside_the_callers_inference_mode(llama, words):
     """Inside ``torch.inference_mode()`` (a notebook cell's, with an input
     built there too), integrated gradients raised autograd's "element 0 of
@@ -116,6 +122,7 @@ def test_saliency_norm_and_layer_methods(llama, words, tmp_path):
         MultimodalLLMGradientAttribution(Saliency(llama), llama, reduce="mean")
 
 
+@pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # few steps: parity
 def test_audio_features_get_gradients_that_follow_the_audio():
     lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
     ig = IntegratedGradients(lfm)
