@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -528,7 +529,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
 
     def modality_share(self, target_token_pos: int | None = None) -> dict[str, float]:
         """Share of the total absolute attribution held by each modality (text,
-        audio_in, mixed), as MM-SHAP reports it; the shares sum to 1.
+        audio_in, mixed), as MM-SHAP reports it; the shares sum to 1, or are
+        NaN when every attribution is zero (no modality holds a share then).
 
         Args:
             target_token_pos (int, optional): one output token's row of
@@ -540,8 +542,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         shares: dict[str, float] = {}
         for kind, value in zip(kinds, values.tolist(), strict=True):
             shares[kind] = shares.get(kind, 0.0) + value
-        if total == 0:
-            return {k: 1.0 / len(shares) for k in shares}
+        if total == 0:  # an even split would claim both modalities matter alike
+            return {k: math.nan for k in shares}
         return {k: v / total for k, v in shares.items()}
 
     def by_turn(self) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """The HTML report, checked in a real headless Chromium (Playwright)."""
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -99,6 +100,9 @@ def test_summaries(report):
     shares = res.modality_share()
     assert set(shares) == {"text", "audio_in"} and abs(sum(shares.values()) - 1) < 1e-6
     assert abs(sum(res.modality_share(target_token_pos=0).values()) - 1) < 1e-6
+    nothing = res.normalized("identity")
+    nothing.seq_attr = torch.zeros_like(nothing.seq_attr)  # it was an even split, 0.5 each
+    assert all(math.isnan(v) for v in nothing.modality_share().values())
     turns = res.by_turn()
     torch.testing.assert_close(
         torch.tensor(float(turns.seq_attr.sum())),
