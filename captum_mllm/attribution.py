@@ -319,7 +319,10 @@ class MultimodalLLMAttribution(LLMAttribution):
                 if ours:
                     method_kwargs["seed"] = _trial_seed(kwargs.get("seed"), trial)
                 upcoming = captum_compat.sampled_coalitions(
-                    self.attr_method, inp.n_itp_features, int(kwargs.get("n_samples", 25))
+                    self.attr_method,
+                    inp.n_itp_features,
+                    int(kwargs.get("n_samples", 25)),
+                    kwargs.get("feature_mask"),
                 )
                 if upcoming is not None:
                     evaluator.prefetch(upcoming, int(kwargs.get("perturbations_per_eval", 1)))

@@ -140,10 +140,13 @@ def stock_image_forward(
     return forward
 
 
-def sampled_coalitions(method: Any, n_features: int, n_samples: int) -> Tensor | None:
+def sampled_coalitions(
+    method: Any, n_features: int, n_samples: int, feature_mask: Any = None
+) -> Tensor | None:
     """The coalitions Captum's ``ShapleyValueSampling`` is about to ask for:
     the empty one, then every head of each random order, drawn by the same
     ``torch.randperm`` calls it will make (torch's generator state is put back).
+    With a ``feature_mask`` it orders the mask's groups, as Captum does.
 
     Captum evaluates one order at a time (at most ``n + 1`` coalitions a
     forward, however large ``perturbations_per_eval``); evaluating these first,
@@ -157,16 +160,22 @@ def sampled_coalitions(method: Any, n_features: int, n_samples: int) -> Tensor |
         _perm_generator
     ):
         return None
+    group = torch.arange(n_features)
+    if feature_mask is not None:
+        group = torch.as_tensor(feature_mask).reshape(-1).long().cpu()
+        if len(group) != n_features or bool((group < 0).any()):
+            return None  # Captum will say what is wrong with it
+    n_groups = int(group.max()) + 1
     state = torch.get_rng_state()
     try:
-        orders = [torch.randperm(n_features) for _ in range(n_samples)]
+        orders = [torch.randperm(n_groups) for _ in range(n_samples)]
     finally:
         torch.set_rng_state(state)
-    rows = [torch.zeros(n_features)]
+    rows = [torch.zeros(n_groups)]
     for order in orders:
-        row = torch.zeros(n_features)
-        for f in order.tolist():
+        row = torch.zeros(n_groups)
+        for g in order.tolist():
             row = row.clone()
-            row[f] = 1.0
+            row[g] = 1.0
             rows.append(row)
-    return torch.unique(torch.stack(rows), dim=0)
+    return torch.unique(torch.stack(rows)[:, group], dim=0)

@@ -621,3 +621,12 @@ def test_captum_sampling_is_prefetched_in_full_batches(model, chat):
     torch.testing.assert_close(ours.token_attr, stock.token_attr, atol=1e-4, rtol=0)
     assert ours.n_coalitions == 8 * 5 + 1  # what Captum asked for
     assert ours.n_model_calls <= 3  # prefix, then all unique coalitions in one batch
+    # Grouped by a feature_mask, Captum orders 3 groups: so does the prefetch
+    # (it ordered the 5 words, and evaluated coalitions Captum never asked for).
+    mask = torch.tensor([[0, 0, 1, 2, 2]])
+    torch.manual_seed(5)
+    grouped = MultimodalLLMAttribution(ShapleyValueSampling(model), model).attribute(
+        ChatInput(chat, model), target=TARGET, perturbations_per_eval=64, n_samples=8,
+        feature_mask=mask,
+    )  # fmt: skip
+    assert grouped.n_unique_coalitions <= 2**3 and grouped.n_model_calls <= 3
