@@ -667,7 +667,8 @@ def _check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[s
             "coalition evaluator); extra model inputs belong to the adapter"
         )
     baselines = kwargs.get("baselines")
-    if baselines is not None and not bool(torch.as_tensor(baselines).eq(0).all()):
+    parts = baselines if isinstance(baselines, tuple) else (baselines,)  # Captum takes tuples
+    if baselines is not None and not all(bool(torch.as_tensor(b).eq(0).all()) for b in parts):
         # Present is nonzero: any other baseline leaves every feature present.
         raise InvalidBaselineError(
             "baselines= is the interpretable tensor's value of an absent feature and must "

@@ -452,6 +452,8 @@ def test_method_arguments_that_captum_takes_silently_are_refused(model, chat):
         ablation.attribute(inp, target=TARGET, n_sample=5)  # a typo
     with pytest.warns(UserWarning, match="underdetermined"):
         kernel.attribute(inp, target=TARGET, n_samples=inp.n_itp_features)
+    with pytest.raises(InvalidBaselineError):  # Captum's tuple form
+        ablation.attribute(inp, target=TARGET, baselines=(torch.ones(1, inp.n_itp_features),))
     zero = ablation.attribute(inp, target=TARGET, baselines=0)  # the default, said aloud
     torch.testing.assert_close(zero.seq_attr, ablation.attribute(inp, target=TARGET).seq_attr)
     assert bool(zero.seq_attr.ne(0).any())
