@@ -643,6 +643,9 @@ def resolve_response(
     return response, calls
 
 
+#: How many coalitions Captum's ``Lime`` and ``KernelShap`` sample by default (25).
+LIME_DEFAULT_SAMPLES = inspect.signature(Lime.attribute).parameters["n_samples"].default
+
 #: Generation settings that sample (the explained answer of a chat is greedy).
 _SAMPLING = ("do_sample", "temperature", "top_k", "audio_temperature", "audio_top_k")
 
@@ -676,8 +679,10 @@ def _check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[s
             "text_baseline= and audio_baseline=, or Captum's input's baselines="
         )
     if "n_samples" in kwargs and not isinstance(method, ShapleyEstimator):
-        n_samples = require_int("n_samples", kwargs["n_samples"], 1)
-        if isinstance(method, Lime) and n_samples <= n:
+        require_int("n_samples", kwargs["n_samples"], 1)
+    if isinstance(method, Lime):  # Captum's default is 25 samples, whatever the features
+        n_samples = kwargs.get("n_samples", LIME_DEFAULT_SAMPLES)
+        if n_samples <= n:
             warn_caller(
                 f"{type(method).__name__} fits {n + 1} coefficients to n_samples={n_samples} "
                 "coalitions: the regression is underdetermined (attributions may be all "

@@ -452,6 +452,9 @@ def test_method_arguments_that_captum_takes_silently_are_refused(model, chat):
         ablation.attribute(inp, target=TARGET, n_sample=5)  # a typo
     with pytest.warns(UserWarning, match="underdetermined"):
         kernel.attribute(inp, target=TARGET, n_samples=inp.n_itp_features)
+    long = ChatInput(Chat().user(" ".join(["word"] * 25)), model)  # Captum's default: 25
+    with pytest.warns(UserWarning, match="n_samples=25 coalitions"):
+        kernel.attribute(long, target=TARGET)
     with pytest.raises(InvalidBaselineError):  # Captum's tuple form
         ablation.attribute(inp, target=TARGET, baselines=(torch.ones(1, inp.n_itp_features),))
     zero = ablation.attribute(inp, target=TARGET, baselines=0)  # the default, said aloud
