@@ -311,6 +311,12 @@ class MultimodalLLMAttribution(LLMAttribution):
         if ours:  # our estimators report standard errors (and read the feature tree)
             method_kwargs["return_stderr"] = True
             if isinstance(self.attr_method, HierarchicalShapley) and isinstance(inp, ChatInput):
+                if "feature_mask" in kwargs and "tree" not in kwargs:
+                    raise InvalidOptionError(
+                        "HierarchicalShapley's tree comes from the ChatInput's features, which "
+                        "feature_mask= regroups: group them with ChatInput(groups=) instead, "
+                        "or give tree= over the mask's groups"
+                    )
                 method_kwargs.setdefault("tree", inp.feature_tree())
         errors: list[Tensor] = []  # our estimators' standard errors, one per trial
         requested = 0  # our estimators' coalitions asked for, before their own memo

@@ -228,6 +228,11 @@ def test_hierarchical_on_a_chat_uses_its_turn_tree(model, chat):
         target="I am a small model.",
     )
     torch.testing.assert_close(total, full_minus_empty.seq_attr.sum(), atol=1e-4, rtol=0)
+    # a feature_mask regroups the features the tree was built on: named, not a tree error
+    with pytest.raises(InvalidOptionError, match="ChatInput\\(groups=\\)"):
+        MultimodalLLMAttribution(HierarchicalShapley(model), model).attribute(
+            inp, target="I am a small model.", feature_mask=torch.tensor([[0] * 5 + [1] * 5])
+        )
 
 
 def test_bayesian_shapley_is_efficient_exact_at_2n_and_beats_the_samplers():
