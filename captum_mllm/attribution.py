@@ -152,6 +152,10 @@ class MultimodalLLMAttribution(LLMAttribution):
                 f"target= takes a Target (LogProbTarget, EmbeddingSimilarity, ...), "
                 f"got {type(target).__name__}"
             )
+        if isinstance(attr_method, type):  # an AttributeError on forward_func said nothing
+            raise UnsupportedInputError(
+                f"pass the method built on the model, {attr_method.__name__}(model), not the class"
+            )
         model = attr_method.forward_func
         if isinstance(tokenizer_or_adapter, ModelAdapter):
             adapter = tokenizer_or_adapter

@@ -404,6 +404,8 @@ def test_bad_arguments_raise(model, chat):
         attr.attribute("Who are you?", target=TARGET)  # type: ignore[arg-type]
     with pytest.raises(InvalidModelError):
         MultimodalLLMAttribution(FeatureAblation(lambda x: x))
+    with pytest.raises(UnsupportedInputError, match=r"FeatureAblation\(model\)"):
+        MultimodalLLMAttribution(FeatureAblation, model)  # type: ignore[arg-type]
 
 
 # Part 9a regressions ------------------------------------------------------------------
