@@ -23,6 +23,7 @@ from captum_mllm.errors import (
     AudioError,
     InconsistentVersionWarning,
     InvalidOptionError,
+    PlotError,
     ResultFormatError,
     require_int,
 )
@@ -477,6 +478,11 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
     ) -> Any:
         """Captum's heatmap at a sane size (at most 20 x 12 inches unless
         ``figsize`` says otherwise), x labels upright, every k-th when not all fit."""
+        if self.token_attr is None:  # Captum's own ValueError, as our other plots' PlotError
+            raise PlotError(
+                "this result has no token_attr (Lime, KernelShap and sequence-level targets "
+                "attribute the whole answer): use plot_seq_attr"
+            )
         return self._fitted(super().plot_token_attr(show=False), show, figsize)
 
     def plot_seq_attr(self, show: bool = False, figsize: tuple[float, float] | None = None) -> Any:

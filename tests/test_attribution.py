@@ -33,6 +33,7 @@ from captum_mllm.errors import (
     InvalidBaselineError,
     InvalidModelError,
     InvalidOptionError,
+    PlotError,
     TargetError,
     UnsupportedInputError,
 )
@@ -366,6 +367,8 @@ def test_lime_and_kernel_shap_give_sequence_attributions(model, chat, method):
     batched = attr.attribute(inp, target=TARGET, n_samples=20, perturbations_per_eval=8)
     assert one.token_attr is None and one.seq_attr.shape == (5,)
     torch.testing.assert_close(one.seq_attr, batched.seq_attr, atol=1e-4, rtol=0)
+    with pytest.raises(PlotError, match="plot_seq_attr"):  # Captum's ValueError before
+        one.plot_token_attr()
 
 
 def test_prob_target_and_result_table(model, chat):
