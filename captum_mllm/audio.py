@@ -56,8 +56,8 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
 
     Args:
         audio (str, PathLike, bytes, ndarray, Tensor or dict): the audio.
-        sample_rate (int, optional): required for arrays and tensors; ignored
-            for files, whose header says it.
+        sample_rate (int, optional): required for arrays and tensors; for
+            files the header says it, and a different value raises.
 
     Returns:
         tuple: ``(waveform (n_samples,) float32, sample_rate, source label)``.
@@ -83,9 +83,15 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
         source = os.fspath(audio) if not isinstance(audio, bytes | bytearray) else "<bytes>"
         handle = io.BytesIO(audio) if isinstance(audio, bytes | bytearray) else audio
         try:
-            data, sample_rate = sf.read(handle, dtype="float32", always_2d=True)
+            data, header_rate = sf.read(handle, dtype="float32", always_2d=True)
         except Exception as exc:  # soundfile raises several types for bad files
             raise AudioError(f"cannot read audio from {source!r}: {exc}") from exc
+        if sample_rate is not None and sample_rate != header_rate:  # it went unread
+            raise AudioError(
+                f"{source!r} holds {header_rate} Hz audio, not sample_rate={sample_rate}; "
+                "leave sample_rate= out for files (they are resampled for the model)"
+            )
+        sample_rate = header_rate
         waveform = torch.from_numpy(data.T.copy())  # (channels, n)
     elif isinstance(audio, np.ndarray | Tensor):
         if sample_rate is None:

@@ -74,7 +74,8 @@ class AudioPart:
 
         Args:
             audio (str, Path, bytes, ndarray, Tensor, dict or AudioPart): the audio.
-            sample_rate (int, optional): required for arrays and tensors.
+            sample_rate (int, optional): required for arrays and tensors; a
+                file's header says its own (another value raises).
 
         Returns:
             AudioPart: the mono clip at its own sample rate.

@@ -88,3 +88,13 @@ def test_aligner_names_characters_it_cannot_spell():
     aligner = tiny_wav2vec2_aligner()
     with pytest.raises(AlignmentError, match=r"\['2'\]"):
         aligner.align(speech_like(1.0), 16000, "what is 2 plus 2")
+
+
+def test_a_file_with_another_sample_rate_than_given_is_refused(tmp_path):
+    # The header's rate was used and sample_rate= went unread.
+    path = tmp_path / "q.wav"
+    sf.write(path, speech_like(0.5).numpy(), 16000)
+    with pytest.raises(AudioError, match="16000 Hz audio, not sample_rate=8000"):
+        Chat().user("Hi", audio=str(path), sample_rate=8000)
+    wave, rate, _ = load_audio(path, 16000)  # the same rate, said aloud
+    assert rate == 16000 and len(wave) == 8000
