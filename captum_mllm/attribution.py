@@ -688,6 +688,19 @@ def _check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[s
             "be 0 here; what an absent feature becomes is the input's: ChatInput's "
             "text_baseline= and audio_baseline=, or Captum's input's baselines="
         )
+    mask = kwargs.get("feature_mask")
+    if mask is not None:  # a wrong one failed deep inside Captum, a -1 meant three things
+        mask = torch.as_tensor(mask[0] if isinstance(mask, tuple) and len(mask) == 1 else mask)
+        if (
+            mask.is_floating_point()
+            or mask.dtype == torch.bool
+            or mask.numel() != n
+            or (mask.numel() and int(mask.min()) < 0)
+        ):
+            raise InvalidOptionError(
+                f"feature_mask must hold one integer group id >= 0 for each of the {n} "
+                f"features, got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
     if "n_samples" in kwargs and not isinstance(method, ShapleyEstimator):
         require_int("n_samples", kwargs["n_samples"], 1)
     if isinstance(method, Lime):  # Captum's default is 25 samples, whatever the features

@@ -450,6 +450,10 @@ def test_method_arguments_that_captum_takes_silently_are_refused(model, chat):
             attr.attribute(inp, target=TARGET, baselines=0.5)
         with pytest.raises(InvalidOptionError, match="additional_forward_args"):
             attr.attribute(inp, target=TARGET, additional_forward_args=(1,))
+    for attr in (ablation, sampling, MultimodalLLMAttribution(ExactShapleyValues(model), model)):
+        for mask in ([[0, 0, 1]], [[0, 0, 1, 1, -1]], [[0.0, 0, 1, 1, 2]]):  # deep errors, or
+            with pytest.raises(InvalidOptionError, match="feature_mask"):  # -1 meant 3 things
+                attr.attribute(inp, target=TARGET, feature_mask=torch.tensor(mask))
     for attr in (sampling, kernel):
         with pytest.raises(InvalidOptionError, match="n_samples"):
             attr.attribute(inp, target=TARGET, n_samples=0)
