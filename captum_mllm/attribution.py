@@ -284,7 +284,11 @@ class MultimodalLLMAttribution(LLMAttribution):
             )
         start = time.perf_counter()
         calls_before = self.adapter.n_forward_calls
-        kwargs.setdefault("perturbations_per_eval", default_perturbations_per_eval(self.device))
+        kwargs["perturbations_per_eval"] = require_int(  # Captum asserted; numpy ints pass
+            "perturbations_per_eval",
+            kwargs.get("perturbations_per_eval", default_perturbations_per_eval(self.device)),
+            1,
+        )
         per_step = not self.adapter.is_causal if forward_in_tokens is None else forward_in_tokens
         response, extra_calls = self._response(inp, target, gen_args, keep_eos)
         game = self._game(inp, response, per_step, reuse_prefix)

@@ -4,6 +4,7 @@ Shapley, efficiency, and invariance to batching, caching and prefix reuse."""
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from captum.attr import (
@@ -454,6 +455,14 @@ def test_method_arguments_that_captum_takes_silently_are_refused(model, chat):
         for mask in ([[0, 0, 1]], [[0, 0, 1, 1, -1]], [[0.0, 0, 1, 1, 2]]):  # deep errors, or
             with pytest.raises(InvalidOptionError, match="feature_mask"):  # -1 meant 3 things
                 attr.attribute(inp, target=TARGET, feature_mask=torch.tensor(mask))
+    for ppe in (0, 2.5):  # Captum's AssertionError, where the README promised ours
+        with pytest.raises(InvalidOptionError, match="perturbations_per_eval"):
+            ablation.attribute(inp, target=TARGET, perturbations_per_eval=ppe)
+    assert (
+        ablation.attribute(inp, target=TARGET, perturbations_per_eval=np.int64(2))
+        .seq_attr.ne(0)
+        .any()
+    )
     for attr in (sampling, kernel):
         with pytest.raises(InvalidOptionError, match="n_samples"):
             attr.attribute(inp, target=TARGET, n_samples=0)
