@@ -430,6 +430,10 @@ def test_an_unknown_argument_raises_rather_than_being_ignored(model, chat, metho
         with pytest.raises(InvalidOptionError, match="seed must be an int of at least 0"):
             method(lambda z: z.sum(1)).attribute(x, seed=seed)
     method(lambda z: z.sum(1)).attribute(x, seed=np.int64(3))
+    for budget in (0, 40.5, "40", True):  # a TypeError deep inside, or True ran as 1
+        with pytest.raises(InvalidOptionError, match="budget"):
+            method(lambda z: z.sum(1)).attribute(x, budget=budget)
+    method(lambda z: z.sum(1)).attribute(x, budget=np.int64(40), seed=0)
 
 
 @pytest.mark.parametrize("method", [*SAMPLERS, BayesianShapley, HierarchicalShapley])

@@ -26,7 +26,6 @@ from captum.attr import PerturbationAttribution
 from torch import Tensor
 
 from captum_mllm.errors import (
-    InvalidOptionError,
     UnsupportedInputError,
     require_int,
     warn_caller,
@@ -209,12 +208,9 @@ class ShapleyEstimator(PerturbationAttribution):
             inputs = inputs[0]
         if isinstance(feature_mask, tuple):
             feature_mask = feature_mask[0]
-        if perturbations_per_eval < 1:
-            raise InvalidOptionError("perturbations_per_eval must be at least 1")
-        if budget is not None and budget < 1:
-            raise InvalidOptionError(
-                f"budget must be a positive number of coalitions, got {budget}"
-            )
+        perturbations_per_eval = require_int("perturbations_per_eval", perturbations_per_eval, 1)
+        if budget is not None:  # a float, str or bool raised deep inside, or ran as 1
+            budget = require_int("budget (a positive number of coalitions)", budget, 1)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         else:
