@@ -434,6 +434,9 @@ def test_an_unknown_argument_raises_rather_than_being_ignored(model, chat, metho
         with pytest.raises(InvalidOptionError, match="budget"):
             method(lambda z: z.sum(1)).attribute(x, budget=budget)
     method(lambda z: z.sum(1)).attribute(x, budget=np.int64(40), seed=0)
+    for goal in ("0.1", -1.0, float("nan"), 0):  # deep inside, or never stopped
+        with pytest.raises(InvalidOptionError, match="target_stderr"):
+            method(lambda z: z.sum(1)).attribute(x, target_stderr=goal)
 
 
 @pytest.mark.parametrize("method", [*SAMPLERS, BayesianShapley, HierarchicalShapley])
