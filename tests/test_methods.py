@@ -408,6 +408,10 @@ def test_any_estimator_at_each_level_of_the_tree(level):
     assert np.isfinite(reported).all() and reported.max() > 0
     with pytest.raises(InvalidOptionError):
         HierarchicalShapley(synthetic, level_estimator=level, contexts=3)
+    for bad in ({"level_estimator": "kernel"}, {"level_estimator": level(synthetic)},
+                {"prune": -1.0}, {"prune": 2.0}):  # fmt: skip
+        with pytest.raises(InvalidOptionError):  # a name was read only with a short budget
+            HierarchicalShapley(synthetic, **bad)
     calls.clear()
     est.attribute(ONES, tree=tree, budget=40, seed=0)  # too few for one estimate per level
     assert not calls and est.last_n_requested <= 40

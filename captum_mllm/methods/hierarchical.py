@@ -77,6 +77,15 @@ class HierarchicalShapley(ShapleyEstimator):
         super().__init__(forward_func)
         if contexts < 2 or contexts % 2:
             raise InvalidOptionError(f"contexts must be an even number >= 2, got {contexts}")
+        if level_estimator is not None and not (
+            isinstance(level_estimator, type) and issubclass(level_estimator, ShapleyEstimator)
+        ):  # read only when a budget is short: a wrong one failed late, or never
+            raise InvalidOptionError(
+                "level_estimator must be a captum-mllm estimator class (e.g. "
+                f"LeverageKernelShap), got {level_estimator!r}"
+            )
+        if not 0 <= prune <= 1:
+            raise InvalidOptionError(f"prune must be between 0 and 1, got {prune!r}")
         self.max_children = max_children
         self.prune = prune
         self.level_estimator = level_estimator
