@@ -166,6 +166,15 @@ def _named(chats: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
     return items
 
 
+def _check_ray_settings(use_ray: bool | None, **settings: Any) -> None:
+    """Ray's own settings with ``use_ray=False`` would go unread: refuse them."""
+    given = sorted(k for k, v in settings.items() if v is not None)
+    if use_ray is False and given:
+        raise InvalidOptionError(
+            f"{', '.join(given)} are Ray's settings, unread with use_ray=False"
+        )
+
+
 def _ray(address: str | None, num_workers: int | None) -> Any:
     """Ray, started (or joined at ``address``) once; None when it is not installed."""
     try:
@@ -256,6 +265,12 @@ def explain_dataset(
             rows.append(row)
         else:
             todo.append((name, chat, request))
+    _check_ray_settings(
+        use_ray,
+        address=address,
+        resources_per_worker=resources_per_worker,
+        num_workers=num_workers,
+    )
     ray = None if use_ray is False else _ray(address, num_workers)
     if use_ray and ray is None:
         raise InvalidOptionError("use_ray=True needs Ray: pip install 'captum-mllm[ray]'")
@@ -403,6 +418,7 @@ def explain_sharded(
         MultimodalLLMAttributionResult: the explanation.
     """
     args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
+    _check_ray_settings(use_ray, address=address, resources_per_worker=resources_per_worker)
     ray = None if use_ray is False else _ray(address, num_shards)
     shards = [(i, num_shards) for i in range(num_shards)]
     if ray is None:

@@ -186,6 +186,14 @@ def test_a_request_names_factories_by_what_they_load():
 
 def test_sharding_in_process_and_its_refusals(tmp_path):
     chat = Chat().user("Who are you, my friend?")
+    # Ray's settings without Ray went unread
+    with pytest.raises(InvalidOptionError, match="address are Ray's settings"):
+        explain_sharded(chat, factory, LeverageKernelShap, store=tmp_path / "r.sqlite",
+                        use_ray=False, address="auto")  # fmt: skip
+    with pytest.raises(InvalidOptionError, match="num_workers, resources_per_worker"):
+        explain_dataset(CHATS[:1], factory, LeverageKernelShap, store_dir=tmp_path / "d",
+                        use_ray=False, num_workers=4,
+                        resources_per_worker={"num_gpus": 1})  # fmt: skip
     res = explain_sharded(
         chat, factory, LeverageKernelShap, {}, {"budget": 20, "seed": 1},
         store=tmp_path / "s.sqlite", num_shards=3, use_ray=False,
