@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python benchmarks/text_vs_captum.py
 	$(BIN)/python benchmarks/host_overhead.py
 	$(BIN)/python benchmarks/similarity.py
+	$(BIN)/python benchmarks/paths_and_steps.py
 	$(BIN)/python benchmarks/lfm2_audio.py
 	$(BIN)/python benchmarks/estimators.py
 	$(BIN)/python benchmarks/oracle_bound.py

@@ -127,6 +127,30 @@ def tiny_llama(
     return model
 
 
+def tiny_from_config(config_class: str, **sizes: Any) -> HFCausalLMAdapter:
+    """A tiny random model of another architecture (GPT-2, OPT, BLOOM, ...)
+    with :func:`tiny_tokenizer`, seeded, its weights larger than the default
+    init's so that words matter.
+
+    Args:
+        config_class (str): a transformers config class, e.g. ``"GPT2Config"``.
+        **sizes: the config's sizes (hidden width, heads, layers, ...).
+
+    Returns:
+        HFCausalLMAdapter: the model in eval mode, wrapped.
+    """
+    import transformers
+
+    tokenizer = tiny_tokenizer()
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), initializer_range=0.2, **sizes
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return HFCausalLMAdapter(model, tokenizer)
+
+
 def tiny_hf_adapter(**kwargs: object) -> HFCausalLMAdapter:
     """:func:`tiny_llama` and :func:`tiny_tokenizer` wrapped in an adapter.
 

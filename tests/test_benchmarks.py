@@ -145,3 +145,16 @@ def test_oracle_bound_reads_a_game_s_spectrum_right() -> None:
     design = bound.oracle_design(odd, c[odd.codes] ** 2, n, 6, np.random.default_rng(1))
     assert len(design) == 7 and not design[0].any()
     assert len(np.unique(design, axis=0)) == 7
+
+
+def test_paths_and_steps_prints_the_gaps_the_readme_cites(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Integrated gradients' gap falls with n_steps; on GPT-2 ours is stock's
+    sequence path and stock's own token path is not."""
+    _load("paths_and_steps").main(["--quick"])
+    out = capsys.readouterr().out
+    gaps = re.search(r"tiny Llama\s+8: (\S+)\s+200: (\S+)", out)
+    assert gaps is not None and float(gaps.group(1)) > 0.05 > float(gaps.group(2))
+    row = re.search(r"GPT2Config\s+stock token path\s+(\S+)\s+ours (\S+)", out)
+    assert row is not None and float(row.group(2)) < 1e-5 < float(row.group(1))
