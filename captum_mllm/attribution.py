@@ -607,9 +607,14 @@ def resolve_response(
             "ChatInput(chat, model) with the adapter you explain with"
         )
     calls = 0
-    if target is None and isinstance(inp, ChatInput) and inp.response is not None:
+    if isinstance(inp, ChatInput) and inp.response is not None:
         if gen_args is not None:
             raise TargetError("gen_args is unused: the chat's final assistant turn is the target")
+        if target is not None and not _same_response(adapter, target, inp.response):
+            raise TargetError(  # one of the two answers would go unexplained
+                "the chat ends with an assistant turn, the answer to explain, and target= "
+                "names another; drop the final assistant turn or target="
+            )
         target = inp.response
     if target is None:
         args = {**default_gen_args, **(gen_args or {})}
@@ -655,6 +660,16 @@ def resolve_response(
             "there, and the attributions of them, may mean little"
         )
     return response, calls
+
+
+def _same_response(adapter: ModelAdapter, target: str | Tensor, answer: str) -> bool:
+    """Whether ``target`` names the same response as the chat's final assistant turn."""
+    if isinstance(target, str):
+        return target == answer
+    if not isinstance(target, Tensor):
+        return False
+    ours, theirs = adapter.text_response(answer).ids, adapter.check_target(target).ids
+    return ours.shape == theirs.shape and bool(torch.equal(ours.cpu(), theirs.cpu()))
 
 
 #: How many coalitions Captum's ``Lime`` and ``KernelShap`` sample by default (25).

@@ -396,6 +396,13 @@ def test_bad_arguments_raise(model, chat):
     for sampled in ({"do_sample": True, "temperature": 1.5}, {"top_k": 5}):  # came out greedy
         with pytest.raises(InvalidOptionError, match="greedy"):
             attr.attribute(inp, gen_args={"max_new_tokens": 3, **sampled})
+    answered = ChatInput(chat.assistant(TARGET), model)
+    with pytest.raises(TargetError, match="names another"):  # the chat's answer went unread
+        attr.attribute(answered, target=TARGET + " again")
+    same = attr.attribute(inp, target=TARGET).seq_attr
+    ids = model.text_response(TARGET).ids
+    for given in (TARGET, ids, ids[None]):  # the chat's own answer again: no conflict
+        torch.testing.assert_close(attr.attribute(answered, target=given).seq_attr, same)
     with pytest.raises(UnsupportedInputError):
         attr.attribute("Who are you?", target=TARGET)  # type: ignore[arg-type]
     with pytest.raises(InvalidModelError):
