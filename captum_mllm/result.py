@@ -384,7 +384,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
 
         Args:
             kind (str, optional): one of the above. Default: ``"abs_sum"``
-            power (float, optional): exponent of ``"power_shift"``. Default: 2.0
+            power (float, optional): exponent of ``"power_shift"``, above 0. Default: 2.0
 
         Returns:
             MultimodalLLMAttributionResult: the normalised copy.
@@ -398,6 +398,10 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             raise InvalidOptionError(
                 f"unknown normaliser {kind!r}; use one of {sorted(_NORMALISERS)}"
             )
+        if kind == "power_shift" and not (
+            isinstance(power, int | float) and math.isfinite(power) and power > 0
+        ):  # 0 ** p for the smallest value: NaN below 0, a uniform split at 0
+            raise InvalidOptionError(f"power must be a finite number above 0, got {power!r}")
         fn = _NORMALISERS[kind]
         new = copy.copy(self)
         new.seq_attr = fn(self.seq_attr[None], power)[0]

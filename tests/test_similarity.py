@@ -163,6 +163,12 @@ def test_normalisers_return_new_results(model, chat):
     torch.testing.assert_close(res.seq_attr, raw)  # untouched
     with pytest.raises(InvalidOptionError):
         res.normalized("softmax")
+    for power in (-1, 0, float("nan"), "2"):  # NaN, a uniform split, zeros, a TypeError
+        with pytest.raises(InvalidOptionError, match="power must be"):
+            res.normalized("power_shift", power=power)
+    torch.testing.assert_close(
+        res.normalized("power_shift", power=0.5).seq_attr.sum(), torch.tensor(1.0)
+    )
     # standard errors are in the old units: a rescaled copy drops them (it kept them)
     sampled = MultimodalLLMAttribution(BayesianShapley(model), model).attribute(
         ChatInput(chat, model), target="Paris.", budget=20, seed=0
