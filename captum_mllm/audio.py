@@ -15,8 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from captum_mllm.errors import AlignmentError, AudioError
+from captum_mllm.errors import AlignmentError, AudioError, warn_caller
 
+#: A float waveform peaking above this warns: not samples in [-1, 1] (a file's
+#: float data or a clipped mix may overshoot 1 a little).
+LOUDEST_FLOAT = 2.0
 _INT_SCALE = {torch.int8: 128.0, torch.int16: 32768.0, torch.int32: 2147483648.0}
 
 
@@ -64,6 +67,9 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
 
     Raises:
         AudioError: unreadable, empty, or holding NaN or infinite samples.
+
+    Warns when float samples peak above :data:`LOUDEST_FLOAT` (integer PCM
+    cast to float without scaling).
 
     Examples::
 
@@ -115,6 +121,13 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
         raise AudioError(
             f"audio from {source!r} holds {int(bad.sum())} NaN or infinite samples of "
             f"{bad.numel()}; clean the waveform first"
+        )
+    peak = float(waveform.abs().max())
+    if peak > LOUDEST_FLOAT:  # e.g. int16 PCM cast to float: the model hears it ~90 dB too loud
+        warn_caller(
+            f"audio from {source!r} peaks at {peak:g}, while float samples are read as lying in "
+            "[-1, 1]: integer PCM cast to float must be scaled (int16: divide by 32768) or "
+            "passed with its integer dtype"
         )
     return waveform.mean(dim=0).contiguous(), int(sample_rate), source
 

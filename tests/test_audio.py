@@ -1,6 +1,7 @@
 """Audio reading (soundfile's conventions) and forced alignment: Part 9a regressions."""
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -31,6 +32,20 @@ def test_integer_pcm_is_scaled_as_soundfile_scales_it(dtype, subtype, peak):
     assert float(wave.abs().max()) <= 1.0
     expected = _soundfile_reads(samples.astype(dtype), subtype)
     np.testing.assert_allclose(wave.numpy(), expected, atol=1e-6)
+
+
+def test_unscaled_float_pcm_warns():
+    pcm = (speech_like(0.2).numpy() * 32767).round()  # int16 values cast to float
+    with pytest.warns(UserWarning, match="int16: divide by 32768"):
+        load_audio(pcm.astype(np.float32), 16000)
+    with pytest.warns(UserWarning, match="peaks at"):  # a float WAV file holding them too
+        buf = io.BytesIO()
+        sf.write(buf, pcm.astype(np.float32), 16000, format="WAV", subtype="FLOAT")
+        load_audio(buf.getvalue())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wave, _, _ = load_audio(pcm.astype(np.int16), 16000)  # its integer dtype: scaled
+        load_audio(wave.numpy() * 1.2, 16000)  # a little past 1 (a clipped mix)
 
 
 def test_unsigned_8_bit_pcm_is_centred():
