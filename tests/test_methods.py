@@ -12,7 +12,7 @@ from conftest import brute_force_shapley
 
 from captum_mllm import Chat, ChatInput, MemoryStore, MultimodalLLMAttribution
 from captum_mllm.encoding import coalition_key
-from captum_mllm.errors import InvalidOptionError
+from captum_mllm.errors import InvalidOptionError, UnsupportedInputError
 from captum_mllm.methods import (
     BayesianShapley,
     ExactShapleyValues,
@@ -64,6 +64,41 @@ def test_exact_equals_captums_shapley_values_on_tensors():
     torch.testing.assert_close(ours.float(), theirs, atol=1e-6, rtol=1e-6)
     with pytest.raises(InvalidOptionError, match="LeverageKernelShap"):
         ExactShapleyValues(f, max_features=3).attribute(x)
+
+
+@pytest.mark.parametrize("method", [ExactShapleyValues, HierarchicalShapley, BayesianShapley])
+def test_per_example_baselines_masks_targets_and_arguments_as_captum_reads_them(method):
+    # Each was read as example 0's (a mask), broadcast across examples (a (B,)
+    # forward argument) or raised deep inside (baselines, targets of shape (B, ...))
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, dtype=torch.float64)
+
+    def f(x, scale):
+        return torch.tanh(x @ w) * scale[:, None]
+
+    x, base = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    mask = torch.tensor([[0, 0, 1, 1, 2], [0, 1, 1, 2, 2], [0, 1, 2, 2, 2], [0, 0, 0, 1, 2]])
+    scale, target = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64), [0, 1, 2, 0]
+    given = dict(baselines=base, feature_mask=mask, additional_forward_args=(scale,))
+    theirs = ShapleyValues(f).attribute(x, target=target, **given)
+    budget = {"budget": 8} if method is BayesianShapley else {}  # 2^3: exact
+    for as_given in (target, torch.tensor(target)):
+        ours = method(f).attribute(x, target=as_given, perturbations_per_eval=3, **given, **budget)
+        torch.testing.assert_close(ours.float(), theirs, atol=1e-6, rtol=1e-6)
+    with pytest.raises(InvalidOptionError, match="fits neither"):
+        method(f).attribute(x, target=0, **{**given, "feature_mask": mask[:2]})
+    with pytest.raises(UnsupportedInputError, match="one int per example"):
+        method(f).attribute(x, target=[0, 1], **given)
+
+
+def test_a_forward_that_aggregates_the_batch_is_refused():
+    # Captum's aggregate mode: one value for the whole batch, read as each example's
+    with pytest.raises(UnsupportedInputError, match="aggregate"):
+        ExactShapleyValues(lambda x: x.sum()).attribute(torch.ones(3, 4))
+    with pytest.raises(UnsupportedInputError, match="aggregate"):  # a batch of coalitions
+        ExactShapleyValues(lambda x: x.sum()).attribute(torch.ones(1, 4), perturbations_per_eval=4)
+    one = ExactShapleyValues(lambda x: x.sum()).attribute(torch.ones(1, 4))  # one example: fine
+    torch.testing.assert_close(one, torch.ones(1, 4))
 
 
 def test_exact_progress_counts_every_coalition(capsys):

@@ -14,6 +14,7 @@ before any cache, the empty and the full coalition included.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from abc import abstractmethod
@@ -142,7 +143,7 @@ class ShapleyEstimator(PerturbationAttribution):
         self,
         inputs: Tensor | tuple[Tensor],
         baselines: float | Tensor | None = None,
-        target: int | None = None,
+        target: int | list[int] | Tensor | None = None,
         additional_forward_args: Any = None,
         feature_mask: Tensor | tuple[Tensor] | None = None,
         budget: int | None = None,
@@ -159,15 +160,18 @@ class ShapleyEstimator(PerturbationAttribution):
             inputs (Tensor): one input tensor ``(B, ...)``; each example is
                 explained on its own.
             baselines (float or Tensor, optional): values of absent features
-                (broadcast to the input). Default: 0
-            target (int, optional): output column to explain when the forward
-                returns ``(B, C)`` scores; None explains every column at once.
-                Default: None
+                (broadcast to the input; a tensor of the input's shape holds each
+                example's own). Default: 0
+            target (int, list or Tensor, optional): output column to explain
+                when the forward returns ``(B, C)`` scores, one for all examples or
+                one per example; None explains every column at once. Default: None
             additional_forward_args (Any, optional): passed after the perturbed
-                input; tensors whose first dimension is the batch are repeated
-                for each coalition, as Captum does. Default: None
-            feature_mask (Tensor, optional): same shape as one example (or the
-                input); equal ids form one feature. Default: every element its own
+                input; tensors whose first dimension is the batch (or 1) are read
+                row by row and repeated for each coalition, as Captum does.
+                Default: None
+            feature_mask (Tensor, optional): the shape of one example, ``(1, ...)``,
+                or the input's (each example's own); equal ids form one feature.
+                Default: every element its own
             budget (int, optional): coalition evaluations, before any cache (the
                 empty and full coalitions included); exact methods ignore it.
                 Default: 10 per feature
@@ -226,16 +230,24 @@ class ShapleyEstimator(PerturbationAttribution):
         else:
             seed = require_int("seed", seed, 0)
         rng = np.random.default_rng(seed)
+        batch = inputs.shape[0]
+        targets = _targets(target, batch)
         outs, errs = [], []
-        for b in range(inputs.shape[0]):
+        for b in range(batch):
+            # Captum's per-example forms: baselines, masks and forward arguments
+            # whose first dimension is the batch hold one row per example
+            row = functools.partial(_row, b=b, batch=batch)
+            args = additional_forward_args  # any tensor of batch rows, as Captum expands them
+            args = tuple(map(row, args)) if isinstance(args, tuple) else row(args)
             example = _Example(
                 self.forward_func,
                 inputs[b : b + 1],
-                baselines,
-                feature_mask,
-                additional_forward_args,
-                target,
+                row(baselines, dims=inputs.dim()),
+                row(feature_mask, dims=inputs.dim()),
+                args,
+                targets[b],
                 perturbations_per_eval,
+                batch,
             )
             game = Game(example.evaluate, example.n)
             cap = 2**example.n if self.exact else 10 * example.n if budget is None else budget
@@ -270,16 +282,23 @@ class _Example:
         additional_forward_args: Any,
         target: int | None,
         perturbations_per_eval: int,
+        batch: int = 1,
     ) -> None:
         self.forward_func = forward_func
         self.example = example
+        self.batch = batch
         shape = example.shape[1:]
         base = torch.zeros_like(example) if baselines is None else torch.as_tensor(baselines)
         self.baseline = base.to(example.device, example.dtype).expand_as(example)
         if feature_mask is None:
             ids = torch.arange(example[0].numel(), device=example.device).reshape(shape)
+        elif feature_mask.numel() != example[0].numel():  # other rows were read as example 0's
+            raise InvalidOptionError(
+                f"feature_mask of shape {tuple(feature_mask.shape)} fits neither one example "
+                f"{tuple(shape)} nor the batch of {batch}"
+            )
         else:
-            ids = feature_mask.reshape(-1, *shape)[0].to(example.device)
+            ids = feature_mask.reshape(shape).to(example.device)
         unique, index = torch.unique(ids, return_inverse=True)
         self.index = index  # element -> feature 0..n-1
         self.n = len(unique)
@@ -304,8 +323,15 @@ class _Example:
             keep = chunk[:, self.index]  # (c, *shape)
             perturbed = torch.where(keep, self.example, self.baseline)
             args = _expand(self.args, len(chunk))
-            values = self.forward_func(perturbed, *args)
-            values = torch.as_tensor(values).reshape(len(chunk), -1)
+            values = torch.as_tensor(self.forward_func(perturbed, *args))
+            if values.dim() == 0 and (len(chunk) > 1 or self.batch > 1):
+                raise UnsupportedInputError(  # one value for several rows: their sum, or mean
+                    "the forward returns one value for a batch of inputs (Captum's aggregate "
+                    "mode); captum-mllm's estimators explain each example on its own and call "
+                    "the forward with a batch of coalitions: return one value (or row of "
+                    "values) per input row"
+                )
+            values = values.reshape(len(chunk), -1)
             out.append(self._target(values.detach()))
         return torch.cat(out)
 
@@ -317,6 +343,33 @@ class _Example:
         dtype = self.example.dtype if self.example.is_floating_point() else torch.float32
         values = torch.from_numpy(np.asarray(phi, dtype=np.float64)).to(dtype)
         return values[:, self.index.reshape(-1).cpu()].reshape(len(values), *self.example.shape[1:])
+
+
+def _row(value: Any, b: int, batch: int, dims: int | None = None) -> Any:
+    """Example ``b``'s row of a tensor that holds one row per example (of ``dims``
+    dimensions when given), else ``value``."""
+    if not isinstance(value, Tensor) or batch == 1 or value.dim() == 0 or len(value) != batch:
+        return value
+    return value[b : b + 1] if dims is None or value.dim() == dims else value
+
+
+def _targets(target: Any, batch: int) -> list[int | None]:
+    """Each example's output column: one int for all, or one per example (Captum's forms)."""
+    if target is None or isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        return [None if target is None else int(target)] * batch
+    if isinstance(target, Tensor) and target.dim() <= 1 and not target.is_floating_point():
+        target = target.reshape(-1).tolist()
+    if isinstance(target, list) and all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target
+    ):
+        if len(target) == 1:
+            return [int(target[0])] * batch
+        if len(target) == batch:
+            return [int(t) for t in target]
+    raise UnsupportedInputError(
+        f"target must be an int or one int per example ({batch}) for captum-mllm's "
+        f"estimators, got {target!r}"
+    )
 
 
 def _expand(args: Any, size: int) -> tuple[Any, ...]:
