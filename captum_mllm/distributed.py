@@ -51,7 +51,7 @@ class ChatExplainer:
             class such as ``LeverageKernelShap``).
         input_kwargs (dict, optional): ``ChatInput`` arguments.
         attribute_kwargs (dict, optional): ``MultimodalLLMAttribution.attribute``
-            arguments.
+            arguments (``gen_args`` only for chats whose answer is generated).
         target_factory (callable, optional): ``() -> Target``. Default: log-probability
     """
 
@@ -86,7 +86,7 @@ class ChatExplainer:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
-        res = self._attribution().attribute(inp, store=out / STORE, **self.attribute_kwargs)
+        res = self._attribution().attribute(inp, store=out / STORE, **self._attribute_kwargs(inp))
         res.provenance["request"] = request
         res.save(out / RESULT)
         top = res.top_features(1)
@@ -106,6 +106,13 @@ class ChatExplainer:
         own = chat.get("input_kwargs") if isinstance(chat, Mapping) else None
         return {**self.input_kwargs, **(own or {})}
 
+    def _attribute_kwargs(self, inp: Any) -> dict[str, Any]:
+        """The shared ``attribute`` arguments; a chat that holds its answer takes
+        no ``gen_args`` (``attribute`` refuses them: nothing is generated)."""
+        if inp.response is None:
+            return self.attribute_kwargs
+        return {k: v for k, v in self.attribute_kwargs.items() if k != "gen_args"}
+
     def evaluate_shard(self, chat: Any, store: str, shard: tuple[int, int], seed: int = 0) -> int:
         """Evaluate one shard of a chat's coalitions into ``store``; returns how
         many. ``seed`` seeds torch's generator for the call."""
@@ -114,7 +121,7 @@ class ChatExplainer:
         inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
         with _seeded(seed):
             res = self._attribution().attribute(
-                inp, store=store, shard=shard, **self.attribute_kwargs
+                inp, store=store, shard=shard, **self._attribute_kwargs(inp)
             )
         return int(res.n_unique_coalitions)
 
@@ -125,7 +132,7 @@ class ChatExplainer:
 
         inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
         with _seeded(seed):
-            return self._attribution().attribute(inp, store=store, **self.attribute_kwargs)
+            return self._attribution().attribute(inp, store=store, **self._attribute_kwargs(inp))
 
     def pid(self) -> int:
         import os
@@ -231,7 +238,9 @@ def explain_dataset(
             cloudpickle: a function or lambda, not a loaded model).
         method_factory (callable): ``adapter -> method``, e.g. ``LeverageKernelShap``.
         input_kwargs (dict, optional): ``ChatInput`` arguments.
-        attribute_kwargs (dict, optional): ``attribute`` arguments (``budget``, ...).
+        attribute_kwargs (dict, optional): ``attribute`` arguments (``budget``, ...);
+            ``gen_args`` reaches only the chats without a final assistant turn
+            (a chat that holds its answer explains that answer).
         store_dir (str or Path): where results and stores go.
         num_workers (int, optional): actors. Default: one per GPU Ray sees, else 1
         resources_per_worker (dict, optional): Ray resources of an actor, e.g.

@@ -135,6 +135,25 @@ def test_without_ray_it_runs_in_process_with_a_note(tmp_path, monkeypatch):
     assert len(table) == 2 and (tmp_path / "chat_00001" / RESULT).is_file()
 
 
+def test_gen_args_reach_only_the_chats_without_an_answer(tmp_path):
+    # attribute refuses gen_args beside a chat's own answer, so a data set with
+    # any answered chat failed as a whole
+    answered = CHATS[1].assistant("Air and light.")
+    explain_dataset(
+        {"asked": CHATS[0], "answered": answered}, factory, LeverageKernelShap, {}, SETTINGS,
+        store_dir=tmp_path, use_ray=False, show_progress=False,
+    )  # fmt: skip
+    res = MultimodalLLMAttributionResult.load(tmp_path / "answered" / RESULT)
+    assert res.response_text == "Air and light."
+    model = factory()
+    alone = MultimodalLLMAttribution(LeverageKernelShap(model), model).attribute(
+        ChatInput(answered, model), budget=60, seed=0
+    )
+    torch.testing.assert_close(torch.as_tensor(res.seq_attr), alone.seq_attr)
+    asked = MultimodalLLMAttributionResult.load(tmp_path / "asked" / RESULT)
+    assert len(asked.output_tokens) <= 4  # its answer generated with the gen_args given
+
+
 def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
     """A saved result is skipped only for the same chat, arguments and
     factories; otherwise the chat is explained again, from its store where the
