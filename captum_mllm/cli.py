@@ -24,6 +24,8 @@ from captum_mllm.errors import CaptumMLLMError
 DEMO_SYSTEM = "You are a geography expert."
 DEMO_QUESTION = "What is the capital city of Japan?"
 METHODS = ("exact", "bayes", "kernel", "permutation", "regression", "hierarchical", "captum-svs")
+#: Tokens of a generated answer unless ``--max-new-tokens`` says.
+MAX_NEW_TOKENS = 24
 TINY_MODELS = ("tiny-llama", "tiny-lfm2-audio", "demo-speech")
 
 
@@ -126,7 +128,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "values; exact always evaluates all 2^n)",
     )
     parser.add_argument("--target", default="log-prob", choices=("log-prob", "similarity"))
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help=f"length of a generated answer (default: {MAX_NEW_TOKENS})",
+    )  # fmt: skip
     parser.add_argument("--device", default=None)
     parser.add_argument(
         "--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -195,6 +200,9 @@ def _explain_command(args: argparse.Namespace) -> None:
         for i in range(max(len(texts), len(clips))):
             chat = chat.user(texts[i] if i < len(texts) else None,
                              audio=clips[i] if i < len(clips) else None)  # fmt: skip
+    answered = args.answer is not None or chat.split_response()[1] is not None
+    if answered and args.max_new_tokens is not None and args.target == "log-prob":
+        raise UsageError("--max-new-tokens is unused: the answer to explain is given")
     if _audio_unit(args.audio_unit) == "word" and not args.transcript:
         raise UsageError("--audio-unit word needs a --transcript for each clip, and --aligner")
     input_kwargs = _input_kwargs(args)
@@ -210,7 +218,7 @@ def _explain_command(args: argparse.Namespace) -> None:
         "store": args.store,
         "batch": args.batch,
     }
-    _run(model, chat, settings, args.out, args.max_new_tokens, input_kwargs)
+    _run(model, chat, settings, args.out, _max_new_tokens(args), input_kwargs)
 
 
 def _dataset_command(args: argparse.Namespace) -> None:
@@ -220,7 +228,7 @@ def _dataset_command(args: argparse.Namespace) -> None:
 
     input_kwargs = _input_kwargs(args)
     chats = _read_dataset(args.data, transcripts=input_kwargs["audio_unit"] == "word")
-    gen = {"max_new_tokens": args.max_new_tokens}
+    gen = {"max_new_tokens": _max_new_tokens(args)}
     settings = {"method": args.method, "budget": args.budget, "seed": args.seed}
     resources: dict[str, float] = {}
     if args.gpus_per_worker is not None:
@@ -251,6 +259,10 @@ def _dataset_command(args: argparse.Namespace) -> None:
     print(table.to_string(index=False))
     table.to_csv(args.out / "summary.csv", index=False)
     print(f"wrote {args.out / 'summary.csv'} and one folder per chat under {args.out}")
+
+
+def _max_new_tokens(args: argparse.Namespace) -> int:
+    return MAX_NEW_TOKENS if args.max_new_tokens is None else int(args.max_new_tokens)
 
 
 def _input_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -296,7 +308,7 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{path} line {i + 1} is not JSON: {exc}") from None
             name = str(row.get("id", f"chat_{i:05d}")) if isinstance(row, dict) else f"chat_{i:05d}"
-            chats[name] = row
+            _add(chats, name, row, f"{path} line {i + 1}")
         return chats
     if (path / "transcripts.csv").is_file():
         import pandas as pd
@@ -304,18 +316,17 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
         table = pd.read_csv(path / "transcripts.csv")
         if not {"file", "transcript"} <= set(table.columns):
             raise UsageError(f"{path / 'transcripts.csv'} needs the columns file and transcript")
-        out = {}
-        for row in table.to_dict("records"):
+        out: dict[str, Any] = {}
+        for i, row in enumerate(table.to_dict("records")):
             file = str(row["file"])
             content: list[dict[str, Any]] = [{"type": "audio", "path": str(path / file)}]
             text = row.get("text")
             if isinstance(text, str) and text:
                 content.append({"type": "text", "text": text})
             own = {"transcripts": str(row["transcript"])} if transcripts else {}
-            out[str(row.get("id", Path(file).stem))] = {
-                "messages": [{"role": "user", "content": content}],
-                "input_kwargs": own,
-            }
+            name = str(row.get("id", Path(file).stem))  # a/x.wav and b/x.wav: both "x"
+            chat = {"messages": [{"role": "user", "content": content}], "input_kwargs": own}
+            _add(out, name, chat, f"{path / 'transcripts.csv'} row {i + 1}")
         return out
     if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
         try:
@@ -327,14 +338,21 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
         data = datasets.load_from_disk(str(path))
         if "messages" not in data.column_names:
             raise UsageError(f"{path} has no messages column (it has {data.column_names})")
-        return {
-            str(r.get("id", f"chat_{i:05d}")): {"messages": r["messages"]}
-            for i, r in enumerate(data)
-        }
+        rows: dict[str, Any] = {}
+        for i, r in enumerate(data):
+            _add(rows, str(r.get("id", f"chat_{i:05d}")), {"messages": r["messages"]}, f"row {i}")
+        return rows
     raise UsageError(
         f"{path} is not a JSONL file, a Hugging Face datasets folder or an audio folder "
         "with transcripts.csv"
     )
+
+
+def _add(chats: dict[str, Any], name: str, chat: Any, where: str) -> None:
+    """Add a named chat; a repeated name would drop the chat before it."""
+    if name in chats:
+        raise UsageError(f"{where}: the chat name {name!r} is taken by an earlier chat")
+    chats[name] = chat
 
 
 def _report(args: argparse.Namespace) -> None:

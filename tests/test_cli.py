@@ -140,6 +140,10 @@ def test_budget_reaches_every_method_that_reads_one(tmp_path, capsys):
         (["explain", "--user", "Hi", "--model", "tiny-llama", "--roles", "robot"], "unknown roles"),
         (["report", "/nonexistent/result.json"], "no saved result"),
         (
+            ["explain", "--user", "Hi", "--answer", "Hello", "--max-new-tokens", "5"],
+            "--max-new-tokens is unused",
+        ),
+        (
             [
                 "explain",
                 "--user-audio",
@@ -222,6 +226,21 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
         assert res.provenance["method"] == name and res.n_coalitions <= 20
     code, _, err = run(["explain-dataset", tmp_path / "nothing", "--no-ray"], capsys)
     assert code == 2 and "JSONL" in err
+
+
+def test_explain_dataset_refuses_two_chats_of_one_name(tmp_path, capsys):
+    # the later chat replaced the earlier one: fewer explanations, without a word
+    row = {"id": "sky", "messages": [{"role": "user", "content": "Why is it blue?"}]}
+    (tmp_path / "chats.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    code, _, err = run(["explain-dataset", tmp_path / "chats.jsonl", "--no-ray"], capsys)
+    assert code == 2 and "line 2: the chat name 'sky' is taken" in err
+    folder = tmp_path / "audio"
+    for sub in ("a", "b"):  # one stem in two folders
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "q.wav").write_bytes(open(QUESTION_WAV, "rb").read())
+    (folder / "transcripts.csv").write_text("file,transcript\na/q.wav,one\nb/q.wav,two\n")
+    code, _, err = run(["explain-dataset", folder, "--no-ray"], capsys)
+    assert code == 2 and "row 2: the chat name 'q' is taken" in err
 
 
 def test_explain_dataset_from_a_hugging_face_datasets_folder(tmp_path, capsys):
