@@ -11,6 +11,8 @@ object itself keeps nothing between calls.
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from captum_mllm.encoding import EncodedChat, MaskedChat, coalition_keys
-from captum_mllm.errors import InvalidOptionError
+from captum_mllm.errors import InvalidOptionError, require_int
 from captum_mllm.fingerprint import plain
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.models.decoder import check_sampling
@@ -215,6 +217,14 @@ def _sampling_setting(key: str, value: Any, gen_args: dict[str, Any], do_sample:
     return given
 
 
+def _is_finite_number(value: object) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
 class EmbeddingSimilarity(Target):
     """Regenerate the response under each coalition and compare it with the
     response to the full chat (the value function of MLLM-SHAP).
@@ -292,8 +302,11 @@ class EmbeddingSimilarity(Target):
                 "reducer= is not read with a callable embedding: it returns one vector per "
                 "response; reduce inside it"
             )
-        if samples_per_coalition < 1:
-            raise InvalidOptionError("samples_per_coalition must be at least 1")
+        # a float failed deep inside, True ran as 1, a float seed ran as another seed
+        samples_per_coalition = require_int("samples_per_coalition", samples_per_coalition, 1)
+        seed = require_int("seed", seed, 0)
+        if not _is_finite_number(empty_value):  # NaN would spread to every attribution
+            raise InvalidOptionError(f"empty_value must be a finite number, got {empty_value!r}")
         self.embedding = embedding
         self.context = context
         self.reducer = _reduce(reducer) if isinstance(reducer, str) else reducer

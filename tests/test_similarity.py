@@ -1,5 +1,7 @@
 """EmbeddingSimilarity: the regenerate-and-compare value function."""
 
+import math
+
 import pytest
 import torch
 from captum.attr import FeatureAblation, ShapleyValues
@@ -189,6 +191,19 @@ def test_bad_arguments():
         EmbeddingSimilarity(similarity="jaccard")
     with pytest.raises(InvalidOptionError):
         EmbeddingSimilarity(samples_per_coalition=0)
+    # a float count failed deep inside, True ran as one sample, a float seed ran
+    # as another seed, and a NaN empty value spread to every attribution
+    bad_settings = [
+        ("samples_per_coalition", 2.5),
+        ("samples_per_coalition", True),
+        ("seed", 1.5),
+        ("seed", -1),
+        ("empty_value", math.nan),
+        ("empty_value", "0"),
+    ]
+    for bad in (dict([kv]) for kv in bad_settings):
+        with pytest.raises(InvalidOptionError, match="must be"):
+            EmbeddingSimilarity(temperature=1.0, **bad)
     # Settings that would go unread (only contextual states read the chat; a
     # callable returns whole vectors).
     with pytest.raises(InvalidOptionError, match="only read with"):
