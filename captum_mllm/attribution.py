@@ -113,7 +113,8 @@ class MultimodalLLMAttribution(LLMAttribution):
             method's model when it is an adapter.
         attr_target (str, optional): ``"log_prob"`` or ``"prob"``. Default: ``"log_prob"``
         target (Target, optional): a value function such as
-            :class:`~captum_mllm.targets.EmbeddingSimilarity`; overrides ``attr_target``.
+            :class:`~captum_mllm.targets.EmbeddingSimilarity`, in place of
+            ``attr_target`` (both given raise).
 
     Examples::
 
@@ -151,6 +152,11 @@ class MultimodalLLMAttribution(LLMAttribution):
             raise TargetError(
                 f"target= takes a Target (LogProbTarget, EmbeddingSimilarity, ...), "
                 f"got {type(target).__name__}"
+            )
+        if target is not None and attr_target != "log_prob":  # it would go unread
+            raise InvalidOptionError(
+                f"attr_target={attr_target!r} is not read beside target=: choose the value "
+                "function once (e.g. target=LogProbTarget('prob'))"
             )
         if isinstance(attr_method, type):  # an AttributeError on forward_func said nothing
             raise UnsupportedInputError(

@@ -407,6 +407,8 @@ def test_bad_arguments_raise(model, chat):
         attr.attribute("Who are you?", target=TARGET)  # type: ignore[arg-type]
     with pytest.raises(InvalidModelError):
         MultimodalLLMAttribution(FeatureAblation(lambda x: x))
+    with pytest.raises(InvalidOptionError, match="not read beside target="):  # it went unread
+        MultimodalLLMAttribution(FeatureAblation(model), model, "prob", target=LogProbTarget())
     with pytest.raises(UnsupportedInputError, match=r"FeatureAblation\(model\)"):
         MultimodalLLMAttribution(FeatureAblation, model)  # type: ignore[arg-type]
 
