@@ -41,6 +41,7 @@ from captum_mllm.errors import (
     InvalidOptionError,
     TargetError,
     UnsupportedInputError,
+    require_int,
     warn_caller,
 )
 from captum_mllm.inputs import ChatInput
@@ -173,6 +174,14 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         """
         if not isinstance(inp, ChatInput):
             return self._stock(inp, target, gen_args, **kwargs)
+        if "additional_forward_args" in kwargs:  # it replaced ours: a TypeError deep inside
+            raise InvalidOptionError(
+                "additional_forward_args is the attribution's own (the answer and its token); "
+                "extra model inputs belong to the adapter"
+            )
+        for name in ("n_steps", "n_samples"):  # Captum asserts (gone under python -O) or fails
+            if kwargs.get(name) is not None:  # deep inside (a float n_steps)
+                require_int(name, kwargs[name], 1)
         start = time.perf_counter()
         calls_before = self.adapter.n_forward_calls
         response, _ = resolve_response(

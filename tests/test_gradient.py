@@ -70,6 +70,11 @@ def test_equals_captum_summed_over_each_words_tokens(llama, words):
     for token in (-1, 10**9):  # an IndexError and an OverflowError came through
         with pytest.raises(InvalidBaselineError, match="not a token id"):
             MultimodalLLMGradientAttribution(lig, llama).attribute(words, baselines=token)
+    # Captum's assertion (gone under python -O), a TypeError deep inside, and
+    # ours replaced by the caller's forward arguments: a missing-argument TypeError
+    for bad in ({"n_steps": 0}, {"n_steps": 2.5}, {"additional_forward_args": (1,)}):
+        with pytest.raises(InvalidOptionError, match="n_steps must be|the attribution's own"):
+            MultimodalLLMGradientAttribution(lig, llama).attribute(words, target=TARGET, **bad)
 
 
 def test_integrated_gradients_is_complete(llama, words):
