@@ -280,6 +280,10 @@ class MultimodalLLMAttribution(LLMAttribution):
                 "TextTemplateInput, TextTokenInput, ImageMaskInput"
             )
         require_int("num_trials", num_trials, 1)
+        if store is not None and not cache_coalitions:  # the store went unread and unwritten
+            raise InvalidOptionError(
+                "store= keeps each distinct coalition once, which cache_coalitions=False turns off"
+            )
         n = inp.n_itp_features
         _check_method_kwargs(self.attr_method, n, kwargs)
         if type(self.attr_method) is ShapleyValues and n >= ALL_ORDERS_WARNING:

@@ -97,15 +97,23 @@ class SQLiteStore(CoalitionStore):
     def __init__(self, path: str | PathLike[str], fingerprint: dict[str, str]) -> None:
         self.path = str(path)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=120)  # shards may write at once
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        with self.db:
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS coalitions "
-                "(key BLOB PRIMARY KEY, value BLOB NOT NULL, response TEXT)"
-            )
+        try:  # sqlite3's own errors named neither the file nor what to do
+            self.db = sqlite3.connect(self.path, timeout=120)  # shards may write at once
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            with self.db:
+                self.db.execute(
+                    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)"
+                )
+                self.db.execute(
+                    "CREATE TABLE IF NOT EXISTS coalitions "
+                    "(key BLOB PRIMARY KEY, value BLOB NOT NULL, response TEXT)"
+                )
+        except sqlite3.DatabaseError as exc:  # a folder, another kind of file
+            raise StoreMismatchError(
+                f"{self.path} cannot be a coalition store ({exc}): name a new file or one an "
+                "earlier run wrote"
+            ) from None
         with self.db:  # the first writer names the file; later ones are checked
             self.db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('fingerprint', ?)", (json.dumps(fingerprint),)

@@ -31,7 +31,7 @@ from captum_mllm import (
     SQLiteStore,
     TargetValues,
 )
-from captum_mllm.errors import StoreMismatchError
+from captum_mllm.errors import InvalidOptionError, StoreMismatchError
 from captum_mllm.methods import PairedPermutationSampling
 
 TARGET = "The capital of France is Paris."
@@ -170,6 +170,20 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
     with pytest.raises(StoreMismatchError, match="model"):
         attr2 = MultimodalLLMAttribution(ShapleyValues(other), other)
         attr2.attribute(ChatInput(chat, other), target=TARGET, store=store)
+
+
+def test_a_store_that_cannot_be_one_or_is_switched_off(model, chat, tmp_path):
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    (tmp_path / "notes.sqlite").write_text("not a database")
+    for path in (tmp_path, tmp_path / "notes.sqlite"):  # sqlite3's own errors came through
+        with pytest.raises(StoreMismatchError, match="cannot be a coalition store"):
+            attr.attribute(ChatInput(chat, model), target=TARGET, store=path)
+    with pytest.raises(InvalidOptionError, match="cache_coalitions=False"):  # went unread
+        attr.attribute(
+            ChatInput(chat, model), target=TARGET, store=tmp_path / "s.sqlite",
+            cache_coalitions=False,
+        )  # fmt: skip
+    assert not (tmp_path / "s.sqlite").exists()
 
 
 def test_a_store_refuses_captums_inputs_with_other_baselines_or_mask(model, tmp_path):
