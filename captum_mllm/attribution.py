@@ -304,6 +304,15 @@ class MultimodalLLMAttribution(LLMAttribution):
         game = self._game(inp, response, per_step, reuse_prefix)
         if _inspect_forward is not None:
             game = replace(game, evaluate=self._inspected(game, inp, response, _inspect_forward))
+        if shard is not None and not (
+            isinstance(shard, tuple | list)
+            and len(shard) == 2
+            and all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in shard)
+            and 0 <= shard[0] < shard[1]
+        ):  # another index evaluated no coalition, without a word
+            raise InvalidOptionError(
+                f"shard must be (index, count) with 0 <= index < count, got {shard!r}"
+            )
         if shard is not None and (store is None or kwargs.get("target_stderr") is not None):
             raise InvalidOptionError(
                 "shard= needs a store= to fill and a method that does not stop on values "

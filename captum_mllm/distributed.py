@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from captum_mllm.chat import Chat
-from captum_mllm.errors import InvalidOptionError
+from captum_mllm.errors import InvalidOptionError, require_int
 from captum_mllm.fingerprint import chat_digest, digest, plain
 
 ModelFactory = Callable[[], Any]
@@ -263,6 +263,9 @@ def explain_dataset(
     """
     root = Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
+    if num_workers is not None:  # 0 started no worker: no chat explained, no error
+        require_int("num_workers", num_workers, 1)
+    require_int("max_retries", max_retries, 0)
     items = _named(chats)
     rows: list[dict[str, Any]] = []
     todo = []
@@ -426,6 +429,7 @@ def explain_sharded(
     Returns:
         MultimodalLLMAttributionResult: the explanation.
     """
+    require_int("num_shards", num_shards, 1)  # 0 ran unsharded, a float failed in range()
     args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
     _check_ray_settings(use_ray, address=address, resources_per_worker=resources_per_worker)
     ray = None if use_ray is False else _ray(address, num_shards)

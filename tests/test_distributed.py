@@ -213,6 +213,13 @@ def test_sharding_in_process_and_its_refusals(tmp_path):
         explain_dataset(CHATS[:1], factory, LeverageKernelShap, store_dir=tmp_path / "d",
                         use_ray=False, num_workers=4,
                         resources_per_worker={"num_gpus": 1})  # fmt: skip
+    # no worker started (no chat explained, no error), or an unsharded run
+    with pytest.raises(InvalidOptionError, match="num_workers must be"):
+        explain_dataset(CHATS[:1], factory, LeverageKernelShap, store_dir=tmp_path / "d",
+                        num_workers=0)  # fmt: skip
+    with pytest.raises(InvalidOptionError, match="num_shards must be"):
+        explain_sharded(chat, factory, LeverageKernelShap, store=tmp_path / "r.sqlite",
+                        num_shards=0, use_ray=False)  # fmt: skip
     res = explain_sharded(
         chat, factory, LeverageKernelShap, {}, {"budget": 20, "seed": 1},
         store=tmp_path / "s.sqlite", num_shards=3, use_ray=False,
@@ -241,3 +248,6 @@ def test_sharding_in_process_and_its_refusals(tmp_path):
     attr = MultimodalLLMAttribution(LeverageKernelShap(model), model)
     with pytest.raises(InvalidOptionError, match="store"):
         attr.attribute(ChatInput(chat, model), shard=(0, 2))
+    for shard in ((2, 2), (-1, 2), (0, 0), (0.5, 2)):  # no coalition, or a ZeroDivisionError
+        with pytest.raises(InvalidOptionError, match="0 <= index < count"):
+            attr.attribute(ChatInput(chat, model), shard=shard, store=tmp_path / "x.sqlite")
