@@ -63,10 +63,11 @@ def chat_digest(chat: Chat) -> str:
 def plain(value: Any, depth: int = 4) -> Any:
     """``value`` as plain data for :func:`digest`, the same in every process:
     JSON-able values as they are (containers item by item), tensors and arrays
-    by their digest, functions, classes and ``functools.partial`` by their
-    names, the constants and closure values they hold (so a lambda loading
-    another checkpoint differs), other objects by their type's name (a repr
-    may hold a memory address)."""
+    by their digest, torch modules by :func:`model_digest` (so a bound method
+    of another embedding model differs), functions, classes and
+    ``functools.partial`` by their names, the constants and closure values
+    they hold (so a lambda loading another checkpoint differs), other objects
+    by their type's name (a repr may hold a memory address)."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, os.PathLike):
@@ -79,6 +80,8 @@ def plain(value: Any, depth: int = 4) -> Any:
         return {str(k): plain(v, depth - 1) for k, v in value.items()}
     if isinstance(value, torch.Tensor | np.ndarray):
         return digest(torch.as_tensor(value))
+    if isinstance(value, nn.Module):  # e.g. an embedding model's: its weights, not its class
+        return ["module", model_digest(value)]
     if isinstance(value, functools.partial):
         return ["partial", *(plain(v, depth - 1) for v in (value.func, value.args, value.keywords))]
     if inspect.ismethod(value):

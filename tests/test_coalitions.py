@@ -224,6 +224,32 @@ def test_a_store_tells_apart_two_embedding_lambdas_of_one_name(model, chat, tmp_
                 run()
 
 
+def test_a_store_tells_apart_the_encode_methods_of_two_embedding_models(model, chat, tmp_path):
+    # e.g. two sentence-transformers models' encode: one class and method name
+    class Encoder(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            self.proj = torch.nn.Linear(2, 3)
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.full((3, 2), 0.5 + seed))
+                self.proj.bias.zero_()
+
+        def encode(self, texts):
+            counts = [[float(len(t)), float(t.count("a"))] for t in texts]
+            return self.proj(torch.tensor(counts)).detach()
+
+    store = tmp_path / "run.sqlite"
+    for i, seed in enumerate((0, 0, 1)):
+        sim = EmbeddingSimilarity(Encoder(seed).encode, gen_args={"max_new_tokens": 4})
+        attr = MultimodalLLMAttribution(FeatureAblation(model), model, target=sim)
+        run = functools.partial(attr.attribute, ChatInput(chat, model), store=store)
+        if i < 2:
+            assert run().n_stored_coalitions == (0 if i == 0 else 6)  # same weights: resumed
+        else:
+            with pytest.raises(StoreMismatchError, match="target"):
+                run()
+
+
 def test_each_distinct_coalition_is_evaluated_once_and_stores_agree(tmp_path):
     calls = []
 
