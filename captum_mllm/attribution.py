@@ -38,6 +38,7 @@ from torch import Tensor
 from captum_mllm import captum_compat
 from captum_mllm.chat import AudioPart
 from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore, SQLiteStore
+from captum_mllm.encoding import coalition_key
 from captum_mllm.errors import (
     InvalidBaselineError,
     InvalidModelError,
@@ -380,6 +381,7 @@ class MultimodalLLMAttribution(LLMAttribution):
                 "overflow? load the model in bfloat16 or float32)"
             )
         stderr = self._mean_stderr(errors) if ours else None
+        self._warn_on_underflow(evaluator, inp.n_itp_features, len(response))
 
         per_token = game.columns == "tokens" and self.include_per_token_attr
         per_sample = game.columns == "samples" and n_columns > 1
@@ -428,6 +430,21 @@ class MultimodalLLMAttribution(LLMAttribution):
         first = store.first("torch_rng_state", state.numpy().tobytes().hex())
         torch.set_rng_state(torch.from_numpy(np.frombuffer(bytes.fromhex(first), np.uint8).copy()))
         return kwargs
+
+    def _warn_on_underflow(self, evaluator: CoalitionEvaluator, n: int, length: int) -> None:
+        """Warn when the whole answer's probability (``attr_target="prob"``) is too
+        small for float32: every coalition's is then about 0, and so is ``seq_attr``."""
+        if not (isinstance(self.value_fn, LogProbTarget) and self.value_fn.kind == "prob"):
+            return
+        key = coalition_key(torch.ones(n))
+        full = evaluator.store.get_many([key]).get(key)
+        if full is not None and float(full[0][0]) < PROB_UNDERFLOW:
+            warn_caller(
+                f"the {length}-token answer's probability under the whole input is "
+                f"{float(full[0][0]):.1e}, below float32's normal range: seq_attr is about 0 "
+                "whatever the features do; use attr_target='log_prob' (token_attr, one "
+                "token's probability each, is not affected)"
+            )
 
     def _mean_stderr(self, errors: list[Tensor]) -> Tensor:
         """The standard error of the mean over trials: independent trials' errors
@@ -693,6 +710,9 @@ def _same_response(adapter: ModelAdapter, target: str | Tensor, answer: str) -> 
 
 #: How many coalitions Captum's ``Lime`` and ``KernelShap`` sample by default (25).
 LIME_DEFAULT_SAMPLES = inspect.signature(Lime.attribute).parameters["n_samples"].default
+
+#: An answer probability below this (float32's smallest normal number) warns.
+PROB_UNDERFLOW = float(torch.finfo(torch.float32).tiny)
 
 #: Generation settings that sample (the explained answer of a chat is greedy).
 _SAMPLING = ("do_sample", "temperature", "top_k", "audio_temperature", "audio_top_k")

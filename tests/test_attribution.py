@@ -377,6 +377,12 @@ def test_prob_target_and_result_table(model, chat):
     assert [t.get_text() for t in ax.get_xticklabels()] == inp.values
     fig, ax = res.plot_seq_attr()
     assert res.wall_time > 0
+    # A long answer's probability underflows float32: seq_attr all zero, silently
+    long = " ".join([TARGET] * 4)
+    with pytest.warns(UserWarning, match="below float32's normal range") as said:
+        under = MultimodalLLMAttribution(FeatureAblation(model), model, attr_target="prob")
+        res = under.attribute(inp, target=long)
+    assert said[0].filename == __file__ and not res.seq_attr.any() and res.token_attr.any()
 
 
 def test_bad_arguments_raise(model, chat):
