@@ -91,6 +91,22 @@ def test_per_example_baselines_masks_targets_and_arguments_as_captum_reads_them(
         method(f).attribute(x, target=[0, 1], **given)
 
 
+@pytest.mark.parametrize(
+    "method, bad",
+    [
+        (ExactShapleyValues, {"max_features": "20"}),  # a TypeError at the first call
+        (BayesianShapley, {"pool": 1.5}),  # ran
+        (HierarchicalShapley, {"max_children": 1}),  # failed at the tree
+        (HierarchicalShapley, {"contexts": 2.0}),  # ran
+        (RegressionAdjustedShapley, {"alpha": -1.0}),  # scikit-learn's own error
+        (RegressionAdjustedShapley, {"alpha": math.nan}),
+    ],
+)
+def test_estimator_settings_are_checked_when_built(method, bad):
+    with pytest.raises(InvalidOptionError, match=next(iter(bad))):
+        method(synthetic, **bad)
+
+
 def test_a_forward_that_aggregates_the_batch_is_refused():
     # Captum's aggregate mode: one value for the whole batch, read as each example's
     with pytest.raises(UnsupportedInputError, match="aggregate"):

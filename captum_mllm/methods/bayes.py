@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from captum_mllm.errors import require_int
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator
 from captum_mllm.methods.kernel import LeverageKernelShap, _schedule, size_classes
 
@@ -73,7 +74,7 @@ class BayesianShapley(ShapleyEstimator):
 
     def __init__(self, forward_func: Callable[..., Any], pool: int = 2000) -> None:
         super().__init__(forward_func)
-        self.pool = pool
+        self.pool = require_int("pool", pool, 1)
 
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from captum_mllm.errors import InvalidOptionError
+from captum_mllm.errors import InvalidOptionError, require_int
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator, shapley_weight
 
 
@@ -32,7 +32,7 @@ class ExactShapleyValues(ShapleyEstimator):
 
     def __init__(self, forward_func: Any, max_features: int = 20) -> None:
         super().__init__(forward_func)
-        self.max_features = max_features
+        self.max_features = require_int("max_features", max_features, 1)
 
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n

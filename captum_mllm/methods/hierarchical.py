@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from captum_mllm.errors import InvalidOptionError
+from captum_mllm.errors import InvalidOptionError, require_int
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator, shapley_weight
 from captum_mllm.methods.permutation import paired_order_sampling
 
@@ -75,7 +75,8 @@ class HierarchicalShapley(ShapleyEstimator):
         contexts: int = 4,
     ) -> None:
         super().__init__(forward_func)
-        if contexts < 2 or contexts % 2:
+        require_int("max_children", max_children, 2)  # a str failed late, 1 or 0 in the tree
+        if not isinstance(contexts, int) or contexts < 2 or contexts % 2:
             raise InvalidOptionError(f"contexts must be an even number >= 2, got {contexts}")
         if level_estimator is not None and not (
             isinstance(level_estimator, type) and issubclass(level_estimator, ShapleyEstimator)

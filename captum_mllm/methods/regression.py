@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,8 @@ class RegressionAdjustedShapley(ShapleyEstimator):
         super().__init__(forward_func)
         if surrogate not in SURROGATES:
             raise InvalidOptionError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+        if not (isinstance(alpha, int | float) and 0 <= alpha < math.inf):  # sklearn's own error
+            raise InvalidOptionError(f"alpha must be a finite number >= 0, got {alpha!r}")
         self.surrogate = surrogate
         self.alpha = alpha
 
