@@ -78,8 +78,10 @@ def load_default_model(device: Any = None, dtype: Any = None) -> Any:
     the converted copy from :func:`cache_dir` in about a second.
 
     Args:
-        device (str or torch.device, optional): Default: CPU
-        dtype (torch.dtype, optional): Default: float32
+        device (str or torch.device, optional): Default: the first GPU when
+            there is one, else the CPU
+        dtype (torch.dtype, optional): Default: float32 on the CPU, the
+            checkpoint's on an accelerator
 
     Returns:
         HFCausalLMAdapter: the model and its real tokenizer and chat template.
