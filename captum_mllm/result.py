@@ -302,7 +302,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         was saved by another version of captum-mllm.
 
         Raises:
-            ResultFormatError: a file is missing or of another schema.
+            ResultFormatError: a file is missing, cut short or of another schema.
         """
         path = Path(path)
         try:
@@ -311,10 +311,11 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
                 arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
         except (OSError, ValueError) as exc:
             raise ResultFormatError(f"cannot read a saved result from {path}: {exc}") from exc
-        if data.get("schema_version") != SCHEMA_VERSION:
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            version = data.get("schema_version") if isinstance(data, dict) else None
             raise ResultFormatError(
-                f"{path} has schema version {data.get('schema_version')}; this captum-mllm "
-                f"reads version {SCHEMA_VERSION}"
+                f"{path} has schema version {version}; this captum-mllm reads version "
+                f"{SCHEMA_VERSION}"
             )
         saved = data.get("versions", {}).get("captum-mllm")
         if saved != _versions()["captum-mllm"]:
@@ -323,6 +324,17 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
                 InconsistentVersionWarning,
                 stacklevel=2,
             )
+        try:  # a hand-edited or cut file: a KeyError named only the key
+            return cls._from_saved(data, arrays)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ResultFormatError(
+                f"{path} (with its .npz) is not a whole saved result: {type(exc).__name__} {exc}"
+            ) from exc
+
+    @classmethod
+    def _from_saved(
+        cls, data: dict[str, Any], arrays: dict[str, Tensor]
+    ) -> MultimodalLLMAttributionResult:
         features = None
         if data["features"] is not None:
             features = [

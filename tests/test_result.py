@@ -1,6 +1,7 @@
 """Results are plain data: saved and reopened exactly, drawn the same."""
 
 import dataclasses
+import json
 import warnings
 
 import matplotlib
@@ -143,3 +144,12 @@ def test_unreadable_or_foreign_results_raise(tmp_path, model, chat):
         warnings.simplefilter("always")
         MultimodalLLMAttributionResult.load(saved)
     assert any(issubclass(w.category, InconsistentVersionWarning) for w in caught)
+    # A cut or hand-edited file raised a bare KeyError or AttributeError
+    whole = json.loads(text)
+    for cut in ("counts", "features", "input_tokens"):
+        saved.write_text(json.dumps({k: v for k, v in whole.items() if k != cut}))
+        with pytest.raises(ResultFormatError, match=f"not a whole saved result: KeyError '{cut}'"):
+            MultimodalLLMAttributionResult.load(saved)
+    saved.write_text("[1, 2]")
+    with pytest.raises(ResultFormatError, match="schema version None"):
+        MultimodalLLMAttributionResult.load(saved)
