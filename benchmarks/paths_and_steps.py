@@ -19,6 +19,7 @@ Llama at two step counts and GPT-2 only; the tests run it).
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 
 from captum.attr import FeatureAblation, IntegratedGradients, LLMAttribution
@@ -59,10 +60,10 @@ def completeness_gaps(adapter: HFCausalLMAdapter, steps: list[int]) -> list[floa
     return gaps
 
 
-def stock_paths(name: str, sizes: dict) -> tuple[float | str, float | str, float]:
+def stock_paths(name: str, sizes: dict) -> tuple[float | str, float | str, float, list[float]]:
     """Max |token_attr| differences from stock Captum's sequence path: its
     token path with its cache (the default) and without, each or the error it
-    raises, and ours."""
+    raises, and ours; and the seconds each token path took."""
     adapter = tiny_from_config(name, **sizes)
     inp = ChatInput(CHAT, adapter, roles=("system", "user"))
     template = text_template_input(inp)
@@ -71,13 +72,16 @@ def stock_paths(name: str, sizes: dict) -> tuple[float | str, float | str, float
     ours = MultimodalLLMAttribution(FeatureAblation(adapter), adapter)
     ours_gap = float((ours.attribute(inp, target=TARGET).token_attr - sequence).abs().max())
     gaps: list[float | str] = []
+    seconds = []
     for cached in (True, False):
+        start = time.perf_counter()
         try:
             tokens = stock.attribute(template, target=TARGET, use_cached_outputs=cached)
             gaps.append(float((tokens.token_attr - sequence).abs().max()))
         except Exception as exc:  # noqa: BLE001 (stock's own failure is the finding)
             gaps.append(f"fails: {type(exc).__name__}")
-    return gaps[0], gaps[1], ours_gap
+        seconds.append(time.perf_counter() - start)
+    return gaps[0], gaps[1], ours_gap, seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,11 +101,13 @@ def main(argv: list[str] | None = None) -> None:
             f"  {label:14s} " + "  ".join(f"{n}: {g:.4f}" for n, g in zip(steps, gaps, strict=True))
         )
     print("FeatureAblation, max |token_attr - stock sequence path|")
-    print(f"  {'':12s} {'stock token path':>22s} {'without its cache':>22s} {'ours':>9s}")
+    print(f"  {'':12s} {'stock token path':>22s} {'without its cache':>22s} {'ours':>9s}"
+          "   (seconds: token path, without its cache)")  # fmt: skip
     for name in ["GPT2Config"] if args.quick else list(ARCHITECTURES):
-        gaps = stock_paths(name, ARCHITECTURES[name])
+        *gaps, seconds = stock_paths(name, ARCHITECTURES[name])
         shown = [g if isinstance(g, str) else f"{g:.2e}" for g in gaps]
-        print(f"  {name:12s} {shown[0]:>22s} {shown[1]:>22s} {shown[2]:>9s}")
+        print(f"  {name:12s} {shown[0]:>22s} {shown[1]:>22s} {shown[2]:>9s}"
+              f"   ({seconds[0]:.2f}, {seconds[1]:.2f})")  # fmt: skip
 
 
 if __name__ == "__main__":
