@@ -526,19 +526,11 @@ def _load_model(
     torch_dtype = getattr(torch, dtype) if dtype else None
     if name == "default":
         return load_default_model(device=device, dtype=torch_dtype)
-    if name in TINY_MODELS:
-        from captum_mllm import testing
-
-        if name == "tiny-llama":
-            return testing.tiny_hf_adapter()
-        if name == "demo-speech":
-            from captum_mllm import demo
-
-            return demo.load(device or "cpu")[0]
-        return LFM2AudioAdapter(*testing.tiny_lfm2_audio())
     path = Path(name)
     kind = adapter or _guess_adapter(name)
     try:
+        if name in TINY_MODELS:  # float32 on the CPU unless --device / --dtype say (unread)
+            return _tiny_model(name).to(device=device, dtype=torch_dtype)
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise UsageError(f"no GGUF file at {path}")
@@ -556,6 +548,18 @@ def _load_model(
     except Exception as exc:  # hub and loading errors come in many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot load model {name!r}: {first}") from None
+
+
+def _tiny_model(name: str) -> Any:
+    from captum_mllm import LFM2AudioAdapter, testing
+
+    if name == "tiny-llama":
+        return testing.tiny_hf_adapter()
+    if name == "demo-speech":
+        from captum_mllm import demo
+
+        return demo.load("cpu")[0]
+    return LFM2AudioAdapter(*testing.tiny_lfm2_audio())
 
 
 def _guess_adapter(name: str) -> str:

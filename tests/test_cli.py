@@ -102,6 +102,23 @@ def test_batch_sets_coalitions_a_call_and_changes_no_value(tmp_path, capsys):
     assert one.seq_attr.tolist() == pytest.approx(default.seq_attr.tolist(), abs=1e-5)
 
 
+def test_device_and_dtype_reach_the_test_models(tmp_path, capsys):
+    # --dtype and --device went unread for the tiny models: float32 on the CPU
+    argv = ["explain", "--user", "Who are you, my friend?", "--model", "tiny-llama",
+            "--method", "exact", "--answer", "I am a small model."]  # fmt: skip
+    saved = []
+    for dtype in ([], ["--dtype", "bfloat16"]):
+        code, _, err = run([*argv, *dtype, "--out", tmp_path / str(len(saved))], capsys)
+        assert code == 0, err
+        saved.append(
+            MultimodalLLMAttributionResult.load(tmp_path / str(len(saved)) / "result.json")
+        )
+    assert saved[0].seq_attr.tolist() != saved[1].seq_attr.tolist()  # bfloat16 rounds
+    assert saved[0].seq_attr.tolist() == pytest.approx(saved[1].seq_attr.tolist(), abs=0.5)
+    code, _, err = run([*argv, "--device", "no-such-device", "--out", tmp_path / "d"], capsys)
+    assert code == 2 and "cannot load model 'tiny-llama'" in err
+
+
 def test_budget_reaches_every_method_that_reads_one(tmp_path, capsys):
     # --budget once reached hierarchical as nothing (exact Owen values), and
     # captum-svs as 10 permutations when it was below the feature count.
