@@ -167,6 +167,8 @@ class ChatInput(InterpretableInput):
             raise InvalidBaselineError(
                 f'audio_fill= is only read with audio_baseline="embedding", not {audio_baseline!r}'
             )
+        if audio_unit != "word" and not is_span_list(audio_unit):  # checked without audio too
+            audio_group(audio_unit, 0.0, 0.0, 0, 1.0)
         if aligner is not None and audio_unit != "word":
             raise AlignmentError(
                 f'aligner= is only read with audio_unit="word", not {audio_unit!r}'
