@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from captum_mllm.encoding import EncodedChat, MaskedChat, coalition_keys
-from captum_mllm.errors import InvalidOptionError, require_int
+from captum_mllm.errors import InvalidOptionError, TargetError, require_int, warn_caller
 from captum_mllm.fingerprint import plain
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.models.decoder import check_sampling
@@ -425,7 +425,12 @@ class EmbeddingSimilarity(Target):
         vectors, ok = self.vectors(model, responses, context)
         if reference is None or not ok.any():
             return out
-        sims = self.similarity(vectors[ok], reference).float().cpu()
+        sims = torch.as_tensor(self.similarity(vectors[ok], reference)).float().cpu()
+        if sims.shape != (int(ok.sum()),):  # a scalar was broadcast: every coalition alike
+            raise TargetError(
+                f"the similarity gave shape {tuple(sims.shape)} for {int(ok.sum())} vectors; "
+                "it must return one value per row of its (N, d) first argument"
+            )
         out[ok] = torch.nan_to_num(sims, nan=float(self.empty_value))
         return out
 
@@ -436,7 +441,13 @@ class EmbeddingSimilarity(Target):
         nonempty = [i for i, r in enumerate(responses) if len(r) > 0]
         if callable(self.embedding):
             texts = [responses[i].text for i in nonempty]
-            reduced = [v for v in torch.as_tensor(self.embedding(texts)).float()] if texts else []
+            given = torch.as_tensor(self.embedding(texts)).float() if texts else None
+            if given is not None and (given.dim() != 2 or len(given) != len(texts)):
+                raise TargetError(  # an IndexError or a zip error deep inside
+                    f"the embedding gave shape {tuple(given.shape)} for {len(texts)} texts; it "
+                    "must return an (N, d) tensor, one vector per text"
+                )
+            reduced = list(given) if given is not None else []
         else:
             if self.embedding == "static":
                 per_token = [model.token_embeddings(responses[i]) for i in nonempty]
@@ -445,7 +456,17 @@ class EmbeddingSimilarity(Target):
             reduced = [self.reducer(t.float()) for t in per_token]
         if not reduced:
             return torch.zeros(len(responses), 1), torch.zeros(len(responses), dtype=torch.bool)
-        dim = reduced[0].shape[-1]
+        dim = reduced[0].shape[-1] if reduced[0].dim() else 0
+        if dim == 0 or any(v.shape != (dim,) for v in reduced):
+            raise TargetError(
+                f"the reducer gave shapes {sorted({tuple(v.shape) for v in reduced})}; it must "
+                "reduce each response's (n, d) states to one (d,) vector"
+            )
+        if not all(bool(torch.isfinite(v).all()) for v in reduced):  # NaN read as empty
+            warn_caller(
+                "some response vectors hold NaN or infinite values (a float16 overflow, or the "
+                "embedding's own); their coalitions get empty_value"
+            )
         vectors = torch.zeros(len(responses), dim)
         ok = torch.zeros(len(responses), dtype=torch.bool)
         for i, v in zip(nonempty, reduced, strict=True):

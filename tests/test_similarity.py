@@ -14,7 +14,7 @@ from captum_mllm import (
     MultimodalLLMAttribution,
     captum_compat,
 )
-from captum_mllm.errors import InvalidOptionError
+from captum_mllm.errors import InvalidOptionError, TargetError
 from captum_mllm.methods import BayesianShapley
 
 GEN = {"max_new_tokens": 6}
@@ -109,6 +109,20 @@ def test_callables_empty_answers_and_zero_vectors(model):
     zero = EmbeddingSimilarity(lambda texts: torch.zeros(len(texts), 3), empty_value=0.5)
     assert zero.values(model, [text], torch.ones(3)).tolist() == [0.5]  # zero norm
     assert not torch.isnan(EmbeddingSimilarity().values(model, [empty, empty], None)).any()
+    # Callables of the wrong shape failed deep inside (an IndexError, a zip
+    # error), a scalar similarity was broadcast to every coalition, NaN vectors
+    # turned into empty_value without a word
+    for bad in (lambda t: torch.ones(len(t)), lambda t: torch.ones(1, 3)):
+        with pytest.raises(TargetError, match="must return an"):
+            EmbeddingSimilarity(bad).vectors(model, [text, zero_text])
+    scalar = EmbeddingSimilarity(embed, similarity=lambda a, b: (a @ b).sum())
+    with pytest.raises(TargetError, match="one value per row"):
+        scalar.values(model, [text, zero_text], ref)
+    with pytest.raises(TargetError, match="reduce each response"):
+        EmbeddingSimilarity(reducer=lambda x: x.sum()).vectors(model, [text])
+    nan = EmbeddingSimilarity(lambda t: torch.full((len(t), 2), math.nan))
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        assert nan.values(model, [text], torch.ones(2)).tolist() == [0.0]
 
 
 def test_sampled_mode_is_reproducible_and_reports_sample_std(model, chat):
