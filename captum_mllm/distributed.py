@@ -182,6 +182,17 @@ def _check_ray_settings(use_ray: bool | None, **settings: Any) -> None:
         )
 
 
+def _check_attribute_kwargs(attribute_kwargs: dict[str, Any] | None) -> None:
+    """``store`` and ``shard`` are set per chat here: given too, a TypeError came
+    from inside a worker."""
+    own = sorted({"store", "shard"} & set(attribute_kwargs or {}))
+    if own:
+        raise InvalidOptionError(
+            f"attribute_kwargs {own} are set here (each chat's store under store_dir, or "
+            "explain_sharded's store= and num_shards=); leave them out"
+        )
+
+
 def _ray(address: str | None, num_workers: int | None) -> Any:
     """Ray, started (or joined at ``address``) once; None when it is not installed."""
     try:
@@ -266,6 +277,7 @@ def explain_dataset(
     if num_workers is not None:  # 0 started no worker: no chat explained, no error
         require_int("num_workers", num_workers, 1)
     require_int("max_retries", max_retries, 0)
+    _check_attribute_kwargs(attribute_kwargs)
     items = _named(chats)
     rows: list[dict[str, Any]] = []
     todo = []
@@ -430,6 +442,7 @@ def explain_sharded(
         MultimodalLLMAttributionResult: the explanation.
     """
     require_int("num_shards", num_shards, 1)  # 0 ran unsharded, a float failed in range()
+    _check_attribute_kwargs(attribute_kwargs)
     args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
     _check_ray_settings(use_ray, address=address, resources_per_worker=resources_per_worker)
     ray = None if use_ray is False else _ray(address, num_shards)

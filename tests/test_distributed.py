@@ -217,6 +217,13 @@ def test_sharding_in_process_and_its_refusals(tmp_path):
     with pytest.raises(InvalidOptionError, match="num_workers must be"):
         explain_dataset(CHATS[:1], factory, LeverageKernelShap, store_dir=tmp_path / "d",
                         num_workers=0)  # fmt: skip
+    for own in ({"store": tmp_path / "x.sqlite"}, {"shard": (0, 2)}):  # a TypeError in a worker
+        with pytest.raises(InvalidOptionError, match="are set here"):
+            explain_dataset(CHATS[:1], factory, LeverageKernelShap, {}, own,
+                            store_dir=tmp_path / "d", use_ray=False)  # fmt: skip
+        with pytest.raises(InvalidOptionError, match="are set here"):
+            explain_sharded(chat, factory, LeverageKernelShap, {}, own,
+                            store=tmp_path / "r.sqlite", use_ray=False)  # fmt: skip
     with pytest.raises(InvalidOptionError, match="num_shards must be"):
         explain_sharded(chat, factory, LeverageKernelShap, store=tmp_path / "r.sqlite",
                         num_shards=0, use_ray=False)  # fmt: skip
