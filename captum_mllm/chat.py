@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from captum_mllm.errors import (
+    AudioError,
     EmptyChatError,
     EmptyTextError,
     InvalidContentError,
@@ -81,6 +82,11 @@ class AudioPart:
             AudioPart: the mono clip at its own sample rate.
         """
         if isinstance(audio, AudioPart):
+            if sample_rate is not None and sample_rate != audio.sample_rate:  # went unread
+                raise AudioError(
+                    f"this AudioPart is {audio.sample_rate} Hz audio, not sample_rate="
+                    f"{sample_rate}; leave sample_rate= out (clips are resampled for the model)"
+                )
             return audio
         from captum_mllm.audio import load_audio
 

@@ -113,3 +113,7 @@ def test_a_file_with_another_sample_rate_than_given_is_refused(tmp_path):
         Chat().user("Hi", audio=str(path), sample_rate=8000)
     wave, rate, _ = load_audio(path, 16000)  # the same rate, said aloud
     assert rate == 16000 and len(wave) == 8000
+    part = Chat().user(audio=str(path))[0].parts[0]  # an AudioPart passed on: the same
+    with pytest.raises(AudioError, match="16000 Hz audio, not sample_rate=8000"):
+        Chat().user("Hi", audio=part, sample_rate=8000)
+    assert Chat().user(audio=part, sample_rate=16000)[0].parts[0] is part
