@@ -110,6 +110,8 @@ class SQLiteStore(CoalitionStore):
                     "(key BLOB PRIMARY KEY, value BLOB NOT NULL, response TEXT)"
                 )
         except sqlite3.DatabaseError as exc:  # a folder, another kind of file
+            if hasattr(self, "db"):
+                self.db.close()
             raise StoreMismatchError(
                 f"{self.path} cannot be a coalition store ({exc}): name a new file or one an "
                 "earlier run wrote"
