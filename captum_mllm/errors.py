@@ -4,6 +4,7 @@ Every message says what was wrong and what to do about it.
 """
 
 import contextlib
+import math
 import numbers
 import os
 import sys
@@ -86,6 +87,23 @@ def require_int(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise InvalidOptionError(f"{name} must be an int of at least {low}, got {value!r}")
     return int(value)
+
+
+def require_real(
+    name: str, value: object, above: float = -math.inf, at_least: bool = False
+) -> float:
+    """``value`` as a finite float above ``above`` (or equal to it when
+    ``at_least``); not bools, strings or NaN.
+
+    Raises:
+        InvalidOptionError: it is not one.
+    """
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    number = float(value) if real else math.nan  # type: ignore[arg-type]
+    if not (math.isfinite(number) and (number >= above if at_least else number > above)):
+        bound = "" if above == -math.inf else f" {'>=' if at_least else 'above'} {above:g}"
+        raise InvalidOptionError(f"{name} must be a finite number{bound}, got {value!r}")
+    return number
 
 
 class InvalidBaselineError(CaptumMLLMError):

@@ -26,6 +26,7 @@ from captum_mllm.errors import (
     PlotError,
     ResultFormatError,
     require_int,
+    require_real,
 )
 from captum_mllm.fingerprint import digest
 from captum_mllm.inputs import FeatureInfo
@@ -410,10 +411,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             raise InvalidOptionError(
                 f"unknown normaliser {kind!r}; use one of {sorted(_NORMALISERS)}"
             )
-        if kind == "power_shift" and not (
-            isinstance(power, int | float) and math.isfinite(power) and power > 0
-        ):  # 0 ** p for the smallest value: NaN below 0, a uniform split at 0
-            raise InvalidOptionError(f"power must be a finite number above 0, got {power!r}")
+        if kind == "power_shift":  # 0 ** p for the smallest value: NaN below 0, uniform at 0
+            require_real("power", power, above=0)
         fn = _NORMALISERS[kind]
         new = copy.copy(self)
         new.seq_attr = fn(self.seq_attr[None], power)[0]

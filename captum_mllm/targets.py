@@ -11,8 +11,6 @@ object itself keeps nothing between calls.
 from __future__ import annotations
 
 import hashlib
-import math
-import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,7 +20,13 @@ import torch
 from torch import Tensor
 
 from captum_mllm.encoding import EncodedChat, MaskedChat, coalition_keys
-from captum_mllm.errors import InvalidOptionError, TargetError, require_int, warn_caller
+from captum_mllm.errors import (
+    InvalidOptionError,
+    TargetError,
+    require_int,
+    require_real,
+    warn_caller,
+)
 from captum_mllm.fingerprint import plain
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.models.decoder import check_sampling
@@ -217,14 +221,6 @@ def _sampling_setting(key: str, value: Any, gen_args: dict[str, Any], do_sample:
     return given
 
 
-def _is_finite_number(value: object) -> bool:
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
-
-
 class EmbeddingSimilarity(Target):
     """Regenerate the response under each coalition and compare it with the
     response to the full chat (the value function of MLLM-SHAP).
@@ -305,8 +301,7 @@ class EmbeddingSimilarity(Target):
         # a float failed deep inside, True ran as 1, a float seed ran as another seed
         samples_per_coalition = require_int("samples_per_coalition", samples_per_coalition, 1)
         seed = require_int("seed", seed, 0)
-        if not _is_finite_number(empty_value):  # NaN would spread to every attribution
-            raise InvalidOptionError(f"empty_value must be a finite number, got {empty_value!r}")
+        require_real("empty_value", empty_value)  # NaN would spread to every attribution
         self.embedding = embedding
         self.context = context
         self.reducer = _reduce(reducer) if isinstance(reducer, str) else reducer

@@ -31,6 +31,7 @@ from captum_mllm.errors import (
     InvalidOptionError,
     UnsupportedInputError,
     require_int,
+    require_real,
     warn_caller,
 )
 
@@ -217,14 +218,8 @@ class ShapleyEstimator(PerturbationAttribution):
         perturbations_per_eval = require_int("perturbations_per_eval", perturbations_per_eval, 1)
         if budget is not None:  # a float, str or bool raised deep inside, or ran as 1
             budget = require_int("budget (a positive number of coalitions)", budget, 1)
-        if target_stderr is not None and not (
-            isinstance(target_stderr, numbers.Real)
-            and not isinstance(target_stderr, bool)
-            and 0 < target_stderr < math.inf
-        ):  # a str raised deep inside; NaN or <= 0 never stopped, without a word
-            raise InvalidOptionError(
-                f"target_stderr must be a positive finite number, got {target_stderr!r}"
-            )
+        if target_stderr is not None:  # a str raised deep inside; NaN or <= 0 never stopped
+            require_real("target_stderr", target_stderr, above=0)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         else:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-from captum_mllm.errors import InvalidOptionError
+from captum_mllm.errors import InvalidOptionError, require_real
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator
 
 SURROGATES = ("auto", "linear", "quadratic")
@@ -44,8 +43,7 @@ class RegressionAdjustedShapley(ShapleyEstimator):
         super().__init__(forward_func)
         if surrogate not in SURROGATES:
             raise InvalidOptionError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
-        if not (isinstance(alpha, int | float) and 0 <= alpha < math.inf):  # sklearn's own error
-            raise InvalidOptionError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        require_real("alpha", alpha, above=0, at_least=True)  # scikit-learn's own error
         self.surrogate = surrogate
         self.alpha = alpha
 
