@@ -547,7 +547,14 @@ class MultimodalLLMAttribution(LLMAttribution):
         keep_eos: bool,
     ) -> tuple[Response, int]:
         """The response, and the model calls made outside the adapter to get it."""
-        default = self.value_fn.gen_args or captum_compat.DEFAULT_GEN_ARGS
+        own = self.value_fn.gen_args  # a regenerating target's: its answers' settings
+        if own and gen_args and any(own.get(k, _UNSET) != v for k, v in gen_args.items()):
+            raise InvalidOptionError(  # the answer and the coalitions' answers would differ
+                f"gen_args {gen_args} differ from the target's {own}, with which it regenerates "
+                "every coalition's answer; give them once, to the target (e.g. "
+                "EmbeddingSimilarity(gen_args=...))"
+            )
+        default = own or captum_compat.DEFAULT_GEN_ARGS
         stock = (
             None if isinstance(inp, ChatInput) else functools.partial(captum_compat.generate, self)
         )
@@ -713,6 +720,8 @@ LIME_DEFAULT_SAMPLES = inspect.signature(Lime.attribute).parameters["n_samples"]
 
 #: An answer probability below this (float32's smallest normal number) warns.
 PROB_UNDERFLOW = float(torch.finfo(torch.float32).tiny)
+
+_UNSET = object()
 
 #: Generation settings that sample (the explained answer of a chat is greedy).
 _SAMPLING = ("do_sample", "temperature", "top_k", "audio_temperature", "audio_top_k")

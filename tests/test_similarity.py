@@ -56,6 +56,12 @@ def test_batched_regeneration_equals_one_at_a_time(model, chat):
     )
     greedy = lp_res.attribute(inp, gen_args=GEN, keep_eos=True).target_ids
     assert torch.equal(batched[-1].ids, greedy)
+    # gen_args to attribute set the explained answer alone: 3 tokens, against
+    # which every coalition's answer of up to 25 was compared
+    same = sim_res.attribute(inp, gen_args=GEN)  # the target's own settings: fine
+    assert torch.equal(same.target_ids, sim_res.attribute(inp).target_ids)
+    with pytest.raises(InvalidOptionError, match="differ from the target's"):
+        sim_res.attribute(inp, gen_args={**GEN, "max_new_tokens": GEN["max_new_tokens"] - 1})
 
 
 A = torch.tensor([[1.0, 2.0, 2.0], [3.0, 0.0, -1.0]])  # two token vectors
