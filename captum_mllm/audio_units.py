@@ -17,6 +17,17 @@ def is_span_list(unit: Any) -> bool:
     return isinstance(unit, Sequence) and not isinstance(unit, str)
 
 
+def per_clip_spans(unit: Any) -> Sequence[Any] | None:
+    """``audio_unit`` when it is one list of spans per clip (``[[(0, 0.5), ...], [...]]``),
+    else None (one list of spans holds numbers, not spans)."""
+    nested = (
+        is_span_list(unit)
+        and len(unit) > 0
+        and all(is_span_list(spans) and all(is_span_list(s) for s in spans) for spans in unit)
+    )
+    return unit if nested else None
+
+
 def audio_group(unit: Any, t0: float, t1: float, position: int, end: float) -> int:
     """Feature key of an audio position under a ``"frame"``, ``"turn"`` or
     seconds ``audio_unit``.

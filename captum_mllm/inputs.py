@@ -17,7 +17,7 @@ import torch
 from captum.attr import InterpretableInput
 from torch import Tensor
 
-from captum_mllm.audio_units import audio_group, is_span_list, span_features
+from captum_mllm.audio_units import audio_group, is_span_list, per_clip_spans, span_features
 from captum_mllm.chat import ROLES, AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.errors import (
@@ -27,6 +27,7 @@ from captum_mllm.errors import (
     InvalidModelError,
     InvalidOptionError,
     InvalidRoleError,
+    InvalidSpanError,
     NoFeaturesError,
 )
 from captum_mllm.models.base import ModelAdapter
@@ -88,8 +89,10 @@ class ChatInput(InterpretableInput):
             position), a window in seconds (e.g. ``0.5``), ``"turn"`` (the whole
             clip), or explicit spans ``[(start_s, end_s, label), ...]``, not
             overlapping (a position belongs to the span holding its midpoint;
-            positions outside every span stay fixed), or ``"word"``: spans of the transcript's words
-            found by ``aligner`` (labels ``♪word``). Default: ``0.5``
+            positions outside every span stay fixed; with several clips, one such
+            list per clip in chat order, an empty one leaving its clip out), or
+            ``"word"``: spans of the transcript's words found by ``aligner``
+            (labels ``♪word``). Default: ``0.5``
         audio_baseline (str, optional): ``"drop"`` removes absent audio
             positions; ``"embedding"`` replaces their encoder outputs with
             ``audio_fill`` (zeros by default), the clip encoded once;
@@ -138,7 +141,7 @@ class ChatInput(InterpretableInput):
         skip: str | Sequence[str] = ("punctuation", "special"),
         groups: Sequence[Hashable] | None = None,
         text_baseline: str | int = "drop",
-        audio_unit: str | float | Sequence[tuple[float, float, str]] = 0.5,
+        audio_unit: str | float | Sequence[Any] = 0.5,
         audio_baseline: str = "drop",
         audio_fill: Tensor | None = None,
         aligner: Any = None,
@@ -361,15 +364,29 @@ class ChatInput(InterpretableInput):
             return []  # whole turns already hold their audio
         assert enc.audio_time is not None
         found: list[_Found] = []
-        for c in sorted(set(enc.clip.tolist()) - {-1}):
+        chosen = [
+            c
+            for c in sorted(set(enc.clip.tolist()) - {-1})
+            if enc.roles[int(enc.turn[(enc.clip == c).nonzero()[0, 0]])] in self.roles
+        ]
+        per_clip = per_clip_spans(self.audio_unit)
+        if is_span_list(self.audio_unit) and per_clip is None and len(chosen) > 1:
+            raise InvalidSpanError(  # one clip's times were read in every clip
+                f"audio_unit spans are times in one clip, and {len(chosen)} clips hold features; "
+                "give one list of spans per clip, in chat order ([[...], [...]])"
+            )
+        for c in chosen:
             positions = (enc.clip == c).nonzero().flatten().tolist()
-            if enc.roles[int(enc.turn[positions[0]])] not in self.roles:
-                continue
             times = enc.audio_time[positions].double().round(decimals=4).tolist()
             end = float(times[-1][1])
             if self.audio_unit == "word" or is_span_list(self.audio_unit):
-                unit = self._word_spans(c) if self.audio_unit == "word" else self.audio_unit
-                found += span_features(unit, positions, times, end)  # type: ignore[arg-type]
+                unit: Any = self.audio_unit
+                if self.audio_unit == "word":
+                    unit = self._word_spans(c)
+                elif per_clip is not None:
+                    unit = per_clip[c]
+                if unit:  # a clip's empty list: none of its audio is a feature
+                    found += span_features(unit, positions, times, end)  # type: ignore[arg-type]
                 continue
             groups: dict[int, list[int]] = {}
             spans: dict[int, tuple[float, float]] = {}
@@ -440,11 +457,17 @@ class ChatInput(InterpretableInput):
         return [(start, end, f"♪{word}") for start, end, word in spans]
 
     def _check_transcripts(self) -> None:
+        n_clips = sum(isinstance(p, AudioPart) for turn in self.prompt for p in turn.parts)
+        per_clip = per_clip_spans(self.audio_unit)
+        if per_clip is not None and len(per_clip) != n_clips:
+            raise InvalidSpanError(
+                f"{len(per_clip)} lists of spans for {n_clips} audio clips; give exactly "
+                "one list per clip, in chat order"
+            )
         if self.transcripts is None:
             return
         if self.audio_unit != "word":
             raise AlignmentError('transcripts= is only read with audio_unit="word"')
-        n_clips = sum(isinstance(p, AudioPart) for turn in self.prompt for p in turn.parts)
         if len(self.transcripts) != n_clips:
             raise AlignmentError(
                 f"{len(self.transcripts)} transcripts for {n_clips} audio clips; give exactly "

@@ -217,6 +217,19 @@ def test_audio_units_and_labels(lfm, wave):
     assert whole.values[0] == "audio[0.00-1.00s]"
     spans = ChatInput(mixed_chat(wave), lfm, audio_unit=[(0.0, 0.4, "what"), (0.4, 0.7, "is")])
     assert spans.values[:2] == ["what", "is"] and spans.features[1].time == (0.4, 0.7)
+    # Two clips: one list of spans was read as times in each clip; now one per clip
+    two = mixed_chat(wave).user(audio=wave[:8000], sample_rate=16000)
+    with pytest.raises(InvalidSpanError, match="one list of spans per clip"):
+        ChatInput(two, lfm, audio_unit=[(0.0, 0.4, "what")])
+    each = ChatInput(
+        two, lfm, audio_unit=[[(0.0, 0.4, "what")], [(0.0, 0.3, "a"), (0.3, 0.5, "b")]]
+    )
+    audio = [f for f in each.features if f.modality == "audio_in"]
+    assert [(f.label, f.clip) for f in audio] == [("what", 0), ("a", 1), ("b", 1)]
+    assert [f.label for f in ChatInput(two, lfm, audio_unit=[[], [(0.0, 0.5, "b")]]).features
+            if f.modality == "audio_in"] == ["b"]  # fmt: skip
+    with pytest.raises(InvalidSpanError, match="2 lists of spans for 1 audio clips"):
+        ChatInput(mixed_chat(wave), lfm, audio_unit=[[(0.0, 0.4)], [(0.0, 0.4)]])
     turns = ChatInput(mixed_chat(wave), lfm, text_unit="turn", roles=("system", "user"))
     assert [f.modality for f in turns.features] == ["text", "mixed"]
     with pytest.raises(InvalidOptionError):
