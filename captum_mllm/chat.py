@@ -6,6 +6,7 @@ Hugging Face message lists convert both ways.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -245,7 +246,7 @@ class Chat(Sequence[Turn]):
 
         ``content`` may be a string or a list of ``{"type": "text", "text": ...}``
         and ``{"type": "audio", "audio" | "path" | "url": ..., "sampling_rate": ...}``
-        items.
+        items, or OpenAI's ``{"type": "input_audio", "input_audio": {"data": base64}}``.
 
         Args:
             messages (list of dict): the messages.
@@ -314,9 +315,18 @@ def _part_from_dict(item: Any) -> Part:
     if kind == "text":
         return TextPart(item.get("text"))  # type: ignore[arg-type]
     if kind in ("audio", "input_audio"):
-        audio = next((item[k] for k in ("audio", "path", "url", "data") if k in item), None)
+        nested = item.get("input_audio")  # OpenAI's {"input_audio": {"data": base64, ...}}
+        source = nested if isinstance(nested, Mapping) else item
+        audio = next((source[k] for k in ("audio", "path", "url", "data") if k in source), None)
         if audio is None:
-            raise InvalidContentError("an audio item needs one of 'audio', 'path' or 'url'")
+            raise InvalidContentError(
+                "an audio item needs one of 'audio', 'path', 'url' or 'data' (base64)"
+            )
+        if isinstance(audio, str) and "data" in source and audio is source["data"]:
+            try:  # it was read as a file name
+                audio = base64.b64decode(audio, validate=True)
+            except ValueError:
+                raise InvalidContentError("an audio item's 'data' must be base64") from None
         if isinstance(audio, list):
             audio = np.asarray(audio, dtype=np.float32)
         return AudioPart.from_any(audio, item.get("sampling_rate") or item.get("sample_rate"))

@@ -44,6 +44,24 @@ def test_audio_part_from_messages_keeps_rate_and_length():
     assert chat.has_audio
 
 
+def test_openai_input_audio_items_are_read():
+    # {"type": "input_audio"} was accepted by name, but its base64 data was read as a path
+    import base64
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(1600, dtype=np.float32), 16000, format="WAV")
+    data = base64.b64encode(buf.getvalue()).decode()
+    for item in ({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+                 {"type": "input_audio", "data": data}):  # fmt: skip
+        part = Chat.from_messages([{"role": "user", "content": [item]}])[0].parts[0]
+        assert isinstance(part, AudioPart) and part.duration == pytest.approx(0.1)
+    with pytest.raises(InvalidContentError, match="base64"):
+        Chat.from_messages([{"role": "user", "content": [{"type": "input_audio", "data": "a b"}]}])
+
+
 @pytest.mark.parametrize(
     "build, error",
     [
