@@ -201,6 +201,17 @@ def test_a_tokenizer_without_a_chat_template_is_named(chat):
     tokenizer.chat_template = None  # a base model's (transformers raised its own ValueError)
     with pytest.raises(ChatTemplateError, match="TextTemplateInput"):
         ChatInput(chat, HFCausalLMAdapter(tiny_llama(), tokenizer))
+    # A template that refuses a system turn (as Gemma's does): jinja2's own error came through
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    refusing = HFCausalLMAdapter(tiny_llama(), tokenizer)
+    with pytest.raises(ChatTemplateError, match="System role not supported"):
+        ChatInput(Chat().system("Be brief.").user("Who are you?"), refusing)
+    assert ChatInput(Chat().user("Who are you?"), refusing).values == ["Who", "are", "you"]
 
 
 def test_final_assistant_turn_is_the_response_not_the_prompt(model, chat):

@@ -217,9 +217,17 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 "chat model?): set tokenizer.chat_template, or explain a plain prompt with "
                 "Captum's TextTemplateInput"
             )
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        import jinja2
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except jinja2.TemplateError as exc:  # e.g. raise_exception("System role not supported")
+            raise ChatTemplateError(
+                f"the model's chat template refuses this chat: {exc} (a template without a "
+                "system role takes the system prompt inside the first user turn)"
+            ) from exc
 
     def _turn_spans(
         self,
