@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from captum_mllm.errors import (
     InvalidBaselineError,
     InvalidModelError,
     InvalidOptionError,
+    StoreMismatchError,
     TargetError,
     UnsupportedInputError,
     require_int,
@@ -573,9 +575,16 @@ class MultimodalLLMAttribution(LLMAttribution):
         inp: InterpretableInput,
         response: Response,
     ) -> CoalitionStore:
-        if isinstance(store, CoalitionStore):
+        fingerprint = self._fingerprint(inp, response)
+        if isinstance(store, CoalitionStore):  # e.g. a MemoryStore kept between calls
+            named = json.dumps(fingerprint, sort_keys=True)
+            if store.first("fingerprint", named) != named:  # keys are coalitions alone
+                raise StoreMismatchError(
+                    "this store holds another explanation's coalitions; use a new store for "
+                    "each explanation"
+                )
             return store
-        return SQLiteStore(Path(store), self._fingerprint(inp, response))
+        return SQLiteStore(Path(store), fingerprint)
 
     def _fingerprint(self, inp: InterpretableInput, response: Response) -> dict[str, str]:
         """Digests of what a coalition's value depends on (see :mod:`captum_mllm.fingerprint`)."""

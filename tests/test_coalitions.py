@@ -172,6 +172,17 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
         attr2.attribute(ChatInput(chat, other), target=TARGET, store=store)
 
 
+def test_a_store_object_kept_between_calls_refuses_another_explanation(model, chat):
+    # A MemoryStore is keyed by coalitions alone: another chat's values were read back
+    store = MemoryStore()
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    first = attr.attribute(ChatInput(chat, model), target=TARGET, store=store)
+    again = attr.attribute(ChatInput(chat, model), target=TARGET, store=store)  # the same one
+    assert again.n_unique_coalitions == 0 and torch.equal(again.seq_attr, first.seq_attr)
+    with pytest.raises(StoreMismatchError, match="another explanation"):
+        attr.attribute(ChatInput(chat, model), target="Something else.", store=store)
+
+
 def test_a_store_that_cannot_be_one_or_is_switched_off(model, chat, tmp_path):
     attr = MultimodalLLMAttribution(FeatureAblation(model), model)
     (tmp_path / "notes.sqlite").write_text("not a database")
