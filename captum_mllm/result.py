@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from captum_mllm.errors import (
     AudioError,
+    CaptumMLLMError,
     InconsistentVersionWarning,
     InvalidOptionError,
     PlotError,
@@ -548,14 +550,17 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
 
     # Summaries ----------------------------------------------------------------------
 
-    def modality_share(self, target_token_pos: int | None = None) -> dict[str, float]:
+    def modality_share(
+        self, target_token_pos: int | tuple[int, int] | None = None
+    ) -> dict[str, float]:
         """Share of the total absolute attribution held by each modality (text,
         audio_in, mixed), as MM-SHAP reports it; the shares sum to 1, or are
         NaN when every attribution is zero (no modality holds a share then).
 
         Args:
-            target_token_pos (int, optional): one output token's row of
-                ``token_attr`` instead of the sequence attribution. Default: None
+            target_token_pos (int or tuple[int, int], optional): one output
+                token's row of ``token_attr`` instead of the sequence attribution,
+                or ``(m, n)`` for rows m..n-1 summed. Default: None
         """
         values = self._row(target_token_pos).abs()
         kinds = [f.modality for f in self.features] if self.features else ["text"] * len(values)
@@ -586,17 +591,33 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         key = frame["seq_attr"].abs() if by_abs else frame["seq_attr"]
         return frame.loc[key.sort_values(ascending=False).index[:k]]
 
-    def _row(self, target_token_pos: int | None) -> Tensor:
+    def _row(
+        self,
+        target_token_pos: int | tuple[int, int] | None,
+        error: type[CaptumMLLMError] = InvalidOptionError,
+    ) -> Tensor:
+        """The sequence attribution, one output token's row of ``token_attr``, or
+        rows m..n-1 summed for ``(m, n)`` (as Captum's ``plot_image_heatmap``)."""
         if target_token_pos is None:
             return torch.as_tensor(self.seq_attr).detach().cpu().float()
         if self.token_attr is None:
-            raise InvalidOptionError("this result has no token_attr; use target_token_pos=None")
+            raise error("this result has no token_attr; use target_token_pos=None")
         rows = len(self.token_attr)
-        if not -rows <= target_token_pos < rows:
-            raise InvalidOptionError(
-                f"target_token_pos {target_token_pos} is out of range for {rows} output tokens"
-            )
-        return torch.as_tensor(self.token_attr)[target_token_pos].detach().cpu().float()
+        token_attr = torch.as_tensor(self.token_attr).detach().cpu().float()
+        pos: Any = target_token_pos  # checked here: users pass numpy ints, bools, floats
+        if _is_index(pos) and -rows <= pos < rows:
+            return token_attr[int(pos)]
+        if (
+            isinstance(pos, tuple | list)
+            and len(pos) == 2
+            and all(_is_index(i) for i in pos)
+            and 0 <= pos[0] < pos[1] <= rows
+        ):  # a bool or float indexed another shape, or raised deep inside
+            return token_attr[int(pos[0]) : int(pos[1])].sum(dim=0)
+        raise error(
+            f"target_token_pos {pos!r} is out of range: use an int in [{-rows}, {rows}) "
+            f"or (m, n) with 0 <= m < n <= {rows}"
+        )
 
     # Reports ------------------------------------------------------------------------
 
@@ -629,6 +650,11 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             f"output_tokens={len(self.output_tokens)}, model_calls={self.n_model_calls}, "
             f"unique_coalitions={self.n_unique_coalitions}/{self.n_coalitions})"
         )
+
+
+def _is_index(value: object) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _versions() -> dict[str, str]:

@@ -117,6 +117,14 @@ def test_summaries(report):
         res.top_features(-1)
     with pytest.raises(InvalidOptionError, match="out of range"):  # an IndexError came through
         res.modality_share(target_token_pos=len(res.output_tokens))
+    for bad in (True, 1.5, (1, 1), (0, 1, 2)):  # a bool or float indexed another shape
+        with pytest.raises(InvalidOptionError, match="out of range"):
+            res.modality_share(target_token_pos=bad)
+    summed = res.token_attr[:2].sum(dim=0).abs()
+    audio = [f.modality == "audio_in" for f in res.features]
+    assert res.modality_share(target_token_pos=(0, 2))["audio_in"] == pytest.approx(
+        float(summed[audio].sum() / summed.sum()), rel=1e-6
+    )
     frame = res.to_dataframe()
     audio = frame[frame.modality == "audio_in"]
     assert (audio.end_s > audio.start_s).all() and frame[
@@ -131,6 +139,8 @@ def test_plot_chat_attr_draws_one_patch_per_feature_in_its_colour(report):
 
     matplotlib.use("Agg")
     res, _ = report
+    with pytest.raises(InvalidOptionError):  # each word was drawn on a line of its own
+        res.plot_chat_attr(width=0)
     for row in (None, 1):
         fig, ax = res.plot_chat_attr(target_token_pos=row)
         patches = {p.get_gid(): p for p in ax.patches if p.get_gid()}

@@ -30,7 +30,7 @@ def plot_audio_attr(
     from matplotlib.colors import Normalize
 
     part, index = _clip(result, turn, clip)
-    attr = _attribution(result, target_token_pos).detach().cpu().float()
+    attr = result._row(target_token_pos, PlotError)
     features = [(i, f) for i, f in enumerate(result.features or []) if f.clip == index and f.time]
     if not features:
         raise PlotError(f"clip {index} has no audio features in this result")
@@ -98,26 +98,6 @@ def _clip(
         raise PlotError(f"clip {clip} does not exist; there are {len(candidates)} clips")
     index = candidates[clip]
     return clips[index], index
-
-
-def _attribution(
-    result: MultimodalLLMAttributionResult, target_token_pos: int | tuple[int, int] | None
-) -> torch.Tensor:
-    """Sequence attribution, one output token's row, or rows m..n-1 summed (as
-    Captum's ``plot_image_heatmap``)."""
-    if target_token_pos is None:
-        return result.seq_attr
-    if result.token_attr is None:
-        raise PlotError("this result has no token_attr; use target_token_pos=None")
-    n = result.token_attr.shape[0]
-    if isinstance(target_token_pos, int):
-        if not -n <= target_token_pos < n:
-            raise PlotError(f"target_token_pos {target_token_pos} is out of range for {n} tokens")
-        return result.token_attr[target_token_pos]
-    start, end = target_token_pos
-    if not 0 <= start < end <= n:
-        raise PlotError(f"target_token_pos {target_token_pos} is out of range for {n} tokens")
-    return result.token_attr[start:end].sum(dim=0)
 
 
 def _log_mel(wave: torch.Tensor, sample_rate: int) -> np.ndarray:

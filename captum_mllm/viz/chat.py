@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from captum_mllm.errors import PlotError
-from captum_mllm.viz.audio import _attribution
+from captum_mllm.errors import PlotError, require_int
 
 if TYPE_CHECKING:
     from captum_mllm.result import MultimodalLLMAttributionResult
@@ -33,7 +32,8 @@ def plot_chat_attr(
 
     if not result.segments:
         raise PlotError("this result has no chat (a Captum input): use plot_seq_attr")
-    attr = _attribution(result, target_token_pos).detach().cpu().float()
+    require_int("width", width, 1)  # 0 or less drew every word on a line of its own
+    attr = result._row(target_token_pos, PlotError)
     bound = float(attr.abs().max()) or 1.0
     norm = Normalize(vmin=-bound, vmax=bound)
     cmap = result._get_plot_color_map()
