@@ -150,7 +150,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         clips (list of ClipRef or None): the chat's audio clips, in chat order.
         output_audio (dict or None): for spoken responses, ``{"codes": (8, F)
             Mimi codes, "waveform": 24 kHz samples or None (needs the model's
-            detokenizer weights), "sample_rate": 24000}``.
+            detokenizer or Mimi weights), "sample_rate": 24000}``.
         provenance (dict): model, method and its arguments, target settings,
             seed, package versions.
         n_model_calls (int): model forwards (and generate calls) made.

@@ -2,6 +2,7 @@
 against liquid-audio's own generators, packed scoring, bad audio."""
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -166,6 +167,36 @@ def test_audio_output_is_attributed_per_frame(lfm, wave):
     assert res.token_attr.shape == (9, 5) and torch.isfinite(res.token_attr).all()
     assert res.output_tokens[6:] == ["♪0.08s", "♪0.16s", "♪0.24s"]
     assert res.output_audio["codes"].shape == (8, 3) and res.output_audio["waveform"] is None
+
+
+def test_spoken_answer_is_decoded_as_liquid_audio_decodes_it(lfm):
+    """LFM2-Audio-1.5B ships Mimi alone: its answer's waveform came back None,
+    without a word, as did one whose detokenizer failed (it moves to CUDA)."""
+    import copy
+
+    from liquid_audio.moshi.models.loaders import get_mimi
+
+    codes = torch.randint(0, 2048, (8, 4), generator=torch.Generator().manual_seed(0))
+    items = torch.cat([torch.full((4, 1), -1), codes.T], dim=1)
+    processor = copy.copy(lfm.processor)
+    processor.mimi_weights_path = "random Mimi weights"  # read through the property's cache
+    processor._mimi = get_mimi(None, device="cpu").eval()
+    spoken = LFM2AudioAdapter(lfm.model, processor)
+    with torch.no_grad():  # liquid-audio's demo decodes this way
+        want = processor._mimi.decode(codes[None])[0, 0]
+    audio = spoken.response(items).audio
+    assert audio["codes"].equal(codes) and audio["sample_rate"] == 24_000
+    torch.testing.assert_close(audio["waveform"], want)
+    processor.detokenizer_path = "/no/such/detokenizer"  # tried first, as liquid-audio's README
+    with pytest.warns(UserWarning, match="by processor.mimi.decode instead"):
+        torch.testing.assert_close(spoken.response(items).audio["waveform"], want)
+    with warnings.catch_warnings():  # not retried: each try rebuilt the detokenizer
+        warnings.simplefilter("error")
+        torch.testing.assert_close(spoken.response(items).audio["waveform"], want)
+    processor.mimi_weights_path = None
+    spoken = LFM2AudioAdapter(lfm.model, processor)
+    with pytest.warns(UserWarning, match="no waveform"):
+        assert spoken.response(items).audio["waveform"] is None
 
 
 def test_drop_removes_exactly_the_feature_positions(lfm, wave):

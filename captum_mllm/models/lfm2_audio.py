@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from captum_mllm.audio import resample
 from captum_mllm.chat import AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat, PositionTableBuilder
-from captum_mllm.errors import AudioError, EmptyCoalitionError, InvalidOptionError, TargetError
+from captum_mllm.errors import (
+    AudioError,
+    EmptyCoalitionError,
+    InvalidOptionError,
+    TargetError,
+    warn_caller,
+)
 from captum_mllm.models.base import Response
 from captum_mllm.models.batching import (
     indices_on,
@@ -113,6 +119,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         self.processor = processor
         self.tokenizer = processor.text
         self.n_encoder_calls = 0
+        self._failed_decoders: set[str] = set()  # not retried: each try rebuilds a detokenizer
         self._cache_kwarg = cache_kwarg(model.lfm.forward)  # type: ignore[union-attr]
 
     @classmethod
@@ -585,11 +592,39 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         codes = items[(items[:, 0] < 0) & (items[:, 1] < END_OF_AUDIO), 1:].T.contiguous()
         if codes.numel() == 0:
             return None
-        try:
-            waveform = self.processor.decode(codes[None].to(self.device))[0].cpu()
-        except (AttributeError, RuntimeError):  # no detokenizer weights (tiny test models)
-            waveform = None
-        return {"codes": codes.cpu(), "waveform": waveform, "sample_rate": 24_000}
+        return {"codes": codes.cpu(), "waveform": self._waveform(codes), "sample_rate": 24_000}
+
+    def _waveform(self, codes: Tensor) -> Tensor | None:
+        """The 24 kHz waveform of ``(8, T)`` codes, as liquid-audio decodes them:
+        LFM2.5-Audio's detokenizer (``processor.decode``), else Mimi (the only
+        decoder LFM2-Audio-1.5B ships); None when the processor has the weights
+        of neither (tiny test models), with a warning when a decoder failed."""
+        batch = codes[None].to(self.device)
+        decoders = {  # name, the processor's weights path, decode
+            "processor.decode": ("detokenizer_path", lambda: self.processor.decode(batch)[0]),
+            "processor.mimi.decode": (
+                "mimi_weights_path",
+                lambda: self.processor.mimi.decode(batch)[0, 0],
+            ),
+        }
+        failures, waveform = [], None
+        for name, (weights, decode) in decoders.items():
+            if getattr(self.processor, weights, "") is None or name in self._failed_decoders:
+                continue  # this model ships no such weights, or they failed on this machine
+            try:
+                with torch.no_grad():
+                    waveform = decode().float().cpu()
+                break
+            except Exception as e:  # e.g. the detokenizer moves itself to CUDA
+                self._failed_decoders.add(name)
+                failures.append(f"{name}: {type(e).__name__}: {e}")
+        if failures:  # another decoder's sound, or none, and no word why
+            decoded = f"decoded by {name} instead" if waveform is not None else "no waveform"
+            warn_caller(
+                f"the answer's audio codes could not be decoded ({'; '.join(failures)}): "
+                f"{decoded}, here and for later answers (Response.audio['codes'] holds the codes)"
+            )
+        return waveform
 
     @property
     def vocab_size(self) -> int:
