@@ -8,6 +8,7 @@ positions form which interpretable feature. Captum perturbs ``ones(1, n)``;
 from __future__ import annotations
 
 import bisect
+import difflib
 import unicodedata
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -29,11 +30,13 @@ from captum_mllm.errors import (
     InvalidRoleError,
     InvalidSpanError,
     NoFeaturesError,
+    warn_caller,
 )
 from captum_mllm.models.base import ModelAdapter
 from captum_mllm.words import is_separator, strip_separators, word_spans
 
 TEXT_UNITS = ("token", "word", "turn")
+SKIP_KINDS = ("punctuation", "special")  # skip= names; anything else is a literal string
 AUDIO_BASELINES = ("drop", "embedding", "silence")
 # (positions, label, time span for audio features)
 _Found = tuple[tuple[int, ...], str, tuple[float, float] | None]
@@ -76,7 +79,9 @@ class ChatInput(InterpretableInput):
         skip (str or tuple of str, optional): what is never a feature: ``"punctuation"``
             (tokens/words of punctuation and space only) and ``"special"``
             (special and template tokens; always left out except by ``"turn"``),
-            plus any literal token or word strings. Default: ``("punctuation", "special")``
+            plus any literal token or word strings (one that looks like a
+            misspelt name and is not in the chat warns). Default:
+            ``("punctuation", "special")``
         groups (list, optional): one group id per feature (after skipping), like
             Captum's ``mask``: features sharing an id are perturbed together.
             Default: None
@@ -184,6 +189,7 @@ class ChatInput(InterpretableInput):
         self.aligner = aligner
         self.transcripts = [transcripts] if isinstance(transcripts, str) else transcripts
         self.skip = (skip,) if isinstance(skip, str) else tuple(skip)  # as roles: not letters
+        self._check_skip()
         # A final assistant turn is the answer to explain, not part of the prompt.
         self.prompt, self.response = self.chat.split_response()
         if self.response is not None:  # encode checks the prompt's text
@@ -473,6 +479,20 @@ class ChatInput(InterpretableInput):
                 f"{len(self.transcripts)} transcripts for {n_clips} audio clips; give exactly "
                 "one transcript per clip, in chat order"
             )
+
+    def _check_skip(self) -> None:
+        """A misspelt kind (``"Punctuation"``) is read as a literal word and skips
+        nothing: say so when the chat does not hold it."""
+        said = " ".join(turn.text for turn in self.chat).lower()
+        for entry in self.skip:
+            if not isinstance(entry, str):
+                raise InvalidOptionError(f"skip entries must be strings, got {entry!r}")
+            near = difflib.get_close_matches(entry.lower(), SKIP_KINDS, n=1, cutoff=0.75)
+            if entry not in SKIP_KINDS and near and entry.lower() not in said:
+                warn_caller(
+                    f"skip entry {entry!r} is read as a literal word, which this chat does not "
+                    f"hold; did you mean {near[0]!r}?"
+                )
 
     def _skipped(self, text: str) -> bool:
         visible = "".join(c for c in text if not is_separator(c))

@@ -38,6 +38,14 @@ def test_token_and_turn_units(model, chat):
     # One name alone is one entry, as roles= takes it, not its letters.
     one = ChatInput(Chat().user("I saw a cat , p u n !"), model, skip="punctuation")
     assert one.values == ["I", "saw", "a", "cat", "p", "u", "n"]
+    # A misspelt kind is a literal word that skips nothing: it kept "," silently.
+    for typo in ("Punctuation", "specials"):
+        with pytest.warns(UserWarning, match="did you mean"):
+            assert "," in ChatInput(chat, model, skip=(typo,)).values
+    said = ChatInput(Chat().user("Special offers, special prices"), model, skip="Special")
+    assert said.values == ["offers", ",", "special", "prices"]  # a word the chat holds: no warning
+    with pytest.raises(InvalidOptionError):  # it was compared to strings and skipped nothing
+        ChatInput(chat, model, skip=[0])
     turns = ChatInput(chat, model, roles=("system", "user"), text_unit="turn")
     assert turns.values == ["[system 0]", "[user 1]"]
     # A turn feature covers its template tokens too: dropping it removes the message.
