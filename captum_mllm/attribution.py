@@ -302,6 +302,11 @@ class MultimodalLLMAttribution(LLMAttribution):
             kwargs.get("perturbations_per_eval", default_perturbations_per_eval(self.device)),
             1,
         )
+        if forward_in_tokens is not None and self.value_fn.gen_args:
+            raise InvalidOptionError(  # it went unread: no answer token is scored
+                f"{type(self.value_fn).__name__} regenerates each coalition's answer and "
+                "scores no answer token: forward_in_tokens= is for log-probability targets"
+            )
         per_step = not self.adapter.is_causal if forward_in_tokens is None else forward_in_tokens
         response, extra_calls = self._response(inp, target, gen_args, keep_eos)
         game = self._game(inp, response, per_step, reuse_prefix)

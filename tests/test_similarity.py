@@ -62,6 +62,8 @@ def test_batched_regeneration_equals_one_at_a_time(model, chat):
     assert torch.equal(same.target_ids, sim_res.attribute(inp).target_ids)
     with pytest.raises(InvalidOptionError, match="differ from the target's"):
         sim_res.attribute(inp, gen_args={**GEN, "max_new_tokens": GEN["max_new_tokens"] - 1})
+    with pytest.raises(InvalidOptionError, match="forward_in_tokens"):  # it went unread
+        sim_res.attribute(inp, forward_in_tokens=True)
 
 
 A = torch.tensor([[1.0, 2.0, 2.0], [3.0, 0.0, -1.0]])  # two token vectors
