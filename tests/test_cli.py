@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from importlib.resources import files
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ def run(argv, capsys):
 def test_a_json_chat_with_an_audio_file(tmp_path, capsys):
     (tmp_path / "clips").mkdir()
     clip = tmp_path / "clips" / "question.wav"
-    clip.write_bytes(open(QUESTION_WAV, "rb").read())
+    clip.write_bytes(Path(QUESTION_WAV).read_bytes())
     chat = [
         {"role": "system", "content": "Be brief."},
         {
@@ -227,7 +228,7 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
 
     folder = tmp_path / "audio"
     folder.mkdir()
-    (folder / "q.wav").write_bytes(open(QUESTION_WAV, "rb").read())
+    (folder / "q.wav").write_bytes(Path(QUESTION_WAV).read_bytes())
     (folder / "transcripts.csv").write_text(
         "file,transcript\nq.wav,what is the capital of france\n"
     )
@@ -254,7 +255,7 @@ def test_explain_dataset_refuses_two_chats_of_one_name(tmp_path, capsys):
     folder = tmp_path / "audio"
     for sub in ("a", "b"):  # one stem in two folders
         (folder / sub).mkdir(parents=True)
-        (folder / sub / "q.wav").write_bytes(open(QUESTION_WAV, "rb").read())
+        (folder / sub / "q.wav").write_bytes(Path(QUESTION_WAV).read_bytes())
     (folder / "transcripts.csv").write_text("file,transcript\na/q.wav,one\nb/q.wav,two\n")
     code, _, err = run(["explain-dataset", folder, "--no-ray"], capsys)
     assert code == 2 and "row 2: the chat name 'q' is taken" in err

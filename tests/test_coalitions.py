@@ -74,7 +74,7 @@ def test_a_killed_run_resumes_with_only_the_missing_coalitions(model, chat, tmp_
     store = tmp_path / "run.sqlite"
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(store), TARGET],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     try:
