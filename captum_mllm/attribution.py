@@ -47,6 +47,7 @@ from captum_mllm.errors import (
     StoreMismatchError,
     TargetError,
     UnsupportedInputError,
+    require_built,
     require_int,
     warn_caller,
 )
@@ -161,10 +162,7 @@ class MultimodalLLMAttribution(LLMAttribution):
                 f"attr_target={attr_target!r} is not read beside target=: choose the value "
                 "function once (e.g. target=LogProbTarget('prob'))"
             )
-        if isinstance(attr_method, type):  # an AttributeError on forward_func said nothing
-            raise UnsupportedInputError(
-                f"pass the method built on the model, {attr_method.__name__}(model), not the class"
-            )
+        require_built(attr_method)
         model = attr_method.forward_func
         if isinstance(tokenizer_or_adapter, ModelAdapter):
             adapter = tokenizer_or_adapter

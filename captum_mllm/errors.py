@@ -89,6 +89,19 @@ def require_int(name: str, value: object, low: int) -> int:
     return int(value)
 
 
+def require_built(method: object) -> None:
+    """A Captum method is passed built on the model, not as its class.
+
+    Raises:
+        UnsupportedInputError: it is a class (an AttributeError or "type is not
+            supported" came from deeper inside, naming neither).
+    """
+    if isinstance(method, type):
+        raise UnsupportedInputError(
+            f"pass the method built on the model, {method.__name__}(model), not the class"
+        )
+
+
 def require_real(
     name: str, value: object, above: float = -math.inf, at_least: bool = False
 ) -> float:

@@ -41,6 +41,7 @@ from captum_mllm.errors import (
     InvalidOptionError,
     TargetError,
     UnsupportedInputError,
+    require_built,
     require_int,
     warn_caller,
 )
@@ -116,6 +117,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 "MultimodalLLMGradientAttribution takes a model adapter, got "
                 f"{type(adapter).__name__}"
             )
+        require_built(attr_method)
         if not isinstance(attr_method, self.SUPPORTED_METHODS):
             raise UnsupportedInputError(
                 f"{type(attr_method).__name__} is not supported; use one of "

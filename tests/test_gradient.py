@@ -15,7 +15,7 @@ from captum.attr import (
 )
 
 from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, MultimodalLLMAttributionResult
-from captum_mllm.errors import InvalidBaselineError, InvalidOptionError
+from captum_mllm.errors import InvalidBaselineError, InvalidOptionError, UnsupportedInputError
 from captum_mllm.gradient import (
     AttentionAttribution,
     MultimodalLLMGradientAttribution,
@@ -125,6 +125,8 @@ def test_saliency_norm_and_layer_methods(llama, words, tmp_path):
     torch.testing.assert_close(torch.as_tensor(back.token_attr), res2.token_attr)
     with pytest.raises(InvalidOptionError):
         MultimodalLLMGradientAttribution(Saliency(llama), llama, reduce="mean")
+    with pytest.raises(UnsupportedInputError, match=r"Saliency\(model\)"):  # "type is not ..."
+        MultimodalLLMGradientAttribution(Saliency, llama)
 
 
 @pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # few steps: parity
