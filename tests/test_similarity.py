@@ -66,6 +66,41 @@ def test_batched_regeneration_equals_one_at_a_time(model, chat):
         sim_res.attribute(inp, forward_in_tokens=True)
 
 
+def test_stop_strings_and_eos_token_id_end_a_batched_answer_as_they_end_it_alone(model, chat):
+    """transformers needs the tokenizer for stop_strings (it raised), and pads a
+    row that they or a call's eos_token_id end while the others go on: that row
+    came back with pad tokens after its end."""
+    inp = ChatInput(chat, model)
+    masks = torch.tensor([[int(b) for b in f"{i:05b}"] for i in range(32)], dtype=torch.float)
+    plain = model.generate_masked(inp.to_model_input(masks), **GEN)
+    words = [model.tokenizer.decode(t) for t in plain[-1].ids[1:-1].tolist()]
+    at, stop = next((i, w) for i, w in enumerate(words, 1) if w.strip().isalpha())
+    settings = {**GEN, "stop_strings": [stop]}  # ends the full chat's answer early
+    batched = model.generate_masked(inp.to_model_input(masks), **settings)
+    assert batched[-1].text.endswith(stop) and len(batched[-1]) <= at + 1
+    ended = 0
+    for m, answer, long in zip(masks, batched, plain, strict=True):
+        alone = model.generate_masked(inp.to_model_input(m[None]), **settings)[0]
+        assert torch.equal(alone.ids, answer.ids)
+        ended += len(answer) < len(long)
+    assert 0 < ended < 32  # some rows end early beside others that go on
+    # The same with an eos_token_id of the call's own: a row that one ends is padded.
+    lens = [len(r) for r in inp.to_model_input(masks).rows()]
+    b, eos = next(
+        (b, int(a.ids[1]))
+        for b, a in enumerate(plain)
+        if any(lens[c] == lens[b] and int(a.ids[1]) not in plain[c].ids for c in range(32))
+    )
+    settings = {**GEN, "eos_token_id": eos}
+    batched = model.generate_masked(inp.to_model_input(masks), **settings)
+    assert batched[b].ids.tolist() == plain[b].ids[:2].tolist()
+    for m, answer in zip(masks, batched, strict=True):
+        alone = model.generate_masked(inp.to_model_input(m[None]), **settings)[0]
+        assert torch.equal(alone.ids, answer.ids)
+    with pytest.raises(InvalidOptionError, match="max_new_tokens"):  # it went unread
+        model.generate_masked(inp.to_model_input(masks[:2]), max_length=40)
+
+
 A = torch.tensor([[1.0, 2.0, 2.0], [3.0, 0.0, -1.0]])  # two token vectors
 REF = torch.tensor([1.0, 0.0, 0.0])
 

@@ -587,16 +587,25 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 _SeededSampling(1.0 if temperature is None else temperature, top_k, generators)
             ]
         args["do_sample"] = False  # sampled tokens come from the processor above
+        if "max_length" in args:  # max_new_tokens (ours by default) won over it, unread
+            raise InvalidOptionError(
+                "give max_new_tokens, not max_length: a coalition's prompt has its own "
+                "length, and max_length would give each coalition another answer length"
+            )
         if self._is_hf:
             args.setdefault("pad_token_id", pad)
+            if args.get("stop_strings"):  # transformers finds them with the tokenizer
+                args.setdefault("tokenizer", self.tokenizer)
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, **args)  # type: ignore[operator]
         self.n_forward_calls += 1
-        eos = _eos_ids(self.model, self.tokenizer)
+        eos = _eos_ids(self.model, self.tokenizer, args.get("eos_token_id"))
         result = []
-        for row in out[:, width:]:
-            stop = next((i + 1 for i, t in enumerate(row.tolist()) if t in eos), len(row))
-            result.append(self.response(row[:stop].cpu()))
+        for row in out[:, width:].tolist():
+            stop = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            if args.get("stop_strings"):  # a row it ended is padded while others go on
+                stop = _stop_string_end(row[:stop], args["stop_strings"], self.tokenizer)
+            result.append(self.response(torch.tensor(row[:stop])))
         return result
 
 
@@ -681,10 +690,31 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def _stop_string_end(row: list[int], stop_strings: str | list[str], tokenizer: Any) -> int:
+    """The tokens of ``row`` up to the first that completes a stop string (all of
+    them when none does), as transformers' ``StopStringCriteria`` stops a row
+    generated alone; found by bisection, as text only grows with its tokens."""
+    wanted = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+
+    def stopped(n: int) -> bool:
+        text = tokenizer.decode(row[:n])
+        return any(s in text for s in wanted)
+
+    if not stopped(len(row)):
+        return len(row)
+    low, high = 1, len(row)  # stopped(high) holds
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if stopped(mid) else (mid + 1, high)
+    return high
+
+
+def _eos_ids(model: Any, tokenizer: Any, given: int | list[int] | None = None) -> set[int]:
+    """The end tokens: the generation config's, the tokenizer's and ``given``
+    (a generate call's own ``eos_token_id``)."""
     ids: set[int] = set()
     config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (config, getattr(tokenizer, "eos_token_id", None)):
+    for value in (config, getattr(tokenizer, "eos_token_id", None), given):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list):
