@@ -225,7 +225,9 @@ class MultimodalLLMAttribution(LLMAttribution):
                 later one a seed derived from it). Default: 1
             gen_args (dict, optional): generation arguments when ``target`` is
                 None. A ``ChatInput``'s answer is the greedy one: sampling
-                settings (``do_sample``, ``temperature``, ``top_k``) raise.
+                settings (``do_sample``, ``temperature``, ``top_k``) raise, and
+                the others add to the default. For Captum's own inputs they
+                replace it, as in stock Captum.
                 Default: ``{"max_new_tokens": 25, "do_sample": False}``
             use_cached_outputs (bool, optional): accepted for Captum
                 compatibility; values never depend on it. Default: True
@@ -673,6 +675,8 @@ def resolve_response(
         target = inp.response
     if target is None:
         args = {**default_gen_args, **(gen_args or {})}
+        if not isinstance(inp, ChatInput) and gen_args:  # stock Captum's: given, they replace
+            args = dict(gen_args)
         if isinstance(inp, ChatInput):
             sampling = sorted(
                 k for k, v in (gen_args or {}).items() if k in _SAMPLING and v not in (None, False)

@@ -270,6 +270,9 @@ def test_llm_attr_without_target(ppe):
     mask = llm.generate_kwargs["attention_mask"]
     assert torch.equal(mask, torch.ones_like(mask))
     assert llm.generate_kwargs["pad_token_id"] == DummyTokenizer.pad_token_id
+    # Given gen_args replace Captum's defaults, as stock Captum's do: merged, our
+    # max_new_tokens won over a max_length, and do_sample over the model's config.
+    assert "max_new_tokens" not in llm.generate_kwargs and "do_sample" not in llm.generate_kwargs
 
 
 # Mirrors test_llm_attr_fa_log_prob: FA's sequence attribution is the sum over tokens.
