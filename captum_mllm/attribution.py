@@ -691,6 +691,8 @@ def resolve_response(
             response = adapter.generate_masked(inp.to_model_input(), **args)[0]
             if not keep_eos:
                 response = adapter.strip_response(response)
+            if response.audio is not None and response.audio.get("waveform") is None:
+                response = adapter.response(response.ids)  # decoded for this answer alone
         else:
             assert stock_generate is not None
             response = adapter.response(stock_generate(inp, **args))

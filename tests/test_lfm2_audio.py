@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from captum.attr import ShapleyValues, ShapleyValueSampling
+from captum.attr import FeatureAblation, ShapleyValues, ShapleyValueSampling
 from conftest import brute_force_shapley, game
 
 from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, LogProbTarget, MultimodalLLMAttribution
@@ -197,6 +197,34 @@ def test_spoken_answer_is_decoded_as_liquid_audio_decodes_it(lfm):
     spoken = LFM2AudioAdapter(lfm.model, processor)
     with pytest.warns(UserWarning, match="no waveform"):
         assert spoken.response(items).audio["waveform"] is None
+
+
+def test_only_the_explained_answer_is_decoded_to_a_waveform(lfm, wave):
+    """Each coalition's regenerated answer was decoded too: a decoder call per
+    coalition, for waveforms nothing reads."""
+    import copy
+
+    from liquid_audio.moshi.models.loaders import get_mimi
+
+    from captum_mllm import EmbeddingSimilarity
+
+    processor = copy.copy(lfm.processor)
+    processor.mimi_weights_path = "random Mimi weights"
+    processor._mimi = mimi = get_mimi(None, device="cpu").eval()
+    spoken = LFM2AudioAdapter(lfm.model, processor)
+    decode, calls = mimi.decode, []
+    mimi.decode = lambda codes: calls.append(codes) or decode(codes)
+    gen = {"max_new_tokens": 9, "output_modality": "text+audio"}
+    inp = ChatInput(mixed_chat(wave), spoken, audio_unit=0.5)
+    for target, gen_args in ((EmbeddingSimilarity(gen_args=gen), None), (None, gen)):
+        calls.clear()
+        res = MultimodalLLMAttribution(FeatureAblation(spoken), spoken, target=target).attribute(
+            inp, gen_args=gen_args
+        )
+        assert len(calls) == 1 and res.n_unique_coalitions > 1
+        with torch.no_grad():
+            want = decode(res.output_audio["codes"][None])[0, 0]
+        torch.testing.assert_close(res.output_audio["waveform"], want)
 
 
 def test_drop_removes_exactly_the_feature_positions(lfm, wave):

@@ -49,7 +49,9 @@ class Response:
             audio frame counts as one token); ``len(response)`` is their number.
         text (str): the response as text (audio frames noted, not transcribed).
         audio (dict, optional): the spoken part: ``{"codes": (8, F) tensor,
-            "waveform": tensor or None, "sample_rate": int}``.
+            "waveform": tensor or None, "sample_rate": int}`` (None for the
+            answers of ``generate_masked``, which nothing listens to: the
+            explained answer is decoded).
     """
 
     ids: Tensor

@@ -567,14 +567,22 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         run = BatchedGeneration(self, rows, output_modality, sampling, generators)
         items = run.run(max_new_tokens)
         self.n_forward_calls += 1
-        return [self.response(r) for r in items]
+        return [self.response(r, waveform=False) for r in items]  # see response()
 
     # Responses -----------------------------------------------------------------------
 
-    def response(self, ids: Tensor) -> Response:
+    def response(self, ids: Tensor, waveform: bool = True) -> Response:
         """Output items ``(N, 9)`` (or text ids ``(T,)``) as a response: text
         tokens and 80 ms audio frames (``♪0.08s`` ...), and the spoken part's
-        codes and waveform (when the processor has detokenizer weights)."""
+        codes and waveform (when the processor has detokenizer or Mimi weights).
+
+        Args:
+            ids (Tensor): the items.
+            waveform (bool, optional): decode the codes to a waveform.
+                :meth:`generate_masked` does not: each coalition's answer is
+                compared by its tokens, and decoding each one cost a decoder
+                call per coalition. Default: True
+        """
         items = as_items(ids.long())
         labels, frame = [], 0
         for row in items.tolist():
@@ -586,13 +594,15 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         text = self.tokenizer.decode(items[items[:, 0] >= 0, 0])
         frames = int((items[:, 0] < 0).sum())
         text += f" [♪ {frames} frames]" if frames else ""
-        return Response(ids=items, labels=tuple(labels), text=text, audio=self._audio(items))
+        audio = self._audio(items, waveform)
+        return Response(ids=items, labels=tuple(labels), text=text, audio=audio)
 
-    def _audio(self, items: Tensor) -> dict[str, Any] | None:
+    def _audio(self, items: Tensor, waveform: bool) -> dict[str, Any] | None:
         codes = items[(items[:, 0] < 0) & (items[:, 1] < END_OF_AUDIO), 1:].T.contiguous()
         if codes.numel() == 0:
             return None
-        return {"codes": codes.cpu(), "waveform": self._waveform(codes), "sample_rate": 24_000}
+        wave = self._waveform(codes) if waveform else None
+        return {"codes": codes.cpu(), "waveform": wave, "sample_rate": 24_000}
 
     def _waveform(self, codes: Tensor) -> Tensor | None:
         """The 24 kHz waveform of ``(8, T)`` codes, as liquid-audio decodes them:
@@ -667,7 +677,8 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         n = len(first)
         while n > 0 and int(first[n - 1]) in (IM_END, 0):
             n -= 1
-        return response if n == len(first) else self.response(response.ids[:n])
+        decoded = response.audio is not None and response.audio["waveform"] is not None
+        return response if n == len(first) else self.response(response.ids[:n], decoded)
 
     # Embeddings of responses -----------------------------------------------------------
 
