@@ -58,7 +58,7 @@ from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
 from captum_mllm.models.batching import default_perturbations_per_eval
 from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
-from captum_mllm.targets import LogProbTarget, Target, TargetValues
+from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget, Target, TargetValues
 
 #: Features from which Captum's ``ShapleyValues`` (all n! orders, walked in
 #: Python: 7 features take seconds, 10 about half an hour on a CPU) draws a
@@ -302,7 +302,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             kwargs.get("perturbations_per_eval", default_perturbations_per_eval(self.device)),
             1,
         )
-        if forward_in_tokens is not None and self.value_fn.gen_args:
+        if forward_in_tokens is not None and isinstance(self.value_fn, EmbeddingSimilarity):
             raise InvalidOptionError(  # it went unread: no answer token is scored
                 f"{type(self.value_fn).__name__} regenerates each coalition's answer and "
                 "scores no answer token: forward_in_tokens= is for log-probability targets"
