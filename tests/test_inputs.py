@@ -201,6 +201,32 @@ def test_a_plain_callable_is_not_a_model(chat):
         ChatInput(chat, lambda x: x)
 
 
+def test_chat_template_kwargs_reach_the_template(model, chat):
+    """Qwen3-style templates read apply_chat_template keywords (enable_thinking):
+    the adapter had no way to pass them."""
+    from captum.attr import FeatureAblation
+
+    from captum_mllm import HFCausalLMAdapter, MultimodalLLMAttribution
+    from captum_mllm.testing import CHATML_TEMPLATE
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = CHATML_TEMPLATE + (
+        "{% if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
+        "<think> </think>{% endif %}"
+    )
+    plain = HFCausalLMAdapter(model.model, tokenizer)
+    quiet = HFCausalLMAdapter(
+        model.model, tokenizer, chat_template_kwargs={"enable_thinking": False}
+    )
+    inp, quiet_inp = ChatInput(chat, plain), ChatInput(chat, quiet)
+    assert quiet_inp.values == inp.values
+    added = quiet.tokenizer.decode(quiet_inp.encoded.input_ids[len(inp.encoded) :])
+    assert added == "<think> </think>"
+    assert quiet.encodes_as(quiet) and not quiet.encodes_as(plain)  # one tokenizer, two prompts
+    with pytest.raises(InvalidModelError):
+        MultimodalLLMAttribution(FeatureAblation(quiet), quiet).attribute(inp, target="Hi")
+
+
 def test_a_tokenizer_without_a_chat_template_is_named(chat):
     from captum_mllm import HFCausalLMAdapter
     from captum_mllm.testing import tiny_llama, tiny_tokenizer

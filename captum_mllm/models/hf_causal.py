@@ -53,6 +53,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     Args:
         model (nn.Module): the language model.
         tokenizer: its Hugging Face tokenizer (a fast one, for offsets).
+        chat_template_kwargs (dict, optional): passed to every
+            ``tokenizer.apply_chat_template`` call, as transformers takes them
+            (e.g. ``{"enable_thinking": False}`` for Qwen3). Default: None
 
     Examples::
 
@@ -64,10 +67,13 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         >>> res = attr.attribute(inp, n_samples=16, perturbations_per_eval=16)
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         forward = getattr(model, "forward", None)
         params = inspect.signature(forward).parameters if forward else {}
         self._logits_to_keep = "logits_to_keep" in params
@@ -84,6 +90,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
         gguf_file: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> HFCausalLMAdapter:
         """Load a model and tokenizer from the Hugging Face hub or a local folder.
@@ -100,6 +107,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 checkpoint. Default: False
             gguf_file (str, optional): name of a GGUF file inside ``name_or_path``;
                 transformers dequantises it (needs the ``gguf`` package). Default: None
+            chat_template_kwargs (dict, optional): see the class. Default: None
             **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
 
         Returns:
@@ -122,7 +130,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             dtype = torch.float32 if where.type == "cpu" else "auto"
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **common, **kwargs)
         model.to(where)  # type: ignore[arg-type]
-        return cls(model.eval(), tokenizer)
+        return cls(model.eval(), tokenizer, chat_template_kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -221,7 +229,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
+                messages,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                **self.chat_template_kwargs,
             )
         except jinja2.TemplateError as exc:  # e.g. raise_exception("System role not supported")
             raise ChatTemplateError(
@@ -291,6 +302,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         if not isinstance(other, HFCausalLMAdapter):
             return False
         mine, theirs = self.tokenizer, other.tokenizer
+        if self.chat_template_kwargs != other.chat_template_kwargs:  # they change the template
+            return False
         return mine is theirs or (
             type(mine) is type(theirs)
             and getattr(mine, "chat_template", None) == getattr(theirs, "chat_template", None)
