@@ -132,6 +132,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--max-new-tokens", type=int, default=None,
         help=f"length of a generated answer (default: {MAX_NEW_TOKENS})",
     )  # fmt: skip
+    parser.add_argument(
+        "--chat-template-kwargs", type=_json_object, default=None,
+        help='JSON keywords for the chat template, e.g. \'{"enable_thinking": false}\'',
+    )  # fmt: skip
     parser.add_argument("--device", default=None)
     parser.add_argument(
         "--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -208,7 +212,14 @@ def _explain_command(args: argparse.Namespace) -> None:
     input_kwargs = _input_kwargs(args)
     if args.transcript:
         input_kwargs["transcripts"] = list(args.transcript)
-    model = _load_model(args.model, args.adapter, args.device, args.dtype, args.trust_remote_code)
+    model = _load_model(
+        args.model,
+        args.adapter,
+        args.device,
+        args.dtype,
+        args.trust_remote_code,
+        args.chat_template_kwargs,
+    )
     settings = {
         "method": args.method,
         "budget": args.budget,
@@ -245,6 +256,7 @@ def _dataset_command(args: argparse.Namespace) -> None:
             args.device,
             args.dtype,
             args.trust_remote_code,
+            args.chat_template_kwargs,
         ),
         partial(_method, args.method),
         input_kwargs,
@@ -518,6 +530,31 @@ def _load_model(
     device: str | None,
     dtype: str | None,
     trust_remote_code: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> Any:
+    from captum_mllm import HFCausalLMAdapter
+
+    model = _loaded(name, adapter, device, dtype, trust_remote_code)
+    if chat_template_kwargs is not None:
+        if not isinstance(model, HFCausalLMAdapter):  # LFM2-Audio's layout is its own
+            raise UsageError("--chat-template-kwargs is for Hugging Face chat models")
+        model.chat_template_kwargs = chat_template_kwargs
+    return model
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object (argparse turns the error into exit 2)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r}")
+    return value
+
+
+def _loaded(
+    name: str, adapter: str | None, device: str | None, dtype: str | None, trust_remote_code: bool
 ) -> Any:
     import torch
 

@@ -321,3 +321,26 @@ def test_writes_only_under_the_given_paths_and_keeps_other_runs_stores(
     code, _, err = run([*base, "--user", "Another question entirely?"], capsys)
     assert code == 2 and "holds another explanation" in err
     assert store.read_bytes() == before  # the other run's store is left as it was
+
+
+def test_chat_template_kwargs_reach_the_template(monkeypatch, tmp_path, capsys):
+    from captum_mllm import HFCausalLMAdapter
+
+    seen = []
+    render = HFCausalLMAdapter._render
+
+    def spy(self, messages, generation_prompt=False):
+        seen.append(dict(self.chat_template_kwargs))
+        return render(self, messages, generation_prompt)
+
+    monkeypatch.setattr(HFCausalLMAdapter, "_render", spy)
+    argv = ["explain", "--user", "Hi there", "--method", "exact", "--answer", "Hello",
+            "--out", tmp_path, "--chat-template-kwargs"]  # fmt: skip
+    code, _, err = run([*argv, '{"enable_thinking": false}', "--model", "tiny-llama"], capsys)
+    assert code == 0, err
+    assert seen and all(kwargs == {"enable_thinking": False} for kwargs in seen)
+    for bad, says in (("[1]", "JSON object"), ("{nope", "not JSON")):
+        code, _, err = run([*argv, bad, "--model", "tiny-llama"], capsys)
+        assert code == 2 and says in err
+    code, _, err = run([*argv, "{}", "--model", "tiny-lfm2-audio"], capsys)
+    assert code == 2 and "Hugging Face" in err  # LFM2-Audio's prompt is its own: unread
