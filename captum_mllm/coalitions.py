@@ -242,16 +242,17 @@ class CoalitionEvaluator:
             return torch.cat([p.values for p in parts]).to(perturbed.device)
         keys = coalition_keys(rows)
         found = self.store.get_many(dict.fromkeys(keys))
+        fresh_from_store = [k for k in found if k not in self._seen]
+        self.n_stored += len(fresh_from_store)
+        self._seen.update(found)
         first_of: dict[bytes, int] = {}
         for i, key in enumerate(keys):
             if key not in found:
                 if self.shard is not None and shard_of(key, self.shard[1]) != self.shard[0]:
+                    # another shard's coalition: neither evaluated nor read from the store
                     found[key] = (np.zeros(self.placeholder_columns, np.float32), None)
-                    continue  # another shard's coalition
+                    continue
                 first_of.setdefault(key, i)
-        fresh_from_store = [k for k in found if k not in self._seen]
-        self.n_stored += len(fresh_from_store)
-        self._seen.update(found)
         todo = list(first_of.values())
         if self.row_length is not None and len(todo) > step:
             order = torch.argsort(self.row_length(rows[todo]), stable=True).tolist()

@@ -255,6 +255,15 @@ def test_sharding_in_process_and_its_refusals(tmp_path):
     attr = MultimodalLLMAttribution(LeverageKernelShap(model), model)
     with pytest.raises(InvalidOptionError, match="store"):
         attr.attribute(ChatInput(chat, model), shard=(0, 2))
+    # A shard's counts: what it evaluated, and what it read from the store alone
+    # (the other shards' coalitions were counted as read from the empty store).
+    store, inp = tmp_path / "counts.sqlite", ChatInput(chat, model)
+    exact = MultimodalLLMAttribution(ExactShapleyValues(model), model)
+    first = exact.attribute(inp, target="Hi", store=store, shard=(0, 2))
+    second = exact.attribute(inp, target="Hi", store=store, shard=(1, 2))
+    assert first.n_stored_coalitions == 0
+    assert second.n_stored_coalitions == first.n_unique_coalitions  # the first shard's
+    assert first.n_unique_coalitions + second.n_unique_coalitions == 2**inp.n_itp_features
     for shard in ((2, 2), (-1, 2), (0, 0), (0.5, 2)):  # no coalition, or a ZeroDivisionError
         with pytest.raises(InvalidOptionError, match="0 <= index < count"):
             attr.attribute(ChatInput(chat, model), shard=shard, store=tmp_path / "x.sqlite")
