@@ -578,6 +578,20 @@ def test_from_pretrained_reads_a_bfloat16_checkpoint_in_float32_on_the_cpu(tmp_p
     assert loaded.model.dtype == torch.float32
     kept = HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu", dtype=torch.bfloat16)
     assert kept.model.dtype == torch.bfloat16
+    # A model that accelerate placed (device_map="auto" over several GPUs) was
+    # moved whole onto the default device after loading.
+    moved = []
+    to = torch.nn.Module.to
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or to(self, *a, **k)
+        )
+        HFCausalLMAdapter.from_pretrained(str(tmp_path), device_map={"": "cpu"})
+        assert not moved
+        HFCausalLMAdapter.from_pretrained(str(tmp_path))
+        assert moved
+    with pytest.raises(InvalidOptionError, match="not both"):
+        HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu", device_map="auto")
 
 
 def test_non_finite_values_warn(model, chat, monkeypatch):

@@ -98,7 +98,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         Args:
             name_or_path (str): hub id or local path.
             device (str or torch.device, optional): where to put the model.
-                Default: the first GPU when there is one, else the CPU
+                Default: the first GPU when there is one, else the CPU (unless
+                ``device_map=`` is given: accelerate places the layers then)
             dtype (torch.dtype or str, optional): e.g. ``torch.bfloat16``.
                 Default: the checkpoint's on an accelerator, float32 on the CPU
                 (as LFM2-Audio's: a bfloat16 checkpoint run in bfloat16 there is
@@ -124,12 +125,16 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if gguf_file is not None:
             common["gguf_file"] = gguf_file
+        dispatched = kwargs.get("device_map") is not None
+        if dispatched and device is not None:  # one would undo the other
+            raise InvalidOptionError("give device= or device_map=, not both")
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
         where = resolve_device(device)
         if dtype is None:
             dtype = torch.float32 if where.type == "cpu" else "auto"
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **common, **kwargs)
-        model.to(where)  # type: ignore[arg-type]
+        if not dispatched:  # accelerate placed a dispatched model's layers (device_map="auto")
+            model.to(where)  # type: ignore[arg-type]
         return cls(model.eval(), tokenizer, chat_template_kwargs)
 
     @property
