@@ -607,8 +607,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         args["do_sample"] = False  # sampled tokens come from the processor above
         if "max_length" in args:  # max_new_tokens (ours by default) won over it, unread
             raise InvalidOptionError(
-                "give max_new_tokens, not max_length: a coalition's prompt has its own "
-                "length, and max_length would give each coalition another answer length"
+                "give max_new_tokens, not max_length: max_length counts the prompt too, "
+                "and each coalition's prompt has its own length"
             )
         if self._is_hf:
             args.setdefault("pad_token_id", pad)
