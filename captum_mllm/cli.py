@@ -212,14 +212,7 @@ def _explain_command(args: argparse.Namespace) -> None:
     input_kwargs = _input_kwargs(args)
     if args.transcript:
         input_kwargs["transcripts"] = list(args.transcript)
-    model = _load_model(
-        args.model,
-        args.adapter,
-        args.device,
-        args.dtype,
-        args.trust_remote_code,
-        args.chat_template_kwargs,
-    )
+    model = _model_factory(args)()
     settings = {
         "method": args.method,
         "budget": args.budget,
@@ -249,15 +242,7 @@ def _dataset_command(args: argparse.Namespace) -> None:
     print(f"{len(chats)} chats from {args.data}", flush=True)
     table = explain_dataset(
         chats,
-        partial(
-            _load_model,
-            args.model,
-            args.adapter,
-            args.device,
-            args.dtype,
-            args.trust_remote_code,
-            args.chat_template_kwargs,
-        ),
+        _model_factory(args),
         partial(_method, args.method),
         input_kwargs,
         {**_method_kwargs(settings, None), "gen_args": gen, **_batch(settings)},
@@ -522,6 +507,14 @@ def _audio_unit(text: str) -> Any:
         raise UsageError(
             f"--audio-unit must be frame, turn, word or seconds, got {text!r}"
         ) from None
+
+
+def _model_factory(args: argparse.Namespace) -> Any:
+    """``() -> adapter`` from the model flags (picklable: sent to Ray workers)."""
+    from functools import partial
+
+    flags = ("model", "adapter", "device", "dtype", "trust_remote_code", "chat_template_kwargs")
+    return partial(_load_model, *(getattr(args, flag) for flag in flags))
 
 
 def _load_model(
