@@ -636,6 +636,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             "method_args": {k: v for k, v in method_args.items() if _plain(v)},
             "target": {"class": type(self.value_fn).__name__, **self.value_fn.settings()},
             "input": type(inp).__name__,
+            "input_settings": inp.settings() if isinstance(inp, ChatInput) else None,
             "forward_in_tokens": per_step,
             "gen_args": {k: v for k, v in (gen_args or {}).items() if _plain(v)},
             "store": str(store) if isinstance(store, str | PathLike) else None,

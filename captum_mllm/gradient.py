@@ -426,6 +426,7 @@ def token_result(
     start: float,
 ) -> MultimodalLLMAttributionResult:
     """A result of per-output-token attributions ``(T, n_features)`` on a chat."""
+    provenance = {**provenance, "input_settings": inp.settings()}
     return MultimodalLLMAttributionResult(
         **chat_fields(inp),
         seq_attr=token_attr.sum(0),

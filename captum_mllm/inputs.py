@@ -305,6 +305,27 @@ class ChatInput(InterpretableInput):
         tree = [t if not (isinstance(t, list) and len(t) == 1) else t[0] for t in tree]
         return tree[0] if len(tree) == 1 and isinstance(tree[0], list) else tree
 
+    def settings(self) -> dict[str, Any]:
+        """The choices that made these features, as plain data (a result's
+        ``provenance["input_settings"]``): the same chat explained with another
+        baseline or unit gives other attributions."""
+        from captum_mllm.fingerprint import plain
+
+        return plain(
+            {
+                "roles": self.roles,
+                "text_unit": self.text_unit,
+                "skip": self.skip,
+                "text_baseline": self.baseline,
+                "replace_id": self.replace_id,
+                "audio_unit": self.audio_unit,
+                "audio_baseline": self.audio_baseline,
+                "audio_fill": None if self.audio_fill is None else "given",
+                "transcripts": self.transcripts,
+                "chat_template_kwargs": getattr(self.model, "chat_template_kwargs", None),
+            }
+        )
+
     def segments(self) -> list[dict[str, Any]]:
         """The prompt as plain data for reports: per turn its role and parts; a
         text part as ``[text, feature index or -1]`` runs, an audio part as its

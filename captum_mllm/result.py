@@ -152,7 +152,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             Mimi codes, "waveform": 24 kHz samples or None (needs the model's
             detokenizer or Mimi weights), "sample_rate": 24000}``.
         provenance (dict): model, method and its arguments, target settings,
-            seed, package versions.
+            the ``ChatInput``'s settings (``"input_settings"``: roles, units,
+            skips, baselines), seed, package versions.
         n_model_calls (int): model forwards (and generate calls) made.
         n_coalitions (int): coalitions the Captum method asked for.
         n_unique_coalitions (int): coalitions evaluated in this call.

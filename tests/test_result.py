@@ -153,3 +153,30 @@ def test_unreadable_or_foreign_results_raise(tmp_path, model, chat):
     saved.write_text("[1, 2]")
     with pytest.raises(ResultFormatError, match="schema version None"):
         MultimodalLLMAttributionResult.load(saved)
+
+
+def test_a_result_names_the_input_settings_that_made_its_features(model, chat, tmp_path):
+    """A saved result did not say which baseline, unit or roles made its
+    features, and each gives other attributions of the same chat."""
+    from captum.attr import Saliency
+
+    from captum_mllm import MultimodalLLMGradientAttribution
+
+    inp = ChatInput(chat, model, roles=("system", "user"), text_baseline="replace", skip="special")
+    settings = {
+        "roles": ["system", "user"],
+        "text_unit": "word",
+        "skip": ["special"],
+        "text_baseline": "replace",
+        "replace_id": inp.replace_id,
+        "audio_unit": 0.5,
+        "audio_baseline": "drop",
+        "audio_fill": None,
+        "transcripts": None,
+        "chat_template_kwargs": {},
+    }
+    perturbed = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="Hi")
+    gradient = MultimodalLLMGradientAttribution(Saliency(model), model).attribute(inp, target="Hi")
+    for res in (perturbed, gradient):
+        back = MultimodalLLMAttributionResult.load(res.save(tmp_path / "r.json"))
+        assert back.provenance["input_settings"] == settings
