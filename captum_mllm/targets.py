@@ -250,7 +250,9 @@ class EmbeddingSimilarity(Target):
             too, as to ``generate``: they mean what the arguments below mean.
             Default: ``{"max_new_tokens": 25}``
         samples_per_coalition (int, optional): sampled responses per coalition;
-            1 with ``temperature=None`` is greedy. Default: 1
+            1 with ``temperature=None`` is greedy. Sampling reads ``temperature``
+            and ``top_k`` alone: a model's own generation-config sampling
+            settings (e.g. ``top_p``) are not applied. Default: 1
         temperature (float, optional): text sampling temperature (0: greedy, as
             in liquid-audio's sampler). Default: None
         top_k (int, optional): text top-k sampling (0: every token, as in
