@@ -339,7 +339,7 @@ def test_chat_template_kwargs_reach_the_template(monkeypatch, tmp_path, capsys):
     code, _, err = run([*argv, '{"enable_thinking": false}', "--model", "tiny-llama"], capsys)
     assert code == 0, err
     assert seen and all(kwargs == {"enable_thinking": False} for kwargs in seen)
-    for bad, says in (("[1]", "JSON object"), ("{nope", "not JSON")):
+    for bad, says in (("[1]", "JSON object"), ("{nope", "not JSON"), ('{"tokenize": 1}', "set by")):
         code, _, err = run([*argv, bad, "--model", "tiny-llama"], capsys)
         assert code == 2 and says in err
     code, _, err = run([*argv, "{}", "--model", "tiny-lfm2-audio"], capsys)

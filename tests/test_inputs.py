@@ -225,6 +225,10 @@ def test_chat_template_kwargs_reach_the_template(model, chat):
     assert quiet.encodes_as(quiet) and not quiet.encodes_as(plain)  # one tokenizer, two prompts
     with pytest.raises(InvalidModelError):
         MultimodalLLMAttribution(FeatureAblation(quiet), quiet).attribute(inp, target="Hi")
+    # The adapter's own arguments, or not a dict: a TypeError from transformers or jinja2
+    for bad in ({"add_generation_prompt": False}, {"messages": []}, [("a", 1)]):
+        with pytest.raises(InvalidOptionError, match="chat_template_kwargs"):
+            HFCausalLMAdapter(model.model, tokenizer, chat_template_kwargs=bad)
 
 
 def test_a_tokenizer_without_a_chat_template_is_named(chat):

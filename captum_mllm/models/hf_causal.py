@@ -73,7 +73,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.chat_template_kwargs = chat_template_kwargs  # checked by the setter
         forward = getattr(model, "forward", None)
         params = inspect.signature(forward).parameters if forward else {}
         self._logits_to_keep = "logits_to_keep" in params
@@ -136,6 +136,15 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         if not dispatched:  # accelerate placed a dispatched model's layers (device_map="auto")
             model.to(where)  # type: ignore[arg-type]
         return cls(model.eval(), tokenizer, chat_template_kwargs)
+
+    @property
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        """Keywords passed to every ``apply_chat_template`` call."""
+        return self._chat_template_kwargs
+
+    @chat_template_kwargs.setter
+    def chat_template_kwargs(self, value: dict[str, Any] | None) -> None:
+        self._chat_template_kwargs = _template_kwargs(value)
 
     @property
     def device(self) -> torch.device:
@@ -706,6 +715,28 @@ def _pad_id(tokenizer: Any) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+#: apply_chat_template's arguments that the adapter sets itself.
+_OWN_TEMPLATE_ARGS = {"conversation", "messages", "tokenize", "add_generation_prompt"}
+
+
+def _template_kwargs(given: Any) -> dict[str, Any]:
+    """``chat_template_kwargs`` as a dict of the template's own keywords (a
+    duplicate of ours raised a TypeError inside transformers or jinja2)."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict) or not all(isinstance(k, str) for k in given):
+        raise InvalidOptionError(
+            f"chat_template_kwargs must be a dict of keyword names, got {given!r}"
+        )
+    own = sorted(_OWN_TEMPLATE_ARGS & set(given))
+    if own:
+        raise InvalidOptionError(
+            f"chat_template_kwargs {own} are set by the adapter (the chat, and the "
+            "generation prompt it needs); leave them out"
+        )
+    return dict(given)
 
 
 def _stop_string_end(row: list[int], stop_strings: str | list[str], tokenizer: Any) -> int:
