@@ -47,6 +47,7 @@ from captum_mllm.errors import (
     StoreMismatchError,
     TargetError,
     UnsupportedInputError,
+    is_int,
     require_built,
     require_int,
     warn_caller,
@@ -315,7 +316,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         if shard is not None and not (
             isinstance(shard, tuple | list)
             and len(shard) == 2
-            and all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in shard)
+            and all(is_int(i) for i in shard)
             and 0 <= shard[0] < shard[1]
         ):  # another index evaluated no coalition, without a word
             raise InvalidOptionError(
@@ -675,8 +676,9 @@ def resolve_response(
             )
         target = inp.response
     if target is None:
-        args = {**default_gen_args, **(gen_args or {})}
-        if not isinstance(inp, ChatInput) and gen_args:  # stock Captum's: given, they replace
+        if isinstance(inp, ChatInput) or not gen_args:
+            args = {**default_gen_args, **(gen_args or {})}
+        else:  # stock Captum's given gen_args replace its defaults
             args = dict(gen_args)
         if isinstance(inp, ChatInput):
             sampling = sorted(

@@ -84,9 +84,14 @@ def require_int(name: str, value: object, low: int) -> int:
     Raises:
         InvalidOptionError: it is not one.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    if not is_int(value) or value < low:  # type: ignore[operator]
         raise InvalidOptionError(f"{name} must be an int of at least {low}, got {value!r}")
-    return int(value)
+    return int(value)  # type: ignore[call-overload]
+
+
+def is_int(value: object) -> bool:
+    """An int, numpy's too; not a bool (``True`` indexes as 1, ``1.0`` not at all)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def require_built(method: object) -> None:

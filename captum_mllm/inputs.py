@@ -32,6 +32,7 @@ from captum_mllm.errors import (
     NoFeaturesError,
     warn_caller,
 )
+from captum_mllm.fingerprint import plain
 from captum_mllm.models.base import ModelAdapter
 from captum_mllm.words import is_separator, strip_separators, word_spans
 
@@ -309,8 +310,6 @@ class ChatInput(InterpretableInput):
         """The choices that made these features, as plain data (a result's
         ``provenance["input_settings"]``): the same chat explained with another
         baseline or unit gives other attributions."""
-        from captum_mllm.fingerprint import plain
-
         return plain(
             {
                 "roles": self.roles,
@@ -391,19 +390,18 @@ class ChatInput(InterpretableInput):
             return []  # whole turns already hold their audio
         assert enc.audio_time is not None
         found: list[_Found] = []
-        chosen = [
-            c
+        clips = {  # clip -> its positions, for the clips in feature turns
+            c: (enc.clip == c).nonzero().flatten().tolist()
             for c in sorted(set(enc.clip.tolist()) - {-1})
-            if enc.roles[int(enc.turn[(enc.clip == c).nonzero()[0, 0]])] in self.roles
-        ]
+        }
+        chosen = {c: p for c, p in clips.items() if enc.roles[int(enc.turn[p[0]])] in self.roles}
         per_clip = per_clip_spans(self.audio_unit)
         if is_span_list(self.audio_unit) and per_clip is None and len(chosen) > 1:
             raise InvalidSpanError(  # one clip's times were read in every clip
                 f"audio_unit spans are times in one clip, and {len(chosen)} clips hold features; "
                 "give one list of spans per clip, in chat order ([[...], [...]])"
             )
-        for c in chosen:
-            positions = (enc.clip == c).nonzero().flatten().tolist()
+        for c, positions in chosen.items():
             times = enc.audio_time[positions].double().round(decimals=4).tolist()
             end = float(times[-1][1])
             if self.audio_unit == "word" or is_span_list(self.audio_unit):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from captum_mllm.errors import (
     InvalidOptionError,
     PlotError,
     ResultFormatError,
+    is_int,
     require_int,
     require_real,
 )
@@ -606,12 +606,12 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         rows = len(self.token_attr)
         token_attr = torch.as_tensor(self.token_attr).detach().cpu().float()
         pos: Any = target_token_pos  # checked here: users pass numpy ints, bools, floats
-        if _is_index(pos) and -rows <= pos < rows:
+        if is_int(pos) and -rows <= pos < rows:
             return token_attr[int(pos)]
         if (
             isinstance(pos, tuple | list)
             and len(pos) == 2
-            and all(_is_index(i) for i in pos)
+            and all(is_int(i) for i in pos)
             and 0 <= pos[0] < pos[1] <= rows
         ):  # a bool or float indexed another shape, or raised deep inside
             return token_attr[int(pos[0]) : int(pos[1])].sum(dim=0)
@@ -651,11 +651,6 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             f"output_tokens={len(self.output_tokens)}, model_calls={self.n_model_calls}, "
             f"unique_coalitions={self.n_unique_coalitions}/{self.n_coalitions})"
         )
-
-
-def _is_index(value: object) -> bool:
-    """An int (numpy's too), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _versions() -> dict[str, str]:
