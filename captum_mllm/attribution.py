@@ -665,6 +665,12 @@ def resolve_response(
             "audio encoder): its tokens and features are that model's; build "
             "ChatInput(chat, model) with the adapter you explain with"
         )
+    if isinstance(target, Target):  # a value function, not an answer
+        raise TargetError(
+            f"target= of attribute() is the answer to explain; a value function such as "
+            f"{type(target).__name__} goes to the constructor: "
+            "MultimodalLLMAttribution(method, model, target=...)"
+        )
     calls = 0
     if isinstance(inp, ChatInput) and inp.response is not None:
         if gen_args is not None:

@@ -269,6 +269,16 @@ def test_bad_arguments():
         EmbeddingSimilarity(lambda texts: torch.ones(len(texts), 2), reducer="max")
 
 
+def test_a_value_function_given_to_attribute_names_the_constructor(model, chat):
+    """target= of attribute() is the answer; a Target there raised "gen_args is
+    only used when target is None" or "must be a str, a Tensor or None"."""
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    sim = EmbeddingSimilarity(gen_args=GEN)
+    for kwargs in ({}, {"gen_args": GEN}):
+        with pytest.raises(TargetError, match=r"MultimodalLLMAttribution\(method, model, target="):
+            attr.attribute(ChatInput(chat, model), target=sim, **kwargs)
+
+
 @pytest.mark.parametrize("embedding, context", [("static", "response"), ("contextual", "chat")])
 def test_spoken_answers_on_lfm2_audio(embedding, context):
     from captum_mllm import Chat, LFM2AudioAdapter
