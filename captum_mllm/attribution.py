@@ -217,9 +217,11 @@ class MultimodalLLMAttribution(LLMAttribution):
             inp (InterpretableInput): a :class:`ChatInput`, or one of Captum's
                 ``TextTemplateInput``, ``TextTokenInput``, ``ImageMaskInput``.
             target (str or Tensor, optional): the response to explain: text, or
-                token ids of shape ``(T,)`` or ``(1, T)``. None explains the chat's
-                final assistant turn when it has one, else generates the answer
-                greedily from the full input. Default: None
+                token ids of shape ``(T,)`` or ``(1, T)``, read after the
+                generation prompt. None explains the chat's final assistant turn
+                when it has one (read after what the chat template renders before
+                it), else generates the answer greedily from the full input.
+                Default: None
             num_trials (int, optional): attributions are averaged over this many
                 runs of the method, each drawing its own coalitions (with our
                 estimators' ``seed=``, the first trial uses that seed and each

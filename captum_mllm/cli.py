@@ -204,6 +204,10 @@ def _explain_command(args: argparse.Namespace) -> None:
         for i in range(max(len(texts), len(clips))):
             chat = chat.user(texts[i] if i < len(texts) else None,
                              audio=clips[i] if i < len(clips) else None)  # fmt: skip
+    answer = args.answer
+    if answer is not None and chat.split_response()[1] is None:
+        # The chat's final turn, so the answer follows what the template puts before it
+        chat, answer = chat.assistant(answer), None
     answered = args.answer is not None or chat.split_response()[1] is not None
     if answered and args.max_new_tokens is not None and args.target == "log-prob":
         raise UsageError("--max-new-tokens is unused: the answer to explain is given")
@@ -218,7 +222,7 @@ def _explain_command(args: argparse.Namespace) -> None:
         "budget": args.budget,
         "target": args.target,
         "seed": args.seed,
-        "answer": args.answer,
+        "answer": answer,
         "store": args.store,
         "batch": args.batch,
     }

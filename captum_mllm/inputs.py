@@ -197,7 +197,7 @@ class ChatInput(InterpretableInput):
             model.check_text(list(self.chat)[-1:])
         self._check_transcripts()
         with model.evaluating():  # an audio encoder in training mode: batch statistics
-            self.encoded: EncodedChat = model.encode(self.prompt)
+            self.encoded: EncodedChat = model.encode_prompt(self.prompt, self.response)
         self._check_audio_fill()
 
         found = sorted(self._text_features() + self._audio_features(), key=lambda f: min(f[0]))

@@ -344,3 +344,36 @@ def test_chat_template_kwargs_reach_the_template(monkeypatch, tmp_path, capsys):
         assert code == 2 and says in err
     code, _, err = run([*argv, "{}", "--model", "tiny-lfm2-audio"], capsys)
     assert code == 2 and "Hugging Face" in err  # LFM2-Audio's prompt is its own: unread
+
+
+def test_answer_is_read_where_the_template_puts_a_final_answer(tmp_path, capsys, monkeypatch):
+    """--answer went in as target=, after the generation prompt: a Qwen3-style
+    template (thinking on) puts an empty <think> block before a final answer."""
+    import copy
+
+    from conftest import THINKING_TEMPLATE
+
+    from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, MultimodalLLMAttribution, cli
+    from captum_mllm.methods import ExactShapleyValues
+    from captum_mllm.testing import tiny_hf_adapter
+
+    def thinking(name):
+        plain = tiny_hf_adapter()
+        tokenizer = copy.deepcopy(plain.tokenizer)
+        tokenizer.chat_template = THINKING_TEMPLATE
+        return HFCausalLMAdapter(plain.model, tokenizer)
+
+    monkeypatch.setattr(cli, "_tiny_model", thinking)
+    code, _, err = run(
+        ["explain", "--user", "Who are you, my friend?", "--model", "tiny-llama",
+         "--method", "exact", "--answer", "I am a small model.", "--out", tmp_path],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    saved = MultimodalLLMAttributionResult.load(tmp_path / "result.json")
+    model = thinking("tiny-llama")
+    chat = Chat().user("Who are you, my friend?").assistant("I am a small model.")
+    res = MultimodalLLMAttribution(ExactShapleyValues(model), model).attribute(
+        ChatInput(chat, model)
+    )
+    assert saved.seq_attr.tolist() == pytest.approx(res.seq_attr.tolist(), abs=1e-6)

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from conftest import THINKING_TEMPLATE
 
 from captum_mllm import Chat, ChatInput
 from captum_mllm.errors import (
@@ -14,6 +15,7 @@ from captum_mllm.errors import (
     InvalidRoleError,
     NoFeaturesError,
 )
+from captum_mllm.testing import CHATML_TEMPLATE
 
 
 def test_word_features_skip_punctuation_and_template(model, chat):
@@ -258,6 +260,45 @@ def test_final_assistant_turn_is_the_response_not_the_prompt(model, chat):
     assert inp.values == ChatInput(chat, model).values
     # No generation prompt after the answer: the encoding is the prompt's.
     assert inp.encoded.input_ids.tolist() == model.encode(chat).input_ids.tolist()
+
+
+def test_a_given_answer_follows_the_template_text_the_template_puts_before_it(model):
+    """With thinking on, a Qwen3-style template renders a given answer after an
+    empty <think> block; the answer was scored straight after the generation
+    prompt instead, where the model never reads it."""
+    from captum_mllm import HFCausalLMAdapter
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = THINKING_TEMPLATE
+    thinking = HFCausalLMAdapter(model.model, tokenizer)
+    quiet = HFCausalLMAdapter(
+        model.model, tokenizer, chat_template_kwargs={"enable_thinking": False}
+    )
+    answered = [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    chat = answered[:1]
+    prompt = ChatInput(chat, thinking)  # an answer to generate: the generation prompt
+    inp = ChatInput(answered, thinking)
+    whole = tokenizer.apply_chat_template(answered, tokenize=False)
+    lead = whole[: whole.rindex("Paris.")]
+    assert lead.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    expected = tokenizer(lead, add_special_tokens=False)["input_ids"]
+    assert inp.encoded.input_ids.tolist() == expected
+    assert len(prompt.encoded) < len(inp.encoded)
+    assert inp.values == prompt.values  # the block is template text, no feature
+    # Thinking off: the generation prompt holds the block already.
+    assert ChatInput(answered, quiet).encoded.input_ids.tolist() == expected
+    # A template that renders the answer without the generation prompt's text
+    # before it (DeepSeek-R1's, whose generation prompt opens <think>): the
+    # generation prompt, which the answer is generated after.
+    tokenizer.chat_template = CHATML_TEMPLATE + "{% if add_generation_prompt %}<think>{% endif %}"
+    opening = HFCausalLMAdapter(model.model, tokenizer)
+    assert (
+        ChatInput(answered, opening).encoded.input_ids.tolist()
+        == opening.encode(chat).input_ids.tolist()
+    )
 
 
 def test_empty_system_turn_is_accepted(model):

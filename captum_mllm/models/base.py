@@ -119,6 +119,13 @@ class ModelAdapter(nn.Module, ABC):
     def encode(self, chat: Any) -> EncodedChat:
         """Encode a chat (a :class:`Chat` or a message list) with generation prompt."""
 
+    def encode_prompt(self, chat: Any, answer: str | None = None) -> EncodedChat:
+        """The prompt before ``answer``, a given answer to explain (None: one still
+        to generate). By default the generation prompt (:meth:`encode`); an adapter
+        whose chat template renders a given answer after more template text than
+        its generation prompt holds puts that text in the prompt."""
+        return self.encode(chat)
+
     def check_text(self, turns: Any) -> None:
         """Refuse text that holds one of the tokenizer's control tokens: the
         tokenizer would read ``<|im_start|>`` inside a message as chat

@@ -179,6 +179,22 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         Returns:
             EncodedChat: the position table.
         """
+        return self.encode_prompt(chat)
+
+    def encode_prompt(self, chat: Chat | Sequence[Any], answer: str | None = None) -> EncodedChat:
+        """As :meth:`encode`; before a given ``answer``, the prompt is what the
+        template renders before that answer's text when it begins with the
+        generation prompt: Qwen3's template, thinking on, renders a given answer
+        after an empty ``<think>`` block that its generation prompt lacks, and the
+        model reads the answer after that block.
+
+        Args:
+            chat (Chat or list of dict): the chat before the answer.
+            answer (str, optional): the answer to explain. Default: None
+
+        Returns:
+            EncodedChat: the position table.
+        """
         chat = as_chat(chat)
         self.check_text(chat)
         if chat.has_audio:
@@ -194,6 +210,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         contents = ["\n".join(p.text for p in t.parts) for t in chat]  # type: ignore[union-attr]
         messages = [{"role": t.role, "content": c} for t, c in zip(chat, contents, strict=True)]
         rendered = self._render(messages, generation_prompt=True)
+        if answer is not None:
+            rendered = self._answer_lead(messages, answer, rendered)
         located = _locate_contents(self._render, messages, rendered)
         turn_spans = self._turn_spans(messages, rendered, located)
 
@@ -253,6 +271,19 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 f"the model's chat template refuses this chat: {exc} (a template without a "
                 "system role takes the system prompt inside the first user turn)"
             ) from exc
+
+    def _answer_lead(self, messages: list[dict[str, Any]], answer: str, prompt: str) -> str:
+        """What the template renders before ``answer``'s text in the whole chat,
+        where that begins with the generation prompt ``prompt``; else ``prompt``
+        (a template that renders the answer otherwise than it generates it)."""
+        whole = [*messages, {"role": "assistant", "content": answer}]
+        rendered = self._render(whole)
+        try:
+            start = _locate_contents(lambda m, _: self._render(m), whole, rendered)[-1][0]
+        except ChatTemplateError:  # the template changes the answer's text
+            return prompt
+        lead = rendered[:start]
+        return lead if lead.startswith(prompt) else prompt
 
     def _turn_spans(
         self,
