@@ -592,6 +592,26 @@ def test_from_pretrained_reads_a_bfloat16_checkpoint_in_float32_on_the_cpu(tmp_p
         assert moved
     with pytest.raises(InvalidOptionError, match="not both"):
         HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu", device_map="auto")
+    # transformers' old name of dtype= went unread: our float32 won over it
+    old = HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu", torch_dtype="bfloat16")
+    assert old.model.dtype == torch.bfloat16
+    with pytest.raises(InvalidOptionError, match="not both"):
+        HFCausalLMAdapter.from_pretrained(str(tmp_path), dtype="float32", torch_dtype="float16")
+    # Where the checkpoint comes from reached the model alone: the tokenizer came
+    # from the main branch (another revision's vocabulary) or failed without the token
+    import transformers
+
+    seen = []
+    load = transformers.AutoTokenizer.from_pretrained
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            transformers.AutoTokenizer,
+            "from_pretrained",
+            lambda *a, **k: seen.append(k) or load(*a, **k),
+        )
+        hub = {"revision": "main", "local_files_only": True, "cache_dir": str(tmp_path / "c")}
+        HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu", **hub)
+    assert seen and hub.items() <= seen[-1].items()
 
 
 def test_non_finite_values_warn(model, chat, monkeypatch):

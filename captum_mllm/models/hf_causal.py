@@ -109,7 +109,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             gguf_file (str, optional): name of a GGUF file inside ``name_or_path``;
                 transformers dequantises it (needs the ``gguf`` package). Default: None
             chat_template_kwargs (dict, optional): see the class. Default: None
-            **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+            **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``; where the
+                files come from (``revision``, ``token``, ``cache_dir``,
+                ``local_files_only``, ``force_download``, ``proxies``) to
+                ``AutoTokenizer.from_pretrained`` too. ``torch_dtype``, dtype's old
+                name, is read as ``dtype``.
 
         Returns:
             HFCausalLMAdapter: the adapter, in eval mode.
@@ -125,6 +129,13 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if gguf_file is not None:
             common["gguf_file"] = gguf_file
+        # Where the checkpoint comes from: its tokenizer's files too (another revision's vocabulary)
+        common.update({k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs})
+        torch_dtype = kwargs.pop("torch_dtype", None)  # transformers' old name: ours won over it
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise InvalidOptionError("give dtype= or torch_dtype= (its old name), not both")
+            dtype = torch_dtype
         dispatched = kwargs.get("device_map") is not None
         if dispatched and device is not None:  # one would undo the other
             raise InvalidOptionError("give device= or device_map=, not both")
@@ -747,6 +758,9 @@ def _pad_id(tokenizer: Any) -> int:
             return value
     return 0
 
+
+#: ``from_pretrained`` settings of where a checkpoint's files come from.
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
 
 #: apply_chat_template's arguments that the adapter sets itself.
 _OWN_TEMPLATE_ARGS = {"conversation", "messages", "tokenize", "add_generation_prompt"}
