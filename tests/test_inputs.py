@@ -290,14 +290,26 @@ def test_a_given_answer_follows_the_template_text_the_template_puts_before_it(mo
     assert inp.values == prompt.values  # the block is template text, no feature
     # Thinking off: the generation prompt holds the block already.
     assert ChatInput(answered, quiet).encoded.input_ids.tolist() == expected
-    # A template that renders the answer without the generation prompt's text
-    # before it (DeepSeek-R1's, whose generation prompt opens <think>): the
-    # generation prompt, which the answer is generated after.
-    tokenizer.chat_template = CHATML_TEMPLATE + "{% if add_generation_prompt %}<think>{% endif %}"
-    opening = HFCausalLMAdapter(model.model, tokenizer)
-    assert (
-        ChatInput(answered, opening).encoded.input_ids.tolist()
-        == opening.encode(chat).input_ids.tolist()
+    # The generation prompt, which the answer is generated after: for a template
+    # that renders the answer without the generation prompt's text before it
+    # (DeepSeek-R1's, whose generation prompt opens <think>), and for a space
+    # alone before it (Llama 2's "[/INST] Paris"), which a tokenizer folds into
+    # the answer's first token.
+    llama2 = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
+    )
+    for template in (CHATML_TEMPLATE + "{% if add_generation_prompt %}<think>{% endif %}", llama2):
+        tokenizer.chat_template = template
+        other = HFCausalLMAdapter(model.model, tokenizer)
+        assert (
+            ChatInput(answered, other).encoded.input_ids.tolist()
+            == other.encode(chat).input_ids.tolist()
+        )
+    tokenizer.chat_template = llama2.replace("{% else %} ", "{% else %}<think></think> ")
+    spaced = HFCausalLMAdapter(model.model, tokenizer)  # the block, not the space after it
+    assert tokenizer.decode(ChatInput(answered, spaced).encoded.input_ids).endswith(
+        "[/INST]<think></think>"
     )
 
 

@@ -284,17 +284,21 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             ) from exc
 
     def _answer_lead(self, messages: list[dict[str, Any]], answer: str, prompt: str) -> str:
-        """What the template renders before ``answer``'s text in the whole chat,
-        where that begins with the generation prompt ``prompt``; else ``prompt``
-        (a template that renders the answer otherwise than it generates it)."""
+        """The generation prompt ``prompt`` and the text the template renders after
+        it before ``answer``'s text in the whole chat; ``prompt`` alone when that
+        text is only whitespace (Llama 2's space before an answer, which a
+        tokenizer folds into the answer's first token) or the whole chat does
+        not begin with ``prompt`` (a template that renders the answer otherwise
+        than it generates it)."""
         whole = [*messages, {"role": "assistant", "content": answer}]
         rendered = self._render(whole)
         try:
             start = _locate_contents(lambda m, _: self._render(m), whole, rendered)[-1][0]
-        except ChatTemplateError:  # the template changes the answer's text
+        except ChatTemplateError:  # the template changes or drops a content
             return prompt
-        lead = rendered[:start]
-        return lead if lead.startswith(prompt) else prompt
+        if not rendered.startswith(prompt) or not rendered[len(prompt) : start].strip():
+            return prompt
+        return rendered[:start].rstrip(" ")  # a space before the answer: as above
 
     def _turn_spans(
         self,
