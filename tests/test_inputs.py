@@ -313,6 +313,41 @@ def test_a_given_answer_follows_the_template_text_the_template_puts_before_it(mo
     )
 
 
+def test_a_template_that_moves_the_system_prompt_keeps_each_word_in_its_turn(model):
+    """Mistral's template (v0.3) puts the system prompt in the last user turn:
+    a multi-turn chat with a system prompt raised "changed the text of turn 0"."""
+    from captum_mllm import HFCausalLMAdapter
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% endif %}{% for m in messages %}"
+        "{% if m['role'] == 'user' %}[INST] {% if loop.last and system is defined %}"
+        "{{ system }}\n\n{% endif %}{{ m['content'] }}[/INST]"
+        "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
+    )
+    mistral = HFCausalLMAdapter(model.model, tokenizer)
+    chat = Chat().system("Be brief.").user("Capital of France?").assistant("Paris.")
+    inp = ChatInput(chat.user("And of Spain?"), mistral, roles=("system", "user"))
+    rendered = tokenizer.decode(inp.encoded.input_ids)
+    assert (
+        rendered
+        == "[INST] Capital of France?[/INST] Paris.</s>[INST] Be brief.\n\nAnd of Spain?[/INST]"
+    )
+    words = {(f.label, f.turn) for f in inp.features}
+    assert words == {("Be", 0), ("brief", 0), ("Capital", 1), ("of", 1), ("France", 1),
+                     ("And", 3), ("of", 3), ("Spain", 3)}  # fmt: skip
+    for f in inp.features:  # each feature's positions spell its word, in its turn
+        assert tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
+        assert {int(inp.encoded.turn[p]) for p in f.positions} == {f.turn}
+    # A template that repeats a content cannot be explained by position
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(ChatTemplateError, match="repeats or drops"):
+        ChatInput(Chat().user("Hi there"), HFCausalLMAdapter(model.model, tokenizer))
+
+
 def test_empty_system_turn_is_accepted(model):
     inp = ChatInput(Chat().system("").user("Who are you?"), model)
     assert inp.values == ["Who", "are", "you"]

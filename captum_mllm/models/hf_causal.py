@@ -722,19 +722,21 @@ def _locate_contents(
         many leading characters the template trimmed from it.
     """
     skeleton = render([{**m, "content": _SENTINEL.format(k)} for k, m in enumerate(messages)], True)
-    pieces = re.split("\ue000\\d+\ue001", skeleton)
-    if len(pieces) != len(messages) + 1:
+    split = re.split("\ue000(\\d+)\ue001", skeleton)
+    pieces, order = split[0::2], [int(k) for k in split[1::2]]
+    if sorted(order) != list(range(len(messages))):
         raise ChatTemplateError(
             "the chat template repeats or drops message contents; it cannot be explained "
             "by position (render it yourself and use Captum's TextTemplateInput)"
         )
-    out: list[tuple[int, int, int]] = []
+    # In the order rendered: Mistral's template puts the system prompt in the last user turn
+    out: dict[int, tuple[int, int, int]] = {}
     cursor = 0
-    for k, message in enumerate(messages):
-        if not rendered.startswith(pieces[k], cursor):
+    for j, k in enumerate(order):
+        if not rendered.startswith(pieces[j], cursor):
             raise ChatTemplateError(f"the chat template renders turn {k} differently per content")
-        cursor += len(pieces[k])
-        content = message["content"]
+        cursor += len(pieces[j])
+        content = messages[k]["content"]
         lead = len(content) - len(content.lstrip())
         # As given, or trimmed by the template (e.g. Jinja's ``| trim``).
         for text, trimmed in (
@@ -744,15 +746,15 @@ def _locate_contents(
             (content.rstrip(), 0),
         ):
             after = cursor + len(text)
-            if rendered.startswith(text, cursor) and rendered.startswith(pieces[k + 1], after):
-                out.append((cursor, after, trimmed))
+            if rendered.startswith(text, cursor) and rendered.startswith(pieces[j + 1], after):
+                out[k] = (cursor, after, trimmed)
                 cursor = after
                 break
         else:
             raise ChatTemplateError(
                 f"the chat template changed the text of turn {k}; cannot locate {content[:40]!r}"
             )
-    return out
+    return [out[k] for k in range(len(messages))]
 
 
 def _pad_id(tokenizer: Any) -> int:
