@@ -348,6 +348,30 @@ def test_a_template_that_moves_the_system_prompt_keeps_each_word_in_its_turn(mod
         ChatInput(Chat().user("Hi there"), HFCausalLMAdapter(model.model, tokenizer))
 
 
+def test_a_template_that_writes_todays_date_warns_until_it_is_pinned(model, chat):
+    """Llama 3.1-3.3's templates write the day's date into the system turn:
+    the same chat gave other values, and its store was refused, the next day."""
+    import warnings
+
+    from captum_mllm import HFCausalLMAdapter
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = (
+        "{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}"
+        "{% endif %}<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n"
+    ) + CHATML_TEMPLATE
+    with pytest.warns(UserWarning, match="today's date") as caught:
+        ChatInput(chat, HFCausalLMAdapter(model.model, tokenizer))
+    assert caught[0].filename == __file__  # at the user's line
+    pinned = HFCausalLMAdapter(
+        model.model, tokenizer, chat_template_kwargs={"date_string": "1 Jan"}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inp = ChatInput(chat, pinned)
+    assert "Today Date: 1 Jan" in tokenizer.decode(inp.encoded.input_ids)
+
+
 def test_empty_system_turn_is_accepted(model):
     inp = ChatInput(Chat().system("").user("Who are you?"), model)
     assert inp.values == ["Who", "are", "you"]

@@ -18,6 +18,7 @@ from captum_mllm.errors import (
     InvalidContentError,
     InvalidModelError,
     InvalidOptionError,
+    warn_caller,
 )
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.models.batching import (
@@ -206,6 +207,13 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         Returns:
             EncodedChat: the position table.
         """
+        template = str(getattr(self.tokenizer, "chat_template", None) or "")
+        if "strftime_now" in template and "date_string" not in self.chat_template_kwargs:
+            warn_caller(  # Llama 3.1-3.3's templates: the prompt is not a function of the chat
+                "the chat template writes today's date into the prompt (strftime_now): values, "
+                "and a coalition store, change with the day; pin it (Llama 3: "
+                "chat_template_kwargs={'date_string': '26 Jul 2024'})"
+            )
         chat = as_chat(chat)
         self.check_text(chat)
         if chat.has_audio:
