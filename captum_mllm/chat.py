@@ -20,6 +20,7 @@ from captum_mllm.errors import (
     EmptyTextError,
     InvalidContentError,
     InvalidRoleError,
+    warn_caller,
 )
 
 Role = Literal["system", "user", "assistant"]
@@ -244,6 +245,7 @@ class Chat(Sequence[Turn]):
     def from_messages(cls, messages: Iterable[Mapping[str, Any]]) -> Chat:
         """Build a chat from a Hugging Face message list.
 
+        Keys other than ``role`` and ``content`` warn: they are not read.
         ``content`` may be a string or a list of ``{"type": "text", "text": ...}``
         and ``{"type": "audio", "audio" | "path" | "url": ..., "sampling_rate": ...}``
         items, or OpenAI's ``{"type": "input_audio", "input_audio": {"data": base64}}``.
@@ -255,9 +257,15 @@ class Chat(Sequence[Turn]):
             Chat: the chat.
         """
         turns = []
-        for message in messages:
+        for k, message in enumerate(messages):
             if not isinstance(message, Mapping) or "role" not in message:
                 raise InvalidContentError("each message must be a dict with 'role' and 'content'")
+            unread = sorted(str(key) for key in message if key not in ("role", "content"))
+            if unread:  # a template reads reasoning_content, tool_calls, thinking, name, ...
+                warn_caller(
+                    f"message {k}'s keys {unread} are not read: a Chat holds each turn's role "
+                    "and content, so a chat template that reads them renders this chat otherwise"
+                )
             content = message.get("content")
             if isinstance(content, str):
                 turns.append(Turn(message["role"], (TextPart(content),)))

@@ -33,6 +33,20 @@ def test_messages_round_trip():
     assert Chat.from_messages([{"role": "user", "content": "Hi"}])[0].parts == (TextPart("Hi"),)
 
 
+def test_message_keys_a_chat_does_not_hold_warn():
+    """reasoning_content, tool_calls, name: chat templates render them (Qwen3
+    its reasoning before the answer), and they vanished without a word."""
+    import warnings
+
+    answer = {"role": "assistant", "content": "Paris", "reasoning_content": "France's capital"}
+    with pytest.warns(UserWarning, match=r"message 1's keys \['reasoning_content'\]") as caught:
+        Chat.from_messages([{"role": "user", "content": "Hi"}, answer])
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Chat.from_messages([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+
+
 def test_audio_part_from_messages_keeps_rate_and_length():
     wave = np.zeros(1600, dtype=np.float32)
     chat = Chat.from_messages(
