@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         "(columns file, transcript[, text])",
     )
     _model_flags(dataset)
-    dataset.add_argument("--workers", type=int, default=None, help="Ray actors")
+    dataset.add_argument("--workers", type=_at_least(1), default=None, help="Ray actors")
     dataset.add_argument("--gpus-per-worker", type=float, default=None)
     dataset.add_argument("--cpus-per-worker", type=float, default=None)
     dataset.add_argument("--address", help="an existing Ray cluster ('auto', 'ray://host:10001')")
@@ -123,13 +124,13 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="kernel", choices=METHODS)
     parser.add_argument(
         "--budget",
-        type=int,
+        type=_at_least(1),
         help="coalition evaluations (default: 10 per feature; hierarchical: exact Owen "
         "values; exact always evaluates all 2^n)",
     )
     parser.add_argument("--target", default="log-prob", choices=("log-prob", "similarity"))
     parser.add_argument(
-        "--max-new-tokens", type=int, default=None,
+        "--max-new-tokens", type=_at_least(1), default=None,
         help=f"length of a generated answer (default: {MAX_NEW_TOKENS})",
     )  # fmt: skip
     parser.add_argument(
@@ -141,10 +142,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--dtype", default=None, choices=("float32", "bfloat16", "float16"),
         help="default: float32 on a CPU, the checkpoint's (LFM2-Audio: bfloat16) on a GPU",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_at_least(0), default=0)
     parser.add_argument(
         "--batch",
-        type=int,
+        type=_at_least(1),
         default=None,
         help="coalitions per call (default: 64 on a CPU, 1024 on a GPU)",
     )
@@ -537,6 +538,22 @@ def _load_model(
             raise UsageError("--chat-template-kwargs is for Hugging Face chat models")
         model.chat_template_kwargs = chat_template_kwargs
     return model
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``, checked before
+    a model loads (a 1.5B model takes a while to refuse ``--budget 0``)."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number is needed, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"at least {minimum} is needed, got {value}")
+        return value
+
+    return whole
 
 
 def _json_object(text: str) -> dict[str, Any]:

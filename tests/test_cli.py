@@ -377,3 +377,19 @@ def test_answer_is_read_where_the_template_puts_a_final_answer(tmp_path, capsys,
         ChatInput(chat, model)
     )
     assert saved.seq_attr.tolist() == pytest.approx(res.seq_attr.tolist(), abs=1e-6)
+
+
+def test_counts_are_checked_before_a_model_loads(capsys, monkeypatch):
+    """--budget 0 was refused only after the model had loaded and the chat was
+    encoded (minutes for a 1.5B model)."""
+    from captum_mllm import cli
+
+    def no_model(*args):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(cli, "_loaded", no_model)
+    argv = ["explain", "--user", "Hi", "--model", "some/model"]
+    for flag, bad in (("--budget", "0"), ("--batch", "-2"), ("--max-new-tokens", "0"),
+                      ("--seed", "-1"), ("--budget", "ten")):  # fmt: skip
+        code, _, err = run([*argv, flag, bad], capsys)
+        assert code == 2 and f"argument {flag}" in err, err
