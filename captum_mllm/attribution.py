@@ -249,7 +249,8 @@ class MultimodalLLMAttribution(LLMAttribution):
             keep_eos (bool, optional): keep the end-of-turn / end-of-sequence
                 tokens that end a generated answer as output tokens to explain
                 (a :class:`ChatInput`'s generated target drops them by default;
-                Captum's own inputs keep them, as stock Captum does). Default: False
+                Captum's own inputs keep them, as stock Captum does). A given
+                answer is explained as given: True beside one raises. Default: False
             store (str, PathLike or CoalitionStore, optional): a SQLite file
                 keeping every evaluated coalition; a rerun with the same file and
                 explanation evaluates only what is missing (resume): its
@@ -710,6 +711,12 @@ def resolve_response(
             calls = 1
     elif gen_args is not None:
         raise TargetError("gen_args is only used when target is None")
+    elif keep_eos:  # a given answer is explained as given
+        raise InvalidOptionError(
+            "keep_eos=True keeps a generated answer's end token; this answer is given "
+            "(target= or the chat's final assistant turn): to explain its end token, give "
+            "the answer's ids with it"
+        )
     elif isinstance(target, str):
         if not target:
             raise TargetError("the target response is empty; give a non-empty target")

@@ -409,6 +409,9 @@ def test_bad_arguments_raise(model, chat):
     ids = model.text_response(TARGET).ids
     for given in (TARGET, ids, ids[None]):  # the chat's own answer again: no conflict
         torch.testing.assert_close(attr.attribute(answered, target=given).seq_attr, same)
+    for given, target in ((answered, None), (inp, TARGET), (inp, ids)):  # went unread
+        with pytest.raises(InvalidOptionError, match="keep_eos"):
+            attr.attribute(given, target=target, keep_eos=True)
     with pytest.raises(UnsupportedInputError):
         attr.attribute("Who are you?", target=TARGET)  # type: ignore[arg-type]
     with pytest.raises(InvalidModelError):
