@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     explain = sub.add_parser("explain", help="explain a chat with a model")
-    explain.add_argument("--chat", type=Path, help="a JSON or YAML Hugging Face message list")
+    explain.add_argument(
+        "--chat", type=Path,
+        help='a JSON or YAML Hugging Face message list, or an object {"messages": [...]}',
+    )  # fmt: skip
     explain.add_argument("--system", help="system prompt (without --chat)")
     explain.add_argument("--user", action="append", default=[], help="a user turn (repeatable)")
     explain.add_argument(
@@ -491,8 +494,10 @@ def _read_messages(path: Path) -> list[dict[str, Any]]:
         raise UsageError(
             f"{path} is not valid {path.suffix[1:].upper() or 'JSON'}: {exc}"
         ) from None
+    if isinstance(messages, dict) and isinstance(messages.get("messages"), list):
+        messages = messages["messages"]  # a data set's row, an OpenAI request: {"messages": [...]}
     if not isinstance(messages, list):
-        raise UsageError(f"{path} must hold a list of messages")
+        raise UsageError(f"{path} must hold a list of messages, or an object with one")
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         for item in content if isinstance(content, list) else []:

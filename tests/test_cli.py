@@ -393,3 +393,17 @@ def test_counts_are_checked_before_a_model_loads(capsys, monkeypatch):
                       ("--seed", "-1"), ("--budget", "ten")):  # fmt: skip
         code, _, err = run([*argv, flag, bad], capsys)
         assert code == 2 and f"argument {flag}" in err, err
+
+
+def test_a_chat_file_may_be_an_object_holding_its_messages(tmp_path, capsys):
+    """A data set's row or an OpenAI request, {"messages": [...]}, was refused."""
+    messages = [{"role": "user", "content": "Who are you, my friend?"}]
+    (tmp_path / "row.json").write_text(json.dumps({"messages": messages, "id": 7}))
+    (tmp_path / "other.json").write_text(json.dumps({"turns": messages}))
+    argv = ["explain", "--model", "tiny-llama", "--method", "exact", "--answer", "I am."]
+    code, _, err = run([*argv, "--chat", tmp_path / "row.json", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    saved = MultimodalLLMAttributionResult.load(tmp_path / "o" / "result.json")
+    assert saved.input_tokens == ["Who", "are", "you", "my", "friend"]
+    code, _, err = run([*argv, "--chat", tmp_path / "other.json"], capsys)
+    assert code == 2 and "must hold a list of messages" in err
