@@ -25,6 +25,15 @@ from captum_mllm.errors import (
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
+#: What to use instead of roles other APIs and templates know.
+_ROLE_HINTS = {
+    "developer": " (OpenAI's developer role is the system prompt: use 'system')",
+    "model": " (Gemma's model turn is the assistant's: use 'assistant')",
+    **{
+        r: " (tool results are not supported as turns: give a tool's output in a user turn)"
+        for r in ("tool", "function", "ipython")
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,10 @@ class Turn:
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
-            raise InvalidRoleError(f"unknown role {self.role!r}; use one of {', '.join(ROLES)}")
+            hint = _ROLE_HINTS.get(str(self.role), "")
+            raise InvalidRoleError(
+                f"unknown role {self.role!r}; use one of {', '.join(ROLES)}{hint}"
+            )
         if not self.parts:
             raise EmptyChatError(f"the {self.role} turn has no content; give it text or audio")
         for part in self.parts:
