@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -256,13 +257,22 @@ class ForcedAligner:
             logits = self.model(**{k: v.to(self.device) for k, v in features.items()}).logits
             emissions = logits.float().log_softmax(-1).cpu()  # (1, T, V)
         vocab = tokenizer.get_vocab()
-        unknown = sorted({c for w in words for c in w if _char_id(vocab, c) is None})
+        # Punctuation is not spoken: aligned without it, kept in the words' labels
+        unknown = sorted(
+            {c for w in words for c in w if _char_id(vocab, c) is None and not _is_punct(c)}
+        )
         if unknown:
             raise AlignmentError(
                 f"the aligner's vocabulary lacks the characters {unknown} of the transcript "
                 f"{transcript!r}; write them as it spells words (e.g. digits as words)"
             )
         word_ids = [[i for c in w if (i := _char_id(vocab, c)) is not None] for w in words]
+        silent = [w for w, ids in zip(words, word_ids, strict=True) if not ids]
+        if silent:
+            raise AlignmentError(
+                f"the transcript's words {silent} hold no letter the aligner spells; "
+                "join them to a neighbouring word or drop them"
+            )
         targets = torch.tensor([[i for ids in word_ids for i in ids]], dtype=torch.int32)
         blank = tokenizer.pad_token_id or 0
         if targets.shape[1] == 0 or emissions.shape[1] < targets.shape[1]:
@@ -283,6 +293,10 @@ class ForcedAligner:
             out[i] = (out[i][0], cut, out[i][2])
             out[i + 1] = (cut, out[i + 1][1], out[i + 1][2])
         return [(round(s, 4), round(e, 4), w) for s, e, w in out]
+
+
+def _is_punct(char: str) -> bool:
+    return unicodedata.category(char).startswith("P")
 
 
 def _char_id(vocab: dict[str, int], char: str) -> int | None:

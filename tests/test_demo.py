@@ -12,6 +12,7 @@ import torch
 from captum_mllm import MultimodalLLMAttribution, demo
 from captum_mllm.audio import ForcedAligner
 from captum_mllm.demo import task, train
+from captum_mllm.errors import AlignmentError
 from captum_mllm.methods import ExactShapleyValues
 from captum_mllm.models.lfm2_audio import LFM2AudioAdapter
 from captum_mllm.testing import speech_like
@@ -102,6 +103,21 @@ def test_aligner_finds_the_spoken_words(speech_model):
         assert [w for _, _, w in got] == ex.transcript.split()
         errors = train.boundary_errors(aligner, [_utterance(ex)])
         assert np.median(errors) < 0.1  # seconds
+
+
+def test_the_aligner_skips_unspoken_punctuation(speech_model):
+    """A transcript as people write it ("Please, turn on the kitchen light!")
+    was refused: the aligner's vocabulary lacks "," and "!"."""
+    _, aligner = speech_model
+    ex = demo.examples()[0]
+    words = ex.transcript.split()
+    written = " ".join([words[0].capitalize() + ",", *words[1:-1], words[-1] + "!"])
+    plain = aligner.align(ex.waveform, task.SAMPLE_RATE, ex.transcript)
+    punctuated = aligner.align(ex.waveform, task.SAMPLE_RATE, written)
+    assert [w for _, _, w in punctuated] == written.split()  # labels as written
+    assert [s[:2] for s in punctuated] == [s[:2] for s in plain]  # the same spans
+    with pytest.raises(AlignmentError, match=r"words \['—'\]"):
+        aligner.align(ex.waveform, task.SAMPLE_RATE, f"{words[0]} — {' '.join(words[1:])}")
 
 
 def _utterance(ex):
