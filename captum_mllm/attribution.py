@@ -167,6 +167,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         model = attr_method.forward_func
         if isinstance(tokenizer_or_adapter, ModelAdapter):
             adapter = tokenizer_or_adapter
+            require_same_model(attr_method, adapter)
         elif isinstance(model, ModelAdapter):
             adapter = model
         elif tokenizer_or_adapter is not None and isinstance(model, torch.nn.Module):
@@ -645,6 +646,26 @@ class MultimodalLLMAttribution(LLMAttribution):
             "gen_args": {k: v for k, v in (gen_args or {}).items() if _plain(v)},
             "store": str(store) if isinstance(store, str | PathLike) else None,
         }
+
+
+def require_same_model(attr_method: Any, adapter: ModelAdapter) -> None:
+    """The method is built on the adapter, or on the module it wraps.
+
+    Raises:
+        InvalidModelError: it is built on another model, which went unread:
+            the adapter's model was explained (and a layer method's layer
+            belonged to the other model).
+    """
+    model = attr_method.forward_func
+    if isinstance(model, torch.nn.Module) and model not in (
+        adapter,
+        getattr(adapter, "model", None),
+    ):
+        raise InvalidModelError(
+            f"{type(attr_method).__name__} is built on another model than the adapter given "
+            f"({type(model).__name__}); build both on one: "
+            f"{type(attr_method).__name__}(model) and model"
+        )
 
 
 def resolve_response(

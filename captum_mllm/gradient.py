@@ -33,7 +33,7 @@ from captum.attr._utils.interpretable_input import InterpretableInput
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from captum_mllm.attribution import chat_fields, resolve_response
+from captum_mllm.attribution import chat_fields, require_same_model, resolve_response
 from captum_mllm.captum_compat import DEFAULT_GEN_ARGS
 from captum_mllm.errors import (
     InvalidBaselineError,
@@ -118,6 +118,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 f"{type(adapter).__name__}"
             )
         require_built(attr_method)
+        require_same_model(attr_method, adapter)
         if not isinstance(attr_method, self.SUPPORTED_METHODS):
             raise UnsupportedInputError(
                 f"{type(attr_method).__name__} is not supported; use one of "

@@ -420,6 +420,12 @@ def test_bad_arguments_raise(model, chat):
         MultimodalLLMAttribution(FeatureAblation(model), model, "prob", target=LogProbTarget())
     with pytest.raises(UnsupportedInputError, match=r"FeatureAblation\(model\)"):
         MultimodalLLMAttribution(FeatureAblation, model)  # type: ignore[arg-type]
+    # A method built on another model: that model went unread, the adapter's was explained
+    other = tiny_hf_adapter(seed=1)
+    for built_on in (other, other.model):
+        with pytest.raises(InvalidModelError, match="another model"):
+            MultimodalLLMAttribution(FeatureAblation(built_on), model)
+    MultimodalLLMAttribution(FeatureAblation(model.model), model)  # the module it wraps
 
 
 # Part 9a regressions ------------------------------------------------------------------

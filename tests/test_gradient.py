@@ -15,7 +15,12 @@ from captum.attr import (
 )
 
 from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, MultimodalLLMAttributionResult
-from captum_mllm.errors import InvalidBaselineError, InvalidOptionError, UnsupportedInputError
+from captum_mllm.errors import (
+    InvalidBaselineError,
+    InvalidModelError,
+    InvalidOptionError,
+    UnsupportedInputError,
+)
 from captum_mllm.gradient import (
     AttentionAttribution,
     MultimodalLLMGradientAttribution,
@@ -127,6 +132,11 @@ def test_saliency_norm_and_layer_methods(llama, words, tmp_path):
         MultimodalLLMGradientAttribution(Saliency(llama), llama, reduce="mean")
     with pytest.raises(UnsupportedInputError, match=r"Saliency\(model\)"):  # "type is not ..."
         MultimodalLLMGradientAttribution(Saliency, llama)
+    other = tiny_hf_adapter(seed=1)  # its layer hooked while the adapter's model ran
+    with pytest.raises(InvalidModelError, match="another model"):
+        MultimodalLLMGradientAttribution(
+            LayerGradientXActivation(other, other.model.get_input_embeddings()), llama
+        )
 
 
 @pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # few steps: parity
