@@ -496,9 +496,14 @@ def compare(
                 "the results explain different responses; compare their sequence "
                 "attributions (target_token_pos=None) or explain the same target"
             )
-    names = names or [str(r.provenance.get("method", f"result {i}")) for i, r in enumerate(results)]
+    if names is None:  # two runs of one method: "LeverageKernelShap", "LeverageKernelShap (2)"
+        methods = [str(r.provenance.get("method", f"result {i}")) for i, r in enumerate(results)]
+        names = [m if methods.count(m) == 1 else f"{m} ({methods[:i].count(m) + 1})"
+                 for i, m in enumerate(methods)]  # fmt: skip
     if len(names) != len(results):
         raise InvalidOptionError(f"{len(names)} names for {len(results)} results")
+    if len(set(names)) != len(names):  # the table's rows could not be told apart
+        raise InvalidOptionError(f"names must differ, got {names}")
     rows = np.stack([r._row(target_token_pos).numpy() for r in results])
     k = len(results)
     matrix = np.ones((k, k))

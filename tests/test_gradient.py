@@ -209,6 +209,14 @@ def test_compare_rank_correlations(llama, words):
         compare(sal)
     with pytest.raises(InvalidOptionError, match="2 names for 3 results"):
         compare(sal, att, sal, names=["saliency", "attention"])
+    # Two runs of one method: rows that could not be told apart
+    assert list(compare(sal, att, sal)[0].index) == [
+        "Saliency (1)",
+        "AttentionAttribution(mean)",
+        "Saliency (2)",
+    ]
+    with pytest.raises(InvalidOptionError, match="names must differ"):
+        compare(sal, att, names=["a", "a"])
     # as many features, but other ones: rows would pair words that differ
     other = ChatInput(Chat().user("Why is sky so blue?"), llama)
     assert other.n_itp_features == words.n_itp_features
