@@ -204,9 +204,14 @@ class ChatInput(InterpretableInput):
         if groups is not None:
             found = _merge_groups(found, groups)
         if not found:
+            answer = (
+                " (the chat's final assistant turn is the answer to explain, not a feature)"
+                if self.response is not None and "assistant" in self.roles
+                else ""
+            )
             raise NoFeaturesError(
-                f"no features left in turns with roles {self.roles} after skipping {self.skip}; "
-                "widen roles=, or change text_unit= / skip="
+                f"no features left in turns with roles {self.roles} after skipping {self.skip}"
+                f"{answer}; widen roles=, or change text_unit= / skip="
             )
 
         self.feature_of_position = torch.full((len(self.encoded),), -1, dtype=torch.long)

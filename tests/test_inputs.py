@@ -121,6 +121,8 @@ def test_messages_accepted_and_errors(model):
         ChatInput(Chat().user("?!"), model)
     with pytest.raises(NoFeaturesError):
         ChatInput(Chat().system("Be brief."), model)  # no user turn
+    with pytest.raises(NoFeaturesError, match="final assistant turn is the answer"):
+        ChatInput(Chat().user("Hi").assistant("Hello there."), model, roles=("assistant",))
     with pytest.raises(InvalidOptionError):
         ChatInput(Chat().user("hi"), model, text_unit="sentence")
     with pytest.raises(InvalidRoleError):
