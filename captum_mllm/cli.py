@@ -117,7 +117,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "trained demo speech model) or a tiny test model",
     )
     parser.add_argument("--adapter", choices=("hf", "lfm2-audio"), help="default: guessed")
-    parser.add_argument("--text-unit", default="word", choices=("token", "word", "turn"))
+    parser.add_argument(
+        "--text-unit", default="word", choices=("token", "word", "sentence", "turn")
+    )
     parser.add_argument("--audio-unit", default="0.5", help="frame, turn, word, or seconds")
     parser.add_argument(
         "--aligner",

@@ -34,9 +34,9 @@ from captum_mllm.errors import (
 )
 from captum_mllm.fingerprint import plain
 from captum_mllm.models.base import ModelAdapter
-from captum_mllm.words import is_separator, strip_separators, word_spans
+from captum_mllm.words import is_separator, sentence_spans, strip_separators, word_spans
 
-TEXT_UNITS = ("token", "word", "turn")
+TEXT_UNITS = ("token", "word", "sentence", "turn")
 SKIP_KINDS = ("punctuation", "special")  # skip= names; anything else is a literal string
 AUDIO_BASELINES = ("drop", "embedding", "silence")
 # (positions, label, time span for audio features)
@@ -75,7 +75,8 @@ class ChatInput(InterpretableInput):
         model (ModelAdapter): the adapter that will run it; encodes the chat.
         roles (tuple of str, optional): roles whose turns hold features.
             Default: ``("user",)``
-        text_unit (str, optional): ``"token"``, ``"word"`` or ``"turn"``.
+        text_unit (str, optional): ``"token"``, ``"word"``, ``"sentence"`` (see
+            :func:`~captum_mllm.words.sentence_spans`) or ``"turn"``.
             Default: ``"word"``
         skip (str or tuple of str, optional): what is never a feature: ``"punctuation"``
             (tokens/words of punctuation and space only) and ``"special"``
@@ -382,7 +383,7 @@ class ChatInput(InterpretableInput):
             if self.text_unit == "token":
                 groups = [([p], enc.tokens[p]) for p in content]
             else:
-                groups = self._words(content)
+                groups = self._words(content, self.text_unit == "sentence")
             for members, text in groups:
                 if not self._skipped(text):
                     found.append((tuple(members), strip_separators(text), None))
@@ -429,8 +430,9 @@ class ChatInput(InterpretableInput):
                 found.append((tuple(groups[key]), f"audio[{start:.2f}-{stop:.2f}s]", (start, stop)))
         return found
 
-    def _words(self, content: list[int]) -> list[tuple[list[int], str]]:
-        """Group content tokens into the words they spell, in whole tokens.
+    def _words(self, content: list[int], sentences: bool = False) -> list[tuple[list[int], str]]:
+        """Group content tokens into the words (or ``sentences``) they spell, in
+        whole tokens.
 
         A token belongs to the word its first non-space character falls in;
         a token that reaches into the next words (Chinese characters a token
@@ -441,7 +443,8 @@ class ChatInput(InterpretableInput):
         space too (as a template value ``" word"`` would).
         """
         enc = self.encoded
-        words = {k: word_spans(text) for k, text in enc.part_texts.items()}
+        spans_of = sentence_spans if sentences else word_spans
+        words = {k: spans_of(text) for k, text in enc.part_texts.items()}
         starts = {k: [a for a, _ in spans] for k, spans in words.items()}
         groups: list[tuple[tuple[int, int], int, int, list[int]]] = []  # part, spans, tokens
         pending: list[int] = []

@@ -73,3 +73,44 @@ def word_spans(text: str) -> list[tuple[int, int]]:
         else:
             spans.append((m.start(), m.end(), kind))
     return [(a, b) for a, b, _ in spans]
+
+
+#: Punctuation that ends a sentence before a separator, and (CJK, written
+#: without spaces) wherever it stands.
+_TERMINALS = frozenset(".!?…")
+_CJK_TERMINALS = frozenset("。！？")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the sentences of a text, each a run of
+    :func:`word_spans` up to a punctuation run that ends a sentence (``.``,
+    ``!``, ``?``, ``…`` before a separator or the text's end; ``。``, ``！``,
+    ``？`` anywhere), or up to a line break. A rule, not a model: ``3.5``
+    stays whole, but an abbreviation's full stop before a space (``e.g. this``)
+    ends a sentence.
+
+    Args:
+        text (str): the text of one part.
+
+    Returns:
+        list of (start, end): spans in order.
+
+    Examples::
+
+        >>> [("Hi there. How are you?"[a:b]) for a, b in sentence_spans("Hi there. How are you?")]
+        ['Hi there.', 'How are you?']
+    """
+    out: list[tuple[int, int]] = []
+    start = None
+    words = word_spans(text)
+    for i, (a, b) in enumerate(words):
+        start = a if start is None else start
+        last = i + 1 == len(words)
+        after = "" if last else text[b : words[i + 1][0]]  # separators up to the next span
+        ends = any(c in _CJK_TERMINALS for c in text[a:b]) or (
+            any(c in _TERMINALS for c in text[a:b]) and (last or after != "")
+        )
+        if ends or last or any(c in "\n\r\u2028\u2029" for c in after):
+            out.append((start, b))
+            start = None
+    return out

@@ -124,7 +124,7 @@ def test_messages_accepted_and_errors(model):
     with pytest.raises(NoFeaturesError, match="final assistant turn is the answer"):
         ChatInput(Chat().user("Hi").assistant("Hello there."), model, roles=("assistant",))
     with pytest.raises(InvalidOptionError):
-        ChatInput(Chat().user("hi"), model, text_unit="sentence")
+        ChatInput(Chat().user("hi"), model, text_unit="paragraph")
     with pytest.raises(InvalidRoleError):
         ChatInput(Chat().user("hi"), model, roles=("robot",))
     with pytest.raises(InvalidContentError):
@@ -372,6 +372,50 @@ def test_a_template_that_writes_todays_date_warns_until_it_is_pinned(model, chat
         warnings.simplefilter("error")
         inp = ChatInput(chat, pinned)
     assert "Today Date: 1 Jan" in tokenizer.decode(inp.encoded.input_ids)
+
+
+@pytest.mark.parametrize(
+    "text, sentences",
+    [
+        ("Hi there. How are you? Fine!", ["Hi there.", "How are you?", "Fine!"]),
+        ("It costs 3.5 dollars. Cheap", ["It costs 3.5 dollars.", "Cheap"]),  # no space: whole
+        ("Line one\nLine two", ["Line one", "Line two"]),
+        ("我爱猫。你呢？", ["我爱猫。", "你呢？"]),  # CJK: no space after the stop
+        ("Wait... what?! Ok", ["Wait...", "what?!", "Ok"]),
+        ("  e.g. this one. ", ["e.g.", "this one."]),  # a rule, not a model
+        ("?!", ["?!"]),
+        ("", []),
+    ],
+)
+def test_sentence_spans(text, sentences):
+    from captum_mllm.words import sentence_spans
+
+    assert [text[a:b] for a, b in sentence_spans(text)] == sentences
+
+
+def test_sentences_are_features_in_whole_tokens(model):
+    """text_unit="sentence": a sentence's words and punctuation, the same
+    positions and values as its words grouped (punctuation kept)."""
+    from captum.attr import ShapleyValues
+
+    from captum_mllm import MultimodalLLMAttribution
+
+    chat = Chat().system("Be brief. Be kind.").user("Who are you? I am your friend. Tell me!")
+    inp = ChatInput(chat, model, roles=("system", "user"), text_unit="sentence")
+    assert inp.values == ["Be brief.", "Be kind.", "Who are you?", "I am your friend.", "Tell me!"]
+    for f in inp.features:
+        assert model.tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
+    words = ChatInput(chat, model, roles=("system", "user"), skip=("special",))
+    ends = [i for i, w in enumerate(words.values) if w in (".", "?", "!")]
+    groups = [sum(e < i for e in ends) for i in range(len(words.values))]
+    grouped = ChatInput(chat, model, roles=("system", "user"), skip=("special",), groups=groups)
+    assert [f.positions for f in grouped.features] == [f.positions for f in inp.features]
+    attr = MultimodalLLMAttribution(ShapleyValues(model), model)
+    torch.testing.assert_close(
+        attr.attribute(inp, target="I am.").seq_attr,
+        attr.attribute(grouped, target="I am.").seq_attr,
+    )
+    assert inp.feature_tree() == [[0, 1], [2, 3, 4]]  # turn > sentence
 
 
 def test_empty_system_turn_is_accepted(model):
