@@ -1,4 +1,4 @@
-"""Words of a text part, in Unicode grapheme clusters.
+"""Words and sentences of a text part, in Unicode grapheme clusters.
 
 Combining marks stay with their letter, emoji with their modifiers, and
 zero-width or format characters separate words without being part of one.
