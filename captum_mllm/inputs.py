@@ -283,34 +283,49 @@ class ChatInput(InterpretableInput):
         return itp_attr
 
     def feature_tree(self) -> list[Any]:
-        """Features grouped turn -> part -> feature, as nested lists of feature
-        indices (levels with one member collapse): the tree of
+        """Features grouped turn -> part -> sentence (of text parts, see
+        :func:`~captum_mllm.words.sentence_spans`) -> feature, as nested lists
+        of feature indices (levels with one member collapse): the tree of
         :class:`~captum_mllm.methods.HierarchicalShapley`.
 
         Examples::
 
-            >>> inp.feature_tree()   # system words, then the user's clip and text
-            [[0, 1], [[2, 3, 4], [5, 6]]]
+            >>> inp.feature_tree()   # system words, then the user's clip and two sentences
+            [[0, 1], [[2, 3, 4], [[5, 6], [7, 8]]]]
         """
-        turns: dict[int, dict[Any, list[int]]] = {}
+        enc = self.encoded
+        turns: dict[int, dict[Any, dict[int, list[int]]]] = {}
         across = []  # a group across turns (or parts) belongs to none: a node of its own
+        starts = {k: [a for a, _ in sentence_spans(t)] for k, t in enc.part_texts.items()}
         for f, feature in enumerate(self.features):
             if feature.turn < 0:
                 across.append(f)
                 continue
-            parts = {int(self.encoded.part[p]) for p in feature.positions} - {-1}
+            parts = {int(enc.part[p]) for p in feature.positions} - {-1}
             part = parts.pop() if len(parts) == 1 else ("across", f)
-            turns.setdefault(feature.turn, {}).setdefault(part, []).append(f)
+            sentence = 0
+            if feature.modality == "text" and isinstance(part, int):
+                text = enc.part_texts[(feature.turn, part)]
+                first = min(p for p in feature.positions if int(enc.part[p]) == part)
+                start = int(enc.char_start[first])  # its first visible character's sentence
+                while start < len(text) - 1 and is_separator(text[start]):
+                    start += 1
+                sentence = bisect.bisect_right(starts[(feature.turn, part)], start)
+            turns.setdefault(feature.turn, {}).setdefault(part, {}).setdefault(sentence, []).append(
+                f
+            )
 
         def collapse(node: list[Any]) -> Any:
-            return collapse(node[0]) if len(node) == 1 and isinstance(node[0], list) else node
+            """A list of one member is that member."""
+            node = [collapse(n) if isinstance(n, list) else n for n in node]
+            return node[0] if len(node) == 1 else node
 
         tree = [
-            collapse([p if len(p) > 1 else p[0] for p in parts.values()])
+            collapse([list(sentences.values()) for sentences in parts.values()])
             for _, parts in sorted(turns.items())
         ] + across
-        tree = [t if not (isinstance(t, list) and len(t) == 1) else t[0] for t in tree]
-        return tree[0] if len(tree) == 1 and isinstance(tree[0], list) else tree
+        out = collapse(tree)
+        return out if isinstance(out, list) else [out]
 
     def settings(self) -> dict[str, Any]:
         """The choices that made these features, as plain data (a result's

@@ -286,6 +286,25 @@ def test_hierarchical_on_a_chat_uses_its_turn_tree(model, chat):
         )
 
 
+def test_the_chat_tree_has_a_sentence_level(model):
+    """Issue 17's tree is turns, then sentences, then words: a turn's words were
+    all children of one node (2^words coalitions for its exact Owen values)."""
+    chat = Chat().system("Be brief. Be kind.").user("Who are you? I am your friend. Tell me!")
+    inp = ChatInput(chat, model, roles=("system", "user"))
+    assert inp.feature_tree() == [[[0, 1], [2, 3]], [[4, 5, 6], [7, 8, 9, 10], [11, 12]]]
+    attr = MultimodalLLMAttribution(HierarchicalShapley(model), model)
+    res = attr.attribute(inp, target="I am.", perturbations_per_eval=64)
+    by_turn = attr.attribute(inp, target="I am.", tree=[[0, 1, 2, 3], list(range(4, 13))])
+    assert res.n_unique_coalitions < by_turn.n_unique_coalitions / 3
+    torch.testing.assert_close(res.seq_attr.sum(), by_turn.seq_attr.sum(), atol=1e-4, rtol=0)
+    assert ChatInput(
+        chat, model, roles=("system", "user"), text_unit="sentence"
+    ).feature_tree() == [
+        [0, 1],
+        [2, 3, 4],
+    ]
+
+
 def test_bayesian_shapley_is_efficient_exact_at_2n_and_beats_the_samplers():
     true = known_values()
     total = float(synthetic(ONES) - synthetic(torch.zeros_like(ONES)))
