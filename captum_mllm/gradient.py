@@ -496,7 +496,7 @@ def compare(
                 "the results explain different responses; compare their sequence "
                 "attributions (target_token_pos=None) or explain the same target"
             )
-    if names is None:  # two runs of one method: "LeverageKernelShap", "LeverageKernelShap (2)"
+    if names is None:  # two runs of one method: "Saliency (1)", "Saliency (2)"
         methods = [str(r.provenance.get("method", f"result {i}")) for i, r in enumerate(results)]
         names = [m if methods.count(m) == 1 else f"{m} ({methods[:i].count(m) + 1})"
                  for i, m in enumerate(methods)]  # fmt: skip

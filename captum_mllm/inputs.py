@@ -311,9 +311,8 @@ class ChatInput(InterpretableInput):
                 while start < len(text) - 1 and is_separator(text[start]):
                     start += 1
                 sentence = bisect.bisect_right(starts[(feature.turn, part)], start)
-            turns.setdefault(feature.turn, {}).setdefault(part, {}).setdefault(sentence, []).append(
-                f
-            )
+            sentences = turns.setdefault(feature.turn, {}).setdefault(part, {})
+            sentences.setdefault(sentence, []).append(f)
 
         def collapse(node: list[Any]) -> Any:
             """A list of one member is that member."""
