@@ -372,6 +372,13 @@ def test_a_template_that_writes_todays_date_warns_until_it_is_pinned(model, chat
         warnings.simplefilter("error")
         inp = ChatInput(chat, pinned)
     assert "Today Date: 1 Jan" in tokenizer.decode(inp.encoded.input_ids)
+    # gpt-oss's template writes the date without reading a date_string: not pinned by one
+    tokenizer.chat_template = "Current date: {{ strftime_now('%Y-%m-%d') }}\n" + CHATML_TEMPLATE
+    unread = HFCausalLMAdapter(
+        model.model, tokenizer, chat_template_kwargs={"date_string": "1 Jan"}
+    )
+    with pytest.warns(UserWarning, match="write a date into tokenizer.chat_template"):
+        ChatInput(chat, unread)
 
 
 @pytest.mark.parametrize(

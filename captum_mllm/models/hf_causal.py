@@ -208,11 +208,13 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             EncodedChat: the position table.
         """
         template = str(getattr(self.tokenizer, "chat_template", None) or "")
-        if "strftime_now" in template and "date_string" not in self.chat_template_kwargs:
-            warn_caller(  # Llama 3.1-3.3's templates: the prompt is not a function of the chat
+        pinned = "date_string" in self.chat_template_kwargs and "date_string" in template
+        if "strftime_now" in template and not pinned:
+            warn_caller(  # Llama 3.1-3.3's, gpt-oss's: the prompt is not a function of the chat
                 "the chat template writes today's date into the prompt (strftime_now): values, "
-                "and a coalition store, change with the day; pin it (Llama 3: "
-                "chat_template_kwargs={'date_string': '26 Jul 2024'})"
+                "and a coalition store, change with the day; pin it with chat_template_kwargs="
+                "{'date_string': '26 Jul 2024'} where the template reads one (Llama 3.1-3.3), "
+                "else write a date into tokenizer.chat_template"
             )
         chat = as_chat(chat)
         self.check_text(chat)
