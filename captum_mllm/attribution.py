@@ -722,8 +722,8 @@ def resolve_response(
                 )
             args["do_sample"] = False  # the explained answer is the greedy one
             response = adapter.generate_masked(inp.to_model_input(), **args)[0]
-            if not keep_eos:
-                response = adapter.strip_response(response)
+            if not keep_eos:  # the call's own end token too, which ended it as the model's would
+                response = adapter.strip_response(response, args.get("eos_token_id"))
             if response.audio is not None and response.audio.get("waveform") is None:
                 response = adapter.response(response.ids)  # decoded for this answer alone
         else:
@@ -746,6 +746,11 @@ def resolve_response(
         response = adapter.check_target(target)
     else:
         raise TargetError(f"target must be a str, a Tensor or None, got {type(target).__name__}")
+    if len(response) == 0 and target is None:  # generated: it ended at once
+        raise TargetError(
+            "the model's answer is only its end token: explain that with keep_eos=True, or "
+            "give the answer to explain as target="
+        )
     if len(response) == 0:
         raise TargetError("the target response is empty; give a non-empty target")
     limit = adapter.max_positions

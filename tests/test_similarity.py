@@ -101,6 +101,27 @@ def test_stop_strings_and_eos_token_id_end_a_batched_answer_as_they_end_it_alone
         model.generate_masked(inp.to_model_input(masks[:2]), max_length=40)
 
 
+def test_a_calls_own_eos_token_id_ends_the_explained_answer_as_the_models_does(model, chat):
+    """keep_eos=False dropped the model's end token but kept a call's own
+    eos_token_id, which ended the answer the same way."""
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model, target=LogProbTarget())
+    inp = ChatInput(chat, model)
+    plain = attr.attribute(inp, gen_args=GEN).target_ids.tolist()
+    at = next(i for i in range(1, len(plain)) if plain[i] not in plain[:i])
+    settings = {**GEN, "eos_token_id": plain[at]}
+    assert attr.attribute(inp, gen_args=settings).target_ids.tolist() == plain[:at]
+    kept = attr.attribute(inp, gen_args=settings, keep_eos=True).target_ids.tolist()
+    assert kept == plain[: at + 1]
+    with pytest.raises(TargetError, match="only its end token"):  # it ended at once
+        attr.attribute(inp, gen_args={**GEN, "eos_token_id": plain[0]})
+    # EmbeddingSimilarity reads its answers without it too
+    sim = EmbeddingSimilarity(gen_args=settings)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model, target=sim).attribute(inp)
+    assert res.target_ids.tolist() == plain[:at]
+    end = model.tokenizer.decode([plain[at]])
+    assert not any(said.endswith(end) for said in res.responses.values())
+
+
 A = torch.tensor([[1.0, 2.0, 2.0], [3.0, 0.0, -1.0]])  # two token vectors
 REF = torch.tensor([1.0, 0.0, 0.0])
 

@@ -164,8 +164,11 @@ class ModelAdapter(nn.Module, ABC):
         """Wrap the adapter's own response ids (as ``generate_masked`` makes them)."""
 
     @abstractmethod
-    def strip_response(self, response: Response) -> Response:
-        """The response without its trailing end-of-turn, end-of-sequence and padding."""
+    def strip_response(
+        self, response: Response, eos_token_id: int | list[int] | None = None
+    ) -> Response:
+        """The response without its trailing end-of-turn, end-of-sequence and
+        padding, and the generate call's own ``eos_token_id`` where it took one."""
 
     @property
     def vocab_size(self) -> int | None:

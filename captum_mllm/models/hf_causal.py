@@ -349,9 +349,12 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         labels = tuple(_pretty(self.tokenizer.decode(ids[i : i + 1])) for i in range(len(ids)))
         return Response(ids=ids, labels=labels, text=self.tokenizer.decode(ids))
 
-    def strip_response(self, response: Response) -> Response:
-        """The response without trailing end-of-sequence and padding tokens."""
-        stop = _eos_ids(self.model, self.tokenizer) | {_pad_id(self.tokenizer)}
+    def strip_response(
+        self, response: Response, eos_token_id: int | list[int] | None = None
+    ) -> Response:
+        """The response without trailing end-of-sequence and padding tokens (the
+        model's, and ``eos_token_id``: a generate call's own, which ended it)."""
+        stop = _eos_ids(self.model, self.tokenizer, eos_token_id) | {_pad_id(self.tokenizer)}
         ids = response.ids
         n = len(ids)
         while n > 0 and int(ids[n - 1]) in stop:

@@ -671,8 +671,11 @@ class LFM2AudioAdapter(DecoderLMAdapter):
             )
         return self.response(target)
 
-    def strip_response(self, response: Response) -> Response:
-        """Drop trailing ``<|im_end|>`` / padding text items."""
+    def strip_response(
+        self, response: Response, eos_token_id: int | list[int] | None = None
+    ) -> Response:
+        """Drop trailing ``<|im_end|>`` / padding text items (LFM2-Audio's
+        generation takes no ``eos_token_id`` of its own)."""
         first = response.ids[:, 0]
         n = len(first)
         while n > 0 and int(first[n - 1]) in (IM_END, 0):
