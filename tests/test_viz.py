@@ -132,6 +132,24 @@ def test_sixty_long_labels_do_not_overlap(plot):
         assert a.x1 <= b.x0 + 0.5  # left to right, no overlap
 
 
+@pytest.mark.parametrize("plot", ["plot_seq_attr", "plot_token_attr"])
+def test_sentence_labels_are_cut_and_the_result_keeps_them_whole(plot):
+    """text_unit="sentence": an upright label of 60 characters took more room
+    than the bars."""
+    labels = ["Who are you?", "I am your friend and I like you a lot, really, every day."]
+    res = MultimodalLLMAttributionResult(
+        input_tokens=labels,
+        output_tokens=["a", "b"],
+        seq_attr=torch.randn(2),
+        token_attr=torch.randn(2, 2),
+    )
+    fig, ax = getattr(res, plot)()
+    fig.canvas.draw()
+    shown = [t.get_text() for t in ax.get_xticklabels()]
+    assert shown == ["Who are you?", "I am your friend and I like you…"]
+    assert res.input_tokens == labels
+
+
 def test_a_long_clip_keeps_a_sane_figure_and_labels_what_fits():
     from captum_mllm import ClipRef
     from captum_mllm.inputs import FeatureInfo

@@ -5,9 +5,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+#: Characters of a tick label; longer ones end in an ellipsis (the result keeps them whole).
+MAX_LABEL = 32
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_LABEL else text[: MAX_LABEL - 1].rstrip() + "…"
+
 
 def fit_tick_labels(fig: Any, ax: Any) -> None:
-    """Stand long or many x tick labels upright and shrink them so none overlap.
+    """Stand long or many x tick labels upright and shrink them so none overlap;
+    cut labels longer than :data:`MAX_LABEL` characters (sentences) with an ellipsis.
 
     Captum rotates labels by -30 degrees, which overlaps for long labels such as
     ``audio[1.20-1.60s]`` once there are a few dozen features.
@@ -19,6 +27,10 @@ def fit_tick_labels(fig: Any, ax: Any) -> None:
     labels = ax.get_xticklabels()
     if not labels:
         return
+    texts = [label.get_text() for label in labels]
+    if any(len(t) > MAX_LABEL for t in texts):  # a sentence feature: the bars keep their room
+        ax.set_xticks(ax.get_xticks(), [_short(t) for t in texts])
+        labels = ax.get_xticklabels()
     width_in = fig.get_size_inches()[0] * ax.get_position().width
     spacing_pt = 72 * width_in / len(labels)  # room per label, in points
     size = max(5.0, min(10.0, 0.8 * spacing_pt))  # an upright label is one line high
