@@ -9,6 +9,9 @@ from typing import Any
 
 from captum_mllm.errors import InvalidOptionError, InvalidSpanError
 
+#: Audio units found by aligning a transcript to its clip.
+ALIGNED_UNITS = ("word", "sentence")
+
 # (positions, label, time span)
 Found = tuple[tuple[int, ...], str, tuple[float, float] | None]
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from captum_mllm.audio_units import ALIGNED_UNITS
 from captum_mllm.errors import CaptumMLLMError
 
 DEMO_SYSTEM = "You are a geography expert."
@@ -74,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         "--transcript",
         action="append",
         default=[],
-        help="what an audio clip says, for --audio-unit word (repeatable: one per clip, "
-        "in the chat's order)",
+        help="what an audio clip says, for --audio-unit word or sentence (repeatable: one per "
+        "clip, in the chat's order)",
     )
     explain.add_argument("--answer", help="the answer to explain (default: generate it)")
     explain.add_argument("--store", type=Path, help="SQLite coalition store (resumable runs)")
@@ -120,10 +121,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--text-unit", default="word", choices=("token", "word", "sentence", "turn")
     )
-    parser.add_argument("--audio-unit", default="0.5", help="frame, turn, word, or seconds")
+    parser.add_argument(
+        "--audio-unit", default="0.5", help="frame, turn, word, sentence, or seconds"
+    )
     parser.add_argument(
         "--aligner",
-        help="CTC model (hub id or folder) for --audio-unit word; 'demo': the demo's",
+        help="CTC model (hub id or folder) for --audio-unit word or sentence; 'demo': the demo's",
     )
     parser.add_argument("--roles", default="user", help="comma-separated roles holding features")
     parser.add_argument("--method", default="kernel", choices=METHODS)
@@ -217,8 +220,10 @@ def _explain_command(args: argparse.Namespace) -> None:
     answered = args.answer is not None or chat.split_response()[1] is not None
     if answered and args.max_new_tokens is not None and args.target == "log-prob":
         raise UsageError("--max-new-tokens is unused: the answer to explain is given")
-    if _audio_unit(args.audio_unit) == "word" and not args.transcript:
-        raise UsageError("--audio-unit word needs a --transcript for each clip, and --aligner")
+    if _audio_unit(args.audio_unit) in ALIGNED_UNITS and not args.transcript:
+        raise UsageError(
+            f"--audio-unit {args.audio_unit} needs a --transcript for each clip, and --aligner"
+        )
     input_kwargs = _input_kwargs(args)
     if args.transcript:
         input_kwargs["transcripts"] = list(args.transcript)
@@ -241,7 +246,7 @@ def _dataset_command(args: argparse.Namespace) -> None:
     from captum_mllm.distributed import explain_dataset
 
     input_kwargs = _input_kwargs(args)
-    chats = _read_dataset(args.data, transcripts=input_kwargs["audio_unit"] == "word")
+    chats = _read_dataset(args.data, transcripts=input_kwargs["audio_unit"] in ALIGNED_UNITS)
     gen = {"max_new_tokens": _max_new_tokens(args)}
     settings = {"method": args.method, "budget": args.budget, "seed": args.seed}
     resources: dict[str, float] = {}
@@ -279,8 +284,10 @@ def _input_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "audio_unit": _audio_unit(args.audio_unit),
         "roles": tuple(r.strip() for r in args.roles.split(",")),
     }
-    if kwargs["audio_unit"] == "word" and not args.aligner:
-        raise UsageError("--audio-unit word needs --aligner (a CTC model, or 'demo')")
+    if kwargs["audio_unit"] in ALIGNED_UNITS and not args.aligner:
+        raise UsageError(
+            f"--audio-unit {kwargs['audio_unit']} needs --aligner (a CTC model, or 'demo')"
+        )
     if args.aligner:
         kwargs["aligner"] = _aligner(args.aligner)
     return kwargs
@@ -511,13 +518,13 @@ def _read_messages(path: Path) -> list[dict[str, Any]]:
 
 
 def _audio_unit(text: str) -> Any:
-    if text in ("frame", "turn", "word"):
+    if text in ("frame", "turn", *ALIGNED_UNITS):
         return text
     try:
         return float(text)
     except ValueError:
         raise UsageError(
-            f"--audio-unit must be frame, turn, word or seconds, got {text!r}"
+            f"--audio-unit must be frame, turn, word, sentence or seconds, got {text!r}"
         ) from None
 
 

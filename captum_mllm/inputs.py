@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import re
 import unicodedata
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,13 @@ import torch
 from captum.attr import InterpretableInput
 from torch import Tensor
 
-from captum_mllm.audio_units import audio_group, is_span_list, per_clip_spans, span_features
+from captum_mllm.audio_units import (
+    ALIGNED_UNITS,
+    audio_group,
+    is_span_list,
+    per_clip_spans,
+    span_features,
+)
 from captum_mllm.chat import ROLES, AudioPart, Chat, as_chat
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.errors import (
@@ -99,16 +106,19 @@ class ChatInput(InterpretableInput):
             positions outside every span stay fixed; with several clips, one such
             list per clip in chat order, an empty one leaving its clip out), or
             ``"word"``: spans of the transcript's words found by ``aligner``
-            (labels ``♪word``). Default: ``0.5``
+            (labels ``♪word``), or ``"sentence"``: those words grouped by the
+            transcript's sentences (see :func:`~captum_mllm.words.sentence_spans`).
+            Default: ``0.5``
         audio_baseline (str, optional): ``"drop"`` removes absent audio
             positions; ``"embedding"`` replaces their encoder outputs with
             ``audio_fill`` (zeros by default), the clip encoded once;
             ``"silence"`` zeroes their samples and re-encodes the clip (slower:
             one encoder call per distinct silenced clip). Default: ``"drop"``
         audio_fill (Tensor, optional): the ``"embedding"`` baseline vector.
-        aligner (ForcedAligner, optional): aligns transcripts for ``audio_unit="word"``.
+        aligner (ForcedAligner, optional): aligns transcripts for ``audio_unit="word"``
+            or ``"sentence"``.
         transcripts (str or list of str, optional): what each clip says, in
-            chat order, for ``audio_unit="word"``: exactly one per clip.
+            chat order, for ``audio_unit="word"`` or ``"sentence"``: exactly one per clip.
         allow_special_baseline (bool, optional): let ``text_baseline`` name a
             special or control token (e.g. the end-of-turn token), which
             templates give a meaning of its own. Default: False
@@ -177,11 +187,11 @@ class ChatInput(InterpretableInput):
             raise InvalidBaselineError(
                 f'audio_fill= is only read with audio_baseline="embedding", not {audio_baseline!r}'
             )
-        if audio_unit != "word" and not is_span_list(audio_unit):  # checked without audio too
+        if not _aligned(audio_unit) and not is_span_list(audio_unit):  # checked without audio
             audio_group(audio_unit, 0.0, 0.0, 0, 1.0)
-        if aligner is not None and audio_unit != "word":
+        if aligner is not None and not _aligned(audio_unit):
             raise AlignmentError(
-                f'aligner= is only read with audio_unit="word", not {audio_unit!r}'
+                f'aligner= is only read with audio_unit="word" or "sentence", not {audio_unit!r}'
             )
         self.roles = roles
         self.text_unit = text_unit
@@ -424,10 +434,10 @@ class ChatInput(InterpretableInput):
         for c, positions in chosen.items():
             times = enc.audio_time[positions].double().round(decimals=4).tolist()
             end = float(times[-1][1])
-            if self.audio_unit == "word" or is_span_list(self.audio_unit):
+            if _aligned(self.audio_unit) or is_span_list(self.audio_unit):
                 unit: Any = self.audio_unit
-                if self.audio_unit == "word":
-                    unit = self._word_spans(c)
+                if _aligned(self.audio_unit):
+                    unit = self._word_spans(c, sentences=self.audio_unit == "sentence")
                 elif per_clip is not None:
                     unit = per_clip[c]
                 if unit:  # a clip's empty list: none of its audio is a feature
@@ -492,15 +502,27 @@ class ChatInput(InterpretableInput):
             for k, begin, reach, tokens in groups
         ]
 
-    def _word_spans(self, clip: int) -> list[tuple[float, float, str]]:
-        """Aligned word spans of one clip, labelled ``♪word``."""
+    def _word_spans(self, clip: int, sentences: bool = False) -> list[tuple[float, float, str]]:
+        """Aligned word spans of one clip, labelled ``♪word`` (or ``sentences``:
+        the words of each of the transcript's sentences in one span)."""
         if self.aligner is None or self.transcripts is None:
             raise AlignmentError(
-                'audio_unit="word" needs aligner=ForcedAligner(...) and transcripts= (one per clip)'
+                f"audio_unit={self.audio_unit!r} needs aligner=ForcedAligner(...) and "
+                "transcripts= (one per clip)"
             )
         parts = [p for turn in self.prompt for p in turn.parts if isinstance(p, AudioPart)]
         part = parts[clip]
-        spans = self.aligner.align(part.waveform, part.sample_rate, self.transcripts[clip])
+        transcript = self.transcripts[clip]
+        spans = self.aligner.align(part.waveform, part.sample_rate, transcript)
+        if sentences:  # the aligner's words are the transcript's split(): start by start
+            starts = [a for a, _ in sentence_spans(transcript)]
+            of = [bisect.bisect_right(starts, m.start()) for m in re.finditer(r"\S+", transcript)]
+            grouped: dict[int, list[tuple[float, float, str]]] = {}
+            for k, span in zip(of, spans, strict=True):
+                grouped.setdefault(k, []).append(span)
+            return [
+                (g[0][0], g[-1][1], "♪" + " ".join(w for _, _, w in g)) for g in grouped.values()
+            ]
         return [(start, end, f"♪{word}") for start, end, word in spans]
 
     def _check_transcripts(self) -> None:
@@ -513,8 +535,8 @@ class ChatInput(InterpretableInput):
             )
         if self.transcripts is None:
             return
-        if self.audio_unit != "word":
-            raise AlignmentError('transcripts= is only read with audio_unit="word"')
+        if not _aligned(self.audio_unit):
+            raise AlignmentError('transcripts= is only read with audio_unit="word" or "sentence"')
         if len(self.transcripts) != n_clips:
             raise AlignmentError(
                 f"{len(self.transcripts)} transcripts for {n_clips} audio clips; give exactly "
@@ -630,3 +652,8 @@ def _merge_groups(found: list[_Found], groups: Sequence[Hashable]) -> list[_Foun
         label = " ".join(m[1] for m in members)
         out.append((positions, label, members[0][2] if len(members) == 1 else None))
     return out
+
+
+def _aligned(audio_unit: Any) -> bool:
+    """Whether an audio unit is found by aligning a transcript (``"word"``, ``"sentence"``)."""
+    return isinstance(audio_unit, str) and audio_unit in ALIGNED_UNITS

@@ -120,6 +120,26 @@ def test_the_aligner_skips_unspoken_punctuation(speech_model):
         aligner.align(ex.waveform, task.SAMPLE_RATE, f"{words[0]} — {' '.join(words[1:])}")
 
 
+def test_spoken_sentences_are_features_of_their_aligned_words(speech_model):
+    """audio_unit="sentence": the aligned words of each of the transcript's
+    sentences, one feature (the positions of its words' features together)."""
+    model, aligner = speech_model
+    ex = demo.examples()[0]
+    words = ex.transcript.split()
+    said = " ".join(words[:3]) + ". " + " ".join(words[3:]) + "!"  # two sentences
+    by_word = demo.request_input(model, aligner, ex.waveform, said)
+    by_sentence = demo.request_input(model, aligner, ex.waveform, said, audio_unit="sentence")
+    assert by_sentence.values == [
+        "♪" + " ".join(said.split()[:3]),
+        "♪" + " ".join(said.split()[3:]),
+    ]
+    audio = [f for f in by_word.features if f.modality == "audio_in"]
+    first, second = (f for f in by_sentence.features if f.modality == "audio_in")
+    assert set(first.positions) == {p for f in audio[:3] for p in f.positions}
+    assert set(second.positions) == {p for f in audio[3:] for p in f.positions}
+    assert first.time == (audio[0].time[0], audio[2].time[1])
+
+
 def _utterance(ex):
     words = ex.transcript.split()
     request = next(

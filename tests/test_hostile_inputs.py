@@ -233,7 +233,9 @@ def audio_cases(draw: st.DrawFn) -> tuple[Any, Any, dict[str, Any], str | None]:
     elif fault == "empty":
         wave = wave[:0]
     if fault == "unit":
-        kwargs["audio_unit"] = draw(st.sampled_from([0.0, -1.0, float("nan"), "word", "x", [1]]))
+        kwargs["audio_unit"] = draw(
+            st.sampled_from([0.0, -1.0, float("nan"), "word", "sentence", "x", [1]])
+        )
     elif fault == "spans":
         times = st.floats(-1, 3) | st.just(float("nan"))
         kwargs["audio_unit"] = draw(

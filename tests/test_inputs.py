@@ -195,7 +195,7 @@ def test_bad_groups_and_baselines_raise_named_errors(model, chat):
         ChatInput(chat, model, text_baseline="<|im_end|>")  # special: refused unless asked
     with pytest.raises(InvalidBaselineError):
         ChatInput(chat, model, text_baseline=1.5)  # type: ignore[arg-type]
-    for unit in (-1, "sentence"):  # a text chat never read them: checked only at audio
+    for unit in (-1, "paragraph"):  # a text chat never read them: checked only at audio
         with pytest.raises(InvalidOptionError, match="audio"):
             ChatInput(chat, model, audio_unit=unit)
 
