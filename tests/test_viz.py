@@ -114,18 +114,24 @@ def test_captum_plots_label_mixed_features(result):
     assert [t.get_text() for t in ax.get_xticklabels()] == result.input_tokens
 
 
+def _drawn(plot, labels):
+    """A result of random attributions to ``labels``, and the axes of its ``plot``, drawn."""
+    res = MultimodalLLMAttributionResult(
+        input_tokens=labels,
+        output_tokens=["a", "b"],
+        seq_attr=torch.randn(len(labels)),
+        token_attr=torch.randn(2, len(labels)),
+    )
+    fig, ax = getattr(res, plot)()
+    fig.canvas.draw()
+    return res, ax
+
+
 @pytest.mark.parametrize("plot", ["plot_seq_attr", "plot_token_attr"])
 def test_sixty_long_labels_do_not_overlap(plot):
     labels = [f"audio[{i * 0.08:.2f}-{(i + 1) * 0.08:.2f}s]" for i in range(50)]
     labels += [f"♪word{i}" for i in range(10)]
-    res = MultimodalLLMAttributionResult(
-        input_tokens=labels,
-        output_tokens=["a", "b"],
-        seq_attr=torch.randn(60),
-        token_attr=torch.randn(2, 60),
-    )
-    fig, ax = getattr(res, plot)()
-    fig.canvas.draw()
+    _, ax = _drawn(plot, labels)
     boxes = [t.get_window_extent() for t in ax.get_xticklabels()]
     assert len(boxes) == 60
     for a, b in zip(boxes, boxes[1:], strict=False):
@@ -137,14 +143,7 @@ def test_sentence_labels_are_cut_and_the_result_keeps_them_whole(plot):
     """text_unit="sentence": an upright label of 60 characters took more room
     than the bars."""
     labels = ["Who are you?", "I am your friend and I like you a lot, really, every day."]
-    res = MultimodalLLMAttributionResult(
-        input_tokens=labels,
-        output_tokens=["a", "b"],
-        seq_attr=torch.randn(2),
-        token_attr=torch.randn(2, 2),
-    )
-    fig, ax = getattr(res, plot)()
-    fig.canvas.draw()
+    res, ax = _drawn(plot, labels)
     shown = [t.get_text() for t in ax.get_xticklabels()]
     assert shown == ["Who are you?", "I am your friend and I like you…"]
     assert res.input_tokens == labels
