@@ -211,6 +211,7 @@ class ChatInput(InterpretableInput):
             self.encoded: EncodedChat = model.encode_prompt(self.prompt, self.response)
         self._check_audio_fill()
 
+        self._spoken_sentences: dict[int, list[float]] = {}  # clip -> when each sentence starts
         found = sorted(self._text_features() + self._audio_features(), key=lambda f: min(f[0]))
         if groups is not None:
             found = _merge_groups(found, groups)
@@ -294,7 +295,8 @@ class ChatInput(InterpretableInput):
 
     def feature_tree(self) -> list[Any]:
         """Features grouped turn -> part -> sentence (of text parts, see
-        :func:`~captum_mllm.words.sentence_spans`) -> feature, as nested lists
+        :func:`~captum_mllm.words.sentence_spans`, and of clips with aligned
+        transcripts) -> feature, as nested lists
         of feature indices (levels with one member collapse): the tree of
         :class:`~captum_mllm.methods.HierarchicalShapley`.
 
@@ -321,6 +323,9 @@ class ChatInput(InterpretableInput):
                 while start < len(text) - 1 and is_separator(text[start]):
                     start += 1
                 sentence = bisect.bisect_right(starts[(feature.turn, part)], start)
+            elif feature.clip in self._spoken_sentences and feature.time is not None:
+                middle = (feature.time[0] + feature.time[1]) / 2  # a spoken word's sentence
+                sentence = bisect.bisect_right(self._spoken_sentences[feature.clip], middle)
             sentences = turns.setdefault(feature.turn, {}).setdefault(part, {})
             sentences.setdefault(sentence, []).append(f)
 
@@ -514,12 +519,14 @@ class ChatInput(InterpretableInput):
         part = parts[clip]
         transcript = self.transcripts[clip]
         spans = self.aligner.align(part.waveform, part.sample_rate, transcript)
-        if sentences:  # the aligner's words are the transcript's split(): start by start
-            starts = [a for a, _ in sentence_spans(transcript)]
-            of = [bisect.bisect_right(starts, m.start()) for m in re.finditer(r"\S+", transcript)]
-            grouped: dict[int, list[tuple[float, float, str]]] = {}
-            for k, span in zip(of, spans, strict=True):
-                grouped.setdefault(k, []).append(span)
+        # The aligner's words are the transcript's split(): each one's sentence
+        starts = [a for a, _ in sentence_spans(transcript)]
+        of = [bisect.bisect_right(starts, m.start()) for m in re.finditer(r"\S+", transcript)]
+        grouped: dict[int, list[tuple[float, float, str]]] = {}
+        for k, span in zip(of, spans, strict=True):
+            grouped.setdefault(k, []).append(span)
+        self._spoken_sentences[clip] = [g[0][0] for g in grouped.values()]  # the Owen tree's
+        if sentences:
             return [
                 (g[0][0], g[-1][1], "♪" + " ".join(w for _, _, w in g)) for g in grouped.values()
             ]

@@ -138,6 +138,10 @@ def test_spoken_sentences_are_features_of_their_aligned_words(speech_model):
     assert set(first.positions) == {p for f in audio[:3] for p in f.positions}
     assert set(second.positions) == {p for f in audio[3:] for p in f.positions}
     assert first.time == (audio[0].time[0], audio[2].time[1])
+    # The Owen tree of the words: clip > sentence > word
+    assert by_word.feature_tree() == [[0, 1, 2], list(range(3, len(words)))]
+    one = demo.request_input(model, aligner, ex.waveform, ex.transcript)
+    assert one.feature_tree() == list(range(len(words)))
 
 
 def _utterance(ex):
