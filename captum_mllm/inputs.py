@@ -294,11 +294,10 @@ class ChatInput(InterpretableInput):
         return itp_attr
 
     def feature_tree(self) -> list[Any]:
-        """Features grouped turn -> part -> sentence (of text parts, see
-        :func:`~captum_mllm.words.sentence_spans`, and of clips with aligned
-        transcripts) -> feature, as nested lists
-        of feature indices (levels with one member collapse): the tree of
-        :class:`~captum_mllm.methods.HierarchicalShapley`.
+        """Features grouped turn -> part -> sentence (of a text part, see
+        :func:`~captum_mllm.words.sentence_spans`, or of a clip's aligned
+        transcript) -> feature, as nested lists of feature indices (levels with
+        one member collapse): the tree of :class:`~captum_mllm.methods.HierarchicalShapley`.
 
         Examples::
 
