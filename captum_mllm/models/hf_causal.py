@@ -301,10 +301,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         not begin with ``prompt`` (a template that renders the answer otherwise
         than it generates it)."""
         whole = [*messages, {"role": "assistant", "content": answer}]
-        rendered = self._render(whole)
         try:
+            rendered = self._render(whole)
             start = _locate_contents(lambda m, _: self._render(m), whole, rendered)[-1][0]
-        except ChatTemplateError:  # the template changes or drops a content
+        except ChatTemplateError:  # the template refuses, changes or drops a content
             return prompt
         if not rendered.startswith(prompt) or not rendered[len(prompt) : start].strip():
             return prompt
