@@ -308,6 +308,13 @@ def test_a_given_answer_follows_the_template_text_the_template_puts_before_it(mo
             ChatInput(answered, other).encoded.input_ids.tolist()
             == other.encode(chat).input_ids.tolist()
         )
+    refusing = "{% if messages[-1]['role'] == 'assistant' %}{{ raise_exception('no') }}{% endif %}"
+    tokenizer.chat_template = refusing + CHATML_TEMPLATE  # refuses the chat with its answer
+    other = HFCausalLMAdapter(model.model, tokenizer)
+    assert (
+        ChatInput(answered, other).encoded.input_ids.tolist()
+        == other.encode(chat).input_ids.tolist()
+    )
     tokenizer.chat_template = llama2.replace("{% else %} ", "{% else %}<think></think> ")
     spaced = HFCausalLMAdapter(model.model, tokenizer)  # the block, not the space after it
     assert tokenizer.decode(ChatInput(answered, spaced).encoded.input_ids).endswith(
