@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from captum_mllm.errors import AlignmentError, AudioError, warn_caller
+from captum_mllm.words import is_punctuation
 
 #: A float waveform peaking above this warns: not samples in [-1, 1] (a file's
 #: float data or a clipped mix may overshoot 1 a little).
@@ -259,7 +259,7 @@ class ForcedAligner:
         vocab = tokenizer.get_vocab()
         # Punctuation is not spoken: aligned without it, kept in the words' labels
         unknown = sorted(
-            {c for w in words for c in w if _char_id(vocab, c) is None and not _is_punct(c)}
+            {c for w in words for c in w if _char_id(vocab, c) is None and not is_punctuation(c)}
         )
         if unknown:
             raise AlignmentError(
@@ -293,10 +293,6 @@ class ForcedAligner:
             out[i] = (out[i][0], cut, out[i][2])
             out[i + 1] = (cut, out[i + 1][1], out[i + 1][2])
         return [(round(s, 4), round(e, 4), w) for s, e, w in out]
-
-
-def _is_punct(char: str) -> bool:
-    return unicodedata.category(char).startswith("P")
 
 
 def _char_id(vocab: dict[str, int], char: str) -> int | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import difflib
 import re
-import unicodedata
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,13 @@ from captum_mllm.errors import (
 )
 from captum_mllm.fingerprint import plain
 from captum_mllm.models.base import ModelAdapter
-from captum_mllm.words import is_separator, sentence_spans, strip_separators, word_spans
+from captum_mllm.words import (
+    is_punctuation,
+    is_separator,
+    sentence_spans,
+    strip_separators,
+    word_spans,
+)
 
 TEXT_UNITS = ("token", "word", "sentence", "turn")
 SKIP_KINDS = ("punctuation", "special")  # skip= names; anything else is a literal string
@@ -567,9 +572,7 @@ class ChatInput(InterpretableInput):
         visible = "".join(c for c in text if not is_separator(c))
         if not visible:  # space, zero-width and format characters are never features
             return True
-        if "punctuation" in self.skip and all(
-            unicodedata.category(c).startswith("P") for c in visible
-        ):
+        if "punctuation" in self.skip and all(is_punctuation(c) for c in visible):
             return True
         return visible in self.skip or text.strip() in self.skip or text in self.skip
 

@@ -376,7 +376,7 @@ class EmbeddingSimilarity(Target):
     ) -> _SimilarityState:
         """The reference: the vector of the explained answer, computed once."""
         context = full.encoded if self.context == "chat" else None
-        end = (self.gen_args or {}).get("eos_token_id")
+        end = (self.gen_args or {}).get("eos_token_id")  # a call's own end token, as the model's
         vectors, ok = self.vectors(model, [model.strip_response(response, end)], context)
         return _SimilarityState(vectors[0] if bool(ok[0]) else None, context)
 
@@ -401,7 +401,8 @@ class EmbeddingSimilarity(Target):
         if k > 1:
             masked = replace(masked, present=masked.present.repeat_interleave(k, dim=0))
         said = model.generate_masked(masked, seeds=seeds, **(self.gen_args or {}))
-        said = [model.strip_response(r, (self.gen_args or {}).get("eos_token_id")) for r in said]
+        end = (self.gen_args or {}).get("eos_token_id")
+        said = [model.strip_response(r, end) for r in said]
         values = self.values(model, said, state.reference, state.context).reshape(-1, k)
         texts = [r.text for r in said]
         per_coalition = texts if k == 1 else [texts[i : i + k] for i in range(0, len(texts), k)]

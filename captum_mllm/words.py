@@ -22,6 +22,11 @@ def is_separator(char: str) -> bool:
     return char.isspace() or unicodedata.category(char) in ("Cf", "Cc", "Zl", "Zp", "Zs")
 
 
+def is_punctuation(char: str) -> bool:
+    """A Unicode punctuation character (categories P*): never spoken, never a word."""
+    return unicodedata.category(char).startswith("P")
+
+
 def strip_separators(text: str) -> str:
     """The text without leading and trailing separators (see :func:`is_separator`)."""
     start, end = 0, len(text)
@@ -60,11 +65,11 @@ def word_spans(text: str) -> list[tuple[int, int]]:
         base = m.group()[0]
         if all(is_separator(c) for c in m.group()):
             continue
-        kind = "punct" if unicodedata.category(base).startswith("P") else "word"
+        kind = "punct" if is_punctuation(base) else "word"
         if base in _APOSTROPHES and spans and spans[-1][2] == "word" and spans[-1][1] == m.start():
             kind = "word"  # an apostrophe inside a word, if a word char follows
             nxt = text[m.end() : m.end() + 1]
-            if not nxt or is_separator(nxt) or unicodedata.category(nxt).startswith("P"):
+            if not nxt or is_separator(nxt) or is_punctuation(nxt):
                 kind = "punct"
         if _HAN.match(base):  # a word alone, never joined to its neighbours
             spans.append((m.start(), m.end(), "han"))
