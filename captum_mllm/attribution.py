@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -217,12 +217,12 @@ class MultimodalLLMAttribution(LLMAttribution):
         Args:
             inp (InterpretableInput): a :class:`ChatInput`, or one of Captum's
                 ``TextTemplateInput``, ``TextTokenInput``, ``ImageMaskInput``.
-            target (str or Tensor, optional): the response to explain: text, or
-                token ids of shape ``(T,)`` or ``(1, T)``, read after the
-                generation prompt. None explains the chat's final assistant turn
-                when it has one (read after what the chat template renders before
-                it), else generates the answer greedily from the full input.
-                Default: None
+            target (str or Tensor, optional): the response to explain: text,
+                read as the chat's final assistant turn would be (after what the
+                chat template renders before it), or token ids of shape ``(T,)``
+                or ``(1, T)``, read after the generation prompt. None explains
+                the chat's final assistant turn when it has one, else generates
+                the answer greedily from the full input. Default: None
             num_trials (int, optional): attributions are averaged over this many
                 runs of the method, each drawing its own coalitions (with our
                 estimators' ``seed=``, the first trial uses that seed and each
@@ -288,6 +288,7 @@ class MultimodalLLMAttribution(LLMAttribution):
                 "TextTemplateInput, TextTokenInput, ImageMaskInput"
             )
         require_int("num_trials", num_trials, 1)
+        inp = answered_input(inp, target)
         if store is not None and not cache_coalitions:  # the store went unread and unwritten
             raise InvalidOptionError(
                 "store= keeps each distinct coalition once, which cache_coalitions=False turns off"
@@ -666,6 +667,16 @@ def require_same_model(attr_method: Any, adapter: ModelAdapter) -> None:
             f"({type(model).__name__}); build both on one: "
             f"{type(attr_method).__name__}(model) and model"
         )
+
+
+def answered_input[I: InterpretableInput](inp: I, target: Any) -> I:
+    """``inp``, or for a ``target=`` answer text the chat input that ends with
+    it: the answer is read where the chat ending with it is (after the empty
+    ``<think>`` block of Qwen3's template), not straight after the generation
+    prompt."""
+    if isinstance(inp, ChatInput) and isinstance(target, str) and target:
+        return cast(I, inp.answered(target))
+    return inp
 
 
 def resolve_response(

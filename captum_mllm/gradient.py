@@ -33,7 +33,12 @@ from captum.attr._utils.interpretable_input import InterpretableInput
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from captum_mllm.attribution import chat_fields, require_same_model, resolve_response
+from captum_mllm.attribution import (
+    answered_input,
+    chat_fields,
+    require_same_model,
+    resolve_response,
+)
 from captum_mllm.captum_compat import DEFAULT_GEN_ARGS
 from captum_mllm.errors import (
     InvalidBaselineError,
@@ -187,6 +192,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 require_int(name, kwargs[name], 1)
         start = time.perf_counter()
         calls_before = self.adapter.n_forward_calls
+        inp = answered_input(inp, target)
         response, _ = resolve_response(
             self.adapter, inp, target, gen_args, keep_eos, DEFAULT_GEN_ARGS
         )
@@ -373,6 +379,7 @@ class AttentionAttribution:
         if not isinstance(inp, ChatInput):
             raise UnsupportedInputError("AttentionAttribution takes a ChatInput")
         start = time.perf_counter()
+        inp = answered_input(inp, target)
         response, _ = resolve_response(
             self.adapter, inp, target, gen_args, keep_eos, DEFAULT_GEN_ARGS
         )

@@ -171,6 +171,19 @@ class ChatInput(InterpretableInput):
         allow_special_baseline: bool = False,
     ) -> None:
         self.chat = as_chat(chat)
+        self._arguments = {  # to read a target= answer as the chat's final turn
+            "roles": roles,
+            "text_unit": text_unit,
+            "skip": skip,
+            "groups": groups,
+            "text_baseline": text_baseline,
+            "audio_unit": audio_unit,
+            "audio_baseline": audio_baseline,
+            "audio_fill": audio_fill,
+            "aligner": aligner,
+            "transcripts": transcripts,
+            "allow_special_baseline": allow_special_baseline,
+        }
         if not isinstance(model, ModelAdapter):
             raise InvalidModelError(
                 f"ChatInput needs a captum-mllm model adapter, got {type(model).__name__}; wrap "
@@ -344,6 +357,27 @@ class ChatInput(InterpretableInput):
         ] + across
         out = collapse(tree)
         return out if isinstance(out, list) else [out]
+
+    def answered(self, answer: str) -> ChatInput:
+        """This input with ``answer`` as the chat's final assistant turn, where the
+        model's template renders a given answer after text its generation prompt
+        lacks (Qwen3's empty ``<think>`` block): ``attribute(inp, target=answer)``
+        then scores the answer where the chat ending with it does. The features
+        are the same; otherwise this input itself.
+
+        Args:
+            answer (str): the answer to explain.
+
+        Returns:
+            ChatInput: the input whose prompt the answer follows.
+        """
+        if self.response is not None or not self.model.reads_answer_lead:
+            return self
+        # The prompt turns with their own (already checked, encoded) parts.
+        whole = Chat([*self.prompt, *Chat().assistant(answer)])
+        other = ChatInput(whole, self.model, **self._arguments)
+        same = torch.equal(other.encoded.input_ids, self.encoded.input_ids)
+        return self if same else other
 
     def settings(self) -> dict[str, Any]:
         """The choices that made these features, as plain data (a result's

@@ -1,6 +1,7 @@
 """Oracles for MultimodalLLMAttribution on text chats: stock Captum, brute-force
 Shapley, efficiency, and invariance to batching, caching and prefix reuse."""
 
+import copy
 import math
 import warnings
 
@@ -13,11 +14,12 @@ from captum.attr import (
     KernelShap,
     Lime,
     LLMAttribution,
+    Saliency,
     ShapleyValues,
     ShapleyValueSampling,
     TextTemplateInput,
 )
-from conftest import brute_force_shapley, game
+from conftest import THINKING_TEMPLATE, brute_force_shapley, game
 
 from captum_mllm import (
     Chat,
@@ -666,12 +668,30 @@ def test_inspect_forward_sees_what_stock_captum_shows_it(model, chat):
         assert probs == pytest.approx(seen["ours"][prompt][1], abs=1e-5)
 
 
-def test_a_final_assistant_turn_is_the_default_target(model, chat):
+@pytest.mark.parametrize("thinking", [False, True])
+def test_a_final_assistant_turn_is_the_default_target(model, chat, thinking):
+    """target="..." and a chat ending with that answer explain one thing. With a
+    Qwen3-style template (thinking on) the chat's answer is read after an empty
+    <think> block; target= text was read straight after the generation prompt."""
+    if thinking:
+        tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep theirs
+        tokenizer.chat_template = THINKING_TEMPLATE
+        model = HFCausalLMAdapter(model.model, tokenizer)
+    inp = ChatInput(chat, model)
+    ids = inp.encoded.input_ids.clone()
     attr = MultimodalLLMAttribution(FeatureAblation(model), model)
     given = attr.attribute(ChatInput(chat.assistant(TARGET), model))
-    explicit = attr.attribute(ChatInput(chat, model), target=TARGET)
+    explicit = attr.attribute(inp, target=TARGET)
     assert given.output_tokens == explicit.output_tokens
+    assert explicit.input_tokens == inp.values
     torch.testing.assert_close(given.token_attr, explicit.token_attr)
+    assert torch.equal(inp.encoded.input_ids, ids)  # the caller's input is left as it was
+    assert (inp.answered(TARGET) is inp) is not thinking  # nothing rebuilt when nothing differs
+    gradients = MultimodalLLMGradientAttribution(Saliency(model), model)
+    torch.testing.assert_close(
+        gradients.attribute(ChatInput(chat.assistant(TARGET), model)).seq_attr,
+        gradients.attribute(inp, target=TARGET).seq_attr,
+    )
 
 
 def test_captum_sampling_is_prefetched_in_full_batches(model, chat):

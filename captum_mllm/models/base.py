@@ -119,6 +119,10 @@ class ModelAdapter(nn.Module, ABC):
     def encode(self, chat: Any) -> EncodedChat:
         """Encode a chat (a :class:`Chat` or a message list) with generation prompt."""
 
+    #: Whether :meth:`encode_prompt` may put template text before a given answer
+    #: (a target= answer is then read as the chat's final turn; False: no encoding).
+    reads_answer_lead: bool = False
+
     def encode_prompt(self, chat: Any, answer: str | None = None) -> EncodedChat:
         """The prompt before ``answer``, a given answer to explain (None: one still
         to generate). By default the generation prompt (:meth:`encode`); an adapter

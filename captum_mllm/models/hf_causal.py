@@ -68,6 +68,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         >>> res = attr.attribute(inp, n_samples=16, perturbations_per_eval=16)
     """
 
+    reads_answer_lead = True
+
     def __init__(
         self, model: nn.Module, tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None
     ) -> None:
