@@ -513,11 +513,17 @@ def compare(
         raise InvalidOptionError(f"names must differ, got {names}")
     rows = np.stack([r._row(target_token_pos).numpy() for r in results])
     k = len(results)
+    flat = [bool(np.ptp(row) == 0) for row in rows]  # no ranking: undefined, as in pandas
+    if any(flat):
+        warn_caller(
+            f"{[n for n, f in zip(names, flat, strict=True) if f]} give every feature the "
+            "same attribution: their rank correlations are undefined (NaN)"
+        )
     matrix = np.ones((k, k))
     for i in range(k):
-        for j in range(i + 1, k):
-            rho = spearmanr(rows[i], rows[j]).statistic
-            matrix[i, j] = matrix[j, i] = rho
+        for j in range(i, k):
+            rho = np.nan if flat[i] or flat[j] else spearmanr(rows[i], rows[j]).statistic
+            matrix[i, j] = matrix[j, i] = 1.0 if i == j and not flat[i] else rho
     table = pd.DataFrame(matrix, index=names, columns=names)
     fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.2 * k + 1))
     image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdYlGn")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from captum.attr import (
@@ -225,6 +227,16 @@ def test_compare_rank_correlations(llama, words):
         compare(sal, elsewhere)
     answer = AttentionAttribution(llama).attribute(words, target="I am a small model.")
     compare(sal, answer)  # the sequence rows pair up
+    # A result that ranks nothing: NaN (pandas' corr too) and a warning naming it,
+    # not scipy's warning about an unnamed input.
+    flat = copy.copy(sal)
+    flat.seq_attr = torch.zeros_like(sal.seq_attr)
+    with pytest.warns(UserWarning, match=r"\['flat'\] give every feature the same") as seen:
+        table, _ = compare(sal, flat, att, names=["saliency", "flat", "attention"])
+    assert all("flat" in str(w.message) for w in seen)
+    assert table.loc["flat"].isna().all() and table["flat"].isna().all()
+    assert table.loc["saliency", "attention"] == pytest.approx(compare(sal, att)[0].iloc[0, 1])
+    assert table.loc["saliency", "saliency"] == 1.0
     with pytest.raises(InvalidOptionError, match="different responses"):
         compare(sal, answer, target_token_pos=0)
 
