@@ -134,7 +134,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--budget",
         type=_at_least(1),
         help="coalition evaluations (default: 10 per feature; hierarchical: exact Owen "
-        "values; exact always evaluates all 2^n)",
+        "values; exact evaluates all 2^n and refuses a smaller budget)",
     )
     parser.add_argument("--target", default="log-prob", choices=("log-prob", "similarity"))
     parser.add_argument(
@@ -422,8 +422,8 @@ def _batch(settings: dict[str, Any]) -> dict[str, Any]:
 def _method_kwargs(settings: dict[str, Any], n_features: int | None) -> dict[str, Any]:
     """The method's budget arguments (Captum's sampler counts permutations)."""
     method, budget = settings["method"], settings["budget"]
-    if method == "exact":
-        return {}
+    if method == "exact":  # a --budget below 2^n is refused, not overrun
+        return {} if budget is None else {"budget": budget}
     if method == "captum-svs":
         if budget is None:
             return {"n_samples": 10}

@@ -407,3 +407,6 @@ def test_a_chat_file_may_be_an_object_holding_its_messages(tmp_path, capsys):
     assert saved.input_tokens == ["Who", "are", "you", "my", "friend"]
     code, _, err = run([*argv, "--chat", tmp_path / "other.json"], capsys)
     assert code == 2 and "must hold a list of messages" in err
+    # --budget went unread by --method exact; below its 2^5 coalitions it is refused.
+    code, _, err = run([*argv, "--chat", tmp_path / "row.json", "--budget", "20"], capsys)
+    assert code != 0 and "more than budget=20" in err

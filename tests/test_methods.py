@@ -64,6 +64,12 @@ def test_exact_equals_captums_shapley_values_on_tensors():
     torch.testing.assert_close(ours.float(), theirs, atol=1e-6, rtol=1e-6)
     with pytest.raises(InvalidOptionError, match="LeverageKernelShap"):
         ExactShapleyValues(f, max_features=3).attribute(x)
+    # A budget is a cap: below 2^5 it was overrun without a word; at 2^5 it is met.
+    with pytest.raises(InvalidOptionError, match="all 2\\^5 = 32 coalitions .* budget=31"):
+        ExactShapleyValues(f).attribute(x, feature_mask=mask, budget=31)
+    torch.testing.assert_close(
+        ExactShapleyValues(f).attribute(x, feature_mask=mask, budget=32), ours
+    )
 
 
 @pytest.mark.parametrize("method", [ExactShapleyValues, HierarchicalShapley, BayesianShapley])
@@ -525,7 +531,7 @@ def test_a_budget_below_the_smallest_estimate_warns(method):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         est.attribute(torch.ones(1, 5), budget=40, seed=0)
-        ExactShapleyValues(game).attribute(torch.ones(1, 5), budget=1)  # exact: no budget
+        ExactShapleyValues(game).attribute(torch.ones(1, 5), budget=32)  # exact: 2^5 meets it
 
 
 def test_kernel_shap_never_reports_a_zero_error_it_cannot_know():

@@ -123,7 +123,7 @@ class ShapleyEstimator(PerturbationAttribution):
     #: model's, such as a posterior standard deviation.
     stderr_over_seeds: bool = True
 
-    #: Whether the estimator evaluates every coalition (and ignores ``budget``).
+    #: Whether the estimator evaluates every coalition (a smaller ``budget`` raises).
     exact: bool = False
 
     #: The estimator's own ``attribute`` arguments, beyond the common ones (e.g. ``tree``).
@@ -244,6 +244,12 @@ class ShapleyEstimator(PerturbationAttribution):
                 perturbations_per_eval,
                 batch,
             )
+            if self.exact and budget is not None and budget < 2**example.n:
+                raise InvalidOptionError(  # it evaluated all 2^n, beyond what was allowed
+                    f"{type(self).__name__} evaluates all 2^{example.n} = {2**example.n:,} "
+                    f"coalitions of {example.n} features, more than budget={budget}: leave "
+                    "budget out, or sample within it (BayesianShapley, LeverageKernelShap)"
+                )
             game = Game(example.evaluate, example.n)
             cap = 2**example.n if self.exact else 10 * example.n if budget is None else budget
             with _progress(show_progress, cap, type(self).__name__) as progress:
