@@ -7,6 +7,7 @@ Hugging Face message lists convert both ways.
 from __future__ import annotations
 
 import base64
+import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,19 +21,15 @@ from captum_mllm.errors import (
     EmptyTextError,
     InvalidContentError,
     InvalidRoleError,
-    warn_caller,
 )
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 #: What to use instead of roles other APIs and templates know.
 _ROLE_HINTS = {
     "developer": " (OpenAI's developer role is the system prompt: use 'system')",
     "model": " (Gemma's model turn is the assistant's: use 'assistant')",
-    **{
-        r: " (tool results are not supported as turns: give a tool's output in a user turn)"
-        for r in ("tool", "function", "ipython")
-    },
+    **{r: " (a tool's output is a 'tool' turn)" for r in ("function", "ipython")},
 }
 
 
@@ -113,12 +110,18 @@ class Turn:
     """One message of a chat: a role and its ordered parts.
 
     Args:
-        role (str): ``"system"``, ``"user"`` or ``"assistant"``.
+        role (str): ``"system"``, ``"user"``, ``"assistant"`` or ``"tool"`` (a
+            tool's output).
         parts (tuple of TextPart / AudioPart): the content, in order.
+        extra (dict, optional): the message's other keys, which a chat template
+            reads (``tool_calls``, ``tool_call_id``, ``name``,
+            ``reasoning_content``); never features. An assistant turn holding
+            ``tool_calls`` may have no parts. Default: ``{}``
     """
 
     role: str
     parts: tuple[Part, ...] = field(default_factory=tuple)
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -126,7 +129,10 @@ class Turn:
             raise InvalidRoleError(
                 f"unknown role {self.role!r}; use one of {', '.join(ROLES)}{hint}"
             )
-        if not self.parts:
+        if not isinstance(self.extra, Mapping) or {"role", "content"} & set(self.extra):
+            raise InvalidContentError("a turn's extra= holds message keys beside role and content")
+        object.__setattr__(self, "extra", copy.deepcopy(dict(self.extra)))  # immutable, as parts
+        if not self.parts and not (self.role == "assistant" and self.extra.get("tool_calls")):
             raise EmptyChatError(f"the {self.role} turn has no content; give it text or audio")
         for part in self.parts:
             if not isinstance(part, TextPart | AudioPart):
@@ -172,6 +178,7 @@ class Chat(Sequence[Turn]):
         text: str | Sequence[str] | None = None,
         audio: Any = None,
         sample_rate: int | None = None,
+        **extra: Any,
     ) -> Chat:
         """Return a new chat with one more turn.
 
@@ -183,6 +190,8 @@ class Chat(Sequence[Turn]):
             audio (path, bytes, array, Tensor, AudioPart or list of them, optional):
                 audio part(s).
             sample_rate (int, optional): sample rate for array / tensor audio.
+            **extra: the message's other keys, for the chat template
+                (``tool_calls=[...]``, ``tool_call_id="..."``); see :class:`Turn`.
 
         Returns:
             Chat: the extended chat.
@@ -199,9 +208,9 @@ class Chat(Sequence[Turn]):
                 )
             texts = [text] if isinstance(text, str) else list(text)
             parts += [TextPart(t) for t in texts]
-        if not parts:
+        if not parts and not extra.get("tool_calls"):
             raise EmptyChatError(f"the {role} turn has no content; give it text= or audio=")
-        return Chat((*self._turns, Turn(role, tuple(parts))))
+        return Chat((*self._turns, Turn(role, tuple(parts), extra)))
 
     def system(self, text: str | Sequence[str] | None = None, **kwargs: Any) -> Chat:
         """Add a system turn. See :meth:`add`."""
@@ -214,6 +223,11 @@ class Chat(Sequence[Turn]):
     def assistant(self, text: str | Sequence[str] | None = None, **kwargs: Any) -> Chat:
         """Add an assistant turn. See :meth:`add`."""
         return self.add("assistant", text, **kwargs)
+
+    def tool(self, text: str | Sequence[str] | None = None, **kwargs: Any) -> Chat:
+        """Add a tool's output (``tool_call_id=`` or ``name=`` where the template
+        reads one). See :meth:`add`."""
+        return self.add("tool", text, **kwargs)
 
     def validate(self) -> Chat:
         """Raise :class:`EmptyChatError` when the chat has no turns; return self."""
@@ -232,7 +246,8 @@ class Chat(Sequence[Turn]):
 
         Raises:
             EmptyChatError: the chat is only an assistant turn.
-            InvalidContentError: the final assistant turn holds audio.
+            InvalidContentError: the final assistant turn holds audio or other
+                message keys (``tool_calls``).
         """
         self.validate()
         last = self._turns[-1]
@@ -242,6 +257,12 @@ class Chat(Sequence[Turn]):
             raise InvalidContentError(
                 "the chat ends with a spoken assistant turn; remove it and pass the answer "
                 "as target= instead"
+            )
+        if last.extra:  # they would go unread: the answer is scored as its text
+            raise InvalidContentError(
+                f"the chat ends with an assistant turn holding {sorted(last.extra)}; the answer "
+                "to explain is text alone: end the chat before it (a tool call's text may be "
+                "given as target=)"
             )
         if len(self._turns) == 1:
             raise EmptyChatError("the chat holds only the assistant's answer; add the prompt")
@@ -257,7 +278,10 @@ class Chat(Sequence[Turn]):
     def from_messages(cls, messages: Iterable[Mapping[str, Any]]) -> Chat:
         """Build a chat from a Hugging Face message list.
 
-        Keys other than ``role`` and ``content`` warn: they are not read.
+        Keys other than ``role`` and ``content`` (``tool_calls``,
+        ``tool_call_id``, ``name``, ``reasoning_content``) are kept for the chat
+        template (:class:`Turn`'s ``extra``); an assistant message holding
+        ``tool_calls`` may have no content.
         ``content`` may be a string or a list of ``{"type": "text", "text": ...}``
         and ``{"type": "audio", "audio" | "path" | "url": ..., "sampling_rate": ...}``
         items, or OpenAI's ``{"type": "input_audio", "input_audio": {"data": base64}}``.
@@ -269,25 +293,24 @@ class Chat(Sequence[Turn]):
             Chat: the chat.
         """
         turns = []
-        for k, message in enumerate(messages):
+        for message in messages:
             if not isinstance(message, Mapping) or "role" not in message:
                 raise InvalidContentError("each message must be a dict with 'role' and 'content'")
-            unread = sorted(str(key) for key in message if key not in ("role", "content"))
-            if unread:  # a template reads reasoning_content, tool_calls, thinking, name, ...
-                warn_caller(
-                    f"message {k}'s keys {unread} are not read: a Chat holds each turn's role "
-                    "and content, so a chat template that reads them renders this chat otherwise"
-                )
+            extra = {str(key): v for key, v in message.items() if key not in ("role", "content")}
             content = message.get("content")
+            if content in (None, "", []) and extra.get("tool_calls"):  # a call alone
+                turns.append(Turn(message["role"], (), extra))
+                continue
             if isinstance(content, str):
-                turns.append(Turn(message["role"], (TextPart(content),)))
+                turns.append(Turn(message["role"], (TextPart(content),), extra))
                 continue
             if not isinstance(content, list):
                 raise InvalidContentError(
                     "message content must be a str or a list of parts, "
                     f"got {type(content).__name__}"
                 )
-            turns.append(Turn(message["role"], tuple(_part_from_dict(item) for item in content)))
+            parts = tuple(_part_from_dict(item) for item in content)
+            turns.append(Turn(message["role"], parts, extra))
         return cls(turns)
 
     def to_messages(self) -> list[dict[str, Any]]:
@@ -310,7 +333,7 @@ class Chat(Sequence[Turn]):
                             "sampling_rate": p.sample_rate,
                         }
                     )
-            out.append({"role": turn.role, "content": content})
+            out.append({"role": turn.role, "content": content, **turn.extra})
         return out
 
     # Sequence protocol -----------------------------------------------------------

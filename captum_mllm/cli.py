@@ -128,7 +128,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--aligner",
         help="CTC model (hub id or folder) for --audio-unit word or sentence; 'demo': the demo's",
     )
-    parser.add_argument("--roles", default="user", help="comma-separated roles holding features")
+    parser.add_argument(
+        "--roles", default="user", help="comma-separated roles holding features (user,tool)"
+    )
     parser.add_argument("--method", default="kernel", choices=METHODS)
     parser.add_argument(
         "--budget",

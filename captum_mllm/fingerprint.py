@@ -48,10 +48,12 @@ def model_digest(model: nn.Module) -> str:
 
 
 def chat_digest(chat: Chat) -> str:
-    """Every turn's role, text and audio samples."""
+    """Every turn's role, text, audio samples and other message keys."""
     parts: list[Any] = []
     for turn in chat:
         parts.append(turn.role)
+        if turn.extra:  # a tool call's arguments, which the template renders
+            parts.append(plain(dict(turn.extra), depth=8))
         for part in turn.parts:
             if isinstance(part, AudioPart):
                 parts += [part.sample_rate, part.waveform]

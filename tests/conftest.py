@@ -96,3 +96,27 @@ THINKING_TEMPLATE = (
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
     "{% endif %}{% endif %}"
 )
+
+#: Qwen2.5's way with tools, shortened: the tool definitions in the system turn,
+#: an assistant's calls as JSON after its content (only when it has one), and a
+#: run of tool outputs inside one user block. Newlines are expressions, as
+#: Qwen's are: transformers' Jinja drops the first newline after a block tag.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{{ messages[0]['content'] }}\n<tools>"
+    "{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'system' and tools %}"
+    "{% elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant"
+    "{% if m.content %}{{ '\\n' + m.content }}{% endif %}"
+    '{% for call in m.tool_calls %}{{ \'\\n<tool_call>\\n\' }}{"name": "{{ call.function.name }}", '
+    "\"arguments\": {{ call.function.arguments | tojson }}}{{ '\\n</tool_call>' }}{% endfor %}"
+    "<|im_end|>{{ '\\n' }}"
+    "{% elif m.role == 'tool' %}"
+    "{% if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user"
+    "{% endif %}{{ '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>{{ '\\n' }}"
+    "{% endif %}"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)

@@ -33,18 +33,31 @@ def test_messages_round_trip():
     assert Chat.from_messages([{"role": "user", "content": "Hi"}])[0].parts == (TextPart("Hi"),)
 
 
-def test_message_keys_a_chat_does_not_hold_warn():
-    """reasoning_content, tool_calls, name: chat templates render them (Qwen3
-    its reasoning before the answer), and they vanished without a word."""
-    import warnings
-
-    answer = {"role": "assistant", "content": "Paris", "reasoning_content": "France's capital"}
-    with pytest.warns(UserWarning, match=r"message 1's keys \['reasoning_content'\]") as caught:
-        Chat.from_messages([{"role": "user", "content": "Hi"}, answer])
-    assert caught[0].filename == __file__
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        Chat.from_messages([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+def test_message_keys_beside_role_and_content_reach_the_template():
+    """reasoning_content, tool_calls, tool_call_id: chat templates render them
+    (Qwen's the calls as JSON), and they vanished, with a warning at best."""
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},  # a call alone
+        {"role": "tool", "content": "Sunny.", "tool_call_id": "0"},
+    ]
+    chat = Chat.from_messages(messages)
+    assert [t.role for t in chat] == ["user", "assistant", "tool"]
+    assert chat[1].parts == () and chat[1].extra == {"tool_calls": [call]}
+    assert chat[2].extra == {"tool_call_id": "0"}
+    assert [m.get("tool_calls") for m in chat.to_messages()] == [None, [call], None]
+    built = Chat().user("Weather?").assistant(tool_calls=[call]).tool("Sunny.", tool_call_id="0")
+    assert list(built) == list(chat)
+    call["function"]["arguments"]["city"] = "Rome"  # the chat is immutable: its copy stays
+    assert chat[1].extra["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert chat.split_response()[1] is None  # a tool's output: an answer is still to come
+    with pytest.raises(InvalidContentError, match=r"holding \['tool_calls'\]"):
+        chat.assistant(tool_calls=[call]).split_response()  # the answer is text alone
+    with pytest.raises(EmptyChatError):
+        Chat().user("Hi").assistant()  # no text and no call
+    with pytest.raises(InvalidContentError, match="beside role and content"):
+        Turn("user", (TextPart("Hi"),), {"role": "system"})
 
 
 def test_audio_part_from_messages_keeps_rate_and_length():
@@ -81,7 +94,7 @@ def test_openai_input_audio_items_are_read():
     [
         (lambda: Chat().add("robot", "hi"), InvalidRoleError),
         (lambda: Chat().add("developer", "hi"), "use 'system'"),  # roles of other APIs: named
-        (lambda: Chat.from_messages([{"role": "tool", "content": "42"}]), "in a user turn"),
+        (lambda: Chat.from_messages([{"role": "function", "content": "42"}]), "a 'tool' turn"),
         (lambda: as_chat(Chat()), EmptyChatError),
         (lambda: as_chat([]), EmptyChatError),
         (lambda: Chat().user("   "), EmptyTextError),

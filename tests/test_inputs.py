@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import THINKING_TEMPLATE
+from conftest import THINKING_TEMPLATE, TOOL_TEMPLATE
 
 from captum_mllm import Chat, ChatInput
 from captum_mllm.errors import (
@@ -355,6 +355,56 @@ def test_a_template_that_moves_the_system_prompt_keeps_each_word_in_its_turn(mod
     )
     with pytest.raises(ChatTemplateError, match="repeats or drops"):
         ChatInput(Chat().user("Hi there"), HFCausalLMAdapter(model.model, tokenizer))
+
+
+def test_tool_outputs_are_turns_and_tool_calls_reach_the_template(model):
+    """An agent's chat: the model called a tool and read its output. The tool
+    role raised, and tool_calls vanished (the template rendered no call)."""
+    from captum_mllm import HFCausalLMAdapter, MultimodalLLMAttribution
+    from captum_mllm.methods import ExactShapleyValues
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    agent = HFCausalLMAdapter(model.model, tokenizer, chat_template_kwargs={"tools": tools})
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "Sunny, warm.", "tool_call_id": "0"},
+        {"role": "tool", "content": "Rain later.", "tool_call_id": "1"},
+    ]
+    built = (
+        Chat().system("Be brief.").user("Weather in Paris?").assistant(tool_calls=[call])
+        .tool("Sunny, warm.", tool_call_id="0").tool("Rain later.", tool_call_id="1")
+    )  # fmt: skip
+    expected = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}' in expected
+    for chat in (Chat.from_messages(messages), built):
+        inp = ChatInput(chat, agent, roles=("user", "tool"))
+        assert inp.encoded.input_ids.tolist() == tokenizer(expected)["input_ids"]
+        words = [(f.label, f.turn) for f in inp.features]
+        assert words == [("Weather", 1), ("in", 1), ("Paris", 1), ("Sunny", 3), ("warm", 3),
+                         ("Rain", 4), ("later", 4)]  # fmt: skip
+        for f in inp.features:  # each feature's positions spell its word, in its turn
+            assert tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
+            assert {int(inp.encoded.turn[p]) for p in f.positions} == {f.turn}
+    res = MultimodalLLMAttribution(ExactShapleyValues(agent), agent).attribute(
+        inp, target="Take an umbrella."
+    )
+    assert res.roles == ["system", "user", "assistant", "tool", "tool"]
+    assert list(res.by_role()["role"]) == ["tool", "user"]
+    # Another call's arguments are another chat: a store of this one is not read for it
+    from captum_mllm.fingerprint import chat_digest
+
+    other = {**call, "function": {**call["function"], "arguments": {"city": "Rome"}}}
+    assert chat_digest(built) != chat_digest(Chat.from_messages([*messages[:2],
+        {**messages[2], "tool_calls": [other]}, *messages[3:]]))  # fmt: skip
+    assert chat_digest(Chat().user("Hi")) == chat_digest(Chat.from_messages(
+        [{"role": "user", "content": "Hi"}]))  # fmt: skip
 
 
 def test_a_template_that_writes_todays_date_warns_until_it_is_pinned(model, chat):

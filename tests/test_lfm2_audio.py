@@ -16,7 +16,9 @@ from captum_mllm.errors import (
     AlignmentError,
     AudioError,
     InvalidBaselineError,
+    InvalidContentError,
     InvalidOptionError,
+    InvalidRoleError,
     InvalidSpanError,
 )
 from captum_mllm.testing import speech_like, tiny_lfm2_audio
@@ -70,6 +72,16 @@ def test_layout_matches_liquid_audio_chat_state(lfm, wave):
     with torch.no_grad():
         expected = lfm.model._prefill(**st)[0]
     torch.testing.assert_close(enc.state["embeds"], expected)
+
+
+def test_turns_its_chat_format_cannot_hold_are_refused(lfm):
+    """liquid-audio's ChatState has system, user and assistant turns of content
+    alone: a tool turn, or a tool call, would be laid out as no model saw."""
+    with pytest.raises(InvalidRoleError, match="in a user turn"):
+        lfm.encode(Chat().user("Weather?").tool("Sunny."))
+    call = {"type": "function", "function": {"name": "weather", "arguments": {}}}
+    with pytest.raises(InvalidContentError, match=r"not \['tool_calls'\]"):
+        lfm.encode(Chat().user("Weather?").assistant(tool_calls=[call]).user("And?"))
 
 
 @pytest.mark.parametrize("audio_baseline", ["drop", "embedding"])

@@ -231,7 +231,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             )
         # Parts of a turn are joined by newlines into the message content.
         contents = ["\n".join(p.text for p in t.parts) for t in chat]  # type: ignore[union-attr]
-        messages = [{"role": t.role, "content": c} for t, c in zip(chat, contents, strict=True)]
+        messages = [
+            {"role": t.role, "content": c, **t.extra} for t, c in zip(chat, contents, strict=True)
+        ]
         rendered = self._render(messages, generation_prompt=True)
         if answer is not None:
             rendered = self._answer_lead(messages, answer, rendered)
@@ -736,10 +738,16 @@ def _locate_contents(
         list of (start, end, trimmed): character span of each content, and how
         many leading characters the template trimmed from it.
     """
-    skeleton = render([{**m, "content": _SENTINEL.format(k)} for k, m in enumerate(messages)], True)
+    # An empty content (a tool call's message) stays empty: a template may render
+    # text around a content only when there is one (Qwen2.5's "\n" + content).
+    given = [k for k, m in enumerate(messages) if m["content"]]
+    marked = [
+        {**m, "content": _SENTINEL.format(k)} if k in given else m for k, m in enumerate(messages)
+    ]
+    skeleton = render(marked, True)
     split = re.split("\ue000(\\d+)\ue001", skeleton)
     pieces, order = split[0::2], [int(k) for k in split[1::2]]
-    if sorted(order) != list(range(len(messages))):
+    if sorted(order) != given:
         raise ChatTemplateError(
             "the chat template repeats or drops message contents; it cannot be explained "
             "by position (render it yourself and use Captum's TextTemplateInput)"
@@ -769,6 +777,8 @@ def _locate_contents(
             raise ChatTemplateError(
                 f"the chat template changed the text of turn {k}; cannot locate {content[:40]!r}"
             )
+    for k in range(len(messages)):  # an empty content: where the one before it ends
+        out.setdefault(k, (out[k - 1][1], out[k - 1][1], 0) if k else (0, 0, 0))
     return [out[k] for k in range(len(messages))]
 
 

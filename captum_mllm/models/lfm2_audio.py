@@ -28,7 +28,9 @@ from captum_mllm.encoding import EncodedChat, MaskedChat, PositionTableBuilder
 from captum_mllm.errors import (
     AudioError,
     EmptyCoalitionError,
+    InvalidContentError,
     InvalidOptionError,
+    InvalidRoleError,
     TargetError,
     warn_caller,
 )
@@ -187,6 +189,17 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         """
         chat = as_chat(chat)
         self.check_text(chat)
+        for turn in chat:  # liquid-audio's chat format has neither: they would go unread
+            if turn.role == "tool":
+                raise InvalidRoleError(
+                    "LFM2-Audio's chat format has system, user and assistant turns: give a "
+                    "tool's output in a user turn"
+                )
+            if turn.extra:
+                raise InvalidContentError(
+                    f"LFM2-Audio's chat format reads a turn's role and content, not "
+                    f"{sorted(turn.extra)}"
+                )
         table = PositionTableBuilder()
         pieces: list[Tensor] = []  # (n, D) embeddings, in position order
         clips: list[_Clip] = []
