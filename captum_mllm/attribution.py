@@ -709,7 +709,10 @@ def resolve_response(
     calls = 0
     if isinstance(inp, ChatInput) and inp.response is not None:
         if gen_args is not None:
-            raise TargetError("gen_args is unused: the chat's final assistant turn is the target")
+            raise TargetError(  # a target= answer read as the chat's final turn comes here too
+                "gen_args is only used when target is None: the answer is given (the chat's "
+                "final assistant turn, or target=)"
+            )
         if target is not None and not _same_response(adapter, target, inp.response):
             raise TargetError(  # one of the two answers would go unexplained
                 "the chat ends with an assistant turn, the answer to explain, and target= "

@@ -687,6 +687,8 @@ def test_a_final_assistant_turn_is_the_default_target(model, chat, thinking):
     torch.testing.assert_close(given.token_attr, explicit.token_attr)
     assert torch.equal(inp.encoded.input_ids, ids)  # the caller's input is left as it was
     assert (inp.answered(TARGET) is inp) is not thinking  # nothing rebuilt when nothing differs
+    with pytest.raises(TargetError, match="only used when target is None"):  # as without it
+        attr.attribute(inp, target=TARGET, gen_args={"max_new_tokens": 3})
     gradients = MultimodalLLMGradientAttribution(Saliency(model), model)
     torch.testing.assert_close(
         gradients.attribute(ChatInput(chat.assistant(TARGET), model)).seq_attr,
