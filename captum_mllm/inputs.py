@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import json
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -431,6 +432,7 @@ class ChatInput(InterpretableInput):
                     else:
                         runs.append([char, mark])
                 parts.append({"text": runs})
+            parts += [{"text": [[call, -1]]} for call in _calls(turn.extra)]  # shown, no feature
             turns.append({"role": turn.role, "parts": parts})
         return turns
 
@@ -694,6 +696,18 @@ def _merge_groups(found: list[_Found], groups: Sequence[Hashable]) -> list[_Foun
         positions = tuple(sorted(p for m in members for p in m[0]))
         label = " ".join(m[1] for m in members)
         out.append((positions, label, members[0][2] if len(members) == 1 else None))
+    return out
+
+
+def _calls(extra: Mapping[str, Any]) -> list[str]:
+    """An assistant turn's tool calls as ``name(arguments)``: OpenAI's and Hugging
+    Face's ``{"function": {"name", "arguments"}}``, or the function alone."""
+    out = []
+    for call in extra.get("tool_calls") or ():
+        fn = call.get("function", call) if isinstance(call, Mapping) else {}
+        args = fn.get("arguments", "")
+        args = args if isinstance(args, str) else json.dumps(args, default=str)
+        out.append(f"{fn.get('name', 'tool')}({args})")
     return out
 
 

@@ -396,6 +396,9 @@ def test_tool_outputs_are_turns_and_tool_calls_reach_the_template(model):
         inp, target="Take an umbrella."
     )
     assert res.roles == ["system", "user", "assistant", "tool", "tool"]
+    # The call is shown where the chat is (plots, reports), as text no feature holds
+    assert res.segments[2] == {"role": "assistant", "parts": [
+        {"text": [['weather({"city": "Paris"})', -1]]}]}  # fmt: skip
     assert list(res.by_role()["role"]) == ["tool", "user"]
     # Another call's arguments are another chat: a store of this one is not read for it
     from captum_mllm.fingerprint import chat_digest
