@@ -131,6 +131,14 @@ class Turn:
             )
         if not isinstance(self.extra, Mapping) or {"role", "content"} & set(self.extra):
             raise InvalidContentError("a turn's extra= holds message keys beside role and content")
+        calls = self.extra.get("tool_calls")
+        if calls is not None and (
+            not isinstance(calls, list | tuple) or not all(isinstance(c, Mapping) for c in calls)
+        ):  # templates loop over dicts: a string rendered letter by letter
+            raise InvalidContentError(
+                "tool_calls must be a list of dicts, as "
+                '[{"type": "function", "function": {"name": ..., "arguments": {...}}}]'
+            )
         object.__setattr__(self, "extra", copy.deepcopy(dict(self.extra)))  # immutable, as parts
         if not self.parts and not (self.role == "assistant" and self.extra.get("tool_calls")):
             raise EmptyChatError(f"the {self.role} turn has no content; give it text or audio")

@@ -704,7 +704,8 @@ def _calls(extra: Mapping[str, Any]) -> list[str]:
     Face's ``{"function": {"name", "arguments"}}``, or the function alone."""
     out = []
     for call in extra.get("tool_calls") or ():
-        fn = call.get("function", call) if isinstance(call, Mapping) else {}
+        fn = call.get("function", call)
+        fn = fn if isinstance(fn, Mapping) else {"name": str(fn)}
         args = fn.get("arguments", "")
         args = args if isinstance(args, str) else json.dumps(args, default=str)
         out.append(f"{fn.get('name', 'tool')}({args})")
