@@ -79,6 +79,7 @@ def run_strategy(examples: Callable[[], None]) -> None:
 def _explain_once(chat: Any, model: Any, **kwargs: Any) -> str:
     try:
         inp = ChatInput(chat() if callable(chat) else chat, model, **kwargs)
+        inp.segments()  # reports and plots read the chat through it
         g = torch.Generator().manual_seed(0)
         masks = torch.randint(0, 2, (3, inp.n_itp_features), generator=g)
         masks[0] = 1
@@ -125,7 +126,18 @@ content_item = st.one_of(
     st.just("not a dict"),
 )
 valid_message = st.fixed_dictionaries({"role": roles, "content": texts})
+# Keys beside role and content reach the template: calls as given, and odd ones.
+call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+extra_message = st.fixed_dictionaries(
+    {"role": roles, "content": st.sampled_from([None, "", "Sunny."])},
+    optional={
+        "tool_calls": st.sampled_from([[call], [], "weather()", [{"function": 3}], None]),
+        "tool_call_id": st.sampled_from(["0", 7, None]),
+        "reasoning_content": texts,
+    },
+)
 message = st.one_of(
+    extra_message,
     valid_message,
     valid_message,
     valid_message,
