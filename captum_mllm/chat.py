@@ -25,6 +25,8 @@ from captum_mllm.errors import (
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+#: Message keys beside role and content that chat templates read, as arguments.
+_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
 #: What to use instead of roles other APIs and templates know.
 _ROLE_HINTS = {
     "developer": " (OpenAI's developer role is the system prompt: use 'system')",
@@ -198,12 +200,20 @@ class Chat(Sequence[Turn]):
             audio (path, bytes, array, Tensor, AudioPart or list of them, optional):
                 audio part(s).
             sample_rate (int, optional): sample rate for array / tensor audio.
-            **extra: the message's other keys, for the chat template
-                (``tool_calls=[...]``, ``tool_call_id="..."``); see :class:`Turn`.
+            **extra: the message's other keys, for the chat template:
+                ``tool_calls=[...]``, ``tool_call_id=``, ``name=``,
+                ``reasoning_content=``, ``thinking=`` (others through
+                :meth:`from_messages`); see :class:`Turn`.
 
         Returns:
             Chat: the extended chat.
         """
+        unknown = sorted(set(extra) - set(_MESSAGE_KEYS))
+        if unknown:  # a misspelt argument (sampling_rate=) would reach the template unread
+            raise TypeError(
+                f"Chat.add() got unexpected keyword arguments {unknown}; message keys it "
+                f"takes: {', '.join(_MESSAGE_KEYS)} (any other through Chat.from_messages)"
+            )
         parts: list[Part] = []
         if audio is not None:
             clips = audio if isinstance(audio, list | tuple) else [audio]

@@ -58,6 +58,8 @@ def test_message_keys_beside_role_and_content_reach_the_template():
         Chat().user("Hi").assistant()  # no text and no call
     with pytest.raises(InvalidContentError, match="beside role and content"):
         Turn("user", (TextPart("Hi"),), {"role": "system"})
+    with pytest.raises(TypeError, match=r"\['sampling_rate'\]"):  # misspelt: not a message key
+        Chat().user(audio=np.zeros(800), sampling_rate=16000)
     for calls in ("weather(Paris)", [["weather"]]):  # a template would loop over its letters
         with pytest.raises(InvalidContentError, match="tool_calls must be a list of dicts"):
             Chat().user("Hi").assistant(tool_calls=calls)
