@@ -39,12 +39,18 @@ def digest(*parts: Any) -> str:
 
 
 def model_digest(model: nn.Module) -> str:
-    """The model's class, its configuration and every weight."""
+    """The model's class, its configuration, its generation configuration
+    (sampled answers read it) and every weight."""
     config = getattr(model, "config", None)
     to_json = getattr(config, "to_json_string", None)
     config_text = to_json() if callable(to_json) else repr(config)
+    to_dict = getattr(getattr(model, "generation_config", None), "to_diff_dict", None)
+    generation = to_dict() if callable(to_dict) else {}
+    generation.pop("transformers_version", None)  # the same settings under another release
     state = model.state_dict()
-    return digest(type(model).__qualname__, config_text, *state.keys(), *state.values())
+    return digest(
+        type(model).__qualname__, config_text, plain(generation), *state.keys(), *state.values()
+    )
 
 
 def chat_digest(chat: Chat) -> str:

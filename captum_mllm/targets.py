@@ -250,13 +250,16 @@ class EmbeddingSimilarity(Target):
             too, as to ``generate``: they mean what the arguments below mean.
             Default: ``{"max_new_tokens": 25}``
         samples_per_coalition (int, optional): sampled responses per coalition;
-            1 with ``temperature=None`` is greedy. Sampling reads ``temperature``
-            and ``top_k`` alone: a model's own generation-config sampling
-            settings (e.g. ``top_p``) are not applied. Default: 1
+            1 with no sampling setting is greedy. Text settings not given are
+            the model's (a Hugging Face model's generation config's, as
+            ``model.generate(do_sample=True)`` reads them; LFM2-Audio's
+            temperature 1 over every token). Default: 1
         temperature (float, optional): text sampling temperature (0: greedy, as
             in liquid-audio's sampler). Default: None
         top_k (int, optional): text top-k sampling (0: every token, as in
             transformers). Default: None
+        top_p (float, optional): text nucleus sampling (Hugging Face models).
+            Default: None
         audio_temperature (float, optional): audio-frame sampling temperature
             (LFM2-Audio). Default: None
         audio_top_k (int, optional): audio-frame top-k sampling. Default: None
@@ -284,6 +287,7 @@ class EmbeddingSimilarity(Target):
         samples_per_coalition: int = 1,
         temperature: float | None = None,
         top_k: int | None = None,
+        top_p: float | None = None,
         audio_temperature: float | None = None,
         audio_top_k: int | None = None,
         seed: int = 0,
@@ -310,36 +314,30 @@ class EmbeddingSimilarity(Target):
         self.similarity = _similarity(similarity) if isinstance(similarity, str) else similarity
         gen_args = dict(gen_args or {})
         do_sample = gen_args.pop("do_sample", None)
-        temperature, top_k, audio_temperature, audio_top_k = (
-            _sampling_setting(key, value, gen_args, do_sample)
+        text = {
+            key: _sampling_setting(key, value, gen_args, do_sample)
+            for key, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+        }
+        audio = {
+            key: _sampling_setting(key, value, gen_args, do_sample)
             for key, value in (
-                ("temperature", temperature),
-                ("top_k", top_k),
                 ("audio_temperature", audio_temperature),
                 ("audio_top_k", audio_top_k),
             )
-        )
-        check_sampling(
-            {"temperature": temperature, "top_k": top_k,
-             "audio_temperature": audio_temperature, "audio_top_k": audio_top_k}
-        )  # fmt: skip
+        }
+        check_sampling({**text, **audio})
         self.gen_args = {"max_new_tokens": 25, "do_sample": False, **gen_args}
         self.samples = samples_per_coalition
-        audio = {"audio_temperature": audio_temperature, "audio_top_k": audio_top_k}
-        self.sampled = (
-            samples_per_coalition > 1
-            or bool(do_sample)
-            or any(v is not None for v in (temperature, top_k, audio_temperature, audio_top_k))
-        )
+        named = [k for k, v in {**text, **audio}.items() if v is not None]
+        self.sampled = samples_per_coalition > 1 or bool(do_sample) or bool(named)
+        # Text is sampled when asked, or by default when several samples are
+        # wanted and no modality was named; otherwise it stays greedy (0).
+        self.sample_text = self.sampled and (set(named) & set(text) or not named)
         if self.sampled:
-            # Text is sampled when asked, or by default when several samples are
-            # wanted and no modality was named; otherwise it stays greedy.
-            named = any(v is not None for v in (temperature, top_k, *audio.values()))
-            sample_text = temperature is not None or top_k is not None or not named
             self.gen_args.update(
                 do_sample=True,
-                temperature=(1.0 if temperature is None else temperature) if sample_text else None,
-                top_k=top_k,
+                **{k: v for k, v in text.items() if v is not None},  # the rest: the model's
+                **({} if self.sample_text else {"temperature": 0}),
                 **{k: v for k, v in audio.items() if v is not None},  # audio-output adapters
             )
         self.seed = seed
@@ -400,7 +398,10 @@ class EmbeddingSimilarity(Target):
             seeds = [coalition_seed(self.seed, key, j) for key in keys for j in range(k)]
         if k > 1:
             masked = replace(masked, present=masked.present.repeat_interleave(k, dim=0))
-        said = model.generate_masked(masked, seeds=seeds, **(self.gen_args or {}))
+        args = dict(self.gen_args or {})
+        if self.sample_text:  # settings not given: the model's own
+            args = {**model.sampling_defaults, **args}
+        said = model.generate_masked(masked, seeds=seeds, **args)
         end = (self.gen_args or {}).get("eos_token_id")
         said = [model.strip_response(r, end) for r in said]
         values = self.values(model, said, state.reference, state.context).reshape(-1, k)

@@ -348,6 +348,8 @@ def test_audio_sampling_settings_reach_lfm2_and_are_reproducible():
     assert text_part == [[row for row in r if row[0] >= 0] for r in greedy]  # text stays greedy
     assert sampled != greedy  # audio frames were sampled
     assert sampled[0] != sampled[1]  # each row its own seed
+    with pytest.raises(InvalidOptionError, match=r"not \['top_p'\]"):  # liquid-audio has none
+        answers(0, top_p=0.9)
 
 
 def test_sampled_values_do_not_depend_on_batches_order_or_earlier_calls(model, chat):
@@ -404,12 +406,59 @@ def test_sampling_settings_in_gen_args_mean_what_the_arguments_do(model, chat):
     assert not captums.sampled
     with pytest.raises(InvalidOptionError, match="given twice"):
         EmbeddingSimilarity(gen_args={"temperature": 0.5}, temperature=0.7)
-    top_p = EmbeddingSimilarity(gen_args={**GEN, "do_sample": True, "top_p": 0.9})
-    with pytest.raises(InvalidOptionError, match=r"\['top_p'\]"):
-        run(top_p, 8)
+    min_p = EmbeddingSimilarity(gen_args={**GEN, "do_sample": True, "min_p": 0.1})
+    with pytest.raises(InvalidOptionError, match=r"\['min_p'\]"):
+        run(min_p, 8)
     beams = EmbeddingSimilarity(gen_args={**GEN, "num_beams": 2, "num_return_sequences": 2})
     with pytest.raises(InvalidOptionError, match="samples_per_coalition"):
         run(beams, 8)
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(0.7, 20, 0.8), (1.3, 0, 0.5), (1.0, 50, 1.0), (0.5, 3, None), (1.0, None, 0.0)],
+)
+def test_sampling_draws_from_what_transformers_warpers_leave(temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p (nucleus), as model.generate chains them."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from captum_mllm.models.decoder import sampling_probs
+
+    logits = 3 * torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    warped = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(None, warped)
+    if top_p is not None and top_p < 1:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    ours = sampling_probs(logits, temperature, top_k, top_p)
+    torch.testing.assert_close(ours, warped.softmax(-1))
+    assert ((ours > 0).sum(-1) > 0).all()  # top-p 0 keeps the likeliest token
+
+
+def test_sampled_answers_take_the_models_generation_config(model, chat):
+    """model.generate(do_sample=True) samples with the checkpoint's generation
+    config (Qwen2.5's temperature 0.7, top-k 20, top-p 0.8); ours sampled at
+    temperature 1 over every token, and top_p raised."""
+    import copy
+
+    from captum_mllm import HFCausalLMAdapter
+    from captum_mllm.fingerprint import model_digest
+
+    tuned = copy.deepcopy(model.model)
+    tuned.generation_config.update(temperature=0.7, top_k=20, top_p=0.8)
+    qwen_like = HFCausalLMAdapter(tuned, model.tokenizer)
+
+    def said(adapter, **kwargs):
+        sim = EmbeddingSimilarity(gen_args=GEN, samples_per_coalition=3, seed=1, **kwargs)
+        attr = MultimodalLLMAttribution(FeatureAblation(adapter), adapter, target=sim)
+        return attr.attribute(ChatInput(chat, adapter)).responses
+
+    theirs = said(qwen_like)
+    assert theirs == said(model, temperature=0.7, top_k=20, top_p=0.8)
+    assert theirs != said(model)  # transformers' own defaults: temperature 1, top-k 50
+    assert said(model) == said(model, temperature=1.0, top_k=50, top_p=1.0)
+    assert said(qwen_like, top_k=0) == said(model, temperature=0.7, top_k=0, top_p=0.8)
+    assert model_digest(tuned) != model_digest(model.model)  # a store of one is not the other's
 
 
 def test_temperature_zero_is_greedy_and_impossible_settings_raise(model, chat):
@@ -426,9 +475,10 @@ def test_temperature_zero_is_greedy_and_impossible_settings_raise(model, chat):
 
     greedy = run()
     assert run(temperature=0.0).responses == greedy.responses
-    assert run(top_k=0).responses == run(temperature=1.0).responses != greedy.responses
+    assert run(top_k=0).responses == run(top_k=10**6).responses != greedy.responses
     for bad in ({"temperature": -1.0}, {"temperature": float("inf")}, {"top_k": -2},
-                {"audio_temperature": float("nan")}, {"top_k": 2.5}):  # fmt: skip
+                {"audio_temperature": float("nan")}, {"top_k": 2.5}, {"top_p": 1.5},
+                {"top_p": True}):  # fmt: skip
         with pytest.raises(InvalidOptionError, match="must be"):
             EmbeddingSimilarity(**bad)
     with pytest.raises(InvalidOptionError, match="temperature must be"):

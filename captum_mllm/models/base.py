@@ -190,6 +190,13 @@ class ModelAdapter(nn.Module, ABC):
         limit = getattr(config, "max_position_embeddings", None)
         return int(limit) if isinstance(limit, int) else None
 
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """Text sampling settings a sampled answer takes where none is given
+        (``temperature``, ``top_k``, ``top_p``): here the plain distribution;
+        a Hugging Face model's are its generation config's."""
+        return {"temperature": 1.0, "top_k": None, "top_p": None}
+
     def check_target(self, target: Tensor) -> Response:
         """A user-given target as a response.
 

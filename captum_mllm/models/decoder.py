@@ -181,7 +181,8 @@ def row_generators(seeds: list[int] | None, device: torch.device) -> list[torch.
 def check_sampling(settings: dict[str, Any]) -> None:
     """Refuse sampling settings no sampler can mean: temperatures are finite
     and at least 0 (0 is greedy, as in liquid-audio's sampler), top-k's are
-    ints of at least 0 (0 keeps every token, as in transformers)."""
+    ints of at least 0 (0 keeps every token, as in transformers), top-p is
+    between 0 and 1."""
     for key in ("temperature", "audio_temperature"):
         value = settings.get(key)
         if value is not None and (
@@ -196,6 +197,30 @@ def check_sampling(settings: dict[str, Any]) -> None:
     for key in ("top_k", "audio_top_k"):
         if settings.get(key) is not None:
             require_int(key, settings[key], 0)
+    top_p = settings.get("top_p")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 <= float(top_p) <= 1
+    ):
+        raise InvalidOptionError(f"top_p must be a number in [0, 1], got {top_p!r}")
+
+
+def sampling_probs(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None = None
+) -> Tensor:
+    """``(B, V)`` logits -> the probabilities a sampler draws from, as
+    transformers' warpers make them: temperature, then top-k, then top-p
+    (the most likely tokens whose probabilities first reach ``top_p``; at
+    least one)."""
+    logits = logits.float() / temperature
+    if top_k:  # 0 or None: every token
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1:
+        ascending, order = logits.sort(dim=-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return logits.softmax(-1)
 
 
 def pick_tokens(
@@ -203,16 +228,13 @@ def pick_tokens(
     temperature: float | None,
     top_k: int | None,
     generators: list[torch.Generator] | None = None,
+    top_p: float | None = None,
 ) -> Tensor:
     """Greedy (no temperature) or sampled choice per row of ``(B, V)`` logits,
-    as liquid-audio's and transformers' samplers: temperature, then top-k."""
+    as liquid-audio's and transformers' samplers (:func:`sampling_probs`)."""
     if temperature is None or temperature <= 0 or top_k == 1:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:  # 0 or None: every token
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    probs = logits.softmax(-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     if generators is None:
         return torch.multinomial(probs, 1)[:, 0]
     return torch.stack(

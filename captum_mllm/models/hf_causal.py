@@ -35,6 +35,7 @@ from captum_mllm.models.decoder import (
     DecoderLMAdapter,
     PrefixCache,
     cache_kwarg,
+    check_sampling,
     pick_tokens,
     resolve_device,
     row_generators,
@@ -641,15 +642,31 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     # Generation ------------------------------------------------------------------
 
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The model's generation config's ``temperature``, ``top_k`` and
+        ``top_p`` (transformers' 1.0, 50 and 1.0 where it sets none), which
+        ``model.generate(do_sample=True)`` samples with."""
+        from transformers import GenerationConfig
+
+        config = getattr(self.model, "generation_config", None)
+        found = {k: getattr(config, k, None) for k in _HF_SAMPLING}
+        # transformers 5 leaves unset fields None and fills them in generate()
+        fill = getattr(GenerationConfig, "_get_default_generation_params", lambda: _HF_SAMPLING)
+        return {
+            k: fill().get(k, v) if found[k] is None else found[k] for k, v in _HF_SAMPLING.items()
+        }
+
     def _generate(
         self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
     ) -> list[Response]:
         """Continue each coalition with ``model.generate``, left-padded in one batch.
 
-        Sampling (``do_sample`` with ``temperature`` / ``top_k``; greedy
-        without either) draws each row's tokens from its own generator seeded
-        by ``seeds[b]``, so a row's answer does not depend on the rows beside
-        it. transformers' other samplers (``top_p``, ...) raise.
+        Sampling (``do_sample``, with ``temperature``, ``top_k`` and ``top_p``
+        where given, else the model's generation config's, as transformers
+        reads them) draws each row's tokens from its own generator seeded by
+        ``seeds[b]``, so a row's answer does not depend on the rows beside it.
+        transformers' other samplers (``min_p``, ...) raise.
 
         Returns:
             list of Response: the new tokens of each row, up to and including EOS.
@@ -663,19 +680,21 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         unsupported = sorted(k for k in _OTHER_SAMPLERS if args.pop(k, None) is not None)
         if unsupported:  # transformers would ignore them: do_sample is ours, below
             raise InvalidOptionError(
-                f"sampled generation here takes temperature and top_k; not {unsupported}"
+                f"sampled generation here takes temperature, top_k and top_p; not {unsupported}"
             )
         if args.get("num_return_sequences") not in (None, 1):
             raise InvalidOptionError(
                 "one answer per coalition: num_return_sequences must be 1 "
                 "(EmbeddingSimilarity's samples_per_coalition draws several, seeded)"
             )
-        temperature, top_k = args.pop("temperature", None), args.pop("top_k", None)
-        if args.pop("do_sample", False) and (temperature is not None or top_k is not None):
+        given = {k: args.pop(k, None) for k in ("temperature", "top_k", "top_p")}
+        if args.pop("do_sample", False):  # unset ones: the model's, as model.generate's
+            sampling = {
+                k: v if v is not None else self.sampling_defaults[k] for k, v in given.items()
+            }
+            check_sampling(sampling)
             generators = row_generators(seeds, self.device)
-            args["logits_processor"] = [
-                _SeededSampling(1.0 if temperature is None else temperature, top_k, generators)
-            ]
+            args["logits_processor"] = [_SeededSampling(**sampling, generators=generators)]
         args["do_sample"] = False  # sampled tokens come from the processor above
         if "max_length" in args:  # max_new_tokens (ours by default) won over it, unread
             raise InvalidOptionError(
@@ -699,8 +718,12 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         return result
 
 
-#: transformers' sampling settings other than temperature and top-k.
-_OTHER_SAMPLERS = {"top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+#: transformers' defaults of the sampling settings we read (transformers 4's
+#: GenerationConfig holds them; 5's fills them in at generate time).
+_HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+#: transformers' sampling settings other than temperature, top-k and top-p.
+_OTHER_SAMPLERS = {"min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 
 
 class _SeededSampling:
@@ -708,12 +731,17 @@ class _SeededSampling:
     generator and leaves only the drawn token, so greedy decoding returns it."""
 
     def __init__(
-        self, temperature: float, top_k: int | None, generators: list[torch.Generator] | None
+        self,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generators: list[torch.Generator] | None,
     ) -> None:
-        self.temperature, self.top_k, self.generators = temperature, top_k, generators
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.generators = generators
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        chosen = pick_tokens(scores, self.temperature, self.top_k, self.generators)
+        chosen = pick_tokens(scores, self.temperature, self.top_k, self.generators, self.top_p)
         out = torch.full_like(scores, -float("inf"))
         out[torch.arange(len(scores)), chosen] = 0.0
         return out
