@@ -264,8 +264,9 @@ class Chat(Sequence[Turn]):
 
         Raises:
             EmptyChatError: the chat is only an assistant turn.
-            InvalidContentError: the final assistant turn holds audio or other
-                message keys (``tool_calls``).
+            InvalidContentError: the final assistant turn holds audio or
+                ``tool_calls`` (its other keys, as ``reasoning_content``, reach
+                the template before the answer).
         """
         self.validate()
         last = self._turns[-1]
@@ -276,11 +277,10 @@ class Chat(Sequence[Turn]):
                 "the chat ends with a spoken assistant turn; remove it and pass the answer "
                 "as target= instead"
             )
-        if last.extra:  # they would go unread: the answer is scored as its text
+        if "tool_calls" in last.extra:  # the answer scored is text: the call would go unread
             raise InvalidContentError(
-                f"the chat ends with an assistant turn holding {sorted(last.extra)}; the answer "
-                "to explain is text alone: end the chat before it (a tool call's text may be "
-                "given as target=)"
+                "the chat ends with an assistant turn holding tool_calls; the answer to "
+                "explain is text: end the chat before it (a call's text may be given as target=)"
             )
         if len(self._turns) == 1:
             raise EmptyChatError("the chat holds only the assistant's answer; add the prompt")

@@ -227,7 +227,8 @@ class ChatInput(InterpretableInput):
             model.check_text(list(self.chat)[-1:])
         self._check_transcripts()
         with model.evaluating():  # an audio encoder in training mode: batch statistics
-            self.encoded: EncodedChat = model.encode_prompt(self.prompt, self.response)
+            keys = self.chat[-1].extra if self.response is not None else None
+            self.encoded: EncodedChat = model.encode_prompt(self.prompt, self.response, keys)
         self._check_audio_fill()
 
         self._spoken_sentences: dict[int, list[float]] = {}  # clip -> when each sentence starts

@@ -290,6 +290,15 @@ def test_a_given_answer_follows_the_template_text_the_template_puts_before_it(mo
     assert inp.encoded.input_ids.tolist() == expected
     assert len(prompt.encoded) < len(inp.encoded)
     assert inp.values == prompt.values  # the block is template text, no feature
+    # The answer's reasoning, which the template renders in the block: the model
+    # reads the answer after it (as a message key it went unread, with a warning).
+    reasoned = [answered[0], {**answered[1], "reasoning_content": "The capital."}]
+    whole = tokenizer.apply_chat_template(reasoned, tokenize=False)
+    assert "<think>\nThe capital.\n</think>\n\nParis." in whole
+    lead = tokenizer(whole[: whole.rindex("Paris.")], add_special_tokens=False)["input_ids"]
+    inp = ChatInput(reasoned, thinking)
+    assert inp.encoded.input_ids.tolist() == lead and inp.response == "Paris."
+    assert inp.values == prompt.values  # the reasoning is template text, no feature
     # Thinking off: the generation prompt holds the block already.
     assert ChatInput(answered, quiet).encoded.input_ids.tolist() == expected
     # The generation prompt, which the answer is generated after: for a template

@@ -82,6 +82,8 @@ def test_turns_its_chat_format_cannot_hold_are_refused(lfm):
     call = {"type": "function", "function": {"name": "weather", "arguments": {}}}
     with pytest.raises(InvalidContentError, match=r"not \['tool_calls'\]"):
         lfm.encode(Chat().user("Weather?").assistant(tool_calls=[call]).user("And?"))
+    with pytest.raises(InvalidContentError, match=r"not \['reasoning_content'\]"):
+        ChatInput(Chat().user("Capital?").assistant("Paris.", reasoning_content="It is."), lfm)
 
 
 @pytest.mark.parametrize("audio_baseline", ["drop", "embedding"])

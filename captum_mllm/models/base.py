@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,11 +123,19 @@ class ModelAdapter(nn.Module, ABC):
     #: (a target= answer is then read as the chat's final turn; False: no encoding).
     reads_answer_lead: bool = False
 
-    def encode_prompt(self, chat: Any, answer: str | None = None) -> EncodedChat:
+    def encode_prompt(
+        self, chat: Any, answer: str | None = None, answer_keys: Mapping[str, Any] | None = None
+    ) -> EncodedChat:
         """The prompt before ``answer``, a given answer to explain (None: one still
-        to generate). By default the generation prompt (:meth:`encode`); an adapter
-        whose chat template renders a given answer after more template text than
-        its generation prompt holds puts that text in the prompt."""
+        to generate), whose message holds ``answer_keys`` beside its content (a
+        ``reasoning_content``). By default the generation prompt (:meth:`encode`);
+        an adapter whose chat template renders a given answer after more
+        template text than its generation prompt holds puts that text in the
+        prompt."""
+        if answer_keys:  # they would go unread
+            raise InvalidContentError(
+                f"{type(self).__name__} reads an answer's text alone, not {sorted(answer_keys)}"
+            )
         return self.encode(chat)
 
     def check_text(self, turns: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -196,16 +196,24 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         """
         return self.encode_prompt(chat)
 
-    def encode_prompt(self, chat: Chat | Sequence[Any], answer: str | None = None) -> EncodedChat:
+    def encode_prompt(
+        self,
+        chat: Chat | Sequence[Any],
+        answer: str | None = None,
+        answer_keys: Mapping[str, Any] | None = None,
+    ) -> EncodedChat:
         """As :meth:`encode`; before a given ``answer``, the prompt is what the
         template renders before that answer's text when it begins with the
         generation prompt: Qwen3's template, thinking on, renders a given answer
-        after an empty ``<think>`` block that its generation prompt lacks, and the
-        model reads the answer after that block.
+        after an empty ``<think>`` block that its generation prompt lacks (or
+        after the answer's ``reasoning_content``), and the model reads the
+        answer after that block.
 
         Args:
             chat (Chat or list of dict): the chat before the answer.
             answer (str, optional): the answer to explain. Default: None
+            answer_keys (dict, optional): the answer message's other keys
+                (``reasoning_content``), for the template. Default: None
 
         Returns:
             EncodedChat: the position table.
@@ -237,7 +245,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         ]
         rendered = self._render(messages, generation_prompt=True)
         if answer is not None:
-            rendered = self._answer_lead(messages, answer, rendered)
+            answer_message = {**(answer_keys or {}), "role": "assistant", "content": answer}
+            rendered = self._answer_lead(messages, answer_message, rendered)
         located = _locate_contents(self._render, messages, rendered)
         turn_spans = self._turn_spans(messages, rendered, located)
 
@@ -298,14 +307,16 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 "system role takes the system prompt inside the first user turn)"
             ) from exc
 
-    def _answer_lead(self, messages: list[dict[str, Any]], answer: str, prompt: str) -> str:
+    def _answer_lead(
+        self, messages: list[dict[str, Any]], answer: dict[str, Any], prompt: str
+    ) -> str:
         """The generation prompt ``prompt`` and the text the template renders after
-        it before ``answer``'s text in the whole chat; ``prompt`` alone when that
+        it before the ``answer`` message's text in the whole chat; ``prompt`` alone when that
         text is only whitespace (Llama 2's space before an answer, which a
         tokenizer folds into the answer's first token) or the whole chat does
         not begin with ``prompt`` (a template that renders the answer otherwise
         than it generates it)."""
-        whole = [*messages, {"role": "assistant", "content": answer}]
+        whole = [*messages, answer]
         try:
             rendered = self._render(whole)
             start = _locate_contents(lambda m, _: self._render(m), whole, rendered)[-1][0]
