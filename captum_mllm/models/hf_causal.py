@@ -310,12 +310,12 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     def _answer_lead(
         self, messages: list[dict[str, Any]], answer: dict[str, Any], prompt: str
     ) -> str:
-        """The generation prompt ``prompt`` and the text the template renders after
-        it before the ``answer`` message's text in the whole chat; ``prompt`` alone when that
-        text is only whitespace (Llama 2's space before an answer, which a
-        tokenizer folds into the answer's first token) or the whole chat does
-        not begin with ``prompt`` (a template that renders the answer otherwise
-        than it generates it)."""
+        """The generation prompt ``prompt`` and the text the template renders
+        after it before the ``answer`` message's text in the whole chat;
+        ``prompt`` alone when that text is only whitespace (Llama 2's space
+        before an answer, which a tokenizer folds into the answer's first
+        token) or the whole chat does not begin with ``prompt`` (a template
+        that renders the answer otherwise than it generates it)."""
         whole = [*messages, answer]
         try:
             rendered = self._render(whole)
@@ -658,15 +658,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         """The model's generation config's ``temperature``, ``top_k`` and
         ``top_p`` (transformers' 1.0, 50 and 1.0 where it sets none), which
         ``model.generate(do_sample=True)`` samples with."""
-        from transformers import GenerationConfig
-
         config = getattr(self.model, "generation_config", None)
         found = {k: getattr(config, k, None) for k in _HF_SAMPLING}
-        # transformers 5 leaves unset fields None and fills them in generate()
-        fill = getattr(GenerationConfig, "_get_default_generation_params", lambda: _HF_SAMPLING)
-        return {
-            k: fill().get(k, v) if found[k] is None else found[k] for k, v in _HF_SAMPLING.items()
-        }
+        return {k: v if found[k] is None else found[k] for k, v in _HF_SAMPLING.items()}
 
     def _generate(
         self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
@@ -700,9 +694,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             )
         given = {k: args.pop(k, None) for k in ("temperature", "top_k", "top_p")}
         if args.pop("do_sample", False):  # unset ones: the model's, as model.generate's
-            sampling = {
-                k: v if v is not None else self.sampling_defaults[k] for k, v in given.items()
-            }
+            defaults = self.sampling_defaults
+            sampling = {k: defaults[k] if v is None else v for k, v in given.items()}
             check_sampling(sampling)
             generators = row_generators(seeds, self.device)
             args["logits_processor"] = [_SeededSampling(**sampling, generators=generators)]
@@ -729,8 +722,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         return result
 
 
-#: transformers' defaults of the sampling settings we read (transformers 4's
-#: GenerationConfig holds them; 5's fills them in at generate time).
+#: transformers' defaults of the sampling settings we read (4's GenerationConfig
+#: holds them; 5's leaves them None and fills them in at generate time).
 _HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 #: transformers' sampling settings other than temperature, top-k and top-p.
