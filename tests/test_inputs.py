@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -393,7 +394,9 @@ def test_tool_outputs_are_turns_and_tool_calls_reach_the_template(model):
     )
     assert '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}' in expected
     for chat in (Chat.from_messages(messages), built):
-        inp = ChatInput(chat, agent, roles=("user", "tool"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the template reads the calls: nothing to say
+            inp = ChatInput(chat, agent, roles=("user", "tool"))
         assert inp.encoded.input_ids.tolist() == tokenizer(expected)["input_ids"]
         words = [(f.label, f.turn) for f in inp.features]
         assert words == [("Weather", 1), ("in", 1), ("Paris", 1), ("Sunny", 3), ("warm", 3),
@@ -409,6 +412,11 @@ def test_tool_outputs_are_turns_and_tool_calls_reach_the_template(model):
     assert res.segments[2] == {"role": "assistant", "parts": [
         {"text": [['weather({"city": "Paris"})', -1]]}]}  # fmt: skip
     assert list(res.by_role()["role"]) == ["tool", "user"]
+    # A template without a tool format drops the call: the model never reads it
+    with pytest.warns(UserWarning, match=r"none of the message keys \['tool_call_id', 'tool_c"):
+        ChatInput(built, model, roles=("user", "tool"))
+    with pytest.warns(UserWarning, match=r"none of the message keys \['reasoning_content'\]"):
+        ChatInput(Chat().user("Hi").assistant("Paris.", reasoning_content="It is."), model)
     # Another call's arguments are another chat: a store of this one is not read for it
     from captum_mllm.fingerprint import chat_digest
 

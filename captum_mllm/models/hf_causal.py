@@ -246,7 +246,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         rendered = self._render(messages, generation_prompt=True)
         if answer is not None:
             answer_message = {**(answer_keys or {}), "role": "assistant", "content": answer}
+            self._warn_on_unread_keys([*messages, answer_message], generation_prompt=False)
             rendered = self._answer_lead(messages, answer_message, rendered)
+        else:
+            self._warn_on_unread_keys(messages, generation_prompt=True)
         located = _locate_contents(self._render, messages, rendered)
         turn_spans = self._turn_spans(messages, rendered, located)
 
@@ -306,6 +309,26 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 f"the model's chat template refuses this chat: {exc} (a template without a "
                 "system role takes the system prompt inside the first user turn)"
             ) from exc
+
+    def _warn_on_unread_keys(self, messages: list[dict[str, Any]], generation_prompt: bool) -> None:
+        """Warn when the template renders the messages' keys beside role and
+        content (a tool call, a reasoning) to nothing: the model never reads them."""
+        keys = sorted({k for m in messages for k in m} - {"role", "content"})
+        if not keys:
+            return
+        bare = [{"role": m["role"], "content": m["content"]} for m in messages]
+        try:
+            unread = self._render(bare, generation_prompt) == self._render(
+                messages, generation_prompt
+            )
+        except ChatTemplateError:  # a template that needs them reads them
+            return
+        if unread:
+            warn_caller(
+                f"the model's chat template renders none of the message keys {keys}: the "
+                "model reads this chat without them (its template may have no tool or "
+                "reasoning format); give what it should read as content"
+            )
 
     def _answer_lead(
         self, messages: list[dict[str, Any]], answer: dict[str, Any], prompt: str
