@@ -696,6 +696,30 @@ def test_a_final_assistant_turn_is_the_default_target(model, chat, thinking):
     )
 
 
+def test_a_peft_model_is_explained_as_its_merged_model(model, chat):
+    """A LoRA fine-tune (PEFT's PeftModel) passes the cache and logits_to_keep
+    on to the model it wraps; they were read off its own forward, so the
+    cache went by its deprecated name (a FutureWarning per call; it goes in
+    transformers 5.40) and every position's logits were computed."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    tuned = get_peft_model(copy.deepcopy(model.model), lora)
+    adapter = HFCausalLMAdapter(tuned, model.tokenizer)
+    merged = HFCausalLMAdapter(copy.deepcopy(tuned).merge_and_unload(), model.tokenizer)
+
+    def explain(on):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no deprecated keyword reaches the model
+            attr = MultimodalLLMAttribution(ExactShapleyValues(on), on)
+            return attr.attribute(ChatInput(chat, on), target=TARGET).token_attr
+
+    ours = explain(adapter)
+    torch.testing.assert_close(ours, explain(merged), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, explain(model), atol=1e-3)  # the LoRA weights count
+
+
 def test_captum_sampling_is_prefetched_in_full_batches(model, chat):
     """Captum's ShapleyValueSampling asks one order at a time; its coalitions are
     drawn ahead (torch's generator put back) and evaluated in full batches, so
