@@ -206,7 +206,14 @@ def _explain_command(args: argparse.Namespace) -> None:
     if args.chat is not None:
         if args.user or args.system or args.user_audio:
             raise UsageError("give the chat either as --chat FILE or as --system/--user flags")
-        chat = Chat.from_messages(_read_messages(args.chat))
+        messages, tools = _read_messages(args.chat)
+        chat = Chat.from_messages(messages)
+        if tools is not None:  # for the chat template, as apply_chat_template(tools=) takes them
+            if "tools" in (args.chat_template_kwargs or {}):
+                raise UsageError(
+                    f"{args.chat} holds tools, and --chat-template-kwargs too: give them once"
+                )
+            args.chat_template_kwargs = {**(args.chat_template_kwargs or {}), "tools": tools}
     else:
         if not args.user and not args.user_audio:
             raise UsageError("no chat: give --chat FILE or at least one --user")
@@ -488,8 +495,9 @@ def _write(res: Any, out: Path, save: bool) -> None:
     print(f"wrote {', '.join(str(out / w) for w in written)}")
 
 
-def _read_messages(path: Path) -> list[dict[str, Any]]:
-    """A Hugging Face message list from JSON or YAML; audio paths are relative to the file."""
+def _read_messages(path: Path) -> tuple[list[dict[str, Any]], Any]:
+    """A Hugging Face message list from JSON or YAML (audio paths are relative
+    to the file), and the tool definitions an object beside them holds (None)."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -505,7 +513,9 @@ def _read_messages(path: Path) -> list[dict[str, Any]]:
         raise UsageError(
             f"{path} is not valid {path.suffix[1:].upper() or 'JSON'}: {exc}"
         ) from None
+    tools = None
     if isinstance(messages, dict) and isinstance(messages.get("messages"), list):
+        tools = messages.get("tools")  # an OpenAI request's, which the template renders
         messages = messages["messages"]  # a data set's row, an OpenAI request: {"messages": [...]}
     if not isinstance(messages, list):
         raise UsageError(f"{path} must hold a list of messages, or an object with one")
@@ -516,7 +526,7 @@ def _read_messages(path: Path) -> list[dict[str, Any]]:
                 value = item.get(key) if isinstance(item, dict) else None
                 if isinstance(value, str) and not Path(value).is_absolute():
                     item[key] = str(path.parent / value)
-    return messages
+    return messages, tools
 
 
 def _audio_unit(text: str) -> Any:

@@ -385,7 +385,7 @@ class ChatInput(InterpretableInput):
         """The choices that made these features, as plain data (a result's
         ``provenance["input_settings"]``): the same chat explained with another
         baseline or unit gives other attributions."""
-        return plain(
+        return plain(  # deep enough for the tools' JSON schemas a template reads
             {
                 "roles": self.roles,
                 "text_unit": self.text_unit,
@@ -397,7 +397,8 @@ class ChatInput(InterpretableInput):
                 "audio_fill": None if self.audio_fill is None else "given",
                 "transcripts": self.transcripts,
                 "chat_template_kwargs": getattr(self.model, "chat_template_kwargs", None),
-            }
+            },
+            depth=16,
         )
 
     def segments(self) -> list[dict[str, Any]]:

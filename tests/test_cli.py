@@ -410,3 +410,15 @@ def test_a_chat_file_may_be_an_object_holding_its_messages(tmp_path, capsys):
     # --budget went unread by --method exact; below its 2^5 coalitions it is refused.
     code, _, err = run([*argv, "--chat", tmp_path / "row.json", "--budget", "20"], capsys)
     assert code != 0 and "more than budget=20" in err
+    # An OpenAI request's tools reach the chat template (they went unread); the
+    # tiny model's template has no tool format, which a warning says.
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    (tmp_path / "request.json").write_text(json.dumps({"messages": messages, "tools": tools}))
+    request = [*argv, "--chat", tmp_path / "request.json"]
+    with pytest.warns(UserWarning, match=r"none of \['tools \(chat_template_kwargs\)'\]"):
+        code, _, err = run([*request, "--out", tmp_path / "t"], capsys)
+    assert code == 0, err
+    saved = MultimodalLLMAttributionResult.load(tmp_path / "t" / "result.json")
+    assert saved.provenance["input_settings"]["chat_template_kwargs"] == {"tools": tools}
+    code, _, err = run([*request, "--chat-template-kwargs", json.dumps({"tools": []})], capsys)
+    assert code == 2 and "give them once" in err

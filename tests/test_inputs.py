@@ -413,9 +413,12 @@ def test_tool_outputs_are_turns_and_tool_calls_reach_the_template(model):
         {"text": [['weather({"city": "Paris"})', -1]]}]}  # fmt: skip
     assert list(res.by_role()["role"]) == ["tool", "user"]
     # A template without a tool format drops the call: the model never reads it
-    with pytest.warns(UserWarning, match=r"none of the message keys \['tool_call_id', 'tool_c"):
+    with pytest.warns(UserWarning, match=r"none of \['tool_call_id', 'tool_calls'\]"):
         ChatInput(built, model, roles=("user", "tool"))
-    with pytest.warns(UserWarning, match=r"none of the message keys \['reasoning_content'\]"):
+    plain = HFCausalLMAdapter(model.model, model.tokenizer, chat_template_kwargs={"tools": tools})
+    with pytest.warns(UserWarning, match=r"none of \['tool_call_id', 'tool_calls', 'tools \("):
+        ChatInput(built, plain, roles=("user", "tool"))
+    with pytest.warns(UserWarning, match=r"none of \['reasoning_content'\]"):
         ChatInput(Chat().user("Hi").assistant("Paris.", reasoning_content="It is."), model)
     # Another call's arguments are another chat: a store of this one is not read for it
     from captum_mllm.fingerprint import chat_digest

@@ -291,7 +291,12 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             table.add_token(ids[i], t_at, p_at, span, label=rendered[s:e])
         return table.build([t.role for t in chat], self.tokenizer)
 
-    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        generation_prompt: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ChatTemplateError(
                 f"{type(self.tokenizer).__name__} has no chat template (a base model, not a "
@@ -305,7 +310,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 messages,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
-                **self.chat_template_kwargs,
+                **(self.chat_template_kwargs if template_kwargs is None else template_kwargs),
             )
         except jinja2.TemplateError as exc:  # e.g. raise_exception("System role not supported")
             raise ChatTemplateError(
@@ -315,22 +320,26 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     def _warn_on_unread_keys(self, messages: list[dict[str, Any]], generation_prompt: bool) -> None:
         """Warn when the template renders the messages' keys beside role and
-        content (a tool call, a reasoning) to nothing: the model never reads them."""
+        content (a tool call, a reasoning), and the ``tools`` of
+        ``chat_template_kwargs``, to nothing: the model never reads them."""
         keys = sorted({k for m in messages for k in m} - {"role", "content"})
-        if not keys:
+        tools = bool(self.chat_template_kwargs.get("tools"))
+        if not keys and not tools:
             return
         bare = [{"role": m["role"], "content": m["content"]} for m in messages]
+        kwargs = {k: v for k, v in self.chat_template_kwargs.items() if k != "tools"}
         try:
-            unread = self._render(bare, generation_prompt) == self._render(
+            unread = self._render(bare, generation_prompt, kwargs) == self._render(
                 messages, generation_prompt
             )
         except ChatTemplateError:  # a template that needs them reads them
             return
         if unread:
+            named = [*keys, *(["tools (chat_template_kwargs)"] if tools else [])]
             warn_caller(
-                f"the model's chat template renders none of the message keys {keys}: the "
-                "model reads this chat without them (its template may have no tool or "
-                "reasoning format); give what it should read as content"
+                f"the model's chat template renders none of {named}: the model reads this "
+                "chat without them (its template may have no tool or reasoning format); "
+                "give what it should read as content"
             )
 
     def _answer_lead(
