@@ -81,12 +81,12 @@ class ChatExplainer:
     ) -> dict[str, Any]:
         """Explain one chat into ``folder`` (result + store); returns its summary row.
         ``request`` (the digest a rerun compares) goes into the result's provenance."""
-        from captum_mllm.inputs import ChatInput
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
-        res = self._attribution().attribute(inp, store=out / STORE, **self._attribute_kwargs(inp))
+        with self._input(chat) as inp:
+            kwargs = self._attribute_kwargs(inp)
+            res = self._attribution().attribute(inp, store=out / STORE, **kwargs)
         res.provenance["request"] = request
         res.save(out / RESULT)
         top = res.top_features(1)
@@ -100,6 +100,24 @@ class ChatExplainer:
             "seconds": round(res.wall_time, 3),
             "skipped": False,
         }
+
+    @contextlib.contextmanager
+    def _input(self, chat: Any) -> Iterator[Any]:
+        """The chat's ``ChatInput``; a chat's own tools (``{"tools": [...]}``, as
+        an OpenAI request holds them) reach the chat template meanwhile."""
+        from captum_mllm.inputs import ChatInput
+
+        tools = chat.get("tools") if isinstance(chat, Mapping) else None
+        before = getattr(self.model, "chat_template_kwargs", None)
+        if tools is not None:
+            if before is None:  # they would go unread
+                raise InvalidOptionError("a chat's tools are for a Hugging Face chat template")
+            self.model.chat_template_kwargs = {**before, "tools": tools}
+        try:
+            yield ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
+        finally:
+            if tools is not None:
+                self.model.chat_template_kwargs = before
 
     def _input_kwargs(self, chat: Any) -> dict[str, Any]:
         """The shared ``ChatInput`` arguments, plus a chat's own (``{"input_kwargs": ...}``)."""
@@ -116,10 +134,8 @@ class ChatExplainer:
     def evaluate_shard(self, chat: Any, store: str, shard: tuple[int, int], seed: int = 0) -> int:
         """Evaluate one shard of a chat's coalitions into ``store``; returns how
         many. ``seed`` seeds torch's generator for the call."""
-        from captum_mllm.inputs import ChatInput
 
-        inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
-        with _seeded(seed):
+        with self._input(chat) as inp, _seeded(seed):
             res = self._attribution().attribute(
                 inp, store=store, shard=shard, **self._attribute_kwargs(inp)
             )
@@ -128,10 +144,8 @@ class ChatExplainer:
     def combine(self, chat: Any, store: str, seed: int = 0) -> Any:
         """The explanation read from a filled store (evaluates what is missing);
         ``seed`` seeds torch's generator for the call."""
-        from captum_mllm.inputs import ChatInput
 
-        inp = ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
-        with _seeded(seed):
+        with self._input(chat) as inp, _seeded(seed):
             return self._attribution().attribute(inp, store=store, **self._attribute_kwargs(inp))
 
     def pid(self) -> int:
@@ -242,7 +256,8 @@ def explain_dataset(
     Args:
         chats (sequence or mapping): ``Chat`` objects or Hugging Face message
             lists, or ``{"messages": [...], "input_kwargs": {...}}`` with a
-            chat's own ``ChatInput`` arguments (e.g. its ``transcripts``); a
+            chat's own ``ChatInput`` arguments (e.g. its ``transcripts``) and
+            ``"tools"`` (an OpenAI request's, for the chat template); a
             mapping names them, else they are ``chat_00000``, ``chat_00001``, ...
         model_factory (callable): ``() -> ModelAdapter``: builds one replica per
             worker (it is sent to the workers, so it must be picklable by
@@ -327,7 +342,9 @@ def _request_digest(chat: Any, args: tuple[Any, ...]) -> str:
     """What a chat's saved result must have answered to be skipped: the chat,
     the ChatInput and attribute arguments, and the factories (see :func:`plain`)."""
     own = chat.get("input_kwargs") if isinstance(chat, Mapping) else None
-    return digest(chat_digest(_as_chat(chat)), plain(own), *(plain(a) for a in args))
+    tools = chat.get("tools") if isinstance(chat, Mapping) else None
+    extra = [] if tools is None else [plain(tools, depth=16)]  # other tools: another prompt
+    return digest(chat_digest(_as_chat(chat)), plain(own), *(plain(a) for a in args), *extra)
 
 
 def _done_row(name: str, result: Path, request: str) -> dict[str, Any] | None:

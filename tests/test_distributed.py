@@ -154,6 +154,44 @@ def test_gen_args_reach_only_the_chats_without_an_answer(tmp_path):
     assert len(asked.output_tokens) <= 4  # its answer generated with the gen_args given
 
 
+def _tool_model():
+    import copy
+
+    from conftest import TOOL_TEMPLATE
+
+    from captum_mllm import HFCausalLMAdapter
+
+    model = tiny_hf_adapter()
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    return HFCausalLMAdapter(model.model, tokenizer)
+
+
+def test_a_chats_own_tools_reach_the_template(tmp_path):
+    """A row of an agents' data set holds its tools beside its messages, as an
+    OpenAI request does; they went unread (no tool definitions in the prompt)."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    row = {"messages": CHATS[0].to_messages(), "tools": tools}
+    run = functools.partial(
+        explain_dataset, {"row": row}, _tool_model, ExactShapleyValues, {}, {},
+        store_dir=tmp_path, use_ray=False, show_progress=False,
+    )  # fmt: skip
+    run()
+    saved = MultimodalLLMAttributionResult.load(tmp_path / "row" / RESULT)
+    assert saved.provenance["input_settings"]["chat_template_kwargs"] == {"tools": tools}
+    model = _tool_model()
+    model.chat_template_kwargs = {"tools": tools}
+    alone = MultimodalLLMAttribution(ExactShapleyValues(model), model).attribute(
+        ChatInput(CHATS[0], model)
+    )
+    assert alone.response_text == saved.response_text
+    torch.testing.assert_close(torch.as_tensor(saved.seq_attr), alone.seq_attr)
+    assert run()["skipped"].all()  # the same request
+    row["tools"] = [*tools, {"type": "function", "function": {"name": "time"}}]
+    with pytest.raises(StoreMismatchError):  # other tools: another prompt, not its store
+        run()
+
+
 def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
     """A saved result is skipped only for the same chat, arguments and
     factories; otherwise the chat is explained again, from its store where the
