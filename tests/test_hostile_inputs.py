@@ -290,6 +290,13 @@ def test_control_tokens_in_text_are_refused_by_name(text: str) -> None:
         ChatInput(Chat().user(f"Please read {text} aloud"), lfm())
     with pytest.raises(InvalidContentError, match="control token"):  # in the answer explained
         ChatInput(Chat().user("Please read this aloud").assistant(f"Sure: {text}"), _HF)
+    # In what the template renders of a message's other keys: a call's arguments,
+    # the answer's reasoning
+    call = {"type": "function", "function": {"name": "say", "arguments": {"text": text}}}
+    with pytest.raises(InvalidContentError, match="control token"):
+        ChatInput(Chat().user("Please read this").assistant(tool_calls=[call]).tool("Done."), _HF)
+    with pytest.raises(InvalidContentError, match="control token"):
+        ChatInput(Chat().user("Please read this").assistant("Yes.", reasoning_content=text), _HF)
 
 
 def test_partly_nan_audio_is_refused_not_zeroed() -> None:

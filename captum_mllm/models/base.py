@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -147,12 +148,15 @@ class ModelAdapter(nn.Module, ABC):
             turns (Chat or list of Turn): the turns to check.
 
         Raises:
-            InvalidContentError: a text part contains a control token.
+            InvalidContentError: a text part, or a message key's value (a tool
+                call's arguments), contains a control token.
         """
         controls = self._control_tokens
         for turn in turns:
-            for part in turn.parts:
-                found = [c for c in controls if c in getattr(part, "text", "")]
+            # A tool call's arguments and a reasoning are rendered as text too.
+            extra = json.dumps(getattr(turn, "extra", {}), default=str, ensure_ascii=False)
+            for text in [getattr(part, "text", "") for part in turn.parts] + [extra]:
+                found = [c for c in controls if c in text]
                 if found:
                     raise InvalidContentError(
                         f"the {turn.role} turn's text contains the model's control token "
