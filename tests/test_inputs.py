@@ -430,6 +430,26 @@ def test_tool_outputs_are_turns_and_tool_calls_reach_the_template(model):
         [{"role": "user", "content": "Hi"}]))  # fmt: skip
 
 
+def test_a_processor_is_read_through_its_tokenizer_and_its_chat_template(model):
+    """A multimodal checkpoint's AutoProcessor holds the tokenizer, and the
+    chat template the checkpoint ships; given one, the adapter asked it for a
+    fast tokenizer and refused."""
+    from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    from captum_mllm import HFCausalLMAdapter
+
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    processor = Qwen2AudioProcessor(
+        feature_extractor=WhisperFeatureExtractor(), tokenizer=model.tokenizer,
+        chat_template=template,
+    )  # fmt: skip
+    own = model.tokenizer.chat_template
+    inp = ChatInput(Chat().user("Who are you?"), HFCausalLMAdapter(model.model, processor))
+    assert model.tokenizer.decode(inp.encoded.input_ids) == "[user] Who are you?\n[assistant] "
+    assert inp.values == ["Who", "are", "you"]
+    assert model.tokenizer.chat_template == own  # the shared tokenizer keeps its own
+
+
 def test_a_template_that_writes_todays_date_warns_until_it_is_pinned(model, chat):
     """Llama 3.1-3.3's templates write the day's date into the system turn:
     the same chat gave other values, and its store was refused, the next day."""

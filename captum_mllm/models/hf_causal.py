@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -54,7 +55,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     Args:
         model (nn.Module): the language model.
-        tokenizer: its Hugging Face tokenizer (a fast one, for offsets).
+        tokenizer: its Hugging Face tokenizer (a fast one, for offsets), or
+            its processor (``AutoProcessor``'s, e.g. Gemma 3's): its tokenizer
+            is read, with the processor's chat template where it has one.
         chat_template_kwargs (dict, optional): passed to every
             ``tokenizer.apply_chat_template`` call, as transformers takes them
             (e.g. ``{"enable_thinking": False}`` for Qwen3). Default: None
@@ -76,7 +79,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     ) -> None:
         super().__init__()
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizer = _text_tokenizer(tokenizer)
         self.chat_template_kwargs = chat_template_kwargs  # checked by the setter
         # A wrapper (PEFT's PeftModel) hands its keywords on to the model it
         # wraps: that model's forward says which it reads.
@@ -847,6 +850,20 @@ def _locate_contents(
     for k in range(len(messages)):  # an empty content: where the one before it ends
         out.setdefault(k, (out[k - 1][1], out[k - 1][1], 0) if k else (0, 0, 0))
     return [out[k] for k in range(len(messages))]
+
+
+def _text_tokenizer(tokenizer: Any) -> Any:
+    """A processor's tokenizer (a multimodal checkpoint's ``AutoProcessor``),
+    with the processor's chat template, which holds the checkpoint's own;
+    a tokenizer as it is."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is None or not callable(getattr(inner, "apply_chat_template", None)):
+        return tokenizer
+    template = getattr(tokenizer, "chat_template", None)
+    if template and template != getattr(inner, "chat_template", None):
+        inner = copy.copy(inner)  # the processor's own tokenizer keeps its template
+        inner.chat_template = template
+    return inner
 
 
 def _pad_id(tokenizer: Any) -> int:
