@@ -226,8 +226,6 @@ class Chat(Sequence[Turn]):
                 )
             texts = [text] if isinstance(text, str) else list(text)
             parts += [TextPart(t) for t in texts]
-        if not parts and not extra.get("tool_calls"):
-            raise EmptyChatError(f"the {role} turn has no content; give it text= or audio=")
         return Chat((*self._turns, Turn(role, tuple(parts), extra)))
 
     def system(self, text: str | Sequence[str] | None = None, **kwargs: Any) -> Chat:
@@ -316,7 +314,8 @@ class Chat(Sequence[Turn]):
                 raise InvalidContentError("each message must be a dict with 'role' and 'content'")
             extra = {str(key): v for key, v in message.items() if key not in ("role", "content")}
             content = message.get("content")
-            if content in (None, "", []) and extra.get("tool_calls"):  # a call alone
+            empty = content is None or (isinstance(content, str | list) and not content)
+            if empty and extra.get("tool_calls"):  # a call alone
                 turns.append(Turn(message["role"], (), extra))
                 continue
             if isinstance(content, str):
