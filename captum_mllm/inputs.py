@@ -11,6 +11,7 @@ import bisect
 import difflib
 import json
 import re
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -377,7 +378,9 @@ class ChatInput(InterpretableInput):
             return self
         # The prompt turns with their own (already checked, encoded) parts.
         whole = Chat([*self.prompt, *Chat().assistant(answer)])
-        other = ChatInput(whole, self.model, **self._arguments)
+        with warnings.catch_warnings():  # this chat's warnings were given when it was built
+            warnings.simplefilter("ignore")
+            other = ChatInput(whole, self.model, **self._arguments)
         same = torch.equal(other.encoded.input_ids, self.encoded.input_ids)
         return self if same else other
 

@@ -694,6 +694,13 @@ def test_a_final_assistant_turn_is_the_default_target(model, chat, thinking):
         gradients.attribute(ChatInput(chat.assistant(TARGET), model)).seq_attr,
         gradients.attribute(inp, target=TARGET).seq_attr,
     )
+    if thinking:  # gpt-oss's template writes the date too: its warning came twice
+        tokenizer.chat_template = "{{ strftime_now('%Y') }}" + THINKING_TEMPLATE
+        with pytest.warns(UserWarning, match="today's date"):
+            dated = ChatInput(chat, model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert dated.answered(TARGET) is not dated
 
 
 def test_a_peft_model_is_explained_as_its_merged_model(model, chat):
