@@ -113,8 +113,9 @@ class PrefixCache:
 
     def expand(self, batch_size: int) -> Any:
         """A fresh copy for ``batch_size`` rows (the model appends to the cache it
-        is given). transformers' ``batch_repeat_interleave`` does not know the
-        convolution-state layers of hybrid models: those are repeated here."""
+        is given). transformers' ``batch_repeat_interleave`` repeats keys and values
+        only: the convolution and recurrent states of hybrid models' layers are
+        repeated here."""
         if getattr(self.cache, "layers", None) is None:
             cache = copy.deepcopy(self.cache)
             cache.batch_repeat_interleave(batch_size)
@@ -125,10 +126,11 @@ class PrefixCache:
         cache = copy.copy(self.cache)
         cache.layers = layers = [_fresh_containers(layer) for layer in self.cache.layers]
         for layer in layers:
-            if hasattr(layer, "batch_repeat_interleave"):
+            if hasattr(layer, "batch_repeat_interleave"):  # keys and values only
                 layer.batch_repeat_interleave(batch_size)
-                continue
-            for states in (layer.conv_states, getattr(layer, "recurrent_states", {})):
+            # a hybrid layer (Falcon-H1's) holds both: its states are repeated too
+            for name in ("conv_states", "recurrent_states"):
+                states = getattr(layer, name, {})
                 for i, state in states.items():
                     if state is not None:
                         states[i] = state.repeat_interleave(batch_size, dim=0)
@@ -281,6 +283,10 @@ class DecoderLMAdapter(ModelAdapter):
     #: in groups of equal length (left padding shifts the sums). None: on the
     #: CPU only.
     deterministic: bool | None = None
+
+    #: Whether the model continues a prefix's cache as a whole forward does
+    #: (probed on the first prefill); None: not probed yet.
+    _continues_cache: bool | None = None
 
     #: Whether the model reads shared prefix positions right (probed on the
     #: first prefill; see :attr:`PrefixCache.shared`). None: not probed yet.

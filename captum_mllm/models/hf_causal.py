@@ -450,6 +450,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         if not self.is_causal or start == 0:
             return None
         ids = masked.encoded.input_ids
+        if self._continues_cache is None:
+            self._continues_cache = self._probe_continuation(ids[: start + 8], start)
+        if not self._continues_cache:
+            return None
         span = min(len(ids) - 1 - start, self.hidden_size // 4)
         if span < 2 or self._shares_leads is False or not self._is_hf:
             span = 0
@@ -466,6 +470,32 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             if not self._shares_leads:
                 return self.prefill(masked)
         return prefix
+
+    def _probe_continuation(self, ids: Tensor, start: int) -> bool:
+        """Whether the model continues a prefix's cache as one forward of the
+        whole prompt would: the prompt after ``start`` pushed onto the cache of
+        the first ``start`` tokens must give the whole forward's logits. Pure
+        state-space models (Mamba) refuse the cache's longer mask, and some
+        hybrids (Jamba) restart their recurrent state on a multi-token input:
+        their coalitions are scored without prefix reuse. Probed once per
+        adapter."""
+        ids = ids.to(self.device)[None]
+        try:
+            with torch.inference_mode():
+                whole = self.model(input_ids=ids, use_cache=False).logits[0, start:]
+                out = self.model(input_ids=ids[:, :start], use_cache=True)
+                cache = getattr(out, self._cache_kwarg, None)
+                if not PrefixCache.expandable(cache):
+                    return False
+                rest = self.model(
+                    input_ids=ids[:, start:],
+                    attention_mask=torch.ones_like(ids),
+                    use_cache=True,
+                    **{self._cache_kwarg: PrefixCache(start, cache, out.logits[0, -1]).expand(1)},
+                ).logits[0]
+        except (TypeError, ValueError, RuntimeError):
+            return False
+        return same_outputs(rest, whole)
 
     def _probe_sharing(self, prefix: PrefixCache, ids: Tensor, logits: Tensor) -> bool:
         """Whether this model reads shared positions as :meth:`_score_rows`

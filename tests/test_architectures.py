@@ -1,0 +1,105 @@
+"""The Hugging Face adapter on the decoder families users load: attention
+variants (sliding windows, ALiBi, learned and offset positions, logit
+softcapping, mixtures of experts), pure state-space models and hybrids of the
+two. Each tiny random model passes ``check_adapter``: batched, packed and
+per-step scoring, prefix reuse and generation all give one coalition's values."""
+
+import pytest
+import torch
+import transformers
+
+from captum_mllm import Chat, HFCausalLMAdapter
+from captum_mllm.testing import check_adapter, tiny_tokenizer
+
+CHAT = Chat().system("You are a helpful assistant.").user("Who are you, my friend?")
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}
+SSM2 = {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 16}
+
+# name: (config keywords, whether prefix reuse is kept). A model whose cached
+# continuation differs from its whole forward is scored without prefix reuse:
+# Mamba refuses the cache's longer mask, Jamba and Bamba restart their
+# recurrent state on a multi-token input.
+ARCHITECTURES = {
+    "Qwen3": ({**SMALL, **HEADS, "head_dim": 16}, True),
+    "Mistral": ({**SMALL, **HEADS, "sliding_window": 8}, True),
+    "Gemma2": ({**SMALL, **HEADS, "head_dim": 16, "sliding_window": 8}, True),
+    "Gemma3Text": ({**SMALL, **HEADS, "head_dim": 16, "sliding_window": 8}, True),
+    "GPT2": ({"n_embd": 64, "n_layer": 2, "n_head": 4}, True),
+    "OPT": ({**SMALL, "num_attention_heads": 4, "ffn_dim": 128, "word_embed_proj_dim": 64}, True),
+    "Bloom": ({"hidden_size": 64, "n_layer": 2, "n_head": 4}, True),
+    "Phi3": ({**SMALL, **HEADS, "pad_token_id": 0}, True),
+    "Qwen3Moe": (
+        {
+            **SMALL,
+            **HEADS,
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+        },
+        True,
+    ),
+    "Lfm2": ({**SMALL, **HEADS}, True),
+    "Mamba": ({"hidden_size": 64, "num_hidden_layers": 2}, False),
+    "Mamba2": (
+        {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_heads": 8,
+            "head_dim": 16,
+            "n_groups": 1,
+            "state_size": 16,
+        },
+        True,
+    ),
+    "Jamba": (
+        {
+            **SMALL,
+            **HEADS,
+            "num_experts": 2,
+            "attn_layer_period": 2,
+            "attn_layer_offset": 1,
+            "expert_layer_period": 2,
+            "expert_layer_offset": 1,
+            "mamba_d_state": 8,
+        },
+        False,
+    ),
+    "Bamba": ({**SMALL, **HEADS, **SSM2, "attn_layer_indices": [1]}, False),
+    "FalconH1": ({**SMALL, **HEADS, **SSM2, "mamba_d_ssm": 128}, True),
+    "Qwen3Next": (
+        {
+            **SMALL,
+            **HEADS,
+            "head_dim": 16,
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_value_heads": 4,
+            "linear_num_key_heads": 2,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "num_experts": 2,
+            "num_experts_per_tok": 1,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+        },
+        True,
+    ),
+}
+
+
+def tiny(name: str, **config: object) -> torch.nn.Module:
+    config_class = getattr(transformers, f"{name}Config")
+    model_class = getattr(transformers, f"{name.removesuffix('Text')}ForCausalLM", None)
+    model_class = model_class or getattr(transformers, f"{name}LMHeadModel")
+    torch.manual_seed(0)
+    vocab = len(tiny_tokenizer())
+    return model_class(config_class(vocab_size=vocab, initializer_range=0.2, **config)).eval()
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_each_decoder_family_keeps_the_adapter_contract(name):
+    config, reuses = ARCHITECTURES[name]
+    ran = check_adapter(HFCausalLMAdapter(tiny(name, **config), tiny_tokenizer()), CHAT)
+    assert {"batched scoring", "per-step scoring", "batched generation"} <= set(ran)
+    assert ("prefix reuse" in ran) == reuses
