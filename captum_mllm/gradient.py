@@ -321,8 +321,11 @@ class AttentionAttribution:
         adapter (ModelAdapter): a Hugging Face causal LM adapter (the model must
             support ``output_attentions``).
         aggregate (str, optional): ``"mean"``, ``"max"`` or ``"rollout"``. Default: ``"mean"``
-        layers (list of int, optional): the layers to use, each once; rollout
-            takes them bottom up, in whatever order they are given. Default: all
+        layers (list of int, optional): the layers to use, each once, counted
+            among those with attention weights (a hybrid model's state-space
+            or convolution layers have none, and are not seen: it warns);
+            rollout takes them bottom up, in whatever order they are given.
+            Default: all
         heads (list of int, optional): the heads to use, each once. Default: all
 
     Examples::
@@ -360,7 +363,27 @@ class AttentionAttribution:
         finally:
             model.set_attn_implementation(before)
         self.adapter.n_forward_calls += 1
-        return torch.stack([a[0] for a in out.attentions]).float()
+        maps = [a[0] for a in getattr(out, "attentions", None) or () if a is not None]
+        name = type(model).__name__
+        if not maps:  # a state-space model (Mamba) mixes positions without attention
+            raise InvalidModelError(
+                f"{name} returns no attention weights: explain it with a perturbation "
+                "method (MultimodalLLMAttribution) or gradients"
+            )
+        config = getattr(model, "config", None)
+        n_layers = getattr(config, "num_hidden_layers", None) or len(maps)
+        other = {  # linear attention is a recurrence (Gated DeltaNet, Mamba 2)
+            kind
+            for kind in getattr(config, "layer_types", None) or ()
+            if not kind.endswith("attention") or kind == "linear_attention"
+        }
+        if len(maps) < n_layers or other:
+            warn_caller(
+                f"{name}'s {', '.join(sorted(other)) or 'other'} layers mix positions "
+                f"without attention weights (those come from {len(maps)} of its "
+                f"{n_layers} layers): attention attributions do not see that mixing"
+            )
+        return torch.stack(maps).float()
 
     @in_eval_mode
     def attribute(

@@ -4,11 +4,14 @@ softcapping, mixtures of experts), pure state-space models and hybrids of the
 two. Each tiny random model passes ``check_adapter``: batched, packed and
 per-step scoring, prefix reuse and generation all give one coalition's values."""
 
+import warnings
+
 import pytest
 import torch
 import transformers
 
-from captum_mllm import Chat, HFCausalLMAdapter
+from captum_mllm import AttentionAttribution, Chat, ChatInput, HFCausalLMAdapter
+from captum_mllm.errors import InvalidModelError
 from captum_mllm.testing import check_adapter, tiny_tokenizer
 
 CHAT = Chat().system("You are a helpful assistant.").user("Who are you, my friend?")
@@ -103,3 +106,18 @@ def test_each_decoder_family_keeps_the_adapter_contract(name):
     ran = check_adapter(HFCausalLMAdapter(tiny(name, **config), tiny_tokenizer()), CHAT)
     assert {"batched scoring", "per-step scoring", "batched generation"} <= set(ran)
     assert ("prefix reuse" in ran) == reuses
+
+
+def test_attention_attributions_name_what_a_state_space_model_mixes_unseen():
+    for name in ("Jamba", "Qwen3Next"):  # one attention layer, one recurrent
+        model = HFCausalLMAdapter(tiny(name, **ARCHITECTURES[name][0]), tiny_tokenizer())
+        with pytest.warns(UserWarning, match="linear_attention layers mix positions"):
+            res = AttentionAttribution(model).attribute(ChatInput(CHAT, model), target=" yes")
+        assert res.token_attr.shape[1] == 5
+    mamba = HFCausalLMAdapter(tiny("Mamba", **ARCHITECTURES["Mamba"][0]), tiny_tokenizer())
+    with pytest.raises(InvalidModelError, match="MambaForCausalLM returns no attention"):
+        AttentionAttribution(mamba).attribute(ChatInput(CHAT, mamba), target=" yes")
+    gemma = HFCausalLMAdapter(tiny("Gemma2", **ARCHITECTURES["Gemma2"][0]), tiny_tokenizer())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sliding-window attention is attention
+        AttentionAttribution(gemma).attribute(ChatInput(CHAT, gemma), target=" yes")
