@@ -367,6 +367,36 @@ def test_a_template_that_moves_the_system_prompt_keeps_each_word_in_its_turn(mod
         ChatInput(Chat().user("Hi there"), HFCausalLMAdapter(model.model, tokenizer))
 
 
+def test_an_earlier_answer_whose_reasoning_the_template_drops_is_read_as_rendered(model):
+    """Qwen3's template drops an earlier answer's <think> block: a multi-turn
+    chat whose history holds a generated answer raised "changed the text of
+    turn 1", whatever its features. What the model reads is explained."""
+    from captum_mllm import HFCausalLMAdapter
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' and '</think>' in m.content %}"
+        "{{ m.content.split('</think>')[-1].lstrip('\\n') }}{% else %}{{ m.content }}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    qwen3 = HFCausalLMAdapter(model.model, tokenizer)
+    said = "<think>\nThe user asks about France.\n</think>\n\nParis is."
+    chat = Chat().user("Capital of France?").assistant(said).user("And of Spain?")
+    with pytest.warns(UserWarning, match="rewrites turn 1: '<think>.*' is read as 'Paris is.'"):
+        inp = ChatInput(chat, qwen3, roles=("user", "assistant"))
+    texts = ["Capital of France?", said, "And of Spain?"]
+    messages = [{"role": t.role, "content": c} for t, c in zip(chat, texts, strict=True)]
+    want = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert inp.encoded.input_ids.tolist() == list(want["input_ids"])
+    words = [(f.label, f.turn) for f in inp.features]
+    assert words == [("Capital", 0), ("of", 0), ("France", 0), ("Paris", 1), ("is", 1),
+                     ("And", 2), ("of", 2), ("Spain", 2)]  # fmt: skip
+    for f in inp.features:  # each feature's positions spell its word, in its turn
+        assert tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
+        assert {int(inp.encoded.turn[p]) for p in f.positions} == {f.turn}
+
+
 def test_tool_outputs_are_turns_and_tool_calls_reach_the_template(model):
     """An agent's chat: the model called a tool and read its output. The tool
     role raised, and tool_calls vanished (the template rendered no call)."""

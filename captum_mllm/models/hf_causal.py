@@ -263,6 +263,18 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         part_texts: dict[tuple[int, int], str] = {}
         for ti, turn in enumerate(chat):
             c_start, c_end, trimmed = located[ti]
+            if trimmed == REWRITTEN:  # what the model reads is what is explained
+                read = rendered[c_start:c_end]
+                warn_caller(
+                    f"the chat template rewrites turn {ti}: {contents[ti][:40]!r} is read as "
+                    f"{read[:40]!r} (Qwen3's drops an earlier answer's <think> block); its "
+                    "features are the words read"
+                    + (", its parts read as one" if len(turn.parts) > 1 else "")
+                )
+                part_texts.update({(ti, pi): "" for pi in range(len(turn.parts))})
+                part_texts[(ti, 0)] = read
+                spans.append((ti, 0, c_start, c_end))
+                continue
             offset = c_start - trimmed  # where the untrimmed content would start
             cursor = 0
             for pi, part in enumerate(turn.parts):
@@ -821,6 +833,9 @@ class _SeededSampling:
 
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: never in a template
 
+#: :func:`_locate_contents`' mark of a content the template rewrote.
+REWRITTEN = -1
+
 
 def _locate_contents(
     render: Callable[[list[dict[str, Any]], bool], str],
@@ -874,9 +889,20 @@ def _locate_contents(
                 cursor = after
                 break
         else:
-            raise ChatTemplateError(
-                f"the chat template changed the text of turn {k}; cannot locate {content[:40]!r}"
-            )
+            # Rewritten (Qwen3's template drops an earlier answer's <think> block):
+            # the turn's text is what the template renders up to its next text.
+            after_text = pieces[j + 1]
+            if j + 1 == len(order):
+                end = len(rendered) - len(after_text) if rendered.endswith(after_text) else -1
+            else:  # the first of the template text that follows (never in a content)
+                end = rendered.find(after_text, cursor) if after_text else -1
+            if end < cursor:
+                raise ChatTemplateError(
+                    f"the chat template changed the text of turn {k}; cannot locate "
+                    f"{content[:40]!r}"
+                )
+            out[k] = (cursor, end, REWRITTEN)
+            cursor = end
     for k in range(len(messages)):  # an empty content: where the one before it ends
         out.setdefault(k, (out[k - 1][1], out[k - 1][1], 0) if k else (0, 0, 0))
     return [out[k] for k in range(len(messages))]
