@@ -735,6 +735,7 @@ def resolve_response(
                     "function (EmbeddingSimilarity(temperature=...))"
                 )
             args["do_sample"] = False  # the explained answer is the greedy one
+            _check_positions(adapter, len(inp.encoded), int(args.get("max_new_tokens") or 0))
             response = adapter.generate_masked(inp.to_model_input(), **args)[0]
             if not keep_eos:  # the call's own end token too, which ended it as the model's would
                 response = adapter.strip_response(response, args.get("eos_token_id"))
@@ -767,6 +768,8 @@ def resolve_response(
         )
     if len(response) == 0:
         raise TargetError("the target response is empty; give a non-empty target")
+    if isinstance(inp, ChatInput):
+        _check_positions(adapter, len(inp.encoded), len(response))
     limit = adapter.max_positions
     if (
         isinstance(inp, ChatInput)
@@ -779,6 +782,19 @@ def resolve_response(
             "there, and the attributions of them, may mean little"
         )
     return response, calls
+
+
+def _check_positions(adapter: ModelAdapter, n_prompt: int, n_answer: int) -> None:
+    """Refuse a chat and answer longer than a learned position table (past it,
+    GPT-2's forward raised a bare IndexError)."""
+    table = adapter.position_table
+    if table is not None and n_prompt + n_answer > table:
+        model = type(getattr(adapter, "model", adapter)).__name__
+        raise UnsupportedInputError(
+            f"the chat ({n_prompt} positions) and its answer (up to {n_answer}) take more "
+            f"than the {table} positions {model} has learned, and it reads none past them: "
+            "shorten the chat, or the answer (max_new_tokens in gen_args)"
+        )
 
 
 def _same_response(adapter: ModelAdapter, target: str | Tensor, answer: str) -> bool:

@@ -9,9 +9,16 @@ import warnings
 import pytest
 import torch
 import transformers
+from captum.attr import FeatureAblation
 
-from captum_mllm import AttentionAttribution, Chat, ChatInput, HFCausalLMAdapter
-from captum_mllm.errors import InvalidModelError
+from captum_mllm import (
+    AttentionAttribution,
+    Chat,
+    ChatInput,
+    HFCausalLMAdapter,
+    MultimodalLLMAttribution,
+)
+from captum_mllm.errors import InvalidModelError, UnsupportedInputError
 from captum_mllm.testing import check_adapter, tiny_tokenizer
 
 CHAT = Chat().system("You are a helpful assistant.").user("Who are you, my friend?")
@@ -121,3 +128,21 @@ def test_attention_attributions_name_what_a_state_space_model_mixes_unseen():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # sliding-window attention is attention
         AttentionAttribution(gemma).attribute(ChatInput(CHAT, gemma), target=" yes")
+
+
+def test_a_chat_past_a_learned_position_table_is_refused_by_name():
+    """GPT-2 reads no position past its table: a longer chat raised a bare
+    IndexError from inside its forward."""
+    table = tiny("GPT2", n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    gpt2 = HFCausalLMAdapter(table, tiny_tokenizer())
+    long = ChatInput(Chat().user(" ".join(["the quick brown fox jumps"] * 12)), gpt2)
+    attr = MultimodalLLMAttribution(FeatureAblation(gpt2), gpt2)
+    for target, gen_args in ((" yes", None), (None, {"max_new_tokens": 4})):
+        with pytest.raises(UnsupportedInputError, match="64 positions GPT2LMHeadModel has"):
+            attr.attribute(long, target=target, gen_args=gen_args)
+    short = ChatInput(Chat().user("the quick brown fox jumps"), gpt2)
+    assert attr.attribute(short, target=" yes").seq_attr.shape == (5,)
+    opt = HFCausalLMAdapter(tiny("OPT", **ARCHITECTURES["OPT"][0]), tiny_tokenizer())
+    assert opt.position_table == opt.model.config.max_position_embeddings  # less its offset
+    rotary = HFCausalLMAdapter(tiny("Qwen3", **ARCHITECTURES["Qwen3"][0]), tiny_tokenizer())
+    assert rotary.position_table is None

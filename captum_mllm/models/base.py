@@ -39,6 +39,10 @@ def in_eval_mode[Method: Callable[..., Any]](method: Method) -> Method:
     return run  # type: ignore[return-value]
 
 
+#: Names Hugging Face models give a learned absolute position table.
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
 @dataclass(frozen=True, eq=False)
 class Response:
     """What a model said (or is asked to have said), in the adapter's own layout.
@@ -201,6 +205,29 @@ class ModelAdapter(nn.Module, ABC):
         config = text_config() if callable(text_config) else config
         limit = getattr(config, "max_position_embeddings", None)
         return int(limit) if isinstance(limit, int) else None
+
+    @functools.cached_property
+    def position_table(self) -> int | None:
+        """Rows of the model's learned absolute position table (GPT-2's ``wpe``,
+        OPT's ``embed_positions``, less its offset): it reads no position past
+        them. None for relative positions (rotary, ALiBi), which run on."""
+        model = getattr(self, "model", None)
+        embeddings = getattr(model, "get_input_embeddings", None)
+        if not isinstance(model, nn.Module) or not callable(embeddings):
+            return None
+        tokens = embeddings()
+        # The table beside the token embeddings: an audio or vision tower's is not the text's.
+        for name, module in model.named_modules():
+            if module is tokens:
+                owner = model.get_submodule(name.rpartition(".")[0])
+                break
+        else:
+            return None
+        for name in _POSITION_TABLES:
+            table = getattr(owner, name, None)
+            if isinstance(table, nn.Embedding):
+                return table.num_embeddings - int(getattr(table, "offset", 0))
+        return None
 
     @property
     def sampling_defaults(self) -> dict[str, Any]:
