@@ -146,3 +146,13 @@ def test_a_chat_past_a_learned_position_table_is_refused_by_name():
     assert opt.position_table == opt.model.config.max_position_embeddings  # less its offset
     rotary = HFCausalLMAdapter(tiny("Qwen3", **ARCHITECTURES["Qwen3"][0]), tiny_tokenizer())
     assert rotary.position_table is None
+
+
+@pytest.mark.parametrize("name", ["Qwen3", "Jamba"])
+def test_check_adapter_holds_a_bfloat16_model_to_its_rounding(name):
+    """A bfloat16 model's prefix-reused scores differ by its rounding (3e-2):
+    check_adapter failed it at float32's 1e-4. Jamba's restarted state is still
+    caught by the probe, not reused."""
+    config, reuses = ARCHITECTURES[name]
+    model = HFCausalLMAdapter(tiny(name, **config).to(torch.bfloat16), tiny_tokenizer())
+    assert ("prefix reuse" in check_adapter(model, CHAT)) == reuses
