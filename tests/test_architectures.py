@@ -156,3 +156,24 @@ def test_check_adapter_holds_a_bfloat16_model_to_its_rounding(name):
     config, reuses = ARCHITECTURES[name]
     model = HFCausalLMAdapter(tiny(name, **config).to(torch.bfloat16), tiny_tokenizer())
     assert ("prefix reuse" in check_adapter(model, CHAT)) == reuses
+
+
+def test_a_vision_language_model_explains_text_chats_and_an_encoder_decoder_is_refused():
+    """Gemma 3 (4B and up) loads as an image-text model: its text path keeps the
+    contract. T5 used to fail inside generation ("decoder_start_token_id")."""
+    vocab = len(tiny_tokenizer())
+    text = {**SMALL, **HEADS, "head_dim": 16, "vocab_size": vocab, "initializer_range": 0.2}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 28, "patch_size": 14}  # fmt: skip
+    torch.manual_seed(0)
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4,
+        image_token_index=vocab - 1, boi_token_index=vocab - 2, eoi_token_index=vocab - 3,
+    )  # fmt: skip
+    gemma3 = transformers.Gemma3ForConditionalGeneration(config).eval()
+    assert "prefix reuse" in check_adapter(HFCausalLMAdapter(gemma3, tiny_tokenizer()), CHAT)
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=vocab, d_model=64, d_ff=128, num_layers=2, num_heads=4)
+    )
+    with pytest.raises(InvalidModelError, match="T5ForConditionalGeneration is an encoder-dec"):
+        HFCausalLMAdapter(t5, tiny_tokenizer())

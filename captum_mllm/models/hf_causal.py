@@ -78,6 +78,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self, model: nn.Module, tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None
     ) -> None:
         super().__init__()
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise InvalidModelError(  # its forward needs decoder inputs; generation raised
+                f"{type(model).__name__} is an encoder-decoder model; HFCausalLMAdapter "
+                "explains decoder-only chat models (AutoModelForCausalLM)"
+            )
         self.model = model
         self.tokenizer = _text_tokenizer(tokenizer)
         self.chat_template_kwargs = chat_template_kwargs  # checked by the setter
@@ -174,10 +179,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     @property
     def is_causal(self) -> bool:
-        """A transformers decoder (not encoder-decoder); other modules are not
-        assumed causal (Captum's toy models are bidirectional)."""
-        config = getattr(self.model, "config", None)
-        return self._is_hf and not getattr(config, "is_encoder_decoder", False)
+        """A transformers decoder (encoder-decoders are refused); other modules
+        are not assumed causal (Captum's toy models are bidirectional)."""
+        return self._is_hf
 
     # Captum's BaseLLMAttribution calls the wrapped module's forward and generate.
     @without_cudnn_attention
