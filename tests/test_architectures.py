@@ -177,3 +177,22 @@ def test_a_vision_language_model_explains_text_chats_and_an_encoder_decoder_is_r
     )
     with pytest.raises(InvalidModelError, match="T5ForConditionalGeneration is an encoder-dec"):
         HFCausalLMAdapter(t5, tiny_tokenizer())
+
+
+def test_from_pretrained_loads_a_vision_language_model_without_a_causal_lm_class(tmp_path):
+    """Qwen2-VL, Qwen2.5-VL and Llava have no AutoModelForCausalLM class:
+    from_pretrained raised "Unrecognized configuration class"."""
+    vocab = len(tiny_tokenizer())
+    text = {**SMALL, **HEADS, "vocab_size": vocab, "initializer_range": 0.2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}  # fmt: skip
+    vision = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}
+    config = transformers.Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=vocab - 1,
+        video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model = HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu")
+    assert type(model.model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert "batched scoring" in check_adapter(model, CHAT)

@@ -124,7 +124,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             gguf_file (str, optional): name of a GGUF file inside ``name_or_path``;
                 transformers dequantises it (needs the ``gguf`` package). Default: None
             chat_template_kwargs (dict, optional): see the class. Default: None
-            **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``; where the
+            **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (or
+                ``AutoModelForImageTextToText``'s, for a vision-language model
+                that has no causal-LM class: Qwen2.5-VL, Llava); where the
                 files come from (``revision``, ``token``, ``cache_dir``,
                 ``local_files_only``, ``force_download``, ``proxies``) to
                 ``AutoTokenizer.from_pretrained`` too. ``torch_dtype``, dtype's old
@@ -139,7 +141,14 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             >>> model = HFCausalLMAdapter.from_pretrained(
             ...     "path/to/folder", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import (
+            MODEL_FOR_CAUSAL_LM_MAPPING,
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+            AutoTokenizer,
+        )
 
         common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if gguf_file is not None:
@@ -158,7 +167,14 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         where = resolve_device(device)
         if dtype is None:
             dtype = torch.float32 if where.type == "cpu" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **common, **kwargs)
+        config = type(AutoConfig.from_pretrained(name_or_path, **common))
+        auto: Any = AutoModelForCausalLM
+        # A vision-language chat model (Qwen2.5-VL, Llava) has no causal-LM class:
+        # its image-text one reads text chats. AutoModelForCausalLM refused it.
+        if config not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            if config in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+                auto = AutoModelForImageTextToText
+        model = auto.from_pretrained(name_or_path, dtype=dtype, **common, **kwargs)
         if not dispatched:  # accelerate placed a dispatched model's layers (device_map="auto")
             model.to(where)  # type: ignore[arg-type]
         return cls(model.eval(), tokenizer, chat_template_kwargs)
