@@ -50,7 +50,33 @@ ARCHITECTURES = {
         },
         True,
     ),
-    "Lfm2": ({**SMALL, **HEADS}, True),
+    # Routers that subclass nn.Linear and return tuples (generation pads Linear rows)
+    "Llama4Text": (
+        {
+            **SMALL,
+            **HEADS,
+            "head_dim": 16,
+            "intermediate_size_mlp": 128,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+        },
+        True,
+    ),
+    "Phimoe": ({**SMALL, **HEADS, "num_local_experts": 4, "num_experts_per_tok": 2}, True),
+    "Lfm2": ({**SMALL, **HEADS, "layer_types": ["conv", "full_attention"]}, True),
+    "Lfm2Moe": (
+        {
+            **SMALL,
+            **HEADS,
+            "num_hidden_layers": 3,
+            "layer_types": ["conv", "full_attention", "conv"],
+            "moe_intermediate_size": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "num_dense_layers": 1,
+        },
+        True,
+    ),
     "Mamba": ({"hidden_size": 64, "num_hidden_layers": 2}, False),
     "Mamba2": (
         {

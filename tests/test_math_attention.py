@@ -76,6 +76,17 @@ def test_other_dtypes_get_the_math_kernels_values(dtype):
     assert torch.equal(ma.math_attention_forward(Layer(2), q, k, v, mask)[0], expected)
 
 
+def test_key_heads_are_read_off_the_keys_not_the_layer():
+    """A latent-attention layer (GLM-4 Lite's, Kimi's) hands over keys of every
+    head while its config counts fewer: the layer's groups raised a size error."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 20, 16, generator=gen) for _ in range(3))
+    mask = padded_causal_mask(3, 20, 20, gen)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected, _ = sdpa_attention_forward(Layer(1), q, k, v, mask)
+    assert torch.equal(ma.math_attention_forward(Layer(2), q, k, v, mask)[0], expected)
+
+
 def test_a_row_that_masks_every_key_comes_out_finite():
     """Only padding masks every key; the math kernel gives it zeros, ours a
     finite average: the other rows are the same to the bit."""

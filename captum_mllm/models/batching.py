@@ -132,7 +132,9 @@ def enough_rows(module: nn.Module) -> Iterator[None]:
 
     handles = []
     for layer in module.modules():
-        if isinstance(layer, nn.Linear):
+        # nn.Linear's own product only: a subclass with its own forward (Llama 4's
+        # and PhiMoE's routers return tuples) is left as it is
+        if isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
             handles += [layer.register_forward_pre_hook(pad), layer.register_forward_hook(drop)]
     try:
         yield

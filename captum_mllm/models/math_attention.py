@@ -51,8 +51,8 @@ def math_attention_forward(
     prompts of more than one position (anything else goes to it unchanged).
 
     Args:
-        module (nn.Module): the attention layer (its ``num_key_value_groups``
-            and ``is_causal`` are read, as transformers does).
+        module (nn.Module): the attention layer (its ``is_causal`` is read, as
+            transformers does).
         query, key, value (Tensor): ``(B, H, L, D)``, ``(B, H_kv, S, D)``.
         attention_mask (Tensor or None): boolean (True: attend) or additive,
             broadcastable to ``(B, H, L, S)``; None: causal (or none).
@@ -77,7 +77,9 @@ def math_attention_forward(
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
             )
-    groups = getattr(module, "num_key_value_groups", 1)
+    # Query heads per key/value head, from the shapes: a latent-attention layer
+    # (GLM-4 Lite's, Kimi's) hands over keys of every head, whatever its config says.
+    groups = query.shape[1] // key.shape[1]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = attention_mask
     if mask is None and causal:  # transformers drops keys past the query (empty static cache)
