@@ -398,3 +398,31 @@ def as_chat(chat: Chat | Iterable[Mapping[str, Any]]) -> Chat:
     if not isinstance(chat, Chat):
         chat = Chat.from_messages(chat)
     return chat.validate()
+
+
+#: The keys read from a chat request ``{"messages": [...], ...}``: an OpenAI
+#: request's messages and tools, and vLLM's ``chat_template_kwargs``.
+REQUEST_KEYS = ("messages", "tools", "chat_template_kwargs")
+
+
+def request_template_kwargs(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The chat-template arguments a request holds: its ``chat_template_kwargs``
+    (e.g. ``{"enable_thinking": False}``) and its ``tools``.
+
+    Args:
+        request (Mapping): ``{"messages": [...], "tools": [...], ...}``.
+
+    Returns:
+        dict: for ``tokenizer.apply_chat_template``; empty when it holds none.
+    """
+    given = request.get("chat_template_kwargs") or {}
+    if not isinstance(given, Mapping):
+        raise InvalidContentError(
+            f"a request's chat_template_kwargs must be a mapping, got {type(given).__name__}"
+        )
+    kwargs = dict(given)
+    if request.get("tools") is not None:
+        if "tools" in kwargs:
+            raise InvalidContentError("a request gives tools twice: in tools and in its kwargs")
+        kwargs["tools"] = request["tools"]
+    return kwargs

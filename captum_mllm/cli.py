@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from captum_mllm.audio_units import ALIGNED_UNITS
-from captum_mllm.errors import CaptumMLLMError
+from captum_mllm.chat import REQUEST_KEYS, request_template_kwargs
+from captum_mllm.errors import CaptumMLLMError, warn_caller
 
 DEMO_SYSTEM = "You are a geography expert."
 DEMO_QUESTION = "What is the capital city of Japan?"
@@ -206,14 +207,15 @@ def _explain_command(args: argparse.Namespace) -> None:
     if args.chat is not None:
         if args.user or args.system or args.user_audio:
             raise UsageError("give the chat either as --chat FILE or as --system/--user flags")
-        messages, tools = _read_messages(args.chat)
+        messages, template = _read_messages(args.chat)
         chat = Chat.from_messages(messages)
-        if tools is not None:  # for the chat template, as apply_chat_template(tools=) takes them
-            if "tools" in (args.chat_template_kwargs or {}):
+        if template:  # its tools and chat_template_kwargs, for the chat template
+            twice = sorted(set(template) & set(args.chat_template_kwargs or {}))
+            if twice:
                 raise UsageError(
-                    f"{args.chat} holds tools, and --chat-template-kwargs too: give them once"
+                    f"{args.chat} holds {twice}, and --chat-template-kwargs too: give them once"
                 )
-            args.chat_template_kwargs = {**(args.chat_template_kwargs or {}), "tools": tools}
+            args.chat_template_kwargs = {**(args.chat_template_kwargs or {}), **template}
     else:
         if not args.user and not args.user_audio:
             raise UsageError("no chat: give --chat FILE or at least one --user")
@@ -495,9 +497,10 @@ def _write(res: Any, out: Path, save: bool) -> None:
     print(f"wrote {', '.join(str(out / w) for w in written)}")
 
 
-def _read_messages(path: Path) -> tuple[list[dict[str, Any]], Any]:
+def _read_messages(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A Hugging Face message list from JSON or YAML (audio paths are relative
-    to the file), and the tool definitions an object beside them holds (None)."""
+    to the file), and the chat-template arguments a request holding them adds
+    (its tools and chat_template_kwargs; none for a plain list)."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -513,10 +516,17 @@ def _read_messages(path: Path) -> tuple[list[dict[str, Any]], Any]:
         raise UsageError(
             f"{path} is not valid {path.suffix[1:].upper() or 'JSON'}: {exc}"
         ) from None
-    tools = None
+    template: dict[str, Any] = {}
     if isinstance(messages, dict) and isinstance(messages.get("messages"), list):
-        tools = messages.get("tools")  # an OpenAI request's, which the template renders
-        messages = messages["messages"]  # a data set's row, an OpenAI request: {"messages": [...]}
+        # a data set's row, an OpenAI request: {"messages": [...], "tools": [...], ...}
+        unread = sorted(set(messages) - set(REQUEST_KEYS))
+        if unread:  # an OpenAI request's model, temperature, max_tokens
+            warn_caller(f"{path}'s {unread} are not read (generation settings are flags)")
+        try:
+            template = request_template_kwargs(messages)
+        except CaptumMLLMError as exc:
+            raise UsageError(f"{path}: {exc}") from None
+        messages = messages["messages"]
     if not isinstance(messages, list):
         raise UsageError(f"{path} must hold a list of messages, or an object with one")
     for message in messages:
@@ -526,7 +536,7 @@ def _read_messages(path: Path) -> tuple[list[dict[str, Any]], Any]:
                 value = item.get(key) if isinstance(item, dict) else None
                 if isinstance(value, str) and not Path(value).is_absolute():
                     item[key] = str(path.parent / value)
-    return messages, tools
+    return messages, template
 
 
 def _audio_unit(text: str) -> Any:

@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from captum_mllm.chat import Chat
-from captum_mllm.errors import InvalidOptionError, require_int
+from captum_mllm.chat import REQUEST_KEYS, Chat, request_template_kwargs
+from captum_mllm.errors import InvalidOptionError, require_int, warn_caller
 from captum_mllm.fingerprint import chat_digest, digest, plain
 
 ModelFactory = Callable[[], Any]
@@ -104,19 +104,22 @@ class ChatExplainer:
     @contextlib.contextmanager
     def _input(self, chat: Any) -> Iterator[Any]:
         """The chat's ``ChatInput``; a chat's own tools (``{"tools": [...]}``, as
-        an OpenAI request holds them) reach the chat template meanwhile."""
+        an OpenAI request holds them) and ``chat_template_kwargs`` reach the
+        chat template meanwhile."""
         from captum_mllm.inputs import ChatInput
 
-        tools = chat.get("tools") if isinstance(chat, Mapping) else None
+        own = request_template_kwargs(chat) if isinstance(chat, Mapping) else {}
         before = getattr(self.model, "chat_template_kwargs", None)
-        if tools is not None:
+        if own:
             if before is None:  # they would go unread
-                raise InvalidOptionError("a chat's tools are for a Hugging Face chat template")
-            self.model.chat_template_kwargs = {**before, "tools": tools}
+                raise InvalidOptionError(
+                    f"a chat's {sorted(own)} are for a Hugging Face chat template"
+                )
+            self.model.chat_template_kwargs = {**before, **own}
         try:
             yield ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
         finally:
-            if tools is not None:
+            if own:
                 self.model.chat_template_kwargs = before
 
     def _input_kwargs(self, chat: Any) -> dict[str, Any]:
@@ -160,6 +163,10 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+#: What a chat given as a mapping holds: a request's keys, and its own ChatInput arguments.
+CHAT_KEYS = (*REQUEST_KEYS, "input_kwargs")
 
 
 def _as_chat(chat: Any) -> Chat:
@@ -254,11 +261,12 @@ def explain_dataset(
     retried on a fresh worker, up to ``max_retries`` times.
 
     Args:
-        chats (sequence or mapping): ``Chat`` objects or Hugging Face message
-            lists, or ``{"messages": [...], "input_kwargs": {...}}`` with a
-            chat's own ``ChatInput`` arguments (e.g. its ``transcripts``) and
-            ``"tools"`` (an OpenAI request's, for the chat template); a
-            mapping names them, else they are ``chat_00000``, ``chat_00001``, ...
+        chats (sequence or mapping): ``Chat`` objects, Hugging Face message
+            lists, or requests ``{"messages": [...], ...}`` that may add
+            ``"tools"`` (an OpenAI request's) and ``"chat_template_kwargs"``
+            (vLLM's) for the chat template, and ``"input_kwargs"``: the chat's
+            own ``ChatInput`` arguments (e.g. its ``transcripts``); other keys
+            warn. A mapping names them, else they are ``chat_00000``, ...
         model_factory (callable): ``() -> ModelAdapter``: builds one replica per
             worker (it is sent to the workers, so it must be picklable by
             cloudpickle: a function or lambda, not a loaded model).
@@ -294,6 +302,12 @@ def explain_dataset(
     require_int("max_retries", max_retries, 0)
     _check_attribute_kwargs(attribute_kwargs)
     items = _named(chats)
+    unread = {k for _, c in items if isinstance(c, Mapping) for k in c} - {*CHAT_KEYS}
+    if unread:  # an OpenAI request's model, temperature, max_tokens: not this call's settings
+        warn_caller(
+            f"the chats' keys {sorted(unread)} are not read: a chat given as a mapping holds "
+            f"{', '.join(CHAT_KEYS)}; generation settings go in attribute_kwargs' gen_args"
+        )
     rows: list[dict[str, Any]] = []
     todo = []
     args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
@@ -342,8 +356,8 @@ def _request_digest(chat: Any, args: tuple[Any, ...]) -> str:
     """What a chat's saved result must have answered to be skipped: the chat,
     the ChatInput and attribute arguments, and the factories (see :func:`plain`)."""
     own = chat.get("input_kwargs") if isinstance(chat, Mapping) else None
-    tools = chat.get("tools") if isinstance(chat, Mapping) else None
-    extra = [] if tools is None else [plain(tools, depth=16)]  # other tools: another prompt
+    template = request_template_kwargs(chat) if isinstance(chat, Mapping) else {}
+    extra = [plain(template, depth=16)] if template else []  # other tools: another prompt
     return digest(chat_digest(_as_chat(chat)), plain(own), *(plain(a) for a in args), *extra)
 
 

@@ -401,14 +401,18 @@ def test_a_chat_file_may_be_an_object_holding_its_messages(tmp_path, capsys):
     (tmp_path / "row.json").write_text(json.dumps({"messages": messages, "id": 7}))
     (tmp_path / "other.json").write_text(json.dumps({"turns": messages}))
     argv = ["explain", "--model", "tiny-llama", "--method", "exact", "--answer", "I am."]
-    code, _, err = run([*argv, "--chat", tmp_path / "row.json", "--out", tmp_path / "o"], capsys)
+    with pytest.warns(UserWarning, match=r"\['id'\] are not read"):  # dropped without a word
+        code, _, err = run(
+            [*argv, "--chat", tmp_path / "row.json", "--out", tmp_path / "o"], capsys
+        )
     assert code == 0, err
     saved = MultimodalLLMAttributionResult.load(tmp_path / "o" / "result.json")
     assert saved.input_tokens == ["Who", "are", "you", "my", "friend"]
     code, _, err = run([*argv, "--chat", tmp_path / "other.json"], capsys)
     assert code == 2 and "must hold a list of messages" in err
     # --budget went unread by --method exact; below its 2^5 coalitions it is refused.
-    code, _, err = run([*argv, "--chat", tmp_path / "row.json", "--budget", "20"], capsys)
+    (tmp_path / "plain.json").write_text(json.dumps({"messages": messages}))
+    code, _, err = run([*argv, "--chat", tmp_path / "plain.json", "--budget", "20"], capsys)
     assert code != 0 and "more than budget=20" in err
     # An OpenAI request's tools reach the chat template (they went unread); the
     # tiny model's template has no tool format, which a warning says.
@@ -422,3 +426,12 @@ def test_a_chat_file_may_be_an_object_holding_its_messages(tmp_path, capsys):
     assert saved.provenance["input_settings"]["chat_template_kwargs"] == {"tools": tools}
     code, _, err = run([*request, "--chat-template-kwargs", json.dumps({"tools": []})], capsys)
     assert code == 2 and "give them once" in err
+    # vLLM's chat_template_kwargs in a request reach the template too (a date to pin)
+    dated = {"messages": messages, "chat_template_kwargs": {"date_string": "1 Jan 2025"}}
+    (tmp_path / "dated.json").write_text(json.dumps(dated))
+    code, _, err = run([*argv, "--chat", tmp_path / "dated.json", "--out", tmp_path / "d"], capsys)
+    assert code == 0, err
+    saved = MultimodalLLMAttributionResult.load(tmp_path / "d" / "result.json")
+    assert saved.provenance["input_settings"]["chat_template_kwargs"] == {
+        "date_string": "1 Jan 2025"
+    }

@@ -190,6 +190,17 @@ def test_a_chats_own_tools_reach_the_template(tmp_path):
     row["tools"] = [*tools, {"type": "function", "function": {"name": "time"}}]
     with pytest.raises(StoreMismatchError):  # other tools: another prompt, not its store
         run()
+    # vLLM's chat_template_kwargs of a request are read as its tools are (they went
+    # unread), and what is never read (an OpenAI request's model) is named
+    row.update(tools=tools, chat_template_kwargs={"date_string": "1 Jan 2025"}, model="gpt")
+    with pytest.warns(UserWarning, match=r"keys \['model'\] are not read"):
+        explain_dataset(
+            {"dated": row}, _tool_model, ExactShapleyValues, {}, {},
+            store_dir=tmp_path, use_ray=False, show_progress=False,
+        )  # fmt: skip
+    saved = MultimodalLLMAttributionResult.load(tmp_path / "dated" / RESULT)
+    settings = saved.provenance["input_settings"]["chat_template_kwargs"]
+    assert settings == {"date_string": "1 Jan 2025", "tools": tools}
 
 
 def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
