@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from copy import copy
 from typing import Any
 
@@ -347,8 +347,11 @@ class AttentionAttribution:
         self.layers = layers
         self.heads = heads
 
-    def attentions(self, inp: ChatInput, response: Response) -> Tensor:
-        """``(layers, heads, W, W)`` attention weights over prompt + answer."""
+    def attentions(self, inp: ChatInput, response: Response) -> list[Tensor]:
+        """Each layer's ``(heads, W, W)`` attention weights over prompt + answer
+        (layers without weights over every position, such as MiniMax's
+        lightning-attention blocks, are left out, with a warning; the head
+        count may differ by layer)."""
         model = getattr(self.adapter, "model", None)
         if model is None or not hasattr(model, "set_attn_implementation"):
             raise InvalidModelError(
@@ -363,7 +366,12 @@ class AttentionAttribution:
         finally:
             model.set_attn_implementation(before)
         self.adapter.n_forward_calls += 1
-        maps = [a[0] for a in getattr(out, "attentions", None) or () if a is not None]
+        every = (len(ids), len(ids))
+        maps = [
+            a[0].float()
+            for a in getattr(out, "attentions", None) or ()
+            if a is not None and a.shape[-2:] == every
+        ]
         name = type(model).__name__
         if not maps:  # a state-space model (Mamba) mixes positions without attention
             raise InvalidModelError(
@@ -383,7 +391,7 @@ class AttentionAttribution:
                 f"without attention weights (those come from {len(maps)} of its "
                 f"{n_layers} layers): attention attributions do not see that mixing"
             )
-        return torch.stack(maps).float()
+        return maps
 
     @in_eval_mode
     def attribute(
@@ -406,21 +414,12 @@ class AttentionAttribution:
         response, _ = resolve_response(
             self.adapter, inp, target, gen_args, keep_eos, DEFAULT_GEN_ARGS
         )
-        att = self.attentions(inp, response)  # (layers, heads, W, W)
-        for name, chosen, count, dim in (
-            ("layers", self.layers, att.shape[0], 0),
-            ("heads", self.heads, att.shape[1], 1),
-        ):
-            if chosen is None:
-                continue
-            if not chosen or any(not -count <= i < count for i in chosen):
-                raise InvalidOptionError(  # none chosen gave NaN, one too many an IndexError
-                    f"{name} must be a non-empty list of indices below {count}, got {chosen!r}"
-                )
-            # Sorted and once each: rollout multiplies layers bottom up, and a
-            # repeated index would weigh twice in a mean.
-            index = sorted({i % count for i in chosen})
-            att = att.index_select(dim, torch.tensor(index, device=att.device))
+        att = self.attentions(inp, response)  # each layer's (heads, W, W)
+        if self.layers is not None:
+            att = [att[i] for i in _chosen("layers", self.layers, len(att))]
+        if self.heads is not None:
+            index = _chosen("heads", self.heads, min(len(a) for a in att))
+            att = [a[index] for a in att]
         n_prompt = len(inp.encoded)
         per_position = aggregate_attention(att, self.aggregate)  # (W, W)
         queries = per_position[n_prompt - 1 : n_prompt - 1 + len(response), :n_prompt]
@@ -473,13 +472,25 @@ def token_result(
     )
 
 
-def aggregate_attention(att: Tensor, how: str) -> Tensor:
-    """``(layers, heads, W, W)`` -> ``(W, W)`` by ``"mean"``, ``"max"`` or ``"rollout"``."""
+def _chosen(name: str, chosen: list[int], count: int) -> list[int]:
+    """The layers or heads chosen, as indices below ``count``: sorted and once
+    each (rollout multiplies layers bottom up, and a repeated index would weigh
+    twice in a mean)."""
+    if not chosen or any(not -count <= i < count for i in chosen):
+        raise InvalidOptionError(  # none chosen gave NaN, one too many an IndexError
+            f"{name} must be a non-empty list of indices below {count}, got {chosen!r}"
+        )
+    return sorted({i % count for i in chosen})
+
+
+def aggregate_attention(att: Sequence[Tensor], how: str) -> Tensor:
+    """Each layer's ``(heads, W, W)`` (or a ``(layers, heads, W, W)`` tensor) ->
+    ``(W, W)`` by ``"mean"`` (of each layer's head mean), ``"max"`` or ``"rollout"``."""
     if how == "mean":
-        return att.mean(dim=(0, 1))
+        return torch.stack([layer.mean(0) for layer in att]).mean(0)
     if how == "max":
-        return att.amax(dim=(0, 1))
-    eye = torch.eye(att.shape[-1], device=att.device)
+        return torch.stack([layer.amax(0) for layer in att]).amax(0)
+    eye = torch.eye(att[0].shape[-1], device=att[0].device)
     rollout = eye
     for layer in att:
         a = 0.5 * layer.mean(0) + 0.5 * eye

@@ -162,14 +162,37 @@ def test_audio_features_get_gradients_that_follow_the_audio():
     assert res_sys.token_attr.shape[1] == inp_sys.n_itp_features
 
 
+def test_layers_with_other_head_counts_aggregate_per_layer(monkeypatch):
+    """Inkling's sliding layers have 64 heads, its global ones 4: stacking the
+    layers' weights raised a size error. A layer's heads are averaged first."""
+    model = tiny_hf_adapter()
+    inp = ChatInput(Chat().user("Who are you, my friend?"), model, text_unit="token")
+    width = len(inp.encoded) + len(model.text_response(TARGET)) - 1
+    gen = torch.Generator().manual_seed(0)
+    ragged = [torch.rand(h, width, width, generator=gen).tril().softmax(-1) for h in (6, 2)]
+    monkeypatch.setattr(AttentionAttribution, "attentions", lambda self, inp, response: ragged)
+    mean = (ragged[0].mean(0) + ragged[1].mean(0)) / 2
+    torch.testing.assert_close(aggregate_attention(ragged, "mean"), mean)
+    top = torch.maximum(ragged[0].amax(0), ragged[1].amax(0))
+    torch.testing.assert_close(aggregate_attention(ragged, "max"), top)
+    res = AttentionAttribution(model, layers=[-1], heads=[0, 1]).attribute(inp, target=TARGET)
+    n = len(inp.encoded)
+    expected = ragged[1].mean(0)[n - 1 : n - 1 + len(res.output_tokens), :n]
+    owner = inp.feature_of_position
+    torch.testing.assert_close(res.token_attr, expected[:, owner >= 0])  # a token a feature
+    with pytest.raises(InvalidOptionError, match="indices below 2"):  # the fewest heads
+        AttentionAttribution(model, heads=[3]).attribute(inp, target=TARGET)
+
+
 def test_rollout_on_one_layer_by_hand():
     model = tiny_hf_adapter(num_layers=1)
     inp = ChatInput(Chat().user("Who are you, my friend?"), model, text_unit="token")
     method = AttentionAttribution(model, aggregate="rollout")
     res = method.attribute(inp, target=TARGET)
     response = model.text_response(TARGET)
-    att = method.attentions(inp, response)  # (1, heads, W, W)
-    a = 0.5 * att[0].mean(0) + 0.5 * torch.eye(att.shape[-1])
+    att = method.attentions(inp, response)  # one layer's (heads, W, W)
+    assert len(att) == 1
+    a = 0.5 * att[0].mean(0) + 0.5 * torch.eye(att[0].shape[-1])
     a = a / a.sum(-1, keepdim=True)  # one layer: the rollout is this matrix
     n = len(inp.encoded)
     owner = inp.feature_of_position
@@ -180,7 +203,7 @@ def test_rollout_on_one_layer_by_hand():
     # rows of attention sum to one, so "mean" gives each token at most 1 in total
     mean = AttentionAttribution(model).attribute(inp, target=TARGET)
     assert (mean.token_attr.sum(1) <= 1 + 1e-5).all()
-    assert torch.allclose(aggregate_attention(att, "max"), att.amax(dim=(0, 1)))
+    assert torch.allclose(aggregate_attention(att, "max"), att[0].amax(0))
     last = AttentionAttribution(model, layers=[-1], heads=[0, -1]).attribute(inp, target=TARGET)
     same = AttentionAttribution(model, layers=[0], heads=[0, 3]).attribute(inp, target=TARGET)
     torch.testing.assert_close(last.token_attr, same.token_attr)  # one layer: -1 is 0

@@ -871,7 +871,9 @@ def _locate_contents(
 
     Returns:
         list of (start, end, trimmed): character span of each content, and how
-        many leading characters the template trimmed from it.
+        many leading characters the template trimmed from it; :data:`REWRITTEN`
+        for a content the template changed otherwise, whose span is then what
+        it renders between the template text around it.
     """
     # An empty content (a tool call's message) stays empty: a template may render
     # text around a content only when there is one (Qwen2.5's "\n" + content).
