@@ -90,9 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     dataset.add_argument(
         "data",
         type=Path,
-        help="a JSONL of chats (message lists or {id, messages}), a Hugging Face datasets "
-        "folder (a messages column), or a folder of audio files with transcripts.csv "
-        "(columns file, transcript[, text])",
+        help="a JSONL of chats (message lists or {id, messages[, tools, "
+        "chat_template_kwargs]}), a Hugging Face datasets folder (a messages column, and "
+        "those), or a folder of audio files with transcripts.csv (columns file, "
+        "transcript[, text])",
     )
     _model_flags(dataset)
     dataset.add_argument("--workers", type=_at_least(1), default=None, help="Ray actors")
@@ -332,7 +333,10 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{path} line {i + 1} is not JSON: {exc}") from None
-            name = str(row.get("id", f"chat_{i:05d}")) if isinstance(row, dict) else f"chat_{i:05d}"
+            name = f"chat_{i:05d}"
+            if isinstance(row, dict):  # its id names it; the rest is the chat
+                row = dict(row)
+                name = str(row.pop("id", name))
             _add(chats, name, row, f"{path} line {i + 1}")
         return chats
     if (path / "transcripts.csv").is_file():
@@ -364,8 +368,9 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
         if "messages" not in data.column_names:
             raise UsageError(f"{path} has no messages column (it has {data.column_names})")
         rows: dict[str, Any] = {}
-        for i, r in enumerate(data):
-            _add(rows, str(r.get("id", f"chat_{i:05d}")), {"messages": r["messages"]}, f"row {i}")
+        for i, r in enumerate(data):  # its messages, tools, chat_template_kwargs (columns)
+            chat = {k: r[k] for k in REQUEST_KEYS if r.get(k) is not None}
+            _add(rows, str(r.get("id", f"chat_{i:05d}")), chat, f"row {i}")
         return rows
     raise UsageError(
         f"{path} is not a JSONL file, a Hugging Face datasets folder or an audio folder "

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from importlib.resources import files
 from pathlib import Path
 
@@ -217,8 +218,11 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["explain-dataset", tmp_path / "chats.jsonl", "--model", "tiny-llama", "--no-ray",
             "--max-new-tokens", "3", "--budget", "20", "--out", out]  # fmt: skip
-    code, text, err = run(argv, capsys)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, text, err = run(argv, capsys)
     assert code == 0, err
+    assert not [w for w in caught if "not read" in str(w.message)]  # the id names the chat
     assert (out / "chat_00000" / "result.json").is_file() and (
         out / "sky" / "result.json"
     ).is_file()
@@ -284,6 +288,16 @@ def test_explain_dataset_from_a_hugging_face_datasets_folder(tmp_path, capsys):
     assert {f.modality for f in spoken.features} == {"audio_in"}
     typed = MultimodalLLMAttributionResult.load(tmp_path / "runs" / "typed" / "result.json")
     assert typed.input_tokens == ["Who", "are", "you"]
+    # a chat_template_kwargs column reaches the chat template (only messages were read)
+    dated = {"date_string": "1 Jan 2025"}
+    row = {"id": "dated", "messages": rows[1]["messages"], "chat_template_kwargs": dated}
+    datasets.Dataset.from_list([row]).save_to_disk(str(tmp_path / "dated"))
+    argv = ["explain-dataset", tmp_path / "dated", "--model", "tiny-llama", "--no-ray",
+            "--budget", "20", "--max-new-tokens", "2", "--out", tmp_path / "d"]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    saved = MultimodalLLMAttributionResult.load(tmp_path / "d" / "dated" / "result.json")
+    assert saved.provenance["input_settings"]["chat_template_kwargs"] == dated
 
 
 def test_remote_code_stays_off_unless_asked(monkeypatch, capsys, tmp_path):
