@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from captum.attr import FeatureAblation
+from captum.attr import FeatureAblation, LLMAttribution, TextTemplateInput
 
 from captum_mllm import (
     AttentionAttribution,
@@ -127,7 +127,7 @@ ARCHITECTURES = {
 def tiny(name: str, **config: object) -> torch.nn.Module:
     config_class = getattr(transformers, f"{name}Config")
     model_class = getattr(transformers, f"{name.removesuffix('Text')}ForCausalLM", None)
-    model_class = model_class or getattr(transformers, f"{name}LMHeadModel")
+    model_class = model_class or getattr(transformers, f"{name}LMHeadModel")  # GPT-2, BERT
     torch.manual_seed(0)
     vocab = len(tiny_tokenizer())
     return model_class(config_class(vocab_size=vocab, initializer_range=0.2, **config)).eval()
@@ -222,3 +222,21 @@ def test_from_pretrained_loads_a_vision_language_model_without_a_causal_lm_class
     model = HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu")
     assert type(model.model).__name__ == "Qwen2VLForConditionalGeneration"
     assert "batched scoring" in check_adapter(model, CHAT)
+
+
+def test_a_bidirectional_lm_head_is_found_and_scored_token_by_token():
+    """BERT's LM head without is_decoder reads every position: it was taken for
+    causal (any transformers model was), so one forward of the whole answer let
+    each answer position read the ones after it. Stock Captum's token path is
+    the oracle (without its cache, which fails on transformers 5)."""
+    bert = tiny("Bert", **SMALL, num_attention_heads=4)
+    model = HFCausalLMAdapter(bert, tiny_tokenizer())
+    qwen3 = HFCausalLMAdapter(tiny("Qwen3", **ARCHITECTURES["Qwen3"][0]), tiny_tokenizer())
+    assert not model.is_causal and qwen3.is_causal
+    assert "per-step scoring" not in check_adapter(model, CHAT)
+    words = TextTemplateInput("{} is the capital of {}", values=["Paris", "France"])
+    stock = LLMAttribution(FeatureAblation(bert), tiny_tokenizer()).attribute(
+        words, target=" yes sir", use_cached_outputs=False
+    )
+    ours = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(words, " yes sir")
+    torch.testing.assert_close(ours.token_attr, stock.token_attr, atol=1e-5, rtol=0)

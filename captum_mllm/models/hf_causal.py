@@ -94,6 +94,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self._logits_to_keep = "logits_to_keep" in params
         self._cache_kwarg = cache_kwarg(forward)
         self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
+        self._causal: bool | None = None
         self._head_split: tuple[nn.Module, nn.Module] | None = None
         self._head_probed = False
 
@@ -195,9 +196,21 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     @property
     def is_causal(self) -> bool:
-        """A transformers decoder (encoder-decoders are refused); other modules
-        are not assumed causal (Captum's toy models are bidirectional)."""
-        return self._is_hf
+        """A transformers model whose outputs at a position do not depend on
+        later positions (probed once: a BERT-style ``ForCausalLM`` without
+        ``is_decoder`` reads every position); other modules are not assumed
+        causal (Captum's toy models are bidirectional)."""
+        if self._causal is None:
+            self._causal = self._is_hf and self._probe_causal()
+        return self._causal
+
+    def _probe_causal(self) -> bool:
+        """Whether four tokens' logits are the same alone and followed by four more."""
+        ids = torch.arange(1, 9, device=self.device)[None] % (self.vocab_size or 2)
+        with torch.inference_mode():
+            whole = self.model(input_ids=ids, use_cache=False).logits[0, :4]
+            head = self.model(input_ids=ids[:, :4], use_cache=False).logits[0]
+        return same_outputs(head, whole)
 
     # Captum's BaseLLMAttribution calls the wrapped module's forward and generate.
     @without_cudnn_attention
