@@ -231,8 +231,9 @@ def test_a_bidirectional_lm_head_is_found_and_scored_token_by_token():
     the oracle (without its cache, which fails on transformers 5)."""
     bert = tiny("Bert", **SMALL, num_attention_heads=4)
     model = HFCausalLMAdapter(bert, tiny_tokenizer())
-    qwen3 = HFCausalLMAdapter(tiny("Qwen3", **ARCHITECTURES["Qwen3"][0]), tiny_tokenizer())
-    assert not model.is_causal and qwen3.is_causal
+    dropping = tiny("Qwen3", **ARCHITECTURES["Qwen3"][0], attention_dropout=0.5).train()
+    qwen3 = HFCausalLMAdapter(dropping, tiny_tokenizer())  # probed in eval mode, left in train
+    assert not model.is_causal and qwen3.is_causal and dropping.training
     assert "per-step scoring" not in check_adapter(model, CHAT)
     words = TextTemplateInput("{} is the capital of {}", values=["Paris", "France"])
     stock = LLMAttribution(FeatureAblation(bert), tiny_tokenizer()).attribute(

@@ -207,7 +207,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     def _probe_causal(self) -> bool:
         """Whether four tokens' logits are the same alone and followed by four more."""
         ids = torch.arange(1, 9, device=self.device)[None] % (self.vocab_size or 2)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.evaluating():  # dropout would fail any model
             whole = self.model(input_ids=ids, use_cache=False).logits[0, :4]
             head = self.model(input_ids=ids[:, :4], use_cache=False).logits[0]
         return same_outputs(head, whole)
@@ -526,7 +526,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         adapter."""
         ids = ids.to(self.device)[None]
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.evaluating():
                 whole = self.model(input_ids=ids, use_cache=False).logits[0, start:]
                 out = self.model(input_ids=ids[:, :start], use_cache=True)
                 cache = getattr(out, self._cache_kwarg, None)
