@@ -61,11 +61,25 @@ def check_adapter(
     """
     if not isinstance(adapter, ModelAdapter):
         raise AdapterCheckError(f"{type(adapter).__name__} is not a ModelAdapter subclass")
-    gen = {"max_new_tokens": 4, **(gen_args or {})}
     if atol is None:
         dtype = next(adapter.parameters(), torch.empty(0)).dtype
         atol = _ROUNDING.get(dtype, 1e-4)
     input_kwargs.setdefault("roles", ROLES)
+    # As attribute runs it: a model left in training mode drops activations at random
+    with adapter.evaluating():
+        return _run_checks(adapter, chat, gen_args, n_coalitions, atol, seed, input_kwargs)
+
+
+def _run_checks(
+    adapter: ModelAdapter,
+    chat: Chat,
+    gen_args: dict[str, Any] | None,
+    n_coalitions: int,
+    atol: float,
+    seed: int,
+    input_kwargs: dict[str, Any],
+) -> list[str]:
+    gen = {"max_new_tokens": 4, **(gen_args or {})}
     inp = ChatInput(chat, adapter, **input_kwargs)
     ran = []
     _check_table(adapter.encode(inp.prompt), inp.prompt)

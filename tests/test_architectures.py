@@ -234,6 +234,7 @@ def test_a_bidirectional_lm_head_is_found_and_scored_token_by_token():
     dropping = tiny("Qwen3", **ARCHITECTURES["Qwen3"][0], attention_dropout=0.5).train()
     qwen3 = HFCausalLMAdapter(dropping, tiny_tokenizer())  # probed in eval mode, left in train
     assert not model.is_causal and qwen3.is_causal and dropping.training
+    assert "prefix reuse" in check_adapter(qwen3, CHAT) and dropping.training  # run in eval
     assert "per-step scoring" not in check_adapter(model, CHAT)
     words = TextTemplateInput("{} is the capital of {}", values=["Paris", "France"])
     stock = LLMAttribution(FeatureAblation(bert), tiny_tokenizer()).attribute(
