@@ -313,3 +313,23 @@ def test_partly_nan_audio_is_refused_not_zeroed() -> None:
 )
 def test_each_strategy_works_or_raises_ours(examples: Callable[[], None]) -> None:
     run_strategy(examples)
+
+
+def test_a_tokenizer_with_tokens_the_model_lacks_is_refused_by_name() -> None:
+    """Tokens added to the tokenizer without resize_token_embeddings raised an
+    IndexError from inside the model's embedding (prompt), or a RuntimeError
+    from the log-softmax gather (a target)."""
+    import copy
+
+    from captum_mllm import HFCausalLMAdapter
+    from captum_mllm.errors import InvalidModelError
+
+    model = tiny_hf_adapter()
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its vocabulary
+    tokenizer.add_tokens(["Berliner2"])
+    grown = HFCausalLMAdapter(model.model, tokenizer)
+    with pytest.raises(InvalidModelError, match=r"'Berliner2'\), past the model's \d+ embedding"):
+        ChatInput(Chat().user("A Berliner2 friend"), grown)
+    with pytest.raises(InvalidModelError, match="resize_token_embeddings"):
+        grown.text_response(" Berliner2")
+    assert ChatInput(Chat().user("A friend"), grown).n_itp_features == 2  # its other tokens

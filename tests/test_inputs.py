@@ -165,9 +165,13 @@ def test_a_token_across_words_joins_them_into_one_feature(model):
     two characters; "you?" with its question mark) made a feature labelled
     with the first word alone, and the second word vanished. The words it
     reaches are one feature now, labelled with all of them."""
-    model = copy.copy(model)
-    model.tokenizer = copy.deepcopy(model.tokenizer)
-    model.tokenizer.add_tokens(["北京", "you?"])
+    from captum_mllm import HFCausalLMAdapter
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its vocabulary
+    tokenizer.add_tokens(["北京", "you?"])
+    grown = copy.deepcopy(model.model)
+    grown.resize_token_embeddings(len(tokenizer))  # else the new ids are refused
+    model = HFCausalLMAdapter(grown, tokenizer)
     inp = ChatInput(Chat().user("我爱北京, are you? 天"), model)
     assert inp.values == ["我", "爱", "北京", "are", "you?", "天"]
     for f in inp.features:

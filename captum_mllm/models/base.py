@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
-from captum_mllm.errors import InvalidContentError, TargetError
+from captum_mllm.errors import InvalidContentError, InvalidModelError, TargetError
 
 
 def in_eval_mode[Method: Callable[..., Any]](method: Method) -> Method:
@@ -268,7 +268,22 @@ class ModelAdapter(nn.Module, ABC):
 
     def text_response(self, text: str) -> Response:
         """A response given as text, tokenized without special tokens."""
-        return self.response(torch.tensor(self.tokenizer.encode(text, add_special_tokens=False)))
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        self.check_token_ids(ids)
+        return self.response(torch.tensor(ids))
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        """Refuse token ids past the model's embedding rows: a tokenizer given
+        tokens the model never got (``add_tokens`` without
+        ``resize_token_embeddings``) failed deep inside its forward."""
+        size = self.vocab_size
+        top = max(ids, default=-1)
+        if size is not None and top >= size:
+            raise InvalidModelError(
+                f"the tokenizer gives token id {top} ({self.tokenizer.decode([top])!r}), past the "
+                f"model's {size} embedding rows: it holds tokens the model lacks (after "
+                "tokenizer.add_tokens, call model.resize_token_embeddings(len(tokenizer)))"
+            )
 
     # Scoring and generation ----------------------------------------------------------
 

@@ -322,6 +322,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
         enc = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
+        self.check_token_ids(ids)
         offsets = list(enc["offset_mapping"])
         special_ids = set(self.tokenizer.all_special_ids)
         table = PositionTableBuilder()
