@@ -33,8 +33,9 @@ def check_adapter(
     Checks, in order: the position table is consistent; dropping a feature
     removes exactly its positions (and nothing else the model reads);
     batched scoring equals one coalition at a time; scoring token by token
-    equals one forward (for a causal model); prefix reuse changes nothing; batched generation
-    (greedy, and sampled with per-row seeds) equals one coalition at a time.
+    equals one forward (for a causal model); prefix reuse changes nothing;
+    batched generation (greedy, and sampled with per-row seeds) equals one
+    coalition at a time. The model runs in eval mode meanwhile.
 
     Args:
         adapter (ModelAdapter): the adapter under test.
