@@ -378,6 +378,11 @@ class AttentionAttribution:
                 f"{name} returns no attention weights: explain it with a perturbation "
                 "method (MultimodalLLMAttribution) or gradients"
             )
+        if not self.adapter.is_causal:
+            warn_caller(
+                f"{name} reads later positions: each answer token's attention comes from one "
+                "forward holding the whole answer, not from the forward that predicts it"
+            )
         config = getattr(model, "config", None)
         n_layers = getattr(config, "num_hidden_layers", None) or len(maps)
         other = {  # linear attention is a recurrence (Gated DeltaNet, Mamba 2)

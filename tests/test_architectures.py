@@ -242,3 +242,5 @@ def test_a_bidirectional_lm_head_is_found_and_scored_token_by_token():
     )
     ours = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(words, " yes sir")
     torch.testing.assert_close(ours.token_attr, stock.token_attr, atol=1e-5, rtol=0)
+    with pytest.warns(UserWarning, match="BertLMHeadModel reads later positions"):
+        AttentionAttribution(model).attribute(ChatInput(CHAT, model), target=" yes")
