@@ -260,6 +260,9 @@ class EmbeddingSimilarity(Target):
             transformers). Default: None
         top_p (float, optional): text nucleus sampling (Hugging Face models).
             Default: None
+        min_p (float, optional): text min-p sampling: tokens at least this
+            share of the most likely one's probability (Hugging Face models).
+            Default: None
         audio_temperature (float, optional): audio-frame sampling temperature
             (LFM2-Audio). Default: None
         audio_top_k (int, optional): audio-frame top-k sampling. Default: None
@@ -288,6 +291,7 @@ class EmbeddingSimilarity(Target):
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         audio_temperature: float | None = None,
         audio_top_k: int | None = None,
         seed: int = 0,
@@ -316,7 +320,12 @@ class EmbeddingSimilarity(Target):
         do_sample = gen_args.pop("do_sample", None)
         text = {
             key: _sampling_setting(key, value, gen_args, do_sample)
-            for key, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+            for key, value in (
+                ("temperature", temperature),
+                ("top_k", top_k),
+                ("top_p", top_p),
+                ("min_p", min_p),
+            )
         }
         audio = {
             key: _sampling_setting(key, value, gen_args, do_sample)

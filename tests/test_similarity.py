@@ -406,21 +406,28 @@ def test_sampling_settings_in_gen_args_mean_what_the_arguments_do(model, chat):
     assert not captums.sampled
     with pytest.raises(InvalidOptionError, match="given twice"):
         EmbeddingSimilarity(gen_args={"temperature": 0.5}, temperature=0.7)
-    min_p = EmbeddingSimilarity(gen_args={**GEN, "do_sample": True, "min_p": 0.1})
-    with pytest.raises(InvalidOptionError, match=r"\['min_p'\]"):
-        run(min_p, 8)
+    typical = EmbeddingSimilarity(gen_args={**GEN, "do_sample": True, "typical_p": 0.9})
+    with pytest.raises(InvalidOptionError, match=r"\['typical_p'\]"):
+        run(typical, 8)
     beams = EmbeddingSimilarity(gen_args={**GEN, "num_beams": 2, "num_return_sequences": 2})
     with pytest.raises(InvalidOptionError, match="samples_per_coalition"):
         run(beams, 8)
 
 
 @pytest.mark.parametrize(
-    "temperature, top_k, top_p",
-    [(0.7, 20, 0.8), (1.3, 0, 0.5), (1.0, 50, 1.0), (0.5, 3, None), (1.0, None, 0.0)],
-)
-def test_sampling_draws_from_what_transformers_warpers_leave(temperature, top_k, top_p):
-    """Temperature, then top-k, then top-p (nucleus), as model.generate chains them."""
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    "temperature, top_k, top_p, min_p",
+    [(0.7, 20, 0.8, None), (1.3, 0, 0.5, None), (1.0, 50, 1.0, None), (0.5, 3, None, None),
+     (1.0, None, 0.0, None), (0.3, None, None, 0.15), (1.0, 50, 0.9, 0.05), (0.8, 0, None, 1.0)],
+)  # fmt: skip
+def test_sampling_draws_from_what_transformers_warpers_leave(temperature, top_k, top_p, min_p):
+    """Temperature, then top-k, then top-p (nucleus), then min-p, as
+    model.generate chains them (min-p raised: LFM2's cards ask for 0.15)."""
+    from transformers import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     from captum_mllm.models.decoder import sampling_probs
 
@@ -430,7 +437,9 @@ def test_sampling_draws_from_what_transformers_warpers_leave(temperature, top_k,
         warped = TopKLogitsWarper(top_k)(None, warped)
     if top_p is not None and top_p < 1:
         warped = TopPLogitsWarper(top_p)(None, warped)
-    ours = sampling_probs(logits, temperature, top_k, top_p)
+    if min_p:
+        warped = MinPLogitsWarper(min_p)(None, warped)
+    ours = sampling_probs(logits, temperature, top_k, top_p, min_p)
     torch.testing.assert_close(ours, warped.softmax(-1))
     assert ((ours > 0).sum(-1) > 0).all()  # top-p 0 keeps the likeliest token
 
@@ -459,6 +468,10 @@ def test_sampled_answers_take_the_models_generation_config(model, chat):
     assert said(model) == said(model, temperature=1.0, top_k=50, top_p=1.0)
     assert said(qwen_like, top_k=0) == said(model, temperature=0.7, top_k=0, top_p=0.8)
     assert model_digest(tuned) != model_digest(model.model)  # a store of one is not the other's
+    lfm2_like = copy.deepcopy(model.model)  # LFM2's generation config: a min-p (it went unread)
+    lfm2_like.generation_config.update(temperature=2.0, min_p=0.3)
+    min_p = said(HFCausalLMAdapter(lfm2_like, model.tokenizer))
+    assert min_p == said(model, temperature=2.0, min_p=0.3) != said(model, temperature=2.0)
 
 
 def test_temperature_zero_is_greedy_and_impossible_settings_raise(model, chat):

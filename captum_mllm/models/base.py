@@ -232,9 +232,9 @@ class ModelAdapter(nn.Module, ABC):
     @property
     def sampling_defaults(self) -> dict[str, Any]:
         """Text sampling settings a sampled answer takes where none is given
-        (``temperature``, ``top_k``, ``top_p``): here the plain distribution;
-        a Hugging Face model's are its generation config's."""
-        return {"temperature": 1.0, "top_k": None, "top_p": None}
+        (``temperature``, ``top_k``, ``top_p``, ``min_p``): here the plain
+        distribution; a Hugging Face model's are its generation config's."""
+        return {"temperature": 1.0, "top_k": None, "top_p": None, "min_p": None}
 
     def check_target(self, target: Tensor) -> Response:
         """A user-given target as a response.

@@ -183,8 +183,8 @@ def row_generators(seeds: list[int] | None, device: torch.device) -> list[torch.
 def check_sampling(settings: dict[str, Any]) -> None:
     """Refuse sampling settings no sampler can mean: temperatures are finite
     and at least 0 (0 is greedy, as in liquid-audio's sampler), top-k's are
-    ints of at least 0 (0 keeps every token, as in transformers), top-p is
-    between 0 and 1."""
+    ints of at least 0 (0 keeps every token, as in transformers), top-p and
+    min-p are between 0 and 1."""
     for key in ("temperature", "audio_temperature"):
         value = settings.get(key)
         if value is not None and (
@@ -199,20 +199,28 @@ def check_sampling(settings: dict[str, Any]) -> None:
     for key in ("top_k", "audio_top_k"):
         if settings.get(key) is not None:
             require_int(key, settings[key], 0)
-    top_p = settings.get("top_p")
-    if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 <= float(top_p) <= 1
-    ):
-        raise InvalidOptionError(f"top_p must be a number in [0, 1], got {top_p!r}")
+    for key in ("top_p", "min_p"):
+        share = settings.get(key)
+        if share is not None and (
+            isinstance(share, bool)
+            or not isinstance(share, numbers.Real)
+            or not 0 <= float(share) <= 1
+        ):
+            raise InvalidOptionError(f"{key} must be a number in [0, 1], got {share!r}")
 
 
 def sampling_probs(
-    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None = None
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None = None,
+    min_p: float | None = None,
 ) -> Tensor:
     """``(B, V)`` logits -> the probabilities a sampler draws from, as
     transformers' warpers make them: temperature, then top-k, then top-p
     (the most likely tokens whose probabilities first reach ``top_p``; at
-    least one)."""
+    least one), then min-p (the tokens at least ``min_p`` times as likely
+    as the most likely one)."""
     logits = logits.float() / temperature
     if top_k:  # 0 or None: every token
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -222,6 +230,10 @@ def sampling_probs(
         drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[:, -1] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    if min_p:  # 0 or None: every token
+        probs = logits.softmax(-1)
+        rare = probs < min_p * probs.amax(-1, keepdim=True)
+        logits = logits.masked_fill(rare, -float("inf"))
     return logits.softmax(-1)
 
 
@@ -231,12 +243,13 @@ def pick_tokens(
     top_k: int | None,
     generators: list[torch.Generator] | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
 ) -> Tensor:
     """Greedy (no temperature) or sampled choice per row of ``(B, V)`` logits,
     as liquid-audio's and transformers' samplers (:func:`sampling_probs`)."""
     if temperature is None or temperature <= 0 or top_k == 1:
         return logits.argmax(-1)
-    probs = sampling_probs(logits, temperature, top_k, top_p)
+    probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
     if generators is None:
         return torch.multinomial(probs, 1)[:, 0]
     return torch.stack(

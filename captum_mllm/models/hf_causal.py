@@ -772,9 +772,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     @property
     def sampling_defaults(self) -> dict[str, Any]:
-        """The model's generation config's ``temperature``, ``top_k`` and
-        ``top_p`` (transformers' 1.0, 50 and 1.0 where it sets none), which
-        ``model.generate(do_sample=True)`` samples with."""
+        """The model's generation config's ``temperature``, ``top_k``, ``top_p``
+        and ``min_p`` (transformers' 1.0, 50, 1.0 and none where it sets none;
+        LFM2's cards ask for a min-p), which ``model.generate(do_sample=True)``
+        samples with."""
         config = getattr(self.model, "generation_config", None)
         found = {k: getattr(config, k, None) for k in _HF_SAMPLING}
         return {k: v if found[k] is None else found[k] for k, v in _HF_SAMPLING.items()}
@@ -784,11 +785,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     ) -> list[Response]:
         """Continue each coalition with ``model.generate``, left-padded in one batch.
 
-        Sampling (``do_sample``, with ``temperature``, ``top_k`` and ``top_p``
-        where given, else the model's generation config's, as transformers
-        reads them) draws each row's tokens from its own generator seeded by
-        ``seeds[b]``, so a row's answer does not depend on the rows beside it.
-        transformers' other samplers (``min_p``, ...) raise.
+        Sampling (``do_sample``, with ``temperature``, ``top_k``, ``top_p`` and
+        ``min_p`` where given, else the model's generation config's, as
+        transformers reads them) draws each row's tokens from its own generator
+        seeded by ``seeds[b]``, so a row's answer does not depend on the rows
+        beside it. transformers' other samplers (``typical_p``, ...) raise.
 
         Returns:
             list of Response: the new tokens of each row, up to and including EOS.
@@ -802,14 +803,15 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         unsupported = sorted(k for k in _OTHER_SAMPLERS if args.pop(k, None) is not None)
         if unsupported:  # transformers would ignore them: do_sample is ours, below
             raise InvalidOptionError(
-                f"sampled generation here takes temperature, top_k and top_p; not {unsupported}"
+                f"sampled generation here takes temperature, top_k, top_p and min_p; not "
+                f"{unsupported}"
             )
         if args.get("num_return_sequences") not in (None, 1):
             raise InvalidOptionError(
                 "one answer per coalition: num_return_sequences must be 1 "
                 "(EmbeddingSimilarity's samples_per_coalition draws several, seeded)"
             )
-        given = {k: args.pop(k, None) for k in ("temperature", "top_k", "top_p")}
+        given = {k: args.pop(k, None) for k in _HF_SAMPLING}
         if args.pop("do_sample", False):  # unset ones: the model's, as model.generate's
             defaults = self.sampling_defaults
             sampling = {k: defaults[k] if v is None else v for k, v in given.items()}
@@ -841,10 +843,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
 #: transformers' defaults of the sampling settings we read (4's GenerationConfig
 #: holds them; 5's leaves them None and fills them in at generate time).
-_HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+_HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None}
 
-#: transformers' sampling settings other than temperature, top-k and top-p.
-_OTHER_SAMPLERS = {"min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+#: transformers' sampling settings other than temperature, top-k, top-p and min-p.
+_OTHER_SAMPLERS = {"typical_p", "epsilon_cutoff", "eta_cutoff"}
 
 
 class _SeededSampling:
@@ -856,13 +858,16 @@ class _SeededSampling:
         temperature: float,
         top_k: int | None,
         top_p: float | None,
+        min_p: float | None,
         generators: list[torch.Generator] | None,
     ) -> None:
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
         self.generators = generators
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        chosen = pick_tokens(scores, self.temperature, self.top_k, self.generators, self.top_p)
+        chosen = pick_tokens(
+            scores, self.temperature, self.top_k, self.generators, self.top_p, self.min_p
+        )
         out = torch.full_like(scores, -float("inf"))
         out[torch.arange(len(scores)), chosen] = 0.0
         return out
