@@ -421,7 +421,7 @@ def test_sampling_settings_in_gen_args_mean_what_the_arguments_do(model, chat):
 )  # fmt: skip
 def test_sampling_draws_from_what_transformers_warpers_leave(temperature, top_k, top_p, min_p):
     """Temperature, then top-k, then top-p (nucleus), then min-p, as
-    model.generate chains them (min-p raised: LFM2's cards ask for 0.15)."""
+    model.generate chains them (min-p raised, though model cards recommend it)."""
     from transformers import (
         MinPLogitsWarper,
         TemperatureLogitsWarper,
@@ -468,9 +468,9 @@ def test_sampled_answers_take_the_models_generation_config(model, chat):
     assert said(model) == said(model, temperature=1.0, top_k=50, top_p=1.0)
     assert said(qwen_like, top_k=0) == said(model, temperature=0.7, top_k=0, top_p=0.8)
     assert model_digest(tuned) != model_digest(model.model)  # a store of one is not the other's
-    lfm2_like = copy.deepcopy(model.model)  # LFM2's generation config: a min-p (it went unread)
-    lfm2_like.generation_config.update(temperature=2.0, min_p=0.3)
-    min_p = said(HFCausalLMAdapter(lfm2_like, model.tokenizer))
+    min_p_config = copy.deepcopy(model.model)  # a generation config's min-p went unread
+    min_p_config.generation_config.update(temperature=2.0, min_p=0.3)
+    min_p = said(HFCausalLMAdapter(min_p_config, model.tokenizer))
     assert min_p == said(model, temperature=2.0, min_p=0.3) != said(model, temperature=2.0)
 
 

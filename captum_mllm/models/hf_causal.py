@@ -773,9 +773,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     @property
     def sampling_defaults(self) -> dict[str, Any]:
         """The model's generation config's ``temperature``, ``top_k``, ``top_p``
-        and ``min_p`` (transformers' 1.0, 50, 1.0 and none where it sets none;
-        LFM2's cards ask for a min-p), which ``model.generate(do_sample=True)``
-        samples with."""
+        and ``min_p`` (transformers' 1.0, 50, 1.0 and none where it sets none),
+        which ``model.generate(do_sample=True)`` samples with."""
         config = getattr(self.model, "generation_config", None)
         found = {k: getattr(config, k, None) for k in _HF_SAMPLING}
         return {k: v if found[k] is None else found[k] for k, v in _HF_SAMPLING.items()}
