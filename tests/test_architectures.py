@@ -221,7 +221,18 @@ def test_from_pretrained_loads_a_vision_language_model_without_a_causal_lm_class
     tiny_tokenizer().save_pretrained(tmp_path)
     model = HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu")
     assert type(model.model).__name__ == "Qwen2VLForConditionalGeneration"
-    assert "batched scoring" in check_adapter(model, CHAT)
+    # The model keeps rope_deltas from its last generate, one row per row: after
+    # a batched one (check_adapter's), the cached continuation of one row raised
+    # in the probe, and prefix reuse was turned off for the adapter's life.
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    reused = attr.attribute(ChatInput(CHAT, model), target=" yes")
+    model.generate_masked(ChatInput(CHAT, model).to_model_input(torch.eye(5).bool()))
+    after = attr.attribute(ChatInput(CHAT, model), target=" yes")
+    plain = attr.attribute(ChatInput(CHAT, model), target=" yes", reuse_prefix=False)
+    for res in (reused, after):
+        torch.testing.assert_close(res.token_attr, plain.token_attr, atol=1e-5, rtol=0)
+    fresh = HFCausalLMAdapter(model.model, model.tokenizer)  # probed after that generation
+    assert "prefix reuse" in check_adapter(fresh, CHAT)
 
 
 def test_a_bidirectional_lm_head_is_found_and_scored_token_by_token():

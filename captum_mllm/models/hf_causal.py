@@ -6,7 +6,7 @@ import copy
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +95,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self._cache_kwarg = cache_kwarg(forward)
         self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
         self._causal: bool | None = None
+        self._rope_holders: list[nn.Module] | None = None
         self._head_split: tuple[nn.Module, nn.Module] | None = None
         self._head_probed = False
 
@@ -498,6 +499,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         start = masked.prefix_len
         if not self.is_causal or start == 0:
             return None
+        self._forget_rope_deltas()
         ids = masked.encoded.input_ids
         if self._continues_cache is None:
             self._continues_cache = self._probe_continuation(ids[: start + 8], start)
@@ -519,6 +521,18 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             if not self._shares_leads:
                 return self.prefill(masked)
         return prefix
+
+    def _forget_rope_deltas(self) -> None:
+        """Clear the position offsets Qwen2-VL-family models keep from their last
+        ``generate`` (``rope_deltas``, one row per row generated): a cached
+        forward of a chat of text reads them, and after a batched generation
+        one of another batch size raised a size error (so the continuation
+        probe turned prefix reuse off). Cleared, the model counts positions
+        from its cache, as it does before any generation."""
+        if self._rope_holders is None:
+            self._rope_holders = [m for m in self.model.modules() if hasattr(m, "rope_deltas")]
+        for module in self._rope_holders:
+            cast(Any, module).rope_deltas = None
 
     def _probe_continuation(self, ids: Tensor, start: int) -> bool:
         """Whether the model continues a prefix's cache as one forward of the
@@ -632,6 +646,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     ) -> Tensor:
         """One forward, packed (:meth:`packs`) or right-padded; rows already
         hold the first ``first`` target tokens."""
+        if prefix is not None:
+            self._forget_rope_deltas()
         device = self.device
         host = response.ids[first:last]
         target = to_device(host, device)
