@@ -407,7 +407,8 @@ REQUEST_KEYS = ("messages", "tools", "chat_template_kwargs")
 
 def request_template_kwargs(request: Mapping[str, Any]) -> dict[str, Any]:
     """The chat-template arguments a request holds: its ``chat_template_kwargs``
-    (e.g. ``{"enable_thinking": False}``) and its ``tools``.
+    (e.g. ``{"enable_thinking": False}``; a None value is unset, as a datasets
+    column fills another row's keys) and its ``tools``.
 
     Args:
         request (Mapping): ``{"messages": [...], "tools": [...], ...}``.
@@ -420,7 +421,8 @@ def request_template_kwargs(request: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidContentError(
             f"a request's chat_template_kwargs must be a mapping, got {type(given).__name__}"
         )
-    kwargs = dict(given)
+    # None is unset: passed, a template reads it as given (Llama 3's date "None")
+    kwargs = {k: v for k, v in given.items() if v is not None}
     if request.get("tools") is not None:
         if "tools" in kwargs:
             raise InvalidContentError("a request gives tools twice: in tools and in its kwargs")

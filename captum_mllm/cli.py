@@ -369,13 +369,25 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
             raise UsageError(f"{path} has no messages column (it has {data.column_names})")
         rows: dict[str, Any] = {}
         for i, r in enumerate(data):  # its messages, tools, chat_template_kwargs (columns)
-            chat = {k: r[k] for k in REQUEST_KEYS if r.get(k) is not None}
+            chat = {"messages": r["messages"]}
+            chat.update({k: _unfilled(r[k]) for k in REQUEST_KEYS if k != "messages" and r.get(k)})
             _add(rows, str(r.get("id", f"chat_{i:05d}")), chat, f"row {i}")
         return rows
     raise UsageError(
         f"{path} is not a JSONL file, a Hugging Face datasets folder or an audio folder "
         "with transcripts.csv"
     )
+
+
+def _unfilled(value: Any) -> Any:
+    """A datasets column's value without the None entries Arrow fills in: a
+    struct column gives each row every key of every row (a tool's schema
+    would read "description": null where it has none)."""
+    if isinstance(value, dict):
+        return {k: _unfilled(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_unfilled(v) for v in value]
+    return value
 
 
 def _add(chats: dict[str, Any], name: str, chat: Any, where: str) -> None:

@@ -288,16 +288,27 @@ def test_explain_dataset_from_a_hugging_face_datasets_folder(tmp_path, capsys):
     assert {f.modality for f in spoken.features} == {"audio_in"}
     typed = MultimodalLLMAttributionResult.load(tmp_path / "runs" / "typed" / "result.json")
     assert typed.input_tokens == ["Who", "are", "you"]
-    # a chat_template_kwargs column reaches the chat template (only messages were read)
+    # chat_template_kwargs and tools columns reach the chat template (only messages
+    # were read), without the None Arrow fills in for another row's keys (a
+    # template reads date_string=None as the date "None")
     dated = {"date_string": "1 Jan 2025"}
-    row = {"id": "dated", "messages": rows[1]["messages"], "chat_template_kwargs": dated}
-    datasets.Dataset.from_list([row]).save_to_disk(str(tmp_path / "dated"))
+    tool = {"type": "function", "function": {"name": "time"}}
+    described = {"type": "function", "function": {"name": "sky", "description": "Its colour"}}
+    rows = [
+        {"id": "dated", "messages": rows[1]["messages"], "chat_template_kwargs": dated,
+         "tools": [tool]},
+        {"id": "other", "messages": rows[1]["messages"],
+         "chat_template_kwargs": {"enable_thinking": False}, "tools": [described]},
+    ]  # fmt: skip
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "dated"))
     argv = ["explain-dataset", tmp_path / "dated", "--model", "tiny-llama", "--no-ray",
             "--budget", "20", "--max-new-tokens", "2", "--out", tmp_path / "d"]  # fmt: skip
-    code, _, err = run(argv, capsys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny template renders no tools: it says so
+        code, _, err = run(argv, capsys)
     assert code == 0, err
     saved = MultimodalLLMAttributionResult.load(tmp_path / "d" / "dated" / "result.json")
-    assert saved.provenance["input_settings"]["chat_template_kwargs"] == dated
+    assert saved.provenance["input_settings"]["chat_template_kwargs"] == {**dated, "tools": [tool]}
 
 
 def test_remote_code_stays_off_unless_asked(monkeypatch, capsys, tmp_path):
