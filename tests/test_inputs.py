@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+from captum.attr import FeatureAblation
 from conftest import THINKING_TEMPLATE, TOOL_TEMPLATE
 
 from captum_mllm import Chat, ChatInput
@@ -399,6 +400,37 @@ def test_an_earlier_answer_whose_reasoning_the_template_drops_is_read_as_rendere
     for f in inp.features:  # each feature's positions spell its word, in its turn
         assert tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
         assert {int(inp.encoded.turn[p]) for p in f.positions} == {f.turn}
+
+
+def test_a_template_that_reads_text_parts_only_gets_them(model):
+    """SmolVLM's and Llama 3.2 Vision's templates read a message's text from a
+    list of parts and render a string content to nothing: every chat raised
+    "repeats or drops message contents". A string content now goes as one part."""
+    from captum_mllm import HFCausalLMAdapter, MultimodalLLMAttribution
+    from captum_mllm.testing import check_adapter
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = (  # SmolVLM's, shortened
+        "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}: "
+        "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+        "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
+    vlm = HFCausalLMAdapter(model.model, tokenizer)
+    chat = Chat().system("Be brief.").user("Who are you, my friend?")
+    inp = ChatInput(chat, vlm, roles=("system", "user"))
+    messages = [
+        {"role": t.role, "content": [{"type": "text", "text": t.parts[0].text}]} for t in chat
+    ]
+    want = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert inp.encoded.input_ids.tolist() == list(want["input_ids"])
+    assert inp.values == ["Be", "brief", "Who", "are", "you", "my", "friend"]
+    check_adapter(vlm, chat)
+    # A given answer is read as the template renders it after the prompt
+    answered = chat.assistant("I am a bot.")
+    res = MultimodalLLMAttribution(FeatureAblation(vlm), vlm).attribute(ChatInput(answered, vlm))
+    chatml = MultimodalLLMAttribution(FeatureAblation(model), model)
+    assert res.output_tokens == chatml.attribute(ChatInput(answered, model)).output_tokens
 
 
 def test_tool_outputs_are_turns_and_tool_calls_reach_the_template(model):

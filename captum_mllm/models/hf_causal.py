@@ -358,18 +358,39 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             )
         import jinja2
 
+        kwargs = self.chat_template_kwargs if template_kwargs is None else template_kwargs
         try:
+            if self._reads_content_parts():
+                messages = [_as_parts(m) for m in messages]
             return self.tokenizer.apply_chat_template(
-                messages,
-                tokenize=False,
-                add_generation_prompt=generation_prompt,
-                **(self.chat_template_kwargs if template_kwargs is None else template_kwargs),
+                messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
             )
         except jinja2.TemplateError as exc:  # e.g. raise_exception("System role not supported")
             raise ChatTemplateError(
                 f"the model's chat template refuses this chat: {exc} (a template without a "
                 "system role takes the system prompt inside the first user turn)"
             ) from exc
+
+    def _reads_content_parts(self) -> bool:
+        """Whether the chat template reads a message's text only from a list of
+        parts (``[{"type": "text", "text": ...}]``, as SmolVLM's and Llama 3.2
+        Vision's do) and renders a plain string content to nothing."""
+        template = self.tokenizer.chat_template
+        known: dict[str, bool] = self.__dict__.setdefault("_content_parts", {})
+        if template not in known:  # once per template: a caller may set another one
+
+            def reads(message: dict[str, Any]) -> bool:
+                try:
+                    rendered = self.tokenizer.apply_chat_template(
+                        [message], tokenize=False, **self.chat_template_kwargs
+                    )
+                except Exception:  # the template's own error shows on the real chat
+                    return False
+                return _SENTINEL in rendered
+
+            plain = {"role": "user", "content": _SENTINEL}
+            known[template] = not reads(plain) and reads(_as_parts(plain))
+        return known[template]
 
     def _warn_on_unread_keys(self, messages: list[dict[str, Any]], generation_prompt: bool) -> None:
         """Warn when the template renders the messages' keys beside role and
@@ -965,6 +986,14 @@ def _locate_contents(
     for k in range(len(messages)):  # an empty content: where the one before it ends
         out.setdefault(k, (out[k - 1][1], out[k - 1][1], 0) if k else (0, 0, 0))
     return [out[k] for k in range(len(messages))]
+
+
+def _as_parts(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` with a string content as one text part."""
+    content = message.get("content")
+    if not isinstance(content, str):
+        return message
+    return {**message, "content": [{"type": "text", "text": content}]}
 
 
 def _text_tokenizer(tokenizer: Any) -> Any:
