@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from captum.attr import (
     FeatureAblation,
+    FeaturePermutation,
     ImageMaskInput,
     InterpretableInput,
     Lime,
@@ -182,6 +183,12 @@ class MultimodalLLMAttribution(LLMAttribution):
             raise UnsupportedInputError(
                 f"{type(attr_method).__name__} is not supported; use one of "
                 f"{', '.join(m.__name__ for m in self.SUPPORTED_METHODS)}"
+            )
+        if isinstance(attr_method, FeaturePermutation):  # a FeatureAblation to Captum
+            raise UnsupportedInputError(
+                "FeaturePermutation shuffles each feature across the examples of a batch; "
+                "an explanation holds one chat, so every value came out 0: use "
+                "FeatureAblation(model)"
             )
         super().__init__(attr_method, adapter.tokenizer, attr_target)
         # The method calls our evaluator, not the model (Captum's LLMAttribution

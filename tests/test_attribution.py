@@ -10,6 +10,7 @@ import pytest
 import torch
 from captum.attr import (
     FeatureAblation,
+    FeaturePermutation,
     IntegratedGradients,
     KernelShap,
     Lime,
@@ -422,6 +423,8 @@ def test_bad_arguments_raise(model, chat):
         MultimodalLLMAttribution(FeatureAblation(model), model, "prob", target=LogProbTarget())
     with pytest.raises(UnsupportedInputError, match=r"FeatureAblation\(model\)"):
         MultimodalLLMAttribution(FeatureAblation, model)  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedInputError, match="one chat"):  # values all came out 0
+        MultimodalLLMAttribution(FeaturePermutation(model), model)
     # A method built on another model: that model went unread, the adapter's was explained
     other = tiny_hf_adapter(seed=1)
     for built_on in (other, other.model):
