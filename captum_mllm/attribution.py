@@ -13,6 +13,7 @@ import functools
 import inspect
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -60,7 +61,13 @@ from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
 from captum_mllm.models.batching import default_perturbations_per_eval
 from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
-from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget, Target, TargetValues
+from captum_mllm.targets import (
+    EmbeddingSimilarity,
+    LogProbTarget,
+    Target,
+    TargetValues,
+    coalition_seed,
+)
 
 #: Features from which Captum's ``ShapleyValues`` (all n! orders, walked in
 #: Python: 7 features take seconds, 10 about half an hour on a CPU) draws a
@@ -78,6 +85,18 @@ class _Game:
     columns: str
     stock_calls: list[int] | None = None  # model calls made by Captum's own forward
     row_length: Callable[[Tensor], Tensor] | None = None  # (U, n) -> model input lengths
+
+
+@dataclass
+class _Draws:
+    """Seeds of the baselines a Captum input draws for each coalition
+    (``ProductBaselines``): one draw per coalition and trial, from (the trial's
+    seed, the coalition), so a value does not depend on batch or order."""
+
+    seed: int
+
+    def of(self, coalition: Tensor) -> int:
+        return coalition_seed(self.seed, coalition_key(coalition))
 
 
 @dataclass(frozen=True)
@@ -233,7 +252,10 @@ class MultimodalLLMAttribution(LLMAttribution):
             num_trials (int, optional): attributions are averaged over this many
                 runs of the method, each drawing its own coalitions (with our
                 estimators' ``seed=``, the first trial uses that seed and each
-                later one a seed derived from it). Default: 1
+                later one a seed derived from it). A Captum input that draws its
+                baselines (``ProductBaselines``) draws them once per coalition and
+                trial, seeded from Python's ``random`` (``random.seed`` repeats
+                them; a store keeps the first run's). Default: 1
             gen_args (dict, optional): generation arguments when ``target`` is
                 None. A ``ChatInput``'s answer is the greedy one: sampling
                 settings (``do_sample``, ``temperature``, ``top_k``) raise, and
@@ -322,9 +344,18 @@ class MultimodalLLMAttribution(LLMAttribution):
             )
         per_step = not self.adapter.is_causal if forward_in_tokens is None else forward_in_tokens
         response, extra_calls = self._response(inp, target, gen_args, keep_eos)
-        game = self._game(inp, response, per_step, reuse_prefix)
+        draws = None
+        if captum_compat.draws_baselines(inp):  # ProductBaselines: seeded, per trial
+            if store is not None and num_trials > 1:
+                raise InvalidOptionError(
+                    "a store keeps one value per coalition, and each trial draws the input's "
+                    "baselines anew: give num_trials=1 with store=, or no store"
+                )
+            draws = _Draws(random.getrandbits(62))  # random.seed() makes it repeatable
+        game = self._game(inp, response, per_step, reuse_prefix, draws)
         if _inspect_forward is not None:
-            game = replace(game, evaluate=self._inspected(game, inp, response, _inspect_forward))
+            evaluate = self._inspected(game, inp, response, _inspect_forward, draws)
+            game = replace(game, evaluate=evaluate)
         if shard is not None and not (
             isinstance(shard, tuple | list)
             and len(shard) == 2
@@ -342,16 +373,22 @@ class MultimodalLLMAttribution(LLMAttribution):
         opened = self._open_store(store, inp, response) if store is not None else None
         if opened is not None:
             kwargs = self._replay_draws(opened, kwargs)
-        evaluator = CoalitionEvaluator(
-            game.evaluate,
-            opened,
-            enabled=cache_coalitions,
-            shard=shard,
-            placeholder_columns=game.n_columns,
-            row_length=game.row_length,
-        )
+            if draws is not None:
+                draws.seed = int(opened.first("baseline_seed", str(draws.seed)))
+        first_draw = draws.seed if draws is not None else 0
+
+        def new_evaluator() -> CoalitionEvaluator:
+            return CoalitionEvaluator(
+                game.evaluate,
+                opened,
+                enabled=cache_coalitions,
+                shard=shard,
+                placeholder_columns=game.n_columns,
+                row_length=game.row_length,
+            )
+
+        evaluators = [new_evaluator()]
         n_columns = game.n_columns if self.multi_output else 1
-        call = _Call(evaluator, n_columns)
 
         attr = torch.zeros(n_columns, inp.n_itp_features, dtype=torch.float, device=self.device)
         ours = isinstance(self.attr_method, ShapleyEstimator)
@@ -372,6 +409,11 @@ class MultimodalLLMAttribution(LLMAttribution):
             for trial in range(num_trials):
                 if ours:
                     method_kwargs["seed"] = _trial_seed(kwargs.get("seed"), trial)
+                if draws is not None and trial:  # other baselines: other values, not cached
+                    draws.seed = int(_trial_seed(first_draw, trial) or 0)
+                    evaluators.append(new_evaluator())
+                evaluator = evaluators[-1]
+                call = _Call(evaluator, n_columns)
                 upcoming = captum_compat.sampled_coalitions(
                     self.attr_method,
                     inp.n_itp_features,
@@ -422,15 +464,15 @@ class MultimodalLLMAttribution(LLMAttribution):
             output_audio=response.audio,
             provenance={
                 **self._provenance(inp, per_step, kwargs, store, gen_args),
-                "memory_halvings": evaluator.n_halvings,
+                "memory_halvings": sum(e.n_halvings for e in evaluators),
             },
             n_model_calls=self.adapter.n_forward_calls
             - calls_before
             + extra_calls
             + sum(game.stock_calls or []),
-            n_coalitions=requested if ours else evaluator.n_requested,
-            n_unique_coalitions=evaluator.n_evaluated,
-            n_stored_coalitions=evaluator.n_stored,
+            n_coalitions=requested if ours else sum(e.n_requested for e in evaluators),
+            n_unique_coalitions=sum(e.n_evaluated for e in evaluators),
+            n_stored_coalitions=sum(e.n_stored for e in evaluators),
             wall_time=time.perf_counter() - start,
         )
 
@@ -482,7 +524,12 @@ class MultimodalLLMAttribution(LLMAttribution):
     # The value function of one explanation ----------------------------------------------
 
     def _game(
-        self, inp: InterpretableInput, response: Response, per_step: bool, reuse_prefix: bool
+        self,
+        inp: InterpretableInput,
+        response: Response,
+        per_step: bool,
+        reuse_prefix: bool,
+        draws: _Draws | None = None,
     ) -> _Game:
         value_fn, adapter = self.value_fn, self.adapter
         if isinstance(inp, ChatInput):
@@ -519,7 +566,10 @@ class MultimodalLLMAttribution(LLMAttribution):
         score_rows = captum_compat.text_scorer(adapter)
 
         def evaluate_text(coalitions: Tensor) -> TargetValues:
-            rows = [captum_compat.coalition_ids(self, inp, c[None]) for c in coalitions]
+            rows = [
+                captum_compat.coalition_ids(self, inp, c[None], draws.of(c) if draws else None)
+                for c in coalitions
+            ]
             log_probs = score_rows(rows, response, None, per_step)
             return TargetValues(value_fn.from_log_probs(log_probs), "tokens")
 
@@ -531,6 +581,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         inp: InterpretableInput,
         response: Response,
         inspect: Callable[..., None],
+        draws: _Draws | None = None,
     ) -> Callable[[Tensor], TargetValues]:
         """Captum's ``_inspect_forward`` hook around the game: called with (the
         coalition's prompt text, the response text, its probabilities as Captum
@@ -542,9 +593,9 @@ class MultimodalLLMAttribution(LLMAttribution):
             if isinstance(inp, ChatInput):
                 ids = inp.to_model_input(coalition[None]).rows()[0]
                 return str(self.tokenizer.decode(ids[ids >= 0]))  # the text positions
-            return str(
-                self.tokenizer.decode(captum_compat.coalition_ids(self, inp, coalition[None]))
-            )
+            seed = draws.of(coalition) if draws else None
+            ids = captum_compat.coalition_ids(self, inp, coalition[None], seed)
+            return str(self.tokenizer.decode(ids))
 
         def evaluate(coalitions: Tensor) -> TargetValues:
             out = game.evaluate(coalitions)

@@ -9,9 +9,12 @@ other module imports them: when Captum changes, this file changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from captum.attr import (
     FeatureAblation,
@@ -90,11 +93,44 @@ def model_kwargs(attribution: LLMAttribution, model_input: Any) -> dict[str, Any
 
 
 def coalition_ids(
-    attribution: LLMAttribution, inp: InterpretableInput, coalition: Tensor | None
+    attribution: LLMAttribution,
+    inp: InterpretableInput,
+    coalition: Tensor | None,
+    seed: int | None = None,
 ) -> Tensor:
     """Token ids ``(L,)`` of one coalition of a Captum text input, as Captum
-    tokenizes it (templates are rendered, then encoded with special tokens)."""
-    return model_kwargs(attribution, inp.to_model_input(coalition))["input_ids"].reshape(-1)
+    tokenizes it (templates are rendered, then encoded with special tokens);
+    baselines an input draws (:func:`draws_baselines`) are drawn with ``seed``."""
+    if seed is None:
+        model_input = inp.to_model_input(coalition)
+    else:
+        with seeded_draws(seed):
+            model_input = inp.to_model_input(coalition)
+    return model_kwargs(attribution, model_input)["input_ids"].reshape(-1)
+
+
+def draws_baselines(inp: InterpretableInput) -> bool:
+    """Whether a Captum input draws its baselines anew for each coalition: a
+    ``TextTemplateInput`` whose ``baselines`` is a callable, such as Captum's
+    ``ProductBaselines`` (which draws with Python's ``random``)."""
+    return isinstance(inp, TextTemplateInput) and callable(inp.baselines)
+
+
+@contextmanager
+def seeded_draws(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's global generators seeded with ``seed`` inside
+    the block and put back after it: what a baseline callable draws there is a
+    function of ``seed``, and the caller's generators do not move."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
 
 
 def generate(attribution: LLMAttribution, inp: InterpretableInput, **gen_args: Any) -> Tensor:

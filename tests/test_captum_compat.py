@@ -325,6 +325,61 @@ def test_num_trials_averages():
     torch.testing.assert_close(avg.token_attr, (first.token_attr + second.token_attr) / 2)
 
 
+# Captum's LLM tutorial: ProductBaselines draws each coalition's baselines, and
+# num_trials averages over draws. The cache kept the first trial's draw, so every
+# trial repeated it; nor did torch's seed make the draws (Python's random) repeat.
+def test_drawn_baselines_are_averaged_over_trials_and_seeded(tmp_path):
+    import random
+
+    from captum.attr import ProductBaselines
+
+    from captum_mllm.errors import InvalidOptionError
+    from captum_mllm.testing import tiny_hf_adapter
+
+    model = tiny_hf_adapter()
+    text, target = "{name} lives in {city}. {pronoun} friend is nice.", "He is happy"
+    values = {"name": "Dave", "city": "Paris", "pronoun": "his"}
+    people, cities = [("Sarah", "her"), ("John", "his"), ("Ann", "her")], ["Seattle", "Rome"]
+    drawn = TextTemplateInput(
+        text, values, baselines=ProductBaselines({("name", "pronoun"): people, "city": cities})
+    )
+    # The oracle: stock Captum (sequence path) on each fixed baseline; each of a
+    # feature's values is drawn alike, so the expectation is their mean
+    stock = LLMAttribution(FeatureAblation(model.model), model.tokenizer)
+    each = torch.stack([
+        stock.attribute(
+            TextTemplateInput(text, values, baselines={"name": n, "pronoun": p, "city": c}),
+            target,
+            forward_in_tokens=False,
+        ).seq_attr
+        for (n, p), c in itertools.product(people, cities)
+    ])  # fmt: skip
+    attr = MultimodalLLMAttribution(FeatureAblation(model), model)
+    trials = 96
+    random.seed(0)
+    res = attr.attribute(drawn, target, num_trials=trials)
+    after = random.random()
+    stderr = each.std(0, unbiased=False) / trials**0.5
+    assert bool(((res.seq_attr - each.mean(0)).abs() <= 4 * stderr + 1e-4).all())
+    assert res.n_unique_coalitions == trials * 4  # each trial evaluated its own draws
+    # Seeded by Python's random, which ProductBaselines draws with; the caller's
+    # generator moves by one draw, however many coalitions were evaluated
+    random.seed(0)
+    again = attr.attribute(drawn, target, num_trials=trials, perturbations_per_eval=1)
+    torch.testing.assert_close(again.seq_attr, res.seq_attr)
+    random.seed(0)
+    attr.attribute(drawn, target)
+    assert random.random() == after
+    random.seed(0)
+    svs = MultimodalLLMAttribution(ShapleyValueSampling(model), model)
+    kept = svs.attribute(drawn, target, n_samples=4, store=tmp_path / "s.sqlite")
+    resumed = svs.attribute(drawn, target, n_samples=4, store=tmp_path / "s.sqlite")
+    torch.testing.assert_close(resumed.seq_attr, kept.seq_attr)  # the first run's draws
+    assert resumed.n_unique_coalitions == 0
+    with pytest.raises(InvalidOptionError, match="num_trials=1 with store="):
+        svs.attribute(drawn, target, num_trials=2, store=tmp_path / "t.sqlite")
+
+
 # Mirrors test_futures_not_implemented.
 def test_futures_not_implemented():
     attr = MultimodalLLMAttribution(FeatureAblation(DummyLLM()), DummyTokenizer())
