@@ -11,8 +11,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,10 +22,16 @@ import torch
 from torch import nn
 
 from captum_mllm.chat import AudioPart, Chat
+from captum_mllm.errors import InvalidModelError
 
 
 def digest(*parts: Any) -> str:
     """SHA-256 of plain data (JSON-able values, bytes and tensors), hex."""
+    return _digest(parts)
+
+
+def _digest(parts: Iterable[Any]) -> str:
+    """:func:`digest` of parts taken one at a time (weights read one by one)."""
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, torch.Tensor):
@@ -48,9 +56,35 @@ def model_digest(model: nn.Module) -> str:
     generation = to_dict() if callable(to_dict) else {}
     generation.pop("transformers_version", None)  # the same settings under another release
     state = model.state_dict()
-    return digest(
-        type(model).__qualname__, config_text, plain(generation), *state.keys(), *state.values()
-    )
+    head = [type(model).__qualname__, config_text, plain(generation), *state.keys()]
+    return _digest(itertools.chain(head, _weights(model, state)))
+
+
+def _weights(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The state's tensors in order; those accelerate offloaded (``device_map``
+    with disk or CPU offload: a meta tensor here) read from where it keeps
+    them, one at a time, so the digest is the in-memory model's."""
+    loader = None
+    for key, value in state.items():
+        if value.is_meta:
+            loader = loader if loader is not None else _offloaded(model)
+            if loader is None:
+                raise InvalidModelError(
+                    f"the model's {key} has no data (meta device) and no offloaded copy "
+                    "accelerate keeps: load the model's weights before explaining it"
+                )
+            value = loader[key]
+        yield value
+
+
+def _offloaded(model: nn.Module) -> Any:
+    """accelerate's loader of a dispatched model's offloaded weights (keyed by
+    state-dict name), or None."""
+    for module in model.modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is not None and hasattr(weights, "dataset"):
+            return weights.dataset
+    return None
 
 
 def chat_digest(chat: Chat) -> str:

@@ -172,6 +172,35 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
         attr2.attribute(ChatInput(chat, other), target=TARGET, store=store)
 
 
+def test_a_model_accelerate_offloads_to_disk_resumes_the_in_memory_models_store(
+    model, chat, tmp_path
+):
+    """A model too big for memory, loaded with device_map="auto" and offloaded
+    layers (meta tensors here, their weights on disk): the store's model digest
+    raised NotImplementedError. It reads the offloaded weights, so the digest
+    is the in-memory model's and its store resumes."""
+    from transformers import AutoModelForCausalLM
+
+    model.model.save_pretrained(tmp_path / "model")
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model",
+        device_map="auto",
+        max_memory={"cpu": "400KB"},  # the embeddings fit; the layers go to disk
+        offload_folder=tmp_path / "offload",
+    )
+    assert any(p.is_meta for p in offloaded.parameters())
+    big = HFCausalLMAdapter(offloaded, model.tokenizer)
+    store = tmp_path / "run.sqlite"
+    first = MultimodalLLMAttribution(ShapleyValues(model), model)
+    kept = first.attribute(ChatInput(chat, model), target=TARGET, store=store)
+    again = MultimodalLLMAttribution(ShapleyValues(big), big)
+    resumed = again.attribute(ChatInput(chat, big), target=TARGET, store=store)
+    assert resumed.n_unique_coalitions == 0 and resumed.n_stored_coalitions > 0
+    torch.testing.assert_close(resumed.seq_attr, kept.seq_attr)
+    fresh = again.attribute(ChatInput(chat, big), target=TARGET)  # and it computes them
+    torch.testing.assert_close(fresh.seq_attr, kept.seq_attr, atol=1e-5, rtol=1e-4)
+
+
 def test_a_store_object_kept_between_calls_refuses_another_explanation(model, chat):
     # A MemoryStore is keyed by coalitions alone: another chat's values were read back
     store = MemoryStore()
