@@ -66,7 +66,7 @@ def _weights(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[torch
     them, one at a time, so the digest is the in-memory model's."""
     loader = None
     for key, value in state.items():
-        if value.is_meta:
+        if isinstance(value, torch.Tensor) and value.is_meta:
             loader = loader if loader is not None else _offloaded(model)
             if loader is None:
                 raise InvalidModelError(
@@ -74,7 +74,29 @@ def _weights(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[torch
                     "accelerate keeps: load the model's weights before explaining it"
                 )
             value = loader[key]
-        yield value
+        yield from _tensor_parts(value)
+
+
+def _tensor_parts(value: Any) -> Iterator[Any]:
+    """A state-dict entry as parts :func:`_digest` reads: a quantized model's
+    weights (torch.ao's quantized tensors, torchao's tensor subclasses, whose
+    bytes cannot be viewed) by what they hold, other entries (a packed
+    parameter's tuple, a dtype) item by item."""
+    if isinstance(value, torch.Tensor):
+        if value.is_quantized:  # torch.ao: the real values its integers stand for
+            yield value.dequantize()
+        elif type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+            names, context = value.__tensor_flatten__()  # torchao: its inner tensors
+            yield [_qualname(type(value)), plain(context)]
+            for name in names:
+                yield from _tensor_parts(getattr(value, name))
+        else:
+            yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensor_parts(item)
+    else:
+        yield plain(value)
 
 
 def _offloaded(model: nn.Module) -> Any:

@@ -201,6 +201,46 @@ def test_a_model_accelerate_offloads_to_disk_resumes_the_in_memory_models_store(
     torch.testing.assert_close(fresh.seq_attr, kept.seq_attr, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao's quantization
+def test_a_quantized_models_store_resumes_and_tells_its_weights_apart(model, chat, tmp_path):
+    """Quantized weights (torchao's tensor subclasses through transformers'
+    TorchAoConfig, torch.ao's dynamic quantization) cannot be viewed as bytes:
+    the store's model digest raised. They are digested by what they hold."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    model.model.save_pretrained(tmp_path / "model")
+    torchao = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())
+    )
+    dynamic = torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(model.model), {torch.nn.Linear}, dtype=torch.qint8
+    )
+    for i, quantized in enumerate((torchao, dynamic)):
+        adapter = HFCausalLMAdapter(quantized, model.tokenizer)
+        attr = MultimodalLLMAttribution(ShapleyValues(adapter), adapter)
+        store = tmp_path / f"{i}.sqlite"
+        kept = attr.attribute(ChatInput(chat, adapter), target=TARGET, store=store)
+        resumed = attr.attribute(ChatInput(chat, adapter), target=TARGET, store=store)
+        assert resumed.n_unique_coalitions == 0
+        torch.testing.assert_close(resumed.seq_attr, kept.seq_attr)
+        with pytest.raises(StoreMismatchError, match="model"):  # the float model's weights
+            MultimodalLLMAttribution(ShapleyValues(model), model).attribute(
+                ChatInput(chat, model), target=TARGET, store=store
+            )
+    other = copy.deepcopy(dynamic)
+    layer = other.model.layers[0].mlp.up_proj
+    weight = layer.weight()  # one quantized weight changed
+    layer.set_weight_bias(
+        torch.quantize_per_tensor(weight.dequantize() + 0.1, 0.01, 0, torch.qint8), layer.bias()
+    )
+    shifted = HFCausalLMAdapter(other, model.tokenizer)
+    with pytest.raises(StoreMismatchError, match="model"):
+        MultimodalLLMAttribution(ShapleyValues(shifted), shifted).attribute(
+            ChatInput(chat, shifted), target=TARGET, store=tmp_path / "1.sqlite"
+        )
+
+
 def test_a_store_object_kept_between_calls_refuses_another_explanation(model, chat):
     # A MemoryStore is keyed by coalitions alone: another chat's values were read back
     store = MemoryStore()
