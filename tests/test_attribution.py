@@ -730,6 +730,23 @@ def test_a_peft_model_is_explained_as_its_merged_model(model, chat):
     assert not torch.allclose(ours, explain(model), atol=1e-3)  # the LoRA weights count
 
 
+def test_a_compiled_model_is_explained_as_the_model(model, chat, caplog):
+    """torch.compile's OptimizedModule hands its keywords on to the model it
+    wraps; they were read off its own forward, so the cache went by its
+    deprecated name (transformers warned) and every position's logits were computed."""
+    import logging
+
+    compiled = torch.compile(model.model, backend="eager")  # no compiler needed
+    adapter = HFCausalLMAdapter(compiled, model.tokenizer)
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]  # transformers'
+    attr = MultimodalLLMAttribution(FeatureAblation(adapter), adapter)
+    ours = attr.attribute(ChatInput(chat, adapter), target=TARGET).token_attr
+    assert "deprecated" not in caplog.text
+    plain = MultimodalLLMAttribution(FeatureAblation(model), model)
+    want = plain.attribute(ChatInput(chat, model), target=TARGET).token_attr
+    torch.testing.assert_close(ours, want)
+
+
 def test_captum_sampling_is_prefetched_in_full_batches(model, chat):
     """Captum's ShapleyValueSampling asks one order at a time; its coalitions are
     drawn ahead (torch's generator put back) and evaluated in full batches, so

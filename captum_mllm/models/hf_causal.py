@@ -86,10 +86,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self.model = model
         self.tokenizer = _text_tokenizer(tokenizer)
         self.chat_template_kwargs = chat_template_kwargs  # checked by the setter
-        # A wrapper (PEFT's PeftModel) hands its keywords on to the model it
-        # wraps: that model's forward says which it reads.
-        unwrap: Any = getattr(model, "get_base_model", None)
-        forward = getattr(unwrap() if callable(unwrap) else model, "forward", None)
+        # A wrapper (PEFT's PeftModel, torch.compile's OptimizedModule) hands its
+        # keywords on to the model it wraps: that model's forward says which it reads.
+        inner: Any = getattr(model, "_orig_mod", model)
+        unwrap: Any = getattr(inner, "get_base_model", None)
+        forward = getattr(unwrap() if callable(unwrap) else inner, "forward", None)
         params = inspect.signature(forward).parameters if forward else {}
         self._logits_to_keep = "logits_to_keep" in params
         self._cache_kwarg = cache_kwarg(forward)
