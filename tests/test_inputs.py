@@ -433,6 +433,27 @@ def test_a_template_that_reads_text_parts_only_gets_them(model):
     assert res.output_tokens == chatml.attribute(ChatInput(answered, model)).output_tokens
 
 
+def test_named_chat_templates_give_the_default_or_the_tool_use_one(model, chat):
+    """A tokenizer with named templates (Hermes', Command R's) keeps them in a
+    dict: the default renders a chat, tool_use one with tools, as transformers'
+    apply_chat_template chooses."""
+    from captum_mllm import HFCausalLMAdapter
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = {
+        "default": CHATML_TEMPLATE,
+        "tool_use": "{{ tools | length }} tools\n" + CHATML_TEMPLATE,
+    }
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    for kwargs in ({}, {"tools": tools}):
+        adapter = HFCausalLMAdapter(model.model, tokenizer, chat_template_kwargs=kwargs)
+        inp = ChatInput(chat, adapter, roles=("system", "user"))
+        messages = [{"role": t.role, "content": t.parts[0].text} for t in chat]
+        want = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        assert inp.encoded.input_ids.tolist() == list(want["input_ids"])
+        assert inp.values[-5:] == ["Who", "are", "you", "my", "friend"]
+
+
 def test_tool_outputs_are_turns_and_tool_calls_reach_the_template(model):
     """An agent's chat: the model called a tool and read its output. The tool
     role raised, and tool_calls vanished (the template rendered no call)."""

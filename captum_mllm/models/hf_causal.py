@@ -376,7 +376,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         """Whether the chat template reads a message's text only from a list of
         parts (``[{"type": "text", "text": ...}]``, as SmolVLM's and Llama 3.2
         Vision's do) and renders a plain string content to nothing."""
-        template = self.tokenizer.chat_template
+        template = str(self.tokenizer.chat_template)  # a dict of named ones too
         known: dict[str, bool] = self.__dict__.setdefault("_content_parts", {})
         if template not in known:  # once per template: a caller may set another one
 
