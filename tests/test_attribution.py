@@ -34,6 +34,7 @@ from captum_mllm.attribution import _trial_seed
 from captum_mllm.captum_compat import text_template_input
 from captum_mllm.coalitions import CoalitionEvaluator
 from captum_mllm.errors import (
+    ChatTemplateError,
     InvalidBaselineError,
     InvalidModelError,
     InvalidOptionError,
@@ -626,6 +627,31 @@ def test_from_pretrained_reads_a_bfloat16_checkpoint_in_float32_on_the_cpu(tmp_p
         hub = {"revision": "main", "local_files_only": True, "cache_dir": str(tmp_path / "c")}
         HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu", **hub)
     assert seen and hub.items() <= seen[-1].items()
+
+
+def test_from_pretrained_reads_a_processors_chat_template_file(tmp_path, chat):
+    """Vision-language checkpoints (Llava's, SmolVLM's) keep the chat template
+    for their processor in chat_template.json, which AutoTokenizer does not
+    read: loading one raised "has no chat template (a base model?)"."""
+    import json
+
+    tiny = tiny_hf_adapter()
+    tiny.model.save_pretrained(tmp_path)
+    tokenizer = copy.deepcopy(tiny.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    template = "<s>{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    loaded = HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu")
+    assert loaded.tokenizer.chat_template == template
+    rendered = "<s>[system] You are a helpful assistant.\n[user] Who are you, my friend?\n"
+    assert (
+        loaded.tokenizer.decode(ChatInput(chat, loaded).encoded.input_ids)
+        == rendered + "[assistant] "
+    )
+    (tmp_path / "chat_template.json").unlink()  # a base model: said as before
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        ChatInput(chat, HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu"))
 
 
 def test_non_finite_values_warn(model, chat, monkeypatch):

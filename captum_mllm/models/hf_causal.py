@@ -167,6 +167,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         if dispatched and device is not None:  # one would undo the other
             raise InvalidOptionError("give device= or device_map=, not both")
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
+        if getattr(tokenizer, "chat_template", None) is None:  # a processor's, in its own file
+            tokenizer.chat_template = _processor_template(name_or_path, common)
         where = resolve_device(device)
         if dtype is None:
             dtype = torch.float32 if where.type == "cpu" else "auto"
@@ -1009,6 +1011,25 @@ def _text_tokenizer(tokenizer: Any) -> Any:
         inner = copy.copy(inner)  # the processor's own tokenizer keeps its template
         inner.chat_template = template
     return inner
+
+
+def _processor_template(name_or_path: str, common: dict[str, Any]) -> str | None:
+    """The chat template a vision-language checkpoint keeps for its processor
+    in ``chat_template.json`` (Llava's, SmolVLM's), which ``AutoTokenizer``
+    does not read; None without one."""
+    import json
+
+    from transformers.utils import cached_file
+
+    hub = {k: v for k, v in common.items() if k in _HUB_KWARGS}
+    path = cached_file(
+        name_or_path, "chat_template.json", _raise_exceptions_for_missing_entries=False, **hub
+    )
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        template = json.load(f).get("chat_template")
+    return template if isinstance(template, str) and template else None
 
 
 def _pad_id(tokenizer: Any) -> int:
