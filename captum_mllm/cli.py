@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     dataset.add_argument("--cpus-per-worker", type=float, default=None)
     dataset.add_argument("--address", help="an existing Ray cluster ('auto', 'ray://host:10001')")
     dataset.add_argument("--no-ray", action="store_true", help="run in this process")
+    dataset.add_argument(
+        "--on-error",
+        choices=("raise", "record"),
+        default="raise",
+        help="a chat that raises: stop (chats done are kept), or record the error in its "
+        "row and go on",
+    )
     dataset.add_argument("--out", type=Path, default=Path("outputs/dataset"))
     dataset.set_defaults(run=_dataset_command)
 
@@ -279,6 +286,7 @@ def _dataset_command(args: argparse.Namespace) -> None:
         target_factory=partial(_similarity, gen) if args.target == "similarity" else None,
         address=args.address,
         use_ray=False if args.no_ray else None,
+        on_error=args.on_error,
     )
     print(table.to_string(index=False))
     table.to_csv(args.out / "summary.csv", index=False)

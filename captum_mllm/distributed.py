@@ -42,6 +42,10 @@ STORE = "coalitions.sqlite"
 __all__ = ["explain_dataset", "explain_sharded", "ChatExplainer"]
 
 
+#: What :func:`explain_dataset` does with a chat that raises.
+ON_ERROR = ("raise", "record")
+
+
 class ChatExplainer:
     """One model replica explaining chats (the body of a Ray actor, or in-process).
 
@@ -77,11 +81,25 @@ class ChatExplainer:
         return MultimodalLLMAttribution(method, self.model, target=target)
 
     def explain(
-        self, name: str, chat: Any, folder: str, request: str | None = None
+        self,
+        name: str,
+        chat: Any,
+        folder: str,
+        request: str | None = None,
+        on_error: str = "raise",
     ) -> dict[str, Any]:
         """Explain one chat into ``folder`` (result + store); returns its summary row.
-        ``request`` (the digest a rerun compares) goes into the result's provenance."""
+        ``request`` (the digest a rerun compares) goes into the result's provenance.
+        ``on_error="record"``: a chat that raises gets a row naming the error
+        instead, and no result (a rerun tries it again)."""
+        if on_error == "raise":
+            return self._explain(name, chat, folder, request)
+        try:
+            return self._explain(name, chat, folder, request)
+        except Exception as exc:  # noqa: BLE001 (recorded with its type, not swallowed)
+            return {"chat": name, "skipped": False, "error": f"{type(exc).__name__}: {exc}"}
 
+    def _explain(self, name: str, chat: Any, folder: str, request: str | None) -> dict[str, Any]:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         with self._input(chat) as inp:
@@ -244,6 +262,7 @@ def explain_dataset(
     use_ray: bool | None = None,
     show_progress: bool = True,
     on_worker_start: Callable[[list[Any]], None] | None = None,
+    on_error: str = "raise",
 ) -> pd.DataFrame:
     """Explain every chat of a data set, one chat per task, over Ray actors.
 
@@ -289,17 +308,24 @@ def explain_dataset(
         show_progress (bool, optional): a progress bar over finished chats. Default: True
         on_worker_start (callable, optional): called with the actor handles once
             they exist (tests use it to kill one). Default: None
+        on_error (str, optional): ``"raise"`` stops at the first chat that
+            raises (the chats done so far are kept: a rerun skips them);
+            ``"record"`` puts ``"ErrorType: message"`` in that chat's ``error``
+            column and goes on, with a warning naming how many failed (a rerun
+            tries them again). A dead worker is retried either way. Default: "raise"
 
     Returns:
         pandas.DataFrame: one row per chat (name, response, number of features,
         top feature, coalitions evaluated now and read from the store, seconds,
-        ``"skipped"`` for chats already done).
+        ``"skipped"`` for chats already done, ``"error"`` with ``on_error="record"``).
     """
     root = Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
     if num_workers is not None:  # 0 started no worker: no chat explained, no error
         require_int("num_workers", num_workers, 1)
     require_int("max_retries", max_retries, 0)
+    if on_error not in ON_ERROR:
+        raise InvalidOptionError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     _check_attribute_kwargs(attribute_kwargs)
     items = _named(chats)
     unread = {k for _, c in items if isinstance(c, Mapping) for k in c} - {*CHAT_KEYS}
@@ -338,15 +364,30 @@ def explain_dataset(
         worker = ChatExplainer(*args) if todo else None
         for name, chat, request in todo:
             assert worker is not None
-            rows.append(worker.explain(name, chat, str(root / name), request))
+            rows.append(worker.explain(name, chat, str(root / name), request, on_error))
             bar.update()
     else:
         for row in _run_on_ray(
-            ray, args, todo, root, num_workers, resources_per_worker, max_retries, on_worker_start
+            ray,
+            args,
+            todo,
+            root,
+            num_workers,
+            resources_per_worker,
+            max_retries,
+            on_worker_start,
+            on_error,
         ):
             rows.append(row)
             bar.update()
     bar.close()
+    failed = [str(row["chat"]) for row in rows if row.get("error")]
+    if failed:
+        warn_caller(
+            f"{len(failed)} of {len(items)} chats raised and have no result (their 'error' "
+            f"column says why; a rerun tries them again): {', '.join(failed[:5])}"
+            + (", ..." if len(failed) > 5 else "")
+        )
     order = {name: i for i, (name, _) in enumerate(items)}
     rows.sort(key=lambda row: order[str(row["chat"])])
     return pd.DataFrame(rows)
@@ -388,6 +429,7 @@ def _run_on_ray(
     resources: dict[str, float] | None,
     max_retries: int,
     on_worker_start: Callable[[list[Any]], None] | None,
+    on_error: str = "raise",
 ) -> Iterator[dict[str, Any]]:
     """Schedule chats on a pool of actors; replace dead actors and retry their chat."""
     if not todo:
@@ -406,7 +448,7 @@ def _run_on_ray(
 
     def submit(slot: int) -> None:
         name, chat, request = pending.pop()
-        future = actors[slot].explain.remote(name, chat, str(root / name), request)
+        future = actors[slot].explain.remote(name, chat, str(root / name), request, on_error)
         running[future] = (slot, name, chat, request)
 
     try:

@@ -229,6 +229,14 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     assert "summary.csv" in text
     code, text, _ = run(argv, capsys)  # a rerun skips both
     assert code == 0 and text.count("True") >= 2
+    # A bad chat stops the run, or with --on-error record is named in its row
+    bad = json.dumps({"id": "bad", "messages": [{"role": "user", "content": "<|im_end|>"}]})
+    (tmp_path / "chats.jsonl").write_text("\n".join([*lines, bad]) + "\n")
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "control token" in err
+    with pytest.warns(UserWarning, match="1 of 3 chats raised"):
+        code, text, err = run([*argv, "--on-error", "record"], capsys)
+    assert code == 0 and "InvalidContentError: the user turn's text contains" in text
 
     folder = tmp_path / "audio"
     folder.mkdir()

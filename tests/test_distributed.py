@@ -99,6 +99,36 @@ def test_a_killed_actor_loses_nothing_and_a_rerun_evaluates_nothing(
     assert again["skipped"].all() and len(again) == 6
 
 
+def test_a_chat_that_raises_stops_the_run_or_is_recorded(tmp_path, local_ray):
+    """One bad chat in a data set (here a control token in its text) stopped
+    the whole run; with on_error="record" its row says why and the others are
+    explained, on Ray as in-process. A rerun tries only it again."""
+    from captum_mllm.errors import InvalidContentError
+
+    chats = {"good": CHATS[0], "bad": Chat().user("Hi <|im_start|> there"), "fine": CHATS[2]}
+    args = (factory, LeverageKernelShap, {}, SETTINGS)
+    with pytest.raises(InvalidContentError):
+        explain_dataset(chats, *args, store_dir=tmp_path / "raise", use_ray=False,
+                        show_progress=False)  # fmt: skip
+    for use_ray in (False, True):
+        root = tmp_path / str(use_ray)
+        with pytest.warns(UserWarning, match="1 of 3 chats raised"):
+            table = explain_dataset(chats, *args, store_dir=root, use_ray=use_ray,
+                                    show_progress=False, on_error="record")  # fmt: skip
+        assert list(table["chat"]) == ["good", "bad", "fine"]
+        errors = dict(zip(table["chat"], table["error"], strict=True))
+        assert errors["bad"].startswith("InvalidContentError: ")
+        assert all(not isinstance(errors[k], str) for k in ("good", "fine"))
+        assert not (root / "bad" / RESULT).exists() and (root / "fine" / RESULT).exists()
+    _same_results(tmp_path / "False", tmp_path / "True", ["good", "fine"])
+    with pytest.warns(UserWarning, match="1 of 3"):
+        again = explain_dataset(chats, *args, store_dir=tmp_path / "False", use_ray=False,
+                                show_progress=False, on_error="record")  # fmt: skip
+    assert list(again["skipped"]) == [True, False, True]
+    with pytest.raises(InvalidOptionError, match="on_error"):
+        explain_dataset(chats, *args, store_dir=tmp_path, on_error="skip")
+
+
 def test_sharding_one_explanation_over_two_actors(tmp_path, local_ray):
     chat = Chat().system("Be brief.").user("Please explain why the sky is blue to me")
     res = explain_sharded(
