@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from captum_mllm.errors import (
     EmptyTextError,
     InvalidContentError,
     InvalidRoleError,
+    warn_caller,
 )
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -107,6 +109,31 @@ class AudioPart:
 Part = TextPart | AudioPart
 
 
+def _parse_arguments(call: Any) -> None:
+    """A tool call's ``arguments`` as transformers' templates read them: a dict.
+    OpenAI's format holds a JSON string, which a template's ``| tojson`` wrote
+    as one quoted string; vLLM parses it before the template, and so do we
+    (``""`` or None as ``{}``). A string that is not a JSON object stays, with a warning."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str | None):
+        return
+    text = function.get("arguments")
+    if not text:
+        function["arguments"] = {}
+        return
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        function["arguments"] = parsed
+    else:
+        warn_caller(
+            f"tool call {function.get('name')!r} has arguments that are not a JSON object "
+            f"({text[:40]!r}); the template gets them as this string"
+        )
+
+
 @dataclass(frozen=True)
 class Turn:
     """One message of a chat: a role and its ordered parts.
@@ -142,6 +169,8 @@ class Turn:
                 '[{"type": "function", "function": {"name": ..., "arguments": {...}}}]'
             )
         object.__setattr__(self, "extra", copy.deepcopy(dict(self.extra)))  # immutable, as parts
+        for call in self.extra.get("tool_calls") or ():
+            _parse_arguments(call)
         if not self.parts and not (self.role == "assistant" and self.extra.get("tool_calls")):
             raise EmptyChatError(f"the {self.role} turn has no content; give it text or audio")
         for part in self.parts:

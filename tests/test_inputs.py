@@ -491,6 +491,16 @@ def test_tool_outputs_are_turns_and_tool_calls_reach_the_template(model):
         for f in inp.features:  # each feature's positions spell its word, in its turn
             assert tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
             assert {int(inp.encoded.turn[p]) for p in f.positions} == {f.turn}
+    # OpenAI's format holds the arguments as a JSON string, which `| tojson` wrote
+    # as one quoted string; vLLM parses it before the template, and so does Chat
+    sent = {"type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}}
+    request = [*messages[:2], {**messages[2], "tool_calls": [sent]}, *messages[3:]]
+    read = ChatInput(Chat.from_messages(request), agent, roles=("user", "tool"))
+    assert read.encoded.input_ids.tolist() == tokenizer(expected)["input_ids"]
+    assert sent["function"]["arguments"] == '{"city":"Paris"}'  # the caller's dict is kept
+    with pytest.warns(UserWarning, match="not a JSON object"):  # kept as given
+        odd = {"type": "function", "function": {"name": "weather", "arguments": "city=Paris"}}
+        assert Chat().assistant(tool_calls=[odd]).to_messages()[0]["tool_calls"] == [odd]
     res = MultimodalLLMAttribution(ExactShapleyValues(agent), agent).attribute(
         inp, target="Take an umbrella."
     )
