@@ -109,6 +109,10 @@ class AudioPart:
 Part = TextPart | AudioPart
 
 
+def _unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str | list | tuple | dict) and not value)
+
+
 def _parse_arguments(call: Any) -> None:
     """A tool call's ``arguments`` as transformers' templates read them: a dict.
     OpenAI's format holds a JSON string, which a template's ``| tojson`` wrote
@@ -325,7 +329,8 @@ class Chat(Sequence[Turn]):
 
         Keys other than ``role`` and ``content`` (``tool_calls``,
         ``tool_call_id``, ``name``, ``reasoning_content``) are kept for the chat
-        template (:class:`Turn`'s ``extra``); an assistant message holding
+        template (:class:`Turn`'s ``extra``), unless None or empty (as an OpenAI
+        SDK message's ``refusal``, ``annotations``); an assistant message holding
         ``tool_calls`` may have no content.
         ``content`` may be a string or a list of ``{"type": "text", "text": ...}``
         and ``{"type": "audio", "audio" | "path" | "url": ..., "sampling_rate": ...}``
@@ -341,7 +346,11 @@ class Chat(Sequence[Turn]):
         for message in messages:
             if not isinstance(message, Mapping) or "role" not in message:
                 raise InvalidContentError("each message must be a dict with 'role' and 'content'")
-            extra = {str(key): v for key, v in message.items() if key not in ("role", "content")}
+            extra = {  # unset (an OpenAI SDK message's refusal=None, annotations=[]): left out
+                str(key): v
+                for key, v in message.items()
+                if key not in ("role", "content") and not _unset(v)
+            }
             content = message.get("content")
             empty = content is None or (isinstance(content, str | list) and not content)
             if empty and extra.get("tool_calls"):  # a call alone

@@ -65,6 +65,18 @@ def test_message_keys_beside_role_and_content_reach_the_template():
             Chat().user("Hi").assistant(tool_calls=calls)
 
 
+def test_an_openai_sdk_messages_unset_fields_are_left_out():
+    """A message as the OpenAI SDK dumps it (refusal=None, annotations=[],
+    audio=None, tool_calls=None): those keys warned that the template renders
+    none of them, on every chat read from such a log."""
+    dumped = {"role": "assistant", "content": "Paris.", "refusal": None, "annotations": [],
+              "audio": None, "function_call": None, "tool_calls": None}  # fmt: skip
+    chat = Chat.from_messages([{"role": "user", "content": "Capital of France?"}, dumped])
+    assert chat[1].extra == {}
+    kept = Chat.from_messages([{"role": "tool", "content": "Sunny.", "tool_call_id": "0"}])
+    assert kept[0].extra == {"tool_call_id": "0"}
+
+
 def test_audio_part_from_messages_keeps_rate_and_length():
     wave = np.zeros(1600, dtype=np.float32)
     chat = Chat.from_messages(
