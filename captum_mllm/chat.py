@@ -28,7 +28,7 @@ from captum_mllm.errors import (
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 #: Message keys beside role and content that chat templates read, as arguments.
-_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
+_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning", "thinking")
 #: What to use instead of roles other APIs and templates know.
 _ROLE_HINTS = {
     "developer": " (OpenAI's developer role is the system prompt: use 'system')",
@@ -235,7 +235,7 @@ class Chat(Sequence[Turn]):
             sample_rate (int, optional): sample rate for array / tensor audio.
             **extra: the message's other keys, for the chat template:
                 ``tool_calls=[...]``, ``tool_call_id=``, ``name=``,
-                ``reasoning_content=``, ``thinking=`` (others through
+                ``reasoning_content=``, ``reasoning=``, ``thinking=`` (others through
                 :meth:`from_messages`); see :class:`Turn`.
 
         Returns:

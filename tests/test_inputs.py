@@ -305,6 +305,12 @@ def test_a_given_answer_follows_the_template_text_the_template_puts_before_it(mo
     inp = ChatInput(reasoned, thinking)
     assert inp.encoded.input_ids.tolist() == lead and inp.response == "Paris."
     assert inp.values == prompt.values  # the reasoning is template text, no feature
+    # Under its OpenAI-style name (vLLM's responses), which transformers reads as
+    # reasoning_content: the builder refused it as no message key
+    renamed = Chat().user("Who are you?").assistant("Paris.", reasoning="The capital.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ChatInput(renamed, thinking).encoded.input_ids.tolist() == lead
     # Thinking off: the generation prompt holds the block already.
     assert ChatInput(answered, quiet).encoded.input_ids.tolist() == expected
     # The generation prompt, which the answer is generated after: for a template
