@@ -415,7 +415,11 @@ def _part_from_dict(item: Any) -> Part:
     if kind in ("audio", "input_audio"):
         nested = item.get("input_audio")  # OpenAI's {"input_audio": {"data": base64, ...}}
         source = nested if isinstance(nested, Mapping) else item
-        audio = next((source[k] for k in ("audio", "path", "url", "data") if k in source), None)
+        # The first key set: a datasets column fills the others' with None
+        audio = next(
+            (source[k] for k in ("audio", "path", "url", "data") if source.get(k) is not None),
+            None,
+        )
         if audio is None:
             raise InvalidContentError(
                 "an audio item needs one of 'audio', 'path', 'url' or 'data' (base64)"

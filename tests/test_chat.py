@@ -88,6 +88,24 @@ def test_audio_part_from_messages_keeps_rate_and_length():
     assert chat.has_audio
 
 
+def test_audio_items_of_a_hugging_face_datasets_column_are_read(tmp_path):
+    """A datasets messages column fills each part's missing keys with None (an
+    audio part by path gets "audio": None): it raised "an audio item needs one
+    of 'audio', 'path', ...", as the first key present was taken."""
+    import datasets
+    import soundfile as sf
+
+    sf.write(tmp_path / "q.wav", np.zeros(1600, dtype=np.float32), 16000)
+    by_path = {"type": "audio", "path": str(tmp_path / "q.wav")}
+    by_samples = {"type": "audio", "audio": [0.0] * 800, "sampling_rate": 16000}
+    content = [{"type": "text", "text": "Listen:"}, by_path, by_samples]
+    row = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": content}]}])[0]
+    assert row["messages"][0]["content"][1]["audio"] is None  # what Arrow fills in
+    parts = Chat.from_messages(row["messages"])[0].parts
+    assert parts[0] == TextPart("Listen:")
+    assert [p.duration for p in parts[1:]] == [0.1, 0.05]  # type: ignore[union-attr]
+
+
 def test_openai_input_audio_items_are_read():
     # {"type": "input_audio"} was accepted by name, but its base64 data was read as a path
     import base64
