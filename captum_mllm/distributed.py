@@ -312,7 +312,8 @@ def explain_dataset(
             raises (the chats done so far are kept: a rerun skips them);
             ``"record"`` puts ``"ErrorType: message"`` in that chat's ``error``
             column and goes on, with a warning naming how many failed (a rerun
-            tries them again). A dead worker is retried either way. Default: "raise"
+            tries them again); so too a chat whose worker died more than
+            ``max_retries`` times. Default: "raise"
 
     Returns:
         pandas.DataFrame: one row per chat (name, response, number of features,
@@ -460,12 +461,16 @@ def _run_on_ray(
             slot, name, chat, request = running.pop(future)
             try:
                 row = ray.get(future)
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayActorError as exc:
                 tries[name] = tries.get(name, 0) + 1
-                if tries[name] > max_retries:
+                if tries[name] > max_retries and on_error == "raise":
                     raise
                 actors[slot] = actor_cls.remote(*args)  # a fresh replica; the store kept the work
-                pending.append((name, chat, request))
+                if tries[name] <= max_retries:
+                    pending.append((name, chat, request))
+                else:  # killed each time (out of memory?): recorded, the others go on
+                    died = f"{type(exc).__name__}: its worker died on every try ({tries[name]})"
+                    yield {"chat": name, "skipped": False, "error": died, "retries": max_retries}
             else:
                 yield {**row, "retries": tries.get(name, 0)}
             if pending:

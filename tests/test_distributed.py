@@ -129,6 +129,31 @@ def test_a_chat_that_raises_stops_the_run_or_is_recorded(tmp_path, local_ray):
         explain_dataset(chats, *args, store_dir=tmp_path, on_error="skip")
 
 
+def test_a_chat_whose_worker_dies_past_its_retries_is_recorded(tmp_path, local_ray):
+    """on_error="record" named a chat that raised but stopped the run when a
+    chat's worker died more than max_retries times (out of memory, say)."""
+
+    def kill_one_mid_run(actors):
+        def watch():
+            end = time.time() + 60
+            while time.time() < end and not any(tmp_path.glob(f"*/{STORE}")):
+                time.sleep(0.01)  # until a chat is being evaluated
+            ray.kill(actors[0])
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    with pytest.warns(UserWarning, match="1 of 6 chats raised"):
+        table = explain_dataset(
+            CHATS, factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path,
+            num_workers=2, resources_per_worker={"num_cpus": 1}, show_progress=False,
+            on_worker_start=kill_one_mid_run, max_retries=0, on_error="record",
+        )  # fmt: skip
+    died = table[table["error"].notna()]
+    assert len(table) == 6 and len(died) == 1
+    assert died["error"].iloc[0].endswith("Error: its worker died on every try (1)")
+    assert sum((tmp_path / name / RESULT).exists() for name in table["chat"]) == 5
+
+
 def test_sharding_one_explanation_over_two_actors(tmp_path, local_ray):
     chat = Chat().system("Be brief.").user("Please explain why the sky is blue to me")
     res = explain_sharded(
