@@ -410,7 +410,7 @@ def _part_from_dict(item: Any) -> Part:
     if not isinstance(item, Mapping) or "type" not in item:
         raise InvalidContentError("each content item must be a dict with a 'type'")
     kind = item["type"]
-    if kind == "text":
+    if kind in ("text", "input_text", "output_text"):  # the last two: OpenAI's Responses API
         return TextPart(item.get("text"))  # type: ignore[arg-type]
     if kind in ("audio", "input_audio"):
         nested = item.get("input_audio")  # OpenAI's {"input_audio": {"data": base64, ...}}

@@ -106,6 +106,18 @@ def test_audio_items_of_a_hugging_face_datasets_column_are_read(tmp_path):
     assert [p.duration for p in parts[1:]] == [0.1, 0.05]  # type: ignore[union-attr]
 
 
+def test_openai_responses_api_text_items_are_read():
+    """The Responses API's messages hold "input_text" and "output_text" items:
+    they raised "unknown content type"."""
+    chat = Chat.from_messages([
+        {"role": "user", "content": [{"type": "input_text", "text": "Capital of France?"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Paris."}]},
+    ])  # fmt: skip
+    assert chat.to_messages() == Chat().user("Capital of France?").assistant("Paris.").to_messages()
+    with pytest.raises(InvalidContentError, match="unknown content type 'image'"):
+        Chat.from_messages([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}])
+
+
 def test_openai_input_audio_items_are_read():
     # {"type": "input_audio"} was accepted by name, but its base64 data was read as a path
     import base64
