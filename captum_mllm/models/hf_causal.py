@@ -1022,8 +1022,12 @@ def _processor_template(name_or_path: str, common: dict[str, Any]) -> str | None
     from transformers.utils import cached_file
 
     hub = {k: v for k, v in common.items() if k in _HUB_KWARGS}
-    path = cached_file(
-        name_or_path, "chat_template.json", _raise_exceptions_for_missing_entries=False, **hub
+    path = cached_file(  # a base model has none: nothing to raise about
+        name_or_path,
+        "chat_template.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub,
     )
     if path is None:
         return None
