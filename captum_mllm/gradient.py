@@ -318,8 +318,10 @@ class AttentionAttribution:
     in order). A feature gets the sum over its positions.
 
     Args:
-        adapter (ModelAdapter): a Hugging Face causal LM adapter (the model must
-            support ``output_attentions``).
+        adapter (ModelAdapter): an adapter whose ``attention_inputs`` names a
+            transformers model that returns attention weights (a Hugging Face
+            causal LM; LFM2-Audio's backbone, read from the prompt's embeddings,
+            audio included).
         aggregate (str, optional): ``"mean"``, ``"max"`` or ``"rollout"``. Default: ``"mean"``
         layers (list of int, optional): the layers to use, each once, counted
             among those with attention weights (a hybrid model's state-space
@@ -352,21 +354,22 @@ class AttentionAttribution:
         (layers without weights over every position, such as MiniMax's
         lightning-attention blocks, are left out, with a warning; the head
         count may differ by layer)."""
-        model = getattr(self.adapter, "model", None)
-        if model is None or not hasattr(model, "set_attn_implementation"):
+        module, inputs = self.adapter.attention_inputs(inp.encoded, response)
+        model: Any = module  # a transformers model: its config and attention switch
+        if not hasattr(model, "set_attn_implementation"):
             raise InvalidModelError(
                 f"{type(self.adapter).__name__} does not return attention weights"
             )
-        ids = torch.cat([inp.encoded.input_ids, response.ids[:-1].cpu()]).to(self.adapter.device)
+        width = len(inp.encoded) + len(response) - 1
         before = model.config._attn_implementation
         model.set_attn_implementation("eager")
         try:
             with torch.no_grad():
-                out = model(input_ids=ids[None], output_attentions=True)
+                out = model(**inputs, output_attentions=True)
         finally:
             model.set_attn_implementation(before)
         self.adapter.n_forward_calls += 1
-        every = (len(ids), len(ids))
+        every = (width, width)
         maps = [
             a[0].float()
             for a in getattr(out, "attentions", None) or ()

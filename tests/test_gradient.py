@@ -162,6 +162,42 @@ def test_audio_features_get_gradients_that_follow_the_audio():
     assert res_sys.token_attr.shape[1] == inp_sys.n_itp_features
 
 
+def test_attention_of_a_speech_model_reads_its_backbone_with_the_audio():
+    """LFM2-Audio's backbone is a transformers model read from embeddings (the
+    audio adapter's output at audio positions): AttentionAttribution refused it."""
+    lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
+    method = AttentionAttribution(lfm)
+    text = ChatInput(Chat().system("Be brief.").user("Tell me about the fox"), lfm)
+    with pytest.warns(UserWarning, match="conv layers mix positions"):
+        res = method.attribute(text, target="yes it is")
+    # By hand: the backbone on the token embeddings of prompt and answer, eager
+    answer = lfm.text_response("yes it is").ids[:, 0]  # text items: their token ids
+    ids = torch.cat([text.encoded.input_ids, answer[:-1]])
+    backbone = lfm.model.lfm
+    backbone.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = backbone(inputs_embeds=backbone.embed_tokens(ids)[None], output_attentions=True)
+    finally:
+        backbone.set_attn_implementation("sdpa")
+    maps = [a[0].mean(0) for a in out.attentions if a is not None]
+    n = len(text.encoded)
+    rows = torch.stack(maps).mean(0)[n - 1 : n - 1 + len(answer), :n]
+    owner = text.feature_of_position
+    want = torch.zeros(len(answer), text.n_itp_features).index_add_(
+        1, owner[owner >= 0], rows[:, owner >= 0]
+    )
+    torch.testing.assert_close(res.token_attr, want)
+    # With speech, the audio features get the attention the audio draws
+    chat = Chat().user("What is it?", audio=speech_like(1.5, seed=0), sample_rate=16000)
+    spoken = ChatInput(chat, lfm, audio_unit=0.5)
+    with pytest.warns(UserWarning, match="conv layers"):
+        heard = method.attribute(spoken, target="yes")
+    audio = [i for i, f in enumerate(spoken.features) if f.modality == "audio_in"]
+    assert len(audio) == 3 and bool((heard.seq_attr[audio] > 0).all())
+    assert float(heard.token_attr.sum(1).max()) <= 1 + 1e-5  # shares of softmax rows
+
+
 def test_layers_with_other_head_counts_aggregate_per_layer(monkeypatch):
     """Inkling's sliding layers have 64 heads, its global ones 4: stacking the
     layers' weights raised a size error. A layer's heads are averaged first."""

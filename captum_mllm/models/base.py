@@ -367,6 +367,18 @@ class ModelAdapter(nn.Module, ABC):
             f"{type(self).__name__} has no differentiable scoring (next_token_log_probs)"
         )
 
+    def attention_inputs(
+        self, encoded: EncodedChat, response: Response
+    ) -> tuple[nn.Module, dict[str, Tensor]]:
+        """The transformers model whose attention weights an attention attribution
+        reads, and its inputs for the prompt followed by the response but its
+        last token (one forward, every position predicting the next).
+
+        Raises:
+            InvalidModelError: the adapter has no such model.
+        """
+        raise InvalidModelError(f"{type(self).__name__} does not return attention weights")
+
     # Embeddings of responses (for similarity value functions) ------------------------
 
     @abstractmethod

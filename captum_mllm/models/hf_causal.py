@@ -786,6 +786,12 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             table = self.model.get_input_embeddings()  # type: ignore[operator]
             return table(encoded.input_ids.to(self.device)).detach()
 
+    def attention_inputs(
+        self, encoded: EncodedChat, response: Response
+    ) -> tuple[nn.Module, dict[str, Tensor]]:
+        ids = torch.cat([encoded.input_ids, response.ids[:-1].cpu()]).to(self.device)
+        return self.model, {"input_ids": ids[None]}
+
     @without_cudnn_attention
     def next_token_log_probs(self, embeds: Tensor, response: Response, token: int) -> Tensor:
         """``(B,)``: one forward from ``inputs_embeds``, differentiable in ``embeds``."""

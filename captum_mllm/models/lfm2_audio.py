@@ -393,6 +393,15 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         adapter's output (what the LFM backbone reads)."""
         return encoded.state["embeds"].detach()
 
+    def attention_inputs(
+        self, encoded: EncodedChat, response: Response
+    ) -> tuple[nn.Module, dict[str, Tensor]]:
+        """The LFM backbone, reading the prompt's embeddings (audio positions: the
+        audio adapter's output) and the answer's items but its last."""
+        fed = self._embed_items(response.ids[:-1])
+        embeds = self.input_embeddings(encoded).to(fed)
+        return self._lfm, {"inputs_embeds": torch.cat([embeds, fed])[None]}
+
     @without_cudnn_attention
     def next_token_log_probs(self, embeds: Tensor, response: Response, token: int) -> Tensor:
         """``(B,)``: one backbone forward from ``inputs_embeds``, differentiable in ``embeds``."""
