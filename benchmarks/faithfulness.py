@@ -170,7 +170,7 @@ def speech(n_requests: int, seed: int = 2026) -> None:
                         ShapleyValueSampling,
                         {"n_samples": k},
                     )
-                chosen.update(gradient_methods(attention=False))  # no silencing: embeddings
+                chosen.update(gradient_methods(attention=True))  # no silencing: embeddings
             for name, (cls, kwargs) in chosen.items():
                 torch.manual_seed(0)
                 if name in GRADIENT_NAMES:
