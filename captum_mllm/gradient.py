@@ -27,6 +27,7 @@ from captum.attr import (
     LayerGradientXActivation,
     LayerIntegratedGradients,
     LLMGradientAttribution,
+    NoiseTunnel,
     Saliency,
 )
 from captum.attr._utils.interpretable_input import InterpretableInput
@@ -91,7 +92,9 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             ``LayerGradientXActivation``, ``LayerGradientShap`` (built on the
             adapter and any layer: the layer is replaced by the embeddings),
             or ``IntegratedGradients``, ``Saliency``, ``InputXGradient``,
-            ``GradientShap`` built on the adapter.
+            ``GradientShap`` built on the adapter; or Captum's ``NoiseTunnel``
+            around one (SmoothGrad: ``nt_samples=``, ``stdevs=`` in embedding
+            units, noise on every prompt position, drawn from torch's generator).
         adapter (ModelAdapter): the model.
         reduce (str, optional): ``"sum"`` or ``"norm"`` over the embedding
             dimension. Default: ``"sum"``
@@ -123,21 +126,27 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 f"{type(adapter).__name__}"
             )
         require_built(attr_method)
-        require_same_model(attr_method, adapter)
-        if not isinstance(attr_method, self.SUPPORTED_METHODS):
+        # SmoothGrad and its kin: Captum's NoiseTunnel around a supported method
+        self.tunnel = isinstance(attr_method, NoiseTunnel)
+        method = attr_method.attribution_method if self.tunnel else attr_method
+        require_built(method)
+        require_same_model(method, adapter)
+        if not isinstance(method, self.SUPPORTED_METHODS):
             raise UnsupportedInputError(
-                f"{type(attr_method).__name__} is not supported; use one of "
-                f"{', '.join(m.__name__ for m in self.SUPPORTED_METHODS)}"
+                f"{type(method).__name__} is not supported; use one of "
+                f"{', '.join(m.__name__ for m in self.SUPPORTED_METHODS)} (or a NoiseTunnel "
+                "around one)"
             )
         if reduce not in REDUCTIONS:
             raise InvalidOptionError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-        self.chat_method = copy(attr_method)  # ours: forward from embeddings
+        self.method = copy(method)  # ours: forward from embeddings
         self.embeddings = _Embeddings()
-        self.chat_method.forward_func = self._forward
-        if hasattr(self.chat_method, "layer"):
-            self.chat_method.layer = self.embeddings
+        self.method.forward_func = self._forward
+        if hasattr(self.method, "layer"):
+            self.method.layer = self.embeddings
+        self.chat_method: Any = NoiseTunnel(self.method) if self.tunnel else self.method
         # Captum's own path (TextTokenInput) needs the Hugging Face model and its layer.
-        stock = copy(attr_method)
+        stock = copy(method)
         stock.forward_func = getattr(adapter, "model", adapter)
         super().__init__(stock, adapter.tokenizer)
         self.adapter = adapter
@@ -181,14 +190,17 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             tokens) and ``provenance["convergence_delta"]`` (per token).
         """
         if not isinstance(inp, ChatInput):
+            if self.tunnel:  # Captum's path would give the noise to the model's ids
+                raise UnsupportedInputError("a NoiseTunnel method takes a ChatInput here")
             return self._stock(inp, target, gen_args, **kwargs)
         if "additional_forward_args" in kwargs:  # it replaced ours: a TypeError deep inside
             raise InvalidOptionError(
                 "additional_forward_args is the attribution's own (the answer and its token); "
                 "extra model inputs belong to the adapter"
             )
-        for name in ("n_steps", "n_samples"):  # Captum asserts (gone under python -O) or fails
-            if kwargs.get(name) is not None:  # deep inside (a float n_steps)
+        # Captum asserts (gone under python -O) or fails deep inside (a float n_steps)
+        for name in ("n_steps", "n_samples", "nt_samples"):
+            if kwargs.get(name) is not None:
                 require_int(name, kwargs[name], 1)
         start = time.perf_counter()
         calls_before = self.adapter.n_forward_calls
@@ -200,11 +212,14 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         embeds.requires_grad_()  # what the method differentiates (Captum would warn)
         owner = inp.feature_of_position.to(embeds.device)
         base = self._baseline(inp, embeds, owner, baselines)
-        integrated = isinstance(self.chat_method, IntegratedGradients | LayerIntegratedGradients)
-        takes_baselines = "baselines" in inspect.signature(self.chat_method.attribute).parameters
+        # Integrated gradients' completeness check: not through a tunnel's noise
+        integrated = not self.tunnel and isinstance(
+            self.method, IntegratedGradients | LayerIntegratedGradients
+        )
+        takes_baselines = "baselines" in inspect.signature(self.method.attribute).parameters
         if baselines is not None and not takes_baselines:  # it would go unread
             raise InvalidBaselineError(
-                f"{type(self.chat_method).__name__} takes no baselines; leave baselines= out "
+                f"{type(self.method).__name__} takes no baselines; leave baselines= out "
                 "or use a method that integrates from them (e.g. IntegratedGradients)"
             )
         rows, deltas, gaps, misses = [], [], [], []
@@ -232,7 +247,11 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             torch.stack(rows).float(),
             provenance={
                 "adapter": type(self.adapter).__name__,
-                "method": type(self.chat_method).__name__,
+                "method": (
+                    f"NoiseTunnel({type(self.method).__name__})"
+                    if self.tunnel
+                    else type(self.method).__name__
+                ),
                 "method_args": {k: v for k, v in kwargs.items() if _plain(v)},
                 "reduce": self.reduce,
                 "baselines": baselines if isinstance(baselines, int) else None,

@@ -142,6 +142,40 @@ def test_saliency_norm_and_layer_methods(llama, words, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # few steps: parity
+def test_a_noise_tunnel_smooths_a_supported_method(llama, words):
+    """Captum's NoiseTunnel (SmoothGrad) around Saliency or integrated gradients
+    was refused. Without noise it is the method itself; with noise, seeded by
+    torch, the mean of the method on noisy embeddings."""
+    from captum.attr import NoiseTunnel
+
+    def run(method, **kwargs):
+        attr = MultimodalLLMGradientAttribution(method, llama)
+        return attr.attribute(words, target=TARGET, **kwargs).token_attr
+
+    plain = run(Saliency(llama))
+    torch.testing.assert_close(run(NoiseTunnel(Saliency(llama)), stdevs=0.0, nt_samples=3), plain)
+    ig = run(IntegratedGradients(llama), n_steps=8)
+    smooth_ig = run(NoiseTunnel(IntegratedGradients(llama)), stdevs=0.0, nt_samples=2, n_steps=8)
+    torch.testing.assert_close(smooth_ig, ig)  # the baselines reach the method inside
+    torch.manual_seed(0)
+    noisy = run(NoiseTunnel(Saliency(llama)), stdevs=0.05, nt_samples=4)
+    torch.manual_seed(0)
+    again = run(NoiseTunnel(Saliency(llama)), stdevs=0.05, nt_samples=4)
+    torch.testing.assert_close(noisy, again)
+    assert not torch.allclose(noisy, plain, atol=1e-3)
+    res = MultimodalLLMGradientAttribution(NoiseTunnel(Saliency(llama)), llama).attribute(
+        words, target=TARGET, stdevs=0.0
+    )
+    assert res.provenance["method"] == "NoiseTunnel(Saliency)"
+    from captum.attr import FeatureAblation
+
+    with pytest.raises(UnsupportedInputError, match="FeatureAblation is not supported"):
+        MultimodalLLMGradientAttribution(NoiseTunnel(FeatureAblation(llama)), llama)
+    with pytest.raises(UnsupportedInputError, match="takes a ChatInput"):
+        tunnel = MultimodalLLMGradientAttribution(NoiseTunnel(Saliency(llama)), llama)
+        tunnel.attribute(TextTokenInput("Who are you?", llama.tokenizer), target=TARGET)
+
+
 def test_audio_features_get_gradients_that_follow_the_audio():
     lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
     ig = IntegratedGradients(lfm)
