@@ -176,6 +176,7 @@ def test_a_noise_tunnel_smooths_a_supported_method(llama, words):
         tunnel.attribute(TextTokenInput("Who are you?", llama.tokenizer), target=TARGET)
 
 
+@pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # few steps: parity
 def test_audio_features_get_gradients_that_follow_the_audio():
     lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
     ig = IntegratedGradients(lfm)
