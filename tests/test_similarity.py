@@ -406,8 +406,8 @@ def test_sampling_settings_in_gen_args_mean_what_the_arguments_do(model, chat):
     assert not captums.sampled
     with pytest.raises(InvalidOptionError, match="given twice"):
         EmbeddingSimilarity(gen_args={"temperature": 0.5}, temperature=0.7)
-    typical = EmbeddingSimilarity(gen_args={**GEN, "do_sample": True, "typical_p": 0.9})
-    with pytest.raises(InvalidOptionError, match=r"\['typical_p'\]"):
+    typical = EmbeddingSimilarity(gen_args={**GEN, "do_sample": True, "typical_p": 1.5})
+    with pytest.raises(InvalidOptionError, match=r"typical_p must be a number in \[0, 1\]"):
         run(typical, 8)
     beams = EmbeddingSimilarity(gen_args={**GEN, "num_beams": 2, "num_return_sequences": 2})
     with pytest.raises(InvalidOptionError, match="samples_per_coalition"):
@@ -442,6 +442,46 @@ def test_sampling_draws_from_what_transformers_warpers_leave(temperature, top_k,
     ours = sampling_probs(logits, temperature, top_k, top_p, min_p)
     torch.testing.assert_close(ours, warped.softmax(-1))
     assert ((ours > 0).sum(-1) > 0).all()  # top-p 0 keeps the likeliest token
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"typical_p": 0.2}, {"epsilon_cutoff": 0.03}, {"eta_cutoff": 0.03}, {"top_h": 0.3},
+     {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "min_p": 0.05}, "config"],
+)  # fmt: skip
+def test_a_seeded_row_is_what_model_generate_samples_under_that_seed(model, chat, settings):
+    """One row sampled with seed s is what model.generate(do_sample=True) draws
+    after torch.manual_seed(s), from transformers' own warpers: typical_p, the
+    epsilon and eta cutoffs and top-h raised, and a generation config's were unread."""
+    import copy
+
+    from captum_mllm import HFCausalLMAdapter
+
+    tuned = copy.deepcopy(model.model)
+    if settings == "config":  # a checkpoint's own: read by both
+        tuned.generation_config.update(typical_p=0.2, temperature=0.9)
+        settings = {}
+    adapter = HFCausalLMAdapter(tuned, model.tokenizer)
+    inp = ChatInput(chat, adapter)
+    masked = inp.to_model_input(torch.ones(1, inp.n_itp_features))
+    ids = masked.rows()[0][None]
+
+    def ours(seed, **given):
+        said = adapter.generate_masked(masked, seeds=[seed], do_sample=True, **GEN, **given)
+        return said[0].ids.tolist()
+
+    def theirs(seed):
+        torch.manual_seed(seed)
+        out = tuned.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                             pad_token_id=0, **GEN, **settings)  # fmt: skip
+        return out[0, ids.shape[1] :].tolist()
+
+    drawn = [ours(seed, **settings) for seed in range(6)]
+    assert [theirs(seed)[: len(d)] for seed, d in zip(range(6), drawn, strict=True)] == drawn
+    plain = HFCausalLMAdapter(model.model, model.tokenizer)
+    unwarped = [plain.generate_masked(masked, seeds=[s], do_sample=True, **GEN)[0].ids.tolist()
+                for s in range(6)]  # fmt: skip
+    assert drawn != unwarped  # the settings changed what was drawn
 
 
 def test_sampled_answers_take_the_models_generation_config(model, chat):

@@ -199,7 +199,7 @@ def check_sampling(settings: dict[str, Any]) -> None:
     for key in ("top_k", "audio_top_k"):
         if settings.get(key) is not None:
             require_int(key, settings[key], 0)
-    for key in ("top_p", "min_p"):
+    for key in ("top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"):
         share = settings.get(key)
         if share is not None and (
             isinstance(share, bool)
@@ -249,7 +249,12 @@ def pick_tokens(
     as liquid-audio's and transformers' samplers (:func:`sampling_probs`)."""
     if temperature is None or temperature <= 0 or top_k == 1:
         return logits.argmax(-1)
-    probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
+    return draw_tokens(sampling_probs(logits, temperature, top_k, top_p, min_p), generators)
+
+
+def draw_tokens(probs: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
+    """One token per row of ``(B, V)`` probabilities, each row from its own
+    generator when given (else torch's)."""
     if generators is None:
         return torch.multinomial(probs, 1)[:, 0]
     return torch.stack(

@@ -37,7 +37,7 @@ from captum_mllm.models.decoder import (
     PrefixCache,
     cache_kwarg,
     check_sampling,
-    pick_tokens,
+    draw_tokens,
     resolve_device,
     row_generators,
     same_outputs,
@@ -830,11 +830,12 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     ) -> list[Response]:
         """Continue each coalition with ``model.generate``, left-padded in one batch.
 
-        Sampling (``do_sample``, with ``temperature``, ``top_k``, ``top_p`` and
-        ``min_p`` where given, else the model's generation config's, as
-        transformers reads them) draws each row's tokens from its own generator
-        seeded by ``seeds[b]``, so a row's answer does not depend on the rows
-        beside it. transformers' other samplers (``typical_p``, ...) raise.
+        Sampling (``do_sample``, with ``temperature``, ``top_k``, ``top_p``,
+        ``min_p``, ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff`` and ``top_h``
+        where given, else the model's generation config's) draws each row's
+        tokens, from what transformers' own warpers leave, with its own
+        generator seeded by ``seeds[b]``, so a row's answer does not depend on
+        the rows beside it.
 
         Returns:
             list of Response: the new tokens of each row, up to and including EOS.
@@ -845,12 +846,6 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         args = {**DEFAULT_GEN_ARGS, **gen_args}
         for key in ("audio_temperature", "audio_top_k"):  # a text model has no audio to sample
             args.pop(key, None)
-        unsupported = sorted(k for k in _OTHER_SAMPLERS if args.pop(k, None) is not None)
-        if unsupported:  # transformers would ignore them: do_sample is ours, below
-            raise InvalidOptionError(
-                f"sampled generation here takes temperature, top_k, top_p and min_p; not "
-                f"{unsupported}"
-            )
         if args.get("num_return_sequences") not in (None, 1):
             raise InvalidOptionError(
                 "one answer per coalition: num_return_sequences must be 1 "
@@ -862,7 +857,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             sampling = {k: defaults[k] if v is None else v for k, v in given.items()}
             check_sampling(sampling)
             generators = row_generators(seeds, self.device)
-            args["logits_processor"] = [_SeededSampling(**sampling, generators=generators)]
+            warpers = _warpers(sampling, self.device)
+            greedy = not sampling["temperature"] or sampling["top_k"] == 1
+            args["logits_processor"] = [_SeededSampling(warpers, generators, greedy)]
         args["do_sample"] = False  # sampled tokens come from the processor above
         if "max_length" in args:  # max_new_tokens (ours by default) won over it, unread
             raise InvalidOptionError(
@@ -886,33 +883,64 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         return result
 
 
-#: transformers' defaults of the sampling settings we read (4's GenerationConfig
-#: holds them; 5's leaves them None and fills them in at generate time).
-_HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None}
+#: transformers' defaults of its sampling settings (4's GenerationConfig holds
+#: them; 5's leaves them None and fills them in at generate time).
+_HF_SAMPLING = {
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "top_h": None,
+}
 
-#: transformers' sampling settings other than temperature, top-k, top-p and min-p.
-_OTHER_SAMPLERS = {"typical_p", "epsilon_cutoff", "eta_cutoff"}
+
+def _warpers(sampling: dict[str, Any], device: torch.device) -> list[Any]:
+    """transformers' own logits warpers for these settings, in the order and
+    under the conditions ``model.generate(do_sample=True)`` chains them."""
+    from transformers import generation as g
+
+    out: list[Any] = []
+    if sampling["temperature"] not in (None, 1.0):
+        out.append(g.TemperatureLogitsWarper(sampling["temperature"]))
+    if sampling["top_h"] is not None:  # transformers 5
+        out.append(g.logits_process.TopHLogitsWarper(top_h=sampling["top_h"]))  # type: ignore[attr-defined]
+    if sampling["top_k"]:
+        out.append(g.TopKLogitsWarper(top_k=sampling["top_k"]))
+    if sampling["top_p"] is not None and sampling["top_p"] < 1.0:
+        out.append(g.TopPLogitsWarper(top_p=sampling["top_p"]))
+    if sampling["min_p"] is not None:
+        out.append(g.MinPLogitsWarper(min_p=sampling["min_p"]))
+    if sampling["typical_p"] is not None and sampling["typical_p"] < 1.0:
+        out.append(g.TypicalLogitsWarper(mass=sampling["typical_p"]))
+    if sampling["epsilon_cutoff"] and 0.0 < sampling["epsilon_cutoff"] < 1.0:
+        out.append(g.EpsilonLogitsWarper(epsilon=sampling["epsilon_cutoff"]))
+    if sampling["eta_cutoff"] and 0.0 < sampling["eta_cutoff"] < 1.0:
+        out.append(g.EtaLogitsWarper(epsilon=sampling["eta_cutoff"], device=str(device)))
+    return out
 
 
 class _SeededSampling:
-    """A transformers logits processor that samples each row with its own
-    generator and leaves only the drawn token, so greedy decoding returns it."""
+    """A transformers logits processor that samples each row, from what
+    transformers' warpers leave (:func:`_warpers`), with its own generator and
+    leaves only the drawn token, so greedy decoding returns it. Temperature 0
+    (or top-k 1) is greedy, as in liquid-audio's sampler."""
 
     def __init__(
-        self,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        min_p: float | None,
-        generators: list[torch.Generator] | None,
+        self, warpers: list[Any], generators: list[torch.Generator] | None, greedy: bool
     ) -> None:
-        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
-        self.generators = generators
+        self.warpers, self.generators, self.greedy = warpers, generators, greedy
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        chosen = pick_tokens(
-            scores, self.temperature, self.top_k, self.generators, self.top_p, self.min_p
-        )
+        if self.greedy:
+            chosen = scores.argmax(-1)
+        else:
+            warped = scores.float()
+            for warper in self.warpers:
+                warped = warper(input_ids, warped)
+            chosen = draw_tokens(warped.softmax(-1), self.generators)
         out = torch.full_like(scores, -float("inf"))
         out[torch.arange(len(scores)), chosen] = 0.0
         return out
