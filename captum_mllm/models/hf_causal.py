@@ -857,8 +857,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             sampling = {k: defaults[k] if v is None else v for k, v in given.items()}
             check_sampling(sampling)
             generators = row_generators(seeds, self.device)
-            warpers = _warpers(sampling, self.device)
             greedy = not sampling["temperature"] or sampling["top_k"] == 1
+            warpers = [] if greedy else _warpers(sampling, self.device)
             args["logits_processor"] = [_SeededSampling(warpers, generators, greedy)]
         args["do_sample"] = False  # sampled tokens come from the processor above
         if "max_length" in args:  # max_new_tokens (ours by default) won over it, unread
