@@ -13,6 +13,7 @@ import unicodedata
 import regex
 
 _GRAPHEME = regex.compile(r"\X")
+_WORD_BOUNDARY = regex.compile(r"(?wV1)\b")  # Unicode's word boundaries (UAX #29)
 _HAN = regex.compile(r"\p{Han}")
 _APOSTROPHES = "'’"
 
@@ -43,9 +44,10 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     Text is read in Unicode grapheme clusters (so a combining accent stays
     with its letter and an emoji with its modifiers). A word is a run of
     clusters that are neither punctuation nor separators (letters, digits,
-    marks, symbols, emoji), with apostrophes inside (``don't``); a Chinese
-    character is a word alone; a punctuation run is its own span; separators
-    (:func:`is_separator`) split spans and belong to none.
+    marks, symbols, emoji), with the punctuation Unicode's word boundaries
+    (UAX #29) keep inside a word (``don't``, ``3.14``, ``2,000``, ``e.g``,
+    ``U.S.A``); a Chinese character is a word alone; a punctuation run is its
+    own span; separators (:func:`is_separator`) split spans and belong to none.
 
     Args:
         text (str): the text of one part.
@@ -61,6 +63,7 @@ def word_spans(text: str) -> list[tuple[int, int]]:
         ['我', '爱', '猫']
     """
     spans: list[tuple[int, int, str]] = []  # (start, end, kind)
+    boundaries = {m.start() for m in _WORD_BOUNDARY.finditer(text)}
     for m in _GRAPHEME.finditer(text):
         base = m.group()[0]
         if all(is_separator(c) for c in m.group()):
@@ -71,6 +74,9 @@ def word_spans(text: str) -> list[tuple[int, int]]:
             nxt = text[m.end() : m.end() + 1]
             if not nxt or is_separator(nxt) or is_punctuation(nxt):
                 kind = "punct"
+        inside = m.start() not in boundaries and m.end() not in boundaries
+        if kind == "punct" and inside and spans and spans[-1][2] == "word":
+            kind = "word"  # between two letters or digits: 3.14, e.g, U.S.A
         if _HAN.match(base):  # a word alone, never joined to its neighbours
             spans.append((m.start(), m.end(), "han"))
         elif spans and spans[-1][2] == kind and spans[-1][1] == m.start():
@@ -112,8 +118,11 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
         start = a if start is None else start
         last = i + 1 == len(words)
         after = "" if last else text[b : words[i + 1][0]]  # separators up to the next span
-        ends = any(c in _CJK_TERMINALS for c in text[a:b]) or (
-            any(c in _TERMINALS for c in text[a:b]) and (last or after != "")
+        # A punctuation run ends it (a word may hold a full stop: 3.14, e.g)
+        stop = is_punctuation(text[a])
+        ends = stop and (
+            any(c in _CJK_TERMINALS for c in text[a:b])
+            or (any(c in _TERMINALS for c in text[a:b]) and (last or after != ""))
         )
         if ends or last or any(c in "\n\r\u2028\u2029" for c in after):
             out.append((start, b))

@@ -20,6 +20,28 @@ from captum_mllm.errors import (
 from captum_mllm.testing import CHATML_TEMPLATE
 
 
+def test_words_keep_the_punctuation_unicode_keeps_inside_them(model):
+    """Numbers and abbreviations were cut at their punctuation: "3.14" gave the
+    features "3" and "14", "2,000" two, "U.S.A." three letters. Words follow
+    Unicode's word boundaries (UAX #29) now, and a full stop inside one ends
+    no sentence."""
+    from captum_mllm.words import sentence_spans, word_spans
+
+    text = "It costs 2,000 dollars, not 3.14 (e.g. in the U.S.A.). Don't pay"
+    assert [text[a:b] for a, b in word_spans(text)] == [
+        "It", "costs", "2,000", "dollars", ",", "not", "3.14", "(", "e.g", ".", "in", "the",
+        "U.S.A", ".).", "Don't", "pay",
+    ]  # fmt: skip
+    assert [text[a:b] for a, b in sentence_spans(text)] == [
+        "It costs 2,000 dollars, not 3.14 (e.g.", "in the U.S.A.).", "Don't pay",
+    ]  # fmt: skip
+    inp = ChatInput(Chat().user(text), model)
+    assert inp.values == ["It", "costs", "2,000", "dollars", "not", "3.14", "e.g", "in", "the",
+                          "U.S.A", "Don't", "pay"]  # fmt: skip
+    for f in inp.features:  # each feature's tokens spell it
+        assert model.tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
+
+
 def test_word_features_skip_punctuation_and_template(model, chat):
     inp = ChatInput(chat, model)
     assert inp.values == ["Who", "are", "you", "my", "friend"]
