@@ -183,8 +183,8 @@ def row_generators(seeds: list[int] | None, device: torch.device) -> list[torch.
 def check_sampling(settings: dict[str, Any]) -> None:
     """Refuse sampling settings no sampler can mean: temperatures are finite
     and at least 0 (0 is greedy, as in liquid-audio's sampler), top-k's are
-    ints of at least 0 (0 keeps every token, as in transformers), top-p and
-    min-p are between 0 and 1."""
+    ints of at least 0 (0 keeps every token, as in transformers), top-p,
+    min-p, typical-p, top-h and the epsilon and eta cutoffs are between 0 and 1."""
     for key in ("temperature", "audio_temperature"):
         value = settings.get(key)
         if value is not None and (
