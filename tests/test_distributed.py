@@ -68,25 +68,32 @@ def test_two_actors_give_the_in_process_results(tmp_path, local_ray, in_process)
     _same_results(tmp_path, in_process, table["chat"])
 
 
+def _kill_first_mid_run(root, killed: list[int] | None = None):
+    """An on_worker_start that kills the first actor once a chat is being
+    evaluated (its store exists under ``root``)."""
+
+    def start(actors):
+        def watch():
+            end = time.time() + 60
+            while time.time() < end and not any(root.glob(f"*/{STORE}")):
+                time.sleep(0.01)
+            ray.kill(actors[0])
+            if killed is not None:
+                killed.append(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    return start
+
+
 def test_a_killed_actor_loses_nothing_and_a_rerun_evaluates_nothing(
     tmp_path, local_ray, in_process
 ):
     killed: list[int] = []
-
-    def kill_one_mid_run(actors):
-        def watch():
-            end = time.time() + 60
-            while time.time() < end and not any(tmp_path.glob(f"*/{STORE}")):
-                time.sleep(0.01)  # until a chat is being evaluated
-            ray.kill(actors[0])
-            killed.append(1)
-
-        threading.Thread(target=watch, daemon=True).start()
-
     table = explain_dataset(
         CHATS, factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path, num_workers=2,
         resources_per_worker={"num_cpus": 1}, show_progress=False,
-        on_worker_start=kill_one_mid_run,
+        on_worker_start=_kill_first_mid_run(tmp_path, killed),
     )  # fmt: skip
     assert killed and table["retries"].sum() >= 1
     assert len(table) == 6
@@ -132,21 +139,11 @@ def test_a_chat_that_raises_stops_the_run_or_is_recorded(tmp_path, local_ray):
 def test_a_chat_whose_worker_dies_past_its_retries_is_recorded(tmp_path, local_ray):
     """on_error="record" named a chat that raised but stopped the run when a
     chat's worker died more than max_retries times (out of memory, say)."""
-
-    def kill_one_mid_run(actors):
-        def watch():
-            end = time.time() + 60
-            while time.time() < end and not any(tmp_path.glob(f"*/{STORE}")):
-                time.sleep(0.01)  # until a chat is being evaluated
-            ray.kill(actors[0])
-
-        threading.Thread(target=watch, daemon=True).start()
-
     with pytest.warns(UserWarning, match="1 of 6 chats raised"):
         table = explain_dataset(
             CHATS, factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path,
             num_workers=2, resources_per_worker={"num_cpus": 1}, show_progress=False,
-            on_worker_start=kill_one_mid_run, max_retries=0, on_error="record",
+            on_worker_start=_kill_first_mid_run(tmp_path), max_retries=0, on_error="record",
         )  # fmt: skip
     died = table[table["error"].notna()]
     assert len(table) == 6 and len(died) == 1
