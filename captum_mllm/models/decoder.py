@@ -209,31 +209,14 @@ def check_sampling(settings: dict[str, Any]) -> None:
             raise InvalidOptionError(f"{key} must be a number in [0, 1], got {share!r}")
 
 
-def sampling_probs(
-    logits: Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-) -> Tensor:
-    """``(B, V)`` logits -> the probabilities a sampler draws from, as
-    transformers' warpers make them: temperature, then top-k, then top-p
-    (the most likely tokens whose probabilities first reach ``top_p``; at
-    least one), then min-p (the tokens at least ``min_p`` times as likely
-    as the most likely one)."""
+def sampling_probs(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """``(B, V)`` logits -> the probabilities LFM2-Audio's sampler draws from,
+    as liquid-audio's and transformers' warpers make them: temperature, then
+    top-k. (A Hugging Face model's sampling runs transformers' own warpers.)"""
     logits = logits.float() / temperature
     if top_k:  # 0 or None: every token
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
-    if top_p is not None and top_p < 1:
-        ascending, order = logits.sort(dim=-1)
-        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[:, -1] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
-    if min_p:  # 0 or None: every token
-        probs = logits.softmax(-1)
-        rare = probs < min_p * probs.amax(-1, keepdim=True)
-        logits = logits.masked_fill(rare, -float("inf"))
     return logits.softmax(-1)
 
 
@@ -242,14 +225,12 @@ def pick_tokens(
     temperature: float | None,
     top_k: int | None,
     generators: list[torch.Generator] | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
 ) -> Tensor:
-    """Greedy (no temperature) or sampled choice per row of ``(B, V)`` logits,
-    as liquid-audio's and transformers' samplers (:func:`sampling_probs`)."""
+    """Greedy (no temperature) or sampled choice per row of ``(B, V)`` logits
+    (:func:`sampling_probs`)."""
     if temperature is None or temperature <= 0 or top_k == 1:
         return logits.argmax(-1)
-    return draw_tokens(sampling_probs(logits, temperature, top_k, top_p, min_p), generators)
+    return draw_tokens(sampling_probs(logits, temperature, top_k), generators)
 
 
 def draw_tokens(probs: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
