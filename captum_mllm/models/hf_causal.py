@@ -97,6 +97,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         self._is_hf = hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
         self._causal: bool | None = None
         self._rope_holders: list[nn.Module] | None = None
+        self._content_parts: dict[str, bool] = {}  # chat template -> reads parts only
         self._head_split: tuple[nn.Module, nn.Module] | None = None
         self._head_probed = False
 
@@ -379,7 +380,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         parts (``[{"type": "text", "text": ...}]``, as SmolVLM's and Llama 3.2
         Vision's do) and renders a plain string content to nothing."""
         template = str(self.tokenizer.chat_template)  # a dict of named ones too
-        known: dict[str, bool] = self.__dict__.setdefault("_content_parts", {})
+        known = self._content_parts
         if template not in known:  # once per template: a caller may set another one
 
             def reads(message: dict[str, Any]) -> bool:
