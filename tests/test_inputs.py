@@ -430,6 +430,47 @@ def test_an_earlier_answer_whose_reasoning_the_template_drops_is_read_as_rendere
         assert {int(inp.encoded.turn[p]) for p in f.positions} == {f.turn}
 
 
+def test_a_tool_output_the_template_writes_as_json_keeps_its_words(model):
+    """Llama 3.1-3.3's templates write a tool output with ``| tojson`` (a string
+    is iterable in Jinja). An output with a line break or quotes was read as a
+    rewritten turn, with a warning, and its words were cut at the escapes:
+    "\\nWindy" gave the feature "nWindy". Its words are now the output's own,
+    each holding the tokens of its escapes."""
+    import json
+
+    from captum_mllm import HFCausalLMAdapter
+    from captum_mllm.testing import check_adapter
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = (  # Llama 3.1's tool turn, in ChatML
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'tool' %}"
+        "{% if m.content is mapping or m.content is iterable %}{{ m.content | tojson }}"
+        "{% else %}{{ m.content }}{% endif %}{% else %}{{ m.content }}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    llama = HFCausalLMAdapter(model.model, tokenizer)
+    said = 'Sunny, 20 C.\nWindy "later" today'
+    chat = Chat().user("Weather in Paris?").tool(["Rain\tsoon.", said]).user("Umbrella?")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is rewritten
+        inp = ChatInput(chat, llama, roles=("user", "tool"), text_unit="word")
+    messages = [{"role": t.role, "content": "\n".join(p.text for p in t.parts)} for t in chat]
+    want = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert inp.encoded.input_ids.tolist() == list(want["input_ids"])
+    words = [(f.label, f.turn) for f in inp.features]
+    assert words == [("Weather", 0), ("in", 0), ("Paris", 0), ("Rain", 1), ("soon", 1),
+                     ("Sunny", 1), ("20", 1), ("C", 1), ("Windy", 1), ("later", 1),
+                     ("today", 1), ("Umbrella", 2)]  # fmt: skip
+    assert inp.encoded.part_texts[(1, 1)] == said
+    for f in inp.features:  # each feature's positions spell its word, escapes and all
+        read = tokenizer.decode(inp.encoded.input_ids[list(f.positions)])
+        assert json.loads(f'"{read.strip()}"').strip() == f.label
+    sentences = ChatInput(chat, llama, roles=("tool",), text_unit="sentence")
+    assert [f.label for f in sentences.features] == ["Rain\tsoon.", "Sunny, 20 C.",
+                                                     'Windy "later" today']  # fmt: skip
+    check_adapter(llama, chat)
+
+
 def test_a_template_that_reads_text_parts_only_gets_them(model):
     """SmolVLM's and Llama 3.2 Vision's templates read a message's text from a
     list of parts and render a string content to nothing: every chat raised

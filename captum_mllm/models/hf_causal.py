@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 import inspect
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
@@ -300,7 +302,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         located = _locate_contents(self._render, messages, rendered)
         turn_spans = self._turn_spans(messages, rendered, located)
 
-        spans: list[tuple[int, int, int, int]] = []  # (turn, part, start, end) in `rendered`
+        # (turn, part, start, end) in `rendered`, and where an escaped part's characters begin
+        spans: list[tuple[int, int, int, int, list[int] | None]] = []
         part_texts: dict[tuple[int, int], str] = {}
         for ti, turn in enumerate(chat):
             c_start, c_end, trimmed = located[ti]
@@ -314,19 +317,28 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 )
                 part_texts.update({(ti, pi): "" for pi in range(len(turn.parts))})
                 part_texts[(ti, 0)] = read
-                spans.append((ti, 0, c_start, c_end))
+                spans.append((ti, 0, c_start, c_end, None))
                 continue
-            offset = c_start - trimmed  # where the untrimmed content would start
+            escaped = trimmed == ESCAPED  # explained as given; read where its escapes lie
+            # Where each character of the content begins in `rendered` (and its end).
+            starts = [c_start - (0 if escaped else trimmed)]
+            for piece in _json_escapes(contents[ti]) if escaped else contents[ti]:
+                starts.append(starts[-1] + len(piece))
             cursor = 0
             for pi, part in enumerate(turn.parts):
                 text = part.text  # type: ignore[union-attr]
-                p_start, p_end = offset + cursor, offset + cursor + len(text)
+                own = starts[cursor : cursor + len(text) + 1]
                 cursor += len(text) + 1  # the joining newline
                 # A template that trims the content cuts the outer parts' edges.
-                p_start, p_end = max(p_start, c_start), min(p_end, c_end)
+                p_start, p_end = max(own[0], c_start), min(own[-1], c_end)
+                if escaped:
+                    part_texts[(ti, pi)] = text
+                    if text:
+                        spans.append((ti, pi, p_start, p_end, [a - p_start for a in own]))
+                    continue
                 part_texts[(ti, pi)] = rendered[p_start:p_end] if p_end > p_start else ""
                 if p_end > p_start:
-                    spans.append((ti, pi, p_start, p_end))
+                    spans.append((ti, pi, p_start, p_end, None))
 
         enc = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -341,9 +353,14 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             t_at = next((k for k, (a, b) in enumerate(turn_spans) if a <= s < b), -1)
             p_at, span = -1, (-1, -1)
             if ids[i] not in special_ids:
-                for ti, pi, ps, pe in spans:
+                for ti, pi, ps, pe, escapes in spans:
                     if s < pe and e > ps:  # token overlaps the part
                         t_at, p_at, span = ti, pi, (max(s, ps) - ps, min(e, pe) - ps)
+                        if escapes is not None:  # the characters whose escapes it holds
+                            span = (
+                                bisect.bisect_right(escapes, span[0]) - 1,
+                                bisect.bisect_left(escapes, span[1]),
+                            )
                         break
             table.add_token(ids[i], t_at, p_at, span, label=rendered[s:e])
         return table.build([t.role for t in chat], self.tokenizer)
@@ -951,6 +968,14 @@ _SENTINEL = "\ue000{}\ue001"  # private-use characters: never in a template
 
 #: :func:`_locate_contents`' mark of a content the template rewrote.
 REWRITTEN = -1
+#: its mark of a content rendered as a JSON string's inside (``| tojson``).
+ESCAPED = -2
+
+
+def _json_escapes(text: str) -> list[str]:
+    """Each character of ``text`` as transformers' ``tojson`` writes it inside a
+    JSON string (``"\\n"`` for a line break): the string's inside, a character at a time."""
+    return [json.dumps(c, ensure_ascii=False)[1:-1] for c in text]
 
 
 def _locate_contents(
@@ -967,9 +992,10 @@ def _locate_contents(
 
     Returns:
         list of (start, end, trimmed): character span of each content, and how
-        many leading characters the template trimmed from it; :data:`REWRITTEN`
-        for a content the template changed otherwise, whose span is then what
-        it renders between the template text around it.
+        many leading characters the template trimmed from it; :data:`ESCAPED`
+        for a content rendered as the inside of a JSON string (``| tojson``);
+        :data:`REWRITTEN` for a content the template changed otherwise, whose
+        span is then what it renders between the template text around it.
     """
     # An empty content (a tool call's message) stays empty: a template may render
     # text around a content only when there is one (Qwen2.5's "\n" + content).
@@ -1000,6 +1026,7 @@ def _locate_contents(
             (content.strip(), lead),
             (content.lstrip(), lead),
             (content.rstrip(), 0),
+            ("".join(_json_escapes(content)), ESCAPED),  # Llama 3.1's tool outputs
         ):
             after = cursor + len(text)
             if rendered.startswith(text, cursor) and rendered.startswith(pieces[j + 1], after):
