@@ -471,6 +471,45 @@ def test_a_tool_output_the_template_writes_as_json_keeps_its_words(model):
     check_adapter(llama, chat)
 
 
+def test_a_template_that_refuses_a_system_prompt_alone_is_read(model):
+    """Llama 3.1-3.3's templates, given tools, write them into the first user
+    turn and raise on a chat without one. Turn spans were found by rendering
+    each prefix of the chat, so every chat with tools and a system prompt raised
+    "Cannot put tools in the first user message". Such a template gets turns of
+    their contents alone, as one that does not render prefixes as prefixes."""
+    from captum_mllm import HFCausalLMAdapter
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = (  # Llama 3.1's system and tools handling, in ChatML
+        "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+        "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
+        "<|im_start|>system\n{{ system }}<|im_end|>\n"
+        "{%- if tools is defined and tools is not none %}{%- if messages | length != 0 %}"
+        "{%- set first = messages[0]['content'] %}{%- set messages = messages[1:] %}{%- else %}"
+        "{{- raise_exception('Cannot put tools in the first user message when there is no "
+        "first user message!') }}{%- endif %}<|im_start|>user\nUse {{ tools | tojson }}\n"
+        "{{ first }}<|im_end|>\n{%- endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    llama = HFCausalLMAdapter(model.model, tokenizer, chat_template_kwargs={"tools": tools})
+    chat = Chat().system("Be brief.").user("Weather in Paris?")
+    want = tokenizer.apply_chat_template(
+        [{"role": t.role, "content": t.parts[0].text} for t in chat],
+        tools=tools,
+        add_generation_prompt=True,
+    )
+    inp = ChatInput(chat, llama, roles=("system", "user"))
+    assert inp.encoded.input_ids.tolist() == list(want["input_ids"])
+    assert [(f.label, f.turn) for f in inp.features] == [
+        ("Be", 0), ("brief", 0), ("Weather", 1), ("in", 1), ("Paris", 1)
+    ]  # fmt: skip
+    turns = ChatInput(chat, llama, roles=("system", "user"), text_unit="turn")
+    for f, text in zip(turns.features, ["Be brief.", "Weather in Paris?"], strict=True):
+        assert tokenizer.decode(inp.encoded.input_ids[list(f.positions)]) == text
+
+
 def test_a_template_that_reads_text_parts_only_gets_them(model):
     """SmolVLM's and Llama 3.2 Vision's templates read a message's text from a
     list of parts and render a string content to nothing: every chat raised

@@ -468,11 +468,15 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         starts where its own block starts when it follows another turn, so text
         the template inserts before it (a default system prompt, a BOS token)
         belongs to no turn. A template that does not render prefixes as
-        prefixes gets content-only turns.
+        prefixes, or refuses one (Llama 3.1's, given tools, a system prompt
+        without the user turn it writes them into), gets content-only turns.
         """
         ends = []
         for k in range(len(messages)):
-            head = self._render(messages[: k + 1])
+            try:
+                head = self._render(messages[: k + 1])
+            except ChatTemplateError:
+                head = ""
             if not rendered.startswith(head) or len(head) < located[k][1]:
                 return [(a, b) for a, b, _ in located]
             ends.append(len(head))
