@@ -320,8 +320,12 @@ def tiny_lfm2_audio(
     Returns:
         tuple: ``(LFM2AudioModel in eval mode, LFM2AudioProcessor)`` on CPU, float32.
     """
+    import tempfile
+
     config = lfm2_audio_config(lfm=lfm or {}, encoder=encoder or {}, depthformer=depthformer or {})
-    return lfm2_audio_from_config(config, tiny_lfm2_tokenizer_dir(), seed)
+    # The processor reads its tokenizer files when built: the folder goes with this call
+    with tempfile.TemporaryDirectory(prefix="captum_mllm_lfm2_tok_") as folder:
+        return lfm2_audio_from_config(config, tiny_lfm2_tokenizer_dir(path=folder), seed)
 
 
 def speech_like(seconds: float = 1.5, sample_rate: int = 16000, seed: int = 0) -> torch.Tensor:
@@ -360,10 +364,10 @@ def tiny_wav2vec2_aligner(seed: int = 0) -> Any:
     from captum_mllm.audio import ForcedAligner
 
     letters = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ'"]
-    folder = tempfile.mkdtemp(prefix="captum_mllm_w2v_")
-    with open(f"{folder}/vocab.json", "w") as f:
-        json.dump({c: i for i, c in enumerate(letters)}, f)
-    tokenizer = Wav2Vec2CTCTokenizer(f"{folder}/vocab.json", word_delimiter_token="|")
+    with tempfile.TemporaryDirectory(prefix="captum_mllm_w2v_") as folder:  # read when built
+        with open(f"{folder}/vocab.json", "w") as f:
+            json.dump({c: i for i, c in enumerate(letters)}, f)
+        tokenizer = Wav2Vec2CTCTokenizer(f"{folder}/vocab.json", word_delimiter_token="|")
     extractor = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True)
     config = Wav2Vec2Config(
         vocab_size=len(letters), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -35,6 +35,24 @@ def wave():
     return speech_like(1.0)
 
 
+def test_the_tiny_test_models_leave_no_files_behind(tmp_path, monkeypatch, wave):
+    """tiny_lfm2_audio and tiny_wav2vec2_aligner wrote their tokenizer files to a
+    new temporary folder on every call and left it there: a test run left
+    hundreds. The files are read when the tokenizers are built, then removed."""
+    import tempfile
+
+    from captum_mllm.testing import tiny_wav2vec2_aligner
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model, processor = tiny_lfm2_audio()
+    aligner = tiny_wav2vec2_aligner()
+    assert list(tmp_path.iterdir()) == []
+    encoded = LFM2AudioAdapter(model, processor).encode(mixed_chat(wave))  # still usable
+    system = processor.text_tokenizer.decode(encoded.input_ids[encoded.turn == 0])
+    assert system == "<|im_start|>system\nBe brief.<|im_end|>\n"
+    assert [w for _, _, w in aligner.align(wave, 16000, "what is it")] == ["what", "is", "it"]
+
+
 def mixed_chat(wave, text="What is it?"):
     return Chat().system("Be brief.").user(text, audio=wave, sample_rate=16000)
 
