@@ -471,14 +471,15 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         prefixes, or refuses one (Llama 3.1's, given tools, a system prompt
         without the user turn it writes them into), gets content-only turns.
         """
+        contents = [(a, b) for a, b, _ in located]
         ends = []
         for k in range(len(messages)):
             try:
                 head = self._render(messages[: k + 1])
             except ChatTemplateError:
-                head = ""
+                return contents
             if not rendered.startswith(head) or len(head) < located[k][1]:
-                return [(a, b) for a, b, _ in located]
+                return contents
             ends.append(len(head))
         first = located[0][0]
         dummy = {"role": "user" if messages[0]["role"] == "system" else "system", "content": "x"}
