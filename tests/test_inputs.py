@@ -510,6 +510,44 @@ def test_a_template_that_refuses_a_system_prompt_alone_is_read(model):
         assert tokenizer.decode(inp.encoded.input_ids[list(f.positions)]) == text
 
 
+def test_characters_a_vocabulary_lacks_stay_in_their_words():
+    """A tokenizer without byte fallback reads a character its vocabulary lacks
+    as <unk>, a special token, and special positions were left out of every part:
+    "it's" lost its apostrophe, and a turn of such characters alone had no position
+    (check_adapter: "has no position"). <unk> is the content it stands for."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from captum_mllm import HFCausalLMAdapter
+    from captum_mllm.testing import CHATML_TEMPLATE, check_adapter
+
+    words = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "dog", "it", "s"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=2, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = HFCausalLMAdapter(LlamaForCausalLM(config).eval(), tokenizer)
+    chat = Chat().user("dog it's").user("北京")
+    inp = ChatInput(chat, model)
+    unk = tokenizer.unk_token_id
+    held = [(f.label, inp.encoded.input_ids[list(f.positions)].tolist()) for f in inp.features]
+    assert held == [("dog", [5]), ("it's", [6, unk, 7]), ("北京", [unk])]
+    check_adapter(model, chat)
+
+
 def test_a_template_that_reads_text_parts_only_gets_them(model):
     """SmolVLM's and Llama 3.2 Vision's templates read a message's text from a
     list of parts and render a string content to nothing: every chat raised

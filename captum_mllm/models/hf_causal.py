@@ -344,7 +344,9 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         ids = list(enc["input_ids"])
         self.check_token_ids(ids)
         offsets = list(enc["offset_mapping"])
-        special_ids = set(self.tokenizer.all_special_ids)
+        # Template tokens are never content; <unk> stands for content characters a
+        # vocabulary without byte fallback lacks (control tokens typed in a content raised).
+        special_ids = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}
         table = PositionTableBuilder()
         table.part_texts = part_texts
         for i, (s, e) in enumerate(offsets):
