@@ -507,7 +507,7 @@ def test_a_template_that_refuses_a_system_prompt_alone_is_read(model):
     ]  # fmt: skip
     turns = ChatInput(chat, llama, roles=("system", "user"), text_unit="turn")
     for f, text in zip(turns.features, ["Be brief.", "Weather in Paris?"], strict=True):
-        assert tokenizer.decode(inp.encoded.input_ids[list(f.positions)]) == text
+        assert tokenizer.decode(turns.encoded.input_ids[list(f.positions)]) == text
 
 
 def test_characters_a_vocabulary_lacks_stay_in_their_words():
