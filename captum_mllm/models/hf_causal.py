@@ -8,6 +8,7 @@ import inspect
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from itertools import accumulate
 from typing import Any, cast
 
 import torch
@@ -319,11 +320,14 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 part_texts[(ti, 0)] = read
                 spans.append((ti, 0, c_start, c_end, None))
                 continue
-            escaped = trimmed == ESCAPED  # explained as given; read where its escapes lie
-            # Where each character of the content begins in `rendered` (and its end).
-            starts = [c_start - (0 if escaped else trimmed)]
-            for piece in _json_escapes(contents[ti]) if escaped else contents[ti]:
-                starts.append(starts[-1] + len(piece))
+            # Where each character of the content begins in `rendered` (and its end);
+            # an escaped one is explained as given, read where its escapes lie.
+            escaped = trimmed == ESCAPED
+            starts: Sequence[int] = (
+                list(accumulate(map(len, _json_escapes(contents[ti])), initial=c_start))
+                if escaped
+                else range(c_start - trimmed, c_start - trimmed + len(contents[ti]) + 1)
+            )
             cursor = 0
             for pi, part in enumerate(turn.parts):
                 text = part.text  # type: ignore[union-attr]
@@ -981,7 +985,7 @@ ESCAPED = -2
 
 def _json_escapes(text: str) -> list[str]:
     """Each character of ``text`` as transformers' ``tojson`` writes it inside a
-    JSON string (``"\\n"`` for a line break): the string's inside, a character at a time."""
+    JSON string (``"\\n"`` for a line break): joined, ``json.dumps(text)``'s inside."""
     return [json.dumps(c, ensure_ascii=False)[1:-1] for c in text]
 
 
@@ -1033,7 +1037,7 @@ def _locate_contents(
             (content.strip(), lead),
             (content.lstrip(), lead),
             (content.rstrip(), 0),
-            ("".join(_json_escapes(content)), ESCAPED),  # Llama 3.1's tool outputs
+            (json.dumps(content, ensure_ascii=False)[1:-1], ESCAPED),  # Llama 3.1's tool outputs
         ):
             after = cursor + len(text)
             if rendered.startswith(text, cursor) and rendered.startswith(pieces[j + 1], after):
