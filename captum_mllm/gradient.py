@@ -125,7 +125,6 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 "MultimodalLLMGradientAttribution takes a model adapter, got "
                 f"{type(adapter).__name__}"
             )
-        require_built(attr_method)
         # SmoothGrad and its kin: Captum's NoiseTunnel around a supported method
         self.tunnel = isinstance(attr_method, NoiseTunnel)
         method = attr_method.attribution_method if self.tunnel else attr_method

@@ -209,12 +209,13 @@ def test_attention_of_a_speech_model_reads_its_backbone_with_the_audio():
     answer = lfm.text_response("yes it is").ids[:, 0]  # text items: their token ids
     ids = torch.cat([text.encoded.input_ids, answer[:-1]])
     backbone = lfm.model.lfm
+    before = backbone.config._attn_implementation
     backbone.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             out = backbone(inputs_embeds=backbone.embed_tokens(ids)[None], output_attentions=True)
     finally:
-        backbone.set_attn_implementation("sdpa")
+        backbone.set_attn_implementation(before)
     maps = [a[0].mean(0) for a in out.attentions if a is not None]
     n = len(text.encoded)
     rows = torch.stack(maps).mean(0)[n - 1 : n - 1 + len(answer), :n]
