@@ -495,25 +495,30 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         self, show: bool = False, figsize: tuple[float, float] | None = None
     ) -> Any:
         """Captum's heatmap at a sane size (at most 20 x 12 inches unless
-        ``figsize`` says otherwise), x labels upright, every k-th when not all fit."""
+        ``figsize`` says otherwise), x labels upright, every k-th label when not
+        all fit, and cell values shrunk to their cells (left out below 5 points)."""
         if self.token_attr is None:  # Captum's own ValueError, as our other plots' PlotError
             raise PlotError(
                 "this result has no token_attr (Lime, KernelShap and sequence-level targets "
                 "attribute the whole answer): use plot_seq_attr"
             )
-        return self._fitted(super().plot_token_attr(show=False), show, figsize)
+        return self._fitted(super().plot_token_attr(show=False), show, figsize, heatmap=True)
 
     def plot_seq_attr(self, show: bool = False, figsize: tuple[float, float] | None = None) -> Any:
         """Captum's bar plot, sized and labelled as :meth:`plot_token_attr`."""
         return self._fitted(super().plot_seq_attr(show=False), show, figsize)
 
-    def _fitted(self, fig_ax: Any, show: bool, figsize: tuple[float, float] | None) -> Any:
-        from captum_mllm.viz.labels import fit_tick_labels
+    def _fitted(
+        self, fig_ax: Any, show: bool, figsize: tuple[float, float] | None, heatmap: bool = False
+    ) -> Any:
+        from captum_mllm.viz.labels import fit_heatmap, fit_tick_labels
 
         fig, ax = fig_ax
         width, height = fig.get_size_inches()
         fig.set_size_inches(*(figsize or (min(width, 20.0), min(height, 12.0))))
         fit_tick_labels(fig, ax)
+        if heatmap:
+            fit_heatmap(fig, ax)
         if show:
             import matplotlib.pyplot as plt
 

@@ -190,3 +190,30 @@ def test_many_features_keep_captums_plots_readable():
         assert all(a.x1 <= b.x0 + 1 for a, b in zip(boxes, boxes[1:], strict=False))  # no overlap
     fig, _ = res.plot_token_attr(figsize=(40.0, 6.0))
     assert tuple(fig.get_size_inches()) == (40.0, 6.0)
+
+
+@pytest.mark.parametrize("words, tokens", [(8, 3), (23, 40), (80, 100)])
+def test_heatmap_values_fit_their_cells_and_output_labels_do_not_overlap(words, tokens):
+    """Captum writes each value at 10 points whatever the cell's size: 100 output
+    tokens by 80 words drew them over each other and over the colours."""
+    res = MultimodalLLMAttributionResult(
+        input_tokens=[f"word{i}" for i in range(words)],
+        output_tokens=[f"tok{j}" for j in range(tokens)],
+        seq_attr=torch.randn(words),
+        token_attr=torch.randn(tokens, words),
+    )
+    fig, ax = res.plot_token_attr()
+    fig.canvas.draw()
+    grid = ax.get_window_extent()
+    cell_w, cell_h = grid.width / words, grid.height / tokens
+    for text in ax.texts:
+        box = text.get_window_extent()
+        assert box.width < cell_w and box.height < cell_h
+        assert text.get_fontsize() >= 5.0
+    if words * tokens < 100:  # room enough: every value, at Captum's size
+        assert len(ax.texts) == words * tokens
+        assert {t.get_fontsize() for t in ax.texts} == {10.0}
+    shown = [label.get_window_extent() for label in ax.get_yticklabels() if label.get_visible()]
+    assert 0 < len(shown) <= tokens
+    shown.sort(key=lambda box: box.y0)
+    assert all(a.y1 <= b.y0 + 1 for a, b in zip(shown, shown[1:], strict=False))  # no overlap

@@ -1,4 +1,4 @@
-"""Keep Captum's feature tick labels readable when there are many of them."""
+"""Keep Captum's tick labels and heatmap values readable when there are many of them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 
 #: Characters of a tick label; longer ones end in an ellipsis (the result keeps them whole).
 MAX_LABEL = 32
+#: Font sizes (points) of labels and cell values: Captum's default, and the smallest drawn.
+MAX_FONT, MIN_FONT = 10.0, 5.0
 
 
 def _short(text: str) -> str:
@@ -31,10 +33,7 @@ def fit_tick_labels(fig: Any, ax: Any) -> None:
     if any(len(t) > MAX_LABEL for t in texts):  # a sentence feature: the bars keep their room
         ax.set_xticks(ax.get_xticks(), [_short(t) for t in texts])
         labels = ax.get_xticklabels()
-    width_in = fig.get_size_inches()[0] * ax.get_position().width
-    spacing_pt = 72 * width_in / len(labels)  # room per label, in points
-    size = max(5.0, min(10.0, 0.8 * spacing_pt))  # an upright label is one line high
-    every = max(1, math.ceil(size / max(spacing_pt, 1e-9)))  # too many: label every k-th
+    size, every = _one_line_each(fig.get_size_inches()[0] * ax.get_position().width, len(labels))
     on_top = ax.xaxis.get_major_ticks()[0].label2.get_visible()  # Captum puts them on top
     for i, label in enumerate(labels):
         label.set_visible(i % every == 0)
@@ -43,3 +42,47 @@ def fit_tick_labels(fig: Any, ax: Any) -> None:
         label.set_horizontalalignment("center")
         label.set_verticalalignment("bottom" if on_top else "top")
         label.set_fontsize(size)
+
+
+def fit_heatmap(fig: Any, ax: Any) -> None:
+    """Fit Captum's token heatmap to its size: output-token (y) labels as
+    :func:`fit_tick_labels` fits the x labels, and the value written in each
+    cell shrunk to its cell, or left out where it would be smaller than
+    :data:`MIN_FONT` points (the colour and the colour bar still show it).
+
+    Captum writes every value at 10 points whatever the cell's size: 60 output
+    tokens by 80 words drew them over each other and over the colours.
+
+    Args:
+        fig (Figure): the figure of ``plot_token_attr``.
+        ax (Axes): its heatmap axes.
+    """
+    rows, cols = ax.images[0].get_array().shape
+    box = ax.get_position()
+    width_in, height_in = fig.get_size_inches()
+    size, every = _one_line_each(height_in * box.height, rows)
+    for i, label in enumerate(ax.get_yticklabels()):
+        label.set_visible(i % every == 0)
+        label.set_fontsize(size)
+    if not ax.texts:
+        return
+    widest = max(ax.texts, key=lambda t: len(t.get_text())).get_window_extent()
+    to_pt = 72 / fig.dpi
+    room = min(  # the font size that fits a cell with a little margin
+        0.9 * 72 * width_in * box.width / cols / (widest.width * to_pt),
+        0.9 * 72 * height_in * box.height / rows / (widest.height * to_pt),
+    )
+    size = min(MAX_FONT, ax.texts[0].get_fontsize() * room)
+    for text in list(ax.texts):
+        if size < MIN_FONT:
+            text.remove()
+        else:
+            text.set_fontsize(size)
+
+
+def _one_line_each(length_in: float, count: int) -> tuple[float, int]:
+    """Font size of ``count`` one-line labels along ``length_in`` inches, and k
+    such that every k-th label fits when not all do."""
+    spacing_pt = 72 * length_in / count  # room per label, in points
+    size = max(MIN_FONT, min(MAX_FONT, 0.8 * spacing_pt))
+    return size, max(1, math.ceil(size / max(spacing_pt, 1e-9)))
