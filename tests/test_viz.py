@@ -217,3 +217,46 @@ def test_heatmap_values_fit_their_cells_and_output_labels_do_not_overlap(words, 
     assert 0 < len(shown) <= tokens
     shown.sort(key=lambda box: box.y0)
     assert all(a.y1 <= b.y0 + 1 for a, b in zip(shown, shown[1:], strict=False))  # no overlap
+
+
+LONG_CHAT = (
+    Chat()
+    .system("You are a helpful assistant who answers questions about geography briefly.")
+    .user(
+        "I am planning a trip to Europe next summer and would like to visit several "
+        "capitals. Which city is the capital of France, and what should I see first?\nThanks!"
+    )
+    .assistant("Paris. Start with the Louvre and a walk along the Seine, then Montmartre.")
+    .user("And Germany?")
+)
+
+
+@pytest.mark.parametrize("unit", ["word", "sentence", "turn"])
+def test_the_chat_plot_wraps_its_text_inside_the_figure(unit):
+    """A turn or sentence feature is one run of text: it was drawn on one line,
+    past the axes, over the colour bar and off the figure. Line breaks were
+    dropped, and a word's comma could start the next line."""
+    from captum_mllm.testing import tiny_hf_adapter
+
+    model = tiny_hf_adapter()
+    inp = ChatInput(LONG_CHAT, model, roles=("user", "assistant"), text_unit=unit)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="Paris")
+    width = 40
+    fig, ax = res.plot_chat_attr(width=width)
+    texts = [t for t in ax.texts if t.get_fontfamily() == ["monospace"]]
+    lines: dict[float, list] = {}
+    for text in texts:
+        x, y = text.get_position()
+        assert x + len(text.get_text()) <= width  # inside the axes
+        lines.setdefault(y, []).append((x, text.get_text()))
+    rows = ["".join(t for _, t in sorted(line)) for _, line in sorted(lines.items())]
+    assert all(len(row) <= width for row in rows)
+    assert not any(row.lstrip()[:1] in {",", ".", "?", "!"} for row in rows)  # glued to its word
+    assert "Thanks!" in rows  # the line break kept
+    written = " ".join(turn.text for turn in LONG_CHAT)
+    assert " ".join(rows).split() == written.split()  # every word once, in order
+    fig.canvas.draw()
+    box = ax.get_window_extent()
+    assert all(t.get_window_extent().x1 <= box.x1 + 1 for t in texts)  # the glyphs too
+    drawn = {p.get_gid() for p in ax.patches if p.get_gid()}
+    assert drawn == {f"feature-{i}" for i in range(inp.n_itp_features)}

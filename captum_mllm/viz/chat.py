@@ -2,11 +2,13 @@
 
 Text features are boxes behind their words, audio features strips on their
 clip's time axis, both coloured on Captum's red-white-green scale centred on
-0; fixed text is grey. Every feature's patch carries ``gid="feature-<i>"``.
+0; fixed text is grey. Every feature's patches carry ``gid="feature-<i>"``.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from captum_mllm.errors import PlotError, require_int
@@ -47,40 +49,77 @@ def plot_chat_attr(
                 items.append(("clip", (y, part["audio"])))
                 y += 2 * _LINE
                 continue
-            x = 0.0
-            for text, feature in part["text"]:
-                for piece in text.split("\n"):
-                    if x + len(piece) > width and x > 0:
-                        x, y = 0.0, y + _LINE
-                    items.append(("text", (x, y, piece, feature)))
-                    x += len(piece)
-            y += 1.4 * _LINE
+            pieces = _wrapped(part["text"], width)
+            for x, line, piece, feature in pieces:
+                items.append(("text", (x, y + line * _LINE, piece, feature)))
+            y += (max((line for _, line, _, _ in pieces), default=0) + 1.4) * _LINE
     height = y + _LINE
     fig, ax = plt.subplots(figsize=figsize or (max(6.0, width * 0.11), max(2.0, height * 0.32)))
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.03)
+    bar.ax.set_ylabel("Attribution", rotation=-90, va="bottom")
+    # a character nearly a unit wide, so that text fills its box: a monospace one
+    # advances 0.6 of its size, and up to 0.62 once its advance is rounded to pixels
+    size = 72 * fig.get_size_inches()[0] * ax.get_position().width / width / 0.65
     for kind, args in items:
         if kind == "role":
             ax.text(0, args[0], args[1].upper(), fontsize=7, color="#777", va="top")
         elif kind == "text":
             x, ty, piece, feature = args
-            if feature >= 0 and piece:
+            if feature >= 0 and not piece.isspace():  # a space alone ends a line
                 colour = cmap(norm(float(attr[feature])))
                 box = Rectangle((x, ty + 0.1), len(piece), 0.8, facecolor=colour, edgecolor="none")
                 box.set_gid(f"feature-{feature}")
                 ax.add_patch(box)
-            colour = "black" if feature >= 0 else "#999"
-            ax.text(x, ty + 0.5, piece, family="monospace", fontsize=8, va="center", color=colour)
+            ink = "black" if feature >= 0 else "#999"
+            ax.text(x, ty + 0.5, piece, family="monospace", fontsize=size, va="center", color=ink)
         else:
             cy, clip = args
             _strip(ax, result, clip, cy, width, attr, norm, cmap)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.axis("off")
-    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.03)
-    bar.ax.set_ylabel("Attribution", rotation=-90, va="bottom")
     if show:
         plt.show()
         return None
     return fig, ax
+
+
+def _wrapped(runs: Sequence[Sequence[Any]], width: int) -> list[tuple[int, int, str, int]]:
+    """Lay ``(text, feature)`` runs out in lines of ``width`` characters as ``(x,
+    line, text, feature)`` pieces. Lines break at spaces, inside a run too (a
+    turn or a sentence is one run), and at line breaks; a word moves to the next
+    line whole, with what is glued to it ("sunset" and its ","); only a word
+    longer than a line is cut."""
+    words: list[list[tuple[str, int]]] = []  # chunks with no space between them
+    for text, feature in runs:
+        for chunk in re.findall(r"\n|[^\S\n]+|\S+", text):
+            if words and not chunk[0].isspace() and not words[-1][-1][0][0].isspace():
+                words[-1].append((chunk, feature))
+            else:
+                words.append([(chunk, feature)])
+    pieces: list[tuple[int, int, str, int]] = []
+    x = line = 0
+    for word in words:
+        length = sum(len(chunk) for chunk, _ in word)
+        if word[0][0] == "\n":
+            x, line = 0, line + 1
+            continue
+        if word[0][0].isspace():  # spaces end where the line does
+            word = [(word[0][0][: width - x], word[0][1])]
+        elif x + length > width and x > 0:
+            x, line = 0, line + 1
+        for chunk, feature in word:
+            while chunk:
+                if x >= width:  # a word longer than a line
+                    x, line = 0, line + 1
+                piece, chunk = chunk[: width - x], chunk[width - x :]
+                last = pieces[-1] if pieces else None
+                if last and last[1] == line and last[3] == feature and last[0] + len(last[2]) == x:
+                    pieces[-1] = (last[0], line, last[2] + piece, feature)  # one box a run a line
+                else:
+                    pieces.append((x, line, piece, feature))
+                x += len(piece)
+    return pieces
 
 
 def _strip(
