@@ -771,7 +771,7 @@ def resolve_response(
                 "gen_args is only used when target is None: the answer is given (the chat's "
                 "final assistant turn, or target=)"
             )
-        if target is not None and not _same_response(adapter, target, inp.response):
+        if target is not None and not _same_response(adapter, inp, target, inp.response):
             raise TargetError(  # one of the two answers would go unexplained
                 "the chat ends with an assistant turn, the answer to explain, and target= "
                 "names another; drop the final assistant turn or target="
@@ -814,7 +814,10 @@ def resolve_response(
     elif isinstance(target, str):
         if not target:
             raise TargetError("the target response is empty; give a non-empty target")
-        response = adapter.text_response(target)
+        if isinstance(inp, ChatInput):
+            response = adapter.answer_response(inp.encoded, target)
+        else:
+            response = adapter.text_response(target)
     elif isinstance(target, Tensor):
         response = adapter.check_target(target)
     else:
@@ -855,13 +858,16 @@ def _check_positions(adapter: ModelAdapter, n_prompt: int, n_answer: int) -> Non
         )
 
 
-def _same_response(adapter: ModelAdapter, target: str | Tensor, answer: str) -> bool:
+def _same_response(
+    adapter: ModelAdapter, inp: ChatInput, target: str | Tensor, answer: str
+) -> bool:
     """Whether ``target`` names the same response as the chat's final assistant turn."""
     if isinstance(target, str):
         return target == answer
     if not isinstance(target, Tensor):
         return False
-    ours, theirs = adapter.text_response(answer).ids, adapter.check_target(target).ids
+    ours = adapter.answer_response(inp.encoded, answer).ids
+    theirs = adapter.check_target(target).ids
     return ours.shape == theirs.shape and bool(torch.equal(ours.cpu(), theirs.cpu()))
 
 

@@ -382,7 +382,7 @@ class ChatInput(InterpretableInput):
             warnings.simplefilter("ignore")
             other = ChatInput(whole, self.model, **self._arguments)
         same = torch.equal(other.encoded.input_ids, self.encoded.input_ids)
-        return self if same else other
+        return self if same and "answer_ids" not in other.encoded.state else other
 
     def settings(self) -> dict[str, Any]:
         """The choices that made these features, as plain data (a result's

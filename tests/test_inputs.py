@@ -365,6 +365,41 @@ def test_a_given_answer_follows_the_template_text_the_template_puts_before_it(mo
     )
 
 
+def test_a_given_answer_after_a_space_is_read_with_it(model):
+    """Templates that write a space before the answer (Falcon's "Falcon: ",
+    Llama 2's and Mistral's "[/INST] ") gave the answer's ids without it: a
+    byte-level vocabulary then read "Paris" where the model reads " Paris",
+    a token it never says there."""
+    from captum_mllm import HFCausalLMAdapter, MultimodalLLMAttribution
+
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if not loop.first %}\n{% endif %}"
+        "{{ 'User: ' if m['role'] == 'user' else 'Falcon: ' }}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}\nFalcon:{% endif %}"
+    )
+    falcon = HFCausalLMAdapter(model.model, tokenizer)
+    answered = [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    inp = ChatInput(answered, falcon)
+    prompt = inp.encoded.input_ids.tolist()
+    assert prompt == falcon.encode(answered[:1]).input_ids.tolist()  # the generation prompt
+    whole = tokenizer(tokenizer.apply_chat_template(answered, tokenize=False))["input_ids"]
+    assert whole[: len(prompt)] == prompt
+    read = whole[len(prompt) :]  # the answer as the template and tokenizer give it
+    assert read != tokenizer("Paris.", add_special_tokens=False)["input_ids"]  # alone: no space
+    attr = MultimodalLLMAttribution(FeatureAblation(falcon), falcon)
+    res = attr.attribute(inp)
+    assert res.target_ids.tolist() == read
+    again = attr.attribute(ChatInput(answered[:1], falcon), target="Paris.")  # target= alike
+    assert again.target_ids.tolist() == read
+    assert torch.equal(again.seq_attr, res.seq_attr)
+    same = attr.attribute(inp, target=torch.tensor(read))  # its ids name the same answer
+    assert torch.equal(same.seq_attr, res.seq_attr)
+
+
 def test_a_template_that_moves_the_system_prompt_keeps_each_word_in_its_turn(model):
     """Mistral's template (v0.3) puts the system prompt in the last user turn:
     a multi-turn chat with a system prompt raised "changed the text of turn 0"."""

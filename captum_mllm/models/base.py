@@ -272,6 +272,11 @@ class ModelAdapter(nn.Module, ABC):
         self.check_token_ids(ids)
         return self.response(torch.tensor(ids))
 
+    def answer_response(self, encoded: EncodedChat, text: str) -> Response:
+        """``text``, the answer to explain, read as the model reads it after
+        ``encoded``'s prompt. Default: :meth:`text_response`."""
+        return self.text_response(text)
+
     def check_token_ids(self, ids: list[int]) -> None:
         """Refuse token ids past the model's embedding rows: a tokenizer given
         tokens the model never got (``add_tokens`` without

@@ -294,10 +294,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             {"role": t.role, "content": c, **t.extra} for t, c in zip(chat, contents, strict=True)
         ]
         rendered = self._render(messages, generation_prompt=True)
+        space = ""  # whitespace the template writes between the prompt and the answer
         if answer is not None:
             answer_message = {**(answer_keys or {}), "role": "assistant", "content": answer}
             self._warn_on_unread_keys([*messages, answer_message], generation_prompt=False)
-            rendered = self._answer_lead(messages, answer_message, rendered)
+            rendered, space = self._answer_lead(messages, answer_message, rendered)
         else:
             self._warn_on_unread_keys(messages, generation_prompt=True)
         located = _locate_contents(self._render, messages, rendered)
@@ -369,7 +370,25 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                             )
                         break
             table.add_token(ids[i], t_at, p_at, span, label=rendered[s:e])
-        return table.build([t.role for t in chat], self.tokenizer)
+        encoded = table.build([t.role for t in chat], self.tokenizer)
+        if answer is not None and space:
+            # The answer's ids as the template writes them after the prompt: a
+            # byte-level vocabulary reads Mistral's "[/INST] Rome" as " Rome",
+            # not the "Rome" of the answer alone (a model never says that there).
+            whole = self.tokenizer(rendered + space + answer, add_special_tokens=False)
+            after = list(whole["input_ids"])
+            if after[: len(ids)] == ids and len(after) > len(ids):
+                encoded.state["answer_ids"] = (answer, after[len(ids) :])
+        return encoded
+
+    def answer_response(self, encoded: EncodedChat, text: str) -> Response:
+        """``text`` read as the answer after ``encoded``'s prompt: with the
+        whitespace the template writes before it (see :meth:`encode_prompt`)."""
+        answer, ids = encoded.state.get("answer_ids", (None, None))
+        if answer != text:
+            return self.text_response(text)
+        self.check_token_ids(ids)
+        return self.response(torch.tensor(ids))
 
     def _render(
         self,
@@ -445,22 +464,26 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     def _answer_lead(
         self, messages: list[dict[str, Any]], answer: dict[str, Any], prompt: str
-    ) -> str:
+    ) -> tuple[str, str]:
         """The generation prompt ``prompt`` and the text the template renders
-        after it before the ``answer`` message's text in the whole chat;
-        ``prompt`` alone when that text is only whitespace (Llama 2's space
-        before an answer, which a tokenizer folds into the answer's first
-        token) or the whole chat does not begin with ``prompt`` (a template
-        that renders the answer otherwise than it generates it)."""
+        after it before the ``answer`` message's text in the whole chat, less
+        the whitespace just before the answer, and that whitespace (Llama 2's
+        and Mistral's space, which a tokenizer reads as part of the answer's
+        first token); ``prompt`` and no whitespace when the whole chat does not
+        begin with ``prompt`` (a template that renders the answer otherwise
+        than it generates it)."""
         whole = [*messages, answer]
         try:
             rendered = self._render(whole)
             start = _locate_contents(lambda m, _: self._render(m), whole, rendered)[-1][0]
         except ChatTemplateError:  # the template refuses, changes or drops a content
-            return prompt
-        if not rendered.startswith(prompt) or not rendered[len(prompt) : start].strip():
-            return prompt
-        return rendered[:start].rstrip(" ")  # a space before the answer: as above
+            return prompt, ""
+        if not rendered.startswith(prompt):
+            return prompt, ""
+        if not rendered[len(prompt) : start].strip():
+            return prompt, rendered[len(prompt) : start]
+        lead = rendered[:start].rstrip(" ")
+        return lead, rendered[len(lead) : start]
 
     def _turn_spans(
         self,
