@@ -398,6 +398,19 @@ def test_a_given_answer_after_a_space_is_read_with_it(model):
     assert torch.equal(again.seq_attr, res.seq_attr)
     same = attr.attribute(inp, target=torch.tensor(read))  # its ids name the same answer
     assert torch.equal(same.seq_attr, res.seq_attr)
+    # A line break before the answer that the generation prompt lacks (Zephyr's
+    # "<|assistant|>" against "<|assistant|>\n..."): template text, read before it.
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
+    )
+    zephyr = HFCausalLMAdapter(model.model, tokenizer)
+    inp = ChatInput(answered, zephyr)
+    whole = tokenizer.apply_chat_template(answered, tokenize=False)
+    lead = tokenizer(whole[: whole.rindex("Paris.")], add_special_tokens=False)["input_ids"]
+    assert inp.encoded.input_ids.tolist() == lead
+    res = MultimodalLLMAttribution(FeatureAblation(zephyr), zephyr).attribute(inp)
+    assert res.target_ids.tolist() == tokenizer("Paris.", add_special_tokens=False)["input_ids"]
 
 
 def test_a_template_that_moves_the_system_prompt_keeps_each_word_in_its_turn(model):

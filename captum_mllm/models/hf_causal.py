@@ -467,11 +467,11 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     ) -> tuple[str, str]:
         """The generation prompt ``prompt`` and the text the template renders
         after it before the ``answer`` message's text in the whole chat, less
-        the whitespace just before the answer, and that whitespace (Llama 2's
-        and Mistral's space, which a tokenizer reads as part of the answer's
-        first token); ``prompt`` and no whitespace when the whole chat does not
-        begin with ``prompt`` (a template that renders the answer otherwise
-        than it generates it)."""
+        the spaces just before the answer, and those spaces (Llama 2's and
+        Falcon's, which a tokenizer reads as part of the answer's first token);
+        ``prompt`` and no spaces when the whole chat does not begin with
+        ``prompt`` (a template that renders the answer otherwise than it
+        generates it)."""
         whole = [*messages, answer]
         try:
             rendered = self._render(whole)
@@ -480,9 +480,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             return prompt, ""
         if not rendered.startswith(prompt):
             return prompt, ""
-        if not rendered[len(prompt) : start].strip():
-            return prompt, rendered[len(prompt) : start]
-        lead = rendered[:start].rstrip(" ")
+        lead = rendered[: max(len(prompt), len(rendered[:start].rstrip(" ")))]
         return lead, rendered[len(lead) : start]
 
     def _turn_spans(
