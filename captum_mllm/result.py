@@ -505,8 +505,20 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         return self._fitted(super().plot_token_attr(show=False), show, figsize, heatmap=True)
 
     def plot_seq_attr(self, show: bool = False, figsize: tuple[float, float] | None = None) -> Any:
-        """Captum's bar plot, sized and labelled as :meth:`plot_token_attr`."""
-        return self._fitted(super().plot_seq_attr(show=False), show, figsize)
+        """Captum's bar plot, sized and labelled as :meth:`plot_token_attr`, with
+        each bar's standard error where an estimator gave one (none where it is
+        infinite: the coalitions drawn show no spread)."""
+        fig, ax = super().plot_seq_attr(show=False)
+        if self.seq_attr_stderr is not None:
+            stderr = torch.as_tensor(self.seq_attr_stderr).detach().cpu().double()
+            ax.errorbar(
+                range(len(stderr)),
+                self.seq_attr.detach().cpu().double().numpy(),
+                yerr=stderr.where(stderr.isfinite(), float("nan")).numpy(),
+                fmt="none", ecolor="black", elinewidth=1, capsize=2, label="± standard error",
+            )  # fmt: skip
+            ax.legend(loc="best", fontsize=8)
+        return self._fitted((fig, ax), show, figsize)
 
     def _fitted(
         self, fig_ax: Any, show: bool, figsize: tuple[float, float] | None, heatmap: bool = False

@@ -260,3 +260,24 @@ def test_the_chat_plot_wraps_its_text_inside_the_figure(unit):
     assert all(t.get_window_extent().x1 <= box.x1 + 1 for t in texts)  # the glyphs too
     drawn = {p.get_gid() for p in ax.patches if p.get_gid()}
     assert drawn == {f"feature-{i}" for i in range(inp.n_itp_features)}
+
+
+def test_the_bar_plot_shows_each_standard_error():
+    """Our estimators give each feature a standard error; the bar plot drew
+    the values alone, as exact as the exact method's."""
+    from matplotlib.container import ErrorbarContainer
+
+    values = torch.tensor([0.5, -0.25, 0.125])
+    res = MultimodalLLMAttributionResult(
+        input_tokens=["a", "b", "c"], output_tokens=["x"], seq_attr=values,
+        seq_attr_stderr=torch.tensor([0.125, 0.0625, float("inf")]),  # c: no spread seen
+    )  # fmt: skip
+    _, ax = res.plot_seq_attr()
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    spans = [segment.tolist() for segment in bars.lines[2][0].get_segments()]
+    assert spans[:2] == [[[0, 0.375], [0, 0.625]], [[1, -0.3125], [1, -0.1875]]]
+    assert spans[2] == []  # an infinite one is not drawn
+    exact = MultimodalLLMAttributionResult(input_tokens=["a", "b", "c"], output_tokens=["x"],
+                                           seq_attr=values)  # fmt: skip
+    _, ax = exact.plot_seq_attr()
+    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
