@@ -195,8 +195,8 @@ class MultimodalLLMAttribution(LLMAttribution):
         else:
             raise InvalidModelError(
                 f"the method is built on a {type(model).__name__}; build it on a model adapter "
-                "(e.g. HFCausalLMAdapter(model, tokenizer)), or on a torch module and pass "
-                "its tokenizer"
+                "(e.g. HFCausalLMAdapter(model, tokenizer), or HFCausalLMAdapter(pipeline)), or "
+                "on a torch module and pass its tokenizer"
             )
         if not isinstance(attr_method, self.SUPPORTED_METHODS):
             raise UnsupportedInputError(

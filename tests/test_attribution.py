@@ -732,6 +732,26 @@ def test_a_final_assistant_turn_is_the_default_target(model, chat, thinking):
             assert dated.answered(TARGET) is not dated
 
 
+def test_a_text_generation_pipeline_is_explained_as_its_model(model, chat):
+    """pipeline("text-generation", ...) is how many Hugging Face users hold a
+    chat model; HFCausalLMAdapter(pipe) raised a TypeError (no tokenizer)."""
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=model.model, tokenizer=model.tokenizer)
+    adapter = HFCausalLMAdapter(pipe)
+    assert adapter.model is model.model and adapter.tokenizer is model.tokenizer
+
+    def explain(on):
+        attr = MultimodalLLMAttribution(ExactShapleyValues(on), on)
+        return attr.attribute(ChatInput(chat, on), target=TARGET).token_attr
+
+    assert torch.equal(explain(adapter), explain(model))
+    with pytest.raises(InvalidModelError, match="needs LlamaForCausalLM's tokenizer"):
+        HFCausalLMAdapter(model.model)
+    with pytest.raises(InvalidModelError, match=r"HFCausalLMAdapter\(pipeline\)"):
+        MultimodalLLMAttribution(FeatureAblation(pipe), pipe)
+
+
 def test_a_peft_model_is_explained_as_its_merged_model(model, chat):
     """A LoRA fine-tune (PEFT's PeftModel) passes the cache and logits_to_keep
     on to the model it wraps; they were read off its own forward, so the

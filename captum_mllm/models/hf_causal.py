@@ -7,6 +7,7 @@ import copy
 import inspect
 import json
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from itertools import accumulate
 from typing import Any, cast
@@ -57,10 +58,12 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     ``forward(input_ids, attention_mask) -> .logits``) and its tokenizer.
 
     Args:
-        model (nn.Module): the language model.
-        tokenizer: its Hugging Face tokenizer (a fast one, for offsets), or
-            its processor (``AutoProcessor``'s, e.g. Gemma 3's): its tokenizer
-            is read, with the processor's chat template where it has one.
+        model (nn.Module or Pipeline): the language model, or a ``transformers``
+            text-generation pipeline, whose model and tokenizer are read.
+        tokenizer (optional): its Hugging Face tokenizer (a fast one, for
+            offsets), or its processor (``AutoProcessor``'s, e.g. Gemma 3's):
+            its tokenizer is read, with the processor's chat template where it
+            has one. Default: the pipeline's (required for a model)
         chat_template_kwargs (dict, optional): passed to every
             ``tokenizer.apply_chat_template`` call, as transformers takes them
             (e.g. ``{"enable_thinking": False}`` for Qwen3). Default: None
@@ -78,9 +81,20 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     reads_answer_lead = True
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None
+        self,
+        model: nn.Module | Any,
+        tokenizer: Any = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if _is_pipeline(model):  # pipeline("text-generation", ...): what it runs
+            tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+            model = model.model
+        if tokenizer is None:
+            raise InvalidModelError(
+                f"HFCausalLMAdapter needs {type(model).__name__}'s tokenizer: "
+                "HFCausalLMAdapter(model, tokenizer), or HFCausalLMAdapter.from_pretrained(name)"
+            )
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise InvalidModelError(  # its forward needs decoder inputs; generation raised
                 f"{type(model).__name__} is an encoder-decoder model; HFCausalLMAdapter "
@@ -1091,6 +1105,12 @@ def _as_parts(message: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(content, str):
         return message
     return {**message, "content": [{"type": "text", "text": content}]}
+
+
+def _is_pipeline(obj: Any) -> bool:
+    """Whether ``obj`` is a ``transformers`` pipeline (imported only if loaded)."""
+    pipelines = sys.modules.get("transformers.pipelines.base")
+    return pipelines is not None and isinstance(obj, pipelines.Pipeline)
 
 
 def _text_tokenizer(tokenizer: Any) -> Any:
