@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from captum_mllm.chat import REQUEST_KEYS, Chat, request_template_kwargs
 from captum_mllm.errors import InvalidOptionError, require_int, warn_caller
-from captum_mllm.fingerprint import chat_digest, digest, plain
+from captum_mllm.fingerprint import chat_digest, digest, fix_digest, plain
 
 ModelFactory = Callable[[], Any]
 MethodFactory = Callable[[Any], Any]
@@ -68,6 +68,9 @@ class ChatExplainer:
         target_factory: Callable[[], Any] | None = None,
     ) -> None:
         self.model = model_factory()
+        # The replica is this worker's own and never changes: its weights are read
+        # for the stores' fingerprints once, not for every chat.
+        fix_digest(getattr(self.model, "model", self.model))
         self.method_factory = method_factory
         self.input_kwargs = dict(input_kwargs or {})
         self.attribute_kwargs = dict(attribute_kwargs or {})

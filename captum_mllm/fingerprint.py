@@ -14,6 +14,7 @@ import inspect
 import itertools
 import json
 import os
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -45,9 +46,32 @@ def _digest(parts: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
+#: Models whose weights nothing changes while they live (a worker's own replica),
+#: with their digest once computed.
+_FIXED: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+
+
+def fix_digest(model: Any) -> None:
+    """Compute ``model``'s :func:`model_digest` once from now on: for a model
+    nothing changes while it lives, such as a data set worker's replica, which
+    otherwise read every weight again for each chat (seconds a chat for a
+    billion-parameter model, more than a small budget's explanation)."""
+    if isinstance(model, nn.Module):
+        _FIXED.setdefault(model, None)
+
+
 def model_digest(model: nn.Module) -> str:
     """The model's class, its configuration, its generation configuration
     (sampled answers read it) and every weight."""
+    if model in _FIXED:
+        known = _FIXED[model]
+        if known is None:
+            known = _FIXED[model] = _model_digest(model)
+        return known
+    return _model_digest(model)
+
+
+def _model_digest(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     to_json = getattr(config, "to_json_string", None)
     config_text = to_json() if callable(to_json) else repr(config)

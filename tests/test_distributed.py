@@ -206,6 +206,30 @@ def test_gen_args_reach_only_the_chats_without_an_answer(tmp_path):
     assert len(asked.output_tokens) <= 4  # its answer generated with the gen_args given
 
 
+def test_a_worker_reads_its_replicas_weights_once(tmp_path, monkeypatch):
+    """The stores' fingerprints read every weight again for each chat: seconds a
+    chat for a billion-parameter model, more than a small budget's explanation."""
+    import captum_mllm.fingerprint as fingerprint
+
+    reads = []
+    weights = fingerprint._weights
+    monkeypatch.setattr(
+        fingerprint, "_weights", lambda m, state: reads.append(m) or weights(m, state)
+    )
+    explain_dataset(
+        CHATS[:3], factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path,
+        use_ray=False, show_progress=False,
+    )  # fmt: skip
+    assert len(reads) == 1
+    model = factory()  # the same weights, not a worker's: read for each explanation
+    attr = MultimodalLLMAttribution(LeverageKernelShap(model), model)
+    for _ in range(2):  # its store is the worker's: the fingerprints agree
+        res = attr.attribute(ChatInput(CHATS[0], model), store=tmp_path / "chat_00000" / STORE,
+                             **SETTINGS)  # fmt: skip
+        assert res.n_unique_coalitions == 0 and res.n_stored_coalitions > 0  # all read
+    assert len(reads) == 3
+
+
 def _tool_model():
     import copy
 
