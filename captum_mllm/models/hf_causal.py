@@ -308,7 +308,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             {"role": t.role, "content": c, **t.extra} for t, c in zip(chat, contents, strict=True)
         ]
         rendered = self._render(messages, generation_prompt=True)
-        space = ""  # whitespace the template writes between the prompt and the answer
+        space = ""  # spaces the template writes between the prompt and the answer
         if answer is not None:
             answer_message = {**(answer_keys or {}), "role": "assistant", "content": answer}
             self._warn_on_unread_keys([*messages, answer_message], generation_prompt=False)
@@ -387,8 +387,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         encoded = table.build([t.role for t in chat], self.tokenizer)
         if answer is not None and space:
             # The answer's ids as the template writes them after the prompt: a
-            # byte-level vocabulary reads Mistral's "[/INST] Rome" as " Rome",
-            # not the "Rome" of the answer alone (a model never says that there).
+            # byte-level vocabulary reads Falcon's "Falcon: Rome" as " Rome", not
+            # the "Rome" of the answer alone (a token the model never says there).
             whole = self.tokenizer(rendered + space + answer, add_special_tokens=False)
             after = list(whole["input_ids"])
             if after[: len(ids)] == ids and len(after) > len(ids):
@@ -397,7 +397,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     def answer_response(self, encoded: EncodedChat, text: str) -> Response:
         """``text`` read as the answer after ``encoded``'s prompt: with the
-        whitespace the template writes before it (see :meth:`encode_prompt`)."""
+        spaces the template writes before it (see :meth:`encode_prompt`)."""
         answer, ids = encoded.state.get("answer_ids", (None, None))
         if answer != text:
             return self.text_response(text)
