@@ -4,7 +4,7 @@ The chat is drawn turn by turn, each feature coloured on Captum's red-white-
 green scale centred on 0 (its value and standard error on hover), fixed text
 greyed; each audio clip is a waveform strip with its features' spans, each
 span playable on its own and the whole clip with the current span
-highlighted (audio embedded as base64 WAV). A selector switches between the
+highlighted (audio embedded as base64 FLAC). A selector switches between the
 whole answer and each output token's row of ``token_attr``.
 """
 
@@ -51,7 +51,7 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
     audio = result.output_audio or {}
     answer_audio = None
     if audio.get("waveform") is not None:
-        answer_audio = _wav(torch.as_tensor(audio["waveform"]).reshape(-1), audio["sample_rate"])
+        answer_audio = _flac(torch.as_tensor(audio["waveform"]).reshape(-1), audio["sample_rate"])
     return env.from_string(template).render(
         response=result.response_text or " ".join(result.output_tokens),
         answer_audio=answer_audio,
@@ -95,7 +95,7 @@ def _clip(result: MultimodalLLMAttributionResult, index: int) -> dict[str, Any]:
                 "w": round(max(1.0, (end - start) * scale), 1),
             })  # fmt: skip
     return {"width": width, "segments": segments, "wave": _envelope(wave, width),
-            "audio": _wav(wave, clip.sample_rate)}  # fmt: skip
+            "audio": _flac(wave, clip.sample_rate)}  # fmt: skip
 
 
 def _envelope(wave: torch.Tensor, width: int) -> str:
@@ -106,11 +106,13 @@ def _envelope(wave: torch.Tensor, width: int) -> str:
     return " ".join(f"{x},{35 - 33 * p:.1f} {x},{35 + 33 * p:.1f}" for x, p in enumerate(peak))
 
 
-def _wav(wave: torch.Tensor, sample_rate: int) -> str:
+def _flac(wave: torch.Tensor, sample_rate: int) -> str:
+    """The clip as 16-bit FLAC, base64: lossless, about half a WAV's size for
+    speech (a notebook keeps the page in its outputs), and every browser plays it."""
     import soundfile as sf
 
     buffer = io.BytesIO()
-    sf.write(buffer, wave.numpy(), int(sample_rate), format="WAV", subtype="PCM_16")
+    sf.write(buffer, wave.numpy(), int(sample_rate), format="FLAC", subtype="PCM_16")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
