@@ -93,7 +93,7 @@ class _Strata:
 
     @property
     def count(self) -> int:
-        return sum(len(h) for h in self.held.values())
+        return 2 * len(self.pairs)  # no two pairs share a coalition (grow skips held ones)
 
     def grow(self, goal: int) -> np.ndarray:
         """Draw new pairs so that about ``goal`` coalitions are held, spread evenly
