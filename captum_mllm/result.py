@@ -471,7 +471,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
     ) -> tuple[Any, Any] | None:
         """The whole conversation, turn by turn: text features as coloured boxes
         behind their words, audio features as coloured strips on their clip's
-        time axis, fixed text grey (Captum's red-white-green scale centred on 0).
+        time axis, fixed text grey (Captum's red-white-green scale centred on 0),
+        titled with what is attributed (the answer, or its output tokens).
 
         Args:
             target_token_pos (int or tuple[int, int], optional): as in
@@ -608,6 +609,20 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         frame = self.to_dataframe()
         key = frame["seq_attr"].abs() if by_abs else frame["seq_attr"]
         return frame.loc[key.sort_values(ascending=False).index[:k]]
+
+    def _what(self, target_token_pos: int | tuple[int, int] | None) -> str:
+        """What :meth:`_row` attributes, in words: the answer, or its output
+        token(s) at ``target_token_pos`` (a title for the plots)."""
+        from textwrap import shorten
+
+        if target_token_pos is None:
+            answer = self.response_text or " ".join(self.output_tokens)
+            return f"the answer {shorten(answer, 70, placeholder='...')!r}"
+        if isinstance(target_token_pos, tuple | list):
+            m, n = (int(i) for i in target_token_pos)
+            return f"output tokens {m}-{n - 1}: {' '.join(self.output_tokens[m:n])!r}"
+        i = int(target_token_pos)
+        return f"output token {i % len(self.output_tokens)}: {self.output_tokens[i]!r}"
 
     def _row(
         self,

@@ -281,3 +281,24 @@ def test_the_bar_plot_shows_each_standard_error():
                                            seq_attr=values)  # fmt: skip
     _, ax = exact.plot_seq_attr()
     assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+
+
+def test_the_chat_plot_names_what_it_attributes():
+    """plot_chat_attr(target_token_pos=3) coloured the chat by one output token's
+    row without saying which token, or which answer, that was."""
+    from captum_mllm.testing import tiny_hf_adapter
+
+    model = tiny_hf_adapter()
+    inp = ChatInput(Chat().user("What is the capital of France?"), model)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(
+        inp, target="Paris is big."
+    )
+    tokens = res.output_tokens
+    titles = {
+        pos: res.plot_chat_attr(target_token_pos=pos)[1].get_title(loc="left")
+        for pos in (None, 1, -1, (0, 2))
+    }
+    assert titles[None] == "Attribution to the answer 'Paris is big.'"
+    assert titles[1] == f"Attribution to output token 1: {tokens[1]!r}"
+    assert titles[-1] == f"Attribution to output token {len(tokens) - 1}: {tokens[-1]!r}"
+    assert titles[(0, 2)] == f"Attribution to output tokens 0-1: {tokens[0] + ' ' + tokens[1]!r}"

@@ -78,6 +78,7 @@ def plot_chat_attr(
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.axis("off")
+    ax.set_title(f"Attribution to {result._what(target_token_pos)}", fontsize=9, loc="left", pad=10)
     if show:
         plt.show()
         return None
