@@ -411,7 +411,9 @@ def _part_from_dict(item: Any) -> Part:
         raise InvalidContentError("each content item must be a dict with a 'type'")
     kind = item["type"]
     if kind in ("text", "input_text", "output_text"):  # the last two: OpenAI's Responses API
-        return TextPart(item.get("text"))  # type: ignore[arg-type]
+        if "text" not in item:
+            raise InvalidContentError(f"a text item needs a 'text' key; it has {sorted(item)}")
+        return TextPart(item["text"])
     if kind in ("audio", "input_audio"):
         nested = item.get("input_audio")  # OpenAI's {"input_audio": {"data": base64, ...}}
         source = nested if isinstance(nested, Mapping) else item

@@ -118,6 +118,13 @@ def test_openai_responses_api_text_items_are_read():
         Chat.from_messages([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}])
 
 
+def test_a_text_item_without_text_names_its_keys():
+    # {"type": "text", "content": ...} said "text parts must be str, got NoneType"
+    keys = r"needs a 'text' key; it has \['content', 'type'\]"
+    with pytest.raises(InvalidContentError, match=keys):
+        Chat.from_messages([{"role": "user", "content": [{"type": "text", "content": "Hi?"}]}])
+
+
 def test_openai_input_audio_items_are_read():
     # {"type": "input_audio"} was accepted by name, but its base64 data was read as a path
     import base64
