@@ -436,7 +436,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         """Draw a clip's waveform above its log-mel spectrogram, each audio
         feature's span shaded with its attribution in Captum's red-white-green
         scale centred on 0 (the colours of ``plot_token_attr``), labelled with its
-        aligned word or time span, with a colour bar.
+        aligned word or time span, with a colour bar, titled with what is
+        attributed (the answer, or its output tokens).
 
         Args:
             turn (int, optional): the chat turn whose clip to draw; None counts

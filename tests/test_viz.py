@@ -77,6 +77,23 @@ def test_audio_spans_have_the_colour_of_their_attribution(result, pos):
     matplotlib.pyplot.close(fig)
 
 
+def test_the_audio_plot_names_what_it_attributes_above_its_span_labels(result):
+    """plot_audio_attr had no title: with target_token_pos it coloured a clip by
+    one output token's row without saying which."""
+    tokens = result.output_tokens
+    answer = result.response_text or " ".join(tokens)
+    for pos, what in ((None, f"the answer {answer!r}"), (1, f"output token 1: {tokens[1]!r}")):
+        fig, (ax_wave, _) = result.plot_audio_attr(turn=3, target_token_pos=pos)
+        assert fig.get_suptitle() == f"Attribution to {what}"
+        renderer = fig.canvas.get_renderer()
+        fig.canvas.draw()
+        title = fig._suptitle.get_window_extent(renderer)
+        labels = [t.get_window_extent(renderer) for t in ax_wave.texts]
+        assert labels and fig.bbox.contains(title.x0, title.y0) and title.y1 <= fig.bbox.y1
+        assert all(b.y1 <= title.y0 and b.y1 <= fig.bbox.y1 for b in labels)
+        matplotlib.pyplot.close(fig)
+
+
 def test_clip_selection_and_errors(result, lfm):
     fig, (ax, _) = result.plot_audio_attr()  # first clip of the chat
     assert len(spans(ax)) == sum(f.clip == 0 for f in result.features) == 4

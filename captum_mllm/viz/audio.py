@@ -45,9 +45,12 @@ def plot_audio_attr(
 
     # A sane size whatever the clip's length (long clips: labels only where they fit).
     figsize = figsize or (min(16.0, max(8.0, 3.0 * duration)), 5.0)
+    # Constrained layout keeps the span labels above the waveform clear of the title.
     fig, (ax_wave, ax_mel) = plt.subplots(
-        2, 1, sharex=True, figsize=figsize, gridspec_kw={"height_ratios": [1, 2]}
-    )
+        2, 1, sharex=True, figsize=figsize, gridspec_kw={"height_ratios": [1, 2]},
+        layout="constrained",
+    )  # fmt: skip
+    fig.suptitle(f"Attribution to {result._what(target_token_pos)}", fontsize=9, x=0.01, ha="left")
     room = max(1, int(figsize[0] * 5))  # labels that fit side by side, at 8 pt
     labelled = set(values.abs().argsort(descending=True)[:room].tolist())
     ax_wave.plot(seconds, wave.numpy(), color="black", linewidth=0.5)
