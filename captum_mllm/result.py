@@ -509,10 +509,12 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
     def plot_seq_attr(self, show: bool = False, figsize: tuple[float, float] | None = None) -> Any:
         """Captum's bar plot, sized and labelled as :meth:`plot_token_attr`, with
         each bar's standard error where an estimator gave one (none where it is
-        infinite: the coalitions drawn show no spread)."""
+        infinite: the coalitions drawn show no spread; none at all when every
+        one is 0, as an exact method's)."""
         fig, ax = super().plot_seq_attr(show=False)
-        if self.seq_attr_stderr is not None:
-            stderr = torch.as_tensor(self.seq_attr_stderr).detach().cpu().double()
+        given = self.seq_attr_stderr
+        stderr = torch.as_tensor([] if given is None else given).detach().cpu().double()
+        if stderr.isfinite().logical_and(stderr > 0).any():  # exact methods report 0s
             ax.errorbar(
                 range(len(stderr)),
                 self.seq_attr.detach().cpu().double().numpy(),

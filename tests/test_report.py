@@ -162,6 +162,8 @@ def test_the_report_carries_standard_errors_and_needs_no_chat():
     html = res.to_html()
     data = html.split('id="data">')[1].split("</script>")[0]
     assert '"errors": [[0.125, 0.0625]]' in data
+    res.seq_attr_stderr = torch.zeros(2)  # an exact method's
+    assert '"errors": null' in res.to_html()
     assert html.count('class="feature"') == 2  # a Captum input: its features in order
 
 

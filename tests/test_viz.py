@@ -294,10 +294,12 @@ def test_the_bar_plot_shows_each_standard_error():
     spans = [segment.tolist() for segment in bars.lines[2][0].get_segments()]
     assert spans[:2] == [[[0, 0.375], [0, 0.625]], [[1, -0.3125], [1, -0.1875]]]
     assert spans[2] == []  # an infinite one is not drawn
-    exact = MultimodalLLMAttributionResult(input_tokens=["a", "b", "c"], output_tokens=["x"],
-                                           seq_attr=values)  # fmt: skip
-    _, ax = exact.plot_seq_attr()
-    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    for stderr in (None, torch.zeros(3)):  # exact methods report 0s: no bars, no legend
+        exact = MultimodalLLMAttributionResult(input_tokens=["a", "b", "c"], output_tokens=["x"],
+                                               seq_attr=values, seq_attr_stderr=stderr)  # fmt: skip
+        _, ax = exact.plot_seq_attr()
+        assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert ax.get_legend() is None
 
 
 def test_the_chat_plot_names_what_it_attributes():

@@ -43,6 +43,8 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
             errors += list(torch.as_tensor(result.token_attr_stderr).float())
         if len(errors) != len(rows):
             errors = [errors[0]] * len(rows)
+        if not any(e.ne(0).any() for e in errors):  # an exact method's: no "± 0" tips
+            errors = None
     data = {
         "labels": list(result.input_tokens),
         "rows": [_json_numbers(r) for r in rows],
