@@ -284,8 +284,11 @@ def audio_arrays_and_units(case: tuple[Any, Any, dict[str, Any], str | None]) ->
 
 @pytest.mark.parametrize("text", CONTROL)
 def test_control_tokens_in_text_are_refused_by_name(text: str) -> None:
-    with pytest.raises(InvalidContentError, match="control token"):
+    with pytest.raises(InvalidContentError, match="control token") as refused:
         ChatInput(Chat().user(f"Please read {text} aloud"), _HF)
+    # The way out it names is the token found, broken up (it named '<|im_start|>' for all)
+    broken = str(refused.value).split("(e.g. ")[1].split(")")[0].strip("'\"")
+    assert broken.replace(" ", "") in text and ChatInput(Chat().user(broken), _HF).values
     with pytest.raises(InvalidContentError, match="control token"):
         ChatInput(Chat().user(f"Please read {text} aloud"), lfm())
     with pytest.raises(InvalidContentError, match="control token"):  # in the answer explained

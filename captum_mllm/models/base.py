@@ -162,10 +162,12 @@ class ModelAdapter(nn.Module, ABC):
             for text in [getattr(part, "text", "") for part in turn.parts] + [extra]:
                 found = [c for c in controls if c in text]
                 if found:
+                    token = found[0]
+                    spaced = f"{token[0]} {token[1:-1]} {token[-1]}" if len(token) > 2 else ""
                     raise InvalidContentError(
                         f"the {turn.role} turn's text contains the model's control token "
-                        f"{found[0]!r}, which the tokenizer would read as chat structure; "
-                        "remove it, or break it up (e.g. '< |im_start| >') to keep it as text"
+                        f"{token!r}, which the tokenizer would read as chat structure; "
+                        f"remove it, or break it up (e.g. {spaced!r}) to keep it as text"
                     )
 
     @functools.cached_property
