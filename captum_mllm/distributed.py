@@ -100,6 +100,8 @@ class ChatExplainer:
         try:
             return self._explain(name, chat, folder, request)
         except Exception as exc:  # noqa: BLE001 (recorded with its type, not swallowed)
+            with contextlib.suppress(OSError):  # a folder holding nothing: not a result
+                Path(folder).rmdir()
             return {"chat": name, "skipped": False, "error": f"{type(exc).__name__}: {exc}"}
 
     def _explain(self, name: str, chat: Any, folder: str, request: str | None) -> dict[str, Any]:
@@ -394,7 +396,10 @@ def explain_dataset(
         )
     order = {name: i for i, (name, _) in enumerate(items)}
     rows.sort(key=lambda row: order[str(row["chat"])])
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    # Counts stay integers beside a failed chat's missing ones (not 6.0 in summary.csv)
+    counts = ("n_features", "n_unique_coalitions", "n_stored_coalitions", "retries")
+    return table.astype({k: "Int64" for k in counts if k in table})
 
 
 def _request_digest(chat: Any, args: tuple[Any, ...]) -> str:

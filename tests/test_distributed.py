@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import threading
 import time
 
@@ -126,7 +128,11 @@ def test_a_chat_that_raises_stops_the_run_or_is_recorded(tmp_path, local_ray):
         errors = dict(zip(table["chat"], table["error"], strict=True))
         assert errors["bad"].startswith("InvalidContentError: ")
         assert all(not isinstance(errors[k], str) for k in ("good", "fine"))
-        assert not (root / "bad" / RESULT).exists() and (root / "fine" / RESULT).exists()
+        assert not (root / "bad").exists() and (root / "fine" / RESULT).exists()  # no husk
+        # counts stay integers beside the failed chat's missing ones
+        assert str(table["n_features"].dtype) == "Int64" and table["n_features"].isna().sum() == 1
+        written = {r["chat"]: r for r in csv.DictReader(io.StringIO(table.to_csv(index=False)))}
+        assert written["good"]["n_features"].isdigit() and written["bad"]["n_features"] == ""
     _same_results(tmp_path / "False", tmp_path / "True", ["good", "fine"])
     with pytest.warns(UserWarning, match="1 of 3"):
         again = explain_dataset(chats, *args, store_dir=tmp_path / "False", use_ray=False,
