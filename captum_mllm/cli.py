@@ -14,6 +14,7 @@ line on stderr saying what was wrong.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -500,22 +501,25 @@ def _print(res: Any) -> None:
 
 def _write(res: Any, out: Path, save: bool) -> None:
     import matplotlib
+    import matplotlib.pyplot as plt
 
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
-    written = ["seq_attr.png", "attributions.csv"]
-    res.plot_seq_attr()[0].savefig(out / "seq_attr.png", bbox_inches="tight")
+    figures: dict[str, Callable[[], Any]] = {"seq_attr.png": res.plot_seq_attr}
     if res.token_attr is not None:
-        res.plot_token_attr()[0].savefig(out / "token_attr.png", bbox_inches="tight")
-        written.append("token_attr.png")
-    if res.clips:
-        drawn = res.plot_audio_attr()
-        assert drawn is not None
-        drawn[0].savefig(out / "audio_attr.png", bbox_inches="tight")
-        written.append("audio_attr.png")
+        figures["token_attr.png"] = res.plot_token_attr
+    if res.segments:  # the whole chat, coloured: a Captum input has none
+        figures["chat_attr.png"] = res.plot_chat_attr
+    for k in range(len(res.clips or [])):  # every clip, not the first alone
+        name = "audio_attr.png" if k == 0 else f"audio_attr_clip{k}.png"
+        figures[name] = functools.partial(res.plot_audio_attr, clip=k)
+    for name, plot in figures.items():
+        fig = plot()[0]
+        fig.savefig(out / name, bbox_inches="tight")
+        plt.close(fig)
+    written = [*figures, "attributions.csv", "report.html"]
     res.to_dataframe().to_csv(out / "attributions.csv", index=False)
     res.save_html(out / "report.html")
-    written.append("report.html")
     if save:
         res.save(out / "result.json")
         written.append("result.json")

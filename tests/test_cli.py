@@ -52,6 +52,8 @@ def test_a_json_chat_with_an_audio_file(tmp_path, capsys):
     for name in (
         "seq_attr.png",
         "token_attr.png",
+        "chat_attr.png",  # the whole chat was drawn nowhere
+        "audio_attr.png",
         "attributions.csv",
         "result.json",
         "report.html",
@@ -61,6 +63,21 @@ def test_a_json_chat_with_an_audio_file(tmp_path, capsys):
     audio = [f for f in res.features if f.modality == "audio_in"]
     assert len(audio) == 3 and res.clips[0].path == str(clip)  # 2.2 s in 1 s windows
     assert res.provenance["method"] == "ExactShapleyValues"
+
+
+def test_every_clip_is_drawn(tmp_path, capsys):
+    # Only the chat's first clip was drawn; the second turn's went unseen
+    out = tmp_path / "out"
+    code, printed, err = run(
+        ["explain", "--model", "tiny-lfm2-audio", "--user", "One.", "--user-audio", QUESTION_WAV,
+         "--user", "Two.", "--user-audio", QUESTION_WAV, "--audio-unit", "1.0",
+         "--max-new-tokens", "2", "--budget", "20", "--out", out],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    drawn = sorted(p.name for p in out.glob("audio_attr*.png"))
+    assert drawn == ["audio_attr.png", "audio_attr_clip1.png"]
+    assert all(name in printed for name in drawn)
 
 
 def test_a_yaml_chat_and_a_report(tmp_path, capsys):
