@@ -194,6 +194,41 @@ def test_kernel_shaps_bias_vanishes_as_the_budget_grows():
     assert bias(40 * N) < bias(10 * N) / 2
 
 
+@pytest.mark.parametrize("n", [5, 12, 60])
+def test_kernels_fit_is_the_plain_weighted_least_squares_fit(n):
+    """The fit is solved by its normal equations with the size classes taken out
+    first (much faster at hundreds of features than a least-squares solver on
+    the whole design); the oracle is that solver, on pairs the sampler draws."""
+    from captum_mllm.methods.kernel import _pair_lstsq, _Strata, size_classes
+
+    rng = np.random.default_rng(n)
+    for budget in (2 * n, 5 * n, 12 * n):
+        strata = _Strata(n, rng)
+        strata.grow(min(budget, strata.total))
+        masks = np.array([m for m, _ in strata.pairs])
+        half = rng.normal(size=(len(masks), 2)) + masks @ rng.normal(size=(n, 2))
+        w = rng.random(len(masks)) + 0.1
+        empty, full = rng.normal(size=2), rng.normal(size=2)
+        classes = size_classes(masks)
+        design = 2.0 * masks - 1
+        if len(masks) >= n + 2 * classes.shape[1]:
+            design = np.concatenate([classes, design], axis=1)
+        for shrink in (0.0, 0.05):
+            gram = design.T @ (w[:, None] * design)
+            gram[-n:, -n:] += shrink * np.trace(gram) / len(gram) * np.eye(n)
+            coef = np.linalg.lstsq(gram, design.T @ (w[:, None] * half), rcond=None)[0]
+            phi = 2 * coef[-n:].T
+            expected = phi - phi.mean(1, keepdims=True) + ((full - empty) / n)[:, None]
+            got = _pair_lstsq(masks, half, w, empty, full, shrink)
+            np.testing.assert_allclose(got, expected, rtol=1e-7, atol=1e-9)
+        # Features 0 and 1 always together: no fit tells them apart, and the
+        # minimum-norm one splits their share evenly (not an arbitrary split).
+        masks[:, 1] = masks[:, 0]
+        got = _pair_lstsq(masks, half, w, empty, full)
+        np.testing.assert_allclose(got[:, 0], got[:, 1], rtol=1e-6)
+        np.testing.assert_allclose(got.sum(1), full - empty)
+
+
 def test_a_kernel_budget_of_2n_is_exact():
     exact = ExactShapleyValues(synthetic).attribute(ONES)
     kernel, stderr = LeverageKernelShap(synthetic).attribute(ONES, budget=2**N, return_stderr=True)

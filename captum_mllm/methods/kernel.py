@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.linalg import LinAlgError, cho_factor, cho_solve
+from scipy.sparse import csr_array
 
 from captum_mllm.methods.base import Game, Plan, ShapleyEstimator
 
@@ -195,19 +197,47 @@ def _pair_lstsq(
     n = masks.shape[1]
     x = 2.0 * masks - 1.0
     classes = size_classes(masks)
-    if len(masks) >= n + 2 * classes.shape[1]:
-        x = np.concatenate([classes, x], axis=1)
+    if len(masks) < n + 2 * classes.shape[1]:
+        classes = classes[:, :0]
+    # The ridge penalty's scale, the mean diagonal of the normal equations: each
+    # of x's columns holds the sum of w, the classes' together that over theirs.
+    penalty = shrink * w @ (n + classes.sum(1)) / (n + classes.shape[1])
     root = np.sqrt(w)[:, None]
-    a, b = x * root, half * root
-    if shrink > 0:
-        gram = a.T @ a
-        penalty = np.zeros(len(gram))
-        penalty[-n:] = shrink * np.trace(gram) / len(gram)
-        coef = np.linalg.lstsq(gram + np.diag(penalty), a.T @ b, rcond=None)[0]
-    else:
-        coef, *_ = np.linalg.lstsq(a, b, rcond=None)
-    phi = 2 * coef[-n:].T  # (k, n)
+    try:  # the normal equations: a fraction of a least-squares solver's time at large n
+        coef = _normal_equations(classes, x * root, half * root, w, penalty)
+    except LinAlgError:  # singular: the minimum-norm fit
+        a, b = np.concatenate([classes, x], axis=1) * root, half * root
+        if penalty > 0:
+            gram = a.T @ a
+            gram[-n:, -n:] += penalty * np.eye(n)
+            coef = np.linalg.lstsq(gram, a.T @ b, rcond=None)[0][-n:]
+        else:
+            coef = np.linalg.lstsq(a, b, rcond=None)[0][-n:]
+    phi = 2 * coef.T  # (k, n)
     return phi - phi.mean(axis=1, keepdims=True) + ((full - empty) / n)[:, None]
+
+
+def _normal_equations(
+    classes: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray, penalty: float
+) -> np.ndarray:
+    """The fit's ``b_i`` from the normal equations of ``a`` (x, weighted) and
+    ``b``. The size ``classes``' free values are fitted first, by subtracting
+    each class's weighted mean from x (rows of no class, the pairs of size
+    n / 2, stay as they are). Then x's sum, linear in the size, is 0 in every
+    row and so is the fit's, as centred after. Raises LinAlgError when the
+    equations are (near) singular."""
+    if classes.shape[1]:
+        scaled = csr_array(classes * np.sqrt(w)[:, None])  # p * n work, not p * n * classes
+        a = a - scaled @ ((scaled.T @ a) / (classes.T @ w)[:, None])
+    gram = a.T @ a
+    gram[np.diag_indices(len(gram))] += penalty
+    if classes.shape[1]:
+        gram += w.sum()  # a penalty on x's sum, which no fit determines
+    chol, lower = cho_factor(gram)  # raises LinAlgError unless positive definite
+    pivots = np.abs(np.diag(chol))
+    if pivots.min() < 1e-6 * pivots.max():  # near singular: features the pairs confound
+        raise LinAlgError("the normal equations are near singular")
+    return cho_solve((chol, lower), a.T @ b)
 
 
 def size_classes(masks: np.ndarray) -> np.ndarray:
