@@ -236,6 +236,27 @@ def test_heatmap_values_fit_their_cells_and_output_labels_do_not_overlap(words, 
     assert all(a.y1 <= b.y0 + 1 for a, b in zip(shown, shown[1:], strict=False))  # no overlap
 
 
+@pytest.mark.parametrize("words", [["What", "is", "the", "capital", "of", "Japan"],
+                                   ["a" * 40, "a sentence long enough to be cut short", "x"],
+                                   [f"word{i}" for i in range(120)]])  # fmt: skip
+def test_labels_lie_inside_the_figure_as_returned(words):
+    """Captum's x labels stand above the axes in the default margins: 'capital'
+    ran past the top of the figure (whole only when saved with
+    bbox_inches="tight", as Jupyter does; cut in a window or a plain savefig)."""
+    n = len(words)
+    res = MultimodalLLMAttributionResult(
+        input_tokens=words, output_tokens=["The", "capital", "Tokyo"],
+        seq_attr=torch.randn(n), token_attr=torch.randn(3, n),
+    )  # fmt: skip
+    for plot in (res.plot_seq_attr, res.plot_token_attr):
+        fig, ax = plot()
+        drawn = fig.get_tightbbox()  # what a bbox_inches="tight" save would keep, in inches
+        width, height = fig.get_size_inches()
+        assert 0 <= drawn.x0 and drawn.x1 <= width and 0 <= drawn.y0 and drawn.y1 <= height
+        assert ax.get_position().height > 0.2  # the plot keeps its room
+        matplotlib.pyplot.close(fig)
+
+
 LONG_CHAT = (
     Chat()
     .system("You are a helpful assistant who answers questions about geography briefly.")

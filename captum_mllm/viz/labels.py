@@ -86,3 +86,44 @@ def _one_line_each(length_in: float, count: int) -> tuple[float, int]:
     spacing_pt = 72 * length_in / count  # room per label, in points
     size = max(MIN_FONT, min(MAX_FONT, 0.8 * spacing_pt))
     return size, max(1, math.ceil(size / max(spacing_pt, 1e-9)))
+
+
+def fit_margins(fig: Any, pad: float = 0.1) -> None:
+    """Move the axes so that every label lies inside the figure, ``pad`` inches
+    from its edges, keeping the figure's size.
+
+    Captum's plots put their x labels above the axes in the default margins: a
+    word of seven letters ran past the top of the figure (seen whole only when
+    saved with ``bbox_inches="tight"``, as Jupyter does), while the bottom
+    margin stayed empty. The axes keep at least a third of their size.
+
+    Args:
+        fig (Figure): the figure.
+        pad (float, optional): inches between the labels and the figure's edges.
+            Default: 0.1
+    """
+    from matplotlib.transforms import Bbox
+
+    width, height = fig.get_size_inches()
+    drawn = fig.get_tightbbox()  # inches, labels included
+    boxes = [ax.get_position() for ax in fig.axes]
+    held = Bbox.union(boxes)  # the axes, in figure fractions
+    new = []
+    for lo, hi, size, used_lo, used_hi in (
+        (held.x0, held.x1, width, drawn.x0, drawn.x1),
+        (held.y0, held.y1, height, drawn.y0, drawn.y1),
+    ):
+        # decorations stick out past the axes by a fixed amount on each side
+        out_lo, out_hi = lo - used_lo / size, used_hi / size - hi
+        new_lo, new_hi = out_lo + pad / size, 1 - out_hi - pad / size
+        if new_hi - new_lo < (hi - lo) / 3:  # labels too long to fit: keep the axes
+            new_lo, new_hi = lo, hi
+        new.append((lo, hi, new_lo, new_hi))
+    (x0, x1, nx0, nx1), (y0, y1, ny0, ny1) = new
+    for ax, box in zip(fig.axes, boxes, strict=True):
+        ax.set_position(Bbox.from_extents(
+            nx0 + (box.x0 - x0) * (nx1 - nx0) / (x1 - x0),
+            ny0 + (box.y0 - y0) * (ny1 - ny0) / (y1 - y0),
+            nx0 + (box.x1 - x0) * (nx1 - nx0) / (x1 - x0),
+            ny0 + (box.y1 - y0) * (ny1 - ny0) / (y1 - y0),
+        ))  # fmt: skip
