@@ -643,10 +643,14 @@ def _loaded(
     if name == "default":
         return load_default_model(device=device, dtype=torch_dtype)
     path = Path(name)
+    if name.startswith("~"):  # a quoted path the shell did not expand
+        name, path = str(path.expanduser()), path.expanduser()
     kind = adapter or _guess_adapter(name)
     try:
         if name in TINY_MODELS:  # float32 on the CPU unless --device / --dtype say (unread)
             return _tiny_model(name).to(device=device, dtype=torch_dtype)
+        if name.startswith((".", "/")) and not path.exists():
+            raise UsageError(f"no model folder or file at {name}")  # not a hub id's rules
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise UsageError(f"no GGUF file at {path}")

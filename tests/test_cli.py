@@ -168,7 +168,9 @@ def test_budget_reaches_every_method_that_reads_one(tmp_path, capsys):
         (["explain", "--model", "tiny-llama"], "no chat"),
         (["explain", "--chat", "/nonexistent/chat.json"], "cannot read"),
         (["explain", "--chat", "{bad}", "--model", "tiny-llama"], "not valid JSON"),
-        (["explain", "--user", "Hi", "--model", "/nonexistent/model"], "cannot load model"),
+        (["explain", "--user", "Hi", "--model", "/nonexistent/model"], "no model folder or file"),
+        # a relative path said "Repo id must use alphanumeric chars" (a hub id's rules)
+        (["explain", "--user", "Hi", "--model", "./no_such_model"], "no model folder or file at"),
         (
             ["explain", "--user", "Hi", "--audio-unit", "syllable", "--model", "tiny-llama"],
             "audio-unit",
