@@ -89,6 +89,8 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
 
         source = os.fspath(audio) if not isinstance(audio, bytes | bytearray) else "<bytes>"
         handle = io.BytesIO(audio) if isinstance(audio, bytes | bytearray) else audio
+        if handle is audio and not os.path.exists(source):  # soundfile says "System error"
+            raise AudioError(f"no audio file at {os.path.abspath(source)}")
         try:
             data, header_rate = sf.read(handle, dtype="float32", always_2d=True)
         except Exception as exc:  # soundfile raises several types for bad files

@@ -99,6 +99,15 @@ def test_urls_are_not_downloaded():
         load_audio("https://example.org/clip.wav")
 
 
+def test_a_missing_file_is_named_with_its_full_path(tmp_path, monkeypatch):
+    # soundfile said "Error opening 'clip.wav': System error."
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AudioError, match=f"no audio file at {tmp_path / 'clip.wav'}$"):
+        load_audio("clip.wav")
+    with pytest.raises(AudioError, match="no audio file at"):
+        load_audio(tmp_path / "clip.wav")
+
+
 def test_aligner_names_characters_it_cannot_spell():
     aligner = tiny_wav2vec2_aligner()
     with pytest.raises(AlignmentError, match=r"\['2'\]"):
