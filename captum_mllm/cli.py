@@ -640,13 +640,13 @@ def _loaded(
     from captum_mllm import HFCausalLMAdapter, LFM2AudioAdapter, load_default_model
 
     torch_dtype = getattr(torch, dtype) if dtype else None
-    if name == "default":
-        return load_default_model(device=device, dtype=torch_dtype)
     path = Path(name)
     if name.startswith("~"):  # a quoted path the shell did not expand
         name, path = str(path.expanduser()), path.expanduser()
     kind = adapter or _guess_adapter(name)
     try:
+        if name == "default":
+            return load_default_model(device=device, dtype=torch_dtype)
         if name in TINY_MODELS:  # float32 on the CPU unless --device / --dtype say (unread)
             return _tiny_model(name).to(device=device, dtype=torch_dtype)
         if name.startswith((".", "/")) and not path.exists():

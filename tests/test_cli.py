@@ -171,6 +171,8 @@ def test_budget_reaches_every_method_that_reads_one(tmp_path, capsys):
         (["explain", "--user", "Hi", "--model", "/nonexistent/model"], "no model folder or file"),
         # a relative path said "Repo id must use alphanumeric chars" (a hub id's rules)
         (["explain", "--user", "Hi", "--model", "./no_such_model"], "no model folder or file at"),
+        # the embedded model on a missing device raised a traceback
+        (["explain", "--user", "Hi", "--device", "no-such-device"], "cannot load model 'default'"),
         (
             ["explain", "--user", "Hi", "--audio-unit", "syllable", "--model", "tiny-llama"],
             "audio-unit",
