@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -115,7 +116,13 @@ class ClipRef:
             return len(self.waveform) / self.sample_rate
         import soundfile as sf
 
-        return float(sf.info(str(self.path)).duration)
+        path = os.path.abspath(str(self.path))
+        if not os.path.exists(path):  # as samples() says it, not soundfile's "System error"
+            raise AudioError(f"no audio file at {path}")
+        try:
+            return float(sf.info(path).duration)
+        except Exception as exc:  # soundfile raises several types
+            raise AudioError(f"cannot read audio from {path!r}: {exc}") from exc
 
 
 class MultimodalLLMAttributionResult(LLMAttributionResult):

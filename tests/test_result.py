@@ -109,6 +109,12 @@ def test_a_clip_that_changed_after_the_explanation_is_refused(spoken, tmp_path):
     sf.write(copy, wave, rate, subtype="FLOAT")
     with pytest.raises(AudioError, match="has changed since it was explained"):
         clip.samples()
+    # A file gone: every plot and the report say so alike (the chat plot raised
+    # soundfile's own "System error")
+    back.clips[0] = dataclasses.replace(clip, path=str(tmp_path / "gone.wav"))
+    for draw in (back.plot_chat_attr, back.plot_audio_attr, back.to_html):
+        with pytest.raises(AudioError, match="no audio file at .*gone.wav"):
+            draw()
 
 
 def test_a_sampled_similarity_result_round_trips(model, chat, tmp_path):
