@@ -335,6 +335,8 @@ class Chat(Sequence[Turn]):
         ``content`` may be a string or a list of ``{"type": "text", "text": ...}``
         and ``{"type": "audio", "audio" | "path" | "url": ..., "sampling_rate": ...}``
         items, or OpenAI's ``{"type": "input_audio", "input_audio": {"data": base64}}``.
+        ShareGPT's messages (``{"from": "human" | "gpt" | "system", "value": ...}``,
+        as many Hugging Face data sets hold them) are read as those roles.
 
         Args:
             messages (list of dict): the messages.
@@ -342,8 +344,20 @@ class Chat(Sequence[Turn]):
         Returns:
             Chat: the chat.
         """
+        if isinstance(messages, Mapping):  # iterating it would read its keys as messages
+            raise InvalidContentError(
+                f"a chat is a list of messages, got a mapping with keys {sorted(messages)} "
+                "(a data set's row: give its 'messages' or 'conversations')"
+            )
+        if isinstance(messages, str):
+            raise InvalidContentError(
+                "a chat is a list of messages, got a str: give [{'role': 'user', 'content': "
+                "...}] or use Chat().user(...)"
+            )
         turns = []
         for message in messages:
+            if isinstance(message, Mapping) and "role" not in message and "from" in message:
+                message = _from_sharegpt(message)
             if not isinstance(message, Mapping) or "role" not in message:
                 raise InvalidContentError("each message must be a dict with 'role' and 'content'")
             extra = {  # unset (an OpenAI SDK message's refusal=None, annotations=[]): left out
@@ -404,6 +418,24 @@ class Chat(Sequence[Turn]):
 
     def __repr__(self) -> str:
         return f"Chat({list(self._turns)!r})"
+
+
+#: ShareGPT's speakers (``{"from": "human", "value": ...}``, common in Hugging Face data sets).
+_SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "system": "system", "tool": "tool", "observation": "tool", "function_response": "tool",
+}  # fmt: skip
+
+
+def _from_sharegpt(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A ShareGPT message as a Hugging Face one."""
+    speaker = message["from"]
+    if speaker not in _SHAREGPT_ROLES:
+        raise InvalidContentError(
+            f"unknown ShareGPT speaker {speaker!r}; use one of {sorted(_SHAREGPT_ROLES)}"
+        )
+    rest = {k: v for k, v in message.items() if k not in ("from", "value")}
+    return {"role": _SHAREGPT_ROLES[speaker], "content": message.get("value"), **rest}
 
 
 def _part_from_dict(item: Any) -> Part:

@@ -118,6 +118,22 @@ def test_openai_responses_api_text_items_are_read():
         Chat.from_messages([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}])
 
 
+def test_sharegpt_messages_are_read_and_a_row_is_not_read_as_messages():
+    """ShareGPT's {"from", "value"} messages, common in Hugging Face data sets,
+    were refused as having no role; a data set's row (a dict) or a str was
+    iterated as if it held messages."""
+    sharegpt = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"},
+                {"from": "gpt", "value": "Hello."}]  # fmt: skip
+    expected = Chat().system("Be brief.").user("Hi?").assistant("Hello.")
+    assert Chat.from_messages(sharegpt).to_messages() == expected.to_messages()
+    with pytest.raises(InvalidContentError, match="unknown ShareGPT speaker 'bot'"):
+        Chat.from_messages([{"from": "bot", "value": "x"}])
+    with pytest.raises(InvalidContentError, match=r"mapping with keys \['conversations', 'id'\]"):
+        Chat.from_messages({"id": 1, "conversations": sharegpt})  # type: ignore[arg-type]
+    with pytest.raises(InvalidContentError, match="got a str"):
+        Chat.from_messages("Hi?")  # type: ignore[arg-type]
+
+
 def test_a_text_item_without_text_names_its_keys():
     # {"type": "text", "content": ...} said "text parts must be str, got NoneType"
     keys = r"needs a 'text' key; it has \['content', 'type'\]"
