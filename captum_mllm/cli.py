@@ -92,9 +92,9 @@ def _parser() -> argparse.ArgumentParser:
         "data",
         type=Path,
         help="a JSONL of chats (message lists or {id, messages[, tools, "
-        "chat_template_kwargs]}), a Hugging Face datasets folder (a messages column, and "
-        "those), or a folder of audio files with transcripts.csv (columns file, "
-        "transcript[, text])",
+        "chat_template_kwargs]}; ShareGPT's conversations too), a Hugging Face datasets "
+        "folder (a messages or conversations column, and those), or a folder of audio "
+        "files with transcripts.csv (columns file, transcript[, text])",
     )
     _model_flags(dataset)
     dataset.add_argument("--workers", type=_at_least(1), default=None, help="Ray actors")
@@ -346,6 +346,8 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
             if isinstance(row, dict):  # its id names it; the rest is the chat
                 row = dict(row)
                 name = str(row.pop("id", name))
+                if "messages" not in row and "conversations" in row:  # ShareGPT's
+                    row["messages"] = row.pop("conversations")
             _add(chats, name, row, f"{path} line {i + 1}")
         return chats
     if (path / "transcripts.csv").is_file():
@@ -374,11 +376,14 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
                 "reading a Hugging Face datasets folder needs: pip install datasets"
             ) from None
         data = datasets.load_from_disk(str(path))
-        if "messages" not in data.column_names:
-            raise UsageError(f"{path} has no messages column (it has {data.column_names})")
+        column = next((c for c in ("messages", "conversations") if c in data.column_names), None)
+        if column is None:
+            raise UsageError(
+                f"{path} has no messages or conversations column (it has {data.column_names})"
+            )
         rows: dict[str, Any] = {}
         for i, r in enumerate(data):  # its messages, tools, chat_template_kwargs (columns)
-            chat = {"messages": r["messages"]}
+            chat = {"messages": r[column]}
             chat.update({k: _unfilled(r[k]) for k in REQUEST_KEYS if k != "messages" and r.get(k)})
             _add(rows, str(r.get("id", f"chat_{i:05d}")), chat, f"row {i}")
         return rows

@@ -234,6 +234,7 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     lines = [
         json.dumps([{"role": "user", "content": "Who are you?"}]),
         json.dumps({"id": "sky", "messages": [{"role": "user", "content": "Why is it blue?"}]}),
+        json.dumps({"id": "share", "conversations": [{"from": "human", "value": "Hi there"}]}),
     ]
     (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "runs"
@@ -244,9 +245,8 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
         code, text, err = run(argv, capsys)
     assert code == 0, err
     assert not [w for w in caught if "not read" in str(w.message)]  # the id names the chat
-    assert (out / "chat_00000" / "result.json").is_file() and (
-        out / "sky" / "result.json"
-    ).is_file()
+    for name in ("chat_00000", "sky", "share"):  # share: a ShareGPT row ("conversations")
+        assert (out / name / "result.json").is_file()
     assert "summary.csv" in text
     code, text, _ = run(argv, capsys)  # a rerun skips both
     assert code == 0 and text.count("True") >= 2
@@ -255,7 +255,7 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     (tmp_path / "chats.jsonl").write_text("\n".join([*lines, bad]) + "\n")
     code, _, err = run(argv, capsys)
     assert code == 2 and "control token" in err
-    with pytest.warns(UserWarning, match="1 of 3 chats raised"):
+    with pytest.warns(UserWarning, match="1 of 4 chats raised"):
         code, text, err = run([*argv, "--on-error", "record"], capsys)
     assert code == 0 and "InvalidContentError: the user turn's text contains" in text
 
@@ -338,6 +338,15 @@ def test_explain_dataset_from_a_hugging_face_datasets_folder(tmp_path, capsys):
     assert code == 0, err
     saved = MultimodalLLMAttributionResult.load(tmp_path / "d" / "dated" / "result.json")
     assert saved.provenance["input_settings"]["chat_template_kwargs"] == {**dated, "tools": [tool]}
+    # ShareGPT's column: conversations of {"from", "value"}
+    shared = [{"id": "share", "conversations": [{"from": "human", "value": "Who are you?"}]}]
+    datasets.Dataset.from_list(shared).save_to_disk(str(tmp_path / "share"))
+    argv = ["explain-dataset", tmp_path / "share", "--model", "tiny-llama", "--no-ray",
+            "--budget", "20", "--max-new-tokens", "2", "--out", tmp_path / "s"]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    saved = MultimodalLLMAttributionResult.load(tmp_path / "s" / "share" / "result.json")
+    assert saved.input_tokens == ["Who", "are", "you"]
 
 
 def test_remote_code_stays_off_unless_asked(monkeypatch, capsys, tmp_path):
