@@ -346,8 +346,6 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
             if isinstance(row, dict):  # its id names it; the rest is the chat
                 row = dict(row)
                 name = str(row.pop("id", name))
-                if "messages" not in row and "conversations" in row:  # ShareGPT's
-                    row["messages"] = row.pop("conversations")
             _add(chats, name, row, f"{path} line {i + 1}")
         return chats
     if (path / "transcripts.csv").is_file():

@@ -197,6 +197,8 @@ def _as_chat(chat: Any) -> Chat:
         return chat
     if isinstance(chat, Mapping) and "messages" in chat:
         return Chat.from_messages(chat["messages"])
+    if isinstance(chat, Mapping) and "conversations" in chat:  # ShareGPT's
+        return Chat.from_messages(chat["conversations"])
     return Chat.from_messages(chat)
 
 
@@ -286,7 +288,8 @@ def explain_dataset(
 
     Args:
         chats (sequence or mapping): ``Chat`` objects, Hugging Face message
-            lists, or requests ``{"messages": [...], ...}`` that may add
+            lists, or requests ``{"messages": [...], ...}`` (or ShareGPT's
+            ``{"conversations": [...]}``) that may add
             ``"tools"`` (an OpenAI request's) and ``"chat_template_kwargs"``
             (vLLM's) for the chat template, and ``"input_kwargs"``: the chat's
             own ``ChatInput`` arguments (e.g. its ``transcripts``); other keys
@@ -335,6 +338,7 @@ def explain_dataset(
     _check_attribute_kwargs(attribute_kwargs)
     items = _named(chats)
     unread = {k for _, c in items if isinstance(c, Mapping) for k in c} - {*CHAT_KEYS}
+    unread -= {"conversations"}  # ShareGPT's messages
     if unread:  # an OpenAI request's model, temperature, max_tokens: not this call's settings
         warn_caller(
             f"the chats' keys {sorted(unread)} are not read: a chat given as a mapping holds "

@@ -7,6 +7,7 @@ import functools
 import io
 import threading
 import time
+import warnings
 
 import pytest
 import ray
@@ -106,6 +107,20 @@ def test_a_killed_actor_loses_nothing_and_a_rerun_evaluates_nothing(
         show_progress=False,
     )  # fmt: skip
     assert again["skipped"].all() and len(again) == 6
+
+
+def test_sharegpt_rows_are_explained_as_their_messages(tmp_path):
+    """A ShareGPT row {"conversations": [{"from", "value"}]} was iterated as
+    messages and refused; its key also warned as not read."""
+    rows = {"share": {"conversations": [{"from": "human", "value": QUESTIONS[0]}]},
+            "plain": [{"role": "user", "content": QUESTIONS[0]}]}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is "not read"
+        explain_dataset(rows, factory, ExactShapleyValues, {}, {"target": "Yes."},
+                        store_dir=tmp_path, use_ray=False, show_progress=False)  # fmt: skip
+    share, plain = (MultimodalLLMAttributionResult.load(tmp_path / k / RESULT) for k in rows)
+    assert share.input_tokens == plain.input_tokens
+    assert torch.equal(share.seq_attr, plain.seq_attr)
 
 
 def test_a_chat_that_raises_stops_the_run_or_is_recorded(tmp_path, local_ray):
