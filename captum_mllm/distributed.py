@@ -337,8 +337,8 @@ def explain_dataset(
         raise InvalidOptionError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     _check_attribute_kwargs(attribute_kwargs)
     items = _named(chats)
-    unread = {k for _, c in items if isinstance(c, Mapping) for k in c} - {*CHAT_KEYS}
-    unread -= {"conversations"}  # ShareGPT's messages
+    read = {*CHAT_KEYS, "conversations"}  # the last: ShareGPT's messages
+    unread = {k for _, c in items if isinstance(c, Mapping) for k in c} - read
     if unread:  # an OpenAI request's model, temperature, max_tokens: not this call's settings
         warn_caller(
             f"the chats' keys {sorted(unread)} are not read: a chat given as a mapping holds "
