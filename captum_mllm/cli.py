@@ -135,6 +135,14 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--audio-unit", default="0.5", help="frame, turn, word, sentence, or seconds"
     )
     parser.add_argument(
+        "--text-baseline", default="drop", choices=("drop", "replace"),
+        help="an absent word is dropped from the chat, or replaced by a neutral token",
+    )  # fmt: skip
+    parser.add_argument(
+        "--audio-baseline", default="drop", choices=("drop", "embedding", "silence"),
+        help="an absent audio span is dropped, its encoding zeroed, or its samples silenced",
+    )  # fmt: skip
+    parser.add_argument(
         "--aligner",
         help="CTC model (hub id or folder) for --audio-unit word or sentence; 'demo': the demo's",
     )
@@ -148,6 +156,11 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         help="coalition evaluations (default: 10 per feature; hierarchical: exact Owen "
         "values; exact evaluates all 2^n and refuses a smaller budget)",
     )
+    parser.add_argument(
+        "--target-stderr", type=_positive, default=None,
+        help="stop sampling once every feature's standard error is below this "
+        "(--budget is then the cap); not for exact or captum-svs",
+    )  # fmt: skip
     parser.add_argument("--target", default="log-prob", choices=("log-prob", "similarity"))
     parser.add_argument(
         "--max-new-tokens", type=_at_least(1), default=None,
@@ -247,16 +260,8 @@ def _explain_command(args: argparse.Namespace) -> None:
     input_kwargs = _input_kwargs(args)
     if args.transcript:
         input_kwargs["transcripts"] = list(args.transcript)
+    settings = {**_settings(args), "answer": answer, "store": args.store}
     model = _model_factory(args)()
-    settings = {
-        "method": args.method,
-        "budget": args.budget,
-        "target": args.target,
-        "seed": args.seed,
-        "answer": answer,
-        "store": args.store,
-        "batch": args.batch,
-    }
     _run(model, chat, settings, args.out, _max_new_tokens(args), input_kwargs)
 
 
@@ -268,7 +273,7 @@ def _dataset_command(args: argparse.Namespace) -> None:
     input_kwargs = _input_kwargs(args)
     chats = _read_dataset(args.data, transcripts=input_kwargs["audio_unit"] in ALIGNED_UNITS)
     gen = {"max_new_tokens": _max_new_tokens(args)}
-    settings = {"method": args.method, "budget": args.budget, "seed": args.seed}
+    settings = _settings(args)
     resources: dict[str, float] = {}
     if args.gpus_per_worker is not None:
         resources["num_gpus"] = args.gpus_per_worker
@@ -294,6 +299,16 @@ def _dataset_command(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'summary.csv'} and one folder per chat under {args.out}")
 
 
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The method, target and batch flags ``explain`` and ``explain-dataset``
+    share, checked before a model loads."""
+    if args.target_stderr is not None and args.method in ("exact", "captum-svs"):
+        why = "is exact" if args.method == "exact" else "reports no standard errors"
+        raise UsageError(f"--target-stderr stops a sampler early: --method {args.method} {why}")
+    keys = ("method", "budget", "target_stderr", "target", "seed", "batch")
+    return {k: getattr(args, k) for k in keys}
+
+
 def _max_new_tokens(args: argparse.Namespace) -> int:
     return MAX_NEW_TOKENS if args.max_new_tokens is None else int(args.max_new_tokens)
 
@@ -302,7 +317,9 @@ def _input_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """ChatInput's arguments from the feature flags ``explain`` and ``explain-dataset`` share."""
     kwargs = {
         "text_unit": args.text_unit,
+        "text_baseline": args.text_baseline,
         "audio_unit": _audio_unit(args.audio_unit),
+        "audio_baseline": args.audio_baseline,
         "roles": tuple(r.strip() for r in args.roles.split(",")),
     }
     if kwargs["audio_unit"] in ALIGNED_UNITS and not args.aligner:
@@ -462,6 +479,7 @@ def _batch(settings: dict[str, Any]) -> dict[str, Any]:
 def _method_kwargs(settings: dict[str, Any], n_features: int | None) -> dict[str, Any]:
     """The method's budget arguments (Captum's sampler counts permutations)."""
     method, budget = settings["method"], settings["budget"]
+    stderr = settings.get("target_stderr")
     if method == "exact":  # a --budget below 2^n is refused, not overrun
         return {} if budget is None else {"budget": budget}
     if method == "captum-svs":
@@ -474,7 +492,8 @@ def _method_kwargs(settings: dict[str, Any], n_features: int | None) -> dict[str
                 "permutations) or use --method permutation"
             )
         return {"n_samples": max(1, budget // n_features)}
-    return {"budget": budget, "seed": settings["seed"]}
+    kwargs = {"budget": budget, "seed": settings["seed"]}
+    return kwargs if stderr is None else {**kwargs, "target_stderr": stderr}
 
 
 def _method(name: str, model: Any) -> Any:
@@ -606,6 +625,17 @@ def _load_model(
             raise UsageError("--chat-template-kwargs is for Hugging Face chat models")
         model.chat_template_kwargs = chat_template_kwargs
     return model
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number is needed, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a number above 0 is needed, got {text!r}")
+    return value
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:

@@ -121,6 +121,50 @@ def test_batch_sets_coalitions_a_call_and_changes_no_value(tmp_path, capsys):
     assert one.seq_attr.tolist() == pytest.approx(default.seq_attr.tolist(), abs=1e-5)
 
 
+def test_explain_dataset_reads_batch_too(tmp_path, capsys):
+    # --batch reached explain only: explain-dataset scored 64 coalitions a call
+    (tmp_path / "chats.jsonl").write_text(
+        json.dumps([{"role": "user", "content": "Who are you, my friend?"},
+                    {"role": "assistant", "content": "I am a small model."}]) + "\n"
+    )  # fmt: skip
+    calls = {}
+    for batch in ("1", "64"):
+        out = tmp_path / batch
+        code, _, err = run(["explain-dataset", tmp_path / "chats.jsonl", "--model", "tiny-llama",
+                            "--no-ray", "--method", "exact", "--batch", batch, "--out", out],
+                           capsys)  # fmt: skip
+        assert code == 0, err
+        res = MultimodalLLMAttributionResult.load(out / "chat_00000" / "result.json")
+        calls[batch] = res.n_model_calls
+    assert calls["1"] > 2**5 and calls["64"] <= 3
+
+
+def test_target_stderr_and_baselines_reach_the_run(tmp_path, capsys):
+    chat = ["--user", "Who are you, my friend?", "--model", "tiny-llama",
+            "--answer", "I am a small model."]  # fmt: skip
+    runs = {}
+    for name, flags in [("cap", []), ("stop", ["--target-stderr", "50"]),
+                        ("replace", ["--text-baseline", "replace"])]:  # fmt: skip
+        out = tmp_path / name
+        code, _, err = run(["explain", *chat, "--method", "permutation", "--budget", "400",
+                            "--out", out, *flags], capsys)  # fmt: skip
+        assert code == 0, err
+        runs[name] = MultimodalLLMAttributionResult.load(out / "result.json")
+    assert runs["cap"].n_coalitions >= 380  # one pair of orders of 5 features is 10 coalitions
+    assert runs["stop"].n_coalitions < runs["cap"].n_coalitions / 2  # stopped early
+    assert runs["stop"].provenance["method_args"]["target_stderr"] == 50
+    assert runs["replace"].provenance["input_settings"]["text_baseline"] == "replace"
+    assert runs["cap"].provenance["input_settings"]["text_baseline"] == "drop"
+    assert runs["replace"].seq_attr.tolist() != runs["cap"].seq_attr.tolist()
+    audio = tmp_path / "audio"
+    code, _, err = run(["explain", "--user-audio", QUESTION_WAV, "--model", "tiny-lfm2-audio",
+                        "--method", "exact", "--audio-unit", "0.4", "--audio-baseline",
+                        "silence", "--answer", "Paris.", "--out", audio], capsys)  # fmt: skip
+    assert code == 0, err
+    res = MultimodalLLMAttributionResult.load(audio / "result.json")
+    assert res.provenance["input_settings"]["audio_baseline"] == "silence"
+
+
 def test_device_and_dtype_reach_the_test_models(tmp_path, capsys):
     # --dtype and --device went unread for the tiny models: float32 on the CPU
     argv = ["explain", "--user", "Who are you, my friend?", "--model", "tiny-llama",
@@ -453,9 +497,13 @@ def test_counts_are_checked_before_a_model_loads(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_loaded", no_model)
     argv = ["explain", "--user", "Hi", "--model", "some/model"]
     for flag, bad in (("--budget", "0"), ("--batch", "-2"), ("--max-new-tokens", "0"),
-                      ("--seed", "-1"), ("--budget", "ten")):  # fmt: skip
+                      ("--seed", "-1"), ("--budget", "ten"), ("--target-stderr", "0"),
+                      ("--target-stderr", "nan")):  # fmt: skip
         code, _, err = run([*argv, flag, bad], capsys)
         assert code == 2 and f"argument {flag}" in err, err
+    for method in ("exact", "captum-svs"):  # nothing to stop early
+        code, _, err = run([*argv, "--method", method, "--target-stderr", "0.1"], capsys)
+        assert code == 2 and "--target-stderr stops a sampler early" in err, err
 
 
 def test_a_chat_file_may_be_an_object_holding_its_messages(tmp_path, capsys):
