@@ -41,7 +41,7 @@ from captum_mllm.errors import (
     warn_caller,
 )
 from captum_mllm.fingerprint import plain
-from captum_mllm.models.base import ModelAdapter
+from captum_mllm.models.base import OVERLAP, ModelAdapter
 from captum_mllm.words import (
     is_punctuation,
     is_separator,
@@ -460,8 +460,20 @@ class ChatInput(InterpretableInput):
                 groups = self._words(content, self.text_unit == "sentence")
             for members, text in groups:
                 if not self._skipped(text):
-                    found.append((tuple(members), strip_separators(text), None))
+                    label = strip_separators(text)
+                    if self.text_unit == "token" and self._continues(members[0]):
+                        label += OVERLAP  # as Captum marks a character's later tokens
+                    found.append((tuple(members), label, None))
         return found
+
+    def _continues(self, p: int) -> bool:
+        """Whether token ``p`` holds part of a character the token before began."""
+        enc = self.encoded
+        return (
+            p > 0
+            and (enc.turn[p], enc.part[p]) == (enc.turn[p - 1], enc.part[p - 1])
+            and 0 <= int(enc.char_start[p]) < int(enc.char_end[p - 1])
+        )
 
     def _audio_features(self) -> list[_Found]:
         """Group each chosen clip's positions by ``audio_unit``."""

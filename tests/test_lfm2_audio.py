@@ -201,6 +201,20 @@ def test_audio_output_is_attributed_per_frame(lfm, wave):
     assert res.output_audio["codes"].shape == (8, 3) and res.output_audio["waveform"] is None
 
 
+def test_text_tokens_between_frames_are_labelled_as_captum_labels_them(lfm):
+    """A character spelt in several byte tokens was labelled "�" on each."""
+    from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
+
+    ids = lfm.tokenizer("東京 🗼", add_special_tokens=False).input_ids
+    expected = _convert_ids_to_pretty_tokens(torch.tensor(ids), lfm.tokenizer)
+    items = torch.full((len(ids) + 2, 9), -1, dtype=torch.long)
+    items[[0, *range(3, len(ids) + 2)], 0] = torch.tensor(ids)  # two frames after the first
+    items[1:3, 1:] = 0
+    labels = lfm.response(items, waveform=False).labels
+    assert labels[1:3] == ("♪0.08s", "♪0.16s")
+    assert [x for x in labels if not x.startswith("♪")] == [t or "␣" for t in expected]
+
+
 def test_spoken_answer_is_decoded_as_liquid_audio_decodes_it(lfm):
     """LFM2-Audio-1.5B ships Mimi alone: its answer's waveform came back None,
     without a word, as did one whose detokenizer failed (it moves to CUDA)."""

@@ -18,6 +18,7 @@ from captum_mllm.captum_compat import text_template_input
 from captum_mllm.errors import InvalidModelError
 from captum_mllm.methods import ExactShapleyValues
 from captum_mllm.testing import tiny_hf_adapter, tiny_tokenizer
+from captum_mllm.words import strip_separators
 
 QUESTION = "What is the capital of France?"
 
@@ -49,6 +50,32 @@ def test_chinese_characters_are_words_and_keep_their_bytes_whole(smol):
         assert _decode(inp, f.positions) == f.label
         kept = [p for p in content if p not in f.positions]
         assert _decode(inp, kept) == "我爱北京".replace(f.label, "")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["東京です 🗼", "我爱北京, naïve café!", "Paris 🇫🇷 is 日本? no", "e\u0301t\u00e9 👩\u200d💻"],
+)
+def test_a_token_holding_part_of_a_character_is_labelled_as_captum_labels_it(smol, text):
+    """SmolLM2 spells 東 or 🗼 in several byte tokens: each decoded alone to
+    "�", so an answer's labels read "�" throughout, and token features
+    repeated the character without a mark. The oracle is Captum's own
+    pretty tokens (the character, and "[OVERLAP]" on its later tokens)."""
+    from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
+
+    ids = smol.tokenizer(text, add_special_tokens=False).input_ids
+    expected = _convert_ids_to_pretty_tokens(torch.tensor(ids), smol.tokenizer)
+    assert any("[OVERLAP]" in t for t in expected)
+    assert list(smol.response(torch.tensor(ids)).labels) == expected
+    inp = ChatInput(Chat().user(text), smol, text_unit="token", skip=())
+    # no feature of spaces or zero-width joiners (Captum's labels a space "")
+    assert inp.values == [t for t in expected if strip_separators(t.removesuffix(" [OVERLAP]"))]
+    res = MultimodalLLMAttribution(ExactShapleyValues(smol), smol).attribute(
+        ChatInput(Chat().user("Say it."), smol), target=text
+    )
+    assert res.output_tokens == [
+        t for t in _convert_ids_to_pretty_tokens(res.target_ids, smol.tokenizer)
+    ]
 
 
 def test_an_input_built_for_another_model_is_refused(smol):

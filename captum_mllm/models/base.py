@@ -68,6 +68,54 @@ class Response:
         return len(self.labels)
 
 
+#: Captum's mark on a token holding part of a character the token before began.
+OVERLAP = " [OVERLAP]"
+
+
+def token_labels(
+    decode: Callable[[Tensor], str], ids: Tensor, pretty: Callable[[str], str]
+) -> list[str]:
+    """One label per token: ``pretty`` of the text it holds.
+
+    A token that holds part of a character (byte-level vocabularies split
+    ``東`` or ``🗼`` over several tokens, each decoding alone to ``�``) is
+    labelled with the whole character, and every token after the first that
+    holds part of it is marked ``[OVERLAP]``, as Captum's pretty tokens are.
+
+    Args:
+        decode (Callable): the tokenizer's ``decode`` (given slices of ``ids``,
+            as Captum gives it).
+        ids (Tensor): the tokens, ``(T,)``.
+        pretty (Callable): a decoded text as a label.
+
+    Returns:
+        list of str: the labels.
+    """
+    alone = [decode(ids[k : k + 1]) for k in range(len(ids))]
+    labels: list[str] = []
+    k = 0
+    while k < len(ids):
+        if "\ufffd" not in alone[k]:
+            labels.append(pretty(alone[k]))
+            k += 1
+            continue
+        end = k  # a run of tokens holding parts of characters, read together
+        while end < len(ids) and "\ufffd" in alone[end]:
+            end += 1
+        whole = decode(ids[k:end])
+        done, pending = 0, False  # characters complete before a token; one left unfinished
+        for j in range(k + 1, end + 1):
+            prefix = decode(ids[k:j])
+            n = len(prefix)
+            while n > done and prefix[n - 1] == "\ufffd" and whole[n - 1 : n] != "\ufffd":
+                n -= 1  # an unfinished character, where the run finishes it
+            touched = whole[done : n + (n < len(prefix))]
+            labels.append(pretty(touched) + (OVERLAP if pending else ""))
+            done, pending = n, n < len(prefix)
+        k = end
+    return labels
+
+
 class ModelAdapter(nn.Module, ABC):
     """Base class of model adapters: every method others call is listed here.
 

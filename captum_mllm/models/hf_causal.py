@@ -25,7 +25,7 @@ from captum_mllm.errors import (
     InvalidOptionError,
     warn_caller,
 )
-from captum_mllm.models.base import ModelAdapter, Response
+from captum_mllm.models.base import ModelAdapter, Response, token_labels
 from captum_mllm.models.batching import (
     MIN_PRODUCT_ROWS,
     ints,
@@ -538,8 +538,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     def response(self, ids: Tensor) -> Response:
         """Token ids ``(T,)`` as a response, labelled token by token."""
         ids = ids.reshape(-1).long()
-        labels = tuple(_pretty(self.tokenizer.decode(ids[i : i + 1])) for i in range(len(ids)))
-        return Response(ids=ids, labels=labels, text=self.tokenizer.decode(ids))
+        labels = token_labels(self.tokenizer.decode, ids, _pretty)
+        return Response(ids=ids, labels=tuple(labels), text=self.tokenizer.decode(ids))
 
     def strip_response(
         self, response: Response, eos_token_id: int | list[int] | None = None

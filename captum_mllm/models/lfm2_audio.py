@@ -34,7 +34,7 @@ from captum_mllm.errors import (
     TargetError,
     warn_caller,
 )
-from captum_mllm.models.base import Response
+from captum_mllm.models.base import Response, token_labels
 from captum_mllm.models.batching import (
     indices_on,
     ints,
@@ -606,14 +606,16 @@ class LFM2AudioAdapter(DecoderLMAdapter):
                 call per coalition. Default: True
         """
         items = as_items(ids.long())
+        text_ids = items[items[:, 0] >= 0, 0]
+        words = iter(token_labels(self.tokenizer.decode, text_ids, _pretty))
         labels, frame = [], 0
         for row in items.tolist():
             if row[0] >= 0:
-                labels.append(self.tokenizer.decode([row[0]]).replace("\n", "\\n").strip() or "␣")
+                labels.append(next(words))
             else:
                 frame += 1
                 labels.append(f"♪{frame * FRAME_SECONDS:.2f}s")
-        text = self.tokenizer.decode(items[items[:, 0] >= 0, 0])
+        text = self.tokenizer.decode(text_ids)
         frames = int((items[:, 0] < 0).sum())
         text += f" [♪ {frames} frames]" if frames else ""
         audio = self._audio(items, waveform)
@@ -720,3 +722,7 @@ class LFM2AudioAdapter(DecoderLMAdapter):
     def token_embeddings(self, response: Response) -> Tensor:
         """Static embeddings of output items (text rows, summed audio frames)."""
         return self._embed_items(response.ids.to(self.device)).float()
+
+
+def _pretty(token: str) -> str:
+    return token.replace("\n", "\\n").strip() or "␣"
