@@ -121,3 +121,39 @@ TOOL_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+@pytest.fixture
+def cjk_font(tmp_path):
+    """A font holding Chinese and Japanese characters (a square each, one em
+    wide), installed in matplotlib for one test: machines, CI's too, often have
+    none, and matplotlib's own fonts hold none."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+    from matplotlib import font_manager
+
+    chars = "我想去北京旅游东日本はいです谢，？"
+    names = [".notdef", *(f"uni{ord(c):04X}" for c in chars)]
+    pen = TTGlyphPen(None)
+    pen.moveTo((100, 0))
+    for point in ((100, 700), (900, 700), (900, 0)):
+        pen.lineTo(point)
+    pen.closePath()
+    square = pen.glyph()
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder(names)
+    builder.setupCharacterMap({ord(c): n for c, n in zip(chars, names[1:], strict=True)})
+    builder.setupGlyf({n: square for n in names})
+    builder.setupHorizontalMetrics({n: (1000, 100) for n in names})
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable({"familyName": "Test CJK Squares", "styleName": "Regular"})
+    builder.setupOS2(sTypoAscender=800, usWinAscent=800, usWinDescent=200)
+    builder.setupPost()
+    path = tmp_path / "squares.ttf"
+    builder.save(str(path))
+    before = list(font_manager.fontManager.ttflist)
+    font_manager.fontManager.addfont(str(path))
+    font_manager.fontManager._findfont_cached.cache_clear()
+    yield "Test CJK Squares"
+    font_manager.fontManager.ttflist[:] = before
+    font_manager.fontManager._findfont_cached.cache_clear()

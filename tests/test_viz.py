@@ -342,3 +342,79 @@ def test_the_chat_plot_names_what_it_attributes():
     assert titles[1] == f"Attribution to output token 1: {tokens[1]!r}"
     assert titles[-1] == f"Attribution to output token {len(tokens) - 1}: {tokens[-1]!r}"
     assert titles[(0, 2)] == f"Attribution to output tokens 0-1: {tokens[0] + ' ' + tokens[1]!r}"
+
+
+def _uncovered(fig):
+    """Texts holding characters that none of the fonts matplotlib resolves for
+    them draws (drawn as empty boxes), with those characters."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+    from matplotlib.text import Text
+
+    out = []
+    for text in fig.findobj(Text):
+        paths = font_manager.fontManager._find_fonts_by_props(text.get_fontproperties())
+        held = set().union(*(FT2Font(str(p)).get_charmap() for p in paths))
+        lacking = {c for c in text.get_text() if not c.isspace() and ord(c) not in held}
+        if lacking:
+            out.append((text.get_text(), lacking))
+    return out
+
+
+def test_chinese_and_japanese_labels_are_drawn_in_a_font_holding_them(cjk_font, lfm):
+    """matplotlib's DejaVu fonts hold no Chinese or Japanese: every label, the
+    answer in the title and the chat plot's words were empty boxes, even where
+    a font holding them was installed."""
+    import io
+    import warnings
+
+    from captum_mllm.testing import tiny_hf_adapter
+
+    model = tiny_hf_adapter()
+    inp = ChatInput(Chat().user("我想去北京旅游? Thanks, 谢谢"), model, text_unit="token")
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="东京です")
+    spans = [(0.0, 0.4, "东京"), (0.4, 0.8, "日本")]
+    chat = Chat().user("はい", audio=speech_like(0.8), sample_rate=16000)
+    heard = MultimodalLLMAttribution(FeatureAblation(lfm), lfm).attribute(
+        ChatInput(chat, lfm, audio_unit=spans), target="谢谢"
+    )
+    figures = [res.plot_token_attr()[0], res.plot_seq_attr()[0], res.plot_chat_attr()[0],
+               heard.plot_audio_attr()[0], heard.plot_chat_attr()[0]]  # fmt: skip
+    for fig in figures:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fig.savefig(io.BytesIO())
+        assert not [w for w in caught if "missing from font" in str(w.message)]
+        assert _uncovered(fig) == []
+        assert any(cjk_font in t.get_fontfamily() for t in fig.findobj(matplotlib.text.Text))
+
+
+def test_wide_characters_take_two_cells_of_the_chat_plot(cjk_font):
+    """A Chinese character is about twice as wide as a monospace letter: laid
+    out one cell each, they were drawn over each other and past their boxes."""
+    from captum_mllm.testing import tiny_hf_adapter
+    from captum_mllm.viz.chat import cells
+
+    model = tiny_hf_adapter()
+    text = "我想去北京旅游，请问 Thanks a lot, 谢谢!"
+    inp = ChatInput(Chat().user(text), model)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="东京")
+    width = 13
+    fig, ax = res.plot_chat_attr(width=width)
+    fig.canvas.draw()
+    words = [t for t in ax.texts if "monospace" in t.get_fontfamily()]
+    boxes = [p for p in ax.patches if (p.get_gid() or "").startswith("feature-")]
+    read = "".join(t.get_text() for t in sorted(words, key=lambda t: t.get_position()[::-1]))
+    assert read.replace(" ", "") == text.replace(" ", "")  # every character once, in order
+    for t in words:
+        x, y = t.get_position()
+        wide = len(t.get_text()) == 1 and cells(t.get_text()) == 2
+        start = x - 1 if wide else x  # a wide character is centred in its two cells
+        assert start + cells(t.get_text()) <= width
+        if not t.get_text().strip() or t.get_color() != "black":
+            continue
+        glyphs = t.get_window_extent()
+        (box,) = [b for b in boxes if b.get_y() < y < b.get_y() + b.get_height()
+                  and b.get_x() <= start < b.get_x() + b.get_width()]  # fmt: skip
+        drawn = box.get_window_extent()
+        assert drawn.x0 - 1 <= glyphs.x0 and glyphs.x1 <= drawn.x1 + 1

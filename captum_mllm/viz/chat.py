@@ -8,10 +8,12 @@ clip's time axis, both coloured on Captum's red-white-green scale centred on
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from captum_mllm.errors import PlotError, require_int
+from captum_mllm.viz.fonts import use_fallback_fonts
 
 if TYPE_CHECKING:
     from captum_mllm.result import MultimodalLLMAttributionResult
@@ -67,11 +69,12 @@ def plot_chat_attr(
             x, ty, piece, feature = args
             if feature >= 0 and not piece.isspace():  # a space alone ends a line
                 colour = cmap(norm(float(attr[feature])))
-                box = Rectangle((x, ty + 0.1), len(piece), 0.8, facecolor=colour, edgecolor="none")
+                box = Rectangle((x, ty + 0.1), cells(piece), 0.8, facecolor=colour, ec="none")
                 box.set_gid(f"feature-{feature}")
                 ax.add_patch(box)
             ink = "black" if feature >= 0 else "#999"
-            ax.text(x, ty + 0.5, piece, family="monospace", fontsize=size, va="center", color=ink)
+            style = {"family": "monospace", "fontsize": size, "va": "center", "color": ink}
+            _draw_text(ax, x, ty + 0.5, piece, **style)
         else:
             cy, clip = args
             _strip(ax, result, clip, cy, width, attr, norm, cmap)
@@ -79,6 +82,7 @@ def plot_chat_attr(
     ax.set_ylim(height, 0)
     ax.axis("off")
     ax.set_title(f"Attribution to {result._what(target_token_pos)}", fontsize=9, loc="left", pad=10)
+    use_fallback_fonts(fig)
     if show:
         plt.show()
         return None
@@ -86,11 +90,12 @@ def plot_chat_attr(
 
 
 def _wrapped(runs: Sequence[Sequence[Any]], width: int) -> list[tuple[int, int, str, int]]:
-    """Lay ``(text, feature)`` runs out in lines of ``width`` characters as ``(x,
-    line, text, feature)`` pieces. Lines break at spaces, inside a run too (a
-    turn or a sentence is one run), and at line breaks; a word moves to the next
-    line whole, with what is glued to it ("sunset" and its ","); only a word
-    longer than a line is cut."""
+    """Lay ``(text, feature)`` runs out in lines of ``width`` cells as ``(x, line,
+    text, feature)`` pieces (a wide character, as in Chinese, takes two cells,
+    as in a terminal). Lines break at spaces, inside a run too (a turn or a
+    sentence is one run), and at line breaks; a word moves to the next line
+    whole, with what is glued to it ("sunset" and its ","); only a word longer
+    than a line is cut."""
     words: list[list[tuple[str, int]]] = []  # chunks with no space between them
     for text, feature in runs:
         for chunk in re.findall(r"\n|[^\S\n]+|\S+", text):
@@ -101,7 +106,7 @@ def _wrapped(runs: Sequence[Sequence[Any]], width: int) -> list[tuple[int, int, 
     pieces: list[tuple[int, int, str, int]] = []
     x = line = 0
     for word in words:
-        length = sum(len(chunk) for chunk, _ in word)
+        length = sum(cells(chunk) for chunk, _ in word)
         if word[0][0] == "\n":
             x, line = 0, line + 1
             continue
@@ -111,16 +116,51 @@ def _wrapped(runs: Sequence[Sequence[Any]], width: int) -> list[tuple[int, int, 
             x, line = 0, line + 1
         for chunk, feature in word:
             while chunk:
-                if x >= width:  # a word longer than a line
+                piece, rest = _cut(chunk, width - x)
+                if not piece and x > 0:  # a word longer than a line, a wide character at its end
                     x, line = 0, line + 1
-                piece, chunk = chunk[: width - x], chunk[width - x :]
-                last = pieces[-1] if pieces else None
-                if last and last[1] == line and last[3] == feature and last[0] + len(last[2]) == x:
+                    continue
+                piece, chunk = (piece, rest) if piece else (chunk[0], chunk[1:])  # width 1
+                last = pieces[-1] if pieces else (-1, -1, "", -2)
+                if (last[1], last[3], last[0] + cells(last[2])) == (line, feature, x):
                     pieces[-1] = (last[0], line, last[2] + piece, feature)  # one box a run a line
                 else:
                     pieces.append((x, line, piece, feature))
-                x += len(piece)
+                x += cells(piece)
     return pieces
+
+
+def cells(text: str) -> int:
+    """Cells ``text`` takes in a monospace layout: two for a wide or fullwidth
+    character (Chinese, Japanese, Korean; Unicode's East Asian Width W or F)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _cut(text: str, room: int) -> tuple[str, str]:
+    """The longest head of ``text`` that fits in ``room`` cells, and the rest."""
+    used = 0
+    for k, char in enumerate(text):
+        used += cells(char)
+        if used > room:
+            return text[:k], text[k:]
+    return text, ""
+
+
+def _draw_text(ax: Any, x: float, y: float, piece: str, **style: Any) -> None:
+    """``piece`` from cell ``x``: each wide character centred in its two cells
+    (its font's glyph is narrower than two monospace ones), the rest in runs."""
+    start, run = x, ""
+    for char in piece:
+        if cells(char) == 2:
+            if run:
+                ax.text(start, y, run, **style)
+            ax.text(x + 1, y, char, ha="center", **style)
+            start, run = x + 2, ""
+        else:
+            run += char
+        x += cells(char)
+    if run:
+        ax.text(start, y, run, **style)
 
 
 def _strip(

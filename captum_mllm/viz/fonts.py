@@ -1,0 +1,99 @@
+"""Fonts for the characters a figure writes.
+
+matplotlib draws a character its font lacks as an empty box (with a "Glyph
+missing" warning), and its default DejaVu fonts hold no Chinese, Japanese,
+Korean, Thai or Devanagari. Each text of our figures whose font lacks some of
+its characters gets, after its own fonts, installed fonts that hold them:
+matplotlib then falls back from one font to the next, glyph by glyph.
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+from typing import Any
+
+
+def use_fallback_fonts(fig: Any) -> None:
+    """Give each text of ``fig`` fonts for the characters its own fonts lack.
+
+    Fonts are chosen among matplotlib's installed fonts, the fewest that hold
+    the most of the missing characters; a text whose characters no installed
+    font holds keeps its fonts (and matplotlib's warning).
+
+    Args:
+        fig (Figure): a matplotlib figure, changed in place.
+    """
+    from matplotlib import font_manager
+    from matplotlib.text import Text
+
+    held: dict[tuple[Any, ...], frozenset[int]] = {}  # by font: a heatmap has thousands of texts
+    for text in fig.findobj(Text):
+        chars = _drawn(text.get_text())
+        if not chars:
+            continue
+        prop = text.get_fontproperties()
+        key = (tuple(prop.get_family()), prop.get_style(), prop.get_weight())
+        if key not in held:
+            paths = font_manager.fontManager._find_fonts_by_props(prop)
+            held[key] = frozenset().union(*(_charmap(str(p)) for p in paths))
+        extra = fallback_families(chars - held[key])
+        if extra:
+            text.set_fontfamily([*key[0], *(f for f in extra if f not in key[0])])
+
+
+def fallback_families(missing: frozenset[int]) -> list[str]:
+    """Installed font families that hold the ``missing`` characters (code
+    points): the fewest that hold the most of them."""
+    left = set(missing)
+    chosen: list[str] = []
+    candidates = _regular_fonts() if left else []
+    while left:  # greedy: the font holding the most of what is still missing
+        name, covered = max(
+            ((name, left & _charmap(path)) for name, path in candidates),
+            key=lambda item: len(item[1]),
+            default=("", set()),
+        )
+        if not covered:
+            break
+        chosen.append(name)
+        left -= covered
+    return chosen
+
+
+def _drawn(text: str) -> frozenset[int]:
+    """The code points of ``text`` a font must draw (not spaces, controls or
+    zero-width format characters)."""
+    return frozenset(
+        ord(c) for c in text if not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf")
+    )
+
+
+def _regular_fonts() -> list[tuple[str, str]]:
+    """(family, file) of each installed family's face nearest upright and normal weight."""
+    from matplotlib import font_manager
+
+    best: dict[str, tuple[tuple[bool, float], str]] = {}
+    for entry in font_manager.fontManager.ttflist:
+        if entry.name.startswith("Last Resort"):  # a box for every character: no better
+            continue
+        weight = entry.weight
+        weight = font_manager.weight_dict.get(weight, 400) if isinstance(weight, str) else weight
+        rank = (entry.style != "normal", abs(float(weight) - 400))
+        if entry.name not in best or rank < best[entry.name][0]:
+            best[entry.name] = (rank, entry.fname)
+    return sorted((name, path) for name, (_, path) in best.items())
+
+
+@functools.cache
+def _charmap(path: str) -> frozenset[int]:
+    """The code points a font file draws; none for a font matplotlib cannot
+    scale (colour bitmap emoji fonts), which would fail the drawing."""
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        font = FT2Font(path)
+        font.set_size(12, 72)
+        return frozenset(font.get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
