@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -205,11 +206,18 @@ def _as_chat(chat: Any) -> Chat:
 def _named(chats: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
     if isinstance(chats, Mapping):
         items = [(str(k), v) for k, v in chats.items()]
-    else:
-        items = [(f"chat_{i:05d}", c) for i, c in enumerate(chats)]
+    else:  # a row's "id" (a data set's id column) names it, as on the command line
+        items = []
+        for i, chat in enumerate(chats):
+            name = f"chat_{i:05d}"
+            if isinstance(chat, Mapping) and "id" in chat:
+                name = name if chat["id"] is None else str(chat["id"])  # None: Arrow's fill
+                chat = {k: v for k, v in chat.items() if k != "id"}
+            items.append((name, chat))
     names = [n for n, _ in items]
-    if len(set(names)) != len(names):
-        raise InvalidOptionError("chat names must be unique")
+    twice = sorted(n for n, count in Counter(names).items() if count > 1)
+    if twice:
+        raise InvalidOptionError(f"chat names must be unique: {twice} name several chats")
     for name in names:  # each names a folder under store_dir, and nothing outside it
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
             raise InvalidOptionError(
@@ -293,7 +301,8 @@ def explain_dataset(
             ``"tools"`` (an OpenAI request's) and ``"chat_template_kwargs"``
             (vLLM's) for the chat template, and ``"input_kwargs"``: the chat's
             own ``ChatInput`` arguments (e.g. its ``transcripts``); other keys
-            warn. A mapping names them, else they are ``chat_00000``, ...
+            warn. A mapping names them, else a request's ``"id"`` (a data
+            set's id column) or its place: ``chat_00000``, ...
         model_factory (callable): ``() -> ModelAdapter``: builds one replica per
             worker (it is sent to the workers, so it must be picklable by
             cloudpickle: a function or lambda, not a loaded model).

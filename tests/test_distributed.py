@@ -123,6 +123,27 @@ def test_sharegpt_rows_are_explained_as_their_messages(tmp_path):
     assert torch.equal(share.seq_attr, plain.seq_attr)
 
 
+def test_a_data_sets_id_column_names_its_chats(tmp_path):
+    """A datasets.Dataset's rows were named chat_00000, ... and their "id"
+    warned as not read, where the command line names a row by its id."""
+    import datasets
+
+    rows = datasets.Dataset.from_list(
+        [{"id": "sky", "messages": [{"role": "user", "content": QUESTIONS[1]}]},
+         {"id": None, "messages": [{"role": "user", "content": QUESTIONS[0]}]}]
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is "not read"
+        table = explain_dataset(rows, factory, ExactShapleyValues, {}, {"target": "Yes."},
+                                store_dir=tmp_path, use_ray=False, show_progress=False)  # fmt: skip
+    assert table["chat"].tolist() == ["sky", "chat_00001"]
+    assert (tmp_path / "sky" / RESULT).is_file()
+    twice = [{"id": 7, "messages": [{"role": "user", "content": q}]} for q in QUESTIONS[:2]]
+    with pytest.raises(InvalidOptionError, match=r"\['7'\] name several chats"):
+        explain_dataset(twice, factory, ExactShapleyValues, {}, {"target": "Yes."},
+                        store_dir=tmp_path, use_ray=False, show_progress=False)  # fmt: skip
+
+
 def test_a_chat_that_raises_stops_the_run_or_is_recorded(tmp_path, local_ray):
     """One bad chat in a data set (here a control token in its text) stopped
     the whole run; with on_error="record" its row says why and the others are
