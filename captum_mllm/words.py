@@ -96,9 +96,11 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     """Character spans of the sentences of a text, each a run of
     :func:`word_spans` up to a punctuation run that ends a sentence (``.``,
     ``!``, ``?``, ``…`` before a separator or the text's end; ``。``, ``！``,
-    ``？`` anywhere), or up to a line break. A rule, not a model: ``3.5``
-    stays whole, but an abbreviation's full stop before a space (``e.g. this``)
-    ends a sentence.
+    ``？`` anywhere), or up to a line break. As in Unicode's sentence
+    boundaries (UAX #29, rule SB8), full stops alone end no sentence when the
+    next letter is lowercase (``e.g. this``, ``etc. and``, ``Wait... what``).
+    A rule, not a model: ``3.5`` stays whole, and an abbreviation before a
+    capital (``Dr. Smith``) ends a sentence, as in Unicode's rules.
 
     Args:
         text (str): the text of one part.
@@ -124,7 +126,20 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
             any(c in _CJK_TERMINALS for c in text[a:b])
             or (any(c in _TERMINALS for c in text[a:b]) and (last or after != ""))
         )
+        if ends and {c for c in text[a:b] if c in _TERMINALS} == {"."}:
+            ends = not _lowercase_next(text, b)
         if ends or last or any(c in "\n\r\u2028\u2029" for c in after):
             out.append((start, b))
             start = None
     return out
+
+
+def _lowercase_next(text: str, start: int) -> bool:
+    """Whether the first letter after ``start`` is lowercase, before any line
+    break or sentence punctuation (UAX #29's SB8: no sentence ends there)."""
+    for char in text[start:]:
+        if char in "\n\r\u2028\u2029" or char in _TERMINALS or char in _CJK_TERMINALS:
+            return False
+        if char.isalpha():
+            return char.islower()
+    return False

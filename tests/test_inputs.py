@@ -33,7 +33,7 @@ def test_words_keep_the_punctuation_unicode_keeps_inside_them(model):
         "U.S.A", ".).", "Don't", "pay",
     ]  # fmt: skip
     assert [text[a:b] for a, b in sentence_spans(text)] == [
-        "It costs 2,000 dollars, not 3.14 (e.g.", "in the U.S.A.).", "Don't pay",
+        "It costs 2,000 dollars, not 3.14 (e.g. in the U.S.A.).", "Don't pay",
     ]  # fmt: skip
     inp = ChatInput(Chat().user(text), model)
     assert inp.values == ["It", "costs", "2,000", "dollars", "not", "3.14", "e.g", "in", "the",
@@ -779,8 +779,11 @@ def test_a_template_that_writes_todays_date_warns_until_it_is_pinned(model, chat
         ("It costs 3.5 dollars. Cheap", ["It costs 3.5 dollars.", "Cheap"]),  # no space: whole
         ("Line one\nLine two", ["Line one", "Line two"]),
         ("我爱猫。你呢？", ["我爱猫。", "你呢？"]),  # CJK: no space after the stop
-        ("Wait... what?! Ok", ["Wait...", "what?!", "Ok"]),
-        ("  e.g. this one. ", ["e.g.", "this one."]),  # a rule, not a model
+        ("Wait... what?! Ok", ["Wait... what?!", "Ok"]),  # full stops before a lowercase letter
+        ("  e.g. this one. ", ["e.g. this one."]),  # end no sentence (Unicode's SB8)
+        ("See p. (5) on it. Then", ["See p. (5) on it.", "Then"]),  # the next letter's case
+        ("Dr. Smith is in. Ask him!", ["Dr.", "Smith is in.", "Ask him!"]),  # a rule, not a model
+        ("Yes! maybe… so? no", ["Yes!", "maybe…", "so?", "no"]),  # ! ? … end one whatever follows
         ("?!", ["?!"]),
         ("", []),
     ],
