@@ -98,7 +98,8 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     ``!``, ``?``, ``…`` before a separator or the text's end; ``。``, ``！``,
     ``？`` anywhere), or up to a line break. As in Unicode's sentence
     boundaries (UAX #29, rule SB8), full stops alone end no sentence when the
-    next letter is lowercase (``e.g. this``, ``etc. and``, ``Wait... what``).
+    next letter is lowercase (``e.g. this``, ``etc. and``, ``Wait... what``),
+    in a text that holds a capital (a lowercase transcript's case tells nothing).
     A rule, not a model: ``3.5`` stays whole, and an abbreviation before a
     capital (``Dr. Smith``) ends a sentence, as in Unicode's rules.
 
@@ -116,6 +117,7 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     start = None
     words = word_spans(text)
+    cased = any(c.isupper() for c in text)  # a lowercase transcript: case tells nothing
     for i, (a, b) in enumerate(words):
         start = a if start is None else start
         last = i + 1 == len(words)
@@ -126,7 +128,7 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
             any(c in _CJK_TERMINALS for c in text[a:b])
             or (any(c in _TERMINALS for c in text[a:b]) and (last or after != ""))
         )
-        if ends and {c for c in text[a:b] if c in _TERMINALS} == {"."}:
+        if ends and cased and {c for c in text[a:b] if c in _TERMINALS} == {"."}:
             ends = not _lowercase_next(text, b)
         if ends or last or any(c in "\n\r\u2028\u2029" for c in after):
             out.append((start, b))

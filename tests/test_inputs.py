@@ -780,10 +780,11 @@ def test_a_template_that_writes_todays_date_warns_until_it_is_pinned(model, chat
         ("Line one\nLine two", ["Line one", "Line two"]),
         ("我爱猫。你呢？", ["我爱猫。", "你呢？"]),  # CJK: no space after the stop
         ("Wait... what?! Ok", ["Wait... what?!", "Ok"]),  # full stops before a lowercase letter
-        ("  e.g. this one. ", ["e.g. this one."]),  # end no sentence (Unicode's SB8)
+        ("  I saw e.g. this one. ", ["I saw e.g. this one."]),  # end none (Unicode's SB8)
         ("See p. (5) on it. Then", ["See p. (5) on it.", "Then"]),  # the next letter's case
         ("Dr. Smith is in. Ask him!", ["Dr.", "Smith is in.", "Ask him!"]),  # a rule, not a model
         ("Yes! maybe… so? no", ["Yes!", "maybe…", "so?", "no"]),  # ! ? … end one whatever follows
+        ("what is it. and this", ["what is it.", "and this"]),  # uncased (a transcript): no SB8
         ("?!", ["?!"]),
         ("", []),
     ],
