@@ -418,3 +418,23 @@ def test_wide_characters_take_two_cells_of_the_chat_plot(cjk_font):
                   and b.get_x() <= start < b.get_x() + b.get_width()]  # fmt: skip
         drawn = box.get_window_extent()
         assert drawn.x0 - 1 <= glyphs.x0 and glyphs.x1 <= drawn.x1 + 1
+
+
+def test_combining_marks_take_no_cell_of_the_chat_plot():
+    """An accent written as a combining mark is drawn over its letter: counted
+    as a cell of its own, each word's box ran a cell past the word."""
+    from captum_mllm.testing import tiny_hf_adapter
+
+    model = tiny_hf_adapter()
+    text = "Cafe\u0301 cre\u0300me bru\u0302le\u0301e"
+    inp = ChatInput(Chat().user(text), model)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="Yes")
+    fig, ax = res.plot_chat_attr(width=40)
+    fig.canvas.draw()
+    cell = ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0]
+    boxes = {p.get_x(): p for p in ax.patches if (p.get_gid() or "").startswith("feature-")}
+    words = [t for t in ax.texts if t.get_text().strip() in text.split()]
+    assert len(words) == 3
+    for t in words:
+        glyphs, box = t.get_window_extent(), boxes[t.get_position()[0]].get_window_extent()
+        assert abs(box.x1 - glyphs.x1) < 0.6 * cell  # the box ends with its word

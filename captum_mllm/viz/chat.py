@@ -131,9 +131,17 @@ def _wrapped(runs: Sequence[Sequence[Any]], width: int) -> list[tuple[int, int, 
 
 
 def cells(text: str) -> int:
-    """Cells ``text`` takes in a monospace layout: two for a wide or fullwidth
-    character (Chinese, Japanese, Korean; Unicode's East Asian Width W or F)."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    """Cells ``text`` takes in a monospace layout, as a terminal counts them:
+    two for a wide or fullwidth character (Chinese, Japanese, Korean;
+    Unicode's East Asian Width W or F), none for a combining mark or an
+    invisible format character (drawn over the letter before, or not at all)."""
+    return sum(_cell(c) for c in text)
+
+
+def _cell(char: str) -> int:
+    if unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in "WF" else 1
 
 
 def _cut(text: str, room: int) -> tuple[str, str]:
