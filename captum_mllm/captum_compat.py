@@ -10,6 +10,7 @@ other module imports them: when Captum changes, this file changes.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,12 +26,12 @@ from captum.attr import (
     TextTemplateInput,
 )
 from captum.attr._core.llm_attr import DEFAULT_GEN_ARGS as _DEFAULT_GEN_ARGS
-from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
+from captum.attr._core.llm_attr import _clean_up_pretty_token, _convert_ids_to_pretty_tokens
 from captum.attr._core.shapley_value import _perm_generator
 from torch import Tensor
 
 from captum_mllm.errors import UnsupportedInputError, require_int
-from captum_mllm.models.base import ModelAdapter
+from captum_mllm.models.base import ModelAdapter, token_labels
 from captum_mllm.models.hf_causal import HFCausalLMAdapter
 
 #: Captum's generation defaults (greedy, 25 new tokens).
@@ -82,8 +83,36 @@ def text_template_input(inp: Any) -> TextTemplateInput:
 
 
 def pretty_tokens(ids: Tensor, tokenizer: Any) -> list[str]:
-    """Output-token labels exactly as stock Captum writes them."""
-    return _convert_ids_to_pretty_tokens(ids, tokenizer)
+    """Output-token labels exactly as stock Captum writes them, except where
+    its labelling fails: an answer cut inside a character (``max_new_tokens``
+    ending a Chinese character's bytes) raised ``IndexError`` there, after
+    warnings of skipped tokens. Such an answer is labelled as ours are, with
+    Captum's clean-up of each label."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            labels = _convert_ids_to_pretty_tokens(ids, tokenizer)
+        except IndexError:
+            labels = []
+    if len(labels) != len(ids):
+        return token_labels(tokenizer.decode, ids, _clean_up_pretty_token)
+    for warning in said:  # Captum's own, for labels it gave
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return labels
+
+
+@contextmanager
+def labelled_as_ours() -> Iterator[None]:
+    """Captum's own attribution paths, their output tokens labelled by
+    :func:`pretty_tokens` (which survives an answer cut inside a character)."""
+    from captum.attr._core import llm_attr
+
+    previous = llm_attr._convert_ids_to_pretty_tokens
+    llm_attr._convert_ids_to_pretty_tokens = pretty_tokens
+    try:
+        yield
+    finally:
+        llm_attr._convert_ids_to_pretty_tokens = previous
 
 
 def model_kwargs(attribution: LLMAttribution, model_input: Any) -> dict[str, Any]:

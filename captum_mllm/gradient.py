@@ -40,7 +40,7 @@ from captum_mllm.attribution import (
     require_same_model,
     resolve_response,
 )
-from captum_mllm.captum_compat import DEFAULT_GEN_ARGS
+from captum_mllm.captum_compat import DEFAULT_GEN_ARGS, labelled_as_ours
 from captum_mllm.errors import (
     InvalidBaselineError,
     InvalidModelError,
@@ -277,7 +277,8 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         self, inp: InterpretableInput, target: Any, gen_args: Any, **kwargs: Any
     ) -> MultimodalLLMAttributionResult:
         """Captum's own path, its result carried over."""
-        stock = super().attribute(inp, target=target, gen_args=gen_args, **kwargs)
+        with labelled_as_ours():  # Captum's labels raised on an answer cut in a character
+            stock = super().attribute(inp, target=target, gen_args=gen_args, **kwargs)
         return MultimodalLLMAttributionResult(
             seq_attr=stock.seq_attr,
             token_attr=stock.token_attr,

@@ -442,3 +442,34 @@ def test_a_bidirectional_model_gets_captums_values_with_default_flags(method, n_
         torch.testing.assert_close(ours.seq_attr, stock.seq_attr, atol=1e-5, rtol=0)
     ours_seq = run(MultimodalLLMAttribution, perturbations_per_eval=8, forward_in_tokens=False)
     torch.testing.assert_close(ours_seq.token_attr, stock_seq.token_attr, atol=1e-5, rtol=0)
+
+
+def test_an_answer_cut_inside_a_character_is_labelled(model):
+    """An answer ending with part of a character (max_new_tokens ending a
+    Chinese character's bytes): Captum's labelling raised IndexError, after
+    warnings of skipped tokens, for Captum's inputs (ours and the gradient
+    methods' stock path), and a ChatInput's answer labelled its last token ""."""
+    import warnings
+
+    from captum.attr import LayerIntegratedGradients, TextTemplateInput, TextTokenInput
+    from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
+
+    from captum_mllm import MultimodalLLMGradientAttribution
+
+    ids = model.tokenizer("a東京", add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert len(ids) == 7  # a, then three bytes each
+    cut = ids[:-1]
+    expected = [*_convert_ids_to_pretty_tokens(ids[:4], model.tokenizer), "�", "� [OVERLAP]"]
+    assert expected[:4] == ["a", "東", "東 [OVERLAP]", "東 [OVERLAP]"]
+    assert list(model.response(cut).labels) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor Captum's "Skipping this token" warnings
+        res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(
+            TextTemplateInput("{} is {}", values=["Paris", "big"]), target=cut
+        )
+    assert res.output_tokens == expected
+    lig = LayerIntegratedGradients(model.model, model.model.get_input_embeddings())
+    grad = MultimodalLLMGradientAttribution(lig, model).attribute(
+        TextTokenInput("Paris is big", model.tokenizer), target=cut, n_steps=4
+    )
+    assert grad.output_tokens == expected and grad.token_attr.shape[0] == len(cut)

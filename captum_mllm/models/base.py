@@ -109,8 +109,10 @@ def token_labels(
             n = len(prefix)
             while n > done and prefix[n - 1] == "\ufffd" and whole[n - 1 : n] != "\ufffd":
                 n -= 1  # an unfinished character, where the run finishes it
-            touched = whole[done : n + (n < len(prefix))]
-            labels.append(pretty(touched) + (OVERLAP if pending else ""))
+            touched, overlap = whole[done : n + (n < len(prefix))], pending
+            if not touched and done:  # shows nothing new: it goes on with the character before
+                touched, overlap = whole[done - 1 : done], True
+            labels.append(pretty(touched) + (OVERLAP if overlap else ""))
             done, pending = n, n < len(prefix)
         k = end
     return labels
