@@ -132,7 +132,7 @@ def cjk_font(tmp_path):
     from fontTools.pens.ttGlyphPen import TTGlyphPen
     from matplotlib import font_manager
 
-    chars = "我想去北京旅游东日本はいです谢请问，？"
+    chars = "我想去北京旅游东日本はいです谢请问，？。"
     names = [".notdef", *(f"uni{ord(c):04X}" for c in chars)]
     pen = TTGlyphPen(None)
     pen.moveTo((100, 0))

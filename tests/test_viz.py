@@ -378,8 +378,13 @@ def test_chinese_and_japanese_labels_are_drawn_in_a_font_holding_them(cjk_font, 
     heard = MultimodalLLMAttribution(FeatureAblation(lfm), lfm).attribute(
         ChatInput(chat, lfm, audio_unit=spans), target="谢谢"
     )
+    long = "我想去北京旅游" * 6 + "。"  # a sentence label is cut to fit, in new tick labels
+    said = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(
+        ChatInput(Chat().user(f"{long} {long}"), model, text_unit="sentence"), target="东京"
+    )
     figures = [res.plot_token_attr()[0], res.plot_seq_attr()[0], res.plot_chat_attr()[0],
-               heard.plot_audio_attr()[0], heard.plot_chat_attr()[0]]  # fmt: skip
+               heard.plot_audio_attr()[0], heard.plot_chat_attr()[0], said.plot_seq_attr()[0],
+               said.plot_token_attr()[0]]  # fmt: skip
     for fig in figures:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
