@@ -250,6 +250,18 @@ def test_target_stderr_stops_early_on_an_easy_game_and_not_on_a_hard_one(method)
     assert est.last_n_requested >= 560  # never precise enough: the budget is the cap
 
 
+def test_target_stderr_warns_where_an_exact_computation_cannot_read_it():
+    """ExactShapleyValues, and HierarchicalShapley without a short budget,
+    took target_stderr and went on to evaluate every coalition, saying nothing."""
+    for method, kwargs in ((ExactShapleyValues, {}), (HierarchicalShapley, {})):
+        with pytest.warns(UserWarning, match=r"target_stderr=0.1 is not read: \w+ evaluated every"):
+            method(synthetic).attribute(ONES, target_stderr=0.1, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sampling, it is read
+        HierarchicalShapley(synthetic).attribute(ONES, target_stderr=0.1, budget=40, seed=0)
+        LeverageKernelShap(synthetic).attribute(ONES, target_stderr=0.1, budget=2**N)
+
+
 def _owen_by_orders(value, tree, n):
     """Owen values by brute force: the mean marginal contribution over every
     order that keeps each subtree together."""

@@ -92,9 +92,11 @@ class Plan:
     progress: Any
     options: dict[str, Any] = field(default_factory=dict)
     budget_given: bool = True
+    asked: bool = False  # whether the estimator ever asked to stop (read target_stderr)
 
     def stop(self, stderr: np.ndarray, rounds: int) -> bool:
         """Stop once every standard error is below the target (after two rounds)."""
+        self.asked = True
         return (
             self.target_stderr is not None
             and rounds >= 2
@@ -255,6 +257,11 @@ class ShapleyEstimator(PerturbationAttribution):
             with _progress(show_progress, cap, type(self).__name__) as progress:
                 plan = Plan(cap, target_stderr, rng, progress, kwargs, budget is not None)
                 phi, stderr = self.estimate(game, plan)
+            if target_stderr is not None and not plan.asked and not np.any(stderr):
+                warn_caller(  # an exact method, or exact here: nothing to stop early
+                    f"target_stderr={target_stderr} is not read: {type(self).__name__} "
+                    "evaluated every coalition its values need (exact, standard errors 0)"
+                )
             # what the last example cost: coalitions asked for, and distinct ones evaluated
             self.last_n_requested, self.last_n_evaluated = game.n_requested, len(game.memo)
             if budget is not None and game.n_requested > budget and not self.exact:
