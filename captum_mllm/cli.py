@@ -352,7 +352,7 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
     (whose transcripts go to each chat's ``ChatInput`` when ``transcripts``)."""
     if path.is_file():
         chats: dict[str, Any] = {}
-        for i, line in enumerate(path.read_text().splitlines()):
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
             if not line.strip():
                 continue
             try:
@@ -553,7 +553,7 @@ def _read_messages(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     to the file), and the chat-template arguments a request holding them adds
     (its tools and chat_template_kwargs; none for a plain list)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
@@ -718,7 +718,7 @@ def _tiny_model(name: str) -> Any:
 def _guess_adapter(name: str) -> str:
     """``lfm2-audio`` for LFM2-Audio checkpoints (by name or config), else ``hf``."""
     config = Path(name) / "config.json"
-    text = config.read_text().lower() if config.is_file() else name.lower()
+    text = config.read_text(encoding="utf-8").lower() if config.is_file() else name.lower()
     return "lfm2-audio" if "lfm2" in text and "audio" in text else "hf"
 
 

@@ -428,7 +428,7 @@ def _done_row(name: str, result: Path, request: str) -> dict[str, Any] | None:
     """The summary row of a chat already explained for this request, else None."""
     if not result.is_file():
         return None
-    data = json.loads(result.read_text())
+    data = json.loads(result.read_text(encoding="utf-8"))
     if data.get("provenance", {}).get("request") != request:
         return None
     return {"chat": name, "response": data.get("response_text"), "skipped": True}

@@ -302,7 +302,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         data, arrays = self.to_dict(embed_audio)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path.with_suffix(".npz"), **arrays)  # type: ignore[arg-type]
-        path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+        path.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
         return path
 
     @classmethod
@@ -317,7 +317,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         """
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             with np.load(path.with_suffix(".npz"), allow_pickle=False) as npz:
                 arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
         except (OSError, ValueError) as exc:

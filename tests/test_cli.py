@@ -1,6 +1,7 @@
 """The captum-mllm command: chats from files, reports, one-line errors with exit code 2."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -546,3 +547,33 @@ def test_a_chat_file_may_be_an_object_holding_its_messages(tmp_path, capsys):
     assert saved.provenance["input_settings"]["chat_template_kwargs"] == {
         "date_string": "1 Jan 2025"
     }
+
+
+def test_files_are_read_and_written_as_utf8_whatever_the_locale(tmp_path):
+    """A chat file, a data set and the saved result were read and written in
+    the platform's encoding: where it is not UTF-8 (Windows' cp1252, a C
+    locale), a Chinese chat raised UnicodeEncodeError on saving its result."""
+    chat = [{"role": "user", "content": "东京在哪里？"}]
+    (tmp_path / "chat.json").write_text(json.dumps(chat, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "chats.jsonl").write_text(
+        json.dumps({"id": "east", "messages": chat}, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    script = (
+        "import sys; from captum_mllm.cli import main\n"
+        "main(['explain', '--chat', 'chat.json', '--model', 'tiny-llama', '--method', 'exact',"
+        " '--answer', '东京。', '--out', 'one'])\n"
+        "main(['report', 'one/result.json'])\n"
+        "main(['explain-dataset', 'chats.jsonl', '--model', 'tiny-llama', '--no-ray',"
+        " '--method', 'exact', '--max-new-tokens', '2', '--out', 'many'])\n"
+    )
+    ascii_locale = {"LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
+                    "PYTHONIOENCODING": "utf-8"}  # fmt: skip  # the console aside
+    (tmp_path / "run.py").write_text(script, encoding="utf-8")  # source files are UTF-8
+    env = {**os.environ, **ascii_locale}
+    done = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, env=env, capture_output=True,
+                          encoding="utf-8")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = (tmp_path / "one" / "result.json").read_text(encoding="utf-8")
+    assert "东京" in saved  # written as UTF-8, not escaped away
+    res = MultimodalLLMAttributionResult.load(tmp_path / "many" / "east" / "result.json")
+    assert res.input_tokens and res.response_text is not None

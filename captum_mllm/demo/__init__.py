@@ -100,7 +100,7 @@ def examples(sentences: bool = False) -> list[Example]:
             the 12 spoken a word at a time. Default: False
     """
     index = "sentences.json" if sentences else "examples.json"
-    rows = json.loads((WEIGHTS / "clips" / index).read_text())
+    rows = json.loads((WEIGHTS / "clips" / index).read_text(encoding="utf-8"))
     out = []
     for row in rows:
         file = WEIGHTS / "clips" / row["file"]
