@@ -39,6 +39,9 @@ class UsageError(Exception):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``captum-mllm`` command."""
+    for stream in (sys.stdout, sys.stderr):  # a console or file that is not UTF-8 (Windows'
+        if hasattr(stream, "reconfigure"):  # cp1252): write \u6771 rather than raise
+            stream.reconfigure(errors="backslashreplace")
     parser = _parser()
     args = parser.parse_args(argv)  # argparse itself exits with 2 on bad flags
     try:

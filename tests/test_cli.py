@@ -552,7 +552,8 @@ def test_a_chat_file_may_be_an_object_holding_its_messages(tmp_path, capsys):
 def test_files_are_read_and_written_as_utf8_whatever_the_locale(tmp_path):
     """A chat file, a data set and the saved result were read and written in
     the platform's encoding: where it is not UTF-8 (Windows' cp1252, a C
-    locale), a Chinese chat raised UnicodeEncodeError on saving its result."""
+    locale), a Chinese chat raised UnicodeEncodeError on saving its result,
+    and on printing its features to such a console or file."""
     chat = [{"role": "user", "content": "东京在哪里？"}]
     (tmp_path / "chat.json").write_text(json.dumps(chat, ensure_ascii=False), encoding="utf-8")
     (tmp_path / "chats.jsonl").write_text(
@@ -567,12 +568,13 @@ def test_files_are_read_and_written_as_utf8_whatever_the_locale(tmp_path):
         " '--method', 'exact', '--max-new-tokens', '2', '--out', 'many'])\n"
     )
     ascii_locale = {"LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
-                    "PYTHONIOENCODING": "utf-8"}  # fmt: skip  # the console aside
+                    "PYTHONIOENCODING": "ascii"}  # fmt: skip  # and a console that is not UTF-8
     (tmp_path / "run.py").write_text(script, encoding="utf-8")  # source files are UTF-8
     env = {**os.environ, **ascii_locale}
     done = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, env=env, capture_output=True,
                           encoding="utf-8")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "answer: '\\u4e1c\\u4eac\\u3002'" in done.stdout  # printing raised too
     saved = (tmp_path / "one" / "result.json").read_text(encoding="utf-8")
     assert "东京" in saved  # written as UTF-8, not escaped away
     res = MultimodalLLMAttributionResult.load(tmp_path / "many" / "east" / "result.json")
