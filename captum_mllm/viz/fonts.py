@@ -24,7 +24,6 @@ def use_fallback_fonts(fig: Any) -> None:
     Args:
         fig (Figure): a matplotlib figure, changed in place.
     """
-    from matplotlib import font_manager
     from matplotlib.text import Text
 
     held: dict[tuple[Any, ...], frozenset[int]] = {}  # by font: a heatmap has thousands of texts
@@ -35,8 +34,7 @@ def use_fallback_fonts(fig: Any) -> None:
         prop = text.get_fontproperties()
         key = (tuple(prop.get_family()), prop.get_style(), prop.get_weight())
         if key not in held:
-            paths = font_manager.fontManager._find_fonts_by_props(prop)
-            held[key] = frozenset().union(*(_charmap(str(p)) for p in paths))
+            held[key] = frozenset().union(*(_charmap(p) for p in _font_files(prop)))
         extra = fallback_families(chars - held[key])
         if extra:
             text.set_fontfamily([*key[0], *(f for f in extra if f not in key[0])])
@@ -59,6 +57,22 @@ def fallback_families(missing: frozenset[int]) -> list[str]:
         chosen.append(name)
         left -= covered
     return chosen
+
+
+def _font_files(prop: Any) -> list[str]:
+    """The files of the installed fonts ``prop``'s families name, in order (the
+    fonts matplotlib falls back through)."""
+    from matplotlib import font_manager
+
+    files: list[str] = []
+    for family in prop.get_family():
+        one = prop.copy()
+        one.set_family(family)
+        try:
+            files.append(str(font_manager.findfont(one, fallback_to_default=False)))
+        except ValueError:  # not installed: matplotlib skips it too
+            continue
+    return files
 
 
 def _drawn(text: str) -> frozenset[int]:
