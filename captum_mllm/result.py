@@ -534,11 +534,11 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
     def _fitted(
         self, fig_ax: Any, show: bool, figsize: tuple[float, float] | None, heatmap: bool = False
     ) -> Any:
-        from captum_mllm.viz.fonts import use_fallback_fonts
         from captum_mllm.viz.labels import fit_heatmap, fit_margins, fit_tick_labels
+        from captum_mllm.viz.text import as_written
 
         fig, ax = fig_ax
-        use_fallback_fonts(fig)  # before fitting: a font's glyphs size its labels
+        as_written(fig)  # before fitting: what is drawn sizes the labels
         width, height = fig.get_size_inches()
         fig.set_size_inches(*(figsize or (min(width, 20.0), min(height, 12.0))))
         # Twice: the margins the labels need change the room they are fitted to.

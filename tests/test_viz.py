@@ -443,3 +443,28 @@ def test_combining_marks_take_no_cell_of_the_chat_plot():
     for t in words:
         glyphs, box = t.get_window_extent(), boxes[t.get_position()[0]].get_window_extent()
         assert abs(box.x1 - glyphs.x1) < 0.6 * cell  # the box ends with its word
+
+
+def test_dollar_signs_are_drawn_as_written():
+    """matplotlib reads text between two "$" as a formula: a prompt's "It
+    costs $5 and $10." was drawn "It costs 5and10." with the middle in italics."""
+    import matplotlib.pyplot as plt
+
+    from captum_mllm.testing import tiny_hf_adapter
+
+    model = tiny_hf_adapter()
+    text = "It costs $5 and $10. Use $x^2$ now."
+    inp = ChatInput(Chat().user(text), model, text_unit="sentence")
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="$15")
+    plain = plt.figure().add_subplot()  # the oracle: the same string, same font, as plain text
+    for fig, _ in (res.plot_seq_attr(), res.plot_token_attr(), res.plot_chat_attr()):
+        fig.canvas.draw()
+        texts = fig.findobj(matplotlib.text.Text)
+        drawn = [t for t in texts if "$" in t.get_text() and t.get_visible()]
+        assert len(drawn) >= 2
+        for t in drawn:
+            ref = plain.text(0, 0, t.get_text(), fontproperties=t.get_fontproperties(),
+                             rotation=t.get_rotation(), parse_math=False)  # fmt: skip
+            box = ref.get_window_extent(plain.figure.canvas.get_renderer())
+            got = t.get_window_extent()
+            assert abs(got.width - box.width) + abs(got.height - box.height) < 1, t.get_text()

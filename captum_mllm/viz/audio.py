@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from captum_mllm.errors import PlotError
-from captum_mllm.viz.fonts import use_fallback_fonts
+from captum_mllm.viz.text import as_written
 
 if TYPE_CHECKING:
     from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
@@ -79,7 +79,7 @@ def plot_audio_attr(
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_wave, ax_mel])
     bar.ax.set_ylabel("Attribution", rotation=-90, va="bottom")
     fig.set_facecolor("white")
-    use_fallback_fonts(fig)  # aligned words in any script
+    as_written(fig)  # aligned words in any script, with any characters
     if show:
         plt.show()
         return None

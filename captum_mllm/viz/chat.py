@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from captum_mllm.errors import PlotError, require_int
-from captum_mllm.viz.fonts import use_fallback_fonts
+from captum_mllm.viz.text import as_written
 
 if TYPE_CHECKING:
     from captum_mllm.result import MultimodalLLMAttributionResult
@@ -82,7 +82,7 @@ def plot_chat_attr(
     ax.set_ylim(height, 0)
     ax.axis("off")
     ax.set_title(f"Attribution to {result._what(target_token_pos)}", fontsize=9, loc="left", pad=10)
-    use_fallback_fonts(fig)
+    as_written(fig)
     if show:
         plt.show()
         return None
