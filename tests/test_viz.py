@@ -468,3 +468,30 @@ def test_dollar_signs_are_drawn_as_written():
             box = ref.get_window_extent(plain.figure.canvas.get_renderer())
             got = t.get_window_extent()
             assert abs(got.width - box.width) + abs(got.height - box.height) < 1, t.get_text()
+
+
+def test_code_is_laid_out_as_a_terminal_shows_it():
+    """A tab, a carriage return or a bell in a prompt (code, Windows line
+    ends) was drawn as a box for a glyph no font has, one cell wide."""
+    import io
+    import warnings
+
+    from captum_mllm.testing import tiny_hf_adapter
+
+    model = tiny_hf_adapter()
+    code = "Fix this:\r\ndef f(x):\r\n\tif x:\n\t\treturn 1\x07\n  \treturn 2"
+    inp = ChatInput(Chat().user(code), model)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="ok")
+    fig, ax = res.plot_chat_attr(width=40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.savefig(io.BytesIO())
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+    lines: dict[float, list] = {}
+    for text in ax.texts:
+        if "monospace" in text.get_fontfamily():
+            x, y = text.get_position()
+            lines.setdefault(y, []).append((x, text.get_text()))
+    rows = ["".join(t for _, t in sorted(line)) for _, line in sorted(lines.items())]
+    shown = code.replace("\r\n", "\n").replace("\x07", "").expandtabs(4)  # the oracle
+    assert rows == shown.split("\n")

@@ -51,7 +51,7 @@ def plot_chat_attr(
                 items.append(("clip", (y, part["audio"])))
                 y += 2 * _LINE
                 continue
-            pieces = _wrapped(part["text"], width)
+            pieces = _wrapped(_printable(part["text"]), width)
             for x, line, piece, feature in pieces:
                 items.append(("text", (x, y + line * _LINE, piece, feature)))
             y += (max((line for _, line, _, _ in pieces), default=0) + 1.4) * _LINE
@@ -128,6 +128,31 @@ def _wrapped(runs: Sequence[Sequence[Any]], width: int) -> list[tuple[int, int, 
                     pieces.append((x, line, piece, feature))
                 x += cells(piece)
     return pieces
+
+
+def _printable(runs: Sequence[Sequence[Any]], tab: int = 4) -> list[tuple[str, int]]:
+    """The runs as a terminal shows them: a tab as spaces to the next stop of
+    ``tab`` cells, ``\r\n`` and ``\r`` as line breaks, other control
+    characters left out (each was drawn as a box for a glyph no font has)."""
+    out: list[tuple[str, int]] = []
+    column, previous = 0, ""
+    for text, feature in runs:
+        kept = []
+        for char in text:
+            if char == "\n" and previous == "\r":  # the break \r already made
+                previous = char
+                continue
+            previous = char
+            if char == "\t":
+                char = " " * (tab - column % tab)
+            elif char == "\r":
+                char = "\n"
+            elif unicodedata.category(char) == "Cc" and char != "\n":
+                continue
+            kept.append(char)
+            column = 0 if char == "\n" else column + cells(char)
+        out.append(("".join(kept), feature))
+    return out
 
 
 def cells(text: str) -> int:
