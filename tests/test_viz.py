@@ -495,3 +495,19 @@ def test_code_is_laid_out_as_a_terminal_shows_it():
     rows = ["".join(t for _, t in sorted(line)) for _, line in sorted(lines.items())]
     shown = code.replace("\r\n", "\n").replace("\x07", "").expandtabs(4)  # the oracle
     assert rows == shown.split("\n")
+
+
+def test_a_long_answer_is_shortened_in_the_title_in_any_script():
+    """textwrap's shorten cuts at spaces only: a Chinese answer (none) was
+    titled "the answer '...'"."""
+    from captum_mllm.testing import tiny_hf_adapter
+
+    model = tiny_hf_adapter()
+    inp = ChatInput(Chat().user("Tell me."), model)
+    chinese = ("北京是中国的首都，也是一座历史悠久的城市。" * 5, "北京是中国的首都")
+    for answer, head in (chinese, ("Paris is a very big city with " * 5, "Paris is a very")):
+        res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target=answer)
+        title = res.plot_chat_attr()[1].get_title(loc="left")
+        said = title.removeprefix("Attribution to the answer '").removesuffix("...'")
+        assert said.startswith(head) and 35 <= len(said) <= 67
+        assert answer.startswith(said)
