@@ -468,6 +468,14 @@ def test_dollar_signs_are_drawn_as_written():
             box = ref.get_window_extent(plain.figure.canvas.get_renderer())
             got = t.get_window_extent()
             assert abs(got.width - box.width) + abs(got.height - box.height) < 1, t.get_text()
+    # A log axis' numbers are mathtext its formatter writes: as_written keeps them math
+    from captum_mllm.viz import as_written
+
+    fig, ax = plt.subplots()
+    ax.semilogy([1e-6, 3e-5])
+    as_written(fig)
+    fig.canvas.draw()
+    assert all(t.get_parse_math() for t in ax.get_yticklabels())
 
 
 def test_code_is_laid_out_as_a_terminal_shows_it():

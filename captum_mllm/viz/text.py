@@ -19,5 +19,6 @@ def as_written(fig: Any) -> None:
     from matplotlib.text import Text
 
     for text in fig.findobj(Text):
-        text.set_parse_math(False)
+        if "$" in text.get_text():  # our labels; a formatter's numbers keep their mathtext
+            text.set_parse_math(False)
     use_fallback_fonts(fig)
