@@ -538,6 +538,9 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         from captum_mllm.viz.text import as_written
 
         fig, ax = fig_ax
+        # Captum's labels before its textwrap.shorten, which cuts at spaces only:
+        # a long label without any (a Chinese sentence, a URL) was "..." alone
+        ax.set_xticks(ax.get_xticks(), [repr(t)[1:-1] for t in self.input_tokens])
         as_written(fig)  # before fitting: what is drawn sizes the labels
         width, height = fig.get_size_inches()
         fig.set_size_inches(*(figsize or (min(width, 20.0), min(height, 12.0))))

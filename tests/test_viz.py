@@ -519,3 +519,18 @@ def test_a_long_answer_is_shortened_in_the_title_in_any_script():
         said = title.removeprefix("Attribution to the answer '").removesuffix("...'")
         assert said.startswith(head) and 35 <= len(said) <= 67
         assert answer.startswith(said)
+
+
+def test_a_long_label_without_spaces_is_cut_not_dropped(cjk_font):
+    """Captum shortens its tick labels with textwrap's shorten, which cuts at
+    spaces only: a Chinese sentence feature (none) was labelled "..." alone."""
+    from captum_mllm.testing import tiny_hf_adapter
+
+    model = tiny_hf_adapter()
+    said = "我想去北京旅游" * 9 + "。"
+    inp = ChatInput(Chat().user(f"{said} Thanks."), model, text_unit="sentence")
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="东京")
+    for _, ax in (res.plot_seq_attr(), res.plot_token_attr()):
+        first, second = (t.get_text() for t in ax.get_xticklabels())
+        assert first.endswith("…") and said.startswith(first[:-1]) and len(first) >= 20
+        assert second == "Thanks."
