@@ -631,12 +631,15 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
     def _what(self, target_token_pos: int | tuple[int, int] | None) -> str:
         """What :meth:`_row` attributes, in words: the answer, or its output
         token(s) at ``target_token_pos`` (a title for the plots)."""
+        from captum_mllm.viz.labels import shortened
+
         if target_token_pos is None:
             answer = self.response_text or " ".join(self.output_tokens)
-            return f"the answer {_shortened(answer)!r}"
+            return f"the answer {shortened(answer, 70, '...')!r}"
         if isinstance(target_token_pos, tuple | list):
             m, n = (int(i) for i in target_token_pos)
-            return f"output tokens {m}-{n - 1}: {_shortened(' '.join(self.output_tokens[m:n]))!r}"
+            tokens = " ".join(self.output_tokens[m:n])
+            return f"output tokens {m}-{n - 1}: {shortened(tokens, 70, '...')!r}"
         i = int(target_token_pos)
         return f"output token {i % len(self.output_tokens)}: {self.output_tokens[i]!r}"
 
@@ -712,15 +715,3 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "unknown"
     return out
-
-
-def _shortened(text: str, width: int = 70) -> str:
-    """``text`` on one line, cut to ``width`` characters with "...", at a space
-    when there is one near the end (textwrap's ``shorten`` cuts at spaces only,
-    and gave "..." alone for a Chinese answer, which has none)."""
-    text = " ".join(text.split())
-    if len(text) <= width:
-        return text
-    head = text[: width - 3]
-    space = head.rfind(" ")
-    return (head[:space] if space > width // 2 else head).rstrip() + "..."

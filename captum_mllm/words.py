@@ -90,6 +90,7 @@ def word_spans(text: str) -> list[tuple[int, int]]:
 #: without spaces) wherever it stands.
 _TERMINALS = frozenset(".!?…")
 _CJK_TERMINALS = frozenset("。！？")
+_LINE_BREAKS = frozenset("\n\r\u2028\u2029")
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
@@ -130,7 +131,7 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
         )
         if ends and cased and {c for c in text[a:b] if c in _TERMINALS} == {"."}:
             ends = not _lowercase_next(text, b)
-        if ends or last or any(c in "\n\r\u2028\u2029" for c in after):
+        if ends or last or any(c in _LINE_BREAKS for c in after):
             out.append((start, b))
             start = None
     return out
@@ -140,7 +141,7 @@ def _lowercase_next(text: str, start: int) -> bool:
     """Whether the first letter after ``start`` is lowercase, before any line
     break or sentence punctuation (UAX #29's SB8: no sentence ends there)."""
     for char in text[start:]:
-        if char in "\n\r\u2028\u2029" or char in _TERMINALS or char in _CJK_TERMINALS:
+        if char in _LINE_BREAKS or char in _TERMINALS or char in _CJK_TERMINALS:
             return False
         if char.isalpha():
             return char.islower()

@@ -390,8 +390,7 @@ def test_chinese_and_japanese_labels_are_drawn_in_a_font_holding_them(cjk_font, 
             warnings.simplefilter("always")
             fig.savefig(io.BytesIO())
         assert not [w for w in caught if "missing from font" in str(w.message)]
-        assert _uncovered(fig) == []
-        assert any(cjk_font in t.get_fontfamily() for t in fig.findobj(matplotlib.text.Text))
+        assert _uncovered(fig) == []  # whichever installed font holds them
 
 
 def test_wide_characters_take_two_cells_of_the_chat_plot(cjk_font):

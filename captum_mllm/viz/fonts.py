@@ -10,8 +10,9 @@ matplotlib then falls back from one font to the next, glyph by glyph.
 from __future__ import annotations
 
 import functools
-import unicodedata
 from typing import Any
+
+from captum_mllm.words import is_separator
 
 
 def use_fallback_fonts(fig: Any) -> None:
@@ -76,11 +77,9 @@ def _font_files(prop: Any) -> list[str]:
 
 
 def _drawn(text: str) -> frozenset[int]:
-    """The code points of ``text`` a font must draw (not spaces, controls or
-    zero-width format characters)."""
-    return frozenset(
-        ord(c) for c in text if not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf")
-    )
+    """The code points of ``text`` a font must draw (not separators: spaces,
+    controls, zero-width format characters)."""
+    return frozenset(ord(c) for c in text if not is_separator(c))
 
 
 def _regular_fonts() -> list[tuple[str, str]]:

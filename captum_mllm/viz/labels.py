@@ -11,8 +11,17 @@ MAX_LABEL = 32
 MAX_FONT, MIN_FONT = 10.0, 5.0
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= MAX_LABEL else text[: MAX_LABEL - 1].rstrip() + "…"
+def shortened(text: str, width: int, mark: str = "…") -> str:
+    """``text`` on one line, cut to ``width`` characters ending in ``mark``, at
+    a space when there is one in its second half (textwrap's ``shorten``, which
+    Captum's plots use, cuts at spaces only: a Chinese sentence or a URL came
+    out as the mark alone)."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    room = width - len(mark)
+    space = text.rfind(" ", 0, room + 1)
+    return (text[:space] if space > width // 2 else text[:room]).rstrip() + mark
 
 
 def fit_tick_labels(fig: Any, ax: Any) -> None:
@@ -31,7 +40,7 @@ def fit_tick_labels(fig: Any, ax: Any) -> None:
         return
     texts = [label.get_text() for label in labels]
     if any(len(t) > MAX_LABEL for t in texts):  # a sentence feature: the bars keep their room
-        ax.set_xticks(ax.get_xticks(), [_short(t) for t in texts])
+        ax.set_xticks(ax.get_xticks(), [shortened(t, MAX_LABEL) for t in texts])
         labels = ax.get_xticklabels()
     size, every = _one_line_each(fig.get_size_inches()[0] * ax.get_position().width, len(labels))
     on_top = ax.xaxis.get_major_ticks()[0].label2.get_visible()  # Captum puts them on top
