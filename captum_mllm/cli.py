@@ -173,7 +173,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--chat-template-kwargs", type=_json_object, default=None,
         help='JSON keywords for the chat template, e.g. \'{"enable_thinking": false}\'',
     )  # fmt: skip
-    parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--device", type=_device, default=None,
+        help="cpu, cuda, cuda:1, mps, ... (default: the first GPU when there is one)",
+    )  # fmt: skip
     parser.add_argument(
         "--dtype", default=None, choices=("float32", "bfloat16", "float16"),
         help="default: float32 on a CPU, the checkpoint's (LFM2-Audio: bfloat16) on a GPU",
@@ -657,6 +660,35 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return whole
 
 
+def _device(text: str) -> str:
+    """An argparse type: a device torch knows (a typo was found only once the
+    model had loaded, or the default model had been converted)."""
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"not a device: {text!r} (cpu, cuda, cuda:1, mps, ...)"
+        ) from None
+    return text
+
+
+def _check_present(device: str | None) -> None:
+    """Refuse a device this machine lacks before the weights load. Checked
+    where the model loads: a Ray worker may hold the GPU its driver lacks."""
+    import torch
+
+    if device is None:
+        return
+    parsed = torch.device(device)
+    count_devices = getattr(getattr(torch, parsed.type, None), "device_count", None)
+    count = count_devices() if count_devices is not None else None  # None: meta, ...
+    if count is not None and (parsed.index or 0) >= count:
+        has = f"{count} {parsed.type} device{'s' * (count != 1)}" if count else f"no {parsed.type}"
+        raise UsageError(f"--device {device}: this machine has {has}")
+
+
 def _json_object(text: str) -> dict[str, Any]:
     """An argparse type: a JSON object (argparse turns the error into exit 2)."""
     try:
@@ -680,6 +712,7 @@ def _loaded(
     if name.startswith("~"):  # a quoted path the shell did not expand
         name, path = str(path.expanduser()), path.expanduser()
     kind = adapter or _guess_adapter(name)
+    _check_present(device)
     try:
         if name == "default":
             return load_default_model(device=device, dtype=torch_dtype)

@@ -166,7 +166,7 @@ def test_target_stderr_and_baselines_reach_the_run(tmp_path, capsys):
     assert res.provenance["input_settings"]["audio_baseline"] == "silence"
 
 
-def test_device_and_dtype_reach_the_test_models(tmp_path, capsys):
+def test_device_and_dtype_reach_the_test_models(tmp_path, capsys, monkeypatch):
     # --dtype and --device went unread for the tiny models: float32 on the CPU
     argv = ["explain", "--user", "Who are you, my friend?", "--model", "tiny-llama",
             "--method", "exact", "--answer", "I am a small model."]  # fmt: skip
@@ -179,8 +179,40 @@ def test_device_and_dtype_reach_the_test_models(tmp_path, capsys):
         )
     assert saved[0].seq_attr.tolist() != saved[1].seq_attr.tolist()  # bfloat16 rounds
     assert saved[0].seq_attr.tolist() == pytest.approx(saved[1].seq_attr.tolist(), abs=0.5)
-    code, _, err = run([*argv, "--device", "no-such-device", "--out", tmp_path / "d"], capsys)
-    assert code == 2 and "cannot load model 'tiny-llama'" in err
+    from captum_mllm import HFCausalLMAdapter
+
+    moved, to = [], HFCausalLMAdapter.to
+    monkeypatch.setattr(
+        HFCausalLMAdapter, "to", lambda self, **kw: moved.append(kw) or to(self, **kw)
+    )
+    code, _, err = run([*argv, "--device", "cpu:0", "--out", tmp_path / "d"], capsys)
+    assert code == 0 and moved == [{"device": "cpu:0", "dtype": None}], err
+
+
+def test_a_device_is_checked_before_a_model_loads(capsys, monkeypatch):
+    """A typo in --device, or a GPU the machine lacks, was found only once the
+    model had loaded (on a fresh machine, after converting the default model)."""
+    import torch
+
+    import captum_mllm
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(captum_mllm, "load_default_model", no_model)
+    monkeypatch.setattr(captum_mllm.HFCausalLMAdapter, "from_pretrained", no_model)
+    n = torch.cuda.device_count()
+    has = f"{n} cuda device{'s' * (n != 1)}" if n else "no cuda"
+    for model in ("default", "some/model"):
+        code, _, err = run(["explain", "--user", "Hi", "--model", model,
+                            "--device", "no-such-device"], capsys)  # fmt: skip
+        assert code == 2 and "argument --device: not a device: 'no-such-device'" in err, err
+        code, _, err = run(["explain", "--user", "Hi", "--model", model,
+                            "--device", "cuda:99"], capsys)  # fmt: skip
+        assert err.strip().splitlines() == [
+            f"captum-mllm: error: --device cuda:99: this machine has {has}"
+        ]
+        assert code == 2
 
 
 def test_budget_reaches_every_method_that_reads_one(tmp_path, capsys):
@@ -217,7 +249,7 @@ def test_budget_reaches_every_method_that_reads_one(tmp_path, capsys):
         # a relative path said "Repo id must use alphanumeric chars" (a hub id's rules)
         (["explain", "--user", "Hi", "--model", "./no_such_model"], "no model folder or file at"),
         # the embedded model on a missing device raised a traceback
-        (["explain", "--user", "Hi", "--device", "no-such-device"], "cannot load model 'default'"),
+        (["explain", "--user", "Hi", "--device", "cuda:99"], "this machine has"),
         (
             ["explain", "--user", "Hi", "--audio-unit", "syllable", "--model", "tiny-llama"],
             "audio-unit",
