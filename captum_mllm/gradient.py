@@ -535,7 +535,7 @@ def compare(
     """Rank agreement between explanations of the same features.
 
     Args:
-        *results: two or more results over the same features.
+        *results: two or more results over the same features (or one list of them).
         names (list of str, optional): a name per result. Default: each result's method
         target_token_pos (int, optional): compare that output token's row; None
             the sequence attributions. Default: None
@@ -550,6 +550,8 @@ def compare(
     """
     import matplotlib.pyplot as plt
 
+    if len(results) == 1 and isinstance(results[0], list | tuple):  # compare([a, b])
+        results = tuple(results[0])
     if len(results) < 2:
         raise InvalidOptionError("compare needs at least two results")
     first = results[0]

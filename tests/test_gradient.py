@@ -304,6 +304,8 @@ def test_compare_rank_correlations(llama, words):
     assert -1 <= table.loc["saliency", "attention"] <= 1 and fig is not None
     with pytest.raises(InvalidOptionError):
         compare(sal)
+    # a list of results, as pandas' concat takes them, was "fewer than two results"
+    assert compare([sal, att])[0].equals(compare(sal, att)[0])
     with pytest.raises(InvalidOptionError, match="2 names for 3 results"):
         compare(sal, att, sal, names=["saliency", "attention"])
     # Two runs of one method: rows that could not be told apart
