@@ -210,3 +210,29 @@ def test_the_page_embeds_each_clip_losslessly_at_about_half_a_wavs_size(tmp_path
     expected, _ = sf.read(io.BytesIO(pcm.getvalue()), dtype="int16")
     assert embedded_rate == rate and (embedded == expected).all()  # the 16-bit clip, lossless
     assert len(base64.b64decode(data)) < 0.6 * len(pcm.getvalue())
+
+
+def test_a_right_to_left_turn_reads_right_to_left(page, tmp_path):
+    """A Hebrew or Arabic turn was laid out left to right: its question mark
+    stood right of the last word, where Hebrew reads it first, and the lines
+    began at the left margin."""
+    from captum_mllm.testing import tiny_hf_adapter
+
+    llama = tiny_hf_adapter()
+    chat = Chat().user("מה בירת צרפת?").assistant("פריז.")
+    res = MultimodalLLMAttribution(FeatureAblation(llama), llama).attribute(ChatInput(chat, llama))
+    page.goto(res.save_html(tmp_path / "r.html").as_uri())
+    page.wait_for_load_state("load")
+    boxes = page.evaluate(
+        """() => [...document.querySelectorAll('#chat .text')[0].childNodes].map(e => {
+            const r = document.createRange(); r.selectNodeContents(e);
+            const b = r.getBoundingClientRect(); return [e.textContent.trim(), b.left, b.right]; })"""
+    )
+    x = {text: (left, right) for text, left, right in boxes}
+    assert list(x) == ["מה", "בירת", "צרפת", "?"]
+    assert x["מה"][0] > x["בירת"][0] > x["צרפת"][0] > x["?"][0]  # read from the right
+    right = page.evaluate("document.querySelector('#chat .text').getBoundingClientRect().right")
+    assert x["מה"][1] == pytest.approx(right, abs=2)  # and begun at the right margin
+    direction = "e => getComputedStyle(e).direction"
+    assert page.eval_on_selector("#response", direction) == "rtl"  # the answer too
+    assert page.eval_on_selector_all("table.meta td", f"els => els.map({direction})")[1] == "ltr"
