@@ -226,7 +226,8 @@ def test_a_right_to_left_turn_reads_right_to_left(page, tmp_path):
     boxes = page.evaluate(
         """() => [...document.querySelectorAll('#chat .text')[0].childNodes].map(e => {
             const r = document.createRange(); r.selectNodeContents(e);
-            const b = r.getBoundingClientRect(); return [e.textContent.trim(), b.left, b.right]; })"""
+            const b = r.getBoundingClientRect();
+            return [e.textContent.trim(), b.left, b.right]; })"""
     )
     x = {text: (left, right) for text, left, right in boxes}
     assert list(x) == ["מה", "בירת", "צרפת", "?"]

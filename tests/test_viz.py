@@ -4,6 +4,8 @@ import matplotlib
 import pytest
 import torch
 from captum.attr import FeatureAblation, ShapleyValueSampling
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from matplotlib.colors import Normalize
 from matplotlib.patches import Rectangle
 
@@ -533,3 +535,67 @@ def test_a_long_label_without_spaces_is_cut_not_dropped(cjk_font):
         first, second = (t.get_text() for t in ax.get_xticklabels())
         assert first.endswith("…") and said.startswith(first[:-1]) and len(first) >= 20
         assert second == "Thanks."
+
+
+def test_a_right_to_left_paragraph_is_laid_out_from_the_right():
+    """Hebrew and Arabic were laid out left to right, a word after another:
+    a sentence read backwards, its question mark on the wrong side. Oracle:
+    python-bidi's reordering of each line (Unicode's bidirectional algorithm)."""
+    from bidi import get_display
+
+    from captum_mllm.testing import tiny_hf_adapter
+    from captum_mllm.viz.chat import cells
+
+    model = tiny_hf_adapter()
+    paragraphs = [
+        "מה בירת צרפת? תגיד לי, GPT 4.",
+        "And what is 2024 in עברית?",
+        "ما هي عاصمة فرنسا؟ 3.5%",
+    ]
+    inp = ChatInput(Chat().user("\n".join(paragraphs)), model)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="ok")
+    fig, ax = res.plot_chat_attr(width=40)
+    rows: dict[float, list] = {}
+    for text in ax.texts:
+        if "monospace" in text.get_fontfamily():
+            x, y = text.get_position()
+            rows.setdefault(y, []).append((x, text.get_text()))
+    drawn = [sorted(row) for _, row in sorted(rows.items())]
+    # each text is drawn as matplotlib orders one text (libraqm, as python-bidi does)
+    shown = ["".join(get_display(t) for _, t in row) for row in drawn]
+    assert shown == [get_display(p) for p in paragraphs]
+    ends = [max(x + cells(t) for x, t in row) for row in drawn]
+    assert ends[0] == ends[2] == 40 and ends[1] < 40  # from the right margin
+    assert min(x for x, _ in drawn[1]) == 0
+    # each feature's box lies under its own word
+    boxes = {p.get_gid(): p.get_x() for p in ax.patches if isinstance(p, Rectangle) and p.get_gid()}
+    words = {(x, t.strip()) for row in drawn for x, t in row}
+    for f, word in enumerate(res.input_tokens):
+        assert (boxes[f"feature-{f}"], word) in words
+    # wrapped: every line of a right-to-left paragraph ends at the right margin
+    inp = ChatInput(Chat().user(paragraphs[0]), model)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="ok")
+    rows = {}
+    for text in res.plot_chat_attr(width=12)[1].texts:
+        if "monospace" in text.get_fontfamily() and text.get_text().strip():
+            x, y = text.get_position()
+            rows[y] = max(rows.get(y, 0), x + cells(text.get_text().rstrip()))
+    assert len(rows) >= 3 and set(rows.values()) == {12}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(alphabet="ab Z" + "שלום" + "مرحبا" + "0123,.:%$+-/ ?!'" + "٣٤\u064e\u0301", max_size=24)
+)
+def test_lines_are_reordered_as_unicodes_bidirectional_algorithm_orders_them(line):
+    """Oracle: python-bidi (the unicode-bidi crate) on the same line."""
+    from bidi import get_display
+
+    from captum_mllm.viz.bidi import base_level, levels, visual_runs
+
+    base = base_level(line)
+    lev = levels(line, base)
+    runs = visual_runs(lev)
+    ours = "".join(line[a:b][::-1] if lev[a] % 2 else line[a:b] for a, b in runs)
+    assert ours == get_display(line, base_dir="R" if base else "L")
+    assert sorted(k for a, b in runs for k in range(a, b)) == list(range(len(line)))

@@ -7,12 +7,15 @@ clip's time axis, both coloured on Captum's red-white-green scale centred on
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from captum_mllm.errors import PlotError, require_int
+from captum_mllm.viz.bidi import base_level, is_plain, levels, visual_runs
 from captum_mllm.viz.text import as_written
 
 if TYPE_CHECKING:
@@ -95,7 +98,9 @@ def _wrapped(runs: Sequence[Sequence[Any]], width: int) -> list[tuple[int, int, 
     as in a terminal). Lines break at spaces, inside a run too (a turn or a
     sentence is one run), and at line breaks; a word moves to the next line
     whole, with what is glued to it ("sunset" and its ","); only a word longer
-    than a line is cut."""
+    than a line is cut. A line of a right-to-left paragraph (Hebrew, Arabic)
+    is laid out from the right, its pieces in reading order
+    (:func:`_reading_order`)."""
     words: list[list[tuple[str, int]]] = []  # chunks with no space between them
     for text, feature in runs:
         for chunk in re.findall(r"\n|[^\S\n]+|\S+", text):
@@ -105,10 +110,12 @@ def _wrapped(runs: Sequence[Sequence[Any]], width: int) -> list[tuple[int, int, 
                 words.append([(chunk, feature)])
     pieces: list[tuple[int, int, str, int]] = []
     x = line = 0
+    starts = [0]  # the first line of each paragraph
     for word in words:
         length = sum(cells(chunk) for chunk, _ in word)
         if word[0][0] == "\n":
             x, line = 0, line + 1
+            starts.append(line)
             continue
         if word[0][0].isspace():  # spaces end where the line does
             word = [(word[0][0][: width - x], word[0][1])]
@@ -127,7 +134,40 @@ def _wrapped(runs: Sequence[Sequence[Any]], width: int) -> list[tuple[int, int, 
                 else:
                     pieces.append((x, line, piece, feature))
                 x += cells(piece)
-    return pieces
+    bases = [base_level(p) for p in "".join(text for text, _ in runs).split("\n")]
+    return _reading_order(pieces, starts, bases, width)
+
+
+def _reading_order(
+    pieces: list[tuple[int, int, str, int]], starts: list[int], bases: list[int], width: int
+) -> list[tuple[int, int, str, int]]:
+    """The pieces of each line placed as Unicode's bidirectional algorithm
+    draws the line (:mod:`captum_mllm.viz.bidi`): a right-to-left paragraph's
+    lines end at the right margin, and a run of right-to-left words reads
+    from the right. A piece keeps its characters in logical order (matplotlib
+    orders those it draws), so a piece is cut where runs of another direction meet."""
+    out: list[tuple[int, int, str, int]] = []
+    for line, group in itertools.groupby(pieces, key=lambda piece: piece[1]):
+        row = list(group)
+        base = bases[bisect.bisect_right(starts, line) - 1]
+        text = "".join(piece[2] for piece in row)
+        if base == 0 and is_plain(text):
+            out.extend(row)
+            continue
+        feature = [f for _, _, piece, f in row for _ in piece]
+        lev = levels(text, base)
+        x = width - cells(text) if base else 0
+        for start, end in visual_runs(lev):
+            spans: list[tuple[int, int]] = []  # one a feature, in logical order
+            for k in range(start, end):
+                if spans and feature[k] == feature[spans[-1][0]]:
+                    spans[-1] = (spans[-1][0], k + 1)
+                else:
+                    spans.append((k, k + 1))
+            for a, b in spans[::-1] if lev[start] % 2 else spans:
+                out.append((x, line, text[a:b], feature[a]))
+                x += cells(text[a:b])
+    return out
 
 
 def _printable(runs: Sequence[Sequence[Any]], tab: int = 4) -> list[tuple[str, int]]:
