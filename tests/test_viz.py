@@ -548,7 +548,7 @@ def test_a_right_to_left_paragraph_is_laid_out_from_the_right():
 
     model = tiny_hf_adapter()
     paragraphs = [
-        "מה בירת צרפת? תגיד לי, GPT 4.",
+        "מה בירת «צרפת»? תגיד לי, GPT 4.",
         "And what is 2024 in עברית?",
         "ما هي عاصمة فرنسا؟ 3.5%",
     ]
@@ -561,8 +561,9 @@ def test_a_right_to_left_paragraph_is_laid_out_from_the_right():
             x, y = text.get_position()
             rows.setdefault(y, []).append((x, text.get_text()))
     drawn = [sorted(row) for _, row in sorted(rows.items())]
-    # each text is drawn as matplotlib orders one text (libraqm, as python-bidi does)
-    shown = ["".join(get_display(t) for _, t in row) for row in drawn]
+    # each text is drawn as matplotlib orders one text (libraqm, as python-bidi does;
+    # a right-to-left mark leads a text that holds no letter to order it so)
+    shown = ["".join(get_display(t).replace("\u200f", "") for _, t in row) for row in drawn]
     assert shown == [get_display(p) for p in paragraphs]
     ends = [max(x + cells(t) for x, t in row) for row in drawn]
     assert ends[0] == ends[2] == 40 and ends[1] < 40  # from the right margin

@@ -21,6 +21,7 @@ from captum_mllm.viz.text import as_written
 if TYPE_CHECKING:
     from captum_mllm.result import MultimodalLLMAttributionResult
 
+_RLM = "\u200f"  # right-to-left mark: an invisible strong right-to-left character
 _LINE = 1.0  # height of a text line, in data units (one unit = one character wide)
 
 
@@ -165,8 +166,11 @@ def _reading_order(
                 else:
                     spans.append((k, k + 1))
             for a, b in spans[::-1] if lev[start] % 2 else spans:
-                out.append((x, line, text[a:b], feature[a]))
-                x += cells(text[a:b])
+                piece = text[a:b]
+                if lev[a] % 2 and base_level(piece) == 0 and not piece.isspace():
+                    piece = _RLM + piece  # drawn alone, "»." or "(" would read left to right
+                out.append((x, line, piece, feature[a]))
+                x += cells(piece)
     return out
 
 
