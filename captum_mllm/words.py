@@ -74,9 +74,9 @@ def word_spans(text: str) -> list[tuple[int, int]]:
             nxt = text[m.end() : m.end() + 1]
             if not nxt or is_separator(nxt) or is_punctuation(nxt):
                 kind = "punct"
-        inside = m.start() not in boundaries and m.end() not in boundaries
-        if kind == "punct" and inside and spans and spans[-1][2] == "word":
-            kind = "word"  # between two letters or digits: 3.14, e.g, U.S.A
+        if kind == "punct" and m.start() not in boundaries and spans and spans[-1][2] == "word":
+            kind = "word"  # between two letters or digits (3.14, e.g, U.S.A), or kept at
+            # a word's end (Hebrew's geresh: ל׳, ג'; an underscore: foo_)
         if _HAN.match(base):  # a word alone, never joined to its neighbours
             spans.append((m.start(), m.end(), "han"))
         elif spans and spans[-1][2] == kind and spans[-1][1] == m.start():

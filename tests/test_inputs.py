@@ -35,6 +35,11 @@ def test_words_keep_the_punctuation_unicode_keeps_inside_them(model):
     assert [text[a:b] for a, b in sentence_spans(text)] == [
         "It costs 2,000 dollars, not 3.14 (e.g. in the U.S.A.).", "Don't pay",
     ]  # fmt: skip
+    # a Hebrew letter keeps a geresh or an apostrophe after it (UAX #29's WB7a); English does not
+    hebrew = "ל׳ ול' ג'ירפה, dogs' snake_"
+    assert [hebrew[a:b] for a, b in word_spans(hebrew)] == [
+        "ל׳", "ול'", "ג'ירפה", ",", "dogs", "'", "snake_",
+    ]  # fmt: skip
     inp = ChatInput(Chat().user(text), model)
     assert inp.values == ["It", "costs", "2,000", "dollars", "not", "3.14", "e.g", "in", "the",
                           "U.S.A", "Don't", "pay"]  # fmt: skip
