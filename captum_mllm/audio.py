@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from captum_mllm.errors import AlignmentError, AudioError, warn_caller
-from captum_mllm.words import is_punctuation
+from captum_mllm.words import is_punctuation, spoken_word_spans
 
 #: A float waveform peaking above this warns: not samples in [-1, 1] (a file's
 #: float data or a clipped mix may overshoot 1 a little).
@@ -240,14 +240,16 @@ class ForcedAligner:
         Args:
             waveform (Tensor): ``(n_samples,)`` mono samples.
             sample_rate (int): their rate.
-            transcript (str): the words spoken, in order.
+            transcript (str): the words spoken, in order (a word as
+                :func:`~captum_mllm.words.spoken_word_spans` reads it: a Chinese
+                character alone).
 
         Returns:
             list of (start_s, end_s, word): one span per word of the transcript.
         """
         import torchaudio.functional as F
 
-        words = transcript.split()
+        words = [transcript[a:b] for a, b in spoken_word_spans(transcript)]
         if not words:
             raise AlignmentError("the transcript is empty")
         wave = resample(waveform, sample_rate, self.sample_rate)

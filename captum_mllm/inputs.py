@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import difflib
 import json
-import re
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from captum_mllm.words import (
     is_punctuation,
     is_separator,
     sentence_spans,
+    spoken_word_spans,
     strip_separators,
     word_spans,
 )
@@ -579,16 +579,16 @@ class ChatInput(InterpretableInput):
         part = parts[clip]
         transcript = self.transcripts[clip]
         spans = self.aligner.align(part.waveform, part.sample_rate, transcript)
-        # The aligner's words are the transcript's split(): each one's sentence
+        # The aligner's words are the transcript's spoken_word_spans: each one's sentence
         starts = [a for a, _ in sentence_spans(transcript)]
-        of = [bisect.bisect_right(starts, m.start()) for m in re.finditer(r"\S+", transcript)]
-        grouped: dict[int, list[tuple[float, float, str]]] = {}
-        for k, span in zip(of, spans, strict=True):
-            grouped.setdefault(k, []).append(span)
+        chars = spoken_word_spans(transcript)
+        grouped: dict[int, list[tuple[float, float, int, int]]] = {}
+        for (a, b), (start, end, _) in zip(chars, spans, strict=True):
+            grouped.setdefault(bisect.bisect_right(starts, a), []).append((start, end, a, b))
         self._spoken_sentences[clip] = [g[0][0] for g in grouped.values()]  # the Owen tree's
         if sentences:
             return [
-                (g[0][0], g[-1][1], "♪" + " ".join(w for _, _, w in g)) for g in grouped.values()
+                (g[0][0], g[-1][1], "♪" + transcript[g[0][2] : g[-1][3]]) for g in grouped.values()
             ]
         return [(start, end, f"♪{word}") for start, end, word in spans]
 

@@ -343,9 +343,9 @@ def speech_like(seconds: float = 1.5, sample_rate: int = 16000, seed: int = 0) -
     return (0.3 * envelope * voiced + noise).float()
 
 
-def tiny_wav2vec2_aligner(seed: int = 0) -> Any:
-    """A randomly initialised tiny ``Wav2Vec2ForCTC`` with a letter vocabulary,
-    wrapped in a :class:`~captum_mllm.audio.ForcedAligner` (for tests).
+def tiny_wav2vec2_aligner(seed: int = 0, letters: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ'") -> Any:
+    """A randomly initialised tiny ``Wav2Vec2ForCTC`` with a vocabulary of
+    ``letters``, wrapped in a :class:`~captum_mllm.audio.ForcedAligner` (for tests).
 
     Returns:
         ForcedAligner: alignment runs end to end; its spans are meaningless.
@@ -363,14 +363,14 @@ def tiny_wav2vec2_aligner(seed: int = 0) -> Any:
 
     from captum_mllm.audio import ForcedAligner
 
-    letters = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ'"]
+    vocab = ["<pad>", "<s>", "</s>", "<unk>", "|", *letters]
     with tempfile.TemporaryDirectory(prefix="captum_mllm_w2v_") as folder:  # read when built
-        with open(f"{folder}/vocab.json", "w") as f:
-            json.dump({c: i for i, c in enumerate(letters)}, f)
+        with open(f"{folder}/vocab.json", "w", encoding="utf-8") as f:
+            json.dump({c: i for i, c in enumerate(vocab)}, f)
         tokenizer = Wav2Vec2CTCTokenizer(f"{folder}/vocab.json", word_delimiter_token="|")
     extractor = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True)
     config = Wav2Vec2Config(
-        vocab_size=len(letters), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4),
         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, pad_token_id=0,
     )  # fmt: skip  # 1.25 ms emission frames (wav2vec2-base: 20 ms); fine for tests

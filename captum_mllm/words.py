@@ -146,3 +146,43 @@ def _lowercase_next(text: str, start: int) -> bool:
         if char.isalpha():
             return char.islower()
     return False
+
+
+def spoken_word_spans(transcript: str) -> list[tuple[int, int]]:
+    """Character spans of the words of a transcript, as an aligner times them:
+    the text between spaces, with a Chinese character a word alone (as in
+    :func:`word_spans`; Chinese is written without spaces) and punctuation
+    kept with the word before it (the word after, at a run's start: ``“你``).
+
+    Args:
+        transcript (str): the words spoken.
+
+    Returns:
+        list of (start, end): spans in order.
+
+    Examples::
+
+        >>> [("我爱Python。"[a:b]) for a, b in spoken_word_spans("我爱Python。")]
+        ['我', '爱', 'Python。']
+    """
+    out: list[tuple[int, int]] = []
+    for chunk in regex.finditer(r"\S+", transcript):
+        if not _HAN.search(chunk.group()):
+            out.append(chunk.span())
+            continue
+        cuts = {chunk.start(), chunk.end()}
+        for a, b in word_spans(chunk.group()):
+            if _HAN.match(chunk.group(), a):
+                cuts |= {chunk.start() + a, chunk.start() + b}
+        edges = sorted(cuts)
+        pieces = list(zip(edges, edges[1:], strict=False))
+        words: list[tuple[int, int]] = []
+        for a, b in pieces:
+            if all(is_punctuation(c) for c in transcript[a:b]) and words:
+                words[-1] = (words[-1][0], b)  # 。 after its character
+            elif words and all(is_punctuation(c) for c in transcript[words[-1][0] : words[-1][1]]):
+                words[-1] = (words[-1][0], b)  # a leading “ before its character
+            else:
+                words.append((a, b))
+        out.extend(words)
+    return out

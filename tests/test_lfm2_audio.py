@@ -585,3 +585,22 @@ def test_a_model_in_training_mode_encodes_and_scores_as_in_eval_mode(wave):
     torch.testing.assert_close(attr_again, attr, rtol=0, atol=0)
     assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True))
     assert model.training and processor.audio.training
+
+
+def test_a_chinese_transcript_is_timed_a_character_a_word(lfm):
+    """Chinese is written without spaces: a spoken sentence was one "word"
+    (the transcript's split()), so audio_unit="word" gave one feature for
+    the whole clip. A character is a word, as in the text's features."""
+    from captum_mllm.testing import tiny_wav2vec2_aligner
+
+    path = "captum_mllm/data/question.wav"
+    aligner = tiny_wav2vec2_aligner(letters="北京很大上海也")
+    transcript = "北京很大。上海也很大。"
+    spans = aligner.align(torch.from_numpy(sf.read(path, dtype="float32")[0]), 16000, transcript)
+    assert [w for _, _, w in spans] == ["北", "京", "很", "大。", "上", "海", "也", "很", "大。"]
+    chat = Chat().user("Answer.", audio=path)
+    words = ["♪北", "♪京", "♪很", "♪大。", "♪上", "♪海", "♪也", "♪很", "♪大。"]
+    for unit, said in (("word", words), ("sentence", ["♪北京很大。", "♪上海也很大。"])):
+        inp = ChatInput(chat, lfm, audio_unit=unit, aligner=aligner, transcripts=transcript)
+        labels = [f.label for f in inp.features if f.modality == "audio_in"]
+        assert " ".join(labels).split() == said  # in order (too-short ones merged, as in English)
