@@ -86,18 +86,20 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return [(a, b) for a, b, _ in spans]
 
 
-#: Punctuation that ends a sentence before a separator, and (CJK, written
-#: without spaces) wherever it stands.
-_TERMINALS = frozenset(".!?…")
-_CJK_TERMINALS = frozenset("。！？")
+#: Punctuation that ends a sentence before a separator (Unicode's
+#: Sentence_Terminal: also the Devanagari danda ।, Arabic ؟ and ۔, Armenian ։,
+#: Ethiopic ።, ...; and …), and (CJK, written without spaces) wherever it stands.
+_TERMINAL = regex.compile(r"[\p{Sentence_Terminal}…]")
+_CJK_TERMINALS = frozenset("。！？｡")
 _LINE_BREAKS = frozenset("\n\r\u2028\u2029")
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
     """Character spans of the sentences of a text, each a run of
-    :func:`word_spans` up to a punctuation run that ends a sentence (``.``,
-    ``!``, ``?``, ``…`` before a separator or the text's end; ``。``, ``！``,
-    ``？`` anywhere), or up to a line break. As in Unicode's sentence
+    :func:`word_spans` up to a punctuation run that ends a sentence (one
+    holding ``.``, ``!``, ``?``, ``…`` or another of Unicode's sentence
+    terminals, such as ``।`` and ``؟``, before a separator or the text's end;
+    ``。``, ``！``, ``？`` anywhere), or up to a line break. As in Unicode's sentence
     boundaries (UAX #29, rule SB8), full stops alone end no sentence when the
     next letter is lowercase (``e.g. this``, ``etc. and``, ``Wait... what``),
     in a text that holds a capital (a lowercase transcript's case tells nothing).
@@ -127,9 +129,9 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
         stop = is_punctuation(text[a])
         ends = stop and (
             any(c in _CJK_TERMINALS for c in text[a:b])
-            or (any(c in _TERMINALS for c in text[a:b]) and (last or after != ""))
+            or (_TERMINAL.search(text, a, b) is not None and (last or after != ""))
         )
-        if ends and cased and {c for c in text[a:b] if c in _TERMINALS} == {"."}:
+        if ends and cased and set(_TERMINAL.findall(text, a, b)) == {"."}:
             ends = not _lowercase_next(text, b)
         if ends or last or any(c in _LINE_BREAKS for c in after):
             out.append((start, b))
@@ -141,7 +143,7 @@ def _lowercase_next(text: str, start: int) -> bool:
     """Whether the first letter after ``start`` is lowercase, before any line
     break or sentence punctuation (UAX #29's SB8: no sentence ends there)."""
     for char in text[start:]:
-        if char in _LINE_BREAKS or char in _TERMINALS or char in _CJK_TERMINALS:
+        if char in _LINE_BREAKS or _TERMINAL.match(char):
             return False
         if char.isalpha():
             return char.islower()

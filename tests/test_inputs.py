@@ -792,6 +792,10 @@ def test_a_template_that_writes_todays_date_warns_until_it_is_pinned(model, chat
         ("what is it. and this", ["what is it.", "and this"]),  # uncased (a transcript): no SB8
         ("?!", ["?!"]),
         ("", []),
+        # Unicode's Sentence_Terminal: Hindi's danda, Arabic's question mark and full stop
+        ("नमस्ते दुनिया। क्या हाल है?", ["नमस्ते दुनिया।", "क्या हाल है?"]),
+        ("هل قرأت الكتاب؟ نعم۔ جيد", ["هل قرأت الكتاب؟", "نعم۔", "جيد"]),
+        ("Բարեւ։ Ինչպես ես", ["Բարեւ։", "Ինչպես ես"]),
     ],
 )
 def test_sentence_spans(text, sentences):
