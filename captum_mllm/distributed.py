@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -227,6 +228,27 @@ def _named(chats: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
     return items
 
 
+def _check_folders_differ(names: list[str], root: Path) -> None:
+    """On a file system that ignores case (macOS's and Windows' by default),
+    chats named ``A1`` and ``a1`` would share one folder: each overwrote the
+    other's result, and a rerun read one's result as the other's."""
+    folded: dict[str, list[str]] = {}
+    for name in names:
+        folded.setdefault(name.casefold(), []).append(name)
+    clashes = [group for group in folded.values() if len(group) > 1]
+    if clashes and _ignores_case(root):
+        raise InvalidOptionError(
+            f"chat names {clashes} differ only in case, and the file system of {root} "
+            "ignores case: their folders would be one; rename them"
+        )
+
+
+def _ignores_case(folder: Path) -> bool:
+    """Whether ``folder``'s file system finds a file under its name in other case."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix="case-probe-") as probe:
+        return Path(probe.name).with_name(Path(probe.name).name.upper()).exists()
+
+
 def _check_ray_settings(use_ray: bool | None, **settings: Any) -> None:
     """Ray's own settings with ``use_ray=False`` would go unread: refuse them."""
     given = sorted(k for k, v in settings.items() if v is not None)
@@ -346,6 +368,7 @@ def explain_dataset(
         raise InvalidOptionError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     _check_attribute_kwargs(attribute_kwargs)
     items = _named(chats)
+    _check_folders_differ([name for name, _ in items], root)
     read = {*CHAT_KEYS, "conversations"}  # the last: ShareGPT's messages
     unread = {k for _, c in items if isinstance(c, Mapping) for k in c} - read
     if unread:  # an OpenAI request's model, temperature, max_tokens: not this call's settings

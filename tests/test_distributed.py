@@ -144,6 +144,25 @@ def test_a_data_sets_id_column_names_its_chats(tmp_path):
                         store_dir=tmp_path, use_ray=False, show_progress=False)  # fmt: skip
 
 
+def test_names_that_differ_in_case_alone_are_refused_where_folders_ignore_case(
+    tmp_path, monkeypatch
+):
+    """On macOS and Windows "A1" and "a1" name one folder: each chat overwrote
+    the other's result, and a rerun read one's result as the other's."""
+    from captum_mllm import distributed
+
+    chats = {"A1": [{"role": "user", "content": QUESTIONS[0]}],
+             "a1": [{"role": "user", "content": QUESTIONS[1]}]}  # fmt: skip
+    run = functools.partial(explain_dataset, chats, factory, ExactShapleyValues, {},
+                            {"target": "Yes."}, store_dir=tmp_path, use_ray=False,
+                            show_progress=False)  # fmt: skip
+    assert not distributed._ignores_case(tmp_path)  # Linux's file systems: two folders
+    assert run()["chat"].tolist() == ["A1", "a1"]
+    monkeypatch.setattr(distributed, "_ignores_case", lambda folder: True)
+    with pytest.raises(InvalidOptionError, match=r"\[\['A1', 'a1'\]\] differ only in case"):
+        run()
+
+
 def test_a_chat_that_raises_stops_the_run_or_is_recorded(tmp_path, local_ray):
     """One bad chat in a data set (here a control token in its text) stopped
     the whole run; with on_error="record" its row says why and the others are
