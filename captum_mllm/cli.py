@@ -674,21 +674,6 @@ def _device(text: str) -> str:
     return text
 
 
-def _check_present(device: str | None) -> None:
-    """Refuse a device this machine lacks before the weights load. Checked
-    where the model loads: a Ray worker may hold the GPU its driver lacks."""
-    import torch
-
-    if device is None:
-        return
-    parsed = torch.device(device)
-    count_devices = getattr(getattr(torch, parsed.type, None), "device_count", None)
-    count = count_devices() if count_devices is not None else None  # None: meta, ...
-    if count is not None and (parsed.index or 0) >= count:
-        has = f"{count} {parsed.type} device{'s' * (count != 1)}" if count else f"no {parsed.type}"
-        raise UsageError(f"--device {device}: this machine has {has}")
-
-
 def _json_object(text: str) -> dict[str, Any]:
     """An argparse type: a JSON object (argparse turns the error into exit 2)."""
     try:
@@ -706,13 +691,16 @@ def _loaded(
     import torch
 
     from captum_mllm import HFCausalLMAdapter, LFM2AudioAdapter, load_default_model
+    from captum_mllm.models.decoder import resolve_device
 
     torch_dtype = getattr(torch, dtype) if dtype else None
     path = Path(name)
     if name.startswith("~"):  # a quoted path the shell did not expand
         name, path = str(path.expanduser()), path.expanduser()
     kind = adapter or _guess_adapter(name)
-    _check_present(device)
+    # A GPU this machine lacks is refused before the weights load (or the default
+    # model's conversion); checked where the model loads, as a Ray worker's GPU counts.
+    resolve_device(device)
     try:
         if name == "default":
             return load_default_model(device=device, dtype=torch_dtype)

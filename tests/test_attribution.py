@@ -627,6 +627,17 @@ def test_from_pretrained_reads_a_bfloat16_checkpoint_in_float32_on_the_cpu(tmp_p
         hub = {"revision": "main", "local_files_only": True, "cache_dir": str(tmp_path / "c")}
         HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cpu", **hub)
     assert seen and hub.items() <= seen[-1].items()
+    # A GPU this machine lacks was refused by torch once the weights had loaded
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_load)
+        with pytest.raises(InvalidOptionError, match="'cuda:99': this machine has"):
+            HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cuda:99")
+        with pytest.raises(InvalidOptionError, match="'xpu:5': this machine has"):
+            HFCausalLMAdapter.from_pretrained(str(tmp_path), device=torch.device("xpu", 5))
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the weights loaded")
 
 
 def test_from_pretrained_reads_a_processors_chat_template_file(tmp_path, chat):

@@ -210,7 +210,7 @@ def test_a_device_is_checked_before_a_model_loads(capsys, monkeypatch):
         code, _, err = run(["explain", "--user", "Hi", "--model", model,
                             "--device", "cuda:99"], capsys)  # fmt: skip
         assert err.strip().splitlines() == [
-            f"captum-mllm: error: --device cuda:99: this machine has {has}"
+            f"captum-mllm: error: device 'cuda:99': this machine has {has}"
         ]
         assert code == 2
 

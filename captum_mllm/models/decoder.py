@@ -166,10 +166,18 @@ def _widths(rows: list[Tensor], prefix: Any) -> list[int]:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> the first GPU when there is one, else the CPU."""
+    """``None`` -> the first GPU when there is one, else the CPU. A device
+    this machine lacks is refused here, before a model's weights load (they
+    loaded, or the default model was converted, before torch refused it)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    where = torch.device(device)
+    count_devices = getattr(getattr(torch, where.type, None), "device_count", None)
+    count = count_devices() if count_devices is not None else None  # None: meta, ...
+    if count is not None and (where.index or 0) >= count:
+        has = f"{count} {where.type} device{'s' * (count != 1)}" if count else f"no {where.type}"
+        raise InvalidOptionError(f"device {str(device)!r}: this machine has {has}")
+    return where
 
 
 def row_generators(seeds: list[int] | None, device: torch.device) -> list[torch.Generator] | None:
