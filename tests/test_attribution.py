@@ -634,6 +634,11 @@ def test_from_pretrained_reads_a_bfloat16_checkpoint_in_float32_on_the_cpu(tmp_p
             HFCausalLMAdapter.from_pretrained(str(tmp_path), device="cuda:99")
         with pytest.raises(InvalidOptionError, match="'xpu:5': this machine has"):
             HFCausalLMAdapter.from_pretrained(str(tmp_path), device=torch.device("xpu", 5))
+        from captum_mllm.models import default_model
+
+        patch.setattr(default_model, "converted_default_model_dir", _no_load)
+        with pytest.raises(InvalidOptionError, match="'cuda:99': this machine has"):
+            default_model.load_default_model(device="cuda:99")
 
 
 def _no_load(*args, **kwargs):

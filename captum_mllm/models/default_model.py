@@ -96,8 +96,10 @@ def load_default_model(device: Any = None, dtype: Any = None) -> Any:
         >>> ChatInput(Chat().user("What is the capital of France?"), model).values
         ['What', 'is', 'the', 'capital', 'of', 'France']
     """
+    from captum_mllm.models.decoder import resolve_device
     from captum_mllm.models.hf_causal import HFCausalLMAdapter
 
+    resolve_device(device)  # a missing GPU before the first call's conversion
     return HFCausalLMAdapter.from_pretrained(
         str(converted_default_model_dir()), device=device, dtype=dtype
     )
