@@ -300,7 +300,7 @@ def _dataset_command(args: argparse.Namespace) -> None:
         use_ray=False if args.no_ray else None,
         on_error=args.on_error,
     )
-    print(table.to_string(index=False))
+    _print_table(table)
     table.to_csv(args.out / "summary.csv", index=False)
     print(f"wrote {args.out / 'summary.csv'} and one folder per chat under {args.out}")
 
@@ -523,8 +523,17 @@ def _print(res: Any) -> None:
     table = res.to_dataframe()
     columns = [c for c in ("feature", "modality", "turn", "role", "seq_attr") if c in table]
     ranked = table[columns].sort_values("seq_attr", ascending=False)
-    print(ranked.to_string(index=False))
+    _print_table(ranked)
     print(res)
+
+
+def _print_table(table: Any) -> None:
+    """A table as a terminal shows it: a Chinese character takes two columns
+    (pandas counts one unless told, and the columns went out of line)."""
+    import pandas as pd
+
+    with pd.option_context("display.unicode.east_asian_width", True):
+        print(table.to_string(index=False))
 
 
 def _write(res: Any, out: Path, save: bool) -> None:

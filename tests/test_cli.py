@@ -611,3 +611,22 @@ def test_files_are_read_and_written_as_utf8_whatever_the_locale(tmp_path):
     assert "东京" in saved  # written as UTF-8, not escaped away
     res = MultimodalLLMAttributionResult.load(tmp_path / "many" / "east" / "result.json")
     assert res.input_tokens and res.response_text is not None
+
+
+def test_printed_tables_line_up_in_a_terminal(tmp_path, capsys):
+    """pandas counted a Chinese character as one column, a terminal shows it
+    in two: every row holding one stood a column out of line."""
+    import unicodedata
+
+    def columns(line):  # as a terminal counts them
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+
+    argv = ["explain", "--user", "北京是首都吗 yes", "--model", "tiny-llama", "--method", "exact",
+            "--answer", "是的", "--out", tmp_path]  # fmt: skip
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("feature"))
+    table = lines[start : start + 8]  # the header and seven features
+    assert any("北" in line for line in table) and any("yes" in line for line in table)
+    assert len({columns(line) for line in table}) == 1, table
