@@ -3,18 +3,23 @@
 Combining marks stay with their letter, emoji with their modifiers, and
 zero-width or format characters separate words without being part of one.
 Chinese characters (the Han script), written without spaces, are a word
-each, as Hugging Face's BERT tokenizers split them.
+each, as Hugging Face's BERT tokenizers split them. Thai, also written
+without spaces and left whole by Unicode's rules, is split into words by
+Google's BudouX (a small model, pure Python).
 """
 
 from __future__ import annotations
 
+import functools
 import unicodedata
+from typing import Any
 
 import regex
 
 _GRAPHEME = regex.compile(r"\X")
 _WORD_BOUNDARY = regex.compile(r"(?wV1)\b")  # Unicode's word boundaries (UAX #29)
 _HAN = regex.compile(r"\p{Han}")
+_THAI = regex.compile(r"\p{Thai}+")
 _APOSTROPHES = "'’"
 
 
@@ -46,8 +51,9 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     clusters that are neither punctuation nor separators (letters, digits,
     marks, symbols, emoji), with the punctuation Unicode's word boundaries
     (UAX #29) keep inside a word (``don't``, ``3.14``, ``2,000``, ``e.g``,
-    ``U.S.A``); a Chinese character is a word alone; a punctuation run is its
-    own span; separators (:func:`is_separator`) split spans and belong to none.
+    ``U.S.A``); a Chinese character is a word alone; Thai is cut into words
+    by BudouX; a punctuation run is its own span; separators
+    (:func:`is_separator`) split spans and belong to none.
 
     Args:
         text (str): the text of one part.
@@ -83,7 +89,37 @@ def word_spans(text: str) -> list[tuple[int, int]]:
             spans[-1] = (spans[-1][0], m.end(), kind)
         else:
             spans.append((m.start(), m.end(), kind))
-    return [(a, b) for a, b, _ in spans]
+    if _THAI.search(text) is None:
+        return [(a, b) for a, b, _ in spans]
+    out: list[tuple[int, int]] = []
+    for a, b, kind in spans:
+        out.extend(_thai_words(text, a, b) if kind == "word" else [(a, b)])
+    return out
+
+
+def _thai_words(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The word ``text[start:end]`` cut into words where it holds Thai (a run
+    of Thai letters was one feature: Unicode's rules leave it whole); cuts
+    fall between grapheme clusters only."""
+    cuts = set()
+    for run in _THAI.finditer(text, start, end):
+        cuts |= {run.start(), run.end()}
+        at = run.start()
+        for word in _thai_parser().parse(run.group()):
+            at += len(word)
+            cuts.add(at)
+    if not cuts:
+        return [(start, end)]
+    clusters = {m.end() for m in _GRAPHEME.finditer(text, start, end)}
+    edges = [start, *sorted(c for c in cuts if start < c < end and c in clusters), end]
+    return list(zip(edges, edges[1:], strict=False))
+
+
+@functools.cache
+def _thai_parser() -> Any:
+    import budoux
+
+    return budoux.load_default_thai_parser()
 
 
 #: Punctuation that ends a sentence before a separator (Unicode's

@@ -47,6 +47,31 @@ def test_words_keep_the_punctuation_unicode_keeps_inside_them(model):
         assert model.tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
 
 
+def test_thai_is_split_into_words(model):
+    """Thai is written without spaces, and Unicode's rules leave a run of its
+    letters whole: a Thai sentence was one feature. Oracle: BudouX's own
+    parse; a feature still holds whole tokens and whole grapheme clusters."""
+    import budoux
+    import regex
+
+    from captum_mllm.words import word_spans
+
+    text = "ฉันชอบกินข้าวผัดมาก สวัสดีครับ"
+    words = [text[a:b] for a, b in word_spans(text)]
+    parser = budoux.load_default_thai_parser()
+    assert words == [w for part in text.split() for w in parser.parse(part)]
+    assert len(words) >= 6
+    mixed = "ABCฉันชอบ123"  # a run of Thai inside a word is cut from its neighbours
+    assert [mixed[a:b] for a, b in word_spans(mixed)] == ["ABC", "ฉัน", "ชอบ", "123"]
+    inp = ChatInput(Chat().user(text), model)
+    assert len(inp.values) >= 4  # words that share a token are one feature
+    assert "".join(inp.values) == text.replace(" ", "")
+    clusters = {m.end() for m in regex.finditer(r"\X", text)} | {0}
+    assert all({a, b} <= clusters for a, b in word_spans(text))
+    for f in inp.features:  # each feature's tokens spell it
+        assert model.tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
+
+
 def test_word_features_skip_punctuation_and_template(model, chat):
     inp = ChatInput(chat, model)
     assert inp.values == ["Who", "are", "you", "my", "friend"]
