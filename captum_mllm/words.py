@@ -20,6 +20,7 @@ _GRAPHEME = regex.compile(r"\X")
 _WORD_BOUNDARY = regex.compile(r"(?wV1)\b")  # Unicode's word boundaries (UAX #29)
 _HAN = regex.compile(r"\p{Han}")
 _THAI = regex.compile(r"\p{Thai}+")
+_UNSPACED = regex.compile(r"[\p{Han}\p{Thai}]")  # scripts written without spaces between words
 _APOSTROPHES = "'’"
 
 
@@ -188,8 +189,9 @@ def _lowercase_next(text: str, start: int) -> bool:
 
 def spoken_word_spans(transcript: str) -> list[tuple[int, int]]:
     """Character spans of the words of a transcript, as an aligner times them:
-    the text between spaces, with a Chinese character a word alone (as in
-    :func:`word_spans`; Chinese is written without spaces) and punctuation
+    the text between spaces, with a Chinese character a word alone and Thai
+    cut into words (as in :func:`word_spans`: both are written without
+    spaces between words), and punctuation
     kept with the word before it (the word after, at a run's start: ``“你``).
 
     Args:
@@ -205,12 +207,12 @@ def spoken_word_spans(transcript: str) -> list[tuple[int, int]]:
     """
     out: list[tuple[int, int]] = []
     for chunk in regex.finditer(r"\S+", transcript):
-        if not _HAN.search(chunk.group()):
+        if not _UNSPACED.search(chunk.group()):
             out.append(chunk.span())
             continue
         cuts = {chunk.start(), chunk.end()}
         for a, b in word_spans(chunk.group()):
-            if _HAN.match(chunk.group(), a):
+            if _UNSPACED.match(chunk.group(), a):
                 cuts |= {chunk.start() + a, chunk.start() + b}
         edges = sorted(cuts)
         pieces = list(zip(edges, edges[1:], strict=False))

@@ -70,6 +70,12 @@ def test_thai_is_split_into_words(model):
     assert all({a, b} <= clusters for a, b in word_spans(text))
     for f in inp.features:  # each feature's tokens spell it
         assert model.tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
+    # a spoken Thai transcript's words, as an aligner times them: the same words
+    from captum_mllm.words import spoken_word_spans
+
+    assert spoken_word_spans(text) == word_spans(text)
+    said = "“ฉันชอบ” กิน, ok?"
+    assert [said[a:b] for a, b in spoken_word_spans(said)] == ["“ฉัน", "ชอบ”", "กิน,", "ok?"]
 
 
 def test_word_features_skip_punctuation_and_template(model, chat):
