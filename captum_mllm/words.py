@@ -4,8 +4,9 @@ Combining marks stay with their letter, emoji with their modifiers, and
 zero-width or format characters separate words without being part of one.
 Chinese characters (the Han script), written without spaces, are a word
 each, as Hugging Face's BERT tokenizers split them. Thai, also written
-without spaces and left whole by Unicode's rules, is split into words by
-Google's BudouX (a small model, pure Python).
+without spaces and left whole by Unicode's rules, is split into words, and
+Japanese into phrases (a word with its particles), by Google's BudouX (small
+models, pure Python).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ _GRAPHEME = regex.compile(r"\X")
 _WORD_BOUNDARY = regex.compile(r"(?wV1)\b")  # Unicode's word boundaries (UAX #29)
 _HAN = regex.compile(r"\p{Han}")
 _THAI = regex.compile(r"\p{Thai}+")
-_UNSPACED = regex.compile(r"[\p{Han}\p{Thai}]")  # scripts written without spaces between words
+_KANA = regex.compile(r"[\p{Hiragana}\p{Katakana}]")
+#: scripts written without spaces between words
+_UNSPACED = regex.compile(r"[\p{Han}\p{Thai}\p{Hiragana}\p{Katakana}]")
 _APOSTROPHES = "'’"
 
 
@@ -53,7 +56,7 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     marks, symbols, emoji), with the punctuation Unicode's word boundaries
     (UAX #29) keep inside a word (``don't``, ``3.14``, ``2,000``, ``e.g``,
     ``U.S.A``); a Chinese character is a word alone; Thai is cut into words
-    by BudouX; a punctuation run is its own span; separators
+    and Japanese into phrases by BudouX; a punctuation run is its own span; separators
     (:func:`is_separator`) split spans and belong to none.
 
     Args:
@@ -90,11 +93,38 @@ def word_spans(text: str) -> list[tuple[int, int]]:
             spans[-1] = (spans[-1][0], m.end(), kind)
         else:
             spans.append((m.start(), m.end(), kind))
+    if _KANA.search(text) is not None:
+        spans = _japanese_words(text, spans)
     if _THAI.search(text) is None:
         return [(a, b) for a, b, _ in spans]
     out: list[tuple[int, int]] = []
     for a, b, kind in spans:
         out.extend(_thai_words(text, a, b) if kind == "word" else [(a, b)])
+    return out
+
+
+def _japanese_words(text: str, spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Japanese (a text holding kana) in BudouX's phrases: Unicode's rules
+    gave each kanji alone and joined a particle to the next word (東|京|は,
+    はとても); a phrase is a word with its particles (東京は, とても).
+    Punctuation stays its own span."""
+    ends, at = set(), 0
+    for chunk in _parser("japanese").parse(text):
+        at += len(chunk)
+        ends.add(at)
+    clusters = {m.end() for m in _GRAPHEME.finditer(text)}
+    out: list[tuple[int, int, str]] = []
+    for a, b, kind in spans:
+        if kind == "punct":
+            out.append((a, b, kind))
+            continue
+        inner = sorted(c for c in ends if a < c < b and c in clusters)
+        for start, end in zip([a, *inner], [*inner, b], strict=True):
+            last = out[-1] if out else None
+            if last and last[2] == "word" and last[1] == start and start not in ends:
+                out[-1] = (last[0], end, "word")  # 東 and 京, inside one phrase
+            else:
+                out.append((start, end, "word"))
     return out
 
 
@@ -106,7 +136,7 @@ def _thai_words(text: str, start: int, end: int) -> list[tuple[int, int]]:
     for run in _THAI.finditer(text, start, end):
         cuts |= {run.start(), run.end()}
         at = run.start()
-        for word in _thai_parser().parse(run.group()):
+        for word in _parser("thai").parse(run.group()):
             at += len(word)
             cuts.add(at)
     if not cuts:
@@ -117,10 +147,10 @@ def _thai_words(text: str, start: int, end: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def _thai_parser() -> Any:
+def _parser(language: str) -> Any:
     import budoux
 
-    return budoux.load_default_thai_parser()
+    return getattr(budoux, f"load_default_{language}_parser")()
 
 
 #: Punctuation that ends a sentence before a separator (Unicode's
@@ -212,7 +242,7 @@ def spoken_word_spans(transcript: str) -> list[tuple[int, int]]:
             continue
         cuts = {chunk.start(), chunk.end()}
         for a, b in word_spans(chunk.group()):
-            if _UNSPACED.match(chunk.group(), a):
+            if _UNSPACED.search(chunk.group(), a, b):
                 cuts |= {chunk.start() + a, chunk.start() + b}
         edges = sorted(cuts)
         pieces = list(zip(edges, edges[1:], strict=False))

@@ -336,3 +336,32 @@ def test_a_tokenizer_with_tokens_the_model_lacks_is_refused_by_name() -> None:
     with pytest.raises(InvalidModelError, match="resize_token_embeddings"):
         grown.text_response(" Berliner2")
     assert ChatInput(Chat().user("A friend"), grown).n_itp_features == 2  # its other tokens
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(
+        alphabet="ab 1.,'\n\u0301"
+        + "東京今日"
+        + "はとてもの"
+        + "タワー"
+        + "ฉันชอบกิน\u0e49"
+        + "。、",
+        max_size=30,
+    )
+)
+def test_words_are_whole_clusters_in_order_covering_every_visible_character(text):
+    """Words of any script mix (Thai and Japanese cut by BudouX too): spans in
+    order, not overlapping, at grapheme cluster edges, covering every character
+    but separators; transcript words likewise (split at spaces, as spoken)."""
+    import regex
+
+    from captum_mllm.words import is_separator, spoken_word_spans, word_spans
+
+    clusters = {0} | {m.end() for m in regex.finditer(r"\X", text)}
+    assert all({a, b} <= clusters for a, b in word_spans(text))
+    for spans in (word_spans(text), spoken_word_spans(text)):  # (a transcript splits at spaces)
+        assert all(a < b for a, b in spans)
+        assert all(b <= a2 for (_, b), (a2, _) in zip(spans, spans[1:], strict=False))
+        covered = {k for a, b in spans for k in range(a, b)}
+        assert all(k in covered or is_separator(c) for k, c in enumerate(text))

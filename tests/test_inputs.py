@@ -78,6 +78,28 @@ def test_thai_is_split_into_words(model):
     assert [said[a:b] for a, b in spoken_word_spans(said)] == ["“ฉัน", "ชอบ”", "กิน,", "ok?"]
 
 
+def test_japanese_is_split_into_phrases(model):
+    """Unicode's rules gave each kanji alone and joined a particle to the next
+    word: 東|京|は|日|本|の, 今|日|はとても. A feature is now one of BudouX's
+    phrases (a word with its particles), punctuation apart."""
+    import budoux
+
+    from captum_mllm.words import spoken_word_spans, word_spans
+
+    text = "今日はとても暑いので、水をたくさん飲んでください。東京は日本の首都です。"
+    phrases = budoux.load_default_japanese_parser().parse(text)
+    words = [text[a:b] for a, b in word_spans(text)]
+    assert [w for w in words if w not in "、。"] == [p.rstrip("、。") for p in phrases]
+    assert words[:4] == ["今日は", "とても", "暑いので", "、"]
+    assert [text[a:b] for a, b in spoken_word_spans(text)] == phrases  # with their 、 and 。
+    inp = ChatInput(Chat().user(text), model)
+    assert "".join(inp.values) == text.replace("、", "").replace("。", "")
+    for f in inp.features:  # each feature's tokens spell it
+        assert model.tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
+    chinese = "北京是中国的首都。"  # no kana: a character a word, as before
+    assert [chinese[a:b] for a, b in word_spans(chinese)][:2] == ["北", "京"]
+
+
 def test_word_features_skip_punctuation_and_template(model, chat):
     inp = ChatInput(chat, model)
     assert inp.values == ["Who", "are", "you", "my", "friend"]
