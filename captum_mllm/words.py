@@ -22,8 +22,8 @@ _WORD_BOUNDARY = regex.compile(r"(?wV1)\b")  # Unicode's word boundaries (UAX #2
 _HAN = regex.compile(r"\p{Han}")
 _THAI = regex.compile(r"\p{Thai}+")
 _KANA = regex.compile(r"[\p{Hiragana}\p{Katakana}]")
-#: scripts written without spaces between words
-_UNSPACED = regex.compile(r"[\p{Han}\p{Thai}\p{Hiragana}\p{Katakana}]")
+#: A letter of a script written without spaces between words
+UNSPACED = regex.compile(r"[\p{Han}\p{Thai}\p{Hiragana}\p{Katakana}]")
 _APOSTROPHES = "'’"
 
 
@@ -237,12 +237,12 @@ def spoken_word_spans(transcript: str) -> list[tuple[int, int]]:
     """
     out: list[tuple[int, int]] = []
     for chunk in regex.finditer(r"\S+", transcript):
-        if not _UNSPACED.search(chunk.group()):
+        if not UNSPACED.search(chunk.group()):
             out.append(chunk.span())
             continue
         cuts = {chunk.start(), chunk.end()}
         for a, b in word_spans(chunk.group()):
-            if _UNSPACED.search(chunk.group(), a, b):
+            if UNSPACED.search(chunk.group(), a, b):
                 cuts |= {chunk.start() + a, chunk.start() + b}
         edges = sorted(cuts)
         pieces = list(zip(edges, edges[1:], strict=False))

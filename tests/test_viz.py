@@ -600,3 +600,29 @@ def test_lines_are_reordered_as_unicodes_bidirectional_algorithm_orders_them(lin
     ours = "".join(line[a:b][::-1] if lev[a] % 2 else line[a:b] for a, b in runs)
     assert ours == get_display(line, base_dir="R" if base else "L")
     assert sorted(k for a, b in runs for k in range(a, b)) == list(range(len(line)))
+
+
+def test_a_line_breaks_between_words_of_a_script_written_without_spaces():
+    """A Thai sentence has no spaces: it was cut at the line's last cell, in
+    the middle of a word (อย|าก). Lines now break between its words, as
+    between Chinese characters, and never before a full stop."""
+    from captum_mllm.testing import tiny_hf_adapter
+
+    model = tiny_hf_adapter()
+    for text in ("ฉันชอบกินข้าวผัดมากและอยากไปเที่ยวทะเล", "北京是中国的首都。上海很大。"):
+        inp = ChatInput(Chat().user(text), model)
+        res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="ok")
+        rows: dict[float, list] = {}
+        for t in res.plot_chat_attr(width=10)[1].texts:
+            if "monospace" in t.get_fontfamily():
+                rows.setdefault(t.get_position()[1], []).append((t.get_position()[0], t.get_text()))
+        lines = ["".join(t for _, t in sorted(row)) for _, row in sorted(rows.items())]
+        assert len(lines) >= 3 and "".join(lines) == text
+        words = iter(inp.values)
+        for line in lines:  # each line holds whole words, in order
+            assert not line.startswith("。")  # never before a full stop
+            rest = line
+            while rest:
+                word = next(words)
+                assert rest.startswith(word), (line, word)
+                rest = rest[len(word) :].lstrip("。")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from captum_mllm.errors import PlotError, require_int
 from captum_mllm.viz.bidi import base_level, is_plain, levels, visual_runs
 from captum_mllm.viz.text import as_written
+from captum_mllm.words import UNSPACED, is_punctuation
 
 if TYPE_CHECKING:
     from captum_mllm.result import MultimodalLLMAttributionResult
@@ -105,7 +106,8 @@ def _wrapped(runs: Sequence[Sequence[Any]], width: int) -> list[tuple[int, int, 
     words: list[list[tuple[str, int]]] = []  # chunks with no space between them
     for text, feature in runs:
         for chunk in re.findall(r"\n|[^\S\n]+|\S+", text):
-            if words and not chunk[0].isspace() and not words[-1][-1][0][0].isspace():
+            before = words[-1][-1][0] if words else " "
+            if not chunk[0].isspace() and not before[0].isspace() and not _breaks(before, chunk):
                 words[-1].append((chunk, feature))
             else:
                 words.append([(chunk, feature)])
@@ -172,6 +174,16 @@ def _reading_order(
                 out.append((x, line, piece, feature[a]))
                 x += cells(piece)
     return out
+
+
+def _breaks(before: str, after: str) -> bool:
+    """Whether a line may break between two runs with no space between them:
+    at a letter of a script written without spaces (Chinese, Japanese, Thai:
+    a Thai word was cut across two lines), never before punctuation nor after
+    an opening bracket or quote."""
+    if is_punctuation(after[0]) or unicodedata.category(before[-1]) in ("Ps", "Pi"):
+        return False
+    return bool(UNSPACED.match(after) or UNSPACED.match(before[-1]))
 
 
 def _printable(runs: Sequence[Sequence[Any]], tab: int = 4) -> list[tuple[str, int]]:
