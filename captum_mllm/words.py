@@ -11,7 +11,9 @@ models, pure Python).
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import unicodedata
 from typing import Any
 
@@ -108,24 +110,27 @@ def _japanese_words(text: str, spans: list[tuple[int, int, str]]) -> list[tuple[
     gave each kanji alone and joined a particle to the next word (東|京|は,
     はとても); a phrase is a word with its particles (東京は, とても).
     Punctuation stays its own span."""
-    ends, at = set(), 0
-    for chunk in _parser("japanese").parse(text):
-        at += len(chunk)
-        ends.add(at)
     clusters = {m.end() for m in _GRAPHEME.finditer(text)}
+    ends = list(itertools.accumulate(len(chunk) for chunk in _parser("japanese").parse(text)))
+    ends = [c for c in ends if c in clusters]  # ascending
     out: list[tuple[int, int, str]] = []
     for a, b, kind in spans:
         if kind == "punct":
             out.append((a, b, kind))
             continue
-        inner = sorted(c for c in ends if a < c < b and c in clusters)
+        inner = ends[bisect.bisect_right(ends, a) : bisect.bisect_left(ends, b)]
         for start, end in zip([a, *inner], [*inner, b], strict=True):
             last = out[-1] if out else None
-            if last and last[2] == "word" and last[1] == start and start not in ends:
+            if last and last[2] == "word" and last[1] == start and not _at(ends, start):
                 out[-1] = (last[0], end, "word")  # 東 and 京, inside one phrase
             else:
                 out.append((start, end, "word"))
     return out
+
+
+def _at(sorted_ends: list[int], position: int) -> bool:
+    k = bisect.bisect_left(sorted_ends, position)
+    return k < len(sorted_ends) and sorted_ends[k] == position
 
 
 def _thai_words(text: str, start: int, end: int) -> list[tuple[int, int]]:
