@@ -242,7 +242,7 @@ class ForcedAligner:
             sample_rate (int): their rate.
             transcript (str): the words spoken, in order (a word as
                 :func:`~captum_mllm.words.spoken_word_spans` reads it: a Chinese
-                character alone).
+                character alone, Thai and Japanese cut as their text is).
 
         Returns:
             list of (start_s, end_s, word): one span per word of the transcript.
