@@ -237,3 +237,28 @@ def test_a_right_to_left_turn_reads_right_to_left(page, tmp_path):
     direction = "e => getComputedStyle(e).direction"
     assert page.eval_on_selector("#response", direction) == "rtl"  # the answer too
     assert page.eval_on_selector_all("table.meta td", f"els => els.map({direction})")[1] == "ltr"
+
+
+def test_bidirectional_controls_are_shown_not_obeyed(page, tmp_path):
+    """A right-to-left override in a prompt ("Trojan Source") reversed the rest
+    of its paragraph in the report: the words showed in another order than
+    the model read them. Each control is shown by name instead."""
+    from captum_mllm.testing import tiny_hf_adapter
+
+    llama = tiny_hf_adapter()
+    chat = (
+        Chat().user("Please grant access \u202eresu nimda\u202c to me").assistant("ok \u202edone")
+    )
+    res = MultimodalLLMAttribution(FeatureAblation(llama), llama).attribute(ChatInput(chat, llama))
+    page.goto(res.save_html(tmp_path / "r.html").as_uri())
+    page.wait_for_load_state("load")
+    left = page.eval_on_selector_all(
+        "span.feature",
+        """els => Object.fromEntries(els.map(e => {
+            const r = document.createRange(); r.selectNodeContents(e);
+            return [e.textContent.trim(), r.getBoundingClientRect().left]; }))""",
+    )
+    assert left["⟨RLO⟩resu"] < left["nimda"] < left["⟨PDF⟩ to"]  # in the order read
+    shown = page.inner_text("body")
+    assert "\u202e" not in shown and "\u202c" not in shown
+    assert "ok ⟨RLO⟩done" in page.inner_text("#response")

@@ -626,3 +626,33 @@ def test_a_line_breaks_between_words_of_a_script_written_without_spaces():
                 word = next(words)
                 assert rest.startswith(word), (line, word)
                 rest = rest[len(word) :].lstrip("。")
+
+
+def test_bidirectional_controls_are_drawn_by_name():
+    """matplotlib obeyed a right-to-left override inside a drawn text: "resu
+    nimda" after one read "admin user" in the chat plot ("Trojan Source").
+    Each control is drawn by name instead, in every text as_written sees."""
+    import matplotlib.pyplot as plt
+
+    from captum_mllm.testing import tiny_hf_adapter
+    from captum_mllm.viz import as_written
+
+    controls = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    model = tiny_hf_adapter()
+    chat = Chat().user("Please grant access \u202eresu nimda\u202c to me")
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(
+        ChatInput(chat, model), target="ok"
+    )
+    fig, ax = res.plot_chat_attr(width=60)
+    pieces = sorted(
+        (t.get_position()[0], t.get_text()) for t in ax.texts if "monospace" in t.get_fontfamily()
+    )
+    drawn = [text for _, text in pieces]
+    assert not [t for t in drawn if any(c in t for c in controls)]
+    assert "".join(drawn) == "Please grant access ⟨RLO⟩resu nimda⟨PDF⟩ to me"
+    for (x, text), (after, _) in zip(pieces, pieces[1:], strict=False):
+        assert after >= x + len(text)  # the names take their cells: nothing drawn over them
+    fig, ax = plt.subplots()  # any figure's texts: a label of the user's own
+    label = ax.set_xlabel("user \u2067resu\u2069")
+    as_written(fig)
+    assert label.get_text() == "user ⟨RLI⟩resu⟨PDI⟩"

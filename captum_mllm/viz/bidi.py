@@ -15,7 +15,21 @@ import unicodedata
 from collections.abc import Sequence
 
 _STRONG = {"L": 0, "R": 1, "AL": 1}
+#: Explicit embeddings, overrides and isolates, and the names they are shown by
+CONTROLS = {
+    "\u202a": "LRE", "\u202b": "RLE", "\u202c": "PDF", "\u202d": "LRO", "\u202e": "RLO",
+    "\u2066": "LRI", "\u2067": "RLI", "\u2068": "FSI", "\u2069": "PDI",
+}  # fmt: skip
+_SHOWN = str.maketrans({c: f"\u27e8{name}\u27e9" for c, name in CONTROLS.items()})
 _NEUTRAL = {"B", "S", "WS", "ON", "BN"}
+
+
+def shown_controls(text: str) -> str:
+    """``text`` with each explicit bidirectional control shown by name
+    (``\u202e`` as ``⟨RLO⟩``). Drawn, an override reversed what followed it
+    ("Trojan Source"): a report showed words in another order than the model
+    read them. Marks (LRM, RLM), which only nudge neutrals, are kept."""
+    return text.translate(_SHOWN)
 
 
 def base_level(text: str) -> int:
@@ -120,8 +134,8 @@ def visual_runs(lev: Sequence[int]) -> list[tuple[int, int]]:
 
 def _kind(char: str) -> str:
     kind = unicodedata.bidirectional(char) or "L"
-    # explicit embeddings and isolates are read as nothing (BN); no prompt text we saw held one
-    return "BN" if kind in ("LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI") else kind
+    # explicit controls are read as nothing (BN): the figures show them by name (shown_controls)
+    return "BN" if char in CONTROLS else kind
 
 
 def _direction(kind: str) -> str:

@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from captum_mllm.errors import PlotError, require_int
-from captum_mllm.viz.bidi import base_level, is_plain, levels, visual_runs
+from captum_mllm.viz.bidi import (
+    CONTROLS,
+    base_level,
+    is_plain,
+    levels,
+    shown_controls,
+    visual_runs,
+)
 from captum_mllm.viz.text import as_written
 from captum_mllm.words import UNSPACED, is_punctuation
 
@@ -189,7 +196,8 @@ def _breaks(before: str, after: str) -> bool:
 def _printable(runs: Sequence[Sequence[Any]], tab: int = 4) -> list[tuple[str, int]]:
     """The runs as a terminal shows them: a tab as spaces to the next stop of
     ``tab`` cells, ``\r\n`` and ``\r`` as line breaks, other control
-    characters left out (each was drawn as a box for a glyph no font has)."""
+    characters left out (each was drawn as a box for a glyph no font has),
+    bidirectional controls by name (``⟨RLO⟩``)."""
     out: list[tuple[str, int]] = []
     column, previous = 0, ""
     for text, feature in runs:
@@ -201,6 +209,8 @@ def _printable(runs: Sequence[Sequence[Any]], tab: int = 4) -> list[tuple[str, i
             previous = char
             if char == "\t":
                 char = " " * (tab - column % tab)
+            elif char in CONTROLS:  # an override would reverse what follows it
+                char = shown_controls(char)
             elif char == "\r":
                 char = "\n"
             elif unicodedata.category(char) == "Cc" and char != "\n":

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from captum_mllm.viz.bidi import shown_controls
+
 if TYPE_CHECKING:
     from captum_mllm.result import MultimodalLLMAttributionResult
 
@@ -32,6 +34,8 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
     import jinja2
 
     env = jinja2.Environment(autoescape=True)
+    # an override reversed the rest of a paragraph: each control is shown by name
+    env.filters["shown"] = lambda value: shown_controls(str(value))
     template = (files("captum_mllm.viz") / "report.html.j2").read_text(encoding="utf-8")
     rows = [torch.as_tensor(result.seq_attr).detach().cpu().float()]
     errors = None
@@ -46,7 +50,7 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
         if not any(e.ne(0).any() for e in errors):  # an exact method's: no "± 0" tips
             errors = None
     data = {
-        "labels": list(result.input_tokens),
+        "labels": [shown_controls(label) for label in result.input_tokens],
         "rows": [_json_numbers(r) for r in rows],
         "errors": [_json_numbers(e) for e in errors] if errors is not None else None,
     }
