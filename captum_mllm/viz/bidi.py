@@ -4,7 +4,8 @@ line reads and where each run of it goes.
 matplotlib shapes and orders the characters of one text (libraqm), but the
 chat plot draws a line as many texts, a box per feature: their places are
 chosen here, by Unicode's bidirectional algorithm (UAX #9) for text without
-explicit embeddings: its weak, neutral and implicit rules (W1-W7, N1-N2,
+explicit embeddings (those are shown by name, never obeyed:
+:func:`shown_controls`): its weak, neutral and implicit rules (W1-W7, N1-N2,
 I1-I2) and the line rules (L1-L2). python-bidi gives only the reordered
 string, not where each character went, which the boxes need.
 """
@@ -26,7 +27,7 @@ _NEUTRAL = {"B", "S", "WS", "ON", "BN"}
 
 def shown_controls(text: str) -> str:
     """``text`` with each explicit bidirectional control shown by name
-    (``\u202e`` as ``⟨RLO⟩``). Drawn, an override reversed what followed it
+    (U+202E as ``⟨RLO⟩``). Drawn, an override reversed what followed it
     ("Trojan Source"): a report showed words in another order than the model
     read them. Marks (LRM, RLM), which only nudge neutrals, are kept."""
     return text.translate(_SHOWN)
