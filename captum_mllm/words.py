@@ -113,6 +113,7 @@ def _japanese_words(text: str, spans: list[tuple[int, int, str]]) -> list[tuple[
     clusters = {m.end() for m in _GRAPHEME.finditer(text)}
     ends = list(itertools.accumulate(len(chunk) for chunk in _parser("japanese").parse(text)))
     ends = [c for c in ends if c in clusters]  # ascending
+    phrase_ends = set(ends)
     out: list[tuple[int, int, str]] = []
     for a, b, kind in spans:
         if kind == "punct":
@@ -121,16 +122,11 @@ def _japanese_words(text: str, spans: list[tuple[int, int, str]]) -> list[tuple[
         inner = ends[bisect.bisect_right(ends, a) : bisect.bisect_left(ends, b)]
         for start, end in zip([a, *inner], [*inner, b], strict=True):
             last = out[-1] if out else None
-            if last and last[2] == "word" and last[1] == start and not _at(ends, start):
+            if last and last[2] == "word" and last[1] == start and start not in phrase_ends:
                 out[-1] = (last[0], end, "word")  # 東 and 京, inside one phrase
             else:
                 out.append((start, end, "word"))
     return out
-
-
-def _at(sorted_ends: list[int], position: int) -> bool:
-    k = bisect.bisect_left(sorted_ends, position)
-    return k < len(sorted_ends) and sorted_ends[k] == position
 
 
 def _thai_words(text: str, start: int, end: int) -> list[tuple[int, int]]:

@@ -609,23 +609,24 @@ def test_a_line_breaks_between_words_of_a_script_written_without_spaces():
     from captum_mllm.testing import tiny_hf_adapter
 
     model = tiny_hf_adapter()
-    for text in ("ฉันชอบกินข้าวผัดมากและอยากไปเที่ยวทะเล", "北京是中国的首都。上海很大。"):
+    for text, width in (("ฉันชอบกินข้าวผัดมากและอยากไปเที่ยวทะเล", 10),
+                        ("北京是中国的首都。上海「很大」。", 12)):  # fmt: skip
         inp = ChatInput(Chat().user(text), model)
         res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="ok")
         rows: dict[float, list] = {}
-        for t in res.plot_chat_attr(width=10)[1].texts:
+        for t in res.plot_chat_attr(width=width)[1].texts:
             if "monospace" in t.get_fontfamily():
                 rows.setdefault(t.get_position()[1], []).append((t.get_position()[0], t.get_text()))
         lines = ["".join(t for _, t in sorted(row)) for _, row in sorted(rows.items())]
         assert len(lines) >= 3 and "".join(lines) == text
         words = iter(inp.values)
         for line in lines:  # each line holds whole words, in order
-            assert not line.startswith("。")  # never before a full stop
-            rest = line
+            assert not line.startswith(("。", "」")) and not line.endswith("「"), lines
+            rest = line.lstrip("「")
             while rest:
                 word = next(words)
                 assert rest.startswith(word), (line, word)
-                rest = rest[len(word) :].lstrip("。")
+                rest = rest[len(word) :].lstrip("。「」")
 
 
 def test_bidirectional_controls_are_drawn_by_name():
