@@ -540,6 +540,8 @@ def _write(res: Any, out: Path, save: bool) -> None:
     import matplotlib
     import matplotlib.pyplot as plt
 
+    from captum_mllm.viz.fonts import glyph_warnings_muted
+
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Callable[[], Any]] = {"seq_attr.png": res.plot_seq_attr}
@@ -552,7 +554,8 @@ def _write(res: Any, out: Path, save: bool) -> None:
         figures[name] = functools.partial(res.plot_audio_attr, clip=k)
     for name, plot in figures.items():
         fig = plot()[0]
-        fig.savefig(out / name, bbox_inches="tight")
+        with glyph_warnings_muted():  # the plot named those characters once
+            fig.savefig(out / name, bbox_inches="tight")
         plt.close(fig)
     written = [*figures, "attributions.csv", "report.html"]
     res.to_dataframe().to_csv(out / "attributions.csv", index=False)

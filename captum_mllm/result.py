@@ -534,6 +534,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
     def _fitted(
         self, fig_ax: Any, show: bool, figsize: tuple[float, float] | None, heatmap: bool = False
     ) -> Any:
+        from captum_mllm.viz.fonts import glyph_warnings_muted
         from captum_mllm.viz.labels import fit_heatmap, fit_margins, fit_tick_labels
         from captum_mllm.viz.text import as_written
 
@@ -545,11 +546,12 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         width, height = fig.get_size_inches()
         fig.set_size_inches(*(figsize or (min(width, 20.0), min(height, 12.0))))
         # Twice: the margins the labels need change the room they are fitted to.
-        for _ in range(2):
-            fit_tick_labels(fig, ax)
-            if heatmap:
-                fit_heatmap(fig, ax)
-            fit_margins(fig)
+        with glyph_warnings_muted():  # measuring draws: as_written named them once
+            for _ in range(2):
+                fit_tick_labels(fig, ax)
+                if heatmap:
+                    fit_heatmap(fig, ax)
+                fit_margins(fig)
         if show:
             import matplotlib.pyplot as plt
 

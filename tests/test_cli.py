@@ -630,3 +630,24 @@ def test_printed_tables_line_up_in_a_terminal(tmp_path, capsys):
     table = lines[start : start + 8]  # the header and seven features
     assert any("北" in line for line in table) and any("yes" in line for line in table)
     assert len({columns(line) for line in table}) == 1, table
+
+
+def test_characters_no_font_holds_are_named_once_not_once_a_glyph(tmp_path, capsys, monkeypatch):
+    """On a machine without a Chinese font, matplotlib's warnings (one a
+    character, font and drawing: 37 lines for one question) buried the table."""
+    import warnings
+
+    from captum_mllm.viz import fonts
+
+    monkeypatch.setattr(fonts, "_regular_fonts", lambda: [])
+    monkeypatch.setattr(fonts, "_WARNED", set())
+    argv = ["explain", "--user", "北京 yes", "--model", "tiny-llama", "--method", "exact",
+            "--answer", "是", "--out", tmp_path]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+    said = [str(w.message) for w in caught if "no installed font" in str(w.message)]
+    named = [message.split(":")[0].split()[4:] for message in said]
+    assert sorted(sum(named, [])) == sorted("北京是")  # each character once, in few lines

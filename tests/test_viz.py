@@ -395,6 +395,34 @@ def test_chinese_and_japanese_labels_are_drawn_in_a_font_holding_them(cjk_font, 
         assert _uncovered(fig) == []  # whichever installed font holds them
 
 
+def test_characters_no_font_holds_are_named_once(monkeypatch):
+    """Without a font holding Chinese, matplotlib warned once per character and
+    font at every drawing (37 lines on the command line for one question): now
+    one warning of ours names them, at the caller's line, once a session."""
+    import warnings
+
+    from captum_mllm.testing import tiny_hf_adapter
+    from captum_mllm.viz import fonts
+
+    monkeypatch.setattr(fonts, "_regular_fonts", lambda: [])  # as on a machine without them
+    monkeypatch.setattr(fonts, "_WARNED", set())
+    model = tiny_hf_adapter()
+    inp = ChatInput(Chat().user("北京 is big"), model, text_unit="token")
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="是的")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figures = [res.plot_token_attr()[0], res.plot_seq_attr()[0], res.plot_chat_attr()[0]]
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+    ours = [w for w in caught if "no installed font holds" in str(w.message)]
+    assert [str(w.message).split(":")[0] for w in ours] == ["no installed font holds 北 京 是 的"]
+    assert ours[0].filename == __file__
+    assert _uncovered(figures[0])  # still drawn as boxes: named, not hidden
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res.plot_seq_attr()
+    assert not [w for w in caught if "font" in str(w.message)]
+
+
 def test_wide_characters_take_two_cells_of_the_chat_plot(cjk_font):
     """A Chinese character is about twice as wide as a monospace letter: laid
     out one cell each, they were drawn over each other and past their boxes."""
