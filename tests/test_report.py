@@ -95,6 +95,38 @@ def test_the_report_loads_plays_switches_and_escapes(page, report):
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
 
+def test_the_features_are_listed_largest_first_for_the_row_shown(page, report, tmp_path):
+    """The page told values by colour alone (and on hover): nothing in print,
+    on a touch screen, or to a reader who cannot tell red from green. A table
+    lists them, largest |value| first, for the row the selector shows."""
+    res, path = report
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+
+    def table():
+        return page.eval_on_selector_all(
+            "#ranked tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+        )
+
+    for row, values in ((None, res.seq_attr), ("3", res.token_attr[2])):
+        if row is not None:
+            page.select_option("#row", row)
+        order = sorted(range(len(values)), key=lambda f: (-abs(float(values[f])), f))
+        expected = [[str(i + 1), res.input_tokens[f], f"{res.features[f].turn} user",
+                     f"{float(values[f]):.3f}"] for i, f in enumerate(order)]  # fmt: skip
+        assert table() == expected
+    assert any(HOSTILE.split()[1] in label for _, label, *_ in table())  # as text
+    res = MultimodalLLMAttributionResult(
+        input_tokens=["a", "b", "c"], output_tokens=["x"],
+        seq_attr=torch.tensor([0.25, float("nan"), -0.5]),
+        seq_attr_stderr=torch.tensor([float("inf"), 0.0625, 0.125]),
+    )  # fmt: skip
+    page.goto(res.save_html(tmp_path / "r.html").as_uri())
+    page.wait_for_load_state("load")
+    assert table() == [["1", "c", "-0.500", "0.125"], ["2", "a", "0.250", "inf"],
+                       ["3", "b", "nan", "0.063"]]  # fmt: skip
+
+
 def test_summaries(report):
     res, _ = report
     shares = res.modality_share()

@@ -4,8 +4,9 @@ The chat is drawn turn by turn, each feature coloured on Captum's red-white-
 green scale centred on 0 (its value and standard error on hover), fixed text
 greyed; each audio clip is a waveform strip with its features' spans, each
 span playable on its own and the whole clip with the current span
-highlighted (audio embedded as base64 FLAC). A selector switches between the
-whole answer and each output token's row of ``token_attr``.
+highlighted (audio embedded as base64 FLAC). A table lists the features,
+largest absolute value first. A selector switches both between the whole
+answer and each output token's row of ``token_attr``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
         "labels": [shown_controls(label) for label in result.input_tokens],
         "rows": [_json_numbers(r) for r in rows],
         "errors": [_json_numbers(e) for e in errors] if errors is not None else None,
+        # the ranked table's turn column; a Captum input's features have none
+        "where": [f"{f.turn} {f.role}" for f in result.features] if result.features else None,
     }
     audio = result.output_audio or {}
     answer_audio = None
@@ -65,6 +68,8 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
         turns=result.segments or [_plain_turn(result)],
         clips=[_clip(result, i) for i in range(len(result.clips or []))],
         meta=_meta(result),
+        where=data["where"] is not None,
+        has_errors=errors is not None,
         # inside <script>: no "</script>" or "<!--" can end it early
         data=json.dumps(data)
         .replace("<", "\\u003c")
