@@ -696,7 +696,9 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         return path
 
     def _repr_html_(self) -> str:
-        return self.to_html()
+        from captum_mllm.viz.report import framed
+
+        return framed(self.to_html())  # a page of its own inside the notebook's
 
     def __repr__(self) -> str:
         return (

@@ -18,6 +18,7 @@ from captum_mllm import (
 )
 from captum_mllm.errors import InvalidOptionError
 from captum_mllm.testing import speech_like, tiny_lfm2_audio
+from captum_mllm.viz.report import FRAME_HEIGHT
 
 HOSTILE = 'Look <script>window.pwned = 1</script> here "><img src=x onerror="window.pwned = 2">'
 SCREENSHOT = Path(__file__).parents[1] / "outputs" / "report.png"
@@ -127,6 +128,51 @@ def test_the_features_are_listed_largest_first_for_the_row_shown(page, report, t
                        ["3", "b", "nan", "0.063"]]  # fmt: skip
 
 
+def test_results_shown_in_one_notebook_keep_their_own_pages(page, report, tmp_path):
+    """A notebook puts each output's HTML into its own page: the report's
+    styles restyled the whole notebook, and a second result's script failed on
+    the first's names, leaving it uncoloured. Two results, and the hostile
+    chat's, as a notebook holds them."""
+    res, _ = report
+    a = MultimodalLLMAttributionResult(
+        input_tokens=["alpha", "beta"], output_tokens=["x"], seq_attr=torch.tensor([1.0, -1.0])
+    )
+    b = MultimodalLLMAttributionResult(
+        input_tokens=[f"w{i}" for i in range(40)], output_tokens=["y"],
+        seq_attr=torch.linspace(-5, 5, 40),
+    )  # fmt: skip
+    cells = "".join(f'<div class="output">{r._repr_html_()}</div>' for r in (a, b, res))
+    notebook = tmp_path / "notebook.html"
+    notebook.write_text(f"<!DOCTYPE html><html><body>{cells}</body></html>", encoding="utf-8")
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(notebook.as_uri())
+    page.wait_for_load_state("load")
+    assert errors == []
+    assert page.evaluate("getComputedStyle(document.body).maxWidth") == "none"
+    assert page.locator("span.feature").count() == 0  # each result in its own page
+    frames = [page.frame_locator("iframe").nth(i) for i in range(3)]
+    for frame, r in zip(frames, (a, b, res), strict=True):
+        titles = frame.locator("span.feature, rect.seg").evaluate_all(
+            "els => els.map(e => e.dataset.f + ' ' + e.getAttribute('title'))"
+        )
+        values = r.seq_attr.tolist()
+        assert sorted(titles, key=lambda t: int(t.split()[0])) == [
+            f"{f} {label}: {values[f]:.3f}" for f, label in enumerate(r.input_tokens)
+        ]
+        assert frame.locator("#ranked tbody tr").count() == len(values)
+    fits = [frames[i].locator("html").evaluate("e => e.scrollHeight") for i in range(3)]
+    for _ in range(50):  # each frame grows or shrinks to its page's height once told it
+        heights = page.eval_on_selector_all("iframe", "els => els.map(e => e.offsetHeight)")
+        if heights == fits:
+            break
+        page.wait_for_timeout(100)
+    assert heights == fits and max(fits) > FRAME_HEIGHT
+    assert page.evaluate("window.pwned") is None
+    assert frames[2].locator("body").evaluate("() => window.pwned") is None
+    assert "<script>window.pwned" not in res._repr_html_()  # escaped into the frame
+
+
 def test_summaries(report):
     res, _ = report
     shares = res.modality_share()
@@ -162,7 +208,6 @@ def test_summaries(report):
     assert (audio.end_s > audio.start_s).all() and frame[
         frame.modality == "text"
     ].start_s.isna().all()
-    assert "<script>" not in res._repr_html_().split("<body>")[1].split("<script")[0]
 
 
 def test_plot_chat_attr_draws_one_patch_per_feature_in_its_colour(report):

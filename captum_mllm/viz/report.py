@@ -12,9 +12,11 @@ answer and each output token's row of ``token_attr``.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import math
+import uuid
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 
 
 _PIXELS_PER_SECOND = 150
+#: A notebook frame's height (pixels) until the page reports its own.
+FRAME_HEIGHT = 480
 
 
 def render_report(result: MultimodalLLMAttributionResult) -> str:
@@ -75,6 +79,32 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
         .replace("<", "\\u003c")
         .replace(">", "\\u003e")
         .replace("&", "\\u0026"),
+    )
+
+
+def framed(page: str) -> str:
+    """``page`` in a sandboxed frame, as a notebook shows a result.
+
+    A notebook puts an output's HTML into its own page: the report's styles
+    restyled the whole notebook (its ``body`` rule narrowed it), and a second
+    result's script, sharing the first's names and element ids, failed, which
+    left that result uncoloured. In a frame it keeps its styles, ids and
+    scripts to itself, and, sandboxed without the notebook's origin, it cannot
+    reach the notebook. The frame takes the height the page reports (where the
+    notebook runs the output's script; else it scrolls).
+    """
+    key = json.dumps(f"captum-mllm-{uuid.uuid4().hex}")  # earlier runs' outputs stay around
+    # The listener comes first: a parser may stop inside a long page and let
+    # the frame load and report before a script after it runs.
+    return (
+        '<script>window.addEventListener("message", (e) => {\n'
+        f"  const frame = document.getElementById({key});\n"
+        "  if (frame && e.source === frame.contentWindow && e.data?.height > 0)\n"
+        "    frame.style.height = `${Math.ceil(e.data.height)}px`;\n"
+        "});</script>\n"
+        f'<iframe id={key} title="captum-mllm explanation" sandbox="allow-scripts" '
+        f'style="width: 100%; height: {FRAME_HEIGHT}px; border: 0" '
+        f'srcdoc="{html.escape(page, quote=True)}"></iframe>'
     )
 
 
