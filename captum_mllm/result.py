@@ -511,7 +511,9 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
                 "this result has no token_attr (Lime, KernelShap and sequence-level targets "
                 "attribute the whole answer): use plot_seq_attr"
             )
-        return self._fitted(super().plot_token_attr(show=False), show, figsize, heatmap=True)
+        from captum_mllm.viz.heatmap import token_heatmap
+
+        return self._fitted(token_heatmap(self), show, figsize, heatmap=True)
 
     def plot_seq_attr(self, show: bool = False, figsize: tuple[float, float] | None = None) -> Any:
         """Captum's bar plot, sized and labelled as :meth:`plot_token_attr`, with

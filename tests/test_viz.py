@@ -238,6 +238,40 @@ def test_heatmap_values_fit_their_cells_and_output_labels_do_not_overlap(words, 
     assert all(a.y1 <= b.y0 + 1 for a, b in zip(shown, shown[1:], strict=False))  # no overlap
 
 
+@pytest.mark.parametrize("words, tokens", [(6, 3), (80, 100)])
+def test_the_heatmap_is_captums_and_writes_only_values_that_fit(words, tokens, monkeypatch):
+    """Captum writes a text into every cell (27 s for 100 output tokens by 600
+    features, over 5 minutes for 300 by 3,000), which were then dropped as too
+    small: ours writes the values that fit, and is Captum's figure otherwise."""
+    from captum.attr._core.llm_attr import LLMAttributionResult
+    from matplotlib.axes import Axes
+
+    res = MultimodalLLMAttributionResult(
+        input_tokens=[f"w{i}" for i in range(words)],
+        output_tokens=[f"t{j}" for j in range(tokens)],
+        seq_attr=torch.randn(words), token_attr=torch.randn(tokens, words),
+    )  # fmt: skip
+    captums = res._fitted(LLMAttributionResult.plot_token_attr(res), False, None, heatmap=True)
+    written = []
+    text = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda *a, **k: written.append(a[3]) or text(*a, **k))
+    (fig, ax), (theirs, their_ax) = res.plot_token_attr(), captums
+    assert tuple(fig.get_size_inches()) == tuple(theirs.get_size_inches())
+    assert (ax.images[0].get_array() == their_ax.images[0].get_array()).all()
+    assert ax.images[0].get_clim() == their_ax.images[0].get_clim()
+    assert ax.images[0].get_cmap().name == their_ax.images[0].get_cmap().name
+    for get in ("get_xticklabels", "get_yticklabels"):
+        labels = [(t.get_text(), t.get_visible(), t.get_fontsize()) for t in getattr(ax, get)()]
+        assert labels == [(t.get_text(), t.get_visible(), t.get_fontsize())
+                          for t in getattr(their_ax, get)()]  # fmt: skip
+    assert fig.axes[1].get_ylabel() == theirs.axes[1].get_ylabel() == "Token Attribution"
+    cells = [(t.get_position(), t.get_text(), t.get_color(), t.get_fontsize()) for t in ax.texts]
+    assert cells == [(t.get_position(), t.get_text(), t.get_color(), t.get_fontsize())
+                     for t in their_ax.texts]  # fmt: skip
+    assert len(ax.texts) == (words * tokens if words * tokens < 100 else 0)
+    assert len(written) <= len(ax.texts) + 2  # the values kept, and one measured a fit
+
+
 @pytest.mark.parametrize("words", [["What", "is", "the", "capital", "of", "Japan"],
                                    ["a" * 40, "a sentence long enough to be cut short", "x"],
                                    [f"word{i}" for i in range(120)]])  # fmt: skip

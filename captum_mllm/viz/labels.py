@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from captum_mllm.viz.heatmap import cell_values
+
 #: Characters of a tick label; longer ones end in an ellipsis (the result keeps them whole).
 MAX_LABEL = 32
 #: Font sizes (points) of labels and cell values: Captum's default, and the smallest drawn.
@@ -57,13 +59,15 @@ def fit_heatmap(fig: Any, ax: Any) -> None:
     """Fit Captum's token heatmap to its size: output-token (y) labels as
     :func:`fit_tick_labels` fits the x labels, and the value written in each
     cell shrunk to its cell, or left out where it would be smaller than
-    :data:`MIN_FONT` points (the colour and the colour bar still show it).
+    :data:`MIN_FONT` points (the colour and the colour bar still show it). A
+    heatmap without values (:func:`~captum_mllm.viz.heatmap.token_heatmap`)
+    gets them written where they fit.
 
     Captum writes every value at 10 points whatever the cell's size: 60 output
     tokens by 80 words drew them over each other and over the colours.
 
     Args:
-        fig (Figure): the figure of ``plot_token_attr``.
+        fig (Figure): the figure of ``plot_token_attr`` (Captum's or ours).
         ax (Axes): its heatmap axes.
     """
     rows, cols = ax.images[0].get_array().shape
@@ -73,16 +77,26 @@ def fit_heatmap(fig: Any, ax: Any) -> None:
     for i, label in enumerate(ax.get_yticklabels()):
         label.set_visible(i % every == 0)
         label.set_fontsize(size)
-    if not ax.texts:
-        return
-    widest = max(ax.texts, key=lambda t: len(t.get_text())).get_window_extent()
+    texts = list(ax.texts)
+    if texts:
+        sample = max(texts, key=lambda t: len(t.get_text()))
+    else:  # token_heatmap writes the values once they fit
+        values = ax.images[0].get_array()
+        widest = max(f"{values.min():.4f}", f"{values.max():.4f}", key=len)
+        sample = ax.text(0, 0, widest, fontsize=MAX_FONT)
+    extent = sample.get_window_extent()
     to_pt = 72 / fig.dpi
     room = min(  # the font size that fits a cell with a little margin
-        0.9 * 72 * width_in * box.width / cols / (widest.width * to_pt),
-        0.9 * 72 * height_in * box.height / rows / (widest.height * to_pt),
+        0.9 * 72 * width_in * box.width / cols / (extent.width * to_pt),
+        0.9 * 72 * height_in * box.height / rows / (extent.height * to_pt),
     )
-    size = min(MAX_FONT, ax.texts[0].get_fontsize() * room)
-    for text in list(ax.texts):
+    size = min(MAX_FONT, sample.get_fontsize() * room)
+    if not texts:
+        sample.remove()
+        if size >= MIN_FONT:
+            cell_values(ax, size)
+        return
+    for text in texts:
         if size < MIN_FONT:
             text.remove()
         else:
