@@ -13,6 +13,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -958,11 +959,13 @@ def chat_fields(inp: ChatInput) -> dict[str, Any]:
 
 
 def _clips(inp: ChatInput) -> list[ClipRef]:
-    """The prompt's audio clips, with the file each came from when it has one."""
+    """The prompt's audio clips, with the file each came from when it has one
+    (absolute: a result saved without its audio was read from another folder)."""
     out = []
     for t, turn in enumerate(inp.prompt):
         for part in turn.parts:
             if isinstance(part, AudioPart):
                 path = part.source if part.source and Path(part.source).is_file() else None
+                path = os.path.abspath(path) if path is not None else None
                 out.append(ClipRef(t, part.sample_rate, part.waveform, path))
     return out

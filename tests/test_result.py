@@ -117,6 +117,22 @@ def test_a_clip_that_changed_after_the_explanation_is_refused(spoken, tmp_path):
             draw()
 
 
+def test_a_clip_given_by_a_relative_path_is_found_from_another_folder(tmp_path, monkeypatch):
+    """A result saved without its audio kept the path as given ("q.wav"): read
+    from any other folder, its plots found no file."""
+    lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    sf.write("q.wav", speech_like(0.5).numpy(), 16000)
+    inp = ChatInput(Chat().user("Hi", audio="q.wav"), lfm, audio_unit=0.5)
+    res = MultimodalLLMAttribution(FeatureAblation(lfm), lfm).attribute(inp, target="ok")
+    saved = res.save("out/r.json", embed_audio=False).resolve()
+    monkeypatch.chdir(tmp_path)
+    back = MultimodalLLMAttributionResult.load(saved)
+    assert back.clips[0].path == str(tmp_path / "run" / "q.wav")
+    assert torch.equal(back.clips[0].samples(), res.clips[0].samples())
+
+
 def test_a_sampled_similarity_result_round_trips(model, chat, tmp_path):
     sim = EmbeddingSimilarity(
         gen_args={"max_new_tokens": 5}, samples_per_coalition=2, temperature=1.2
