@@ -8,6 +8,7 @@ positions form which interpretable feature. Captum perturbs ``ones(1, n)``;
 from __future__ import annotations
 
 import bisect
+import collections
 import difflib
 import json
 import warnings
@@ -53,6 +54,8 @@ from captum_mllm.words import (
 TEXT_UNITS = ("token", "word", "sentence", "turn")
 SKIP_KINDS = ("punctuation", "special")  # skip= names; anything else is a literal string
 AUDIO_BASELINES = ("drop", "embedding", "silence")
+#: Feature labels a ChatInput's repr shows.
+REPR_LABELS = 8
 # (positions, label, time span for audio features)
 _Found = tuple[tuple[int, ...], str, tuple[float, float] | None]
 
@@ -383,6 +386,20 @@ class ChatInput(InterpretableInput):
             other = ChatInput(whole, self.model, **self._arguments)
         same = torch.equal(other.encoded.input_ids, self.encoded.input_ids)
         return self if same and "answer_ids" not in other.encoded.state else other
+
+    def __repr__(self) -> str:
+        """What a notebook shows: the features, counted by modality, the first
+        labels, and the settings that made them."""
+        counts = collections.Counter(f.modality for f in self.features)
+        kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        labels = ", ".join(repr(label) for label in self.values[:REPR_LABELS])
+        extra = len(self.values) - REPR_LABELS
+        more = f", ... ({extra} more)" if extra > 0 else ""
+        return (
+            f"{type(self).__name__}({len(self.features)} features ({kinds}): [{labels}{more}]; "
+            f"roles={self.roles}, text_unit={self.text_unit!r}, audio_unit={self.audio_unit!r}, "
+            f"model={type(self.model).__name__})"
+        )
 
     def settings(self) -> dict[str, Any]:
         """The choices that made these features, as plain data (a result's

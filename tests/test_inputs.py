@@ -113,6 +113,15 @@ def test_word_features_skip_punctuation_and_template(model, chat):
     assert inp.prefix_len == min(inp.features[0].positions)
 
 
+def test_a_chat_input_shows_its_features_in_a_notebook(model):
+    """A notebook showed '<captum_mllm.inputs.ChatInput object at 0x...>'."""
+    inp = ChatInput(Chat().user("one two three four five six seven eight nine ten"), model)
+    shown = repr(inp)
+    assert shown.startswith("ChatInput(10 features (10 text): ['one', 'two', 'three', ")
+    assert "'eight', ... (2 more)]; roles=('user',), text_unit='word'" in shown
+    assert "'nine'" not in shown and shown.endswith("model=HFCausalLMAdapter)")
+
+
 def test_token_and_turn_units(model, chat):
     tokens = ChatInput(chat, model, text_unit="token")
     assert len(tokens.values) > 5
