@@ -322,8 +322,11 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
         code, text, err = run(argv, capsys)
     assert code == 0, err
     assert not [w for w in caught if "not read" in str(w.message)]  # the id names the chat
-    for name in ("chat_00000", "sky", "share"):  # share: a ShareGPT row ("conversations")
+    asked = {"chat_00000": "Who are you?", "sky": "Why is it blue?", "share": "Hi there"}
+    for name, question in asked.items():  # share: a ShareGPT row ("conversations")
         assert (out / name / "result.json").is_file()
+        page = (out / name / "report.html").read_text(encoding="utf-8")  # one to read, as explain's
+        assert question.split()[-1].rstrip("?") in page
     assert "summary.csv" in text
     code, text, _ = run(argv, capsys)  # a rerun skips both
     assert code == 0 and text.count("True") >= 2
