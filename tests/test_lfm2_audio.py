@@ -543,6 +543,31 @@ def test_a_batch_of_coalitions_gets_the_rows_each_gets_alone(
             assert not torch.equal(full[is_audio], base[is_audio])  # re-encoded
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the advice holds where CUDA is")
+def test_no_advice_to_install_a_cuda_kernel_without_cuda(wave):
+    """transformers told every CPU user of LFM2 to install causal_conv1d ("much
+    slower" without it), a CUDA kernel that cannot be built there."""
+    import logging
+
+    from transformers.utils.logging import warning_once
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger("transformers.integrations.hub_kernels")
+    logger.addHandler(handler)
+    warning_once.cache_clear()  # an earlier test may have had it said already
+    try:
+        lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
+        chat = Chat().user("Hi", audio=wave, sample_rate=16000)
+        MultimodalLLMAttribution(FeatureAblation(lfm), lfm).attribute(
+            ChatInput(chat, lfm, audio_unit=0.5), target="ok"
+        )
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in seen if "causal_conv1d" in r.getMessage()]
+
+
 def test_a_misspelt_generation_argument_raises(lfm, wave):
     """liquid-audio's generators take a few settings; any other name raises
     rather than generating 25 tokens of text as if it were not there."""

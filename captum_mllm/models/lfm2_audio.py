@@ -13,6 +13,7 @@ module reads that layout. Plain ``(T,)`` text ids are accepted as targets too.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,21 @@ def as_items(target: Tensor) -> Tensor:
     return items
 
 
+class _KernelAdvice(logging.Filter):
+    """Drops transformers' advice to install ``causal_conv1d`` ("much slower"
+    without it), which it gives wherever LFM2 runs: that kernel is CUDA's only,
+    so on a machine without CUDA the advice cannot be followed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "causal_conv1d" not in record.getMessage()
+
+
+def _quiet_kernel_advice() -> None:
+    logger = logging.getLogger("transformers.integrations.hub_kernels")
+    if not any(isinstance(f, _KernelAdvice) for f in logger.filters):
+        logger.addFilter(_KernelAdvice())
+
+
 class LFM2AudioAdapter(DecoderLMAdapter):
     """LFM2-Audio behind the adapter contract of :mod:`captum_mllm.models.base`.
 
@@ -123,6 +139,8 @@ class LFM2AudioAdapter(DecoderLMAdapter):
         self.n_encoder_calls = 0
         self._failed_decoders: set[str] = set()  # not retried: each try rebuilds a detokenizer
         self._cache_kwarg = cache_kwarg(model.lfm.forward)  # type: ignore[union-attr]
+        if not torch.cuda.is_available():
+            _quiet_kernel_advice()
 
     @classmethod
     def from_pretrained(
