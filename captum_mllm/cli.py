@@ -275,7 +275,6 @@ def _dataset_command(args: argparse.Namespace) -> None:
     from functools import partial
 
     from captum_mllm.distributed import explain_dataset
-    from captum_mllm.result import MultimodalLLMAttributionResult
 
     input_kwargs = _input_kwargs(args)
     chats = _read_dataset(args.data, transcripts=input_kwargs["audio_unit"] in ALIGNED_UNITS)
@@ -303,10 +302,6 @@ def _dataset_command(args: argparse.Namespace) -> None:
     )
     _print_table(table)
     table.to_csv(args.out / "summary.csv", index=False)
-    for name in table.chat:  # a page to read each, as `explain` writes one
-        saved = args.out / name / "result.json"
-        if saved.is_file():
-            MultimodalLLMAttributionResult.load(saved).save_html(saved.with_name("report.html"))
     print(
         f"wrote {args.out / 'summary.csv'} and one folder per chat under {args.out} (its "
         "result.json and report.html)"

@@ -39,6 +39,7 @@ from captum_mllm.fingerprint import chat_digest, digest, fix_digest, plain
 ModelFactory = Callable[[], Any]
 MethodFactory = Callable[[Any], Any]
 RESULT = "result.json"
+REPORT = "report.html"
 STORE = "coalitions.sqlite"
 
 __all__ = ["explain_dataset", "explain_sharded", "ChatExplainer"]
@@ -114,6 +115,7 @@ class ChatExplainer:
             res = self._attribution().attribute(inp, store=out / STORE, **kwargs)
         res.provenance["request"] = request
         res.save(out / RESULT)
+        res.save_html(out / REPORT)  # a page to read it by, as `captum-mllm explain` writes
         top = res.top_features(1)
         return {
             "chat": name,
@@ -304,9 +306,10 @@ def explain_dataset(
     """Explain every chat of a data set, one chat per task, over Ray actors.
 
     Each chat's result (``result.json``, see
-    :meth:`MultimodalLLMAttributionResult.save`) and coalition store
-    (``coalitions.sqlite``) go to ``store_dir/<chat name>/`` as soon as it is
-    done. A rerun skips a chat whose result answers the same request: the
+    :meth:`MultimodalLLMAttributionResult.save`), its page
+    (``report.html``, :meth:`~MultimodalLLMAttributionResult.save_html`) and
+    coalition store (``coalitions.sqlite``) go to ``store_dir/<chat name>/``
+    as soon as it is done. A rerun skips a chat whose result answers the same request: the
     same chat, ``input_kwargs`` and ``attribute_kwargs``, and factories of
     the same names, constants and closure values (a lambda's checkpoint
     name). A changed request explains the chat again, reading what its store

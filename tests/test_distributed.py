@@ -15,7 +15,7 @@ import torch
 from captum.attr import ShapleyValueSampling
 
 from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution, MultimodalLLMAttributionResult
-from captum_mllm.distributed import RESULT, STORE, explain_dataset, explain_sharded
+from captum_mllm.distributed import REPORT, RESULT, STORE, explain_dataset, explain_sharded
 from captum_mllm.errors import InvalidOptionError, StoreMismatchError
 from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap, PairedPermutationSampling
 from captum_mllm.testing import tiny_hf_adapter
@@ -138,6 +138,8 @@ def test_a_data_sets_id_column_names_its_chats(tmp_path):
                                 store_dir=tmp_path, use_ray=False, show_progress=False)  # fmt: skip
     assert table["chat"].tolist() == ["sky", "chat_00001"]
     assert (tmp_path / "sky" / RESULT).is_file()
+    page = (tmp_path / "sky" / REPORT).read_text(encoding="utf-8")  # a page to read it by
+    assert QUESTIONS[1].split()[-1].strip("?") in page
     twice = [{"id": 7, "messages": [{"role": "user", "content": q}]} for q in QUESTIONS[:2]]
     with pytest.raises(InvalidOptionError, match=r"\['7'\] name several chats"):
         explain_dataset(twice, factory, ExactShapleyValues, {}, {"target": "Yes."},
