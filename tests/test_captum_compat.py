@@ -444,6 +444,30 @@ def test_a_bidirectional_model_gets_captums_values_with_default_flags(method, n_
     torch.testing.assert_close(ours_seq.token_attr, stock_seq.token_attr, atol=1e-5, rtol=0)
 
 
+def test_a_long_run_of_split_characters_is_labelled_in_linear_time(model):
+    """3,000 emoji and Chinese characters, each spelt in byte tokens that
+    decode alone to "�", are one run: each token's label decoded the run from
+    its start, 11,000 tokens' labels took 7 s (quadratic in the run). Oracle:
+    Captum's pretty tokens; the work is counted (tokens decoded), not timed."""
+    from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
+
+    from captum_mllm.models.base import token_labels
+
+    text = "🗼東😀" * 1000
+    ids = model.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert len(ids) == 11000
+    decoded = []
+
+    def decode(piece):
+        decoded.append(len(piece))
+        return model.tokenizer.decode(piece)
+
+    labels = token_labels(decode, ids, lambda text: text)
+    assert labels == _convert_ids_to_pretty_tokens(ids, model.tokenizer)
+    assert labels[:3] == ["🗼", "🗼 [OVERLAP]", "🗼 [OVERLAP]"]
+    assert sum(decoded) < 5 * len(ids)  # each alone, the run whole, and each character's own
+
+
 def test_an_answer_cut_inside_a_character_is_labelled(model):
     """An answer ending with part of a character (max_new_tokens ending a
     Chinese character's bytes): Captum's labelling raised IndexError, after

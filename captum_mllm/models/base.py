@@ -104,16 +104,26 @@ def token_labels(
             end += 1
         whole = decode(ids[k:end])
         done, pending = 0, False  # characters complete before a token; one left unfinished
+        # decoding restarts after a token ending in a whole character (the bytes
+        # after it decode alone): linear in the run, not quadratic; from the run's
+        # start again where a tokenizer decodes a piece otherwise (a space dropped)
+        start, offset, separable = k, 0, True
         for j in range(k + 1, end + 1):
-            prefix = decode(ids[k:j])
-            n = len(prefix)
-            while n > done and prefix[n - 1] == "\ufffd" and whole[n - 1 : n] != "\ufffd":
+            prefix = decode(ids[start:j])
+            if start > k and not whole.startswith(prefix.rstrip("\ufffd"), offset):
+                start, offset, separable = k, 0, False
+                prefix = decode(ids[k:j])
+            size = offset + len(prefix)
+            n = size
+            while n > done and prefix[n - offset - 1] == "\ufffd" and whole[n - 1 : n] != "\ufffd":
                 n -= 1  # an unfinished character, where the run finishes it
-            touched, overlap = whole[done : n + (n < len(prefix))], pending
+            touched, overlap = whole[done : n + (n < size)], pending
             if not touched and done:  # shows nothing new: it goes on with the character before
                 touched, overlap = whole[done - 1 : done], True
             labels.append(pretty(touched) + (OVERLAP if overlap else ""))
-            done, pending = n, n < len(prefix)
+            done, pending = n, n < size
+            if separable and not pending and prefix[-1:] not in ("", "\ufffd"):
+                start, offset = j, n
         k = end
     return labels
 
