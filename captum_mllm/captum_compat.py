@@ -146,12 +146,15 @@ def draws_baselines(inp: InterpretableInput) -> bool:
 
 
 @contextmanager
-def seeded_draws(seed: int) -> Iterator[None]:
+def seeded_draws(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Python's, NumPy's and torch's global generators seeded with ``seed`` inside
     the block and put back after it: what a baseline callable draws there is a
-    function of ``seed``, and the caller's generators do not move."""
+    function of ``seed``, and the caller's generators do not move (torch's on
+    the CPU, and on ``device`` when it is an accelerator)."""
     python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    on = device if device is not None and device.type != "cpu" else None
+    devices = [on] if on is not None else []
+    with torch.random.fork_rng(devices=devices, device_type=on.type if on else "cuda"):
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)

@@ -40,7 +40,7 @@ from captum_mllm.attribution import (
     require_same_model,
     resolve_response,
 )
-from captum_mllm.captum_compat import DEFAULT_GEN_ARGS, labelled_as_ours
+from captum_mllm.captum_compat import DEFAULT_GEN_ARGS, labelled_as_ours, seeded_draws
 from captum_mllm.errors import (
     InvalidBaselineError,
     InvalidModelError,
@@ -163,6 +163,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         gen_args: dict[str, Any] | None = None,
         baselines: int | Tensor | None = None,
         keep_eos: bool = False,
+        seed: int | None = None,
         **kwargs: Any,
     ) -> MultimodalLLMAttributionResult:
         """Attribute each answer token's log-probability to the input's features.
@@ -179,6 +180,11 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 not read: they say what absence means to perturbation methods.
                 Default: None
             keep_eos (bool, optional): keep a generated answer's end token. Default: False
+            seed (int, optional): what the method draws (``NoiseTunnel``'s noise,
+                ``GradientShap``'s baselines and points) is drawn from torch's
+                generator seeded with it, and the caller's generator does not
+                move; kept in ``provenance["seed"]``. None draws from torch's
+                global generator, as Captum does. Default: None
             **kwargs: passed to the method's ``attribute`` (``n_steps``,
                 ``internal_batch_size``, ``n_samples``, ``stdevs``, ...).
 
@@ -188,6 +194,12 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             ``provenance["completeness_gap"]`` (the largest relative gap over
             tokens) and ``provenance["convergence_delta"]`` (per token).
         """
+        if seed is not None:
+            require_int("seed", seed, 0)
+            with seeded_draws(seed, self.adapter.device):
+                res = self.attribute(inp, target, gen_args, baselines, keep_eos, **kwargs)
+            res.provenance["seed"] = seed
+            return res
         if not isinstance(inp, ChatInput):
             if self.tunnel:  # Captum's path would give the noise to the model's ids
                 raise UnsupportedInputError("a NoiseTunnel method takes a ChatInput here")
