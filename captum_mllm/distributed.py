@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from captum_mllm.chat import REQUEST_KEYS, Chat, request_template_kwargs
-from captum_mllm.errors import InvalidOptionError, require_int, warn_caller
+from captum_mllm.errors import InvalidOptionError, ResultFormatError, require_int, warn_caller
 from captum_mllm.fingerprint import chat_digest, digest, fix_digest, plain
 
 ModelFactory = Callable[[], Any]
@@ -116,17 +116,7 @@ class ChatExplainer:
         res.provenance["request"] = request
         res.save(out / RESULT)
         res.save_html(out / REPORT)  # a page to read it by, as `captum-mllm explain` writes
-        top = res.top_features(1)
-        return {
-            "chat": name,
-            "response": res.response_text,
-            "n_features": inp.n_itp_features,
-            "top_feature": top["feature"].iloc[0] if len(top) else None,
-            "n_unique_coalitions": res.n_unique_coalitions,
-            "n_stored_coalitions": res.n_stored_coalitions,
-            "seconds": round(res.wall_time, 3),
-            "skipped": False,
-        }
+        return _summary_row(name, res, skipped=False)
 
     @contextlib.contextmanager
     def _input(self, chat: Any) -> Iterator[Any]:
@@ -359,8 +349,9 @@ def explain_dataset(
 
     Returns:
         pandas.DataFrame: one row per chat (name, response, number of features,
-        top feature, coalitions evaluated now and read from the store, seconds,
-        ``"skipped"`` for chats already done, ``"error"`` with ``on_error="record"``).
+        top feature, coalitions evaluated and read from the store, seconds,
+        ``"skipped"`` for chats already done: their row is their saved result's,
+        ``"error"`` with ``on_error="record"``).
     """
     root = Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -450,14 +441,36 @@ def _request_digest(chat: Any, args: tuple[Any, ...]) -> str:
     return digest(chat_digest(_as_chat(chat)), plain(own), *(plain(a) for a in args), *extra)
 
 
+def _summary_row(name: str, res: Any, skipped: bool) -> dict[str, Any]:
+    """A chat's row of the summary, from its result."""
+    top = res.top_features(1)
+    return {
+        "chat": name,
+        "response": res.response_text,
+        "n_features": len(res.seq_attr),
+        "top_feature": top["feature"].iloc[0] if len(top) else None,
+        "n_unique_coalitions": res.n_unique_coalitions,
+        "n_stored_coalitions": res.n_stored_coalitions,
+        "seconds": round(res.wall_time, 3),
+        "skipped": skipped,
+    }
+
+
 def _done_row(name: str, result: Path, request: str) -> dict[str, Any] | None:
-    """The summary row of a chat already explained for this request, else None."""
+    """The summary row of a chat already explained for this request (its
+    result's figures: a rerun's summary.csv keeps them), else None."""
+    from captum_mllm.result import MultimodalLLMAttributionResult
+
     if not result.is_file():
         return None
     data = json.loads(result.read_text(encoding="utf-8"))
     if data.get("provenance", {}).get("request") != request:
         return None
-    return {"chat": name, "response": data.get("response_text"), "skipped": True}
+    try:
+        saved = MultimodalLLMAttributionResult.load(result)
+    except ResultFormatError:  # its arrays lost or cut short: explained again
+        return None
+    return _summary_row(name, saved, skipped=True)
 
 
 def _actor_class(ray: Any, resources: dict[str, float]) -> Any:

@@ -9,6 +9,7 @@ import threading
 import time
 import warnings
 
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -354,8 +355,14 @@ def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
             use_ray=False, show_progress=False,
         ).set_index("chat")  # fmt: skip
 
-    run()
-    assert run()["skipped"].all()
+    first = run()
+    again = run()
+    assert again["skipped"].all()
+    # a rerun's summary (summary.csv) keeps each result's figures: it had only the answer
+    summary = ["response", "n_features", "top_feature", "n_unique_coalitions", "seconds"]
+    pd.testing.assert_frame_equal(again[summary], first[summary])
+    (tmp_path / "sky" / RESULT).with_suffix(".npz").unlink()  # its arrays lost: done again
+    assert list(run()["skipped"]) == [True, False]
     more = run(budget=40)  # another budget: explained again, from what is stored
     assert not more["skipped"].any() and (more["n_stored_coalitions"] > 0).all()
     assert MultimodalLLMAttributionResult.load(tmp_path / "sky" / RESULT).n_coalitions == 40
