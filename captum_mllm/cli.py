@@ -303,8 +303,9 @@ def _dataset_command(args: argparse.Namespace) -> None:
     _print_table(table)
     table.to_csv(args.out / "summary.csv", index=False)
     print(
-        f"wrote {args.out / 'summary.csv'} and one folder per chat under {args.out} (its "
-        "result.json and report.html)"
+        f"wrote {args.out / 'summary.csv'}, {args.out / 'index.html'} (open it to read the "
+        f"chats' pages) and one folder per chat under {args.out} (its result.json and "
+        "report.html)"
     )
 
 

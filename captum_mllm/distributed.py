@@ -40,6 +40,7 @@ ModelFactory = Callable[[], Any]
 MethodFactory = Callable[[Any], Any]
 RESULT = "result.json"
 REPORT = "report.html"
+INDEX = "index.html"
 STORE = "coalitions.sqlite"
 
 __all__ = ["explain_dataset", "explain_sharded", "ChatExplainer"]
@@ -326,7 +327,8 @@ def explain_dataset(
         attribute_kwargs (dict, optional): ``attribute`` arguments (``budget``, ...);
             ``gen_args`` reaches only the chats without a final assistant turn
             (a chat that holds its answer explains that answer).
-        store_dir (str or Path): where results and stores go.
+        store_dir (str or Path): where results and stores go, a folder per chat
+            (``result.json``, ``report.html``), with ``index.html`` listing them.
         num_workers (int, optional): actors. Default: one per GPU Ray sees, else 1
         resources_per_worker (dict, optional): Ray resources of an actor, e.g.
             ``{"num_gpus": 0.5}`` or ``{"num_cpus": 2}``. Default: one GPU when
@@ -429,7 +431,23 @@ def explain_dataset(
     table = pd.DataFrame(rows)
     # Counts stay integers beside a failed chat's missing ones (not 6.0 in summary.csv)
     counts = ("n_features", "n_unique_coalitions", "n_stored_coalitions", "retries")
-    return table.astype({k: "Int64" for k in counts if k in table})
+    table = table.astype({k: "Int64" for k in counts if k in table})
+    _write_index(root, table)
+    return table
+
+
+def _write_index(root: Path, table: pd.DataFrame) -> None:
+    """``index.html``: the chats, each name a link to its ``report.html``."""
+    from urllib.parse import quote
+
+    from captum_mllm.viz.report import render_index
+
+    links = {
+        str(name): f"{quote(str(name))}/{REPORT}"
+        for name in table.get("chat", [])
+        if (root / str(name) / REPORT).is_file()
+    }
+    (root / INDEX).write_text(render_index(table, links), encoding="utf-8")
 
 
 def _request_digest(chat: Any, args: tuple[Any, ...]) -> str:

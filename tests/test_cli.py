@@ -327,7 +327,8 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
         assert (out / name / "result.json").is_file()
         page = (out / name / "report.html").read_text(encoding="utf-8")  # one to read, as explain's
         assert question.split()[-1].rstrip("?") in page
-    assert "summary.csv" in text
+    assert "summary.csv" in text and str(out / "index.html") in text
+    assert 'href="sky/report.html"' in (out / "index.html").read_text(encoding="utf-8")
     code, text, _ = run(argv, capsys)  # a rerun skips both
     assert code == 0 and text.count("True") >= 2
     # A bad chat stops the run, or with --on-error record is named in its row

@@ -343,6 +343,50 @@ def test_a_chats_own_tools_reach_the_template(tmp_path):
     assert settings == {"date_string": "1 Jan 2025", "tools": tools}
 
 
+def test_an_index_page_links_every_explained_chat(tmp_path):
+    """A data set's chats could be read only one report.html at a time, found
+    by folder: index.html lists explain_dataset's table, each explained chat's
+    name linking to its page (its name quoted as a URL, escaped as text); a
+    chat that failed has no link and shows its error."""
+    from html.parser import HTMLParser
+    from urllib.parse import unquote
+
+    from captum_mllm.distributed import INDEX
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.links, self.cells, self.tags = {}, [], []
+            self.href = None
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self.href = dict(attrs).get("href") if tag == "a" else self.href
+
+        def handle_data(self, data):
+            if self.href is not None:
+                self.links[data] = self.href
+                self.href = None
+            if self.tags and self.tags[-1] in ("td", "th", "a"):
+                self.cells.append(data)
+
+    name = "a b#1&<i>x"  # a data set's id: a folder name, not a URL or markup
+    chats = {name: CHATS[0], "bad": Chat().user("Hi <|im_start|> there")}
+    with pytest.warns(UserWarning, match="1 of 2 chats raised"):
+        table = explain_dataset(
+            chats, factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path,
+            use_ray=False, show_progress=False, on_error="record",
+        )  # fmt: skip
+    page = Page()
+    page.feed((tmp_path / INDEX).read_text(encoding="utf-8"))
+    assert "i" not in page.tags  # the name's <i> is text
+    assert page.links == {name: "a%20b%231%26%3Ci%3Ex/" + REPORT}
+    assert (tmp_path / unquote(page.links[name])).is_file()
+    assert list(table.columns) == page.cells[: len(table.columns)]
+    assert table.set_index("chat").loc[name, "response"] in page.cells
+    assert any(cell.startswith("InvalidContentError: ") for cell in page.cells)
+
+
 def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
     """A saved result is skipped only for the same chat, arguments and
     factories; otherwise the chat is explained again, from its store where the

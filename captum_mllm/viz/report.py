@@ -21,6 +21,7 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from captum_mllm.viz.bidi import shown_controls
@@ -80,6 +81,31 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
         .replace(">", "\\u003e")
         .replace("&", "\\u0026"),
     )
+
+
+def render_index(table: pd.DataFrame, links: dict[str, str]) -> str:
+    """An HTML page listing a data set's chats (``explain_dataset``'s table),
+    each chat's name linking to its page (``links``: name to relative URL)."""
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True)
+    env.filters["shown"] = lambda value: shown_controls(str(value))
+    template = (files("captum_mllm.viz") / "index.html.j2").read_text(encoding="utf-8")
+    rows = []
+    for record in table.to_dict("records"):
+        row = {k: _cell(v) for k, v in record.items()}
+        row["link"] = links.get(str(record["chat"]))
+        rows.append(row)
+    return env.from_string(template).render(columns=list(table.columns), rows=rows)
+
+
+def _cell(value: Any) -> Any:
+    """A summary value as the index shows it: missing ones empty, flags as words."""
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else ""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def framed(page: str) -> str:
