@@ -700,7 +700,11 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
     def _repr_html_(self) -> str:
         from captum_mllm.viz.report import framed
 
-        return framed(self.to_html())  # a page of its own inside the notebook's
+        top = self.top_features(5)
+        pairs = zip(top["feature"], top["seq_attr"], strict=True)
+        largest = ", ".join(f"{f} {v:+.3g}" for f, v in pairs)
+        caption = f"Attribution to {self._what(None)}; largest: {largest}"
+        return framed(self.to_html(), caption)  # a page of its own inside the notebook's
 
     def __repr__(self) -> str:
         return (

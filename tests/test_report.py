@@ -173,6 +173,43 @@ def test_results_shown_in_one_notebook_keep_their_own_pages(page, report, tmp_pa
     assert "<script>window.pwned" not in res._repr_html_()  # escaped into the frame
 
 
+def test_a_notebook_viewer_without_frames_or_scripts_shows_the_answer_and_largest_features(
+    report,
+):
+    """GitHub's notebook view, nbconvert's PDF and untrusted outputs drop
+    frames and scripts: a result showed nothing there. A line of text before
+    the frame names the answer and the five largest features, escaped."""
+    import re
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.text = [], ""
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.text += data
+
+    for res in (report[0], MultimodalLLMAttributionResult(
+        input_tokens=["עברית", "beta", "\u202eevil", "d", "e", "f"], output_tokens=["x", "y"],
+        seq_attr=torch.tensor([0.5, -2.0, 1.0, 0.01, 0.02, -0.03]), response_text="x y",
+    )):  # fmt: skip
+        shown = re.sub(
+            r"<script>.*?</script>|<iframe .*?</iframe>", "", res._repr_html_(), flags=re.S
+        )
+        text = Text()
+        text.feed(shown)
+        assert text.tags == ["p"]  # the hostile chat's markup stays text
+        top = res.top_features(5)
+        assert text.text.strip().startswith(f"Attribution to the answer {res.response_text!r}")
+        largest = text.text.split("largest: ")[1]
+        expected = [f"{f} {v:+.3g}" for f, v in zip(top["feature"], top["seq_attr"], strict=True)]
+        assert largest.strip() == ", ".join(expected).replace("\u202e", "⟨RLO⟩")
+
+
 def test_summaries(report):
     res, _ = report
     shares = res.modality_share()

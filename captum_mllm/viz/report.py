@@ -108,8 +108,10 @@ def _cell(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def framed(page: str) -> str:
-    """``page`` in a sandboxed frame, as a notebook shows a result.
+def framed(page: str, caption: str = "") -> str:
+    """``page`` in a sandboxed frame, as a notebook shows a result, after a
+    line of plain ``caption`` text: what remains where a notebook's viewer
+    drops frames and scripts (GitHub's, nbconvert's PDF, untrusted outputs).
 
     A notebook puts an output's HTML into its own page: the report's styles
     restyled the whole notebook (its ``body`` rule narrowed it), and a second
@@ -128,7 +130,8 @@ def framed(page: str) -> str:
         "  if (frame && e.source === frame.contentWindow && e.data?.height > 0)\n"
         "    frame.style.height = `${Math.ceil(e.data.height)}px`;\n"
         "});</script>\n"
-        f'<iframe id={key} title="captum-mllm explanation" sandbox="allow-scripts" '
+        + (f'<p dir="auto">{html.escape(shown_controls(caption))}</p>\n' if caption else "")
+        + f'<iframe id={key} title="captum-mllm explanation" sandbox="allow-scripts" '
         f'style="width: 100%; height: {FRAME_HEIGHT}px; border: 0" '
         f'srcdoc="{html.escape(page, quote=True)}"></iframe>'
     )
