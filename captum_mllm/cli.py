@@ -301,7 +301,6 @@ def _dataset_command(args: argparse.Namespace) -> None:
         on_error=args.on_error,
     )
     _print_table(table)
-    table.to_csv(args.out / "summary.csv", index=False)
     print(
         f"wrote {args.out / 'summary.csv'}, {args.out / 'index.html'} (open it to read the "
         f"chats' pages) and one folder per chat under {args.out} (its result.json and "

@@ -41,6 +41,7 @@ MethodFactory = Callable[[Any], Any]
 RESULT = "result.json"
 REPORT = "report.html"
 INDEX = "index.html"
+SUMMARY = "summary.csv"
 STORE = "coalitions.sqlite"
 
 __all__ = ["explain_dataset", "explain_sharded", "ChatExplainer"]
@@ -218,6 +219,8 @@ def _named(chats: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
                 f"chat name {name!r} cannot name a folder under store_dir: give names "
                 "without '/', '\\' or NUL, other than '', '.' and '..'"
             )
+        if name.casefold() in (SUMMARY, INDEX):  # the data set's own files
+            raise InvalidOptionError(f"chat name {name!r} names a file explain_dataset writes")
     return items
 
 
@@ -328,7 +331,8 @@ def explain_dataset(
             ``gen_args`` reaches only the chats without a final assistant turn
             (a chat that holds its answer explains that answer).
         store_dir (str or Path): where results and stores go, a folder per chat
-            (``result.json``, ``report.html``), with ``index.html`` listing them.
+            (``result.json``, ``report.html``), with the returned table in
+            ``summary.csv`` and ``index.html`` (each chat linking to its page).
         num_workers (int, optional): actors. Default: one per GPU Ray sees, else 1
         resources_per_worker (dict, optional): Ray resources of an actor, e.g.
             ``{"num_gpus": 0.5}`` or ``{"num_cpus": 2}``. Default: one GPU when
@@ -432,12 +436,13 @@ def explain_dataset(
     # Counts stay integers beside a failed chat's missing ones (not 6.0 in summary.csv)
     counts = ("n_features", "n_unique_coalitions", "n_stored_coalitions", "retries")
     table = table.astype({k: "Int64" for k in counts if k in table})
+    table.to_csv(root / SUMMARY, index=False)
     _write_index(root, table)
     return table
 
 
 def _write_index(root: Path, table: pd.DataFrame) -> None:
-    """``index.html``: the chats, each name a link to its ``report.html``."""
+    """``index.html``: the summary, each chat's name a link to its ``report.html``."""
     from urllib.parse import quote
 
     from captum_mllm.viz.report import render_index

@@ -347,11 +347,12 @@ def test_an_index_page_links_every_explained_chat(tmp_path):
     """A data set's chats could be read only one report.html at a time, found
     by folder: index.html lists explain_dataset's table, each explained chat's
     name linking to its page (its name quoted as a URL, escaped as text); a
-    chat that failed has no link and shows its error."""
+    chat that failed has no link and shows its error. summary.csv, which only
+    the command line wrote, is written beside it."""
     from html.parser import HTMLParser
     from urllib.parse import unquote
 
-    from captum_mllm.distributed import INDEX
+    from captum_mllm.distributed import INDEX, SUMMARY
 
     class Page(HTMLParser):
         def __init__(self):
@@ -385,6 +386,9 @@ def test_an_index_page_links_every_explained_chat(tmp_path):
     assert list(table.columns) == page.cells[: len(table.columns)]
     assert table.set_index("chat").loc[name, "response"] in page.cells
     assert any(cell.startswith("InvalidContentError: ") for cell in page.cells)
+    written = pd.read_csv(tmp_path / SUMMARY)  # the same table, for Python callers too
+    assert list(written["chat"]) == list(table["chat"])
+    assert list(written["n_features"].fillna(-1)) == list(table["n_features"].fillna(-1))
 
 
 def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
@@ -419,7 +423,10 @@ def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
     for name in ("../outside", "/tmp/outside", "a/b", "..", ""):  # e.g. a JSONL row's id
         with pytest.raises(InvalidOptionError, match="cannot name a folder"):
             run({name: CHATS[0]})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sky", "who"]
+    for name in ("summary.csv", "Index.html"):
+        with pytest.raises(InvalidOptionError, match="names a file explain_dataset writes"):
+            run({name: CHATS[0]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "sky", "summary.csv", "who"]
 
 
 def test_a_request_names_factories_by_what_they_load():
