@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", help="explain a chat with a model")
     explain.add_argument(
+        "question", nargs="?",
+        help="the user's question: the same as --user QUESTION (e.g. captum-mllm explain "
+        "'Why is the sky blue?')",
+    )  # fmt: skip
+    explain.add_argument(
         "--chat", type=Path,
         help='a JSON or YAML Hugging Face message list, or an object {"messages": [...]}',
     )  # fmt: skip
@@ -232,6 +237,10 @@ def _speech_demo(out: Path) -> None:
 def _explain_command(args: argparse.Namespace) -> None:
     from captum_mllm import Chat
 
+    if args.question is not None:
+        if args.user or args.chat is not None:
+            raise UsageError("give the question once: as QUESTION, or as --user or --chat")
+        args.user = [args.question]
     if args.chat is not None:
         if args.user or args.system or args.user_audio:
             raise UsageError("give the chat either as --chat FILE or as --system/--user flags")

@@ -106,11 +106,14 @@ def test_a_yaml_chat_and_a_report(tmp_path, capsys):
 
 
 def test_batch_sets_coalitions_a_call_and_changes_no_value(tmp_path, capsys):
+    """Also: the question may be given alone (`explain "Who ..."` was refused
+    as an unrecognised argument), the same chat as --user."""
     saved = []
-    for batch in (["--batch", "1"], []):
+    question = "Who are you, my friend?"
+    for batch, asked in ((["--batch", "1"], [question]), ([], ["--user", question])):
         out = tmp_path / f"out{len(saved)}"
         code, _, err = run(
-            ["explain", "--user", "Who are you, my friend?", "--model", "tiny-llama",
+            ["explain", *asked, "--model", "tiny-llama",
              "--method", "exact", "--answer", "I am a small model.", "--out", out, *batch],
             capsys,
         )  # fmt: skip
@@ -120,6 +123,7 @@ def test_batch_sets_coalitions_a_call_and_changes_no_value(tmp_path, capsys):
     assert one.n_model_calls > 2**5  # every coalition alone
     assert default.n_model_calls <= 3  # prefix, then all 32 (the default batches)
     assert one.seq_attr.tolist() == pytest.approx(default.seq_attr.tolist(), abs=1e-5)
+    assert one.input_tokens == default.input_tokens and one.segments == default.segments
 
 
 def test_explain_dataset_reads_batch_too(tmp_path, capsys):
@@ -243,6 +247,7 @@ def test_budget_reaches_every_method_that_reads_one(tmp_path, capsys):
     "argv, says",
     [
         (["explain", "--model", "tiny-llama"], "no chat"),
+        (["explain", "Hi", "--user", "Hi", "--model", "tiny-llama"], "give the question once"),
         (["explain", "--chat", "/nonexistent/chat.json"], "cannot read"),
         (["explain", "--chat", "{bad}", "--model", "tiny-llama"], "not valid JSON"),
         (["explain", "--user", "Hi", "--model", "/nonexistent/model"], "no model folder or file"),
