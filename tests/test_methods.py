@@ -128,6 +128,11 @@ def test_exact_progress_counts_every_coalition(capsys):
     features), while exact Shapley evaluates 2^n (128): it showed 70/70."""
     ExactShapleyValues(lambda x: x.sum(1)).attribute(torch.ones(1, 7), show_progress=True)
     assert "128/128" in capsys.readouterr().err
+    # a sampler given more than 2^n evaluates all 2^n: its bar ended at "32/50", as if cut short
+    for sampler in (LeverageKernelShap, BayesianShapley, PairedPermutationSampling):
+        sampler(lambda x: x.sum(1)).attribute(torch.ones(1, 5), budget=50, show_progress=True)
+        err = capsys.readouterr().err
+        assert "32/32" in err and "/50" not in err, sampler.__name__
 
 
 @pytest.mark.parametrize("text_unit, captum_atol", [("word", 1e-6), ("token", 5e-5)])

@@ -254,7 +254,9 @@ class ShapleyEstimator(PerturbationAttribution):
                 )
             game = Game(example.evaluate, example.n)
             cap = 2**example.n if self.exact else 10 * example.n if budget is None else budget
-            with _progress(show_progress, cap, type(self).__name__) as progress:
+            # beyond 2^n all 2^n are evaluated: the bar ends full ("32/50" read as cut short)
+            bar = min(cap, 2**example.n)
+            with _progress(show_progress, bar, type(self).__name__) as progress:
                 plan = Plan(cap, target_stderr, rng, progress, kwargs, budget is not None)
                 phi, stderr = self.estimate(game, plan)
             if target_stderr is not None and not plan.asked and not np.any(stderr):
