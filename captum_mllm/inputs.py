@@ -396,7 +396,8 @@ class ChatInput(InterpretableInput):
         extra = len(self.values) - REPR_LABELS
         more = f", ... ({extra} more)" if extra > 0 else ""
         return (
-            f"{type(self).__name__}({len(self.features)} features ({kinds}): [{labels}{more}]; "
+            f"{type(self).__name__}({len(self.features)} feature{'s' * (len(self.features) != 1)} "
+            f"({kinds}): [{labels}{more}]; "
             f"roles={self.roles}, text_unit={self.text_unit!r}, audio_unit={self.audio_unit!r}, "
             f"model={type(self.model).__name__})"
         )

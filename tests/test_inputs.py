@@ -120,6 +120,7 @@ def test_a_chat_input_shows_its_features_in_a_notebook(model):
     assert shown.startswith("ChatInput(10 features (10 text): ['one', 'two', 'three', ")
     assert "'eight', ... (2 more)]; roles=('user',), text_unit='word'" in shown
     assert "'nine'" not in shown and shown.endswith("model=HFCausalLMAdapter)")
+    assert repr(ChatInput(Chat().user("one"), model)).startswith("ChatInput(1 feature (1 text): ")
 
 
 def test_token_and_turn_units(model, chat):
