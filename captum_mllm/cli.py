@@ -370,7 +370,8 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
     (whose transcripts go to each chat's ``ChatInput`` when ``transcripts``)."""
     if path.is_file():
         chats: dict[str, Any] = {}
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        # utf-8-sig: a byte order mark (Windows' Notepad writes one) is not JSON
+        for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines()):
             if not line.strip():
                 continue
             try:
@@ -583,7 +584,7 @@ def _read_messages(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     to the file), and the chat-template arguments a request holding them adds
     (its tools and chat_template_kwargs; none for a plain list)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # without a byte order mark
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:

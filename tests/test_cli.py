@@ -41,7 +41,7 @@ def test_a_json_chat_with_an_audio_file(tmp_path, capsys):
             ],
         },
     ]
-    (tmp_path / "chat.json").write_text(json.dumps(chat))
+    (tmp_path / "chat.json").write_text(json.dumps(chat), encoding="utf-8-sig")  # a BOM too
     out = tmp_path / "out"
     code, printed, err = run(
         ["explain", "--chat", tmp_path / "chat.json", "--model", "tiny-lfm2-audio",
@@ -318,7 +318,8 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
         json.dumps({"id": "sky", "messages": [{"role": "user", "content": "Why is it blue?"}]}),
         json.dumps({"id": "share", "conversations": [{"from": "human", "value": "Hi there"}]}),
     ]
-    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    # as Windows' Notepad saves it: a byte order mark, CRLF line ends
+    (tmp_path / "chats.jsonl").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8-sig")
     out = tmp_path / "runs"
     argv = ["explain-dataset", tmp_path / "chats.jsonl", "--model", "tiny-llama", "--no-ray",
             "--max-new-tokens", "3", "--budget", "20", "--out", out]  # fmt: skip
