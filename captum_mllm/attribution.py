@@ -422,7 +422,11 @@ class MultimodalLLMAttribution(LLMAttribution):
                     kwargs.get("feature_mask"),
                 )
                 if upcoming is not None:
-                    evaluator.prefetch(upcoming, int(kwargs.get("perturbations_per_eval", 1)))
+                    evaluator.prefetch(
+                        upcoming,
+                        int(kwargs.get("perturbations_per_eval", 1)),
+                        show_progress=bool(kwargs.get("show_progress", False)),
+                    )
                 cur = self.attr_method.attribute(
                     inp.to_tensor().to(self.device),
                     additional_forward_args=(call,),

@@ -12,11 +12,12 @@ seed); another explanation is refused with :class:`~captum_mllm.errors.StoreMism
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,7 @@ class CoalitionEvaluator:
         self._seen: set[bytes] = set()
         self.max_rows: int | None = None  # lowered when a batch runs out of memory
         self.n_halvings = 0
+        self.show_progress = False  # a bar over the coalitions evaluated (a prefetch's)
 
     def __call__(self, perturbed: Tensor) -> Tensor:
         """Values of B coalitions: ``(B, n_features) -> (B, k)`` on their device."""
@@ -258,15 +260,18 @@ class CoalitionEvaluator:
             order = torch.argsort(self.row_length(rows[todo]), stable=True).tolist()
             todo = [todo[i] for i in order]
         pending: tuple[_HostCopy, list[bytes], list[Any] | None] | None = None
-        for start in range(0, len(todo), step):
-            chosen = todo[start : start + step]
-            result = self._evaluate(rows[chosen])
-            launched = (_HostCopy(result.values), [keys[i] for i in chosen], result.responses)
+        with _bar(self.show_progress, len(todo)) as advance:
+            for start in range(0, len(todo), step):
+                chosen = todo[start : start + step]
+                result = self._evaluate(rows[chosen])
+                launched = (_HostCopy(result.values), [keys[i] for i in chosen], result.responses)
+                if pending is not None:
+                    self._keep(found, *pending)
+                    advance(len(pending[1]))
+                pending = launched
             if pending is not None:
                 self._keep(found, *pending)
-            pending = launched
-        if pending is not None:
-            self._keep(found, *pending)
+                advance(len(pending[1]))
         for row, key in zip(rows, keys, strict=True):
             if found[key][1] is not None:
                 self.responses[_as_tuple(row)] = found[key][1]
@@ -287,13 +292,18 @@ class CoalitionEvaluator:
         self._seen.update(new)
         found.update(new)
 
-    def prefetch(self, rows: Tensor, batch: int) -> None:
+    def prefetch(self, rows: Tensor, batch: int, show_progress: bool = False) -> None:
         """Evaluate and keep coalitions a method is about to ask for, ``batch``
         at a time, each distinct one once (not counted as requested: the
-        method's own asks are)."""
+        method's own asks are). ``show_progress``: a bar over the distinct
+        coalitions evaluated (the method's own bar then runs on cache hits)."""
         if not self.enabled:
             return
-        self.evaluate_batches(rows, batch)
+        self.show_progress = show_progress
+        try:
+            self.evaluate_batches(rows, batch)
+        finally:
+            self.show_progress = False
         self.n_requested -= len(rows)
 
     def _evaluate(self, rows: Tensor) -> TargetValues:
@@ -339,6 +349,22 @@ class CoalitionEvaluator:
     def _log(self, rows: Tensor, said: list[Any] | None) -> None:
         for row, s in zip(rows, said or [], strict=False):
             self.responses[_as_tuple(row)] = s
+
+
+@contextlib.contextmanager
+def _bar(show: bool, total: int) -> Iterator[Callable[[int], Any]]:
+    """``update(count)`` of a tqdm bar over ``total`` coalitions evaluated, or
+    of nothing (every batch of every method passes here: no bar unless shown)."""
+    if not show:
+        yield lambda count: None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="evaluating coalitions", unit="coalition")
+    try:
+        yield bar.update
+    finally:
+        bar.close()
 
 
 class _HostCopy:

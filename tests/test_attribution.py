@@ -838,3 +838,19 @@ def test_captum_sampling_is_prefetched_in_full_batches(model, chat):
         feature_mask=mask,
     )  # fmt: skip
     assert grouped.n_unique_coalitions <= 2**3 and grouped.n_model_calls <= 3
+
+
+def test_prefetched_sampling_shows_its_evaluations_in_progress(model, chat, capsys):
+    """With show_progress=True the prefetch ran in silence, all the model's
+    work, then Captum's bar ran to 100% at once over cache hits."""
+    attr = MultimodalLLMAttribution(ShapleyValueSampling(model), model)
+    ours = attr.attribute(
+        ChatInput(chat, model), target=TARGET, perturbations_per_eval=4, n_samples=8,
+        show_progress=True,
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    done = f"{ours.n_unique_coalitions}/{ours.n_unique_coalitions}"
+    ours_at, captums_at = err.find("evaluating coalitions: 100%"), err.find("Shapley Value")
+    assert ours_at >= 0 and done in err[ours_at:] and captums_at > ours_at
+    attr.attribute(ChatInput(chat, model), target=TARGET, n_samples=8)
+    assert "evaluating coalitions" not in capsys.readouterr().err  # unless asked for
