@@ -301,7 +301,10 @@ class MultimodalLLMAttribution(LLMAttribution):
                 Captum's 1, ``perturbations_per_eval`` defaults to 64 coalitions
                 a call on a CPU and 1,024 on an accelerator
                 (:func:`~captum_mllm.models.batching.default_perturbations_per_eval`);
-                values never depend on it.
+                values never depend on it. ``seed`` (int) seeds what the method
+                draws: our estimators' own, and for Captum's samplers (and a
+                ``ProductBaselines`` input) torch's, Python's and NumPy's
+                generators during the call, put back after it.
 
         Returns:
             MultimodalLLMAttributionResult: ``token_attr`` is None for Lime and
@@ -317,6 +320,17 @@ class MultimodalLLMAttribution(LLMAttribution):
                 f"{type(inp).__name__} is not supported; use ChatInput or one of Captum's "
                 "TextTemplateInput, TextTokenInput, ImageMaskInput"
             )
+        if kwargs.get("seed") is not None and not isinstance(self.attr_method, ShapleyEstimator):
+            # Captum's methods take no seed (a TypeError): theirs is torch's generator
+            seed = require_int("seed", kwargs.pop("seed"), 0)
+            with captum_compat.seeded_draws(seed, self.device):
+                res = self.attribute(
+                    inp, target, num_trials, gen_args, use_cached_outputs, _inspect_forward,
+                    forward_in_tokens, cache_coalitions, reuse_prefix, keep_eos, store, shard,
+                    **kwargs,
+                )  # fmt: skip
+            res.provenance["method_args"]["seed"] = seed
+            return res
         require_int("num_trials", num_trials, 1)
         inp = answered_input(inp, target)
         if store is not None and not cache_coalitions:  # the store went unread and unwritten

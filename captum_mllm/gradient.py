@@ -183,7 +183,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             seed (int, optional): what the method draws (``NoiseTunnel``'s noise,
                 ``GradientShap``'s baselines and points) is drawn from torch's
                 generator seeded with it, and the caller's generator does not
-                move; kept in ``provenance["seed"]``. None draws from torch's
+                move; kept in ``provenance["method_args"]``. None draws from torch's
                 global generator, as Captum does. Default: None
             **kwargs: passed to the method's ``attribute`` (``n_steps``,
                 ``internal_batch_size``, ``n_samples``, ``stdevs``, ...).
@@ -198,7 +198,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             require_int("seed", seed, 0)
             with seeded_draws(seed, self.adapter.device):
                 res = self.attribute(inp, target, gen_args, baselines, keep_eos, **kwargs)
-            res.provenance["seed"] = seed
+            res.provenance["method_args"]["seed"] = seed
             return res
         if not isinstance(inp, ChatInput):
             if self.tunnel:  # Captum's path would give the noise to the model's ids

@@ -328,6 +328,48 @@ def test_num_trials_averages():
 # Captum's LLM tutorial: ProductBaselines draws each coalition's baselines, and
 # num_trials averages over draws. The cache kept the first trial's draw, so every
 # trial repeated it; nor did torch's seed make the draws (Python's random) repeat.
+def test_a_seed_makes_captums_samplers_repeatable(model):
+    """seed= raised a TypeError from Captum's samplers (ours take it): it now
+    seeds torch's, Python's and NumPy's generators during the call, which is
+    what they draw from, and puts them back."""
+    import random
+
+    from captum.attr import ProductBaselines
+
+    from captum_mllm import Chat, ChatInput
+    from captum_mllm.errors import InvalidOptionError
+
+    TARGET = "I am a small model."
+    inp = ChatInput(Chat().user("Who are you, my good friend?"), model)
+    for method, kwargs in [(ShapleyValueSampling, {"n_samples": 3}),
+                           (Lime, {"n_samples": 12}), (KernelShap, {"n_samples": 12})]:  # fmt: skip
+        attr = MultimodalLLMAttribution(method(model), model)
+        state = torch.get_rng_state()
+        first = attr.attribute(inp, target=TARGET, seed=3, **kwargs)
+        assert torch.equal(torch.get_rng_state(), state), method.__name__
+        torch.rand(5)
+        again = attr.attribute(inp, target=TARGET, seed=3, **kwargs)
+        assert torch.equal(again.seq_attr, first.seq_attr), method.__name__
+        other = attr.attribute(inp, target=TARGET, seed=4, **kwargs)
+        assert not torch.allclose(other.seq_attr, first.seq_attr), method.__name__
+        torch.manual_seed(3)  # the draws Captum makes after torch.manual_seed(3)
+        plain = attr.attribute(inp, target=TARGET, **kwargs)
+        torch.testing.assert_close(plain.seq_attr, first.seq_attr, rtol=0, atol=0)
+        assert first.provenance["method_args"]["seed"] == 3
+    drawn = TextTemplateInput(  # ProductBaselines draws with Python's random
+        "{name} lives in {city}.", {"name": "Dave", "city": "Paris"},
+        baselines=ProductBaselines({"name": ["Sarah", "John", "Ann"], "city": ["Rome", "Oslo"]}),
+    )  # fmt: skip
+    ablation = MultimodalLLMAttribution(FeatureAblation(model), model)
+    before = random.getstate()
+    runs = [ablation.attribute(drawn, TARGET, num_trials=4, seed=s) for s in (1, 1, 2)]
+    assert random.getstate() == before
+    assert torch.equal(runs[0].seq_attr, runs[1].seq_attr)
+    assert not torch.equal(runs[0].seq_attr, runs[2].seq_attr)
+    with pytest.raises(InvalidOptionError, match="seed"):
+        ablation.attribute(drawn, TARGET, seed=-1)
+
+
 def test_drawn_baselines_are_averaged_over_trials_and_seeded(tmp_path):
     import random
 

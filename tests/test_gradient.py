@@ -196,7 +196,7 @@ def test_a_seed_makes_what_a_gradient_method_draws_repeatable(llama, words):
     torch.testing.assert_close(again.token_attr, first.token_attr, rtol=0, atol=0)
     other = run(NoiseTunnel(Saliency(llama)), seed=4, **tunnel)
     assert not torch.allclose(other.token_attr, first.token_attr, atol=1e-4)
-    assert first.provenance["seed"] == 3
+    assert first.provenance["method_args"]["seed"] == 3
     torch.manual_seed(3)  # the same draws as Captum's own under torch.manual_seed
     stock = run(NoiseTunnel(Saliency(llama)), **tunnel)
     torch.testing.assert_close(stock.token_attr, first.token_attr, rtol=0, atol=0)
