@@ -501,16 +501,16 @@ def _method_kwargs(settings: dict[str, Any], n_features: int | None) -> dict[str
     stderr = settings.get("target_stderr")
     if method == "exact":  # a --budget below 2^n is refused, not overrun
         return {} if budget is None else {"budget": budget}
-    if method == "captum-svs":
+    if method == "captum-svs":  # seeded as ours are: a chat's draws do not hang on the one before
         if budget is None:
-            return {"n_samples": 10}
+            return {"n_samples": 10, "seed": settings["seed"]}
         if n_features is None:  # explain-dataset: one setting for chats of any length
             raise UsageError(
                 "--method captum-svs counts permutations of each chat's features, so "
                 "explain-dataset cannot turn --budget into them: leave --budget out (10 "
                 "permutations) or use --method permutation"
             )
-        return {"n_samples": max(1, budget // n_features)}
+        return {"n_samples": max(1, budget // n_features), "seed": settings["seed"]}
     kwargs = {"budget": budget, "seed": settings["seed"]}
     return kwargs if stderr is None else {**kwargs, "target_stderr": stderr}
 

@@ -144,6 +144,29 @@ def test_explain_dataset_reads_batch_too(tmp_path, capsys):
     assert calls["1"] > 2**5 and calls["64"] <= 3
 
 
+def test_captum_sampling_over_a_data_set_is_seeded_per_chat(tmp_path, capsys):
+    """explain-dataset --method captum-svs drew each chat's orders from where
+    the chat before left torch's generator: a chat's values hung on the order
+    of the file. --seed now reaches Captum's sampler as it reaches ours."""
+    questions = ["Who are you, my friend?", "Why is it blue today?"]
+    rows = [json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": text}]})
+            for i, text in enumerate(questions)]  # fmt: skip
+    values = {}
+    for order in ("forward", "reversed"):
+        data = tmp_path / f"{order}.jsonl"
+        data.write_text("\n".join(rows if order == "forward" else rows[::-1]) + "\n")
+        code, _, err = run(["explain-dataset", data, "--model", "tiny-llama", "--no-ray",
+                            "--method", "captum-svs", "--max-new-tokens", "3", "--out",
+                            tmp_path / order], capsys)  # fmt: skip
+        assert code == 0, err
+        for name in ("q0", "q1"):
+            res = MultimodalLLMAttributionResult.load(tmp_path / order / name / "result.json")
+            values[order, name] = res.seq_attr
+            assert res.provenance["method_args"]["seed"] == 0
+    for name in ("q0", "q1"):
+        assert values["forward", name].tolist() == values["reversed", name].tolist()
+
+
 def test_target_stderr_and_baselines_reach_the_run(tmp_path, capsys):
     chat = ["--user", "Who are you, my friend?", "--model", "tiny-llama",
             "--answer", "I am a small model."]  # fmt: skip
