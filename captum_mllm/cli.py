@@ -162,7 +162,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--budget",
         type=_at_least(1),
         help="coalition evaluations (default: 10 per feature; hierarchical: exact Owen "
-        "values; exact evaluates all 2^n and refuses a smaller budget)",
+        "values, which warn when they need more than 16,384; exact evaluates all 2^n and "
+        "refuses a smaller budget)",
     )
     parser.add_argument(
         "--target-stderr", type=_positive, default=None,

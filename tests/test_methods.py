@@ -135,6 +135,27 @@ def test_exact_progress_counts_every_coalition(capsys):
         assert "32/32" in err and "/50" not in err, sampler.__name__
 
 
+def test_exact_values_show_their_progress_and_a_costly_tree_warns(capsys):
+    """Exact Shapley and exact Owen values asked for every coalition in one
+    call, the bar held at 0 until the end (an hour-long run on SmolLM2 showed
+    nothing), and the Owen bar counted to the samplers' 10n. Now the bar
+    moves every 8,192 coalitions, to the count the tree needs, and a tree
+    needing more than 16,384 warns that a budget samples it."""
+    ExactShapleyValues(lambda x: x.sum(1)).attribute(torch.ones(1, 14), show_progress=True)
+    err = capsys.readouterr().err
+    assert "8192/16384" in err and "16384/16384" in err
+    tree = [list(range(14)), list(range(14, 28))]
+    owen = HierarchicalShapley(lambda x: x.sum(1))
+    with pytest.warns(UserWarning, match="exact Owen values of this tree need 65,532 coalitions"):
+        attr = owen.attribute(torch.ones(1, 28), tree=tree, show_progress=True)
+    torch.testing.assert_close(attr, torch.ones(1, 28, dtype=attr.dtype))  # additive: exact
+    err = capsys.readouterr().err
+    assert "8192/65532" in err and "65532/65532" in err and "280/280" not in err  # 2 x 2 x 2^14 - 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a budget samples: no warning
+        owen.attribute(torch.ones(1, 28), tree=tree, budget=200, seed=0)
+
+
 @pytest.mark.parametrize("text_unit, captum_atol", [("word", 1e-6), ("token", 5e-5)])
 @pytest.mark.filterwarnings("ignore:Captum's ShapleyValues walks all")  # 7 features: it does
 def test_exact_equals_captums_shapley_values_on_chats(model, chat, text_unit, captum_atol):

@@ -412,6 +412,12 @@ class _progress:
         if self.bar is not None:
             self.bar.close()
 
+    def expect(self, total: int) -> None:
+        """The coalitions the estimate will ask for, once the estimator knows."""
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def update(self, game: Game, stderr: np.ndarray | None = None) -> None:
         if self.bar is None:
             return
@@ -419,6 +425,20 @@ class _progress:
         if stderr is not None and np.isfinite(stderr).all():
             self.bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}")
         self.bar.refresh()
+
+
+#: Coalitions an exact computation asks the game for at a time, the bar moving between.
+EXACT_CHUNK = 8192
+
+
+def evaluate_in_chunks(game: Game, masks: np.ndarray, progress: Any) -> np.ndarray:
+    """``game(masks)``, :data:`EXACT_CHUNK` rows at a time, the progress bar
+    updated after each (one call held an exact run's bar at 0 for hours)."""
+    parts = []
+    for start in range(0, len(masks), EXACT_CHUNK):
+        parts.append(game(masks[start : start + EXACT_CHUNK]))
+        progress.update(game)
+    return np.concatenate(parts)
 
 
 def shapley_weight(n: int, size: int) -> float:

@@ -7,7 +7,13 @@ from typing import Any
 import numpy as np
 
 from captum_mllm.errors import InvalidOptionError, require_int
-from captum_mllm.methods.base import Game, Plan, ShapleyEstimator, shapley_weight
+from captum_mllm.methods.base import (
+    Game,
+    Plan,
+    ShapleyEstimator,
+    evaluate_in_chunks,
+    shapley_weight,
+)
 
 
 class ExactShapleyValues(ShapleyEstimator):
@@ -44,10 +50,7 @@ class ExactShapleyValues(ShapleyEstimator):
             )
         index = np.arange(2**n, dtype=np.int64)
         bits = (index[:, None] >> np.arange(n)) & 1  # (2^n, n): bit i = feature i present
-        values = np.concatenate(
-            [game(bits[s : s + 65536].astype(bool)) for s in range(0, 2**n, 65536)]
-        )  # (2^n, k)
-        plan.progress.update(game)
+        values = evaluate_in_chunks(game, bits.astype(bool), plan.progress)  # (2^n, k)
         size = bits.sum(1)
         weights = np.array([shapley_weight(n, s) for s in range(n)] + [0.0])
         phi = np.zeros((values.shape[1], n))

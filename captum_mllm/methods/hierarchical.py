@@ -11,11 +11,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from captum_mllm.errors import InvalidOptionError, require_int
-from captum_mllm.methods.base import Game, Plan, ShapleyEstimator, shapley_weight
+from captum_mllm.errors import InvalidOptionError, require_int, warn_caller
+from captum_mllm.methods.base import (
+    Game,
+    Plan,
+    ShapleyEstimator,
+    evaluate_in_chunks,
+    shapley_weight,
+)
 from captum_mllm.methods.permutation import paired_order_sampling
 
 Tree = Sequence[Any]  # nested lists whose leaves are feature indices
+#: Exact Owen values needing more coalitions than this warn (name budget=).
+EXACT_WARNING = 2**14
 
 
 class HierarchicalShapley(ShapleyEstimator):
@@ -43,6 +51,9 @@ class HierarchicalShapley(ShapleyEstimator):
     so that they add up to the group's value. Unbiased when the level
     estimator is, exactly efficient at every level. A budget below what one
     estimate per level needs falls back to the sampled orders.
+
+    Without ``budget`` the values are exact; a tree whose exact values need
+    more than :data:`EXACT_WARNING` coalitions warns (a budget samples them).
 
     With ``prune > 0``, a top-level group whose value is below ``prune`` times
     the largest top-level group's is not expanded: its features share its
@@ -111,8 +122,13 @@ class HierarchicalShapley(ShapleyEstimator):
                 return phi, np.sqrt(var)
             # Too many for the budget: sample orders that keep every subtree together.
             return paired_order_sampling(game, plan, lambda rng: _consistent_order(root, rng))
-        phi = _evaluate(game, terms, n, n)
-        plan.progress.update(game)
+        if needed > EXACT_WARNING:  # hours on a real model, where a budget takes minutes
+            warn_caller(
+                f"exact Owen values of this tree need {needed:,} coalitions: give budget= to "
+                "sample orders that keep its groups together instead"
+            )
+        plan.progress.expect(needed)
+        phi = _evaluate(game, terms, n, n, plan.progress)
         return phi.T, np.zeros_like(phi.T)  # (k, n); exact, no sampling error
 
     def _by_level(
@@ -186,6 +202,9 @@ class _Quiet:
     """No progress bar (an inner level's estimate)."""
 
     def update(self, game: Game, stderr: np.ndarray | None = None) -> None:
+        return None
+
+    def expect(self, total: int) -> None:
         return None
 
 
@@ -268,13 +287,13 @@ def _terms(
                     yield from _terms(child, with_others, weight)
 
 
-def _evaluate(game: Game, terms: Any, n: int, players: int) -> np.ndarray:
+def _evaluate(game: Game, terms: Any, n: int, players: int, progress: Any = None) -> np.ndarray:
     """Sum the terms' weighted gains: ``(players, k)``, every coalition evaluated once."""
     terms = list(terms)
     coalitions = sorted({c for _, c, _, _ in terms} | {c | a for _, c, a, _ in terms})
     index = {c: i for i, c in enumerate(coalitions)}
-    masks = (np.array(coalitions, dtype=object)[:, None] >> np.arange(n)) & 1
-    values = game(masks.astype(bool))
+    masks = ((np.array(coalitions, dtype=object)[:, None] >> np.arange(n)) & 1).astype(bool)
+    values = game(masks) if progress is None else evaluate_in_chunks(game, masks, progress)
     out = np.zeros((players, values.shape[1]))
     for player, without, adds, weight in terms:
         out[player] += weight * (values[index[without | adds]] - values[index[without]])
