@@ -320,17 +320,19 @@ class MultimodalLLMAttribution(LLMAttribution):
                 f"{type(inp).__name__} is not supported; use ChatInput or one of Captum's "
                 "TextTemplateInput, TextTokenInput, ImageMaskInput"
             )
-        if kwargs.get("seed") is not None and not isinstance(self.attr_method, ShapleyEstimator):
+        if "seed" in kwargs and not isinstance(self.attr_method, ShapleyEstimator):
             # Captum's methods take no seed (a TypeError): theirs is torch's generator
-            seed = require_int("seed", kwargs.pop("seed"), 0)
-            with captum_compat.seeded_draws(seed, self.device):
-                res = self.attribute(
-                    inp, target, num_trials, gen_args, use_cached_outputs, _inspect_forward,
-                    forward_in_tokens, cache_coalitions, reuse_prefix, keep_eos, store, shard,
-                    **kwargs,
-                )  # fmt: skip
-            res.provenance["method_args"]["seed"] = seed
-            return res
+            seed = kwargs.pop("seed")
+            if seed is not None:  # None: unseeded, as ours read it
+                seed = require_int("seed", seed, 0)
+                with captum_compat.seeded_draws(seed, self.device):
+                    res = self.attribute(
+                        inp, target, num_trials, gen_args, use_cached_outputs, _inspect_forward,
+                        forward_in_tokens, cache_coalitions, reuse_prefix, keep_eos, store, shard,
+                        **kwargs,
+                    )  # fmt: skip
+                res.provenance["method_args"]["seed"] = seed
+                return res
         require_int("num_trials", num_trials, 1)
         inp = answered_input(inp, target)
         if store is not None and not cache_coalitions:  # the store went unread and unwritten
