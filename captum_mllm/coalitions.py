@@ -220,18 +220,20 @@ class CoalitionEvaluator:
         self._seen: set[bytes] = set()
         self.max_rows: int | None = None  # lowered when a batch runs out of memory
         self.n_halvings = 0
-        self.show_progress = False  # a bar over the coalitions evaluated (a prefetch's)
 
     def __call__(self, perturbed: Tensor) -> Tensor:
         """Values of B coalitions: ``(B, n_features) -> (B, k)`` on their device."""
         return self.evaluate_batches(perturbed, len(perturbed))
 
-    def evaluate_batches(self, perturbed: Tensor, batch: int) -> Tensor:
+    def evaluate_batches(
+        self, perturbed: Tensor, batch: int, show_progress: bool = False
+    ) -> Tensor:
         """Values of B coalitions, those not in the store ``batch`` at a time
         (shortest model inputs first when ``row_length`` is known):
         ``(B, n_features) -> (B, k)`` on their device. A batch's values come
         back to the host while the next one is prepared and launched, so an
-        accelerator does not wait for the host between batches."""
+        accelerator does not wait for the host between batches. ``show_progress``:
+        a bar over the coalitions evaluated."""
         rows = perturbed.reshape(perturbed.shape[0], -1)
         self.n_requested += len(rows)
         step = max(batch, 1)
@@ -260,7 +262,7 @@ class CoalitionEvaluator:
             order = torch.argsort(self.row_length(rows[todo]), stable=True).tolist()
             todo = [todo[i] for i in order]
         pending: tuple[_HostCopy, list[bytes], list[Any] | None] | None = None
-        with _bar(self.show_progress, len(todo)) as advance:
+        with _bar(show_progress, len(todo)) as advance:
             for start in range(0, len(todo), step):
                 chosen = todo[start : start + step]
                 result = self._evaluate(rows[chosen])
@@ -299,11 +301,7 @@ class CoalitionEvaluator:
         coalitions evaluated (the method's own bar then runs on cache hits)."""
         if not self.enabled:
             return
-        self.show_progress = show_progress
-        try:
-            self.evaluate_batches(rows, batch)
-        finally:
-            self.show_progress = False
+        self.evaluate_batches(rows, batch, show_progress)
         self.n_requested -= len(rows)
 
     def _evaluate(self, rows: Tensor) -> TargetValues:

@@ -20,7 +20,6 @@ Examples::
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 import warnings
 from collections import Counter
@@ -33,7 +32,13 @@ import torch
 from tqdm.auto import tqdm
 
 from captum_mllm.chat import REQUEST_KEYS, Chat, request_template_kwargs
-from captum_mllm.errors import InvalidOptionError, ResultFormatError, require_int, warn_caller
+from captum_mllm.errors import (
+    InconsistentVersionWarning,
+    InvalidOptionError,
+    ResultFormatError,
+    require_int,
+    warn_caller,
+)
 from captum_mllm.fingerprint import chat_digest, digest, fix_digest, plain
 
 ModelFactory = Callable[[], Any]
@@ -486,12 +491,13 @@ def _done_row(name: str, result: Path, request: str) -> dict[str, Any] | None:
 
     if not result.is_file():
         return None
-    data = json.loads(result.read_text(encoding="utf-8"))
-    if data.get("provenance", {}).get("request") != request:
-        return None
     try:
-        saved = MultimodalLLMAttributionResult.load(result)
+        with warnings.catch_warnings():  # one a chat after an upgrade; the request decides
+            warnings.simplefilter("ignore", InconsistentVersionWarning)
+            saved = MultimodalLLMAttributionResult.load(result)
     except ResultFormatError:  # its arrays lost or cut short: explained again
+        return None
+    if saved.provenance.get("request") != request:
         return None
     return _summary_row(name, saved, skipped=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import json
 import threading
 import time
 import warnings
@@ -410,7 +411,12 @@ def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
     summary = ["response", "n_features", "top_feature", "n_unique_coalitions", "seconds"]
     pd.testing.assert_frame_equal(again[summary], first[summary])
     (tmp_path / "sky" / RESULT).with_suffix(".npz").unlink()  # its arrays lost: done again
-    assert list(run()["skipped"]) == [True, False]
+    saved = json.loads((tmp_path / "who" / RESULT).read_text())
+    saved["versions"]["captum-mllm"] = "0.0.1"  # after an upgrade: no warning a chat
+    (tmp_path / "who" / RESULT).write_text(json.dumps(saved))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(run()["skipped"]) == [True, False]
     more = run(budget=40)  # another budget: explained again, from what is stored
     assert not more["skipped"].any() and (more["n_stored_coalitions"] > 0).all()
     assert MultimodalLLMAttributionResult.load(tmp_path / "sky" / RESULT).n_coalitions == 40
