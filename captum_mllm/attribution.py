@@ -59,6 +59,7 @@ from captum_mllm.fingerprint import chat_digest, digest, model_digest, plain
 from captum_mllm.heap import retained_heap
 from captum_mllm.inputs import ChatInput
 from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
+from captum_mllm.methods.hierarchical import split_wide
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
 from captum_mllm.models.batching import default_perturbations_per_eval
 from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
@@ -419,7 +420,9 @@ class MultimodalLLMAttribution(LLMAttribution):
                         "feature_mask= regroups: group them with ChatInput(groups=) instead, "
                         "or give tree= over the mask's groups"
                     )
-                method_kwargs.setdefault("tree", inp.feature_tree())
+                if "tree" not in kwargs:  # a long sentence splits rather than being refused
+                    tree = split_wide(inp.feature_tree(), self.attr_method.max_children)
+                    method_kwargs["tree"] = tree
         errors: list[Tensor] = []  # our estimators' standard errors, one per trial
         requested = 0  # our estimators' coalitions asked for, before their own memo
         try:

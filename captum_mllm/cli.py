@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,22 @@ def main(argv: list[str] | None = None) -> None:
             stream.reconfigure(errors="backslashreplace")
     parser = _parser()
     args = parser.parse_args(argv)  # argparse itself exits with 2 on bad flags
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
         args.run(args)
     except (UsageError, CaptumMLLMError, OSError) as exc:
         print(f"captum-mllm: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _format_warning(message: Any, category: type[Warning], *_: Any, **__: Any) -> str:
+    """A warning as the command's own line: not the console script's path and
+    its ``sys.exit(main())`` line, which the warning's origin shows otherwise."""
+    kind = "warning" if category is UserWarning else category.__name__
+    return f"captum-mllm: {kind}: {message}\n"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -162,8 +174,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--budget",
         type=_at_least(1),
         help="coalition evaluations (default: 10 per feature; hierarchical: exact Owen "
-        "values, which warn when they need more than 16,384; exact evaluates all 2^n and "
-        "refuses a smaller budget)",
+        "values where they need at most 16,384, else 10 per feature sampled; exact "
+        "evaluates all 2^n and refuses a smaller budget)",
     )
     parser.add_argument(
         "--target-stderr", type=_positive, default=None,
@@ -520,14 +532,16 @@ def _method(name: str, model: Any) -> Any:
     from captum.attr import ShapleyValueSampling
 
     from captum_mllm import methods
+    from captum_mllm.methods.hierarchical import EXACT_WARNING
 
+    if name == "hierarchical":  # exact Owen values of a long chat take hours: sample them
+        return methods.HierarchicalShapley(model, exact_limit=EXACT_WARNING)
     return {
         "bayes": methods.BayesianShapley,
         "exact": methods.ExactShapleyValues,
         "kernel": methods.LeverageKernelShap,
         "permutation": methods.PairedPermutationSampling,
         "regression": methods.RegressionAdjustedShapley,
-        "hierarchical": methods.HierarchicalShapley,
         "captum-svs": ShapleyValueSampling,
     }[name](model)
 

@@ -21,6 +21,7 @@ from captum_mllm.methods import (
     PairedPermutationSampling,
     RegressionAdjustedShapley,
 )
+from captum_mllm.methods.hierarchical import split_wide
 from captum_mllm.testing import tiny_hf_adapter
 
 SAMPLERS = [PairedPermutationSampling, LeverageKernelShap, RegressionAdjustedShapley]
@@ -363,6 +364,76 @@ def test_hierarchical_on_a_chat_uses_its_turn_tree(model, chat):
         MultimodalLLMAttribution(HierarchicalShapley(model), model).attribute(
             inp, target="I am a small model.", feature_mask=torch.tensor([[0] * 5 + [1] * 5])
         )
+
+
+def _widths_and_leaves(node, widths, leaves):
+    if isinstance(node, list):
+        widths.append(len(node))
+        for child in node:
+            _widths_and_leaves(child, widths, leaves)
+    else:
+        leaves.append(node)
+    return widths, leaves
+
+
+def test_wide_nodes_split_into_groups_the_exact_values_afford():
+    for m in (1, 2, 16, 17, 20, 32, 300):
+        tree = split_wide([list(range(m)), [m]])
+        widths, leaves = _widths_and_leaves(tree, [], [])
+        assert leaves == list(range(m + 1)) and max(widths) <= 16  # in order, none too wide
+        if m <= 16:
+            assert tree == ([[*range(m)], [m]] if m > 1 else [[0], [1]])  # left alone
+    assert split_wide([list(range(20))], max_children=16) == [
+        [list(range(a, a + 5)) for a in range(0, 20, 5)]
+    ]
+
+
+def test_a_long_sentence_is_split_rather_than_refused(model):
+    """A chat's tree has a node per sentence: a sentence of more than 16 words
+    was refused ("group them into sub-lists"), which a ChatInput or command
+    line user cannot do. It now splits into consecutive groups of words."""
+    words = "one two three four five six seven eight nine ten eleven twelve thirteen " * 2
+    inp = ChatInput(Chat().user(words.strip()), model)
+    assert inp.feature_tree() == list(range(26))  # one node of 26 words
+    attr = MultimodalLLMAttribution(HierarchicalShapley(model), model)
+    res = attr.attribute(inp, target="I am.", perturbations_per_eval=256)
+    split = attr.attribute(inp, target="I am.", tree=split_wide(list(range(26))))
+    torch.testing.assert_close(res.seq_attr, split.seq_attr, atol=1e-5, rtol=0)
+    assert res.n_unique_coalitions < 2**13 and float(res.seq_attr_stderr.abs().max()) == 0
+    whole = MultimodalLLMAttribution(ExactShapleyValues(model), model).attribute(
+        ChatInput(Chat().user(words.strip()), model, groups=[0] * 26), target="I am."
+    )
+    torch.testing.assert_close(res.seq_attr.sum(), whole.seq_attr.sum(), atol=1e-4, rtol=0)
+    with pytest.raises(InvalidOptionError, match="26 children"):  # a tree given is checked
+        attr.attribute(inp, target="I am.", tree=list(range(26)))
+
+
+def test_exact_limit_samples_a_costly_tree_at_the_default_budget():
+    """The command line's bound on a run: without a budget, a tree whose exact
+    Owen values need more than exact_limit coalitions is sampled at 10 per
+    feature (exactly efficient), with a warning; a cheaper one stays exact."""
+    n, calls = 20, []
+
+    def f(x):
+        calls.append(len(x))
+        padded = torch.zeros(len(x), N, dtype=torch.float64)
+        padded[:, :N] = x[:, :N]
+        return synthetic(padded) + x[:, N:].double() @ torch.arange(n - N, dtype=torch.float64)
+
+    ones, tree = torch.ones(1, n, dtype=torch.float64), split_wide(list(range(n)))  # 976 needed
+    with pytest.warns(UserWarning, match="need 976 coalitions, more than exact_limit=500"):
+        sampled = HierarchicalShapley(f, exact_limit=500).attribute(ones, tree=tree, seed=0)
+    assert sum(calls) <= 10 * n
+    full_minus_empty = float(f(ones) - f(torch.zeros_like(ones)))
+    assert float(sampled.sum()) == pytest.approx(full_minus_empty, abs=1e-9)
+    exact = HierarchicalShapley(f).attribute(ones, tree=tree)
+    assert not torch.allclose(sampled, exact, atol=1e-3)  # sampled, not the exact values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the limit: exact, without a warning
+        within = HierarchicalShapley(f, exact_limit=976).attribute(ones, tree=tree)
+    torch.testing.assert_close(within, exact, atol=1e-12, rtol=0)
+    with pytest.raises(InvalidOptionError, match="exact_limit"):
+        HierarchicalShapley(f, exact_limit=0)
 
 
 def test_the_chat_tree_has_a_sentence_level(model):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import operator
 from collections.abc import Sequence
-from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,10 @@ class HierarchicalShapley(ShapleyEstimator):
 
     Without ``budget`` the values are exact; a tree whose exact values need
     more than :data:`EXACT_WARNING` coalitions warns (a budget samples them).
+    With ``exact_limit``, such a tree is sampled instead, at the samplers'
+    default budget (10 coalitions per feature), with a warning that says so:
+    a bound on the time of a run whose chat is not known in advance (the
+    command line's default).
 
     With ``prune > 0``, a top-level group whose value is below ``prune`` times
     the largest top-level group's is not expanded: its features share its
@@ -68,6 +73,9 @@ class HierarchicalShapley(ShapleyEstimator):
             the budget is short (see above). Default: None (sampled orders)
         contexts (int, optional): sibling contexts (an even number: pairs)
             each child group is split in, with ``level_estimator``. Default: 4
+        exact_limit (int, optional): without ``budget``, sample a tree whose
+            exact values need more coalitions than this (see above).
+            Default: None (exact values, however many they need)
 
     Examples::
 
@@ -84,6 +92,7 @@ class HierarchicalShapley(ShapleyEstimator):
         prune: float = 0.0,
         level_estimator: type[ShapleyEstimator] | None = None,
         contexts: int = 4,
+        exact_limit: int | None = None,
     ) -> None:
         super().__init__(forward_func)
         require_int("max_children", max_children, 2)  # a str failed late, 1 or 0 in the tree
@@ -102,6 +111,9 @@ class HierarchicalShapley(ShapleyEstimator):
         self.prune = prune
         self.level_estimator = level_estimator
         self.contexts = contexts
+        self.exact_limit = (
+            None if exact_limit is None else require_int("exact_limit", exact_limit, 1)
+        )
 
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
@@ -115,7 +127,14 @@ class HierarchicalShapley(ShapleyEstimator):
             expand = list(size >= self.prune * size.max())
         terms = list(_terms(root, 0, 1.0, expand=expand))
         needed = len({c for _, c, _, _ in terms} | {c | a for _, c, a, _ in terms})
-        if plan.budget_given and needed > plan.budget:
+        over_limit = self.exact_limit is not None and needed > self.exact_limit
+        if needed > plan.budget and (plan.budget_given or over_limit):
+            if not plan.budget_given:
+                warn_caller(
+                    f"exact Owen values of this tree need {needed:,} coalitions, more than "
+                    f"exact_limit={self.exact_limit:,}: sampling {plan.budget:,} instead "
+                    "(give budget= for more)"
+                )
             if self.level_estimator is not None and plan.budget - 2 >= self._min_cost(root):
                 phi, var = self._by_level(game, root, 0, plan.budget - 2, plan)
                 plan.progress.update(game)
@@ -223,6 +242,37 @@ def _consistent_order(node: Any, rng: np.random.Generator) -> np.ndarray:
     )
 
 
+def split_wide(tree: Tree, max_children: int = 16) -> list[Any]:
+    """``tree`` with every node of more than ``max_children`` children split
+    into consecutive groups of about equal size: a level the exact values
+    can afford, inserted where a long sentence (or a chat of many turns)
+    would be refused.
+
+    About ``sqrt(m)`` groups of about ``sqrt(m)`` children each: exact Owen
+    values of ``g`` groups of ``m / g`` need about ``g * 2^g * 2^(m / g)``
+    coalitions, fewest where the two exponents meet.
+
+    Examples::
+
+        >>> split_wide([list(range(20))], max_children=16)
+        [[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]]
+    """
+
+    def split(node: Any) -> Any:
+        if not _is_group(node):
+            return node
+        children = [split(child) for child in node]
+        m = len(children)
+        if m <= max_children:
+            return children
+        groups = min(max_children, max(-(-m // max_children), round(math.sqrt(m))))
+        bounds = np.linspace(0, m, groups + 1).round().astype(int)
+        chunks = [children[a:b] for a, b in itertools.pairwise(bounds)]
+        return split([chunk[0] if len(chunk) == 1 else chunk for chunk in chunks])
+
+    return list(split(list(tree)))
+
+
 def _check_tree(tree: Tree, n: int, max_children: int) -> list[Any]:
     leaves = _leaves(tree)
     if sorted(leaves) != list(range(n)):
@@ -273,7 +323,7 @@ def _terms(
         others = [bits[i] for i in range(m) if i != j]
         for r in range(m):
             weight = coef * shapley_weight(m, r)
-            for chosen in combinations(others, r):
+            for chosen in itertools.combinations(others, r):
                 with_others = outside | sum(chosen)
                 is_group = isinstance(child, Sequence) and not isinstance(child, str)
                 if flat:
