@@ -721,6 +721,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             "model": type(module).__name__,
             "model_name": getattr(config, "_name_or_path", None) or None,
             "method": type(self.attr_method).__name__,
+            "method_settings": method_settings(self.attr_method),
             "method_args": {k: v for k, v in method_args.items() if _plain(v)},
             "target": {"class": type(self.value_fn).__name__, **self.value_fn.settings()},
             "input": type(inp).__name__,
@@ -965,6 +966,23 @@ def _check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[s
             raise TypeError(
                 f"FeatureAblation.attribute() got unexpected keyword arguments {unknown}"
             )
+
+
+def method_settings(method: Any) -> dict[str, Any]:
+    """The arguments a method was built with (``prune=``, ``exact_limit=``, ...),
+    where they are plain values or classes (named): what its values also hang on.
+    A Captum method's arguments that are functions or models are left out."""
+    params = inspect.signature(type(method).__init__).parameters
+    settings = {}
+    for name in params:
+        value = getattr(method, name, inspect.Parameter.empty)
+        if name == "forward_func" or value is inspect.Parameter.empty:
+            continue
+        if isinstance(value, type):
+            settings[name] = value.__name__
+        elif _plain(value):
+            settings[name] = value
+    return settings
 
 
 def _plain(value: Any) -> bool:

@@ -150,6 +150,27 @@ def test_a_sampled_similarity_result_round_trips(model, chat, tmp_path):
         res.save(tmp_path / "sim.npz")
 
 
+def test_a_result_names_the_settings_its_method_was_built_with(model, chat, tmp_path):
+    """A result kept the attribute() arguments but not the method's own
+    (prune=, exact_limit=, level_estimator=), on which its values also hang."""
+    from captum_mllm.methods import HierarchicalShapley, LeverageKernelShap
+    from captum_mllm.viz.report import render_report
+
+    method = HierarchicalShapley(model, prune=0.25, level_estimator=LeverageKernelShap)
+    res = MultimodalLLMAttribution(method, model).attribute(
+        ChatInput(chat, model), target="Paris.", budget=100, seed=3
+    )
+    back = MultimodalLLMAttributionResult.load(res.save(tmp_path / "r.json"))
+    assert back.provenance["method_settings"] == {
+        "max_children": 16, "prune": 0.25, "level_estimator": "LeverageKernelShap",
+        "contexts": 4, "exact_limit": None,
+    }  # fmt: skip
+    assert back.provenance["method_args"]["budget"] == 100
+    page = render_report(back)
+    assert "HierarchicalShapley(max_children=16, prune=0.25, level_estimator=Leverage" in page
+    assert "budget=100" in page and "seed=3" in page
+
+
 def test_unreadable_or_foreign_results_raise(tmp_path, model, chat):
     with pytest.raises(ResultFormatError):
         MultimodalLLMAttributionResult.load(tmp_path / "missing.json")

@@ -188,12 +188,17 @@ def _flac(wave: torch.Tensor, sample_rate: int) -> str:
 
 def _meta(result: MultimodalLLMAttributionResult) -> list[tuple[str, Any]]:
     prov = result.provenance
-    method_args = ", ".join(f"{k}={v}" for k, v in (prov.get("method_args") or {}).items())
+
+    def listed(settings: dict[str, Any] | None) -> str:
+        return ", ".join(f"{k}={v}" for k, v in (settings or {}).items())
+
     target = prov.get("target") or {}
+    built = listed(prov.get("method_settings"))
     rows = [
         ("model", f"{prov.get('model_name') or prov.get('model', '?')}"),
         ("adapter", prov.get("adapter", "?")),
-        ("method", f"{prov.get('method', '?')}({method_args})"),
+        ("method", f"{prov.get('method', '?')}({built})"),
+        ("arguments", listed(prov.get("method_args"))),
         ("target", ", ".join(f"{k}={v}" for k, v in target.items())),
         ("coalitions", f"{result.n_unique_coalitions} evaluated of {result.n_coalitions} asked, "
                        f"{result.n_stored_coalitions} from the store"),
