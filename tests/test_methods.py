@@ -386,6 +386,22 @@ def test_wide_nodes_split_into_groups_the_exact_values_afford():
     assert split_wide([list(range(20))], max_children=16) == [
         [list(range(a, a + 5)) for a in range(0, 20, 5)]
     ]
+    # Without a tree: the features' Shapley values up to 16 of them, and more
+    # split the same way (a flat list of 20 was refused as a "tree node").
+    ones = torch.ones(1, N, dtype=torch.float64)
+    torch.testing.assert_close(
+        HierarchicalShapley(synthetic).attribute(ones),
+        ExactShapleyValues(synthetic).attribute(ones),
+        atol=1e-10,
+        rtol=0,
+    )
+    wide = torch.ones(1, 20, dtype=torch.float64)
+    torch.testing.assert_close(
+        HierarchicalShapley(lambda x: synthetic(x[:, :N]) * x.sum(1)).attribute(wide),
+        HierarchicalShapley(lambda x: synthetic(x[:, :N]) * x.sum(1)).attribute(
+            wide, tree=split_wide(list(range(20)))
+        ),
+    )
 
 
 def test_a_long_sentence_is_split_rather_than_refused(model):

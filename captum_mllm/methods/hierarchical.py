@@ -39,6 +39,13 @@ class HierarchicalShapley(ShapleyEstimator):
     number of leaves: a leaf needs ``prod 2^(siblings at each level)``
     coalitions, where exact Shapley over all leaves needs ``2^n``.
 
+    The tree is the ``attribute`` argument ``tree=`` (nested lists of feature
+    indices; with a :class:`~captum_mllm.ChatInput`, its
+    :meth:`~captum_mllm.ChatInput.feature_tree`, a node of more than
+    ``max_children`` split by :func:`split_wide`). Without one the features
+    are a flat list, whose Owen values are their Shapley values; more than
+    ``max_children`` features are split into consecutive groups the same way.
+
     When ``budget`` is given and the exact computation needs more coalitions,
     orders that keep every subtree together are sampled instead (each with
     its reverse): an unbiased, exactly efficient estimate with standard errors.
@@ -118,7 +125,8 @@ class HierarchicalShapley(ShapleyEstimator):
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
         tree = plan.options.get("tree")
-        root = _check_tree(list(range(n)) if tree is None else tree, n, self.max_children)
+        flat = split_wide(list(range(n)), self.max_children)  # Shapley values up to 16
+        root = _check_tree(flat if tree is None else tree, n, self.max_children)
         expand = [True] * len(root)
         if self.prune > 0 and len(root) > 1:
             groups = [_leaves(child) for child in root]
