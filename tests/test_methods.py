@@ -145,6 +145,16 @@ def test_exact_values_show_their_progress_and_a_costly_tree_warns(capsys):
     ExactShapleyValues(lambda x: x.sum(1)).attribute(torch.ones(1, 14), show_progress=True)
     err = capsys.readouterr().err
     assert "8192/16384" in err and "16384/16384" in err
+    # Every 8 forwards (from 512 coalitions): 8,192 at a time sat at 0 for
+    # minutes on a CPU's 64 a forward (SmolLM2 evaluates about 50 a second).
+    for ppe, moves in [(64, "512/2048"), (256, "2048/4096"), (4096, "8192/16384")]:
+        n = {64: 11, 256: 12, 4096: 14}[ppe]
+        ExactShapleyValues(lambda x: x.sum(1)).attribute(
+            torch.ones(1, n), show_progress=True, perturbations_per_eval=ppe
+        )
+        err = capsys.readouterr().err
+        assert moves in err, err
+        assert ppe != 4096 or "512/" not in err  # at most 8,192 at a time
     tree = [list(range(14)), list(range(14, 28))]
     owen = HierarchicalShapley(lambda x: x.sum(1))
     with pytest.warns(UserWarning, match="exact Owen values of this tree need 65,532 coalitions"):
