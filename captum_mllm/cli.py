@@ -489,6 +489,13 @@ def _run(
     gen = {"max_new_tokens": max_new_tokens}
     target = EmbeddingSimilarity(gen_args=gen) if settings["target"] == "similarity" else None
     method = _method(settings["method"], model)
+    n = inp.n_itp_features
+    if settings["method"] == "exact" and n > method.max_features:  # before the answer
+        raise UsageError(
+            f"--method exact evaluates all 2^n coalitions, and this chat has {n} features "
+            f"(2^{n} = {2**n:,}; at most {method.max_features}): use --method bayes, kernel "
+            "or hierarchical, which sample --budget of them"
+        )
     attr = MultimodalLLMAttribution(method, model, target=target)
     kwargs: dict[str, Any] = _batch(settings)
     kwargs.update(_method_kwargs(settings, inp.n_itp_features), show_progress=True)

@@ -330,6 +330,18 @@ def test_hierarchical_on_a_long_question_samples_within_a_bound(tmp_path, capsys
             ["explain", "--user-audio", QUESTION_WAV, "--audio-unit", "word", "--transcript", "hi"],
             "--aligner",
         ),
+        # named LeverageKernelShap, a class, after the answer was generated
+        (
+            [
+                "explain",
+                " ".join(f"w{i}" for i in range(21)),
+                "--model",
+                "tiny-llama",
+                "--method",
+                "exact",
+            ],
+            "has 21 features (2^21 = 2,097,152; at most 20): use --method bayes, kernel",
+        ),  # fmt: skip
     ],
 )
 def test_mistakes_exit_with_2_and_one_line(argv, says, tmp_path, capsys):
