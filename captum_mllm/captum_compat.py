@@ -33,6 +33,7 @@ from torch import Tensor
 from captum_mllm.errors import UnsupportedInputError, require_int
 from captum_mllm.models.base import ModelAdapter, token_labels
 from captum_mllm.models.hf_causal import HFCausalLMAdapter
+from captum_mllm.models.process_wide import PROCESS_WIDE
 
 #: Captum's generation defaults (greedy, 25 new tokens).
 DEFAULT_GEN_ARGS: dict[str, Any] = dict(_DEFAULT_GEN_ARGS)
@@ -150,11 +151,15 @@ def seeded_draws(seed: int, device: torch.device | None = None) -> Iterator[None
     """Python's, NumPy's and torch's global generators seeded with ``seed`` inside
     the block and put back after it: what a baseline callable draws there is a
     function of ``seed``, and the caller's generators do not move (torch's on
-    the CPU, and on ``device`` when it is an accelerator)."""
-    python, numpy = random.getstate(), np.random.get_state()
+    the CPU, and on ``device`` when it is an accelerator). Another thread's
+    seeded block or model call waits (:mod:`~captum_mllm.models.process_wide`)."""
     on = device if device is not None and device.type != "cpu" else None
     devices = [on] if on is not None else []
-    with torch.random.fork_rng(devices=devices, device_type=on.type if on else "cuda"):
+    with (
+        PROCESS_WIDE,  # another thread's seeded run would reseed them midway
+        torch.random.fork_rng(devices=devices, device_type=on.type if on else "cuda"),
+    ):
+        python, numpy = random.getstate(), np.random.get_state()
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)

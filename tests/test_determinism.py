@@ -249,3 +249,48 @@ def test_long_rows_are_generated_alone(model, monkeypatch):
     assert calls == [1, 1, 1]
     for a, b in zip(alone, batched, strict=True):
         assert torch.equal(a.ids, b.ids)
+
+
+def test_explanations_in_threads_equal_their_runs_one_after_the_other(model):
+    """Two threads explaining at once on one model (a web demo's requests):
+    one thread's forward ran under the other's packed attention and raised on
+    its mask, the other's values moved, and whichever exited last put back
+    what the other had set. Their model calls now take turns."""
+    from threading import Thread
+
+    from transformers import AttentionInterface
+
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+    lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
+    speech = Chat().user("Listen:", audio=speech_like(1.0), sample_rate=16000)
+    jobs = [
+        (model, CHAT, PairedPermutationSampling, {"budget": 70, "seed": 1}),
+        (model, Chat().system("Be brief.").user("Who are you?"), ShapleyValueSampling,
+         {"n_samples": 4, "seed": 2}),
+        (lfm, speech, LeverageKernelShap, {"budget": 30, "seed": 3}),
+        (lfm, speech, ShapleyValueSampling, {"n_samples": 3, "seed": 4}),
+    ]  # fmt: skip
+
+    def explain(job: tuple[Any, ...], out: dict[int, Any], i: int) -> None:
+        adapter, chat, cls, kwargs = job
+        try:
+            inp = ChatInput(chat, adapter, audio_unit=0.25)
+            attr = MultimodalLLMAttribution(cls(adapter), adapter)
+            out[i] = attr.attribute(inp, target="I am.", perturbations_per_eval=4, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the thread's error is the test's finding
+            out[i] = exc
+
+    alone: dict[int, Any] = {}
+    for i, job in enumerate(jobs):
+        explain(job, alone, i)
+    for _ in range(2):
+        together: dict[int, Any] = {}
+        threads = [Thread(target=explain, args=(job, together, i)) for i, job in enumerate(jobs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i in range(len(jobs)):
+            assert not isinstance(together[i], Exception), together[i]
+            assert_identical(alone[i], together[i])
+        assert AttentionInterface._global_mapping["sdpa"] is sdpa  # put back as it was

@@ -34,6 +34,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from captum_mllm.models.batching import MIN_PRODUCT_ROWS
+from captum_mllm.models.process_wide import PROCESS_WIDE
 
 
 def math_attention_forward(
@@ -120,18 +121,20 @@ def math_attention() -> Iterator[None]:
     :func:`math_attention_forward` meanwhile.
 
     Like ``sdpa_kernel``, this is process-wide until exit: a model run in another
-    thread meanwhile gets the math kernel's arithmetic too. Models that keep
-    their own ``"sdpa"`` entry run the math kernel itself.
+    thread meanwhile gets the math kernel's arithmetic too (another thread's
+    captum-mllm call waits for the exit: :data:`~captum_mllm.models.process_wide.PROCESS_WIDE`).
+    Models that keep their own ``"sdpa"`` entry run the math kernel itself.
 
     Examples::
 
         >>> with math_attention():
         ...     logits = model(input_ids, attention_mask=mask).logits
     """
-    previous = cast(Callable[..., Any], AttentionInterface._global_mapping["sdpa"])
-    AttentionInterface.register("sdpa", math_attention_forward)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        AttentionInterface.register("sdpa", previous)
+    with PROCESS_WIDE:  # another thread's call waits: see models.process_wide
+        previous = cast(Callable[..., Any], AttentionInterface._global_mapping["sdpa"])
+        AttentionInterface.register("sdpa", math_attention_forward)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        finally:
+            AttentionInterface.register("sdpa", previous)

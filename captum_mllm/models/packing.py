@@ -42,6 +42,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from captum_mllm.models.batching import MIN_PRODUCT_ROWS, ints, lengths, to_device
+from captum_mllm.models.process_wide import PROCESS_WIDE
 
 
 @dataclass(frozen=True)
@@ -372,7 +373,8 @@ def packed_layers() -> Iterator[None]:
     and LFM2's causal convolution understand a ``packed_rows=`` keyword passed
     through the model's forward.
 
-    Like ``sdpa_kernel``, this is process-wide until exit.
+    Like ``sdpa_kernel``, this is process-wide until exit (another thread's
+    captum-mllm call waits for it: :mod:`~captum_mllm.models.process_wide`).
 
     Examples::
 
@@ -383,12 +385,13 @@ def packed_layers() -> Iterator[None]:
     """
     from transformers.models.lfm2 import modeling_lfm2
 
-    attention = cast(Callable[..., Any], AttentionInterface._global_mapping["sdpa"])
-    convolution = modeling_lfm2.causal_conv1d_fn
-    AttentionInterface.register("sdpa", packed_attention_forward(attention))
-    modeling_lfm2.causal_conv1d_fn = packed_convolution(convolution)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        AttentionInterface.register("sdpa", attention)
-        modeling_lfm2.causal_conv1d_fn = convolution  # type: ignore[assignment]
+    with PROCESS_WIDE:  # another thread's call waits: see models.process_wide
+        attention = cast(Callable[..., Any], AttentionInterface._global_mapping["sdpa"])
+        convolution = modeling_lfm2.causal_conv1d_fn
+        AttentionInterface.register("sdpa", packed_attention_forward(attention))
+        modeling_lfm2.causal_conv1d_fn = packed_convolution(convolution)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            AttentionInterface.register("sdpa", attention)
+            modeling_lfm2.causal_conv1d_fn = convolution  # type: ignore[assignment]
