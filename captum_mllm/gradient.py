@@ -53,6 +53,7 @@ from captum_mllm.errors import (
 )
 from captum_mllm.inputs import ChatInput
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
+from captum_mllm.models.process_wide import PROCESS_WIDE
 from captum_mllm.result import MultimodalLLMAttributionResult
 
 REDUCTIONS = ("sum", "norm")
@@ -392,13 +393,14 @@ class AttentionAttribution:
                 f"{type(self.adapter).__name__} does not return attention weights"
             )
         width = len(inp.encoded) + len(response) - 1
-        before = model.config._attn_implementation
-        model.set_attn_implementation("eager")
-        try:
-            with torch.no_grad():
-                out = model(**inputs, output_attentions=True)
-        finally:
-            model.set_attn_implementation(before)
+        with PROCESS_WIDE:  # another thread's call on this model would run eager too
+            before = model.config._attn_implementation
+            model.set_attn_implementation("eager")
+            try:
+                with torch.no_grad():
+                    out = model(**inputs, output_attentions=True)
+            finally:
+                model.set_attn_implementation(before)
         self.adapter.n_forward_calls += 1
         every = (width, width)
         maps = [

@@ -260,6 +260,8 @@ def test_explanations_in_threads_equal_their_runs_one_after_the_other(model):
 
     from transformers import AttentionInterface
 
+    from captum_mllm import AttentionAttribution
+
     sdpa = AttentionInterface._global_mapping["sdpa"]
     lfm = LFM2AudioAdapter(*tiny_lfm2_audio())
     speech = Chat().user("Listen:", audio=speech_like(1.0), sample_rate=16000)
@@ -269,12 +271,16 @@ def test_explanations_in_threads_equal_their_runs_one_after_the_other(model):
          {"n_samples": 4, "seed": 2}),
         (lfm, speech, LeverageKernelShap, {"budget": 30, "seed": 3}),
         (lfm, speech, ShapleyValueSampling, {"n_samples": 3, "seed": 4}),
+        (model, CHAT, AttentionAttribution, {}),  # switches the model to eager attention
     ]  # fmt: skip
 
     def explain(job: tuple[Any, ...], out: dict[int, Any], i: int) -> None:
         adapter, chat, cls, kwargs = job
         try:
             inp = ChatInput(chat, adapter, audio_unit=0.25)
+            if cls is AttentionAttribution:
+                out[i] = cls(adapter).attribute(inp, target="I am.")
+                return
             attr = MultimodalLLMAttribution(cls(adapter), adapter)
             out[i] = attr.attribute(inp, target="I am.", perturbations_per_eval=4, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the thread's error is the test's finding
