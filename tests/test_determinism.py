@@ -300,3 +300,31 @@ def test_explanations_in_threads_equal_their_runs_one_after_the_other(model):
             assert not isinstance(together[i], Exception), together[i]
             assert_identical(alone[i], together[i])
         assert AttentionInterface._global_mapping["sdpa"] is sdpa  # put back as it was
+
+
+def test_a_model_in_training_mode_stays_in_eval_mode_while_any_thread_explains_with_it():
+    """The first explanation to finish put training mode back while another
+    thread's explanation was still running on the model (dropout on, for a
+    model that has it); the last to finish now puts it back."""
+    from threading import Thread
+
+    model = tiny_hf_adapter()
+    model.model.train()
+    seen: list[bool] = []
+    layer = model.model.get_decoder().layers[0]  # every forward passes through it
+    layer.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    short = ChatInput(Chat().user("Who are you?"), model)
+    long = ChatInput(CHAT, model)
+
+    def explain(inp: ChatInput, budget: int) -> None:
+        attr = MultimodalLLMAttribution(PairedPermutationSampling(model), model)
+        attr.attribute(inp, target="I am.", budget=budget, seed=0, perturbations_per_eval=2)
+
+    first = Thread(target=explain, args=(short, 8))
+    second = Thread(target=explain, args=(long, 400))
+    first.start()
+    second.start()
+    first.join()
+    second.join()
+    assert len(seen) > 50 and not any(seen)  # every forward of both in eval mode
+    assert all(m.training for m in model.model.modules())  # and training mode after

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ def in_eval_mode[Method: Callable[..., Any]](method: Method) -> Method:
 
     return run  # type: ignore[return-value]
 
+
+#: Held while an adapter's eval-mode holders are counted (:meth:`ModelAdapter.evaluating`).
+_EVALUATING = threading.Lock()
 
 #: Names Hugging Face models give a learned absolute position table.
 _POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
@@ -134,6 +138,11 @@ class ModelAdapter(nn.Module, ABC):
     It counts its model forwards (and generation calls) in ``n_forward_calls``.
     """
 
+    #: Explanations running in eval mode (:meth:`evaluating`), and the modules
+    #: the first of them found training.
+    _evaluators: int = 0
+    _was_training: list[nn.Module] = []  # replaced, never appended to
+
     tokenizer: Any
 
     def __init__(self) -> None:
@@ -161,16 +170,27 @@ class ModelAdapter(nn.Module, ABC):
         each back in the mode it was in. A model left in training mode (built
         from a config, or in the middle of fine-tuning) would drop activations
         at random, dither its audio, or use and update batch statistics on
-        every forward: then no value is a function of its coalition."""
-        roots = self.held_modules()
-        training = [m for root in roots for m in root.modules() if m.training]
-        for root in roots:
-            root.eval()
+        every forward: then no value is a function of its coalition.
+
+        Explanations in several threads share it: the first to enter sets eval
+        mode and the last to leave puts the modes back (the first to leave put
+        training back while another thread's explanation was still running)."""
+        with _EVALUATING:
+            if not self._evaluators:
+                roots = self.held_modules()
+                self._was_training = [m for root in roots for m in root.modules() if m.training]
+                for root in roots:
+                    root.eval()
+            self._evaluators += 1
         try:
             yield
         finally:
-            for module in training:  # the flag alone: train(True) would recurse
-                module.training = True
+            with _EVALUATING:
+                self._evaluators -= 1
+                if not self._evaluators:
+                    for module in self._was_training:  # the flag alone: train() recurses
+                        module.training = True
+                    self._was_training = []
 
     @property
     def is_causal(self) -> bool:
