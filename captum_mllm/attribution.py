@@ -349,7 +349,7 @@ class MultimodalLLMAttribution(LLMAttribution):
                 f"same values from the {2**n:,} coalitions alone"
             )
         start = time.perf_counter()
-        calls_before = self.adapter.n_forward_calls
+        calls_before = self.adapter.thread_forward_calls()
         kwargs["perturbations_per_eval"] = require_int(  # Captum asserted; numpy ints pass
             "perturbations_per_eval",
             kwargs.get("perturbations_per_eval", default_perturbations_per_eval(self.device)),
@@ -490,7 +490,7 @@ class MultimodalLLMAttribution(LLMAttribution):
                 **self._provenance(inp, per_step, kwargs, store, gen_args),
                 "memory_halvings": sum(e.n_halvings for e in evaluators),
             },
-            n_model_calls=self.adapter.n_forward_calls
+            n_model_calls=self.adapter.thread_forward_calls()
             - calls_before
             + extra_calls
             + sum(game.stock_calls or []),

@@ -215,7 +215,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             if kwargs.get(name) is not None:
                 require_int(name, kwargs[name], 1)
         start = time.perf_counter()
-        calls_before = self.adapter.n_forward_calls
+        calls_before = self.adapter.thread_forward_calls()
         inp = answered_input(inp, target)
         response, _ = resolve_response(
             self.adapter, inp, target, gen_args, keep_eos, DEFAULT_GEN_ARGS
@@ -269,7 +269,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 "baselines": baselines if isinstance(baselines, int) else None,
                 "input": "ChatInput",
             },
-            n_model_calls=self.adapter.n_forward_calls - calls_before,
+            n_model_calls=self.adapter.thread_forward_calls() - calls_before,
             start=start,
         )
         if integrated:  # kept with the result (saved with it)

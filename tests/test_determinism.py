@@ -299,6 +299,7 @@ def test_explanations_in_threads_equal_their_runs_one_after_the_other(model):
         for i in range(len(jobs)):
             assert not isinstance(together[i], Exception), together[i]
             assert_identical(alone[i], together[i])
+            assert together[i].n_model_calls == alone[i].n_model_calls  # not the others' too
         assert AttentionInterface._global_mapping["sdpa"] is sdpa  # put back as it was
 
 
