@@ -64,7 +64,11 @@ def _format_warning(message: Any, category: type[Warning], *_: Any, **__: Any) -
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captum-mllm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="captum-mllm",
+        description="Shapley explanations of what (multimodal) chat models say, inside "
+        "Captum. Each command has its own --help.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="explain a factual question on the embedded SmolLM2")

@@ -364,6 +364,14 @@ def test_spoken_words_as_features_with_an_aligner_and_transcript(tmp_path, capsy
     assert [f.label for f in res.features] == [f"\u266a{w}" for w in TRANSCRIPT.split()]
 
 
+@pytest.mark.parametrize("command", [[], ["explain"], ["explain-dataset"], ["report"], ["demo"]])
+def test_help_reads_as_plain_text(command, capsys):
+    """The top help's description was the module docstring's reST (``captum-mllm``)."""
+    code, out, _ = run([*command, "--help"], capsys)
+    assert code == 0 and "usage: captum-mllm" in out
+    assert "``" not in out and ":func:" not in out and ":class:" not in out
+
+
 def test_python_m_and_bad_flags_exit_with_2():
     done = subprocess.run(
         [sys.executable, "-m", "captum_mllm", "explain", "--no-such-flag"],
