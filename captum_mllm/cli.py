@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> None:
 def _format_warning(message: Any, category: type[Warning], *_: Any, **__: Any) -> str:
     """A warning as the command's own line: not the console script's path and
     its ``sys.exit(main())`` line, which the warning's origin shows otherwise."""
+    from tqdm import tqdm
+
     kind = "warning" if category is UserWarning else category.__name__
-    return f"captum-mllm: {kind}: {message}\n"
+    lead = "\n" if getattr(tqdm, "_instances", None) else ""  # after a bar's line, not on it
+    return f"{lead}captum-mllm: {kind}: {message}\n"
 
 
 def _parser() -> argparse.ArgumentParser:

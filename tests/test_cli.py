@@ -270,7 +270,8 @@ def test_hierarchical_on_a_long_question_samples_within_a_bound(tmp_path, capsys
     """A sentence of more than 16 words was refused ("group them into
     sub-lists"), and its exact Owen values would take hours on a real model:
     the command samples 10 coalitions per feature and says so on a line of
-    its own (not the console script's path and source line)."""
+    its own (not the console script's path and source line, nor after the
+    progress bar on the bar's line)."""
     question = " ".join(f"word{i}" for i in range(40))
     script = Path(sys.executable).with_name("captum-mllm")  # as a user runs it
     done = subprocess.run(
@@ -280,7 +281,7 @@ def test_hierarchical_on_a_long_question_samples_within_a_bound(tmp_path, capsys
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     err = done.stderr
-    assert "captum-mllm: warning: exact Owen values of this tree need 20,160 coalitions" in err
+    assert "\ncaptum-mllm: warning: exact Owen values of this tree need 20,160 coalitions" in err
     assert "sys.exit" not in err and "UserWarning" not in err
     res = MultimodalLLMAttributionResult.load(tmp_path / "result.json")
     assert len(res.features) == 40 and res.n_coalitions <= 400
