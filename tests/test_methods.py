@@ -449,6 +449,9 @@ def test_the_exact_cost_of_a_tree_is_counted_without_listing_its_coalitions(monk
             torch.ones(1, 300), seed=0
         )
     assert float(attr.sum()) == pytest.approx(300)
+    # Without a budget or a limit: refused at once (it listed millions of terms)
+    with pytest.raises(InvalidOptionError, match="need 5,233,664 coalitions, more than 1,048"):
+        HierarchicalShapley(lambda x: x.double().sum(1)).attribute(torch.ones(1, 100))
 
 
 def test_a_long_sentence_is_split_rather_than_refused(model):

@@ -25,6 +25,9 @@ from captum_mllm.methods.permutation import paired_order_sampling
 Tree = Sequence[Any]  # nested lists whose leaves are feature indices
 #: Exact Owen values needing more coalitions than this warn (name budget=).
 EXACT_WARNING = 2**14
+#: Exact Owen values needing more are refused, as ExactShapleyValues refuses
+#: more than 2^20 (its default of 20 features).
+EXACT_REFUSAL = 2**20
 
 
 class HierarchicalShapley(ShapleyEstimator):
@@ -61,7 +64,8 @@ class HierarchicalShapley(ShapleyEstimator):
     estimate per level needs falls back to the sampled orders.
 
     Without ``budget`` the values are exact; a tree whose exact values need
-    more than :data:`EXACT_WARNING` coalitions warns (a budget samples them).
+    more than :data:`EXACT_WARNING` coalitions warns (a budget samples them),
+    and one needing more than :data:`EXACT_REFUSAL` is refused.
     With ``exact_limit``, such a tree is sampled instead, at the samplers'
     default budget (10 coalitions per feature), with a warning that says so:
     a bound on the time of a run whose chat is not known in advance (the
@@ -148,6 +152,12 @@ class HierarchicalShapley(ShapleyEstimator):
                 return phi, np.sqrt(var)
             # Too many for the budget: sample orders that keep every subtree together.
             return paired_order_sampling(game, plan, lambda rng: _consistent_order(root, rng))
+        if needed > EXACT_REFUSAL:  # their list alone would not fit in memory
+            raise InvalidOptionError(
+                f"exact Owen values of this tree need {needed:,} coalitions, more than "
+                f"{EXACT_REFUSAL:,}: give budget= to sample orders that keep its groups "
+                "together (or exact_limit= to sample where exact values cost more)"
+            )
         if needed > EXACT_WARNING:  # hours on a real model, where a budget takes minutes
             warn_caller(
                 f"exact Owen values of this tree need {needed:,} coalitions: give budget= to "
