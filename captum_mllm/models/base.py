@@ -40,8 +40,14 @@ def in_eval_mode[Method: Callable[..., Any]](method: Method) -> Method:
     return run  # type: ignore[return-value]
 
 
-#: Each thread's model calls, by adapter (:meth:`ModelAdapter.thread_forward_calls`).
-_THREAD_CALLS = threading.local()
+class _ThreadCalls(threading.local):
+    """Each thread's model calls, by adapter (:meth:`ModelAdapter.thread_forward_calls`)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+
+
+_THREAD_CALLS = _ThreadCalls()
 
 #: Held while an adapter's eval-mode holders are counted (:meth:`ModelAdapter.evaluating`).
 _EVALUATING = threading.Lock()
@@ -159,14 +165,14 @@ class ModelAdapter(nn.Module, ABC):
 
     @n_forward_calls.setter
     def n_forward_calls(self, value: int) -> None:
-        counts = _THREAD_CALLS.__dict__.setdefault("counts", {})
+        counts = _THREAD_CALLS.counts
         counts[id(self)] = counts.get(id(self), 0) + value - self._forward_calls
         self._forward_calls = value
 
     def thread_forward_calls(self) -> int:
         """Model forwards and generation calls so far in the calling thread: what
         an explanation counts, while other threads explain with this model too."""
-        return int(_THREAD_CALLS.__dict__.get("counts", {}).get(id(self), 0))
+        return _THREAD_CALLS.counts.get(id(self), 0)
 
     @property
     def device(self) -> torch.device:
