@@ -401,7 +401,7 @@ class AttentionAttribution:
                     out = model(**inputs, output_attentions=True)
             finally:
                 model.set_attn_implementation(before)
-        self.adapter.n_forward_calls += 1
+            self.adapter.n_forward_calls += 1  # under the lock, as the adapters count theirs
         every = (width, width)
         maps = [
             a[0].float()

@@ -164,7 +164,7 @@ class ModelAdapter(nn.Module, ABC):
         return self._forward_calls
 
     @n_forward_calls.setter
-    def n_forward_calls(self, value: int) -> None:
+    def n_forward_calls(self, value: int) -> None:  # counted under PROCESS_WIDE
         counts = _THREAD_CALLS.counts
         counts[id(self)] = counts.get(id(self), 0) + value - self._forward_calls
         self._forward_calls = value
