@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 import time
 from collections.abc import Callable, Sequence
 from copy import copy
@@ -72,6 +73,19 @@ def _differentiable[Method: Callable[..., Any]](method: Method) -> Method:
     def run(*args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode(False), torch.enable_grad():
             return method(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+def _one_call_at_a_time[Method: Callable[..., Any]](method: Method) -> Method:
+    """Calls on one instance take turns: a Layer method hooks the instance's
+    embeddings layer for the call, and two threads' calls read each other's
+    hooks (an ``IndexError`` or a shape error; separate instances never did)."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._calls:
+            return method(self, *args, **kwargs)
 
     return run  # type: ignore[return-value]
 
@@ -151,10 +165,12 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         super().__init__(stock, adapter.tokenizer)
         self.adapter = adapter
         self.reduce = reduce
+        self._calls = threading.RLock()  # see _one_call_at_a_time
 
     def _forward(self, embeds: Tensor, response: Response, token: int) -> Tensor:
         return self.adapter.next_token_log_probs(self.embeddings(embeds), response, token)
 
+    @_one_call_at_a_time
     @in_eval_mode
     @_differentiable
     def attribute(  # type: ignore[override]

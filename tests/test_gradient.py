@@ -375,3 +375,37 @@ def test_layer_gradient_shap_runs_on_the_embeddings(llama, words):
     res = MultimodalLLMGradientAttribution(gs, llama).attribute(words, target=TARGET, n_samples=4)
     assert res.token_attr.shape == (len(res.output_tokens), words.n_itp_features)
     assert torch.isfinite(res.token_attr).all() and res.token_attr.abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # 8 steps: cheap
+def test_one_gradient_attribution_called_from_several_threads(llama):
+    """A web server keeps one attribution object and calls it per request:
+    a Layer method hooks that object's embeddings layer for the call, so two
+    threads' calls read each other's hooks (an IndexError, a shape error).
+    Calls on one object now take turns, each with its own values."""
+    from threading import Thread
+
+    lig = LayerIntegratedGradients(llama, llama.model.get_input_embeddings())
+    attr = MultimodalLLMGradientAttribution(lig, llama)
+    chats = [Chat().user(q) for q in ("Who are you?", "Count to ten, please", "Why is it?")]
+
+    def explain(i: int, out: dict) -> None:
+        try:
+            inp = ChatInput(chats[i], llama)
+            out[i] = attr.attribute(inp, target="It is so.", n_steps=8).seq_attr
+        except Exception as exc:  # noqa: BLE001 - the thread's error is the finding
+            out[i] = exc
+
+    alone: dict = {}
+    for i in range(len(chats)):
+        explain(i, alone)
+    for _ in range(2):
+        together: dict = {}
+        threads = [Thread(target=explain, args=(i, together)) for i in range(len(chats))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i in range(len(chats)):
+            assert not isinstance(together[i], Exception), together[i]
+            assert torch.equal(together[i], alone[i])
