@@ -321,18 +321,20 @@ class MultimodalLLMAttribution(LLMAttribution):
                 f"{type(inp).__name__} is not supported; use ChatInput or one of Captum's "
                 "TextTemplateInput, TextTokenInput, ImageMaskInput"
             )
-        if "seed" in kwargs and not isinstance(self.attr_method, ShapleyEstimator):
-            # Captum's methods take no seed (a TypeError): theirs is torch's generator
-            seed = kwargs.pop("seed")
-            if seed is not None:  # None: unseeded, as ours read it
-                seed = require_int("seed", seed, 0)
-                with captum_compat.seeded_draws(seed, self.device):
+        if not isinstance(self.attr_method, ShapleyEstimator) and not captum_compat.drawing():
+            # Captum's methods take no seed (a TypeError): theirs is torch's generator,
+            # held for the run (another thread's draws there would move its values)
+            seed = kwargs.pop("seed", None)  # None: unseeded, as ours read it
+            seed = None if seed is None else require_int("seed", seed, 0)
+            if seed is not None or captum_compat.draws_randomly(self.attr_method, inp):
+                with captum_compat.global_draws(seed, self.device):
                     res = self.attribute(
                         inp, target, num_trials, gen_args, use_cached_outputs, _inspect_forward,
                         forward_in_tokens, cache_coalitions, reuse_prefix, keep_eos, store, shard,
                         **kwargs,
                     )  # fmt: skip
-                res.provenance["method_args"]["seed"] = seed
+                if seed is not None:
+                    res.provenance["method_args"]["seed"] = seed
                 return res
         require_int("num_trials", num_trials, 1)
         inp = answered_input(inp, target)

@@ -10,9 +10,10 @@ other module imports them: when Captum changes, this file changes.
 from __future__ import annotations
 
 import random
+import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from captum.attr import (
     FeatureAblation,
     ImageMaskInput,
     InterpretableInput,
+    Lime,
     LLMAttribution,
     ShapleyValueSampling,
     TextTemplateInput,
@@ -33,7 +35,7 @@ from torch import Tensor
 from captum_mllm.errors import UnsupportedInputError, require_int
 from captum_mllm.models.base import ModelAdapter, token_labels
 from captum_mllm.models.hf_causal import HFCausalLMAdapter
-from captum_mllm.models.process_wide import PROCESS_WIDE
+from captum_mllm.process_wide import PROCESS_WIDE
 
 #: Captum's generation defaults (greedy, 25 new tokens).
 DEFAULT_GEN_ARGS: dict[str, Any] = dict(_DEFAULT_GEN_ARGS)
@@ -146,13 +148,49 @@ def draws_baselines(inp: InterpretableInput) -> bool:
     return isinstance(inp, TextTemplateInput) and callable(inp.baselines)
 
 
+def draws_randomly(method: Any, inp: InterpretableInput) -> bool:
+    """Whether a Captum method's run draws from the global generators: its
+    samplers (``ShapleyValueSampling``, ``Lime``, ``KernelShap``), or an input
+    that draws its baselines."""
+    return isinstance(method, ShapleyValueSampling | Lime) or draws_baselines(inp)
+
+
+class _Drawing(threading.local):
+    """Whether the calling thread is inside :func:`global_draws`."""
+
+    inside = False
+
+
+_DRAWING = _Drawing()
+
+
+def drawing() -> bool:
+    """Whether the calling thread is inside :func:`global_draws`."""
+    return _DRAWING.inside
+
+
+@contextmanager
+def global_draws(seed: int | None = None, device: torch.device | None = None) -> Iterator[None]:
+    """The global generators the block draws from (Captum's samplers draw from
+    torch's, ``ProductBaselines`` from Python's) held for it alone: another
+    thread's draws there, seeded or not, wait (:mod:`~captum_mllm.process_wide`),
+    so that a seeded run gets its draws however many threads explain at once.
+    With ``seed``, see :func:`seeded_draws`."""
+    with PROCESS_WIDE, seeded_draws(seed, device) if seed is not None else nullcontext():
+        before, _DRAWING.inside = _DRAWING.inside, True
+        try:
+            yield
+        finally:
+            _DRAWING.inside = before
+
+
 @contextmanager
 def seeded_draws(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Python's, NumPy's and torch's global generators seeded with ``seed`` inside
     the block and put back after it: what a baseline callable draws there is a
     function of ``seed``, and the caller's generators do not move (torch's on
     the CPU, and on ``device`` when it is an accelerator). Another thread's
-    seeded block or model call waits (:mod:`~captum_mllm.models.process_wide`)."""
+    seeded block or model call waits (:mod:`~captum_mllm.process_wide`)."""
     on = device if device is not None and device.type != "cpu" else None
     devices = [on] if on is not None else []
     with (

@@ -41,7 +41,12 @@ from captum_mllm.attribution import (
     require_same_model,
     resolve_response,
 )
-from captum_mllm.captum_compat import DEFAULT_GEN_ARGS, labelled_as_ours, seeded_draws
+from captum_mllm.captum_compat import (
+    DEFAULT_GEN_ARGS,
+    drawing,
+    global_draws,
+    labelled_as_ours,
+)
 from captum_mllm.errors import (
     InvalidBaselineError,
     InvalidModelError,
@@ -54,7 +59,7 @@ from captum_mllm.errors import (
 )
 from captum_mllm.inputs import ChatInput
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
-from captum_mllm.models.process_wide import PROCESS_WIDE
+from captum_mllm.process_wide import PROCESS_WIDE
 from captum_mllm.result import MultimodalLLMAttributionResult
 
 REDUCTIONS = ("sum", "norm")
@@ -211,11 +216,13 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             ``provenance["completeness_gap"]`` (the largest relative gap over
             tokens) and ``provenance["convergence_delta"]`` (per token).
         """
-        if seed is not None:
-            require_int("seed", seed, 0)
-            with seeded_draws(seed, self.adapter.device):
+        draws = self.tunnel or isinstance(self.method, GradientShap | LayerGradientShap)
+        if (seed is not None or draws) and not drawing():  # torch's generator, held for it
+            seed = None if seed is None else require_int("seed", seed, 0)
+            with global_draws(seed, self.adapter.device):
                 res = self.attribute(inp, target, gen_args, baselines, keep_eos, **kwargs)
-            res.provenance["method_args"]["seed"] = seed
+            if seed is not None:
+                res.provenance["method_args"]["seed"] = seed
             return res
         if not isinstance(inp, ChatInput):
             if self.tunnel:  # Captum's path would give the noise to the model's ids

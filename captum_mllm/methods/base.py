@@ -34,6 +34,7 @@ from captum_mllm.errors import (
     require_real,
     warn_caller,
 )
+from captum_mllm.process_wide import PROCESS_WIDE
 
 #: The most coalitions an exact computation asks the game for at a time.
 EXACT_CHUNK = 8192
@@ -228,8 +229,11 @@ class ShapleyEstimator(PerturbationAttribution):
             budget = require_int("budget (a positive number of coalitions)", budget, 1)
         if target_stderr is not None:  # a str raised deep inside; NaN or <= 0 never stopped
             require_real("target_stderr", target_stderr, above=0)
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        if seed is None and self.exact:
+            seed = 0  # nothing is drawn: the caller's generator does not move
+        elif seed is None:
+            with PROCESS_WIDE:  # not inside another thread's seeded run
+                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         else:
             seed = require_int("seed", seed, 0)
         rng = np.random.default_rng(seed)

@@ -41,7 +41,7 @@ from captum_mllm.models.batching import (
 )
 from captum_mllm.models.math_attention import math_attention
 from captum_mllm.models.packing import PackedRows, packed_layers
-from captum_mllm.models.process_wide import PROCESS_WIDE
+from captum_mllm.process_wide import PROCESS_WIDE
 
 
 def cache_kwarg(forward: Callable[..., Any] | None) -> str:
@@ -271,7 +271,7 @@ def without_cudnn_attention(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with PROCESS_WIDE, sdpa_kernel(ATTENTION_KERNELS):  # see models.process_wide
+        with PROCESS_WIDE, sdpa_kernel(ATTENTION_KERNELS):  # see process_wide
             return method(*args, **kwargs)
 
     return run

@@ -34,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from captum_mllm.models.batching import MIN_PRODUCT_ROWS
-from captum_mllm.models.process_wide import PROCESS_WIDE
+from captum_mllm.process_wide import PROCESS_WIDE
 
 
 def math_attention_forward(
@@ -122,7 +122,7 @@ def math_attention() -> Iterator[None]:
 
     Like ``sdpa_kernel``, this is process-wide until exit: a model run in another
     thread meanwhile gets the math kernel's arithmetic too (another thread's
-    captum-mllm call waits for the exit: :data:`~captum_mllm.models.process_wide.PROCESS_WIDE`).
+    captum-mllm call waits for the exit: :data:`~captum_mllm.process_wide.PROCESS_WIDE`).
     Models that keep their own ``"sdpa"`` entry run the math kernel itself.
 
     Examples::
@@ -130,7 +130,7 @@ def math_attention() -> Iterator[None]:
         >>> with math_attention():
         ...     logits = model(input_ids, attention_mask=mask).logits
     """
-    with PROCESS_WIDE:  # another thread's call waits: see models.process_wide
+    with PROCESS_WIDE:  # another thread's call waits: see process_wide
         previous = cast(Callable[..., Any], AttentionInterface._global_mapping["sdpa"])
         AttentionInterface.register("sdpa", math_attention_forward)
         try:

@@ -42,7 +42,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from captum_mllm.models.batching import MIN_PRODUCT_ROWS, ints, lengths, to_device
-from captum_mllm.models.process_wide import PROCESS_WIDE
+from captum_mllm.process_wide import PROCESS_WIDE
 
 
 @dataclass(frozen=True)
@@ -374,7 +374,7 @@ def packed_layers() -> Iterator[None]:
     through the model's forward.
 
     Like ``sdpa_kernel``, this is process-wide until exit (another thread's
-    captum-mllm call waits for it: :mod:`~captum_mllm.models.process_wide`).
+    captum-mllm call waits for it: :mod:`~captum_mllm.process_wide`).
 
     Examples::
 
@@ -385,7 +385,7 @@ def packed_layers() -> Iterator[None]:
     """
     from transformers.models.lfm2 import modeling_lfm2
 
-    with PROCESS_WIDE:  # another thread's call waits: see models.process_wide
+    with PROCESS_WIDE:  # another thread's call waits: see process_wide
         attention = cast(Callable[..., Any], AttentionInterface._global_mapping["sdpa"])
         convolution = modeling_lfm2.causal_conv1d_fn
         AttentionInterface.register("sdpa", packed_attention_forward(attention))
