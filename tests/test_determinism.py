@@ -335,7 +335,8 @@ def test_a_seeded_captum_sampler_keeps_its_draws_while_other_threads_draw(model)
     """Captum's Lime draws from torch's generator, seeded for the run; an
     unseeded explanation in another thread drew its own seed from that
     generator meanwhile (and an unseeded Captum sampler its orders), moving
-    the seeded run's values (1 time in 12 in a mixed web-demo workload)."""
+    the seeded run's values (now and then in a mix of five kinds of
+    explanation in threads; every time with these two threads drawing)."""
     from threading import Event, Thread
 
     inp = ChatInput(Chat().system("Be brief.").user("Tell me about the weather today"), model)
