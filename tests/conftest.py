@@ -157,3 +157,30 @@ def cjk_font(tmp_path):
     yield "Test CJK Squares"
     font_manager.fontManager.ttflist[:] = before
     font_manager.fontManager._findfont_cached.cache_clear()
+
+
+def alone_and_in_threads(job, count: int, rounds: int = 2):
+    """``job(i)`` for i < count one after the other, then ``rounds`` times all
+    at once in threads: ``(alone, [together, ...])``, dicts of each job's
+    result, or of the exception it raised (a thread's error is a finding)."""
+    from threading import Thread
+
+    def run(i, out):
+        try:
+            out[i] = job(i)
+        except Exception as exc:  # noqa: BLE001
+            out[i] = exc
+
+    alone: dict = {}
+    for i in range(count):
+        run(i, alone)
+    together = []
+    for _ in range(rounds):
+        out: dict = {}
+        threads = [Thread(target=run, args=(i, out)) for i in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        together.append(out)
+    return alone, together

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from captum.attr import FeatureAblation, KernelShap, Lime, ShapleyValues, ShapleyValueSampling
+from conftest import alone_and_in_threads
 
 from captum_mllm import (
     Chat,
@@ -256,8 +257,6 @@ def test_explanations_in_threads_equal_their_runs_one_after_the_other(model):
     one thread's forward ran under the other's packed attention and raised on
     its mask, the other's values moved, and whichever exited last put back
     what the other had set. Their model calls now take turns."""
-    from threading import Thread
-
     from transformers import AttentionInterface
 
     from captum_mllm import AttentionAttribution
@@ -274,28 +273,16 @@ def test_explanations_in_threads_equal_their_runs_one_after_the_other(model):
         (model, CHAT, AttentionAttribution, {}),  # switches the model to eager attention
     ]  # fmt: skip
 
-    def explain(job: tuple[Any, ...], out: dict[int, Any], i: int) -> None:
-        adapter, chat, cls, kwargs = job
-        try:
-            inp = ChatInput(chat, adapter, audio_unit=0.25)
-            if cls is AttentionAttribution:
-                out[i] = cls(adapter).attribute(inp, target="I am.")
-                return
-            attr = MultimodalLLMAttribution(cls(adapter), adapter)
-            out[i] = attr.attribute(inp, target="I am.", perturbations_per_eval=4, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - the thread's error is the test's finding
-            out[i] = exc
+    def explain(i: int) -> Any:
+        adapter, chat, cls, kwargs = jobs[i]
+        inp = ChatInput(chat, adapter, audio_unit=0.25)
+        if cls is AttentionAttribution:
+            return cls(adapter).attribute(inp, target="I am.")
+        attr = MultimodalLLMAttribution(cls(adapter), adapter)
+        return attr.attribute(inp, target="I am.", perturbations_per_eval=4, **kwargs)
 
-    alone: dict[int, Any] = {}
-    for i, job in enumerate(jobs):
-        explain(job, alone, i)
-    for _ in range(2):
-        together: dict[int, Any] = {}
-        threads = [Thread(target=explain, args=(job, together, i)) for i, job in enumerate(jobs)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    alone, rounds = alone_and_in_threads(explain, len(jobs))
+    for together in rounds:
         for i in range(len(jobs)):
             assert not isinstance(together[i], Exception), together[i]
             assert_identical(alone[i], together[i])

@@ -15,6 +15,7 @@ from captum.attr import (
     Saliency,
     TextTokenInput,
 )
+from conftest import alone_and_in_threads
 
 from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, MultimodalLLMAttributionResult
 from captum_mllm.errors import (
@@ -383,29 +384,15 @@ def test_one_gradient_attribution_called_from_several_threads(llama):
     a Layer method hooks that object's embeddings layer for the call, so two
     threads' calls read each other's hooks (an IndexError, a shape error).
     Calls on one object now take turns, each with its own values."""
-    from threading import Thread
-
     lig = LayerIntegratedGradients(llama, llama.model.get_input_embeddings())
     attr = MultimodalLLMGradientAttribution(lig, llama)
     chats = [Chat().user(q) for q in ("Who are you?", "Count to ten, please", "Why is it?")]
 
-    def explain(i: int, out: dict) -> None:
-        try:
-            inp = ChatInput(chats[i], llama)
-            out[i] = attr.attribute(inp, target="It is so.", n_steps=8).seq_attr
-        except Exception as exc:  # noqa: BLE001 - the thread's error is the finding
-            out[i] = exc
+    def explain(i: int) -> torch.Tensor:
+        return attr.attribute(ChatInput(chats[i], llama), target="It is so.", n_steps=8).seq_attr
 
-    alone: dict = {}
-    for i in range(len(chats)):
-        explain(i, alone)
-    for _ in range(2):
-        together: dict = {}
-        threads = [Thread(target=explain, args=(i, together)) for i in range(len(chats))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    alone, rounds = alone_and_in_threads(explain, len(chats))
+    for together in rounds:
         for i in range(len(chats)):
             assert not isinstance(together[i], Exception), together[i]
             assert torch.equal(together[i], alone[i])
