@@ -37,12 +37,6 @@ FRAME_HEIGHT = 480
 
 def render_report(result: MultimodalLLMAttributionResult) -> str:
     """The HTML page of :meth:`MultimodalLLMAttributionResult.to_html`."""
-    import jinja2
-
-    env = jinja2.Environment(autoescape=True)
-    # an override reversed the rest of a paragraph: each control is shown by name
-    env.filters["shown"] = lambda value: shown_controls(str(value))
-    template = (files("captum_mllm.viz") / "report.html.j2").read_text(encoding="utf-8")
     rows = [torch.as_tensor(result.seq_attr).detach().cpu().float()]
     errors = None
     if result.token_attr is not None:
@@ -66,7 +60,7 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
     answer_audio = None
     if audio.get("waveform") is not None:
         answer_audio = _flac(torch.as_tensor(audio["waveform"]).reshape(-1), audio["sample_rate"])
-    return env.from_string(template).render(
+    return _template("report.html.j2").render(
         response=result.response_text or " ".join(result.output_tokens),
         answer_audio=answer_audio,
         outputs=list(result.output_tokens) if result.token_attr is not None else [],
@@ -86,17 +80,22 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
 def render_index(table: pd.DataFrame, links: dict[str, str]) -> str:
     """An HTML page listing a data set's chats (``explain_dataset``'s table),
     each chat's name linking to its page (``links``: name to relative URL)."""
-    import jinja2
-
-    env = jinja2.Environment(autoescape=True)
-    env.filters["shown"] = lambda value: shown_controls(str(value))
-    template = (files("captum_mllm.viz") / "index.html.j2").read_text(encoding="utf-8")
     rows = []
     for record in table.to_dict("records"):
         row = {k: _cell(v) for k, v in record.items()}
         row["link"] = links.get(str(record["chat"]))
         rows.append(row)
-    return env.from_string(template).render(columns=list(table.columns), rows=rows)
+    return _template("index.html.j2").render(columns=list(table.columns), rows=rows)
+
+
+def _template(name: str) -> Any:
+    """A page template of ``captum_mllm/viz``, every value escaped."""
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True)
+    # an override reversed the rest of a paragraph: each control is shown by name
+    env.filters["shown"] = lambda value: shown_controls(str(value))
+    return env.from_string((files("captum_mllm.viz") / name).read_text(encoding="utf-8"))
 
 
 def _cell(value: Any) -> Any:
