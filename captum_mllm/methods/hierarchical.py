@@ -129,8 +129,9 @@ class HierarchicalShapley(ShapleyEstimator):
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
         tree = plan.options.get("tree")
-        flat = split_wide(list(range(n)), self.max_children)  # Shapley values up to 16
-        root = _check_tree(flat if tree is None else tree, n, self.max_children)
+        if tree is None:  # a flat list (Shapley values), split above max_children
+            tree = split_wide(list(range(n)), self.max_children)
+        root = _check_tree(tree, n, self.max_children)
         expand = [True] * len(root)
         if self.prune > 0 and len(root) > 1:
             groups = [_leaves(child) for child in root]
@@ -275,17 +276,14 @@ def exact_cost(tree: Tree, expand: list[bool] | None = None) -> int:
         12
     """
 
-    def cost(node: Any, whole: bool = False) -> int:
-        if whole or not _is_group(node):
+    def cost(node: Any, expand: list[bool] | None = None) -> int:
+        if not _is_group(node):
             return 2
-        m = len(node)
-        return 2**m + 2 ** (m - 1) * sum(cost(child) - 2 for child in node)
+        m, flags = len(node), expand or [True] * len(node)
+        inner = sum((cost(c) if e else 2) - 2 for c, e in zip(node, flags, strict=True))
+        return 2**m + 2 ** (m - 1) * inner
 
-    children = list(tree)
-    flags = expand if expand is not None else [True] * len(children)
-    m = len(children)
-    inner = sum(cost(c, not e) - 2 for c, e in zip(children, flags, strict=True))
-    return 2**m + 2 ** (m - 1) * inner
+    return cost(list(tree), expand)
 
 
 def split_wide(tree: Tree, max_children: int = 16) -> list[Any]:
