@@ -224,9 +224,10 @@ def test_kernel_shaps_bias_vanishes_as_the_budget_grows():
     true = known_values()
 
     def bias(budget):
-        runs = [LeverageKernelShap(synthetic).attribute(ONES, budget=budget, seed=s)[0].numpy()
+        kernel = LeverageKernelShap(synthetic)  # one forward a run: 600 runs in half the time
+        runs = [kernel.attribute(ONES, budget=budget, seed=s, perturbations_per_eval=budget)[0]
                 for s in range(600)]  # fmt: skip
-        return np.abs(np.mean(runs, axis=0) - true).max()
+        return np.abs(torch.stack(runs).mean(0).numpy() - true).max()
 
     assert bias(40 * N) < bias(10 * N) / 2
 
