@@ -18,7 +18,7 @@ import functools
 import json
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     dataset.add_argument(
         "data",
         type=Path,
-        help="a JSONL of chats (message lists or {id, messages[, tools, "
-        "chat_template_kwargs]}; ShareGPT's conversations too), a Hugging Face datasets "
-        "folder (a messages or conversations column, and those), or a folder of audio "
-        "files with transcripts.csv (columns file, transcript[, text])",
+        help="a JSONL file of chats (message lists or {id, messages[, tools, "
+        "chat_template_kwargs]}; ShareGPT's conversations too), a JSON file of a list of "
+        "them, a Parquet file or Hugging Face datasets folder (a messages or conversations "
+        "column, and those), or a folder of audio files with transcripts.csv (columns "
+        "file, transcript[, text])",
     )
     _model_flags(dataset)
     dataset.add_argument("--workers", type=_at_least(1), default=None, help="Ray actors")
@@ -386,24 +387,18 @@ def _aligner(name: str) -> Any:
 
 
 def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
-    """Named chats from a JSONL file, a ``datasets`` folder, or an audio folder
-    (whose transcripts go to each chat's ``ChatInput`` when ``transcripts``)."""
+    """Named chats from a JSONL, JSON or Parquet file, a ``datasets`` folder, or
+    an audio folder (whose transcripts go to each chat's ``ChatInput`` when
+    ``transcripts``)."""
+    if path.is_file() and path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UsageError("reading a Parquet file needs: pip install pyarrow") from None
+        table = pq.read_table(path)
+        return _table_chats(table.to_pylist(), table.column_names, str(path))
     if path.is_file():
-        chats: dict[str, Any] = {}
-        # utf-8-sig: a byte order mark (Windows' Notepad writes one) is not JSON
-        for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path} line {i + 1} is not JSON: {exc}") from None
-            name = f"chat_{i:05d}"
-            if isinstance(row, dict):  # its id names it; the rest is the chat
-                row = dict(row)
-                name = str(row.pop("id", name))
-            _add(chats, name, row, f"{path} line {i + 1}")
-        return chats
+        return _json_chats(path)
     if (path / "transcripts.csv").is_file():
         import pandas as pd
 
@@ -430,21 +425,72 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
                 "reading a Hugging Face datasets folder needs: pip install datasets"
             ) from None
         data = datasets.load_from_disk(str(path))
-        column = next((c for c in ("messages", "conversations") if c in data.column_names), None)
-        if column is None:
-            raise UsageError(
-                f"{path} has no messages or conversations column (it has {data.column_names})"
-            )
-        rows: dict[str, Any] = {}
-        for i, r in enumerate(data):  # its messages, tools, chat_template_kwargs (columns)
-            chat = {"messages": r[column]}
-            chat.update({k: _unfilled(r[k]) for k in REQUEST_KEYS if k != "messages" and r.get(k)})
-            _add(rows, str(r.get("id", f"chat_{i:05d}")), chat, f"row {i}")
-        return rows
+        return _table_chats(data, data.column_names, str(path))
     raise UsageError(
-        f"{path} is not a JSONL file, a Hugging Face datasets folder or an audio folder "
-        "with transcripts.csv"
+        f"{path} is not a JSONL, JSON or Parquet file, a Hugging Face datasets folder or "
+        "an audio folder with transcripts.csv"
     )
+
+
+def _json_chats(path: Path) -> dict[str, Any]:
+    """A JSONL file's chats, a line each, or a JSON file's: a list of chats (as
+    ``json.dump`` writes a list, indented or not) or one chat."""
+    try:  # utf-8-sig: a byte order mark (Windows' Notepad writes one) is not JSON
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"{path} is not UTF-8 text: give a JSONL, JSON or Parquet (.parquet) file"
+        ) from None
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None  # JSON lines
+    messages = (
+        isinstance(whole, list)
+        and whole
+        and all(isinstance(m, dict) and "role" in m for m in whole)
+    )
+    if isinstance(whole, list) and not messages:
+        rows = [(i, f"{path} item {i + 1}", row) for i, row in enumerate(whole)]
+    elif whole is not None:  # one chat: a message list, or an object holding one
+        rows = [(0, f"{path}", whole)]
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rows.append((i, f"{path} line {i + 1}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise UsageError(
+                    f"{path} line {i + 1} is not JSON: {exc} (a JSONL file holds a chat a "
+                    "line; a JSON file, a list of chats)"
+                ) from None
+    chats: dict[str, Any] = {}
+    for i, where, row in rows:
+        name = f"chat_{i:05d}"
+        if isinstance(row, dict):  # its id names it; the rest is the chat
+            row = dict(row)
+            name = str(row.pop("id", name))
+        _add(chats, name, row, where)
+    return chats
+
+
+def _table_chats(
+    rows: Iterable[Mapping[str, Any]], columns: list[str], where: str
+) -> dict[str, Any]:
+    """Chats from a table's rows (a ``datasets`` folder, a Parquet file): its
+    messages (or ShareGPT's conversations) column, the tools and
+    chat_template_kwargs columns, and an id column naming each."""
+    column = next((c for c in ("messages", "conversations") if c in columns), None)
+    if column is None:
+        raise UsageError(f"{where} has no messages or conversations column (it has {columns})")
+    out: dict[str, Any] = {}
+    for i, r in enumerate(rows):
+        chat = {"messages": r[column]}
+        chat.update({k: _unfilled(r[k]) for k in REQUEST_KEYS if k != "messages" and r.get(k)})
+        _add(out, str(r.get("id", f"chat_{i:05d}")), chat, f"{where} row {i}")
+    return out
 
 
 def _unfilled(value: Any) -> Any:

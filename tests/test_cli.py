@@ -433,6 +433,41 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     assert code == 2 and "JSONL" in err
 
 
+def test_explain_dataset_reads_a_json_list_and_a_parquet_file_as_their_jsonl(tmp_path, capsys):
+    """A list of chats saved by ``json.dump`` was read as JSON lines (the whole
+    list one chat, or "line 1 is not JSON" when indented), and a Parquet file
+    raised UnicodeDecodeError."""
+    import datasets
+
+    from captum_mllm.cli import _read_dataset
+
+    tool = {"type": "function", "function": {"name": "add"}}
+    rows = [  # the tools first: Arrow's types are the first row's
+        {"id": "sum", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "tools": [tool]},
+        {"id": "sky", "messages": [{"role": "user", "content": "Why is the sky blue?"}]},
+    ]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    expected = _read_dataset(tmp_path / "chats.jsonl", False)
+    assert list(expected) == ["sum", "sky"] and expected["sum"]["tools"] == [tool]
+    for indent in (None, 2):
+        (tmp_path / "chats.json").write_text(json.dumps(rows, indent=indent))
+        assert _read_dataset(tmp_path / "chats.json", False) == expected
+    (tmp_path / "one.json").write_text(json.dumps(rows[1]["messages"], indent=2))  # one chat
+    assert _read_dataset(tmp_path / "one.json", False) == {"chat_00000": rows[1]["messages"]}
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "chats.parquet")  # as the hub holds them
+    assert _read_dataset(tmp_path / "chats.parquet", False) == expected
+    argv = ["explain-dataset", tmp_path / "chats.parquet", "--model", "tiny-llama", "--no-ray",
+            "--budget", "20", "--max-new-tokens", "2", "--out", tmp_path / "runs"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny template renders no tools: it says so
+        code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert (tmp_path / "runs" / "sky" / "result.json").is_file()
+    (tmp_path / "clip.jsonl").write_bytes(Path(QUESTION_WAV).read_bytes())
+    code, _, err = run(["explain-dataset", tmp_path / "clip.jsonl", "--no-ray"], capsys)
+    assert code == 2 and "is not UTF-8 text" in err
+
+
 def test_explain_dataset_refuses_two_chats_of_one_name(tmp_path, capsys):
     # the later chat replaced the earlier one: fewer explanations, without a word
     row = {"id": "sky", "messages": [{"role": "user", "content": "Why is it blue?"}]}
