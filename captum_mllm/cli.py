@@ -485,23 +485,15 @@ def _table_chats(
     column = next((c for c in ("messages", "conversations") if c in columns), None)
     if column is None:
         raise UsageError(f"{where} has no messages or conversations column (it has {columns})")
+    from captum_mllm.distributed import table_row
+
     out: dict[str, Any] = {}
-    for i, r in enumerate(rows):
+    for i, row in enumerate(rows):
+        r = table_row(row)
         chat = {"messages": r[column]}
-        chat.update({k: _unfilled(r[k]) for k in REQUEST_KEYS if k != "messages" and r.get(k)})
+        chat.update({k: r[k] for k in REQUEST_KEYS if k != "messages" and r.get(k)})
         _add(out, str(r.get("id", f"chat_{i:05d}")), chat, f"{where} row {i}")
     return out
-
-
-def _unfilled(value: Any) -> Any:
-    """A datasets column's value without the None entries Arrow fills in: a
-    struct column gives each row every key of every row (a tool's schema
-    would read "description": null where it has none)."""
-    if isinstance(value, dict):
-        return {k: _unfilled(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_unfilled(v) for v in value]
-    return value
 
 
 def _add(chats: dict[str, Any], name: str, chat: Any, where: str) -> None:

@@ -25,8 +25,9 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -203,7 +204,11 @@ def _as_chat(chat: Any) -> Chat:
     return Chat.from_messages(chat)
 
 
-def _named(chats: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
+def _named(chats: Sequence[Any] | Mapping[str, Any] | pd.DataFrame) -> list[tuple[str, Any]]:
+    if isinstance(chats, pd.DataFrame):  # its rows (iterated, it gives its column names)
+        chats = [table_row(row) for row in chats.to_dict("records")]
+    elif hasattr(chats, "column_names") and hasattr(chats, "features"):  # a datasets.Dataset
+        chats = [table_row(row) for row in cast(Any, chats)]
     if isinstance(chats, Mapping):
         items = [(str(k), v) for k, v in chats.items()]
     else:  # a row's "id" (a data set's id column) names it, as on the command line
@@ -227,6 +232,33 @@ def _named(chats: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
         if name.casefold() in (SUMMARY, INDEX):  # the data set's own files
             raise InvalidOptionError(f"chat name {name!r} names a file explain_dataset writes")
     return items
+
+
+def table_row(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A table's row (a ``datasets.Dataset``'s, a pandas DataFrame's, a Parquet
+    file's) as the request it holds: without the None (Arrow) or NaN (pandas)
+    a table fills in for a key the row lacks, also inside its ``tools``,
+    ``chat_template_kwargs`` and ``input_kwargs`` (a template reads
+    ``date_string=None`` as the date "None"), and with lists where pandas holds
+    NumPy arrays."""
+
+    def listed(value: Any) -> Any:
+        if isinstance(value, np.ndarray | list):
+            return [listed(v) for v in value]
+        if isinstance(value, dict):
+            return {k: listed(v) for k, v in value.items()}
+        return value
+
+    def unfilled(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: unfilled(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [unfilled(v) for v in value]
+        return value
+
+    missing = pd.api.types.is_scalar  # and NaN or None: the table's fill
+    out = {str(k): listed(v) for k, v in row.items() if not (missing(v) and pd.isna(v))}
+    return {k: unfilled(v) if k in CHAT_KEYS and k != "messages" else v for k, v in out.items()}
 
 
 def _check_folders_differ(names: list[str], root: Path) -> None:
@@ -319,14 +351,15 @@ def explain_dataset(
     retried on a fresh worker, up to ``max_retries`` times.
 
     Args:
-        chats (sequence or mapping): ``Chat`` objects, Hugging Face message
+        chats (sequence, mapping or pandas.DataFrame): ``Chat`` objects, Hugging Face message
             lists, or requests ``{"messages": [...], ...}`` (or ShareGPT's
             ``{"conversations": [...]}``) that may add
             ``"tools"`` (an OpenAI request's) and ``"chat_template_kwargs"``
             (vLLM's) for the chat template, and ``"input_kwargs"``: the chat's
             own ``ChatInput`` arguments (e.g. its ``transcripts``); other keys
             warn. A mapping names them, else a request's ``"id"`` (a data
-            set's id column) or its place: ``chat_00000``, ...
+            set's id column) or its place: ``chat_00000``, ... A data frame
+            (or a ``datasets.Dataset``) gives a request a row, from its columns.
         model_factory (callable): ``() -> ModelAdapter``: builds one replica per
             worker (it is sent to the workers, so it must be picklable by
             cloudpickle: a function or lambda, not a loaded model).

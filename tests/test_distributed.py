@@ -148,6 +148,41 @@ def test_a_data_sets_id_column_names_its_chats(tmp_path):
                         store_dir=tmp_path, use_ray=False, show_progress=False)  # fmt: skip
 
 
+def test_a_tables_rows_are_its_chats_as_a_list_of_them_would_be(tmp_path):
+    """Iterating a pandas DataFrame gives its column names: each was read as a
+    chat and refused ("a chat is a list of messages, got a str"). A
+    datasets.Dataset gave each row's tools every key of every row's tools, None
+    where it had none (a schema read "description": null)."""
+    import datasets
+
+    dated = {"date_string": "1 Jan 2025"}
+    described = {"type": "function", "function": {"name": "sky", "description": "Its colour"}}
+    bare = {"type": "function", "function": {"name": "time"}}
+    rows = [
+        {"id": "sky", "messages": [{"role": "user", "content": QUESTIONS[1]}],
+         "chat_template_kwargs": dated, "tools": [described]},
+        {"id": "why", "messages": [{"role": "user", "content": QUESTIONS[0]}],
+         "tools": [bare]},
+        {"id": "how", "messages": [{"role": "user", "content": QUESTIONS[2]}]},
+    ]  # fmt: skip
+    pd.DataFrame(rows).to_parquet(tmp_path / "chats.parquet")
+    run = functools.partial(
+        explain_dataset, model_factory=factory, method_factory=ExactShapleyValues,
+        attribute_kwargs={"target": "Yes."}, store_dir=tmp_path / "runs", use_ray=False,
+        show_progress=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is "not read"
+        warnings.filterwarnings("ignore", "the model's chat template renders none of")
+        table = run(pd.DataFrame(rows))
+        assert table["chat"].tolist() == ["sky", "why", "how"] and not table["skipped"].any()
+        assert run(rows)["skipped"].all()  # the same requests as the list of rows
+        assert run(pd.read_parquet(tmp_path / "chats.parquet"))["skipped"].all()  # NumPy lists
+        assert run(datasets.Dataset.from_list(rows))["skipped"].all()
+    saved = MultimodalLLMAttributionResult.load(tmp_path / "runs" / "why" / RESULT)
+    assert saved.provenance["input_settings"]["chat_template_kwargs"] == {"tools": [bare]}
+
+
 def test_names_that_differ_in_case_alone_are_refused_where_folders_ignore_case(
     tmp_path, monkeypatch
 ):
