@@ -561,6 +561,21 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             return None
         return fig, ax
 
+    @property
+    def seq_attr_dict(self) -> dict[str, float]:
+        """Each feature's attribution by its label, as Captum's, except that a
+        label several features hold (a word said twice) names each of them:
+        ``"the"``, ``"the (2)"``, ... (Captum's dict keeps only the last one's
+        value, and has fewer entries than features)."""
+        out: dict[str, float] = {}
+        for label, value in zip(self.input_tokens, self.seq_attr.cpu().tolist(), strict=True):
+            key, count = label, 1
+            while key in out:
+                count += 1
+                key = f"{label} ({count})"
+            out[key] = value
+        return out
+
     def to_dataframe(self) -> pd.DataFrame:
         """One row per feature: label, modality, turn, role, sequence attribution,
         then one column per output token (when token attributions exist).

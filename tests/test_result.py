@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from captum.attr import FeatureAblation
+from captum.attr import FeatureAblation, LLMAttributionResult
 
 from captum_mllm import (
     Chat,
@@ -223,3 +223,16 @@ def test_a_result_names_the_input_settings_that_made_its_features(model, chat, t
     for res in (perturbed, gradient):
         back = MultimodalLLMAttributionResult.load(res.save(tmp_path / "r.json"))
         assert back.provenance["input_settings"] == settings
+
+
+def test_a_word_said_twice_keeps_each_value_in_seq_attr_dict(model):
+    """Captum's seq_attr_dict keys values by label: of three "the", two were lost."""
+    inp = ChatInput(Chat().user("the cat saw the dog and the bird"), model)
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="Yes.")
+    values = res.seq_attr_dict
+    assert list(values) == ["the", "cat", "saw", "the (2)", "dog", "and", "the (3)", "bird"]
+    assert list(values.values()) == res.seq_attr.tolist()
+    once = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(
+        ChatInput(Chat().user("a cat saw dogs"), model), target="Yes."
+    )
+    assert once.seq_attr_dict == LLMAttributionResult.seq_attr_dict.fget(once)  # Captum's
