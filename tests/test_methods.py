@@ -731,6 +731,19 @@ def test_an_unknown_argument_raises_rather_than_being_ignored(model, chat, metho
 
 
 @pytest.mark.parametrize("method", [*SAMPLERS, BayesianShapley, HierarchicalShapley])
+def test_one_feature_gets_the_whole_difference(model, method):
+    """A one-word question: paired orders of one feature have no coalition
+    between the ends, and stacking none raised ValueError."""
+    x, base = torch.tensor([[2.0]]), torch.tensor([[0.5]])
+    phi = method(lambda z: torch.exp(z[:, 0])).attribute(x, baselines=base, seed=0)
+    assert torch.allclose(phi, torch.exp(x) - torch.exp(base))
+    inp = ChatInput(Chat().user("Hello"), model)
+    res = MultimodalLLMAttribution(method(model), model).attribute(inp, target="Hi.", seed=0)
+    exact = MultimodalLLMAttribution(ExactShapleyValues(model), model).attribute(inp, target="Hi.")
+    assert torch.allclose(res.token_attr, exact.token_attr, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [*SAMPLERS, BayesianShapley, HierarchicalShapley])
 def test_a_budget_below_the_smallest_estimate_warns(method):
     """Every sampler has a smallest estimate (a pair of orders, a pair of
     coalitions, ...); a budget below it is exceeded, but not silently."""

@@ -67,6 +67,9 @@ class Game:
             rows = torch.from_numpy(masks[list(missing.values())])
             values = self.evaluate(rows).detach().cpu().double().numpy().reshape(len(rows), -1)
             self.memo.update(zip(missing, values, strict=True))
+        if not keys:  # one feature's orders have no coalitions between the ends
+            width = len(next(iter(self.memo.values()))) if self.memo else 0
+            return np.zeros((0, width))
         return np.stack([self.memo[k] for k in keys])
 
     def lookup(self, masks: np.ndarray) -> np.ndarray:

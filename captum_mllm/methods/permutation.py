@@ -63,8 +63,8 @@ def _marginals(game: Game, orders: np.ndarray, empty: np.ndarray, full: np.ndarr
     ranks = np.argsort(orders, axis=1)  # position of each feature in its order
     # prefix j of an order holds the features ranked below j: (p, n - 1, n) interior masks
     masks = ranks[:, None, :] < np.arange(1, n)[None, :, None]
-    inner = game(masks.reshape(-1, n)).reshape(p, n - 1, -1)
-    k = inner.shape[-1]
+    k = empty.shape[-1]
+    inner = game(masks.reshape(-1, n)).reshape(p, n - 1, k)
     chain = np.concatenate(
         [np.broadcast_to(empty, (p, 1, k)), inner, np.broadcast_to(full, (p, 1, k))], axis=1
     )  # (p, n + 1, k): values of prefixes of length 0..n
