@@ -329,8 +329,10 @@ class MultimodalLLMAttribution(LLMAttribution):
             if seed is not None or captum_compat.draws_randomly(self.attr_method, inp):
                 with captum_compat.global_draws(seed, self.device):
                     res = self.attribute(
-                        inp, target, num_trials, gen_args, use_cached_outputs, _inspect_forward,
-                        forward_in_tokens, cache_coalitions, reuse_prefix, keep_eos, store, shard,
+                        inp, target=target, num_trials=num_trials, gen_args=gen_args,
+                        use_cached_outputs=use_cached_outputs, _inspect_forward=_inspect_forward,
+                        forward_in_tokens=forward_in_tokens, cache_coalitions=cache_coalitions,
+                        reuse_prefix=reuse_prefix, keep_eos=keep_eos, store=store, shard=shard,
                         **kwargs,
                     )  # fmt: skip
                 if seed is not None:
