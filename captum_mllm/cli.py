@@ -52,8 +52,25 @@ def main(argv: list[str] | None = None) -> None:
     except (UsageError, CaptumMLLMError, OSError) as exc:
         print(f"captum-mllm: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C: what is kept, in a line rather than a traceback
+        print(f"\ncaptum-mllm: interrupted{_resume_hint(args)}", file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, as shells report it
     finally:
         warnings.formatwarning = formatwarning
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How an interrupted command picks up where it stopped."""
+    if args.command == "explain-dataset":
+        return (
+            f"; run the same command again: the chats done are skipped, the others resume "
+            f"from their stores under {args.out}"
+        )
+    if args.command != "explain":
+        return ""
+    if args.store is not None:
+        return f"; run the same command again: it resumes from {args.store}"
+    return "; with --store FILE a run keeps what it evaluated, and a rerun resumes from it"
 
 
 def _format_warning(message: Any, category: type[Warning], *_: Any, **__: Any) -> str:

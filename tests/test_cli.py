@@ -468,6 +468,36 @@ def test_explain_dataset_reads_a_json_list_and_a_parquet_file_as_their_jsonl(tmp
     assert code == 2 and "is not UTF-8 text" in err
 
 
+def test_ctrl_c_says_how_to_resume_in_a_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed a traceback through torch's modules (and exit code -2)."""
+    from captum_mllm import MultimodalLLMAttribution
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def interrupt(argv):
+        try:
+            return run(argv, capsys)
+        except KeyboardInterrupt:  # escaped, it would stop pytest itself
+            pytest.fail("Ctrl-C went past the command")
+
+    monkeypatch.setattr(MultimodalLLMAttribution, "attribute", interrupted)
+    question = ["explain", "Why is the sky blue?", "--model", "tiny-llama", "--out", tmp_path]
+    code, _, err = interrupt(question)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip() == (
+        "captum-mllm: interrupted; with --store FILE a run keeps what it evaluated, "
+        "and a rerun resumes from it"
+    )
+    code, _, err = interrupt([*question, "--store", tmp_path / "run.sqlite"])
+    assert code == 130 and f"it resumes from {tmp_path / 'run.sqlite'}" in err
+    (tmp_path / "chats.jsonl").write_text(json.dumps([{"role": "user", "content": "Hi"}]) + "\n")
+    argv = ["explain-dataset", tmp_path / "chats.jsonl", "--model", "tiny-llama", "--no-ray",
+            "--out", tmp_path / "runs"]  # fmt: skip
+    code, _, err = interrupt(argv)
+    assert code == 130 and "the chats done are skipped" in err
+
+
 def test_explain_dataset_refuses_two_chats_of_one_name(tmp_path, capsys):
     # the later chat replaced the earlier one: fewer explanations, without a word
     row = {"id": "sky", "messages": [{"role": "user", "content": "Why is it blue?"}]}
