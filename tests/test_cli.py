@@ -27,6 +27,16 @@ def run(argv, capsys):
     return code, out, err
 
 
+def explain_quietly(data, out, capsys):
+    """``explain-dataset`` of a data set on the tiny Llama, its warnings unshown
+    (its template renders no tools, and says so)."""
+    argv = ["explain-dataset", data, "--model", "tiny-llama", "--no-ray", "--budget", "20",
+            "--max-new-tokens", "2", "--out", out]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run(argv, capsys)
+
+
 def test_a_json_chat_with_an_audio_file(tmp_path, capsys):
     (tmp_path / "clips").mkdir()
     clip = tmp_path / "clips" / "question.wav"
@@ -456,11 +466,7 @@ def test_explain_dataset_reads_a_json_list_and_a_parquet_file_as_their_jsonl(tmp
     assert _read_dataset(tmp_path / "one.json", False) == {"chat_00000": rows[1]["messages"]}
     datasets.Dataset.from_list(rows).to_parquet(tmp_path / "chats.parquet")  # as the hub holds them
     assert _read_dataset(tmp_path / "chats.parquet", False) == expected
-    argv = ["explain-dataset", tmp_path / "chats.parquet", "--model", "tiny-llama", "--no-ray",
-            "--budget", "20", "--max-new-tokens", "2", "--out", tmp_path / "runs"]  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tiny template renders no tools: it says so
-        code, _, err = run(argv, capsys)
+    code, _, err = explain_quietly(tmp_path / "chats.parquet", tmp_path / "runs", capsys)
     assert code == 0, err
     assert (tmp_path / "runs" / "sky" / "result.json").is_file()
     (tmp_path / "clip.jsonl").write_bytes(Path(QUESTION_WAV).read_bytes())
@@ -549,11 +555,7 @@ def test_explain_dataset_from_a_hugging_face_datasets_folder(tmp_path, capsys):
          "chat_template_kwargs": {"enable_thinking": False}, "tools": [described]},
     ]  # fmt: skip
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "dated"))
-    argv = ["explain-dataset", tmp_path / "dated", "--model", "tiny-llama", "--no-ray",
-            "--budget", "20", "--max-new-tokens", "2", "--out", tmp_path / "d"]  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tiny template renders no tools: it says so
-        code, _, err = run(argv, capsys)
+    code, _, err = explain_quietly(tmp_path / "dated", tmp_path / "d", capsys)
     assert code == 0, err
     saved = MultimodalLLMAttributionResult.load(tmp_path / "d" / "dated" / "result.json")
     assert saved.provenance["input_settings"]["chat_template_kwargs"] == {**dated, "tools": [tool]}
