@@ -347,9 +347,17 @@ def test_a_tokenizer_without_a_chat_template_is_named(chat):
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     refusing = HFCausalLMAdapter(tiny_llama(), tokenizer)
-    with pytest.raises(ChatTemplateError, match="System role not supported"):
+    with pytest.raises(ChatTemplateError, match="System role not supported.*first user turn"):
         ChatInput(Chat().system("Be brief.").user("Who are you?"), refusing)
     assert ChatInput(Chat().user("Who are you?"), refusing).values == ["Who", "are", "you"]
+    # Another refusal is not told the system prompt's remedy
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if loop.index0 and m['role'] == messages[loop.index0 - 1]"
+        "['role'] %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+        "{% endfor %}"
+    )
+    with pytest.raises(ChatTemplateError, match="must alternate$"):
+        ChatInput(Chat().user("Hi.").user("Who are you?"), refusing)
 
 
 def test_final_assistant_turn_is_the_response_not_the_prompt(model, chat):

@@ -426,9 +426,14 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
             )
         except jinja2.TemplateError as exc:  # e.g. raise_exception("System role not supported")
+            hint = ""
+            if any(m.get("role") == "system" for m in messages):  # the usual refusal (Gemma's)
+                hint = (
+                    " (a template without a system role takes the system prompt inside the "
+                    "first user turn)"
+                )
             raise ChatTemplateError(
-                f"the model's chat template refuses this chat: {exc} (a template without a "
-                "system role takes the system prompt inside the first user turn)"
+                f"the model's chat template refuses this chat: {exc}{hint}"
             ) from exc
 
     def _reads_content_parts(self) -> bool:
