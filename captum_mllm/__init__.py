@@ -3,7 +3,7 @@
 from captum_mllm.attribution import MultimodalLLMAttribution
 from captum_mllm.chat import AudioPart, Chat, TextPart, Turn
 from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore, MemoryStore, SQLiteStore
-from captum_mllm.distributed import explain_dataset, explain_sharded
+from captum_mllm.distributed import dataset_attributions, explain_dataset, explain_sharded
 from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.gradient import AttentionAttribution, MultimodalLLMGradientAttribution, compare
 from captum_mllm.heap import release_heap, retained_heap
@@ -45,6 +45,7 @@ __all__ = [
     "TextPart",
     "Turn",
     "compare",
+    "dataset_attributions",
     "explain_dataset",
     "explain_sharded",
     "load_default_model",

@@ -349,9 +349,9 @@ def _dataset_command(args: argparse.Namespace) -> None:
     )
     _print_table(table)
     print(
-        f"wrote {args.out / 'summary.csv'}, {args.out / 'index.html'} (open it to read the "
-        f"chats' pages) and one folder per chat under {args.out} (its result.json and "
-        "report.html)"
+        f"wrote {args.out / 'summary.csv'}, {args.out / 'attributions.csv'} (every chat's "
+        f"features), {args.out / 'index.html'} (open it to read the chats' pages) and one "
+        f"folder per chat under {args.out} (its result.json and report.html)"
     )
 
 

@@ -24,6 +24,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from os import PathLike
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,6 +49,7 @@ RESULT = "result.json"
 REPORT = "report.html"
 INDEX = "index.html"
 SUMMARY = "summary.csv"
+ATTRIBUTIONS = "attributions.csv"
 STORE = "coalitions.sqlite"
 
 __all__ = ["explain_dataset", "explain_sharded", "ChatExplainer"]
@@ -229,7 +231,7 @@ def _named(chats: Sequence[Any] | Mapping[str, Any] | pd.DataFrame) -> list[tupl
                 f"chat name {name!r} cannot name a folder under store_dir: give names "
                 "without '/', '\\' or NUL, other than '', '.' and '..'"
             )
-        if name.casefold() in (SUMMARY, INDEX):  # the data set's own files
+        if name.casefold() in (SUMMARY, INDEX, ATTRIBUTIONS):  # the data set's own files
             raise InvalidOptionError(f"chat name {name!r} names a file explain_dataset writes")
     return items
 
@@ -476,7 +478,55 @@ def explain_dataset(
     table = table.astype({k: "Int64" for k in counts if k in table})
     table.to_csv(root / SUMMARY, index=False)
     _write_index(root, table)
+    named = [str(name) for name in table["chat"]] if "chat" in table else []
+    dataset_attributions(root, named).to_csv(root / ATTRIBUTIONS, index=False)
     return table
+
+
+def dataset_attributions(
+    store_dir: str | PathLike[str], chats: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Every explained chat's features in one table, a row per chat and
+    feature (:meth:`MultimodalLLMAttributionResult.to_dataframe` without the
+    output tokens' columns, which differ from chat to chat), for questions
+    about a whole data set: ``table.groupby("modality")["seq_attr"].sum()``.
+    :func:`explain_dataset` writes it as ``attributions.csv``.
+
+    Args:
+        store_dir (str or Path): an :func:`explain_dataset` run's folder.
+        chats (sequence of str, optional): the chats to read, in order. Default:
+            the chats of its ``summary.csv``
+
+    Returns:
+        pandas.DataFrame: ``chat``, ``feature_index``, then the features'
+        columns (``feature``, ``modality``, ``turn``, ``role``, ``start_s``,
+        ``end_s``, ``seq_attr``, and ``seq_attr_stderr`` where sampled). A chat
+        without a result (one that raised) has no rows.
+
+    Examples::
+
+        >>> table = dataset_attributions("runs/study")
+        >>> table.groupby(["chat", "modality"])["seq_attr"].sum().unstack()
+    """
+    from captum_mllm.result import MultimodalLLMAttributionResult
+
+    root = Path(store_dir)
+    if chats is None:  # the names as written ("007" and "NA" are chat names, not numbers)
+        summary = pd.read_csv(root / SUMMARY, dtype={"chat": str}, keep_default_na=False)
+        chats = list(summary["chat"])
+    frames = []
+    for name in chats:
+        if (root / name / RESULT).is_file():
+            with warnings.catch_warnings():  # one a chat after an upgrade; values stand
+                warnings.simplefilter("ignore", InconsistentVersionWarning)
+                res = MultimodalLLMAttributionResult.load(root / name / RESULT)
+            frame = res.to_dataframe(per_token=False)
+            frame.insert(0, "chat", name)
+            frame.insert(1, "feature_index", range(len(frame)))
+            frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=["chat", "feature_index", "feature", "seq_attr"])
+    return pd.concat(frames, ignore_index=True)
 
 
 def _write_index(root: Path, table: pd.DataFrame) -> None:

@@ -576,9 +576,12 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             out[key] = value
         return out
 
-    def to_dataframe(self) -> pd.DataFrame:
+    def to_dataframe(self, per_token: bool = True) -> pd.DataFrame:
         """One row per feature: label, modality, turn, role, sequence attribution,
         then one column per output token (when token attributions exist).
+
+        Args:
+            per_token (bool, optional): add the output tokens' columns. Default: True
 
         Returns:
             pandas.DataFrame: the table.
@@ -598,10 +601,10 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         if self.seq_attr_stderr is not None:
             table["seq_attr_stderr"] = torch.as_tensor(self.seq_attr_stderr).cpu().float().numpy()
         frame = pd.DataFrame(table)
-        if self.token_attr is not None:
-            per_token = self.token_attr.detach().cpu().float().numpy().T
+        if per_token and self.token_attr is not None:
+            values = self.token_attr.detach().cpu().float().numpy().T
             columns = [f"{i}:{t}" for i, t in enumerate(self.output_tokens)]
-            frame = pd.concat([frame, pd.DataFrame(per_token, columns=columns)], axis=1)
+            frame = pd.concat([frame, pd.DataFrame(values, columns=columns)], axis=1)
         return frame
 
     # Summaries ----------------------------------------------------------------------

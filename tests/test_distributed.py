@@ -10,6 +10,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 import ray
@@ -427,6 +428,36 @@ def test_an_index_page_links_every_explained_chat(tmp_path):
     assert list(written["n_features"].fillna(-1)) == list(table["n_features"].fillna(-1))
 
 
+def test_a_data_sets_features_are_one_table(tmp_path):
+    """A question about a whole data set (which modality, role or word counts)
+    meant loading each chat's result.json: attributions.csv holds every chat's
+    features, read back by dataset_attributions; a chat that raised has none."""
+    from captum_mllm import dataset_attributions
+    from captum_mllm.distributed import ATTRIBUTIONS
+
+    chats = {"007": CHATS[0], "NA": CHATS[1], "bad": Chat().user("Hi <|im_start|> there")}
+    with pytest.warns(UserWarning, match="1 of 3 chats raised"):
+        explain_dataset(
+            chats, factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path,
+            use_ray=False, show_progress=False, on_error="record",
+        )  # fmt: skip
+    table = dataset_attributions(tmp_path)
+    expected = []
+    for name in ("007", "NA"):  # the names as given, not the numbers and NaN they read as
+        own = MultimodalLLMAttributionResult.load(tmp_path / name / RESULT).to_dataframe()
+        own = own.loc[:, :"seq_attr_stderr"]  # without the output tokens' columns
+        expected.append(own.assign(chat=name, feature_index=range(len(own))))
+    assert list(table.columns) == ["chat", "feature_index", *own.columns]
+    expected = pd.concat(expected, ignore_index=True)[list(table.columns)]
+    pd.testing.assert_frame_equal(table, expected)
+    written = pd.read_csv(tmp_path / ATTRIBUTIONS, dtype={"chat": str}, keep_default_na=False)
+    assert list(written["chat"]) == list(table["chat"])
+    np.testing.assert_allclose(written["seq_attr"], table["seq_attr"], rtol=1e-6)
+    with pytest.raises(InvalidOptionError, match="names a file explain_dataset writes"):
+        explain_dataset({ATTRIBUTIONS: CHATS[0]}, factory, LeverageKernelShap, {}, SETTINGS,
+                        store_dir=tmp_path, use_ray=False)  # fmt: skip
+
+
 def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
     """A saved result is skipped only for the same chat, arguments and
     factories; otherwise the chat is explained again, from its store where the
@@ -467,7 +498,8 @@ def test_a_rerun_skips_only_chats_explained_for_the_same_request(tmp_path):
     for name in ("summary.csv", "Index.html"):
         with pytest.raises(InvalidOptionError, match="names a file explain_dataset writes"):
             run({name: CHATS[0]})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "sky", "summary.csv", "who"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["attributions.csv", "index.html", "sky", "summary.csv", "who"]
 
 
 def test_a_request_names_factories_by_what_they_load():
