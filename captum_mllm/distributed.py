@@ -495,7 +495,8 @@ def dataset_attributions(
     Args:
         store_dir (str or Path): an :func:`explain_dataset` run's folder.
         chats (sequence of str, optional): the chats to read, in order. Default:
-            the chats of its ``summary.csv``
+            the chats of its ``summary.csv``, or (a run stopped before writing
+            it) every chat folder holding a result, by name
 
     Returns:
         pandas.DataFrame: ``chat``, ``feature_index``, then the features'
@@ -511,9 +512,11 @@ def dataset_attributions(
     from captum_mllm.result import MultimodalLLMAttributionResult
 
     root = Path(store_dir)
-    if chats is None:  # the names as written ("007" and "NA" are chat names, not numbers)
+    if chats is None and (root / SUMMARY).is_file():  # "007", "NA": names, not numbers
         summary = pd.read_csv(root / SUMMARY, dtype={"chat": str}, keep_default_na=False)
         chats = list(summary["chat"])
+    elif chats is None:  # a run stopped before its summary: the results it wrote
+        chats = sorted(path.parent.name for path in root.glob(f"*/{RESULT}"))
     frames = []
     for name in chats:
         if (root / name / RESULT).is_file():

@@ -433,7 +433,7 @@ def test_a_data_sets_features_are_one_table(tmp_path):
     meant loading each chat's result.json: attributions.csv holds every chat's
     features, read back by dataset_attributions; a chat that raised has none."""
     from captum_mllm import dataset_attributions
-    from captum_mllm.distributed import ATTRIBUTIONS
+    from captum_mllm.distributed import ATTRIBUTIONS, SUMMARY
 
     chats = {"007": CHATS[0], "NA": CHATS[1], "bad": Chat().user("Hi <|im_start|> there")}
     with pytest.warns(UserWarning, match="1 of 3 chats raised"):
@@ -453,6 +453,8 @@ def test_a_data_sets_features_are_one_table(tmp_path):
     written = pd.read_csv(tmp_path / ATTRIBUTIONS, dtype={"chat": str}, keep_default_na=False)
     assert list(written["chat"]) == list(table["chat"])
     np.testing.assert_allclose(written["seq_attr"], table["seq_attr"], rtol=1e-6)
+    (tmp_path / SUMMARY).unlink()  # a run stopped before it: the results written
+    pd.testing.assert_frame_equal(dataset_attributions(tmp_path), table)
     with pytest.raises(InvalidOptionError, match="names a file explain_dataset writes"):
         explain_dataset({ATTRIBUTIONS: CHATS[0]}, factory, LeverageKernelShap, {}, SETTINGS,
                         store_dir=tmp_path, use_ray=False)  # fmt: skip
