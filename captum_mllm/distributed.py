@@ -209,8 +209,14 @@ def _as_chat(chat: Any) -> Chat:
 def _named(chats: Sequence[Any] | Mapping[str, Any] | pd.DataFrame) -> list[tuple[str, Any]]:
     if isinstance(chats, pd.DataFrame):  # its rows (iterated, it gives its column names)
         chats = [table_row(row) for row in chats.to_dict("records")]
-    elif hasattr(chats, "column_names") and hasattr(chats, "features"):  # a datasets.Dataset
+    elif _is_dataset(chats):
         chats = [table_row(row) for row in cast(Any, chats)]
+    elif isinstance(chats, Mapping) and any(map(_is_dataset, chats.values())):
+        split = next(iter(chats))  # a DatasetDict: each split was read as one chat
+        raise InvalidOptionError(
+            f"chats holds data sets ({', '.join(map(str, chats))}), not chats: give one "
+            f"of them, e.g. chats[{split!r}]"
+        )
     if isinstance(chats, Mapping):
         items = [(str(k), v) for k, v in chats.items()]
     else:  # a row's "id" (a data set's id column) names it, as on the command line
@@ -234,6 +240,13 @@ def _named(chats: Sequence[Any] | Mapping[str, Any] | pd.DataFrame) -> list[tupl
         if name.casefold() in (SUMMARY, INDEX, ATTRIBUTIONS):  # the data set's own files
             raise InvalidOptionError(f"chat name {name!r} names a file explain_dataset writes")
     return items
+
+
+def _is_dataset(value: Any) -> bool:
+    """Whether ``value`` is a table of chats: a ``datasets.Dataset`` or a DataFrame."""
+    return isinstance(value, pd.DataFrame) or (
+        hasattr(value, "column_names") and hasattr(value, "features")
+    )
 
 
 def table_row(row: Mapping[Any, Any]) -> dict[str, Any]:

@@ -180,6 +180,9 @@ def test_a_tables_rows_are_its_chats_as_a_list_of_them_would_be(tmp_path):
         assert run(rows)["skipped"].all()  # the same requests as the list of rows
         assert run(pd.read_parquet(tmp_path / "chats.parquet"))["skipped"].all()  # NumPy lists
         assert run(datasets.Dataset.from_list(rows))["skipped"].all()
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+    with pytest.raises(InvalidOptionError, match=r"data sets \(train\), not chats"):
+        run(splits)  # each split was read as one chat
     saved = MultimodalLLMAttributionResult.load(tmp_path / "runs" / "why" / RESULT)
     assert saved.provenance["input_settings"]["chat_template_kwargs"] == {"tools": [bare]}
 
