@@ -695,6 +695,10 @@ def _read_messages(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         messages = messages["messages"]
     if not isinstance(messages, list):
         raise UsageError(f"{path} must hold a list of messages, or an object with one")
+    if any(isinstance(m, dict) and {"messages", "conversations"} & set(m) for m in messages):
+        raise UsageError(  # a data set's rows: each was read as a message
+            f"{path} holds a list of chats: explain-dataset {path} explains each, --chat one"
+        )
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         for item in content if isinstance(content, list) else []:

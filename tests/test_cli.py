@@ -698,6 +698,10 @@ def test_a_chat_file_may_be_an_object_holding_its_messages(tmp_path, capsys):
     assert saved.input_tokens == ["Who", "are", "you", "my", "friend"]
     code, _, err = run([*argv, "--chat", tmp_path / "other.json"], capsys)
     assert code == 2 and "must hold a list of messages" in err
+    # A data set's file (its rows were read as messages: "each message must be a dict...")
+    (tmp_path / "chats.json").write_text(json.dumps([{"id": "a", "messages": messages}]))
+    code, _, err = run([*argv, "--chat", tmp_path / "chats.json"], capsys)
+    assert code == 2 and f"holds a list of chats: explain-dataset {tmp_path / 'chats.json'}" in err
     # --budget went unread by --method exact; below its 2^5 coalitions it is refused.
     (tmp_path / "plain.json").write_text(json.dumps({"messages": messages}))
     code, _, err = run([*argv, "--chat", tmp_path / "plain.json", "--budget", "20"], capsys)
