@@ -158,7 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     dataset.set_defaults(run=_dataset_command)
 
     report = sub.add_parser("report", help="redraw a saved result")
-    report.add_argument("result", type=Path, help="the .json written by explain or demo")
+    report.add_argument(
+        "result", type=Path, help="the result.json written by explain or demo (or its folder)"
+    )
     report.add_argument("--out", type=Path, default=None, help="default: beside the result")
     report.set_defaults(run=_report)
     return parser
@@ -523,10 +525,18 @@ def _add(chats: dict[str, Any], name: str, chat: Any, where: str) -> None:
 def _report(args: argparse.Namespace) -> None:
     from captum_mllm import MultimodalLLMAttributionResult
 
-    if not args.result.is_file():
-        raise UsageError(f"no saved result at {args.result}")
-    res = MultimodalLLMAttributionResult.load(args.result)
-    out = args.out or args.result.parent
+    path = args.result
+    if path.is_dir() and (path / "result.json").is_file():  # the folder explain wrote
+        path = path / "result.json"
+    elif path.is_dir() and (path / "summary.csv").is_file():
+        raise UsageError(
+            f"{path} is an explain-dataset folder: its index.html links every chat's "
+            f"report; give one chat's result.json (e.g. {path / '<chat>' / 'result.json'})"
+        )
+    if not path.is_file():
+        raise UsageError(f"no saved result at {path}")
+    res = MultimodalLLMAttributionResult.load(path)
+    out = args.out or path.parent
     _print(res)
     _write(res, out, save=False)
 

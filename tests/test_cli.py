@@ -113,6 +113,13 @@ def test_a_yaml_chat_and_a_report(tmp_path, capsys):
     assert code == 0, err
     assert (out / "seq_attr.png").is_file() and "friend" in printed
     assert "friend" in (out / "report.html").read_text()
+    (out / "report.html").unlink()
+    code, _, err = run(["report", out], capsys)  # the folder explain wrote (it was refused)
+    assert code == 0 and (out / "report.html").is_file(), err
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "summary.csv").write_text("chat\n")
+    code, _, err = run(["report", tmp_path / "runs"], capsys)
+    assert code == 2 and "is an explain-dataset folder: its index.html links" in err
 
 
 def test_batch_sets_coalitions_a_call_and_changes_no_value(tmp_path, capsys):
