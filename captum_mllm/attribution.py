@@ -29,6 +29,7 @@ from captum.attr import (
     FeaturePermutation,
     ImageMaskInput,
     InterpretableInput,
+    KernelShap,
     Lime,
     LLMAttribution,
     PerturbationAttribution,
@@ -955,6 +956,12 @@ def _check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[s
             )
     if "n_samples" in kwargs and not isinstance(method, ShapleyEstimator):
         require_int("n_samples", kwargs["n_samples"], 1)
+    if isinstance(method, KernelShap) and n == 1:  # its size distribution is 0/0 (NaN)
+        raise UnsupportedInputError(
+            "Captum's KernelShap samples coalitions of sizes between none and all, and one "
+            "feature has none: its value is the whole change (FeatureAblation, or "
+            "captum_mllm.methods.ExactShapleyValues, gives it)"
+        )
     if isinstance(method, Lime):  # Captum's default is 25 samples, whatever the features
         n_samples = kwargs.get("n_samples", LIME_DEFAULT_SAMPLES)
         if n_samples <= n:

@@ -495,6 +495,11 @@ def test_method_arguments_that_captum_takes_silently_are_refused(model, chat):
     long = ChatInput(Chat().user(" ".join(["word"] * 25)), model)  # Captum's default: 25
     with pytest.warns(UserWarning, match="n_samples=25 coalitions"):
         kernel.attribute(long, target=TARGET)
+    word = ChatInput(Chat().user("Hello"), model)  # Captum's ValueError: "probs ... nan"
+    with pytest.raises(UnsupportedInputError, match="one feature has none"):
+        kernel.attribute(word, target=TARGET)
+    whole = ablation.attribute(word, target=TARGET).seq_attr  # the remedy it names
+    torch.testing.assert_close(sampling.attribute(word, target=TARGET).seq_attr, whole)
     with pytest.raises(InvalidBaselineError):  # Captum's tuple form
         ablation.attribute(inp, target=TARGET, baselines=(torch.ones(1, inp.n_itp_features),))
     zero = ablation.attribute(inp, target=TARGET, baselines=0)  # the default, said aloud
