@@ -137,9 +137,9 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="a JSONL file of chats (message lists or {id, messages[, tools, "
         "chat_template_kwargs]}; ShareGPT's conversations too), a JSON file of a list of "
-        "them, a Parquet file or Hugging Face datasets folder (a messages or conversations "
-        "column, and those), or a folder of audio files with transcripts.csv (columns "
-        "file, transcript[, text])",
+        "them (or of an object naming each), a Parquet file or Hugging Face datasets "
+        "folder (a messages or conversations column, and those), or a folder of audio "
+        "files with transcripts.csv (columns file, transcript[, text])",
     )
     _model_flags(dataset)
     dataset.add_argument("--workers", type=_at_least(1), default=None, help="Ray actors")
@@ -453,7 +453,8 @@ def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
 
 def _json_chats(path: Path) -> dict[str, Any]:
     """A JSONL file's chats, a line each, or a JSON file's: a list of chats (as
-    ``json.dump`` writes a list, indented or not) or one chat."""
+    ``json.dump`` writes a list, indented or not), an object naming each, or
+    one chat."""
     try:  # utf-8-sig: a byte order mark (Windows' Notepad writes one) is not JSON
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -469,6 +470,13 @@ def _json_chats(path: Path) -> dict[str, Any]:
         and whole
         and all(isinstance(m, dict) and "role" in m for m in whole)
     )
+    named = (  # {name: chat}, as explain_dataset takes a mapping
+        isinstance(whole, dict)
+        and not {"messages", "conversations"} & set(whole)
+        and all(isinstance(chat, list | dict) for chat in whole.values())
+    )
+    if named:
+        return {str(name): chat for name, chat in whole.items()}
     if isinstance(whole, list) and not messages:
         rows = [(i, f"{path} item {i + 1}", row) for i, row in enumerate(whole)]
     elif whole is not None:  # one chat: a message list, or an object holding one

@@ -469,6 +469,9 @@ def test_explain_dataset_reads_a_json_list_and_a_parquet_file_as_their_jsonl(tmp
     for indent in (None, 2):
         (tmp_path / "chats.json").write_text(json.dumps(rows, indent=indent))
         assert _read_dataset(tmp_path / "chats.json", False) == expected
+    by_name = {row["id"]: {k: v for k, v in row.items() if k != "id"} for row in rows}
+    (tmp_path / "named.json").write_text(json.dumps(by_name))  # as explain_dataset's mapping
+    assert _read_dataset(tmp_path / "named.json", False) == expected
     (tmp_path / "one.json").write_text(json.dumps(rows[1]["messages"], indent=2))  # one chat
     assert _read_dataset(tmp_path / "one.json", False) == {"chat_00000": rows[1]["messages"]}
     datasets.Dataset.from_list(rows).to_parquet(tmp_path / "chats.parquet")  # as the hub holds them
