@@ -106,6 +106,8 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
         if sample_rate is None:
             raise AudioError("audio given as an array needs its sample_rate=")
         source = "<array>"
+        if isinstance(audio, np.ndarray) and not audio.flags.writeable:
+            audio = audio.copy()  # Arrow's and pandas' read-only memory: torch warned of it
         waveform = _as_float(torch.as_tensor(audio))
         if waveform.dim() == 1:  # (n,) -> (1, n)
             waveform = waveform[None]

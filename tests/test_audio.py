@@ -1,6 +1,8 @@
 """Audio reading (soundfile's conventions) and forced alignment: Part 9a regressions."""
 
 import io
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -92,6 +94,19 @@ def test_hugging_face_datasets_audio_values_are_read():
         load_audio(decoded, 16000)
     with pytest.raises(AudioError, match="'array' and 'sampling_rate'"):
         load_audio({"audio": samples})
+
+
+def test_a_read_only_array_is_read_without_torchs_warning():
+    """pandas and Arrow give read-only arrays (a Parquet file's clips): torch
+    warned that writing to the tensor would be undefined. It warns once a
+    process, so a fresh one tells."""
+    code = (
+        "import numpy as np; from captum_mllm.audio import load_audio; "
+        "a = np.full(1600, 0.1, np.float32); a.setflags(write=False); load_audio(a, 16000)"
+    )
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-500:]
 
 
 def test_urls_are_not_downloaded():
