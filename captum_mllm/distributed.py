@@ -255,9 +255,15 @@ def table_row(row: Mapping[Any, Any]) -> dict[str, Any]:
     a table fills in for a key the row lacks, also inside its ``tools``,
     ``chat_template_kwargs`` and ``input_kwargs`` (a template reads
     ``date_string=None`` as the date "None"), and with lists where pandas holds
-    NumPy arrays."""
+    NumPy arrays of objects (a clip's samples stay an array)."""
 
     def listed(value: Any) -> Any:
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            return value  # a clip's samples: the audio reader takes an array as it is
+        if isinstance(value, list) and not any(
+            isinstance(v, list | dict | np.ndarray) for v in value[:1]
+        ):
+            return value  # of plain values (samples): nothing inside to convert
         if isinstance(value, np.ndarray | list):
             return [listed(v) for v in value]
         if isinstance(value, dict):

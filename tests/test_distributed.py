@@ -431,6 +431,31 @@ def test_an_index_page_links_every_explained_chat(tmp_path):
     assert list(written["n_features"].fillna(-1)) == list(table["n_features"].fillna(-1))
 
 
+def test_a_spoken_chat_read_back_from_parquet_is_explained_as_its_rows(tmp_path):
+    """pandas gives a Parquet file's lists as NumPy arrays: a clip's samples
+    among them, which stay an array (a list of a clip's floats is slow to build)."""
+    from importlib.resources import files
+
+    import soundfile as sf
+
+    from captum_mllm import LFM2AudioAdapter
+    from captum_mllm.testing import tiny_lfm2_audio
+
+    samples, rate = sf.read(str(files("captum_mllm") / "data" / "question.wav"), dtype="float32")
+    clip = {"type": "audio", "audio": {"array": samples.tolist(), "sampling_rate": rate}}
+    rows = [{"id": "spoken", "messages": [{"role": "user", "content": [clip]}]}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "chats.parquet")
+    results = []
+    for data in (rows, pd.read_parquet(tmp_path / "chats.parquet")):
+        out = tmp_path / str(len(results))
+        explain_dataset(data, lambda: LFM2AudioAdapter(*tiny_lfm2_audio()), ExactShapleyValues,
+                        {"audio_unit": 0.5}, {"target": "Yes."}, store_dir=out, use_ray=False,
+                        show_progress=False)  # fmt: skip
+        results.append(MultimodalLLMAttributionResult.load(out / "spoken" / RESULT))
+    assert {f.modality for f in results[1].features} == {"audio_in"}
+    torch.testing.assert_close(results[1].seq_attr, results[0].seq_attr)
+
+
 def test_a_data_sets_features_are_one_table(tmp_path):
     """A question about a whole data set (which modality, role or word counts)
     meant loading each chat's result.json: attributions.csv holds every chat's
