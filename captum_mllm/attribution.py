@@ -763,6 +763,8 @@ def answered_input[I: InterpretableInput](inp: I, target: Any) -> I:
     ``<think>`` block of Qwen3's template), not straight after the generation
     prompt."""
     if isinstance(inp, ChatInput) and isinstance(target, str) and target:
+        if not target.strip():  # refused as an empty assistant turn the caller never wrote
+            raise TargetError("the target response is only white space; give the answer's text")
         return cast(I, inp.answered(target))
     return inp
 

@@ -394,6 +394,8 @@ def test_bad_arguments_raise(model, chat):
     attr = MultimodalLLMAttribution(FeatureAblation(model), model)
     with pytest.raises(TargetError):
         attr.attribute(inp, target="")
+    with pytest.raises(TargetError, match="only white space"):  # "the assistant turn is empty"
+        attr.attribute(inp, target=" \n")
     with pytest.raises(TargetError):
         attr.attribute(inp, target=3)  # type: ignore[arg-type]
     with pytest.raises(TargetError):
