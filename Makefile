@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/lfm2_audio.py
 	$(BIN)/python benchmarks/estimators.py
 	$(BIN)/python benchmarks/oracle_bound.py
+	$(BIN)/python benchmarks/logit_surrogate.py
 	$(BIN)/python benchmarks/faithfulness.py --speech
 	$(BIN)/python benchmarks/scale_out.py
 	$(BIN)/python benchmarks/long_inputs.py
