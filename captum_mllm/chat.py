@@ -109,6 +109,23 @@ class AudioPart:
 Part = TextPart | AudioPart
 
 
+def _text_part(text: Any) -> TextPart:
+    if isinstance(text, TextPart):
+        return text
+    if isinstance(text, AudioPart | np.ndarray | torch.Tensor | bytes):
+        # the first argument is the text: a clip there was refused with "use str()"
+        raise InvalidContentError(
+            f"text is a str or a list of str, got {type(text).__name__}: audio goes in "
+            "audio=, e.g. Chat().user('What is said?', audio=clip, sample_rate=16000)"
+        )
+    if not isinstance(text, str):
+        raise InvalidContentError(
+            f"text must be a str or a list of str, got {type(text).__name__}; "
+            "convert the value with str() first"
+        )
+    return TextPart(text)
+
+
 def _unset(value: Any) -> bool:
     return value is None or (isinstance(value, str | list | tuple | dict) and not value)
 
@@ -229,7 +246,8 @@ class Chat(Sequence[Turn]):
 
         Args:
             role (str): ``"system"``, ``"user"`` or ``"assistant"``.
-            text (str or list of str, optional): text part(s).
+            text (str, TextPart or a list of them, optional): text part(s); audio goes
+                in ``audio=``.
             audio (path, bytes, array, Tensor, AudioPart or list of them, optional):
                 audio part(s).
             sample_rate (int, optional): sample rate for array / tensor audio.
@@ -252,13 +270,8 @@ class Chat(Sequence[Turn]):
             clips = audio if isinstance(audio, list | tuple) else [audio]
             parts += [AudioPart.from_any(a, sample_rate) for a in clips]
         if text is not None:
-            if not isinstance(text, str | list | tuple):
-                raise InvalidContentError(
-                    f"text must be a str or a list of str, got {type(text).__name__}; "
-                    "convert the value with str() first"
-                )
-            texts = [text] if isinstance(text, str) else list(text)
-            parts += [TextPart(t) for t in texts]
+            texts = list(text) if isinstance(text, list | tuple) else [text]
+            parts += [_text_part(t) for t in texts]
         return Chat((*self._turns, Turn(role, tuple(parts), extra)))
 
     def system(self, text: str | Sequence[str] | None = None, **kwargs: Any) -> Chat:

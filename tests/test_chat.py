@@ -194,6 +194,12 @@ def test_text_of_the_wrong_type_names_the_problem():
         Chat().user(123)  # type: ignore[arg-type]
     with pytest.raises(EmptyChatError):
         Chat().user()
+    # a clip given as the text was told to go through str()
+    clip = AudioPart.from_any(np.zeros(1600, dtype=np.float32), 16000)
+    for audio_as_text in (clip, [clip, "What is said?"], clip.waveform.numpy()):
+        with pytest.raises(InvalidContentError, match="audio goes in audio="):
+            Chat().user(audio_as_text)  # type: ignore[arg-type]
+    assert list(Chat().user(TextPart("Hi"))) == list(Chat().user("Hi"))
 
 
 def test_an_empty_system_message_is_accepted_as_templates_accept_it():
