@@ -392,7 +392,8 @@ def explain_dataset(
         store_dir (str or Path): where results and stores go, a folder per chat
             (``result.json``, ``report.html``), with the returned table in
             ``summary.csv`` and ``index.html`` (each chat linking to its page).
-        num_workers (int, optional): actors. Default: one per GPU Ray sees, else 1
+        num_workers (int, optional): actors; those the cluster has no room for
+            start as others run out of chats. Default: one per GPU Ray sees, else 1
         resources_per_worker (dict, optional): Ray resources of an actor, e.g.
             ``{"num_gpus": 0.5}`` or ``{"num_cpus": 2}``. Default: one GPU when
             Ray sees GPUs, else one CPU
@@ -417,6 +418,14 @@ def explain_dataset(
         top feature, coalitions evaluated and read from the store, seconds,
         ``"skipped"`` for chats already done: their row is their saved result's,
         ``"error"`` with ``on_error="record"``).
+
+    Examples::
+
+        >>> chats = {"capital": Chat().user("What is the capital of France?"),
+        ...          "sky": [{"role": "user", "content": "Why is the sky blue?"}]}
+        >>> table = explain_dataset(chats, load_default_model, LeverageKernelShap,
+        ...                         attribute_kwargs={"budget": 120}, store_dir="runs/")
+        >>> dataset_attributions("runs/").groupby("chat")["seq_attr"].describe()
     """
     root = Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -659,7 +668,7 @@ def _run_on_ray(
                 tries[name] = tries.get(name, 0) + 1
                 if tries[name] > max_retries and on_error == "raise":
                     raise
-                actors[slot] = actor_cls.remote(*args)  # a fresh replica; the store kept the work
+                actors[slot] = None
                 if tries[name] <= max_retries:
                     pending.append((name, chat, request))
                 else:  # killed each time (out of memory?): recorded, the others go on
@@ -668,10 +677,18 @@ def _run_on_ray(
             else:
                 yield {**row, "retries": tries.get(name, 0)}
             if pending:
+                if actors[slot] is None:  # a fresh replica; the store kept the work
+                    actors[slot] = actor_cls.remote(*args)
                 submit(slot)
+            elif actors[slot] is not None:
+                # Idle: its resources let a worker still waiting for them start (a chat
+                # given to one the cluster had no room for waited for ever)
+                ray.kill(actors[slot])
+                actors[slot] = None
     finally:
         for actor in actors:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
 
 
 def explain_sharded(
@@ -706,12 +723,18 @@ def explain_sharded(
         model_factory, method_factory, input_kwargs, attribute_kwargs,
         target_factory, address, resources_per_worker: as :func:`explain_dataset`.
         store (str or Path): the shared SQLite file.
-        num_shards (int, optional): workers (one shard each). Default: 2
+        num_shards (int, optional): workers (one shard each); those the cluster has
+            no room for start as others finish. Default: 2
         use_ray (bool, optional): False evaluates the shards in turn in-process. Default: None
         seed (int, optional): torch's seed in every worker. Default: 0
 
     Returns:
         MultimodalLLMAttributionResult: the explanation.
+
+    Examples::
+
+        >>> res = explain_sharded(Chat().user("Why is the sky blue?"), load_default_model,
+        ...                       ExactShapleyValues, store="sky.sqlite", num_shards=4)
     """
     require_int("num_shards", num_shards, 1)  # 0 ran unsharded, a float failed in range()
     _check_attribute_kwargs(attribute_kwargs)
@@ -726,13 +749,20 @@ def explain_sharded(
         return worker.combine(chat, str(store), seed)
     actor_cls = _actor_class(ray, resources_per_worker or _default_resources(ray))
     actors = [actor_cls.remote(*args) for _ in shards]
-    ray.get(
-        [
-            a.evaluate_shard.remote(chat, str(store), s, seed)
-            for a, s in zip(actors, shards, strict=True)
-        ]
-    )
-    result = ray.get(actors[0].combine.remote(chat, str(store), seed))
-    for actor in actors:
-        ray.kill(actor)
-    return result
+    running = {
+        a.evaluate_shard.remote(chat, str(store), s, seed): a
+        for a, s in zip(actors, shards, strict=True)
+    }
+    try:
+        while True:
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(done)
+            ray.get(done)  # a shard's error, raised here
+            if not running:  # the last one combines the shards
+                return ray.get(actor.combine.remote(chat, str(store), seed))
+            # A worker still waiting for room (more shards than the cluster runs at
+            # once) starts when one is done; all waited for each other before
+            ray.kill(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)

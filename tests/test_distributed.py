@@ -272,6 +272,33 @@ def test_sharding_one_explanation_over_two_actors(tmp_path, local_ray):
     torch.testing.assert_close(res.token_attr, alone.token_attr)
 
 
+def _within(seconds, call):
+    """call()'s value, or a failure when it has not returned in ``seconds``."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert out, f"still waiting after {seconds} s"
+    return out[0]
+
+
+def test_more_workers_than_the_cluster_runs_at_once_finish(tmp_path, local_ray, in_process):
+    """Three one-CPU workers on two CPUs: the one without room waited for the
+    others, which waited for it, for ever."""
+    table = _within(240, lambda: explain_dataset(
+        CHATS[:4], factory, LeverageKernelShap, {}, SETTINGS, store_dir=tmp_path / "data",
+        num_workers=3, resources_per_worker={"num_cpus": 1}, show_progress=False,
+    ))  # fmt: skip
+    assert len(table) == 4 and not table["skipped"].any()
+    _same_results(tmp_path / "data", in_process, table["chat"])
+    chat = Chat().system("Be brief.").user("Why is the sky blue?")
+    res = _within(240, lambda: explain_sharded(
+        chat, factory, ExactShapleyValues, {}, {"gen_args": {"max_new_tokens": 4}},
+        store=tmp_path / "shared.sqlite", num_shards=3, resources_per_worker={"num_cpus": 1},
+    ))  # fmt: skip
+    assert res.n_unique_coalitions == 0 and res.n_stored_coalitions == 2**5
+
+
 def test_without_ray_it_runs_in_process_with_a_note(tmp_path, monkeypatch):
     import builtins
 
