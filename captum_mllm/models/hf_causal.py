@@ -244,6 +244,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     @without_cudnn_attention
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate`` (transformers' arguments), as Captum calls it."""
         return self.model.generate(*args, **kwargs)  # type: ignore[operator]
 
     # Encoding --------------------------------------------------------------------
