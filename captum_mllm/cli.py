@@ -534,17 +534,15 @@ def _report(args: argparse.Namespace) -> None:
     from captum_mllm import MultimodalLLMAttributionResult
 
     path = args.result
-    if path.is_dir() and (path / "result.json").is_file():  # the folder explain wrote
-        path = path / "result.json"
-    elif path.is_dir() and (path / "summary.csv").is_file():
+    if path.is_dir() and (path / "summary.csv").is_file():
         raise UsageError(
             f"{path} is an explain-dataset folder: its index.html links every chat's "
-            f"report; give one chat's result.json (e.g. {path / '<chat>' / 'result.json'})"
+            f"report; give one chat's folder (e.g. {path / '<chat>'})"
         )
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"no saved result at {path}")
-    res = MultimodalLLMAttributionResult.load(path)
-    out = args.out or path.parent
+    res = MultimodalLLMAttributionResult.load(path)  # a file, or the folder explain wrote
+    out = args.out or (path if path.is_dir() else path.parent)
     _print(res)
     _write(res, out, save=False)
 

@@ -42,10 +42,11 @@ from captum_mllm.errors import (
     warn_caller,
 )
 from captum_mllm.fingerprint import chat_digest, digest, fix_digest, plain
+from captum_mllm.result import RESULT_FILE
 
 ModelFactory = Callable[[], Any]
 MethodFactory = Callable[[Any], Any]
-RESULT = "result.json"
+RESULT = RESULT_FILE
 REPORT = "report.html"
 INDEX = "index.html"
 SUMMARY = "summary.csv"

@@ -125,6 +125,25 @@ class ClipRef:
             raise AudioError(f"cannot read audio from {path!r}: {exc}") from exc
 
 
+#: The file a result's folder holds.
+RESULT_FILE = "result.json"
+
+
+def _result_file(path: Path) -> Path:
+    """``path``, or the result a folder holds (Errno 21 named the folder)."""
+    if not path.is_dir():
+        return path
+    if (path / RESULT_FILE).is_file():
+        return path / RESULT_FILE
+    if any(path.glob(f"*/{RESULT_FILE}")):
+        raise ResultFormatError(
+            f"{path} is an explain_dataset folder (a result in each chat's folder): load one "
+            f"chat's ({path / '<chat>'}), or every chat's features with "
+            f"dataset_attributions({str(path)!r})"
+        )
+    raise ResultFormatError(f"no saved result in {path} (no {RESULT_FILE})")
+
+
 class MultimodalLLMAttributionResult(LLMAttributionResult):
     """Attributions of a chat's features to a response: plain data.
 
@@ -312,22 +331,32 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         Warns (:class:`~captum_mllm.errors.InconsistentVersionWarning`) when it
         was saved by another version of captum-mllm.
 
+        Args:
+            path (str or PathLike): the JSON file, or a folder holding
+                ``result.json`` (``captum-mllm explain --out`` writes one, and
+                :func:`~captum_mllm.explain_dataset` one a chat).
+
         Raises:
             ResultFormatError: a file is missing, cut short or of another schema.
         """
-        path = Path(path)
+        path = _result_file(Path(path))
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ResultFormatError(f"cannot read a saved result from {path}: {exc}") from exc
+        if not isinstance(data, dict) or "schema_version" not in data:
+            # read before the arrays: a missing .npz was named for another JSON file
+            raise ResultFormatError(f"{path} is not a saved captum-mllm result")
+        if data["schema_version"] != SCHEMA_VERSION:
+            raise ResultFormatError(
+                f"{path} has schema version {data['schema_version']}; this captum-mllm "
+                f"reads version {SCHEMA_VERSION}"
+            )
+        try:
             with np.load(path.with_suffix(".npz"), allow_pickle=False) as npz:
                 arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
         except (OSError, ValueError) as exc:
             raise ResultFormatError(f"cannot read a saved result from {path}: {exc}") from exc
-        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-            version = data.get("schema_version") if isinstance(data, dict) else None
-            raise ResultFormatError(
-                f"{path} has schema version {version}; this captum-mllm reads version "
-                f"{SCHEMA_VERSION}"
-            )
         saved = data.get("versions", {}).get("captum-mllm")
         if saved != _versions()["captum-mllm"]:
             warnings.warn(

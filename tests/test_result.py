@@ -194,8 +194,28 @@ def test_unreadable_or_foreign_results_raise(tmp_path, model, chat):
         with pytest.raises(ResultFormatError, match=f"not a whole saved result: KeyError '{cut}'"):
             MultimodalLLMAttributionResult.load(saved)
     saved.write_text("[1, 2]")
-    with pytest.raises(ResultFormatError, match="schema version None"):
+    with pytest.raises(ResultFormatError, match="r.json is not a saved captum-mllm result"):
         MultimodalLLMAttributionResult.load(saved)
+    other = tmp_path / "config.json"  # another JSON file: its missing .npz was named
+    other.write_text('{"model": "x"}')
+    with pytest.raises(ResultFormatError, match="config.json is not a saved captum-mllm result"):
+        MultimodalLLMAttributionResult.load(other)
+
+
+def test_a_folder_is_read_as_the_result_it_holds(tmp_path, model, chat):
+    """The folder `captum-mllm explain` writes (or a chat's of explain_dataset)
+    raised "[Errno 21] Is a directory"."""
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(
+        ChatInput(chat, model), target="Paris."
+    )
+    res.save(tmp_path / "runs" / "paris" / "result.json")
+    back = MultimodalLLMAttributionResult.load(tmp_path / "runs" / "paris")
+    torch.testing.assert_close(back.seq_attr, res.seq_attr)
+    with pytest.raises(ResultFormatError, match=r"runs is an explain_dataset folder .*runs.<chat>"):
+        MultimodalLLMAttributionResult.load(tmp_path / "runs")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResultFormatError, match="no saved result in .*empty .no result.json"):
+        MultimodalLLMAttributionResult.load(tmp_path / "empty")
 
 
 def test_a_result_names_the_input_settings_that_made_its_features(model, chat, tmp_path):
