@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import bisect
-import copy
 import inspect
-import json
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import accumulate
 from typing import Any, cast
 
@@ -36,17 +34,35 @@ from captum_mllm.models.batching import (
     widened,
     with_rows,
 )
+from captum_mllm.models.chat_templates import (
+    ESCAPED,
+    HUB_KWARGS,
+    REWRITTEN,
+    SENTINEL,
+    as_parts,
+    json_escapes,
+    locate_contents,
+    processor_template,
+    template_kwargs,
+    text_tokenizer,
+)
 from captum_mllm.models.decoder import (
     DecoderLMAdapter,
     PrefixCache,
     cache_kwarg,
     check_sampling,
-    draw_tokens,
     resolve_device,
     row_generators,
     same_outputs,
     shares,
     without_cudnn_attention,
+)
+from captum_mllm.models.hf_generation import (
+    HF_SAMPLING,
+    SeededSampling,
+    eos_ids,
+    logits_warpers,
+    stop_string_end,
 )
 from captum_mllm.models.packing import PackedRows
 
@@ -101,7 +117,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 "explains decoder-only chat models (AutoModelForCausalLM)"
             )
         self.model = model
-        self.tokenizer = _text_tokenizer(tokenizer)
+        self.tokenizer = text_tokenizer(tokenizer)
         self.chat_template_kwargs = chat_template_kwargs  # checked by the setter
         # A wrapper (PEFT's PeftModel, torch.compile's OptimizedModule) hands its
         # keywords on to the model it wraps: that model's forward says which it reads.
@@ -175,7 +191,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         if gguf_file is not None:
             common["gguf_file"] = gguf_file
         # Where the checkpoint comes from: its tokenizer's files too (another revision's vocabulary)
-        common.update({k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs})
+        common.update({k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs})
         torch_dtype = kwargs.pop("torch_dtype", None)  # transformers' old name: ours won over it
         if torch_dtype is not None:
             if dtype is not None:
@@ -186,7 +202,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             raise InvalidOptionError("give device= or device_map=, not both")
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
         if getattr(tokenizer, "chat_template", None) is None:  # a processor's, in its own file
-            tokenizer.chat_template = _processor_template(name_or_path, common)
+            tokenizer.chat_template = processor_template(name_or_path, common)
         where = resolve_device(device)
         if dtype is None:
             dtype = torch.float32 if where.type == "cpu" else "auto"
@@ -209,7 +225,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
 
     @chat_template_kwargs.setter
     def chat_template_kwargs(self, value: dict[str, Any] | None) -> None:
-        self._chat_template_kwargs = _template_kwargs(value)
+        self._chat_template_kwargs = template_kwargs(value)
 
     @property
     def device(self) -> torch.device:
@@ -316,7 +332,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             rendered, space = self._answer_lead(messages, answer_message, rendered)
         else:
             self._warn_on_unread_keys(messages, generation_prompt=True)
-        located = _locate_contents(self._render, messages, rendered)
+        located = locate_contents(self._render, messages, rendered)
         turn_spans = self._turn_spans(messages, rendered, located)
 
         # (turn, part, start, end) in `rendered`, and where an escaped part's characters begin
@@ -340,7 +356,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
             # an escaped one is explained as given, read where its escapes lie.
             escaped = trimmed == ESCAPED
             starts: Sequence[int] = (
-                list(accumulate(map(len, _json_escapes(contents[ti])), initial=c_start))
+                list(accumulate(map(len, json_escapes(contents[ti])), initial=c_start))
                 if escaped
                 else range(c_start - trimmed, c_start - trimmed + len(contents[ti]) + 1)
             )
@@ -422,7 +438,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         kwargs = self.chat_template_kwargs if template_kwargs is None else template_kwargs
         try:
             if self._reads_content_parts():
-                messages = [_as_parts(m) for m in messages]
+                messages = [as_parts(m) for m in messages]
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
             )
@@ -452,10 +468,10 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                     )
                 except Exception:  # the template's own error shows on the real chat
                     return False
-                return _SENTINEL in rendered
+                return SENTINEL in rendered
 
-            plain = {"role": "user", "content": _SENTINEL}
-            known[template] = not reads(plain) and reads(_as_parts(plain))
+            plain = {"role": "user", "content": SENTINEL}
+            known[template] = not reads(plain) and reads(as_parts(plain))
         return known[template]
 
     def _warn_on_unread_keys(self, messages: list[dict[str, Any]], generation_prompt: bool) -> None:
@@ -495,7 +511,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         whole = [*messages, answer]
         try:
             rendered = self._render(whole)
-            start = _locate_contents(lambda m, _: self._render(m), whole, rendered)[-1][0]
+            start = locate_contents(lambda m, _: self._render(m), whole, rendered)[-1][0]
         except ChatTemplateError:  # the template refuses, changes or drops a content
             return prompt, ""
         if not rendered.startswith(prompt):
@@ -552,7 +568,7 @@ class HFCausalLMAdapter(DecoderLMAdapter):
     ) -> Response:
         """The response without trailing end-of-sequence and padding tokens (the
         model's, and ``eos_token_id``: a generate call's own, which ended it)."""
-        stop = _eos_ids(self.model, self.tokenizer, eos_token_id) | {_pad_id(self.tokenizer)}
+        stop = eos_ids(self.model, self.tokenizer, eos_token_id) | {_pad_id(self.tokenizer)}
         ids = response.ids
         n = len(ids)
         while n > 0 and int(ids[n - 1]) in stop:
@@ -892,8 +908,8 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         and ``min_p`` (transformers' 1.0, 50, 1.0 and none where it sets none),
         which ``model.generate(do_sample=True)`` samples with."""
         config = getattr(self.model, "generation_config", None)
-        found = {k: getattr(config, k, None) for k in _HF_SAMPLING}
-        return {k: v if found[k] is None else found[k] for k, v in _HF_SAMPLING.items()}
+        found = {k: getattr(config, k, None) for k in HF_SAMPLING}
+        return {k: v if found[k] is None else found[k] for k, v in HF_SAMPLING.items()}
 
     def _generate(
         self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
@@ -921,15 +937,15 @@ class HFCausalLMAdapter(DecoderLMAdapter):
                 "one answer per coalition: num_return_sequences must be 1 "
                 "(EmbeddingSimilarity's samples_per_coalition draws several, seeded)"
             )
-        given = {k: args.pop(k, None) for k in _HF_SAMPLING}
+        given = {k: args.pop(k, None) for k in HF_SAMPLING}
         if args.pop("do_sample", False):  # unset ones: the model's, as model.generate's
             defaults = self.sampling_defaults
             sampling = {k: defaults[k] if v is None else v for k, v in given.items()}
             check_sampling(sampling)
             generators = row_generators(seeds, self.device)
             greedy = not sampling["temperature"] or sampling["top_k"] == 1
-            warpers = [] if greedy else _warpers(sampling, self.device)
-            args["logits_processor"] = [_SeededSampling(warpers, generators, greedy)]
+            warpers = [] if greedy else logits_warpers(sampling, self.device)
+            args["logits_processor"] = [SeededSampling(warpers, generators, greedy)]
         args["do_sample"] = False  # sampled tokens come from the processor above
         if "max_length" in args:  # max_new_tokens (ours by default) won over it, unread
             raise InvalidOptionError(
@@ -943,174 +959,14 @@ class HFCausalLMAdapter(DecoderLMAdapter):
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, **args)  # type: ignore[operator]
         self.n_forward_calls += 1
-        eos = _eos_ids(self.model, self.tokenizer, args.get("eos_token_id"))
+        eos = eos_ids(self.model, self.tokenizer, args.get("eos_token_id"))
         result = []
         for row in out[:, width:].tolist():
             stop = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             if args.get("stop_strings"):  # a row it ended is padded while others go on
-                stop = _stop_string_end(row[:stop], args["stop_strings"], self.tokenizer)
+                stop = stop_string_end(row[:stop], args["stop_strings"], self.tokenizer)
             result.append(self.response(torch.tensor(row[:stop])))
         return result
-
-
-#: transformers' defaults of its sampling settings (4's GenerationConfig holds
-#: them; 5's leaves them None and fills them in at generate time).
-_HF_SAMPLING = {
-    "temperature": 1.0,
-    "top_k": 50,
-    "top_p": 1.0,
-    "min_p": None,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "top_h": None,
-}
-
-
-def _warpers(sampling: dict[str, Any], device: torch.device) -> list[Any]:
-    """transformers' own logits warpers for these settings, in the order and
-    under the conditions ``model.generate(do_sample=True)`` chains them."""
-    from transformers import generation as g
-
-    out: list[Any] = []
-    if sampling["temperature"] not in (None, 1.0):
-        out.append(g.TemperatureLogitsWarper(sampling["temperature"]))
-    if sampling["top_h"] is not None:  # transformers 5
-        out.append(g.logits_process.TopHLogitsWarper(top_h=sampling["top_h"]))  # type: ignore[attr-defined]
-    if sampling["top_k"]:
-        out.append(g.TopKLogitsWarper(top_k=sampling["top_k"]))
-    if sampling["top_p"] is not None and sampling["top_p"] < 1.0:
-        out.append(g.TopPLogitsWarper(top_p=sampling["top_p"]))
-    if sampling["min_p"] is not None:
-        out.append(g.MinPLogitsWarper(min_p=sampling["min_p"]))
-    if sampling["typical_p"] is not None and sampling["typical_p"] < 1.0:
-        out.append(g.TypicalLogitsWarper(mass=sampling["typical_p"]))
-    if sampling["epsilon_cutoff"] and 0.0 < sampling["epsilon_cutoff"] < 1.0:
-        out.append(g.EpsilonLogitsWarper(epsilon=sampling["epsilon_cutoff"]))
-    if sampling["eta_cutoff"] and 0.0 < sampling["eta_cutoff"] < 1.0:
-        out.append(g.EtaLogitsWarper(epsilon=sampling["eta_cutoff"], device=str(device)))
-    return out
-
-
-class _SeededSampling:
-    """A transformers logits processor that samples each row, from what
-    transformers' warpers leave (:func:`_warpers`), with its own generator and
-    leaves only the drawn token, so greedy decoding returns it. Temperature 0
-    (or top-k 1) is greedy, as in liquid-audio's sampler."""
-
-    def __init__(
-        self, warpers: list[Any], generators: list[torch.Generator] | None, greedy: bool
-    ) -> None:
-        self.warpers, self.generators, self.greedy = warpers, generators, greedy
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.greedy:
-            chosen = scores.argmax(-1)
-        else:
-            warped = scores.float()
-            for warper in self.warpers:
-                warped = warper(input_ids, warped)
-            chosen = draw_tokens(warped.softmax(-1), self.generators)
-        out = torch.full_like(scores, -float("inf"))
-        out[torch.arange(len(scores)), chosen] = 0.0
-        return out
-
-
-_SENTINEL = "\ue000{}\ue001"  # private-use characters: never in a template
-
-#: :func:`_locate_contents`' mark of a content the template rewrote.
-REWRITTEN = -1
-#: its mark of a content rendered as a JSON string's inside (``| tojson``).
-ESCAPED = -2
-
-
-def _json_escapes(text: str) -> list[str]:
-    """Each character of ``text`` as transformers' ``tojson`` writes it inside a
-    JSON string (``"\\n"`` for a line break): joined, ``json.dumps(text)``'s inside."""
-    return [json.dumps(c, ensure_ascii=False)[1:-1] for c in text]
-
-
-def _locate_contents(
-    render: Callable[[list[dict[str, Any]], bool], str],
-    messages: list[dict[str, Any]],
-    rendered: str,
-) -> list[tuple[int, int, int]]:
-    """Where each message's content lies in the rendering of the chat.
-
-    The chat is rendered once more with each content replaced by a sentinel;
-    the template text between sentinels is then matched piece by piece against
-    the real rendering, so a content is only ever found in its own turn, never
-    in template text (a default system prompt, a role header).
-
-    Returns:
-        list of (start, end, trimmed): character span of each content, and how
-        many leading characters the template trimmed from it; :data:`ESCAPED`
-        for a content rendered as the inside of a JSON string (``| tojson``);
-        :data:`REWRITTEN` for a content the template changed otherwise, whose
-        span is then what it renders between the template text around it.
-    """
-    # An empty content (a tool call's message) stays empty: a template may render
-    # text around a content only when there is one (Qwen2.5's "\n" + content).
-    given = [k for k, m in enumerate(messages) if m["content"]]
-    marked = [
-        {**m, "content": _SENTINEL.format(k)} if k in given else m for k, m in enumerate(messages)
-    ]
-    skeleton = render(marked, True)
-    split = re.split("\ue000(\\d+)\ue001", skeleton)
-    pieces, order = split[0::2], [int(k) for k in split[1::2]]
-    if sorted(order) != given:
-        raise ChatTemplateError(
-            "the chat template repeats or drops message contents; it cannot be explained "
-            "by position (render it yourself and use Captum's TextTemplateInput)"
-        )
-    # In the order rendered: Mistral's template puts the system prompt in the last user turn
-    out: dict[int, tuple[int, int, int]] = {}
-    cursor = 0
-    for j, k in enumerate(order):
-        if not rendered.startswith(pieces[j], cursor):
-            raise ChatTemplateError(f"the chat template renders turn {k} differently per content")
-        cursor += len(pieces[j])
-        content = messages[k]["content"]
-        lead = len(content) - len(content.lstrip())
-        # As given, or trimmed by the template (e.g. Jinja's ``| trim``).
-        for text, trimmed in (
-            (content, 0),
-            (content.strip(), lead),
-            (content.lstrip(), lead),
-            (content.rstrip(), 0),
-            (json.dumps(content, ensure_ascii=False)[1:-1], ESCAPED),  # Llama 3.1's tool outputs
-        ):
-            after = cursor + len(text)
-            if rendered.startswith(text, cursor) and rendered.startswith(pieces[j + 1], after):
-                out[k] = (cursor, after, trimmed)
-                cursor = after
-                break
-        else:
-            # Rewritten (Qwen3's template drops an earlier answer's <think> block):
-            # the turn's text is what the template renders up to its next text.
-            after_text = pieces[j + 1]
-            if j + 1 == len(order):
-                end = len(rendered) - len(after_text) if rendered.endswith(after_text) else -1
-            else:  # the first of the template text that follows (never in a content)
-                end = rendered.find(after_text, cursor) if after_text else -1
-            if end < cursor:
-                raise ChatTemplateError(
-                    f"the chat template changed the text of turn {k}; cannot locate "
-                    f"{content[:40]!r}"
-                )
-            out[k] = (cursor, end, REWRITTEN)
-            cursor = end
-    for k in range(len(messages)):  # an empty content: where the one before it ends
-        out.setdefault(k, (out[k - 1][1], out[k - 1][1], 0) if k else (0, 0, 0))
-    return [out[k] for k in range(len(messages))]
-
-
-def _as_parts(message: dict[str, Any]) -> dict[str, Any]:
-    """``message`` with a string content as one text part."""
-    content = message.get("content")
-    if not isinstance(content, str):
-        return message
-    return {**message, "content": [{"type": "text", "text": content}]}
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -1119,106 +975,12 @@ def _is_pipeline(obj: Any) -> bool:
     return pipelines is not None and isinstance(obj, pipelines.Pipeline)
 
 
-def _text_tokenizer(tokenizer: Any) -> Any:
-    """A processor's tokenizer (a multimodal checkpoint's ``AutoProcessor``),
-    with the processor's chat template, which holds the checkpoint's own;
-    a tokenizer as it is."""
-    inner = getattr(tokenizer, "tokenizer", None)
-    if inner is None or not callable(getattr(inner, "apply_chat_template", None)):
-        return tokenizer
-    template = getattr(tokenizer, "chat_template", None)
-    if template and template != getattr(inner, "chat_template", None):
-        inner = copy.copy(inner)  # the processor's own tokenizer keeps its template
-        inner.chat_template = template
-    return inner
-
-
-def _processor_template(name_or_path: str, common: dict[str, Any]) -> str | None:
-    """The chat template a vision-language checkpoint keeps for its processor
-    in ``chat_template.json`` (Llava's, SmolVLM's), which ``AutoTokenizer``
-    does not read; None without one."""
-    import json
-
-    from transformers.utils import cached_file
-
-    hub = {k: v for k, v in common.items() if k in _HUB_KWARGS}
-    path = cached_file(  # a base model has none: nothing to raise about
-        name_or_path,
-        "chat_template.json",
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub,
-    )
-    if path is None:
-        return None
-    with open(path, encoding="utf-8") as f:
-        template = json.load(f).get("chat_template")
-    return template if isinstance(template, str) and template else None
-
-
 def _pad_id(tokenizer: Any) -> int:
     for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, name, None)
         if isinstance(value, int):
             return value
     return 0
-
-
-#: ``from_pretrained`` settings of where a checkpoint's files come from.
-_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
-
-#: apply_chat_template's arguments that the adapter sets itself.
-_OWN_TEMPLATE_ARGS = {"conversation", "messages", "tokenize", "add_generation_prompt"}
-
-
-def _template_kwargs(given: Any) -> dict[str, Any]:
-    """``chat_template_kwargs`` as a dict of the template's own keywords (a
-    duplicate of ours raised a TypeError inside transformers or jinja2)."""
-    if given is None:
-        return {}
-    if not isinstance(given, dict) or not all(isinstance(k, str) for k in given):
-        raise InvalidOptionError(
-            f"chat_template_kwargs must be a dict of keyword names, got {given!r}"
-        )
-    own = sorted(_OWN_TEMPLATE_ARGS & set(given))
-    if own:
-        raise InvalidOptionError(
-            f"chat_template_kwargs {own} are set by the adapter (the chat, and the "
-            "generation prompt it needs); leave them out"
-        )
-    return dict(given)
-
-
-def _stop_string_end(row: list[int], stop_strings: str | list[str], tokenizer: Any) -> int:
-    """The tokens of ``row`` up to the first that completes a stop string (all of
-    them when none does), as transformers' ``StopStringCriteria`` stops a row
-    generated alone; found by bisection, as text only grows with its tokens."""
-    wanted = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-
-    def stopped(n: int) -> bool:
-        text = tokenizer.decode(row[:n])
-        return any(s in text for s in wanted)
-
-    if not stopped(len(row)):
-        return len(row)
-    low, high = 1, len(row)  # stopped(high) holds
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if stopped(mid) else (mid + 1, high)
-    return high
-
-
-def _eos_ids(model: Any, tokenizer: Any, given: int | list[int] | None = None) -> set[int]:
-    """The end tokens: the generation config's, the tokenizer's and ``given``
-    (a generate call's own ``eos_token_id``)."""
-    ids: set[int] = set()
-    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (config, getattr(tokenizer, "eos_token_id", None), given):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(value)
-    return ids
 
 
 def _pretty(token: str) -> str:
