@@ -10,7 +10,6 @@ from the target (a pure value function) applied to the adapter.
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import os
@@ -20,16 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from captum.attr import (
-    FeatureAblation,
     FeaturePermutation,
     ImageMaskInput,
     InterpretableInput,
-    KernelShap,
     Lime,
     LLMAttribution,
     PerturbationAttribution,
@@ -41,11 +38,11 @@ from captum.attr import (
 from torch import Tensor
 
 from captum_mllm import captum_compat
+from captum_mllm.answers import answered_input, require_same_model, resolve_response
 from captum_mllm.chat import AudioPart
 from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore, SQLiteStore
 from captum_mllm.encoding import coalition_key
 from captum_mllm.errors import (
-    InvalidBaselineError,
     InvalidModelError,
     InvalidOptionError,
     StoreMismatchError,
@@ -59,6 +56,12 @@ from captum_mllm.errors import (
 from captum_mllm.fingerprint import chat_digest, digest, model_digest, plain
 from captum_mllm.heap import retained_heap
 from captum_mllm.inputs import ChatInput
+from captum_mllm.method_args import (
+    check_method_kwargs,
+    is_scalar,
+    method_settings,
+    trial_seed,
+)
 from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
 from captum_mllm.methods.hierarchical import split_wide
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
@@ -346,7 +349,7 @@ class MultimodalLLMAttribution(LLMAttribution):
                 "store= keeps each distinct coalition once, which cache_coalitions=False turns off"
             )
         n = inp.n_itp_features
-        _check_method_kwargs(self.attr_method, n, kwargs)
+        check_method_kwargs(self.attr_method, n, kwargs)
         if type(self.attr_method) is ShapleyValues and n >= ALL_ORDERS_WARNING:
             warn_caller(
                 f"Captum's ShapleyValues walks all {n}! = {math.factorial(n):,} orders of the "
@@ -433,9 +436,9 @@ class MultimodalLLMAttribution(LLMAttribution):
         try:
             for trial in range(num_trials):
                 if ours:
-                    method_kwargs["seed"] = _trial_seed(kwargs.get("seed"), trial)
+                    method_kwargs["seed"] = trial_seed(kwargs.get("seed"), trial)
                 if draws is not None and trial:  # other baselines: other values, not cached
-                    draws.seed = int(_trial_seed(first_draw, trial) or 0)
+                    draws.seed = int(trial_seed(first_draw, trial) or 0)
                     evaluators.append(new_evaluator())
                 evaluator = evaluators[-1]
                 call = _Call(evaluator, n_columns)
@@ -727,279 +730,20 @@ class MultimodalLLMAttribution(LLMAttribution):
             "model_name": getattr(config, "_name_or_path", None) or None,
             "method": type(self.attr_method).__name__,
             "method_settings": method_settings(self.attr_method),
-            "method_args": {k: v for k, v in method_args.items() if _plain(v)},
+            "method_args": {k: v for k, v in method_args.items() if is_scalar(v)},
             "target": {"class": type(self.value_fn).__name__, **self.value_fn.settings()},
             "input": type(inp).__name__,
             "input_settings": inp.settings() if isinstance(inp, ChatInput) else None,
             "forward_in_tokens": per_step,
-            "gen_args": {k: v for k, v in (gen_args or {}).items() if _plain(v)},
+            "gen_args": {k: v for k, v in (gen_args or {}).items() if is_scalar(v)},
             "store": str(store) if isinstance(store, str | PathLike) else None,
         }
 
-
-def require_same_model(attr_method: Any, adapter: ModelAdapter) -> None:
-    """The method is built on the adapter, or on the module it wraps.
-
-    Raises:
-        InvalidModelError: it is built on another model, which went unread:
-            the adapter's model was explained (and a layer method's layer
-            belonged to the other model).
-    """
-    model = attr_method.forward_func
-    if isinstance(model, torch.nn.Module) and model not in (
-        adapter,
-        getattr(adapter, "model", None),
-    ):
-        raise InvalidModelError(
-            f"{type(attr_method).__name__} is built on another model than the adapter given "
-            f"({type(model).__name__}); build both on one: "
-            f"{type(attr_method).__name__}(model) and model"
-        )
-
-
-def answered_input[I: InterpretableInput](inp: I, target: Any) -> I:
-    """``inp``, or for a ``target=`` answer text the chat input that ends with
-    it: the answer is read where the chat ending with it is (after the empty
-    ``<think>`` block of Qwen3's template), not straight after the generation
-    prompt."""
-    if isinstance(inp, ChatInput) and isinstance(target, str) and target:
-        if not target.strip():  # refused as an empty assistant turn the caller never wrote
-            raise TargetError("the target response is only white space; give the answer's text")
-        return cast(I, inp.answered(target))
-    return inp
-
-
-def resolve_response(
-    adapter: ModelAdapter,
-    inp: InterpretableInput,
-    target: str | Tensor | None,
-    gen_args: dict[str, Any] | None,
-    keep_eos: bool,
-    default_gen_args: dict[str, Any],
-    stock_generate: Callable[..., Tensor] | None = None,
-) -> tuple[Response, int]:
-    """The response to explain, and the model calls made outside the adapter to get it.
-
-    ``target`` None: a :class:`ChatInput`'s final assistant turn, else the greedy
-    answer (a Captum input is generated by ``stock_generate``, as stock Captum does).
-    """
-    if isinstance(inp, ChatInput) and not inp.model.encodes_as(adapter):
-        raise InvalidModelError(
-            f"this ChatInput was built for another model ({type(inp.model).__name__} around "
-            f"{type(getattr(inp.model, 'model', inp.model)).__name__}, another tokenizer or "
-            "audio encoder): its tokens and features are that model's; build "
-            "ChatInput(chat, model) with the adapter you explain with"
-        )
-    if isinstance(target, Target):  # a value function, not an answer
-        raise TargetError(
-            f"target= of attribute() is the answer to explain; a value function such as "
-            f"{type(target).__name__} goes to the constructor: "
-            "MultimodalLLMAttribution(method, model, target=...)"
-        )
-    calls = 0
-    if isinstance(inp, ChatInput) and inp.response is not None:
-        if gen_args is not None:
-            raise TargetError(  # a target= answer read as the chat's final turn comes here too
-                "gen_args is only used when target is None: the answer is given (the chat's "
-                "final assistant turn, or target=)"
-            )
-        if target is not None and not _same_response(adapter, inp, target, inp.response):
-            raise TargetError(  # one of the two answers would go unexplained
-                "the chat ends with an assistant turn, the answer to explain, and target= "
-                "names another; drop the final assistant turn or target="
-            )
-        target = inp.response
-    if target is None:
-        if isinstance(inp, ChatInput) or not gen_args:
-            args = {**default_gen_args, **(gen_args or {})}
-        else:  # stock Captum's given gen_args replace its defaults
-            args = dict(gen_args)
-        if isinstance(inp, ChatInput):
-            sampling = sorted(
-                k for k, v in (gen_args or {}).items() if k in _SAMPLING and v not in (None, False)
-            )
-            if sampling:  # they went unread: the answer came out greedy
-                raise InvalidOptionError(
-                    f"the explained answer is the greedy one, so gen_args {sampling} would go "
-                    "unread; pass a sampled answer as target=, or sample inside the value "
-                    "function (EmbeddingSimilarity(temperature=...))"
-                )
-            args["do_sample"] = False  # the explained answer is the greedy one
-            _check_positions(adapter, len(inp.encoded), int(args.get("max_new_tokens") or 0))
-            response = adapter.generate_masked(inp.to_model_input(), **args)[0]
-            if not keep_eos:  # the call's own end token too, which ended it as the model's would
-                response = adapter.strip_response(response, args.get("eos_token_id"))
-            if response.audio is not None and response.audio.get("waveform") is None:
-                response = adapter.response(response.ids)  # decoded for this answer alone
-        else:
-            assert stock_generate is not None
-            response = adapter.response(stock_generate(inp, **args))
-            calls = 1
-    elif gen_args is not None:
-        raise TargetError("gen_args is only used when target is None")
-    elif keep_eos:  # a given answer is explained as given
-        raise InvalidOptionError(
-            "keep_eos=True keeps a generated answer's end token; this answer is given "
-            "(target= or the chat's final assistant turn): to explain its end token, give "
-            "the answer's ids with it"
-        )
-    elif isinstance(target, str):
-        if not target:
-            raise TargetError("the target response is empty; give a non-empty target")
-        if isinstance(inp, ChatInput):
-            response = adapter.answer_response(inp.encoded, target)
-        else:
-            response = adapter.text_response(target)
-    elif isinstance(target, Tensor):
-        response = adapter.check_target(target)
-    else:
-        raise TargetError(f"target must be a str, a Tensor or None, got {type(target).__name__}")
-    if len(response) == 0 and target is None:  # generated: it ended at once
-        raise TargetError(
-            "the model's answer is only its end token: explain that with keep_eos=True, or "
-            "give the answer to explain as target="
-        )
-    if len(response) == 0:
-        raise TargetError("the target response is empty; give a non-empty target")
-    if isinstance(inp, ChatInput):
-        _check_positions(adapter, len(inp.encoded), len(response))
-    limit = adapter.max_positions
-    if (
-        isinstance(inp, ChatInput)
-        and limit is not None
-        and len(inp.encoded) + len(response) > limit
-    ):
-        warn_caller(
-            f"the chat and its answer take {len(inp.encoded) + len(response)} positions, more "
-            f"than the {limit} the model was trained on (max_position_embeddings): its outputs "
-            "there, and the attributions of them, may mean little"
-        )
-    return response, calls
-
-
-def _check_positions(adapter: ModelAdapter, n_prompt: int, n_answer: int) -> None:
-    """Refuse a chat and answer longer than a learned position table (past it,
-    GPT-2's forward raised a bare IndexError)."""
-    table = adapter.position_table
-    if table is not None and n_prompt + n_answer > table:
-        model = type(getattr(adapter, "model", adapter)).__name__
-        raise UnsupportedInputError(
-            f"the chat ({n_prompt} positions) and its answer (up to {n_answer}) take more "
-            f"than the {table} positions {model} has learned, and it reads none past them: "
-            "shorten the chat, or the answer (max_new_tokens in gen_args)"
-        )
-
-
-def _same_response(
-    adapter: ModelAdapter, inp: ChatInput, target: str | Tensor, answer: str
-) -> bool:
-    """Whether ``target`` names the same response as the chat's final assistant turn."""
-    if isinstance(target, str):
-        return target == answer
-    if not isinstance(target, Tensor):
-        return False
-    ours = adapter.answer_response(inp.encoded, answer).ids
-    theirs = adapter.check_target(target).ids
-    return ours.shape == theirs.shape and bool(torch.equal(ours.cpu(), theirs.cpu()))
-
-
-#: How many coalitions Captum's ``Lime`` and ``KernelShap`` sample by default (25).
-LIME_DEFAULT_SAMPLES = inspect.signature(Lime.attribute).parameters["n_samples"].default
 
 #: An answer probability below this (float32's smallest normal number) warns.
 PROB_UNDERFLOW = float(torch.finfo(torch.float32).tiny)
 
 _UNSET = object()
-
-#: Generation settings that sample (the explained answer of a chat is greedy).
-_SAMPLING = ("do_sample", "temperature", "top_k", "audio_temperature", "audio_top_k")
-
-
-def _trial_seed(seed: int | None, trial: int) -> int | None:
-    """The seed of one trial: the given seed for the first, and for later ones
-    a seed drawn from (seed, trial), so that averaged trials are independent
-    draws (the same seed again would repeat the first trial's coalitions, and
-    its standard error would shrink by the square root of ``num_trials`` for
-    nothing). None stays None: each trial draws from torch's global generator."""
-    if seed is None or trial == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, trial]).generate_state(1)[0] >> 1)
-
-
-def _check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[str, Any]) -> None:
-    """Refuse the arguments Captum's methods take here without a word but whose
-    values would come out wrong (all zero, NaN) or be ignored."""
-    if "additional_forward_args" in kwargs:
-        raise InvalidOptionError(
-            "additional_forward_args is MultimodalLLMAttribution's own (it passes the "
-            "coalition evaluator); extra model inputs belong to the adapter"
-        )
-    baselines = kwargs.get("baselines")
-    parts = baselines if isinstance(baselines, tuple) else (baselines,)  # Captum takes tuples
-    if baselines is not None and not all(bool(torch.as_tensor(b).eq(0).all()) for b in parts):
-        # Present is nonzero: any other baseline leaves every feature present.
-        raise InvalidBaselineError(
-            "baselines= is the interpretable tensor's value of an absent feature and must "
-            "be 0 here; what an absent feature becomes is the input's: ChatInput's "
-            "text_baseline= and audio_baseline=, or Captum's input's baselines="
-        )
-    mask = kwargs.get("feature_mask")
-    if mask is not None:  # a wrong one failed deep inside Captum, a -1 meant three things
-        mask = torch.as_tensor(mask[0] if isinstance(mask, tuple) and len(mask) == 1 else mask)
-        if (
-            mask.is_floating_point()
-            or mask.dtype == torch.bool
-            or mask.numel() != n
-            or (mask.numel() and int(mask.min()) < 0)
-        ):
-            raise InvalidOptionError(
-                f"feature_mask must hold one integer group id >= 0 for each of the {n} "
-                f"features, got {mask.dtype} of shape {tuple(mask.shape)}"
-            )
-    if "n_samples" in kwargs and not isinstance(method, ShapleyEstimator):
-        require_int("n_samples", kwargs["n_samples"], 1)
-    if isinstance(method, KernelShap) and n == 1:  # its size distribution is 0/0 (NaN)
-        raise UnsupportedInputError(
-            "Captum's KernelShap samples coalitions of sizes between none and all, and one "
-            "feature has none: its value is the whole change (FeatureAblation, or "
-            "captum_mllm.methods.ExactShapleyValues, gives it)"
-        )
-    if isinstance(method, Lime):  # Captum's default is 25 samples, whatever the features
-        n_samples = kwargs.get("n_samples", LIME_DEFAULT_SAMPLES)
-        if n_samples <= n:
-            warn_caller(
-                f"{type(method).__name__} fits {n + 1} coefficients to n_samples={n_samples} "
-                "coalitions: the regression is underdetermined (attributions may be all "
-                f"zero); give n_samples > {n}"
-            )
-    if type(method) is FeatureAblation:  # its **kwargs are for subclasses: typos vanish
-        known = inspect.signature(FeatureAblation.attribute).parameters
-        unknown = sorted(k for k in kwargs if k not in known)
-        if unknown:
-            raise TypeError(
-                f"FeatureAblation.attribute() got unexpected keyword arguments {unknown}"
-            )
-
-
-def method_settings(method: Any) -> dict[str, Any]:
-    """The arguments a method was built with (``prune=``, ``exact_limit=``, ...),
-    where they are plain values or classes (named): what its values also hang on.
-    A Captum method's arguments that are functions or models are left out."""
-    params = inspect.signature(type(method).__init__).parameters
-    settings = {}
-    for name in params:
-        value = getattr(method, name, inspect.Parameter.empty)
-        if name == "forward_func" or value is inspect.Parameter.empty:
-            continue
-        if isinstance(value, type):
-            settings[name] = value.__name__
-        elif _plain(value):
-            settings[name] = value
-    return settings
-
-
-def _plain(value: Any) -> bool:
-    return value is None or isinstance(value, bool | int | float | str)
 
 
 def chat_fields(inp: ChatInput) -> dict[str, Any]:

@@ -35,12 +35,8 @@ from captum.attr._utils.interpretable_input import InterpretableInput
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from captum_mllm.attribution import (
-    answered_input,
-    chat_fields,
-    require_same_model,
-    resolve_response,
-)
+from captum_mllm.answers import answered_input, require_same_model, resolve_response
+from captum_mllm.attribution import chat_fields
 from captum_mllm.captum_compat import (
     DEFAULT_GEN_ARGS,
     drawing,
@@ -58,6 +54,7 @@ from captum_mllm.errors import (
     warn_caller,
 )
 from captum_mllm.inputs import ChatInput
+from captum_mllm.method_args import is_scalar
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
 from captum_mllm.process_wide import PROCESS_WIDE
 from captum_mllm.result import MultimodalLLMAttributionResult
@@ -287,7 +284,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                     if self.tunnel
                     else type(self.method).__name__
                 ),
-                "method_args": {k: v for k, v in kwargs.items() if _plain(v)},
+                "method_args": {k: v for k, v in kwargs.items() if is_scalar(v)},
                 "reduce": self.reduce,
                 "baselines": baselines if isinstance(baselines, int) else None,
                 "input": "ChatInput",
@@ -355,10 +352,6 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         keep = owner >= 0
         out = torch.zeros(n_features, dtype=per_position.dtype, device=per_position.device)
         return out.index_add_(0, owner[keep], per_position[keep]).cpu()
-
-
-def _plain(value: Any) -> bool:
-    return value is None or isinstance(value, bool | int | float | str)
 
 
 class AttentionAttribution:

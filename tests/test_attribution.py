@@ -30,7 +30,6 @@ from captum_mllm import (
     MultimodalLLMAttribution,
     MultimodalLLMGradientAttribution,
 )
-from captum_mllm.attribution import _trial_seed
 from captum_mllm.captum_compat import text_template_input
 from captum_mllm.coalitions import CoalitionEvaluator
 from captum_mllm.errors import (
@@ -42,6 +41,7 @@ from captum_mllm.errors import (
     TargetError,
     UnsupportedInputError,
 )
+from captum_mllm.method_args import trial_seed
 from captum_mllm.methods import BayesianShapley, ExactShapleyValues, PairedPermutationSampling
 from captum_mllm.testing import tiny_from_config, tiny_hf_adapter
 
@@ -517,7 +517,7 @@ def test_trials_draw_their_own_coalitions_and_report_the_means_stderr(model, cha
     every seed, near enough) averaged, not shrunk by the square root of 3."""
     attr = MultimodalLLMAttribution(method(model), model)
     inp = ChatInput(chat, model)
-    runs = [attr.attribute(inp, target=TARGET, budget=20, seed=_trial_seed(7, t)) for t in range(3)]
+    runs = [attr.attribute(inp, target=TARGET, budget=20, seed=trial_seed(7, t)) for t in range(3)]
     mean = attr.attribute(inp, target=TARGET, budget=20, seed=7, num_trials=3)
     assert len({tuple(r.seq_attr.tolist()) for r in runs}) == 3 or method is BayesianShapley
     torch.testing.assert_close(mean.seq_attr, sum(r.seq_attr for r in runs) / 3)
