@@ -20,6 +20,7 @@ Examples::
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 import warnings
 from collections import Counter
@@ -324,8 +325,11 @@ def _check_attribute_kwargs(attribute_kwargs: dict[str, Any] | None) -> None:
         )
 
 
-def _ray(address: str | None, num_workers: int | None) -> Any:
-    """Ray, started (or joined at ``address``) once; None when it is not installed."""
+def _ray(
+    address: str | None, num_workers: int | None, resources: dict[str, Any] | None = None
+) -> Any:
+    """Ray, started (or joined at ``address``) once; None when it is not installed.
+    A local cluster holds the CPUs its workers ask for (one each by default)."""
     try:
         import ray
     except ImportError:
@@ -333,7 +337,8 @@ def _ray(address: str | None, num_workers: int | None) -> Any:
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": address} if address else {}
         if not address and num_workers:
-            kwargs["num_cpus"] = max(num_workers, 1)
+            per_worker = (resources or {}).get("num_cpus", 1)
+            kwargs["num_cpus"] = max(math.ceil(num_workers * per_worker), 1)
         ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
     return ray
 
@@ -396,8 +401,10 @@ def explain_dataset(
         num_workers (int, optional): actors; those the cluster has no room for
             start as others run out of chats. Default: one per GPU Ray sees, else 1
         resources_per_worker (dict, optional): Ray resources of an actor, e.g.
-            ``{"num_gpus": 0.5}`` or ``{"num_cpus": 2}``. Default: one GPU when
-            Ray sees GPUs, else one CPU
+            ``{"num_gpus": 0.5}`` or ``{"num_cpus": 2}``; more than the cluster
+            holds raises :class:`~captum_mllm.errors.InvalidOptionError` (warns on
+            a cluster joined at ``address``, which an autoscaler may grow). Default:
+            one GPU when Ray sees GPUs, else one CPU
         target_factory (callable, optional): ``() -> Target``. Default: log-probability
         address (str, optional): an existing Ray cluster (``"auto"`` or
             ``"ray://host:10001"``). Default: a local one
@@ -461,7 +468,7 @@ def explain_dataset(
         resources_per_worker=resources_per_worker,
         num_workers=num_workers,
     )
-    ray = None if use_ray is False else _ray(address, num_workers)
+    ray = None if use_ray is False else _ray(address, num_workers, resources_per_worker)
     if use_ray and ray is None:
         raise InvalidOptionError("use_ray=True needs Ray: pip install 'captum-mllm[ray]'")
     bar = tqdm(total=len(items), initial=len(rows), disable=not show_progress, desc="chats")
@@ -488,6 +495,7 @@ def explain_dataset(
             max_retries,
             on_worker_start,
             on_error,
+            address,
         ):
             rows.append(row)
             bar.update()
@@ -617,7 +625,26 @@ def _done_row(name: str, result: Path, request: str) -> dict[str, Any] | None:
     return _summary_row(name, saved, skipped=True)
 
 
-def _actor_class(ray: Any, resources: dict[str, float]) -> Any:
+#: Ray's names of the resources an actor asks for.
+_RESOURCE_NAMES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
+
+
+def _actor_class(ray: Any, resources: dict[str, Any], address: str | None) -> Any:
+    """The worker class asking for ``resources``, which the cluster must be able
+    to hold: an actor it cannot was waited for without a word, for ever."""
+    asked = {_RESOURCE_NAMES.get(k, k): v for k, v in resources.items() if k != "resources"}
+    asked.update(resources.get("resources") or {})
+    has = ray.cluster_resources()
+    short = {k: v for k, v in asked.items() if isinstance(v, int | float) and has.get(k, 0) < v}
+    if short:
+        held = ", ".join(f"{k} {has.get(k, 0):g}" for k in short)
+        why = (
+            f"a worker asks for {', '.join(f'{k} {v:g}' for k, v in short.items())} and the "
+            f"Ray cluster holds {held} in all"
+        )
+        if address is None:  # a local cluster never grows: nothing would start
+            raise InvalidOptionError(f"{why}: give resources_per_worker it can hold")
+        warn_caller(f"{why}: the workers wait until it grows (an autoscaler's nodes)")
     return ray.remote(**resources)(ChatExplainer)
 
 
@@ -635,6 +662,7 @@ def _run_on_ray(
     max_retries: int,
     on_worker_start: Callable[[list[Any]], None] | None,
     on_error: str = "raise",
+    address: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Schedule chats on a pool of actors; replace dead actors and retry their chat."""
     if not todo:
@@ -643,7 +671,7 @@ def _run_on_ray(
     if num_workers is None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         num_workers = max(1, gpus) if "num_gpus" in resources else 1
-    actor_cls = _actor_class(ray, resources)
+    actor_cls = _actor_class(ray, resources, address)
     actors = [actor_cls.remote(*args) for _ in range(min(num_workers, len(todo)))]
     if on_worker_start is not None:
         on_worker_start(actors)
@@ -741,14 +769,14 @@ def explain_sharded(
     _check_attribute_kwargs(attribute_kwargs)
     args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
     _check_ray_settings(use_ray, address=address, resources_per_worker=resources_per_worker)
-    ray = None if use_ray is False else _ray(address, num_shards)
+    ray = None if use_ray is False else _ray(address, num_shards, resources_per_worker)
     shards = [(i, num_shards) for i in range(num_shards)]
     if ray is None:
         worker = ChatExplainer(*args)
         for shard in shards:
             worker.evaluate_shard(chat, str(store), shard, seed)
         return worker.combine(chat, str(store), seed)
-    actor_cls = _actor_class(ray, resources_per_worker or _default_resources(ray))
+    actor_cls = _actor_class(ray, resources_per_worker or _default_resources(ray), address)
     actors = [actor_cls.remote(*args) for _ in shards]
     running = {
         a.evaluate_shard.remote(chat, str(store), s, seed): a

@@ -17,7 +17,13 @@ import ray
 import torch
 from captum.attr import ShapleyValueSampling
 
-from captum_mllm import Chat, ChatInput, MultimodalLLMAttribution, MultimodalLLMAttributionResult
+from captum_mllm import (
+    Chat,
+    ChatInput,
+    MultimodalLLMAttribution,
+    MultimodalLLMAttributionResult,
+    distributed,
+)
 from captum_mllm.distributed import REPORT, RESULT, STORE, explain_dataset, explain_sharded
 from captum_mllm.errors import InvalidOptionError, StoreMismatchError
 from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap, PairedPermutationSampling
@@ -273,13 +279,23 @@ def test_sharding_one_explanation_over_two_actors(tmp_path, local_ray):
 
 
 def _within(seconds, call):
-    """call()'s value, or a failure when it has not returned in ``seconds``."""
+    """call()'s value (or its error), or a failure when it has not returned in ``seconds``."""
     out: list = []
-    thread = threading.Thread(target=lambda: out.append(call()), daemon=True)
+
+    def run():
+        try:
+            out.append((call(), None))
+        except Exception as exc:  # raised in the caller's thread below
+            out.append((None, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(seconds)
     assert out, f"still waiting after {seconds} s"
-    return out[0]
+    value, error = out[0]
+    if error is not None:
+        raise error
+    return value
 
 
 def test_more_workers_than_the_cluster_runs_at_once_finish(tmp_path, local_ray, in_process):
@@ -297,6 +313,28 @@ def test_more_workers_than_the_cluster_runs_at_once_finish(tmp_path, local_ray, 
         store=tmp_path / "shared.sqlite", num_shards=3, resources_per_worker={"num_cpus": 1},
     ))  # fmt: skip
     assert res.n_unique_coalitions == 0 and res.n_stored_coalitions == 2**5
+
+
+def test_workers_the_cluster_cannot_hold_are_refused(tmp_path, local_ray, monkeypatch):
+    """A GPU worker on a CPU cluster was waited for without a word, for ever."""
+    with pytest.raises(InvalidOptionError, match="asks for GPU 1 and the Ray cluster holds GPU 0"):
+        _within(60, lambda: explain_dataset(
+            CHATS[:1], factory, LeverageKernelShap, store_dir=tmp_path,
+            resources_per_worker={"num_gpus": 1}, show_progress=False,
+        ))  # fmt: skip
+    with pytest.raises(InvalidOptionError, match="asks for CPU 3 and the Ray cluster holds CPU 2"):
+        _within(60, lambda: explain_sharded(
+            CHATS[0], factory, ExactShapleyValues, store=tmp_path / "s.sqlite",
+            resources_per_worker={"num_cpus": 3},
+        ))  # fmt: skip
+    # A local cluster started here holds what its workers ask for (it held one
+    # CPU a worker, so two-CPU workers never started)
+    started: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
+    distributed._ray(None, 3, {"num_cpus": 2})
+    distributed._ray(None, 3, None)
+    assert [kw["num_cpus"] for kw in started] == [6, 3]
 
 
 def test_without_ray_it_runs_in_process_with_a_note(tmp_path, monkeypatch):
