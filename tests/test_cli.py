@@ -456,7 +456,7 @@ def test_explain_dataset_reads_a_json_list_and_a_parquet_file_as_their_jsonl(tmp
     raised UnicodeDecodeError."""
     import datasets
 
-    from captum_mllm.cli import _read_dataset
+    from captum_mllm.cli.files import read_dataset
 
     tool = {"type": "function", "function": {"name": "add"}}
     rows = [  # the tools first: Arrow's types are the first row's
@@ -464,18 +464,18 @@ def test_explain_dataset_reads_a_json_list_and_a_parquet_file_as_their_jsonl(tmp
         {"id": "sky", "messages": [{"role": "user", "content": "Why is the sky blue?"}]},
     ]
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    expected = _read_dataset(tmp_path / "chats.jsonl", False)
+    expected = read_dataset(tmp_path / "chats.jsonl", False)
     assert list(expected) == ["sum", "sky"] and expected["sum"]["tools"] == [tool]
     for indent in (None, 2):
         (tmp_path / "chats.json").write_text(json.dumps(rows, indent=indent))
-        assert _read_dataset(tmp_path / "chats.json", False) == expected
+        assert read_dataset(tmp_path / "chats.json", False) == expected
     by_name = {row["id"]: {k: v for k, v in row.items() if k != "id"} for row in rows}
     (tmp_path / "named.json").write_text(json.dumps(by_name))  # as explain_dataset's mapping
-    assert _read_dataset(tmp_path / "named.json", False) == expected
+    assert read_dataset(tmp_path / "named.json", False) == expected
     (tmp_path / "one.json").write_text(json.dumps(rows[1]["messages"], indent=2))  # one chat
-    assert _read_dataset(tmp_path / "one.json", False) == {"chat_00000": rows[1]["messages"]}
+    assert read_dataset(tmp_path / "one.json", False) == {"chat_00000": rows[1]["messages"]}
     datasets.Dataset.from_list(rows).to_parquet(tmp_path / "chats.parquet")  # as the hub holds them
-    assert _read_dataset(tmp_path / "chats.parquet", False) == expected
+    assert read_dataset(tmp_path / "chats.parquet", False) == expected
     code, _, err = explain_quietly(tmp_path / "chats.parquet", tmp_path / "runs", capsys)
     assert code == 0, err
     assert (tmp_path / "runs" / "sky" / "result.json").is_file()
@@ -647,7 +647,8 @@ def test_answer_is_read_where_the_template_puts_a_final_answer(tmp_path, capsys,
 
     from conftest import THINKING_TEMPLATE
 
-    from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, MultimodalLLMAttribution, cli
+    from captum_mllm import Chat, ChatInput, HFCausalLMAdapter, MultimodalLLMAttribution
+    from captum_mllm.cli import models
     from captum_mllm.methods import ExactShapleyValues
     from captum_mllm.testing import tiny_hf_adapter
 
@@ -657,7 +658,7 @@ def test_answer_is_read_where_the_template_puts_a_final_answer(tmp_path, capsys,
         tokenizer.chat_template = THINKING_TEMPLATE
         return HFCausalLMAdapter(plain.model, tokenizer)
 
-    monkeypatch.setattr(cli, "_tiny_model", thinking)
+    monkeypatch.setattr(models, "_tiny_model", thinking)
     code, _, err = run(
         ["explain", "--user", "Who are you, my friend?", "--model", "tiny-llama",
          "--method", "exact", "--answer", "I am a small model.", "--out", tmp_path],
@@ -676,12 +677,12 @@ def test_answer_is_read_where_the_template_puts_a_final_answer(tmp_path, capsys,
 def test_counts_are_checked_before_a_model_loads(capsys, monkeypatch):
     """--budget 0 was refused only after the model had loaded and the chat was
     encoded (minutes for a 1.5B model)."""
-    from captum_mllm import cli
+    from captum_mllm.cli import models
 
     def no_model(*args):
         raise AssertionError("the model loaded")
 
-    monkeypatch.setattr(cli, "_loaded", no_model)
+    monkeypatch.setattr(models, "_loaded", no_model)
     argv = ["explain", "--user", "Hi", "--model", "some/model"]
     for flag, bad in (("--budget", "0"), ("--batch", "-2"), ("--max-new-tokens", "0"),
                       ("--seed", "-1"), ("--budget", "ten"), ("--target-stderr", "0"),

@@ -15,27 +15,30 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from captum_mllm.audio_units import ALIGNED_UNITS
-from captum_mllm.chat import REQUEST_KEYS, request_template_kwargs
-from captum_mllm.errors import CaptumMLLMError, warn_caller
+from captum_mllm.cli.files import read_dataset, read_messages
+from captum_mllm.cli.models import model_factory
+from captum_mllm.cli.usage import (
+    UsageError,
+    at_least,
+    audio_unit_value,
+    device_name,
+    json_object,
+    positive_float,
+)
+from captum_mllm.errors import CaptumMLLMError
 
 DEMO_SYSTEM = "You are a geography expert."
 DEMO_QUESTION = "What is the capital city of Japan?"
 METHODS = ("exact", "bayes", "kernel", "permutation", "regression", "hierarchical", "captum-svs")
 #: Tokens of a generated answer unless ``--max-new-tokens`` says.
 MAX_NEW_TOKENS = 24
-TINY_MODELS = ("tiny-llama", "tiny-lfm2-audio", "demo-speech")
-
-
-class UsageError(Exception):
-    """A command-line mistake: reported in one line, exit code 2."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
         "files with transcripts.csv (columns file, transcript[, text])",
     )
     _model_flags(dataset)
-    dataset.add_argument("--workers", type=_at_least(1), default=None, help="Ray actors")
+    dataset.add_argument("--workers", type=at_least(1), default=None, help="Ray actors")
     dataset.add_argument("--gpus-per-worker", type=float, default=None)
     dataset.add_argument("--cpus-per-worker", type=float, default=None)
     dataset.add_argument("--address", help="an existing Ray cluster ('auto', 'ray://host:10001')")
@@ -199,37 +202,37 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="kernel", choices=METHODS)
     parser.add_argument(
         "--budget",
-        type=_at_least(1),
+        type=at_least(1),
         help="coalition evaluations (default: 10 per feature; hierarchical: exact Owen "
         "values where they need at most 16,384, else 10 per feature sampled; exact "
         "evaluates all 2^n and refuses a smaller budget)",
     )
     parser.add_argument(
-        "--target-stderr", type=_positive, default=None,
+        "--target-stderr", type=positive_float, default=None,
         help="stop sampling once every feature's standard error is below this "
         "(--budget is then the cap); not for exact or captum-svs",
     )  # fmt: skip
     parser.add_argument("--target", default="log-prob", choices=("log-prob", "similarity"))
     parser.add_argument(
-        "--max-new-tokens", type=_at_least(1), default=None,
+        "--max-new-tokens", type=at_least(1), default=None,
         help=f"length of a generated answer (default: {MAX_NEW_TOKENS})",
     )  # fmt: skip
     parser.add_argument(
-        "--chat-template-kwargs", type=_json_object, default=None,
+        "--chat-template-kwargs", type=json_object, default=None,
         help='JSON keywords for the chat template, e.g. \'{"enable_thinking": false}\'',
     )  # fmt: skip
     parser.add_argument(
-        "--device", type=_device, default=None,
+        "--device", type=device_name, default=None,
         help="cpu, cuda, cuda:1, mps, ... (default: the first GPU when there is one)",
     )  # fmt: skip
     parser.add_argument(
         "--dtype", default=None, choices=("float32", "bfloat16", "float16"),
         help="default: float32 on a CPU, the checkpoint's (LFM2-Audio: bfloat16) on a GPU",
     )  # fmt: skip
-    parser.add_argument("--seed", type=_at_least(0), default=0)
+    parser.add_argument("--seed", type=at_least(0), default=0)
     parser.add_argument(
         "--batch",
-        type=_at_least(1),
+        type=at_least(1),
         default=None,
         help="coalitions per call (default: 64 on a CPU, 1024 on a GPU)",
     )
@@ -238,9 +241,6 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run Python code shipped with a hub checkpoint (off unless given)",
     )
-
-
-# Commands -----------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -284,7 +284,7 @@ def _explain_command(args: argparse.Namespace) -> None:
     if args.chat is not None:
         if args.user or args.system or args.user_audio:
             raise UsageError("give the chat either as --chat FILE or as --system/--user flags")
-        messages, template = _read_messages(args.chat)
+        messages, template = read_messages(args.chat)
         chat = Chat.from_messages(messages)
         if template:  # its tools and chat_template_kwargs, for the chat template
             twice = sorted(set(template) & set(args.chat_template_kwargs or {}))
@@ -308,7 +308,7 @@ def _explain_command(args: argparse.Namespace) -> None:
     answered = args.answer is not None or chat.split_response()[1] is not None
     if answered and args.max_new_tokens is not None and args.target == "log-prob":
         raise UsageError("--max-new-tokens is unused: the answer to explain is given")
-    if _audio_unit(args.audio_unit) in ALIGNED_UNITS and not args.transcript:
+    if audio_unit_value(args.audio_unit) in ALIGNED_UNITS and not args.transcript:
         raise UsageError(
             f"--audio-unit {args.audio_unit} needs a --transcript for each clip, and --aligner"
         )
@@ -316,7 +316,7 @@ def _explain_command(args: argparse.Namespace) -> None:
     if args.transcript:
         input_kwargs["transcripts"] = list(args.transcript)
     settings = {**_settings(args), "answer": answer, "store": args.store}
-    model = _model_factory(args)()
+    model = model_factory(args)()
     _run(model, chat, settings, args.out, _max_new_tokens(args), input_kwargs)
 
 
@@ -326,7 +326,7 @@ def _dataset_command(args: argparse.Namespace) -> None:
     from captum_mllm.distributed import explain_dataset
 
     input_kwargs = _input_kwargs(args)
-    chats = _read_dataset(args.data, transcripts=input_kwargs["audio_unit"] in ALIGNED_UNITS)
+    chats = read_dataset(args.data, transcripts=input_kwargs["audio_unit"] in ALIGNED_UNITS)
     gen = {"max_new_tokens": _max_new_tokens(args)}
     settings = _settings(args)
     resources: dict[str, float] = {}
@@ -337,7 +337,7 @@ def _dataset_command(args: argparse.Namespace) -> None:
     print(f"{len(chats)} chats from {args.data}", flush=True)
     table = explain_dataset(
         chats,
-        _model_factory(args),
+        model_factory(args),
         partial(_method, args.method),
         input_kwargs,
         {**_method_kwargs(settings, None), "gen_args": gen, **_batch(settings)},
@@ -376,7 +376,7 @@ def _input_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {
         "text_unit": args.text_unit,
         "text_baseline": args.text_baseline,
-        "audio_unit": _audio_unit(args.audio_unit),
+        "audio_unit": audio_unit_value(args.audio_unit),
         "audio_baseline": args.audio_baseline,
         "roles": tuple(r.strip() for r in args.roles.split(",")),
     }
@@ -405,131 +405,6 @@ def _aligner(name: str) -> Any:
     return ForcedAligner(name)
 
 
-def _read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
-    """Named chats from a JSONL, JSON or Parquet file, a ``datasets`` folder, or
-    an audio folder (whose transcripts go to each chat's ``ChatInput`` when
-    ``transcripts``)."""
-    if path.is_file() and path.suffix.lower() == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UsageError("reading a Parquet file needs: pip install pyarrow") from None
-        table = pq.read_table(path)
-        return _table_chats(table.to_pylist(), table.column_names, str(path))
-    if path.is_file():
-        return _json_chats(path)
-    if (path / "transcripts.csv").is_file():
-        import pandas as pd
-
-        table = pd.read_csv(path / "transcripts.csv")
-        if not {"file", "transcript"} <= set(table.columns):
-            raise UsageError(f"{path / 'transcripts.csv'} needs the columns file and transcript")
-        out: dict[str, Any] = {}
-        for i, row in enumerate(table.to_dict("records")):
-            file = str(row["file"])
-            content: list[dict[str, Any]] = [{"type": "audio", "path": str(path / file)}]
-            text = row.get("text")
-            if isinstance(text, str) and text:
-                content.append({"type": "text", "text": text})
-            own = {"transcripts": str(row["transcript"])} if transcripts else {}
-            name = str(row.get("id", Path(file).stem))  # a/x.wav and b/x.wav: both "x"
-            chat = {"messages": [{"role": "user", "content": content}], "input_kwargs": own}
-            _add(out, name, chat, f"{path / 'transcripts.csv'} row {i + 1}")
-        return out
-    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-        try:
-            import datasets
-        except ImportError:
-            raise UsageError(
-                "reading a Hugging Face datasets folder needs: pip install datasets"
-            ) from None
-        data = datasets.load_from_disk(str(path))
-        return _table_chats(data, data.column_names, str(path))
-    raise UsageError(
-        f"{path} is not a JSONL, JSON or Parquet file, a Hugging Face datasets folder or "
-        "an audio folder with transcripts.csv"
-    )
-
-
-def _json_chats(path: Path) -> dict[str, Any]:
-    """A JSONL file's chats, a line each, or a JSON file's: a list of chats (as
-    ``json.dump`` writes a list, indented or not), an object naming each, or
-    one chat."""
-    try:  # utf-8-sig: a byte order mark (Windows' Notepad writes one) is not JSON
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UsageError(
-            f"{path} is not UTF-8 text: give a JSONL, JSON or Parquet (.parquet) file"
-        ) from None
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
-        whole = None  # JSON lines
-    messages = (
-        isinstance(whole, list)
-        and whole
-        and all(isinstance(m, dict) and "role" in m for m in whole)
-    )
-    named = (  # {name: chat}, as explain_dataset takes a mapping
-        isinstance(whole, dict)
-        and not {"messages", "conversations"} & set(whole)
-        and all(isinstance(chat, list | dict) for chat in whole.values())
-    )
-    if named:
-        return {str(name): chat for name, chat in whole.items()}
-    if isinstance(whole, list) and not messages:
-        rows = [(i, f"{path} item {i + 1}", row) for i, row in enumerate(whole)]
-    elif whole is not None:  # one chat: a message list, or an object holding one
-        rows = [(0, f"{path}", whole)]
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append((i, f"{path} line {i + 1}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise UsageError(
-                    f"{path} line {i + 1} is not JSON: {exc} (a JSONL file holds a chat a "
-                    "line; a JSON file, a list of chats)"
-                ) from None
-    chats: dict[str, Any] = {}
-    for i, where, row in rows:
-        name = f"chat_{i:05d}"
-        if isinstance(row, dict):  # its id names it; the rest is the chat
-            row = dict(row)
-            name = str(row.pop("id", name))
-        _add(chats, name, row, where)
-    return chats
-
-
-def _table_chats(
-    rows: Iterable[Mapping[str, Any]], columns: list[str], where: str
-) -> dict[str, Any]:
-    """Chats from a table's rows (a ``datasets`` folder, a Parquet file): its
-    messages (or ShareGPT's conversations) column, the tools and
-    chat_template_kwargs columns, and an id column naming each."""
-    column = next((c for c in ("messages", "conversations") if c in columns), None)
-    if column is None:
-        raise UsageError(f"{where} has no messages or conversations column (it has {columns})")
-    from captum_mllm.distributed import table_row
-
-    out: dict[str, Any] = {}
-    for i, row in enumerate(rows):
-        r = table_row(row)
-        chat = {"messages": r[column]}
-        chat.update({k: r[k] for k in REQUEST_KEYS if k != "messages" and r.get(k)})
-        _add(out, str(r.get("id", f"chat_{i:05d}")), chat, f"{where} row {i}")
-    return out
-
-
-def _add(chats: dict[str, Any], name: str, chat: Any, where: str) -> None:
-    """Add a named chat; a repeated name would drop the chat before it."""
-    if name in chats:
-        raise UsageError(f"{where}: the chat name {name!r} is taken by an earlier chat")
-    chats[name] = chat
-
-
 def _report(args: argparse.Namespace) -> None:
     from captum_mllm import MultimodalLLMAttributionResult
 
@@ -545,9 +420,6 @@ def _report(args: argparse.Namespace) -> None:
     out = args.out or (path if path.is_dir() else path.parent)
     _print(res)
     _write(res, out, save=False)
-
-
-# Shared steps -------------------------------------------------------------------------
 
 
 def _run(
@@ -677,202 +549,6 @@ def _write(res: Any, out: Path, save: bool) -> None:
         res.save(out / "result.json")
         written.append("result.json")
     print(f"wrote {', '.join(str(out / w) for w in written)}")
-
-
-def _read_messages(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A Hugging Face message list from JSON or YAML (audio paths are relative
-    to the file), and the chat-template arguments a request holding them adds
-    (its tools and chat_template_kwargs; none for a plain list)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # without a byte order mark
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            messages = yaml.safe_load(text)
-        else:
-            messages = json.loads(text)
-    except Exception as exc:  # the parsers raise several types
-        raise UsageError(
-            f"{path} is not valid {path.suffix[1:].upper() or 'JSON'}: {exc}"
-        ) from None
-    template: dict[str, Any] = {}
-    if isinstance(messages, dict) and isinstance(messages.get("messages"), list):
-        # a data set's row, an OpenAI request: {"messages": [...], "tools": [...], ...}
-        unread = sorted(set(messages) - set(REQUEST_KEYS))
-        if unread:  # an OpenAI request's model, temperature, max_tokens
-            warn_caller(f"{path}'s {unread} are not read (generation settings are flags)")
-        try:
-            template = request_template_kwargs(messages)
-        except CaptumMLLMError as exc:
-            raise UsageError(f"{path}: {exc}") from None
-        messages = messages["messages"]
-    if not isinstance(messages, list):
-        raise UsageError(f"{path} must hold a list of messages, or an object with one")
-    if any(isinstance(m, dict) and {"messages", "conversations"} & set(m) for m in messages):
-        raise UsageError(  # a data set's rows: each was read as a message
-            f"{path} holds a list of chats: explain-dataset {path} explains each, --chat one"
-        )
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        for item in content if isinstance(content, list) else []:
-            for key in ("audio", "path"):
-                value = item.get(key) if isinstance(item, dict) else None
-                if isinstance(value, str) and not Path(value).is_absolute():
-                    item[key] = str(path.parent / value)
-    return messages, template
-
-
-def _audio_unit(text: str) -> Any:
-    if text in ("frame", "turn", *ALIGNED_UNITS):
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise UsageError(
-            f"--audio-unit must be frame, turn, word, sentence or seconds, got {text!r}"
-        ) from None
-
-
-def _model_factory(args: argparse.Namespace) -> Any:
-    """``() -> adapter`` from the model flags (picklable: sent to Ray workers)."""
-    from functools import partial
-
-    flags = ("model", "adapter", "device", "dtype", "trust_remote_code", "chat_template_kwargs")
-    return partial(_load_model, *(getattr(args, flag) for flag in flags))
-
-
-def _load_model(
-    name: str,
-    adapter: str | None,
-    device: str | None,
-    dtype: str | None,
-    trust_remote_code: bool = False,
-    chat_template_kwargs: dict[str, Any] | None = None,
-) -> Any:
-    from captum_mllm import HFCausalLMAdapter
-
-    model = _loaded(name, adapter, device, dtype, trust_remote_code)
-    if chat_template_kwargs is not None:
-        if not isinstance(model, HFCausalLMAdapter):  # LFM2-Audio's layout is its own
-            raise UsageError("--chat-template-kwargs is for Hugging Face chat models")
-        model.chat_template_kwargs = chat_template_kwargs
-    return model
-
-
-def _positive(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number is needed, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"a number above 0 is needed, got {text!r}")
-    return value
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``minimum``, checked before
-    a model loads (a 1.5B model takes a while to refuse ``--budget 0``)."""
-
-    def whole(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"a whole number is needed, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"at least {minimum} is needed, got {value}")
-        return value
-
-    return whole
-
-
-def _device(text: str) -> str:
-    """An argparse type: a device torch knows (a typo was found only once the
-    model had loaded, or the default model had been converted)."""
-    import torch
-
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(
-            f"not a device: {text!r} (cpu, cuda, cuda:1, mps, ...)"
-        ) from None
-    return text
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    """An argparse type: a JSON object (argparse turns the error into exit 2)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r}")
-    return value
-
-
-def _loaded(
-    name: str, adapter: str | None, device: str | None, dtype: str | None, trust_remote_code: bool
-) -> Any:
-    import torch
-
-    from captum_mllm import HFCausalLMAdapter, LFM2AudioAdapter, load_default_model
-    from captum_mllm.models.decoder import resolve_device
-
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    path = Path(name)
-    if name.startswith("~"):  # a quoted path the shell did not expand
-        name, path = str(path.expanduser()), path.expanduser()
-    kind = adapter or _guess_adapter(name)
-    # A GPU this machine lacks is refused before the weights load (or the default
-    # model's conversion); checked where the model loads, as a Ray worker's GPU counts.
-    resolve_device(device)
-    try:
-        if name == "default":
-            return load_default_model(device=device, dtype=torch_dtype)
-        if name in TINY_MODELS:  # float32 on the CPU unless --device / --dtype say (unread)
-            return _tiny_model(name).to(device=device, dtype=torch_dtype)
-        if name.startswith((".", "/")) and not path.exists():
-            raise UsageError(f"no model folder or file at {name}")  # not a hub id's rules
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise UsageError(f"no GGUF file at {path}")
-            return HFCausalLMAdapter.from_pretrained(
-                str(path.parent), gguf_file=path.name, device=device, dtype=torch_dtype,
-                trust_remote_code=trust_remote_code,
-            )  # fmt: skip
-        if kind == "lfm2-audio":
-            return LFM2AudioAdapter.from_pretrained(name, device=device, dtype=torch_dtype)
-        return HFCausalLMAdapter.from_pretrained(
-            name, device=device, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-    except UsageError:
-        raise
-    except Exception as exc:  # hub and loading errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot load model {name!r}: {first}") from None
-
-
-def _tiny_model(name: str) -> Any:
-    from captum_mllm import LFM2AudioAdapter, testing
-
-    if name == "tiny-llama":
-        return testing.tiny_hf_adapter()
-    if name == "demo-speech":
-        from captum_mllm import demo
-
-        return demo.load("cpu")[0]
-    return LFM2AudioAdapter(*testing.tiny_lfm2_audio())
-
-
-def _guess_adapter(name: str) -> str:
-    """``lfm2-audio`` for LFM2-Audio checkpoints (by name or config), else ``hf``."""
-    config = Path(name) / "config.json"
-    text = config.read_text(encoding="utf-8").lower() if config.is_file() else name.lower()
-    return "lfm2-audio" if "lfm2" in text and "audio" in text else "hf"
 
 
 if __name__ == "__main__":
