@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from captum_mllm.chat import REQUEST_KEYS, Chat, request_template_kwargs
 from captum_mllm.errors import (
+    CaptumMLLMError,
     InconsistentVersionWarning,
     InvalidOptionError,
     ResultFormatError,
@@ -110,11 +111,12 @@ class ChatExplainer:
         ``request`` (the digest a rerun compares) goes into the result's provenance.
         ``on_error="record"``: a chat that raises gets a row naming the error
         instead, and no result (a rerun tries it again)."""
-        if on_error == "raise":
-            return self._explain(name, chat, folder, request)
         try:
             return self._explain(name, chat, folder, request)
         except Exception as exc:  # noqa: BLE001 (recorded with its type, not swallowed)
+            if on_error == "raise":
+                exc.add_note(f"in chat {name!r}")  # which of a data set's chats
+                raise
             with contextlib.suppress(OSError):  # a folder holding nothing: not a result
                 Path(folder).rmdir()
             return {"chat": name, "skipped": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -471,35 +473,35 @@ def explain_dataset(
     ray = None if use_ray is False else _ray(address, num_workers, resources_per_worker)
     if use_ray and ray is None:
         raise InvalidOptionError("use_ray=True needs Ray: pip install 'captum-mllm[ray]'")
-    bar = tqdm(total=len(items), initial=len(rows), disable=not show_progress, desc="chats")
-    if ray is None:
-        if todo and use_ray is None:
-            warnings.warn(
-                "Ray is not installed: chats are explained one after another in this "
-                "process; pip install 'captum-mllm[ray]' spreads them over workers",
-                stacklevel=2,
-            )
-        worker = ChatExplainer(*args) if todo else None
-        for name, chat, request in todo:
-            assert worker is not None
-            rows.append(worker.explain(name, chat, str(root / name), request, on_error))
-            bar.update()
-    else:
-        for row in _run_on_ray(
-            ray,
-            args,
-            todo,
-            root,
-            num_workers,
-            resources_per_worker,
-            max_retries,
-            on_worker_start,
-            on_error,
-            address,
-        ):
-            rows.append(row)
-            bar.update()
-    bar.close()
+    # closed on an error too: the error's line starts a line of its own
+    with tqdm(total=len(items), initial=len(rows), disable=not show_progress, desc="chats") as bar:
+        if ray is None:
+            if todo and use_ray is None:
+                warnings.warn(
+                    "Ray is not installed: chats are explained one after another in this "
+                    "process; pip install 'captum-mllm[ray]' spreads them over workers",
+                    stacklevel=2,
+                )
+            worker = ChatExplainer(*args) if todo else None
+            for name, chat, request in todo:
+                assert worker is not None
+                rows.append(worker.explain(name, chat, str(root / name), request, on_error))
+                bar.update()
+        else:
+            for row in _run_on_ray(
+                ray,
+                args,
+                todo,
+                root,
+                num_workers,
+                resources_per_worker,
+                max_retries,
+                on_worker_start,
+                on_error,
+                address,
+            ):
+                rows.append(row)
+                bar.update()
     failed = [str(row["chat"]) for row in rows if row.get("error")]
     if failed:
         warn_caller(
@@ -648,6 +650,14 @@ def _actor_class(ray: Any, resources: dict[str, Any], address: str | None) -> An
     return ray.remote(**resources)(ChatExplainer)
 
 
+def _worker_error(exc: Exception) -> BaseException:
+    """What a worker raised: ours as it is (a mistake in the request, said in a
+    line and caught by its type), another inside Ray's, which holds the
+    worker's traceback."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, CaptumMLLMError) else exc
+
+
 def _default_resources(ray: Any) -> dict[str, float]:
     return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
 
@@ -693,6 +703,8 @@ def _run_on_ray(
             slot, name, chat, request = running.pop(future)
             try:
                 row = ray.get(future)
+            except ray.exceptions.RayTaskError as exc:
+                raise _worker_error(exc) from None
             except ray.exceptions.RayActorError as exc:
                 tries[name] = tries.get(name, 0) + 1
                 if tries[name] > max_retries and on_error == "raise":
@@ -786,9 +798,12 @@ def explain_sharded(
         while True:
             (done,), _ = ray.wait(list(running), num_returns=1)
             actor = running.pop(done)
-            ray.get(done)  # a shard's error, raised here
-            if not running:  # the last one combines the shards
-                return ray.get(actor.combine.remote(chat, str(store), seed))
+            try:
+                ray.get(done)  # a shard's error, raised here
+                if not running:  # the last one combines the shards
+                    return ray.get(actor.combine.remote(chat, str(store), seed))
+            except ray.exceptions.RayTaskError as exc:
+                raise _worker_error(exc) from None
             # A worker still waiting for room (more shards than the cluster runs at
             # once) starts when one is done; all waited for each other before
             ray.kill(actor)

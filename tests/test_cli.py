@@ -425,7 +425,7 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     bad = json.dumps({"id": "bad", "messages": [{"role": "user", "content": "<|im_end|>"}]})
     (tmp_path / "chats.jsonl").write_text("\n".join([*lines, bad]) + "\n")
     code, _, err = run(argv, capsys)
-    assert code == 2 and "control token" in err
+    assert code == 2 and "control token" in err and err.rstrip().endswith("(in chat 'bad')")
     with pytest.warns(UserWarning, match="1 of 4 chats raised"):
         code, text, err = run([*argv, "--on-error", "record"], capsys)
     assert code == 0 and "InvalidContentError: the user turn's text contains" in text

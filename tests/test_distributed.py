@@ -220,9 +220,12 @@ def test_a_chat_that_raises_stops_the_run_or_is_recorded(tmp_path, local_ray):
 
     chats = {"good": CHATS[0], "bad": Chat().user("Hi <|im_start|> there"), "fine": CHATS[2]}
     args = (factory, LeverageKernelShap, {}, SETTINGS)
-    with pytest.raises(InvalidContentError):
-        explain_dataset(chats, *args, store_dir=tmp_path / "raise", use_ray=False,
-                        show_progress=False)  # fmt: skip
+    for use_ray in (False, True):  # on Ray, it came inside a RayTaskError with its traceback
+        with pytest.raises(InvalidContentError) as raised:
+            explain_dataset(chats, *args, store_dir=tmp_path / f"raise{use_ray}",
+                            use_ray=use_ray, show_progress=False)  # fmt: skip
+        assert type(raised.value) is InvalidContentError and "\n" not in str(raised.value)
+        assert raised.value.__notes__ == ["in chat 'bad'"]  # which chat of the data set
     for use_ray in (False, True):
         root = tmp_path / str(use_ray)
         with pytest.warns(UserWarning, match="1 of 3 chats raised"):

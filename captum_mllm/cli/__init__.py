@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except (UsageError, CaptumMLLMError, OSError) as exc:
-        print(f"captum-mllm: error: {exc}", file=sys.stderr)
+        notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+        print(f"captum-mllm: error: {exc}{notes}", file=sys.stderr)  # notes: which chat
         raise SystemExit(2) from None
     except KeyboardInterrupt:  # Ctrl-C: what is kept, in a line rather than a traceback
         print(f"\ncaptum-mllm: interrupted{_resume_hint(args)}", file=sys.stderr)
