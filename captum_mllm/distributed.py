@@ -38,6 +38,7 @@ from captum_mllm.chat import REQUEST_KEYS, Chat, request_template_kwargs
 from captum_mllm.errors import (
     CaptumMLLMError,
     InconsistentVersionWarning,
+    InvalidModelError,
     InvalidOptionError,
     ResultFormatError,
     require_int,
@@ -647,7 +648,43 @@ def _actor_class(ray: Any, resources: dict[str, Any], address: str | None) -> An
         if address is None:  # a local cluster never grows: nothing would start
             raise InvalidOptionError(f"{why}: give resources_per_worker it can hold")
         warn_caller(f"{why}: the workers wait until it grows (an autoscaler's nodes)")
-    return ray.remote(**resources)(ChatExplainer)
+    return ray.remote(**resources)(_RayWorker)
+
+
+class _RayWorker(ChatExplainer):
+    """:class:`ChatExplainer` as a Ray actor. An error building its model is
+    raised by each of its tasks instead of its ``__init__``: Ray keeps only the
+    text of an error there, and restarts the worker for each chat's retries
+    (a mistyped model name took minutes, retrying, then printed a traceback)."""
+
+    def __init__(self, *args: Any) -> None:
+        try:
+            super().__init__(*args)
+        except Exception as exc:  # noqa: BLE001 (raised by every task: _started)
+            self.start_error: Exception | None = exc
+        else:
+            self.start_error = None
+
+    def _started(self) -> None:
+        error = self.start_error
+        if isinstance(error, CaptumMLLMError):
+            raise error
+        if error is not None:  # ours, so the caller gets it in a line (_worker_error)
+            raise InvalidModelError(
+                f"a worker could not build its model: {type(error).__name__}: {error}"
+            )
+
+    def explain(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self._started()  # whatever on_error says: no chat could be explained
+        return super().explain(*args, **kwargs)
+
+    def evaluate_shard(self, *args: Any, **kwargs: Any) -> int:
+        self._started()
+        return super().evaluate_shard(*args, **kwargs)
+
+    def combine(self, *args: Any, **kwargs: Any) -> Any:
+        self._started()
+        return super().combine(*args, **kwargs)
 
 
 def _worker_error(exc: Exception) -> BaseException:

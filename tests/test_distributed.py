@@ -6,6 +6,7 @@ import csv
 import functools
 import io
 import json
+import os
 import threading
 import time
 import warnings
@@ -338,6 +339,28 @@ def test_workers_the_cluster_cannot_hold_are_refused(tmp_path, local_ray, monkey
     distributed._ray(None, 3, {"num_cpus": 2})
     distributed._ray(None, 3, None)
     assert [kw["num_cpus"] for kw in started] == [6, 3]
+
+
+def test_a_worker_that_cannot_build_its_model_stops_the_run_in_a_line(tmp_path, local_ray):
+    """A mistyped model: Ray restarted the worker for each retry of each chat
+    (minutes, on the hub's time-outs), then raised its traceback as text."""
+    from captum_mllm.cli.models import load_model
+    from captum_mllm.cli.usage import UsageError
+    from captum_mllm.errors import InvalidModelError
+
+    missing = functools.partial(os.stat, "/nonexistent/model")  # raises FileNotFoundError
+    started = time.time()
+    for on_error in ("raise", "record"):  # no chat could be explained: it stops either way
+        with pytest.raises(InvalidModelError, match="could not build its model: FileNotFound"):
+            explain_dataset(CHATS[:3], missing, LeverageKernelShap, store_dir=tmp_path,
+                            show_progress=False, on_error=on_error)  # fmt: skip
+    with pytest.raises(InvalidModelError, match="could not build its model: FileNotFound"):
+        explain_sharded(CHATS[0], missing, ExactShapleyValues, store=tmp_path / "s.sqlite")
+    cli_model = functools.partial(load_model, "./no-such-model", None, None, None)
+    with pytest.raises(UsageError, match="^no model folder or file at ./no-such-model$"):
+        explain_dataset(CHATS[:3], cli_model, LeverageKernelShap, store_dir=tmp_path,
+                        show_progress=False)  # fmt: skip
+    assert time.time() - started < 60  # a worker a try: 3 retries of 3 chats took longer
 
 
 def test_without_ray_it_runs_in_process_with_a_note(tmp_path, monkeypatch):

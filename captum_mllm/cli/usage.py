@@ -9,10 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 from captum_mllm.audio_units import ALIGNED_UNITS
+from captum_mllm.errors import CaptumMLLMError
 
 
-class UsageError(Exception):
-    """A command-line mistake: reported in one line, exit code 2."""
+class UsageError(CaptumMLLMError):
+    """A command-line mistake: reported in one line, exit code 2 (one of
+    captum-mllm's errors, so a Ray worker's reaches the command line whole)."""
 
 
 def audio_unit_value(text: str) -> Any:
