@@ -45,7 +45,8 @@ from captum_mllm.errors import (
     warn_caller,
 )
 from captum_mllm.fingerprint import chat_digest, digest, fix_digest, plain
-from captum_mllm.result import RESULT_FILE
+from captum_mllm.inputs import ChatInput
+from captum_mllm.result import RESULT_FILE, MultimodalLLMAttributionResult
 
 ModelFactory = Callable[[], Any]
 MethodFactory = Callable[[Any], Any]
@@ -138,8 +139,6 @@ class ChatExplainer:
         """The chat's ``ChatInput``; a chat's own tools (``{"tools": [...]}``, as
         an OpenAI request holds them) and ``chat_template_kwargs`` reach the
         chat template meanwhile."""
-        from captum_mllm.inputs import ChatInput
-
         own = request_template_kwargs(chat) if isinstance(chat, Mapping) else {}
         before = getattr(self.model, "chat_template_kwargs", None)
         if own:
@@ -549,8 +548,6 @@ def dataset_attributions(
         >>> table = dataset_attributions("runs/study")
         >>> table.groupby(["chat", "modality"])["seq_attr"].sum().unstack()
     """
-    from captum_mllm.result import MultimodalLLMAttributionResult
-
     root = Path(store_dir)
     if chats is None and (root / SUMMARY).is_file():  # "007", "NA": names, not numbers
         summary = pd.read_csv(root / SUMMARY, dtype={"chat": str}, keep_default_na=False)
@@ -613,8 +610,6 @@ def _summary_row(name: str, res: Any, skipped: bool) -> dict[str, Any]:
 def _done_row(name: str, result: Path, request: str) -> dict[str, Any] | None:
     """The summary row of a chat already explained for this request (its
     result's figures: a rerun's summary.csv keeps them), else None."""
-    from captum_mllm.result import MultimodalLLMAttributionResult
-
     if not result.is_file():
         return None
     try:
