@@ -778,6 +778,7 @@ def explain_sharded(
     address: str | None = None,
     use_ray: bool | None = None,
     seed: int = 0,
+    max_retries: int = 3,
 ) -> Any:
     """One explanation whose coalitions are evaluated by several workers.
 
@@ -790,6 +791,8 @@ def explain_sharded(
     alike in every worker: the store keeps the first draw (ours without
     ``seed=``: its seed; Captum's: torch's generator state), and every worker
     seeds torch's generator with ``seed``, so the draw is the same on a rerun.
+    When a worker dies (killed, out of memory) its shard goes to a fresh one,
+    which reads what the store kept, up to ``max_retries`` times.
 
     Args:
         chat: a ``Chat`` or a Hugging Face message list.
@@ -800,6 +803,7 @@ def explain_sharded(
             no room for start as others finish. Default: 2
         use_ray (bool, optional): False evaluates the shards in turn in-process. Default: None
         seed (int, optional): torch's seed in every worker. Default: 0
+        max_retries (int, optional): retries of a shard whose worker died. Default: 3
 
     Returns:
         MultimodalLLMAttributionResult: the explanation.
@@ -810,6 +814,7 @@ def explain_sharded(
         ...                       ExactShapleyValues, store="sky.sqlite", num_shards=4)
     """
     require_int("num_shards", num_shards, 1)  # 0 ran unsharded, a float failed in range()
+    require_int("max_retries", max_retries, 0)
     _check_attribute_kwargs(attribute_kwargs)
     args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
     _check_ray_settings(use_ray, address=address, resources_per_worker=resources_per_worker)
@@ -821,24 +826,29 @@ def explain_sharded(
             worker.evaluate_shard(chat, str(store), shard, seed)
         return worker.combine(chat, str(store), seed)
     actor_cls = _actor_class(ray, resources_per_worker or _default_resources(ray), address)
-    actors = [actor_cls.remote(*args) for _ in shards]
-    running = {
-        a.evaluate_shard.remote(chat, str(store), s, seed): a
-        for a, s in zip(actors, shards, strict=True)
-    }
+    actors = {shard: actor_cls.remote(*args) for shard in shards}
+    running = {actors[s].evaluate_shard.remote(chat, str(store), s, seed): s for s in shards}
+    tries = dict.fromkeys(shards, 0)
     try:
         while True:
             (done,), _ = ray.wait(list(running), num_returns=1)
-            actor = running.pop(done)
+            shard = running.pop(done)
             try:
                 ray.get(done)  # a shard's error, raised here
                 if not running:  # the last one combines the shards
-                    return ray.get(actor.combine.remote(chat, str(store), seed))
+                    return ray.get(actors[shard].combine.remote(chat, str(store), seed))
             except ray.exceptions.RayTaskError as exc:
                 raise _worker_error(exc) from None
+            except ray.exceptions.RayActorError:
+                tries[shard] += 1
+                if tries[shard] > max_retries:
+                    raise
+                actors[shard] = actor_cls.remote(*args)  # a fresh replica; the store kept the work
+                running[actors[shard].evaluate_shard.remote(chat, str(store), shard, seed)] = shard
+                continue
             # A worker still waiting for room (more shards than the cluster runs at
             # once) starts when one is done; all waited for each other before
-            ray.kill(actor)
+            ray.kill(actors[shard])
     finally:
-        for actor in actors:
+        for actor in actors.values():
             ray.kill(actor)

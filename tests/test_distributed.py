@@ -368,6 +368,33 @@ def test_a_worker_that_cannot_build_its_model_stops_the_run_in_a_line(tmp_path, 
     assert time.time() - started < 60  # a worker a try: 3 retries of 3 chats took longer
 
 
+def test_a_shard_whose_worker_dies_goes_to_a_fresh_one(tmp_path, local_ray):
+    """explain_dataset retried a chat whose worker died; explain_sharded
+    raised Ray's RayActorError for a shard's."""
+    marker = tmp_path / "died"
+
+    def dies_once(model):  # the worker's process ends in its first shard
+        if not marker.exists():
+            marker.write_text("")
+            os._exit(1)
+        return ExactShapleyValues(model)
+
+    chat = Chat().user("Why is the sky so blue?")
+    res = explain_sharded(
+        chat, factory, dies_once, {}, {"gen_args": {"max_new_tokens": 4}},
+        store=tmp_path / "shared.sqlite", num_shards=2, resources_per_worker={"num_cpus": 1},
+    )  # fmt: skip
+    assert marker.exists() and res.n_stored_coalitions == 2**6
+    model = factory()
+    alone = MultimodalLLMAttribution(ExactShapleyValues(model), model).attribute(
+        ChatInput(chat, model), gen_args={"max_new_tokens": 4}
+    )
+    torch.testing.assert_close(res.seq_attr, alone.seq_attr)
+    marker.unlink()
+    with pytest.raises(ray.exceptions.RayActorError):
+        explain_sharded(chat, factory, dies_once, store=tmp_path / "s.sqlite", max_retries=0)
+
+
 def test_without_ray_it_runs_in_process_with_a_note(tmp_path, monkeypatch):
     import builtins
 
