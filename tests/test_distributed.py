@@ -382,7 +382,7 @@ def test_a_shard_whose_worker_dies_goes_to_a_fresh_one(tmp_path, local_ray):
     chat = Chat().user("Why is the sky so blue?")
     res = explain_sharded(
         chat, factory, dies_once, {}, {"gen_args": {"max_new_tokens": 4}},
-        store=tmp_path / "shared.sqlite", num_shards=2, resources_per_worker={"num_cpus": 1},
+        store=tmp_path / "shared.sqlite", num_shards=1,
     )  # fmt: skip
     assert marker.exists() and res.n_stored_coalitions == 2**6
     model = factory()
@@ -392,7 +392,9 @@ def test_a_shard_whose_worker_dies_goes_to_a_fresh_one(tmp_path, local_ray):
     torch.testing.assert_close(res.seq_attr, alone.seq_attr)
     marker.unlink()
     with pytest.raises(ray.exceptions.RayActorError):
-        explain_sharded(chat, factory, dies_once, store=tmp_path / "s.sqlite", max_retries=0)
+        explain_sharded(
+            chat, factory, dies_once, store=tmp_path / "s.sqlite", num_shards=1, max_retries=0
+        )
 
 
 def test_without_ray_it_runs_in_process_with_a_note(tmp_path, monkeypatch):
