@@ -33,6 +33,7 @@ from captum_mllm.cli.usage import (
     positive_float,
 )
 from captum_mllm.errors import CaptumMLLMError
+from captum_mllm.result import RESULT_FILE
 
 DEMO_SYSTEM = "You are a geography expert."
 DEMO_QUESTION = "What is the capital city of Japan?"
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.formatwarning = _format_warning
     try:
         args.run(args)
-    except (UsageError, CaptumMLLMError, OSError) as exc:
+    except (CaptumMLLMError, OSError) as exc:  # UsageError is one of ours
         notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
         print(f"captum-mllm: error: {exc}{notes}", file=sys.stderr)  # notes: which chat
         raise SystemExit(2) from None
@@ -547,8 +548,8 @@ def _write(res: Any, out: Path, save: bool) -> None:
     res.to_dataframe().to_csv(out / "attributions.csv", index=False)
     res.save_html(out / "report.html")
     if save:
-        res.save(out / "result.json")
-        written.append("result.json")
+        res.save(out / RESULT_FILE)  # the file load() finds in a folder
+        written.append(RESULT_FILE)
     print(f"wrote {', '.join(str(out / w) for w in written)}")
 
 
