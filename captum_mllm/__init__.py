@@ -1,22 +1,64 @@
-"""captum-mllm: Shapley explanations of multimodal chat models, inside Captum."""
+"""captum-mllm: Shapley explanations of multimodal chat models, inside Captum.
 
-from captum_mllm.attribution import MultimodalLLMAttribution
-from captum_mllm.chat import AudioPart, Chat, TextPart, Turn
-from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore, MemoryStore, SQLiteStore
-from captum_mllm.distributed import dataset_attributions, explain_dataset, explain_sharded
-from captum_mllm.encoding import EncodedChat, MaskedChat
-from captum_mllm.gradient import AttentionAttribution, MultimodalLLMGradientAttribution, compare
-from captum_mllm.heap import release_heap, retained_heap
-from captum_mllm.inputs import ChatInput, FeatureInfo
-from captum_mllm.models import (
-    HFCausalLMAdapter,
-    LFM2AudioAdapter,
-    ModelAdapter,
-    Response,
-    load_default_model,
-)
-from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
-from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget, Target, TargetValues
+The names below are imported on first use (PEP 562), as transformers' are: the
+command line's ``--help`` and its usage errors need no torch, transformers or
+Captum, which take seconds to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr__
+    from captum_mllm.attribution import MultimodalLLMAttribution
+    from captum_mllm.chat import AudioPart, Chat, TextPart, Turn
+    from captum_mllm.coalitions import (
+        CoalitionEvaluator,
+        CoalitionStore,
+        MemoryStore,
+        SQLiteStore,
+    )
+    from captum_mllm.distributed import dataset_attributions, explain_dataset, explain_sharded
+    from captum_mllm.encoding import EncodedChat, MaskedChat
+    from captum_mllm.gradient import (
+        AttentionAttribution,
+        MultimodalLLMGradientAttribution,
+        compare,
+    )
+    from captum_mllm.heap import release_heap, retained_heap
+    from captum_mllm.inputs import ChatInput, FeatureInfo
+    from captum_mllm.models import (
+        HFCausalLMAdapter,
+        LFM2AudioAdapter,
+        ModelAdapter,
+        Response,
+        load_default_model,
+    )
+    from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
+    from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget, Target, TargetValues
+
+#: The module of captum_mllm that holds each public name (as the imports above).
+_NAMES = {
+    "attribution": ("MultimodalLLMAttribution",),
+    "chat": ("AudioPart", "Chat", "TextPart", "Turn"),
+    "coalitions": ("CoalitionEvaluator", "CoalitionStore", "MemoryStore", "SQLiteStore"),
+    "distributed": ("dataset_attributions", "explain_dataset", "explain_sharded"),
+    "encoding": ("EncodedChat", "MaskedChat"),
+    "gradient": ("AttentionAttribution", "MultimodalLLMGradientAttribution", "compare"),
+    "heap": ("release_heap", "retained_heap"),
+    "inputs": ("ChatInput", "FeatureInfo"),
+    "models": (
+        "HFCausalLMAdapter",
+        "LFM2AudioAdapter",
+        "ModelAdapter",
+        "Response",
+        "load_default_model",
+    ),
+    "result": ("ClipRef", "MultimodalLLMAttributionResult"),
+    "targets": ("EmbeddingSimilarity", "LogProbTarget", "Target", "TargetValues"),
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
 
 __all__ = [
     "AttentionAttribution",
@@ -52,3 +94,16 @@ __all__ = [
     "release_heap",
     "retained_heap",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:  # a submodule (captum_mllm.demo) is imported by the import system
+        raise AttributeError(f"module 'captum_mllm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"captum_mllm.{module}"), name)
+    globals()[name] = value  # found once; later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))

@@ -396,6 +396,37 @@ def test_python_m_and_bad_flags_exit_with_2():
     assert done.returncode == 2 and "--no-such-flag" in done.stderr
 
 
+HEAVY = ("torch", "transformers", "captum", "numpy", "pandas", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["explain", "--help"], ["explain", "--bogus"],
+                                  ["explain", "--user", "Hi", "--budget", "0"]])  # fmt: skip
+def test_help_and_flag_mistakes_import_no_torch(argv):
+    """``captum-mllm --help`` took 9 s on this 2-core host: ``import captum_mllm``
+    imported torch, transformers and Captum before argparse ran."""
+    code = (
+        "import sys\nfrom captum_mllm.cli import main\ntry:\n    main(sys.argv[1:])\n"
+        f"except SystemExit:\n    pass\nprint([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+def test_every_public_name_is_found_and_typed():
+    """Names are imported on first use: each in ``__all__`` is found, and type
+    checkers see each (the ``TYPE_CHECKING`` imports name the same set)."""
+    import ast
+
+    import captum_mllm
+
+    for name in captum_mllm.__all__:
+        assert getattr(captum_mllm, name).__name__ == name
+    tree = ast.parse(Path(captum_mllm.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If))  # if TYPE_CHECKING:
+    typed = {a.asname or a.name for n in block.body for a in n.names}  # type: ignore[attr-defined]
+    assert typed == set(captum_mllm.__all__) == set(captum_mllm._MODULE_OF)
+
+
 def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     lines = [
         json.dumps([{"role": "user", "content": "Who are you?"}]),

@@ -33,7 +33,6 @@ from captum_mllm.cli.usage import (
     positive_float,
 )
 from captum_mllm.errors import CaptumMLLMError
-from captum_mllm.result import RESULT_FILE
 
 DEMO_SYSTEM = "You are a geography expert."
 DEMO_QUESTION = "What is the capital city of Japan?"
@@ -527,6 +526,7 @@ def _write(res: Any, out: Path, save: bool) -> None:
     import matplotlib
     import matplotlib.pyplot as plt
 
+    from captum_mllm.result import RESULT_FILE
     from captum_mllm.viz.fonts import glyph_warnings_muted
 
     matplotlib.use("Agg")

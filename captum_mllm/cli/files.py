@@ -8,7 +8,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from captum_mllm.chat import REQUEST_KEYS, request_template_kwargs
 from captum_mllm.cli.usage import UsageError
 from captum_mllm.errors import CaptumMLLMError, warn_caller
 
@@ -120,6 +119,7 @@ def _table_chats(
     column = next((c for c in ("messages", "conversations") if c in columns), None)
     if column is None:
         raise UsageError(f"{where} has no messages or conversations column (it has {columns})")
+    from captum_mllm.chat import REQUEST_KEYS
     from captum_mllm.distributed import table_row
 
     out: dict[str, Any] = {}
@@ -159,6 +159,8 @@ def read_messages(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         ) from None
     template: dict[str, Any] = {}
     if isinstance(messages, dict) and isinstance(messages.get("messages"), list):
+        from captum_mllm.chat import REQUEST_KEYS, request_template_kwargs
+
         # a data set's row, an OpenAI request: {"messages": [...], "tools": [...], ...}
         unread = sorted(set(messages) - set(REQUEST_KEYS))
         if unread:  # an OpenAI request's model, temperature, max_tokens
