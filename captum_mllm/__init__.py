@@ -8,7 +8,13 @@ Captum, which take seconds to import.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = version("captum-mllm")
+except PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr__
     from captum_mllm.attribution import MultimodalLLMAttribution

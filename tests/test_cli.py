@@ -399,7 +399,8 @@ def test_python_m_and_bad_flags_exit_with_2():
 HEAVY = ("torch", "transformers", "captum", "numpy", "pandas", "matplotlib")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["explain", "--help"], ["explain", "--bogus"],
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["explain", "--help"],
+                                  ["explain", "--bogus"],
                                   ["explain", "--user", "Hi", "--budget", "0"]])  # fmt: skip
 def test_help_and_flag_mistakes_import_no_torch(argv):
     """``captum-mllm --help`` took 9 s on this 2-core host: ``import captum_mllm``
@@ -410,6 +411,16 @@ def test_help_and_flag_mistakes_import_no_torch(argv):
     )
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+def test_version_is_the_installed_one(capsys):
+    from importlib.metadata import version
+
+    import captum_mllm
+
+    assert captum_mllm.__version__ == version("captum-mllm")
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out == f"captum-mllm {captum_mllm.__version__}\n"
 
 
 def test_every_public_name_is_found_and_typed():

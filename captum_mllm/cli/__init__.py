@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Shapley explanations of what (multimodal) chat models say, inside "
         "Captum. Each command has its own --help.",
     )
+    from captum_mllm import __version__
+
+    parser.add_argument("--version", action="version", version=f"captum-mllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="explain a factual question on the embedded SmolLM2")
