@@ -464,6 +464,7 @@ class MultimodalLLMAttribution(LLMAttribution):
                     errors.append(stderr.reshape(attr.shape).to(attr))
                     requested += self.attr_method.last_n_requested
                 attr += cur.reshape(attr.shape)
+            probs = self._full_probs(game, evaluator, inp.n_itp_features)  # the store is open
         finally:
             if opened is not None and not isinstance(store, CoalitionStore):
                 opened.close()
@@ -475,7 +476,8 @@ class MultimodalLLMAttribution(LLMAttribution):
                 "overflow? load the model in bfloat16 or float32)"
             )
         stderr = self._mean_stderr(errors) if ours else None
-        self._warn_on_underflow(evaluator, inp.n_itp_features, len(response))
+        if probs is not None and getattr(self.value_fn, "kind", None) == "prob":
+            _warn_on_underflow(float(probs[0]), len(response))  # log-probs do not underflow
 
         per_token = game.columns == "tokens" and self.include_per_token_attr
         per_sample = game.columns == "samples" and n_columns > 1
@@ -488,6 +490,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             seq_attr_stderr=stderr[0] if stderr is not None else None,
             token_attr_stderr=stderr[1:] if stderr is not None and per_token else None,
             responses=evaluator.responses or None,
+            output_probs=None if probs is None else probs[1:],
             input_tokens=list(inp.values),
             output_tokens=self._labels(inp, response),
             inp=inp if isinstance(inp, ImageMaskInput) else None,
@@ -525,20 +528,20 @@ class MultimodalLLMAttribution(LLMAttribution):
         torch.set_rng_state(torch.from_numpy(np.frombuffer(bytes.fromhex(first), np.uint8).copy()))
         return kwargs
 
-    def _warn_on_underflow(self, evaluator: CoalitionEvaluator, n: int, length: int) -> None:
-        """Warn when the whole answer's probability (``attr_target="prob"``) is too
-        small for float32: every coalition's is then about 0, and so is ``seq_attr``."""
-        if not (isinstance(self.value_fn, LogProbTarget) and self.value_fn.kind == "prob"):
-            return
+    def _full_probs(self, game: _Game, evaluator: CoalitionEvaluator, n: int) -> Tensor | None:
+        """The answer's probability under the whole input, then each of its
+        tokens', ``(1 + T,)``, for the log-prob target (None for others): read
+        from the full coalition's value, which a method has mostly evaluated
+        already, else scored once more."""
+        if not isinstance(self.value_fn, LogProbTarget) or game.columns != "tokens":
+            return None
         key = coalition_key(torch.ones(n))
-        full = evaluator.store.get_many([key]).get(key)
-        if full is not None and float(full[0][0]) < PROB_UNDERFLOW:
-            warn_caller(
-                f"the {length}-token answer's probability under the whole input is "
-                f"{float(full[0][0]):.1e}, below float32's normal range: seq_attr is about 0 "
-                "whatever the features do; use attr_target='log_prob' (token_attr, one "
-                "token's probability each, is not affected)"
-            )
+        stored = evaluator.store.get_many([key]).get(key)
+        if stored is not None:
+            values = torch.as_tensor(stored[0]).reshape(-1).float().cpu()
+        else:
+            values = game.evaluate(torch.ones(1, n)).values[0].detach().float().cpu()
+        return values if self.value_fn.kind == "prob" else values.exp()
 
     def _mean_stderr(self, errors: list[Tensor]) -> Tensor:
         """The standard error of the mean over trials: independent trials' errors
@@ -619,7 +622,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         coalition's prompt text, the response text, its probabilities as Captum
         gives them: the total, then each token's when attributed per token) for
         each coalition evaluated, each distinct one once."""
-        as_probs = isinstance(self.value_fn, LogProbTarget) and self.attr_target == "log_prob"
+        as_probs = isinstance(self.value_fn, LogProbTarget) and self.value_fn.kind == "log_prob"
 
         def prompt(coalition: Tensor) -> str:
             if isinstance(inp, ChatInput):
@@ -744,6 +747,18 @@ class MultimodalLLMAttribution(LLMAttribution):
 PROB_UNDERFLOW = float(torch.finfo(torch.float32).tiny)
 
 _UNSET = object()
+
+
+def _warn_on_underflow(total: float, length: int) -> None:
+    """Warn when the whole answer's probability (``attr_target="prob"``) is too
+    small for float32: every coalition's is then about 0, and so is ``seq_attr``."""
+    if total < PROB_UNDERFLOW:
+        warn_caller(
+            f"the {length}-token answer's probability under the whole input is "
+            f"{total:.1e}, below float32's normal range: seq_attr is about 0 "
+            "whatever the features do; use attr_target='log_prob' (token_attr, one "
+            "token's probability each, is not affected)"
+        )
 
 
 def chat_fields(inp: ChatInput) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from conftest import THINKING_TEMPLATE, brute_force_shapley, game
 from captum_mllm import (
     Chat,
     ChatInput,
+    EmbeddingSimilarity,
     HFCausalLMAdapter,
     LogProbTarget,
     MultimodalLLMAttribution,
@@ -707,6 +708,7 @@ def test_inspect_forward_sees_what_stock_captum_shows_it(model, chat):
     LLMAttribution(FeatureAblation(model.model), model.tokenizer).attribute(
         captum_inp,
         target=TARGET,
+        use_cached_outputs=False,  # its cache is wrong on transformers 5 (see the README)
         _inspect_forward=hook("stock"),  # its token-by-token path
     )
     ours = MultimodalLLMAttribution(FeatureAblation(model), model)
@@ -717,7 +719,50 @@ def test_inspect_forward_sees_what_stock_captum_shows_it(model, chat):
     for prompt, (said, probs) in seen["chat"].items():
         assert said == TARGET and len(probs) == 1 + len(res.output_tokens)
         assert probs[0] == pytest.approx(math.prod(probs[1:]), rel=1e-4)
-        assert probs == pytest.approx(seen["ours"][prompt][1], abs=1e-5)
+        assert probs == pytest.approx(seen["ours"][prompt][1], rel=1e-4)
+        assert probs == pytest.approx(seen["stock"][prompt][1], rel=1e-4)
+    # A probability target shows its probabilities as they are (they were exp()'d again)
+    seen["prob"] = {}
+    as_probs = MultimodalLLMAttribution(FeatureAblation(model), model, target=LogProbTarget("prob"))
+    as_probs.attribute(ChatInput(chat, model), target=TARGET, _inspect_forward=hook("prob"))
+    assert {k: pytest.approx(v[1], rel=1e-5) for k, v in seen["chat"].items()} == {
+        k: v[1] for k, v in seen["prob"].items()
+    }
+
+
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [(FeatureAblation, {}), (Lime, {"n_samples": 2}), (BayesianShapley, {"budget": 8})],
+)
+def test_output_probs_are_the_answers_probabilities_as_stock_captum_scores_them(
+    model, chat, method, kwargs, tmp_path
+):
+    """Captum's ``LLMAttributionResult.output_probs`` (each answer token's
+    probability under the whole input), which stock Captum leaves None: the
+    probabilities its ``_inspect_forward`` shows for the full prompt, whether or
+    not the method evaluated the full coalition (Lime's two samples may not)."""
+    captum_inp = template_input(model, chat, ["Who", "are", "you", "my", "friend"])
+    shown = []
+    LLMAttribution(FeatureAblation(model.model), model.tokenizer).attribute(
+        captum_inp,
+        target=TARGET,
+        use_cached_outputs=False,  # its cache is wrong on transformers 5 (see the README)
+        _inspect_forward=lambda *seen: shown.append(seen[2]),
+    )  # its first prompt is the full one
+    for attr_target in ("log_prob", "prob"):
+        ours = MultimodalLLMAttribution(method(model), model, attr_target=attr_target)
+        for inp in (captum_inp, ChatInput(chat, model)):
+            res = ours.attribute(inp, target=TARGET, **kwargs)
+            assert res.output_probs.tolist() == pytest.approx(shown[0][1:], rel=1e-4)
+        # read before a store file closes (a probability target raised on a closed one)
+        store = tmp_path / f"{attr_target}.sqlite"
+        res = ours.attribute(ChatInput(chat, model), target=TARGET, store=store, **kwargs)
+        assert res.output_probs.tolist() == pytest.approx(shown[0][1:], rel=1e-4)
+    similar = EmbeddingSimilarity(gen_args={"max_new_tokens": 2})  # no probabilities
+    res = MultimodalLLMAttribution(method(model), model, target=similar).attribute(
+        ChatInput(chat, model), target=TARGET, **kwargs
+    )
+    assert res.output_probs is None
 
 
 @pytest.mark.parametrize("thinking", [False, True])
