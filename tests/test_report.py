@@ -75,6 +75,12 @@ def test_the_report_loads_plays_switches_and_escapes(page, report):
     assert page.evaluate("window.pwned") is None
     assert "<script>window.pwned = 1</script>" in page.inner_text("#chat")
     assert page.locator("img").count() == 0
+    # each output token is offered with its probability under the whole input
+    options = page.eval_on_selector_all("#row option", "els => els.map(e => e.textContent)")
+    assert options[1:] == [
+        f"token {i}: {label} (p = {float(p):.2g})"
+        for i, (label, p) in enumerate(zip(res.output_tokens, res.output_probs, strict=True))
+    ]
     # the selector switches to one output token's row
     before = page.eval_on_selector_all("span.feature", "els => els.map(e => e.style.background)")
     page.select_option("#row", "2")

@@ -6,7 +6,8 @@ greyed; each audio clip is a waveform strip with its features' spans, each
 span playable on its own and the whole clip with the current span
 highlighted (audio embedded as base64 FLAC). A table lists the features,
 largest absolute value first. A selector switches both between the whole
-answer and each output token's row of ``token_attr``.
+answer and each output token's row of ``token_attr`` (with the token's
+probability under the whole input, where the result has ``output_probs``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
         response=result.response_text or " ".join(result.output_tokens),
         answer_audio=answer_audio,
         outputs=list(result.output_tokens) if result.token_attr is not None else [],
+        # how sure the model was of each token, under the whole input
+        probs=[f"{float(p):.2g}" for p in result.output_probs]
+        if result.output_probs is not None
+        else None,
         turns=result.segments or [_plain_turn(result)],
         clips=[_clip(result, i) for i in range(len(result.clips or []))],
         meta=_meta(result),
