@@ -702,6 +702,7 @@ class ChatInput(InterpretableInput):
             if token_id is None or token_id == getattr(tok, "unk_token_id", object()):
                 raise InvalidBaselineError(
                     f"baseline token {text_baseline!r} is not in the vocabulary"
+                    + _spelt_as(tok, text_baseline)
                 )
         if token_id in special and not allow_special:
             raise InvalidBaselineError(
@@ -709,6 +710,22 @@ class ChatInput(InterpretableInput):
                 "gives a meaning of its own; pass allow_special_baseline=True to use it anyway"
             )
         return "replace", int(token_id)  # type: ignore[arg-type]
+
+
+def _spelt_as(tok: Any, text: str) -> str:
+    """How the tokenizer spells ``text`` as one token, if it does (a byte-level
+    vocabulary holds ``"the"`` after a space as ``"Ġthe"``), for an error."""
+    for spelling in (text, " " + text):
+        ids = tok.encode(spelling, add_special_tokens=False)
+        if len(ids) == 1:
+            return (
+                f" as a token string; the tokenizer spells {spelling!r} as the token "
+                f"{tok.convert_ids_to_tokens(ids[0])!r} (id {ids[0]}): pass either"
+            )
+    return (
+        " as a token string, and the tokenizer spells it in several tokens: pass one token "
+        "(its string or id), or 'replace' for a neutral one"
+    )
 
 
 def _merge_groups(found: list[_Found], groups: Sequence[Hashable]) -> list[_Found]:

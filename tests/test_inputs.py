@@ -291,6 +291,12 @@ def test_bad_groups_and_baselines_raise_named_errors(model, chat):
         ChatInput(chat, model, text_baseline="<|im_end|>")  # special: refused unless asked
     with pytest.raises(InvalidBaselineError):
         ChatInput(chat, model, text_baseline=1.5)  # type: ignore[arg-type]
+    # a word rather than the token a byte-level vocabulary holds: the error names that token
+    (space_the,) = model.tokenizer.encode(" the", add_special_tokens=False)
+    token = model.tokenizer.convert_ids_to_tokens(space_the)
+    with pytest.raises(InvalidBaselineError, match=f"spells ' the' as the token '{token}'"):
+        ChatInput(chat, model, text_baseline="the")
+    assert ChatInput(chat, model, text_baseline=token).replace_id == space_the
     for unit in (-1, "paragraph"):  # a text chat never read them: checked only at audio
         with pytest.raises(InvalidOptionError, match="audio"):
             ChatInput(chat, model, audio_unit=unit)
