@@ -245,6 +245,12 @@ class ChatInput(InterpretableInput):
                 if self.response is not None and "assistant" in self.roles
                 else ""
             )
+            present = sorted({t.role for t in self.prompt}, key=ROLES.index)
+            if not answer and not set(present) & set(self.roles):  # nothing was skipped
+                raise NoFeaturesError(
+                    f"the chat has no turn with roles {self.roles} (it has {present}): give "
+                    "roles= among those"
+                )
             raise NoFeaturesError(
                 f"no features left in turns with roles {self.roles} after skipping {self.skip}"
                 f"{answer}; widen roles=, or change text_unit= / skip="

@@ -211,8 +211,9 @@ def test_messages_accepted_and_errors(model):
     assert inp.values == ["Who", "are", "you"]
     with pytest.raises(NoFeaturesError):
         ChatInput(Chat().user("?!"), model)
-    with pytest.raises(NoFeaturesError):
-        ChatInput(Chat().system("Be brief."), model)  # no user turn
+    no_user = r"no turn with roles \('user',\) \(it has \['system'\]\)"
+    with pytest.raises(NoFeaturesError, match=no_user):
+        ChatInput(Chat().system("Be brief."), model)  # no user turn: not "after skipping"
     with pytest.raises(NoFeaturesError, match="final assistant turn is the answer"):
         ChatInput(Chat().user("Hi").assistant("Hello there."), model, roles=("assistant",))
     with pytest.raises(InvalidOptionError):
