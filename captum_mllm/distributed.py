@@ -19,195 +19,49 @@ Examples::
 
 from __future__ import annotations
 
-import contextlib
-import math
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from captum_mllm.chat import REQUEST_KEYS, Chat, request_template_kwargs
+from captum_mllm.chat import request_template_kwargs
+from captum_mllm.chat_explainer import (
+    CHAT_KEYS,
+    REPORT,
+    RESULT,
+    ChatExplainer,
+    MethodFactory,
+    ModelFactory,
+    chat_of,
+    summary_row,
+)
 from captum_mllm.errors import (
-    CaptumMLLMError,
     InconsistentVersionWarning,
-    InvalidModelError,
     InvalidOptionError,
     ResultFormatError,
     require_int,
     warn_caller,
 )
-from captum_mllm.fingerprint import chat_digest, digest, fix_digest, plain
-from captum_mllm.inputs import ChatInput
-from captum_mllm.result import RESULT_FILE, MultimodalLLMAttributionResult
+from captum_mllm.fingerprint import chat_digest, digest, plain
+from captum_mllm.ray_pool import chats_on_ray, shards_on_ray, start_ray
+from captum_mllm.result import MultimodalLLMAttributionResult
 
-ModelFactory = Callable[[], Any]
-MethodFactory = Callable[[Any], Any]
-RESULT = RESULT_FILE
-REPORT = "report.html"
 INDEX = "index.html"
 SUMMARY = "summary.csv"
 ATTRIBUTIONS = "attributions.csv"
-STORE = "coalitions.sqlite"
 
 __all__ = ["explain_dataset", "explain_sharded", "ChatExplainer"]
 
 
 #: What :func:`explain_dataset` does with a chat that raises.
 ON_ERROR = ("raise", "record")
-
-
-class ChatExplainer:
-    """One model replica explaining chats (the body of a Ray actor, or in-process).
-
-    Args:
-        model_factory (callable): ``() -> ModelAdapter``, called once here.
-        method_factory (callable): ``adapter -> attribution method`` (e.g. a
-            class such as ``LeverageKernelShap``).
-        input_kwargs (dict, optional): ``ChatInput`` arguments.
-        attribute_kwargs (dict, optional): ``MultimodalLLMAttribution.attribute``
-            arguments (``gen_args`` only for chats whose answer is generated).
-        target_factory (callable, optional): ``() -> Target``. Default: log-probability
-    """
-
-    def __init__(
-        self,
-        model_factory: ModelFactory,
-        method_factory: MethodFactory,
-        input_kwargs: dict[str, Any] | None = None,
-        attribute_kwargs: dict[str, Any] | None = None,
-        target_factory: Callable[[], Any] | None = None,
-    ) -> None:
-        self.model = model_factory()
-        # The replica is this worker's own and never changes: its weights are read
-        # for the stores' fingerprints once, not for every chat.
-        fix_digest(getattr(self.model, "model", self.model))
-        self.method_factory = method_factory
-        self.input_kwargs = dict(input_kwargs or {})
-        self.attribute_kwargs = dict(attribute_kwargs or {})
-        self.target_factory = target_factory
-
-    def _attribution(self) -> Any:
-        from captum_mllm.attribution import MultimodalLLMAttribution
-
-        target = self.target_factory() if self.target_factory is not None else None
-        method = self.method_factory(self.model)
-        return MultimodalLLMAttribution(method, self.model, target=target)
-
-    def explain(
-        self,
-        name: str,
-        chat: Any,
-        folder: str,
-        request: str | None = None,
-        on_error: str = "raise",
-    ) -> dict[str, Any]:
-        """Explain one chat into ``folder`` (result + store); returns its summary row.
-        ``request`` (the digest a rerun compares) goes into the result's provenance.
-        ``on_error="record"``: a chat that raises gets a row naming the error
-        instead, and no result (a rerun tries it again)."""
-        try:
-            return self._explain(name, chat, folder, request)
-        except Exception as exc:  # noqa: BLE001 (recorded with its type, not swallowed)
-            if on_error == "raise":
-                exc.add_note(f"in chat {name!r}")  # which of a data set's chats
-                raise
-            with contextlib.suppress(OSError):  # a folder holding nothing: not a result
-                Path(folder).rmdir()
-            return {"chat": name, "skipped": False, "error": f"{type(exc).__name__}: {exc}"}
-
-    def _explain(self, name: str, chat: Any, folder: str, request: str | None) -> dict[str, Any]:
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        with self._input(chat) as inp:
-            kwargs = self._attribute_kwargs(inp)
-            res = self._attribution().attribute(inp, store=out / STORE, **kwargs)
-        res.provenance["request"] = request
-        res.save(out / RESULT)
-        res.save_html(out / REPORT)  # a page to read it by, as `captum-mllm explain` writes
-        return _summary_row(name, res, skipped=False)
-
-    @contextlib.contextmanager
-    def _input(self, chat: Any) -> Iterator[Any]:
-        """The chat's ``ChatInput``; a chat's own tools (``{"tools": [...]}``, as
-        an OpenAI request holds them) and ``chat_template_kwargs`` reach the
-        chat template meanwhile."""
-        own = request_template_kwargs(chat) if isinstance(chat, Mapping) else {}
-        before = getattr(self.model, "chat_template_kwargs", None)
-        if own:
-            if before is None:  # they would go unread
-                raise InvalidOptionError(
-                    f"a chat's {sorted(own)} are for a Hugging Face chat template"
-                )
-            self.model.chat_template_kwargs = {**before, **own}
-        try:
-            yield ChatInput(_as_chat(chat), self.model, **self._input_kwargs(chat))
-        finally:
-            if own:
-                self.model.chat_template_kwargs = before
-
-    def _input_kwargs(self, chat: Any) -> dict[str, Any]:
-        """The shared ``ChatInput`` arguments, plus a chat's own (``{"input_kwargs": ...}``)."""
-        own = chat.get("input_kwargs") if isinstance(chat, Mapping) else None
-        return {**self.input_kwargs, **(own or {})}
-
-    def _attribute_kwargs(self, inp: Any) -> dict[str, Any]:
-        """The shared ``attribute`` arguments; a chat that holds its answer takes
-        no ``gen_args`` (``attribute`` refuses them: nothing is generated)."""
-        if inp.response is None:
-            return self.attribute_kwargs
-        return {k: v for k, v in self.attribute_kwargs.items() if k != "gen_args"}
-
-    def evaluate_shard(self, chat: Any, store: str, shard: tuple[int, int], seed: int = 0) -> int:
-        """Evaluate one shard of a chat's coalitions into ``store``; returns how
-        many. ``seed`` seeds torch's generator for the call."""
-
-        with self._input(chat) as inp, _seeded(seed):
-            res = self._attribution().attribute(
-                inp, store=store, shard=shard, **self._attribute_kwargs(inp)
-            )
-        return int(res.n_unique_coalitions)
-
-    def combine(self, chat: Any, store: str, seed: int = 0) -> Any:
-        """The explanation read from a filled store (evaluates what is missing);
-        ``seed`` seeds torch's generator for the call."""
-
-        with self._input(chat) as inp, _seeded(seed):
-            return self._attribution().attribute(inp, store=store, **self._attribute_kwargs(inp))
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """torch's CPU generator seeded for a block, and restored after it."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-#: What a chat given as a mapping holds: a request's keys, and its own ChatInput arguments.
-CHAT_KEYS = (*REQUEST_KEYS, "input_kwargs")
-
-
-def _as_chat(chat: Any) -> Chat:
-    if isinstance(chat, Chat):
-        return chat
-    if isinstance(chat, Mapping) and "messages" in chat:
-        return Chat.from_messages(chat["messages"])
-    if isinstance(chat, Mapping) and "conversations" in chat:  # ShareGPT's
-        return Chat.from_messages(chat["conversations"])
-    return Chat.from_messages(chat)
 
 
 def _named(chats: Sequence[Any] | Mapping[str, Any] | pd.DataFrame) -> list[tuple[str, Any]]:
@@ -325,24 +179,6 @@ def _check_attribute_kwargs(attribute_kwargs: dict[str, Any] | None) -> None:
             f"attribute_kwargs {own} are set here (each chat's store under store_dir, or "
             "explain_sharded's store= and num_shards=); leave them out"
         )
-
-
-def _ray(
-    address: str | None, num_workers: int | None, resources: dict[str, Any] | None = None
-) -> Any:
-    """Ray, started (or joined at ``address``) once; None when it is not installed.
-    A local cluster holds the CPUs its workers ask for (one each by default)."""
-    try:
-        import ray
-    except ImportError:
-        return None
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"address": address} if address else {}
-        if not address and num_workers:
-            per_worker = (resources or {}).get("num_cpus", 1)
-            kwargs["num_cpus"] = max(math.ceil(num_workers * per_worker), 1)
-        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
-    return ray
 
 
 def explain_dataset(
@@ -470,7 +306,7 @@ def explain_dataset(
         resources_per_worker=resources_per_worker,
         num_workers=num_workers,
     )
-    ray = None if use_ray is False else _ray(address, num_workers, resources_per_worker)
+    ray = None if use_ray is False else start_ray(address, num_workers, resources_per_worker)
     if use_ray and ray is None:
         raise InvalidOptionError("use_ray=True needs Ray: pip install 'captum-mllm[ray]'")
     # closed on an error too: the error's line starts a line of its own
@@ -488,7 +324,7 @@ def explain_dataset(
                 rows.append(worker.explain(name, chat, str(root / name), request, on_error))
                 bar.update()
         else:
-            for row in _run_on_ray(
+            for row in chats_on_ray(
                 ray,
                 args,
                 todo,
@@ -589,22 +425,7 @@ def _request_digest(chat: Any, args: tuple[Any, ...]) -> str:
     own = chat.get("input_kwargs") if isinstance(chat, Mapping) else None
     template = request_template_kwargs(chat) if isinstance(chat, Mapping) else {}
     extra = [plain(template, depth=16)] if template else []  # other tools: another prompt
-    return digest(chat_digest(_as_chat(chat)), plain(own), *(plain(a) for a in args), *extra)
-
-
-def _summary_row(name: str, res: Any, skipped: bool) -> dict[str, Any]:
-    """A chat's row of the summary, from its result."""
-    top = res.top_features(1)
-    return {
-        "chat": name,
-        "response": res.response_text,
-        "n_features": len(res.seq_attr),
-        "top_feature": top["feature"].iloc[0] if len(top) else None,
-        "n_unique_coalitions": res.n_unique_coalitions,
-        "n_stored_coalitions": res.n_stored_coalitions,
-        "seconds": round(res.wall_time, 3),
-        "skipped": skipped,
-    }
+    return digest(chat_digest(chat_of(chat)), plain(own), *(plain(a) for a in args), *extra)
 
 
 def _done_row(name: str, result: Path, request: str) -> dict[str, Any] | None:
@@ -620,150 +441,10 @@ def _done_row(name: str, result: Path, request: str) -> dict[str, Any] | None:
         return None
     if saved.provenance.get("request") != request:
         return None
-    return _summary_row(name, saved, skipped=True)
+    return summary_row(name, saved, skipped=True)
 
 
 #: Ray's names of the resources an actor asks for.
-_RESOURCE_NAMES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
-
-
-def _actor_class(ray: Any, resources: dict[str, Any], address: str | None) -> Any:
-    """The worker class asking for ``resources``, which the cluster must be able
-    to hold: an actor it cannot was waited for without a word, for ever."""
-    asked = {_RESOURCE_NAMES.get(k, k): v for k, v in resources.items() if k != "resources"}
-    asked.update(resources.get("resources") or {})
-    has = ray.cluster_resources()
-    short = {k: v for k, v in asked.items() if isinstance(v, int | float) and has.get(k, 0) < v}
-    if short:
-        held = ", ".join(f"{k} {has.get(k, 0):g}" for k in short)
-        why = (
-            f"a worker asks for {', '.join(f'{k} {v:g}' for k, v in short.items())} and the "
-            f"Ray cluster holds {held} in all"
-        )
-        if address is None:  # a local cluster never grows: nothing would start
-            raise InvalidOptionError(f"{why}: give resources_per_worker it can hold")
-        warn_caller(f"{why}: the workers wait until it grows (an autoscaler's nodes)")
-    return ray.remote(**resources)(_RayWorker)
-
-
-class _RayWorker(ChatExplainer):
-    """:class:`ChatExplainer` as a Ray actor. An error building its model is
-    raised by each of its tasks instead of its ``__init__``: Ray keeps only the
-    text of an error there, and restarts the worker for each chat's retries
-    (a mistyped model name took minutes, retrying, then printed a traceback)."""
-
-    def __init__(self, *args: Any) -> None:
-        try:
-            super().__init__(*args)
-        except Exception as exc:  # noqa: BLE001 (raised by every task: _started)
-            self.start_error: Exception | None = exc
-        else:
-            self.start_error = None
-
-    def _started(self) -> None:
-        error = self.start_error
-        if isinstance(error, CaptumMLLMError):
-            raise error
-        if error is not None:  # ours, so the caller gets it in a line (_worker_error)
-            raise InvalidModelError(
-                f"a worker could not build its model: {type(error).__name__}: {error}"
-            )
-
-    def explain(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        self._started()  # whatever on_error says: no chat could be explained
-        return super().explain(*args, **kwargs)
-
-    def evaluate_shard(self, *args: Any, **kwargs: Any) -> int:
-        self._started()
-        return super().evaluate_shard(*args, **kwargs)
-
-    def combine(self, *args: Any, **kwargs: Any) -> Any:
-        self._started()
-        return super().combine(*args, **kwargs)
-
-
-def _worker_error(exc: Exception) -> BaseException:
-    """What a worker raised: ours as it is (a mistake in the request, said in a
-    line and caught by its type), another inside Ray's, which holds the
-    worker's traceback."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, CaptumMLLMError) else exc
-
-
-def _default_resources(ray: Any) -> dict[str, float]:
-    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
-
-
-def _run_on_ray(
-    ray: Any,
-    args: tuple[Any, ...],
-    todo: list[tuple[str, Any, str]],
-    root: Path,
-    num_workers: int | None,
-    resources: dict[str, float] | None,
-    max_retries: int,
-    on_worker_start: Callable[[list[Any]], None] | None,
-    on_error: str = "raise",
-    address: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Schedule chats on a pool of actors; replace dead actors and retry their chat."""
-    if not todo:
-        return
-    resources = resources or _default_resources(ray)
-    if num_workers is None:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        num_workers = max(1, gpus) if "num_gpus" in resources else 1
-    actor_cls = _actor_class(ray, resources, address)
-    actors = [actor_cls.remote(*args) for _ in range(min(num_workers, len(todo)))]
-    if on_worker_start is not None:
-        on_worker_start(actors)
-    pending = list(reversed(todo))  # pop() takes them in order
-    tries: dict[str, int] = {}
-    running: dict[Any, tuple[int, str, Any, str]] = {}  # future -> (slot, name, chat, request)
-
-    def submit(slot: int) -> None:
-        name, chat, request = pending.pop()
-        future = actors[slot].explain.remote(name, chat, str(root / name), request, on_error)
-        running[future] = (slot, name, chat, request)
-
-    try:
-        for slot in range(len(actors)):
-            if pending:
-                submit(slot)
-        while running:
-            (future,), _ = ray.wait(list(running), num_returns=1)
-            slot, name, chat, request = running.pop(future)
-            try:
-                row = ray.get(future)
-            except ray.exceptions.RayTaskError as exc:
-                raise _worker_error(exc) from None
-            except ray.exceptions.RayActorError as exc:
-                tries[name] = tries.get(name, 0) + 1
-                if tries[name] > max_retries and on_error == "raise":
-                    raise
-                actors[slot] = None
-                if tries[name] <= max_retries:
-                    pending.append((name, chat, request))
-                else:  # killed each time (out of memory?): recorded, the others go on
-                    died = f"{type(exc).__name__}: its worker died on every try ({tries[name]})"
-                    yield {"chat": name, "skipped": False, "error": died, "retries": max_retries}
-            else:
-                yield {**row, "retries": tries.get(name, 0)}
-            if pending:
-                if actors[slot] is None:  # a fresh replica; the store kept the work
-                    actors[slot] = actor_cls.remote(*args)
-                submit(slot)
-            elif actors[slot] is not None:
-                # Idle: its resources let a worker still waiting for them start (a chat
-                # given to one the cluster had no room for waited for ever)
-                ray.kill(actors[slot])
-                actors[slot] = None
-    finally:
-        for actor in actors:
-            if actor is not None:
-                ray.kill(actor)
-
-
 def explain_sharded(
     chat: Any,
     model_factory: ModelFactory,
@@ -818,37 +499,13 @@ def explain_sharded(
     _check_attribute_kwargs(attribute_kwargs)
     args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
     _check_ray_settings(use_ray, address=address, resources_per_worker=resources_per_worker)
-    ray = None if use_ray is False else _ray(address, num_shards, resources_per_worker)
+    ray = None if use_ray is False else start_ray(address, num_shards, resources_per_worker)
     shards = [(i, num_shards) for i in range(num_shards)]
     if ray is None:
         worker = ChatExplainer(*args)
         for shard in shards:
             worker.evaluate_shard(chat, str(store), shard, seed)
         return worker.combine(chat, str(store), seed)
-    actor_cls = _actor_class(ray, resources_per_worker or _default_resources(ray), address)
-    actors = {shard: actor_cls.remote(*args) for shard in shards}
-    running = {actors[s].evaluate_shard.remote(chat, str(store), s, seed): s for s in shards}
-    tries = dict.fromkeys(shards, 0)
-    try:
-        while True:
-            (done,), _ = ray.wait(list(running), num_returns=1)
-            shard = running.pop(done)
-            try:
-                ray.get(done)  # a shard's error, raised here
-                if not running:  # the last one combines the shards
-                    return ray.get(actors[shard].combine.remote(chat, str(store), seed))
-            except ray.exceptions.RayTaskError as exc:
-                raise _worker_error(exc) from None
-            except ray.exceptions.RayActorError:
-                tries[shard] += 1
-                if tries[shard] > max_retries:
-                    raise
-                actors[shard] = actor_cls.remote(*args)  # a fresh replica; the store kept the work
-                running[actors[shard].evaluate_shard.remote(chat, str(store), shard, seed)] = shard
-                continue
-            # A worker still waiting for room (more shards than the cluster runs at
-            # once) starts when one is done; all waited for each other before
-            ray.kill(actors[shard])
-    finally:
-        for actor in actors.values():
-            ray.kill(actor)
+    return shards_on_ray(
+        ray, args, chat, str(store), shards, seed, max_retries, resources_per_worker, address
+    )

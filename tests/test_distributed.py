@@ -23,9 +23,10 @@ from captum_mllm import (
     ChatInput,
     MultimodalLLMAttribution,
     MultimodalLLMAttributionResult,
-    distributed,
+    ray_pool,
 )
-from captum_mllm.distributed import REPORT, RESULT, STORE, explain_dataset, explain_sharded
+from captum_mllm.chat_explainer import REPORT, RESULT, STORE
+from captum_mllm.distributed import explain_dataset, explain_sharded
 from captum_mllm.errors import InvalidOptionError, StoreMismatchError
 from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap, PairedPermutationSampling
 from captum_mllm.testing import tiny_hf_adapter
@@ -336,8 +337,8 @@ def test_workers_the_cluster_cannot_hold_are_refused(tmp_path, local_ray, monkey
     started: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
-    distributed._ray(None, 3, {"num_cpus": 2})
-    distributed._ray(None, 3, None)
+    ray_pool.start_ray(None, 3, {"num_cpus": 2})
+    ray_pool.start_ray(None, 3, None)
     assert [kw["num_cpus"] for kw in started] == [6, 3]
 
 
