@@ -538,7 +538,7 @@ class MultimodalLLMAttribution(LLMAttribution):
         key = coalition_key(torch.ones(n))
         stored = evaluator.store.get_many([key]).get(key)
         if stored is not None:
-            values = torch.as_tensor(stored[0]).reshape(-1).float().cpu()
+            values = torch.tensor(np.asarray(stored[0], dtype=np.float32)).reshape(-1)
         else:
             values = game.evaluate(torch.ones(1, n)).values[0].detach().float().cpu()
         return values if self.value_fn.kind == "prob" else values.exp()

@@ -730,6 +730,7 @@ def test_inspect_forward_sees_what_stock_captum_shows_it(model, chat):
     }
 
 
+@pytest.mark.filterwarnings("ignore:Lime fits")  # two samples: its values are not read here
 @pytest.mark.parametrize(
     "method, kwargs",
     [(FeatureAblation, {}), (Lime, {"n_samples": 2}), (BayesianShapley, {"budget": 8})],
