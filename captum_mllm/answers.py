@@ -166,6 +166,17 @@ def resolve_response(
     return response, calls
 
 
+def answer_probs(adapter: ModelAdapter, inp: ChatInput, response: Response) -> Tensor:
+    """Each answer token's probability under the whole input, ``(T,)`` (one
+    scoring forward): a gradient or attention result's ``output_probs``, as the
+    perturbation methods read theirs from the full coalition."""
+    if len(response) == 0:
+        return torch.zeros(0)
+    with torch.no_grad():
+        log_probs = adapter.score_masked(inp.to_model_input(), response)
+    return log_probs[0].detach().float().exp().cpu()
+
+
 def _check_positions(adapter: ModelAdapter, n_prompt: int, n_answer: int) -> None:
     """Refuse a chat and answer longer than a learned position table (past it,
     GPT-2's forward raised a bare IndexError)."""

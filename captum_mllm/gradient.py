@@ -35,7 +35,12 @@ from captum.attr._utils.interpretable_input import InterpretableInput
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from captum_mllm.answers import answered_input, require_same_model, resolve_response
+from captum_mllm.answers import (
+    answer_probs,
+    answered_input,
+    require_same_model,
+    resolve_response,
+)
 from captum_mllm.attribution import chat_fields
 from captum_mllm.captum_compat import (
     DEFAULT_GEN_ARGS,
@@ -273,10 +278,12 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 # what the warning weighs: a miss beyond 5% of the change, and 0.01 nats
                 misses.append(abs(float(delta.sum())) - COMPLETENESS_WARNING * abs(span))
             rows.append(self._per_feature(out.detach()[0], owner, inp.n_itp_features))
+        probs = answer_probs(self.adapter, inp, response)
         res = token_result(
             inp,
             response,
             torch.stack(rows).float(),
+            probs,
             provenance={
                 "adapter": type(self.adapter).__name__,
                 "method": (
@@ -488,13 +495,14 @@ class AttentionAttribution:
             inp,
             response,
             token_attr,
+            answer_probs(self.adapter, inp, response),
             provenance={
                 "adapter": type(self.adapter).__name__,
                 "method": f"AttentionAttribution({self.aggregate})",
                 "layers": self.layers,
                 "heads": self.heads,
             },
-            n_model_calls=1,
+            n_model_calls=2,  # the attention weights', and the answer's probabilities
             start=start,
         )
 
@@ -508,11 +516,13 @@ def token_result(
     inp: ChatInput,
     response: Response,
     token_attr: Tensor,
+    output_probs: Tensor,
     provenance: dict[str, Any],
     n_model_calls: int,
     start: float,
 ) -> MultimodalLLMAttributionResult:
-    """A result of per-output-token attributions ``(T, n_features)`` on a chat."""
+    """A result of per-output-token attributions ``(T, n_features)`` on a chat,
+    with each answer token's probability under the whole input ``(T,)``."""
     provenance = {**provenance, "input_settings": inp.settings()}
     return MultimodalLLMAttributionResult(
         **chat_fields(inp),
@@ -520,6 +530,7 @@ def token_result(
         token_attr=token_attr,
         input_tokens=list(inp.values),
         output_tokens=list(response.labels),
+        output_probs=output_probs,
         target_ids=response.ids,
         response_text=response.text,
         output_audio=response.audio,

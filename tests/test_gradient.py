@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -396,3 +397,28 @@ def test_one_gradient_attribution_called_from_several_threads(llama):
         for i in range(len(chats)):
             assert not isinstance(together[i], Exception), together[i]
             assert torch.equal(together[i], alone[i])
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_gradient_and_attention_results_carry_the_answers_probabilities(llama, speech):
+    """``output_probs`` as the perturbation methods give it (checked against
+    stock Captum's scoring there), at the cost of one more forward."""
+    from captum.attr import FeatureAblation
+
+    from captum_mllm import MultimodalLLMAttribution
+
+    if speech:
+        model = LFM2AudioAdapter(*tiny_lfm2_audio())
+        chat = Chat().user("What is it?", audio=speech_like(1.0, seed=0), sample_rate=16000)
+    else:
+        model, chat = llama, Chat().system("Be brief.").user("Who are you, my friend?")
+    inp = ChatInput(chat, model)
+    want = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target=TARGET)
+    gradient = MultimodalLLMGradientAttribution(Saliency(model), model)
+    for method in (gradient, AttentionAttribution(model)):
+        calls = model.thread_forward_calls()
+        with warnings.catch_warnings():  # LFM2's conv layers mix positions without attention
+            warnings.simplefilter("ignore")
+            res = method.attribute(inp, target=TARGET)
+        torch.testing.assert_close(res.output_probs, want.output_probs, rtol=1e-4, atol=1e-7)
+        assert res.n_model_calls == model.thread_forward_calls() - calls  # that one counted
