@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from captum_mllm.chat import REQUEST_KEYS, Chat, request_template_kwargs
+from captum_mllm.coalitions import SQLiteStore
 from captum_mllm.errors import InvalidOptionError
 from captum_mllm.fingerprint import fix_digest
 from captum_mllm.inputs import ChatInput
@@ -127,19 +128,22 @@ class ChatExplainer:
         return {k: v for k, v in self.attribute_kwargs.items() if k != "gen_args"}
 
     def evaluate_shard(self, chat: Any, store: str, shard: tuple[int, int], seed: int = 0) -> int:
-        """Evaluate one shard of a chat's coalitions into ``store``; returns how
-        many. ``seed`` seeds torch's generator for the call."""
+        """Evaluate one shard of a chat's coalitions into its own file beside
+        ``store`` (:func:`shard_file`); returns how many. ``seed`` seeds
+        torch's generator for the call."""
 
         with self._input(chat) as inp, _seeded(seed):
             res = self._attribution().attribute(
-                inp, store=store, shard=shard, **self._attribute_kwargs(inp)
+                inp, store=shard_file(store, shard), shard=shard, **self._attribute_kwargs(inp)
             )
         return int(res.n_unique_coalitions)
 
-    def combine(self, chat: Any, store: str, seed: int = 0) -> Any:
-        """The explanation read from a filled store (evaluates what is missing);
-        ``seed`` seeds torch's generator for the call."""
-
+    def combine(self, chat: Any, store: str, seed: int = 0, num_shards: int = 0) -> Any:
+        """The explanation read from ``store`` (evaluates what is missing), once
+        the files of its ``num_shards`` shards are merged into it; ``seed``
+        seeds torch's generator for the call."""
+        files = [shard_file(store, (i, num_shards)) for i in range(num_shards)]
+        SQLiteStore.merged(store, [f for f in files if f.is_file()])
         with self._input(chat) as inp, _seeded(seed):
             return self._attribution().attribute(inp, store=store, **self._attribute_kwargs(inp))
 
@@ -147,6 +151,15 @@ class ChatExplainer:
         import os
 
         return os.getpid()
+
+
+def shard_file(store: str | Path, shard: tuple[int, int]) -> Path:
+    """The file one shard of ``store``'s explanation is evaluated into
+    (``run.sqlite`` -> ``run.shard1of4.sqlite``): each is written by one
+    worker, as SQLite's WAL needs (it does not support writers of one file on
+    several machines, as workers on a cluster's network filesystem were)."""
+    path, (index, count) = Path(store), shard
+    return path.with_name(f"{path.stem}.shard{index + 1}of{count}{path.suffix}")
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import hashlib
 import json
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,43 @@ class SQLiteStore(CoalitionStore):
 
     def close(self) -> None:
         self.db.close()
+
+    @classmethod
+    def merged(cls, path: str | PathLike[str], sources: Sequence[str | PathLike[str]]) -> int:
+        """Copy the coalitions (and first draws) of other store files of one
+        explanation into ``path`` (created with their fingerprint when missing);
+        returns the coalitions it then holds. How :func:`explain_sharded`'s
+        shards, each written by one worker into a file of its own, become one
+        store: SQLite's WAL needs every writer of a file on one machine.
+
+        Raises:
+            StoreMismatchError: the files hold different explanations.
+        """
+        prints = {}
+        for source in sources:
+            with contextlib.closing(sqlite3.connect(source)) as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+            prints[str(source)] = json.loads(row[0])
+        if any(p != next(iter(prints.values())) for p in prints.values()):
+            raise StoreMismatchError(f"{sorted(prints)} hold different explanations")
+        store = cls(path, next(iter(prints.values())))  # checks a file already there
+        try:
+            for source in prints:
+                store.db.execute("ATTACH DATABASE ? AS source", (source,))
+                try:
+                    with store.db:
+                        store.db.execute(
+                            "INSERT OR IGNORE INTO coalitions SELECT * FROM source.coalitions"
+                        )
+                        store.db.execute(  # what each sampler drew first: alike in every shard
+                            "INSERT OR IGNORE INTO meta SELECT * FROM source.meta "
+                            "WHERE key LIKE 'first:%'"
+                        )
+                finally:
+                    store.db.execute("DETACH DATABASE source")
+            return len(store)
+        finally:
+            store.close()
 
 
 def _json_or_none(said: Any) -> str | None:

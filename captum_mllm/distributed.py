@@ -464,10 +464,13 @@ def explain_sharded(
     """One explanation whose coalitions are evaluated by several workers.
 
     The method's coalitions are split into ``num_shards`` shards by a stable
-    hash; each worker evaluates its shard into the shared SQLite ``store``
-    (the store is the unit of work); then one worker runs the explanation
-    again over the filled store, which evaluates nothing more, so the result
-    equals one process's exactly. The method must choose its coalitions
+    hash; each worker evaluates its shard into a SQLite file of its own beside
+    ``store`` (``run.sqlite`` -> ``run.shard1of4.sqlite``: SQLite's WAL needs
+    each file's writers on one machine, which a file shared by workers on
+    several machines of a network filesystem is not); then one worker merges
+    them into ``store`` and runs the explanation over it, which evaluates
+    nothing more, so the result equals one process's exactly. A rerun resumes
+    each shard from its file. The method must choose its coalitions
     without looking at their values (not ``target_stderr``). Samplers draw
     alike in every worker: the store keeps the first draw (ours without
     ``seed=``: its seed; Captum's: torch's generator state), and every worker
@@ -479,7 +482,7 @@ def explain_sharded(
         chat: a ``Chat`` or a Hugging Face message list.
         model_factory, method_factory, input_kwargs, attribute_kwargs,
         target_factory, address, resources_per_worker: as :func:`explain_dataset`.
-        store (str or Path): the shared SQLite file.
+        store (str or Path): the SQLite file the shards' files are merged into.
         num_shards (int, optional): workers (one shard each); those the cluster has
             no room for start as others finish. Default: 2
         use_ray (bool, optional): False evaluates the shards in turn in-process. Default: None
@@ -505,7 +508,7 @@ def explain_sharded(
         worker = ChatExplainer(*args)
         for shard in shards:
             worker.evaluate_shard(chat, str(store), shard, seed)
-        return worker.combine(chat, str(store), seed)
+        return worker.combine(chat, str(store), seed, num_shards)
     return shards_on_ray(
         ray, args, chat, str(store), shards, seed, max_retries, resources_per_worker, address
     )

@@ -196,7 +196,7 @@ def shards_on_ray(
             try:
                 ray.get(done)  # a shard's error, raised here
                 if not running:  # the last one combines the shards
-                    return ray.get(actors[shard].combine.remote(chat, store, seed))
+                    return ray.get(actors[shard].combine.remote(chat, store, seed, len(shards)))
             except ray.exceptions.RayTaskError as exc:
                 raise _worker_error(exc) from None
             except ray.exceptions.RayActorError:

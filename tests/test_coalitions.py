@@ -155,6 +155,17 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
         attr.attribute(ChatInput(chat, model), target="Something else.", store=store)
     with pytest.raises(StoreMismatchError, match="chat"):
         attr.attribute(ChatInput(chat.user("More."), model), target=TARGET, store=store)
+    # Shards' files merge into one store of their explanation only
+    other = tmp_path / "other.sqlite"
+    attr.attribute(ChatInput(chat, model), target="Something else.", store=other)
+    with pytest.raises(StoreMismatchError, match="hold different explanations"):
+        SQLiteStore.merged(tmp_path / "merged.sqlite", [store, other])
+    with pytest.raises(StoreMismatchError, match="target"):
+        SQLiteStore.merged(store, [other])
+    rows = sqlite3.connect(store).execute("SELECT COUNT(*) FROM coalitions").fetchone()[0]
+    assert SQLiteStore.merged(tmp_path / "merged.sqlite", [store, store]) == rows > 0
+    res = attr.attribute(ChatInput(chat, model), target=TARGET, store=tmp_path / "merged.sqlite")
+    assert res.n_unique_coalitions == 0  # the merged copy is the store of that explanation
     # Another chat template in the tokenizer, with the same number of tokens.
     retemplated = copy.deepcopy(model.tokenizer)
     retemplated.chat_template = retemplated.chat_template.replace(

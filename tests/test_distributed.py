@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -273,6 +274,9 @@ def test_sharding_one_explanation_over_two_actors(tmp_path, local_ray):
         store=tmp_path / "shared.sqlite", num_shards=2, resources_per_worker={"num_cpus": 1},
     )  # fmt: skip
     assert res.n_unique_coalitions == 0  # every coalition came from the shards' store
+    shards = [_keys(tmp_path / f"shared.shard{i}of2.sqlite") for i in (1, 2)]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]  # each worker its own file
+    assert shards[0] | shards[1] == _keys(tmp_path / "shared.sqlite")
     model = factory()
     inp = ChatInput(chat, model)
     alone = MultimodalLLMAttribution(ExactShapleyValues(model), model).attribute(
@@ -678,6 +682,14 @@ def test_a_request_names_factories_by_what_they_load():
     }
 
 
+def _keys(store) -> set[bytes]:
+    """The coalitions a store file holds."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        return {bytes(k) for (k,) in db.execute("SELECT key FROM coalitions")}
+
+
 def test_sharding_in_process_and_its_refusals(tmp_path):
     chat = Chat().user("Who are you, my friend?")
     # Ray's settings without Ray went unread
@@ -706,6 +718,11 @@ def test_sharding_in_process_and_its_refusals(tmp_path):
         chat, factory, LeverageKernelShap, {}, {"budget": 20, "seed": 1},
         store=tmp_path / "s.sqlite", num_shards=3, use_ray=False,
     )  # fmt: skip
+    # Each shard in a file of its own (SQLite's WAL needs a file's writers on one
+    # machine: a file shared by a cluster's nodes is not), all merged into the store
+    shards = [_keys(tmp_path / f"s.shard{i}of3.sqlite") for i in (1, 2, 3)]
+    assert all(shards) and sum(map(len, shards)) == len(set().union(*shards))  # disjoint
+    assert set().union(*shards) == _keys(tmp_path / "s.sqlite")
     model = factory()
     alone = MultimodalLLMAttribution(LeverageKernelShap(model), model).attribute(
         ChatInput(chat, model), budget=20, seed=1
