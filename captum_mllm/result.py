@@ -7,6 +7,7 @@ import json
 import math
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from os import PathLike
@@ -320,8 +321,15 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             )
         data, arrays = self.to_dict(embed_audio)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path.with_suffix(".npz"), **arrays)  # type: ignore[arg-type]
-        path.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        # Each file written whole under another name, then renamed: a process
+        # killed while saving (a data set's worker) left a cut .npz beside an
+        # earlier JSON. The JSON goes last: it names the request a rerun checks.
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(partial, path.with_suffix(".npz"))
+        partial.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(partial, path)
         return path
 
     @classmethod
@@ -355,7 +363,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         try:
             with np.load(path.with_suffix(".npz"), allow_pickle=False) as npz:
                 arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # missing or cut
             raise ResultFormatError(f"cannot read a saved result from {path}: {exc}") from exc
         saved = data.get("versions", {}).get("captum-mllm")
         if saved != _versions()["captum-mllm"]:

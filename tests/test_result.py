@@ -202,6 +202,36 @@ def test_unreadable_or_foreign_results_raise(tmp_path, model, chat):
         MultimodalLLMAttributionResult.load(other)
 
 
+def test_a_save_cut_short_leaves_the_earlier_result_and_a_cut_npz_is_named(
+    tmp_path, model, chat, monkeypatch
+):
+    """A data set's worker killed while saving left a cut .npz beside the
+    earlier JSON, whose load raised zipfile's BadZipFile (a rerun stopped on it
+    rather than explaining the chat again)."""
+    import numpy as np
+
+    res = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(
+        ChatInput(chat, model), target="Paris."
+    )
+    saved = res.save(tmp_path / "r.json")
+    arrays = saved.with_suffix(".npz")
+    whole = arrays.read_bytes()
+
+    def killed(file, **arrays):  # half the arrays written, then the process ends
+        file.write(whole[: len(whole) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        res.normalized().save(saved)
+    monkeypatch.undo()
+    back = MultimodalLLMAttributionResult.load(saved)  # the earlier result, whole
+    torch.testing.assert_close(back.seq_attr, res.seq_attr)
+    arrays.write_bytes(whole[: len(whole) // 2])  # cut by other means
+    with pytest.raises(ResultFormatError, match="cannot read a saved result"):
+        MultimodalLLMAttributionResult.load(saved)
+
+
 def test_a_folder_is_read_as_the_result_it_holds(tmp_path, model, chat):
     """The folder `captum-mllm explain` writes (or a chat's of explain_dataset)
     raised "[Errno 21] Is a directory"."""
