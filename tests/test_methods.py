@@ -145,6 +145,12 @@ def test_exact_values_show_their_progress_and_a_costly_tree_warns(capsys):
     ExactShapleyValues(lambda x: x.sum(1)).attribute(torch.ones(1, 14), show_progress=True)
     err = capsys.readouterr().err
     assert "8192/16384" in err and "16384/16384" in err
+    # each state drawn once, the last again as the bar closes (a log held each twice)
+    PairedPermutationSampling(lambda x: x.sum(1)).attribute(
+        torch.ones(1, 4), budget=40, show_progress=True, seed=0
+    )
+    states = capsys.readouterr().err.split("\r")
+    assert sum("16/16" in state for state in states) == 2, states  # 3 before
     # Every 8 forwards (from 512 coalitions): 8,192 at a time sat at 0 for
     # minutes on a CPU's 64 a forward (SmolLM2 evaluates about 50 a second).
     for ppe, moves in [(64, "512/2048"), (256, "2048/4096"), (4096, "8192/16384")]:

@@ -435,8 +435,8 @@ class _progress:
         if self.bar is None:
             return
         self.bar.n = min(game.n_requested, self.bar.total or game.n_requested)
-        if stderr is not None and np.isfinite(stderr).all():
-            self.bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}")
+        if stderr is not None and np.isfinite(stderr).all():  # shown by the refresh below
+            self.bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}", refresh=False)
         self.bar.refresh()
 
 
