@@ -179,8 +179,13 @@ class SQLiteStore(CoalitionStore):
         """
         prints = {}
         for source in sources:
-            with contextlib.closing(sqlite3.connect(source)) as db:
-                row = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+            try:
+                with contextlib.closing(sqlite3.connect(source)) as db:
+                    row = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+            except sqlite3.DatabaseError as exc:  # another kind of file
+                raise StoreMismatchError(f"{source} cannot be a coalition store ({exc})") from None
+            if row is None:
+                raise StoreMismatchError(f"{source} holds no explanation")
             prints[str(source)] = json.loads(row[0])
         if any(p != next(iter(prints.values())) for p in prints.values()):
             raise StoreMismatchError(f"{sorted(prints)} hold different explanations")

@@ -40,8 +40,10 @@ from captum_mllm.chat_explainer import (
     MethodFactory,
     ModelFactory,
     chat_of,
+    shard_file,
     summary_row,
 )
+from captum_mllm.coalitions import SQLiteStore
 from captum_mllm.errors import (
     InconsistentVersionWarning,
     InvalidOptionError,
@@ -470,7 +472,8 @@ def explain_sharded(
     several machines of a network filesystem is not); then one worker merges
     them into ``store`` and runs the explanation over it, which evaluates
     nothing more, so the result equals one process's exactly. A rerun resumes
-    each shard from its file. The method must choose its coalitions
+    each shard from its file (a new shard file, of another ``num_shards``, from
+    ``store``). The method must choose its coalitions
     without looking at their values (not ``target_stderr``). Samplers draw
     alike in every worker: the store keeps the first draw (ours without
     ``seed=``: its seed; Captum's: torch's generator state), and every worker
@@ -504,6 +507,9 @@ def explain_sharded(
     _check_ray_settings(use_ray, address=address, resources_per_worker=resources_per_worker)
     ray = None if use_ray is False else start_ray(address, num_shards, resources_per_worker)
     shards = [(i, num_shards) for i in range(num_shards)]
+    for shard in shards:  # here, on one machine: a new shard file starts from the store
+        if Path(store).is_file() and not shard_file(store, shard).is_file():
+            SQLiteStore.merged(shard_file(store, shard), [store])  # (another num_shards before)
     if ray is None:
         worker = ChatExplainer(*args)
         for shard in shards:

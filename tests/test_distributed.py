@@ -26,7 +26,7 @@ from captum_mllm import (
     MultimodalLLMAttributionResult,
     ray_pool,
 )
-from captum_mllm.chat_explainer import REPORT, RESULT, STORE
+from captum_mllm.chat_explainer import REPORT, RESULT, STORE, ChatExplainer
 from captum_mllm.distributed import explain_dataset, explain_sharded
 from captum_mllm.errors import InvalidOptionError, StoreMismatchError
 from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap, PairedPermutationSampling
@@ -690,7 +690,7 @@ def _keys(store) -> set[bytes]:
         return {bytes(k) for (k,) in db.execute("SELECT key FROM coalitions")}
 
 
-def test_sharding_in_process_and_its_refusals(tmp_path):
+def test_sharding_in_process_and_its_refusals(tmp_path, monkeypatch):
     chat = Chat().user("Who are you, my friend?")
     # Ray's settings without Ray went unread
     with pytest.raises(InvalidOptionError, match="address are Ray's settings"):
@@ -723,6 +723,25 @@ def test_sharding_in_process_and_its_refusals(tmp_path):
     shards = [_keys(tmp_path / f"s.shard{i}of3.sqlite") for i in (1, 2, 3)]
     assert all(shards) and sum(map(len, shards)) == len(set().union(*shards))  # disjoint
     assert set().union(*shards) == _keys(tmp_path / "s.sqlite")
+    # Another number of shards (or a store from before shard files) starts from the store
+    evaluated = []
+    evaluate_shard = ChatExplainer.evaluate_shard
+
+    def counted(*args):
+        evaluated.append(evaluate_shard(*args))
+        return evaluated[-1]
+
+    monkeypatch.setattr(ChatExplainer, "evaluate_shard", counted)
+    again = explain_sharded(
+        chat, factory, LeverageKernelShap, {}, {"budget": 20, "seed": 1},
+        store=tmp_path / "s.sqlite", num_shards=2, use_ray=False,
+    )  # fmt: skip
+    assert evaluated == [0, 0] and again.n_unique_coalitions == 0
+    torch.testing.assert_close(again.seq_attr, res.seq_attr)
+    (tmp_path / "t.sqlite").write_text("not a store")
+    with pytest.raises(StoreMismatchError, match="t.sqlite cannot be a coalition store"):
+        explain_sharded(chat, factory, LeverageKernelShap, store=tmp_path / "t.sqlite",
+                        use_ray=False)  # fmt: skip
     model = factory()
     alone = MultimodalLLMAttribution(LeverageKernelShap(model), model).attribute(
         ChatInput(chat, model), budget=20, seed=1
