@@ -143,7 +143,8 @@ class ChatExplainer:
         the files of its ``num_shards`` shards are merged into it; ``seed``
         seeds torch's generator for the call."""
         files = [shard_file(store, (i, num_shards)) for i in range(num_shards)]
-        SQLiteStore.merged(store, [f for f in files if f.is_file()])
+        if any(f.is_file() for f in files):
+            SQLiteStore.merged(store, [f for f in files if f.is_file()])
         with self._input(chat) as inp, _seeded(seed):
             return self._attribution().attribute(inp, store=store, **self._attribute_kwargs(inp))
 

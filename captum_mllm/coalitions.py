@@ -27,7 +27,12 @@ import torch
 from torch import Tensor
 
 from captum_mllm.encoding import coalition_keys
-from captum_mllm.errors import OutOfMemoryError, StoreMismatchError, warn_caller
+from captum_mllm.errors import (
+    InvalidOptionError,
+    OutOfMemoryError,
+    StoreMismatchError,
+    warn_caller,
+)
 from captum_mllm.targets import TargetValues
 
 # A stored evaluation: the coalition's value row and what the model said, if anything.
@@ -176,7 +181,10 @@ class SQLiteStore(CoalitionStore):
 
         Raises:
             StoreMismatchError: the files hold different explanations.
+            InvalidOptionError: no file is given.
         """
+        if not sources:
+            raise InvalidOptionError("merged needs at least one store file to copy from")
         prints = {}
         for source in sources:
             try:

@@ -162,6 +162,8 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
         SQLiteStore.merged(tmp_path / "merged.sqlite", [store, other])
     with pytest.raises(StoreMismatchError, match="target"):
         SQLiteStore.merged(store, [other])
+    with pytest.raises(InvalidOptionError, match="at least one store file"):
+        SQLiteStore.merged(store, [])
     rows = sqlite3.connect(store).execute("SELECT COUNT(*) FROM coalitions").fetchone()[0]
     assert SQLiteStore.merged(tmp_path / "merged.sqlite", [store, store]) == rows > 0
     res = attr.attribute(ChatInput(chat, model), target=TARGET, store=tmp_path / "merged.sqlite")
