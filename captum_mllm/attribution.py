@@ -298,9 +298,12 @@ class MultimodalLLMAttribution(LLMAttribution):
                 the others count as 0, so the returned attributions are not the
                 explanation. Once every shard has run, a call with the same
                 store and no ``shard`` evaluates nothing and returns it exactly
-                (see :func:`captum_mllm.distributed.explain_sharded`). The
-                method must choose its coalitions without looking at values
-                (no ``target_stderr``). Default: None
+                (see :func:`captum_mllm.distributed.explain_sharded`). Shards
+                run on several machines need a store file each (SQLite's WAL
+                needs a file's writers on one machine), joined by
+                :meth:`~captum_mllm.SQLiteStore.merged`. The method must choose
+                its coalitions without looking at values (no
+                ``target_stderr``). Default: None
             **kwargs: passed to the method's ``attribute`` (``n_samples``,
                 ``perturbations_per_eval``, ``show_progress``, ...). Unlike
                 Captum's 1, ``perturbations_per_eval`` defaults to 64 coalitions
