@@ -174,7 +174,7 @@ def answer_probs(adapter: ModelAdapter, inp: ChatInput, response: Response) -> T
         return torch.zeros(0)
     with torch.no_grad():
         log_probs = adapter.score_masked(inp.to_model_input(), response)
-    return log_probs[0].detach().float().exp().cpu()
+    return log_probs[0].float().exp().cpu()
 
 
 def _check_positions(adapter: ModelAdapter, n_prompt: int, n_answer: int) -> None:

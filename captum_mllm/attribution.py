@@ -479,7 +479,11 @@ class MultimodalLLMAttribution(LLMAttribution):
                 "overflow? load the model in bfloat16 or float32)"
             )
         stderr = self._mean_stderr(errors) if ours else None
-        if probs is not None and getattr(self.value_fn, "kind", None) == "prob":
+        if (
+            isinstance(self.value_fn, LogProbTarget)
+            and self.value_fn.kind == "prob"
+            and probs is not None
+        ):
             _warn_on_underflow(float(probs[0]), len(response))  # log-probs do not underflow
 
         per_token = game.columns == "tokens" and self.include_per_token_attr
