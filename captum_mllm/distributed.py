@@ -446,7 +446,6 @@ def _done_row(name: str, result: Path, request: str) -> dict[str, Any] | None:
     return summary_row(name, saved, skipped=True)
 
 
-#: Ray's names of the resources an actor asks for.
 def explain_sharded(
     chat: Any,
     model_factory: ModelFactory,

@@ -32,6 +32,7 @@ def start_ray(
     return ray
 
 
+#: Ray's names of the resources an actor asks for.
 _RESOURCE_NAMES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
 
 
