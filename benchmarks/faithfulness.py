@@ -52,7 +52,8 @@ from captum_mllm import (
     MultimodalLLMAttribution,
     load_default_model,
 )
-from captum_mllm.gradient import AttentionAttribution, MultimodalLLMGradientAttribution
+from captum_mllm.attention import AttentionAttribution
+from captum_mllm.gradient import MultimodalLLMGradientAttribution
 from captum_mllm.methods import (
     BayesianShapley,
     ExactShapleyValues,

@@ -17,6 +17,8 @@ except PackageNotFoundError:  # a source tree on sys.path, never installed
     __version__ = "0+unknown"
 
 if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr__
+    from captum_mllm.agreement import compare
+    from captum_mllm.attention import AttentionAttribution
     from captum_mllm.attribution import MultimodalLLMAttribution
     from captum_mllm.chat import AudioPart, Chat, TextPart, Turn
     from captum_mllm.coalitions import (
@@ -27,11 +29,7 @@ if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr
     )
     from captum_mllm.distributed import dataset_attributions, explain_dataset, explain_sharded
     from captum_mllm.encoding import EncodedChat, MaskedChat
-    from captum_mllm.gradient import (
-        AttentionAttribution,
-        MultimodalLLMGradientAttribution,
-        compare,
-    )
+    from captum_mllm.gradient import MultimodalLLMGradientAttribution
     from captum_mllm.heap import release_heap, retained_heap
     from captum_mllm.inputs import ChatInput, FeatureInfo
     from captum_mllm.models import (
@@ -46,12 +44,14 @@ if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr
 
 #: The module of captum_mllm that holds each public name (as the imports above).
 _NAMES = {
+    "agreement": ("compare",),
+    "attention": ("AttentionAttribution",),
     "attribution": ("MultimodalLLMAttribution",),
     "chat": ("AudioPart", "Chat", "TextPart", "Turn"),
     "coalitions": ("CoalitionEvaluator", "CoalitionStore", "MemoryStore", "SQLiteStore"),
     "distributed": ("dataset_attributions", "explain_dataset", "explain_sharded"),
     "encoding": ("EncodedChat", "MaskedChat"),
-    "gradient": ("AttentionAttribution", "MultimodalLLMGradientAttribution", "compare"),
+    "gradient": ("MultimodalLLMGradientAttribution",),
     "heap": ("release_heap", "retained_heap"),
     "inputs": ("ChatInput", "FeatureInfo"),
     "models": (

@@ -1,7 +1,7 @@
-"""Gradient and attention attributions on the same multimodal features.
+"""Gradient attributions on the same multimodal features.
 
 Shapley values need many model calls; gradients need one or two passes per
-output token, attention one forward. Both give a
+output token (attention, :mod:`captum_mllm.attention`, one forward). Both give a
 :class:`~captum_mllm.result.MultimodalLLMAttributionResult` over the same
 features (words, tokens, audio spans, turns) as the perturbation methods, so
 plots, reports, save/load and :func:`captum_mllm.compare` work unchanged.
@@ -13,12 +13,11 @@ import functools
 import inspect
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from copy import copy
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from captum.attr import (
     GradientShap,
@@ -32,7 +31,6 @@ from captum.attr import (
     Saliency,
 )
 from captum.attr._utils.interpretable_input import InterpretableInput
-from scipy.stats import spearmanr
 from torch import Tensor, nn
 
 from captum_mllm.answers import (
@@ -61,11 +59,9 @@ from captum_mllm.errors import (
 from captum_mllm.inputs import ChatInput
 from captum_mllm.method_args import is_scalar
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
-from captum_mllm.process_wide import PROCESS_WIDE
 from captum_mllm.result import MultimodalLLMAttributionResult
 
 REDUCTIONS = ("sum", "norm")
-AGGREGATIONS = ("mean", "max", "rollout")
 
 
 class _Embeddings(nn.Identity):
@@ -361,152 +357,6 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         return out.index_add_(0, owner[keep], per_position[keep]).cpu()
 
 
-class AttentionAttribution:
-    """Attention from each answer token to each feature, in one forward.
-
-    The model reads the prompt and the answer with its attention weights
-    returned (eager attention is switched on for the call), and the weights
-    from the position that predicts each answer token to each input position
-    are aggregated over the chosen layers and heads: ``"mean"`` or ``"max"``
-    over them, or ``"rollout"`` (Abnar & Zuidema 2020: heads averaged, the
-    residual added as ``0.5 A + 0.5 I``, rows renormalised, layers multiplied
-    in order). A feature gets the sum over its positions.
-
-    Args:
-        adapter (ModelAdapter): an adapter whose ``attention_inputs`` names a
-            transformers model that returns attention weights (a Hugging Face
-            causal LM; LFM2-Audio's backbone, read from the prompt's embeddings,
-            audio included).
-        aggregate (str, optional): ``"mean"``, ``"max"`` or ``"rollout"``. Default: ``"mean"``
-        layers (list of int, optional): the layers to use, each once, counted
-            among those with attention weights (a hybrid model's state-space
-            or convolution layers have none, and are not seen: it warns);
-            rollout takes them bottom up, in whatever order they are given.
-            Default: all
-        heads (list of int, optional): the heads to use, each once. Default: all
-
-    Examples::
-
-        >>> res = AttentionAttribution(model, aggregate="rollout").attribute(inp)
-    """
-
-    def __init__(
-        self,
-        adapter: ModelAdapter,
-        aggregate: str = "mean",
-        layers: list[int] | None = None,
-        heads: list[int] | None = None,
-    ) -> None:
-        if aggregate not in AGGREGATIONS:
-            raise InvalidOptionError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
-        self.adapter = adapter
-        self.aggregate = aggregate
-        self.layers = layers
-        self.heads = heads
-
-    def attentions(self, inp: ChatInput, response: Response) -> list[Tensor]:
-        """Each layer's ``(heads, W, W)`` attention weights over prompt + answer
-        (layers without weights over every position, such as MiniMax's
-        lightning-attention blocks, are left out, with a warning; the head
-        count may differ by layer)."""
-        module, inputs = self.adapter.attention_inputs(inp.encoded, response)
-        model: Any = module  # a transformers model: its config and attention switch
-        if not hasattr(model, "set_attn_implementation"):
-            raise InvalidModelError(
-                f"{type(self.adapter).__name__} does not return attention weights"
-            )
-        width = len(inp.encoded) + len(response) - 1
-        with PROCESS_WIDE:  # another thread's call on this model would run eager too
-            before = model.config._attn_implementation
-            model.set_attn_implementation("eager")
-            try:
-                with torch.no_grad():
-                    out = model(**inputs, output_attentions=True)
-            finally:
-                model.set_attn_implementation(before)
-            self.adapter.n_forward_calls += 1  # under the lock, as the adapters count theirs
-        every = (width, width)
-        maps = [
-            a[0].float()
-            for a in getattr(out, "attentions", None) or ()
-            if a is not None and a.shape[-2:] == every
-        ]
-        name = type(model).__name__
-        if not maps:  # a state-space model (Mamba) mixes positions without attention
-            raise InvalidModelError(
-                f"{name} returns no attention weights: explain it with a perturbation "
-                "method (MultimodalLLMAttribution) or gradients"
-            )
-        if not self.adapter.is_causal:
-            warn_caller(
-                f"{name} reads later positions: each answer token's attention comes from one "
-                "forward holding the whole answer, not from the forward that predicts it"
-            )
-        config = getattr(model, "config", None)
-        n_layers = getattr(config, "num_hidden_layers", None) or len(maps)
-        other = {  # linear attention is a recurrence (Gated DeltaNet, Mamba 2)
-            kind
-            for kind in getattr(config, "layer_types", None) or ()
-            if not kind.endswith("attention") or kind == "linear_attention"
-        }
-        if len(maps) < n_layers or other:
-            warn_caller(
-                f"{name}'s {', '.join(sorted(other)) or 'other'} layers mix positions "
-                f"without attention weights (those come from {len(maps)} of its "
-                f"{n_layers} layers): attention attributions do not see that mixing"
-            )
-        return maps
-
-    @in_eval_mode
-    def attribute(
-        self,
-        inp: ChatInput,
-        target: str | Tensor | None = None,
-        gen_args: dict[str, Any] | None = None,
-        keep_eos: bool = False,
-    ) -> MultimodalLLMAttributionResult:
-        """Attention attributions ``(T, n_features)`` of each answer token.
-
-        Args:
-            inp (ChatInput): the input.
-            target, gen_args, keep_eos: as :meth:`MultimodalLLMAttribution.attribute`.
-        """
-        if not isinstance(inp, ChatInput):
-            raise UnsupportedInputError("AttentionAttribution takes a ChatInput")
-        start = time.perf_counter()
-        inp = answered_input(inp, target)
-        response, _ = resolve_response(
-            self.adapter, inp, target, gen_args, keep_eos, DEFAULT_GEN_ARGS
-        )
-        att = self.attentions(inp, response)  # each layer's (heads, W, W)
-        if self.layers is not None:
-            att = [att[i] for i in _chosen("layers", self.layers, len(att))]
-        if self.heads is not None:
-            index = _chosen("heads", self.heads, min(len(a) for a in att))
-            att = [a[index] for a in att]
-        n_prompt = len(inp.encoded)
-        per_position = aggregate_attention(att, self.aggregate)  # (W, W)
-        queries = per_position[n_prompt - 1 : n_prompt - 1 + len(response), :n_prompt]
-        owner = inp.feature_of_position
-        keep = owner >= 0
-        token_attr = torch.zeros(len(response), inp.n_itp_features)
-        token_attr.index_add_(1, owner[keep], queries[:, keep].cpu())
-        return token_result(
-            inp,
-            response,
-            token_attr,
-            answer_probs(self.adapter, inp, response),
-            provenance={
-                "adapter": type(self.adapter).__name__,
-                "method": f"AttentionAttribution({self.aggregate})",
-                "layers": self.layers,
-                "heads": self.heads,
-            },
-            n_model_calls=2,  # the attention weights', and the answer's probabilities
-            start=start,
-        )
-
-
 #: Integrated gradients warn when an answer token's attributions miss its
 #: log-probability's change by more than this share of it, plus 0.01 nats.
 COMPLETENESS_WARNING = 0.05
@@ -538,107 +388,3 @@ def token_result(
         n_model_calls=n_model_calls,
         wall_time=time.perf_counter() - start,
     )
-
-
-def _chosen(name: str, chosen: list[int], count: int) -> list[int]:
-    """The layers or heads chosen, as indices below ``count``: sorted and once
-    each (rollout multiplies layers bottom up, and a repeated index would weigh
-    twice in a mean)."""
-    if not chosen or any(not -count <= i < count for i in chosen):
-        raise InvalidOptionError(  # none chosen gave NaN, one too many an IndexError
-            f"{name} must be a non-empty list of indices below {count}, got {chosen!r}"
-        )
-    return sorted({i % count for i in chosen})
-
-
-def aggregate_attention(att: Sequence[Tensor], how: str) -> Tensor:
-    """Each layer's ``(heads, W, W)`` (or a ``(layers, heads, W, W)`` tensor) ->
-    ``(W, W)`` by ``"mean"`` (of each layer's head mean), ``"max"`` or ``"rollout"``."""
-    if how == "mean":
-        return torch.stack([layer.mean(0) for layer in att]).mean(0)
-    if how == "max":
-        return torch.stack([layer.amax(0) for layer in att]).amax(0)
-    eye = torch.eye(att[0].shape[-1], device=att[0].device)
-    rollout = eye
-    for layer in att:
-        a = 0.5 * layer.mean(0) + 0.5 * eye
-        a = a / a.sum(-1, keepdim=True)
-        rollout = a @ rollout
-    return rollout
-
-
-def compare(
-    *results: MultimodalLLMAttributionResult,
-    names: list[str] | None = None,
-    target_token_pos: int | None = None,
-    show: bool = False,
-) -> tuple[pd.DataFrame, Any]:
-    """Rank agreement between explanations of the same features.
-
-    Args:
-        *results: two or more results over the same features (or one list of them).
-        names (list of str, optional): a name per result. Default: each result's method
-        target_token_pos (int, optional): compare that output token's row; None
-            the sequence attributions. Default: None
-        show (bool, optional): show the plot instead of returning it. Default: False
-
-    Returns:
-        tuple: ``(Spearman rank correlation matrix as a DataFrame, (fig, ax) or None)``.
-
-    Examples::
-
-        >>> table, (fig, ax) = compare(shapley_res, ig_res, attention_res)
-    """
-    import matplotlib.pyplot as plt
-
-    if len(results) == 1 and isinstance(results[0], list | tuple):  # compare([a, b])
-        results = tuple(results[0])
-    if len(results) < 2:
-        raise InvalidOptionError("compare needs at least two results")
-    first = results[0]
-    for r in results[1:]:  # equal counts are not enough: rows must pair up feature by feature
-        if list(r.input_tokens) != list(first.input_tokens):
-            raise InvalidOptionError(
-                f"the results explain different features ({first.input_tokens} and "
-                f"{r.input_tokens}); compare explanations of the same ChatInput"
-            )
-        if target_token_pos is not None and list(r.output_tokens) != list(first.output_tokens):
-            raise InvalidOptionError(
-                "the results explain different responses; compare their sequence "
-                "attributions (target_token_pos=None) or explain the same target"
-            )
-    if names is None:  # two runs of one method: "Saliency (1)", "Saliency (2)"
-        methods = [str(r.provenance.get("method", f"result {i}")) for i, r in enumerate(results)]
-        names = [m if methods.count(m) == 1 else f"{m} ({methods[:i].count(m) + 1})"
-                 for i, m in enumerate(methods)]  # fmt: skip
-    if len(names) != len(results):
-        raise InvalidOptionError(f"{len(names)} names for {len(results)} results")
-    if len(set(names)) != len(names):  # the table's rows could not be told apart
-        raise InvalidOptionError(f"names must differ, got {names}")
-    rows = np.stack([r._row(target_token_pos).numpy() for r in results])
-    k = len(results)
-    flat = [bool(np.ptp(row) == 0) for row in rows]  # no ranking: undefined, as in pandas
-    if any(flat):
-        warn_caller(
-            f"{[n for n, f in zip(names, flat, strict=True) if f]} give every feature the "
-            "same attribution: their rank correlations are undefined (NaN)"
-        )
-    matrix = np.ones((k, k))
-    for i in range(k):
-        for j in range(i, k):
-            rho = np.nan if flat[i] or flat[j] else spearmanr(rows[i], rows[j]).statistic
-            matrix[i, j] = matrix[j, i] = 1.0 if i == j and not flat[i] else rho
-    table = pd.DataFrame(matrix, index=names, columns=names)
-    fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.2 * k + 1))
-    image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdYlGn")
-    ax.set_xticks(range(k), names, rotation=45, ha="right")
-    ax.set_yticks(range(k), names)
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image, ax=ax, label="Spearman rank correlation")
-    ax.set_title("Agreement between explanations")
-    if show:
-        plt.show()
-        return table, None
-    return table, (fig, ax)

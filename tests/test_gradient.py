@@ -19,18 +19,15 @@ from captum.attr import (
 from conftest import alone_and_in_threads
 
 from captum_mllm import Chat, ChatInput, LFM2AudioAdapter, MultimodalLLMAttributionResult
+from captum_mllm.agreement import compare
+from captum_mllm.attention import AttentionAttribution, aggregate_attention
 from captum_mllm.errors import (
     InvalidBaselineError,
     InvalidModelError,
     InvalidOptionError,
     UnsupportedInputError,
 )
-from captum_mllm.gradient import (
-    AttentionAttribution,
-    MultimodalLLMGradientAttribution,
-    aggregate_attention,
-    compare,
-)
+from captum_mllm.gradient import MultimodalLLMGradientAttribution
 from captum_mllm.testing import speech_like, tiny_hf_adapter, tiny_lfm2_audio
 
 TARGET = "I am a cat."
