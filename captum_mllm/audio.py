@@ -7,6 +7,7 @@ sample rate.
 from __future__ import annotations
 
 import io
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -48,9 +49,20 @@ def _load_audio_value(audio: Mapping[str, Any], sample_rate: int | None) -> tupl
     )
 
 
+def is_samples(audio: Any) -> bool:
+    """Whether ``audio`` is one waveform as a list of numbers (JSON's, or a
+    feature extractor's input in transformers), not a list of clips."""
+    return (
+        isinstance(audio, list | tuple)
+        and len(audio) > 0
+        and all(isinstance(x, numbers.Real) for x in audio)
+    )
+
+
 def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int, str]:
-    """Read audio from a path, bytes, a numpy array, a tensor or a Hugging Face
-    ``datasets`` Audio value (``{"array", "sampling_rate"}``), as mono float.
+    """Read audio from a path, bytes, a numpy array (or a list of numbers), a
+    tensor or a Hugging Face ``datasets`` Audio value (``{"array",
+    "sampling_rate"}``), as mono float.
 
     Arrays and tensors may be ``(n_samples,)``, ``(channels, n_samples)`` or
     soundfile's ``(n_samples, channels)``: the longer axis is time. Channels
@@ -84,6 +96,8 @@ def load_audio(audio: Any, sample_rate: int | None = None) -> tuple[Tensor, int,
         )
     if isinstance(audio, Mapping):
         return _load_audio_value(audio, sample_rate)
+    if is_samples(audio):
+        audio = np.asarray(audio, dtype=np.float32)
     if isinstance(audio, str | os.PathLike | bytes | bytearray):
         import soundfile as sf
 

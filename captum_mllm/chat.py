@@ -249,7 +249,7 @@ class Chat(Sequence[Turn]):
             text (str, TextPart or a list of them, optional): text part(s); audio goes
                 in ``audio=``.
             audio (path, bytes, array, Tensor, AudioPart or list of them, optional):
-                audio part(s).
+                audio part(s); a list of numbers is one waveform. Default: None
             sample_rate (int, optional): sample rate for array / tensor audio.
             **extra: the message's other keys, for the chat template:
                 ``tool_calls=[...]``, ``tool_call_id=``, ``name=``,
@@ -267,7 +267,10 @@ class Chat(Sequence[Turn]):
             )
         parts: list[Part] = []
         if audio is not None:
-            clips = audio if isinstance(audio, list | tuple) else [audio]
+            from captum_mllm.audio import is_samples
+
+            several = isinstance(audio, list | tuple) and not is_samples(audio)
+            clips = audio if several else [audio]
             parts += [AudioPart.from_any(a, sample_rate) for a in clips]
         if text is not None:
             texts = list(text) if isinstance(text, list | tuple) else [text]

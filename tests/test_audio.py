@@ -75,6 +75,23 @@ def test_stereo_in_either_layout_is_mixed_to_mono():
     assert tensor.shape == (8000,)
 
 
+def test_a_list_of_numbers_is_one_waveform_and_a_list_of_clips_several():
+    """transformers' feature extractors take a list of floats as one waveform
+    (JSON gives no arrays); a list of arrays or paths is several clips."""
+    samples = speech_like(0.3).numpy()
+    whole = Chat().user(audio=samples, sample_rate=16000)[0].parts
+    listed = Chat().user(audio=samples.tolist(), sample_rate=16000)[0].parts
+    assert len(listed) == 1
+    assert torch.equal(listed[0].waveform, whole[0].waveform)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": samples.tolist(),
+                                             "sampling_rate": 16000}]}]  # fmt: skip
+    assert torch.equal(Chat.from_messages(messages)[0].parts[0].waveform, whole[0].waveform)
+    two = Chat().user(audio=[samples, samples[:800]], sample_rate=16000)[0].parts
+    assert [p.waveform.shape[-1] for p in two] == [4800, 800]
+    with pytest.raises(AudioError, match="cannot read audio of type int"):
+        Chat().user(audio=[samples, 5], sample_rate=16000)  # clips, one of them not audio
+
+
 def test_hugging_face_datasets_audio_values_are_read():
     """``datasets``' Audio column gives ``{"array", "sampling_rate", "path"}``
     decoded and ``{"bytes", "path"}`` undecoded; a chat message may hold either."""
