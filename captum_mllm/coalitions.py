@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -187,6 +188,8 @@ class SQLiteStore(CoalitionStore):
             raise InvalidOptionError("merged needs at least one store file to copy from")
         prints = {}
         for source in sources:
+            if not Path(source).is_file():  # connecting would create an empty file there
+                raise StoreMismatchError(f"no store file at {os.path.abspath(source)}")
             try:
                 with contextlib.closing(sqlite3.connect(source)) as db:
                     row = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()

@@ -164,6 +164,9 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
         SQLiteStore.merged(store, [other])
     with pytest.raises(InvalidOptionError, match="at least one store file"):
         SQLiteStore.merged(store, [])
+    with pytest.raises(StoreMismatchError, match="no store file at .*missing.sqlite"):
+        SQLiteStore.merged(store, [store, tmp_path / "missing.sqlite"])  # a typo
+    assert not (tmp_path / "missing.sqlite").exists()
     rows = sqlite3.connect(store).execute("SELECT COUNT(*) FROM coalitions").fetchone()[0]
     assert SQLiteStore.merged(tmp_path / "merged.sqlite", [store, store]) == rows > 0
     res = attr.attribute(ChatInput(chat, model), target=TARGET, store=tmp_path / "merged.sqlite")
