@@ -185,6 +185,14 @@ def chat_of(chat: Any) -> Chat:
     return Chat.from_messages(chat)
 
 
+#: The columns of :func:`~captum_mllm.distributed.explain_dataset`'s summary
+#: (``error`` and ``retries`` where a chat raised or its worker died).
+SUMMARY_COLUMNS = (
+    "chat", "response", "n_features", "top_feature", "n_unique_coalitions",
+    "n_stored_coalitions", "seconds", "skipped", "error", "retries",
+)  # fmt: skip
+
+
 def summary_row(name: str, res: Any, skipped: bool) -> dict[str, Any]:
     """A chat's row of the summary, from its result."""
     top = res.top_features(1)

@@ -36,6 +36,7 @@ from captum_mllm.chat_explainer import (
     CHAT_KEYS,
     REPORT,
     RESULT,
+    SUMMARY_COLUMNS,
     ChatExplainer,
     MethodFactory,
     ModelFactory,
@@ -100,6 +101,34 @@ def _named(chats: Sequence[Any] | Mapping[str, Any] | pd.DataFrame) -> list[tupl
         if name.casefold() in (SUMMARY, INDEX, ATTRIBUTIONS):  # the data set's own files
             raise InvalidOptionError(f"chat name {name!r} names a file explain_dataset writes")
     return items
+
+
+#: Keys of a chat request that set generation (OpenAI's, vLLM's, transformers'):
+#: they warn as not read, never become summary columns.
+GENERATION_KEYS = frozenset(
+    (
+        "model", "temperature", "top_p", "top_k", "min_p", "max_tokens",
+        "max_completion_tokens", "max_new_tokens", "n", "stop", "seed", "do_sample",
+        "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+        "response_format", "tool_choice", "reasoning_effort",
+    )
+)  # fmt: skip
+
+
+def _data_columns(chat: Any) -> dict[str, Any]:
+    """A chat request's other keys that hold plain values (a data set's label,
+    category, source), for its row of the summary; none of the summary's own."""
+    if not isinstance(chat, Mapping):
+        return {}
+    return {
+        k: v
+        for k, v in chat.items()
+        if k not in CHAT_KEYS
+        and k not in GENERATION_KEYS
+        and k not in SUMMARY_COLUMNS
+        and k != "conversations"
+        and (v is None or isinstance(v, str | int | float | bool | np.generic))
+    }
 
 
 def _is_dataset(value: Any) -> bool:
@@ -223,10 +252,13 @@ def explain_dataset(
             ``{"conversations": [...]}``) that may add
             ``"tools"`` (an OpenAI request's) and ``"chat_template_kwargs"``
             (vLLM's) for the chat template, and ``"input_kwargs"``: the chat's
-            own ``ChatInput`` arguments (e.g. its ``transcripts``); other keys
-            warn. A mapping names them, else a request's ``"id"`` (a data
-            set's id column) or its place: ``chat_00000``, ... A data frame
-            (or a ``datasets.Dataset``) gives a request a row, from its columns.
+            own ``ChatInput`` arguments (e.g. its ``transcripts``); its other
+            keys of plain values (a data set's label, category) become columns
+            of the summary, after ``chat``, and the rest warn (generation
+            settings such as ``temperature``, lists, a summary column's name).
+            A mapping names them, else a request's ``"id"`` (a data set's id
+            column) or its place: ``chat_00000``, ... A data frame (or a
+            ``datasets.Dataset``) gives a request a row, from its columns.
         model_factory (callable): ``() -> ModelAdapter``: builds one replica per
             worker (it is sent to the workers, so it must be picklable by
             cloudpickle: a function or lambda, not a loaded model).
@@ -265,7 +297,8 @@ def explain_dataset(
         pandas.DataFrame: one row per chat (name, response, number of features,
         top feature, coalitions evaluated and read from the store, seconds,
         ``"skipped"`` for chats already done: their row is their saved result's,
-        ``"error"`` with ``on_error="record"``).
+        ``"error"`` with ``on_error="record"``), with the data set's own columns
+        after the name.
 
     Examples::
 
@@ -285,12 +318,21 @@ def explain_dataset(
     _check_attribute_kwargs(attribute_kwargs)
     items = _named(chats)
     _check_folders_differ([name for name, _ in items], root)
+    columns = {name: _data_columns(chat) for name, chat in items}
     read = {*CHAT_KEYS, "conversations"}  # the last: ShareGPT's messages
-    unread = {k for _, c in items if isinstance(c, Mapping) for k in c} - read
-    if unread:  # an OpenAI request's model, temperature, max_tokens: not this call's settings
+    unread = {  # an OpenAI request's model, temperature, max_tokens: not this call's settings
+        k
+        for name, c in items
+        if isinstance(c, Mapping)
+        for k in c
+        if k not in read and (k in GENERATION_KEYS or k not in columns[name])
+    }
+    if unread:
         warn_caller(
             f"the chats' keys {sorted(unread)} are not read: a chat given as a mapping holds "
-            f"{', '.join(CHAT_KEYS)}; generation settings go in attribute_kwargs' gen_args"
+            f"{', '.join(CHAT_KEYS)}, and other keys of plain values (a data set's labels) "
+            "become summary.csv columns unless they name one of its own; generation "
+            "settings go in attribute_kwargs' gen_args"
         )
     rows: list[dict[str, Any]] = []
     todo = []
@@ -349,6 +391,8 @@ def explain_dataset(
         )
     order = {name: i for i, (name, _) in enumerate(items)}
     rows.sort(key=lambda row: order[str(row["chat"])])
+    # The data set's own columns (a label, a category) follow the chat's name.
+    rows = [{"chat": row["chat"], **columns[str(row["chat"])], **row} for row in rows]
     table = pd.DataFrame(rows)
     # Counts stay integers beside a failed chat's missing ones (not 6.0 in summary.csv)
     counts = ("n_features", "n_unique_coalitions", "n_stored_coalitions", "retries")
@@ -376,22 +420,26 @@ def dataset_attributions(
             it) every chat folder holding a result, by name
 
     Returns:
-        pandas.DataFrame: ``chat``, ``feature_index``, then the features'
-        columns (``feature``, ``modality``, ``turn``, ``role``, ``start_s``,
-        ``end_s``, ``seq_attr``, and ``seq_attr_stderr`` where sampled). A chat
-        without a result (one that raised) has no rows.
+        pandas.DataFrame: ``chat``, the data set's own columns of its
+        ``summary.csv`` (a label, to group by), ``feature_index``, then the
+        features' columns (``feature``, ``modality``, ``turn``, ``role``,
+        ``start_s``, ``end_s``, ``seq_attr``, and ``seq_attr_stderr`` where
+        sampled). A chat without a result (one that raised) has no rows.
 
     Examples::
 
         >>> table = dataset_attributions("runs/study")
         >>> table.groupby(["chat", "modality"])["seq_attr"].sum().unstack()
+        >>> table.groupby(["label", "feature"])["seq_attr"].mean()  # a labelled data set
     """
     root = Path(store_dir)
-    if chats is None and (root / SUMMARY).is_file():  # "007", "NA": names, not numbers
-        summary = pd.read_csv(root / SUMMARY, dtype={"chat": str}, keep_default_na=False)
+    summary = _read_summary(root / SUMMARY)
+    if chats is None and summary is not None:
         chats = list(summary["chat"])
     elif chats is None:  # a run stopped before its summary: the results it wrote
         chats = sorted(path.parent.name for path in root.glob(f"*/{RESULT}"))
+    own = [] if summary is None else [c for c in summary if c not in SUMMARY_COLUMNS]
+    rows = {} if summary is None else summary.set_index("chat")[own].to_dict("index")
     frames = []
     for name in chats:
         if (root / name / RESULT).is_file():
@@ -399,12 +447,25 @@ def dataset_attributions(
                 warnings.simplefilter("ignore", InconsistentVersionWarning)
                 res = MultimodalLLMAttributionResult.load(root / name / RESULT)
             frame = res.to_dataframe(per_token=False)
-            frame.insert(0, "chat", name)
-            frame.insert(1, "feature_index", range(len(frame)))
+            data = {k: v for k, v in rows.get(name, {}).items() if k not in frame}
+            frame = pd.concat(
+                [pd.DataFrame({"chat": name, **data}, index=frame.index), frame], axis=1
+            )
+            frame.insert(1 + len(data), "feature_index", range(len(frame)))
             frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=["chat", "feature_index", "feature", "seq_attr"])
     return pd.concat(frames, ignore_index=True)
+
+
+def _read_summary(path: Path) -> pd.DataFrame | None:
+    """An ``explain_dataset`` run's ``summary.csv``, its chat names as written
+    ("007", "NA": names, not numbers or missing values); None when missing."""
+    if not path.is_file():
+        return None
+    header = pd.read_csv(path, nrows=0).columns
+    empty = {c: [""] for c in header if c != "chat"}  # a chat without a label: NaN
+    return pd.read_csv(path, dtype={"chat": str}, keep_default_na=False, na_values=empty)
 
 
 def _write_index(root: Path, table: pd.DataFrame) -> None:

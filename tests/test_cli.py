@@ -8,6 +8,7 @@ import warnings
 from importlib.resources import files
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from captum_mllm import MultimodalLLMAttributionResult
@@ -476,7 +477,7 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
     folder.mkdir()
     (folder / "q.wav").write_bytes(Path(QUESTION_WAV).read_bytes())
     (folder / "transcripts.csv").write_text(
-        "file,transcript\nq.wav,what is the capital of france\n"
+        "file,transcript,speaker\nq.wav,what is the capital of france,anna\n"
     )
     methods = (("permutation", "PairedPermutationSampling"), ("bayes", "BayesianShapley"))
     for method, name in methods:
@@ -488,6 +489,8 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
         res = MultimodalLLMAttributionResult.load(tmp_path / method / "q" / "result.json")
         assert any(f.modality == "audio_in" for f in res.features)
         assert res.provenance["method"] == name and res.n_coalitions <= 20
+        summary = pd.read_csv(tmp_path / method / "summary.csv")  # the table's own columns
+        assert summary.loc[0, ["file", "speaker"]].tolist() == ["q.wav", "anna"]
     code, _, err = run(["explain-dataset", tmp_path / "nothing", "--no-ray"], capsys)
     assert code == 2 and "JSONL" in err
 
@@ -502,9 +505,11 @@ def test_explain_dataset_reads_a_json_list_and_a_parquet_file_as_their_jsonl(tmp
 
     tool = {"type": "function", "function": {"name": "add"}}
     rows = [  # the tools first: Arrow's types are the first row's
-        {"id": "sum", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "tools": [tool]},
-        {"id": "sky", "messages": [{"role": "user", "content": "Why is the sky blue?"}]},
-    ]
+        {"id": "sum", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "tools": [tool],
+         "label": "math"},
+        {"id": "sky", "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+         "label": "science"},
+    ]  # fmt: skip
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     expected = read_dataset(tmp_path / "chats.jsonl", False)
     assert list(expected) == ["sum", "sky"] and expected["sum"]["tools"] == [tool]
@@ -521,6 +526,8 @@ def test_explain_dataset_reads_a_json_list_and_a_parquet_file_as_their_jsonl(tmp
     code, _, err = explain_quietly(tmp_path / "chats.parquet", tmp_path / "runs", capsys)
     assert code == 0, err
     assert (tmp_path / "runs" / "sky" / "result.json").is_file()
+    summary = pd.read_csv(tmp_path / "runs" / "summary.csv")  # its label column, kept
+    assert summary["label"].tolist() == ["math", "science"]
     (tmp_path / "clip.jsonl").write_bytes(Path(QUESTION_WAV).read_bytes())
     code, _, err = run(["explain-dataset", tmp_path / "clip.jsonl", "--no-ray"], capsys)
     assert code == 2 and "is not UTF-8 text" in err

@@ -27,7 +27,7 @@ from captum_mllm import (
     ray_pool,
 )
 from captum_mllm.chat_explainer import REPORT, RESULT, STORE, ChatExplainer
-from captum_mllm.distributed import explain_dataset, explain_sharded
+from captum_mllm.distributed import dataset_attributions, explain_dataset, explain_sharded
 from captum_mllm.errors import InvalidOptionError, StoreMismatchError
 from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap, PairedPermutationSampling
 from captum_mllm.testing import tiny_hf_adapter
@@ -156,6 +156,44 @@ def test_a_data_sets_id_column_names_its_chats(tmp_path):
     with pytest.raises(InvalidOptionError, match=r"\['7'\] name several chats"):
         explain_dataset(twice, factory, ExactShapleyValues, {}, {"target": "Yes."},
                         store_dir=tmp_path, use_ray=False, show_progress=False)  # fmt: skip
+
+
+def test_a_data_sets_own_columns_are_kept_in_its_summary(tmp_path):
+    """A labelled data set's label and category were dropped from the summary
+    (and warned as not read): grouping attributions by label needed a join."""
+    rows = pd.DataFrame(
+        [{"id": "sky", "messages": [{"role": "user", "content": QUESTIONS[1]}], "label": "science",
+          "difficulty": 2, "temperature": 0.7, "response": "Air.", "meta": {"by": "me"}},
+         {"id": "cat", "messages": [{"role": "user", "content": QUESTIONS[2]}], "label": "story",
+          "difficulty": None, "temperature": 0.7, "response": "Once.", "meta": {"by": "me"}}]
+    )  # fmt: skip
+    run = functools.partial(
+        explain_dataset, rows, factory, ExactShapleyValues, {}, {"target": "Yes."},
+        store_dir=tmp_path, use_ray=False, show_progress=False,
+    )  # fmt: skip
+    # a generation setting, a list or mapping, and a summary column's name are not kept
+    with pytest.warns(UserWarning, match=r"keys \['meta', 'response', 'temperature'\] are not"):
+        table = run()
+    assert list(table.columns[:3]) == ["chat", "label", "difficulty"]
+    assert table["label"].tolist() == ["science", "story"]
+    assert table["response"].tolist() != ["Air.", "Once."]  # the model's answers
+    saved = pd.read_csv(tmp_path / "summary.csv")
+    assert saved["label"].tolist() == ["science", "story"] and saved["difficulty"][0] == 2
+    features = pd.read_csv(tmp_path / "attributions.csv")  # each feature's row has them too
+    assert list(features.columns[:4]) == ["chat", "label", "difficulty", "feature_index"]
+    by_label = features.groupby("label")["seq_attr"].sum()
+    sky = MultimodalLLMAttributionResult.load(tmp_path / "sky" / RESULT)
+    assert by_label["science"] == pytest.approx(float(sky.seq_attr.sum()), rel=1e-4)
+    again = dataset_attributions(tmp_path)  # the folder read back, as it was written
+    assert again[["chat", "label"]].equals(features[["chat", "label"]])
+    with pytest.warns(UserWarning, match="are not read"):
+        rerun = run()  # skipped chats keep their columns too
+    assert rerun["skipped"].all() and rerun["label"].tolist() == ["science", "story"]
+    plain = explain_dataset(  # chats without columns: the summary as before
+        {"sky": rows["messages"][0]}, factory, ExactShapleyValues, {}, {"target": "Yes."},
+        store_dir=tmp_path, use_ray=False, show_progress=False,
+    )  # fmt: skip
+    assert list(plain.columns[:2]) == ["chat", "response"]
 
 
 def test_a_tables_rows_are_its_chats_as_a_list_of_them_would_be(tmp_path):

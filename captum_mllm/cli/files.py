@@ -40,7 +40,8 @@ def read_dataset(path: Path, transcripts: bool) -> dict[str, Any]:
                 content.append({"type": "text", "text": text})
             own = {"transcripts": str(row["transcript"])} if transcripts else {}
             name = str(row.get("id", Path(file).stem))  # a/x.wav and b/x.wav: both "x"
-            chat = {"messages": [{"role": "user", "content": content}], "input_kwargs": own}
+            chat = {k: v for k, v in row.items() if k not in ("id", "text") and pd.notna(v)}
+            chat.update(messages=[{"role": "user", "content": content}], input_kwargs=own)
             _add(out, name, chat, f"{path / 'transcripts.csv'} row {i + 1}")
         return out
     if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
@@ -115,7 +116,8 @@ def _table_chats(
 ) -> dict[str, Any]:
     """Chats from a table's rows (a ``datasets`` folder, a Parquet file): its
     messages (or ShareGPT's conversations) column, the tools and
-    chat_template_kwargs columns, and an id column naming each."""
+    chat_template_kwargs columns, an id column naming each, and its other
+    columns (a label: ``explain_dataset`` keeps plain values in the summary)."""
     column = next((c for c in ("messages", "conversations") if c in columns), None)
     if column is None:
         raise UsageError(f"{where} has no messages or conversations column (it has {columns})")
@@ -125,7 +127,8 @@ def _table_chats(
     out: dict[str, Any] = {}
     for i, row in enumerate(rows):
         r = table_row(row)
-        chat = {"messages": r[column]}
+        chat = {k: v for k, v in r.items() if k not in (*REQUEST_KEYS, column, "id")}
+        chat["messages"] = r[column]
         chat.update({k: r[k] for k in REQUEST_KEYS if k != "messages" and r.get(k)})
         _add(out, str(r.get("id", f"chat_{i:05d}")), chat, f"{where} row {i}")
     return out
