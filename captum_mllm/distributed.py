@@ -447,7 +447,11 @@ def dataset_attributions(
                 warnings.simplefilter("ignore", InconsistentVersionWarning)
                 res = MultimodalLLMAttributionResult.load(root / name / RESULT)
             frame = res.to_dataframe(per_token=False)
-            data = {k: v for k, v in rows.get(name, {}).items() if k not in frame}
+            data = {  # the feature's own columns win over the data set's
+                k: v
+                for k, v in rows.get(name, {}).items()
+                if k not in frame and k != "feature_index"
+            }
             frame = pd.concat(
                 [pd.DataFrame({"chat": name, **data}, index=frame.index), frame], axis=1
             )

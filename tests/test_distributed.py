@@ -163,7 +163,8 @@ def test_a_data_sets_own_columns_are_kept_in_its_summary(tmp_path):
     (and warned as not read): grouping attributions by label needed a join."""
     rows = pd.DataFrame(
         [{"id": "sky", "messages": [{"role": "user", "content": QUESTIONS[1]}], "label": "science",
-          "difficulty": 2, "temperature": 0.7, "response": "Air.", "meta": {"by": "me"}},
+          "difficulty": 2, "temperature": 0.7, "response": "Air.", "meta": {"by": "me"},
+          "feature_index": 9, "role": "x"},
          {"id": "cat", "messages": [{"role": "user", "content": QUESTIONS[2]}], "label": "story",
           "difficulty": None, "temperature": 0.7, "response": "Once.", "meta": {"by": "me"}}]
     )  # fmt: skip
@@ -181,6 +182,7 @@ def test_a_data_sets_own_columns_are_kept_in_its_summary(tmp_path):
     assert saved["label"].tolist() == ["science", "story"] and saved["difficulty"][0] == 2
     features = pd.read_csv(tmp_path / "attributions.csv")  # each feature's row has them too
     assert list(features.columns[:4]) == ["chat", "label", "difficulty", "feature_index"]
+    assert features["feature_index"][0] == 0 and features["role"][0] == "user"  # theirs win
     by_label = features.groupby("label")["seq_attr"].sum()
     sky = MultimodalLLMAttributionResult.load(tmp_path / "sky" / RESULT)
     assert by_label["science"] == pytest.approx(float(sky.seq_attr.sum()), rel=1e-4)
