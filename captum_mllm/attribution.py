@@ -372,19 +372,12 @@ class MultimodalLLMAttribution(LLMAttribution):
                 "scores no answer token: forward_in_tokens= is for log-probability targets"
             )
         per_step = not self.adapter.is_causal if forward_in_tokens is None else forward_in_tokens
-        response, extra_calls = self._response(inp, target, gen_args, keep_eos)
-        draws = None
-        if captum_compat.draws_baselines(inp):  # ProductBaselines: seeded, per trial
-            if store is not None and num_trials > 1:
-                raise InvalidOptionError(
-                    "a store keeps one value per coalition, and each trial draws the input's "
-                    "baselines anew: give num_trials=1 with store=, or no store"
-                )
-            draws = _Draws(random.getrandbits(62))  # random.seed() makes it repeatable
-        game = self._game(inp, response, per_step, reuse_prefix, draws)
-        if _inspect_forward is not None:
-            evaluate = self._inspected(game, inp, response, _inspect_forward, draws)
-            game = replace(game, evaluate=evaluate)
+        drawn = captum_compat.draws_baselines(inp)  # ProductBaselines: seeded, per trial
+        if drawn and store is not None and num_trials > 1:
+            raise InvalidOptionError(
+                "a store keeps one value per coalition, and each trial draws the input's "
+                "baselines anew: give num_trials=1 with store=, or no store"
+            )
         if shard is not None and not (
             isinstance(shard, tuple | list)
             and len(shard) == 2
@@ -399,6 +392,12 @@ class MultimodalLLMAttribution(LLMAttribution):
                 "shard= needs a store= to fill and a method that does not stop on values "
                 "(no target_stderr)"
             )
+        response, extra_calls = self._response(inp, target, gen_args, keep_eos)
+        draws = _Draws(random.getrandbits(62)) if drawn else None  # random.seed() repeats it
+        game = self._game(inp, response, per_step, reuse_prefix, draws)
+        if _inspect_forward is not None:
+            evaluate = self._inspected(game, inp, response, _inspect_forward, draws)
+            game = replace(game, evaluate=evaluate)
         opened = self._open_store(store, inp, response) if store is not None else None
         if opened is not None:
             kwargs = self._replay_draws(opened, kwargs)

@@ -815,6 +815,10 @@ def test_sharding_in_process_and_its_refusals(tmp_path, monkeypatch):
     assert first.n_stored_coalitions == 0
     assert second.n_stored_coalitions == first.n_unique_coalitions  # the first shard's
     assert first.n_unique_coalitions + second.n_unique_coalitions == 2**inp.n_itp_features
+    calls = model.n_forward_calls
     for shard in ((2, 2), (-1, 2), (0, 0), (0.5, 2)):  # no coalition, or a ZeroDivisionError
         with pytest.raises(InvalidOptionError, match="0 <= index < count"):
             attr.attribute(ChatInput(chat, model), shard=shard, store=tmp_path / "x.sqlite")
+    with pytest.raises(InvalidOptionError, match="store"):
+        attr.attribute(ChatInput(chat, model), shard=(0, 2))
+    assert model.n_forward_calls == calls  # refused before the answer is generated
