@@ -65,7 +65,9 @@ def check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[st
                 f"feature_mask must hold one integer group id >= 0 for each of the {n} "
                 f"features, got {mask.dtype} of shape {tuple(mask.shape)}"
             )
-    if "n_samples" in kwargs and not isinstance(method, ShapleyEstimator):
+    if isinstance(method, ShapleyEstimator):  # before the answer is generated
+        method.check_arguments(None if "feature_mask" in kwargs else n, **kwargs)
+    elif "n_samples" in kwargs:
         require_int("n_samples", kwargs["n_samples"], 1)
     if isinstance(method, KernelShap) and n == 1:  # its size distribution is 0/0 (NaN)
         raise UnsupportedInputError(

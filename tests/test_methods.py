@@ -734,6 +734,19 @@ def test_an_unknown_argument_raises_rather_than_being_ignored(model, chat, metho
     for goal in ("0.1", -1.0, float("nan"), 0):  # deep inside, or never stopped
         with pytest.raises(InvalidOptionError, match="target_stderr"):
             method(lambda z: z.sum(1)).attribute(x, target_stderr=goal)
+    calls = model.n_forward_calls  # through a chat: refused before the answer is generated
+    for bad in ({"seeds": 3}, {"budget": 0}, {"seed": -1}, {"target_stderr": "0.1"}):
+        with pytest.raises((TypeError, InvalidOptionError)):
+            attr.attribute(ChatInput(chat, model), **bad)
+    assert model.n_forward_calls == calls
+
+
+def test_a_tree_without_every_feature_is_refused_before_the_answer_is_generated(model, chat):
+    attr = MultimodalLLMAttribution(HierarchicalShapley(model), model)
+    calls = model.n_forward_calls
+    with pytest.raises(InvalidOptionError, match="each feature index"):
+        attr.attribute(ChatInput(chat, model), tree=[[0, 1]])
+    assert model.n_forward_calls == calls
 
 
 @pytest.mark.parametrize("method", [*SAMPLERS, BayesianShapley, HierarchicalShapley])

@@ -114,6 +114,14 @@ class Plan:
         )
 
 
+#: :meth:`ShapleyEstimator.attribute`'s arguments that :meth:`~ShapleyEstimator.check_arguments`
+#: leaves to it (they need the input).
+_COMMON_ARGUMENTS = frozenset(
+    ("inputs", "baselines", "target", "additional_forward_args", "feature_mask", "show_progress",
+     "return_stderr")
+)  # fmt: skip
+
+
 class ShapleyEstimator(PerturbationAttribution):
     """Base class of captum-mllm's Shapley estimators (see the module docstring).
 
@@ -151,6 +159,58 @@ class ShapleyEstimator(PerturbationAttribution):
     @abstractmethod
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         """Shapley values ``(k, n)`` and their standard errors ``(k, n)``."""
+
+    def check_arguments(
+        self,
+        n_features: int | None = None,
+        budget: Any = None,
+        perturbations_per_eval: Any = 1,
+        target_stderr: Any = None,
+        seed: Any = None,
+        **kwargs: Any,
+    ) -> tuple[int | None, int, int | None]:
+        """Raise on the arguments :meth:`attribute` would refuse, before any
+        coalition is evaluated (:class:`~captum_mllm.MultimodalLLMAttribution`
+        checks them before it generates the answer, seconds on a speech model).
+
+        Args:
+            n_features (int, optional): the features explained, for the checks
+                that need their number (an exact method's budget, a tree).
+                Default: None
+            budget, perturbations_per_eval, target_stderr, seed: as :meth:`attribute`.
+            **kwargs: :meth:`attribute`'s other arguments.
+
+        Returns:
+            tuple: ``(budget, perturbations_per_eval, seed)`` as ints (or None).
+        """
+        unknown = sorted(set(kwargs) - _COMMON_ARGUMENTS - set(self.options))
+        if unknown:  # as Python would, rather than run on defaults the caller did not mean
+            hint = " (the coalitions to evaluate are budget=)" if "n_samples" in unknown else ""
+            raise TypeError(
+                f"{type(self).__name__}.attribute() got unexpected keyword arguments "
+                f"{unknown}{hint}"
+            )
+        if budget is not None:  # a float, str or bool raised deep inside, or ran as 1
+            budget = require_int("budget (a positive number of coalitions)", budget, 1)
+        if target_stderr is not None:  # a str raised deep inside; NaN or <= 0 never stopped
+            require_real("target_stderr", target_stderr, above=0)
+        if n_features is not None:
+            self._check_for(n_features, budget, kwargs)
+        per_eval = require_int("perturbations_per_eval", perturbations_per_eval, 1)
+        return budget, per_eval, None if seed is None else require_int("seed", seed, 0)
+
+    def check_options(self, n_features: int, options: dict[str, Any]) -> None:
+        """Raise on the estimator's own arguments (:attr:`options`) for
+        ``n_features`` features (default: nothing to check)."""
+
+    def _check_for(self, n: int, budget: int | None, kwargs: dict[str, Any]) -> None:
+        if self.exact and budget is not None and budget < 2**n:
+            raise InvalidOptionError(  # it evaluated all 2^n, beyond what was allowed
+                f"{type(self).__name__} evaluates all 2^{n} = {2**n:,} coalitions of {n} "
+                f"features, more than budget={budget}: leave budget out, or sample within "
+                "it (BayesianShapley, LeverageKernelShap)"
+            )
+        self.check_options(n, {k: v for k, v in kwargs.items() if k in self.options})
 
     def attribute(  # type: ignore[override]
         self,
@@ -211,13 +271,13 @@ class ShapleyEstimator(PerturbationAttribution):
             >>> est = LeverageKernelShap(model)
             >>> attr, stderr = est.attribute(x, budget=200, return_stderr=True)
         """
-        unknown = sorted(set(kwargs) - set(self.options))
-        if unknown:  # as Python would, rather than run on defaults the caller did not mean
-            hint = " (the coalitions to evaluate are budget=)" if "n_samples" in unknown else ""
-            raise TypeError(
-                f"{type(self).__name__}.attribute() got unexpected keyword arguments "
-                f"{unknown}{hint}"
-            )
+        budget, perturbations_per_eval, seed = self.check_arguments(
+            budget=budget,
+            perturbations_per_eval=perturbations_per_eval,
+            target_stderr=target_stderr,
+            seed=seed,
+            **kwargs,
+        )
         if isinstance(inputs, tuple):
             if len(inputs) != 1:
                 raise UnsupportedInputError(
@@ -227,18 +287,11 @@ class ShapleyEstimator(PerturbationAttribution):
             inputs = inputs[0]
         if isinstance(feature_mask, tuple):
             feature_mask = feature_mask[0]
-        perturbations_per_eval = require_int("perturbations_per_eval", perturbations_per_eval, 1)
-        if budget is not None:  # a float, str or bool raised deep inside, or ran as 1
-            budget = require_int("budget (a positive number of coalitions)", budget, 1)
-        if target_stderr is not None:  # a str raised deep inside; NaN or <= 0 never stopped
-            require_real("target_stderr", target_stderr, above=0)
         if seed is None and self.exact:
             seed = 0  # nothing is drawn: the caller's generator does not move
         elif seed is None:
             with PROCESS_WIDE:  # not inside another thread's seeded run
                 seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        else:
-            seed = require_int("seed", seed, 0)
         rng = np.random.default_rng(seed)
         batch = inputs.shape[0]
         targets = _targets(target, batch)
@@ -259,12 +312,7 @@ class ShapleyEstimator(PerturbationAttribution):
                 perturbations_per_eval,
                 batch,
             )
-            if self.exact and budget is not None and budget < 2**example.n:
-                raise InvalidOptionError(  # it evaluated all 2^n, beyond what was allowed
-                    f"{type(self).__name__} evaluates all 2^{example.n} = {2**example.n:,} "
-                    f"coalitions of {example.n} features, more than budget={budget}: leave "
-                    "budget out, or sample within it (BayesianShapley, LeverageKernelShap)"
-                )
+            self._check_for(example.n, budget, kwargs)
             game = Game(example.evaluate, example.n, exact_chunk(example.ppe))
             cap = 2**example.n if self.exact else 10 * example.n if budget is None else budget
             # beyond 2^n all 2^n are evaluated: the bar ends full ("32/50" read as cut short)

@@ -126,6 +126,11 @@ class HierarchicalShapley(ShapleyEstimator):
             None if exact_limit is None else require_int("exact_limit", exact_limit, 1)
         )
 
+    def check_options(self, n_features: int, options: dict[str, Any]) -> None:
+        """A given ``tree`` must hold each feature once (see :meth:`attribute`)."""
+        if options.get("tree") is not None:
+            _check_tree(options["tree"], n_features, self.max_children)
+
     def estimate(self, game: Game, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         n = game.n
         tree = plan.options.get("tree")
