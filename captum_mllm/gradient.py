@@ -57,7 +57,7 @@ from captum_mllm.errors import (
     warn_caller,
 )
 from captum_mllm.inputs import ChatInput
-from captum_mllm.method_args import is_scalar
+from captum_mllm.method_args import is_scalar, require_known_kwargs
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
 from captum_mllm.result import MultimodalLLMAttributionResult
 
@@ -231,6 +231,8 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 "additional_forward_args is the attribution's own (the answer and its token); "
                 "extra model inputs belong to the adapter"
             )
+        tunnel = tuple(inspect.signature(NoiseTunnel.attribute).parameters) if self.tunnel else ()
+        require_known_kwargs(self.method, kwargs, also=tunnel)
         # Captum asserts (gone under python -O) or fails deep inside (a float n_steps)
         for name in ("n_steps", "n_samples", "nt_samples"):
             if kwargs.get(name) is not None:

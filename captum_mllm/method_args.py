@@ -35,6 +35,23 @@ def trial_seed(seed: int | None, trial: int) -> int | None:
     return int(np.random.SeedSequence([seed, trial]).generate_state(1)[0] >> 1)
 
 
+def require_known_kwargs(
+    method: Any, kwargs: dict[str, Any], also: tuple[str, ...] = (), strict: bool = False
+) -> None:
+    """Raise ``TypeError``, as Python would, for keywords ``method.attribute``
+    does not take (or ``also`` names): before the answer is generated, where
+    the method's own call raised after it. A method taking ``**kwargs`` takes
+    any, unless ``strict`` (FeatureAblation's are for its subclasses: typos vanish)."""
+    params = inspect.signature(method.attribute).parameters
+    if not strict and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # it takes any: its own checks decide
+    unknown = sorted(set(kwargs) - set(params) - set(also))
+    if unknown:
+        raise TypeError(
+            f"{type(method).__name__}.attribute() got unexpected keyword arguments {unknown}"
+        )
+
+
 def check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[str, Any]) -> None:
     """Refuse the arguments Captum's methods take here without a word but whose
     values would come out wrong (all zero, NaN) or be ignored."""
@@ -67,8 +84,10 @@ def check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[st
             )
     if isinstance(method, ShapleyEstimator):  # before the answer is generated
         method.check_arguments(None if "feature_mask" in kwargs else n, **kwargs)
-    elif "n_samples" in kwargs:
-        require_int("n_samples", kwargs["n_samples"], 1)
+    else:
+        require_known_kwargs(method, kwargs, strict=type(method) is FeatureAblation)
+        if "n_samples" in kwargs:
+            require_int("n_samples", kwargs["n_samples"], 1)
     if isinstance(method, KernelShap) and n == 1:  # its size distribution is 0/0 (NaN)
         raise UnsupportedInputError(
             "Captum's KernelShap samples coalitions of sizes between none and all, and one "
@@ -82,13 +101,6 @@ def check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[st
                 f"{type(method).__name__} fits {n + 1} coefficients to n_samples={n_samples} "
                 "coalitions: the regression is underdetermined (attributions may be all "
                 f"zero); give n_samples > {n}"
-            )
-    if type(method) is FeatureAblation:  # its **kwargs are for subclasses: typos vanish
-        known = inspect.signature(FeatureAblation.attribute).parameters
-        unknown = sorted(k for k in kwargs if k not in known)
-        if unknown:
-            raise TypeError(
-                f"FeatureAblation.attribute() got unexpected keyword arguments {unknown}"
             )
 
 

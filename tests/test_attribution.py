@@ -493,6 +493,10 @@ def test_method_arguments_that_captum_takes_silently_are_refused(model, chat):
             attr.attribute(inp, target=TARGET, n_samples=0)
     with pytest.raises(TypeError, match="n_sample"):
         ablation.attribute(inp, target=TARGET, n_sample=5)  # a typo
+    calls = model.n_forward_calls
+    with pytest.raises(TypeError, match=r"\['n_sample'\]"):
+        sampling.attribute(inp, n_sample=5)  # refused before the answer is generated
+    assert model.n_forward_calls == calls
     with pytest.warns(UserWarning, match="underdetermined"):
         kernel.attribute(inp, target=TARGET, n_samples=inp.n_itp_features)
     long = ChatInput(Chat().user(" ".join(["word"] * 25)), model)  # Captum's default: 25

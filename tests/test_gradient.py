@@ -173,6 +173,13 @@ def test_a_noise_tunnel_smooths_a_supported_method(llama, words):
     with pytest.raises(UnsupportedInputError, match="takes a ChatInput"):
         tunnel = MultimodalLLMGradientAttribution(NoiseTunnel(Saliency(llama)), llama)
         tunnel.attribute(TextTokenInput("Who are you?", llama.tokenizer), target=TARGET)
+    # A misspelt argument (the tunnel's own, or the method's) raised after the answer
+    calls = llama.n_forward_calls
+    for method, typo in ((NoiseTunnel(Saliency(llama)), "nt_sample"),
+                         (IntegratedGradients(llama), "n_step")):  # fmt: skip
+        with pytest.raises(TypeError, match=rf"\['{typo}'\]"):
+            MultimodalLLMGradientAttribution(method, llama).attribute(words, **{typo: 2})
+    assert llama.n_forward_calls == calls  # was generated
 
 
 def test_a_seed_makes_what_a_gradient_method_draws_repeatable(llama, words):
