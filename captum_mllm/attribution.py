@@ -351,6 +351,11 @@ class MultimodalLLMAttribution(LLMAttribution):
             raise InvalidOptionError(
                 "store= keeps each distinct coalition once, which cache_coalitions=False turns off"
             )
+        if isinstance(store, str | PathLike) and Path(store).is_dir():  # before the answer
+            raise StoreMismatchError(
+                f"{store} is a folder, not a coalition store: name a file in it, e.g. "
+                f"{Path(store) / 'run.sqlite'}"
+            )
         n = inp.n_itp_features
         check_method_kwargs(self.attr_method, n, kwargs)
         if type(self.attr_method) is ShapleyValues and n >= ALL_ORDERS_WARNING:

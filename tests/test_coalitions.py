@@ -164,6 +164,10 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
         SQLiteStore.merged(store, [other])
     with pytest.raises(InvalidOptionError, match="at least one store file"):
         SQLiteStore.merged(store, [])
+    calls = model.n_forward_calls
+    with pytest.raises(StoreMismatchError, match="is a folder, not a coalition store"):
+        attr.attribute(ChatInput(chat, model), store=tmp_path)  # before the answer is generated
+    assert model.n_forward_calls == calls
     with pytest.raises(StoreMismatchError, match="no store file at .*missing.sqlite"):
         SQLiteStore.merged(store, [store, tmp_path / "missing.sqlite"])  # a typo
     assert not (tmp_path / "missing.sqlite").exists()
