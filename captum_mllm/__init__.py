@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr
         MemoryStore,
         SQLiteStore,
     )
-    from captum_mllm.distributed import dataset_attributions, explain_dataset, explain_sharded
+    from captum_mllm.dataset_tables import dataset_attributions
+    from captum_mllm.distributed import explain_dataset, explain_sharded
     from captum_mllm.encoding import EncodedChat, MaskedChat
     from captum_mllm.gradient import MultimodalLLMGradientAttribution
     from captum_mllm.heap import release_heap, retained_heap
@@ -49,7 +50,8 @@ _NAMES = {
     "attribution": ("MultimodalLLMAttribution",),
     "chat": ("AudioPart", "Chat", "TextPart", "Turn"),
     "coalitions": ("CoalitionEvaluator", "CoalitionStore", "MemoryStore", "SQLiteStore"),
-    "distributed": ("dataset_attributions", "explain_dataset", "explain_sharded"),
+    "dataset_tables": ("dataset_attributions",),
+    "distributed": ("explain_dataset", "explain_sharded"),
     "encoding": ("EncodedChat", "MaskedChat"),
     "gradient": ("MultimodalLLMGradientAttribution",),
     "heap": ("release_heap", "retained_heap"),

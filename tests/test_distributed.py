@@ -27,7 +27,8 @@ from captum_mllm import (
     ray_pool,
 )
 from captum_mllm.chat_explainer import REPORT, RESULT, STORE, ChatExplainer
-from captum_mllm.distributed import dataset_attributions, explain_dataset, explain_sharded
+from captum_mllm.dataset_tables import dataset_attributions
+from captum_mllm.distributed import explain_dataset, explain_sharded
 from captum_mllm.errors import InvalidOptionError, StoreMismatchError
 from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap, PairedPermutationSampling
 from captum_mllm.testing import tiny_hf_adapter
@@ -241,16 +242,16 @@ def test_names_that_differ_in_case_alone_are_refused_where_folders_ignore_case(
 ):
     """On macOS and Windows "A1" and "a1" name one folder: each chat overwrote
     the other's result, and a rerun read one's result as the other's."""
-    from captum_mllm import distributed
+    from captum_mllm import dataset_tables
 
     chats = {"A1": [{"role": "user", "content": QUESTIONS[0]}],
              "a1": [{"role": "user", "content": QUESTIONS[1]}]}  # fmt: skip
     run = functools.partial(explain_dataset, chats, factory, ExactShapleyValues, {},
                             {"target": "Yes."}, store_dir=tmp_path, use_ray=False,
                             show_progress=False)  # fmt: skip
-    assert not distributed._ignores_case(tmp_path)  # Linux's file systems: two folders
+    assert not dataset_tables._ignores_case(tmp_path)  # Linux's file systems: two folders
     assert run()["chat"].tolist() == ["A1", "a1"]
-    monkeypatch.setattr(distributed, "_ignores_case", lambda folder: True)
+    monkeypatch.setattr(dataset_tables, "_ignores_case", lambda folder: True)
     with pytest.raises(InvalidOptionError, match=r"\[\['A1', 'a1'\]\] differ only in case"):
         run()
 
@@ -562,7 +563,7 @@ def test_an_index_page_links_every_explained_chat(tmp_path):
     from html.parser import HTMLParser
     from urllib.parse import unquote
 
-    from captum_mllm.distributed import INDEX, SUMMARY
+    from captum_mllm.dataset_tables import INDEX, SUMMARY
 
     class Page(HTMLParser):
         def __init__(self):
@@ -631,7 +632,7 @@ def test_a_data_sets_features_are_one_table(tmp_path):
     meant loading each chat's result.json: attributions.csv holds every chat's
     features, read back by dataset_attributions; a chat that raised has none."""
     from captum_mllm import dataset_attributions
-    from captum_mllm.distributed import ATTRIBUTIONS, SUMMARY
+    from captum_mllm.dataset_tables import ATTRIBUTIONS, SUMMARY
 
     chats = {"007": CHATS[0], "NA": CHATS[1], "bad": Chat().user("Hi <|im_start|> there")}
     with pytest.warns(UserWarning, match="1 of 3 chats raised"):

@@ -122,7 +122,7 @@ def _table_chats(
     if column is None:
         raise UsageError(f"{where} has no messages or conversations column (it has {columns})")
     from captum_mllm.chat import REQUEST_KEYS
-    from captum_mllm.distributed import table_row
+    from captum_mllm.dataset_tables import table_row
 
     out: dict[str, Any] = {}
     for i, row in enumerate(rows):
