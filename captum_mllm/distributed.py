@@ -19,14 +19,17 @@ Examples::
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from captum.attr import PerturbationAttribution
 from tqdm.auto import tqdm
 
+from captum_mllm.attribution import MultimodalLLMAttribution
 from captum_mllm.chat import request_template_kwargs
 from captum_mllm.chat_explainer import (
     CHAT_KEYS,
@@ -57,6 +60,8 @@ from captum_mllm.errors import (
     warn_caller,
 )
 from captum_mllm.fingerprint import chat_digest, digest, plain
+from captum_mllm.method_args import require_known_kwargs
+from captum_mllm.methods.base import ShapleyEstimator
 from captum_mllm.ray_pool import chats_on_ray, shards_on_ray, start_ray
 from captum_mllm.result import MultimodalLLMAttributionResult
 
@@ -76,15 +81,29 @@ def _check_ray_settings(use_ray: bool | None, **settings: Any) -> None:
         )
 
 
-def _check_attribute_kwargs(attribute_kwargs: dict[str, Any] | None) -> None:
+def _check_attribute_kwargs(
+    attribute_kwargs: dict[str, Any] | None, method_factory: MethodFactory
+) -> None:
     """``store`` and ``shard`` are set per chat here: given too, a TypeError came
-    from inside a worker."""
-    own = sorted({"store", "shard"} & set(attribute_kwargs or {}))
+    from inside a worker. A method class's own arguments are checked here too,
+    before any worker loads a model (each chat raised them, after its answer)."""
+    kwargs = attribute_kwargs or {}
+    own = sorted({"store", "shard"} & set(kwargs))
     if own:
         raise InvalidOptionError(
             f"attribute_kwargs {own} are set here (each chat's store under store_dir, or "
             "explain_sharded's store= and num_shards=); leave them out"
         )
+    if isinstance(method_factory, type) and issubclass(method_factory, PerturbationAttribution):
+        attribute = set(inspect.signature(MultimodalLLMAttribution.attribute).parameters)
+        method = method_factory(lambda x: x)  # the class's checks need no model
+        method_kwargs = {k: v for k, v in kwargs.items() if k not in attribute}
+        if isinstance(method, ShapleyEstimator):
+            method.check_arguments(None, **method_kwargs)
+        else:  # seed= is MultimodalLLMAttribution's for Captum's methods
+            require_known_kwargs(method, method_kwargs, also=("seed",))
+            if "n_samples" in method_kwargs:
+                require_int("n_samples", method_kwargs["n_samples"], 1)
 
 
 def explain_dataset(
@@ -190,7 +209,7 @@ def explain_dataset(
     require_int("max_retries", max_retries, 0)
     if on_error not in ON_ERROR:
         raise InvalidOptionError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    _check_attribute_kwargs(attribute_kwargs)
+    _check_attribute_kwargs(attribute_kwargs, method_factory)
     items = named_chats(chats)
     check_folders_differ([name for name, _ in items], root)
     columns = {name: data_columns(chat) for name, chat in items}
@@ -359,7 +378,7 @@ def explain_sharded(
     """
     require_int("num_shards", num_shards, 1)  # 0 ran unsharded, a float failed in range()
     require_int("max_retries", max_retries, 0)
-    _check_attribute_kwargs(attribute_kwargs)
+    _check_attribute_kwargs(attribute_kwargs, method_factory)
     args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
     _check_ray_settings(use_ray, address=address, resources_per_worker=resources_per_worker)
     ray = None if use_ray is False else start_ray(address, num_shards, resources_per_worker)

@@ -755,6 +755,21 @@ def test_sharding_in_process_and_its_refusals(tmp_path, monkeypatch):
     with pytest.raises(InvalidOptionError, match="num_shards must be"):
         explain_sharded(chat, factory, LeverageKernelShap, store=tmp_path / "r.sqlite",
                         num_shards=0, use_ray=False)  # fmt: skip
+
+    def unloadable():
+        raise AssertionError("a model was loaded")
+
+    # A method's bad argument raised in each chat's worker, after loading a model
+    for method, bad in ((LeverageKernelShap, {"budget": -1}),
+                        (LeverageKernelShap, {"n_samples": 9}),
+                        (ShapleyValueSampling, {"n_sample": 9}),
+                        (ShapleyValueSampling, {"n_samples": 0})):  # fmt: skip
+        with pytest.raises((InvalidOptionError, TypeError)):
+            explain_dataset(CHATS[:1], unloadable, method, {}, {"target": "Hi", **bad},
+                            store_dir=tmp_path / "d", use_ray=False)  # fmt: skip
+        with pytest.raises((InvalidOptionError, TypeError)):
+            explain_sharded(chat, unloadable, method, {}, {"target": "Hi", **bad},
+                            store=tmp_path / "r.sqlite", use_ray=False)  # fmt: skip
     res = explain_sharded(
         chat, factory, LeverageKernelShap, {}, {"budget": 20, "seed": 1},
         store=tmp_path / "s.sqlite", num_shards=3, use_ray=False,
