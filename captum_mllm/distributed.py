@@ -60,7 +60,7 @@ from captum_mllm.errors import (
     warn_caller,
 )
 from captum_mllm.fingerprint import chat_digest, digest, plain
-from captum_mllm.method_args import require_known_kwargs
+from captum_mllm.method_args import check_method_arguments
 from captum_mllm.methods.base import ShapleyEstimator
 from captum_mllm.ray_pool import chats_on_ray, shards_on_ray, start_ray
 from captum_mllm.result import MultimodalLLMAttributionResult
@@ -97,13 +97,9 @@ def _check_attribute_kwargs(
     if isinstance(method_factory, type) and issubclass(method_factory, PerturbationAttribution):
         attribute = set(inspect.signature(MultimodalLLMAttribution.attribute).parameters)
         method = method_factory(lambda x: x)  # the class's checks need no model
-        method_kwargs = {k: v for k, v in kwargs.items() if k not in attribute}
-        if isinstance(method, ShapleyEstimator):
-            method.check_arguments(None, **method_kwargs)
-        else:  # seed= is MultimodalLLMAttribution's for Captum's methods
-            require_known_kwargs(method, method_kwargs, also=("seed",))
-            if "n_samples" in method_kwargs:
-                require_int("n_samples", method_kwargs["n_samples"], 1)
+        ours = isinstance(method, ShapleyEstimator)  # seed= is the attribution's for Captum's
+        skip = attribute if ours else {*attribute, "seed"}
+        check_method_arguments(method, {k: v for k, v in kwargs.items() if k not in skip})
 
 
 def explain_dataset(

@@ -52,9 +52,12 @@ def require_known_kwargs(
         )
 
 
-def check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[str, Any]) -> None:
-    """Refuse the arguments Captum's methods take here without a word but whose
-    values would come out wrong (all zero, NaN) or be ignored."""
+def check_method_arguments(
+    method: PerturbationAttribution, kwargs: dict[str, Any], n: int | None = None
+) -> None:
+    """Refuse a method's arguments that are wrong for any input (before the
+    answer is generated, or a data set's workers load a model); ``n``, the
+    features, where known, for an exact method's budget and a tree."""
     if "additional_forward_args" in kwargs:
         raise InvalidOptionError(
             "additional_forward_args is MultimodalLLMAttribution's own (it passes the "
@@ -69,6 +72,18 @@ def check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[st
             "be 0 here; what an absent feature becomes is the input's: ChatInput's "
             "text_baseline= and audio_baseline=, or Captum's input's baselines="
         )
+    if isinstance(method, ShapleyEstimator):
+        method.check_arguments(n, **kwargs)
+    else:
+        require_known_kwargs(method, kwargs, strict=type(method) is FeatureAblation)
+        if "n_samples" in kwargs:
+            require_int("n_samples", kwargs["n_samples"], 1)
+
+
+def check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[str, Any]) -> None:
+    """Refuse the arguments Captum's methods take here without a word but whose
+    values would come out wrong (all zero, NaN) or be ignored."""
+    check_method_arguments(method, kwargs, None if "feature_mask" in kwargs else n)
     mask = kwargs.get("feature_mask")
     if mask is not None:  # a wrong one failed deep inside Captum, a -1 meant three things
         mask = torch.as_tensor(mask[0] if isinstance(mask, tuple) and len(mask) == 1 else mask)
@@ -82,12 +97,6 @@ def check_method_kwargs(method: PerturbationAttribution, n: int, kwargs: dict[st
                 f"feature_mask must hold one integer group id >= 0 for each of the {n} "
                 f"features, got {mask.dtype} of shape {tuple(mask.shape)}"
             )
-    if isinstance(method, ShapleyEstimator):  # before the answer is generated
-        method.check_arguments(None if "feature_mask" in kwargs else n, **kwargs)
-    else:
-        require_known_kwargs(method, kwargs, strict=type(method) is FeatureAblation)
-        if "n_samples" in kwargs:
-            require_int("n_samples", kwargs["n_samples"], 1)
     if isinstance(method, KernelShap) and n == 1:  # its size distribution is 0/0 (NaN)
         raise UnsupportedInputError(
             "Captum's KernelShap samples coalitions of sizes between none and all, and one "
