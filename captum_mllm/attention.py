@@ -16,6 +16,7 @@ from captum_mllm.errors import (
     InvalidModelError,
     InvalidOptionError,
     UnsupportedInputError,
+    is_int,
     warn_caller,
 )
 from captum_mllm.gradient import token_result
@@ -65,6 +66,13 @@ class AttentionAttribution:
     ) -> None:
         if aggregate not in AGGREGATIONS:
             raise InvalidOptionError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
+        for name, chosen in (("layers", layers), ("heads", heads)):  # their range: at the call
+            if chosen is not None and (
+                isinstance(chosen, str) or not chosen or not all(map(is_int, chosen))
+            ):
+                raise InvalidOptionError(
+                    f"{name} must be a non-empty list of indices, got {chosen!r}"
+                )
         self.adapter = adapter
         self.aggregate = aggregate
         self.layers = layers

@@ -331,6 +331,9 @@ def test_rollout_on_one_layer_by_hand():
     for bad in ({"layers": []}, {"layers": [1]}, {"heads": [4]}):  # NaN, then IndexErrors
         with pytest.raises(InvalidOptionError, match="non-empty list of indices"):
             AttentionAttribution(model, **bad).attribute(inp, target=TARGET)
+    for bad in ({"layers": []}, {"heads": [0.5]}, {"heads": "0"}):  # known before any forward
+        with pytest.raises(InvalidOptionError, match="non-empty list of indices"):
+            AttentionAttribution(model, **bad)
 
 
 def test_compare_rank_correlations(llama, words):
