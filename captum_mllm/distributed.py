@@ -221,8 +221,9 @@ def explain_dataset(
         warn_caller(
             f"the chats' keys {sorted(unread)} are not read: a chat given as a mapping holds "
             f"{', '.join(CHAT_KEYS)}, and other keys of plain values (a data set's labels) "
-            "become summary.csv columns unless they name one of its own; generation "
-            "settings go in attribute_kwargs' gen_args"
+            "become summary.csv columns unless they name one of its own; the run's "
+            "generation settings are its own (attribute_kwargs' gen_args, the command "
+            "line's flags such as --max-new-tokens)"
         )
     rows: list[dict[str, Any]] = []
     todo = []

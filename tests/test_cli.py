@@ -455,6 +455,15 @@ def test_explain_dataset_from_jsonl_and_an_audio_folder(tmp_path, capsys):
         code, text, err = run(argv, capsys)
     assert code == 0, err
     assert not [w for w in caught if "not read" in str(w.message)]  # the id names the chat
+    # An OpenAI request's temperature is not this run's: the warning names the flags
+    # (it named attribute_kwargs' gen_args, the Python API's words, alone)
+    hot = json.dumps(
+        {"id": "hot", "messages": [{"role": "user", "content": "Hi"}], "temperature": 1}
+    )
+    (tmp_path / "hot.jsonl").write_text(hot + "\n")
+    with pytest.warns(UserWarning, match=r"\['temperature'\] are not read.*--max-new-tokens"):
+        code, _, err = run([*argv[:1], tmp_path / "hot.jsonl", *argv[2:-1], tmp_path / "h"], capsys)
+    assert code == 0, err
     asked = {"chat_00000": "Who are you?", "sky": "Why is it blue?", "share": "Hi there"}
     for name, question in asked.items():  # share: a ShareGPT row ("conversations")
         assert (out / name / "result.json").is_file()
