@@ -10,15 +10,12 @@ from the target (a pure value function) applied to the adapter.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,11 +24,9 @@ from captum.attr import (
     FeaturePermutation,
     ImageMaskInput,
     InterpretableInput,
-    Lime,
     LLMAttribution,
     PerturbationAttribution,
     ShapleyValues,
-    ShapleyValueSampling,
     TextTemplateInput,
     TextTokenInput,
 )
@@ -39,87 +34,46 @@ from torch import Tensor
 
 from captum_mllm import captum_compat
 from captum_mllm.answers import answered_input, require_same_model, resolve_response
-from captum_mllm.chat import AudioPart
-from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore, SQLiteStore
+from captum_mllm.coalitions import CoalitionEvaluator, CoalitionStore
 from captum_mllm.encoding import coalition_key
 from captum_mllm.errors import (
     InvalidModelError,
     InvalidOptionError,
-    StoreMismatchError,
     TargetError,
     UnsupportedInputError,
-    is_int,
     require_built,
     require_int,
     warn_caller,
 )
-from captum_mllm.fingerprint import chat_digest, digest, model_digest, plain
+from captum_mllm.games import BaselineDraws, MethodCall, ValueGame, inspected, value_game
 from captum_mllm.heap import retained_heap
 from captum_mllm.inputs import ChatInput
 from captum_mllm.method_args import (
     check_method_kwargs,
-    is_scalar,
-    method_settings,
     trial_seed,
 )
 from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
 from captum_mllm.methods.hierarchical import split_wide
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
 from captum_mllm.models.batching import default_perturbations_per_eval
-from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
+from captum_mllm.records import (
+    chat_fields,
+    check_store_arguments,
+    open_store,
+    provenance,
+    replay_draws,
+)
+from captum_mllm.result import MultimodalLLMAttributionResult
 from captum_mllm.targets import (
     EmbeddingSimilarity,
     LogProbTarget,
     Target,
-    TargetValues,
-    coalition_seed,
 )
 
 #: Features from which Captum's ``ShapleyValues`` (all n! orders, walked in
 #: Python: 7 features take seconds, 10 about half an hour on a CPU) draws a
 #: warning that names :class:`~captum_mllm.methods.ExactShapleyValues`.
 ALL_ORDERS_WARNING = 7
-
-
-@dataclass(frozen=True)
-class _Game:
-    """The value function of one explanation: ``(U, n) -> TargetValues`` with
-    ``n_columns`` columns of kind ``columns``."""
-
-    evaluate: Callable[[Tensor], TargetValues]
-    n_columns: int
-    columns: str
-    stock_calls: list[int] | None = None  # model calls made by Captum's own forward
-    row_length: Callable[[Tensor], Tensor] | None = None  # (U, n) -> model input lengths
-
-
-@dataclass
-class _Draws:
-    """Seeds of the baselines a Captum input draws for each coalition
-    (``ProductBaselines``): one draw per coalition and trial, from (the trial's
-    seed, the coalition), so a value does not depend on batch or order."""
-
-    seed: int
-
-    def of(self, coalition: Tensor) -> int:
-        return coalition_seed(self.seed, coalition_key(coalition))
-
-
-@dataclass(frozen=True)
-class _Call:
-    """What Captum hands the forward function: not a tensor, so never repeated."""
-
-    evaluator: CoalitionEvaluator
-    n_columns: int
-
-    def evaluate_batches(self, perturbed: Tensor, batch: int) -> Tensor:
-        """All of an estimator's coalitions at once, ``batch`` a forward (see
-        :meth:`CoalitionEvaluator.evaluate_batches`)."""
-        return self.columns(self.evaluator.evaluate_batches(perturbed, batch))
-
-    def columns(self, values: Tensor) -> Tensor:
-        # (B, n_columns) for multi-output methods, else (B,)
-        return values[:, : self.n_columns] if self.n_columns > 1 else values[:, 0]
 
 
 class MultimodalLLMAttribution(LLMAttribution):
@@ -347,15 +301,10 @@ class MultimodalLLMAttribution(LLMAttribution):
                 return res
         require_int("num_trials", num_trials, 1)
         inp = answered_input(inp, target)
-        if store is not None and not cache_coalitions:  # the store went unread and unwritten
-            raise InvalidOptionError(
-                "store= keeps each distinct coalition once, which cache_coalitions=False turns off"
-            )
-        if isinstance(store, str | PathLike) and Path(store).is_dir():  # before the answer
-            raise StoreMismatchError(
-                f"{store} is a folder, not a coalition store: name a file in it, e.g. "
-                f"{Path(store) / 'run.sqlite'}"
-            )
+        drawn = captum_compat.draws_baselines(inp)  # ProductBaselines: seeded, per trial
+        check_store_arguments(
+            store, shard, cache_coalitions, drawn, num_trials, kwargs.get("target_stderr")
+        )
         n = inp.n_itp_features
         check_method_kwargs(self.attr_method, n, kwargs)
         if type(self.attr_method) is ShapleyValues and n >= ALL_ORDERS_WARNING:
@@ -377,35 +326,15 @@ class MultimodalLLMAttribution(LLMAttribution):
                 "scores no answer token: forward_in_tokens= is for log-probability targets"
             )
         per_step = not self.adapter.is_causal if forward_in_tokens is None else forward_in_tokens
-        drawn = captum_compat.draws_baselines(inp)  # ProductBaselines: seeded, per trial
-        if drawn and store is not None and num_trials > 1:
-            raise InvalidOptionError(
-                "a store keeps one value per coalition, and each trial draws the input's "
-                "baselines anew: give num_trials=1 with store=, or no store"
-            )
-        if shard is not None and not (
-            isinstance(shard, tuple | list)
-            and len(shard) == 2
-            and all(is_int(i) for i in shard)
-            and 0 <= shard[0] < shard[1]
-        ):  # another index evaluated no coalition, without a word
-            raise InvalidOptionError(
-                f"shard must be (index, count) with 0 <= index < count, got {shard!r}"
-            )
-        if shard is not None and (store is None or kwargs.get("target_stderr") is not None):
-            raise InvalidOptionError(
-                "shard= needs a store= to fill and a method that does not stop on values "
-                "(no target_stderr)"
-            )
         response, extra_calls = self._response(inp, target, gen_args, keep_eos)
-        draws = _Draws(random.getrandbits(62)) if drawn else None  # random.seed() repeats it
-        game = self._game(inp, response, per_step, reuse_prefix, draws)
+        draws = BaselineDraws(random.getrandbits(62)) if drawn else None  # random.seed() repeats it
+        game = value_game(self, inp, response, per_step, reuse_prefix, draws)
         if _inspect_forward is not None:
-            evaluate = self._inspected(game, inp, response, _inspect_forward, draws)
+            evaluate = inspected(self, game, inp, response, _inspect_forward, draws)
             game = replace(game, evaluate=evaluate)
-        opened = self._open_store(store, inp, response) if store is not None else None
+        opened = open_store(self, store, inp, response) if store is not None else None
         if opened is not None:
-            kwargs = self._replay_draws(opened, kwargs)
+            kwargs = replay_draws(self.attr_method, opened, kwargs)
             if draws is not None:
                 draws.seed = int(opened.first("baseline_seed", str(draws.seed)))
         first_draw = draws.seed if draws is not None else 0
@@ -448,7 +377,7 @@ class MultimodalLLMAttribution(LLMAttribution):
                     draws.seed = int(trial_seed(first_draw, trial) or 0)
                     evaluators.append(new_evaluator())
                 evaluator = evaluators[-1]
-                call = _Call(evaluator, n_columns)
+                call = MethodCall(evaluator, n_columns)
                 upcoming = captum_compat.sampled_coalitions(
                     self.attr_method,
                     inp.n_itp_features,
@@ -509,7 +438,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             response_text=response.text,
             output_audio=response.audio,
             provenance={
-                **self._provenance(inp, per_step, kwargs, store, gen_args),
+                **provenance(self, inp, per_step, kwargs, store, gen_args),
                 "memory_halvings": sum(e.n_halvings for e in evaluators),
             },
             n_model_calls=self.adapter.thread_forward_calls()
@@ -522,24 +451,7 @@ class MultimodalLLMAttribution(LLMAttribution):
             wall_time=time.perf_counter() - start,
         )
 
-    def _replay_draws(self, store: CoalitionStore, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Make a rerun on a store draw the coalitions its first run drew, so that
-        it resumes rather than starts over: our estimators without ``seed=`` get
-        the first run's seed; for Captum's samplers torch's generator is set to
-        its state when the first run began."""
-        if isinstance(self.attr_method, ShapleyEstimator):
-            if kwargs.get("seed") is None:
-                drawn = str(int(torch.randint(0, 2**31 - 1, (1,)).item()))
-                return {**kwargs, "seed": int(store.first("seed", drawn))}
-            return kwargs
-        if not isinstance(self.attr_method, ShapleyValueSampling | Lime):  # they draw nothing
-            return kwargs
-        state = torch.get_rng_state()
-        first = store.first("torch_rng_state", state.numpy().tobytes().hex())
-        torch.set_rng_state(torch.from_numpy(np.frombuffer(bytes.fromhex(first), np.uint8).copy()))
-        return kwargs
-
-    def _full_probs(self, game: _Game, evaluator: CoalitionEvaluator, n: int) -> Tensor | None:
+    def _full_probs(self, game: ValueGame, evaluator: CoalitionEvaluator, n: int) -> Tensor | None:
         """The answer's probability under the whole input, then each of its
         tokens', ``(1 + T,)``, for the log-prob target (None for others): read
         from the full coalition's value, which a method has mostly evaluated
@@ -564,95 +476,8 @@ class MultimodalLLMAttribution(LLMAttribution):
         return stack.mean(0)
 
     @staticmethod
-    def _evaluate_call(perturbed_tensor: Tensor, call: _Call) -> Tensor:
+    def _evaluate_call(perturbed_tensor: Tensor, call: MethodCall) -> Tensor:
         return call.columns(call.evaluator(perturbed_tensor))
-
-    # The value function of one explanation ----------------------------------------------
-
-    def _game(
-        self,
-        inp: InterpretableInput,
-        response: Response,
-        per_step: bool,
-        reuse_prefix: bool,
-        draws: _Draws | None = None,
-    ) -> _Game:
-        value_fn, adapter = self.value_fn, self.adapter
-        if isinstance(inp, ChatInput):
-            state = value_fn.prepare(
-                adapter, inp.to_model_input(), response, per_step, reuse_prefix
-            )
-
-            def evaluate_chat(coalitions: Tensor) -> TargetValues:
-                return value_fn.evaluate(adapter, inp.to_model_input(coalitions), response, state)
-
-            n_columns = value_fn.n_columns(response)
-            kind = "tokens" if value_fn.per_token else "samples" if n_columns > 1 else "total"
-
-            prefix = getattr(state, "prefix", None)
-
-            def row_length(coalitions: Tensor) -> Tensor:
-                return adapter.pushed_lengths(inp.to_model_input(coalitions), prefix)
-
-            return _Game(evaluate_chat, n_columns, kind, row_length=row_length)
-        if not isinstance(value_fn, LogProbTarget):
-            raise UnsupportedInputError("Captum's inputs support the log-prob target only")
-        n_columns = value_fn.n_columns(response)
-        if isinstance(inp, ImageMaskInput):
-            forward = captum_compat.stock_image_forward(self, inp, per_step)
-            calls = [0]
-
-            def evaluate_image(coalitions: Tensor) -> TargetValues:
-                # Processor inputs are model-specific: one coalition at a time.
-                rows = [forward(c[None], response.ids) for c in coalitions]
-                calls[0] += len(coalitions) * (len(response) if per_step else 1)
-                return TargetValues(torch.stack(rows), "tokens")
-
-            return _Game(evaluate_image, n_columns, "tokens", calls)
-        score_rows = captum_compat.text_scorer(adapter)
-
-        def evaluate_text(coalitions: Tensor) -> TargetValues:
-            rows = [
-                captum_compat.coalition_ids(self, inp, c[None], draws.of(c) if draws else None)
-                for c in coalitions
-            ]
-            log_probs = score_rows(rows, response, None, per_step)
-            return TargetValues(value_fn.from_log_probs(log_probs), "tokens")
-
-        return _Game(evaluate_text, n_columns, "tokens")
-
-    def _inspected(
-        self,
-        game: _Game,
-        inp: InterpretableInput,
-        response: Response,
-        inspect: Callable[..., None],
-        draws: _Draws | None = None,
-    ) -> Callable[[Tensor], TargetValues]:
-        """Captum's ``_inspect_forward`` hook around the game: called with (the
-        coalition's prompt text, the response text, its probabilities as Captum
-        gives them: the total, then each token's when attributed per token) for
-        each coalition evaluated, each distinct one once."""
-        as_probs = isinstance(self.value_fn, LogProbTarget) and self.value_fn.kind == "log_prob"
-
-        def prompt(coalition: Tensor) -> str:
-            if isinstance(inp, ChatInput):
-                ids = inp.to_model_input(coalition[None]).rows()[0]
-                return str(self.tokenizer.decode(ids[ids >= 0]))  # the text positions
-            seed = draws.of(coalition) if draws else None
-            ids = captum_compat.coalition_ids(self, inp, coalition[None], seed)
-            return str(self.tokenizer.decode(ids))
-
-        def evaluate(coalitions: Tensor) -> TargetValues:
-            out = game.evaluate(coalitions)
-            values = out.values.detach().float().cpu()
-            values = values.exp() if as_probs else values
-            for coalition, row in zip(coalitions, values, strict=True):
-                shown = row.tolist() if self.include_per_token_attr else float(row[0])
-                inspect(prompt(coalition), response.text, shown)
-            return out
-
-        return evaluate
 
     # The response explained --------------------------------------------------------------
 
@@ -682,77 +507,6 @@ class MultimodalLLMAttribution(LLMAttribution):
             return list(response.labels)
         return captum_compat.pretty_tokens(response.ids, self.tokenizer)  # stock Captum's labels
 
-    # Store and provenance ---------------------------------------------------------------
-
-    def _open_store(
-        self,
-        store: str | PathLike[str] | CoalitionStore,
-        inp: InterpretableInput,
-        response: Response,
-    ) -> CoalitionStore:
-        fingerprint = self._fingerprint(inp, response)
-        if isinstance(store, CoalitionStore):  # e.g. a MemoryStore kept between calls
-            named = json.dumps(fingerprint, sort_keys=True)
-            if store.first("fingerprint", named) != named:  # keys are coalitions alone
-                raise StoreMismatchError(
-                    "this store holds another explanation's coalitions; use a new store for "
-                    "each explanation"
-                )
-            return store
-        return SQLiteStore(Path(store), fingerprint)
-
-    def _fingerprint(self, inp: InterpretableInput, response: Response) -> dict[str, str]:
-        """Digests of what a coalition's value depends on (see :mod:`captum_mllm.fingerprint`)."""
-        module = getattr(self.adapter, "model", self.adapter)
-        if isinstance(inp, ChatInput):
-            # The ids as well: the tokenizer's chat template is not in the model's digest.
-            chat = digest(chat_digest(inp.prompt), inp.encoded.input_ids)
-            fill = inp.audio_fill if inp.audio_fill is not None else "zeros"
-            features = digest(
-                [(f.label, f.positions) for f in inp.features],
-                [inp.baseline, inp.replace_id, inp.audio_baseline],
-                fill,
-            )
-        else:  # Captum's inputs: their values, baselines, mask and skipped tokens
-            prompt = inp.to_model_input()
-            chat = digest(prompt if isinstance(prompt, Tensor) else str(prompt))
-            features = digest(plain(vars(inp)))
-        settings = self.value_fn.settings()
-        return {
-            "model": model_digest(module),
-            "chat": chat,
-            "features": features,
-            "target": digest(
-                type(self.value_fn).__name__, self.value_fn.fingerprint(), response.ids
-            ),
-            "seed": digest(settings.get("seed")),
-        }
-
-    def _provenance(
-        self,
-        inp: InterpretableInput,
-        per_step: bool,
-        method_args: dict[str, Any],
-        store: Any,
-        gen_args: dict[str, Any] | None,
-    ) -> dict[str, Any]:
-        module = getattr(self.adapter, "model", self.adapter)
-        config = getattr(module, "config", None)
-        return {
-            "adapter": type(self.adapter).__name__,
-            "model": type(module).__name__,
-            "model_name": getattr(config, "_name_or_path", None) or None,
-            "method": type(self.attr_method).__name__,
-            "method_settings": method_settings(self.attr_method),
-            "method_args": {k: v for k, v in method_args.items() if is_scalar(v)},
-            "target": {"class": type(self.value_fn).__name__, **self.value_fn.settings()},
-            "input": type(inp).__name__,
-            "input_settings": inp.settings() if isinstance(inp, ChatInput) else None,
-            "forward_in_tokens": per_step,
-            "gen_args": {k: v for k, v in (gen_args or {}).items() if is_scalar(v)},
-            "store": str(store) if isinstance(store, str | PathLike) else None,
-        }
-
 
 #: An answer probability below this (float32's smallest normal number) warns.
 PROB_UNDERFLOW = float(torch.finfo(torch.float32).tiny)
@@ -770,26 +524,3 @@ def _warn_on_underflow(total: float, length: int) -> None:
             "whatever the features do; use attr_target='log_prob' (token_attr, one "
             "token's probability each, is not affected)"
         )
-
-
-def chat_fields(inp: ChatInput) -> dict[str, Any]:
-    """What a result keeps of a chat input: features, roles, segments, clips."""
-    return {
-        "features": inp.features,
-        "roles": [t.role for t in inp.prompt],
-        "segments": inp.segments(),
-        "clips": _clips(inp),
-    }
-
-
-def _clips(inp: ChatInput) -> list[ClipRef]:
-    """The prompt's audio clips, with the file each came from when it has one
-    (absolute: a result saved without its audio was read from another folder)."""
-    out = []
-    for t, turn in enumerate(inp.prompt):
-        for part in turn.parts:
-            if isinstance(part, AudioPart):
-                path = part.source if part.source and Path(part.source).is_file() else None
-                path = os.path.abspath(path) if path is not None else None
-                out.append(ClipRef(t, part.sample_rate, part.waveform, path))
-    return out

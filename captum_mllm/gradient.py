@@ -39,7 +39,6 @@ from captum_mllm.answers import (
     require_same_model,
     resolve_response,
 )
-from captum_mllm.attribution import chat_fields
 from captum_mllm.captum_compat import (
     DEFAULT_GEN_ARGS,
     drawing,
@@ -59,6 +58,7 @@ from captum_mllm.errors import (
 from captum_mllm.inputs import ChatInput
 from captum_mllm.method_args import is_scalar, require_known_kwargs
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
+from captum_mllm.records import chat_fields
 from captum_mllm.result import MultimodalLLMAttributionResult
 
 REDUCTIONS = ("sum", "norm")
