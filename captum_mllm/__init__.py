@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr
     from captum_mllm.agreement import compare
     from captum_mllm.attention import AttentionAttribution
     from captum_mllm.attribution import MultimodalLLMAttribution
+    from captum_mllm.audio import ClipRef
     from captum_mllm.chat import AudioPart, Chat, TextPart, Turn
     from captum_mllm.coalitions import (
         CoalitionEvaluator,
@@ -40,13 +41,14 @@ if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr
         Response,
         load_default_model,
     )
-    from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
+    from captum_mllm.result import MultimodalLLMAttributionResult
     from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget, Target, TargetValues
 
 #: The module of captum_mllm that holds each public name (as the imports above).
 _NAMES = {
     "agreement": ("compare",),
     "attention": ("AttentionAttribution",),
+    "audio": ("ClipRef",),
     "attribution": ("MultimodalLLMAttribution",),
     "chat": ("AudioPart", "Chat", "TextPart", "Turn"),
     "coalitions": ("CoalitionEvaluator", "CoalitionStore", "MemoryStore", "SQLiteStore"),
@@ -63,7 +65,7 @@ _NAMES = {
         "Response",
         "load_default_model",
     ),
-    "result": ("ClipRef", "MultimodalLLMAttributionResult"),
+    "result": ("MultimodalLLMAttributionResult",),
     "targets": ("EmbeddingSimilarity", "LogProbTarget", "Target", "TargetValues"),
 }
 _MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}

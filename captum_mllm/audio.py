@@ -10,6 +10,7 @@ import io
 import numbers
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from captum_mllm.errors import AlignmentError, AudioError, warn_caller
+from captum_mllm.fingerprint import digest
 from captum_mllm.words import is_punctuation, spoken_word_spans
 
 #: A float waveform peaking above this warns: not samples in [-1, 1] (a file's
@@ -318,3 +320,60 @@ class ForcedAligner:
 def _char_id(vocab: dict[str, int], char: str) -> int | None:
     """The aligner's id of a character, in whichever case its vocabulary has it."""
     return next((vocab[c] for c in (char, char.upper(), char.lower()) if c in vocab), None)
+
+
+@dataclass(frozen=True, eq=False)
+class ClipRef:
+    """One audio clip of the explained chat, for plots and reports.
+
+    Holds the samples, or only the file they came from (``waveform`` None),
+    read back with soundfile when drawn.
+
+    Attributes:
+        turn (int): the chat turn holding the clip.
+        sample_rate (int): samples per second.
+        waveform (Tensor or None): mono samples ``(n,)``.
+        path (str or None): the audio file the clip was read from.
+        sha256 (str or None): digest of the explained samples, checked when
+            they are read back from ``path``.
+    """
+
+    turn: int
+    sample_rate: int
+    waveform: Tensor | None = None
+    path: str | None = None
+    sha256: str | None = None
+
+    def samples(self) -> Tensor:
+        """The clip's samples (read from ``path`` when not embedded).
+
+        Raises:
+            AudioError: the file is unreadable, or no longer holds the samples
+                that were explained.
+        """
+        if self.waveform is not None:
+            return self.waveform
+        wave, rate, _ = load_audio(str(self.path))
+        wave = resample(wave, rate, self.sample_rate)
+        if self.sha256 is not None and digest(wave) != self.sha256:
+            raise AudioError(
+                f"{self.path} has changed since it was explained: its samples are not the "
+                "ones the attributions are about; restore it, or save results with "
+                "embed_audio=True"
+            )
+        return wave
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds (read from the file's header when not embedded)."""
+        if self.waveform is not None:
+            return len(self.waveform) / self.sample_rate
+        import soundfile as sf
+
+        path = os.path.abspath(str(self.path))
+        if not os.path.exists(path):  # as samples() says it, not soundfile's "System error"
+            raise AudioError(f"no audio file at {path}")
+        try:
+            return float(sf.info(path).duration)
+        except Exception as exc:  # soundfile raises several types
+            raise AudioError(f"cannot read audio from {path!r}: {exc}") from exc

@@ -16,7 +16,7 @@ from captum_mllm.coalitions import SQLiteStore
 from captum_mllm.errors import InvalidOptionError
 from captum_mllm.fingerprint import fix_digest
 from captum_mllm.inputs import ChatInput
-from captum_mllm.result import RESULT_FILE
+from captum_mllm.saved_results import RESULT_FILE
 
 ModelFactory = Callable[[], Any]
 MethodFactory = Callable[[Any], Any]

@@ -16,6 +16,7 @@ import torch
 from captum.attr import InterpretableInput, Lime, PerturbationAttribution, ShapleyValueSampling
 from torch import Tensor
 
+from captum_mllm.audio import ClipRef
 from captum_mllm.chat import AudioPart
 from captum_mllm.coalitions import CoalitionStore, SQLiteStore
 from captum_mllm.errors import InvalidOptionError, StoreMismatchError, is_int
@@ -24,7 +25,6 @@ from captum_mllm.inputs import ChatInput
 from captum_mllm.method_args import is_scalar, method_settings
 from captum_mllm.methods import ShapleyEstimator
 from captum_mllm.models.base import Response
-from captum_mllm.result import ClipRef
 
 if TYPE_CHECKING:
     from captum_mllm.attribution import MultimodalLLMAttribution

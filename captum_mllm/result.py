@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import warnings
-import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -21,10 +16,9 @@ import torch
 from captum.attr import InterpretableInput, LLMAttributionResult
 from torch import Tensor
 
+from captum_mllm.audio import ClipRef
 from captum_mllm.errors import (
-    AudioError,
     CaptumMLLMError,
-    InconsistentVersionWarning,
     InvalidOptionError,
     PlotError,
     ResultFormatError,
@@ -32,8 +26,14 @@ from captum_mllm.errors import (
     require_int,
     require_real,
 )
-from captum_mllm.fingerprint import digest
 from captum_mllm.inputs import FeatureInfo
+from captum_mllm.saved_results import (
+    read_saved,
+    result_file,
+    saved_fields,
+    to_saved,
+    write_saved,
+)
 
 
 def _safe_divide(x: Tensor, d: Tensor) -> Tensor:
@@ -53,96 +53,6 @@ _NORMALISERS: dict[str, Callable[[Tensor, float], Tensor]] = {
         _shifted(x) ** p, (_shifted(x) ** p).sum(-1, keepdim=True)
     ),
 }
-
-
-SCHEMA_VERSION = 1
-_ARRAYS = (
-    "seq_attr",
-    "token_attr",
-    "output_probs",
-    "seq_attr_std",
-    "seq_attr_stderr",
-    "token_attr_stderr",
-    "target_ids",
-)
-
-
-@dataclass(frozen=True, eq=False)
-class ClipRef:
-    """One audio clip of the explained chat, for plots and reports.
-
-    Holds the samples, or only the file they came from (``waveform`` None),
-    read back with soundfile when drawn.
-
-    Attributes:
-        turn (int): the chat turn holding the clip.
-        sample_rate (int): samples per second.
-        waveform (Tensor or None): mono samples ``(n,)``.
-        path (str or None): the audio file the clip was read from.
-        sha256 (str or None): digest of the explained samples, checked when
-            they are read back from ``path``.
-    """
-
-    turn: int
-    sample_rate: int
-    waveform: Tensor | None = None
-    path: str | None = None
-    sha256: str | None = None
-
-    def samples(self) -> Tensor:
-        """The clip's samples (read from ``path`` when not embedded).
-
-        Raises:
-            AudioError: the file is unreadable, or no longer holds the samples
-                that were explained.
-        """
-        if self.waveform is not None:
-            return self.waveform
-        from captum_mllm.audio import load_audio, resample
-
-        wave, rate, _ = load_audio(str(self.path))
-        wave = resample(wave, rate, self.sample_rate)
-        if self.sha256 is not None and digest(wave) != self.sha256:
-            raise AudioError(
-                f"{self.path} has changed since it was explained: its samples are not the "
-                "ones the attributions are about; restore it, or save results with "
-                "embed_audio=True"
-            )
-        return wave
-
-    @property
-    def duration(self) -> float:
-        """Length in seconds (read from the file's header when not embedded)."""
-        if self.waveform is not None:
-            return len(self.waveform) / self.sample_rate
-        import soundfile as sf
-
-        path = os.path.abspath(str(self.path))
-        if not os.path.exists(path):  # as samples() says it, not soundfile's "System error"
-            raise AudioError(f"no audio file at {path}")
-        try:
-            return float(sf.info(path).duration)
-        except Exception as exc:  # soundfile raises several types
-            raise AudioError(f"cannot read audio from {path!r}: {exc}") from exc
-
-
-#: The file a result's folder holds.
-RESULT_FILE = "result.json"
-
-
-def _result_file(path: Path) -> Path:
-    """``path``, or the result a folder holds (Errno 21 named the folder)."""
-    if not path.is_dir():
-        return path
-    if (path / RESULT_FILE).is_file():
-        return path / RESULT_FILE
-    if any(path.glob(f"*/{RESULT_FILE}")):
-        raise ResultFormatError(
-            f"{path} is an explain_dataset folder (a result in each chat's folder): load one "
-            f"chat's ({path / '<chat>'}), or every chat's features with "
-            f"dataset_attributions({str(path)!r})"
-        )
-    raise ResultFormatError(f"no saved result in {path} (no {RESULT_FILE})")
 
 
 class MultimodalLLMAttributionResult(LLMAttributionResult):
@@ -253,50 +163,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         Returns:
             tuple: ``(data, arrays)``: what :meth:`save` writes as JSON and ``.npz``.
         """
-        arrays: dict[str, np.ndarray] = {}
-        for name in _ARRAYS:
-            value = getattr(self, name)
-            if value is not None:
-                arrays[name] = torch.as_tensor(value).detach().cpu().numpy()
-        clips = []
-        for i, clip in enumerate(self.clips or []):
-            keep = embed_audio or clip.path is None or not Path(clip.path).is_file()
-            samples = clip.samples().detach().cpu()
-            if keep:
-                arrays[f"clip_{i}"] = samples.numpy()
-            clips.append({"turn": clip.turn, "sample_rate": clip.sample_rate,
-                          "path": clip.path, "embedded": keep,
-                          "sha256": None if keep else digest(samples)})  # fmt: skip
-        audio = None
-        if self.output_audio is not None:
-            audio = {"sample_rate": self.output_audio.get("sample_rate")}
-            for key in ("codes", "waveform"):
-                if self.output_audio.get(key) is not None:
-                    arrays[f"output_audio_{key}"] = self.output_audio[key].detach().cpu().numpy()
-        data = {
-            "schema_version": SCHEMA_VERSION,
-            "versions": _versions(),
-            "input_tokens": list(self.input_tokens),
-            "output_tokens": list(self.output_tokens),
-            "features": [asdict(f) for f in self.features] if self.features is not None else None,
-            "response_text": self.response_text,
-            "responses": [[list(k), v] for k, v in self.responses.items()]
-            if self.responses is not None
-            else None,
-            "roles": self.roles,
-            "segments": self.segments,
-            "clips": clips,
-            "output_audio": audio,
-            "provenance": self.provenance,
-            "counts": {
-                "n_model_calls": self.n_model_calls,
-                "n_coalitions": self.n_coalitions,
-                "n_unique_coalitions": self.n_unique_coalitions,
-                "n_stored_coalitions": self.n_stored_coalitions,
-                "wall_time": self.wall_time,
-            },
-        }
-        return data, arrays
+        return to_saved(self, embed_audio)
 
     def save(self, path: str | PathLike[str], embed_audio: bool = True) -> Path:
         """Write the result as ``path`` (JSON) and the arrays beside it
@@ -319,17 +186,7 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             raise InvalidOptionError(
                 f"save the result as a .json path (its arrays go beside it as .npz), got {path}"
             )
-        data, arrays = self.to_dict(embed_audio)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Each file written whole under another name, then renamed: a process
-        # killed while saving (a data set's worker) left a cut .npz beside an
-        # earlier JSON. The JSON goes last: it names the request a rerun checks.
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(partial, path.with_suffix(".npz"))
-        partial.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(partial, path)
+        write_saved(path, *self.to_dict(embed_audio))
         return path
 
     @classmethod
@@ -347,82 +204,14 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         Raises:
             ResultFormatError: a file is missing, cut short or of another schema.
         """
-        path = _result_file(Path(path))
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ResultFormatError(f"cannot read a saved result from {path}: {exc}") from exc
-        if not isinstance(data, dict) or "schema_version" not in data:
-            # read before the arrays: a missing .npz was named for another JSON file
-            raise ResultFormatError(f"{path} is not a saved captum-mllm result")
-        if data["schema_version"] != SCHEMA_VERSION:
-            raise ResultFormatError(
-                f"{path} has schema version {data['schema_version']}; this captum-mllm "
-                f"reads version {SCHEMA_VERSION}"
-            )
-        try:
-            with np.load(path.with_suffix(".npz"), allow_pickle=False) as npz:
-                arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # missing or cut
-            raise ResultFormatError(f"cannot read a saved result from {path}: {exc}") from exc
-        saved = data.get("versions", {}).get("captum-mllm")
-        if saved != _versions()["captum-mllm"]:
-            warnings.warn(
-                f"{path} was saved by captum-mllm {saved}, read by {_versions()['captum-mllm']}",
-                InconsistentVersionWarning,
-                stacklevel=2,
-            )
+        path = result_file(Path(path))
+        data, arrays = read_saved(path)
         try:  # a hand-edited or cut file: a KeyError named only the key
-            return cls._from_saved(data, arrays)
+            return cls(**saved_fields(data, arrays))
         except (KeyError, TypeError, ValueError) as exc:
             raise ResultFormatError(
                 f"{path} (with its .npz) is not a whole saved result: {type(exc).__name__} {exc}"
             ) from exc
-
-    @classmethod
-    def _from_saved(
-        cls, data: dict[str, Any], arrays: dict[str, Tensor]
-    ) -> MultimodalLLMAttributionResult:
-        features = None
-        if data["features"] is not None:
-            features = [
-                FeatureInfo(**{**f, "positions": tuple(f["positions"]),
-                               "time": tuple(f["time"]) if f["time"] is not None else None})
-                for f in data["features"]
-            ]  # fmt: skip
-        clips = [
-            ClipRef(
-                c["turn"], c["sample_rate"], arrays.get(f"clip_{i}"), c["path"], c.get("sha256")
-            )
-            for i, c in enumerate(data["clips"])
-        ]
-        audio = None
-        if data["output_audio"] is not None:
-            audio = {"sample_rate": data["output_audio"]["sample_rate"]}
-            audio.update({k: arrays.get(f"output_audio_{k}") for k in ("codes", "waveform")})
-        responses = None
-        if data["responses"] is not None:
-            responses = {tuple(k): v for k, v in data["responses"]}
-        return cls(
-            input_tokens=data["input_tokens"],
-            output_tokens=data["output_tokens"],
-            seq_attr=arrays["seq_attr"],
-            token_attr=arrays.get("token_attr"),
-            output_probs=arrays.get("output_probs"),
-            features=features,
-            target_ids=arrays.get("target_ids"),
-            response_text=data["response_text"],
-            seq_attr_std=arrays.get("seq_attr_std"),
-            seq_attr_stderr=arrays.get("seq_attr_stderr"),
-            token_attr_stderr=arrays.get("token_attr_stderr"),
-            responses=responses,
-            roles=data["roles"],
-            segments=data.get("segments"),
-            clips=clips,
-            output_audio=audio,
-            provenance=data["provenance"],
-            **data["counts"],
-        )
 
     def normalized(
         self, kind: str = "abs_sum", power: float = 2.0
@@ -767,16 +556,3 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             f"output_tokens={len(self.output_tokens)}, model_calls={self.n_model_calls}, "
             f"unique_coalitions={self.n_unique_coalitions}/{self.n_coalitions})"
         )
-
-
-def _versions() -> dict[str, str]:
-    """Versions of the packages that made a result."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("captum-mllm", "captum", "torch", "transformers"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "unknown"
-    return out

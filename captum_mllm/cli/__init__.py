@@ -529,7 +529,7 @@ def _write(res: Any, out: Path, save: bool) -> None:
     import matplotlib
     import matplotlib.pyplot as plt
 
-    from captum_mllm.result import RESULT_FILE
+    from captum_mllm.saved_results import RESULT_FILE
     from captum_mllm.viz.fonts import glyph_warnings_muted
 
     matplotlib.use("Agg")

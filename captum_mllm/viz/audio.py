@@ -12,7 +12,8 @@ from captum_mllm.errors import PlotError
 from captum_mllm.viz.text import as_written
 
 if TYPE_CHECKING:
-    from captum_mllm.result import ClipRef, MultimodalLLMAttributionResult
+    from captum_mllm.audio import ClipRef
+    from captum_mllm.result import MultimodalLLMAttributionResult
 
 
 def plot_audio_attr(
