@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr
     from captum_mllm.attribution import MultimodalLLMAttribution
     from captum_mllm.audio import ClipRef
     from captum_mllm.chat import AudioPart, Chat, TextPart, Turn
+    from captum_mllm.chat_features import FeatureInfo
     from captum_mllm.coalitions import (
         CoalitionEvaluator,
         CoalitionStore,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr
     from captum_mllm.encoding import EncodedChat, MaskedChat
     from captum_mllm.gradient import MultimodalLLMGradientAttribution
     from captum_mllm.heap import release_heap, retained_heap
-    from captum_mllm.inputs import ChatInput, FeatureInfo
+    from captum_mllm.inputs import ChatInput
     from captum_mllm.models import (
         HFCausalLMAdapter,
         LFM2AudioAdapter,
@@ -51,13 +52,14 @@ _NAMES = {
     "audio": ("ClipRef",),
     "attribution": ("MultimodalLLMAttribution",),
     "chat": ("AudioPart", "Chat", "TextPart", "Turn"),
+    "chat_features": ("FeatureInfo",),
     "coalitions": ("CoalitionEvaluator", "CoalitionStore", "MemoryStore", "SQLiteStore"),
     "dataset_tables": ("dataset_attributions",),
     "distributed": ("explain_dataset", "explain_sharded"),
     "encoding": ("EncodedChat", "MaskedChat"),
     "gradient": ("MultimodalLLMGradientAttribution",),
     "heap": ("release_heap", "retained_heap"),
-    "inputs": ("ChatInput", "FeatureInfo"),
+    "inputs": ("ChatInput",),
     "models": (
         "HFCausalLMAdapter",
         "LFM2AudioAdapter",

@@ -48,10 +48,7 @@ from captum_mllm.errors import (
 from captum_mllm.games import BaselineDraws, MethodCall, ValueGame, inspected, value_game
 from captum_mllm.heap import retained_heap
 from captum_mllm.inputs import ChatInput
-from captum_mllm.method_args import (
-    check_method_kwargs,
-    trial_seed,
-)
+from captum_mllm.method_args import check_method_kwargs, trial_seed
 from captum_mllm.methods import HierarchicalShapley, ShapleyEstimator
 from captum_mllm.methods.hierarchical import split_wide
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
@@ -64,11 +61,7 @@ from captum_mllm.records import (
     replay_draws,
 )
 from captum_mllm.result import MultimodalLLMAttributionResult
-from captum_mllm.targets import (
-    EmbeddingSimilarity,
-    LogProbTarget,
-    Target,
-)
+from captum_mllm.targets import EmbeddingSimilarity, LogProbTarget, Target
 
 #: Features from which Captum's ``ShapleyValues`` (all n! orders, walked in
 #: Python: 7 features take seconds, 10 about half an hour on a CPU) draws a

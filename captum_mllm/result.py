@@ -17,6 +17,7 @@ from captum.attr import InterpretableInput, LLMAttributionResult
 from torch import Tensor
 
 from captum_mllm.audio import ClipRef
+from captum_mllm.chat_features import FeatureInfo
 from captum_mllm.errors import (
     CaptumMLLMError,
     InvalidOptionError,
@@ -26,14 +27,7 @@ from captum_mllm.errors import (
     require_int,
     require_real,
 )
-from captum_mllm.inputs import FeatureInfo
-from captum_mllm.saved_results import (
-    read_saved,
-    result_file,
-    saved_fields,
-    to_saved,
-    write_saved,
-)
+from captum_mllm.saved_results import read_saved, result_file, saved_fields, to_saved, write_saved
 
 
 def _safe_divide(x: Tensor, d: Tensor) -> Tensor:

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from captum_mllm.audio import ClipRef
+from captum_mllm.chat_features import FeatureInfo
 from captum_mllm.errors import InconsistentVersionWarning, ResultFormatError
 from captum_mllm.fingerprint import digest
-from captum_mllm.inputs import FeatureInfo
 
 if TYPE_CHECKING:
     from captum_mllm.result import MultimodalLLMAttributionResult

@@ -916,12 +916,12 @@ def test_empty_system_turn_is_accepted(model):
 def test_each_parts_words_are_found_once(model, monkeypatch, unit):
     """Every text part's words were found again for each turn holding features:
     a 100-turn chat took 2.8 s to encode on SmolLM2, 0.2 s now."""
-    import captum_mllm.inputs as inputs
+    import captum_mllm.chat_features as features  # where ChatInput finds its words
 
     name = "word_spans" if unit == "word" else "sentence_spans"
-    found = getattr(inputs, name)
+    found = getattr(features, name)
     calls = []
-    monkeypatch.setattr(inputs, name, lambda text: calls.append(text) or found(text))
+    monkeypatch.setattr(features, name, lambda text: calls.append(text) or found(text))
     chat = Chat().system("Be brief.")
     for i in range(12):
         chat = chat.user(f"Question {i}: what is {i} plus {i}?").assistant(f"It is {2 * i}.")

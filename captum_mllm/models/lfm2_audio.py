@@ -23,12 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_mllm.encoding import EncodedChat, MaskedChat
-from captum_mllm.errors import (
-    EmptyCoalitionError,
-    InvalidOptionError,
-    TargetError,
-    warn_caller,
-)
+from captum_mllm.errors import EmptyCoalitionError, InvalidOptionError, TargetError, warn_caller
 from captum_mllm.models.base import Response, token_labels
 from captum_mllm.models.batching import (
     indices_on,
@@ -47,11 +42,7 @@ from captum_mllm.models.decoder import (
     row_generators,
     without_cudnn_attention,
 )
-from captum_mllm.models.lfm2_audio_encoding import (
-    FRAME_SECONDS,
-    LFM2AudioEncoding,
-    gather_rows,
-)
+from captum_mllm.models.lfm2_audio_encoding import FRAME_SECONDS, LFM2AudioEncoding, gather_rows
 from captum_mllm.models.lfm2_audio_generation import END_OF_AUDIO, IM_END, BatchedGeneration
 from captum_mllm.models.packing import PackedRows, distinct_ids
 
