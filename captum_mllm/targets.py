@@ -29,7 +29,7 @@ from captum_mllm.errors import (
 )
 from captum_mllm.fingerprint import plain
 from captum_mllm.models.base import ModelAdapter, Response
-from captum_mllm.models.decoder import check_sampling
+from captum_mllm.models.sampling import check_sampling
 
 
 @dataclass(frozen=True)

@@ -422,7 +422,7 @@ def test_lfm2_sampling_draws_from_what_transformers_warpers_leave(temperature, t
     warpers chain them (a Hugging Face model's sampling runs those warpers)."""
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper
 
-    from captum_mllm.models.decoder import sampling_probs
+    from captum_mllm.models.sampling import sampling_probs
 
     logits = 3 * torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
     warped = TemperatureLogitsWarper(temperature)(None, logits.clone())

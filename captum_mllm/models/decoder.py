@@ -1,6 +1,7 @@
 """What both decoder-LM adapters share: teacher-forced scoring in one forward or
-token by token, hidden states over responses, per-row seeded sampling, and
-the keyword transformers uses for the key/value cache.
+token by token, packed or in length buckets, batched generation, and hidden
+states over responses (the prefix's cache is :mod:`~captum_mllm.models.prefix_cache`'s,
+per-row seeded sampling :mod:`~captum_mllm.models.sampling`'s).
 
 An adapter built on :class:`DecoderLMAdapter` says how a coalition becomes
 model inputs (token ids or embeddings) and how one batch is scored; the loop,
@@ -10,15 +11,11 @@ the length buckets and the per-step mode live here once.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import inspect
-import math
-import numbers
 import sys
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -34,117 +31,14 @@ from captum_mllm.models.batching import (
     default_call_cost,
     default_token_budget,
     enough_rows,
-    ints,
     lengths,
     rows_within,
-    to_device,
 )
 from captum_mllm.models.math_attention import math_attention
 from captum_mllm.models.packing import PackedRows, packed_layers
+from captum_mllm.models.prefix_cache import shares
+from captum_mllm.models.sampling import check_sampling
 from captum_mllm.process_wide import PROCESS_WIDE
-
-
-def cache_kwarg(forward: Callable[..., Any] | None) -> str:
-    """The key/value cache keyword of a model's forward: transformers >= 5.2x
-    calls it ``cache``, older versions ``past_key_values``."""
-    params = inspect.signature(forward).parameters if forward is not None else {}
-    return "cache" if "cache" in params else "past_key_values"
-
-
-@dataclass
-class PrefixCache:
-    """The model's cache of the positions no feature touches, computed once per
-    explanation and expanded over each batch of coalitions.
-
-    Attributes:
-        length (int): prefix positions.
-        cache: the model's cache after them (key/value and, for LFM2's hybrid
-            layers, convolution states).
-        last (Tensor): what the last prefix position predicts the first response
-            token from (logits or a hidden state), for coalitions that keep
-            nothing after the prefix.
-        shared (Tensor): ids (on the host) of the full chat's positions the
-            cache also holds after the prefix. A coalition's row that begins
-            with some of them reads those from the cache instead of pushing
-            them again; what a position holds depends only on the positions
-            before it, so the values are the same (empty: nothing shared).
-    """
-
-    length: int
-    cache: Any
-    last: Tensor
-    shared: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-
-    def reading(self, leads: list[int], width: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """For rows that begin with ``leads`` shared positions and are pushed
-        ``width`` wide: the cache part of their attention mask ``(B, length +
-        len(shared))`` (each row sees the prefix and the shared positions it
-        begins with) and their position ids ``(B, width)``."""
-        lead = ints(leads)
-        seen = torch.arange(self.length + len(self.shared))[None] < (self.length + lead)[:, None]
-        start = to_device(self.length + lead, device)
-        return to_device(seen.long(), device), start[:, None] + torch.arange(width, device=device)
-
-    def leads(self, rows: list[Tensor]) -> list[int]:
-        """How many of each row's first positions are :attr:`shared`'s, never
-        the row's last (so every row pushes at least one). A pure function of
-        the row, so a coalition's value never depends on its batch."""
-        k = len(self.shared)
-        if k == 0 or not rows:
-            return [0] * len(rows)
-        # The first k ids of every row at once, read from the rows laid end to end.
-        lens = ints(lengths(rows))
-        flat = torch.cat([*rows, self.shared.new_full((k,), -1)])
-        starts = torch.cumsum(lens, 0) - lens
-        head = flat[starts[:, None] + torch.arange(k)[None]]  # past a row's end: not its ids,
-        head = head.masked_fill(torch.arange(k)[None] >= lens[:, None], -1)  # so masked (-1)
-        same = (head == self.shared).long().cumprod(1).sum(1)
-        return torch.minimum(same, (lens - 1).clamp(min=0)).tolist()
-
-    @staticmethod
-    def expandable(cache: Any) -> bool:
-        """Whether :meth:`expand` knows how to repeat this cache over a batch."""
-        layers = getattr(cache, "layers", None)
-        if layers is None:
-            return hasattr(cache, "batch_repeat_interleave")
-        return all(
-            hasattr(layer, "batch_repeat_interleave") or hasattr(layer, "conv_states")
-            for layer in layers
-        )
-
-    def expand(self, batch_size: int) -> Any:
-        """A fresh copy for ``batch_size`` rows (the model appends to the cache it
-        is given). transformers' ``batch_repeat_interleave`` repeats keys and values
-        only: the convolution and recurrent states of hybrid models' layers are
-        repeated here."""
-        if getattr(self.cache, "layers", None) is None:
-            cache = copy.deepcopy(self.cache)
-            cache.batch_repeat_interleave(batch_size)
-            return cache
-        # New cache and layer objects over the same tensors: repeating replaces
-        # every state tensor, so the prefix's own are never written (a deep copy
-        # would copy them only to drop the copies).
-        cache = copy.copy(self.cache)
-        cache.layers = layers = [_fresh_containers(layer) for layer in self.cache.layers]
-        for layer in layers:
-            if hasattr(layer, "batch_repeat_interleave"):  # keys and values only
-                layer.batch_repeat_interleave(batch_size)
-            # a hybrid layer (Falcon-H1's) holds both: its states are repeated too
-            for name in ("conv_states", "recurrent_states"):
-                states = getattr(layer, name, {})
-                for i, state in states.items():
-                    if state is not None:
-                        states[i] = state.repeat_interleave(batch_size, dim=0)
-        return cache
-
-
-def _fresh_containers(obj: Any) -> Any:
-    """A shallow copy of ``obj`` whose dict and list attributes are new containers."""
-    new = copy.copy(obj)
-    for name, value in vars(obj).items():
-        if isinstance(value, dict | list):
-            setattr(new, name, copy.copy(value))
-    return new
 
 
 def same_outputs(got: Tensor, want: Tensor) -> bool:
@@ -152,11 +46,6 @@ def same_outputs(got: Tensor, want: Tensor) -> bool:
     rounding (relative to the largest), as a probe of a model's behaviour."""
     tolerance = 1e-4 if want.dtype in (torch.float32, torch.float64) else 3e-2
     return bool((got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max())
-
-
-def shares(prefix: Any) -> bool:
-    """Whether a prefix (an adapter's own kind) holds shared positions."""
-    return isinstance(prefix, PrefixCache) and len(prefix.shared) > 0
 
 
 def _widths(rows: list[Tensor], prefix: Any) -> list[int]:
@@ -179,77 +68,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         has = f"{count} {where.type} device{'s' * (count != 1)}" if count else f"no {where.type}"
         raise InvalidOptionError(f"device {str(device)!r}: this machine has {has}")
     return where
-
-
-def row_generators(seeds: list[int] | None, device: torch.device) -> list[torch.Generator] | None:
-    """One random generator per batch row, so that a row's samples depend on
-    its own seed only, never on the batch it was run in."""
-    if seeds is None:
-        return None
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
-
-def check_sampling(settings: dict[str, Any]) -> None:
-    """Refuse sampling settings no sampler can mean: temperatures are finite
-    and at least 0 (0 is greedy, as in liquid-audio's sampler), top-k's are
-    ints of at least 0 (0 keeps every token, as in transformers), top-p,
-    min-p, typical-p, top-h and the epsilon and eta cutoffs are between 0 and 1."""
-    for key in ("temperature", "audio_temperature"):
-        value = settings.get(key)
-        if value is not None and (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise InvalidOptionError(
-                f"{key} must be a finite number >= 0 (0: greedy), got {value!r}"
-            )
-    for key in ("top_k", "audio_top_k"):
-        if settings.get(key) is not None:
-            require_int(key, settings[key], 0)
-    for key in ("top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"):
-        share = settings.get(key)
-        if share is not None and (
-            isinstance(share, bool)
-            or not isinstance(share, numbers.Real)
-            or not 0 <= float(share) <= 1
-        ):
-            raise InvalidOptionError(f"{key} must be a number in [0, 1], got {share!r}")
-
-
-def sampling_probs(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
-    """``(B, V)`` logits -> the probabilities LFM2-Audio's sampler draws from,
-    as liquid-audio's and transformers' warpers make them: temperature, then
-    top-k. (A Hugging Face model's sampling runs transformers' own warpers.)"""
-    logits = logits.float() / temperature
-    if top_k:  # 0 or None: every token
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    return logits.softmax(-1)
-
-
-def pick_tokens(
-    logits: Tensor,
-    temperature: float | None,
-    top_k: int | None,
-    generators: list[torch.Generator] | None = None,
-) -> Tensor:
-    """Greedy (no temperature) or sampled choice per row of ``(B, V)`` logits
-    (:func:`sampling_probs`)."""
-    if temperature is None or temperature <= 0 or top_k == 1:
-        return logits.argmax(-1)
-    return draw_tokens(sampling_probs(logits, temperature, top_k), generators)
-
-
-def draw_tokens(probs: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
-    """One token per row of ``(B, V)`` probabilities, each row from its own
-    generator when given (else torch's)."""
-    if generators is None:
-        return torch.multinomial(probs, 1)[:, 0]
-    return torch.stack(
-        [torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators, strict=True)]
-    )
 
 
 #: Rows longer than this many tokens are scored one at a time when deterministic.

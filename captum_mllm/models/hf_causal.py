@@ -14,7 +14,6 @@ from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.errors import (
     EmptyCoalitionError,
     InvalidModelError,
-    InvalidOptionError,
 )
 from captum_mllm.models.base import ModelAdapter, Response, token_labels
 from captum_mllm.models.batching import (
@@ -28,35 +27,21 @@ from captum_mllm.models.batching import (
     with_rows,
 )
 from captum_mllm.models.chat_templates import (
-    HUB_KWARGS,
-    processor_template,
     text_tokenizer,
 )
-from captum_mllm.models.decoder import (
-    DecoderLMAdapter,
-    PrefixCache,
-    cache_kwarg,
-    check_sampling,
-    resolve_device,
-    row_generators,
-    same_outputs,
-    shares,
-    without_cudnn_attention,
-)
+from captum_mllm.models.decoder import same_outputs, without_cudnn_attention
 from captum_mllm.models.hf_generation import (
-    HF_SAMPLING,
-    SeededSampling,
+    HFGeneration,
     eos_ids,
-    logits_warpers,
-    stop_string_end,
+    pad_id,
 )
+from captum_mllm.models.hf_loading import load_pretrained
 from captum_mllm.models.packing import PackedRows
+from captum_mllm.models.prefix_cache import PrefixCache, cache_kwarg, shares
 from captum_mllm.models.template_encoding import ChatTemplateEncoding
 
-DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
 
-
-class HFCausalLMAdapter(ChatTemplateEncoding, DecoderLMAdapter):
+class HFCausalLMAdapter(ChatTemplateEncoding, HFGeneration):
     """Wraps a ``transformers`` causal LM (or any module with a HF-style
     ``forward(input_ids, attention_mask) -> .logits``) and its tokenizer.
 
@@ -164,45 +149,10 @@ class HFCausalLMAdapter(ChatTemplateEncoding, DecoderLMAdapter):
             >>> model = HFCausalLMAdapter.from_pretrained(
             ...     "path/to/folder", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
         """
-        from transformers import (
-            MODEL_FOR_CAUSAL_LM_MAPPING,
-            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
-            AutoConfig,
-            AutoModelForCausalLM,
-            AutoModelForImageTextToText,
-            AutoTokenizer,
+        model, tokenizer = load_pretrained(
+            name_or_path, device, dtype, trust_remote_code, gguf_file, **kwargs
         )
-
-        common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if gguf_file is not None:
-            common["gguf_file"] = gguf_file
-        # Where the checkpoint comes from: its tokenizer's files too (another revision's vocabulary)
-        common.update({k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs})
-        torch_dtype = kwargs.pop("torch_dtype", None)  # transformers' old name: ours won over it
-        if torch_dtype is not None:
-            if dtype is not None:
-                raise InvalidOptionError("give dtype= or torch_dtype= (its old name), not both")
-            dtype = torch_dtype
-        dispatched = kwargs.get("device_map") is not None
-        if dispatched and device is not None:  # one would undo the other
-            raise InvalidOptionError("give device= or device_map=, not both")
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
-        if getattr(tokenizer, "chat_template", None) is None:  # a processor's, in its own file
-            tokenizer.chat_template = processor_template(name_or_path, common)
-        where = resolve_device(device)
-        if dtype is None:
-            dtype = torch.float32 if where.type == "cpu" else "auto"
-        config = type(AutoConfig.from_pretrained(name_or_path, **common))
-        auto: Any = AutoModelForCausalLM
-        # A vision-language chat model (Qwen2.5-VL, Llava) has no causal-LM class:
-        # its image-text one reads text chats. AutoModelForCausalLM refused it.
-        if config not in MODEL_FOR_CAUSAL_LM_MAPPING:
-            if config in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-                auto = AutoModelForImageTextToText
-        model = auto.from_pretrained(name_or_path, dtype=dtype, **common, **kwargs)
-        if not dispatched:  # accelerate placed a dispatched model's layers (device_map="auto")
-            model.to(where)  # type: ignore[arg-type]
-        return cls(model.eval(), tokenizer, chat_template_kwargs)
+        return cls(model, tokenizer, chat_template_kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -253,7 +203,7 @@ class HFCausalLMAdapter(ChatTemplateEncoding, DecoderLMAdapter):
     ) -> Response:
         """The response without trailing end-of-sequence and padding tokens (the
         model's, and ``eos_token_id``: a generate call's own, which ended it)."""
-        stop = eos_ids(self.model, self.tokenizer, eos_token_id) | {_pad_id(self.tokenizer)}
+        stop = eos_ids(self.model, self.tokenizer, eos_token_id) | {pad_id(self.tokenizer)}
         ids = response.ids
         n = len(ids)
         while n > 0 and int(ids[n - 1]) in stop:
@@ -487,9 +437,9 @@ class HFCausalLMAdapter(ChatTemplateEncoding, DecoderLMAdapter):
         sizes = lengths(rows)
         # Positions in each row that predict target token j of row b: lens[b] - 1 + j.
         index = to_device(ints(sizes)[:, None] - 1 + torch.arange(n_target)[None], device)
-        ids, mask = pad_rows(rows, _pad_id(self.tokenizer), device=device, suffix=fed)
+        ids, mask = pad_rows(rows, pad_id(self.tokenizer), device=device, suffix=fed)
         if self.is_causal:  # products of enough rows (MIN_PRODUCT_ROWS)
-            ids, mask = widened(ids, mask, _pad_id(self.tokenizer))
+            ids, mask = widened(ids, mask, pad_id(self.tokenizer))
         width = ids.shape[1]
         kwargs: dict[str, Any] = {}
         if self._is_hf:
@@ -532,7 +482,7 @@ class HFCausalLMAdapter(ChatTemplateEncoding, DecoderLMAdapter):
         cached = 0 if prefix is None else prefix.length + len(prefix.shared)
         start = 0 if prefix is None else prefix.length
         first = [start + n for n in (leads or [0] * len(rows))]
-        pad = _pad_id(self.tokenizer)
+        pad = pad_id(self.tokenizer)
         layout, ids = PackedRows.of(rows, cached, first, first, pad, self.device, suffix=fed)
         hidden = self._packed_forward(decoder, layout, prefix, input_ids=ids)[0]
         at = layout.predicting(lengths(rows), n_target)
@@ -578,94 +528,18 @@ class HFCausalLMAdapter(ChatTemplateEncoding, DecoderLMAdapter):
         return context.input_ids.to(self.device)
 
     def _last_hidden(self, rows: list[Tensor]) -> Tensor:
-        ids, mask = pad_rows(rows, _pad_id(self.tokenizer))
+        ids, mask = pad_rows(rows, pad_id(self.tokenizer))
         if self.is_causal:  # products of enough rows (MIN_PRODUCT_ROWS)
-            ids, mask = widened(ids, mask, _pad_id(self.tokenizer))
+            ids, mask = widened(ids, mask, pad_id(self.tokenizer))
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         return out.hidden_states[-1]
-
-    # Generation ------------------------------------------------------------------
-
-    @property
-    def sampling_defaults(self) -> dict[str, Any]:
-        """The model's generation config's ``temperature``, ``top_k``, ``top_p``
-        and ``min_p`` (transformers' 1.0, 50, 1.0 and none where it sets none),
-        which ``model.generate(do_sample=True)`` samples with."""
-        config = getattr(self.model, "generation_config", None)
-        found = {k: getattr(config, k, None) for k in HF_SAMPLING}
-        return {k: v if found[k] is None else found[k] for k, v in HF_SAMPLING.items()}
-
-    def _generate(
-        self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
-    ) -> list[Response]:
-        """Continue each coalition with ``model.generate``, left-padded in one batch.
-
-        Sampling (``do_sample``, with ``temperature``, ``top_k``, ``top_p``,
-        ``min_p``, ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff`` and ``top_h``
-        where given, else the model's generation config's) draws each row's
-        tokens, from what transformers' own warpers leave, with its own
-        generator seeded by ``seeds[b]``, so a row's answer does not depend on
-        the rows beside it.
-
-        Returns:
-            list of Response: the new tokens of each row, up to and including EOS.
-        """
-        pad = _pad_id(self.tokenizer)
-        ids, mask = pad_rows(masked.rows(), pad, left=True, device=self.device)
-        width = ids.shape[1]
-        args = {**DEFAULT_GEN_ARGS, **gen_args}
-        for key in ("audio_temperature", "audio_top_k"):  # a text model has no audio to sample
-            args.pop(key, None)
-        if args.get("num_return_sequences") not in (None, 1):
-            raise InvalidOptionError(
-                "one answer per coalition: num_return_sequences must be 1 "
-                "(EmbeddingSimilarity's samples_per_coalition draws several, seeded)"
-            )
-        given = {k: args.pop(k, None) for k in HF_SAMPLING}
-        if args.pop("do_sample", False):  # unset ones: the model's, as model.generate's
-            defaults = self.sampling_defaults
-            sampling = {k: defaults[k] if v is None else v for k, v in given.items()}
-            check_sampling(sampling)
-            generators = row_generators(seeds, self.device)
-            greedy = not sampling["temperature"] or sampling["top_k"] == 1
-            warpers = [] if greedy else logits_warpers(sampling, self.device)
-            args["logits_processor"] = [SeededSampling(warpers, generators, greedy)]
-        args["do_sample"] = False  # sampled tokens come from the processor above
-        if "max_length" in args:  # max_new_tokens (ours by default) won over it, unread
-            raise InvalidOptionError(
-                "give max_new_tokens, not max_length: max_length counts the prompt too, "
-                "and each coalition's prompt has its own length"
-            )
-        if self._is_hf:
-            args.setdefault("pad_token_id", pad)
-            if args.get("stop_strings"):  # transformers finds them with the tokenizer
-                args.setdefault("tokenizer", self.tokenizer)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **args)  # type: ignore[operator]
-        self.n_forward_calls += 1
-        eos = eos_ids(self.model, self.tokenizer, args.get("eos_token_id"))
-        result = []
-        for row in out[:, width:].tolist():
-            stop = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-            if args.get("stop_strings"):  # a row it ended is padded while others go on
-                stop = stop_string_end(row[:stop], args["stop_strings"], self.tokenizer)
-            result.append(self.response(torch.tensor(row[:stop])))
-        return result
 
 
 def _is_pipeline(obj: Any) -> bool:
     """Whether ``obj`` is a ``transformers`` pipeline (imported only if loaded)."""
     pipelines = sys.modules.get("transformers.pipelines.base")
     return pipelines is not None and isinstance(obj, pipelines.Pipeline)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def _pretty(token: str) -> str:

@@ -1,7 +1,7 @@
-"""transformers' generation settings as :class:`HFCausalLMAdapter` applies
-them: each coalition's row sampled with its own seeded generator, from what
-transformers' own warpers leave, and its end found as a row generated alone
-would end."""
+"""Generation through transformers' ``generate`` as :class:`HFCausalLMAdapter`
+runs it (:class:`HFGeneration`): the coalitions' rows in one left-padded batch,
+each sampled with its own seeded generator, from what transformers' own
+warpers leave, and its end found as a row generated alone would end."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_mllm.models.decoder import draw_tokens
+from captum_mllm.encoding import MaskedChat
+from captum_mllm.errors import InvalidOptionError
+from captum_mllm.models.base import Response
+from captum_mllm.models.batching import pad_rows
+from captum_mllm.models.decoder import DecoderLMAdapter
+from captum_mllm.models.sampling import check_sampling, draw_tokens, row_generators
 
 #: transformers' defaults of its sampling settings (4's GenerationConfig holds
 #: them; 5's leaves them None and fills them in at generate time).
@@ -24,6 +29,8 @@ HF_SAMPLING = {
     "eta_cutoff": 0.0,
     "top_h": None,
 }
+
+DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False}
 
 
 def logits_warpers(sampling: dict[str, Any], device: torch.device) -> list[Any]:
@@ -105,3 +112,87 @@ def eos_ids(model: Any, tokenizer: Any, given: int | list[int] | None = None) ->
         elif isinstance(value, list):
             ids.update(value)
     return ids
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the pad token, else EOS, else unk, else 0."""
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+class HFGeneration(DecoderLMAdapter):
+    """Batched, seeded generation through a Hugging Face model's ``generate``
+    (see :class:`~captum_mllm.models.hf_causal.HFCausalLMAdapter`)."""
+
+    model: Any
+    tokenizer: Any
+    _is_hf: bool
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The model's generation config's ``temperature``, ``top_k``, ``top_p``
+        and ``min_p`` (transformers' 1.0, 50, 1.0 and none where it sets none),
+        which ``model.generate(do_sample=True)`` samples with."""
+        config = getattr(self.model, "generation_config", None)
+        found = {k: getattr(config, k, None) for k in HF_SAMPLING}
+        return {k: v if found[k] is None else found[k] for k, v in HF_SAMPLING.items()}
+
+    def _generate(
+        self, masked: MaskedChat, seeds: list[int] | None = None, **gen_args: Any
+    ) -> list[Response]:
+        """Continue each coalition with ``model.generate``, left-padded in one batch.
+
+        Sampling (``do_sample``, with ``temperature``, ``top_k``, ``top_p``,
+        ``min_p``, ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff`` and ``top_h``
+        where given, else the model's generation config's) draws each row's
+        tokens, from what transformers' own warpers leave, with its own
+        generator seeded by ``seeds[b]``, so a row's answer does not depend on
+        the rows beside it.
+
+        Returns:
+            list of Response: the new tokens of each row, up to and including EOS.
+        """
+        pad = pad_id(self.tokenizer)
+        ids, mask = pad_rows(masked.rows(), pad, left=True, device=self.device)
+        width = ids.shape[1]
+        args = {**DEFAULT_GEN_ARGS, **gen_args}
+        for key in ("audio_temperature", "audio_top_k"):  # a text model has no audio to sample
+            args.pop(key, None)
+        if args.get("num_return_sequences") not in (None, 1):
+            raise InvalidOptionError(
+                "one answer per coalition: num_return_sequences must be 1 "
+                "(EmbeddingSimilarity's samples_per_coalition draws several, seeded)"
+            )
+        given = {k: args.pop(k, None) for k in HF_SAMPLING}
+        if args.pop("do_sample", False):  # unset ones: the model's, as model.generate's
+            defaults = self.sampling_defaults
+            sampling = {k: defaults[k] if v is None else v for k, v in given.items()}
+            check_sampling(sampling)
+            generators = row_generators(seeds, self.device)
+            greedy = not sampling["temperature"] or sampling["top_k"] == 1
+            warpers = [] if greedy else logits_warpers(sampling, self.device)
+            args["logits_processor"] = [SeededSampling(warpers, generators, greedy)]
+        args["do_sample"] = False  # sampled tokens come from the processor above
+        if "max_length" in args:  # max_new_tokens (ours by default) won over it, unread
+            raise InvalidOptionError(
+                "give max_new_tokens, not max_length: max_length counts the prompt too, "
+                "and each coalition's prompt has its own length"
+            )
+        if self._is_hf:
+            args.setdefault("pad_token_id", pad)
+            if args.get("stop_strings"):  # transformers finds them with the tokenizer
+                args.setdefault("tokenizer", self.tokenizer)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **args)  # type: ignore[operator]
+        self.n_forward_calls += 1
+        eos = eos_ids(self.model, self.tokenizer, args.get("eos_token_id"))
+        result = []
+        for row in out[:, width:].tolist():
+            stop = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            if args.get("stop_strings"):  # a row it ended is padded while others go on
+                stop = stop_string_end(row[:stop], args["stop_strings"], self.tokenizer)
+            result.append(self.response(torch.tensor(row[:stop])))
+        return result

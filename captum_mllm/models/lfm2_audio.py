@@ -35,16 +35,12 @@ from captum_mllm.models.batching import (
     widened,
     with_rows,
 )
-from captum_mllm.models.decoder import (
-    PrefixCache,
-    cache_kwarg,
-    resolve_device,
-    row_generators,
-    without_cudnn_attention,
-)
+from captum_mllm.models.decoder import resolve_device, without_cudnn_attention
 from captum_mllm.models.lfm2_audio_encoding import FRAME_SECONDS, LFM2AudioEncoding, gather_rows
 from captum_mllm.models.lfm2_audio_generation import END_OF_AUDIO, IM_END, BatchedGeneration
 from captum_mllm.models.packing import PackedRows, distinct_ids
+from captum_mllm.models.prefix_cache import PrefixCache, cache_kwarg
+from captum_mllm.models.sampling import row_generators
 
 MODES = ("text", "audio", "text+audio")
 

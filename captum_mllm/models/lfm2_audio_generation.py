@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_mllm.models.batching import pad_rows, with_rows
-from captum_mllm.models.decoder import pick_tokens
+from captum_mllm.models.sampling import pick_tokens
 
 if TYPE_CHECKING:
     from captum_mllm.models.lfm2_audio import LFM2AudioAdapter
