@@ -172,7 +172,10 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     next letter is lowercase (``e.g. this``, ``etc. and``, ``Wait... what``),
     in a text that holds a capital (a lowercase transcript's case tells nothing).
     A rule, not a model: ``3.5`` stays whole, and an abbreviation before a
-    capital (``Dr. Smith``) ends a sentence, as in Unicode's rules.
+    capital (``Dr. Smith``) ends a sentence, as in Unicode's rules. A list
+    item's number or letter at the start of a line (``1.``, ``b.``, ``iv.``)
+    begins the sentence after it on that line, where Unicode's rules make it
+    a sentence of its own.
 
     Args:
         text (str): the text of one part.
@@ -201,10 +204,23 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
         )
         if ends and cased and set(_TERMINAL.findall(text, a, b)) == {"."}:
             ends = not _lowercase_next(text, b)
-        if ends or last or any(c in _LINE_BREAKS for c in after):
-            out.append((start, b))
-            start = None
+        broken = any(c in _LINE_BREAKS for c in after)
+        if ends or last or broken:
+            if last or broken or not _list_marker(text, start, b):
+                out.append((start, b))
+                start = None
     return out
+
+
+#: A numbered or lettered list item's marker: ``1.``, ``(12).``, ``b.``, ``IV.``.
+_LIST_MARKER = regex.compile(r"\(?(?:\d{1,3}|\p{L}|[ivxlcdm]{1,6}|[IVXLCDM]{1,6})\)?\.")
+
+
+def _list_marker(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` is a list item's marker at the start of a line."""
+    line = max(text.rfind(c, 0, start) for c in _LINE_BREAKS)
+    at_line_start = not text[line + 1 : start].strip()
+    return at_line_start and _LIST_MARKER.fullmatch(text, start, end) is not None
 
 
 def _lowercase_next(text: str, start: int) -> bool:

@@ -866,6 +866,13 @@ def test_a_template_that_writes_todays_date_warns_until_it_is_pinned(model, chat
         ("  I saw e.g. this one. ", ["I saw e.g. this one."]),  # end none (Unicode's SB8)
         ("See p. (5) on it. Then", ["See p. (5) on it.", "Then"]),  # the next letter's case
         ("Dr. Smith is in. Ask him!", ["Dr.", "Smith is in.", "Ask him!"]),  # a rule, not a model
+        # a list item's number begins its sentence (each was a sentence of its own)
+        (
+            "Steps:\n1. Buy milk.\n2. Walk\nIV. End",
+            ["Steps:", "1. Buy milk.", "2. Walk", "IV. End"],
+        ),
+        ("b. Go. Then 2. Run", ["b. Go.", "Then 2.", "Run"]),  # not at a line's start: ends one
+        ("1.\n2. x", ["1.", "2. x"]),  # alone on its line: a sentence still
         ("Yes! maybe… so? no", ["Yes!", "maybe…", "so?", "no"]),  # ! ? … end one whatever follows
         ("what is it. and this", ["what is it.", "and this"]),  # uncased (a transcript): no SB8
         ("?!", ["?!"]),
