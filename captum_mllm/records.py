@@ -36,16 +36,19 @@ def open_store(
     inp: InterpretableInput,
     response: Response,
 ) -> CoalitionStore:
-    named_digests = fingerprint(attribution, inp, response)
+    """The store a path names (a SQLite file, made or reopened under this
+    explanation's :func:`fingerprint`, which refuses another's), or a store
+    object given, checked against the fingerprint its first explanation left."""
+    digests = fingerprint(attribution, inp, response)
     if isinstance(store, CoalitionStore):  # e.g. a MemoryStore kept between calls
-        named = json.dumps(named_digests, sort_keys=True)
+        named = json.dumps(digests, sort_keys=True)
         if store.first("fingerprint", named) != named:  # keys are coalitions alone
             raise StoreMismatchError(
                 "this store holds another explanation's coalitions; use a new store for "
                 "each explanation"
             )
         return store
-    return SQLiteStore(Path(store), named_digests)
+    return SQLiteStore(Path(store), digests)
 
 
 def replay_draws(
@@ -106,6 +109,8 @@ def provenance(
     store: Any,
     gen_args: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    """How a result was computed: adapter, model, method and its scalar
+    arguments, target, input settings, generation settings and store."""
     module = getattr(attribution.adapter, "model", attribution.adapter)
     config = getattr(module, "config", None)
     return {
