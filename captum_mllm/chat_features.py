@@ -1,5 +1,5 @@
 """A chat's features: which positions of its position table form each token,
-word, sentence, turn or audio span feature (:class:`ChatFeatures`, which
+word, sentence, paragraph, turn or audio span feature (:class:`ChatFeatures`, which
 :class:`~captum_mllm.inputs.ChatInput` inherits), what each feature is
 (:class:`FeatureInfo`), and the token that stands for an absent text feature."""
 
@@ -34,6 +34,7 @@ from captum_mllm.models.base import OVERLAP
 from captum_mllm.words import (
     is_punctuation,
     is_separator,
+    paragraph_spans,
     sentence_spans,
     spoken_word_spans,
     strip_separators,
@@ -98,7 +99,7 @@ class ChatFeatures(InterpretableInput):
             if self.text_unit == "token":
                 groups = [([p], enc.tokens[p]) for p in content]
             else:
-                groups = self._words(content, self.text_unit == "sentence")
+                groups = self._words(content, self.text_unit)
             for members, text in groups:
                 if not self._skipped(text):
                     label = strip_separators(text)
@@ -157,9 +158,9 @@ class ChatFeatures(InterpretableInput):
                 found.append((tuple(groups[key]), f"audio[{start:.2f}-{stop:.2f}s]", (start, stop)))
         return found
 
-    def _words(self, content: list[int], sentences: bool = False) -> list[tuple[list[int], str]]:
-        """Group content tokens into the words (or ``sentences``) they spell, in
-        whole tokens.
+    def _words(self, content: list[int], unit: str = "word") -> list[tuple[list[int], str]]:
+        """Group content tokens into the words (or sentences, or paragraphs:
+        ``unit``) they spell, in whole tokens.
 
         A token belongs to the word its first non-space character falls in;
         a token that reaches into the next words (Chinese characters a token
@@ -170,7 +171,8 @@ class ChatFeatures(InterpretableInput):
         space too (as a template value ``" word"`` would).
         """
         enc = self.encoded
-        spans_of = sentence_spans if sentences else word_spans
+        units = {"word": word_spans, "sentence": sentence_spans, "paragraph": paragraph_spans}
+        spans_of = units[unit]
         words: dict[tuple[int, int], list[tuple[int, int]]] = {}  # of the parts content holds
         starts: dict[tuple[int, int], list[int]] = {}
         groups: list[tuple[tuple[int, int], int, int, list[int]]] = []  # part, spans, tokens

@@ -73,8 +73,8 @@ class InvalidOptionError(CaptumMLLMError):
 
     Examples::
 
-        >>> ChatInput(chat, model, text_unit="sentence")
-        InvalidOptionError: text_unit must be one of ('token', 'word', 'turn'), got 'sentence'
+        >>> ChatInput(chat, model, text_unit="words")
+        InvalidOptionError: text_unit must be one of (..., 'word', ...), got 'words'
     """
 
 

@@ -32,9 +32,9 @@ from captum_mllm.errors import (
 )
 from captum_mllm.fingerprint import plain
 from captum_mllm.models.base import ModelAdapter
-from captum_mllm.words import is_separator, sentence_spans
+from captum_mllm.words import is_separator, paragraph_spans, sentence_spans
 
-TEXT_UNITS = ("token", "word", "sentence", "turn")
+TEXT_UNITS = ("token", "word", "sentence", "paragraph", "turn")
 AUDIO_BASELINES = ("drop", "embedding", "silence")
 #: Feature labels a ChatInput's repr shows.
 REPR_LABELS = 8
@@ -49,7 +49,9 @@ class ChatInput(ChatFeatures):
         roles (tuple of str, optional): roles whose turns hold features.
             Default: ``("user",)``
         text_unit (str, optional): ``"token"``, ``"word"``, ``"sentence"`` (see
-            :func:`~captum_mllm.words.sentence_spans`) or ``"turn"``.
+            :func:`~captum_mllm.words.sentence_spans`), ``"paragraph"`` (text up
+            to a blank line, such as one retrieved passage of several: see
+            :func:`~captum_mllm.words.paragraph_spans`) or ``"turn"``.
             Default: ``"word"``
         skip (str or tuple of str, optional): what is never a feature: ``"punctuation"``
             (tokens/words of punctuation and space only) and ``"special"``
@@ -282,7 +284,8 @@ class ChatInput(ChatFeatures):
         return itp_attr
 
     def feature_tree(self) -> list[Any]:
-        """Features grouped turn -> part -> sentence (of a text part, see
+        """Features grouped turn -> part -> paragraph -> sentence (of a text
+        part, see :func:`~captum_mllm.words.paragraph_spans` and
         :func:`~captum_mllm.words.sentence_spans`, or of a clip's aligned
         transcript) -> feature, as nested lists of feature indices (levels with
         one member collapse): the tree of :class:`~captum_mllm.methods.HierarchicalShapley`.
@@ -293,16 +296,17 @@ class ChatInput(ChatFeatures):
             [[0, 1], [[2, 3, 4], [[5, 6], [7, 8]]]]
         """
         enc = self.encoded
-        turns: dict[int, dict[Any, dict[int, list[int]]]] = {}
+        turns: dict[int, dict[Any, dict[tuple[int, int], list[int]]]] = {}
         across = []  # a group across turns (or parts) belongs to none: a node of its own
         starts = {k: [a for a, _ in sentence_spans(t)] for k, t in enc.part_texts.items()}
+        passages = {k: [a for a, _ in paragraph_spans(t)] for k, t in enc.part_texts.items()}
         for f, feature in enumerate(self.features):
             if feature.turn < 0:
                 across.append(f)
                 continue
             parts = {int(enc.part[p]) for p in feature.positions} - {-1}
             part = parts.pop() if len(parts) == 1 else ("across", f)
-            sentence = 0
+            paragraph = sentence = 0
             if feature.modality == "text" and isinstance(part, int):
                 text = enc.part_texts[(feature.turn, part)]
                 first = min(p for p in feature.positions if int(enc.part[p]) == part)
@@ -310,19 +314,26 @@ class ChatInput(ChatFeatures):
                 while start < len(text) - 1 and is_separator(text[start]):
                     start += 1
                 sentence = bisect.bisect_right(starts[(feature.turn, part)], start)
+                paragraph = bisect.bisect_right(passages[(feature.turn, part)], start)
             elif feature.clip in self._spoken_sentences and feature.time is not None:
                 middle = (feature.time[0] + feature.time[1]) / 2  # a spoken word's sentence
                 sentence = bisect.bisect_right(self._spoken_sentences[feature.clip], middle)
             sentences = turns.setdefault(feature.turn, {}).setdefault(part, {})
-            sentences.setdefault(sentence, []).append(f)
+            sentences.setdefault((paragraph, sentence), []).append(f)
 
         def collapse(node: list[Any]) -> Any:
             """A list of one member is that member."""
             node = [collapse(n) if isinstance(n, list) else n for n in node]
             return node[0] if len(node) == 1 else node
 
+        def paragraphs(sentences: dict[tuple[int, int], list[int]]) -> list[list[list[int]]]:
+            grouped: dict[int, list[list[int]]] = {}
+            for (paragraph, _), members in sentences.items():
+                grouped.setdefault(paragraph, []).append(members)
+            return list(grouped.values())
+
         tree = [
-            collapse([list(sentences.values()) for sentences in parts.values()])
+            collapse([paragraphs(sentences) for sentences in parts.values()])
             for _, parts in sorted(turns.items())
         ] + across
         out = collapse(tree)

@@ -160,6 +160,7 @@ def _parser(language: str) -> Any:
 _TERMINAL = regex.compile(r"[\p{Sentence_Terminal}…]")
 _CJK_TERMINALS = frozenset("。！？｡")
 _LINE_BREAKS = frozenset("\n\r\u2028\u2029")
+_LINE_BREAK = regex.compile(r"\r\n|[\n\r\u2028]")  # one line break (CRLF is one)
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
@@ -221,6 +222,35 @@ def _list_marker(text: str, start: int, end: int) -> bool:
     line = max(text.rfind(c, 0, start) for c in _LINE_BREAKS)
     at_line_start = not text[line + 1 : start].strip()
     return at_line_start and _LIST_MARKER.fullmatch(text, start, end) is not None
+
+
+def paragraph_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the paragraphs of a text: runs of :func:`word_spans`
+    that a blank line (two line breaks, whatever spaces lie between) or
+    Unicode's paragraph separator (U+2029) ends, as Markdown reads them (a
+    single line break stays inside a paragraph).
+
+    Args:
+        text (str): the text of one part.
+
+    Returns:
+        list of (start, end): spans in order.
+
+    Examples::
+
+        >>> text = "Passage one.\nStill one.\n\nPassage two."
+        >>> [text[a:b] for a, b in paragraph_spans(text)]
+        ['Passage one.\nStill one.', 'Passage two.']
+    """
+    out: list[tuple[int, int]] = []
+    words = word_spans(text)
+    for i, (a, b) in enumerate(words):
+        gap = text[words[i - 1][1] : a] if i else ""  # the separators before this word
+        if not out or len(_LINE_BREAK.findall(gap)) >= 2 or "\u2029" in gap:
+            out.append((a, b))
+        else:
+            out[-1] = (out[-1][0], b)
+    return out
 
 
 def _lowercase_next(text: str, start: int) -> bool:

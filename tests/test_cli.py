@@ -209,6 +209,13 @@ def test_target_stderr_and_baselines_reach_the_run(tmp_path, capsys):
     assert code == 0, err
     res = MultimodalLLMAttributionResult.load(audio / "result.json")
     assert res.provenance["input_settings"]["audio_baseline"] == "silence"
+    passages = tmp_path / "passages"  # one feature a paragraph
+    code, _, err = run(["explain", "--user", "One here.\n\nTwo there.\n\nWhich?", "--model",
+                        "tiny-llama", "--text-unit", "paragraph", "--method", "exact",
+                        "--answer", "One.", "--out", passages], capsys)  # fmt: skip
+    assert code == 0, err
+    res = MultimodalLLMAttributionResult.load(passages / "result.json")
+    assert res.input_tokens == ["One here.", "Two there.", "Which?"]
 
 
 def test_device_and_dtype_reach_the_test_models(tmp_path, capsys, monkeypatch):

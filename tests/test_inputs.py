@@ -217,7 +217,7 @@ def test_messages_accepted_and_errors(model):
     with pytest.raises(NoFeaturesError, match="final assistant turn is the answer"):
         ChatInput(Chat().user("Hi").assistant("Hello there."), model, roles=("assistant",))
     with pytest.raises(InvalidOptionError):
-        ChatInput(Chat().user("hi"), model, text_unit="paragraph")
+        ChatInput(Chat().user("hi"), model, text_unit="paragraphs")  # a misspelt unit
     with pytest.raises(InvalidRoleError):
         ChatInput(Chat().user("hi"), model, roles=("robot",))
     with pytest.raises(InvalidContentError):
@@ -887,6 +887,40 @@ def test_sentence_spans(text, sentences):
     from captum_mllm.words import sentence_spans
 
     assert [text[a:b] for a, b in sentence_spans(text)] == sentences
+
+
+@pytest.mark.parametrize(
+    "text, paragraphs",
+    [
+        ("One. Two\nthree.\n\nFour five.", ["One. Two\nthree.", "Four five."]),  # a line break
+        ("A\n \t\nB\r\n\r\nC\r\nD", ["A", "B", "C\r\nD"]),  # a blank line may hold spaces
+        ("A\u2029B\n\n\n\n", ["A", "B"]),  # Unicode's paragraph separator
+        ("  \n\n ", []),
+    ],
+)
+def test_paragraph_spans(text, paragraphs):
+    from captum_mllm.words import paragraph_spans
+
+    assert [text[a:b] for a, b in paragraph_spans(text)] == paragraphs
+
+
+def test_paragraphs_are_features_in_whole_tokens(model):
+    """text_unit="paragraph": each retrieved passage of a turn is one feature,
+    the positions of its sentences together."""
+    passages = "The sky is blue. It is day.\nBirds fly.\n\nGrass is green.\n\nWhat is blue?"
+    inp = ChatInput(Chat().system("Use the passages.").user(passages), model, text_unit="paragraph")
+    assert inp.values == [
+        "The sky is blue. It is day.\nBirds fly.",
+        "Grass is green.",
+        "What is blue?",
+    ]
+    for f in inp.features:
+        assert model.tokenizer.decode(inp.encoded.input_ids[list(f.positions)]).strip() == f.label
+    sentences = ChatInput(
+        Chat().system("Use the passages.").user(passages), model, text_unit="sentence"
+    )
+    first = [p for f in sentences.features[:3] for p in f.positions]
+    assert sorted(first) == sorted(inp.features[0].positions)
 
 
 def test_sentences_are_features_in_whole_tokens(model):

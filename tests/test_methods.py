@@ -526,6 +526,14 @@ def test_the_chat_tree_has_a_sentence_level(model):
         [0, 1],
         [2, 3, 4],
     ]
+    # Passages (paragraphs) of a turn are a level above its sentences: a
+    # retrieval prompt's words were children of its sentences alone
+    passages = Chat().user("The sky is blue. It is day.\nBirds fly.\n\nGrass is green.\n\nWhy?")
+    assert ChatInput(passages, model).feature_tree() == [
+        [[0, 1, 2, 3], [4, 5, 6], [7, 8]],
+        [9, 10, 11],
+        12,
+    ]
 
 
 def test_bayesian_shapley_is_efficient_exact_at_2n_and_beats_the_samplers():

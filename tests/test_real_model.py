@@ -228,3 +228,32 @@ def test_the_decisive_word_carries_the_answer(smol, question, answer, decisive):
     first = res.token_attr[0]  # the answer's first token: it carries the fact
     assert inp.values[int(first.argmax())] == decisive
     assert inp.values[int(res.seq_attr.argmax())] == decisive
+
+
+@pytest.mark.parametrize(
+    "passages, question, answer",
+    [
+        (
+            ["Bananas are a yellow fruit.", "The capital city of France is Paris.",
+             "Cats sleep a lot."],
+            "Using the passages, what is the capital city of France?",
+            "The capital city of France is Paris.",
+        ),
+        (
+            ["The Eiffel Tower is in Paris.", "Mount Fuji is the highest mountain in Japan.",
+             "Penguins live in Antarctica."],
+            "Using the passages, what is the highest mountain in Japan?",
+            "The highest mountain in Japan is Mount Fuji.",
+        ),
+    ],
+)  # fmt: skip
+def test_the_passage_holding_the_answer_outweighs_the_others(smol, passages, question, answer):
+    """A retrieval-augmented prompt, a passage a paragraph: the answer rests on
+    the passage that holds it, more than on any other passage."""
+    text = "\n\n".join([*passages, question])
+    inp = ChatInput(Chat().user(text), smol, text_unit="paragraph")
+    assert inp.values == [*passages, question]
+    res = MultimodalLLMAttribution(ExactShapleyValues(smol), smol).attribute(inp, target=answer)
+    holding = 1
+    others = [float(res.seq_attr[i]) for i in (0, 2)]
+    assert float(res.seq_attr[holding]) > max(others) + 1.0, res.seq_attr

@@ -186,7 +186,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--adapter", choices=("hf", "lfm2-audio"), help="default: guessed")
     parser.add_argument(
-        "--text-unit", default="word", choices=("token", "word", "sentence", "turn")
+        "--text-unit", default="word", choices=("token", "word", "sentence", "paragraph", "turn")
     )
     parser.add_argument(
         "--audio-unit", default="0.5", help="frame, turn, word, sentence, or seconds"
