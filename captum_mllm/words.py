@@ -238,9 +238,9 @@ def paragraph_spans(text: str) -> list[tuple[int, int]]:
 
     Examples::
 
-        >>> text = "Passage one.\nStill one.\n\nPassage two."
+        >>> text = "Passage one.\\nStill one.\\n\\nPassage two."
         >>> [text[a:b] for a, b in paragraph_spans(text)]
-        ['Passage one.\nStill one.', 'Passage two.']
+        ['Passage one.\\nStill one.', 'Passage two.']
     """
     out: list[tuple[int, int]] = []
     words = word_spans(text)
