@@ -299,7 +299,9 @@ class ChatInput(ChatFeatures):
         turns: dict[int, dict[Any, dict[tuple[int, int], list[int]]]] = {}
         across = []  # a group across turns (or parts) belongs to none: a node of its own
         starts = {k: [a for a, _ in sentence_spans(t)] for k, t in enc.part_texts.items()}
-        passages = {k: [a for a, _ in paragraph_spans(t)] for k, t in enc.part_texts.items()}
+        paragraph_starts = {
+            k: [a for a, _ in paragraph_spans(t)] for k, t in enc.part_texts.items()
+        }
         for f, feature in enumerate(self.features):
             if feature.turn < 0:
                 across.append(f)
@@ -310,11 +312,11 @@ class ChatInput(ChatFeatures):
             if feature.modality == "text" and isinstance(part, int):
                 text = enc.part_texts[(feature.turn, part)]
                 first = min(p for p in feature.positions if int(enc.part[p]) == part)
-                start = int(enc.char_start[first])  # its first visible character's sentence
+                start = int(enc.char_start[first])  # its first visible character's place
                 while start < len(text) - 1 and is_separator(text[start]):
                     start += 1
                 sentence = bisect.bisect_right(starts[(feature.turn, part)], start)
-                paragraph = bisect.bisect_right(passages[(feature.turn, part)], start)
+                paragraph = bisect.bisect_right(paragraph_starts[(feature.turn, part)], start)
             elif feature.clip in self._spoken_sentences and feature.time is not None:
                 middle = (feature.time[0] + feature.time[1]) / 2  # a spoken word's sentence
                 sentence = bisect.bisect_right(self._spoken_sentences[feature.clip], middle)
