@@ -23,7 +23,14 @@ the demo aligner), and we count how often the deciding word ("kitchen",
 "light", "on") gets the largest attribution for the answer token it decides,
 per method and budget, per audio baseline, with the deletion area.
 
-Run: ``python benchmarks/faithfulness.py [--speech | --speech-only] [--speech-seed 2026]``.
+Retrieved passages: for twelve facts, a prompt of four passages (the one
+holding the fact and three others, in a seeded order) and the question, one
+feature a passage (``text_unit="paragraph"``) and one the question; the
+answer sentence is the target, and we count how often the passage holding
+it gets the largest attribution among the passages (chance: 1 in 4).
+
+Run: ``python benchmarks/faithfulness.py [--speech | --speech-only | --passages-only]
+[--speech-seed 2026]``.
 """
 
 from __future__ import annotations
@@ -201,6 +208,77 @@ def speech(n_requests: int, seed: int = 2026) -> None:
         print(f"{name:44s} {first_text:>20s} {deletion:9.3f}")
 
 
+#: Facts for the retrieved-passages section: (passage, question, answer).
+FACTS = [
+    ("The capital city of France is Paris.", "What is the capital city of France?",
+     "The capital city of France is Paris."),
+    ("Mount Fuji is the highest mountain in Japan.", "What is the highest mountain in Japan?",
+     "The highest mountain in Japan is Mount Fuji."),
+    ("A spider has eight legs.", "How many legs does a spider have?",
+     "A spider has eight legs."),
+    ("The Pacific is the largest ocean on Earth.", "What is the largest ocean on Earth?",
+     "The largest ocean on Earth is the Pacific."),
+    ("Mars is known as the red planet.", "Which planet is known as the red planet?",
+     "Mars is known as the red planet."),
+    ("Water boils at one hundred degrees Celsius.", "At what temperature does water boil?",
+     "Water boils at one hundred degrees Celsius."),
+    ("The Nile is the longest river in Africa.", "What is the longest river in Africa?",
+     "The longest river in Africa is the Nile."),
+    ("Honey is made by bees.", "Which insects make honey?", "Honey is made by bees."),
+    ("The Eiffel Tower stands in Paris.", "In which city is the Eiffel Tower?",
+     "The Eiffel Tower is in Paris."),
+    ("Penguins live in Antarctica.", "Where do penguins live?", "Penguins live in Antarctica."),
+    ("The violin has four strings.", "How many strings does a violin have?",
+     "A violin has four strings."),
+    ("Tokyo is the capital city of Japan.", "What is the capital city of Japan?",
+     "The capital city of Japan is Tokyo."),
+]  # fmt: skip
+
+
+def passages(seed: int = 0, distractors: int = 3) -> None:
+    """Retrieval-augmented prompts, one feature a passage (``text_unit="paragraph"``):
+    does the passage holding the answer get the largest attribution among them?"""
+    model = load_default_model()
+    rng = np.random.default_rng(seed)
+    n = distractors + 2  # the passages and the question
+    chosen = {
+        "exact Shapley": (ExactShapleyValues, {}),
+        "ours LeverageKernelShap 2n": (LeverageKernelShap, {"budget": 2 * n, "seed": 0}),
+        "ours BayesianShapley 2n": (BayesianShapley, {"budget": 2 * n, "seed": 0}),
+        "captum ShapleyValueSampling 2n": (ShapleyValueSampling, {"n_samples": 2}),
+        "leave-one-out (FeatureAblation)": (FeatureAblation, {}),
+        **{  # integrated gradients: 64 passes an answer token, minutes a long prompt here
+            k: v for k, v in gradient_methods(attention=True).items() if "integrated" not in k
+        },
+    }
+    firsts: dict[str, list[bool]] = {}
+    start = time.perf_counter()
+    for i, (passage, question, answer) in enumerate(FACTS):
+        others = rng.choice([f[0] for j, f in enumerate(FACTS) if j != i], distractors, False)
+        texts = [passage, *others]
+        order = rng.permutation(len(texts))
+        texts = [texts[k] for k in order]
+        holding = int(np.flatnonzero(order == 0)[0])
+        inp = ChatInput(Chat().user("\n\n".join([*texts, question])), model, text_unit="paragraph")
+        for name, (cls, kwargs) in chosen.items():
+            torch.manual_seed(0)
+            if name in GRADIENT_NAMES:
+                res = explain_with(cls, kwargs, model, inp, answer)
+            else:
+                attr = MultimodalLLMAttribution(cls(model), model)
+                res = attr.attribute(inp, target=answer, perturbations_per_eval=64, **kwargs)
+            among = res.seq_attr[: len(texts)].double().numpy()
+            firsts.setdefault(name, []).append(int(np.argmax(among)) == holding)
+    print(
+        f"\n{len(FACTS)} retrieval prompts on SmolLM2-135M-Instruct ({distractors} distractor "
+        f"passages each, seed {seed}), {time.perf_counter() - start:.0f} s; chance "
+        f"{1 / (distractors + 1):.2f}"
+    )
+    print(f"{'method':36s} {'passage holding the answer first':>33s}")
+    for name, hits in firsts.items():
+        print(f"{name:36s} {np.mean(hits):33.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
@@ -208,11 +286,15 @@ def main() -> None:
     parser.add_argument("--speech-only", action="store_true")
     parser.add_argument("--speech-requests", type=int, default=20)
     parser.add_argument("--speech-seed", type=int, default=2026, help="draws requests and voices")
+    parser.add_argument("--passages-only", action="store_true", help="the retrieval section alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.speech or args.speech_only:
         speech(args.speech_requests, args.speech_seed)
     if args.speech_only:
+        return
+    passages()
+    if args.passages_only:
         return
     model = load_default_model()
     rows: dict[str, list[tuple[float, float, float]]] = {}
