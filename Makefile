@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python benchmarks/estimators.py
 	$(BIN)/python benchmarks/oracle_bound.py
 	$(BIN)/python benchmarks/logit_surrogate.py
+	$(BIN)/python benchmarks/per_token_prior.py
 	$(BIN)/python benchmarks/faithfulness.py --speech
 	$(BIN)/python benchmarks/scale_out.py
 	$(BIN)/python benchmarks/long_inputs.py
