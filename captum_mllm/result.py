@@ -27,7 +27,14 @@ from captum_mllm.errors import (
     require_int,
     require_real,
 )
-from captum_mllm.saved_results import read_saved, result_file, saved_fields, to_saved, write_saved
+from captum_mllm.saved_results import (
+    RESULT_FILE,
+    read_saved,
+    result_file,
+    saved_fields,
+    to_saved,
+    write_saved,
+)
 
 
 def _safe_divide(x: Tensor, d: Tensor) -> Tensor:
@@ -164,7 +171,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         (``path`` with suffix ``.npz``); no pickle.
 
         Args:
-            path (str or PathLike): e.g. ``"explanation.json"``.
+            path (str or PathLike): e.g. ``"explanation.json"``; a folder that
+                exists gets ``result.json`` (as :meth:`load` reads a folder).
             embed_audio (bool, optional): see :meth:`to_dict`. Default: True
 
         Returns:
@@ -176,6 +184,8 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
             >>> again = MultimodalLLMAttributionResult.load("explanation.json")
         """
         path = Path(path)
+        if path.is_dir():  # the JSON was renamed onto the folder: Errno 21, files beside it
+            path = path / RESULT_FILE
         if path.suffix == ".npz":  # the JSON would overwrite the arrays
             raise InvalidOptionError(
                 f"save the result as a .json path (its arrays go beside it as .npz), got {path}"

@@ -246,6 +246,12 @@ def test_a_folder_is_read_as_the_result_it_holds(tmp_path, model, chat):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ResultFormatError, match="no saved result in .*empty .no result.json"):
         MultimodalLLMAttributionResult.load(tmp_path / "empty")
+    # and a folder is written as load reads it: save(folder) raised Errno 21
+    # after leaving folder.npz and folder.partial beside it
+    assert res.save(tmp_path / "empty") == tmp_path / "empty" / "result.json"
+    back = MultimodalLLMAttributionResult.load(tmp_path / "empty")
+    torch.testing.assert_close(back.seq_attr, res.seq_attr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "runs"]
 
 
 def test_a_result_names_the_input_settings_that_made_its_features(model, chat, tmp_path):
