@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # what type checkers and editors read; at run time, __getattr
         MemoryStore,
         SQLiteStore,
     )
+    from captum_mllm.contrastive import ContrastiveTarget
     from captum_mllm.dataset_tables import dataset_attributions
     from captum_mllm.distributed import explain_dataset, explain_sharded
     from captum_mllm.encoding import EncodedChat, MaskedChat
@@ -53,6 +54,7 @@ _NAMES = {
     "attribution": ("MultimodalLLMAttribution",),
     "chat": ("AudioPart", "Chat", "TextPart", "Turn"),
     "chat_features": ("FeatureInfo",),
+    "contrastive": ("ContrastiveTarget",),
     "coalitions": ("CoalitionEvaluator", "CoalitionStore", "MemoryStore", "SQLiteStore"),
     "dataset_tables": ("dataset_attributions",),
     "distributed": ("explain_dataset", "explain_sharded"),
@@ -80,6 +82,7 @@ __all__ = [
     "ClipRef",
     "CoalitionEvaluator",
     "CoalitionStore",
+    "ContrastiveTarget",
     "EmbeddingSimilarity",
     "EncodedChat",
     "FeatureInfo",

@@ -362,7 +362,7 @@ class ChatInput(ChatFeatures):
             warnings.simplefilter("ignore")
             other = ChatInput(whole, self.model, **self._arguments)
         same = torch.equal(other.encoded.input_ids, self.encoded.input_ids)
-        return self if same and "answer_ids" not in other.encoded.state else other
+        return self if same and "answer_lead" not in other.encoded.state else other
 
     def __repr__(self) -> str:
         """What a notebook shows: the features, counted by modality, the first

@@ -218,6 +218,22 @@ def test_target_stderr_and_baselines_reach_the_run(tmp_path, capsys):
     assert res.input_tokens == ["One here.", "Two there.", "Which?"]
 
 
+def test_a_foil_makes_the_explanation_contrastive(tmp_path, capsys):
+    argv = ["explain", "--user", "Who are you, my friend?", "--model", "tiny-llama",
+            "--method", "exact", "--answer", "Paris."]  # fmt: skip
+    runs = {}
+    for name, flags in [("plain", []), ("foil", ["--foil", "Lyon."])]:
+        code, out, err = run([*argv, *flags, "--out", tmp_path / name], capsys)
+        assert code == 0, err
+        runs[name] = MultimodalLLMAttributionResult.load(tmp_path / name)
+    assert "answer: 'Paris.', rather than 'Lyon.'" in out
+    assert runs["foil"].provenance["target"] == {"class": "ContrastiveTarget", "foil": "Lyon."}
+    assert runs["foil"].seq_attr.tolist() != runs["plain"].seq_attr.tolist()
+    assert "rather than" in (tmp_path / "foil" / "report.html").read_text(encoding="utf-8")
+    code, _, err = run([*argv, "--foil", "Lyon.", "--target", "similarity"], capsys)
+    assert code == 2 and "--foil weighs log-probabilities" in err
+
+
 def test_device_and_dtype_reach_the_test_models(tmp_path, capsys, monkeypatch):
     # --dtype and --device went unread for the tiny models: float32 on the CPU
     argv = ["explain", "--user", "Who are you, my friend?", "--model", "tiny-llama",

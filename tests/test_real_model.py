@@ -257,3 +257,25 @@ def test_the_passage_holding_the_answer_outweighs_the_others(smol, passages, que
     holding = 1
     others = [float(res.seq_attr[i]) for i in (0, 2)]
     assert float(res.seq_attr[holding]) > max(others) + 1.0, res.seq_attr
+
+
+@pytest.mark.parametrize(
+    "who, answer, foil, for_answer, for_foil",
+    [("Bob", "Rome", "Paris", 1, 0), ("Alice", "Paris", "Rome", 0, 1)],
+)
+def test_why_this_city_rather_than_that_one(smol, who, answer, foil, for_answer, for_foil):
+    """A contrastive explanation (ContrastiveTarget): the sentence placing the
+    person in the answer's city is the most for the answer, the one placing
+    the other person in the foil's city the most against it."""
+    from captum_mllm import ContrastiveTarget
+
+    text = (
+        "Alice lives in Paris. Bob lives in Rome. Carol lives in Oslo. "
+        f"Where does {who} live? Answer with the city only."
+    )
+    inp = ChatInput(Chat().user(text), smol, text_unit="sentence")
+    attr = MultimodalLLMAttribution(ExactShapleyValues(smol), smol, target=ContrastiveTarget(foil))
+    res = attr.attribute(inp, target=answer)
+    assert int(res.seq_attr.argmax()) == for_answer, res.seq_attr
+    assert int(res.seq_attr.argmin()) == for_foil, res.seq_attr
+    assert float(res.seq_attr[for_answer]) > 1.0 and float(res.seq_attr[for_foil]) < -1.0

@@ -140,6 +140,8 @@ def _explain_command(args: argparse.Namespace) -> None:
         # The chat's final turn, so the answer follows what the template puts before it
         chat, answer = chat.assistant(answer), None
     answered = args.answer is not None or chat.split_response()[1] is not None
+    if args.foil is not None and args.target != "log-prob":
+        raise UsageError(f"--foil weighs log-probabilities: --target {args.target} has none")
     if answered and args.max_new_tokens is not None and args.target == "log-prob":
         raise UsageError("--max-new-tokens is unused: the answer to explain is given")
     if audio_unit_value(args.audio_unit) in ALIGNED_UNITS and not args.transcript:
@@ -149,7 +151,7 @@ def _explain_command(args: argparse.Namespace) -> None:
     input_kwargs = _input_kwargs(args)
     if args.transcript:
         input_kwargs["transcripts"] = list(args.transcript)
-    settings = {**_settings(args), "answer": answer, "store": args.store}
+    settings = {**_settings(args), "answer": answer, "foil": args.foil, "store": args.store}
     model = model_factory(args)()
     _run(model, chat, settings, args.out, _max_new_tokens(args), input_kwargs)
 
@@ -266,12 +268,22 @@ def _run(
 ) -> None:
     import torch
 
-    from captum_mllm import ChatInput, EmbeddingSimilarity, MultimodalLLMAttribution
+    from captum_mllm import (
+        ChatInput,
+        ContrastiveTarget,
+        EmbeddingSimilarity,
+        MultimodalLLMAttribution,
+        Target,
+    )
 
     torch.manual_seed(settings["seed"])
     inp = ChatInput(chat, model, **(input_kwargs or {}))
     gen = {"max_new_tokens": max_new_tokens}
-    target = EmbeddingSimilarity(gen_args=gen) if settings["target"] == "similarity" else None
+    target: Target | None = None
+    if settings["target"] == "similarity":
+        target = EmbeddingSimilarity(gen_args=gen)
+    elif settings.get("foil") is not None:
+        target = ContrastiveTarget(settings["foil"])
     method = _method(settings["method"], model)
     n = inp.n_itp_features
     if settings["method"] == "exact" and n > method.max_features:  # before the answer
@@ -338,7 +350,8 @@ def _method(name: str, model: Any) -> Any:
 
 
 def _print(res: Any) -> None:
-    print(f"answer: {res.response_text!r}")
+    foil = (res.provenance.get("target") or {}).get("foil")
+    print(f"answer: {res.response_text!r}" + (f", rather than {foil!r}" if foil else ""))
     table = res.to_dataframe()
     columns = [c for c in ("feature", "modality", "turn", "role", "seq_attr") if c in table]
     ranked = table[columns].sort_values("seq_attr", ascending=False)

@@ -135,6 +135,11 @@ def build_parser(
         "clip, in the chat's order)",
     )
     explain.add_argument("--answer", help="the answer to explain (default: generate it)")
+    explain.add_argument(
+        "--foil",
+        help="explain why the answer rather than this one: its log-probability less the "
+        "foil's (attributions for and against the answer)",
+    )
     explain.add_argument("--store", type=Path, help="SQLite coalition store (resumable runs)")
     explain.add_argument("--out", type=Path, default=Path("outputs/explain"))
     explain.set_defaults(run=run_explain)

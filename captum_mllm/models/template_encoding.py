@@ -188,21 +188,28 @@ class ChatTemplateEncoding(ModelAdapter):
                         break
             table.add_token(ids[i], t_at, p_at, span, label=rendered[s:e])
         encoded = table.build([t.role for t in chat], self.tokenizer)
-        if answer is not None and space:
-            # The answer's ids as the template writes them after the prompt: a
-            # byte-level vocabulary reads Falcon's "Falcon: Rome" as " Rome", not
+        if answer is not None and space and self._ids_after(rendered + space, ids, answer):
+            # A byte-level vocabulary reads Falcon's "Falcon: Rome" as " Rome", not
             # the "Rome" of the answer alone (a token the model never says there).
-            whole = self.tokenizer(rendered + space + answer, add_special_tokens=False)
-            after = list(whole["input_ids"])
-            if after[: len(ids)] == ids and len(after) > len(ids):
-                encoded.state["answer_ids"] = (answer, after[len(ids) :])
+            encoded.state["answer_lead"] = (rendered + space, ids)
         return encoded
 
+    def _ids_after(self, lead: str, lead_ids: list[int], text: str) -> list[int] | None:
+        """``text``'s ids as the tokenizer reads them after ``lead`` (whose ids are
+        ``lead_ids``), or None where the two do not tokenize apart."""
+        after = list(self.tokenizer(lead + text, add_special_tokens=False)["input_ids"])
+        if after[: len(lead_ids)] != lead_ids or len(after) == len(lead_ids):
+            return None
+        return after[len(lead_ids) :]
+
     def answer_response(self, encoded: EncodedChat, text: str) -> Response:
-        """``text`` read as the answer after ``encoded``'s prompt: with the
-        spaces the template writes before it (see :meth:`encode_prompt`)."""
-        answer, ids = encoded.state.get("answer_ids", (None, None))
-        if answer != text:
+        """``text`` read as an answer after ``encoded``'s prompt: with the
+        spaces the template writes before a given answer (see
+        :meth:`encode_prompt`); a foil (:class:`~captum_mllm.ContrastiveTarget`)
+        is read with the same spaces as the answer it is weighed against."""
+        lead = encoded.state.get("answer_lead")
+        ids = self._ids_after(lead[0], lead[1], text) if lead is not None else None
+        if ids is None:
             return self.text_response(text)
         self.check_token_ids(ids)
         return self.response(torch.tensor(ids))

@@ -1,0 +1,97 @@
+"""ContrastiveTarget: why this answer rather than another."""
+
+import copy
+
+import pytest
+import torch
+from captum.attr import FeatureAblation, TextTemplateInput
+from conftest import adapter_and_input, brute_force_shapley, game
+
+from captum_mllm import (
+    Chat,
+    ChatInput,
+    ContrastiveTarget,
+    LogProbTarget,
+    MultimodalLLMAttribution,
+    MultimodalLLMAttributionResult,
+)
+from captum_mllm.errors import TargetError, UnsupportedInputError
+from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_the_contrast_is_the_answer_less_the_foil(speech):
+    """Exact Shapley of the contrast equals the brute-force Shapley values of
+    the answer's log-probability less those of the foil's, scored afresh."""
+    adapter, inp = adapter_and_input(speech)
+    answer, foil = "Paris is the capital.", "Lyon is the capital."
+    contrast = ContrastiveTarget(foil)
+    res = MultimodalLLMAttribution(ExactShapleyValues(adapter), adapter, target=contrast).attribute(
+        inp, target=answer, perturbations_per_eval=7
+    )
+    assert res.token_attr is None and res.output_probs is None
+    n = inp.n_itp_features
+    log_prob = LogProbTarget()
+    ids = {t: adapter.answer_response(inp.encoded, t).ids for t in (answer, foil)}
+    expected = (
+        brute_force_shapley(game(log_prob, adapter, inp, ids[answer]), n)[0]
+        - brute_force_shapley(game(log_prob, adapter, inp, ids[foil]), n)[0]
+    )
+    torch.testing.assert_close(res.seq_attr, expected, atol=1e-4, rtol=0)
+    assert res.seq_attr.abs().max() > 1e-3
+    assert res.n_unique_coalitions == 2**n
+    assert res.provenance["target"] == {"class": "ContrastiveTarget", "foil": foil}
+    # a sampler keeps efficiency on the contrast: v(all) - v(none)
+    sampled = MultimodalLLMAttribution(
+        LeverageKernelShap(adapter), adapter, target=contrast
+    ).attribute(inp, target=answer, budget=4 * n, seed=0)
+    value = game(contrast, adapter, inp, ids[answer])
+    full, empty = value(torch.stack([torch.ones(n), torch.zeros(n)]))[:, 0]
+    assert float(sampled.seq_attr.sum()) == pytest.approx(float(full - empty), abs=1e-4)
+
+
+def test_the_foil_is_read_as_the_answer_is(model):
+    """A template writing a space before a given answer (Falcon's "Falcon: ")
+    reads the foil with it too: the contrast is then the difference of the two
+    explanations with target= text, which read it so."""
+    tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if not loop.first %}\n{% endif %}"
+        "{{ 'User: ' if m['role'] == 'user' else 'Falcon: ' }}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}\nFalcon:{% endif %}"
+    )
+    from captum_mllm import HFCausalLMAdapter
+
+    falcon = HFCausalLMAdapter(model.model, tokenizer)
+    inp = ChatInput(Chat().user("Which city, my friend?"), falcon)
+
+    def explain(answer, target=None):
+        attr = MultimodalLLMAttribution(ExactShapleyValues(falcon), falcon, target=target)
+        return attr.attribute(inp, target=answer)
+
+    paris, lyon = explain("Paris."), explain("Lyon.")
+    assert lyon.target_ids.tolist() != tokenizer("Lyon.", add_special_tokens=False)["input_ids"]
+    both = explain("Paris.", ContrastiveTarget("Lyon."))
+    torch.testing.assert_close(both.seq_attr, paris.seq_attr - lyon.seq_attr, atol=1e-5, rtol=0)
+    by_ids = explain("Paris.", ContrastiveTarget(lyon.target_ids))  # ids name the same foil
+    torch.testing.assert_close(by_ids.seq_attr, both.seq_attr, atol=1e-6, rtol=0)
+
+
+def test_a_foil_that_cannot_be_weighed_is_refused(model, chat, tmp_path):
+    inp = ChatInput(chat, model)
+    for foil in ("", "  \n", 3):
+        with pytest.raises(TargetError, match="foil"):
+            ContrastiveTarget(foil)
+    same = MultimodalLLMAttribution(FeatureAblation(model), model, target=ContrastiveTarget("Hi."))
+    with pytest.raises(TargetError, match="is the explained answer itself"):
+        same.attribute(inp, target="Hi.")
+    template = TextTemplateInput("{} are you?", values=["Who"])
+    with pytest.raises(UnsupportedInputError, match="log-prob target only"):
+        same.attribute(template, target="Hello.")
+    # a generated answer is weighed too, and the result keeps its foil
+    res = same.attribute(inp, gen_args={"max_new_tokens": 4})
+    res.save(tmp_path)
+    assert MultimodalLLMAttributionResult.load(tmp_path).provenance["target"]["foil"] == "Hi."
+    assert "rather than" in res.to_html() and "Hi." in res.to_html()
+    plain = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="Hi.")
+    assert "rather than" not in plain.to_html()
