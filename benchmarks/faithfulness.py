@@ -29,8 +29,15 @@ feature a passage (``text_unit="paragraph"``) and one the question; the
 answer sentence is the target, and we count how often the passage holding
 it gets the largest attribution among the passages (chance: 1 in 4).
 
-Run: ``python benchmarks/faithfulness.py [--speech | --speech-only | --passages-only]
-[--speech-seed 2026]``.
+Why this answer rather than another (``ContrastiveTarget``): twelve prompts
+of four sentences "<name> lives in <city>." and a question about one person;
+the person's city is the answer, another person's city the foil, one feature
+a sentence. We count how often the answer's sentence gets the largest
+attribution and the foil's sentence the smallest, for the answer's
+log-probability alone and for the contrast (chance: 1 in 4 each).
+
+Run: ``python benchmarks/faithfulness.py [--speech | --speech-only | --passages-only |
+--contrast-only] [--speech-seed 2026]``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from scipy.stats import spearmanr
 from captum_mllm import (
     Chat,
     ChatInput,
+    ContrastiveTarget,
     EmbeddingSimilarity,
     LogProbTarget,
     MultimodalLLMAttribution,
@@ -279,6 +287,54 @@ def passages(seed: int = 0, distractors: int = 3) -> None:
         print(f"{name:36s} {np.mean(hits):33.2f}")
 
 
+NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry"]
+CITIES = ["Paris", "Rome", "Oslo", "Madrid", "Berlin", "Vienna", "Dublin", "Lisbon"]
+
+
+def contrast(seed: int = 0, prompts: int = 12) -> None:
+    """Why the asked person's city rather than another person's: does the
+    answer's sentence come first and the foil's last, without and with the foil?"""
+    model = load_default_model()
+    rng = np.random.default_rng(seed)
+    chosen = {
+        "exact Shapley": (ExactShapleyValues, {}),
+        "ours BayesianShapley 2n": (BayesianShapley, {"seed": 0}),
+        "ours LeverageKernelShap 2n": (LeverageKernelShap, {"seed": 0}),
+        "leave-one-out (FeatureAblation)": (FeatureAblation, {}),
+    }
+    hits: dict[tuple[str, str], list[tuple[bool, bool]]] = {}
+    start = time.perf_counter()
+    for _ in range(prompts):
+        names = rng.choice(NAMES, 4, replace=False)
+        cities = rng.choice(CITIES, 4, replace=False)
+        asked, other = rng.choice(4, 2, replace=False)
+        said = " ".join(f"{who} lives in {city}." for who, city in zip(names, cities, strict=True))
+        text = f"{said} Where does {names[asked]} live? Answer with the city only."
+        inp = ChatInput(Chat().user(text), model, text_unit="sentence")
+        for name, (cls, kwargs) in chosen.items():
+            for target_name, target in (
+                ("answer alone", None),
+                ("answer less foil", ContrastiveTarget(str(cities[other]))),
+            ):
+                attr = MultimodalLLMAttribution(cls(model), model, target=target)
+                if "seed" in kwargs:  # the samplers, at 2 coalitions a feature
+                    kwargs = {**kwargs, "budget": 2 * inp.n_itp_features}
+                res = attr.attribute(inp, target=str(cities[asked]), **kwargs)
+                among = res.seq_attr[:4].double().numpy()
+                row = (int(np.argmax(among)) == asked, int(np.argmin(among)) == other)
+                hits.setdefault((name, target_name), []).append(row)
+    print(
+        f"\n{prompts} 'who lives where' prompts on SmolLM2-135M-Instruct (4 people, seed "
+        f"{seed}), {time.perf_counter() - start:.0f} s; chance 0.25"
+    )
+    print(
+        f"{'method':34s} {'target':18s} {'answer sentence first':>22s} {'foil sentence last':>19s}"
+    )
+    for (name, target_name), rows in hits.items():
+        first, last = np.mean(rows, axis=0)
+        print(f"{name:34s} {target_name:18s} {first:22.2f} {last:19.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
@@ -287,14 +343,21 @@ def main() -> None:
     parser.add_argument("--speech-requests", type=int, default=20)
     parser.add_argument("--speech-seed", type=int, default=2026, help="draws requests and voices")
     parser.add_argument("--passages-only", action="store_true", help="the retrieval section alone")
+    parser.add_argument(
+        "--contrast-only", action="store_true", help="the contrastive section alone"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.speech or args.speech_only:
         speech(args.speech_requests, args.speech_seed)
     if args.speech_only:
         return
-    passages()
+    if not args.contrast_only:
+        passages()
     if args.passages_only:
+        return
+    contrast()
+    if args.contrast_only:
         return
     model = load_default_model()
     rows: dict[str, list[tuple[float, float, float]]] = {}
