@@ -56,10 +56,16 @@ class ChatExplainer:
         self.attribute_kwargs = dict(attribute_kwargs or {})
         self.target_factory = target_factory
 
-    def _attribution(self) -> Any:
+    def _attribution(self, chat: Any) -> Any:
         from captum_mllm.attribution import MultimodalLLMAttribution
+        from captum_mllm.contrastive import ContrastiveTarget
 
-        target = self.target_factory() if self.target_factory is not None else None
+        foil = chat_foil(chat, self.target_factory)
+        target: Any = None
+        if foil is not None:
+            target = ContrastiveTarget(foil)
+        elif self.target_factory is not None:
+            target = self.target_factory()
         method = self.method_factory(self.model)
         return MultimodalLLMAttribution(method, self.model, target=target)
 
@@ -90,7 +96,7 @@ class ChatExplainer:
         out.mkdir(parents=True, exist_ok=True)
         with self._input(chat) as inp:
             kwargs = self._attribute_kwargs(inp)
-            res = self._attribution().attribute(inp, store=out / STORE, **kwargs)
+            res = self._attribution(chat).attribute(inp, store=out / STORE, **kwargs)
         res.provenance["request"] = request
         res.save(out / RESULT)
         res.save_html(out / REPORT)  # a page to read it by, as `captum-mllm explain` writes
@@ -133,7 +139,7 @@ class ChatExplainer:
         torch's generator for the call."""
 
         with self._input(chat) as inp, _seeded(seed):
-            res = self._attribution().attribute(
+            res = self._attribution(chat).attribute(
                 inp, store=shard_file(store, shard), shard=shard, **self._attribute_kwargs(inp)
             )
         return int(res.n_unique_coalitions)
@@ -146,7 +152,8 @@ class ChatExplainer:
         if any(f.is_file() for f in files):
             SQLiteStore.merged(store, [f for f in files if f.is_file()])
         with self._input(chat) as inp, _seeded(seed):
-            return self._attribution().attribute(inp, store=store, **self._attribute_kwargs(inp))
+            attr = self._attribution(chat)
+            return attr.attribute(inp, store=store, **self._attribute_kwargs(inp))
 
     def pid(self) -> int:
         import os
@@ -173,6 +180,21 @@ def _seeded(seed: int) -> Iterator[None]:
 
 #: What a chat given as a mapping holds: a request's keys, and its own ChatInput arguments.
 CHAT_KEYS = (*REQUEST_KEYS, "input_kwargs")
+
+
+def chat_foil(chat: Any, target_factory: Callable[[], Any] | None = None) -> str | None:
+    """A chat request's own ``"foil"``: the other answer its explanation weighs
+    the answer against (:class:`~captum_mllm.ContrastiveTarget`), or None;
+    refused beside a ``target_factory``, which names another value function."""
+    foil = chat.get("foil") if isinstance(chat, Mapping) else None
+    if foil is not None and not isinstance(foil, str):
+        raise InvalidOptionError(f"a chat's foil is the other answer's text, got {foil!r}")
+    if foil is not None and target_factory is not None:
+        raise InvalidOptionError(
+            f"a chat's foil ({foil!r}) makes its value function a ContrastiveTarget, and "
+            "target_factory names another: drop one"
+        )
+    return foil
 
 
 def chat_of(chat: Any) -> Chat:

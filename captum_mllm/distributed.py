@@ -37,6 +37,7 @@ from captum_mllm.chat_explainer import (
     ChatExplainer,
     MethodFactory,
     ModelFactory,
+    chat_foil,
     chat_of,
     shard_file,
     summary_row,
@@ -141,8 +142,10 @@ def explain_dataset(
             lists, or requests ``{"messages": [...], ...}`` (or ShareGPT's
             ``{"conversations": [...]}``) that may add
             ``"tools"`` (an OpenAI request's) and ``"chat_template_kwargs"``
-            (vLLM's) for the chat template, and ``"input_kwargs"``: the chat's
-            own ``ChatInput`` arguments (e.g. its ``transcripts``); its other
+            (vLLM's) for the chat template, ``"input_kwargs"``: the chat's
+            own ``ChatInput`` arguments (e.g. its ``transcripts``), and
+            ``"foil"``: another answer to weigh the answer against
+            (:class:`~captum_mllm.ContrastiveTarget`; also a column); its other
             keys of plain values (a data set's label, category) become columns
             of the summary, after ``chat``, and the rest warn (generation
             settings such as ``temperature``, lists, a summary column's name).
@@ -229,6 +232,7 @@ def explain_dataset(
     todo = []
     args = (model_factory, method_factory, input_kwargs, attribute_kwargs, target_factory)
     for name, chat in items:
+        chat_foil(chat, target_factory)  # refused before any chat is explained
         request = _request_digest(chat, args)
         row = _done_row(name, root / name / RESULT, request)
         if row is not None:
@@ -301,6 +305,9 @@ def _request_digest(chat: Any, args: tuple[Any, ...]) -> str:
     own = chat.get("input_kwargs") if isinstance(chat, Mapping) else None
     template = request_template_kwargs(chat) if isinstance(chat, Mapping) else {}
     extra = [plain(template, depth=16)] if template else []  # other tools: another prompt
+    foil = chat_foil(chat)
+    if foil is not None:  # another foil: another value function
+        extra.append(["foil", foil])
     return digest(chat_digest(chat_of(chat)), plain(own), *(plain(a) for a in args), *extra)
 
 

@@ -22,6 +22,7 @@ from captum.attr import ShapleyValueSampling
 from captum_mllm import (
     Chat,
     ChatInput,
+    EmbeddingSimilarity,
     MultimodalLLMAttribution,
     MultimodalLLMAttributionResult,
     ray_pool,
@@ -29,7 +30,7 @@ from captum_mllm import (
 from captum_mllm.chat_explainer import REPORT, RESULT, STORE, ChatExplainer
 from captum_mllm.dataset_tables import dataset_attributions
 from captum_mllm.distributed import explain_dataset, explain_sharded
-from captum_mllm.errors import InvalidOptionError, StoreMismatchError
+from captum_mllm.errors import InvalidOptionError, StoreMismatchError, TargetError
 from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap, PairedPermutationSampling
 from captum_mllm.testing import tiny_hf_adapter
 
@@ -479,6 +480,46 @@ def test_gen_args_reach_only_the_chats_without_an_answer(tmp_path):
     torch.testing.assert_close(torch.as_tensor(res.seq_attr), alone.seq_attr)
     asked = MultimodalLLMAttributionResult.load(tmp_path / "asked" / RESULT)
     assert len(asked.output_tokens) <= 4  # its answer generated with the gen_args given
+
+
+def test_a_chats_foil_makes_its_explanation_contrastive(tmp_path):
+    """A data set of answers and foils ({"messages": ..., "foil": ...}): each
+    chat with a foil weighs its answer against it (ContrastiveTarget), and the
+    foil is a summary column and part of the request a rerun compares."""
+    from captum_mllm import ContrastiveTarget
+
+    answered = [
+        {"role": "user", "content": "Which city?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    chats = {"plain": {"messages": answered}, "versus": {"messages": answered, "foil": "Lyon."}}
+    kwargs = {"store_dir": tmp_path, "use_ray": False, "show_progress": False}
+    table = explain_dataset(chats, factory, ExactShapleyValues, **kwargs)
+    assert table.set_index("chat")["foil"].isna().tolist() == [True, False]
+    model = factory()
+    attr = MultimodalLLMAttribution(
+        ExactShapleyValues(model), model, target=ContrastiveTarget("Lyon.")
+    )
+    alone = attr.attribute(ChatInput(answered, model))
+    res = MultimodalLLMAttributionResult.load(tmp_path / "versus")
+    torch.testing.assert_close(torch.as_tensor(res.seq_attr), alone.seq_attr)
+    assert res.provenance["target"]["foil"] == "Lyon."
+    plain = MultimodalLLMAttributionResult.load(tmp_path / "plain")
+    assert plain.provenance["target"]["class"] == "LogProbTarget"
+    table = explain_dataset(chats, factory, ExactShapleyValues, **kwargs)
+    assert table["skipped"].all()  # the same requests
+    chats["versus"]["foil"] = "Rome."  # another request, and its store another target's
+    with pytest.raises(StoreMismatchError):
+        explain_dataset(chats, factory, ExactShapleyValues, **kwargs)
+    for bad, match in [(3, "foil is the other answer's text"), ("Paris.", "explained answer")]:
+        chats["versus"]["foil"] = bad
+        with pytest.raises((InvalidOptionError, TargetError), match=match):
+            explain_dataset(chats, factory, ExactShapleyValues, **kwargs)
+    chats["versus"]["foil"] = "Lyon."
+    with pytest.raises(InvalidOptionError, match="target_factory names another"):
+        explain_dataset(
+            chats, factory, ExactShapleyValues, target_factory=EmbeddingSimilarity, **kwargs
+        )
 
 
 def test_a_worker_reads_its_replicas_weights_once(tmp_path, monkeypatch):
