@@ -392,6 +392,12 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
         return fig, ax
 
     @property
+    def foil(self) -> str | list[int] | None:
+        """The other answer a :class:`~captum_mllm.ContrastiveTarget` weighed
+        the answer against (its text, or its token ids), else None."""
+        return (self.provenance.get("target") or {}).get("foil")
+
+    @property
     def seq_attr_dict(self) -> dict[str, float]:
         """Each feature's attribution by its label, as Captum's, except that a
         label several features hold (a word said twice) names each of them:
@@ -487,7 +493,12 @@ class MultimodalLLMAttributionResult(LLMAttributionResult):
 
         if target_token_pos is None:
             answer = self.response_text or " ".join(self.output_tokens)
-            return f"the answer {shortened(answer, 70, '...')!r}"
+            rather = (
+                ""
+                if self.foil is None
+                else f" rather than {shortened(str(self.foil), 70, '...')!r}"
+            )
+            return f"the answer {shortened(answer, 70, '...')!r}{rather}"
         if isinstance(target_token_pos, tuple | list):
             m, n = (int(i) for i in target_token_pos)
             tokens = " ".join(self.output_tokens[m:n])

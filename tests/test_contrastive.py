@@ -91,7 +91,9 @@ def test_a_foil_that_cannot_be_weighed_is_refused(model, chat, tmp_path):
     # a generated answer is weighed too, and the result keeps its foil
     res = same.attribute(inp, gen_args={"max_new_tokens": 4})
     res.save(tmp_path)
-    assert MultimodalLLMAttributionResult.load(tmp_path).provenance["target"]["foil"] == "Hi."
+    back = MultimodalLLMAttributionResult.load(tmp_path)
+    assert back.provenance["target"]["foil"] == back.foil == "Hi."
     assert "rather than" in res.to_html() and "Hi." in res.to_html()
+    assert "rather than &#x27;Hi.&#x27;" in back._repr_html_()  # the plots' title too
     plain = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="Hi.")
-    assert "rather than" not in plain.to_html()
+    assert "rather than" not in plain.to_html() and plain.foil is None

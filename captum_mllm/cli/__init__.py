@@ -350,8 +350,8 @@ def _method(name: str, model: Any) -> Any:
 
 
 def _print(res: Any) -> None:
-    foil = (res.provenance.get("target") or {}).get("foil")
-    print(f"answer: {res.response_text!r}" + (f", rather than {foil!r}" if foil else ""))
+    rather = "" if res.foil is None else f", rather than {res.foil!r}"
+    print(f"answer: {res.response_text!r}{rather}")
     table = res.to_dataframe()
     columns = [c for c in ("feature", "modality", "turn", "role", "seq_attr") if c in table]
     ranked = table[columns].sort_values("seq_attr", ascending=False)

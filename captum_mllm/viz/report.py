@@ -64,7 +64,7 @@ def render_report(result: MultimodalLLMAttributionResult) -> str:
         answer_audio = _flac(torch.as_tensor(audio["waveform"]).reshape(-1), audio["sample_rate"])
     return _template("report.html.j2").render(
         response=result.response_text or " ".join(result.output_tokens),
-        foil=(result.provenance.get("target") or {}).get("foil"),  # a ContrastiveTarget's
+        foil=result.foil,
         answer_audio=answer_audio,
         outputs=list(result.output_tokens) if result.token_attr is not None else [],
         # how sure the model was of each token, under the whole input
