@@ -172,8 +172,11 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     boundaries (UAX #29, rule SB8), full stops alone end no sentence when the
     next letter is lowercase (``e.g. this``, ``etc. and``, ``Wait... what``),
     in a text that holds a capital (a lowercase transcript's case tells nothing).
-    A rule, not a model: ``3.5`` stays whole, and an abbreviation before a
-    capital (``Dr. Smith``) ends a sentence, as in Unicode's rules. A list
+    A rule, not a model: ``3.5`` stays whole; a title before a name (``Dr.
+    Smith``, ``Mrs.``, ``Prof.``, ``St.``) or ``e.g.``, ``i.e.``, ``vs.`` and
+    ``cf.`` end none, as in ICU's sentence breaks with CLDR's English
+    exceptions; other abbreviations before a capital (``Inc. The``) end one,
+    as in Unicode's rules. A list
     item's number or letter at the start of a line (``1.``, ``b.``, ``iv.``)
     begins the sentence after it on that line, where Unicode's rules make it
     a sentence of its own.
@@ -204,13 +207,32 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
             or (_TERMINAL.search(text, a, b) is not None and (last or after != ""))
         )
         if ends and cased and set(_TERMINAL.findall(text, a, b)) == {"."}:
-            ends = not _lowercase_next(text, b)
+            ends = not _lowercase_next(text, b) and not _before_a_name(text, words, i)
         broken = any(c in _LINE_BREAKS for c in after)
         if ends or last or broken:
             if last or broken or not _list_marker(text, start, b):
                 out.append((start, b))
                 start = None
     return out
+
+
+#: Words that a full stop follows inside a sentence, before a name or an example
+#: (the titles and never-final abbreviations of CLDR's English sentence-break
+#: exceptions and Moses' English nonbreaking prefixes, less those that often end
+#: a sentence: "Inc.", "Jr.", "Bros.").
+_BEFORE_A_NAME = frozenset(
+    "Mr Mrs Ms Mx Messrs Mme Mlle Dr Drs Prof Rev Hon Msgr St Sen Rep Gov Gen Adm Brig Col "
+    "Maj Capt Cmdr Lt Sgt Cpl Pvt e.g i.e vs cf".split()
+)
+
+
+def _before_a_name(text: str, words: list[tuple[int, int]], i: int) -> bool:
+    """Whether the full stop at ``words[i]`` closes a title or abbreviation
+    written just before it (``Dr.``, ``e.g.``), which begins no sentence after it."""
+    if i == 0 or words[i - 1][1] != words[i][0] or words[i][1] - words[i][0] != 1:
+        return False
+    a, b = words[i - 1]
+    return text[a:b] in _BEFORE_A_NAME
 
 
 #: A numbered or lettered list item's marker: ``1.``, ``(12).``, ``b.``, ``IV.``.

@@ -865,7 +865,13 @@ def test_a_template_that_writes_todays_date_warns_until_it_is_pinned(model, chat
         ("Wait... what?! Ok", ["Wait... what?!", "Ok"]),  # full stops before a lowercase letter
         ("  I saw e.g. this one. ", ["I saw e.g. this one."]),  # end none (Unicode's SB8)
         ("See p. (5) on it. Then", ["See p. (5) on it.", "Then"]),  # the next letter's case
-        ("Dr. Smith is in. Ask him!", ["Dr.", "Smith is in.", "Ask him!"]),  # a rule, not a model
+        # a title before a name, and e.g., end none (CLDR's exceptions); they ended one
+        ("Dr. Smith is in. Ask him!", ["Dr. Smith is in.", "Ask him!"]),
+        ("Ask Mrs. Brown and Prof. X. Lee.", ["Ask Mrs. Brown and Prof. X.", "Lee."]),
+        ("Cities, e.g. Paris. More", ["Cities, e.g. Paris.", "More"]),
+        ("It was Dr.\nThen", ["It was Dr.", "Then"]),  # a line break ends it still
+        ("He works at Acme Inc. The end", ["He works at Acme Inc.", "The end"]),  # a rule
+        ("Visit Dr.Who. Now", ["Visit Dr.Who.", "Now"]),
         # a list item's number begins its sentence (each was a sentence of its own)
         (
             "Steps:\n1. Buy milk.\n2. Walk\nIV. End",
