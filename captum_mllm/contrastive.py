@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_mllm.encoding import MaskedChat
+from captum_mllm.encoding import EncodedChat, MaskedChat
 from captum_mllm.errors import TargetError
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.targets import Target, TargetValues
@@ -44,8 +44,8 @@ class ContrastiveTarget(Target):
     Args:
         foil (str or Tensor): the other answer, as text (tokenized as the
             explained answer is: after the template's spaces where a given
-            answer has them, else alone, as ``target=`` text is) or as token
-            ids ``(T,)``.
+            answer has them, else alone, as ``target=`` text is; so too with
+            Captum's text inputs) or as token ids ``(T,)``.
 
     Examples::
 
@@ -75,10 +75,22 @@ class ContrastiveTarget(Target):
         reuse_prefix: bool = True,
     ) -> _ContrastState:
         """The foil as the model's tokens, and the untouched prefix run once."""
-        if isinstance(self.foil, str):
-            foil = model.answer_response(full.encoded, self.foil)
-        else:
+        foil = self.foil_response(model, response, full.encoded)
+        prefix = model.prefill(full) if reuse_prefix else None
+        return _ContrastState(foil, prefix, per_step)
+
+    def foil_response(
+        self, model: ModelAdapter, response: Response, encoded: EncodedChat | None = None
+    ) -> Response:
+        """The foil as the model reads it after ``encoded``'s prompt (a Captum
+        text input's, None: as its ``target=`` text, alone), checked against
+        the explained ``response``."""
+        if isinstance(self.foil, Tensor):
             foil = model.check_target(self.foil)
+        elif encoded is not None:
+            foil = model.answer_response(encoded, self.foil)
+        else:
+            foil = model.text_response(self.foil)
         if len(foil) == 0:
             raise TargetError(f"the foil {self.foil!r} has no tokens")
         if torch.equal(foil.ids, response.ids):
@@ -86,8 +98,7 @@ class ContrastiveTarget(Target):
                 f"the foil {foil.text!r} is the explained answer itself: every value would "
                 "be 0; give the other answer the model might have said"
             )
-        prefix = model.prefill(full) if reuse_prefix else None
-        return _ContrastState(foil, prefix, per_step)
+        return foil
 
     def evaluate(
         self, model: ModelAdapter, masked: MaskedChat, response: Response, state: Any
@@ -97,6 +108,12 @@ class ContrastiveTarget(Target):
             state = self.prepare(model, masked, response, reuse_prefix=False)
         answer = model.score_masked(masked, response, state.prefix, state.per_step)
         foil = model.score_masked(masked, state.foil, state.prefix, state.per_step)
+        return self.values(answer, foil)
+
+    @staticmethod
+    def values(answer: Tensor, foil: Tensor) -> TargetValues:
+        """Token log-probabilities ``(B, T)`` of the answer and ``(B, T')`` of
+        the foil -> ``(B, 1)`` their totals' difference."""
         return TargetValues((answer.sum(dim=1) - foil.sum(dim=1)).unsqueeze(1), "total")
 
     def settings(self) -> dict[str, Any]:

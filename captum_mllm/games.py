@@ -15,6 +15,7 @@ from torch import Tensor
 
 from captum_mllm import captum_compat
 from captum_mllm.coalitions import CoalitionEvaluator
+from captum_mllm.contrastive import ContrastiveTarget
 from captum_mllm.encoding import coalition_key
 from captum_mllm.errors import UnsupportedInputError
 from captum_mllm.inputs import ChatInput
@@ -95,8 +96,14 @@ def value_game(
             return adapter.pushed_lengths(inp.to_model_input(coalitions), prefix)
 
         return ValueGame(evaluate_chat, n_columns, kind, row_length=row_length)
-    if not isinstance(value_fn, LogProbTarget):
-        raise UnsupportedInputError("Captum's inputs support the log-prob target only")
+    text = not isinstance(inp, ImageMaskInput)
+    if not isinstance(value_fn, LogProbTarget) and not (
+        text and isinstance(value_fn, ContrastiveTarget)
+    ):
+        raise UnsupportedInputError(
+            "Captum's inputs support the log-prob target only (and, for text inputs, "
+            "ContrastiveTarget)"
+        )
     n_columns = value_fn.n_columns(response)
     if isinstance(inp, ImageMaskInput):
         forward = captum_compat.stock_image_forward(attribution, inp, per_step)
@@ -110,6 +117,11 @@ def value_game(
 
         return ValueGame(evaluate_image, n_columns, "tokens", calls)
     score_rows = captum_compat.text_scorer(adapter)
+    foil = (
+        value_fn.foil_response(adapter, response)
+        if isinstance(value_fn, ContrastiveTarget)
+        else None
+    )
 
     def evaluate_text(coalitions: Tensor) -> TargetValues:
         rows = [
@@ -117,9 +129,12 @@ def value_game(
             for c in coalitions
         ]
         log_probs = score_rows(rows, response, None, per_step)
+        if foil is not None:
+            return ContrastiveTarget.values(log_probs, score_rows(rows, foil, None, per_step))
+        assert isinstance(value_fn, LogProbTarget)
         return TargetValues(value_fn.from_log_probs(log_probs), "tokens")
 
-    return ValueGame(evaluate_text, n_columns, "tokens")
+    return ValueGame(evaluate_text, n_columns, "total" if foil is not None else "tokens")
 
 
 def inspected(

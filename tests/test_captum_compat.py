@@ -539,3 +539,37 @@ def test_an_answer_cut_inside_a_character_is_labelled(model):
         TextTokenInput("Paris is big", model.tokenizer), target=cut, n_steps=4
     )
     assert grad.output_tokens == expected and grad.token_attr.shape[0] == len(cut)
+
+
+def test_a_contrast_on_captums_text_input_is_stock_captums_difference():
+    """ContrastiveTarget on a TextTemplateInput: stock Captum's values for the
+    answer less its values for the foil (sequence path, exact Shapley)."""
+    from captum_mllm import ContrastiveTarget
+    from captum_mllm.errors import UnsupportedInputError
+
+    llm = DummyLLM(deterministic_weights=True).eval()
+
+    def stock(target):
+        attr = LLMAttribution(ShapleyValues(llm), DummyTokenizer())
+        return attr.attribute(_inp(), target, forward_in_tokens=False).seq_attr
+
+    ours = MultimodalLLMAttribution(
+        ShapleyValues(llm), DummyTokenizer(), target=ContrastiveTarget("q p o")
+    ).attribute(_inp(), "m n o p q", perturbations_per_eval=8)
+    assert ours.token_attr is None
+    torch.testing.assert_close(
+        ours.seq_attr, stock("m n o p q") - stock("q p o"), atol=1e-5, rtol=0
+    )
+    assert ours.seq_attr.abs().max() > 1e-3
+    from PIL import Image
+
+    image = ImageMaskInput(
+        Image.new("RGB", (2, 2)),
+        mask=torch.tensor([[0, 1], [0, 1]]),
+        processor_fn=lambda img: torch.tensor([[0, 5, 6]]),
+    )
+    contrast = MultimodalLLMAttribution(
+        FeatureAblation(llm), DummyTokenizer(), target=ContrastiveTarget("q")
+    )
+    with pytest.raises(UnsupportedInputError, match="for text inputs, ContrastiveTarget"):
+        contrast.attribute(image, "m n")
