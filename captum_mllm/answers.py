@@ -114,7 +114,7 @@ def resolve_response(
                     "function (EmbeddingSimilarity(temperature=...))"
                 )
             args["do_sample"] = False  # the explained answer is the greedy one
-            _check_positions(adapter, len(inp.encoded), int(args.get("max_new_tokens") or 0))
+            check_positions(adapter, len(inp.encoded), int(args.get("max_new_tokens") or 0))
             response = adapter.generate_masked(inp.to_model_input(), **args)[0]
             if not keep_eos:  # the call's own end token too, which ended it as the model's would
                 response = adapter.strip_response(response, args.get("eos_token_id"))
@@ -151,7 +151,7 @@ def resolve_response(
     if len(response) == 0:
         raise TargetError("the target response is empty; give a non-empty target")
     if isinstance(inp, ChatInput):
-        _check_positions(adapter, len(inp.encoded), len(response))
+        check_positions(adapter, len(inp.encoded), len(response))
     limit = adapter.max_positions
     if (
         isinstance(inp, ChatInput)
@@ -177,7 +177,7 @@ def answer_probs(adapter: ModelAdapter, inp: ChatInput, response: Response) -> T
     return log_probs[0].float().exp().cpu()
 
 
-def _check_positions(adapter: ModelAdapter, n_prompt: int, n_answer: int) -> None:
+def check_positions(adapter: ModelAdapter, n_prompt: int, n_answer: int) -> None:
     """Refuse a chat and answer longer than a learned position table (past it,
     GPT-2's forward raised a bare IndexError)."""
     table = adapter.position_table

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from captum_mllm.answers import check_positions
+from captum_mllm.chat import Chat
 from captum_mllm.encoding import EncodedChat, MaskedChat
-from captum_mllm.errors import TargetError
+from captum_mllm.errors import InvalidContentError, TargetError
 from captum_mllm.models.base import ModelAdapter, Response
 from captum_mllm.targets import Target, TargetValues
 
@@ -76,21 +78,32 @@ class ContrastiveTarget(Target):
     ) -> _ContrastState:
         """The foil as the model's tokens, and the untouched prefix run once."""
         foil = self.foil_response(model, response, full.encoded)
+        check_positions(model, len(full.encoded), len(foil))  # a learned table's IndexError
         prefix = model.prefill(full) if reuse_prefix else None
         return _ContrastState(foil, prefix, per_step)
 
     def foil_response(
         self, model: ModelAdapter, response: Response, encoded: EncodedChat | None = None
     ) -> Response:
-        """The foil as the model reads it after ``encoded``'s prompt (a Captum
-        text input's, None: as its ``target=`` text, alone), checked against
-        the explained ``response``."""
+        """The foil as the model reads it after ``encoded``'s prompt (without
+        one, as Captum's text inputs: alone, as their ``target=`` text),
+        checked against the explained ``response``."""
         if isinstance(self.foil, Tensor):
             foil = model.check_target(self.foil)
-        elif encoded is not None:
+            return self._checked(foil, response)
+        try:  # as an answer's text: "<|im_end|>" would be read as the end token
+            model.check_text(Chat().assistant(self.foil))
+        except InvalidContentError as exc:
+            raise InvalidContentError(
+                f"the foil: {exc}; to weigh the answer against a control token, give its ids"
+            ) from None
+        if encoded is not None:
             foil = model.answer_response(encoded, self.foil)
         else:
             foil = model.text_response(self.foil)
+        return self._checked(foil, response)
+
+    def _checked(self, foil: Response, response: Response) -> Response:
         if len(foil) == 0:
             raise TargetError(f"the foil {self.foil!r} has no tokens")
         if torch.equal(foil.ids, response.ids):

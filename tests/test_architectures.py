@@ -168,6 +168,13 @@ def test_a_chat_past_a_learned_position_table_is_refused_by_name():
             attr.attribute(long, target=target, gen_args=gen_args)
     short = ChatInput(Chat().user("the quick brown fox jumps"), gpt2)
     assert attr.attribute(short, target=" yes").seq_attr.shape == (5,)
+    from captum_mllm import ContrastiveTarget
+
+    foil = ContrastiveTarget(" no" * 60)  # a foil past the table, so too
+    with pytest.raises(UnsupportedInputError, match="64 positions GPT2LMHeadModel has"):
+        MultimodalLLMAttribution(FeatureAblation(gpt2), gpt2, target=foil).attribute(
+            short, target=" yes"
+        )
     opt = HFCausalLMAdapter(tiny("OPT", **ARCHITECTURES["OPT"][0]), tiny_tokenizer())
     assert opt.position_table == opt.model.config.max_position_embeddings  # less its offset
     rotary = HFCausalLMAdapter(tiny("Qwen3", **ARCHITECTURES["Qwen3"][0]), tiny_tokenizer())

@@ -15,7 +15,7 @@ from captum_mllm import (
     MultimodalLLMAttribution,
     MultimodalLLMAttributionResult,
 )
-from captum_mllm.errors import TargetError
+from captum_mllm.errors import InvalidContentError, TargetError
 from captum_mllm.methods import ExactShapleyValues, LeverageKernelShap
 
 
@@ -85,6 +85,11 @@ def test_a_foil_that_cannot_be_weighed_is_refused(model, chat, tmp_path):
     same = MultimodalLLMAttribution(FeatureAblation(model), model, target=ContrastiveTarget("Hi."))
     with pytest.raises(TargetError, match="is the explained answer itself"):
         same.attribute(inp, target="Hi.")
+    end = MultimodalLLMAttribution(
+        FeatureAblation(model), model, target=ContrastiveTarget("Hi.<|im_end|>")
+    )
+    with pytest.raises(InvalidContentError, match="the foil: .*control token .*give its ids"):
+        end.attribute(inp, target="Hi.")  # read as the end token, as a target= text is refused
     template = TextTemplateInput("{} are you?", values=["Who"])  # Captum's, read alike
     with pytest.raises(TargetError, match="is the explained answer itself"):
         same.attribute(template, target="Hi.")
