@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from captum_mllm.answers import (
     answer_probs,
     answered_input,
+    check_positions,
     require_same_model,
     resolve_response,
 )
@@ -45,6 +46,7 @@ from captum_mllm.captum_compat import (
     global_draws,
     labelled_as_ours,
 )
+from captum_mllm.contrastive import ContrastiveTarget
 from captum_mllm.errors import (
     InvalidBaselineError,
     InvalidModelError,
@@ -60,6 +62,7 @@ from captum_mllm.method_args import is_scalar, require_known_kwargs
 from captum_mllm.models.base import ModelAdapter, Response, in_eval_mode
 from captum_mllm.records import chat_fields
 from captum_mllm.result import MultimodalLLMAttributionResult
+from captum_mllm.targets import LogProbTarget, Target
 
 REDUCTIONS = ("sum", "norm")
 
@@ -116,6 +119,11 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         adapter (ModelAdapter): the model.
         reduce (str, optional): ``"sum"`` or ``"norm"`` over the embedding
             dimension. Default: ``"sum"``
+        target (Target, optional): ``ContrastiveTarget(foil)`` attributes the
+            answer's log-probability less the foil's, differentiated as one
+            function (Yin & Neubig's contrastive gradients: with ``Saliency``
+            and ``reduce="norm"`` their contrastive gradient norm); the result
+            has ``seq_attr`` alone. Default: each answer token's log-probability
 
     Examples::
 
@@ -137,7 +145,21 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
     )
     SUPPORTED_INPUTS = (ChatInput, *LLMGradientAttribution.SUPPORTED_INPUTS)
 
-    def __init__(self, attr_method: Any, adapter: ModelAdapter, reduce: str = "sum") -> None:
+    def __init__(
+        self,
+        attr_method: Any,
+        adapter: ModelAdapter,
+        reduce: str = "sum",
+        target: Target | None = None,
+    ) -> None:
+        if target is not None and not (
+            isinstance(target, ContrastiveTarget)
+            or (isinstance(target, LogProbTarget) and target.kind == "log_prob")
+        ):
+            raise InvalidOptionError(
+                f"gradient methods attribute log-probabilities: target= takes "
+                f"ContrastiveTarget(foil) or LogProbTarget(), got {target!r}"
+            )
         if not isinstance(adapter, ModelAdapter):
             raise InvalidModelError(
                 "MultimodalLLMGradientAttribution takes a model adapter, got "
@@ -168,10 +190,20 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         super().__init__(stock, adapter.tokenizer)
         self.adapter = adapter
         self.reduce = reduce
+        self.value_fn: Target = target if target is not None else LogProbTarget()
         self._calls = threading.RLock()  # see _one_call_at_a_time
 
-    def _forward(self, embeds: Tensor, response: Response, token: int) -> Tensor:
-        return self.adapter.next_token_log_probs(self.embeddings(embeds), response, token)
+    def _forward(
+        self, embeds: Tensor, response: Response, token: int, foil: Response | None = None
+    ) -> Tensor:
+        """Answer token ``token``'s log-probability, or with a ``foil`` the whole
+        answer's less the foil's (one function, for methods that are not linear)."""
+        x = self.embeddings(embeds)
+        if foil is None:
+            return self.adapter.next_token_log_probs(x, response, token)
+        score = self.adapter.next_token_log_probs
+        answer = torch.stack([score(x, response, t) for t in range(len(response))]).sum(0)
+        return answer - torch.stack([score(x, foil, u) for u in range(len(foil))]).sum(0)
 
     @_one_call_at_a_time
     @in_eval_mode
@@ -222,9 +254,12 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             if seed is not None:
                 res.provenance["method_args"]["seed"] = seed
             return res
+        contrast = isinstance(self.value_fn, ContrastiveTarget)
         if not isinstance(inp, ChatInput):
             if self.tunnel:  # Captum's path would give the noise to the model's ids
                 raise UnsupportedInputError("a NoiseTunnel method takes a ChatInput here")
+            if contrast:
+                raise UnsupportedInputError("a contrastive gradient takes a ChatInput")
             return self._stock(inp, target, gen_args, **kwargs)
         if "additional_forward_args" in kwargs:  # it replaced ours: a TypeError deep inside
             raise InvalidOptionError(
@@ -243,6 +278,10 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         response, _ = resolve_response(
             self.adapter, inp, target, gen_args, keep_eos, DEFAULT_GEN_ARGS
         )
+        foil = None
+        if isinstance(self.value_fn, ContrastiveTarget):
+            foil = self.value_fn.foil_response(self.adapter, response, inp.encoded)
+            check_positions(self.adapter, len(inp.encoded), len(foil))
         embeds = self.adapter.input_embeddings(inp.encoded)[None]  # (1, L, D)
         embeds.requires_grad_()  # what the method differentiates (Captum would warn)
         owner = inp.feature_of_position.to(embeds.device)
@@ -258,8 +297,9 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 "or use a method that integrates from them (e.g. IntegratedGradients)"
             )
         rows, deltas, gaps, misses = [], [], [], []
-        for t in range(len(response)):
-            args: dict[str, Any] = {"additional_forward_args": (response, t), **kwargs}
+        # One row an answer token, or one for the contrast (differentiated whole)
+        for t in range(len(response) if foil is None else 1):
+            args: dict[str, Any] = {"additional_forward_args": (response, t, foil), **kwargs}
             if takes_baselines:
                 args["baselines"] = base
             if integrated:
@@ -282,6 +322,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             response,
             torch.stack(rows).float(),
             probs,
+            per_token=foil is None,
             provenance={
                 "adapter": type(self.adapter).__name__,
                 "method": (
@@ -293,6 +334,7 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
                 "reduce": self.reduce,
                 "baselines": baselines if isinstance(baselines, int) else None,
                 "input": "ChatInput",
+                "target": {"class": type(self.value_fn).__name__, **self.value_fn.settings()},
             },
             n_model_calls=self.adapter.thread_forward_calls() - calls_before,
             start=start,
@@ -303,8 +345,9 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
             worst = int(np.argmax(misses))
             if misses[worst] > 0.01:
                 # Captum's default 50 steps left SmolLM2's sums 23% off, a tiny Llama's 68%.
+                what = f"answer token {worst}" if foil is None else "the contrast"
                 warn_caller(
-                    f"integrated gradients' attributions of answer token {worst} sum to "
+                    f"integrated gradients' attributions of {what} sum to "
                     f"{abs(deltas[worst]):.3g} off its log-probability's change from the "
                     f"baseline ({gaps[worst]:.0%} of it; res.provenance['completeness_gap']): "
                     f"raise n_steps ({kwargs.get('n_steps', 50)} now) until this is small"
@@ -372,14 +415,16 @@ def token_result(
     provenance: dict[str, Any],
     n_model_calls: int,
     start: float,
+    per_token: bool = True,
 ) -> MultimodalLLMAttributionResult:
     """A result of per-output-token attributions ``(T, n_features)`` on a chat,
-    with each answer token's probability under the whole input ``(T,)``."""
+    with each answer token's probability under the whole input ``(T,)``
+    (``per_token`` False: one row, the sequence's alone)."""
     provenance = {**provenance, "input_settings": inp.settings()}
     return MultimodalLLMAttributionResult(
         **chat_fields(inp),
         seq_attr=token_attr.sum(0),
-        token_attr=token_attr,
+        token_attr=token_attr if per_token else None,
         input_tokens=list(inp.values),
         output_tokens=list(response.labels),
         output_probs=output_probs,

@@ -102,3 +102,77 @@ def test_a_foil_that_cannot_be_weighed_is_refused(model, chat, tmp_path):
     assert "rather than &#x27;Hi.&#x27;" in back._repr_html_()  # the plots' title too
     plain = MultimodalLLMAttribution(FeatureAblation(model), model).attribute(inp, target="Hi.")
     assert "rather than" not in plain.to_html() and plain.foil is None
+
+
+@pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # 16 steps: few
+def test_contrastive_gradients_differentiate_the_answer_less_the_foil(model, chat):
+    """Yin & Neubig's contrastive gradients: integrated gradients of the
+    contrast are the answer's less the foil's (a linear method), and the
+    contrastive gradient norm is the norm of the contrast's gradient (an
+    oracle from torch.autograd), not a difference of norms."""
+    from captum.attr import IntegratedGradients, Saliency, TextTokenInput
+
+    from captum_mllm import EmbeddingSimilarity, MultimodalLLMGradientAttribution
+
+    inp = ChatInput(chat, model)
+    answer, foil = "Paris is it.", "Lyon is it."
+    contrast = ContrastiveTarget(foil)
+
+    def ig(answer, value_fn=None):
+        method = MultimodalLLMGradientAttribution(
+            IntegratedGradients(model), model, target=value_fn
+        )
+        return method.attribute(inp, target=answer, n_steps=16)
+
+    both = ig(answer, contrast)
+    assert both.token_attr is None and both.foil == foil
+    expected = ig(answer).seq_attr - ig(foil).seq_attr
+    torch.testing.assert_close(both.seq_attr, expected, atol=1e-4, rtol=1e-4)
+    sal = MultimodalLLMGradientAttribution(Saliency(model), model, reduce="norm", target=contrast)
+    got = sal.attribute(inp, target=answer).seq_attr
+    embeds = model.input_embeddings(inp.encoded)[None].detach().requires_grad_()
+    ids = {t: model.answer_response(inp.encoded, t) for t in (answer, foil)}
+    with torch.enable_grad():
+        value = sum(
+            model.next_token_log_probs(embeds, ids[text], t) * sign
+            for text, sign in ((answer, 1), (foil, -1))
+            for t in range(len(ids[text]))
+        )
+        (grad,) = torch.autograd.grad(value.sum(), embeds)
+    owner = inp.feature_of_position
+    oracle = torch.zeros(inp.n_itp_features).index_add_(
+        0, owner[owner >= 0], grad[0].norm(dim=-1)[owner >= 0]
+    )
+    torch.testing.assert_close(got, oracle, atol=1e-5, rtol=1e-4)
+    apart = MultimodalLLMGradientAttribution(Saliency(model), model, reduce="norm")
+    norms = (
+        apart.attribute(inp, target=answer).seq_attr - apart.attribute(inp, target=foil).seq_attr
+    )
+    assert not torch.allclose(got, norms, atol=1e-3)  # a norm of a difference, not the reverse
+    with pytest.raises(TargetError, match="foil"):
+        ig(foil, contrast)  # the answer itself
+    with pytest.raises(Exception, match="contrastive gradient takes a ChatInput"):
+        MultimodalLLMGradientAttribution(Saliency(model), model, target=contrast).attribute(
+            TextTokenInput("Who are you?", model.tokenizer), target="Paris"
+        )
+    with pytest.raises(Exception, match="target= takes ContrastiveTarget"):
+        MultimodalLLMGradientAttribution(Saliency(model), model, target=EmbeddingSimilarity())
+
+
+@pytest.mark.filterwarnings("ignore:integrated gradients' attributions")  # 8 steps: few
+def test_a_spoken_chats_contrastive_gradient_is_the_difference_too():
+    from captum.attr import IntegratedGradients
+
+    from captum_mllm import MultimodalLLMGradientAttribution
+
+    adapter, inp = adapter_and_input(speech=True)
+
+    def ig(answer, value_fn=None):
+        method = MultimodalLLMGradientAttribution(
+            IntegratedGradients(adapter), adapter, target=value_fn
+        )
+        return method.attribute(inp, target=answer, n_steps=8).seq_attr
+
+    both = ig("Paris.", ContrastiveTarget("Rome."))
+    torch.testing.assert_close(both, ig("Paris.") - ig("Rome."), atol=1e-4, rtol=1e-4)
+    assert both.abs().max() > 1e-3
