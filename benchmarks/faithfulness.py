@@ -301,6 +301,8 @@ def contrast(seed: int = 0, prompts: int = 12) -> None:
         "ours BayesianShapley 2n": (BayesianShapley, {"seed": 0}),
         "ours LeverageKernelShap 2n": (LeverageKernelShap, {"seed": 0}),
         "leave-one-out (FeatureAblation)": (FeatureAblation, {}),
+        "input x gradient": (InputXGradient, {}),
+        "integrated gradients (32 steps)": (IntegratedGradients, {"n_steps": 32}),
     }
     hits: dict[tuple[str, str], list[tuple[bool, bool]]] = {}
     start = time.perf_counter()
@@ -316,7 +318,10 @@ def contrast(seed: int = 0, prompts: int = 12) -> None:
                 ("answer alone", None),
                 ("answer less foil", ContrastiveTarget(str(cities[other]))),
             ):
-                attr = MultimodalLLMAttribution(cls(model), model, target=target)
+                if cls in (InputXGradient, IntegratedGradients):
+                    attr = MultimodalLLMGradientAttribution(cls(model), model, target=target)
+                else:
+                    attr = MultimodalLLMAttribution(cls(model), model, target=target)
                 if "seed" in kwargs:  # the samplers, at 2 coalitions a feature
                     kwargs = {**kwargs, "budget": 2 * inp.n_itp_features}
                 res = attr.attribute(inp, target=str(cities[asked]), **kwargs)
