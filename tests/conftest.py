@@ -86,6 +86,14 @@ def _close_figures():
     plt.close("all")
 
 
+#: Falcon's chat template: a space before a given answer ("Falcon: Paris"),
+#: none after its generation prompt ("Falcon:").
+FALCON_TEMPLATE = (
+    "{% for m in messages %}{% if not loop.first %}\n{% endif %}"
+    "{{ 'User: ' if m['role'] == 'user' else 'Falcon: ' }}{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}\nFalcon:{% endif %}"
+)
+
 # Qwen3's layout: the final answer after an empty thinking block, which the
 # generation prompt holds only with thinking off.
 THINKING_TEMPLATE = (

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from captum.attr import FeatureAblation, TextTemplateInput
-from conftest import adapter_and_input, brute_force_shapley, game
+from conftest import FALCON_TEMPLATE, adapter_and_input, brute_force_shapley, game
 
 from captum_mllm import (
     Chat,
@@ -55,11 +55,7 @@ def test_the_foil_is_read_as_the_answer_is(model):
     reads the foil with it too: the contrast is then the difference of the two
     explanations with target= text, which read it so."""
     tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
-    tokenizer.chat_template = (
-        "{% for m in messages %}{% if not loop.first %}\n{% endif %}"
-        "{{ 'User: ' if m['role'] == 'user' else 'Falcon: ' }}{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}\nFalcon:{% endif %}"
-    )
+    tokenizer.chat_template = FALCON_TEMPLATE
     from captum_mllm import HFCausalLMAdapter
 
     falcon = HFCausalLMAdapter(model.model, tokenizer)

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 from captum.attr import FeatureAblation
-from conftest import THINKING_TEMPLATE, TOOL_TEMPLATE
+from conftest import FALCON_TEMPLATE, THINKING_TEMPLATE, TOOL_TEMPLATE
 
 from captum_mllm import Chat, ChatInput
 from captum_mllm.errors import (
@@ -456,11 +456,7 @@ def test_a_given_answer_after_a_space_is_read_with_it(model):
     from captum_mllm import HFCausalLMAdapter, MultimodalLLMAttribution
 
     tokenizer = copy.deepcopy(model.tokenizer)  # shared: the other tests keep its template
-    tokenizer.chat_template = (
-        "{% for m in messages %}{% if not loop.first %}\n{% endif %}"
-        "{{ 'User: ' if m['role'] == 'user' else 'Falcon: ' }}{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}\nFalcon:{% endif %}"
-    )
+    tokenizer.chat_template = FALCON_TEMPLATE
     falcon = HFCausalLMAdapter(model.model, tokenizer)
     answered = [
         {"role": "user", "content": "Who are you?"},
