@@ -184,6 +184,30 @@ def test_exact_shapley_finds_the_deciding_words_in_whole_sentences(speech_model)
     assert rate >= MIN_RATE, rate
 
 
+def test_a_foil_one_slot_away_puts_that_slots_spoken_word_first(speech_model):
+    """Why "kitchen light on" rather than "bedroom light on"? Contrasted with a
+    foil that changes one slot (ContrastiveTarget), the whole answer's
+    attribution puts the spoken word deciding that slot first: 36 of 36 on the
+    bundled requests (the answer alone can name one word of three)."""
+    from captum_mllm import ContrastiveTarget
+    from captum_mllm.demo import task
+
+    model, aligner = speech_model
+    slots = (task.ROOMS, task.DEVICES, task.ACTIONS)
+    hits = []
+    for ex in demo.examples():
+        inp = demo.request_input(model, aligner, ex.waveform, ex.transcript)
+        words = ex.answer.split()
+        for k, deciding in enumerate(ex.deciding):
+            other = slots[k][(slots[k].index(words[k]) + 1) % len(slots[k])]
+            foil = ContrastiveTarget(" ".join([*words[:k], other, *words[k + 1 :]]))
+            attr = MultimodalLLMAttribution(ExactShapleyValues(model), model, target=foil)
+            res = attr.attribute(inp, target=ex.answer, perturbations_per_eval=128)
+            top = res.input_tokens[int(res.seq_attr.argmax())].replace("♪", " ").split()
+            hits.append(deciding in top)
+    assert len(hits) == 36 and np.mean(hits) >= MIN_RATE, hits
+
+
 def test_speech_demo_command(tmp_path, capsys):
     from captum_mllm.cli import main
 
