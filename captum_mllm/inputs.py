@@ -32,9 +32,8 @@ from captum_mllm.errors import (
 )
 from captum_mllm.fingerprint import plain
 from captum_mllm.models.base import ModelAdapter
-from captum_mllm.words import is_separator, paragraph_spans, sentence_spans
+from captum_mllm.words import TEXT_UNITS, is_separator, paragraph_spans, sentence_spans
 
-TEXT_UNITS = ("token", "word", "sentence", "paragraph", "turn")
 AUDIO_BASELINES = ("drop", "embedding", "silence")
 #: Feature labels a ChatInput's repr shows.
 REPR_LABELS = 8

@@ -11,6 +11,7 @@ from typing import Any
 
 from captum_mllm.audio_units import ALIGNED_UNITS
 from captum_mllm.errors import CaptumMLLMError
+from captum_mllm.words import TEXT_UNITS
 
 METHODS = ("exact", "bayes", "kernel", "permutation", "regression", "hierarchical", "captum-svs")
 #: Tokens of a generated answer unless ``--max-new-tokens`` says.
@@ -190,9 +191,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "trained demo speech model) or a tiny test model",
     )
     parser.add_argument("--adapter", choices=("hf", "lfm2-audio"), help="default: guessed")
-    parser.add_argument(
-        "--text-unit", default="word", choices=("token", "word", "sentence", "paragraph", "turn")
-    )
+    parser.add_argument("--text-unit", default="word", choices=TEXT_UNITS)
     parser.add_argument(
         "--audio-unit", default="0.5", help="frame, turn, word, sentence, or seconds"
     )
