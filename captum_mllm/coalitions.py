@@ -136,7 +136,8 @@ class SQLiteStore(CoalitionStore):
             self.db.close()
             raise StoreMismatchError(
                 f"{self.path} holds another explanation: its {', '.join(differs)} "
-                "differ from this one's; use another store file"
+                f"{'differ' if len(differs) > 1 else 'differs'} from this one's; use another "
+                "store file"
             )
 
     def get_many(self, keys: Iterable[bytes]) -> dict[bytes, Entry]:

@@ -151,7 +151,7 @@ def test_a_store_refuses_another_explanation(model, chat, tmp_path):
     store = tmp_path / "run.sqlite"
     attr = MultimodalLLMAttribution(ShapleyValues(model), model)
     attr.attribute(ChatInput(chat, model), target=TARGET, store=store)
-    with pytest.raises(StoreMismatchError, match="target"):
+    with pytest.raises(StoreMismatchError, match="its target differs from this one.s"):
         attr.attribute(ChatInput(chat, model), target="Something else.", store=store)
     with pytest.raises(StoreMismatchError, match="chat"):
         attr.attribute(ChatInput(chat.user("More."), model), target=TARGET, store=store)
