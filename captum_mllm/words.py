@@ -154,12 +154,12 @@ def _parser(language: str) -> Any:
     return getattr(budoux, f"load_default_{language}_parser")()
 
 
-#: Punctuation that ends a sentence before a separator (Unicode's
-#: Sentence_Terminal: also the Devanagari danda ।, Arabic ؟ and ۔, Armenian ։,
-#: Ethiopic ።, ...; and …), and (CJK, written without spaces) wherever it stands.
 #: What one text feature may be (``ChatInput(text_unit=)``, ``--text-unit``).
 TEXT_UNITS = ("token", "word", "sentence", "paragraph", "turn")
 
+#: Punctuation that ends a sentence before a separator (Unicode's
+#: Sentence_Terminal: also the Devanagari danda ।, Arabic ؟ and ۔, Armenian ։,
+#: Ethiopic ።, ...; and …), and (CJK, written without spaces) wherever it stands.
 _TERMINAL = regex.compile(r"[\p{Sentence_Terminal}…]")
 _CJK_TERMINALS = frozenset("。！？｡")
 _LINE_BREAKS = frozenset("\n\r\u2028\u2029")
