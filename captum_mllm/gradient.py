@@ -201,9 +201,8 @@ class MultimodalLLMGradientAttribution(LLMGradientAttribution):
         x = self.embeddings(embeds)
         if foil is None:
             return self.adapter.next_token_log_probs(x, response, token)
-        score = self.adapter.next_token_log_probs
-        answer = torch.stack([score(x, response, t) for t in range(len(response))]).sum(0)
-        return answer - torch.stack([score(x, foil, u) for u in range(len(foil))]).sum(0)
+        score = self.adapter.response_log_prob  # one teacher-forced forward each
+        return score(x, response) - score(x, foil)
 
     @_one_call_at_a_time
     @in_eval_mode

@@ -172,3 +172,30 @@ def test_a_spoken_chats_contrastive_gradient_is_the_difference_too():
     both = ig("Paris.", ContrastiveTarget("Rome."))
     torch.testing.assert_close(both, ig("Paris.") - ig("Rome."), atol=1e-4, rtol=1e-4)
     assert both.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_a_whole_answer_is_scored_in_one_differentiable_forward(speech):
+    """What a contrastive gradient differentiates: the whole answer's
+    log-probability in one teacher-forced forward, equal in value and gradient
+    to one forward a token (ModelAdapter's default)."""
+    from captum_mllm import ModelAdapter
+
+    adapter, inp = adapter_and_input(speech)
+    response = adapter.answer_response(inp.encoded, "Paris is the capital.")
+    grads, values, calls = [], [], []
+    for score in (
+        adapter.response_log_prob,
+        lambda *a: ModelAdapter.response_log_prob(adapter, *a),
+    ):
+        embeds = adapter.input_embeddings(inp.encoded)[None].detach().requires_grad_()
+        before = adapter.n_forward_calls
+        with torch.enable_grad():
+            value = score(embeds, response)
+            (grad,) = torch.autograd.grad(value.sum(), embeds)
+        calls.append(adapter.n_forward_calls - before)
+        values.append(value.detach())
+        grads.append(grad)
+    assert calls == [1, len(response)] and len(response) > 1
+    torch.testing.assert_close(values[0], values[1], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

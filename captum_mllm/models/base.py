@@ -479,6 +479,14 @@ class ModelAdapter(nn.Module, ABC):
             f"{type(self).__name__} has no differentiable scoring (next_token_log_probs)"
         )
 
+    def response_log_prob(self, embeds: Tensor, response: Response) -> Tensor:
+        """Log-probability ``(B,)`` of the whole response after the prompt
+        embeddings ``(B, L, D)``, with gradients flowing to ``embeds``. By
+        default one :meth:`next_token_log_probs` forward a token; adapters
+        score every token in one teacher-forced forward."""
+        scores = [self.next_token_log_probs(embeds, response, t) for t in range(len(response))]
+        return torch.stack(scores).sum(0)
+
     def attention_inputs(
         self, encoded: EncodedChat, response: Response
     ) -> tuple[nn.Module, dict[str, Tensor]]:

@@ -524,6 +524,17 @@ class HFCausalLMAdapter(ChatTemplateEncoding, HFGeneration):
         self.n_forward_calls += 1
         return logits.log_softmax(-1)[:, int(response.ids[token])]
 
+    def response_log_prob(self, embeds: Tensor, response: Response) -> Tensor:
+        """``(B,)``: every response token scored in one forward from ``inputs_embeds``."""
+        ids = response.ids.to(self.device)
+        with torch.no_grad():
+            fed = self.model.get_input_embeddings()(ids[:-1])  # type: ignore[operator]
+        x = torch.cat([embeds, fed[None].expand(len(embeds), -1, -1).to(embeds.dtype)], 1)
+        start = embeds.shape[1] - 1  # the last prompt position predicts the first token
+        logits = self.model(inputs_embeds=x).logits[:, start:].float()
+        self.n_forward_calls += 1
+        return logits.log_softmax(-1).gather(2, ids.expand(len(x), -1)[..., None]).sum((1, 2))
+
     def _context_rows(self, context: EncodedChat) -> Tensor:
         return context.input_ids.to(self.device)
 

@@ -204,6 +204,17 @@ class LFM2AudioAdapter(LFM2AudioEncoding):
         self.n_forward_calls += 1
         return self._item_log_probs(hidden, items[token : token + 1])[:, 0]
 
+    @without_cudnn_attention
+    def response_log_prob(self, embeds: Tensor, response: Response) -> Tensor:
+        """``(B,)``: every response item scored after one backbone forward."""
+        items = response.ids.to(self.device)
+        fed = self._embed_items(items[:-1])
+        x = torch.cat([embeds, fed[None].expand(len(embeds), -1, -1).to(embeds.dtype)], 1)
+        start = embeds.shape[1] - 1  # the last prompt position predicts the first item
+        hidden = self._lfm(inputs_embeds=x, use_cache=False).last_hidden_state[:, start:]
+        self.n_forward_calls += 1
+        return self._item_log_probs(hidden, items).sum(1)
+
     def _score_rows(
         self,
         rows: list[Tensor],
